@@ -1,0 +1,59 @@
+"""Install megatron-mmbert: the Python package, the C++ index builder and the tool entry points.
+
+The C++ extension (``megatron_mmbert.data._index_builder``) is built with pybind11. Build it in
+place for development with ``pip install --no-build-isolation -e .`` (torch must already be
+installed: ``pip install torch==2.13.0`` on CPU machines, or use the NGC image on GPUs).
+"""
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ext_modules = [
+    Pybind11Extension(
+        "megatron_mmbert.data._index_builder",
+        ["csrc/index_builder.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    ),
+]
+
+setup(
+    name="megatron-mmbert",
+    version="0.1.0",
+    description="mmBERT / ModernBERT multilingual encoder pretraining on Megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_mmbert", "megatron_mmbert.*"]),
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    install_requires=[
+        # A range, never a pin: 2.13.0 (CPU) satisfies it, NGC images keep their own build.
+        "torch>=2.4,<2.15",
+        "megatron-core==0.16.1",
+        "transformers>=4.48",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tensorboard>=2.14",
+        "tokenizers>=0.19",
+        "sentencepiece>=0.1.99",
+        "pyarrow>=14",
+        "zstandard>=0.22",
+    ],
+    extras_require={
+        # GPU accelerations are optional and never installed from PyPI here: the NGC PyTorch image
+        # ships TransformerEngine, apex and flash-attn. "apex" on PyPI is an unrelated package.
+        "datasets": ["datasets>=2.16"],
+        "nltk": ["nltk>=3.8"],
+        "test": ["pytest>=7"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mmbert-preprocess=megatron_mmbert.cli.preprocess_data:main",
+            "mmbert-build-index=megatron_mmbert.cli.build_data_index:main",
+            "mmbert-convert=megatron_mmbert.cli.convert_checkpoint:main",
+            "mmbert-ties-merge=megatron_mmbert.cli.ties_merge:main",
+        ],
+    },
+)
