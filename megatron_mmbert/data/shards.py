@@ -1,0 +1,377 @@
+"""Per-language Megatron MMIDIDX shards (``.bin``/``.idx``) and the preprocessing manifest.
+
+On-disk format (megatron-core 0.16.1, ``megatron/core/datasets/indexed_dataset.py``): ``P.bin`` holds
+the token ids of all sequences back to back in the shard dtype; ``P.idx`` is the 9-byte magic
+``MMIDIDX\\0\\0``, version ``<Q`` = 1, dtype code ``<B``, sequence count ``<Q``, document-index count
+``<Q`` (documents + 1), then int32 sequence lengths, int64 byte pointers and int64 document indices.
+``ShardWriter`` writes exactly the bytes megatron-core's ``IndexedDatasetBuilder`` writes for the same
+documents (tests compare them), but keeps lengths in growing numpy arrays instead of Python lists and
+takes whole batches of documents at once.
+
+Shards become visible atomically: data goes to ``P.bin.partial``/``P.idx.partial``, both are fsynced,
+then renamed ``.bin`` first and ``.idx`` last. A prefix is finished exactly when its ``.idx`` exists
+under its final name (``shard_finished``).
+
+Merging design: each preprocessing work unit writes its own shard, and a language's shard set is the
+*list* of those prefixes in the manifest. Nothing is ever concatenated, so the data is written once;
+readers (megatron-core's ``IndexedDataset``, the index builder) open each prefix on its own.
+
+This module imports neither torch nor megatron-core (workers start fast); the dtype codes below are the
+file format's table, checked against megatron-core's ``DType`` in tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+# File format dtype codes (megatron-core ``DType``): code <-> numpy dtype.
+DTYPE_CODES: Dict[str, int] = {
+    "uint8": 1, "int8": 2, "int16": 3, "int32": 4, "int64": 5, "float64": 6, "float32": 7, "uint16": 8,
+}
+_CODE_TO_DTYPE = {code: name for name, code in DTYPE_CODES.items()}
+
+MANIFEST_FORMAT = "megatron-mmbert-manifest"
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The token dtype megatron's preprocess picks for a vocabulary (``DType.optimal_dtype``):
+    uint16 below 65500 ids, int32 otherwise."""
+    return np.dtype(np.uint16) if vocab_size is not None and vocab_size < 65500 else np.dtype(np.int32)
+
+
+def bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def idx_path(prefix: str) -> str:
+    return prefix + ".idx"
+
+
+def shard_finished(prefix: str) -> bool:
+    """True when the shard was completely written (its ``.idx`` is renamed last)."""
+    return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
+
+
+def _fsync_and_replace(tmp: str, final: str) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+class _GrowingArray:
+    """An append-only numpy array (amortised doubling): lengths of millions of sequences cost
+    bytes, not Python ints."""
+
+    def __init__(self, dtype) -> None:
+        self._data = np.empty(1024, dtype=dtype)
+        self._size = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        n = len(values)
+        if self._size + n > len(self._data):
+            grown = np.empty(max(2 * len(self._data), self._size + n), dtype=self._data.dtype)
+            grown[: self._size] = self._data[: self._size]
+            self._data = grown
+        self._data[self._size : self._size + n] = values
+        self._size += n
+
+    def array(self) -> np.ndarray:
+        return self._data[: self._size]
+
+    def __len__(self) -> int:
+        return self._size
+
+
+class ShardWriter:
+    """Writes one MMIDIDX shard; use as a context manager (an exception discards the partial files).
+
+    ``add_documents(tokens, sequence_lengths, sequences_per_document)`` appends a batch: ``tokens``
+    is the flat concatenation, ``sequence_lengths`` one entry per sequence and
+    ``sequences_per_document`` one entry per document (omit it for one sequence per document, the
+    unsplit case). ``finalize()`` publishes the shard atomically.
+    """
+
+    def __init__(self, prefix: str, dtype) -> None:
+        self.prefix = prefix
+        self.dtype = np.dtype(dtype)
+        if self.dtype.name not in DTYPE_CODES:
+            raise ValueError(f"unsupported shard dtype {self.dtype}; use one of {sorted(DTYPE_CODES)}")
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        self._bin_tmp = bin_path(prefix) + ".partial"
+        self._idx_tmp = idx_path(prefix) + ".partial"
+        self._bin = open(self._bin_tmp, "wb", buffering=1 << 22)
+        self._lengths = _GrowingArray(np.int32)
+        self._doc_ends = _GrowingArray(np.int64)  # cumulative sequence count after each document
+        self.documents = 0
+        self.tokens = 0
+        self._finalized = False
+
+    def add_documents(
+        self,
+        tokens: np.ndarray,
+        sequence_lengths: np.ndarray,
+        sequences_per_document: Optional[np.ndarray] = None,
+    ) -> None:
+        tokens = np.asarray(tokens)
+        lengths = np.asarray(sequence_lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(tokens):
+            raise ValueError(f"sequence lengths sum to {int(lengths.sum())} but {len(tokens)} tokens given")
+        if len(tokens) and tokens.dtype != self.dtype:
+            # Range check before narrowing: a wrong-vocabulary id must never wrap around silently.
+            info = np.iinfo(self.dtype)
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < info.min or hi > info.max:
+                raise ValueError(f"token id range [{lo}, {hi}] does not fit shard dtype {self.dtype}")
+            tokens = tokens.astype(self.dtype)
+        per_doc = (
+            np.ones(len(lengths), dtype=np.int64)
+            if sequences_per_document is None
+            else np.asarray(sequences_per_document, dtype=np.int64)
+        )
+        if int(per_doc.sum()) != len(lengths):
+            raise ValueError("sequences_per_document does not sum to the number of sequences")
+        self._bin.write(tokens.tobytes(order="C"))
+        start = self._doc_ends.array()[-1] if len(self._doc_ends) else 0
+        self._lengths.extend(lengths.astype(np.int32))
+        self._doc_ends.extend(start + np.cumsum(per_doc))
+        self.documents += len(per_doc)
+        self.tokens += len(tokens)
+
+    def add_document(self, tokens: Sequence[int], sequence_lengths: Optional[Sequence[int]] = None) -> None:
+        """One document; ``sequence_lengths`` defaults to a single sequence."""
+        arr = np.asarray(tokens, dtype=np.int64)
+        lengths = np.asarray([len(arr)] if sequence_lengths is None else sequence_lengths, dtype=np.int64)
+        self.add_documents(arr, lengths, np.asarray([len(lengths)]))
+
+    def finalize(self) -> None:
+        self._bin.close()
+        lengths = self._lengths.array()
+        pointers = np.zeros(len(lengths), dtype=np.int64)
+        if len(lengths) > 1:
+            np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        doc_indices = np.concatenate([np.zeros(1, dtype=np.int64), self._doc_ends.array()])
+        with open(self._idx_tmp, "wb") as f:
+            f.write(INDEX_HEADER)
+            f.write(struct.pack("<Q", INDEX_VERSION))
+            f.write(struct.pack("<B", DTYPE_CODES[self.dtype.name]))
+            f.write(struct.pack("<Q", len(lengths)))
+            f.write(struct.pack("<Q", len(doc_indices)))
+            f.write(lengths.tobytes(order="C"))
+            f.write(pointers.tobytes(order="C"))
+            f.write(doc_indices.tobytes(order="C"))
+        _fsync_and_replace(self._bin_tmp, bin_path(self.prefix))
+        _fsync_and_replace(self._idx_tmp, idx_path(self.prefix))
+        self._finalized = True
+
+    def abort(self) -> None:
+        if not self._bin.closed:
+            self._bin.close()
+        for tmp in (self._bin_tmp, self._idx_tmp):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._finalized:
+            self.abort()
+
+
+@dataclasses.dataclass
+class ShardIndex:
+    """The parsed ``.idx`` of one shard (numpy views; no megatron-core import needed)."""
+
+    dtype: np.dtype
+    """Token dtype of the ``.bin``."""
+    sequence_lengths: np.ndarray
+    """int32 [S]: tokens per sequence."""
+    sequence_pointers: np.ndarray
+    """int64 [S]: byte offset of each sequence in the ``.bin``."""
+    document_indices: np.ndarray
+    """int64 [D+1]: document ``i`` covers sequences ``[document_indices[i], document_indices[i+1])``."""
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_indices) - 1
+
+    def document_lengths(self) -> np.ndarray:
+        """Tokens per document (sums of its sequences)."""
+        ends = np.concatenate([[0], np.cumsum(self.sequence_lengths, dtype=np.int64)])
+        return ends[self.document_indices[1:]] - ends[self.document_indices[:-1]]
+
+
+def read_index(prefix: str) -> ShardIndex:
+    """Parse ``prefix.idx`` with the same checks megatron-core applies on open."""
+    path = idx_path(prefix)
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:9] != INDEX_HEADER:
+        raise ValueError(f"{path}: not an MMIDIDX index (bad magic {raw[:9]!r})")
+    (version,) = struct.unpack_from("<Q", raw, 9)
+    if version != INDEX_VERSION:
+        raise ValueError(f"{path}: index version {version}, expected {INDEX_VERSION}")
+    (code,) = struct.unpack_from("<B", raw, 17)
+    if code not in _CODE_TO_DTYPE:
+        raise ValueError(f"{path}: unknown dtype code {code}")
+    seq_count, doc_count = struct.unpack_from("<QQ", raw, 18)
+    off = 34
+    lengths = np.frombuffer(raw, dtype=np.int32, count=seq_count, offset=off)
+    off += 4 * seq_count
+    pointers = np.frombuffer(raw, dtype=np.int64, count=seq_count, offset=off)
+    off += 8 * seq_count
+    docs = np.frombuffer(raw, dtype=np.int64, count=doc_count, offset=off)
+    if doc_count < 1 or docs[-1] != seq_count:
+        raise ValueError(f"{path}: document indices end at {docs[-1] if doc_count else None}, not {seq_count}")
+    return ShardIndex(np.dtype(_CODE_TO_DTYPE[code]), lengths, pointers, docs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest (docs/interfaces.md, "Manifest (preprocess -> schedule)")
+
+
+@dataclasses.dataclass
+class TokenizerIdentity:
+    """Who made the token ids; shards from different tokenizers must never be mixed."""
+
+    name: str
+    """Human-readable name (the tokenizer folder or file name)."""
+    vocab_size: int
+    """Number of ids the tokenizer can emit (including added special tokens)."""
+    hash: str
+    """sha256 over the tokenizer files (the identity that is compared)."""
+    special_ids: Dict[str, Optional[int]]
+    """Ids of ``pad``, ``eos``, ``bos``, ``unk``, ``mask`` (None when the tokenizer has no such token)."""
+    all_special_ids: List[int]
+    """Every special (control) id, sorted."""
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "vocab_size": int(self.vocab_size),
+            "hash": self.hash,
+            "special_ids": dict(self.special_ids),
+            "all_special_ids": sorted(int(i) for i in self.all_special_ids),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "TokenizerIdentity":
+        return cls(
+            name=obj["name"],
+            vocab_size=int(obj["vocab_size"]),
+            hash=obj["hash"],
+            special_ids={k: (None if v is None else int(v)) for k, v in obj["special_ids"].items()},
+            all_special_ids=[int(i) for i in obj["all_special_ids"]],
+        )
+
+
+@dataclasses.dataclass
+class LanguageEntry:
+    """One language's shards and counts."""
+
+    shards: List[str]
+    """Shard prefixes (absolute after ``load_manifest``; relative to the manifest folder on disk)."""
+    documents: int
+    """Documents over all shards."""
+    tokens: int
+    """Tokens over all shards, framing tokens included."""
+    bytes: int
+    """UTF-8 bytes of the source text of those documents."""
+    sources: List[str]
+    """Input files the documents came from."""
+
+
+@dataclasses.dataclass
+class Manifest:
+    """The preprocessing output: tokenizer identity, shard dtype and per-language shards."""
+
+    tokenizer: TokenizerIdentity
+    """The tokenizer every shard was made with."""
+    dtype: str
+    """Numpy name of the token dtype of every shard (``uint16`` or ``int32``)."""
+    languages: Dict[str, LanguageEntry]
+    """Language key (e.g. ``eng_Latn``) -> its entry."""
+    root: str = ""
+    """Folder holding the manifest (shard prefixes are relative to it on disk)."""
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def to_json(self) -> dict:
+        langs = {}
+        for lang in sorted(self.languages):
+            e = self.languages[lang]
+            langs[lang] = {
+                "shards": [_relative(p, self.root) for p in e.shards],
+                "documents": int(e.documents),
+                "tokens": int(e.tokens),
+                "bytes": int(e.bytes),
+                "sources": list(e.sources),
+            }
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "tokenizer": self.tokenizer.to_json(),
+            "dtype": self.dtype,
+            "languages": langs,
+        }
+
+
+def _relative(prefix: str, root: str) -> str:
+    return os.path.relpath(prefix, root) if os.path.isabs(prefix) and root else prefix
+
+
+def write_manifest(manifest: Manifest, path: str) -> None:
+    """Write ``manifest`` to ``path`` atomically; shard prefixes are stored relative to its folder."""
+    root = os.path.dirname(os.path.abspath(path))
+    text = json.dumps(dataclasses.replace(manifest, root=root).to_json(), indent=1, ensure_ascii=False)
+    tmp = path + ".partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    _fsync_and_replace(tmp, path)
+
+
+def load_manifest(path: str) -> Manifest:
+    """Read a manifest (``path`` is the file or its folder); shard prefixes come back absolute."""
+    if os.path.isdir(path):
+        path = os.path.join(path, MANIFEST_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no manifest at {path}: run tools/preprocess_data.py --output {os.path.dirname(path) or '.'} first"
+        ) from None
+    if obj.get("format") != MANIFEST_FORMAT or obj.get("version") != MANIFEST_VERSION:
+        raise ValueError(
+            f"{path} is not a {MANIFEST_FORMAT} version {MANIFEST_VERSION} file "
+            f"(format={obj.get('format')!r}, version={obj.get('version')!r})"
+        )
+    root = os.path.dirname(os.path.abspath(path))
+    languages = {
+        lang: LanguageEntry(
+            shards=[os.path.normpath(os.path.join(root, p)) for p in e["shards"]],
+            documents=int(e["documents"]),
+            tokens=int(e["tokens"]),
+            bytes=int(e.get("bytes", 0)),
+            sources=list(e.get("sources", [])),
+        )
+        for lang, e in obj["languages"].items()
+    }
+    return Manifest(
+        tokenizer=TokenizerIdentity.from_json(obj["tokenizer"]),
+        dtype=obj["dtype"],
+        languages=languages,
+        root=root,
+    )
