@@ -1,0 +1,250 @@
+"""The mmBERT encoder: embedding + norm, megatron-core TransformerBlock, final norm, sparse MLM head.
+
+Read top to bottom, the forward pass is ModernBERT's (HF ``ModernBertForMaskedLM``):
+
+    x = LayerNorm(Embedding(tokens))                 # first pipeline stage
+    x = TransformerBlock(x)                          # this stage's layers, final norm on the last
+    h = x[masked positions]                          # sparse prediction: only labelled tokens
+    logits = LayerNorm(GELU(Dense(h))) @ Embedding^T + decoder_bias   # vocab-parallel
+    loss = vocab_parallel_cross_entropy(logits, labels)
+
+Activations are ``[s, b, h]`` as everywhere in megatron-core (``[s/tp, b, h]`` under sequence
+parallelism). The head never sees unlabelled tokens, so no ``[tokens x vocab]`` tensor exists: with a
+256k vocabulary that is the difference between fitting and not. The decoder weight is the
+embedding (tied through megatron's LanguageModule, which also keeps the copy on the last pipeline
+stage in sync). Padded vocabulary rows are masked out of the softmax, so the loss equals HF's.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from megatron_mmbert.config import ModelConfig
+from megatron_mmbert.model.attention import AttentionInputs, segment_masks
+from megatron_mmbert.model.layers import BiasFreeLayerNorm, RotaryTable
+from megatron_mmbert.model.specs import Backend, block_spec
+
+
+class MMBertEmbedding(torch.nn.Module):
+    """Vocab-parallel token embedding followed by a bias-free LayerNorm (no position embedding)."""
+
+    def __init__(self, config, padded_vocab_size: int, eps: float, dropout: float):
+        super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+            padded_vocab_size,
+            config.hidden_size,
+            init_method=config.embedding_init_method,
+            reduce_scatter_embeddings=config.sequence_parallel,
+            config=config,
+        )
+        self.norm = BiasFreeLayerNorm(config, config.hidden_size, eps)
+        self.dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(tokens)  # [b, s, h], or [s/tp, b, h] reduce-scattered under SP
+        if not self.sequence_parallel:
+            x = x.transpose(0, 1).contiguous()
+        x = self.norm(x)
+        if self.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return self.dropout(x)
+        return self.dropout(x)
+
+
+class MMBertLMHead(torch.nn.Module):
+    """dense (no bias) -> exact GELU -> bias-free LayerNorm; replicated on every TP rank."""
+
+    def __init__(self, config, eps: float):
+        super().__init__()
+        self.dense = torch.nn.Linear(
+            config.hidden_size, config.hidden_size, bias=False, dtype=config.params_dtype
+        )
+        config.init_method(self.dense.weight)
+        self.norm = BiasFreeLayerNorm(copy.copy(config), config.hidden_size, eps)
+        self.norm.weight.sequence_parallel = False  # applied after the sequence gather
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(hidden)))
+
+
+class MMBertModel(LanguageModule):
+    """One pipeline chunk of the encoder (the whole model when pipeline_parallel == 1)."""
+
+    def __init__(
+        self,
+        config,
+        model_config: ModelConfig,
+        backend: Backend = "local",
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(config=config)
+        self.model_config = model_config
+        self.backend = backend
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vp_stage = vp_stage
+        self.share_embeddings_and_output_weights = True
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.padded_vocab_size = model_config.padded_vocab_size(self.tp_size)
+        self.vocab_size = model_config.vocab_size
+
+        if pre_process:
+            self.embedding = MMBertEmbedding(
+                config, self.padded_vocab_size, model_config.norm_eps, model_config.embedding_dropout
+            )
+        self.global_rotary = RotaryTable(model_config.head_dim, model_config.global_rope_theta)
+        self.local_rotary = RotaryTable(model_config.head_dim, model_config.local_rope_theta)
+        self.encoder = TransformerBlock(
+            config=config,
+            spec=block_spec(config, backend, model_config.mlp_dropout, vp_stage),
+            post_layer_norm=True,
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+        )
+        if post_process:
+            self.lm_head = MMBertLMHead(config, model_config.norm_eps)
+            head_config = copy.copy(config)
+            head_config.sequence_parallel = False  # the head runs on gathered, selected tokens
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                self.padded_vocab_size,
+                config=head_config,
+                init_method=config.init_method,
+                bias=True,
+                skip_bias_add=False,
+                gather_output=False,
+                skip_weight_param_allocation=pre_process,
+            )
+            with torch.no_grad():
+                self.output_layer.bias.zero_()
+        self.setup_embeddings_and_output_layer()
+
+    # -- settings that change between phases ------------------------------------------------
+    def set_rope_theta(self, global_theta: float, local_theta: float) -> None:
+        """Switch RoPE bases (mmBERT: 10k in pre-training, 160k from mid-training on)."""
+        self.global_rotary.set_theta(global_theta)
+        self.local_rotary.set_theta(local_theta)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline stages after the first receive their input from the previous stage."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.encoder.set_input_tensor(input_tensor)
+
+    # -- forward ----------------------------------------------------------------------------
+    def attention_inputs(self, positions, cu_seqlens, max_seqlen) -> tuple:
+        """Masks and rotary angles for SDPA, or ``PackedSeqParams`` and angles for TE's THD path."""
+        if self.backend == "te":
+            table = torch.arange(max_seqlen, device=positions.device)
+            inputs = AttentionInputs(None, None, self.global_rotary(table), self.local_rotary(table))
+            cu = cu_seqlens.to(device=positions.device, dtype=torch.int32)
+            packed = PackedSeqParams(
+                qkv_format="thd",
+                cu_seqlens_q=cu,
+                cu_seqlens_kv=cu,
+                max_seqlen_q=int(max_seqlen),
+                max_seqlen_kv=int(max_seqlen),
+            )
+            return inputs, packed
+        global_mask, local_mask = segment_masks(
+            cu_seqlens.to(positions.device), positions, self.model_config.local_attention
+        )
+        inputs = AttentionInputs(
+            global_mask, local_mask, self.global_rotary(positions), self.local_rotary(positions)
+        )
+        return inputs, None
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        labels: Optional[torch.Tensor] = None,
+        return_logits: bool = False,
+        mlm_stats: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """Run this chunk on a micro-batch (see docs/interfaces.md "Batch").
+
+        Returns, on the last pipeline stage: the per-token cross-entropy of the labelled tokens
+        (``[n]``, in ``s``-major order) when ``labels`` is given; with ``return_logits`` the logits of
+        every token ``[b, s, vocab]`` (TP-gathered, padding removed; for parity checks and export
+        verification only). Other stages return their hidden states for the next stage.
+        ``mlm_stats``, if given, receives ``correct``: the number of labelled tokens whose argmax
+        prediction equals the label (no gradient).
+        """
+        inputs, packed = self.attention_inputs(positions, cu_seqlens, max_seqlen)
+        hidden = None
+        if self.pre_process:
+            # THD (TE) runs on one packed "row" of all b*s tokens: [t, 1, h].
+            hidden = self.embedding(tokens.reshape(1, -1) if packed is not None else tokens)
+        hidden = self.encoder(
+            hidden_states=hidden, attention_mask=inputs, packed_seq_params=packed
+        )
+        if not self.post_process:
+            return hidden
+
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False
+            )
+        b, s = tokens.shape
+        hidden = hidden.reshape(s, b, -1) if packed is None else hidden.reshape(b, s, -1).transpose(0, 1)
+        if return_logits:
+            selected = hidden.reshape(s * b, -1)
+        else:
+            if labels is None:
+                raise ValueError("forward needs labels (training) or return_logits=True")
+            predicted = labels.t() != -100  # [s, b], same order as hidden
+            selected = hidden[predicted]  # [n, h]: the only tokens the head ever sees
+            target = labels.t()[predicted]
+
+        logits, _ = self.output_layer(
+            self.lm_head(selected), weight=self.shared_embedding_or_output_weight()
+        )
+        logits = self._mask_vocab_padding(logits)
+
+        if return_logits:
+            full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+            return full[:, : self.vocab_size].reshape(s, b, -1).transpose(0, 1)
+
+        if mlm_stats is not None:
+            with torch.no_grad():
+                mlm_stats["correct"] = (self._vocab_parallel_argmax(logits) == target).sum()
+        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target)
+
+    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Give the padded vocabulary rows (only on the last TP rank) no probability."""
+        per_rank = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        if start + per_rank <= self.vocab_size:
+            return logits
+        ids = torch.arange(start, start + per_rank, device=logits.device)
+        return logits.masked_fill(ids >= self.vocab_size, torch.finfo(logits.dtype).min)
+
+    def _vocab_parallel_argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Global argmax over a vocab-split last dimension (ties to the lowest id)."""
+        per_rank = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        local_max, local_arg = logits.float().max(dim=-1)
+        if self.tp_size == 1:
+            return local_arg
+        group = parallel_state.get_tensor_model_parallel_group()
+        global_max = local_max.clone()
+        torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=group)
+        candidate = torch.where(
+            local_max == global_max, local_arg + start, torch.full_like(local_arg, 2**62)
+        )
+        torch.distributed.all_reduce(candidate, op=torch.distributed.ReduceOp.MIN, group=group)
+        return candidate

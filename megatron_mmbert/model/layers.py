@@ -1,0 +1,97 @@
+"""Small building blocks megatron-core lacks for ModernBERT: a bias-free LayerNorm, a fixed-rate
+bias-dropout-add, the rotary tables and the lazy reference to TransformerEngine classes."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+
+class BiasFreeLayerNorm(torch.nn.LayerNorm):
+    """LayerNorm with a weight and no bias (ModernBERT's ``norm_bias=False``).
+
+    megatron-core only offers LayerNorms with a bias (torch, TE and Apex alike). Built by
+    ``build_module(spec, config=..., hidden_size=..., eps=...)`` like Megatron's own norms; under
+    sequence parallelism the weight's gradient is partial per rank, so it is tagged for the
+    tensor-parallel all-reduce in ``finalize_model_grads``.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        super().__init__(hidden_size, eps=eps, bias=False, dtype=config.params_dtype)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
+def bias_dropout_add_with_rate(rate: float) -> Callable:
+    """A bias-dropout-add builder whose dropout is ``rate`` whatever the layer asks for.
+
+    megatron's TransformerLayer applies the same ``hidden_dropout`` after attention and after the
+    MLP; mmBERT drops out 0.1 after attention and 0.0 after the MLP, so the MLP's BDA uses this.
+    """
+
+    def builder(training: bool, fused: bool):
+        inner = get_bias_dropout_add(training, fused)
+
+        def bias_dropout_add(x_with_bias, residual, prob):  # noqa: ARG001 - prob is the layer's
+            return inner(x_with_bias, residual, rate)
+
+        return bias_dropout_add
+
+    return builder
+
+
+class LazyClass:
+    """A class named by module path, imported only when instantiated.
+
+    Lets the TransformerEngine spec name megatron-core's TE wrappers without importing TE, so the
+    spec can be built and inspected on machines where TE cannot be installed.
+    """
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def resolve(self):
+        try:
+            return getattr(importlib.import_module(self.module), self.name)
+        except ImportError as exc:
+            raise ImportError(
+                f"{self.module}.{self.name} needs TransformerEngine, which is not installed; "
+                "use the local backend (model.attention_backend: sdpa) or install TE "
+                "(it ships in NGC PyTorch containers)"
+            ) from exc
+
+    def __call__(self, *args, **kwargs):
+        return self.resolve()(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"LazyClass({self.module}.{self.name})"
+
+
+class RotaryTable(torch.nn.Module):
+    """Rotary angles for the rotate-half (GPT-NeoX) convention, as HF ModernBERT computes them.
+
+    ``inv_freq = theta ** (-arange(0, d, 2) / d)`` in fp32; the angle of position p is
+    ``p * inv_freq``, duplicated for both halves. Theta changes between phases (10k -> 160k), so it
+    is a setting, not checkpointed state.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.set_theta(theta)
+
+    def set_theta(self, theta: float) -> None:
+        self.theta = float(theta)
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        with torch.no_grad():
+            self.inv_freq.copy_(1.0 / (self.theta**exponent))
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """Angles for ``positions`` ``[b, s]`` (or ``[s]``), shaped ``[s, b, 1, d]`` (``[s, 1, 1, d]``)."""
+        if positions.dim() == 1:
+            positions = positions[None]
+        angles = positions.t().float()[..., None] * self.inv_freq.to(positions.device)
+        return torch.cat((angles, angles), dim=-1)[:, :, None, :]
