@@ -528,7 +528,7 @@ py::tuple build_blending_indices(const py::object &weights_obj, const py::object
 
 // ------------------------------------------------------------------------------------------------
 // PCG64 (numpy's pcg64.h: 128-bit LCG, XSL-RR output, step then output) and numpy's
-// Generator.permutation (Fisher-Yates from the end, Lemire bounded integers).
+// Generator.permutation (Fisher-Yates from the end, masked rejection sampling).
 // ------------------------------------------------------------------------------------------------
 
 typedef unsigned __int128 u128;
@@ -558,35 +558,26 @@ struct Pcg64 {
     uinteger = static_cast<uint32_t>(n >> 32);
     return static_cast<uint32_t>(n & 0xffffffffULL);
   }
-  // numpy random_bounded_uint64(off=0, rng, use_masked=false): a uniform integer in [0, rng].
-  uint64_t bounded(uint64_t rng) {
-    if (rng == 0) return 0;
-    if (rng <= 0xffffffffULL) {
-      if (rng == 0xffffffffULL) return next32();
-      const uint32_t rng_excl = static_cast<uint32_t>(rng) + 1;
-      uint64_t m = static_cast<uint64_t>(next32()) * rng_excl;
-      uint32_t leftover = static_cast<uint32_t>(m & 0xffffffffULL);
-      if (leftover < rng_excl) {
-        const uint32_t threshold = (0xffffffffU - static_cast<uint32_t>(rng)) % rng_excl;
-        while (leftover < threshold) {
-          m = static_cast<uint64_t>(next32()) * rng_excl;
-          leftover = static_cast<uint32_t>(m & 0xffffffffULL);
-        }
+  // numpy's random_interval(max): a uniform integer in [0, max] by masked rejection sampling
+  // (what Generator.shuffle / permutation use).
+  uint64_t interval(uint64_t max) {
+    if (max == 0) return 0;
+    uint64_t mask = max;
+    mask |= mask >> 1;
+    mask |= mask >> 2;
+    mask |= mask >> 4;
+    mask |= mask >> 8;
+    mask |= mask >> 16;
+    mask |= mask >> 32;
+    uint64_t value;
+    if (max <= 0xffffffffULL) {
+      while ((value = (next32() & mask)) > max) {
       }
-      return m >> 32;
-    }
-    if (rng == 0xffffffffffffffffULL) return next64();
-    const uint64_t rng_excl = rng + 1;
-    u128 m = static_cast<u128>(next64()) * rng_excl;
-    uint64_t leftover = static_cast<uint64_t>(m);
-    if (leftover < rng_excl) {
-      const uint64_t threshold = (0xffffffffffffffffULL - rng) % rng_excl;
-      while (leftover < threshold) {
-        m = static_cast<u128>(next64()) * rng_excl;
-        leftover = static_cast<uint64_t>(m);
+    } else {
+      while ((value = (next64() & mask)) > max) {
       }
     }
-    return static_cast<uint64_t>(m >> 64);
+    return value;
   }
 };
 
@@ -617,7 +608,7 @@ template <typename T>
 void permute_into(Pcg64 &g, T *out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(i);
   for (int64_t i = n - 1; i >= 1; --i) {
-    const int64_t j = static_cast<int64_t>(g.bounded(static_cast<uint64_t>(i)));
+    const int64_t j = static_cast<int64_t>(g.interval(static_cast<uint64_t>(i)));
     std::swap(out[i], out[j]);
   }
 }
