@@ -1,0 +1,351 @@
+"""The python side of the C++ index builder: dtype-checked wrappers, the index arrays of a whole
+schedule, and their cache.
+
+What gets built for a manifest and a list of phases (``build_data_index``):
+
+* per phase ``k``: ``dataset_index`` (int16, or int32 beyond 32767 languages: which language
+  each of the phase's samples comes from) and ``dataset_sample_index`` (int64: which packed row
+  of that language, counted from the language's first row in this phase), from the greedy
+  largest-deficit interleave of ``_index_builder.build_blending_indices``. For a phase with fixed
+  weights this is megatron-core's ``helpers_cpp.build_blending_indices`` bit for bit; every
+  language's count stays within one sample of its (cumulative, piecewise-constant) target at every
+  prefix of the phase, and languages with weight 0 never appear. Deficits restart at each phase.
+* per phase and language: the packed rows (``_index_builder.pack_rows``). Each language is an
+  endless stream of epochs, epoch ``e`` being its documents (all shards, shard order) shuffled by
+  ``permutation(D, seed, stream=hash(language), epoch=e)`` (numpy's ``Generator(PCG64)
+  .permutation`` bit for bit, for the documented seeding), cut into rows of the phase's
+  ``seq_len``. Phases continue each language's stream where the previous phase stopped, so no
+  document repeats before an epoch is used up. A row is ``sample_idx[r] .. sample_idx[r + 1]``
+  over ``doc_index`` (megatron GPT ``build_sample_idx`` convention).
+
+Caching: the arrays are ``.npy`` files in ``{cache_dir}/mmbert-index-{key}/`` where ``key`` hashes
+everything they depend on (manifest content including the tokenizer hash and each shard's index
+size, phases, seed, default global batch size, annealing resolution, builder version). One rank
+builds (global rank 0 by default) into a temporary folder renamed into place when complete; the
+others poll for it and give up after ``timeout`` seconds with a message naming the folder and the
+command that prebuilds it (``tools/build_data_index.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from megatron_mmbert.config import PhaseConfig
+from megatron_mmbert.config_base import to_dict
+from megatron_mmbert.data.schedule import PhasePlan, plan_schedule
+
+INDEX_VERSION = 1
+"""Bumped whenever the builder's output for the same inputs changes (part of the cache key)."""
+
+
+def _ext():
+    try:
+        from megatron_mmbert.data import _index_builder
+    except ImportError as e:  # pragma: no cover - depends on the build
+        raise ImportError(
+            "the C++ index builder megatron_mmbert.data._index_builder is not built; run "
+            "`python setup.py build_ext --inplace` (or `pip install --no-build-isolation -e .`) "
+            f"in the repository root ({e})"
+        ) from e
+    return _index_builder
+
+
+def _check(name: str, arr, dtype, ndim: int) -> np.ndarray:
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array of {np.dtype(dtype).name}, got {type(arr).__name__}")
+    if arr.dtype != np.dtype(dtype):
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {arr.dtype} (use .astype)")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def build_blending_indices(
+    weights: np.ndarray,
+    segment_sizes: np.ndarray,
+    segment_phase: Optional[np.ndarray] = None,
+    algorithm: str = "fast",
+):
+    """Blend by segments: ``weights`` float64 [K, L], ``segment_sizes`` int64 [K],
+    ``segment_phase`` int64 [K] (default: one phase). Returns ``(dataset_index, dataset_sample_index,
+    counts [phases, L])``. ``algorithm="scan"`` is the O(N x L) reference loop."""
+    weights = _check("weights", weights, np.float64, 2)
+    segment_sizes = _check("segment_sizes", segment_sizes, np.int64, 1)
+    if segment_phase is None:
+        segment_phase = np.zeros(len(segment_sizes), dtype=np.int64)
+    segment_phase = _check("segment_phase", segment_phase, np.int64, 1)
+    di, dsi, counts, _ = _ext().build_blending_indices(weights, segment_sizes, segment_phase, algorithm)
+    return di, dsi, counts
+
+
+def language_stream(name: str) -> int:
+    """The shuffle stream id of a language: stable across manifests (sha256 of its name)."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
+
+
+def pack_rows(sizes: np.ndarray, seq_len: int, num_rows: int, start_token: int, seed: int, stream: int):
+    """Packed rows of one language: ``(doc_index int32, sample_idx int64 [rows + 1, 2], first_epoch)``."""
+    sizes = _check("sizes", sizes, np.int32, 1)
+    return _ext().pack_rows(sizes, int(seq_len), int(num_rows), int(start_token), int(seed), int(stream))
+
+
+def document_lengths(prefixes: Sequence[str]) -> np.ndarray:
+    """int32 [D]: tokens per document over a language's shards, in shard order (megatron-core's
+    ``IndexedDataset`` reads the ``.idx``; a document is its consecutive sequences)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    parts = []
+    for prefix in prefixes:
+        ds = IndexedDataset(prefix)
+        seq = np.asarray(ds.sequence_lengths, dtype=np.int64)
+        ends = np.concatenate([[0], np.cumsum(seq)])
+        docs = np.asarray(ds.document_indices, dtype=np.int64)
+        parts.append(ends[docs[1:]] - ends[docs[:-1]])
+    lengths = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if lengths.size and lengths.max() > np.iinfo(np.int32).max:
+        raise ValueError(f"a document in {prefixes} is longer than 2^31 tokens")
+    return lengths.astype(np.int32)
+
+
+@dataclasses.dataclass
+class PhaseIndex:
+    """The built arrays of one phase (``.npy`` memory maps once cached)."""
+
+    plan: PhasePlan
+    """The phase's sampling plan."""
+    dataset_index: np.ndarray
+    """int16/int32 [N]: language column of each sample."""
+    dataset_sample_index: np.ndarray
+    """int64 [N]: the row of that language within this phase."""
+    counts: np.ndarray
+    """int64 [L]: samples per language in this phase."""
+    doc_index: np.ndarray
+    """int32: all languages' concatenated per-epoch document permutations for this phase."""
+    doc_offsets: np.ndarray
+    """int64 [L + 1]: language ``l``'s part of ``doc_index``."""
+    sample_idx: np.ndarray
+    """int64 [sum(counts + 1), 2]: language ``l``'s rows ``sample_idx[row_offsets[l] + r]`` .. ``+ 1``."""
+    row_offsets: np.ndarray
+    """int64 [L + 1]: language ``l``'s part of ``sample_idx``."""
+
+    def row_pieces(self, lang: int, row: int):
+        """``[(document, token offset, length), ...]`` making up row ``row`` of column ``lang``."""
+        base = self.row_offsets[lang] + row
+        (p0, o0), (p1, o1) = self.sample_idx[base], self.sample_idx[base + 1]
+        docs = self.doc_index[self.doc_offsets[lang] : self.doc_offsets[lang + 1]]
+        pieces = []
+        p, o = int(p0), int(o0)
+        while p < p1 or (p == p1 and o < o1):
+            end = int(o1) if p == p1 else None
+            pieces.append((int(docs[p]), o, end))
+            p, o = p + 1, 0
+        return pieces
+
+
+@dataclasses.dataclass
+class DataIndex:
+    """All index arrays of a schedule."""
+
+    languages: List[str]
+    """Dataset order (columns)."""
+    phases: List[PhaseIndex]
+    """One entry per phase, in schedule order."""
+    path: str
+    """The cache folder it was loaded from ('' when built in memory)."""
+
+
+def cache_key(manifest, phases: Sequence[PhaseConfig], seed: int, default_global_batch_size, anneal_segments) -> str:
+    """sha256 over everything the index arrays depend on."""
+    shards = {}
+    for lang, entry in manifest.languages.items():
+        shards[lang] = [os.path.getsize(p + ".idx") if os.path.exists(p + ".idx") else -1 for p in entry.shards]
+    desc = {
+        "index_version": INDEX_VERSION,
+        "manifest": manifest.to_json(),
+        "idx_sizes": shards,
+        "phases": [to_dict(p) for p in phases],
+        "seed": int(seed),
+        "default_global_batch_size": default_global_batch_size,
+        "anneal_segments": int(anneal_segments),
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+
+def _progress(msg: str) -> None:
+    print(f"[build_data_index] {msg}", file=sys.stderr, flush=True)
+
+
+def build_arrays(manifest, plans: List[PhasePlan], seed: int) -> Dict[str, np.ndarray]:
+    """Build every array of the schedule in memory (names as stored in the cache)."""
+    ext = _ext()
+    languages = plans[0].languages
+    L = len(languages)
+    weights = np.ascontiguousarray(np.concatenate([p.segment_weights for p in plans]), dtype=np.float64)
+    sizes = np.concatenate([p.segment_sizes for p in plans]).astype(np.int64)
+    seg_phase = np.concatenate([np.full(len(p.segment_sizes), k, dtype=np.int64) for k, p in enumerate(plans)])
+    t0 = time.time()
+    di, dsi, counts, _ = ext.build_blending_indices(weights, sizes, seg_phase, "fast")
+    n = int(sizes.sum())
+    _progress(f"blended {n:,} samples over {L} languages in {time.time() - t0:.1f}s "
+              f"({n / max(time.time() - t0, 1e-9) / 1e6:.1f}M samples/s)")
+    out: Dict[str, np.ndarray] = {}
+    start = 0
+    consumed = np.zeros(L, dtype=np.int64)  # rows of each language before this phase
+    for k, plan in enumerate(plans):
+        end = start + plan.num_samples
+        d = di[start:end]
+        out[f"phase{k}_dataset_index"] = d
+        out[f"phase{k}_dataset_sample_index"] = dsi[start:end] - consumed[d.astype(np.int64)]
+        out[f"phase{k}_counts"] = counts[k]
+        consumed += counts[k]
+        start = end
+    # Packed rows, language by language, continuing each language's token stream across phases.
+    need = [lang for i, lang in enumerate(languages) if counts[:, i].sum() > 0]
+    per_phase = [{"doc": [], "doc_off": [0], "rows": [], "row_off": [0]} for _ in plans]
+    t0 = time.time()
+    done = 0
+    for i, lang in enumerate(languages):
+        lengths = document_lengths(manifest.languages[lang].shards) if counts[:, i].sum() > 0 else None
+        token = 0
+        for k, plan in enumerate(plans):
+            acc = per_phase[k]
+            rows = int(counts[k, i])
+            if rows:
+                doc_index, sample_idx, _ = ext.pack_rows(
+                    lengths, plan.phase.seq_len, rows, token, int(seed), language_stream(lang)
+                )
+                token += rows * plan.phase.seq_len
+            else:
+                doc_index = np.zeros(0, np.int32)
+                sample_idx = np.zeros((1, 2), np.int64)
+            acc["doc"].append(doc_index)
+            acc["doc_off"].append(acc["doc_off"][-1] + len(doc_index))
+            acc["rows"].append(sample_idx)
+            acc["row_off"].append(acc["row_off"][-1] + len(sample_idx))
+        if lengths is not None:
+            done += 1
+            if done % 100 == 0 or done == len(need):
+                rate = done / max(time.time() - t0, 1e-9)
+                _progress(f"packed {done}/{len(need)} languages ({rate:.1f}/s, ETA {(len(need) - done) / rate:.0f}s)")
+    for k, acc in enumerate(per_phase):
+        out[f"phase{k}_doc_index"] = np.concatenate(acc["doc"]).astype(np.int32)
+        out[f"phase{k}_doc_offsets"] = np.asarray(acc["doc_off"], dtype=np.int64)
+        out[f"phase{k}_sample_idx"] = np.concatenate(acc["rows"]).astype(np.int64)
+        out[f"phase{k}_row_offsets"] = np.asarray(acc["row_off"], dtype=np.int64)
+    return out
+
+
+def _assemble(plans: List[PhasePlan], arrays, path: str) -> DataIndex:
+    phases = []
+    for k, plan in enumerate(plans):
+        phases.append(
+            PhaseIndex(
+                plan=plan,
+                dataset_index=arrays[f"phase{k}_dataset_index"],
+                dataset_sample_index=arrays[f"phase{k}_dataset_sample_index"],
+                counts=arrays[f"phase{k}_counts"],
+                doc_index=arrays[f"phase{k}_doc_index"],
+                doc_offsets=arrays[f"phase{k}_doc_offsets"],
+                sample_idx=arrays[f"phase{k}_sample_idx"],
+                row_offsets=arrays[f"phase{k}_row_offsets"],
+            )
+        )
+    return DataIndex(languages=plans[0].languages, phases=phases, path=path)
+
+
+def default_rank() -> int:
+    """Global rank: torch.distributed when initialised, else ``$RANK``, else 0."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:  # pragma: no cover
+        pass
+    return int(os.environ.get("RANK", "0"))
+
+
+def build_data_index(
+    manifest,
+    phases: Sequence[PhaseConfig],
+    seed: int,
+    cache_dir: Optional[str],
+    default_global_batch_size: Optional[int] = None,
+    anneal_segments: int = 64,
+    is_builder: Optional[bool] = None,
+    timeout: float = 3600.0,
+    poll_interval: float = 1.0,
+) -> DataIndex:
+    """The schedule's index, from the cache when present; built (by ``is_builder``, default global
+    rank 0) otherwise, while the other ranks wait up to ``timeout`` seconds.
+
+    ``manifest`` is a ``megatron_mmbert.data.shards.Manifest``. ``cache_dir=None`` builds in memory
+    on every caller (tests, tiny runs).
+    """
+    tokens = {lang: e.tokens for lang, e in manifest.languages.items()}
+    plans = plan_schedule(list(phases), tokens, default_global_batch_size, anneal_segments)
+    if cache_dir is None:
+        return _assemble(plans, build_arrays(manifest, plans, seed), "")
+    key = cache_key(manifest, phases, seed, default_global_batch_size, anneal_segments)
+    final = os.path.join(os.path.abspath(cache_dir), f"mmbert-index-{key[:20]}")
+    names = [f"phase{k}_{a}" for k in range(len(plans)) for a in (
+        "dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx", "row_offsets")]
+    if is_builder is None:
+        is_builder = default_rank() == 0
+    if not os.path.isdir(final):
+        if is_builder:
+            os.makedirs(cache_dir, exist_ok=True)
+            _progress(f"cache miss: building {final}")
+            arrays = build_arrays(manifest, plans, seed)
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=cache_dir)
+            try:
+                for name in names:
+                    np.save(os.path.join(tmp, name + ".npy"), arrays[name])
+                with open(os.path.join(tmp, "description.json"), "w") as f:
+                    json.dump({"key": key, "languages": plans[0].languages,
+                               "phases": [to_dict(p) for p in phases], "seed": seed}, f, indent=1)
+                try:
+                    os.rename(tmp, final)  # atomic: the folder appears complete or not at all
+                except OSError:
+                    if not os.path.isdir(final):
+                        raise
+                    shutil.rmtree(tmp)  # another builder won the race with identical content
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        else:
+            deadline = time.time() + timeout
+            while not os.path.isdir(final):
+                if time.time() > deadline:
+                    raise TimeoutError(
+                        f"waited {timeout:.0f}s for the data index {final} that rank 0 builds; it did not "
+                        "appear. Check rank 0's log, or prebuild it before launch with "
+                        "`python tools/build_data_index.py --manifest MANIFEST --config RUN.yaml "
+                        f"--cache-dir {cache_dir} --seed {seed}` (same phases and seed)"
+                    )
+                time.sleep(poll_interval)
+    arrays = {name: np.load(os.path.join(final, name + ".npy"), mmap_mode="r") for name in names}
+    return _assemble(plans, arrays, final)
+
+
+__all__ = [
+    "INDEX_VERSION",
+    "build_blending_indices",
+    "pack_rows",
+    "language_stream",
+    "document_lengths",
+    "PhaseIndex",
+    "DataIndex",
+    "cache_key",
+    "build_data_index",
+]
