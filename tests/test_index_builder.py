@@ -1,0 +1,266 @@
+"""The C++ index builder against megatron-core's helpers and numpy, plus the index cache."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from megatron.core.datasets import helpers_cpp
+from megatron.core.datasets.helpers import build_sample_idx
+
+from megatron_mmbert.config import PhaseConfig
+from megatron_mmbert.data import _index_builder as ib
+from megatron_mmbert.data.index import build_blending_indices, build_data_index, pack_rows
+from megatron_mmbert.data.shards import load_manifest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _corpus import write_corpus  # noqa: E402
+
+
+def megatron_blend(w, n):
+    di = np.zeros(n, np.int16)
+    dsi = np.zeros(n, np.int64)
+    helpers_cpp.build_blending_indices(di, dsi, w, len(w), n, False)
+    return di, dsi
+
+
+def skewed(rng, L):
+    n = rng.lognormal(0, 3, L)
+    w = n ** rng.uniform(0.1, 1.0)
+    return w / w.sum()
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 5, 17, 60, 300, 2000])
+def test_single_phase_identical_to_megatron(L):
+    rng = np.random.default_rng(L)
+    for n in (1, 2, 97, int(rng.integers(1000, 60000))):
+        w = skewed(rng, L)
+        ref = megatron_blend(w, n)
+        for algo in ("fast", "scan"):
+            di, dsi, counts = build_blending_indices(w[None], np.array([n], np.int64), algorithm=algo)
+            assert di.dtype == np.int16 and dsi.dtype == np.int64
+            np.testing.assert_array_equal(di, ref[0])
+            np.testing.assert_array_equal(dsi, ref[1])
+            np.testing.assert_array_equal(counts[0], np.bincount(ref[0], minlength=L))
+
+
+def test_megatron_published_example():
+    di, dsi, _ = build_blending_indices(np.array([[0.7, 0.2, 0.1]]), np.array([10], np.int64))
+    assert di.tolist() == [0, 1, 0, 2, 0, 0, 1, 0, 0, 0]
+
+
+def test_fast_equals_scan_on_hard_cases():
+    # Exact ties (equal weights), huge weight ratios, tiny hot targets that force many fallbacks.
+    rng = np.random.default_rng(1)
+    cases = [np.full(40, 1 / 40), np.array([1 - 1e-9] + [1e-9 / 99] * 99), skewed(rng, 800)]
+    for w in cases:
+        for hot in (1, 2, 32):
+            a = ib.build_blending_indices(w[None], np.array([20000], np.int64), np.zeros(1, np.int64), "fast", hot)
+            b = ib.build_blending_indices(w[None], np.array([20000], np.int64), np.zeros(1, np.int64), "scan", hot)
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_array_equal(a[1], b[1])
+
+
+def _prefix_deviation(di, weights, sizes, L):
+    """max |count_i(n) - target_i(n)| over prefixes n of one phase (target: cumulative weights)."""
+    per_step = np.repeat(weights, sizes, axis=0)  # [N, L]
+    target = np.cumsum(per_step, axis=0)
+    counts = np.cumsum(np.eye(L, dtype=np.int64)[di.astype(np.int64)], axis=0)
+    return np.abs(counts - target).max()
+
+
+def test_prefix_bound_multiphase_and_annealed():
+    rng = np.random.default_rng(2)
+    L = 40
+    base = rng.lognormal(0, 2, L)
+    weights, sizes, phase = [], [], []
+    # phase 0: fixed; phase 1: 8 annealed segments over 30 languages; phase 2: 5 languages only.
+    w0 = base ** 0.7
+    weights.append(w0 / w0.sum()); sizes.append(3000); phase.append(0)
+    act = np.zeros(L, bool); act[:30] = True
+    for k in range(8):
+        t = 0.7 - 0.4 * (k + 0.5) / 8
+        w = np.where(act, base ** t, 0.0); weights.append(w / w.sum()); sizes.append(int(rng.integers(1, 900))); phase.append(1)
+    w2 = np.zeros(L); w2[[3, 7, 11, 20, 39]] = rng.uniform(0.1, 1, 5)
+    weights.append(w2 / w2.sum()); sizes.append(2500); phase.append(2)
+    W = np.array(weights); S = np.array(sizes, np.int64); P = np.array(phase, np.int64)
+    di, dsi, counts = build_blending_indices(W, S, P)
+    di_scan, dsi_scan, _ = build_blending_indices(W, S, P, algorithm="scan")
+    np.testing.assert_array_equal(di, di_scan)
+    np.testing.assert_array_equal(dsi, dsi_scan)
+    start = 0
+    for p in range(3):
+        sel = P == p
+        n = int(S[sel].sum())
+        d = di[start:start + n]
+        assert _prefix_deviation(d, W[sel], S[sel], L) <= 1.0
+        inactive = ~(W[sel] > 0).any(0)
+        assert not np.isin(np.flatnonzero(inactive), d).any()  # inactive languages never appear
+        assert counts[p].sum() == n
+        start += n
+    # dataset_sample_index counts on across phases: each language's rows are read in order, once.
+    for i in range(L):
+        np.testing.assert_array_equal(dsi[di == i], np.arange((di == i).sum()))
+
+
+def test_large_L_uses_int32():
+    w = np.full(40000, 1 / 40000)
+    di, dsi, _ = build_blending_indices(w[None], np.array([50000], np.int64))
+    assert di.dtype == np.int32 and di.max() >= 32767
+    assert np.bincount(di).max() <= 2
+
+
+def test_dtype_errors():
+    w = np.array([[0.5, 0.5]])
+    with pytest.raises(TypeError, match="weights must have dtype float64"):
+        ib.build_blending_indices(w.astype(np.float32), np.array([4], np.int64), np.zeros(1, np.int64))
+    with pytest.raises(TypeError, match="segment_sizes must have dtype int64"):
+        ib.build_blending_indices(w, np.array([4], np.int32), np.zeros(1, np.int64))
+    with pytest.raises(TypeError, match="sizes must have dtype int32"):
+        ib.pack_rows(np.array([3, 4], np.int64), 4, 1, 0, 0, 0)
+    with pytest.raises(TypeError, match="must be a numpy array"):
+        ib.pack_rows([3, 4], 4, 1, 0, 0, 0)
+    with pytest.raises(TypeError):
+        build_blending_indices(w, np.array([4]).astype(np.uint64))
+    with pytest.raises(ValueError, match="no dataset with a positive weight"):
+        build_blending_indices(np.zeros((1, 2)), np.array([4], np.int64))
+    with pytest.raises(ValueError, match="finite"):
+        build_blending_indices(np.array([[np.nan, 1.0]]), np.array([4], np.int64))
+
+
+def _numpy_pcg64(seed, stream, epoch):
+    state, inc = ib.pcg64_state(seed, stream, epoch)
+    bg = np.random.PCG64()
+    bg.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc}, "has_uint32": 0, "uinteger": 0}
+    return bg
+
+
+def test_pcg64_and_permutation_match_numpy():
+    for seed, stream, epoch in [(0, 0, 0), (21, 12345, 7), (2**63, 5, 2**40)]:
+        raw = _numpy_pcg64(seed, stream, epoch).random_raw(50).astype(np.uint64)
+        np.testing.assert_array_equal(raw, ib.pcg64_random_raw(seed, stream, epoch, 50).view(np.uint64))
+        for n in (1, 2, 3, 10, 1000, 70000):
+            ref = np.random.Generator(_numpy_pcg64(seed, stream, epoch)).permutation(n)
+            np.testing.assert_array_equal(ib.permutation(n, seed, stream, epoch), ref)
+    assert not np.array_equal(ib.permutation(100, 1, 0, 0), ib.permutation(100, 1, 0, 1))
+
+
+def _stream(sizes, doc_index, sample_idx):
+    """Rows as (doc, start, end) pieces and the concatenated (doc, token) stream they cover."""
+    rows = []
+    for r in range(len(sample_idx) - 1):
+        (p0, o0), (p1, o1) = sample_idx[r], sample_idx[r + 1]
+        pieces, p, o = [], p0, o0
+        while p < p1 or (p == p1 and o < o1):
+            end = o1 if p == p1 else sizes[doc_index[p]]
+            if end > o:
+                pieces.append((doc_index[p], o, end))
+            p, o = p + 1, 0
+        rows.append(pieces)
+    return rows
+
+
+def test_pack_rows_matches_megatron_and_covers_every_token():
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(0, 40, 200).astype(np.int32)
+    sizes[5] = 500  # a document longer than several rows
+    tpe = int(sizes.sum())
+    for seq in (8, 64, 333):
+        rows = (3 * tpe) // seq
+        doc_index, sample_idx, first = pack_rows(sizes, seq, rows, 0, 11, 2)
+        assert first == 0 and doc_index.dtype == np.int32 and sample_idx.dtype == np.int64
+        ref = build_sample_idx(sizes, doc_index, seq, 3, tpe, True, False)
+        np.testing.assert_array_equal(sample_idx, ref[: rows + 1])
+        for e in range(3):  # each epoch is a permutation from the documented generator
+            np.testing.assert_array_equal(doc_index[e * 200:(e + 1) * 200], ib.permutation(200, 11, 2, e))
+        pieces = _stream(sizes, doc_index, sample_idx)
+        assert all(sum(b - a for _, a, b in row) == seq for row in pieces)  # rows are full
+        # The rows, read back to back, are exactly the epochs' documents in shuffled order: every
+        # token of every document once per epoch, documents split only at row boundaries.
+        got = np.concatenate([np.stack([np.full(b - a, d), np.arange(a, b)], 1) for row in pieces for d, a, b in row])
+        expected = np.concatenate(
+            [np.stack([np.full(sizes[d], d), np.arange(sizes[d])], 1) for d in doc_index if sizes[d]]
+        )[: rows * seq]
+        np.testing.assert_array_equal(got, expected)
+        for r, row in enumerate(pieces):  # a piece is a whole document unless at a row edge
+            for j, (d, a, b) in enumerate(row):
+                if 0 < j < len(row) - 1:
+                    assert (a, b) == (0, sizes[d])
+    # deterministic, and chaining by start_token continues the same stream
+    a = pack_rows(sizes, 64, 100, 0, 11, 2)
+    b = pack_rows(sizes, 64, 40, 0, 11, 2)
+    c = pack_rows(sizes, 64, 60, 40 * 64, 11, 2)
+    np.testing.assert_array_equal(a[1], pack_rows(sizes, 64, 100, 0, 11, 2)[1])
+    np.testing.assert_array_equal(b[1], a[1][:41])
+    first_c = c[2]
+    assert first_c == (40 * 64) // tpe
+    shift = (first_c - a[2]) * len(sizes)
+    np.testing.assert_array_equal(c[1][:, 0] + shift, a[1][40:, 0])
+    np.testing.assert_array_equal(c[1][:, 1], a[1][40:, 1])
+
+
+def test_pack_rows_errors():
+    with pytest.raises(ValueError, match="no tokens"):
+        pack_rows(np.zeros(3, np.int32), 4, 1, 0, 0, 0)
+    with pytest.raises(ValueError, match="seq_len"):
+        pack_rows(np.ones(3, np.int32), 0, 1, 0, 0, 0)
+
+
+PHASES = [
+    PhaseConfig(name="p", tokens=6000, seq_len=32, temperature=0.5),
+    PhaseConfig(name="q", tokens=6000, seq_len=64, temperature=0.3, temperature_end=0.2, languages=["l0", "l2"]),
+]
+
+
+def test_cache_hit_miss_and_key(tmp_path, capsys):
+    path, _ = write_corpus(str(tmp_path / "corpus"), [30, 10, 3])
+    manifest = load_manifest(path)
+    cache = str(tmp_path / "cache")
+    first = build_data_index(manifest, PHASES, seed=1, cache_dir=cache)
+    assert "cache miss" in capsys.readouterr().err
+    again = build_data_index(manifest, PHASES, seed=1, cache_dir=cache)
+    assert "cache miss" not in capsys.readouterr().err and again.path == first.path
+    for a, b in zip(first.phases, again.phases):
+        np.testing.assert_array_equal(a.dataset_index, b.dataset_index)
+        np.testing.assert_array_equal(a.sample_idx, b.sample_idx)
+    in_memory = build_data_index(manifest, PHASES, seed=1, cache_dir=None)
+    np.testing.assert_array_equal(in_memory.phases[1].doc_index, first.phases[1].doc_index)
+    other_seed = build_data_index(manifest, PHASES, seed=2, cache_dir=cache)
+    assert other_seed.path != first.path
+    assert "cache miss" in capsys.readouterr().err
+    assert sorted(os.listdir(cache)) == sorted({os.path.basename(first.path), os.path.basename(other_seed.path)})
+    # phase q's inactive language never appears
+    assert not (np.asarray(first.phases[1].dataset_index) == 1).any()
+
+
+def test_waiting_rank_times_out_with_clear_message(tmp_path):
+    path, _ = write_corpus(str(tmp_path / "corpus"), [5, 5])
+    manifest = load_manifest(path)
+    t0 = time.time()
+    with pytest.raises(TimeoutError, match="tools/build_data_index.py") as e:
+        build_data_index(manifest, PHASES[:1], seed=1, cache_dir=str(tmp_path / "c"), is_builder=False,
+                         timeout=0.3, poll_interval=0.05)
+    assert str(tmp_path / "c") in str(e.value) and time.time() - t0 < 5
+
+
+def test_waiting_rank_picks_up_the_builders_result(tmp_path):
+    path, _ = write_corpus(str(tmp_path / "corpus"), [8, 4])
+    cache = str(tmp_path / "c")
+    code = (
+        "import sys, time; sys.path.insert(0, %r); time.sleep(0.5)\n"
+        "from megatron_mmbert.config import PhaseConfig\n"
+        "from megatron_mmbert.data.index import build_data_index\n"
+        "from megatron_mmbert.data.shards import load_manifest\n"
+        "build_data_index(load_manifest(%r), [PhaseConfig(name='p', tokens=6000, seq_len=32, temperature=0.5)],"
+        " seed=1, cache_dir=%r, is_builder=True)\n"
+    ) % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path, cache)
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        idx = build_data_index(load_manifest(path), PHASES[:1], seed=1, cache_dir=cache, is_builder=False,
+                               timeout=120, poll_interval=0.05)
+    finally:
+        assert proc.wait(timeout=120) == 0
+    assert idx.path.startswith(cache) and len(idx.phases[0].dataset_index) == 188
