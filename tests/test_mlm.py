@@ -1,0 +1,139 @@
+"""The MLM stream: packed rows read back through megatron-core, masking statistics, determinism."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_mmbert.config import PhaseConfig
+from megatron_mmbert.data.mlm import IGNORE_INDEX, MLMStream
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _corpus import SPECIAL, VOCAB, write_corpus  # noqa: E402
+
+PHASES = [
+    PhaseConfig(name="pretrain", tokens=64 * 400, seq_len=64, temperature=0.7, languages="top:3", mask_rate=0.3),
+    PhaseConfig(name="decay", tokens=128 * 200, seq_len=128, temperature=0.5, temperature_end=0.3,
+                mask_rate=0.15, mask_rate_end=0.05),
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("corpus"))
+    return write_corpus(root, [60, 25, 8, 3], shards_per_lang=2)
+
+
+@pytest.fixture(scope="module")
+def stream(corpus):
+    return MLMStream(corpus[0], PHASES, seed=7, cache_dir=None)
+
+
+def test_batch_contract(stream):
+    b = stream.batch("pretrain", [0, 1, 2, 3])
+    assert set(b) == {"tokens", "labels", "positions", "cu_seqlens", "max_seqlen"}
+    for k in ("tokens", "labels", "positions"):
+        assert b[k].dtype == torch.int64 and b[k].shape == (4, 64)
+    cu = b["cu_seqlens"]
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == 4 * 64
+    assert set(range(0, 4 * 64 + 1, 64)) <= set(cu.tolist())  # segments never cross rows
+    seg = torch.diff(cu)
+    assert b["max_seqlen"] == int(seg.max())
+    pos = b["positions"].reshape(-1)
+    for a, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        assert pos[a:e].tolist() == list(range(e - a))
+
+
+def test_rows_are_the_documents(stream, corpus):
+    _, texts = corpus
+    # Unmasked rows read through megatron-core equal the documents written, piece by piece.
+    for phase in ("pretrain", "decay"):
+        k = stream.phase_names.index(phase)
+        pidx = stream.index.phases[k]
+        for i in range(0, stream.phase_num_samples(phase), 7):
+            tokens, segs, lang = stream.row(phase, i)
+            lang_col = int(pidx.dataset_index[i])
+            pieces = pidx.row_pieces(lang_col, int(pidx.dataset_sample_index[i]))
+            expected = np.concatenate([texts[lang][d][a:b] for d, a, b in pieces])
+            np.testing.assert_array_equal(tokens, expected)
+            assert len(tokens) == pidx.plan.phase.seq_len and sum(segs) == len(tokens)
+    # inactive language l3 never appears in the top:3 phase
+    assert "l3" not in {stream.row("pretrain", i)[2] for i in range(stream.phase_num_samples("pretrain"))}
+
+
+def test_masking_statistics_over_a_million_tokens(corpus):
+    phases = [PhaseConfig(name="m", tokens=64 * 18000, seq_len=64, temperature=0.5, mask_rate=0.3)]
+    s = MLMStream(corpus[0], phases, seed=3, cache_dir=None)
+    special = np.array(sorted(SPECIAL.values()))
+    sel = masked = rand = kept = cand = 0
+    for i in range(s.phase_num_samples("m")):
+        tokens, _, _ = s.row("m", i)
+        out, labels = s.mask(tokens, 0.3, i)
+        picked = labels != IGNORE_INDEX
+        is_special = np.isin(tokens, special)
+        assert not (picked & is_special).any()  # special tokens never masked
+        np.testing.assert_array_equal(out[~picked], tokens[~picked])
+        np.testing.assert_array_equal(labels[picked], tokens[picked])
+        new = out[picked]
+        m = new == SPECIAL["mask"]
+        same = (new == tokens[picked]) & ~m
+        r = ~m & ~same
+        assert not np.isin(new[r], special).any()  # replacements never special
+        assert ((new[r] >= 0) & (new[r] < VOCAB)).all()
+        sel += picked.sum(); masked += m.sum(); rand += r.sum(); kept += same.sum(); cand += (~is_special).sum()
+    assert cand > 1_000_000
+    assert abs(sel / cand - 0.3) < 0.005
+    # a random replacement equal to the original counts as "kept" (probability 1/vocab)
+    assert abs(masked / sel - 0.8) < 0.01 and abs(rand / sel - 0.1) < 0.01 and abs(kept / sel - 0.1) < 0.01
+
+
+def test_mask_rate_annealing(stream):
+    n = stream.phase_num_samples("decay")
+    assert stream.mask_rate("decay", 0) == pytest.approx(0.15)
+    assert stream.mask_rate("decay", n - 1) == pytest.approx(0.05)
+    assert stream.mask_rate("pretrain", 5) == pytest.approx(0.3)
+
+
+def test_same_rows_across_runs_and_processes(corpus, stream, tmp_path):
+    again = MLMStream(corpus[0], PHASES, seed=7, cache_dir=str(tmp_path / "cache"))
+    idx = [0, 5, 17, 123]
+    a = stream.batch("decay", idx)
+    b = again.batch("decay", idx)
+    for k in ("tokens", "labels", "positions", "cu_seqlens"):
+        assert torch.equal(a[k], b[k])
+    other = MLMStream(corpus[0], PHASES, seed=8, cache_dir=None).batch("decay", idx)
+    assert not torch.equal(a["labels"], other["labels"])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import sys, torch; sys.path.insert(0, %r)\n"
+        "from megatron_mmbert.config import PhaseConfig\n"
+        "from megatron_mmbert.data.mlm import MLMStream\n"
+        "from tests.test_mlm import PHASES\n"
+        "b = MLMStream(%r, PHASES, seed=7, cache_dir=%r).batch('decay', %r)\n"
+        "torch.save({k: v for k, v in b.items()}, %r)\n"
+    ) % (root, corpus[0], str(tmp_path / "cache"), idx, str(tmp_path / "b.pt"))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+    c = torch.load(str(tmp_path / "b.pt"))
+    for k in ("tokens", "labels", "positions", "cu_seqlens"):
+        assert torch.equal(a[k], c[k])
+
+
+def test_micro_batches_split_over_ranks(stream):
+    gbs, mbs, dp = 8, 2, 2
+    seen = []
+    for rank in range(dp):
+        for mb in stream.micro_batches("pretrain", 16, gbs, mbs, rank, dp):
+            seen.append(mb["tokens"])
+    n = stream.phase_num_samples("pretrain")
+    steps = (n - 16) // gbs
+    assert len(seen) == steps * gbs // mbs
+    # rank 0's first micro-batch is samples 16, 17; rank 1's first is 20, 21
+    r0 = next(stream.micro_batches("pretrain", 16, gbs, mbs, 0, dp))
+    r1 = next(stream.micro_batches("pretrain", 16, gbs, mbs, 1, dp))
+    assert torch.equal(r0["tokens"], stream.batch("pretrain", [16, 17])["tokens"])
+    assert torch.equal(r1["tokens"], stream.batch("pretrain", [20, 21])["tokens"])
+    with pytest.raises(ValueError, match="multiple"):
+        next(stream.micro_batches("pretrain", 3, gbs, mbs, 0, dp))
