@@ -1,0 +1,357 @@
+"""Streaming merge over checkpoints: one tensor -- or one block of its rows -- at a time.
+
+Memory bound. Tensors are cut into row blocks of at most ``chunk_bytes`` (counted as float64, the compute dtype); a block of
+the base and of every model is read, merged and written before the next is read. The working set
+is about ``(n_models + 5) x chunk`` (inputs, float64 task vectors, sign mass / numerator /
+denominator), independent of the model size and of the largest tensor. The megatron output sink
+adds the output model itself (megatron-core saves a whole state dict at once).
+
+Trim thresholds. TIES keeps the top ``k`` magnitudes of each task vector, per tensor or over the
+whole model (``--trim global``). Both are found exactly by :class:`~.ties.KthLargest`, a two-pass
+radix select on the float32 bit patterns (a 65536-bucket histogram of the high 16 bits, then of the
+low 16 bits inside the one bucket that holds the k-th value): fixed memory, no sort. So:
+
+* ``--trim global``: three passes over the checkpoints (histogram, refine, merge);
+* ``--trim per-tensor``: a tensor that fits in one block is read once and its threshold found in
+  memory; a larger one (the embedding) is read three times, block by block.
+
+Checks before any work: the same tensor names, shapes and dtypes in every checkpoint, the same
+vocabulary size in their configs, and one checkpoint format. Output is written into
+``OUT.tmp-<pid>`` and renamed to ``OUT`` at the end, so ``OUT`` is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
+
+import torch
+
+from megatron_mmbert.merge.io import (
+    CheckpointError,
+    DistSession,
+    HFSource,
+    MegatronSink,
+    MegatronSource,
+    SafetensorsSink,
+    TensorInfo,
+    detect_format,
+)
+from megatron_mmbert.merge.ties import (
+    ChunkStats, KthLargest, MergeSpec, keep_count, magnitude, merge_chunk, report_entry, task_vector,
+)
+
+REPORT_NAME = "merge_report.json"
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+class Progress:
+    """Parameters processed (over all passes), with rate and ETA, on stderr every few seconds."""
+
+    def __init__(self, total: int, stream: Optional[TextIO] = sys.stderr, every_s: float = 2.0):
+        self.total = max(total, 1)
+        self.done = 0
+        self.stream = stream
+        self.every_s = every_s
+        self.start = time.monotonic()
+        self._last = self.start
+
+    def advance(self, n: int, phase: str) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.stream is not None and (now - self._last >= self.every_s or self.done >= self.total):
+            self._last = now
+            elapsed = max(now - self.start, 1e-9)
+            rate = self.done / elapsed
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            self.stream.write(
+                f"[ties_merge] {phase}: {100.0 * self.done / self.total:5.1f}% "
+                f"{rate / 1e6:8.1f} M params/s  elapsed {elapsed:6.1f}s  ETA {eta:6.1f}s\n"
+            )
+            self.stream.flush()
+
+
+def row_blocks(info: TensorInfo, chunk_bytes: int) -> List[Tuple[Optional[int], Optional[int]]]:
+    """Row ranges ``[start, stop)`` covering ``info`` in blocks of at most ``chunk_bytes``, counted
+    in the float64 compute precision."""
+    if not info.shape or info.numel == 0:
+        return [(None, None)]
+    rows = info.shape[0]
+    row_bytes = max(info.numel // rows, 1) * 8
+    per = max(1, chunk_bytes // row_bytes)
+    if per >= rows:
+        return [(None, None)]
+    return [(s, min(s + per, rows)) for s in range(0, rows, per)]
+
+
+def check_compatible(sources: Sequence) -> List[TensorInfo]:
+    """The tensors to write, in order; raises :class:`CheckpointError` on any mismatch."""
+    first = sources[0]
+    vocab = first.vocab_size
+    for other in sources[1:]:
+        if vocab is not None and other.vocab_size is not None and other.vocab_size != vocab:
+            raise CheckpointError(
+                f"different vocabularies: {first.path} has vocab_size {vocab} but {other.path} has "
+                f"{other.vocab_size}; models merged together must share one tokenizer"
+            )
+    for other in sources[1:]:
+        missing = sorted(set(first.infos) - set(other.infos))
+        extra = sorted(set(other.infos) - set(first.infos))
+        if missing:
+            raise CheckpointError(
+                f"tensor {missing[0]} is in {first.path} but missing from {other.path}"
+                + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            )
+        if extra:
+            raise CheckpointError(
+                f"tensor {extra[0]} is in {other.path} but missing from {first.path}"
+                + (f" ({len(extra) - 1} more)" if len(extra) > 1 else "")
+            )
+        for name, info in first.infos.items():
+            theirs = other.infos[name]
+            if theirs.shape != info.shape:
+                hint = ""
+                if info.shape and theirs.shape and info.shape[1:] == theirs.shape[1:]:
+                    hint = " (a different number of rows: a different vocabulary or padding?)"
+                raise CheckpointError(
+                    f"tensor {name}: shape {list(info.shape)} in {first.path} but "
+                    f"{list(theirs.shape)} in {other.path}{hint}"
+                )
+            if theirs.dtype != info.dtype:
+                raise CheckpointError(
+                    f"tensor {name}: dtype {info.dtype} in {first.path} but {theirs.dtype} in "
+                    f"{other.path}; convert both to one dtype first"
+                )
+    return list(first.infos.values())
+
+
+def _open_all(paths: Sequence[str]):
+    formats = [detect_format(p) for p in paths]
+    if len(set(formats)) > 1:
+        odd = [p for p, f in zip(paths, formats) if f != formats[0]]
+        raise CheckpointError(
+            f"inputs mix checkpoint formats ({formats[0]} {paths[0]} vs {detect_format(odd[0])} "
+            f"{odd[0]}); convert {odd[0]} to {formats[0]} with tools/convert_checkpoint.py first"
+        )
+    session = DistSession() if formats[0] == "megatron" else None
+    sources = []
+    try:
+        for p in paths:
+            sources.append(HFSource(p) if formats[0] == "hf" else MegatronSource(p, session))
+    except Exception:
+        if session is not None:
+            session.close()
+        raise
+    return formats[0], sources, session
+
+
+def _read(sources: Sequence, info: TensorInfo, block) -> List[torch.Tensor]:
+    start, stop = block
+    return [s.read(info.name, start, stop) for s in sources]
+
+
+def _check_finite(name: str, paths: Sequence[str], chunks: Sequence[torch.Tensor]) -> None:
+    for path, c in zip(paths, chunks):
+        if not bool(torch.isfinite(c).all()):
+            raise CheckpointError(f"tensor {name} in {path} holds NaN or inf values")
+
+
+class _Merger:
+    """One merge run: the sources, the spec, the sink and the report being built."""
+
+    def __init__(self, spec: MergeSpec, base, models: Sequence, chunk_bytes: int, progress: Progress):
+        self.spec = spec
+        self.base = base
+        self.models = list(models)
+        self.chunk_bytes = chunk_bytes
+        self.progress = progress
+        self.inputs = ([base] if base is not None else []) + self.models
+        self.paths = [s.path for s in self.inputs]
+
+    def blocks(self, info: TensorInfo, phase: str) -> Iterator[List[torch.Tensor]]:
+        for block in row_blocks(info, self.chunk_bytes):
+            chunks = _read(self.inputs, info, block)
+            yield chunks
+            self.progress.advance(chunks[0].numel(), phase)
+
+    def _split(self, chunks):
+        if self.base is not None:
+            return chunks[0], chunks[1:]
+        return None, chunks
+
+    def global_thresholds(self, merged: Sequence[TensorInfo]) -> List[float]:
+        """Pass 1 + 2 over every merged tensor: the exact k-th largest |tau_t| per model."""
+        total = sum(i.numel for i in merged)
+        selectors = [KthLargest(keep_count(self.spec.density, total)) for _ in self.models]
+        for info in merged:
+            for chunks in self.blocks(info, "global trim, pass 1/3"):
+                _check_finite(info.name, self.paths, chunks)
+                base, models = self._split(chunks)
+                for sel, m in zip(selectors, models):
+                    sel.add_first(magnitude(task_vector(base, m)))
+        for sel in selectors:
+            sel.finish_first()
+        for info in merged:
+            for chunks in self.blocks(info, "global trim, pass 2/3"):
+                base, models = self._split(chunks)
+                for sel, m in zip(selectors, models):
+                    sel.add_second(magnitude(task_vector(base, m)))
+        return [sel.result() for sel in selectors]
+
+    def tensor_thresholds(self, info: TensorInfo, cached: Optional[List[torch.Tensor]]) -> List[float]:
+        """Per-tensor trim: in memory when the tensor is one block, else two passes over blocks."""
+        k = keep_count(self.spec.density, info.numel)
+        selectors = [KthLargest(k) for _ in self.models]
+        passes = cached  # a one-block tensor already in memory: [[base, model_1, ...]]
+        for stage in ("first", "second"):
+            source = passes if passes is not None else self.blocks(info, f"trim {info.name}, pass {1 if stage == 'first' else 2}/3")
+            for chunks in source:
+                base, models = self._split(chunks)
+                for sel, m in zip(selectors, models):
+                    mag = magnitude(task_vector(base, m))
+                    getattr(sel, f"add_{stage}")(mag)
+            if stage == "first":
+                for sel in selectors:
+                    sel.finish_first()
+        return [sel.result() for sel in selectors]
+
+    def run(self, plan: Sequence[TensorInfo], sink, template) -> Dict[str, object]:
+        spec = self.spec
+        merged_infos = [i for i in plan if i.is_float]
+        thresholds = None
+        if spec.trims and spec.trim == "global":
+            thresholds = self.global_thresholds(merged_infos)
+        tensors: Dict[str, object] = {}
+        copied: List[str] = []
+        for info in plan:
+            sink.begin(info)
+            if not info.is_float:
+                # Integer buffers are not weights: copied from the base (template) as they are.
+                for block in row_blocks(info, self.chunk_bytes):
+                    chunk = template.read(info.name, *block)
+                    sink.write(chunk)
+                    self.progress.advance(chunk.numel(), "copy")
+                copied.append(info.name)
+                continue
+            blocks = row_blocks(info, self.chunk_bytes)
+            tensor_thr = thresholds
+            cached = None
+            if spec.trims and spec.trim == "per-tensor":
+                if len(blocks) == 1:
+                    cached = [_read(self.inputs, info, blocks[0])]
+                    _check_finite(info.name, self.paths, cached[0])
+                tensor_thr = self.tensor_thresholds(info, cached)
+            stats = ChunkStats()
+            source = cached if cached is not None else self.blocks(info, "merge")
+            for chunks in source:
+                if cached is None and not (spec.trims and spec.trim == "global"):
+                    _check_finite(info.name, self.paths, chunks)
+                base, models = self._split(chunks)
+                out = merge_chunk(spec, base, models, tensor_thr if spec.trims else None, stats)
+                sink.write(out.to(info.dtype))
+                if cached is not None:
+                    self.progress.advance(out.numel(), "merge")
+            tensors[info.name] = report_entry(stats, tensor_thr if spec.trims else None)
+        return self._summary(tensors, copied, thresholds)
+
+    def _summary(self, tensors, copied, thresholds) -> Dict[str, object]:
+        n_models = len(self.models)
+        numel = sum(e["numel"] for e in tensors.values())
+        kept = [sum(e["fraction_kept"][t] * e["numel"] for e in tensors.values()) for t in range(n_models)]
+        conflicts = sum(e["sign_conflict_rate"] * e["numel"] for e in tensors.values())
+        tv_sq = [sum(e["task_vector_norm"][t] ** 2 for e in tensors.values()) for t in range(n_models)]
+        summary: Dict[str, object] = {
+            "merged_params": numel,
+            "fraction_kept": [k / max(numel, 1) for k in kept],
+            "sign_conflict_rate": conflicts / max(numel, 1),
+            "task_vector_norm": [s ** 0.5 for s in tv_sq],
+        }
+        if thresholds is not None:
+            summary["global_threshold"] = thresholds
+        return {"summary": summary, "copied_from_base": copied, "tensors": tensors}
+
+
+def merge_checkpoints(
+    base: Optional[str],
+    models: Sequence[str],
+    spec: MergeSpec,
+    out: str,
+    out_format: Optional[str] = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    log: Optional[TextIO] = sys.stderr,
+) -> Dict[str, object]:
+    """Merge ``models`` (against ``base``) into the checkpoint directory ``out``; returns the report.
+
+    ``base`` is required for ties and task_arithmetic; for linear and ema it is optional and, if
+    given, only supplies the non-float tensors and the config (else the first model does).
+    """
+    spec.validate(len(models))
+    if spec.needs_base and base is None:
+        raise ValueError(f"--method {spec.method} needs --base (the checkpoint the models branched from)")
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    paths = ([base] if base is not None else []) + list(models)
+    fmt, sources, session = _open_all(paths)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        plan = check_compatible(sources)
+        base_src = sources[0] if base is not None else None
+        model_srcs = sources[1:] if base is not None else sources
+        template = sources[0]
+        out_format = out_format or fmt
+        if out_format != fmt:
+            raise CheckpointError(
+                f"--out-format {out_format} differs from the inputs' format {fmt}; merge in {fmt} and "
+                f"convert the result with tools/convert_checkpoint.py"
+            )
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        sink = (SafetensorsSink(tmp, template, plan, max_shard_bytes) if fmt == "hf"
+                else MegatronSink(tmp, template))
+        float_elems = sum(i.numel for i in plan if i.is_float)
+        int_elems = sum(i.numel for i in plan if not i.is_float)
+        if spec.trims and spec.trim == "global":
+            work = 3 * float_elems
+        elif spec.trims:
+            work = sum(i.numel * (1 if len(row_blocks(i, chunk_bytes)) == 1 else 3) for i in plan if i.is_float)
+        else:
+            work = float_elems
+        progress = Progress(work + int_elems, log)
+        merger = _Merger(spec, base_src, model_srcs, chunk_bytes, progress)
+        body = merger.run(plan, sink, template)
+        sink.finish()
+        report = {
+            "format": "megatron-mmbert-merge-report", "version": 1,
+            "spec": {k: v for k, v in asdict(spec).items() if k != "needs_base"},
+            "weights": spec.model_weights(len(models)),
+            "base": base, "models": list(models), "checkpoint_format": fmt,
+            "tied_not_merged_twice": sorted({n for s in sources for n in s.tied_skipped}),
+            "chunk_bytes": chunk_bytes,
+            **body,
+        }
+        with open(os.path.join(tmp, REPORT_NAME), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        if os.path.exists(out):
+            old = f"{out}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        return report
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for s in sources:
+            s.close()
+        if session is not None:
+            session.close()

@@ -1,0 +1,302 @@
+"""TIES / task arithmetic / linear / EMA merging, checked against the published equations.
+
+The reference implementations below are written here from the TIES paper (Yadav et al. 2023,
+arXiv 2306.01708: trim to the top-k% magnitudes, elect the sign of the summed mass, disjoint mean
+of the agreeing non-zero entries, add lambda times it to the base) with plain sorting, not with
+anything from ``megatron_mmbert.merge``. Checkpoints go through the real streaming tool, with tiny
+blocks so that tensors are split into several row blocks.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from megatron_mmbert.cli.ties_merge import main as cli_main
+from megatron_mmbert.merge.io import CheckpointError
+from megatron_mmbert.merge.stream import merge_checkpoints
+from megatron_mmbert.merge.ties import MergeSpec
+
+SHAPES = {"emb.weight": (40, 12), "layer.w": (18, 10), "layer.b": (10,), "norm.weight": (12,)}
+TINY_BLOCK = 160  # bytes of float64: 20 values, so most tensors span several row blocks
+
+
+# ------------------------------------------------------------------------------ reference (paper)
+
+
+def ref_trim(taus, density, trim):
+    """Top-k by |tau| with k = max(1, floor(density * n)), per tensor or over the whole model."""
+    names = sorted(taus)
+    if trim == "global":
+        flat = torch.cat([taus[n].flatten() for n in names])
+        k = max(1, int(density * flat.numel()))
+        order = torch.sort(flat.abs(), descending=True).indices
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[order[:k]] = True
+        # the premise of the test: no tie at the cut, even once magnitudes are float32
+        s = torch.sort(flat.abs().float(), descending=True).values
+        assert s[k - 1] != s[k]
+        out, i = {}, 0
+        for n in names:
+            m = taus[n].numel()
+            out[n] = torch.where(keep[i:i + m].view(taus[n].shape), taus[n], torch.zeros_like(taus[n]))
+            i += m
+        return out
+    out = {}
+    for n in names:
+        flat = taus[n].flatten()
+        k = max(1, int(density * flat.numel()))
+        order = torch.sort(flat.abs(), descending=True).indices
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[order[:k]] = True
+        if k < flat.numel():
+            s = torch.sort(flat.abs().float(), descending=True).values
+            assert s[k - 1] != s[k]
+        out[n] = torch.where(keep.view(taus[n].shape), taus[n], torch.zeros_like(taus[n]))
+    return out
+
+
+def ref_ties(base, models, weights, density, lam, trim, normalize):
+    names = sorted(base)
+    trimmed = [ref_trim({n: m[n].double() - base[n].double() for n in names}, density, trim) for m in models]
+    out = {}
+    for n in names:
+        t = torch.stack([tt[n] for tt in trimmed])  # [models, ...]
+        w = torch.tensor(weights, dtype=torch.float64).view(-1, *([1] * (t.dim() - 1)))
+        elected = torch.where((w * t).sum(0) >= 0, 1.0, -1.0).double()
+        agree = (torch.sign(t) == elected).double()  # zeros have sign 0: never agree
+        num = (w * t * agree).sum(0)
+        den = (w * agree).sum(0) if normalize else agree.sum(0)
+        den[den == 0] = 1.0
+        out[n] = (base[n].double() + lam * num / den).to(base[n].dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+def write_hf(path, tensors, vocab_size=40):
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"model_type": "test", "vocab_size": vocab_size}, f)
+    return path
+
+
+def random_family(n_models, seed=0, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    models = [{k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(n_models)]
+    return base, models
+
+
+def load_out(path):
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.fixture
+def family(tmp_path):
+    base, models = random_family(3)
+    base["position_ids"] = torch.arange(7)  # non-float: copied from the base
+    for m in models:
+        m["position_ids"] = torch.arange(7) + 1
+    b = write_hf(str(tmp_path / "base"), base)
+    ms = [write_hf(str(tmp_path / f"m{i}"), m) for i, m in enumerate(models)]
+    return base, models, b, ms
+
+
+# --------------------------------------------------------------------------- 1. the equations
+
+
+@pytest.mark.parametrize("trim", ["per-tensor", "global"])
+@pytest.mark.parametrize("weights,normalize", [(None, False), ([0.5, 1.5, 1.0], False), ([0.5, 1.5, 1.0], True)])
+def test_ties_matches_reference(tmp_path, family, trim, weights, normalize):
+    base, models, b, ms = family
+    spec = MergeSpec(method="ties", weights=weights, density=0.3, lam=1.3, trim=trim, normalize=normalize)
+    report = merge_checkpoints(b, ms, spec, str(tmp_path / "out"), chunk_bytes=TINY_BLOCK, log=None)
+    got = load_out(str(tmp_path / "out"))
+    floats = {k: v for k, v in base.items() if v.is_floating_point()}
+    want = ref_ties(floats, [{k: m[k] for k in floats} for m in models], weights or [1.0] * 3, 0.3, 1.3, trim, normalize)
+    for k in floats:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
+    assert torch.equal(got["position_ids"], base["position_ids"])
+    # the report: exactly k kept per tensor (per-tensor trim) or over the model (global)
+    total = sum(v.numel() for v in floats.values())
+    for t in range(3):
+        kept = sum(e["fraction_kept"][t] * e["numel"] for e in report["tensors"].values())
+        if trim == "global":
+            assert round(kept) == int(0.3 * total)
+        else:
+            assert round(kept) == sum(int(0.3 * v.numel()) for v in floats.values())
+    assert 0 < report["summary"]["sign_conflict_rate"] < 1
+    assert report["copied_from_base"] == ["position_ids"]
+
+
+def test_other_methods_match_formulas(tmp_path, family):
+    base, models, b, ms = family
+    floats = [k for k, v in base.items() if v.is_floating_point()]
+    w = [0.2, 0.5, 0.3]
+    merge_checkpoints(b, ms, MergeSpec(method="task_arithmetic", weights=w, lam=0.4), str(tmp_path / "ta"),
+                      chunk_bytes=TINY_BLOCK, log=None)
+    merge_checkpoints(b, ms, MergeSpec(method="task_arithmetic", weights=w, normalize=True), str(tmp_path / "tan"),
+                      chunk_bytes=TINY_BLOCK, log=None)
+    merge_checkpoints(None, ms, MergeSpec(method="linear", weights=w), str(tmp_path / "lin"),
+                      chunk_bytes=TINY_BLOCK, log=None)
+    merge_checkpoints(None, ms, MergeSpec(method="ema", ema_decay=0.8), str(tmp_path / "ema"),
+                      chunk_bytes=TINY_BLOCK, log=None)
+    ta, tan, lin, ema = (load_out(str(tmp_path / d)) for d in ("ta", "tan", "lin", "ema"))
+    for k in floats:
+        b64 = base[k].double()
+        tv = [m[k].double() - b64 for m in models]
+        torch.testing.assert_close(ta[k], (b64 + 0.4 * sum(wi * t for wi, t in zip(w, tv))).float(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(tan[k], (b64 + sum(wi * t for wi, t in zip(w, tv)) / sum(w)).float(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(lin[k], (sum(wi * m[k].double() for wi, m in zip(w, models)) / sum(w)).float(),
+                                   atol=1e-6, rtol=0)
+        e = models[0][k].double()  # the EMA recursion itself, oldest checkpoint first
+        for m in models[1:]:
+            e = 0.8 * e + 0.2 * m[k].double()
+        torch.testing.assert_close(ema[k], e.float(), atol=1e-6, rtol=0)
+    # linear / ema without --base take non-float tensors from the first model
+    assert torch.equal(lin["position_ids"], models[0]["position_ids"])
+
+
+def test_matches_mergekit_if_installed(tmp_path, family):
+    mk = pytest.importorskip("mergekit.merge_methods")
+    base, models, b, ms = family
+    w = [0.5, 1.5, 1.0]
+    merge_checkpoints(b, ms, MergeSpec(weights=w, density=0.3, lam=1.3, normalize=True), str(tmp_path / "o"),
+                      chunk_bytes=TINY_BLOCK, log=None)
+    got = load_out(str(tmp_path / "o"))
+    for k, v in base.items():
+        if v.is_floating_point():
+            want = mk.merge_tensors([v] + [m[k] for m in models], "ties", base_index=0, dtype=torch.float32,
+                                    parameters={"weight": w, "density": 0.3, "lambda": 1.3, "normalize": True})
+            torch.testing.assert_close(got[k], want, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------ 3. identity properties
+
+
+def test_single_model_density_one_is_exact(tmp_path, family):
+    base, models, b, ms = family
+    merge_checkpoints(b, ms[:1], MergeSpec(density=1.0, lam=1.0), str(tmp_path / "o"), chunk_bytes=TINY_BLOCK,
+                      log=None)
+    got = load_out(str(tmp_path / "o"))
+    for k, v in base.items():
+        if v.is_floating_point():
+            assert torch.equal(got[k], models[0][k]), k
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear"])
+def test_identical_models_give_the_same_model(tmp_path, family, method):
+    base, models, b, ms = family
+    spec = MergeSpec(method=method, density=0.5 if method == "ties" else 1.0, normalize=method != "linear",
+                     weights=[0.3, 0.7] if method != "ties" else None)
+    merge_checkpoints(b if method != "linear" else None, [ms[0], ms[0]], spec, str(tmp_path / "o"),
+                      chunk_bytes=TINY_BLOCK, log=None)
+    got = load_out(str(tmp_path / "o"))
+    for k, v in base.items():
+        if v.is_floating_point():
+            if method == "ties":  # density 0.5: the identical kept half equals the model, the rest the base
+                tau = models[0][k].double() - v.double()
+                kept = got[k] != v
+                assert torch.equal(got[k][kept], models[0][k][kept])
+                assert int(kept.sum()) == max(1, int(0.5 * v.numel()))
+            else:
+                assert torch.equal(got[k], models[0][k]), k
+
+
+# -------------------------------------------------------------------------------- 4. mismatches
+
+
+def test_mismatch_errors(tmp_path):
+    base, (m0, m1) = random_family(2)
+    b = write_hf(str(tmp_path / "b"), base)
+    good = write_hf(str(tmp_path / "good"), m0)
+    spec = MergeSpec(density=0.5)
+
+    missing = dict(m1)
+    del missing["layer.b"]
+    with pytest.raises(CheckpointError, match=r"tensor layer\.b is in .*b but missing from .*missing"):
+        merge_checkpoints(b, [good, write_hf(str(tmp_path / "missing"), missing)], spec, str(tmp_path / "o"), log=None)
+
+    shape = dict(m1, **{"layer.w": torch.randn(18, 11)})
+    with pytest.raises(CheckpointError, match=r"tensor layer\.w: shape \[18, 10\] in .*b but \[18, 11\] in .*shape"):
+        merge_checkpoints(b, [good, write_hf(str(tmp_path / "shape"), shape)], spec, str(tmp_path / "o"), log=None)
+
+    dtype = dict(m1, **{"norm.weight": m1["norm.weight"].to(torch.bfloat16)})
+    with pytest.raises(CheckpointError, match=r"tensor norm\.weight: dtype torch\.float32 in .*b but torch\.bfloat16"):
+        merge_checkpoints(b, [good, write_hf(str(tmp_path / "dtype"), dtype)], spec, str(tmp_path / "o"), log=None)
+
+    vocab = dict(m1, **{"emb.weight": torch.randn(44, 12)})
+    with pytest.raises(CheckpointError, match=r"different vocabularies: .*b has vocab_size 40 but .*vocab has 44"):
+        merge_checkpoints(b, [good, write_hf(str(tmp_path / "vocab"), vocab, vocab_size=44)], spec,
+                          str(tmp_path / "o"), log=None)
+
+    nan = dict(m1, **{"layer.b": torch.full((10,), float("nan"))})
+    with pytest.raises(CheckpointError, match=r"tensor layer\.b in .*nan holds NaN"):
+        merge_checkpoints(b, [good, write_hf(str(tmp_path / "nan"), nan)], spec, str(tmp_path / "o"), log=None)
+
+    os.makedirs(tmp_path / "fake_megatron")
+    (tmp_path / "fake_megatron" / "metadata.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"inputs mix checkpoint formats .*tools/convert_checkpoint\.py"):
+        merge_checkpoints(b, [good, str(tmp_path / "fake_megatron")], spec, str(tmp_path / "o"), log=None)
+
+    with pytest.raises(ValueError, match="--weights has 1 values for 2 models"):
+        merge_checkpoints(b, [good, good], MergeSpec(weights=[1.0]), str(tmp_path / "o"), log=None)
+    with pytest.raises(ValueError, match="needs --base"):
+        merge_checkpoints(None, [good], spec, str(tmp_path / "o"), log=None)
+    assert not os.path.exists(tmp_path / "o")  # nothing half-written
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+# ----------------------------------------------------------------------- 5. CLI on real ModernBERT
+
+
+def test_cli_end_to_end_modernbert(tmp_path, capsys):
+    from transformers import AutoModelForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
+
+    cfg = ModernBertConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=64, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, mask_token_id=3)
+    torch.manual_seed(0)
+    base = ModernBertForMaskedLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    paths = []
+    for i in range(3):
+        m = ModernBertForMaskedLM(cfg)
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        m.save_pretrained(tmp_path / f"m{i}")
+        paths.append(str(tmp_path / f"m{i}"))
+    out = str(tmp_path / "merged")
+    rc = cli_main(["--base", str(tmp_path / "base"), "--models", *paths, "--density", "0.2", "--trim", "global",
+                   "--out", out, "--chunk-mb", "0.01"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "M params/s" in err and "ETA" in err
+    merged = AutoModelForMaskedLM.from_pretrained(out)
+    # tied decoder still tied, and every weight is the reference TIES of the three
+    assert merged.decoder.weight.data_ptr() == merged.model.embeddings.tok_embeddings.weight.data_ptr()
+    sds = [AutoModelForMaskedLM.from_pretrained(p).state_dict() for p in paths]
+    bsd = base.state_dict()
+    names = [k for k in load_out(out)]
+    want = ref_ties({k: bsd[k] for k in names}, [{k: sd[k] for k in names} for sd in sds], [1.0] * 3, 0.2, 1.0,
+                    "global", False)
+    msd = merged.state_dict()
+    for k in names:
+        torch.testing.assert_close(msd[k], want[k], atol=1e-6, rtol=0, msg=k)
+    report = json.load(open(os.path.join(out, "merge_report.json")))
+    assert set(report["tensors"]) == set(names)
+    # rerun without --overwrite refuses; with it, replaces atomically
+    assert cli_main(["--base", str(tmp_path / "base"), "--models", *paths, "--out", out, "--quiet"]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert cli_main(["--base", str(tmp_path / "base"), "--models", *paths, "--out", out, "--quiet",
+                     "--overwrite", "--method", "linear"]) == 0
