@@ -40,6 +40,7 @@ setup(
         "sentencepiece>=0.1.99",
         "pyarrow>=14",
         "zstandard>=0.22",
+        "psutil>=5.9",  # megatron-core dist_checkpointing writer processes need it
     ],
     extras_require={
         # GPU accelerations are optional and never installed from PyPI here: the NGC PyTorch image

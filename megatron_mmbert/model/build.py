@@ -130,6 +130,9 @@ def transformer_config(
         bias_dropout_fusion=on_gpu,
         persist_layer_norm=False,
         calculate_per_token_loss=True,
+        # Layer 0 has no attention pre-norm, so layers are not stackable: checkpoint each layer under
+        # its own global index (encoder.layers.{i}.*), which is also the HF-style canonical key.
+        hetereogenous_dist_checkpoint=True,
         attention_backend=AttnBackend.auto if backend == "te" else AttnBackend.local,
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,

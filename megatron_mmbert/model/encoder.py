@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_mmbert.config import ModelConfig
@@ -33,11 +35,15 @@ from megatron_mmbert.model.layers import BiasFreeLayerNorm, RotaryTable
 from megatron_mmbert.model.specs import Backend, block_spec
 
 
-class MMBertEmbedding(torch.nn.Module):
-    """Vocab-parallel token embedding followed by a bias-free LayerNorm (no position embedding)."""
+class MMBertEmbedding(MegatronModule):
+    """Vocab-parallel token embedding followed by a bias-free LayerNorm (no position embedding).
+
+    A MegatronModule so that its sharded state dict defers to VocabParallelEmbedding's (sharded
+    over TP, padding-tolerant) instead of treating the table as one replicated tensor.
+    """
 
     def __init__(self, config, padded_vocab_size: int, eps: float, dropout: float):
-        super().__init__()
+        super().__init__(config=config)
         self.sequence_parallel = config.sequence_parallel
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             padded_vocab_size,
@@ -94,6 +100,7 @@ class MMBertModel(LanguageModule):
         self.pre_process, self.post_process = pre_process, post_process
         self.vp_stage = vp_stage
         self.share_embeddings_and_output_weights = True
+        self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules look for
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.padded_vocab_size = model_config.padded_vocab_size(self.tp_size)
         self.vocab_size = model_config.vocab_size

@@ -1,0 +1,142 @@
+"""Whole-checkpoint conversions between HF ModernBERT directories and our dist checkpoints.
+
+Used by ``tools/convert_checkpoint.py``; the tensor-level mapping lives in :mod:`.hf`.
+Both directions go through a real model at TP1/PP1 in a world of one process, so what is
+written is exactly what the trainer saves and loads (at any layout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Dict, Optional
+
+import torch
+
+from megatron_mmbert.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_mmbert.convert import hf as hf_map
+from megatron_mmbert.training import checkpoint as ckpt
+
+HF_FILES_TO_COPY = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.txt",
+)
+
+
+def read_hf_state_dict(hf_dir: str) -> Dict[str, torch.Tensor]:
+    """All tensors of an HF directory (``*.safetensors``, sharded or not, or ``pytorch_model.bin``)."""
+    from safetensors import safe_open
+
+    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    state: Dict[str, torch.Tensor] = {}
+    if files:
+        for name in files:
+            with safe_open(os.path.join(hf_dir, name), framework="pt") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key)
+    elif os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin")):
+        state = torch.load(os.path.join(hf_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    else:
+        raise ConfigError(f"{hf_dir} has no *.safetensors or pytorch_model.bin weights")
+    return state
+
+
+def read_hf_config(hf_dir: str) -> ModelConfig:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
+    with open(path) as f:
+        return hf_map.model_config_from_hf(json.load(f))
+
+
+def _single_process_model(model: ModelConfig):
+    from megatron_mmbert import runtime
+    from megatron_mmbert.model.build import build_model
+
+    parallel = ParallelConfig()
+    runtime.initialize(model, parallel)
+    (chunk,) = build_model(model, parallel)
+    return chunk
+
+
+def import_hf(hf_dir: str, save_dir: str) -> ModelConfig:
+    """HF ModernBertForMaskedLM directory -> megatron dist checkpoint (loads at any layout)."""
+    model = read_hf_config(hf_dir)
+    state = read_hf_state_dict(hf_dir)
+    canonical = hf_map.hf_to_megatron(state, model, model.padded_vocab_size(1))
+    chunk = _single_process_model(model)
+    result = chunk.load_state_dict(canonical, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"import mapping mismatch: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    ckpt.save_model(save_dir, [chunk], model, extra={"source": os.path.abspath(hf_dir)})
+    for name in HF_FILES_TO_COPY:  # keep the tokenizer beside the weights
+        if os.path.isfile(os.path.join(hf_dir, name)):
+            os.makedirs(os.path.join(save_dir, "tokenizer"), exist_ok=True)
+            shutil.copy2(os.path.join(hf_dir, name), os.path.join(save_dir, "tokenizer", name))
+    return model
+
+
+def load_canonical(load_dir: str) -> tuple:
+    """(ModelConfig, canonical megatron state dict) of a checkpoint saved at any layout."""
+    model = ckpt.read_model_config(load_dir)
+    chunk = _single_process_model(model)
+    ckpt.load_model(load_dir, [chunk])
+    state = {k: v for k, v in chunk.state_dict().items() if torch.is_tensor(v)}
+    return model, state
+
+
+def export_hf(load_dir: str, out_dir: str, special_ids: Optional[Dict[str, int]] = None) -> ModelConfig:
+    """megatron dist checkpoint -> HF directory that ``AutoModelForMaskedLM.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    model, state = load_canonical(load_dir)
+    hf_state = hf_map.megatron_to_hf(state, model)
+    tokenizer_dir = os.path.join(load_dir, "tokenizer")
+    special_ids = special_ids or _special_ids_from_tokenizer(tokenizer_dir)
+    config = hf_map.hf_config_from_model_config(model, special_ids)
+    tmp = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    config.architectures = ["ModernBertForMaskedLM"]
+    config.save_pretrained(tmp)
+    # Older transformers read the legacy keys; write both thetas explicitly in both forms.
+    path = os.path.join(tmp, "config.json")
+    with open(path) as f:
+        data = json.load(f)
+    data.update(
+        global_rope_theta=model.global_rope_theta,
+        local_rope_theta=model.local_rope_theta,
+        global_attn_every_n_layers=model.global_attn_every_n_layers,
+    )
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    if os.path.isdir(tokenizer_dir):
+        for name in os.listdir(tokenizer_dir):
+            shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return model
+
+
+def _special_ids_from_tokenizer(tokenizer_dir: str) -> Optional[Dict[str, int]]:
+    if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = {
+        "pad": tok.pad_token_id,
+        "eos": tok.eos_token_id,
+        "bos": tok.bos_token_id,
+        "cls": tok.cls_token_id if tok.cls_token_id is not None else tok.eos_token_id,
+        "sep": tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id,
+        "mask": tok.mask_token_id,
+    }
+    return {k: v for k, v in ids.items() if v is not None}

@@ -1,0 +1,145 @@
+"""Checkpoints through megatron-core ``dist_checkpointing``: any layout saves, any layout loads.
+
+A checkpoint directory holds megatron-core's sharded files (``*.distcp``, ``.metadata``,
+``common.pt``, ``metadata.json``) plus ``mmbert_config.json``: the ModelConfig and, for training
+checkpoints, what the trainer needs to resume. Tensor keys are the model's checkpoint keys
+(``embedding.word_embeddings.weight``, ``encoder.layers.{global i}...``), identical for every
+TP/PP/VPP layout and for both layer-spec backends, so a checkpoint saved at TP2/PP1 loads at
+TP1/PP2 and the merge and conversion tools can read single tensors unsharded.
+
+Saves are atomic: everything is written to ``<dir>.tmp-<stamp>`` and renamed into place by rank 0
+after all ranks finished, so a crash mid-save never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from megatron_mmbert.config import ConfigError, ModelConfig
+from megatron_mmbert.config_base import from_dict, to_dict
+
+CONFIG_FILE = "mmbert_config.json"
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, Any]:
+    """The sharded state dict of this rank's model chunks (``model``, or ``model0..`` with VPP)."""
+    if len(chunks) == 1:
+        return {"model": _unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def is_complete(directory: str) -> bool:
+    """A finished checkpoint: megatron-core's metadata.json and our config are both present."""
+    return os.path.isfile(os.path.join(directory, "metadata.json")) and os.path.isfile(
+        os.path.join(directory, CONFIG_FILE)
+    )
+
+
+def write_json_atomic(path: str, data: Dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(
+    directory: str,
+    sharded_state_dict: Dict[str, Any],
+    model_config: ModelConfig,
+    extra: Optional[Dict[str, Any]] = None,
+) -> None:
+    """Save ``sharded_state_dict`` (collectively, every rank calls this) atomically to ``directory``."""
+    from megatron.core import dist_checkpointing
+
+    directory = os.path.abspath(directory)
+    stamp = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    tmp = f"{directory}.tmp-{stamp}"
+    if _rank() == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict, tmp)
+    _barrier()
+    if _rank() == 0:
+        payload = {"model": to_dict(model_config), "saved_at": time.time()}
+        payload.update(extra or {})
+        write_json_atomic(os.path.join(tmp, CONFIG_FILE), payload)
+        if os.path.exists(directory):
+            old = f"{directory}.old-{stamp}"
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    _barrier()
+
+
+def read_config(directory: str) -> Dict[str, Any]:
+    """``mmbert_config.json`` of a checkpoint, with a clear error when it is not one of ours."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"{directory} is not a megatron-mmbert checkpoint (no {CONFIG_FILE}); for a Hugging "
+            "Face directory run tools/convert_checkpoint.py import-hf first"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_model_config(directory: str) -> ModelConfig:
+    return from_dict(ModelConfig, read_config(directory)["model"], "model")
+
+
+def load(directory: str, sharded_state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """Load a checkpoint into the structure of ``sharded_state_dict`` (any saved layout)."""
+    from megatron.core import dist_checkpointing
+
+    if not is_complete(directory):
+        raise ConfigError(f"{directory} is not a complete checkpoint (no metadata.json / {CONFIG_FILE})")
+    return dist_checkpointing.load(sharded_state_dict, directory)
+
+
+def save_model(directory: str, chunks: List[torch.nn.Module], model_config: ModelConfig, extra=None) -> None:
+    """Model weights only (conversion, merging, evaluation)."""
+    save(directory, model_sharded_state_dict(chunks), model_config, extra)
+
+
+def load_model(directory: str, chunks: List[torch.nn.Module]) -> None:
+    """Load model weights into ``chunks`` from a checkpoint saved at any layout."""
+    state = load(directory, model_sharded_state_dict(chunks))
+    if len(chunks) == 1:
+        _load_chunk(chunks[0], state["model"])
+    else:
+        for i, chunk in enumerate(chunks):
+            _load_chunk(chunk, state[f"model{i}"])
+
+
+def _load_chunk(chunk: torch.nn.Module, state: Dict[str, Any]) -> None:
+    result = _unwrap(chunk).load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing:
+        raise ConfigError(f"checkpoint lacks model tensors {missing[:3]} (of {len(missing)})")

@@ -1,0 +1,96 @@
+"""Helpers for model tests: random tiny HF ModernBERT models, packed batches, HF reference logits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Dict, List, Sequence
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tiny configurations that exercise what parity depends on.
+HF_CONFIGS = {
+    # window (16) shorter than documents, thetas differ, vocab not a multiple of 128, odd layers
+    "odd": dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
+                num_attention_heads=4, local_attention=16, global_rope_theta=160000.0,
+                local_rope_theta=10000.0, global_attn_every_n_layers=3),
+    # even layers (pipeline-splittable), every second layer global, odd vocab
+    "even": dict(vocab_size=333, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+                 num_attention_heads=4, local_attention=8, global_rope_theta=10000.0,
+                 local_rope_theta=500.0, global_attn_every_n_layers=2),
+}
+
+
+def make_hf_model(name: str, directory: str, seed: int = 0):
+    """Save a randomly initialised ModernBertForMaskedLM (non-trivial norms and biases) to ``directory``."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    torch.manual_seed(seed)
+    config = ModernBertConfig(pad_token_id=0, bos_token_id=2, eos_token_id=1, cls_token_id=1,
+                              sep_token_id=1, attn_implementation="eager", **HF_CONFIGS[name])
+    model = ModernBertForMaskedLM(config).eval()
+    with torch.no_grad():  # norms start at 1 and the decoder bias at 0: randomise so mistakes show
+        for key, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
+def packed_batch(doc_lengths: Sequence[Sequence[int]], vocab: int, seed: int = 0) -> Dict:
+    """A Batch (docs/interfaces.md) of rows packed from the given per-row document lengths."""
+    g = torch.Generator().manual_seed(seed)
+    s = sum(doc_lengths[0])
+    assert all(sum(r) == s for r in doc_lengths), "every row must be full"
+    b = len(doc_lengths)
+    tokens = torch.randint(5, vocab, (b, s), generator=g)
+    positions = torch.cat([torch.arange(n) for row in doc_lengths for n in row]).view(b, s)
+    bounds = [0]
+    for row in doc_lengths:
+        for n in row:
+            bounds.append(bounds[-1] + n)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    return {"tokens": tokens, "positions": positions, "cu_seqlens": cu,
+            "max_seqlen": max(n for row in doc_lengths for n in row)}
+
+
+def hf_reference_logits(model, batch: Dict) -> torch.Tensor:
+    """HF logits for a packed batch, running each document on its own (no packing in HF)."""
+    b, s = batch["tokens"].shape
+    flat = batch["tokens"].reshape(-1)
+    cu = batch["cu_seqlens"].tolist()
+    out = []
+    with torch.no_grad():
+        for start, end in zip(cu[:-1], cu[1:]):
+            ids = flat[start:end][None]
+            out.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0])
+    return torch.cat(out).reshape(b, s, -1)
+
+
+def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``tests/workers/<script>`` under torchrun with ``nproc`` CPU processes (gloo)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), os.path.join(ROOT, "tests", "workers", script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        # The first traceback is the cause; the others are peers noticing the crash.
+        err = proc.stderr
+        first = err.find("Traceback")
+        raise AssertionError(
+            f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+            f"{err[max(first, 0):max(first, 0) + 6000]}"
+        )
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
