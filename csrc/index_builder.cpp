@@ -425,7 +425,7 @@ class FastBlender {
 // dataset_sample_index keeps counting across phases (each dataset is read on, never restarted).
 template <typename IdxT>
 py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *seg_phase, int M,
-                     int L, const std::string &algorithm, int hot_target) {
+                     int L, const std::string &algorithm, int hot_target, int fast_min_datasets) {
   int64_t N = 0;
   for (int m = 0; m < M; ++m) N += seg_sizes[m];
   py::array_t<IdxT> dataset_index(N);
@@ -455,7 +455,8 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
       for (; m < M && seg_phase[m] == phase; ++m) {
         Segment seg{W + static_cast<int64_t>(m) * L, local, local + seg_sizes[m]};
         if (seg.end > seg.start) {
-          if (algorithm == "scan") {
+          // Below ~128 datasets megatron's plain loop is already as fast as the hot-set machinery.
+          if (algorithm == "scan" || L < fast_min_datasets) {
             blend_segment_scan<IdxT>(seg, L, B.data(), count_phase.data(), count_phase_d.data(),
                                      count_global.data(), out_idx, out_sample, phase_offset);
           } else {
@@ -483,7 +484,7 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
 
 py::tuple build_blending_indices(const py::object &weights_obj, const py::object &sizes_obj,
                                  const py::object &phase_obj, const std::string &algorithm,
-                                 int hot_target) {
+                                 int hot_target, int fast_min_datasets) {
   auto weights = require<double>(weights_obj, "weights", 2);
   auto sizes = require<int64_t>(sizes_obj, "segment_sizes", 1);
   auto phases = require<int64_t>(phase_obj, "segment_phase", 1);
@@ -520,10 +521,10 @@ py::tuple build_blending_indices(const py::object &weights_obj, const py::object
   }
   if (L <= std::numeric_limits<int16_t>::max()) {
     return blend_impl<int16_t>(W, S, P, static_cast<int>(M), static_cast<int>(L), algorithm,
-                               hot_target);
+                               hot_target, fast_min_datasets);
   }
   return blend_impl<int32_t>(W, S, P, static_cast<int>(M), static_cast<int>(L), algorithm,
-                             hot_target);
+                             hot_target, fast_min_datasets);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -728,11 +729,12 @@ PYBIND11_MODULE(_index_builder, m) {
   m.doc() = "Blended and packed sample indices for megatron-mmbert (see csrc/index_builder.cpp).";
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"),
         py::arg("segment_sizes"), py::arg("segment_phase"), py::arg("algorithm") = "fast",
-        py::arg("hot_target") = 32,
+        py::arg("hot_target") = 32, py::arg("fast_min_datasets") = 128,
         "Greedy largest-deficit interleave over a schedule of segments.\n\n"
         "weights float64 [M, L]; segment_sizes int64 [M]; segment_phase int64 [M] (non-decreasing).\n"
         "Returns (dataset_index int16 (int32 when L > 32767) [N], dataset_sample_index int64 [N],\n"
-        "counts int64 [phases, L], stats dict). algorithm='scan' is the O(N x L) reference.");
+        "counts int64 [phases, L], stats dict). algorithm='scan' is the O(N x L) reference;\n"
+        "'fast' (same output) falls back to it below fast_min_datasets datasets.");
   m.def("permutation", &permutation, py::arg("n"), py::arg("seed"), py::arg("stream"),
         py::arg("epoch"),
         "numpy Generator(PCG64).permutation(n) for the generator seeded by (seed, stream, epoch).");

@@ -39,8 +39,12 @@ def test_single_phase_identical_to_megatron(L):
     for n in (1, 2, 97, int(rng.integers(1000, 60000))):
         w = skewed(rng, L)
         ref = megatron_blend(w, n)
-        for algo in ("fast", "scan"):
-            di, dsi, counts = build_blending_indices(w[None], np.array([n], np.int64), algorithm=algo)
+        for algo in ("fast", "scan", "fast-forced"):
+            if algo == "fast-forced":  # the hot-set path even where the plain loop would be used
+                di, dsi, counts, _ = ib.build_blending_indices(
+                    w[None], np.array([n], np.int64), np.zeros(1, np.int64), "fast", 8, 1)
+            else:
+                di, dsi, counts = build_blending_indices(w[None], np.array([n], np.int64), algorithm=algo)
             assert di.dtype == np.int16 and dsi.dtype == np.int64
             np.testing.assert_array_equal(di, ref[0])
             np.testing.assert_array_equal(dsi, ref[1])
@@ -58,7 +62,7 @@ def test_fast_equals_scan_on_hard_cases():
     cases = [np.full(40, 1 / 40), np.array([1 - 1e-9] + [1e-9 / 99] * 99), skewed(rng, 800)]
     for w in cases:
         for hot in (1, 2, 32):
-            a = ib.build_blending_indices(w[None], np.array([20000], np.int64), np.zeros(1, np.int64), "fast", hot)
+            a = ib.build_blending_indices(w[None], np.array([20000], np.int64), np.zeros(1, np.int64), "fast", hot, 1)
             b = ib.build_blending_indices(w[None], np.array([20000], np.int64), np.zeros(1, np.int64), "scan", hot)
             np.testing.assert_array_equal(a[0], b[0])
             np.testing.assert_array_equal(a[1], b[1])
@@ -87,7 +91,7 @@ def test_prefix_bound_multiphase_and_annealed():
     w2 = np.zeros(L); w2[[3, 7, 11, 20, 39]] = rng.uniform(0.1, 1, 5)
     weights.append(w2 / w2.sum()); sizes.append(2500); phase.append(2)
     W = np.array(weights); S = np.array(sizes, np.int64); P = np.array(phase, np.int64)
-    di, dsi, counts = build_blending_indices(W, S, P)
+    di, dsi, counts, _ = ib.build_blending_indices(W, S, P, "fast", 4, 1)  # hot-set path forced
     di_scan, dsi_scan, _ = build_blending_indices(W, S, P, algorithm="scan")
     np.testing.assert_array_equal(di, di_scan)
     np.testing.assert_array_equal(dsi, dsi_scan)
