@@ -158,6 +158,8 @@ class DemoCorpusOptions:
     """Languages with less text are left out."""
     include_iso_codes: bool = True
     """Include the iso-codes catalogs (country/language names: the only text for some languages)."""
+    row_group_docs: int = 256
+    """Parquet row-group size in documents (preprocessing splits big files at row groups)."""
 
 
 @dataclasses.dataclass
@@ -262,7 +264,7 @@ def build_gettext_corpus(out_dir: str, opts: Optional[DemoCorpusOptions] = None)
         })
         final = os.path.join(folder, "000.parquet")
         tmp = final + ".partial"
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=opts.row_group_docs)
         os.replace(tmp, final)
         stats[key] = LanguageStats(len(docs), chars, sorted({loc for loc, _ in paths}))
     return stats

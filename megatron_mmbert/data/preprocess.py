@@ -190,7 +190,21 @@ class _Job:
     suffix_ids: tuple
 
 
+def _die_with_parent() -> None:
+    """Linux: a worker whose parent was killed dies too, instead of finishing its unit while a rerun
+    is already rewriting the same files."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _init_worker(job: _Job, counters) -> None:
+    if not isinstance(counters, _InlineCounters):
+        _die_with_parent()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; parallelism is across workers
     _WORKER.clear()
     _WORKER["job"] = job
@@ -409,22 +423,30 @@ def _load_markers(output: str) -> List[dict]:
 
 
 def _check_overlap(units: List[WorkUnit], markers: List[dict]) -> None:
-    """A file already preprocessed under other options (or changed since) must not be added twice."""
+    """Input already preprocessed into this output under other options (or changed since) must not
+    be added a second time: a pending segment may not overlap a done one of the same file."""
     done_ids = {m["id"] for m in markers}
-    done_paths = {}
+    done: Dict[str, List[Tuple[dict, str]]] = {}
     for m in markers:
         for s in m["segments"]:
-            done_paths.setdefault(s["path"], m["id"])
+            done.setdefault(s["path"], []).append((s, m["id"]))
+
+    def overlaps(a: dict, b: Segment) -> bool:
+        if a["stamp"] != b.stamp or a["end"] < 0 or b.end < 0:
+            return True
+        return a["start"] < b.end and b.start < a["end"]
+
     for u in units:
         if u.id in done_ids:
             continue
-        for s in u.segments:
-            if s.path in done_paths:
-                raise PreprocessError(
-                    f"{s.path} is already in {done_paths[s.path]} of this output, but with other options, "
-                    "another --chunk-mb, or the file changed since; adding it again would duplicate its "
-                    "documents. Use a new --output folder (or delete the output and start over)."
-                )
+        for seg in u.segments:
+            for s, unit_id in done.get(seg.path, []):
+                if overlaps(s, seg):
+                    raise PreprocessError(
+                        f"{seg.path} is already in unit {unit_id} of this output, but with other options, "
+                        "another --chunk-mb, or the file changed since; adding it again would duplicate its "
+                        "documents. Use a new --output folder (or delete the output and start over)."
+                    )
 
 
 def _build_manifest(output: str, identity: TokenizerIdentity, dtype: str, markers: List[dict]) -> Manifest:
