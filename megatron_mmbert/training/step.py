@@ -1,0 +1,187 @@
+"""One optimizer step through megatron-core: DDP, the optimizer, the pipeline schedule.
+
+The pieces are megatron-core's own, wired as Megatron-LM wires them (``training.py``):
+
+* :func:`wrap_ddp`: ``Float16Module`` for bf16, then ``DistributedDataParallel`` with contiguous
+  grad buffers (fp32 grad reduction), and the config hooks the schedules call (``no_sync_func``,
+  ``finalize_model_grads_func``);
+* :func:`build_optimizer`: ``get_megatron_optimizer`` (Adam with decoupled weight decay, fp32 master
+  weights under bf16, optionally the distributed optimizer), no weight decay on norms and biases;
+* :func:`train_step`: ``get_forward_backward_func`` over the micro-batches of one global batch, then
+  ``optimizer.step()``. The loss is a per-token mean over the *global* batch
+  (``calculate_per_token_loss``): micro-batches and DP ranks with different numbers of masked
+  tokens are weighted by their token counts, so every parallel layout computes the same loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_mmbert.config import ParallelConfig
+from megatron_mmbert.model.inference import schedule_shape, to_device
+
+
+@dataclass
+class OptimizerSettings:
+    """What megatron's OptimizerConfig needs from the run config."""
+
+    lr: float = 8e-4
+    """Peak learning rate (the scheduler sets the current one each step)."""
+    min_lr: float = 0.0
+    """Floor of the learning rate schedule."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW convention: p -= lr * wd * p); not applied to norms/biases."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2 (mmBERT: 0.95)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables clipping)."""
+    precision: str = "fp32"
+    """fp32 or bf16 (bf16 keeps fp32 master weights in the optimizer)."""
+
+
+def _model_config(chunk):
+    while hasattr(chunk, "module") and not hasattr(chunk, "config"):
+        chunk = chunk.module
+    return chunk.config
+
+
+def wrap_ddp(chunks: List[torch.nn.Module], parallel: ParallelConfig, precision: str = "fp32"):
+    """Wrap each model chunk for mixed precision and megatron-core DDP; returns the wrapped chunks."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.transformer.module import Float16Module
+
+    config = chunks[0].config
+    if precision == "bf16":
+        chunks = [Float16Module(config, c) for c in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Only the first chunk buckets: the same choice Megatron-LM makes for VPP.
+            disable_bucketing=(i > 0),
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    for chunk in wrapped:
+        chunk.broadcast_params()  # identical replicas across data-parallel ranks
+    config.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def build_optimizer(chunks: List[torch.nn.Module], settings: OptimizerSettings, parallel: ParallelConfig):
+    """megatron-core optimizer over DDP-wrapped chunks (norms and biases excluded from decay)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    bf16 = settings.precision == "bf16"
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=settings.lr,
+        min_lr=settings.min_lr,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        adam_eps=settings.adam_eps,
+        clip_grad=settings.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        decoupled_weight_decay=True,
+    )
+    optimizer = get_megatron_optimizer(config, chunks)
+    _model_config(chunks[0]).grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def _forward_step_fn(device: torch.device, correct_counts: List[torch.Tensor]):
+    def forward_step(data_iterator, model):
+        batch = to_device(next(data_iterator), device)
+        stats: Dict[str, torch.Tensor] = {}
+        per_token = model(
+            batch["tokens"], batch["positions"], batch["cu_seqlens"], batch["max_seqlen"],
+            labels=batch["labels"], mlm_stats=stats,
+        )
+
+        def loss_func(losses: torch.Tensor):
+            count = torch.tensor(losses.numel(), dtype=torch.int, device=losses.device)
+            total = losses.sum()
+            correct = stats.get("correct", torch.zeros((), device=losses.device))
+            report = torch.stack([total.detach().float(), count.float(), correct.float()])
+            return total, count, {"mlm": report}
+
+        return per_token, loss_func
+
+    return forward_step
+
+
+def train_step(
+    chunks: List[torch.nn.Module],
+    optimizer,
+    micro_batches: Sequence[Dict[str, torch.Tensor]],
+    device: Optional[torch.device] = None,
+) -> Dict[str, float]:
+    """Forward/backward over ``micro_batches`` (this DP rank's share of one global batch) and one
+    optimizer step. Returns global ``loss`` (per-token mean), ``accuracy``, ``tokens`` (labelled),
+    ``grad_norm`` and ``update_ok`` on every rank."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    device = device or next(chunks[0].parameters()).device
+    micro_batches = list(micro_batches)
+    for chunk in chunks:
+        chunk.train()
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    seq_length, micro_batch_size = schedule_shape(chunks[0], micro_batches[0])
+    outputs = get_forward_backward_func()(
+        forward_step_func=_forward_step_fn(device, []),
+        data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_ok, grad_norm, _ = optimizer.step()
+    totals = reduce_mlm_reports(outputs, device)
+    return {
+        "loss": totals[0] / max(totals[1], 1.0),
+        "accuracy": totals[2] / max(totals[1], 1.0),
+        "tokens": totals[1],
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "update_ok": bool(update_ok),
+    }
+
+
+def reduce_mlm_reports(outputs, device) -> List[float]:
+    """[loss sum, labelled tokens, correct] over the whole global batch, on every rank.
+
+    Only the last pipeline stage has reports; its TP ranks hold identical copies, so TP rank 0
+    contributes and one all-reduce over the world gives every rank the totals.
+    """
+    from megatron.core import parallel_state
+
+    local = torch.zeros(3, dtype=torch.float64, device=device)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0:
+        for report in outputs:
+            local += report["mlm"].to(local)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(local)
+    return local.tolist()

@@ -1,0 +1,59 @@
+"""torchrun worker (4 processes): one optimizer step under several parallel layouts in turn.
+
+argv: CKPT BATCHES_PT OUT_DIR
+For each layout: load the same initial weights, take one step on the same global batch (split over
+DP ranks), write the loss to OUT_DIR/<layout>.json and the updated weights as a checkpoint
+OUT_DIR/<layout>/.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+LAYOUTS = {
+    # name: (TP, PP, VPP, distributed optimizer); DP = 4 / (TP * PP)
+    "tp2_dp2": (2, 1, None, False),
+    "pp2_dp2_distopt": (1, 2, None, True),
+    "tp2_pp2": (2, 2, None, False),
+    "pp2_vpp2_dp2": (1, 2, 2, False),
+    "dp4_distopt": (1, 1, None, True),
+}
+
+
+def main():
+    ckpt_dir, batches_path, out_dir = sys.argv[1:4]
+    from megatron.core import parallel_state
+
+    from megatron_mmbert import runtime
+    from megatron_mmbert.config import ParallelConfig
+    from megatron_mmbert.model.build import build_model
+    from megatron_mmbert.training import checkpoint as ckpt
+    from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
+
+    model = ckpt.read_model_config(ckpt_dir)
+    rows = torch.load(batches_path)  # the global batch: one row per micro-batch
+    only = os.environ.get("LAYOUTS")
+    for name, (tp, pp, vpp, distopt) in LAYOUTS.items():
+        if only and name not in only.split(","):
+            continue
+        parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vpp,
+                                  use_distributed_optimizer=distopt)
+        rt = runtime.initialize(model, parallel, seed=7)
+        chunks = build_model(model, parallel)
+        ckpt.load_model(ckpt_dir, chunks)
+        chunks = wrap_ddp(chunks, parallel)
+        optimizer = build_optimizer(chunks, OptimizerSettings(lr=1e-3, weight_decay=0.1, clip_grad=1.0), parallel)
+        mine = rows[rt.data_parallel_rank::rt.data_parallel_size]
+        stats = train_step(chunks, optimizer, mine)
+        ckpt.save_model(os.path.join(out_dir, name), chunks, model)
+        if rt.rank == 0:
+            with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+                json.dump(stats, f)
+        parallel_state.destroy_model_parallel()
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()
