@@ -300,3 +300,107 @@ def test_cli_end_to_end_modernbert(tmp_path, capsys):
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert cli_main(["--base", str(tmp_path / "base"), "--models", *paths, "--out", out, "--quiet",
                      "--overwrite", "--method", "linear"]) == 0
+
+
+# --------------------------------------------------------- 2. megatron checkpoints at any layout
+
+MEG_SHAPES = {"a.weight": (16, 6), "b.weight": (6, 10), "layers.w": (2, 5, 4), "norm.weight": (6,)}
+
+
+def _sharded(tensors, layout, rank):
+    """The sharded state dict one rank of a 2-process world saves, for a made-up TP/PP layout."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    st = ShardedTensor.from_rank_offsets
+    sd = {}
+    a, b, w, n = (tensors[k] for k in MEG_SHAPES)
+    if layout == "tp1":  # every rank holds everything; rank 1 is a replica (data parallel)
+        for k, t in tensors.items():
+            sd[k] = st(k, t.clone(), replica_id=rank)
+    elif layout == "tp2":  # row-parallel a, column-parallel b and layer weights, replicated norm
+        sd["a.weight"] = st("a.weight", a.chunk(2, 0)[rank].clone(), (0, rank, 2))
+        sd["b.weight"] = st("b.weight", b.chunk(2, 1)[rank].clone(), (1, rank, 2))
+        for layer in range(2):
+            sd[f"w{layer}"] = st("layers.w", w[layer].chunk(2, 1)[rank].clone(), (0, layer, 2), (2, rank, 2),
+                                 prepend_axis_num=1)
+        sd["norm.weight"] = st("norm.weight", n.clone(), replica_id=rank)
+        # optimizer state beside the weights: must not be merged (or required)
+        sd["opt"] = st("optimizer.state.exp_avg.a.weight", torch.zeros(8, 6), (0, rank, 2))
+    elif layout == "pp2":  # stage 0: a + norm + layer 0; stage 1: b + layer 1
+        if rank == 0:
+            sd["a.weight"] = st("a.weight", a.clone())
+            sd["norm.weight"] = st("norm.weight", n.clone())
+        else:
+            sd["b.weight"] = st("b.weight", b.clone())
+        sd["w"] = st("layers.w", w[rank].clone(), (0, rank, 2), prepend_axis_num=1)
+    return sd
+
+
+def _world2_worker(rank, store, jobs, check):
+    import torch.distributed as dist
+
+    from megatron_mmbert import cpu_adapter
+
+    cpu_adapter.install()
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method="file://" + store)
+    from megatron.core import dist_checkpointing
+
+    for path, tensors, layout in jobs:
+        os.makedirs(path, exist_ok=True)
+        dist_checkpointing.save(_sharded(tensors, layout, rank), path)
+        if rank == 0:
+            with open(os.path.join(path, "mmbert_config.json"), "w") as f:
+                json.dump({"model": {"vocab_size": 16}}, f)
+    if check is not None:  # load a checkpoint back at the TP2 layout and compare with the full tensors
+        path, tensors = check
+        request = {k: v for k, v in _sharded({k: torch.empty_like(t) for k, t in tensors.items()}, "tp2", rank).items()
+                   if k != "opt"}
+        got = dist_checkpointing.load(request, path)
+        want = _sharded(tensors, "tp2", rank)
+        for k in got:
+            assert torch.equal(got[k], want[k].data), k
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run_world2(tmp_path, jobs, check=None):
+    import torch.multiprocessing as mp
+
+    store = str(tmp_path / f"store-{len(os.listdir(tmp_path))}")
+    mp.start_processes(_world2_worker, args=(store, jobs, check), nprocs=2, start_method="spawn")
+
+
+def test_megatron_layouts_merge_like_tp1(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    base = {k: torch.randn(s, generator=g) for k, s in MEG_SHAPES.items()}
+    models = [{k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    d = lambda name: str(tmp_path / name)  # noqa: E731
+    _run_world2(tmp_path, [
+        (d("base_tp1"), base, "tp1"), (d("m0_tp1"), models[0], "tp1"), (d("m1_tp1"), models[1], "tp1"),
+        (d("base_tp2"), base, "tp2"), (d("m0_pp2"), models[0], "pp2"), (d("m1_tp2"), models[1], "tp2"),
+    ])
+    spec = dict(weights=[0.7, 1.3], density=0.4, lam=1.1, trim="global", normalize=True)
+    merge_checkpoints(d("base_tp1"), [d("m0_tp1"), d("m1_tp1")], MergeSpec(**spec), d("out_tp1"),
+                      chunk_bytes=TINY_BLOCK, log=None)
+    report = merge_checkpoints(d("base_tp2"), [d("m0_pp2"), d("m1_tp2")], MergeSpec(**spec), d("out_mixed"),
+                               chunk_bytes=TINY_BLOCK, log=None)
+    assert set(report["tensors"]) == set(MEG_SHAPES)  # the optimizer key was not merged
+
+    from megatron_mmbert.merge.io import DistSession, MegatronSource
+
+    session = DistSession()
+    try:
+        tp1, mixed = MegatronSource(d("out_tp1"), session), MegatronSource(d("out_mixed"), session)
+        want = ref_ties(base, models, spec["weights"], 0.4, 1.1, "global", True)
+        merged = {}
+        for k in MEG_SHAPES:
+            merged[k] = mixed.read(k)
+            assert torch.equal(merged[k], tp1.read(k)), k
+            torch.testing.assert_close(merged[k], want[k], atol=1e-6, rtol=0, msg=k)
+            # and reading a row block crossing the saved shards gives those rows
+            assert torch.equal(MegatronSource(d("base_tp2"), session).read(k, 1, 2), base[k][1:2])
+    finally:
+        session.close()
+    assert json.load(open(d("out_mixed") + "/mmbert_config.json")) == {"model": {"vocab_size": 16}}
+    # the TP1/PP1 output loads at another layout
+    _run_world2(tmp_path, [], check=(d("out_mixed"), merged))
