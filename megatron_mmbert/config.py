@@ -221,9 +221,9 @@ def load_model_config(data: Union[str, Dict]) -> ModelConfig:
         return model_preset(data)
     data = dict(data)
     preset = data.pop("preset", None)
-    base = dataclasses.asdict(PRESETS[preset]) if preset else {}
     if preset and preset not in PRESETS:
         raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    base = dataclasses.asdict(PRESETS[preset]) if preset else {}
     base.update(data)
     return from_dict(ModelConfig, base, "model")
 

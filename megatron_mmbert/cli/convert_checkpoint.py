@@ -1,0 +1,150 @@
+"""tools/convert_checkpoint.py: Hugging Face ModernBERT <-> megatron-mmbert checkpoints.
+
+  import-hf --hf-dir DIR --save CKPT        HF ModernBertForMaskedLM -> dist checkpoint (any layout)
+  export-hf --load CKPT --out DIR           dist checkpoint -> HF directory (from_pretrained loads it)
+  verify    --hf-dir DIR --load CKPT [--tp N --pp M]
+            both models on random packed rows longer than the window; prints the max |logit diff|
+            and exits 1 above --tolerance. With --tp/--pp > 1 it relaunches itself under torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from typing import List, Optional
+
+import torch
+
+from megatron_mmbert.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import-hf", help="HF ModernBERT directory -> megatron dist checkpoint")
+    imp.add_argument("--hf-dir", required=True)
+    imp.add_argument("--save", required=True)
+    exp = sub.add_parser("export-hf", help="megatron dist checkpoint -> HF directory")
+    exp.add_argument("--load", required=True)
+    exp.add_argument("--out", required=True)
+    ver = sub.add_parser("verify", help="compare HF and megatron logits on random packed inputs")
+    ver.add_argument("--hf-dir", required=True)
+    ver.add_argument("--load", required=True)
+    ver.add_argument("--tp", type=int, default=1)
+    ver.add_argument("--pp", type=int, default=1)
+    ver.add_argument("--rows", type=int, default=2, help="packed rows per batch")
+    ver.add_argument("--seq-len", type=int, default=0, help="row length (default: 4 x window, >= 64)")
+    ver.add_argument("--tolerance", type=float, default=1e-3, help="max |logit diff| allowed (fp32)")
+    ver.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def random_packed_batch(vocab: int, rows: int, seq_len: int, seed: int, first_id: int = 5):
+    """Rows of random tokens split into random documents (one row is a single long document)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(first_id, vocab, (rows, seq_len), generator=g)
+    bounds, positions = [0], []
+    for r in range(rows):
+        if r == 0:
+            lengths = [seq_len]
+        else:
+            cuts = sorted(torch.randperm(seq_len - 1, generator=g)[:3].add(1).tolist())
+            lengths = [b - a for a, b in zip([0] + cuts, cuts + [seq_len])]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+            positions.append(torch.arange(n))
+    return {
+        "tokens": tokens,
+        "positions": torch.cat(positions).view(rows, seq_len),
+        "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
+        "max_seqlen": max(b - a for a, b in zip(bounds[:-1], bounds[1:])),
+    }
+
+
+def hf_logits_per_document(hf_model, batch) -> torch.Tensor:
+    """HF logits for a packed batch, each document run on its own (HF has no packing)."""
+    rows, seq_len = batch["tokens"].shape
+    flat = batch["tokens"].reshape(-1)
+    cu = batch["cu_seqlens"].tolist()
+    out = []
+    with torch.no_grad():
+        for start, end in zip(cu[:-1], cu[1:]):
+            ids = flat[start:end][None]
+            out.append(hf_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0])
+    return torch.cat(out).reshape(rows, seq_len, -1)
+
+
+def verify(args) -> int:
+    from transformers import AutoModelForMaskedLM
+
+    from megatron_mmbert import runtime
+    from megatron_mmbert.config import ParallelConfig
+    from megatron_mmbert.model.build import build_model
+    from megatron_mmbert.model.inference import forward_logits
+    from megatron_mmbert.training import checkpoint as ckpt
+
+    model = ckpt.read_model_config(args.load)
+    parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
+    rt = runtime.initialize(model, parallel, seed=args.seed)
+    chunks = build_model(model, parallel)
+    ckpt.load_model(args.load, chunks)
+    seq_len = args.seq_len or max(64, 4 * model.local_attention)
+    batch = random_packed_batch(model.vocab_size, args.rows, seq_len, args.seed)
+    ours = forward_logits(chunks, [batch])
+    verdict = torch.zeros(2, dtype=torch.float64)  # [max diff, compared?]
+    if ours is not None and rt.tensor_parallel_rank == 0 and rt.data_parallel_rank == 0:
+        hf_model = AutoModelForMaskedLM.from_pretrained(args.hf_dir, attn_implementation="eager").float().eval()
+        reference = hf_logits_per_document(hf_model, batch)
+        if reference.shape != ours[0].shape:
+            raise ConfigError(f"logit shapes differ: HF {tuple(reference.shape)} vs ours {tuple(ours[0].shape)}")
+        verdict[0] = (ours[0] - reference).abs().max().item()
+        verdict[1] = 1
+    torch.distributed.all_reduce(verdict)
+    runtime.shutdown()
+    diff = verdict[0].item()
+    ok = diff <= args.tolerance
+    if rt.rank == 0:
+        print(
+            f"verify: max |logit diff| = {diff:.3e} over {args.rows} rows x {seq_len} tokens "
+            f"(window {model.local_attention}) at TP{args.tp}/PP{args.pp}: "
+            f"{'OK' if ok else 'FAIL'} (tolerance {args.tolerance:g})"
+        )
+    return 0 if ok else 1
+
+
+def _relaunch_under_torchrun(args, argv: List[str]) -> int:
+    nproc = args.tp * args.pp
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "megatron_mmbert.cli.convert_checkpoint", *argv]
+    return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    from megatron_mmbert.convert import checkpoints
+
+    try:
+        if args.command == "import-hf":
+            model = checkpoints.import_hf(args.hf_dir, args.save)
+            print(f"imported {args.hf_dir} -> {args.save} ({model.num_parameters() / 1e6:.1f}M parameters)")
+            return 0
+        if args.command == "export-hf":
+            checkpoints.export_hf(args.load, args.out)
+            print(f"exported {args.load} -> {args.out}")
+            return 0
+        if args.tp * args.pp > 1 and "WORLD_SIZE" not in os.environ:
+            return _relaunch_under_torchrun(args, argv)
+        return verify(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
