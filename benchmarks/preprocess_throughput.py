@@ -1,0 +1,132 @@
+"""Preprocessing throughput per worker: ours vs Megatron-LM's tools/preprocess_data.py loop, same data.
+
+Both sides run in this process on one core, on the same JSONL made from the gettext demo corpus
+(all its languages, capped per language), with the same HF fast tokenizer (the demo's byte-level
+BPE, 4096 ids):
+
+* baseline (Megatron-LM ``tools/preprocess_data.py``'s ``Encoder.encode`` + writer loop, which is
+  not installed as a script): per line ``json.loads``; ``tokenizer.tokenize(text)`` through
+  megatron-core's own ``MegatronTokenizer`` (library ``huggingface``); append eod; then
+  ``IndexedDatasetBuilder.add_document(torch.tensor(ids), [len])``; ``finalize``. The real tool also
+  pickles every document from its pool back to the writer, which this in-process loop leaves out
+  (so the baseline here is, if anything, faster than the tool).
+* ours: ``run_preprocess`` with ``workers=1`` (reads, batches ``encode_batch_fast``, frames
+  ``<bos> ... <eos>``, writes with ``ShardWriter``, manifest).
+
+Anchor (anchors.md A4): Megatron-LM's tool manages about 1 MB/s per worker; goal >= 3 MB/s.
+Usage: python benchmarks/preprocess_throughput.py [--max-chars-per-language N] [--append-results]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker on both sides
+
+from megatron_mmbert.data.demo_corpus import (  # noqa: E402
+    DemoCorpusOptions, build_gettext_corpus, iter_corpus_texts, train_tokenizer,
+)
+from megatron_mmbert.data.preprocess import PreprocessConfig, run_preprocess  # noqa: E402
+from megatron_mmbert.data.shards import token_dtype  # noqa: E402
+from megatron_mmbert.data.sources import ReadOptions  # noqa: E402
+
+
+def megatron_baseline(jsonl: str, tokenizer_dir: str, out_prefix: str) -> dict:
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    tok = MegatronTokenizer.from_pretrained(tokenizer_path=tokenizer_dir, metadata_path={"library": "huggingface"})
+    eod = tok.eod
+    builder = IndexedDatasetBuilder(out_prefix + ".bin", dtype=token_dtype(tok.vocab_size).type)
+    docs = nbytes = ntokens = 0
+    t0 = time.perf_counter()
+    with open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            text = json.loads(line)["text"]
+            ids = tok.tokenize(text)
+            if len(ids) > 0:
+                ids.append(eod)  # --append-eod
+            builder.add_document(torch.tensor(np.asarray(ids, dtype=np.int64)), [len(ids)])
+            docs += 1
+            nbytes += len(text.encode("utf-8"))
+            ntokens += len(ids)
+    builder.finalize(out_prefix + ".idx")
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "docs": docs, "bytes": nbytes, "tokens": ntokens}
+
+
+def ours(jsonl: str, tokenizer_dir: str, out: str) -> dict:
+    t0 = time.perf_counter()
+    res = run_preprocess(PreprocessConfig(inputs=[jsonl], output=out, tokenizer=tokenizer_dir, workers=1,
+                                          read=ReadOptions(lang="mul_Zyyy"), log_interval_s=1e9))
+    dt = time.perf_counter() - t0
+    e = res.manifest.languages["mul_Zyyy"]
+    return {"seconds": dt, "docs": e.documents, "bytes": e.bytes, "tokens": e.tokens}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-chars-per-language", type=int, default=200_000)
+    p.add_argument("--append-results", action="store_true", help="append a section to benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus")
+        build_gettext_corpus(corpus, DemoCorpusOptions(max_chars_per_language=args.max_chars_per_language))
+        tok = train_tokenizer(corpus, os.path.join(tmp, "tok"))
+        jsonl = os.path.join(tmp, "corpus.jsonl")
+        with open(jsonl, "w", encoding="utf-8") as f:
+            for text in iter_corpus_texts(corpus):
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        size = os.path.getsize(jsonl)
+        base = megatron_baseline(jsonl, tok, os.path.join(tmp, "megatron_text_document"))
+        mine = ours(jsonl, tok, os.path.join(tmp, "ours"))
+
+    rows = []
+    for name, r in (("Megatron-LM loop (baseline)", base), ("megatron-mmbert preprocess", mine)):
+        r["mb_s"] = r["bytes"] / r["seconds"] / 1e6
+        r["tok_s"] = r["tokens"] / r["seconds"]
+        rows.append(f"| {name} | {r['docs']} | {r['bytes'] / 1e6:.1f} | {r['tokens']} | {r['seconds']:.2f} | "
+                    f"{r['mb_s']:.2f} | {r['tok_s'] / 1e6:.3f} |")
+    ratio = mine["mb_s"] / base["mb_s"]
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor())
+    date = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
+    section = "\n".join([
+        "",
+        f"## Preprocessing throughput per worker ({date})",
+        "",
+        f"Machine: {os.cpu_count()} cores (nproc), {cpu}; shared with other jobs. One worker (in-process, "
+        "TOKENIZERS_PARALLELISM=false) on both sides.",
+        f"Data: gettext demo corpus, all languages, <= {args.max_chars_per_language} chars per language, as one "
+        f"JSONL of {size / 1e6:.1f} MB; tokenizer: demo byte-level BPE (HF fast, 4096 ids).",
+        "Command: `python benchmarks/preprocess_throughput.py --append-results`",
+        "",
+        "| side | docs | text MB | tokens | s | MB/s per worker | M tokens/s per worker |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Ratio ours / Megatron-LM loop: **{ratio:.2f}x** MB/s. Anchor: Megatron-LM's tool ~1 MB/s per worker "
+        f"(anchors.md A4); goal >= 3 MB/s per worker: ours {mine['mb_s']:.2f} MB/s "
+        f"({'met' if mine['mb_s'] >= 3 else 'NOT met'}).",
+        "",
+    ])
+    print(section)
+    if args.append_results:
+        with open(os.path.join(ROOT, "benchmarks", "RESULTS.md"), "a", encoding="utf-8") as f:
+            f.write(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
