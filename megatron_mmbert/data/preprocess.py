@@ -242,6 +242,7 @@ def _process_unit(unit: WorkUnit) -> dict:
         if not batch:
             return
         encoded = _encode([t for _, t in batch])
+        nbytes = [len(t.encode("utf-8")) for _, t in batch]
         by_lang: Dict[str, List[int]] = {}
         for i, (lang, _) in enumerate(batch):
             by_lang.setdefault(lang, []).append(i)
@@ -256,10 +257,10 @@ def _process_unit(unit: WorkUnit) -> dict:
             st = stats[lang]
             st["documents"] += len(rows)
             st["tokens"] += len(flat)
-            st["bytes"] += sum(len(batch[i][1].encode("utf-8")) for i in rows)
+            st["bytes"] += sum(nbytes[i] for i in rows)
             st["sources"].add(current[0])
             tokens += len(flat)
-        counters.add(docs=len(batch), text_bytes=sum(len(t.encode("utf-8")) for _, t in batch), tokens=tokens)
+        counters.add(docs=len(batch), text_bytes=sum(nbytes), tokens=tokens)
         batch.clear()
 
     try:
