@@ -9,6 +9,13 @@ TP1/PP2 and the merge and conversion tools can read single tensors unsharded.
 
 Saves are atomic: everything is written to ``<dir>.tmp-<stamp>`` and renamed into place by rank 0
 after all ranks finished, so a crash mid-save never leaves a directory that looks complete.
+
+Training checkpoints (:func:`save_training` / :func:`load_training`) add the optimizer, sharded
+``fully_reshardable`` (any TP/PP/DP layout, distributed optimizer or not, loads it), and the
+trainer's position (phase, consumed samples per phase, step, scheduler state) in
+``mmbert_config.json``. A run's checkpoint folder holds ``iter_NNNNNNN/`` (periodic, the last K
+kept), ``phase_end_{name}/`` (kept) and ``latest``, a one-line pointer rewritten atomically only
+after a checkpoint is complete, so a crash during a save resumes from the previous one.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -70,8 +77,13 @@ def save(
     sharded_state_dict: Dict[str, Any],
     model_config: ModelConfig,
     extra: Optional[Dict[str, Any]] = None,
+    before_publish: Optional[Callable[[], None]] = None,
 ) -> None:
-    """Save ``sharded_state_dict`` (collectively, every rank calls this) atomically to ``directory``."""
+    """Save ``sharded_state_dict`` (collectively, every rank calls this) atomically to ``directory``.
+
+    ``before_publish`` runs on every rank after the shards are on disk and before the rename that
+    makes the checkpoint visible (fault-injection tests kill the process there).
+    """
     from megatron.core import dist_checkpointing
 
     directory = os.path.abspath(directory)
@@ -84,6 +96,8 @@ def save(
     _barrier()
     dist_checkpointing.save(sharded_state_dict, tmp)
     _barrier()
+    if before_publish is not None:
+        before_publish()
     if _rank() == 0:
         payload = {"model": to_dict(model_config), "saved_at": time.time()}
         payload.update(extra or {})
@@ -143,3 +157,108 @@ def _load_chunk(chunk: torch.nn.Module, state: Dict[str, Any]) -> None:
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing:
         raise ConfigError(f"checkpoint lacks model tensors {missing[:3]} (of {len(missing)})")
+
+
+# -- training checkpoints ----------------------------------------------------------------------------
+
+LATEST_FILE = "latest"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def training_sharded_state_dict(chunks: List[torch.nn.Module], optimizer, is_loading: bool) -> Dict[str, Any]:
+    """Model and optimizer state of this rank, as sharded tensors in the layout-free format."""
+    state = model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        model_sd = state["model"] if len(chunks) == 1 else state
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=dict(OPTIMIZER_METADATA)
+        )
+    return state
+
+
+def save_training(
+    root: str,
+    name: str,
+    chunks: List[torch.nn.Module],
+    optimizer,
+    model_config: ModelConfig,
+    train_state: Dict[str, Any],
+    before_publish: Optional[Callable[[], None]] = None,
+) -> str:
+    """Save ``root/name`` (model, optimizer, position) and then point ``root/latest`` at it."""
+    directory = os.path.join(root, name)
+    save(
+        directory,
+        training_sharded_state_dict(chunks, optimizer, is_loading=False),
+        model_config,
+        extra={"train_state": train_state, "has_optimizer": optimizer is not None},
+        before_publish=before_publish,
+    )
+    if _rank() == 0:
+        tmp = os.path.join(root, f".{LATEST_FILE}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(root, LATEST_FILE))
+    _barrier()
+    return directory
+
+
+def read_latest(root: str) -> Optional[str]:
+    """The directory ``root/latest`` points at, or None. A pointer to an incomplete directory (it
+    cannot happen through :func:`save_training`, but a hand edit can) is an error."""
+    path = os.path.join(root, LATEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    directory = os.path.join(root, name)
+    if not is_complete(directory):
+        raise ConfigError(f"{path} points at {directory}, which is not a complete checkpoint; fix or remove {path}")
+    return directory
+
+
+def load_training(directory: str, chunks: List[torch.nn.Module], optimizer) -> Dict[str, Any]:
+    """Load model (and optimizer, when given and saved) from ``directory``; returns its JSON config
+    (``train_state`` holds the trainer position)."""
+    meta = read_config(directory)
+    with_optimizer = optimizer is not None and meta.get("has_optimizer", False)
+    state = load(directory, training_sharded_state_dict(chunks, optimizer if with_optimizer else None, is_loading=True))
+    if len(chunks) == 1:
+        _load_chunk(chunks[0], state["model"])
+    else:
+        for i, chunk in enumerate(chunks):
+            _load_chunk(chunk, state[f"model{i}"])
+    if with_optimizer:
+        optimizer.load_state_dict(state["optimizer"])
+    meta["loaded_optimizer"] = with_optimizer
+    return meta
+
+
+def clean_incomplete(root: str) -> List[str]:
+    """Remove leftovers of interrupted saves (``*.tmp-*`` / ``*.old-*``) in ``root`` (rank 0 only)."""
+    removed = []
+    if _rank() != 0 or not os.path.isdir(root):
+        return removed
+    for entry in os.listdir(root):
+        if ".tmp-" in entry or ".old-" in entry:
+            path = os.path.join(root, entry)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            removed.append(entry)
+    return removed
+
+
+def apply_retention(root: str, keep_last: int) -> List[str]:
+    """Delete all but the newest ``keep_last`` periodic ``iter_*`` checkpoints (never the one
+    ``latest`` points at; ``phase_end_*`` are not touched). Rank 0 only; returns what was deleted."""
+    if _rank() != 0 or not os.path.isdir(root):
+        return []
+    latest = read_latest(root)
+    periodic = sorted(
+        e for e in os.listdir(root) if e.startswith("iter_") and ".tmp-" not in e and ".old-" not in e
+    )
+    doomed = [e for e in periodic[:-keep_last] if os.path.join(root, e) != latest] if keep_last else []
+    for e in doomed:
+        shutil.rmtree(os.path.join(root, e), ignore_errors=True)
+    return doomed

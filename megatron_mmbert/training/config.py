@@ -1,0 +1,573 @@
+"""The run configuration of ``pretrain_mmbert.py``: one YAML file, ``--section.key value`` overrides.
+
+A run YAML has the sections below (every field has a docstring; ``pretrain_mmbert.py --help-config``
+prints them). Loading goes YAML -> (optional ``inherit:`` base file, deep-merged) -> command-line
+overrides -> typed dataclasses (unknown keys and wrong types refused by ``config_base``) ->
+:func:`validate`, which checks everything that can be checked without a process group: the parallel
+layout against the world size, precision and TransformerEngine, phase budgets, LR segments, batch
+arithmetic, the manifest and that every phase language has shards. Each failure is one
+``ConfigError`` naming the key, the values and the fix.
+
+Units. Token budgets count packed row capacity (steps x rows x seq_len), as ``PhaseConfig.tokens``
+does. Batch sizes count rows of the phase's ``seq_len``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional
+
+from megatron_mmbert.config import (
+    ModelConfig,
+    ParallelConfig,
+    PhaseConfig,
+    load_model_config,
+    validate_layout,
+)
+from megatron_mmbert.config_base import ConfigError, apply_overrides, from_dict, to_dict
+
+
+@dataclass
+class DataSection:
+    """Where the training data is and how the sample stream is built."""
+
+    manifest: str = ""
+    """``manifest.json`` written by ``tools/preprocess_data.py`` (or the folder holding it)."""
+    cache_dir: Optional[str] = None
+    """Folder for the blended/packed index arrays, shared by all ranks (None: ``{run_dir}/index-cache``).
+    Prebuild it with ``tools/build_data_index.py`` for big schedules."""
+    seed: Optional[int] = None
+    """Data seed (shuffles and masks); None: the run's ``seed``."""
+    anneal_segments: int = 64
+    """Piecewise-constant segments of a temperature-annealed phase."""
+    mask_special_tokens: bool = False
+    """Let <bos>/<eos> be selected for masking (mmBERT's code did; HF's collator does not)."""
+    index_timeout_s: float = 3600.0
+    """How long non-building ranks wait for the index cache before giving up."""
+    eval_manifest: Optional[str] = None
+    """Held-out data (a separately preprocessed manifest) for the evaluation loss. None: evaluate on
+    rows of the training manifest drawn with another seed (not held out; logged as such)."""
+
+
+@dataclass
+class OptimizerSection:
+    """Megatron-core Adam with decoupled weight decay (fp32 master weights under bf16)."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2 (mmBERT 0.95; ModernBERT 0.98)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon (mmBERT 1e-8)."""
+    decoupled_weight_decay: float = 8e-5
+    """Fraction of each weight removed per step at the phase's peak LR (the optimi/mmBERT
+    "fully decoupled" convention, 8e-5). Megatron's AdamW applies ``p -= lr * wd * p``, so it gets
+    ``wd = decoupled_weight_decay / peak_lr`` (0.1 at 8e-4) and the decay follows the LR schedule.
+    Norms and biases are never decayed. A phase's LR segment may override it."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0: off). mmBERT used StableAdamW's per-tensor update clipping
+    instead, which megatron-core's optimizer wrapper does not offer; see docs/training.md."""
+    use_distributed_optimizer: Optional[bool] = None
+    """Shard optimizer state over data-parallel ranks (ZeRO-1); None: ``parallel.use_distributed_optimizer``."""
+
+
+@dataclass
+class LRSegment:
+    """The learning-rate schedule of one phase, counted in the phase's tokens (warmup-stable-decay)."""
+
+    lr: float = 8e-4
+    """Peak (stable) learning rate of the phase."""
+    warmup_tokens: int = 0
+    """Linear warmup from 0 over the phase's first tokens (mmBERT base: 3B in pre-training)."""
+    decay_tokens: int = 0
+    """Decay over the phase's last tokens (0: constant after warmup)."""
+    decay_style: Literal["1-sqrt", "linear"] = "1-sqrt"
+    """Decay shape: ``1-sqrt`` (lr = lr_f + (lr - lr_f)(1 - sqrt(frac)), mmBERT base) or ``linear``."""
+    final_lr_ratio: float = 0.02
+    """LR at the end of the decay, as a fraction of ``lr`` (mmBERT: 0.02)."""
+    decoupled_weight_decay: Optional[float] = None
+    """Override of ``optimizer.decoupled_weight_decay`` in this phase (mmBERT-small ext/decay: 4e-5)."""
+
+
+@dataclass
+class ScheduleSection:
+    """Per-phase LR segments."""
+
+    phases: Dict[str, LRSegment] = field(default_factory=dict)
+    """LR segment per phase name; every phase of the run needs one."""
+    total_tokens: Optional[int] = None
+    """If set, the phases' token budgets must add up to exactly this (guards edits of one phase)."""
+
+
+@dataclass
+class BatchSection:
+    """Rows per optimizer step and per forward pass, and the batch-size warmup."""
+
+    global_batch_size: int = 4608
+    """Rows per optimizer step (a phase's ``global_batch_size`` overrides it)."""
+    micro_batch_size: int = 48
+    """Rows per forward/backward pass on one data-parallel rank."""
+    micro_batch_size_per_phase: Dict[str, int] = field(default_factory=dict)
+    """Micro-batch rows by phase name (mmBERT: 48 x 1024 in pre-training, 6 x 8192 later)."""
+    rampup_start_rows: Optional[int] = None
+    """Batch-size warmup: rows per step at the start of ``rampup_phase`` (None: no warmup)."""
+    rampup_increment_rows: Optional[int] = None
+    """Batch-size warmup: rows added at each increment (None: ``rampup_start_rows``)."""
+    rampup_tokens: int = 0
+    """Batch-size warmup: tokens of ``rampup_phase`` over which the rows rise evenly to the full batch."""
+    rampup_phase: Optional[str] = None
+    """Phase whose start is ramped (None: the first phase)."""
+
+
+@dataclass
+class CheckpointSection:
+    """Saving and resuming (megatron-core dist_checkpointing)."""
+
+    dir: Optional[str] = None
+    """Checkpoint folder (None: ``{run_dir}/checkpoints``). Holds ``iter_NNNNNNN/``,
+    ``phase_end_{name}/`` and the ``latest`` pointer."""
+    every_steps: int = 1000
+    """Save every this many optimizer steps (0: only at phase ends and on exit)."""
+    keep_last: int = 3
+    """Periodic checkpoints kept (older ones deleted once a newer one is complete)."""
+    keep_phase_ends: bool = True
+    """Keep the checkpoint at the end of every phase forever (decay variants branch from them)."""
+    exit_after_minutes: Optional[float] = None
+    """Save and exit cleanly once the run has been going this long (Slurm time limits)."""
+    save_on_signal: bool = True
+    """On SIGTERM/SIGUSR1 (Slurm preemption, ``--signal``): save at the end of the step and exit 0."""
+    resume: bool = True
+    """Resume from ``latest`` when the checkpoint folder has one."""
+
+
+@dataclass
+class InitSection:
+    """Starting a run from another run's checkpoint (decay variants, continued pre-training)."""
+
+    checkpoint: Optional[str] = None
+    """Checkpoint to start from (ignored when this run's own checkpoint folder has a ``latest``)."""
+    load_optimizer: bool = True
+    """Also load the optimizer state of ``checkpoint`` (when it has one)."""
+    start_phase: Optional[str] = None
+    """Phase to start at (None: the first phase); earlier phases are skipped."""
+
+
+@dataclass
+class LoggingSection:
+    """Console line, metrics file, TensorBoard and the evaluation loss."""
+
+    interval: int = 10
+    """Log every this many steps (and at phase ends)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to ``tensorboard_dir``."""
+    tensorboard_dir: Optional[str] = None
+    """TensorBoard folder (None: ``{run_dir}/tensorboard``)."""
+    eval_interval: int = 0
+    """Evaluate the MLM loss per language group every this many steps (0: only at phase ends)."""
+    eval_rows_per_group: int = 16
+    """Rows evaluated per language group."""
+    eval_seq_len: Optional[int] = None
+    """Row length of the evaluation rows (None: the first phase's seq_len)."""
+    eval_mask_rate: float = 0.15
+    """Mask rate of the evaluation rows (ModernBERT evaluates at 15%)."""
+    eval_groups: Dict[str, List[str]] = field(default_factory=dict)
+    """Language groups, name -> languages. Empty: ``high``/``mid``/``low`` thirds by manifest tokens."""
+
+
+@dataclass
+class TrainSection:
+    """What to do when things go wrong."""
+
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient: ``stop`` (exit with an error naming the step) or ``skip``
+    (drop the update, keep the weights, go on). The optimizer never steps on non-finite gradients."""
+    max_consecutive_skips: int = 10
+    """With ``skip``: stop after this many non-finite steps in a row."""
+
+
+@dataclass
+class DebugSection:
+    """Fault injection for the resilience tests (real signals and real non-finite gradients)."""
+
+    sigkill_at_step: Optional[int] = None
+    """SIGKILL this process right after optimizer step N (before any save of that step)."""
+    sigkill_during_save_at_step: Optional[int] = None
+    """SIGKILL this process while the checkpoint of step N is being written (files on disk, not published)."""
+    nan_grad_at_steps: List[int] = field(default_factory=list)
+    """Put a NaN into a gradient at these steps (after backward, before the optimizer)."""
+
+
+@dataclass
+class RunConfig:
+    """One training run: model, layout, data and phases, optimizer, schedule, checkpoints, logs."""
+
+    run_dir: str
+    """Output folder: resolved config, checkpoints, TensorBoard, ``metrics.jsonl``."""
+    model: ModelConfig
+    """The model: a preset name or ``{preset: NAME, <ModelConfig field>: value}``."""
+    phases: List[PhaseConfig]
+    """The phases, in order (pretrain -> mid -> decay)."""
+    seed: int = 21
+    """Seed of the model init, dropout (re-seeded from (seed, step) each step) and, by default, the data."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor/pipeline/context parallel sizes, sequence parallelism, distributed optimizer."""
+    precision: Literal["fp32", "bf16", "fp8"] = "bf16"
+    """fp32; bf16 (fp32 master weights); fp8 (bf16 + TransformerEngine FP8 GEMMs; needs TE)."""
+    data: DataSection = field(default_factory=DataSection)
+    """Manifest, index cache and data seed."""
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    """Adam hyper-parameters, weight decay, clipping."""
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    """LR segment per phase."""
+    batch: BatchSection = field(default_factory=BatchSection)
+    """Global and micro batch rows, batch-size warmup."""
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    """Save interval, retention, time limit, resume."""
+    init: InitSection = field(default_factory=InitSection)
+    """Start from another checkpoint / at a named phase."""
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    """Log interval, TensorBoard, evaluation."""
+    train: TrainSection = field(default_factory=TrainSection)
+    """NaN handling."""
+    debug: DebugSection = field(default_factory=DebugSection)
+    """Fault injection (tests)."""
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return self.logging.tensorboard_dir or os.path.join(self.run_dir, "tensorboard")
+
+    @property
+    def data_seed(self) -> int:
+        return self.seed if self.data.seed is None else self.data.seed
+
+    @property
+    def index_cache_dir(self) -> str:
+        return self.data.cache_dir or os.path.join(self.run_dir, "index-cache")
+
+    @property
+    def manifest_path(self) -> str:
+        path = self.data.manifest
+        return os.path.join(path, "manifest.json") if os.path.isdir(path) else path
+
+    def phase(self, name: str) -> PhaseConfig:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise ConfigError(f"unknown phase {name!r}; phases are {[p.name for p in self.phases]}")
+
+    def phase_global_batch(self, phase: PhaseConfig) -> int:
+        return phase.global_batch_size or self.batch.global_batch_size
+
+    def phase_micro_batch(self, phase: PhaseConfig) -> int:
+        return self.batch.micro_batch_size_per_phase.get(phase.name, self.batch.micro_batch_size)
+
+    def model_for_phase(self, phase: PhaseConfig) -> ModelConfig:
+        """The model config with the phase's RoPE thetas (what a checkpoint of this phase records)."""
+        return dataclasses.replace(
+            self.model,
+            global_rope_theta=phase.global_rope_theta or self.model.global_rope_theta,
+            local_rope_theta=phase.local_rope_theta or self.model.local_rope_theta,
+        )
+
+    @property
+    def effective_model(self) -> ModelConfig:
+        """The model with ``fp8`` set when ``precision: fp8``."""
+        if self.precision == "fp8" and self.model.fp8 is None:
+            return dataclasses.replace(self.model, fp8="hybrid")
+        return self.model
+
+    @property
+    def compute_precision(self) -> str:
+        """The dtype of parameters/activations outside FP8 GEMMs."""
+        return "fp32" if self.precision == "fp32" else "bf16"
+
+    @property
+    def use_distributed_optimizer(self) -> bool:
+        v = self.optimizer.use_distributed_optimizer
+        return self.parallel.use_distributed_optimizer if v is None else v
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    """``top`` over ``base``: mappings merge key by key, everything else (lists too) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
+    """A run YAML as a dict, with ``inherit: other.yaml`` (relative to the file) merged underneath."""
+    import yaml
+
+    path = os.path.abspath(path)
+    seen = (_seen or []) + [path]
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config is a mapping of sections, got {type(data).__name__}")
+    parent = data.pop("inherit", None)
+    if parent is not None:
+        parent_path = os.path.join(os.path.dirname(path), parent)
+        if os.path.abspath(parent_path) in seen:
+            raise ConfigError(f"{path}: inherit cycle through {parent_path}")
+        data = _deep_merge(read_yaml(parent_path, seen), data)
+    return data
+
+
+def from_mapping(data: Dict[str, Any]) -> RunConfig:
+    """Typed RunConfig from a (merged, overridden) dict; unknown keys and wrong types raise."""
+    data = copy.deepcopy(data)
+    if "model" not in data:
+        raise ConfigError("the run config needs a 'model:' section (a preset name or {preset: ..., ...})")
+    model = data.pop("model")
+    if not isinstance(model, (str, dict)):
+        raise ConfigError(f"model: expected a preset name or a mapping, got {model!r}")
+    data["model"] = load_model_config(model)
+    if "phases" in data and not isinstance(data["phases"], list):
+        raise ConfigError(f"phases: expected a list of phases, got {data['phases']!r}")
+    return from_dict(RunConfig, data)
+
+
+def load_config(path: str, overrides: Optional[List[str]] = None) -> RunConfig:
+    """YAML file + ``--a.b value`` overrides -> RunConfig (not yet validated)."""
+    data = read_yaml(path)
+    apply_overrides(data, list(overrides or []))
+    return from_mapping(data)
+
+
+def resolved_dict(cfg: RunConfig) -> Dict[str, Any]:
+    """The fully resolved config as a plain dict (what is written to ``{run_dir}/config.yaml``)."""
+    return to_dict(cfg)
+
+
+def write_resolved(cfg: RunConfig, path: str) -> None:
+    """Write the resolved config atomically as YAML (loadable again with ``load_config``)."""
+    import yaml
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(resolved_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+def validate(cfg: RunConfig, world_size: int, check_data: bool = True) -> None:
+    """Every start-up check (no process group needed); raises one ConfigError with the fix."""
+    validate_layout(cfg.effective_model, cfg.parallel, world_size)
+    _validate_precision(cfg)
+    _validate_phases(cfg)
+    _validate_batches(cfg, world_size)
+    _validate_run(cfg)
+    if check_data:
+        validate_data(cfg)
+
+
+def _validate_precision(cfg: RunConfig) -> None:
+    if cfg.precision == "fp8" or cfg.model.fp8 is not None:
+        from megatron_mmbert.model.build import select_backend
+
+        if cfg.precision == "fp32":
+            raise ConfigError("model.fp8 is set but precision is fp32; use precision: fp8 (bf16 + FP8 GEMMs)")
+        select_backend(cfg.effective_model)  # no TE -> a clear ConfigError, before anything starts
+
+
+def _validate_phases(cfg: RunConfig) -> None:
+    if not cfg.phases:
+        raise ConfigError("phases: the run needs at least one phase")
+    names = [p.name for p in cfg.phases]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"phases: names must be unique, got {names}")
+    for p in cfg.phases:
+        p.validate()
+    total = sum(p.tokens for p in cfg.phases)
+    if cfg.schedule.total_tokens is not None and total != cfg.schedule.total_tokens:
+        parts = " + ".join(f"{p.name} {p.tokens:,}" for p in cfg.phases)
+        raise ConfigError(
+            f"phase budgets do not add up: {parts} = {total:,} tokens, but schedule.total_tokens = "
+            f"{cfg.schedule.total_tokens:,}; fix a phase's tokens or schedule.total_tokens"
+        )
+    missing = [n for n in names if n not in cfg.schedule.phases]
+    if missing:
+        raise ConfigError(
+            f"schedule.phases has no LR segment for phase(s) {missing}; add e.g. "
+            f"schedule.phases.{missing[0]}: {{lr: 8.0e-4}}"
+        )
+    unknown = [n for n in cfg.schedule.phases if n not in names]
+    if unknown:
+        raise ConfigError(f"schedule.phases names unknown phase(s) {unknown}; phases are {names}")
+    for p in cfg.phases:
+        seg = cfg.schedule.phases[p.name]
+        where = f"schedule.phases.{p.name}"
+        if seg.lr <= 0:
+            raise ConfigError(f"{where}.lr must be positive, got {seg.lr}")
+        if seg.warmup_tokens < 0 or seg.decay_tokens < 0:
+            raise ConfigError(f"{where}: warmup_tokens and decay_tokens must be >= 0")
+        if seg.warmup_tokens + seg.decay_tokens > p.tokens:
+            raise ConfigError(
+                f"{where}: warmup_tokens {seg.warmup_tokens:,} + decay_tokens {seg.decay_tokens:,} exceed "
+                f"the phase's budget phases[{p.name}].tokens = {p.tokens:,}; shorten them or grow the phase"
+            )
+        if not 0.0 <= seg.final_lr_ratio <= 1.0:
+            raise ConfigError(f"{where}.final_lr_ratio must be in [0, 1], got {seg.final_lr_ratio}")
+        wd = seg.decoupled_weight_decay if seg.decoupled_weight_decay is not None else cfg.optimizer.decoupled_weight_decay
+        if wd < 0:
+            raise ConfigError(f"{where}: weight decay must be >= 0, got {wd}")
+        seq_tokens = cfg.phase_global_batch(p) * p.seq_len
+        if p.tokens < seq_tokens:
+            raise ConfigError(
+                f"phase {p.name!r}: tokens {p.tokens:,} is less than one global batch "
+                f"({cfg.phase_global_batch(p)} rows x seq_len {p.seq_len} = {seq_tokens:,}); "
+                "raise tokens or lower the batch"
+            )
+        if p.seq_len > cfg.model.max_position_embeddings:
+            raise ConfigError(
+                f"phase {p.name!r}: seq_len {p.seq_len} exceeds model.max_position_embeddings "
+                f"{cfg.model.max_position_embeddings}"
+            )
+    if cfg.init.start_phase is not None and cfg.init.start_phase not in names:
+        raise ConfigError(f"init.start_phase={cfg.init.start_phase!r} is not a phase; phases are {names}")
+
+
+def rampup_rows(cfg: RunConfig) -> List[int]:
+    """The batch sizes of the batch-size warmup, in order (empty without warmup)."""
+    b = cfg.batch
+    if b.rampup_start_rows is None or b.rampup_tokens <= 0:
+        return []
+    phase = cfg.phase(b.rampup_phase) if b.rampup_phase else cfg.phases[0]
+    full = cfg.phase_global_batch(phase)
+    inc = b.rampup_increment_rows or b.rampup_start_rows
+    return list(range(b.rampup_start_rows, full, inc))
+
+
+def _validate_batches(cfg: RunConfig, world_size: int) -> None:
+    b = cfg.batch
+    dp = cfg.parallel.data_parallel(world_size)
+    for name in b.micro_batch_size_per_phase:
+        cfg.phase(name)  # unknown phase name -> error
+    for p in cfg.phases:
+        gbs, mbs = cfg.phase_global_batch(p), cfg.phase_micro_batch(p)
+        if gbs < 1 or mbs < 1:
+            raise ConfigError(f"phase {p.name!r}: global batch {gbs} and micro batch {mbs} must be positive")
+        if gbs % (mbs * dp):
+            raise ConfigError(
+                f"phase {p.name!r}: global batch {gbs} rows is not a multiple of micro batch {mbs} x "
+                f"data-parallel size {dp} = {mbs * dp}; change batch.global_batch_size / micro_batch_size "
+                "or the number of processes"
+            )
+    if b.rampup_start_rows is not None and b.rampup_tokens > 0:
+        phase = cfg.phase(b.rampup_phase) if b.rampup_phase else cfg.phases[0]
+        full = cfg.phase_global_batch(phase)
+        inc = b.rampup_increment_rows or b.rampup_start_rows
+        mbs = cfg.phase_micro_batch(phase)
+        if not 0 < b.rampup_start_rows < full or inc <= 0 or (full - b.rampup_start_rows) % inc:
+            raise ConfigError(
+                f"batch warmup: rampup_start_rows {b.rampup_start_rows} must be in (0, {full}) and "
+                f"{full} - {b.rampup_start_rows} a multiple of rampup_increment_rows {inc}"
+            )
+        bad = [r for r in rampup_rows(cfg) if r % (mbs * dp)]
+        if bad:
+            raise ConfigError(
+                f"batch warmup: step sizes {bad[:4]} rows are not multiples of micro batch {mbs} x "
+                f"data-parallel size {dp}; pick rampup_start_rows/increment_rows that are"
+            )
+        if b.rampup_tokens > phase.tokens:
+            raise ConfigError(
+                f"batch.rampup_tokens {b.rampup_tokens:,} exceeds phase {phase.name!r}'s budget {phase.tokens:,}"
+            )
+    elif b.rampup_phase is not None:
+        cfg.phase(b.rampup_phase)
+
+
+def _validate_run(cfg: RunConfig) -> None:
+    if not cfg.run_dir:
+        raise ConfigError("run_dir must be set (output folder of the run)")
+    c = cfg.checkpoint
+    if c.every_steps < 0 or c.keep_last < 1:
+        raise ConfigError(f"checkpoint.every_steps must be >= 0 and keep_last >= 1, got {c.every_steps}, {c.keep_last}")
+    if cfg.logging.interval < 1 or cfg.logging.eval_interval < 0:
+        raise ConfigError("logging.interval must be >= 1 and logging.eval_interval >= 0")
+    if cfg.init.checkpoint is not None and not os.path.isdir(cfg.init.checkpoint):
+        raise ConfigError(
+            f"init.checkpoint={cfg.init.checkpoint!r} does not exist; point it at a finished "
+            "checkpoint (e.g. RUN/checkpoints/phase_end_mid)"
+        )
+
+
+def validate_data(cfg: RunConfig) -> None:
+    """The manifest exists and every phase language (and fixed share) has shards."""
+    from megatron_mmbert.data.shards import load_manifest
+
+    path = cfg.manifest_path
+    if not path or not os.path.isfile(path):
+        raise ConfigError(
+            f"data.manifest={cfg.data.manifest!r}: no manifest.json there; run tools/preprocess_data.py "
+            "first (or bash examples/quickstart.sh for the demo data)"
+        )
+    manifest = load_manifest(path)
+    have = {lang for lang, e in manifest.languages.items() if e.tokens > 0 and e.shards}
+    vocab = manifest.tokenizer.vocab_size
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the manifest's tokenizer has {vocab} ids but model.vocab_size is {cfg.model.vocab_size}; "
+            f"set model.vocab_size: {vocab}"
+        )
+    for p in cfg.phases:
+        wanted = list(p.languages) if isinstance(p.languages, list) else []
+        wanted += list(p.fixed_shares)
+        missing = [lang for lang in wanted if lang not in have]
+        if missing:
+            raise ConfigError(
+                f"phase {p.name!r}: language(s) {missing[:5]} have no shards in {path} "
+                f"({len(have)} languages there, e.g. {sorted(have)[:5]}); preprocess them or drop them from "
+                "the phase"
+            )
+        if isinstance(p.languages, str) and p.languages.startswith("top:") and int(p.languages[4:]) > len(have):
+            raise ConfigError(
+                f"phase {p.name!r}: languages {p.languages!r} but the manifest has only {len(have)} languages"
+            )
+    if cfg.data.eval_manifest and not os.path.exists(cfg.data.eval_manifest):
+        raise ConfigError(f"data.eval_manifest={cfg.data.eval_manifest!r} does not exist")
+
+
+__all__ = [
+    "RunConfig", "DataSection", "OptimizerSection", "LRSegment", "ScheduleSection", "BatchSection",
+    "CheckpointSection", "InitSection", "LoggingSection", "TrainSection", "DebugSection",
+    "load_config", "read_yaml", "from_mapping", "validate", "validate_data", "write_resolved",
+    "resolved_dict", "rampup_rows", "ConfigError",
+]
+
+
+def describe_all() -> str:
+    """Every section and field with its type, default and docstring (``--help-config``)."""
+    from megatron_mmbert.config_base import describe
+
+    out = ["RunConfig:", describe(RunConfig, "  ")]
+    sections = {
+        "model": ModelConfig, "parallel": ParallelConfig, "phases[]": PhaseConfig, "data": DataSection,
+        "optimizer": OptimizerSection, "schedule.phases.<name>": LRSegment, "schedule": ScheduleSection,
+        "batch": BatchSection, "checkpoint": CheckpointSection, "init": InitSection,
+        "logging": LoggingSection, "train": TrainSection, "debug": DebugSection,
+    }
+    for name, cls in sections.items():
+        out += ["", f"{name}:", describe(cls, "  ")]
+    return "\n".join(out)

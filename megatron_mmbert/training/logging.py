@@ -1,0 +1,124 @@
+"""What a run reports: the console line, ``metrics.jsonl`` and TensorBoard (rank 0 only).
+
+The log line, every ``logging.interval`` steps::
+
+    step 120/1000 | pretrain | tok 3.9M/32.8M (12.0%) | loss 6.1234 | acc 0.121 | lr 7.60e-04 |
+    gnorm 1.23 | 15.2k tok/s | 0.01 TFLOP/s | MFU n/a | mem 0.9 GiB | eta 0:03:12
+
+Tokens are packed-row capacity (steps x rows x seq_len), the unit of the phase budgets; tok/s is
+the whole job's rate; TFLOP/s is model FLOPs per device from ``megatron_mmbert.flops`` (the A3
+convention: bidirectional attention over each document, sparse MLM head); MFU divides it by the
+device's dense bf16 peak and is ``n/a`` where no peak is known (CPU). ETA is tokens remaining over
+the recent token rate (ETA from tokens, not steps: batch-size warmup changes the step size).
+Memory is the peak allocated CUDA memory, or the process's peak RSS on CPU.
+
+TensorBoard gets the same values as scalars under ``train/`` (plus ``eval/{group}/loss`` for the
+evaluation loss per language group) with the global step as x axis, and the phase transitions as
+text; ``metrics.jsonl`` gets one JSON object per logged step (tests and plots read it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import resource
+import sys
+from typing import Dict, Optional
+
+import torch
+
+TB_FIELDS = (
+    "loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "tflops", "consumed_tokens",
+    "consumed_pct", "phase_index", "memory_gib", "eta_s", "global_batch_rows",
+)
+"""Scalars written to TensorBoard every logged step (``train/<name>``; ``train/mfu`` too where known)."""
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def format_eta(seconds: Optional[float]) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "n/a"
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+class RunLogger:
+    """Console, metrics file and TensorBoard; every method is a no-op off rank 0."""
+
+    def __init__(self, run_dir: str, tensorboard_dir: Optional[str], enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.metrics = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(tensorboard_dir)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=sys.stdout, flush=True)
+
+    def text(self, tag: str, message: str, step: int) -> None:
+        self.info(message)
+        if self.writer is not None:
+            self.writer.add_text(tag, message, step)
+
+    def log_step(self, m: Dict[str, float]) -> None:
+        """One training log line from the metrics dict ``m`` (see the module docstring)."""
+        if not self.enabled:
+            return
+        mfu = "n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%"
+        line = (
+            f"step {m['step']}/{m['total_steps']} | {m['phase']} | tok {_si(m['consumed_tokens'])}/"
+            f"{_si(m['total_tokens'])} ({m['consumed_pct']:.1f}%) | loss {m['loss']:.4f} | "
+            f"acc {m['accuracy']:.3f} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
+            f"{_si(m['tokens_per_s'])} tok/s | {m['tflops']:.3g} TFLOP/s | MFU {mfu} | "
+            f"mem {m['memory_gib']:.2f} GiB | eta {format_eta(m['eta_s'])}"
+        )
+        if m.get("skipped"):
+            line += f" | SKIPPED ({m['skipped']})"
+        print(line, flush=True)
+        self.metrics.write(json.dumps({"kind": "train", **m}) + "\n")
+        if self.writer is not None:
+            for name in TB_FIELDS:
+                value = m.get(name)
+                if value is not None:
+                    self.writer.add_scalar(f"train/{name}", value, m["step"])
+            if m.get("mfu") is not None:
+                self.writer.add_scalar("train/mfu", m["mfu"], m["step"])
+            self.writer.flush()
+
+    def log_eval(self, step: int, phase: str, losses: Dict[str, float], held_out: bool) -> None:
+        if not self.enabled:
+            return
+        kind = "held-out" if held_out else "eval (training manifest, other seed: not held out)"
+        parts = " | ".join(f"{g} {v:.4f}" for g, v in losses.items())
+        print(f"{kind} MLM loss at step {step} ({phase}): {parts}", flush=True)
+        self.metrics.write(json.dumps({"kind": "eval", "step": step, "phase": phase, "held_out": held_out,
+                                       "losses": losses}) + "\n")
+        if self.writer is not None:
+            for group, value in losses.items():
+                self.writer.add_scalar(f"eval/{group}/loss", value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.metrics is not None:
+            self.metrics.close()

@@ -1,0 +1,164 @@
+"""The optimizer and the learning-rate schedule of a run, counted in tokens.
+
+* :func:`build` makes megatron-core's optimizer through ``training.step.build_optimizer``
+  (``get_megatron_optimizer``: AdamW with decoupled weight decay; the standard Megatron param groups
+  put norms and biases -- every 1-D parameter and every ``*.bias`` -- at ``wd_mult = 0``) and wraps
+  it in :class:`GuardedOptimizer`, which refuses to step on non-finite gradients.
+* :func:`phase_scheduler` makes megatron-core's ``OptimizerParamScheduler`` for one phase, with
+  *tokens* as its step unit (Megatron-LM counts samples the same way): linear warmup over
+  ``warmup_tokens``, constant, then ``WSD`` decay over the phase's last ``decay_tokens`` with
+  ``minus_sqrt`` (mmBERT's ``1-sqrt``: ``lr_f + (lr - lr_f)(1 - sqrt(frac))``) or ``linear`` to
+  ``final_lr_ratio * lr``. Each step calls ``scheduler.step(tokens_of_the_step)``.
+* mmBERT's weight decay is "fully decoupled" (optimi: ``p *= 1 - (lr_t / lr_max) * wd``); Megatron's
+  AdamW does ``p -= lr_t * wd' * p``. They agree with ``wd' = wd / lr_max`` per phase
+  (:func:`megatron_weight_decay`).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from megatron_mmbert.config import PhaseConfig
+from megatron_mmbert.training.config import LRSegment, RunConfig
+
+
+def megatron_weight_decay(cfg: RunConfig, phase: PhaseConfig) -> float:
+    """AdamW ``weight_decay`` equal to the phase's fully decoupled decay at its peak LR."""
+    seg = cfg.schedule.phases[phase.name]
+    wd = seg.decoupled_weight_decay
+    if wd is None:
+        wd = cfg.optimizer.decoupled_weight_decay
+    return wd / seg.lr
+
+
+class GuardedOptimizer:
+    """A megatron optimizer that never steps on non-finite gradients.
+
+    Megatron only checks for inf/NaN under fp16 loss scaling; under fp32 and bf16 a NaN gradient
+    would be applied and poison the weights. Before delegating ``step()``, every rank checks its
+    gradient buffers (``param.main_grad``, after the data-parallel reduction) and the result is
+    all-reduced, so all ranks skip together. Everything else is delegated.
+    """
+
+    def __init__(self, optimizer, chunks: List[torch.nn.Module]):
+        self._optimizer = optimizer
+        self._chunks = chunks
+        self.inject_nan = False
+        """Test hook: put a NaN into one gradient before the next check."""
+        self.last_skip_reason: Optional[str] = None
+
+    def __getattr__(self, name):
+        return getattr(self._optimizer, name)
+
+    def _grads(self):
+        for chunk in self._chunks:
+            for p in chunk.parameters():
+                g = getattr(p, "main_grad", None)
+                if g is None:
+                    g = p.grad
+                if g is not None:
+                    yield g
+
+    def grads_finite(self) -> bool:
+        grads = list(self._grads())
+        if self.inject_nan and grads:
+            grads[0].view(-1)[0] = float("nan")
+            self.inject_nan = False
+        bad = torch.zeros(1, dtype=torch.float32, device=grads[0].device if grads else "cpu")
+        for g in grads:
+            if not torch.isfinite(g).all():
+                bad.fill_(1.0)
+                break
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bool(bad.item() == 0.0)
+
+    def step(self):
+        if not self.grads_finite():
+            self.last_skip_reason = "non-finite gradient"
+            return False, float("nan"), None
+        self.last_skip_reason = None
+        return self._optimizer.step()
+
+
+def build(cfg: RunConfig, chunks: List[torch.nn.Module], first_phase: PhaseConfig) -> GuardedOptimizer:
+    """megatron-core optimizer over DDP-wrapped ``chunks``, guarded against non-finite gradients."""
+    import dataclasses
+
+    from megatron_mmbert.training.step import OptimizerSettings, build_optimizer
+
+    seg = cfg.schedule.phases[first_phase.name]
+    settings = OptimizerSettings(
+        lr=seg.lr,
+        min_lr=0.0,
+        weight_decay=megatron_weight_decay(cfg, first_phase),
+        adam_beta1=cfg.optimizer.adam_beta1,
+        adam_beta2=cfg.optimizer.adam_beta2,
+        adam_eps=cfg.optimizer.adam_eps,
+        clip_grad=cfg.optimizer.clip_grad,
+        precision=cfg.compute_precision,
+    )
+    parallel = dataclasses.replace(cfg.parallel, use_distributed_optimizer=cfg.use_distributed_optimizer)
+    return GuardedOptimizer(build_optimizer(chunks, settings, parallel), chunks)
+
+
+def phase_scheduler(cfg: RunConfig, optimizer, phase: PhaseConfig, tokens_done: int = 0):
+    """megatron-core ``OptimizerParamScheduler`` of ``phase``, positioned at ``tokens_done`` tokens.
+
+    The scheduler's position is a function of the data position, so resuming restores it exactly
+    (its ``state_dict`` is also stored in checkpoints and checked on resume).
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    seg: LRSegment = cfg.schedule.phases[phase.name]
+    min_lr = seg.lr * seg.final_lr_ratio if seg.decay_tokens > 0 else seg.lr
+    wd = megatron_weight_decay(cfg, phase)
+    # Megatron's param groups carry their own max/min LR (set at build time): move them to this phase.
+    for group in optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = seg.lr, min_lr
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=seg.lr,
+        min_lr=min_lr,
+        lr_warmup_steps=seg.warmup_tokens,
+        lr_decay_steps=phase.tokens,
+        lr_decay_style="WSD",
+        start_wd=wd,
+        end_wd=wd,
+        wd_incr_steps=phase.tokens,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+        wsd_decay_steps=seg.decay_tokens,
+        lr_wsd_decay_style="minus_sqrt" if seg.decay_style == "1-sqrt" else "linear",
+    )
+    if tokens_done:
+        scheduler.step(tokens_done)
+    return scheduler
+
+
+def current_lr(optimizer) -> float:
+    """The LR of the decayed (default) param group, as Megatron-LM logs it."""
+    for group in optimizer.param_groups:
+        if group.get("default_config", True) and group.get("wd_mult", 1.0) > 0:
+            return float(group["lr"])
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def reference_lr(seg: LRSegment, phase_tokens: int, t: int) -> float:
+    """The mmBERT formula (bert24 ``warmup_stable_decay`` / ``one_minus_sqrt``) at phase token ``t``;
+    the tests hold the megatron scheduler to it."""
+    import math
+
+    if seg.warmup_tokens and t <= seg.warmup_tokens:
+        return seg.lr * t / seg.warmup_tokens
+    start = phase_tokens - seg.decay_tokens
+    if seg.decay_tokens == 0 or t <= start:
+        return seg.lr
+    frac = min((t - start) / seg.decay_tokens, 1.0)
+    f = seg.final_lr_ratio
+    shape = 1.0 - math.sqrt(frac) if seg.decay_style == "1-sqrt" else 1.0 - frac
+    return seg.lr * (f + (1.0 - f) * shape)
