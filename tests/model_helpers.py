@@ -32,10 +32,12 @@ def make_hf_model(name: str, directory: str, seed: int = 0):
     config = ModernBertConfig(pad_token_id=0, bos_token_id=2, eos_token_id=1, cls_token_id=1,
                               sep_token_id=1, attn_implementation="eager", **HF_CONFIGS[name])
     model = ModernBertForMaskedLM(config).eval()
-    with torch.no_grad():  # norms start at 1 and the decoder bias at 0: randomise so mistakes show
+    with torch.no_grad():
         for key, p in model.named_parameters():
-            if p.dim() == 1:
+            if p.dim() == 1:  # norms start at 1 and the decoder bias at 0: randomise so mistakes show
                 p.add_(0.1 * torch.randn_like(p))
+            elif "Wqkv" in key:  # at init attention is nearly uniform, blind to RoPE and windows
+                p.mul_(15.0)
     model.save_pretrained(directory)
     return model
 
