@@ -1,0 +1,142 @@
+"""HF <-> megatron conversion: round trips, the verify command, and clear errors on bad input."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_mmbert import runtime
+from megatron_mmbert.cli.convert_checkpoint import main as convert_main
+from megatron_mmbert.config import ConfigError
+from megatron_mmbert.convert import hf as hf_map
+from megatron_mmbert.convert.checkpoints import export_hf, import_hf, load_canonical
+from model_helpers import make_hf_model, packed_batch, hf_reference_logits
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    hf = make_hf_model("odd", str(root / "hf"))
+    import_hf(str(root / "hf"), str(root / "ckpt"))
+    runtime.shutdown()
+    export_hf(str(root / "ckpt"), str(root / "exported"))
+    runtime.shutdown()
+    return root, hf
+
+
+@pytest.fixture(autouse=True)
+def _shutdown():
+    yield
+    runtime.shutdown()
+
+
+def test_export_loads_in_transformers_with_identical_logits(converted):
+    from transformers import AutoModelForMaskedLM
+
+    root, hf = converted
+    again = AutoModelForMaskedLM.from_pretrained(root / "exported", attn_implementation="eager").eval()
+    batch = packed_batch([[64], [20, 44]], hf.config.vocab_size, seed=4)
+    assert torch.equal(hf_reference_logits(again, batch), hf_reference_logits(hf, batch))
+    config = json.loads((root / "exported" / "config.json").read_text())
+    # Both thetas written explicitly (transformers defaults the local one to 10k otherwise).
+    assert config["global_rope_theta"] == 160000.0 and config["local_rope_theta"] == 10000.0
+    assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0
+    tensors = load_file(root / "exported" / "model.safetensors")
+    assert "decoder.weight" not in tensors and "decoder.bias" in tensors  # tied decoder
+
+
+def test_import_of_export_is_bitwise_equal(converted, tmp_path):
+    root, _ = converted
+    import_hf(str(root / "exported"), str(tmp_path / "again"))
+    runtime.shutdown()
+    _, first = load_canonical(str(root / "ckpt"))
+    runtime.shutdown()
+    _, second = load_canonical(str(tmp_path / "again"))
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_verify_command_passes_and_catches_a_wrong_model(converted, tmp_path, capsys):
+    root, _ = converted
+    assert convert_main(["verify", "--hf-dir", str(root / "hf"), "--load", str(root / "ckpt")]) == 0
+    assert "OK" in capsys.readouterr().out
+    make_hf_model("odd", str(tmp_path / "other"), seed=1)
+    assert convert_main(["verify", "--hf-dir", str(tmp_path / "other"), "--load", str(root / "ckpt")]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_qkv_layout_round_trip_and_per_head_grouping():
+    model = hf_map.ModelConfig(hidden_size=8, num_attention_heads=2, intermediate_size=4, num_layers=1, vocab_size=10)
+    w = torch.arange(24 * 8, dtype=torch.float32).view(24, 8)
+    key, mw = hf_map.tensor_to_megatron("model.layers.0.attn.Wqkv.weight", w, model, 128)
+    assert key == "encoder.layers.0.self_attention.linear_qkv.weight"
+    # megatron rows: [q_head0, k_head0, v_head0, q_head1, ...] with head_dim 4
+    assert torch.equal(mw[4:8], w[8:12]) and torch.equal(mw[12:16], w[4:8])
+    back_key, back = hf_map.tensor_to_hf(key, mw, model)
+    assert back_key == "model.layers.0.attn.Wqkv.weight" and torch.equal(back, w)
+
+
+def _copy_hf(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_tensor_is_named(converted, tmp_path):
+    root, _ = converted
+    d = _copy_hf(root / "hf", tmp_path / "hf")
+    tensors = load_file(d / "model.safetensors")
+    del tensors["model.layers.3.mlp.Wo.weight"]
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"missing 1 tensor\(s\), first: \['model.layers.3.mlp.Wo.weight'\]"):
+        import_hf(str(d), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_shape_mismatch_is_named(converted, tmp_path):
+    root, _ = converted
+    d = _copy_hf(root / "hf", tmp_path / "hf")
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.1.attn.Wo.weight"] = torch.zeros(64, 32)
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"model.layers.1.attn.Wo.weight has shape \(64, 32\), expected \(64, 64\)"):
+        import_hf(str(d), str(tmp_path / "out"))
+
+
+def test_unexpected_tensor_is_named(converted, tmp_path):
+    root, _ = converted
+    d = _copy_hf(root / "hf", tmp_path / "hf")
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.0.attn_norm.weight"] = torch.ones(64)  # ModernBERT's layer 0 has none
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(ConfigError, match="tensors ModernBERT does not: \\['model.layers.0.attn_norm.weight'\\]"):
+        import_hf(str(d), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "bert"}, "model_type is 'bert', not 'modernbert'"),
+        ({"norm_bias": True}, "norm_bias=True is not supported"),
+        ({"hidden_activation": "silu"}, "hidden_activation='silu' is not supported"),
+        ({"tie_word_embeddings": False}, "tie_word_embeddings=False is not supported"),
+    ],
+)
+def test_unsupported_configs_are_refused(converted, tmp_path, change, message):
+    root, _ = converted
+    d = _copy_hf(root / "hf", tmp_path / "hf")
+    config = json.loads((d / "config.json").read_text())
+    config.update(change)
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        import_hf(str(d), str(tmp_path / "out"))
+
+
+def test_cli_reports_errors_without_traceback(converted, tmp_path, capsys):
+    assert convert_main(["import-hf", "--hf-dir", str(tmp_path), "--save", str(tmp_path / "x")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    assert convert_main(["export-hf", "--load", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
+    assert "not a megatron-mmbert checkpoint" in capsys.readouterr().err
