@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     parser.add_argument("--help-config", action="store_true", help="print every config field and exit")
     parser.add_argument("--validate", action="store_true", help="validate config + data and exit")
     parser.add_argument("--world-size", type=int, help="world size for --validate (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--skip-data", action="store_true", help="--validate without the data/checkpoint checks")
     args, overrides = parser.parse_known_args(argv)
 
     from megatron_mmbert.training import config as run_config
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
         if args.validate:
             from megatron_mmbert.runtime import world_size_from_env
 
-            run_config.validate(cfg, args.world_size or world_size_from_env())
+            run_config.validate(cfg, args.world_size or world_size_from_env(), check_data=not args.skip_data)
             print(f"{args.config}: valid")
             return 0
         from megatron_mmbert.training.loop import train

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The whole mmBERT pipeline at toy scale on a CPU machine, in a few minutes:
+#   demo corpus -> tokenizer -> shards -> index -> 3-phase run (2 processes) -> 3 decay variants
+#   from the mid-training checkpoint -> TIES merge -> Hugging Face export.
+#
+#   bash examples/quickstart.sh [OUT_DIR]        (default: runs/quickstart; rerunning resumes)
+#
+# Needs Python 3.10+ and the gettext catalogs of /usr/share/locale (any Debian/Ubuntu image; else
+# apt-get install -y gettext iso-codes). Installs torch (CPU) and this package when missing.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="$(mkdir -p "${1:-runs/quickstart}" && cd "${1:-runs/quickstart}" && pwd)"
+NPROC="${NPROC:-2}"
+PY="${PYTHON:-python}"
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+# -- 0. install what is missing --------------------------------------------------------------
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  say "installing torch 2.13.0 (CPU wheel)"
+  "$PY" -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+fi
+if ! "$PY" -c "import megatron_mmbert, megatron.core, tensorboard" 2>/dev/null; then
+  say "installing megatron-mmbert and its dependencies"
+  "$PY" -m pip install --no-build-isolation -e "$ROOT"
+fi
+if [ ! -d /usr/share/locale ]; then
+  echo "no /usr/share/locale: install gettext catalogs (apt-get install -y gettext iso-codes)" >&2
+  exit 1
+fi
+
+LANGS="fra_Latn deu_Latn rus_Cyrl jpn_Jpan arb_Arab hin_Deva ell_Grek kor_Hang cmn_Hani amh_Ethi
+       tzm_Tfng azb_Arab spa_Latn por_Latn ita_Latn nld_Latn pol_Latn tur_Latn vie_Latn ukr_Cyrl"
+CONFIG=examples/configs/tiny_cpu.yaml
+COMMON=(--data.manifest "$OUT/shards/manifest.json" --data.cache_dir "$OUT/index-cache")
+RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29517}" pretrain_mmbert.py)
+
+# -- 1. data ----------------------------------------------------------------------------------
+if [ ! -d "$OUT/corpus/data" ]; then
+  say "1/7 demo corpus (gettext catalogs, 20 languages in 11 scripts)"
+  # shellcheck disable=SC2086
+  "$PY" examples/demo_corpus/build_gettext_corpus.py --output "$OUT/corpus.tmp" --languages $LANGS \
+      --max-chars-per-language 200000
+  mv "$OUT/corpus.tmp" "$OUT/corpus"
+fi
+if [ ! -f "$OUT/tokenizer/tokenizer.json" ]; then
+  say "2/7 tokenizer (byte-level BPE, 4096 ids)"
+  "$PY" examples/demo_corpus/train_tokenizer.py --corpus "$OUT/corpus" --output "$OUT/tokenizer"
+fi
+say "3/7 preprocess to per-language Megatron shards"
+"$PY" tools/preprocess_data.py --input "$OUT/corpus" --output "$OUT/shards" --tokenizer "$OUT/tokenizer" \
+    --workers "$NPROC" --chunk-mb 0.1
+say "4/7 blended + packed index of the three phases"
+"$PY" tools/build_data_index.py --manifest "$OUT/shards/manifest.json" --config "$CONFIG" \
+    --cache-dir "$OUT/index-cache" --seed 21 --global-batch-size 16 --rows 6
+
+# -- 2. the three-phase run -------------------------------------------------------------------
+say "5/7 train pretrain -> mid -> decay ($NPROC processes)"
+"${RUN[@]}" --config "$CONFIG" --run_dir "$OUT/train" "${COMMON[@]}"
+MID="$OUT/train/checkpoints/phase_end_mid"
+
+# -- 3. decay variants from the mid-training checkpoint ------------------------------------------
+# The demo corpus has no English (gettext's source language), so the "English-heavy" variant
+# pins its largest language, French, at 40%.
+say "6/7 three decay variants branching from $MID"
+for v in anchor_heavy cont all; do
+  case $v in
+    anchor_heavy) extra=(--phases.2.languages top:16 --phases.2.fixed_shares "{fra_Latn: 0.4}") ;;
+    cont)         extra=(--phases.2.languages top:16) ;;
+    all)          extra=(--phases.2.languages all) ;;
+  esac
+  "${RUN[@]}" --config "$CONFIG" --run_dir "$OUT/decay_$v" "${COMMON[@]}" \
+      --init.checkpoint "$MID" --init.start_phase decay --checkpoint.every_steps 0 "${extra[@]}"
+done
+
+# -- 4. TIES merge and Hugging Face export --------------------------------------------------------
+say "7/7 TIES-merge the variants (base: $MID) and export to Hugging Face"
+"$PY" tools/ties_merge.py --method ties --base "$MID" --density 0.5 --overwrite --quiet \
+    --models "$OUT"/decay_{anchor_heavy,cont,all}/checkpoints/phase_end_decay --out "$OUT/merged"
+rm -rf "$OUT/merged/tokenizer" && cp -r "$OUT/tokenizer" "$OUT/merged/tokenizer"
+"$PY" tools/convert_checkpoint.py export-hf --load "$OUT/merged" --out "$OUT/hf"
+
+# -- summary --------------------------------------------------------------------------------------
+"$PY" - "$OUT" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+
+def phases(run):
+    rows = [json.loads(l) for l in open(os.path.join(out, run, "metrics.jsonl"))]
+    train = [r for r in rows if r["kind"] == "train"]
+    by = {}
+    for r in train:
+        by.setdefault(r["phase"], []).append(r["loss"])
+    return by, [r for r in rows if r["kind"] == "eval"]
+
+print("\nMLM loss per phase (mean of the first / last 3 logged steps):")
+for run in ("train", "decay_anchor_heavy", "decay_cont", "decay_all"):
+    by, evals = phases(run)
+    for phase, losses in by.items():
+        a, b = sum(losses[:3]) / len(losses[:3]), sum(losses[-3:]) / len(losses[-3:])
+        print(f"  {run:20s} {phase:9s} {a:.3f} -> {b:.3f} ({len(losses)} log lines)")
+    if evals:
+        print(f"  {run:20s} eval at step {evals[-1]['step']}: " +
+              ", ".join(f"{g} {v:.3f}" for g, v in evals[-1]["losses"].items()))
+
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+model = AutoModelForMaskedLM.from_pretrained(os.path.join(out, "hf"))
+tok = AutoTokenizer.from_pretrained(os.path.join(out, "hf"))
+print(f"\nHugging Face export loads: {type(model).__name__}, "
+      f"{sum(p.numel() for p in model.parameters()):,} parameters, tokenizer {len(tok)} ids")
+print(f"""
+Written under {out}:
+  corpus/, tokenizer/, shards/ (manifest.json), index-cache/
+  train/            3-phase run: config.yaml, metrics.jsonl, tensorboard/, checkpoints/phase_end_*
+  decay_*/          the three decay variants (from train/checkpoints/phase_end_mid)
+  merged/           TIES merge of the variants (megatron dist checkpoint)
+  hf/               Hugging Face ModernBertForMaskedLM (AutoModelForMaskedLM.from_pretrained)
+TensorBoard: tensorboard --logdir {out}
+""")
+EOF

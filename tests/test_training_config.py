@@ -1,0 +1,195 @@
+"""Run config: every shipped config validates, published parameter counts, one test per start-up
+error, the LR schedule against mmBERT's formulas, the batch-size warmup plan."""
+
+import glob
+import os
+
+import pytest
+
+from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.training import config as rc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "examples", "configs", "*.yaml")))
+
+
+def _load(name, *overrides):
+    return rc.load_config(os.path.join(ROOT, "examples", "configs", name), list(overrides))
+
+
+def test_all_shipped_configs_are_there():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert {"tiny_cpu.yaml", "mmbert_small.yaml", "mmbert_base.yaml", "decay_eng.yaml", "decay_cont.yaml",
+            "decay_all.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_shipped_config_validates(path):
+    cfg = rc.load_config(path)
+    world = 2 if "tiny" in path else 8
+    rc.validate(cfg, world, check_data=False)
+    # the resolved config round-trips through YAML to the same thing
+    import yaml
+
+    again = rc.from_mapping(yaml.safe_load(yaml.safe_dump(rc.resolved_dict(cfg))))
+    assert rc.resolved_dict(again) == rc.resolved_dict(cfg)
+
+
+def test_published_parameter_counts():
+    base, small = _load("mmbert_base.yaml").model, _load("mmbert_small.yaml").model
+    assert abs(base.num_parameters() - 307.8e6) / 307.8e6 < 1e-3, base.num_parameters()
+    assert abs(small.num_parameters() - 140.9e6) / 140.9e6 < 1e-3, small.num_parameters()
+
+
+def test_base_recipe_values():
+    cfg = _load("mmbert_base.yaml")
+    pre, mid, decay = cfg.phases
+    assert (pre.seq_len, pre.global_rope_theta, pre.local_rope_theta) == (1024, 10000.0, 10000.0)
+    assert (mid.seq_len, mid.global_rope_theta, decay.local_rope_theta) == (8192, 160000.0, 160000.0)
+    assert cfg.batch.global_batch_size * pre.seq_len == 4_718_592
+    seg = cfg.schedule.phases["decay"]
+    assert (seg.lr, seg.decay_style, seg.final_lr_ratio, seg.decay_tokens) == (8e-4, "1-sqrt", 0.02, decay.tokens)
+    assert (cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2, cfg.optimizer.adam_eps) == (0.9, 0.95, 1e-8)
+    from megatron_mmbert.training.optim import megatron_weight_decay
+
+    assert megatron_weight_decay(cfg, pre) == pytest.approx(0.1)  # 8e-5 fully decoupled at 8e-4
+    # batch warmup: 384 -> 4608 rows in 384-row increments over 60B tokens
+    assert rc.rampup_rows(cfg)[:2] == [384, 768] and rc.rampup_rows(cfg)[-1] == 4224
+    assert len(pre.languages) == 61 and len(mid.languages) == 110  # 60 + code, 109 + code
+
+
+def test_decay_variants_branch_from_mid():
+    for name in ("decay_eng.yaml", "decay_cont.yaml", "decay_all.yaml"):
+        cfg = _load(name)
+        assert cfg.init.checkpoint.endswith("phase_end_mid") and [p.name for p in cfg.phases] == ["decay"]
+        assert cfg.phases[0].mask_rate == 0.05 and cfg.phases[0].temperature == 0.3
+    assert _load("decay_eng.yaml").phases[0].fixed_shares["eng_Latn"] > _load("decay_cont.yaml").phases[0].fixed_shares["eng_Latn"]
+    assert _load("decay_all.yaml").phases[0].languages == "all"
+
+
+def test_overrides_and_inherit():
+    cfg = _load("mmbert_small.yaml", "--parallel.tensor_parallel", "2", "--phases.1.mask_rate=0.2")
+    assert cfg.model.hidden_size == 384 and cfg.parallel.tensor_parallel == 2 and cfg.phases[1].mask_rate == 0.2
+    assert cfg.schedule.phases["mid"].lr == 4e-4 and cfg.schedule.phases["pretrain"].lr == 8e-4
+
+
+# -- one test per start-up error -------------------------------------------------------------------
+
+def _tiny(*overrides):
+    return _load("tiny_cpu.yaml", *overrides)
+
+
+def _err(cfg, world=2, check_data=False):
+    with pytest.raises(ConfigError) as e:
+        rc.validate(cfg, world, check_data=check_data)
+    return str(e.value)
+
+
+def test_unknown_key():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) optimizer.adam_beta3"):
+        _tiny("--optimizer.adam_beta3", "0.9")
+
+
+def test_wrong_type():
+    with pytest.raises(ConfigError, match="batch.global_batch_size: expected an integer"):
+        _tiny("--batch.global_batch_size", "sixteen")
+
+
+def test_phase_budgets_do_not_add_up():
+    msg = _err(_tiny("--phases.0.tokens", "200000"))
+    assert "do not add up" in msg and "schedule.total_tokens" in msg
+
+
+def test_missing_lr_segment():
+    cfg = _tiny()
+    del cfg.schedule.phases["mid"]
+    assert "no LR segment for phase(s) ['mid']" in _err(cfg)
+
+
+def test_warmup_plus_decay_exceed_phase():
+    assert "exceed the phase's budget" in _err(_tiny("--schedule.phases.decay.warmup_tokens", "20000"))
+
+
+def test_batch_not_divisible_by_data_parallel():
+    assert "not a multiple of micro batch 4 x data-parallel size 3" in _err(_tiny(), world=3)
+
+
+def test_layout_error_before_process_group():
+    assert "num_attention_heads=4 is not divisible by parallel.tensor_parallel=3" in _err(
+        _tiny("--parallel.tensor_parallel", "3"), world=3)
+
+
+def test_fp8_without_transformer_engine():
+    from megatron_mmbert.model.build import transformer_engine_version
+
+    if transformer_engine_version() is not None:
+        pytest.skip("TransformerEngine installed")
+    assert "needs TransformerEngine" in _err(_tiny("--precision", "fp8"))
+
+
+def test_start_phase_unknown():
+    assert "init.start_phase='cooldown' is not a phase" in _err(_tiny("--init.start_phase", "cooldown"))
+
+
+def test_missing_manifest(tmp_path):
+    msg = _err(_tiny("--data.manifest", str(tmp_path / "nope")), check_data=True)
+    assert "no manifest.json there" in msg and "preprocess_data.py" in msg
+
+
+def test_phase_language_without_shards(tmp_path):
+    from tests.training_helpers import write_manifest
+
+    manifest = write_manifest(tmp_path)
+    msg = _err(_tiny("--data.manifest", manifest, "--phases.0.languages", "all",
+                     "--phases.1.languages", "[fra_Latn, xxx_Zzzz]"), check_data=True)
+    assert "language(s) ['xxx_Zzzz'] have no shards" in msg
+
+
+def test_init_checkpoint_missing(tmp_path):
+    from tests.training_helpers import write_manifest
+
+    manifest = write_manifest(tmp_path)
+    msg = _err(_tiny("--data.manifest", manifest, "--phases.0.languages", "all", "--phases.1.languages", "all",
+                     "--init.checkpoint", str(tmp_path / "ckpt")), check_data=True)
+    assert "is not a finished checkpoint" in msg
+
+
+def test_rampup_not_divisible():
+    assert "batch warmup" in _err(_tiny("--batch.rampup_start_rows", "6", "--batch.rampup_increment_rows", "10"))
+
+
+# -- schedule and batch plan -----------------------------------------------------------------------
+
+def test_lr_schedule_matches_mmbert_formulas():
+    """megatron's OptimizerParamScheduler, driven in tokens, against bert24's formulas."""
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: F401
+
+    from megatron_mmbert.config import PhaseConfig
+    from megatron_mmbert.training.optim import phase_scheduler, reference_lr
+
+    class FakeGroups:  # the scheduler only touches param_groups
+        param_groups = [{"params": [torch.zeros(1)]}]
+
+    for style in ("1-sqrt", "linear"):
+        cfg = _tiny(f"--schedule.phases.decay.decay_style={style}", "--schedule.phases.decay.warmup_tokens=4096")
+        phase = PhaseConfig(name="decay", tokens=61440, seq_len=256)
+        seg = cfg.schedule.phases["decay"]
+        opt = FakeGroups()
+        sched = phase_scheduler(cfg, opt, phase)
+        t = 0
+        for inc in [0] + [2048] * 30:
+            sched.step(inc) if inc else None
+            t += inc
+            assert opt.param_groups[0]["lr"] == pytest.approx(reference_lr(seg, phase.tokens, t), rel=1e-9, abs=1e-15)
+        assert opt.param_groups[0]["lr"] == pytest.approx(seg.lr * seg.final_lr_ratio)
+
+
+def test_batch_rampup_plan():
+    from megatron_mmbert.training.loop import phase_steps, step_rows
+
+    cfg = _tiny()
+    pre = cfg.phases[0]
+    # 8 rows x 128 tokens per step until 16384 tokens (128 rows), then 16 rows
+    assert [step_rows(cfg, pre, c, 1280) for c in (0, 8, 120, 128, 144, 1272)] == [8, 8, 8, 16, 16, 8]
+    assert phase_steps(cfg, pre, 1280) == 16 + (1280 - 128) // 16

@@ -1,0 +1,120 @@
+"""Helpers for the training tests: a tiny three-phase run config over the demo shards, launching
+``pretrain_mmbert.py`` (plain or under torchrun), reading metrics and comparing checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, List
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_run_config(path: str, manifest: str, run_dir: str, **sections) -> str:
+    """A 15-step run: pretrain 7 steps (batch warmup 4 -> 8 rows) at 64 tokens, mid and decay 4
+    steps each at 128 tokens; checkpoints every 2 steps; a log line every step."""
+    cfg = {
+        "run_dir": run_dir, "seed": 7, "precision": "fp32",
+        "model": {"preset": "tiny", "num_layers": 2},
+        "data": {"manifest": manifest, "cache_dir": os.path.join(os.path.dirname(path), "index-cache")},
+        "phases": [
+            {"name": "pretrain", "tokens": 3072, "seq_len": 64, "mask_rate": 0.3, "languages": "top:6",
+             "temperature": 0.7, "global_rope_theta": 10000.0, "local_rope_theta": 10000.0},
+            {"name": "mid", "tokens": 2048, "seq_len": 128, "mask_rate": 0.15, "languages": "top:10",
+             "temperature": 0.5, "global_batch_size": 4, "global_rope_theta": 160000.0,
+             "local_rope_theta": 160000.0},
+            {"name": "decay", "tokens": 2048, "seq_len": 128, "mask_rate": 0.3, "mask_rate_end": 0.05,
+             "languages": "all", "temperature": 0.3, "global_batch_size": 4},
+        ],
+        "schedule": {"total_tokens": 7168, "phases": {
+            "pretrain": {"lr": 3.0e-3, "warmup_tokens": 1024}, "mid": {"lr": 3.0e-3},
+            "decay": {"lr": 3.0e-3, "decay_tokens": 2048}}},
+        "batch": {"global_batch_size": 8, "micro_batch_size": 2, "rampup_start_rows": 4,
+                  "rampup_increment_rows": 4, "rampup_tokens": 512},
+        "checkpoint": {"every_steps": 2, "keep_last": 20},
+        "logging": {"interval": 1, "eval_rows_per_group": 2, "eval_seq_len": 64},
+    }
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.__setitem__(key, value)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+def _env() -> Dict[str, str]:
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def launch(config: str, *overrides: str, nproc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run pretrain_mmbert.py (``nproc=0``: a plain single process; else torchrun with gloo)."""
+    from tests.model_helpers import _free_port
+
+    script = os.path.join(ROOT, "pretrain_mmbert.py")
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_free_port()), script]
+    else:
+        cmd = [sys.executable, script]
+    return subprocess.run(cmd + ["--config", config, *overrides], env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        err = proc.stderr
+        first = err.find("Traceback")
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{err[max(first, 0):][:5000]}")
+    return proc
+
+
+def train_records(run_dir: str) -> List[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "train"]
+
+
+def compare_checkpoints(reference: str, others: List[str]) -> Dict[str, List[str]]:
+    """Names of model tensors that differ (bitwise) between ``reference`` and each of ``others``."""
+    code = (
+        "import json, sys, torch\n"
+        "from megatron_mmbert.convert.checkpoints import load_canonical\n"
+        "_, ref = load_canonical(sys.argv[1])\n"
+        "out = {}\n"
+        "for d in sys.argv[2:]:\n"
+        "    _, sd = load_canonical(d)\n"
+        "    out[d] = [k for k in ref if not torch.equal(ref[k], sd[k])]\n"
+        "print('RESULT', json.dumps(out))\n"
+    )
+    proc = check(subprocess.run([sys.executable, "-c", code, reference, *others], env=_env(),
+                                capture_output=True, text=True, timeout=300))
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def write_manifest(directory) -> str:
+    """A small real manifest: three languages of random tokens in megatron-core MMIDIDX shards."""
+    import numpy as np
+
+    from megatron_mmbert.data.shards import LanguageEntry, Manifest, ShardWriter, TokenizerIdentity
+    from megatron_mmbert.data.shards import write_manifest as write
+
+    directory = str(directory)
+    rng = np.random.default_rng(0)
+    langs = {}
+    for lang in ("fra_Latn", "deu_Latn", "rus_Cyrl"):
+        prefix = os.path.join(directory, lang, "part-0")
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        docs = [rng.integers(5, 4096, size=int(n)).astype(np.uint16) for n in rng.integers(20, 300, size=40)]
+        with ShardWriter(prefix, np.uint16) as w:
+            for d in docs:
+                w.add_document(d.tolist())
+        langs[lang] = LanguageEntry(shards=[prefix], documents=len(docs), tokens=int(sum(map(len, docs))),
+                                    bytes=0, sources=[])
+    tok = TokenizerIdentity(name="random", vocab_size=4096, hash="0",
+                            special_ids={"pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4},
+                            all_special_ids=[0, 1, 2, 3, 4])
+    path = os.path.join(directory, "manifest.json")
+    write(Manifest(tokenizer=tok, dtype="uint16", languages=langs), path)
+    return path
