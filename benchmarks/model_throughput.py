@@ -1,0 +1,163 @@
+"""Forward+backward tokens/s of our encoder against HF ModernBertForMaskedLM, same weights and batch.
+
+Both sides run in this process on the same device, config and packed batch, interleaved in rounds
+(so machine load hits both alike); the best round of each is reported with the ratio.
+
+* ours: megatron-core TransformerBlock with our specs, sparse MLM head, vocab-parallel CE (TP1);
+* HF: ``ModernBertForMaskedLM`` with ``attn_implementation="sdpa"``, rows unpadded per document is
+  not possible in the sdpa path, so HF gets one document per row of the same total tokens, and
+  ``sparse_prediction=True`` (HF's own masked-only head) — the strongest HF configuration.
+
+On a GPU (``--device cuda``) it also reports bf16 tokens/s and MFU (FLOPs from megatron_mmbert.flops,
+dense bf16 peak of the card) for mmbert-small and mmbert-base at 1024 tokens (``--preset``).
+
+  python benchmarks/model_throughput.py                      # CPU, a small config
+  python benchmarks/model_throughput.py --device cuda --precision bf16 --preset mmbert-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def make_models(model_cfg, device, dtype):
+    from transformers import ModernBertForMaskedLM
+
+    from megatron_mmbert import runtime
+    from megatron_mmbert.config import ParallelConfig
+    from megatron_mmbert.convert import hf as hf_map
+    from megatron_mmbert.model.build import build_model
+
+    hf_config = hf_map.hf_config_from_model_config(model_cfg)
+    hf_config._attn_implementation = "sdpa"
+    hf_config.sparse_prediction = True
+    torch.manual_seed(0)
+    hf = ModernBertForMaskedLM(hf_config).to(device=device, dtype=dtype)
+    parallel = ParallelConfig()
+    runtime.initialize(model_cfg, parallel)
+    (ours,) = build_model(model_cfg, parallel, precision="bf16" if dtype == torch.bfloat16 else "fp32", device=device)
+    state = {k: v for k, v in hf.state_dict().items() if k != "decoder.weight"}
+    ours.load_state_dict(hf_map.hf_to_megatron(state, model_cfg, ours.padded_vocab_size), strict=False)
+    return hf, ours
+
+
+def make_batch(vocab, rows, seq_len, mask_rate, device):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(5, vocab, (rows, seq_len), generator=g)
+    labels = torch.where(torch.rand(rows, seq_len, generator=g) < mask_rate, tokens, torch.full_like(tokens, -100))
+    positions = torch.arange(seq_len).repeat(rows, 1)
+    cu = torch.arange(0, rows * seq_len + 1, seq_len, dtype=torch.int32)
+    return {k: v.to(device) for k, v in dict(tokens=tokens, labels=labels, positions=positions, cu_seqlens=cu).items()}
+
+
+def step_ours(model, batch, seq_len):
+    loss = model(batch["tokens"], batch["positions"], batch["cu_seqlens"], seq_len, labels=batch["labels"]).mean()
+    loss.backward()
+
+
+def step_hf(model, batch, seq_len):
+    out = model(input_ids=batch["tokens"], attention_mask=torch.ones_like(batch["tokens"]), labels=batch["labels"])
+    out.loss.backward()
+
+
+def timed(fn, *args, iters, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help="model preset (default: a small CPU config)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--mask-rate", type=float, default=0.3)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--append", action="store_true", help="append the result to benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+
+    from megatron_mmbert.config import model_preset
+    from megatron_mmbert.flops import flops_per_token, peak_tflops
+
+    if args.preset:
+        model_cfg = model_preset(args.preset, attention_output_dropout=0.0)
+    else:  # mmbert-small's width and heads, fewer layers and a smaller vocabulary: CPU-sized
+        model_cfg = model_preset("mmbert-small", num_layers=6, vocab_size=32768, attention_output_dropout=0.0)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    hf, ours = make_models(model_cfg, device, dtype)
+    hf.train()
+    ours.train()
+    batch = make_batch(model_cfg.vocab_size, args.rows, args.seq_len, args.mask_rate, device)
+    tokens = args.rows * args.seq_len
+    for fn, model in ((step_ours, ours), (step_hf, hf)):  # warm-up
+        timed(fn, model, batch, args.seq_len, iters=1, device=device)
+    best = {"ours": float("inf"), "hf": float("inf")}
+    for _ in range(args.rounds):
+        best["ours"] = min(best["ours"], timed(step_ours, ours, batch, args.seq_len, iters=args.iters, device=device))
+        best["hf"] = min(best["hf"], timed(step_hf, hf, batch, args.seq_len, iters=args.iters, device=device))
+    ours_tps, hf_tps = tokens / best["ours"], tokens / best["hf"]
+    flops = flops_per_token(model_cfg, args.seq_len, args.mask_rate)
+    peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
+
+    def mfu(tps):
+        return f"{100 * tps * flops / (peak * 1e12):.1f}%" if peak else "n/a"
+
+    name = args.preset or "mmbert-small width, 6 layers, vocab 32768"
+    lines = [
+        f"\n## Model forward+backward throughput vs HF ModernBertForMaskedLM ({datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)\n",
+        f"- machine: {machine}; torch {torch.__version__}; {args.precision}",
+        f"- command: `python benchmarks/model_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"- config: {name}; batch {args.rows} x {args.seq_len} tokens, mask rate {args.mask_rate}; "
+        f"HF: sdpa, sparse_prediction=True; best of {args.rounds} rounds x {args.iters} steps, interleaved",
+        "",
+        "| side | tokens/s | TFLOP/s | MFU |",
+        "|---|---|---|---|",
+        f"| megatron-mmbert | {ours_tps:,.0f} | {ours_tps * flops / 1e12:.3f} | {mfu(ours_tps)} |",
+        f"| HF ModernBertForMaskedLM | {hf_tps:,.0f} | {hf_tps * flops / 1e12:.3f} | {mfu(hf_tps)} |",
+        "",
+        f"Ratio ours / HF: **{ours_tps / hf_tps:.2f}x** (goal: >= 1.0x on CPU, >= 1.5x and 35% MFU on a GPU).",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.append:
+        with open(os.path.join(ROOT, "benchmarks", "RESULTS.md"), "a") as f:
+            f.write(text + "\n")
+    from megatron_mmbert import runtime
+
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()
