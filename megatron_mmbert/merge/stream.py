@@ -43,7 +43,7 @@ from megatron_mmbert.merge.io import (
     detect_format,
 )
 from megatron_mmbert.merge.ties import (
-    ChunkStats, KthLargest, MergeSpec, keep_count, magnitude, merge_chunk, report_entry, task_vector,
+    ChunkStats, KthLargest, MergeSpec, keep_count, magnitude, merge_chunk, report_entry,
 )
 
 REPORT_NAME = "merge_report.json"
@@ -193,14 +193,14 @@ class _Merger:
                 _check_finite(info.name, self.paths, chunks)
                 base, models = self._split(chunks)
                 for sel, m in zip(selectors, models):
-                    sel.add_first(magnitude(task_vector(base, m)))
+                    sel.add_first(magnitude(base, m))
         for sel in selectors:
             sel.finish_first()
         for info in merged:
             for chunks in self.blocks(info, "global trim, pass 2/3"):
                 base, models = self._split(chunks)
                 for sel, m in zip(selectors, models):
-                    sel.add_second(magnitude(task_vector(base, m)))
+                    sel.add_second(magnitude(base, m))
         return [sel.result() for sel in selectors]
 
     def tensor_thresholds(self, info: TensorInfo, cached: Optional[List[torch.Tensor]]) -> List[float]:
@@ -213,7 +213,7 @@ class _Merger:
             for chunks in source:
                 base, models = self._split(chunks)
                 for sel, m in zip(selectors, models):
-                    mag = magnitude(task_vector(base, m))
+                    mag = magnitude(base, m)
                     getattr(sel, f"add_{stage}")(mag)
             if stage == "first":
                 for sel in selectors:

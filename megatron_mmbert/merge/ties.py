@@ -221,9 +221,16 @@ def task_vector(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
     return model.to(COMPUTE) - base.to(COMPUTE)
 
 
-def magnitude(tau: torch.Tensor) -> torch.Tensor:
-    """``|tau|`` as float32: what the trim ranks (:class:`KthLargest` works on float32 bits)."""
-    return tau.abs().to(torch.float32)
+def magnitude(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """``|model - base|`` as float32: what the trim ranks (:class:`KthLargest` works on float32 bits).
+
+    The threshold passes and the merge's mask both call this one function on the same inputs, so
+    they rank identical values. For inputs of float32 or narrower it subtracts in float32 (the
+    correctly rounded difference, and half the cost of going through float64).
+    """
+    if base.dtype == torch.float64 or model.dtype == torch.float64:
+        return (model.to(COMPUTE) - base.to(COMPUTE)).abs_().to(torch.float32)
+    return (model.to(torch.float32) - base.to(torch.float32)).abs_()
 
 
 def ties_chunk(
@@ -247,7 +254,7 @@ def ties_chunk(
             stats.ensure(len(models))
             stats.tv_sq[t] += float(torch.dot(tau.view(-1), tau.view(-1)))
         if thresholds is not None:
-            keep = magnitude(tau) >= thresholds[t]
+            keep = magnitude(base, model) >= thresholds[t]
             tau.mul_(keep)
             if stats is not None:
                 stats.kept[t] += int(keep.sum())
