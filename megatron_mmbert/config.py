@@ -59,7 +59,7 @@ class ModelConfig:
     """Padding id (HF ``padding_idx`` of the token embedding; its row starts at zero in HF)."""
     make_vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this (times the tensor-parallel size)."""
-    attention_backend: Literal["auto", "sdpa", "flex", "te"] = "auto"
+    attention_backend: Literal["auto", "sdpa", "te"] = "auto"
     """Attention kernel: ``auto`` picks TransformerEngine's THD path when TE is installed on a GPU,
     else PyTorch SDPA with a block-diagonal window mask. ``te`` fails clearly without TE."""
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
@@ -246,7 +246,7 @@ def validate_model(model: ModelConfig) -> None:
         raise ConfigError("model.global_attn_every_n_layers must be >= 1")
     if model.vocab_size < 1 or model.make_vocab_size_divisible_by < 1:
         raise ConfigError("model.vocab_size and model.make_vocab_size_divisible_by must be positive")
-    if model.fp8 is not None and model.attention_backend in ("sdpa", "flex"):
+    if model.fp8 is not None and model.attention_backend == "sdpa":
         raise ConfigError(
             f"model.fp8={model.fp8!r} needs TransformerEngine layers, but "
             f"model.attention_backend={model.attention_backend!r}; set attention_backend to auto or te"
@@ -295,7 +295,7 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig, world_size: in
         )
     if parallel.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
-    if cp > 1 and model.attention_backend in ("sdpa", "flex"):
+    if cp > 1 and model.attention_backend == "sdpa":
         raise ConfigError(
             f"parallel.context_parallel={cp} needs TransformerEngine attention, but "
             f"model.attention_backend={model.attention_backend!r}; set context_parallel to 1"

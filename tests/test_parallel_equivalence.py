@@ -1,7 +1,7 @@
 """Every parallel layout computes the same step as one process (megatron-core's real code paths).
 
 The same weights and global batch at TP1/PP1 (one process) and, in one 4-process torchrun world,
-TP2xDP2, PP2xDP2 with the distributed optimizer, TP2xPP2, PP2 with 2 virtual stages xDP2, and DP4
+TP2xDP2, TP2 with sequence parallelism xDP2, PP2xDP2 with the distributed optimizer, TP2xPP2, PP2 with 2 virtual stages xDP2, and DP4
 with the distributed optimizer: same loss (1e-5) and, after one AdamW step, the same weights.
 """
 
@@ -18,7 +18,7 @@ from megatron_mmbert.training import checkpoint as ckpt
 from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
 from model_helpers import make_hf_model, packed_batch, torchrun
 
-LAYOUTS = ["tp2_dp2", "pp2_dp2_distopt", "tp2_pp2", "pp2_vpp2_dp2", "dp4_distopt"]
+LAYOUTS = ["tp2_dp2", "tp2_sp_dp2", "pp2_dp2_distopt", "tp2_pp2", "pp2_vpp2_dp2", "dp4_distopt"]
 SETTINGS = OptimizerSettings(lr=1e-3, weight_decay=0.1, clip_grad=1.0)  # as in the worker
 
 

@@ -45,10 +45,6 @@ def select_backend(model: ModelConfig) -> Backend:
             "silently run without FP8); run inside an NGC PyTorch container or install "
             "transformer-engine, or unset it"
         )
-    if model.attention_backend == "flex":
-        raise ConfigError(
-            "model.attention_backend='flex' is not implemented yet; use 'sdpa' (or 'auto')"
-        )
     backend: Backend = "te" if (wants_te or (model.attention_backend == "auto" and te and torch.cuda.is_available())) else "local"
     if backend == "te":
         check_fp8(model, te)

@@ -13,8 +13,9 @@ import sys
 import torch
 
 LAYOUTS = {
-    # name: (TP, PP, VPP, distributed optimizer); DP = 4 / (TP * PP)
+    # name: (TP, PP, VPP, distributed optimizer[, sequence parallel]); DP = 4 / (TP * PP)
     "tp2_dp2": (2, 1, None, False),
+    "tp2_sp_dp2": (2, 1, None, False, True),
     "pp2_dp2_distopt": (1, 2, None, True),
     "tp2_pp2": (2, 2, None, False),
     "pp2_vpp2_dp2": (1, 2, 2, False),
@@ -35,11 +36,11 @@ def main():
     model = ckpt.read_model_config(ckpt_dir)
     rows = torch.load(batches_path)  # the global batch: one row per micro-batch
     only = os.environ.get("LAYOUTS")
-    for name, (tp, pp, vpp, distopt) in LAYOUTS.items():
+    for name, (tp, pp, vpp, distopt, *sp) in LAYOUTS.items():
         if only and name not in only.split(","):
             continue
         parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vpp,
-                                  use_distributed_optimizer=distopt)
+                                  use_distributed_optimizer=distopt, sequence_parallel=bool(sp and sp[0]))
         rt = runtime.initialize(model, parallel, seed=7)
         chunks = build_model(model, parallel)
         ckpt.load_model(ckpt_dir, chunks)
