@@ -58,8 +58,25 @@ def launch(config: str, *overrides: str, nproc: int = 0, timeout: int = 300) -> 
                "--master_port", str(_free_port()), script]
     else:
         cmd = [sys.executable, script]
-    return subprocess.run(cmd + ["--config", config, *overrides], env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    # Own session: after the run (killed or not) the whole group goes, including megatron-core's
+    # multiprocessing Manager that a SIGKILLed trainer leaves behind holding our stdout.
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd + ["--config", config, *overrides], env=_env(), stdout=out, stderr=err,
+                                text=True, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, rc, out.read(), err.read())
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

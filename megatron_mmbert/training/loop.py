@@ -242,7 +242,7 @@ class Trainer:
         """MLM loss per language group (forward only, every layout computes the same numbers)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from megatron_mmbert.model.inference import schedule_shape
+        from megatron_mmbert.model.pipeline import schedule_shape
         from megatron_mmbert.training.step import _forward_step_fn, reduce_mlm_reports
 
         if self.eval_stream is None:
@@ -258,7 +258,7 @@ class Trainer:
             seq_length, mbs = schedule_shape(self.chunks[0], batches[0])
             with torch.no_grad():
                 outputs = get_forward_backward_func()(
-                    forward_step_func=_forward_step_fn(self.rt.device, []),
+                    forward_step_func=_forward_step_fn(self.rt.device),
                     data_iterator=[iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches),
                     model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
                     num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=mbs, forward_only=True,
