@@ -82,11 +82,14 @@ def initialize(
         adapter = cpu_adapter.install()
 
     if not torch.distributed.is_initialized():
+        # A plain `python` start is a world of one on a private port; the environment is left
+        # alone so that tools this process launches do not inherit a rendezvous address.
+        init_method = None
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
         torch.distributed.init_process_group(
             backend=backend,
+            init_method=init_method,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

@@ -9,6 +9,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from megatron_mmbert.convert.verify import hf_logits_per_document
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tiny configurations that exercise what parity depends on.
@@ -59,17 +61,8 @@ def packed_batch(doc_lengths: Sequence[Sequence[int]], vocab: int, seed: int = 0
             "max_seqlen": max(n for row in doc_lengths for n in row)}
 
 
-def hf_reference_logits(model, batch: Dict) -> torch.Tensor:
-    """HF logits for a packed batch, running each document on its own (no packing in HF)."""
-    b, s = batch["tokens"].shape
-    flat = batch["tokens"].reshape(-1)
-    cu = batch["cu_seqlens"].tolist()
-    out = []
-    with torch.no_grad():
-        for start, end in zip(cu[:-1], cu[1:]):
-            ids = flat[start:end][None]
-            out.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0])
-    return torch.cat(out).reshape(b, s, -1)
+# HF logits for a packed batch, each document run on its own: the converter's own reference.
+hf_reference_logits = hf_logits_per_document
 
 
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

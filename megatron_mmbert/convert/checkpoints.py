@@ -16,6 +16,7 @@ import torch
 
 from megatron_mmbert.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_mmbert.convert import hf as hf_map
+from megatron_mmbert.fileio import publish_directory
 from megatron_mmbert.training import checkpoint as ckpt
 
 HF_FILES_TO_COPY = (
@@ -119,9 +120,7 @@ def export_hf(load_dir: str, out_dir: str, special_ids: Optional[Dict[str, int]]
     if os.path.isdir(tokenizer_dir):
         for name in os.listdir(tokenizer_dir):
             shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    publish_directory(tmp, out_dir)
     return model
 
 

@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from megatron_mmbert.fileio import atomic_write_json
 from megatron_mmbert.data.shards import (
     MANIFEST_NAME,
     LanguageEntry,
@@ -298,13 +299,7 @@ def _process_unit(unit: WorkUnit) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, ensure_ascii=False)
 
 
 # ----------------------------------------------------------------------------------------------

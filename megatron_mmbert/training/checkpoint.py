@@ -30,6 +30,7 @@ import torch
 
 from megatron_mmbert.config import ConfigError, ModelConfig
 from megatron_mmbert.config_base import from_dict, to_dict
+from megatron_mmbert.fileio import atomic_write_json, atomic_write_text, publish_directory
 
 CONFIG_FILE = "mmbert_config.json"
 
@@ -63,15 +64,6 @@ def is_complete(directory: str) -> bool:
     )
 
 
-def write_json_atomic(path: str, data: Dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save(
     directory: str,
     sharded_state_dict: Dict[str, Any],
@@ -101,14 +93,8 @@ def save(
     if _rank() == 0:
         payload = {"model": to_dict(model_config), "saved_at": time.time()}
         payload.update(extra or {})
-        write_json_atomic(os.path.join(tmp, CONFIG_FILE), payload)
-        if os.path.exists(directory):
-            old = f"{directory}.old-{stamp}"
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        atomic_write_json(os.path.join(tmp, CONFIG_FILE), payload, indent=2)
+        publish_directory(tmp, directory)
     _barrier()
 
 
@@ -142,9 +128,20 @@ def save_model(directory: str, chunks: List[torch.nn.Module], model_config: Mode
     save(directory, model_sharded_state_dict(chunks), model_config, extra)
 
 
+def _weights_only(sharded: Dict[str, Any]) -> Dict[str, Any]:
+    """Drop ``_extra_state`` entries (TransformerEngine's FP8 scaling metadata, None for local
+    layers) from a nested sharded state dict: weights-only checkpoints (conversions, merges) do
+    not carry them, and FP8 scales are re-derived from the first steps."""
+    return {
+        k: _weights_only(v) if isinstance(v, dict) else v
+        for k, v in sharded.items()
+        if not k.endswith("_extra_state")
+    }
+
+
 def load_model(directory: str, chunks: List[torch.nn.Module]) -> None:
     """Load model weights into ``chunks`` from a checkpoint saved at any layout."""
-    state = load(directory, model_sharded_state_dict(chunks))
+    state = load(directory, _weights_only(model_sharded_state_dict(chunks)))
     if len(chunks) == 1:
         _load_chunk(chunks[0], state["model"])
     else:
@@ -195,12 +192,7 @@ def save_training(
         before_publish=before_publish,
     )
     if _rank() == 0:
-        tmp = os.path.join(root, f".{LATEST_FILE}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(root, LATEST_FILE))
+        atomic_write_text(os.path.join(root, LATEST_FILE), name + "\n")
     _barrier()
     return directory
 

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megatron_mmbert.config import ParallelConfig
-from megatron_mmbert.model.inference import schedule_shape, to_device
+from megatron_mmbert.model.pipeline import run_schedule, to_device
 
 
 @dataclass
@@ -111,7 +111,7 @@ def build_optimizer(chunks: List[torch.nn.Module], settings: OptimizerSettings, 
     return optimizer
 
 
-def _forward_step_fn(device: torch.device, correct_counts: List[torch.Tensor]):
+def _forward_step_fn(device: torch.device):
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator), device)
         stats: Dict[str, torch.Tensor] = {}
@@ -141,24 +141,12 @@ def train_step(
     """Forward/backward over ``micro_batches`` (this DP rank's share of one global batch) and one
     optimizer step. Returns global ``loss`` (per-token mean), ``accuracy``, ``tokens`` (labelled),
     ``grad_norm`` and ``update_ok`` on every rank."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     device = device or next(chunks[0].parameters()).device
-    micro_batches = list(micro_batches)
     for chunk in chunks:
         chunk.train()
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    seq_length, micro_batch_size = schedule_shape(chunks[0], micro_batches[0])
-    outputs = get_forward_backward_func()(
-        forward_step_func=_forward_step_fn(device, []),
-        data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    outputs = run_schedule(chunks, _forward_step_fn(device), micro_batches, forward_only=False)
     update_ok, grad_norm, _ = optimizer.step()
     totals = reduce_mlm_reports(outputs, device)
     return {

@@ -14,7 +14,7 @@ def main():
     from megatron_mmbert import runtime
     from megatron_mmbert.config import ParallelConfig
     from megatron_mmbert.model.build import build_model
-    from megatron_mmbert.model.inference import forward_logits
+    from megatron_mmbert.model.pipeline import forward_logits
     from megatron_mmbert.training import checkpoint as ckpt
 
     model = ckpt.read_model_config(ckpt_dir)
