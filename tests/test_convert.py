@@ -140,3 +140,27 @@ def test_cli_reports_errors_without_traceback(converted, tmp_path, capsys):
     assert "has no config.json" in capsys.readouterr().err
     assert convert_main(["export-hf", "--load", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
     assert "not a megatron-mmbert checkpoint" in capsys.readouterr().err
+
+
+def test_merged_model_checkpoints_load_and_export(converted, tmp_path):
+    """tools/ties_merge.py on our own model checkpoints: the output loads at TP1 and exports to HF."""
+    from transformers import AutoModelForMaskedLM
+
+    from megatron_mmbert.cli.ties_merge import main as merge_main
+
+    root, _ = converted
+    make_hf_model("odd", str(tmp_path / "hf_b"), seed=1)
+    import_hf(str(tmp_path / "hf_b"), str(tmp_path / "b"))
+    runtime.shutdown()
+    assert merge_main(["--method", "linear", "--models", str(root / "ckpt"), str(tmp_path / "b"),
+                       "--weights", "0.5", "0.5", "--out", str(tmp_path / "merged"), "--quiet"]) == 0
+    _, a = load_canonical(str(root / "ckpt"))
+    runtime.shutdown()
+    _, b = load_canonical(str(tmp_path / "b"))
+    runtime.shutdown()
+    _, merged = load_canonical(str(tmp_path / "merged"))
+    runtime.shutdown()
+    for key in a:
+        assert torch.allclose(merged[key], 0.5 * (a[key] + b[key]), atol=1e-7), key
+    export_hf(str(tmp_path / "merged"), str(tmp_path / "merged_hf"))
+    AutoModelForMaskedLM.from_pretrained(tmp_path / "merged_hf")

@@ -32,6 +32,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
+from megatron_mmbert.fileio import publish_directory
 from megatron_mmbert.merge.io import (
     CheckpointError,
     DistSession,
@@ -339,13 +340,7 @@ def merge_checkpoints(
         }
         with open(os.path.join(tmp, REPORT_NAME), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
-        if os.path.exists(out):
-            old = f"{out}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_directory(tmp, out)
         return report
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
