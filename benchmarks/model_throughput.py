@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
 import sys
 import time
 
@@ -29,17 +28,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from benchmarks.common import append_results, machine as describe_machine  # noqa: E402
 
 
 def make_models(model_cfg, device, dtype):
@@ -129,7 +118,7 @@ def main(argv=None):
     ours_tps, hf_tps = tokens / best["ours"], tokens / best["hf"]
     flops = flops_per_token(model_cfg, args.seq_len, args.mask_rate)
     peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
+    machine = describe_machine(args.device)
 
     def mfu(tps):
         return f"{100 * tps * flops / (peak * 1e12):.1f}%" if peak else "n/a"
@@ -152,8 +141,7 @@ def main(argv=None):
     text = "\n".join(lines)
     print(text)
     if args.append:
-        with open(os.path.join(ROOT, "benchmarks", "RESULTS.md"), "a") as f:
-            f.write(text + "\n")
+        append_results(text)
     from megatron_mmbert import runtime
 
     runtime.shutdown()

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker on both sides
 
+from benchmarks.common import append_results, machine  # noqa: E402
 from megatron_mmbert.data.demo_corpus import (  # noqa: E402
     DemoCorpusOptions, build_gettext_corpus, iter_corpus_texts, train_tokenizer,
 )
@@ -99,14 +99,12 @@ def main(argv=None) -> int:
         rows.append(f"| {name} | {r['docs']} | {r['bytes'] / 1e6:.1f} | {r['tokens']} | {r['seconds']:.2f} | "
                     f"{r['mb_s']:.2f} | {r['tok_s'] / 1e6:.3f} |")
     ratio = mine["mb_s"] / base["mb_s"]
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
     date = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
     section = "\n".join([
         "",
         f"## Preprocessing throughput per worker ({date})",
         "",
-        f"Machine: {os.cpu_count()} cores (nproc), {cpu}; shared with other jobs. One worker (in-process, "
+        f"Machine: {machine()}; shared with other jobs. One worker (in-process, "
         "TOKENIZERS_PARALLELISM=false) on both sides.",
         f"Data: gettext demo corpus, all languages, <= {args.max_chars_per_language} chars per language, as one "
         f"JSONL of {size / 1e6:.1f} MB; tokenizer: demo byte-level BPE (HF fast, 4096 ids).",
@@ -123,8 +121,7 @@ def main(argv=None) -> int:
     ])
     print(section)
     if args.append_results:
-        with open(os.path.join(ROOT, "benchmarks", "RESULTS.md"), "a", encoding="utf-8") as f:
-            f.write(section)
+        append_results(section)
     return 0
 
 

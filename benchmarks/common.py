@@ -1,0 +1,35 @@
+"""What every benchmark script shares: the machine line and appending a section to RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine(device: str = "cpu") -> str:
+    """``<GPU name>`` on CUDA, else ``<CPU model>, <n> cores``, plus the load average (shared boxes)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name()
+    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return f"{cpu_model()}, {os.cpu_count()} cores{load}"
+
+
+def append_results(section: str) -> None:
+    """Append a Markdown section (it should start with a `## title (date)` line) to RESULTS.md."""
+    with open(RESULTS, "a", encoding="utf-8") as f:
+        f.write(section.rstrip() + "\n")
