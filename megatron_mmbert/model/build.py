@@ -151,7 +151,8 @@ def build_model(
     precision: Precision = "fp32",
     device: Optional[torch.device] = None,
 ) -> List[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage), on ``device``.
+    """This rank's model chunks (one per virtual pipeline stage), on ``device`` (default: this
+    rank's GPU, or the CPU without one).
 
     Megatron parallel state must be initialised (``runtime.initialize``).
     """
@@ -172,6 +173,8 @@ def build_model(
             precision,
             f", FP8 {model.fp8}/{model.fp8_recipe}" if model.fp8 else "",
         )
+    if device is None:  # megatron's layers initialise on the current GPU; our norms and head follow
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     vpp = parallel.virtual_pipeline or 1
     chunks = []
     for stage in range(vpp):
@@ -179,7 +182,5 @@ def build_model(
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=True) and is_vp_first_stage(vp_stage, parallel.virtual_pipeline)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and is_vp_last_stage(vp_stage, parallel.virtual_pipeline)
         chunk = MMBertModel(config, model, backend, pre_process=pre, post_process=post, vp_stage=vp_stage)
-        if device is not None:
-            chunk.to(device)
-        chunks.append(chunk)
+        chunks.append(chunk.to(device))
     return chunks
