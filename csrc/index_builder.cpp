@@ -105,9 +105,11 @@ inline double deficit(double B, double w, double x, double c) {
 }
 
 struct BlendStats {
-  int64_t rebuilds = 0;      // full scans (fallbacks + segment starts)
-  int64_t hot_scanned = 0;   // deficits evaluated on the fast path
-  int64_t wakes = 0;         // sleepers woken by the calendar
+  int64_t rebuilds = 0;     // full scans (segment starts + fallbacks when the line passed the top)
+  int64_t raises = 0;       // threshold raises (the hot set outgrew its cap)
+  int64_t hot_scanned = 0;  // deficits evaluated on the fast path
+  int64_t wakes = 0;        // sleepers taken off the calendar
+  int64_t sleeps = 0;       // wake steps computed
 };
 
 // Reference implementation: a full scan of all active datasets at every step (megatron's loop).
@@ -135,46 +137,75 @@ void blend_segment_scan(const Segment &seg, int L, const double *B, int64_t *cou
   }
 }
 
-// Exact fast path. Idea: the winner at step s has the largest deficit. A dataset whose deficit is
-// below a threshold tau cannot win while some dataset is at or above tau. Non-chosen datasets'
-// deficits only grow (by w_i per step, and monotonically also in floating point), so a dataset
-// below tau sleeps until the first step at which its deficit reaches tau; that step is computed
-// exactly (estimate, then walk with the same expression) and kept in a calendar (a ring of buckets
-// for near steps, a heap for far ones). Only the "hot" datasets (at or above tau when woken) are
-// scanned, from contiguous arrays. If no hot dataset is at or above tau, the step falls back to a
-// full scan that lowers tau (rebuild); if the hot set grows, tau is raised (always safe: sleepers
-// then wake early and go back to sleep). Ties go to the lowest index among the hot datasets, and a
-// sleeper is strictly below tau <= the winner's deficit, so the result equals the full scan's.
+// Exact fast path: a falling threshold line, a small hot set and a calendar of sleepers.
+//
+// The winner at step s is the dataset with the largest deficit (lowest index on ties). Let
+// tau(x) = T0 - slope * x (doubles, x = max(s, 1) - start as in the deficit), a line that falls a
+// little every step. A dataset is "hot" once its deficit is at or above the line; it can only win
+// while hot if some hot deficit is at or above the line, because every sleeper is strictly below
+// it. A sleeper's deficit never falls (it grows by w_i per step; the rounded expression is
+// monotone too) and the line never rises between raises, so "deficit >= line" is false up to one
+// step and true from then on: that wake step is estimated with one multiplication and confirmed
+// with the exact expressions (the same floating-point operations as megatron's loop), and the
+// dataset sleeps in a ring of per-step buckets (intrusive lists; a heap for rare far wakes) until
+// then. Each step therefore: take the step's bucket into the hot set, scan the hot set (kept in
+// dataset order, so the first largest deficit is the lowest index among ties), emit the winner,
+// and put the winner (whose deficit just fell by one) back to sleep.
+//
+// The line must stay below the top deficit (else: a full scan that re-lays it, a "rebuild") but
+// close to it (else the hot set grows). It falls by `slope` times the mean weight per step, and
+// when the hot set outgrows its cap it is raised to the hot_target-th largest hot deficit: raising
+// is always safe (sleepers then wake early, find themselves still below, and sleep again), while
+// lowering would wake sleepers late, hence the rebuild. Sleepers are never rescheduled by a raise.
 template <typename IdxT>
-class FastBlender {
+class LineBlender {
  public:
-  FastBlender(int L, int hot_target)
-      : L_(L), hot_target_(std::max(1, hot_target)), version_(L, 0), inv_w_(L, 0.0), e_all_(L),
-        ring_(kRing) {}
+  LineBlender(int L, int hot_target, double slope)
+      : L_(L), k_target_(std::max(1, hot_target)), k_max_(2 * std::max(1, hot_target) + 4),
+        slope_(slope), inv_ws_(L, 0.0), next_(L, -1), wake_(L, 0), where_(L, kNone), hB_(L + 8),
+        hw_(L + 8), hc_(L + 8), hx_(L + 8), hi_(L + 8), slot_(L, 0), e_all_(L), he_(L + 4) {}
 
   void run_segment(const Segment &seg, const double *B, int64_t *count_phase, double *count_phase_d,
                    int64_t *count_global, IdxT *out_idx, int64_t *out_sample, int64_t out_offset,
                    BlendStats &stats) {
+    stats_ = &stats;
+    clear_all();
     seg_ = &seg;
+    w_ = seg.w;
     B_ = B;
     c_ = count_phase_d;
     active_.clear();
+    double wsum = 0.0;
     for (int i = 0; i < L_; ++i) {
       if (seg.w[i] > 0.0) {
         active_.push_back(i);
-        inv_w_[i] = 1.0 / seg.w[i];
+        wsum += seg.w[i];
       }
     }
-    far_ = decltype(far_)();
-    for (auto &b : ring_) b.clear();
-    rebuild(seg.start, stats);
+    if (active_.empty()) return;  // the caller checked: no samples without a positive weight
+    s_ = slope_ * wsum / static_cast<double>(active_.size());
+    for (int i : active_) inv_ws_[i] = 1.0 / (seg.w[i] + s_);
+    // A sleeper at most ~2 below the line reaches it within 2 / slope steps: size the ring so that
+    // nearly all wakes land in it.
+    const double reach = 4.0 / s_;
+    int64_t ring = 1024;
+    while (ring < reach && ring < (int64_t(1) << 20)) ring <<= 1;
+    if (static_cast<int64_t>(head_.size()) != ring) head_.assign(ring, -1);
+    mask_ = ring - 1;
+    hot_n_ = 0;
+    raise_at_ = k_max_;
+    T0_ = 0.0;
+    xend_ = static_cast<double>(seg.end - seg.start);
+
     for (int64_t s = seg.start; s < seg.end; ++s) {
       const double x = xval(s);
-      drain(s, x, stats);
-      int k = scan(x, stats);
-      if (k < 0) {
-        rebuild(s, stats);
-        k = scan(x, stats);
+      double t = tau(x);
+      drain(s, x, t);
+      double m;
+      int k = scan(x, m);
+      if (k < 0 || !(m >= t)) {
+        rebuild(s);
+        k = scan(x, m);
       }
       const int best = hi_[k];
       out_idx[out_offset + s] = static_cast<IdxT>(best);
@@ -182,241 +213,280 @@ class FastBlender {
       count_global[best] += 1;
       count_phase[best] += 1;
       c_[best] = static_cast<double>(count_phase[best]);
-      hc_[k] = c_[best];
-      // The winner's deficit just fell by one: unless it is still at or above tau at the next
-      // step, it leaves the hot set. Everyone else's deficit only grows.
-      if (s + 1 < seg.end && e_at(best, xval(s + 1)) < tau_) {
-        remove_hot(k);
+      remove_hot(k);
+      if (s + 1 < seg.end) {
         sleep(best, s + 1);
+        if (hot_n_ > raise_at_) raise(s + 1);
       }
-      if (static_cast<int>(hi_.size()) > 2 * hot_target_) raise_tau(s + 1);
     }
+    clear_all();
   }
 
  private:
-  static constexpr int64_t kRing = 4096;  // calendar buckets for near wake-ups (power of two)
-
-  struct Entry {
-    int64_t t;
-    int32_t i;
-    uint32_t v;
-    bool operator>(const Entry &o) const { return t > o.t; }
-  };
+  enum : int8_t { kNone = 0, kHot = 1, kRing = 2, kFar = 3 };
 
   double xval(int64_t s) const {
     return static_cast<double>(std::max<int64_t>(s, 1)) - static_cast<double>(seg_->start);
   }
-  double e_at(int i, double x) const { return deficit(B_[i], seg_->w[i], x, c_[i]); }
-
-  void add_hot(int i) {
-    hi_.push_back(i);
-    hB_.push_back(B_[i]);
-    hw_.push_back(seg_->w[i]);
-    hc_.push_back(c_[i]);
+  double tau(double x) const { return T0_ - s_ * x; }
+  double e_at(int i, double x) const { return deficit(B_[i], w_[i], x, c_[i]); }
+  bool above(int i, int64_t s) const {
+    const double x = xval(s);
+    return e_at(i, x) >= tau(x);
   }
-  void remove_hot(size_t k) {
-    const size_t last = hi_.size() - 1;
-    hi_[k] = hi_[last];
+
+  // The hot slot with the largest deficit at x, the lowest dataset index among equal largest
+  // deficits, or -1 when the hot set is empty. One pass, no branches on the data: four SIMD lanes
+  // each keep the best (deficit, index) pair in that order (each lane rounds exactly like the
+  // scalar expression; dataset indices ride along as exact doubles), then the lanes are merged.
+  int scan(double x, double &m) {
+    const int n = hot_n_;
+    stats_->hot_scanned += n;
+    if (n == 0) return -1;
+    const double *hB = hB_.data(), *hw = hw_.data(), *hc = hc_.data(), *hx = hx_.data();
+    int k = 0;
+    double best = -std::numeric_limits<double>::infinity();
+    double bi = std::numeric_limits<double>::infinity();
+#if defined(__SSE2__)
+    // Pad to a multiple of four with slots that never win (deficit -inf, index +inf).
+    for (int j = n; j < n + 4; ++j) {
+      hB_[j] = -std::numeric_limits<double>::infinity();
+      hw_[j] = 0.0;
+      hc_[j] = 0.0;
+      hx_[j] = std::numeric_limits<double>::infinity();
+    }
+    const __m128d vx = _mm_set1_pd(x);
+    __m128d a = _mm_set1_pd(best), b = a, ia = _mm_set1_pd(bi), ib = ia;
+    // (d, i) beats (a, ia): a larger deficit, or an equal one with a lower index.
+    auto beats = [](__m128d d, __m128d i, __m128d a, __m128d ia) {
+      return _mm_or_pd(_mm_cmpgt_pd(d, a), _mm_and_pd(_mm_cmpeq_pd(d, a), _mm_cmplt_pd(i, ia)));
+    };
+    auto pick = [](__m128d g, __m128d u, __m128d v) {
+      return _mm_or_pd(_mm_and_pd(g, u), _mm_andnot_pd(g, v));
+    };
+    for (; k < n; k += 4) {
+      const __m128d d0 = _mm_sub_pd(
+          _mm_add_pd(_mm_loadu_pd(hB + k), _mm_mul_pd(_mm_loadu_pd(hw + k), vx)),
+          _mm_loadu_pd(hc + k));
+      const __m128d d1 = _mm_sub_pd(
+          _mm_add_pd(_mm_loadu_pd(hB + k + 2), _mm_mul_pd(_mm_loadu_pd(hw + k + 2), vx)),
+          _mm_loadu_pd(hc + k + 2));
+      const __m128d x0 = _mm_loadu_pd(hx + k), x1 = _mm_loadu_pd(hx + k + 2);
+      const __m128d g0 = beats(d0, x0, a, ia), g1 = beats(d1, x1, b, ib);
+      a = pick(g0, d0, a);
+      ia = pick(g0, x0, ia);
+      b = pick(g1, d1, b);
+      ib = pick(g1, x1, ib);
+    }
+    const __m128d g = beats(b, ib, a, ia);
+    a = pick(g, b, a);
+    ia = pick(g, ib, ia);
+    double v[2], s[2];
+    _mm_storeu_pd(v, a);
+    _mm_storeu_pd(s, ia);
+    const bool take = (v[1] > v[0]) | ((v[1] == v[0]) & (s[1] < s[0]));
+    best = take ? v[1] : v[0];
+    bi = take ? s[1] : s[0];
+#else
+    for (; k < n; ++k) {
+      const double e = deficit(hB[k], hw[k], x, hc[k]);
+      const bool take = e > best || (e == best && hx[k] < bi);
+      best = take ? e : best;
+      bi = take ? hx[k] : bi;
+    }
+#endif
+    m = best;
+    return slot_[static_cast<int>(bi)];
+  }
+
+  void insert_hot(int i) {
+    const int k = hot_n_++;
+    hB_[k] = B_[i];
+    hw_[k] = w_[i];
+    hc_[k] = c_[i];
+    hx_[k] = static_cast<double>(i);
+    hi_[k] = i;
+    slot_[i] = k;
+    where_[i] = kHot;
+  }
+  void remove_hot(int k) {  // the last slot moves into k
+    where_[hi_[k]] = kNone;
+    const int last = --hot_n_;
     hB_[k] = hB_[last];
     hw_[k] = hw_[last];
     hc_[k] = hc_[last];
-    hi_.pop_back();
-    hB_.pop_back();
-    hw_.pop_back();
-    hc_.pop_back();
+    hx_[k] = hx_[last];
+    hi_[k] = hi_[last];
+    slot_[hi_[k]] = k;
   }
 
-  // The hot slot holding the largest deficit at x (lowest dataset index on ties) if that deficit
-  // is at or above tau, else -1.
-  int scan(double x, BlendStats &stats) {
-    const size_t n = hi_.size();
-    stats.hot_scanned += n;
-    if (n == 0) return -1;
-    const double *hB = hB_.data(), *hw = hw_.data(), *hc = hc_.data();
-    const int *hi = hi_.data();
-    size_t k = 0;
-    double m;
-    // Pass 1: the largest deficit. Pass 2: the lowest dataset index holding it. The deficits are
-    // recomputed rather than stored (cheaper than a store/reload round trip); each SIMD lane
-    // rounds exactly like the scalar expression.
-#if defined(__SSE2__)
-    const __m128d vx = _mm_set1_pd(x);
-    auto dv = [&](size_t j) {
-      return _mm_sub_pd(_mm_add_pd(_mm_loadu_pd(hB + j), _mm_mul_pd(_mm_loadu_pd(hw + j), vx)),
-                        _mm_loadu_pd(hc + j));
-    };
-    if (n >= 4) {
-      __m128d a = dv(0), b = dv(2);
-      for (k = 4; k + 4 <= n; k += 4) {
-        a = _mm_max_pd(a, dv(k));
-        b = _mm_max_pd(b, dv(k + 2));
-      }
-      a = _mm_max_pd(a, b);
-      double lanes[2];
-      _mm_storeu_pd(lanes, a);
-      m = lanes[0] > lanes[1] ? lanes[0] : lanes[1];
+  // Put dataset i (below the line at step lo - 1, or not hot) to sleep until the first step
+  // t >= lo at which its deficit is at or above the line; not at all if that is past the segment.
+  void sleep(int i, int64_t lo) {
+    ++stats_->sleeps;
+    // Steps t >= lo >= 1 have x = t - start (the max(s, 1) quirk only touches step 0), so the walk
+    // runs on x directly; every x here is an integer held exactly in a double.
+    const double xlo = static_cast<double>(lo - seg_->start);
+    const double xend = xend_;
+    const double b = B_[i], w = w_[i], c = c_[i];
+    // Deficit at or above the line: the same expressions as deficit() and tau().
+    auto above_x = [&](double x) { return (b + w * x) - c >= T0_ - s_ * x; };
+    // The real-valued solution of b + w x - c = T0 - slope x, rounded up into [xlo, xend];
+    // exactness comes from the walk.
+    double xu = (c - b + T0_) * inv_ws_[i];
+    if (!(xu > xlo)) {
+      xu = xlo;
+    } else if (!(xu < xend)) {
+      xu = xend;
     } else {
-      m = deficit(hB[0], hw[0], x, hc[0]);
-      k = 1;
+      const double f = static_cast<double>(static_cast<int64_t>(xu));
+      xu = f < xu ? f + 1.0 : f;
     }
-    for (; k < n; ++k) {
-      const double e = deficit(hB[k], hw[k], x, hc[k]);
-      m = e > m ? e : m;
+    while (xu > xlo && above_x(xu - 1.0)) xu -= 1.0;
+    while (xu < xend && !above_x(xu)) xu += 1.0;
+    if (!(xu < xend)) {
+      where_[i] = kNone;
+      return;
     }
-    if (!(m >= tau_)) return -1;
-    int best = -1;
-    int best_i = std::numeric_limits<int>::max();
-    const __m128d vm = _mm_set1_pd(m);
-    for (k = 0; k + 2 <= n; k += 2) {
-      const int mask = _mm_movemask_pd(_mm_cmpeq_pd(dv(k), vm));
-      if (mask) {
-        if ((mask & 1) && hi[k] < best_i) best_i = hi[k], best = static_cast<int>(k);
-        if ((mask & 2) && hi[k + 1] < best_i) best_i = hi[k + 1], best = static_cast<int>(k + 1);
-      }
+    const int64_t t = seg_->start + static_cast<int64_t>(xu);
+    wake_[i] = t;
+    if (t - lo < mask_) {  // lo - 1 is the current step: t is less than a ring turn ahead
+      int32_t &head = head_[t & mask_];
+      next_[i] = head;
+      head = i;
+      where_[i] = kRing;
+    } else {
+      far_.push(std::make_pair(t, i));
+      where_[i] = kFar;
     }
-    if (k < n && deficit(hB[k], hw[k], x, hc[k]) == m && hi[k] < best_i) {
-      best_i = hi[k];
-      best = static_cast<int>(k);
-    }
-    return best;
-#else
-    m = deficit(hB[0], hw[0], x, hc[0]);
-    for (k = 1; k < n; ++k) {
-      const double e = deficit(hB[k], hw[k], x, hc[k]);
-      m = e > m ? e : m;
-    }
-    if (!(m >= tau_)) return -1;
-    int best = -1;
-    int best_i = std::numeric_limits<int>::max();
-    for (k = 0; k < n; ++k) {
-      if (deficit(hB[k], hw[k], x, hc[k]) == m && hi[k] < best_i) {
-        best_i = hi[k];
-        best = static_cast<int>(k);
-      }
-    }
-    return best;
-#endif
   }
 
-  // Full scan at step s: tau becomes the hot_target-th largest deficit; everything at or above it
-  // is hot, the rest sleeps with fresh wake-up steps (older calendar entries are invalidated).
-  void rebuild(int64_t s, BlendStats &stats) {
-    ++stats.rebuilds;
+  void wake(int i, int64_t s, double x, double t) {
+    ++stats_->wakes;
+    if (e_at(i, x) >= t) {
+      insert_hot(i);
+    } else {
+      sleep(i, s + 1);  // woken early: the line was raised since it fell asleep
+    }
+  }
+
+  void drain(int64_t s, double x, double t) {
+    int32_t &head = head_[s & mask_];
+    int i = head;
+    head = -1;
+    while (i >= 0) {
+      const int nxt = next_[i];
+      wake(i, s, x, t);
+      i = nxt;
+    }
+    while (!far_.empty() && far_.top().first <= s) {
+      const int j = far_.top().second;
+      far_.pop();
+      wake(j, s, x, t);
+    }
+  }
+
+  // Lay T0 so that the line at x is the largest double <= v (v itself when representable so).
+  void lay_line(double v, double x) {
+    T0_ = v + s_ * x;
+    while (tau(x) > v) T0_ = std::nextafter(T0_, -std::numeric_limits<double>::infinity());
+  }
+
+  // Full scan at step s: the line through the hot_target-th largest deficit; everything at or
+  // above it is hot, the rest sleeps with fresh wake steps.
+  void rebuild(int64_t s) {
+    ++stats_->rebuilds;
+    clear_all();
     const double x = xval(s);
     const size_t n = active_.size();
     for (size_t j = 0; j < n; ++j) e_all_[j] = e_at(active_[j], x);
-    const size_t k = std::min<size_t>(static_cast<size_t>(hot_target_), n);
+    const size_t k = std::min<size_t>(static_cast<size_t>(k_target_), n);
     tmp_.assign(e_all_.begin(), e_all_.begin() + n);
     std::nth_element(tmp_.begin(), tmp_.begin() + (k - 1), tmp_.end(), std::greater<double>());
-    tau_ = tmp_[k - 1];
-    hi_.clear();
-    hB_.clear();
-    hw_.clear();
-    hc_.clear();
+    lay_line(tmp_[k - 1], x);
+    const double t = tau(x);
     for (size_t j = 0; j < n; ++j) {
       const int i = active_[j];
-      ++version_[i];
-      if (e_all_[j] >= tau_) {
-        add_hot(i);
+      if (e_all_[j] >= t) {
+        insert_hot(i);
       } else {
-        sleep_below(i, s);
+        sleep(i, s + 1);
       }
     }
+    raise_at_ = std::max(k_max_, hot_n_ + k_target_);
   }
 
-  // The hot set grew: raise tau to its hot_target-th largest deficit at step s and put the members
-  // below it to sleep.
-  void raise_tau(int64_t s) {
+  // The hot set outgrew its cap: raise the line (never lower it) to the hot_target-th largest hot
+  // deficit at step s and put the hot datasets below it to sleep.
+  void raise(int64_t s) {
+    ++stats_->raises;
     const double x = xval(s);
-    const size_t n = hi_.size();
-    he_.resize(n);
-    for (size_t k = 0; k < n; ++k) he_[k] = deficit(hB_[k], hw_[k], x, hc_[k]);
-    tmp_.assign(he_.begin(), he_.begin() + n);
-    const size_t k = static_cast<size_t>(hot_target_);
+    const int n = hot_n_;
+    tmp_.resize(n);
+    for (int k = 0; k < n; ++k) he_[k] = tmp_[k] = deficit(hB_[k], hw_[k], x, hc_[k]);
+    const int k = std::min(k_target_, n);
     std::nth_element(tmp_.begin(), tmp_.begin() + (k - 1), tmp_.end(), std::greater<double>());
-    tau_ = std::max(tau_, tmp_[k - 1]);
-    for (size_t j = n; j-- > 0;) {
-      if (he_[j] < tau_) {
-        const int i = hi_[j];
-        remove_hot(j);
-        he_[j] = he_[hi_.size()];
-        sleep(i, s);
+    const double old = T0_;
+    lay_line(tmp_[k - 1], x);
+    if (T0_ < old) T0_ = old;
+    const double t = tau(x);
+    int kept = 0;
+    for (int j = 0; j < n; ++j) {
+      if (he_[j] >= t) {
+        hB_[kept] = hB_[j];
+        hw_[kept] = hw_[j];
+        hc_[kept] = hc_[j];
+        hx_[kept] = hx_[j];
+        hi_[kept] = hi_[j];
+        slot_[hi_[kept]] = kept;
+        ++kept;
+      } else {
+        sleep(hi_[j], s);
       }
     }
+    hot_n_ = kept;
+    // Ties can keep the hot set above its cap; do not retry before it grows again.
+    raise_at_ = std::max(k_max_, hot_n_ + k_target_);
   }
 
-  // Dataset i, below tau at step s, sleeps until the first step whose deficit reaches tau.
-  void sleep(int i, int64_t s) {
-    ++version_[i];
-    sleep_below(i, s);
-  }
-  void sleep_below(int i, int64_t s) {
-    const int64_t t = wake_step(i, s);
-    if (t >= seg_->end) return;  // not before the segment ends: the next segment rebuilds
-    const Entry en{t, i, version_[i]};
-    if (t - s < kRing) {
-      ring_[t & (kRing - 1)].push_back(en);
-    } else {
-      far_.push(en);
+  // Empty the hot set and the calendar (ring buckets are cleared through their sleepers).
+  void clear_all() {
+    for (int i = 0; i < L_; ++i) {
+      if (where_[i] == kRing) head_[wake_[i] & mask_] = -1;
+      where_[i] = kNone;
     }
-  }
-
-  // First step t > s with deficit(t) >= tau (or the segment end). The deficit is monotone in t.
-  int64_t wake_step(int i, int64_t s) const {
-    const double w = seg_->w[i];
-    const int64_t lo = s + 1, end = seg_->end;
-    const double start = static_cast<double>(seg_->start);
-    const double need = (tau_ + c_[i] - B_[i]) * inv_w_[i];  // x where the deficit reaches tau
-    if (!(need < 9.0e18)) return end;
-    int64_t up = need > 0.0 ? static_cast<int64_t>(need) : 0;  // ceil without a libm call
-    if (static_cast<double>(up) < need) ++up;
-    int64_t t = seg_->start + up;
-    if (t < lo) t = lo;
-    if (t > end) t = end;
-    auto e = [&](int64_t tt) { return deficit(B_[i], w, static_cast<double>(tt) - start, c_[i]); };
-    while (t > lo && e(t - 1) >= tau_) --t;
-    while (t < end && e(t) < tau_) ++t;
-    return t;
-  }
-
-  // Wake the datasets whose step has come: hot if at or above tau at x, else back to sleep.
-  void drain(int64_t s, double x, BlendStats &stats) {
-    auto &bucket = ring_[s & (kRing - 1)];
-    for (const Entry &en : bucket) {
-      if (en.v == version_[en.i] && en.t == s) wake(en.i, s, x, stats);
-    }
-    bucket.clear();
-    while (!far_.empty() && far_.top().t <= s) {
-      const Entry en = far_.top();
-      far_.pop();
-      if (en.v == version_[en.i]) wake(en.i, s, x, stats);
-    }
-  }
-
-  void wake(int i, int64_t s, double x, BlendStats &stats) {
-    ++version_[i];
-    ++stats.wakes;
-    if (e_at(i, x) >= tau_) {
-      add_hot(i);
-    } else {
-      sleep_below(i, s);  // woken early (tau was raised since it fell asleep)
-    }
+    far_ = decltype(far_)();
+    hot_n_ = 0;
   }
 
   int L_;
-  int hot_target_;
+  int k_target_, k_max_;
+  double slope_;
   const Segment *seg_ = nullptr;
+  const double *w_ = nullptr;
   const double *B_ = nullptr;
   double *c_ = nullptr;
-  double tau_ = 0.0;
+  BlendStats *stats_ = nullptr;
+  double s_ = 0.0;   // the line's fall per step
+  double T0_ = 0.0;  // the line at x = 0
+  double xend_ = 0.0;  // x of the segment's end
+  int raise_at_ = 0;
   std::vector<int> active_;
-  std::vector<int> hi_;                    // hot datasets ...
-  std::vector<double> hB_, hw_, hc_, he_;  // ... and their B, w, count, deficit (contiguous)
-  std::vector<uint32_t> version_;
-  std::vector<double> inv_w_;
-  std::vector<double> e_all_, tmp_;
-  std::vector<std::vector<Entry>> ring_;
-  std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> far_;
+  std::vector<double> inv_ws_;  // 1 / (w_i + s_)
+  std::vector<int32_t> head_;   // ring of per-step buckets: first sleeper, or -1
+  int64_t mask_ = 0;
+  std::vector<int32_t> next_;   // next sleeper in the same bucket
+  std::vector<int64_t> wake_;   // the step a sleeper wakes at
+  std::vector<int8_t> where_;   // kNone / kHot / kRing / kFar
+  std::vector<double> hB_, hw_, hc_;  // the hot set (unordered): B, w, count, ...
+  std::vector<double> hx_;            // ... dataset index as a double (for the SIMD tie rule) ...
+  std::vector<int32_t> hi_;           // ... and as an int
+  std::vector<int32_t> slot_;         // slot of a hot dataset
+  int hot_n_ = 0;
+  std::vector<double> e_all_, tmp_, he_;
+  std::priority_queue<std::pair<int64_t, int>, std::vector<std::pair<int64_t, int>>,
+                      std::greater<std::pair<int64_t, int>>>
+      far_;
 };
 
 // weights: [M, L] float64, one row per segment; seg_sizes: [M] int64 (samples per segment);
@@ -425,7 +495,8 @@ class FastBlender {
 // dataset_sample_index keeps counting across phases (each dataset is read on, never restarted).
 template <typename IdxT>
 py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *seg_phase, int M,
-                     int L, const std::string &algorithm, int hot_target, int fast_min_datasets) {
+                     int L, const std::string &algorithm, int hot_target, int fast_min_datasets,
+                     double slope) {
   int64_t N = 0;
   for (int m = 0; m < M; ++m) N += seg_sizes[m];
   py::array_t<IdxT> dataset_index(N);
@@ -442,7 +513,7 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
     py::gil_scoped_release release;
     std::vector<int64_t> count_global(L, 0), count_phase(L, 0);
     std::vector<double> count_phase_d(L, 0.0), B(L, 0.0);
-    FastBlender<IdxT> fast(L, hot_target);
+    LineBlender<IdxT> fast(L, hot_target, slope);
     int64_t phase_offset = 0;  // global position of the current phase's first sample
     int m = 0;
     int phase_no = 0;
@@ -455,7 +526,7 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
       for (; m < M && seg_phase[m] == phase; ++m) {
         Segment seg{W + static_cast<int64_t>(m) * L, local, local + seg_sizes[m]};
         if (seg.end > seg.start) {
-          // Below ~128 datasets megatron's plain loop is already as fast as the hot-set machinery.
+          // Below ~64 datasets megatron's plain loop is already as fast as the threshold machinery.
           if (algorithm == "scan" || L < fast_min_datasets) {
             blend_segment_scan<IdxT>(seg, L, B.data(), count_phase.data(), count_phase_d.data(),
                                      count_global.data(), out_idx, out_sample, phase_offset);
@@ -479,12 +550,14 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
   info["rebuilds"] = stats.rebuilds;
   info["hot_scanned"] = stats.hot_scanned;
   info["wakes"] = stats.wakes;
+  info["raises"] = stats.raises;
+  info["sleeps"] = stats.sleeps;
   return py::make_tuple(dataset_index, dataset_sample_index, counts, info);
 }
 
 py::tuple build_blending_indices(const py::object &weights_obj, const py::object &sizes_obj,
                                  const py::object &phase_obj, const std::string &algorithm,
-                                 int hot_target, int fast_min_datasets) {
+                                 int hot_target, int fast_min_datasets, double slope) {
   auto weights = require<double>(weights_obj, "weights", 2);
   auto sizes = require<int64_t>(sizes_obj, "segment_sizes", 1);
   auto phases = require<int64_t>(phase_obj, "segment_phase", 1);
@@ -497,6 +570,10 @@ py::tuple build_blending_indices(const py::object &weights_obj, const py::object
   if (L > std::numeric_limits<int32_t>::max()) throw py::value_error("too many datasets");
   if (algorithm != "fast" && algorithm != "scan") {
     throw py::value_error("algorithm must be 'fast' or 'scan', got '" + algorithm + "'");
+  }
+  if (!(slope > 0.0) || !std::isfinite(slope)) {
+    throw py::value_error("slope must be a finite number > 0 (the threshold's fall per step, in "
+                          "mean weights), got " + std::to_string(slope));
   }
   const double *W = weights.data();
   const int64_t *S = sizes.data();
@@ -521,10 +598,10 @@ py::tuple build_blending_indices(const py::object &weights_obj, const py::object
   }
   if (L <= std::numeric_limits<int16_t>::max()) {
     return blend_impl<int16_t>(W, S, P, static_cast<int>(M), static_cast<int>(L), algorithm,
-                               hot_target, fast_min_datasets);
+                               hot_target, fast_min_datasets, slope);
   }
   return blend_impl<int32_t>(W, S, P, static_cast<int>(M), static_cast<int>(L), algorithm,
-                             hot_target, fast_min_datasets);
+                             hot_target, fast_min_datasets, slope);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -729,12 +806,14 @@ PYBIND11_MODULE(_index_builder, m) {
   m.doc() = "Blended and packed sample indices for megatron-mmbert (see csrc/index_builder.cpp).";
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"),
         py::arg("segment_sizes"), py::arg("segment_phase"), py::arg("algorithm") = "fast",
-        py::arg("hot_target") = 32, py::arg("fast_min_datasets") = 128,
+        py::arg("hot_target") = 16, py::arg("fast_min_datasets") = 64, py::arg("slope") = 0.05,
         "Greedy largest-deficit interleave over a schedule of segments.\n\n"
         "weights float64 [M, L]; segment_sizes int64 [M]; segment_phase int64 [M] (non-decreasing).\n"
         "Returns (dataset_index int16 (int32 when L > 32767) [N], dataset_sample_index int64 [N],\n"
         "counts int64 [phases, L], stats dict). algorithm='scan' is the O(N x L) reference;\n"
-        "'fast' (same output) falls back to it below fast_min_datasets datasets.");
+        "'fast' (same output) falls back to it below fast_min_datasets datasets. Tuning of 'fast'\n"
+        "(speed only, never the output): hot_target, the hot set kept after a raise or rescan (it\n"
+        "is raised past 2 * hot_target + 4); slope, the threshold's fall per step in mean weights.");
   m.def("permutation", &permutation, py::arg("n"), py::arg("seed"), py::arg("stream"),
         py::arg("epoch"),
         "numpy Generator(PCG64).permutation(n) for the generator seeded by (seed, stream, epoch).");

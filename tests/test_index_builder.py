@@ -68,6 +68,69 @@ def test_fast_equals_scan_on_hard_cases():
             np.testing.assert_array_equal(a[1], b[1])
 
 
+def _fast(w, n, hot, slope):
+    """The threshold-line path forced (fast_min_datasets=1) with the given tuning."""
+    di, dsi, counts, stats = ib.build_blending_indices(
+        w[None], np.array([n], np.int64), np.zeros(1, np.int64), "fast", hot, 1, slope)
+    return di, dsi, stats
+
+
+def test_mmbert_decay_weights_identical_to_megatron_under_any_tuning():
+    # The mmBERT decay phase: tau = 0.3 over 1833 languages with realistic (log-normal, spanning
+    # ~4 orders of magnitude) token counts. The tunings push the path into its rare branches:
+    # a nearly flat line (slope 0.01: the top falls below the line -> full rescans), a steep one
+    # (slope 4: the hot set overflows -> raises, sleepers woken early) and a hot set of one.
+    rng = np.random.default_rng(1833)
+    tokens = rng.lognormal(18, 2.5, 1833)
+    w = tokens ** 0.3
+    w /= w.sum()
+    n = 150_000
+    ref = megatron_blend(w, n)
+    seen = {"rebuilds": 0, "raises": 0}
+    for hot, slope in [(4, 0.25), (1, 0.01), (2, 4.0), (16, 0.05), (64, 1.0)]:
+        di, dsi, stats = _fast(w, n, hot, slope)
+        np.testing.assert_array_equal(di, ref[0], err_msg=f"hot={hot} slope={slope}")
+        np.testing.assert_array_equal(dsi, ref[1], err_msg=f"hot={hot} slope={slope}")
+        for k in seen:
+            seen[k] += stats[k]
+    assert seen["rebuilds"] > 10 and seen["raises"] > 10  # the rare branches did run
+    # Every prefix, not just the full run: a shorter build is the prefix of the longer one.
+    for m in (1, 2, 3, 1833, 1834, 77_777):
+        di, dsi, _ = _fast(w, m, 4, 0.25)
+        np.testing.assert_array_equal(di, ref[0][:m])
+        np.testing.assert_array_equal(dsi, ref[1][:m])
+
+
+def test_randomised_weights_identical_to_megatron():
+    rng = np.random.default_rng(7)
+    for trial in range(24):
+        L = int(rng.choice([1, 2, 3, 7, 40, 129, 600, 2000]))
+        kind = trial % 3
+        if kind == 0:
+            w = skewed(rng, L)
+        elif kind == 1:  # few distinct values: many exact float ties between datasets
+            w = rng.integers(1, 4, L).astype(np.float64)
+            w /= w.sum()
+        else:  # one dominant dataset and a long tail
+            w = rng.uniform(0.5, 1.5, L) * 1e-4
+            w[rng.integers(L)] = 1.0
+            w /= w.sum()
+        n = int(rng.integers(1, 40_000))
+        hot = int(rng.choice([1, 2, 4, 8, 33]))
+        slope = float(rng.choice([0.003, 0.1, 0.25, 2.0]))
+        ref = megatron_blend(w, n)
+        di, dsi, _ = _fast(w, n, hot, slope)
+        np.testing.assert_array_equal(di, ref[0], err_msg=f"L={L} n={n} hot={hot} slope={slope}")
+        np.testing.assert_array_equal(dsi, ref[1], err_msg=f"L={L} n={n} hot={hot} slope={slope}")
+
+
+def test_bad_slope_is_rejected():
+    w = np.array([[0.5, 0.5]])
+    for slope in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="slope must be a finite number > 0"):
+            ib.build_blending_indices(w, np.array([4], np.int64), np.zeros(1, np.int64), "fast", 4, 1, slope)
+
+
 def _prefix_deviation(di, weights, sizes, L):
     """max |count_i(n) - target_i(n)| over prefixes n of one phase (target: cumulative weights)."""
     per_step = np.repeat(weights, sizes, axis=0)  # [N, L]
@@ -91,10 +154,11 @@ def test_prefix_bound_multiphase_and_annealed():
     w2 = np.zeros(L); w2[[3, 7, 11, 20, 39]] = rng.uniform(0.1, 1, 5)
     weights.append(w2 / w2.sum()); sizes.append(2500); phase.append(2)
     W = np.array(weights); S = np.array(sizes, np.int64); P = np.array(phase, np.int64)
-    di, dsi, counts, _ = ib.build_blending_indices(W, S, P, "fast", 4, 1)  # hot-set path forced
     di_scan, dsi_scan, _ = build_blending_indices(W, S, P, algorithm="scan")
-    np.testing.assert_array_equal(di, di_scan)
-    np.testing.assert_array_equal(dsi, dsi_scan)
+    for hot, slope in [(4, 0.25), (1, 0.01), (2, 4.0)]:  # hot-set path forced, several tunings
+        di, dsi, counts, _ = ib.build_blending_indices(W, S, P, "fast", hot, 1, slope)
+        np.testing.assert_array_equal(di, di_scan)
+        np.testing.assert_array_equal(dsi, dsi_scan)
     start = 0
     for p in range(3):
         sel = P == p
