@@ -216,6 +216,8 @@ def load_training(directory: str, chunks: List[torch.nn.Module], optimizer) -> D
     (``train_state`` holds the trainer position)."""
     meta = read_config(directory)
     with_optimizer = optimizer is not None and meta.get("has_optimizer", False)
+    if with_optimizer:
+        _materialize_optimizer_state(optimizer)
     state = load(directory, training_sharded_state_dict(chunks, optimizer if with_optimizer else None, is_loading=True))
     if len(chunks) == 1:
         _load_chunk(chunks[0], state["model"])
@@ -226,6 +228,25 @@ def load_training(directory: str, chunks: List[torch.nn.Module], optimizer) -> D
         optimizer.load_state_dict(state["optimizer"])
     meta["loaded_optimizer"] = with_optimizer
     return meta
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a not-yet-stepped torch Adam its state tensors (zeros, step 0) so megatron's
+    DistributedOptimizer can describe the state it is about to load (without Apex/TE it reads
+    ``state['step']``, which torch creates lazily on the first step). Everything is overwritten
+    by the load."""
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    for opt in inner:
+        torch_opt = getattr(opt, "optimizer", None)
+        if torch_opt is None or not hasattr(torch_opt, "state"):
+            continue
+        for group in torch_opt.param_groups:
+            for p in group["params"]:
+                state = torch_opt.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p.data)
+                    state["exp_avg_sq"] = torch.zeros_like(p.data)
 
 
 def clean_incomplete(root: str) -> List[str]:

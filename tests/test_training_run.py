@@ -1,0 +1,85 @@
+"""Multi-process runs: resharding a checkpoint TP2/PP1 -> TP1/PP2 and DP2,
+the log line and TensorBoard fields, and non-finite gradients (skip and stop)."""
+
+import glob
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from tests.data_fixtures import demo_corpus, demo_shards, demo_tokenizer  # noqa: F401
+from tests.training_helpers import check, launch, tiny_run_config, train_records
+
+NO_DROPOUT = {"preset": "tiny", "num_layers": 2, "attention_output_dropout": 0.0}  # layout-independent loss
+
+
+@pytest.fixture(scope="module")
+def base(demo_shards, tmp_path_factory):  # noqa: F811
+    return str(tmp_path_factory.mktemp("run")), os.path.join(demo_shards, "manifest.json")
+
+
+def test_resharding_tp2_to_pp2_and_dp2(base):
+    root, manifest = base
+    ref = os.path.join(root, "tp2")
+    cfg = tiny_run_config(os.path.join(root, "tp2.yaml"), manifest, ref, model=NO_DROPOUT)
+    check(launch(cfg, "--parallel.tensor_parallel", "2", nproc=2))
+    expected = {r["step"]: r["loss"] for r in train_records(ref)}
+    for name, layout in (("pp2", ["--parallel.pipeline_parallel", "2"]),
+                         ("dp2", [])):
+        run = os.path.join(root, name)
+        os.makedirs(os.path.join(run, "checkpoints"))
+        shutil.copytree(os.path.join(ref, "checkpoints", "iter_0000010"), os.path.join(run, "checkpoints", "iter_0000010"))
+        with open(os.path.join(run, "checkpoints", "latest"), "w") as f:
+            f.write("iter_0000010\n")
+        c = tiny_run_config(os.path.join(root, f"{name}.yaml"), manifest, run, model=NO_DROPOUT)
+        # exit_after_minutes 0: one step, save, clean exit (the time-limit path)
+        p = check(launch(c, *layout, "--checkpoint.exit_after_minutes", "0", nproc=2))
+        # step 11 ends "mid" (phase-end save, no stop there), step 12 is decay's first: stop after it
+        assert "stopping cleanly at step 12" in p.stdout
+        recs = train_records(run)
+        assert [r["step"] for r in recs] == [11, 12]
+        for rec in recs:
+            assert abs(rec["loss"] - expected[rec["step"]]) < 1e-5, (name, rec, expected[rec["step"]])
+
+
+def test_log_line_tensorboard_and_nan_skip(base):
+    root, manifest = base
+    run = os.path.join(root, "nan_skip")
+    cfg = tiny_run_config(os.path.join(root, "nan_skip.yaml"), manifest, run,
+                          train={"nan_policy": "skip"}, debug={"nan_grad_at_steps": [3]},
+                          logging={"eval_interval": 5})
+    p = check(launch(cfg))
+    assert "WARNING: non-finite gradient at step 3" in p.stdout and "update skipped" in p.stdout
+    line = [l for l in p.stdout.splitlines() if l.startswith("step 6/15 ")][0]
+    for field in ("| pretrain |", "tok ", "%)", "loss ", "acc ", "lr ", "gnorm ", "tok/s", "TFLOP/s",
+                  "MFU n/a", "mem ", "GiB", "eta "):
+        assert field in line, (field, line)
+    recs = train_records(run)
+    assert all(math.isfinite(r["loss"]) for r in recs if r["step"] != 3)
+    assert "phase_end_decay" in open(os.path.join(run, "checkpoints", "latest")).read()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = glob.glob(os.path.join(run, "tensorboard", "events.out.tfevents.*"))
+    acc = EventAccumulator(events, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    from megatron_mmbert.training.logging import TB_FIELDS
+
+    assert {f"train/{f}" for f in TB_FIELDS} <= tags, sorted(tags)
+    assert {"eval/high/loss", "eval/mid/loss", "eval/low/loss"} <= tags
+    assert len(acc.Scalars("train/loss")) == 15
+    evals = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if '"eval"' in l]
+    assert [e["step"] for e in evals] == [5, 7, 10, 11, 15]
+
+
+def test_nan_stop_names_the_step(base):
+    root, manifest = base
+    run = os.path.join(root, "nan_stop")
+    cfg = tiny_run_config(os.path.join(root, "nan_stop.yaml"), manifest, run, debug={"nan_grad_at_steps": [3]})
+    p = launch(cfg)
+    assert p.returncode != 0
+    assert "ERROR: non-finite gradient at step 3" in p.stdout and "was not applied" in p.stdout
+    assert open(os.path.join(run, "checkpoints", "latest")).read().strip() == "iter_0000002"
