@@ -244,8 +244,12 @@ def test_mismatch_errors(tmp_path):
 
     os.makedirs(tmp_path / "fake_megatron")
     (tmp_path / "fake_megatron" / "metadata.json").write_text("{}")
-    with pytest.raises(CheckpointError, match=r"inputs mix checkpoint formats .*tools/convert_checkpoint\.py"):
+    # mixing formats (or asking for the other one) converts, which needs ModernBERT models
+    with pytest.raises(CheckpointError, match=r"need converting between formats, which works for ModernBERT "
+                       r"checkpoints only: .*b: config model_type is 'test'"):
         merge_checkpoints(b, [good, str(tmp_path / "fake_megatron")], spec, str(tmp_path / "o"), log=None)
+    with pytest.raises(CheckpointError, match=r"--out-format megatron need converting"):
+        merge_checkpoints(b, [good], spec, str(tmp_path / "o"), out_format="megatron", log=None)
 
     with pytest.raises(ValueError, match="--weights has 1 values for 2 models"):
         merge_checkpoints(b, [good, good], MergeSpec(weights=[1.0]), str(tmp_path / "o"), log=None)
@@ -403,6 +407,8 @@ def test_megatron_layouts_merge_like_tp1(tmp_path):
             assert torch.equal(MegatronSource(d("base_tp2"), session).read(k, 1, 2), base[k][1:2])
     finally:
         session.close()
-    assert json.load(open(d("out_mixed") + "/mmbert_config.json")) == {"model": {"vocab_size": 16}}
+    # the model config only: no training position or optimizer flag for the merged weights
+    assert json.load(open(d("out_mixed") + "/mmbert_config.json")) == {"model": {"vocab_size": 16},
+                                                                       "source": "ties_merge"}
     # the TP1/PP1 output loads at another layout
     _run_world2(tmp_path, [], check=(d("out_mixed"), merged))

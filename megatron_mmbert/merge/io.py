@@ -12,7 +12,7 @@ Two checkpoint formats:
   (their keys and global shapes do not depend on the layout); a block of rows of one full tensor is
   read by loading a single ``ShardedTensor`` that covers just that region -- torch DCP assembles it
   from whatever shards overlap it. Written at the TP1/PP1 layout (whole tensors, loadable at any
-  layout) with ``mmbert_config.json`` copied from the base. megatron-core's ``save`` takes the whole
+  layout); :mod:`.naming` adds ``mmbert_config.json``. megatron-core's ``save`` takes the whole
   state dict at once, so the megatron sink holds the output model in memory (1x model size).
 """
 
@@ -25,7 +25,7 @@ import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -166,10 +166,8 @@ class SafetensorsSink:
     are split into ``model-0000i-of-0000n.safetensors`` with an index, like ``save_pretrained``.
     """
 
-    def __init__(self, out_dir: str, template: HFSource, plan: Sequence[TensorInfo],
-                 max_shard_bytes: int = 5 * 2**30):
+    def __init__(self, out_dir: str, plan: Sequence[TensorInfo], max_shard_bytes: int = 5 * 2**30):
         self.out_dir = out_dir
-        self.template = template
         shards: List[List[TensorInfo]] = [[]]
         size = 0
         for info in plan:
@@ -241,12 +239,16 @@ class SafetensorsSink:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             with open(os.path.join(self.out_dir, HF_INDEX), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
-        # config.json, tokenizer and generation files come from the template (never its weights).
-        for entry in os.listdir(self.template.path):
-            src = os.path.join(self.template.path, entry)
-            if (os.path.isfile(src) and not entry.endswith((".safetensors", ".bin", ".pt", ".pth"))
-                    and entry != HF_INDEX):
-                shutil.copy2(src, os.path.join(self.out_dir, entry))
+
+
+def copy_hf_side_files(src_dir: str, out_dir: str) -> None:
+    """config.json, tokenizer and generation files of an HF directory (never its weights)."""
+    os.makedirs(out_dir, exist_ok=True)
+    for entry in os.listdir(src_dir):
+        src = os.path.join(src_dir, entry)
+        if (os.path.isfile(src) and not entry.endswith((".safetensors", ".bin", ".pt", ".pth"))
+                and entry != HF_INDEX):
+            shutil.copy2(src, os.path.join(out_dir, entry))
 
 
 # --------------------------------------------------------------------------------------- megatron
@@ -344,16 +346,16 @@ class MegatronSource:
 
 
 class MegatronSink:
-    """Writes a dist checkpoint at the TP1/PP1 layout (whole tensors) plus the base's config."""
+    """Writes a dist checkpoint at the TP1/PP1 layout (whole tensors); the config is written by the
+    caller (:mod:`megatron_mmbert.merge.naming`).
 
-    def __init__(self, out_dir: str, template: MegatronSource):
-        if template.config is None:
-            raise CheckpointError(
-                f"{template.path}: no {MEGATRON_CONFIG}; the merged checkpoint needs the base's "
-                "model config (save the base with the project's checkpoint code)"
-            )
+    ``convert(name, tensor) -> (key, tensor)`` maps each finished tensor to the checkpoint's naming
+    and layout (the merge runs in HF naming when inputs are ModernBERT models); ``None`` keeps it.
+    """
+
+    def __init__(self, out_dir: str, convert: Optional[Callable[[str, torch.Tensor], Tuple[str, torch.Tensor]]] = None):
         self.out_dir = out_dir
-        self.template = template
+        self.convert = convert
         self._tensors: Dict[str, torch.Tensor] = {}
 
     def begin(self, info: TensorInfo) -> None:
@@ -373,7 +375,9 @@ class MegatronSink:
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-        sharded = {k: ShardedTensor.from_rank_offsets(k, t, replica_id=0) for k, t in self._tensors.items()}
+        sharded = {}
+        for name in list(self._tensors):
+            tensor = self._tensors.pop(name)  # one tensor in two layouts at a time, not the model
+            key, tensor = self.convert(name, tensor) if self.convert else (name, tensor)
+            sharded[key] = ShardedTensor.from_rank_offsets(key, tensor.contiguous(), replica_id=0)
         dist_checkpointing.save(sharded, self.out_dir)
-        shutil.copy2(os.path.join(self.template.path, MEGATRON_CONFIG), self.out_dir)
-        self._tensors.clear()

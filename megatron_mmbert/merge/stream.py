@@ -3,8 +3,10 @@
 Memory bound. Tensors are cut into row blocks of at most ``chunk_bytes`` (counted as float64, the compute dtype); a block of
 the base and of every model is read, merged and written before the next is read. The working set
 is about ``(n_models + 5) x chunk`` (inputs, float64 task vectors, sign mass / numerator /
-denominator), independent of the model size and of the largest tensor. The megatron output sink
-adds the output model itself (megatron-core saves a whole state dict at once).
+denominator), independent of the model size and of the largest tensor. Two exceptions: a megatron
+QKV tensor read in HF naming is held whole per input while its blocks are read (see
+:mod:`.naming`), and the megatron output sink holds the output model itself (megatron-core saves a
+whole state dict at once).
 
 Trim thresholds. TIES keeps the top ``k`` magnitudes of each task vector, per tensor or over the
 whole model (``--trim global``). Both are found exactly by :class:`~.ties.KthLargest`, a two-pass
@@ -15,8 +17,9 @@ low 16 bits inside the one bucket that holds the k-th value): fixed memory, no s
 * ``--trim per-tensor``: a tensor that fits in one block is read once and its threshold found in
   memory; a larger one (the embedding) is read three times, block by block.
 
-Checks before any work: the same tensor names, shapes and dtypes in every checkpoint, the same
-vocabulary size in their configs, and one checkpoint format. Output is written into
+Inputs may mix formats; :func:`~.naming.open_inputs` picks the one naming the merge runs in (HF's
+for ModernBERT models). Checks before any work: the same architecture in every config, the same
+tensor names, shapes and dtypes in every checkpoint. Output is written into
 ``OUT.tmp-<pid>`` and renamed to ``OUT`` at the end, so ``OUT`` is either complete or absent.
 """
 
@@ -33,16 +36,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 import torch
 
 from megatron_mmbert.fileio import publish_directory
-from megatron_mmbert.merge.io import (
-    CheckpointError,
-    DistSession,
-    HFSource,
-    MegatronSink,
-    MegatronSource,
-    SafetensorsSink,
-    TensorInfo,
-    detect_format,
-)
+from megatron_mmbert.merge.io import CheckpointError, MegatronSink, SafetensorsSink, TensorInfo
+from megatron_mmbert.merge.naming import megatron_converter, open_inputs, write_output_metadata
 from megatron_mmbert.merge.ties import (
     ChunkStats, KthLargest, MergeSpec, keep_count, magnitude, merge_chunk, report_entry,
 )
@@ -129,26 +124,6 @@ def check_compatible(sources: Sequence) -> List[TensorInfo]:
                     f"{other.path}; convert both to one dtype first"
                 )
     return list(first.infos.values())
-
-
-def _open_all(paths: Sequence[str]):
-    formats = [detect_format(p) for p in paths]
-    if len(set(formats)) > 1:
-        odd = [p for p, f in zip(paths, formats) if f != formats[0]]
-        raise CheckpointError(
-            f"inputs mix checkpoint formats ({formats[0]} {paths[0]} vs {detect_format(odd[0])} "
-            f"{odd[0]}); convert {odd[0]} to {formats[0]} with tools/convert_checkpoint.py first"
-        )
-    session = DistSession() if formats[0] == "megatron" else None
-    sources = []
-    try:
-        for p in paths:
-            sources.append(HFSource(p) if formats[0] == "hf" else MegatronSource(p, session))
-    except Exception:
-        if session is not None:
-            session.close()
-        raise
-    return formats[0], sources, session
 
 
 def _read(sources: Sequence, info: TensorInfo, block) -> List[torch.Tensor]:
@@ -300,23 +275,18 @@ def merge_checkpoints(
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     paths = ([base] if base is not None else []) + list(models)
-    fmt, sources, session = _open_all(paths)
+    inputs = open_inputs(paths, out_format)
+    sources = inputs.sources
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
         plan = check_compatible(sources)
         base_src = sources[0] if base is not None else None
         model_srcs = sources[1:] if base is not None else sources
-        template = sources[0]
-        out_format = out_format or fmt
-        if out_format != fmt:
-            raise CheckpointError(
-                f"--out-format {out_format} differs from the inputs' format {fmt}; merge in {fmt} and "
-                f"convert the result with tools/convert_checkpoint.py"
-            )
+        template = inputs.template
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        sink = (SafetensorsSink(tmp, template, plan, max_shard_bytes) if fmt == "hf"
-                else MegatronSink(tmp, template))
+        sink = (SafetensorsSink(tmp, plan, max_shard_bytes) if inputs.out_format == "hf"
+                else MegatronSink(tmp, megatron_converter(inputs)))
         float_elems = sum(i.numel for i in plan if i.is_float)
         int_elems = sum(i.numel for i in plan if not i.is_float)
         if spec.trims and spec.trim == "global":
@@ -329,11 +299,13 @@ def merge_checkpoints(
         merger = _Merger(spec, base_src, model_srcs, chunk_bytes, progress)
         body = merger.run(plan, sink, template)
         sink.finish()
+        write_output_metadata(inputs, tmp)
         report = {
             "format": "megatron-mmbert-merge-report", "version": 1,
             "spec": {k: v for k, v in asdict(spec).items() if k != "needs_base"},
             "weights": spec.model_weights(len(models)),
-            "base": base, "models": list(models), "checkpoint_format": fmt,
+            "base": base, "models": list(models), "input_formats": inputs.formats,
+            "checkpoint_format": inputs.out_format, "merge_naming": inputs.naming,
             "tied_not_merged_twice": sorted({n for s in sources for n in s.tied_skipped}),
             "chunk_bytes": chunk_bytes,
             **body,
@@ -346,7 +318,4 @@ def merge_checkpoints(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        for s in sources:
-            s.close()
-        if session is not None:
-            session.close()
+        inputs.close()
