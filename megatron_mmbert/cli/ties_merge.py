@@ -7,6 +7,8 @@ Examples::
         --density 0.2 --lambda 1.0 --out ckpt/merged
     # mmBERT-small: exponentially weighted checkpoints along one decay run (oldest first)
     tools/ties_merge.py --method ema --ema-decay 0.9 --models ckpt/d/iter_1 ckpt/d/iter_2 ... --out ckpt/ema
+    # inputs of both formats (megatron checkpoints, HF directories), written as an HF model
+    tools/ties_merge.py --base ckpt/mid --models ckpt/decay_eng hf/decay_all --out-format hf --out merged_hf
 
 See docs/merging.md for the algorithm, the memory bound and the report.
 """
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=None, help="ema: decay factor D in (0, 1)")
     p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     p.add_argument("--out-format", choices=("megatron", "hf"), default=None,
-                   help="default: the inputs' format")
+                   help="output checkpoint format (default: the base's, else the first model's); "
+                   "inputs may mix formats")
     p.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / 2**20,
                    help="largest block of a tensor processed at once, in MiB of float64 (the compute dtype; bounds memory)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
