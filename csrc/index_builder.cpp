@@ -117,16 +117,32 @@ template <typename IdxT>
 void blend_segment_scan(const Segment &seg, int L, const double *B, int64_t *count_phase,
                         double *count_phase_d, int64_t *count_global, IdxT *out_idx,
                         int64_t *out_sample, int64_t out_offset) {
+  // Megatron's case (first segment: B = 0, every weight positive) runs megatron's very loop:
+  // (0 + w * x) - c is w * x - c exactly, so only the extra load and add are saved.
+  bool plain = true;
+  for (int i = 0; i < L; ++i) plain = plain && seg.w[i] > 0.0 && B[i] == 0.0;
   for (int64_t s = seg.start; s < seg.end; ++s) {
     const double x = static_cast<double>(std::max<int64_t>(s, 1)) - static_cast<double>(seg.start);
     int best = -1;
     double best_e = 0.0;
-    for (int i = 0; i < L; ++i) {
-      if (!(seg.w[i] > 0.0)) continue;
-      double e = deficit(B[i], seg.w[i], x, count_phase_d[i]);
-      if (best < 0 || e > best_e) {
-        best = i;
-        best_e = e;
+    if (plain) {
+      best = 0;
+      best_e = seg.w[0] * x - count_phase_d[0];
+      for (int i = 1; i < L; ++i) {
+        const double e = seg.w[i] * x - count_phase_d[i];
+        if (e > best_e) {
+          best_e = e;
+          best = i;
+        }
+      }
+    } else {
+      for (int i = 0; i < L; ++i) {
+        if (!(seg.w[i] > 0.0)) continue;
+        double e = deficit(B[i], seg.w[i], x, count_phase_d[i]);
+        if (best < 0 || e > best_e) {
+          best = i;
+          best_e = e;
+        }
       }
     }
     out_idx[out_offset + s] = static_cast<IdxT>(best);
@@ -141,22 +157,28 @@ void blend_segment_scan(const Segment &seg, int L, const double *B, int64_t *cou
 //
 // The winner at step s is the dataset with the largest deficit (lowest index on ties). Let
 // tau(x) = T0 - slope * x (doubles, x = max(s, 1) - start as in the deficit), a line that falls a
-// little every step. A dataset is "hot" once its deficit is at or above the line; it can only win
-// while hot if some hot deficit is at or above the line, because every sleeper is strictly below
-// it. A sleeper's deficit never falls (it grows by w_i per step; the rounded expression is
-// monotone too) and the line never rises between raises, so "deficit >= line" is false up to one
-// step and true from then on: that wake step is estimated with one multiplication and confirmed
-// with the exact expressions (the same floating-point operations as megatron's loop), and the
-// dataset sleeps in a ring of per-step buckets (intrusive lists; a heap for rare far wakes) until
-// then. Each step therefore: take the step's bucket into the hot set, scan the hot set (kept in
-// dataset order, so the first largest deficit is the lowest index among ties), emit the winner,
-// and put the winner (whose deficit just fell by one) back to sleep.
+// little every step. A dataset is "hot" once its deficit is at or above the line, else it sleeps.
+// Every sleeper is strictly below the line, so as long as the largest hot deficit is at or above
+// the line the hot set holds the winner and every dataset tied with it. A sleeper's deficit never
+// falls (it grows by w_i per step; the rounded expression is monotone too) and the line never
+// rises between raises, so "deficit >= line" is false up to one step and true from then on: that
+// wake step is estimated with one multiplication and confirmed with the exact expressions (the
+// same floating-point operations as megatron's loop), and the dataset sleeps in a ring of
+// per-step buckets (intrusive lists; a heap for rare far wakes) until then. Each step: move the
+// step's bucket into the hot set, scan the hot set (SIMD, exact deficits, ties to the lowest
+// index), emit the winner, and put it (its deficit just fell by one) back to sleep.
 //
-// The line must stay below the top deficit (else: a full scan that re-lays it, a "rebuild") but
-// close to it (else the hot set grows). It falls by `slope` times the mean weight per step, and
-// when the hot set outgrows its cap it is raised to the hot_target-th largest hot deficit: raising
-// is always safe (sleepers then wake early, find themselves still below, and sleep again), while
-// lowering would wake sleepers late, hence the rebuild. Sleepers are never rescheduled by a raise.
+// The line must stay below the top deficit (else: a full scan that re-lays it, a "rebuild", the
+// only O(L) step) but close to it (else the hot set grows). It falls by `slope` times the mean
+// weight per step, and when the hot set outgrows its cap it is raised to the hot_target-th
+// largest hot deficit: raising is always safe (sleepers then wake early, find themselves still
+// below, and sleep again), while lowering would wake sleepers late, hence the rebuild.
+//
+// Cost per step at L = 1833, tau = 0.3 (measured, default tuning): ~22 hot deficits scanned,
+// ~2.3 wakes and ~2.7 wake-step computations (the winner, early wakes after raises, evictions),
+// a rebuild every ~3000 steps. The top deficit wanders by ~17/L over 100 steps and ~43/L over
+// 1000, which is what forces the raises (each makes the current sleepers wake early once) and
+// rebuilds; a tighter hot set means more of both.
 template <typename IdxT>
 class LineBlender {
  public:
