@@ -145,7 +145,8 @@ class MergeInputs:
 def _model_config(path: str, fmt: str) -> ModelConfig:
     try:
         return read_hf_config(path) if fmt == "hf" else read_model_config(path)
-    except (ConfigError, TypeError, KeyError) as err:  # ModernBertConfig(**bad) raises TypeError
+    # ConfigError is a ValueError; ModernBertConfig(**unexpected) may raise any of these.
+    except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
