@@ -20,13 +20,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 # -- 0. install what is missing --------------------------------------------------------------
-if ! "$PY" -c "import torch" 2>/dev/null; then
-  say "installing torch 2.13.0 (CPU wheel)"
-  "$PY" -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-fi
-if ! "$PY" -c "import megatron_mmbert, megatron.core, tensorboard" 2>/dev/null; then
-  say "installing megatron-mmbert and its dependencies"
-  "$PY" -m pip install --no-build-isolation -e "$ROOT"
+if ! "$PY" -c "import megatron_mmbert.data._index_builder, megatron.core, tensorboard" 2>/dev/null; then
+  say "installing torch (CPU, if missing), megatron-mmbert and its dependencies"
+  PYTHON="$PY" bash "$ROOT/install.sh"
 fi
 if [ ! -d /usr/share/locale ]; then
   echo "no /usr/share/locale: install gettext catalogs (apt-get install -y gettext iso-codes)" >&2

@@ -293,6 +293,7 @@ class Trainer:
             f"{[p.name for p in cfg.phases[st['first_phase_index']:]]}"
         )
         window_t, window_tokens = time.time(), 0
+        window_loss = window_correct = window_labelled = 0.0
         rate_t, rate_tokens = None, 0  # throughput since the first step of this process (ETA)
         timings = {"data": 0.0, "step": 0.0, "other": 0.0}
         consecutive_skips = 0
@@ -352,6 +353,10 @@ class Trainer:
                     self.log.info(f"WARNING: {skipped}; update skipped (train.nan_policy=skip)")
                 else:
                     consecutive_skips = 0
+                    # The logged loss/accuracy average the window's steps, weighted by labelled tokens.
+                    window_loss += result["loss"] * result["tokens"]
+                    window_correct += result["accuracy"] * result["tokens"]
+                    window_labelled += result["tokens"]
 
                 phase_done = consumed >= n
                 if st["step"] % cfg.logging.interval == 0 or phase_done or skipped:
@@ -368,7 +373,9 @@ class Trainer:
                         "step": st["step"], "total_steps": total_steps, "phase": phase.name, "phase_index": k,
                         "consumed_tokens": st["tokens"], "total_tokens": total_tokens,
                         "consumed_pct": 100.0 * st["tokens"] / max(total_tokens, 1),
-                        "loss": result["loss"], "accuracy": result["accuracy"], "lr": optim.current_lr(self.optimizer),
+                        "loss": window_loss / window_labelled if window_labelled else result["loss"],
+                        "accuracy": window_correct / window_labelled if window_labelled else result["accuracy"],
+                        "lr": optim.current_lr(self.optimizer),
                         "grad_norm": result["grad_norm"], "tokens_per_s": tps, "tflops": tflops,
                         "mfu": (tflops / peak) if peak else None, "memory_gib": memory_gib(self.rt.device),
                         "eta_s": remaining / rate if rate > 0 else None, "global_batch_rows": rows,
@@ -376,6 +383,7 @@ class Trainer:
                         "time_step_s": timings["step"] + (t2 - t1), "time_other_s": timings["other"],
                     })
                     window_t, window_tokens = time.time(), 0
+                    window_loss = window_correct = window_labelled = 0.0
                     timings = {"data": 0.0, "step": 0.0, "other": 0.0}
                     t_logged = True
                 else:
