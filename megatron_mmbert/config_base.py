@@ -9,11 +9,15 @@ dataclasses, refusing unknown keys and wrong types with a message that names the
 from __future__ import annotations
 
 import ast
+import re
 import dataclasses
 import inspect
 import types
 import typing
 from typing import Any, Dict, List, Optional, Tuple, Union
+
+
+_FLOAT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -71,6 +75,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, where)
     if tp is float:
+        # YAML 1.1 reads 1e-3 (no dot) as a string; take it as the number everyone means.
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

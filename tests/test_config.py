@@ -114,3 +114,14 @@ def test_vocab_padding_follows_tensor_parallel():
 def test_phase_errors(phase, message):
     with pytest.raises(ConfigError, match=message):
         phase.validate()
+
+
+def test_exponent_without_dot_is_a_number():
+    # YAML 1.1 parses 1e-3 as a string; configs and --overrides mean the number.
+    from megatron_mmbert.config import PhaseConfig
+
+    data = apply_overrides({"name": "p", "tokens": 10}, ["--mask_rate", "3e-1", "--temperature", ".5"])
+    phase = from_dict(PhaseConfig, data)
+    assert phase.mask_rate == 0.3 and phase.temperature == 0.5
+    with pytest.raises(ConfigError, match="expected a number, got 'fast'"):
+        from_dict(PhaseConfig, {"name": "p", "tokens": 10, "mask_rate": "fast"})

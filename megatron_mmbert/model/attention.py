@@ -44,8 +44,16 @@ def segment_masks(cu_seqlens: torch.Tensor, positions: torch.Tensor, window: int
 
     A token may attend to keys of its own segment; local layers further require
     ``|pos_q - pos_k| <= window // 2`` (HF: ``local_attention // 2`` each side, 129 keys for 128).
+    Returns ``(None, [1, 1, s, s])`` when every row is a single segment.
     """
     b, s = positions.shape
+    starts = torch.arange(0, b * s + 1, s, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    if cu_seqlens.numel() == b + 1 and torch.equal(cu_seqlens, starts):
+        # One segment per row (long documents): global layers need no mask at all, and local
+        # layers share one band for the whole batch, so SDPA can take its unmasked kernel.
+        pos = torch.arange(s, device=positions.device)
+        band = (pos[:, None] - pos[None, :]).abs() <= window // 2
+        return None, band[None, None]
     flat = torch.arange(b * s, device=positions.device)
     segment = torch.searchsorted(cu_seqlens.to(flat.dtype), flat, right=True).view(b, s)
     global_mask = segment[:, :, None] == segment[:, None, :]

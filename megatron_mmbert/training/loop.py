@@ -240,10 +240,7 @@ class Trainer:
 
     def evaluate(self) -> Dict[str, float]:
         """MLM loss per language group (forward only, every layout computes the same numbers)."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from megatron_mmbert.model.pipeline import schedule_shape
-        from megatron_mmbert.training.step import _forward_step_fn, reduce_mlm_reports
+        from megatron_mmbert.training.step import eval_step
 
         if self.eval_stream is None:
             self.eval_stream = self._build_eval()
@@ -251,22 +248,9 @@ class Trainer:
         per_rank = rows // self.rt.data_parallel_size
         first = self.rt.data_parallel_rank * per_rank
         losses = {}
-        for chunk in self.chunks:
-            chunk.eval()
         for name in stream.phase_names:
             batches = [stream.batch(name, [i]) for i in range(first, first + per_rank)]
-            seq_length, mbs = schedule_shape(self.chunks[0], batches[0])
-            with torch.no_grad():
-                outputs = get_forward_backward_func()(
-                    forward_step_func=_forward_step_fn(self.rt.device),
-                    data_iterator=[iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches),
-                    model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-                    num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=mbs, forward_only=True,
-                )
-            total, count, _ = reduce_mlm_reports(outputs, self.rt.device)
-            losses[name[len("eval_"):]] = total / max(count, 1.0)
-        for chunk in self.chunks:
-            chunk.train()
+            losses[name[len("eval_"):]] = eval_step(self.chunks, batches, self.rt.device)["loss"]
         return losses
 
     # -- the loop --------------------------------------------------------------------------------
@@ -295,7 +279,7 @@ class Trainer:
         window_t, window_tokens = time.time(), 0
         window_loss = window_correct = window_labelled = 0.0
         rate_t, rate_tokens = None, 0  # throughput since the first step of this process (ETA)
-        timings = {"data": 0.0, "step": 0.0, "other": 0.0}
+        timings = {"data": 0.0, "step": 0.0, "other": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
         consecutive_skips = 0
 
         for k in range(st["phase_index"], len(cfg.phases)):
@@ -327,6 +311,8 @@ class Trainer:
                     self.optimizer.inject_nan = True
                 result = train_step(self.chunks, self.optimizer, batches, self.rt.device)
                 t2 = time.time()
+                timings["forward_backward"] += result["time_forward_backward_s"]
+                timings["optimizer"] += result["time_optimizer_s"]
                 step_tokens = rows * phase.seq_len
                 scheduler.step(step_tokens)
                 consumed += rows
@@ -381,10 +367,12 @@ class Trainer:
                         "eta_s": remaining / rate if rate > 0 else None, "global_batch_rows": rows,
                         "skipped": skipped, "time_data_s": timings["data"] + (t1 - t0),
                         "time_step_s": timings["step"] + (t2 - t1), "time_other_s": timings["other"],
+                        "time_forward_backward_s": timings["forward_backward"],
+                        "time_optimizer_s": timings["optimizer"],
                     })
                     window_t, window_tokens = time.time(), 0
                     window_loss = window_correct = window_labelled = 0.0
-                    timings = {"data": 0.0, "step": 0.0, "other": 0.0}
+                    timings = {"data": 0.0, "step": 0.0, "other": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
                     t_logged = True
                 else:
                     timings["data"] += t1 - t0

@@ -15,6 +15,7 @@ The pieces are megatron-core's own, wired as Megatron-LM wires them (``training.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -111,7 +112,9 @@ def build_optimizer(chunks: List[torch.nn.Module], settings: OptimizerSettings, 
     return optimizer
 
 
-def _forward_step_fn(device: torch.device):
+def mlm_forward_step(device: torch.device):
+    """The ``forward_step_func`` for megatron's schedules: MLM loss summed over labelled tokens,
+    with (loss sum, labelled count, correct count) reported for logging."""
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator), device)
         stats: Dict[str, torch.Tensor] = {}
@@ -146,15 +149,43 @@ def train_step(
         chunk.train()
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    outputs = run_schedule(chunks, _forward_step_fn(device), micro_batches, forward_only=False)
+    t0 = time.perf_counter()
+    outputs = run_schedule(chunks, mlm_forward_step(device), micro_batches, forward_only=False)
+    t1 = time.perf_counter()
     update_ok, grad_norm, _ = optimizer.step()
-    totals = reduce_mlm_reports(outputs, device)
+    totals = reduce_mlm_reports(outputs, device)  # its all-reduce also waits for the GPU's work
+    t2 = time.perf_counter()
     return {
         "loss": totals[0] / max(totals[1], 1.0),
         "accuracy": totals[2] / max(totals[1], 1.0),
         "tokens": totals[1],
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "update_ok": bool(update_ok),
+        # Host-side split of the step (on GPUs the forward/backward share includes kernels still
+        # queued when the optimizer starts; the total is exact).
+        "time_forward_backward_s": t1 - t0,
+        "time_optimizer_s": t2 - t1,
+    }
+
+
+def eval_step(
+    chunks: List[torch.nn.Module],
+    micro_batches: Sequence[Dict[str, torch.Tensor]],
+    device: Optional[torch.device] = None,
+) -> Dict[str, float]:
+    """Forward-only MLM loss and accuracy over ``micro_batches`` (this DP rank's share), global."""
+    device = device or next(chunks[0].parameters()).device
+    for chunk in chunks:
+        chunk.eval()
+    with torch.no_grad():
+        outputs = run_schedule(chunks, mlm_forward_step(device), micro_batches, forward_only=True)
+    for chunk in chunks:
+        chunk.train()
+    totals = reduce_mlm_reports(outputs, device)
+    return {
+        "loss": totals[0] / max(totals[1], 1.0),
+        "accuracy": totals[2] / max(totals[1], 1.0),
+        "tokens": totals[1],
     }
 
 

@@ -1,0 +1,117 @@
+"""Training throughput: tokens/s per step and the share of time outside forward/backward.
+
+Runs ``pretrain_mmbert.py`` (the real loop: MLM stream, megatron schedules, DDP, optimizer, logging,
+checkpointing off) for one pre-training phase on the gettext demo corpus, and reads the per-window
+timings the loop writes to ``metrics.jsonl``: data, forward+backward, optimizer, other (logging,
+bookkeeping). The first window (start-up, index building) is left out. Goal: under 10% of the step
+time outside forward/backward.
+
+  python benchmarks/train_throughput.py                              # CPU, tiny model, 2 processes
+  python benchmarks/train_throughput.py --device cuda --preset mmbert-small --precision bf16 \
+      --nproc 1 --rows 32 --micro-rows 16 --seq-len 1024              # a GPU: also MFU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import append_results, machine  # noqa: E402
+
+
+def build_demo_data(work: str) -> str:
+    """Demo corpus -> tokenizer -> shards with the project's own CLIs; returns the manifest path."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    run = lambda *cmd: subprocess.run([sys.executable, *cmd], check=True, env=env, cwd=ROOT)  # noqa: E731
+    run("examples/demo_corpus/build_gettext_corpus.py", "--output", f"{work}/corpus",
+        "--languages", "fra_Latn", "deu_Latn", "rus_Cyrl", "jpn_Jpan", "spa_Latn", "ukr_Cyrl",
+        "--max-chars-per-language", "400000")
+    run("examples/demo_corpus/train_tokenizer.py", "--corpus", f"{work}/corpus", "--output", f"{work}/tokenizer")
+    run("tools/preprocess_data.py", "--input", f"{work}/corpus", "--output", f"{work}/shards",
+        "--tokenizer", f"{work}/tokenizer", "--workers", "2")
+    return f"{work}/shards/manifest.json"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", help="reuse shards (e.g. a quickstart's OUT/shards/manifest.json)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (only decides what is reported)")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--rows", type=int, default=16, help="global batch rows")
+    p.add_argument("--micro-rows", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--interval", type=int, default=10)
+    p.add_argument("--append", action="store_true", help="append the result to benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+
+    work = tempfile.mkdtemp(prefix="mmbert-train-bench-")
+    manifest = args.manifest or build_demo_data(work)
+    tokens = args.steps * args.rows * args.seq_len
+    config = {
+        "inherit": os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml"),
+        "run_dir": f"{work}/run",
+        "model": {"preset": args.preset, "vocab_size": 4096} if args.preset != "tiny" else {"preset": "tiny"},
+        "precision": args.precision,
+        "data": {"manifest": manifest, "cache_dir": f"{work}/index"},
+        "phases": [{"name": "pretrain", "tokens": tokens, "seq_len": args.seq_len, "mask_rate": 0.3,
+                    "languages": "all", "temperature": 0.7}],
+        "schedule": {"total_tokens": tokens, "phases": {"pretrain": {"lr": 1.0e-3, "warmup_tokens": 0}}},
+        "batch": {"global_batch_size": args.rows, "micro_batch_size": args.micro_rows,
+                  "rampup_start_rows": None, "rampup_increment_rows": None, "rampup_tokens": 0},
+        "checkpoint": {"every_steps": 0, "keep_phase_ends": False},
+        "logging": {"interval": args.interval, "eval_interval": 0, "tensorboard": False},
+    }
+    import yaml
+
+    cfg_path = f"{work}/bench.yaml"
+    with open(cfg_path, "w") as f:
+        yaml.safe_dump(config, f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           os.path.join(ROOT, "pretrain_mmbert.py"), "--config", cfg_path]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+
+    with open(f"{work}/run/metrics.jsonl") as f:
+        windows = [r for r in map(json.loads, f) if r["kind"] == "train"][1:]  # skip start-up
+    keys = ("time_data_s", "time_forward_backward_s", "time_optimizer_s", "time_step_s", "time_other_s")
+    total = {k: sum(w[k] for w in windows) for k in keys}
+    wall = total["time_data_s"] + total["time_step_s"] + total["time_other_s"]
+    measured_steps = windows[-1]["step"] - (windows[0]["step"] - args.interval)
+    tps = measured_steps * args.rows * args.seq_len / wall
+    outside = wall - total["time_forward_backward_s"]
+    mfu = [w["mfu"] for w in windows if w.get("mfu") is not None]
+    mfu_text = f"{100 * sum(mfu) / len(mfu):.1f}%" if mfu else "n/a"
+    share = lambda k: 100.0 * total[k] / wall  # noqa: E731
+    lines = [
+        f"\n## Training throughput ({datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)\n",
+        f"- machine: {machine(args.device)}; {args.nproc} process(es); {args.precision}",
+        f"- command: `python benchmarks/train_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"- run: preset {args.preset}, {args.rows} rows x {args.seq_len} tokens per step "
+        f"({args.micro_rows} rows per micro-batch), 30% masking, gettext demo corpus; "
+        f"{measured_steps} measured steps after the first log window",
+        "",
+        "| tokens/s | forward+backward | optimizer | data | other (logging, bookkeeping) | outside fwd/bwd | MFU |",
+        "|---|---|---|---|---|---|---|",
+        f"| {tps:,.0f} | {share('time_forward_backward_s'):.1f}% | {share('time_optimizer_s'):.1f}% | "
+        f"{share('time_data_s'):.1f}% | {share('time_other_s'):.1f}% | **{100 * outside / wall:.1f}%** | "
+        f"{mfu_text} |",
+        "",
+        "Goal: under 10% of the step time outside forward/backward.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.append:
+        append_results(text)
+
+
+if __name__ == "__main__":
+    main()
