@@ -51,8 +51,7 @@ say "3/7 preprocess to per-language Megatron shards"
 "$PY" tools/preprocess_data.py --input "$OUT/corpus" --output "$OUT/shards" --tokenizer "$OUT/tokenizer" \
     --workers "$NPROC" --chunk-mb 0.1
 say "4/7 blended + packed index of the three phases"
-"$PY" tools/build_data_index.py --manifest "$OUT/shards/manifest.json" --config "$CONFIG" \
-    --cache-dir "$OUT/index-cache" --seed 21 --global-batch-size 16 --rows 6
+"$PY" tools/build_data_index.py --config "$CONFIG" "${COMMON[@]}" --rows 6
 
 # -- 2. the three-phase run -------------------------------------------------------------------
 say "5/7 train pretrain -> mid -> decay ($NPROC processes)"

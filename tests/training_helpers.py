@@ -127,6 +127,7 @@ def write_manifest(directory) -> str:
         with ShardWriter(prefix, np.uint16) as w:
             for d in docs:
                 w.add_document(d.tolist())
+            w.finalize()
         langs[lang] = LanguageEntry(shards=[prefix], documents=len(docs), tokens=int(sum(map(len, docs))),
                                     bytes=0, sources=[])
     tok = TokenizerIdentity(name="random", vocab_size=4096, hash="0",

@@ -1,12 +1,14 @@
 """Build the blended and packed index arrays of a schedule ahead of launch, and print its tables.
 
-    python tools/build_data_index.py --manifest data/manifest.json --config run.yaml \
+    python tools/build_data_index.py --config RUN.yaml [--data.manifest ...]   # a training run config
+    python tools/build_data_index.py --config phases.yaml --manifest data/manifest.json \
         --cache-dir data/index-cache --seed 21 [--global-batch-size 4608]
 
-``--config`` is a YAML file holding either a list of phases or a mapping with a ``phases:`` list
-(a full run YAML); each phase has the fields of ``megatron_mmbert.config.PhaseConfig``. The
-training run finds the arrays in the same cache folder when it uses the same manifest, phases,
-seed, global batch size and annealing resolution (they are part of the cache key).
+With a training run config (the YAML given to pretrain_mmbert.py, plus the same ``--a.b value``
+overrides), the manifest, data seed, cache folder, global batch size and annealing resolution are
+the run's own, so the run finds exactly these arrays (all of them are part of the cache key).
+Otherwise ``--config`` holds a list of phases (fields of ``megatron_mmbert.config.PhaseConfig``) and
+the other values come from the flags. Flags given explicitly win over the run config.
 """
 
 from __future__ import annotations
@@ -38,30 +40,57 @@ def load_phases(path: str) -> List[PhaseConfig]:
     return phases
 
 
+def _is_run_config(path: str) -> bool:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    return isinstance(data, dict) and ("run_dir" in data or "model" in data or "inherit" in data)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--manifest", required=True, help="manifest.json written by tools/preprocess_data.py (or its folder)")
-    ap.add_argument("--config", required=True, help="YAML with a list of phases or a run config with 'phases:'")
-    ap.add_argument("--cache-dir", required=True, help="folder for the index arrays (shared by all ranks)")
-    ap.add_argument("--seed", type=int, required=True, help="data seed of the run (shuffles and masks)")
+    ap.add_argument("--config", required=True, help="a training run YAML, or a YAML list of phases")
+    ap.add_argument("--manifest", help="manifest.json written by tools/preprocess_data.py (or its folder)")
+    ap.add_argument("--cache-dir", help="folder for the index arrays (shared by all ranks)")
+    ap.add_argument("--seed", type=int, help="data seed of the run (shuffles and masks)")
     ap.add_argument("--global-batch-size", type=int, default=None,
                     help="rows per step for phases that do not set global_batch_size (rounds sample counts)")
-    ap.add_argument("--anneal-segments", type=int, default=64, help="segments per temperature-annealed phase")
+    ap.add_argument("--anneal-segments", type=int, default=None, help="segments per temperature-annealed phase")
     ap.add_argument("--warn-epochs", type=float, default=5.0, help="flag languages repeated more than this")
     ap.add_argument("--rows", type=int, default=15, help="top rows per table (plus 5 bottom rows)")
-    args = ap.parse_args(argv)
+    args, overrides = ap.parse_known_args(argv)
 
     from megatron_mmbert.data.index import build_data_index
     from megatron_mmbert.data.schedule import format_table
     from megatron_mmbert.data.shards import load_manifest
 
     try:
-        phases = load_phases(args.config)
-        manifest = load_manifest(args.manifest)
+        if _is_run_config(args.config):
+            from megatron_mmbert.training.config import load_config
+
+            run = load_config(args.config, overrides)
+            phases = run.phases
+            for p in phases:
+                p.validate()
+            manifest_path = args.manifest or run.manifest_path
+            cache_dir = args.cache_dir or run.index_cache_dir
+            seed = run.data_seed if args.seed is None else args.seed
+            batch = args.global_batch_size or run.batch.global_batch_size
+            anneal = args.anneal_segments or run.data.anneal_segments
+        else:
+            if overrides:
+                raise ConfigError(f"unknown arguments {overrides} (overrides need a training run config)")
+            missing = [f for f in ("manifest", "cache_dir", "seed") if getattr(args, f) is None]
+            if missing:
+                raise ConfigError(f"{args.config} is a phase list: give --{', --'.join(m.replace('_', '-') for m in missing)}")
+            phases = load_phases(args.config)
+            manifest_path, cache_dir, seed = args.manifest, args.cache_dir, args.seed
+            batch, anneal = args.global_batch_size, args.anneal_segments or 64
+        manifest = load_manifest(manifest_path)
         t0 = time.time()
-        index = build_data_index(manifest, phases, args.seed, args.cache_dir, args.global_batch_size,
-                                 args.anneal_segments, is_builder=True)
+        index = build_data_index(manifest, phases, seed, cache_dir, batch, anneal, is_builder=True)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
