@@ -98,15 +98,32 @@ def export_hf(load_dir: str, out_dir: str, special_ids: Optional[Dict[str, int]]
     model, state = load_canonical(load_dir)
     hf_state = hf_map.megatron_to_hf(state, model)
     tokenizer_dir = os.path.join(load_dir, "tokenizer")
-    special_ids = special_ids or _special_ids_from_tokenizer(tokenizer_dir)
-    config = hf_map.hf_config_from_model_config(model, special_ids)
     tmp = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    write_hf_config(model, tmp, tokenizer_dir, special_ids)
+    save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    if os.path.isdir(tokenizer_dir):
+        for name in os.listdir(tokenizer_dir):
+            shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+    publish_directory(tmp, out_dir)
+    return model
+
+
+def write_hf_config(
+    model: ModelConfig, out_dir: str, tokenizer_dir: Optional[str] = None, special_ids: Optional[Dict[str, int]] = None
+) -> None:
+    """``config.json`` of a ModernBertForMaskedLM for ``model`` in ``out_dir``.
+
+    Special ids come from ``special_ids``, else from the tokenizer in ``tokenizer_dir`` if any. Both
+    RoPE thetas are written explicitly, in transformers' current form (``rope_parameters``) and in
+    the legacy keys older releases read (whose default local theta, 10k, would be wrong for mmBERT).
+    """
+    special_ids = special_ids or (_special_ids_from_tokenizer(tokenizer_dir) if tokenizer_dir else None)
+    config = hf_map.hf_config_from_model_config(model, special_ids)
     config.architectures = ["ModernBertForMaskedLM"]
-    config.save_pretrained(tmp)
-    # Older transformers read the legacy keys; write both thetas explicitly in both forms.
-    path = os.path.join(tmp, "config.json")
+    config.save_pretrained(out_dir)
+    path = os.path.join(out_dir, "config.json")
     with open(path) as f:
         data = json.load(f)
     data.update(
@@ -116,12 +133,6 @@ def export_hf(load_dir: str, out_dir: str, special_ids: Optional[Dict[str, int]]
     )
     with open(path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
-    save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    if os.path.isdir(tokenizer_dir):
-        for name in os.listdir(tokenizer_dir):
-            shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
-    publish_directory(tmp, out_dir)
-    return model
 
 
 def _special_ids_from_tokenizer(tokenizer_dir: str) -> Optional[Dict[str, int]]:

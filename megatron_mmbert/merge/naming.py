@@ -35,7 +35,7 @@ import torch
 from megatron_mmbert.config import ConfigError, ModelConfig
 from megatron_mmbert.config_base import to_dict
 from megatron_mmbert.convert import hf as hf_map
-from megatron_mmbert.convert.checkpoints import HF_FILES_TO_COPY, read_hf_config
+from megatron_mmbert.convert.checkpoints import HF_FILES_TO_COPY, read_hf_config, write_hf_config
 from megatron_mmbert.merge.io import (
     MEGATRON_CONFIG,
     CheckpointError,
@@ -253,7 +253,7 @@ def write_output_metadata(inputs: MergeInputs, out_dir: str) -> None:
         if fmt == "hf":
             copy_hf_side_files(template.path, out_dir)  # config.json verbatim, tokenizer, generation
             return
-        _write_hf_config(inputs.model, out_dir, os.path.join(template.path, TOKENIZER_DIR))
+        write_hf_config(inputs.model, out_dir, os.path.join(template.path, TOKENIZER_DIR))
         tokenizer = os.path.join(template.path, TOKENIZER_DIR)
         if os.path.isdir(tokenizer):
             for name in sorted(os.listdir(tokenizer)):
@@ -278,23 +278,3 @@ def write_output_metadata(inputs: MergeInputs, out_dir: str) -> None:
             shutil.copy2(os.path.join(template.path, name), os.path.join(tok_out, name))
 
 
-def _write_hf_config(model: ModelConfig, out_dir: str, tokenizer_dir: str) -> None:
-    """config.json of a ModernBertForMaskedLM for ``model``, written as export-hf writes it."""
-    # Mirrors convert.checkpoints.export_hf, which inlines these steps (no public function to
-    # call yet); the special ids come from its tokenizer reader.
-    from megatron_mmbert.convert.checkpoints import _special_ids_from_tokenizer
-
-    config = hf_map.hf_config_from_model_config(model, _special_ids_from_tokenizer(tokenizer_dir))
-    config.architectures = ["ModernBertForMaskedLM"]
-    config.save_pretrained(out_dir)
-    path = os.path.join(out_dir, "config.json")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    # Older transformers read the legacy keys: both RoPE thetas written explicitly in both forms.
-    data.update(
-        global_rope_theta=model.global_rope_theta,
-        local_rope_theta=model.local_rope_theta,
-        global_attn_every_n_layers=model.global_attn_every_n_layers,
-    )
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
