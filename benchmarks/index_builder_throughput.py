@@ -13,12 +13,15 @@ benchmarks/RESULTS.md (date, machine, load average, command, ratios).
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import append_results, machine  # noqa: E402
 
 
 def weights(L, tau, seed=0):
@@ -44,17 +47,6 @@ def ours(w, n):
     t = time.perf_counter()
     di, dsi, _, stats = ib.build_blending_indices(*args)
     return time.perf_counter() - t, di, dsi, stats
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None):
@@ -90,9 +82,8 @@ def main(argv=None):
             "",
             f"## Blending index builder vs megatron-core helpers_cpp ({date})",
             "",
-            f"- machine: {os.cpu_count()} CPUs (`nproc` {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()}), {cpu_model()}; shared with other jobs "
-            f"(load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())})",
-            f"- command: `OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python benchmarks/index_builder_throughput.py --samples {args.samples} --repeats {args.repeats} --append`",
+            f"- machine: {machine()} (at the end of the run)",
+            f"- command: `OPENBLAS_NUM_THREADS=1 python benchmarks/index_builder_throughput.py --samples {args.samples} --repeats {args.repeats} --append`",
             f"- timing: best of {args.repeats} interleaved runs for each side (wall clock, output allocation included for ours)",
             "- anchor: `megatron.core.datasets.helpers_cpp.build_blending_indices` (0.16.1), same weights, same N, "
             "outputs checked identical",
@@ -107,10 +98,8 @@ def main(argv=None):
             per_step = ", ".join(f"{k} {v / args.samples:.4g}" for k, v in stats.items())
             lines.append(f"- L={L} work per sample (ours): {per_step or 'plain loop'}")
         lines.extend(f"- {note}" for note in args.note)
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        with open(path, "a") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"appended to {path}")
+        append_results("\n".join(lines))
+        print("appended to benchmarks/RESULTS.md")
     return 0
 
 
