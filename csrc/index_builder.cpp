@@ -334,12 +334,16 @@ class LineBlender {
   void remove_hot(int k) {  // the last slot moves into k
     where_[hi_[k]] = kNone;
     const int last = --hot_n_;
-    hB_[k] = hB_[last];
-    hw_[k] = hw_[last];
-    hc_[k] = hc_[last];
-    hx_[k] = hx_[last];
-    hi_[k] = hi_[last];
-    slot_[hi_[k]] = k;
+    move_hot(last, k);
+  }
+  // Every per-slot array of the hot set moves together (one place to extend when one is added).
+  void move_hot(int from, int to) {
+    hB_[to] = hB_[from];
+    hw_[to] = hw_[from];
+    hc_[to] = hc_[from];
+    hx_[to] = hx_[from];
+    hi_[to] = hi_[from];
+    slot_[hi_[to]] = to;
   }
 
   // Put dataset i (below the line at step lo - 1, or not hot) to sleep until the first step
@@ -455,12 +459,7 @@ class LineBlender {
     int kept = 0;
     for (int j = 0; j < n; ++j) {
       if (he_[j] >= t) {
-        hB_[kept] = hB_[j];
-        hw_[kept] = hw_[j];
-        hc_[kept] = hc_[j];
-        hx_[kept] = hx_[j];
-        hi_[kept] = hi_[j];
-        slot_[hi_[kept]] = kept;
+        move_hot(j, kept);
         ++kept;
       } else {
         sleep(hi_[j], s);
