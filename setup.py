@@ -13,7 +13,9 @@ ext_modules = [
         "megatron_mmbert.data._index_builder",
         ["csrc/index_builder.cpp"],
         cxx_std=17,
-        extra_compile_args=["-O3"],
+        # No floating-point contraction: the blending deficits must round exactly like megatron's.
+        extra_compile_args=["-O3", "-ffp-contract=off"],
+        depends=["csrc/blending.h"],
     ),
 ]
 

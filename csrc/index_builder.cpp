@@ -4,8 +4,8 @@
 // 1. build_blending_indices: the greedy largest-deficit interleave of megatron-core's
 //    helpers_cpp.build_blending_indices, generalised to a schedule of phases, each cut into
 //    segments of fixed weights (piecewise-constant annealing). For one phase of one segment with
-//    positive weights the output is bit-identical to megatron-core's; the fast path below is exact
-//    (it evaluates the very same floating-point expression and tie rule) but scans only the few
+//    positive weights the output is bit-identical to megatron-core's; the fast path (blending.h)
+//    is exact (the very same floating-point expression and tie rule) but evaluates only the few
 //    datasets that can win, instead of all L at every step.
 // 2. pcg64 / permutation: numpy's PCG64 (XSL-RR 128/64) and Generator.permutation re-implemented,
 //    bit for bit, so document shuffles are identical on every machine and checkable against numpy.
@@ -19,28 +19,18 @@
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <queue>
 #include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
-// The deficit must be computed exactly as megatron computes it: a product rounded to double, then a
-// subtraction rounded to double. A fused multiply-add (allowed by default in GCC when the target has
-// FMA, e.g. -march=native) would change the last bit and break identity with megatron's output.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "blending.h"  // also turns floating-point contraction off for this file
 
 namespace py = pybind11;
 
@@ -83,432 +73,34 @@ py::array_t<T> require(const py::handle &obj, const char *name, int ndim) {
   return py::reinterpret_borrow<py::array_t<T>>(arr);
 }
 
-// ------------------------------------------------------------------------------------------------
-// Blending
-// ------------------------------------------------------------------------------------------------
-
-// One segment of a phase: weights fixed over local steps [start, end) of the phase.
-// The target count of dataset i at local step s (using S = max(s, 1), megatron's quirk) is
-//   T_i(S) = B_i + w_i * (S - start)       evaluated in doubles, left to right,
-// with B_i = 0 in the first segment (so T_i = w_i * S exactly as in megatron) and B_i the value of
-// the previous segment's expression at its end otherwise. The deficit is T_i(S) - count_i.
-struct Segment {
-  const double *w;  // [L] weights (0: inactive in this segment, never chosen)
-  int64_t start;    // first local step
-  int64_t end;      // one past the last local step
-};
-
-inline double deficit(double B, double w, double x, double c) {
-  // x = S - start; written as megatron writes it: (w * S) - c, plus an exact 0.0 in segment 0.
-  double target = B + w * x;
-  return target - c;
+// The block lengths (outermost first) for n active datasets: the caller's, or the defaults.
+std::vector<int> block_lengths_for(const std::vector<int> &given, int n) {
+  return given.empty() ? blending::default_block_lengths(n) : given;
 }
 
-struct BlendStats {
-  int64_t rebuilds = 0;     // full scans (segment starts + fallbacks when the line passed the top)
-  int64_t raises = 0;       // threshold raises (the hot set outgrew its cap)
-  int64_t hot_scanned = 0;  // deficits evaluated on the fast path
-  int64_t wakes = 0;        // sleepers taken off the calendar
-  int64_t sleeps = 0;       // wake steps computed
+struct LevelTotals {
+  int64_t rebuilds = 0, aborts = 0, read = 0, full = 0;
 };
 
-// Reference implementation: a full scan of all active datasets at every step (megatron's loop).
-template <typename IdxT>
-void blend_segment_scan(const Segment &seg, int L, const double *B, int64_t *count_phase,
-                        double *count_phase_d, int64_t *count_global, IdxT *out_idx,
-                        int64_t *out_sample, int64_t out_offset) {
-  // Megatron's case (first segment: B = 0, every weight positive) runs megatron's very loop:
-  // (0 + w * x) - c is w * x - c exactly, so only the extra load and add are saved.
-  bool plain = true;
-  for (int i = 0; i < L; ++i) plain = plain && seg.w[i] > 0.0 && B[i] == 0.0;
-  for (int64_t s = seg.start; s < seg.end; ++s) {
-    const double x = static_cast<double>(std::max<int64_t>(s, 1)) - static_cast<double>(seg.start);
-    int best = -1;
-    double best_e = 0.0;
-    if (plain) {
-      best = 0;
-      best_e = seg.w[0] * x - count_phase_d[0];
-      for (int i = 1; i < L; ++i) {
-        const double e = seg.w[i] * x - count_phase_d[i];
-        if (e > best_e) {
-          best_e = e;
-          best = i;
-        }
-      }
-    } else {
-      for (int i = 0; i < L; ++i) {
-        if (!(seg.w[i] > 0.0)) continue;
-        double e = deficit(B[i], seg.w[i], x, count_phase_d[i]);
-        if (best < 0 || e > best_e) {
-          best = i;
-          best_e = e;
-        }
-      }
-    }
-    out_idx[out_offset + s] = static_cast<IdxT>(best);
-    out_sample[out_offset + s] = count_global[best];
-    count_global[best] += 1;
-    count_phase[best] += 1;
-    count_phase_d[best] = static_cast<double>(count_phase[best]);
+// Runs one segment with the block blender for kernel K, adding its per-level work to `totals`.
+template <typename IdxT, bool HasB, template <bool> class K>
+void run_block(const blending::Segment &seg, const std::vector<int> &lengths,
+               const std::vector<int> &active, const double *B, double *count_phase_d,
+               int64_t *count_phase, int64_t *count_global, IdxT *out_idx, int64_t *out_sample,
+               int64_t out_offset, double max_margin, std::vector<LevelTotals> &totals) {
+  blending::BlockBlender<IdxT, HasB, K> blender(seg, lengths, active, B, count_phase_d,
+                                               count_phase, count_global, out_idx + out_offset,
+                                               out_sample + out_offset, max_margin);
+  blender.run();
+  const auto &lv = blender.levels();
+  if (totals.size() < lv.size() - 1) totals.resize(lv.size() - 1);
+  for (size_t q = 1; q < lv.size(); ++q) {
+    totals[q - 1].rebuilds += lv[q].rebuilds;
+    totals[q - 1].aborts += lv[q].aborts;
+    totals[q - 1].read += lv[q].read;
+    totals[q - 1].full += lv[q].full;
   }
 }
-
-// Exact fast path: a falling threshold line, a small hot set and a calendar of sleepers.
-//
-// The winner at step s is the dataset with the largest deficit (lowest index on ties). Let
-// tau(x) = T0 - slope * x (doubles, x = max(s, 1) - start as in the deficit), a line that falls a
-// little every step. A dataset is "hot" once its deficit is at or above the line, else it sleeps.
-// Every sleeper is strictly below the line, so as long as the largest hot deficit is at or above
-// the line the hot set holds the winner and every dataset tied with it. A sleeper's deficit never
-// falls (it grows by w_i per step; the rounded expression is monotone too) and the line never
-// rises between raises, so "deficit >= line" is false up to one step and true from then on: that
-// wake step is estimated with one multiplication and confirmed with the exact expressions (the
-// same floating-point operations as megatron's loop), and the dataset sleeps in a ring of
-// per-step buckets (intrusive lists; a heap for rare far wakes) until then. Each step: move the
-// step's bucket into the hot set, scan the hot set (SIMD, exact deficits, ties to the lowest
-// index), emit the winner, and put it (its deficit just fell by one) back to sleep.
-//
-// The line must stay below the top deficit (else: a full scan that re-lays it, a "rebuild", the
-// only O(L) step) but close to it (else the hot set grows). It falls by `slope` times the mean
-// weight per step, and when the hot set outgrows its cap it is raised to the hot_target-th
-// largest hot deficit: raising is always safe (sleepers then wake early, find themselves still
-// below, and sleep again), while lowering would wake sleepers late, hence the rebuild.
-//
-// Cost per step at L = 1833, tau = 0.3 (measured, default tuning): ~22 hot deficits scanned,
-// ~2.3 wakes and ~2.7 wake-step computations (the winner, early wakes after raises, evictions),
-// a rebuild every ~3000 steps. The top deficit wanders by ~17/L over 100 steps and ~43/L over
-// 1000, which is what forces the raises (each makes the current sleepers wake early once) and
-// rebuilds; a tighter hot set means more of both.
-template <typename IdxT>
-class LineBlender {
- public:
-  LineBlender(int L, int hot_target, double slope)
-      : L_(L), k_target_(std::max(1, hot_target)), k_max_(2 * std::max(1, hot_target) + 4),
-        slope_(slope), inv_ws_(L, 0.0), next_(L, -1), wake_(L, 0), where_(L, kNone), hB_(L + 8),
-        hw_(L + 8), hc_(L + 8), hx_(L + 8), hi_(L + 8), slot_(L, 0), e_all_(L), he_(L + 4) {}
-
-  void run_segment(const Segment &seg, const double *B, int64_t *count_phase, double *count_phase_d,
-                   int64_t *count_global, IdxT *out_idx, int64_t *out_sample, int64_t out_offset,
-                   BlendStats &stats) {
-    stats_ = &stats;
-    clear_all();
-    seg_ = &seg;
-    w_ = seg.w;
-    B_ = B;
-    c_ = count_phase_d;
-    active_.clear();
-    double wsum = 0.0;
-    for (int i = 0; i < L_; ++i) {
-      if (seg.w[i] > 0.0) {
-        active_.push_back(i);
-        wsum += seg.w[i];
-      }
-    }
-    if (active_.empty()) return;  // the caller checked: no samples without a positive weight
-    s_ = slope_ * wsum / static_cast<double>(active_.size());
-    for (int i : active_) inv_ws_[i] = 1.0 / (seg.w[i] + s_);
-    // A sleeper at most ~2 below the line reaches it within 2 / slope steps: size the ring so that
-    // nearly all wakes land in it.
-    const double reach = 4.0 / s_;
-    int64_t ring = 1024;
-    while (ring < reach && ring < (int64_t(1) << 20)) ring <<= 1;
-    if (static_cast<int64_t>(head_.size()) != ring) head_.assign(ring, -1);
-    mask_ = ring - 1;
-    hot_n_ = 0;
-    raise_at_ = k_max_;
-    T0_ = 0.0;
-    xend_ = static_cast<double>(seg.end - seg.start);
-
-    for (int64_t s = seg.start; s < seg.end; ++s) {
-      const double x = xval(s);
-      double t = tau(x);
-      drain(s, x, t);
-      double m;
-      int k = scan(x, m);
-      if (k < 0 || !(m >= t)) {
-        rebuild(s);
-        k = scan(x, m);
-      }
-      const int best = hi_[k];
-      out_idx[out_offset + s] = static_cast<IdxT>(best);
-      out_sample[out_offset + s] = count_global[best];
-      count_global[best] += 1;
-      count_phase[best] += 1;
-      c_[best] = static_cast<double>(count_phase[best]);
-      remove_hot(k);
-      if (s + 1 < seg.end) {
-        sleep(best, s + 1);
-        if (hot_n_ > raise_at_) raise(s + 1);
-      }
-    }
-    clear_all();
-  }
-
- private:
-  enum : int8_t { kNone = 0, kHot = 1, kRing = 2, kFar = 3 };
-
-  double xval(int64_t s) const {
-    return static_cast<double>(std::max<int64_t>(s, 1)) - static_cast<double>(seg_->start);
-  }
-  double tau(double x) const { return T0_ - s_ * x; }
-  double e_at(int i, double x) const { return deficit(B_[i], w_[i], x, c_[i]); }
-  bool above(int i, int64_t s) const {
-    const double x = xval(s);
-    return e_at(i, x) >= tau(x);
-  }
-
-  // The hot slot with the largest deficit at x, the lowest dataset index among equal largest
-  // deficits, or -1 when the hot set is empty. One pass, no branches on the data: four SIMD lanes
-  // each keep the best (deficit, index) pair in that order (each lane rounds exactly like the
-  // scalar expression; dataset indices ride along as exact doubles), then the lanes are merged.
-  int scan(double x, double &m) {
-    const int n = hot_n_;
-    stats_->hot_scanned += n;
-    if (n == 0) return -1;
-    const double *hB = hB_.data(), *hw = hw_.data(), *hc = hc_.data(), *hx = hx_.data();
-    int k = 0;
-    double best = -std::numeric_limits<double>::infinity();
-    double bi = std::numeric_limits<double>::infinity();
-#if defined(__SSE2__)
-    // Pad to a multiple of four with slots that never win (deficit -inf, index +inf).
-    for (int j = n; j < n + 4; ++j) {
-      hB_[j] = -std::numeric_limits<double>::infinity();
-      hw_[j] = 0.0;
-      hc_[j] = 0.0;
-      hx_[j] = std::numeric_limits<double>::infinity();
-    }
-    const __m128d vx = _mm_set1_pd(x);
-    __m128d a = _mm_set1_pd(best), b = a, ia = _mm_set1_pd(bi), ib = ia;
-    // (d, i) beats (a, ia): a larger deficit, or an equal one with a lower index.
-    auto beats = [](__m128d d, __m128d i, __m128d a, __m128d ia) {
-      return _mm_or_pd(_mm_cmpgt_pd(d, a), _mm_and_pd(_mm_cmpeq_pd(d, a), _mm_cmplt_pd(i, ia)));
-    };
-    auto pick = [](__m128d g, __m128d u, __m128d v) {
-      return _mm_or_pd(_mm_and_pd(g, u), _mm_andnot_pd(g, v));
-    };
-    for (; k < n; k += 4) {
-      const __m128d d0 = _mm_sub_pd(
-          _mm_add_pd(_mm_loadu_pd(hB + k), _mm_mul_pd(_mm_loadu_pd(hw + k), vx)),
-          _mm_loadu_pd(hc + k));
-      const __m128d d1 = _mm_sub_pd(
-          _mm_add_pd(_mm_loadu_pd(hB + k + 2), _mm_mul_pd(_mm_loadu_pd(hw + k + 2), vx)),
-          _mm_loadu_pd(hc + k + 2));
-      const __m128d x0 = _mm_loadu_pd(hx + k), x1 = _mm_loadu_pd(hx + k + 2);
-      const __m128d g0 = beats(d0, x0, a, ia), g1 = beats(d1, x1, b, ib);
-      a = pick(g0, d0, a);
-      ia = pick(g0, x0, ia);
-      b = pick(g1, d1, b);
-      ib = pick(g1, x1, ib);
-    }
-    const __m128d g = beats(b, ib, a, ia);
-    a = pick(g, b, a);
-    ia = pick(g, ib, ia);
-    double v[2], s[2];
-    _mm_storeu_pd(v, a);
-    _mm_storeu_pd(s, ia);
-    const bool take = (v[1] > v[0]) | ((v[1] == v[0]) & (s[1] < s[0]));
-    best = take ? v[1] : v[0];
-    bi = take ? s[1] : s[0];
-#else
-    for (; k < n; ++k) {
-      const double e = deficit(hB[k], hw[k], x, hc[k]);
-      const bool take = e > best || (e == best && hx[k] < bi);
-      best = take ? e : best;
-      bi = take ? hx[k] : bi;
-    }
-#endif
-    m = best;
-    return slot_[static_cast<int>(bi)];
-  }
-
-  void insert_hot(int i) {
-    const int k = hot_n_++;
-    hB_[k] = B_[i];
-    hw_[k] = w_[i];
-    hc_[k] = c_[i];
-    hx_[k] = static_cast<double>(i);
-    hi_[k] = i;
-    slot_[i] = k;
-    where_[i] = kHot;
-  }
-  void remove_hot(int k) {  // the last slot moves into k
-    where_[hi_[k]] = kNone;
-    const int last = --hot_n_;
-    move_hot(last, k);
-  }
-  // Every per-slot array of the hot set moves together (one place to extend when one is added).
-  void move_hot(int from, int to) {
-    hB_[to] = hB_[from];
-    hw_[to] = hw_[from];
-    hc_[to] = hc_[from];
-    hx_[to] = hx_[from];
-    hi_[to] = hi_[from];
-    slot_[hi_[to]] = to;
-  }
-
-  // Put dataset i (below the line at step lo - 1, or not hot) to sleep until the first step
-  // t >= lo at which its deficit is at or above the line; not at all if that is past the segment.
-  void sleep(int i, int64_t lo) {
-    ++stats_->sleeps;
-    // Steps t >= lo >= 1 have x = t - start (the max(s, 1) quirk only touches step 0), so the walk
-    // runs on x directly; every x here is an integer held exactly in a double.
-    const double xlo = static_cast<double>(lo - seg_->start);
-    const double xend = xend_;
-    const double b = B_[i], w = w_[i], c = c_[i];
-    // Deficit at or above the line: the same expressions as deficit() and tau().
-    auto above_x = [&](double x) { return (b + w * x) - c >= T0_ - s_ * x; };
-    // The real-valued solution of b + w x - c = T0 - slope x, rounded up into [xlo, xend];
-    // exactness comes from the walk.
-    double xu = (c - b + T0_) * inv_ws_[i];
-    if (!(xu > xlo)) {
-      xu = xlo;
-    } else if (!(xu < xend)) {
-      xu = xend;
-    } else {
-      const double f = static_cast<double>(static_cast<int64_t>(xu));
-      xu = f < xu ? f + 1.0 : f;
-    }
-    while (xu > xlo && above_x(xu - 1.0)) xu -= 1.0;
-    while (xu < xend && !above_x(xu)) xu += 1.0;
-    if (!(xu < xend)) {
-      where_[i] = kNone;
-      return;
-    }
-    const int64_t t = seg_->start + static_cast<int64_t>(xu);
-    wake_[i] = t;
-    if (t - lo < mask_) {  // lo - 1 is the current step: t is less than a ring turn ahead
-      int32_t &head = head_[t & mask_];
-      next_[i] = head;
-      head = i;
-      where_[i] = kRing;
-    } else {
-      far_.push(std::make_pair(t, i));
-      where_[i] = kFar;
-    }
-  }
-
-  void wake(int i, int64_t s, double x, double t) {
-    ++stats_->wakes;
-    if (e_at(i, x) >= t) {
-      insert_hot(i);
-    } else {
-      sleep(i, s + 1);  // woken early: the line was raised since it fell asleep
-    }
-  }
-
-  void drain(int64_t s, double x, double t) {
-    int32_t &head = head_[s & mask_];
-    int i = head;
-    head = -1;
-    while (i >= 0) {
-      const int nxt = next_[i];
-      wake(i, s, x, t);
-      i = nxt;
-    }
-    while (!far_.empty() && far_.top().first <= s) {
-      const int j = far_.top().second;
-      far_.pop();
-      wake(j, s, x, t);
-    }
-  }
-
-  // Lay T0 so that the line at x is the largest double <= v (v itself when representable so).
-  void lay_line(double v, double x) {
-    T0_ = v + s_ * x;
-    while (tau(x) > v) T0_ = std::nextafter(T0_, -std::numeric_limits<double>::infinity());
-  }
-
-  // Full scan at step s: the line through the hot_target-th largest deficit; everything at or
-  // above it is hot, the rest sleeps with fresh wake steps.
-  void rebuild(int64_t s) {
-    ++stats_->rebuilds;
-    clear_all();
-    const double x = xval(s);
-    const size_t n = active_.size();
-    for (size_t j = 0; j < n; ++j) e_all_[j] = e_at(active_[j], x);
-    const size_t k = std::min<size_t>(static_cast<size_t>(k_target_), n);
-    tmp_.assign(e_all_.begin(), e_all_.begin() + n);
-    std::nth_element(tmp_.begin(), tmp_.begin() + (k - 1), tmp_.end(), std::greater<double>());
-    lay_line(tmp_[k - 1], x);
-    const double t = tau(x);
-    for (size_t j = 0; j < n; ++j) {
-      const int i = active_[j];
-      if (e_all_[j] >= t) {
-        insert_hot(i);
-      } else {
-        sleep(i, s + 1);
-      }
-    }
-    raise_at_ = std::max(k_max_, hot_n_ + k_target_);
-  }
-
-  // The hot set outgrew its cap: raise the line (never lower it) to the hot_target-th largest hot
-  // deficit at step s and put the hot datasets below it to sleep.
-  void raise(int64_t s) {
-    ++stats_->raises;
-    const double x = xval(s);
-    const int n = hot_n_;
-    tmp_.resize(n);
-    for (int k = 0; k < n; ++k) he_[k] = tmp_[k] = deficit(hB_[k], hw_[k], x, hc_[k]);
-    const int k = std::min(k_target_, n);
-    std::nth_element(tmp_.begin(), tmp_.begin() + (k - 1), tmp_.end(), std::greater<double>());
-    const double old = T0_;
-    lay_line(tmp_[k - 1], x);
-    if (T0_ < old) T0_ = old;
-    const double t = tau(x);
-    int kept = 0;
-    for (int j = 0; j < n; ++j) {
-      if (he_[j] >= t) {
-        move_hot(j, kept);
-        ++kept;
-      } else {
-        sleep(hi_[j], s);
-      }
-    }
-    hot_n_ = kept;
-    // Ties can keep the hot set above its cap; do not retry before it grows again.
-    raise_at_ = std::max(k_max_, hot_n_ + k_target_);
-  }
-
-  // Empty the hot set and the calendar (ring buckets are cleared through their sleepers).
-  void clear_all() {
-    for (int i = 0; i < L_; ++i) {
-      if (where_[i] == kRing) head_[wake_[i] & mask_] = -1;
-      where_[i] = kNone;
-    }
-    far_ = decltype(far_)();
-    hot_n_ = 0;
-  }
-
-  int L_;
-  int k_target_, k_max_;
-  double slope_;
-  const Segment *seg_ = nullptr;
-  const double *w_ = nullptr;
-  const double *B_ = nullptr;
-  double *c_ = nullptr;
-  BlendStats *stats_ = nullptr;
-  double s_ = 0.0;   // the line's fall per step
-  double T0_ = 0.0;  // the line at x = 0
-  double xend_ = 0.0;  // x of the segment's end
-  int raise_at_ = 0;
-  std::vector<int> active_;
-  std::vector<double> inv_ws_;  // 1 / (w_i + s_)
-  std::vector<int32_t> head_;   // ring of per-step buckets: first sleeper, or -1
-  int64_t mask_ = 0;
-  std::vector<int32_t> next_;   // next sleeper in the same bucket
-  std::vector<int64_t> wake_;   // the step a sleeper wakes at
-  std::vector<int8_t> where_;   // kNone / kHot / kRing / kFar
-  std::vector<double> hB_, hw_, hc_;  // the hot set (unordered): B, w, count, ...
-  std::vector<double> hx_;            // ... dataset index as a double (for the SIMD tie rule) ...
-  std::vector<int32_t> hi_;           // ... and as an int
-  std::vector<int32_t> slot_;         // slot of a hot dataset
-  int hot_n_ = 0;
-  std::vector<double> e_all_, tmp_, he_;
-  std::priority_queue<std::pair<int64_t, int>, std::vector<std::pair<int64_t, int>>,
-                      std::greater<std::pair<int64_t, int>>>
-      far_;
-};
 
 // weights: [M, L] float64, one row per segment; seg_sizes: [M] int64 (samples per segment);
 // seg_phase: [M] int64, non-decreasing: segments of one phase are consecutive, and every phase
@@ -516,8 +108,8 @@ class LineBlender {
 // dataset_sample_index keeps counting across phases (each dataset is read on, never restarted).
 template <typename IdxT>
 py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *seg_phase, int M,
-                     int L, const std::string &algorithm, int hot_target, int fast_min_datasets,
-                     double slope) {
+                     int L, const std::string &algorithm, int fast_min_datasets,
+                     const std::vector<int> &lengths_given, bool use_avx512, double max_margin) {
   int64_t N = 0;
   for (int m = 0; m < M; ++m) N += seg_sizes[m];
   py::array_t<IdxT> dataset_index(N);
@@ -529,12 +121,13 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
   int64_t *out_sample = dataset_sample_index.mutable_data();
   int64_t *counts_out = counts.mutable_data();
   std::fill(counts_out, counts_out + static_cast<int64_t>(num_phases) * L, 0);
-  BlendStats stats;
+  std::vector<LevelTotals> totals;
+  int64_t scanned_steps = 0, block_steps = 0;
   {
     py::gil_scoped_release release;
     std::vector<int64_t> count_global(L, 0), count_phase(L, 0);
     std::vector<double> count_phase_d(L, 0.0), B(L, 0.0);
-    LineBlender<IdxT> fast(L, hot_target, slope);
+    std::vector<int> active;
     int64_t phase_offset = 0;  // global position of the current phase's first sample
     int m = 0;
     int phase_no = 0;
@@ -545,15 +138,40 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
       std::fill(B.begin(), B.end(), 0.0);
       int64_t local = 0;
       for (; m < M && seg_phase[m] == phase; ++m) {
-        Segment seg{W + static_cast<int64_t>(m) * L, local, local + seg_sizes[m]};
+        blending::Segment seg{W + static_cast<int64_t>(m) * L, local, local + seg_sizes[m]};
         if (seg.end > seg.start) {
-          // Below ~64 datasets megatron's plain loop is already as fast as the threshold machinery.
-          if (algorithm == "scan" || L < fast_min_datasets) {
-            blend_segment_scan<IdxT>(seg, L, B.data(), count_phase.data(), count_phase_d.data(),
-                                     count_global.data(), out_idx, out_sample, phase_offset);
+          active.clear();
+          bool has_b = seg.start != 0;
+          for (int i = 0; i < L; ++i) {
+            if (seg.w[i] > 0.0) active.push_back(i);
+            has_b = has_b || B[i] != 0.0;
+          }
+          const int n = static_cast<int>(active.size());
+          // Below a few datasets megatron's plain loop is as fast as the block machinery: ~16
+          // with the AVX-512 kernels, ~100 with the portable ones (benchmarks: 0.9x at 60).
+          const int min_n = fast_min_datasets >= 0 ? fast_min_datasets : (use_avx512 ? 16 : 128);
+          if (algorithm == "scan" || n < min_n) {
+            blending::blend_segment_scan<IdxT>(seg, L, B.data(), count_phase.data(),
+                                               count_phase_d.data(), count_global.data(), out_idx,
+                                               out_sample, phase_offset);
+            scanned_steps += seg.end - seg.start;
           } else {
-            fast.run_segment(seg, B.data(), count_phase.data(), count_phase_d.data(),
-                             count_global.data(), out_idx, out_sample, phase_offset, stats);
+            const std::vector<int> lengths = block_lengths_for(lengths_given, n);
+            auto go = [&](auto run) {
+              run(seg, lengths, active, B.data(), count_phase_d.data(), count_phase.data(),
+                  count_global.data(), out_idx, out_sample, phase_offset, max_margin, totals);
+            };
+#if MMBERT_HAVE_AVX512_KERNEL
+            if (use_avx512) {
+              if (has_b) go(run_block<IdxT, true, blending::Avx512Kernel>);
+              else go(run_block<IdxT, false, blending::Avx512Kernel>);
+            } else
+#endif
+            {
+              if (has_b) go(run_block<IdxT, true, blending::GenericKernel>);
+              else go(run_block<IdxT, false, blending::GenericKernel>);
+            }
+            block_steps += seg.end - seg.start;
           }
         }
         // Carry the target to the next segment: the same expression at this segment's end.
@@ -568,17 +186,27 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
     }
   }
   py::dict info;
-  info["rebuilds"] = stats.rebuilds;
-  info["hot_scanned"] = stats.hot_scanned;
-  info["wakes"] = stats.wakes;
-  info["raises"] = stats.raises;
-  info["sleeps"] = stats.sleeps;
+  info["kernel"] = algorithm == "scan" ? "scan" : (use_avx512 ? "avx512" : "generic");
+  info["scanned_steps"] = scanned_steps;
+  info["block_steps"] = block_steps;
+  py::list rebuilds, aborts, read, full;
+  for (const auto &t : totals) {
+    rebuilds.append(t.rebuilds);
+    aborts.append(t.aborts);
+    read.append(t.read);
+    full.append(t.full);
+  }
+  info["level_rebuilds"] = rebuilds;  // selections made, per level (outermost first)
+  info["level_aborts"] = aborts;      // blocks stopped early because this level left out too much
+  info["level_read"] = read;          // deficits evaluated to select (and to find who to blame)
+  info["level_full"] = full;          // selections that kept everything (the margin hit its cap)
   return py::make_tuple(dataset_index, dataset_sample_index, counts, info);
 }
 
 py::tuple build_blending_indices(const py::object &weights_obj, const py::object &sizes_obj,
                                  const py::object &phase_obj, const std::string &algorithm,
-                                 int hot_target, int fast_min_datasets, double slope) {
+                                 int fast_min_datasets, const std::vector<int> &block_lengths,
+                                 const std::string &kernel, double max_margin) {
   auto weights = require<double>(weights_obj, "weights", 2);
   auto sizes = require<int64_t>(sizes_obj, "segment_sizes", 1);
   auto phases = require<int64_t>(phase_obj, "segment_phase", 1);
@@ -588,13 +216,34 @@ py::tuple build_blending_indices(const py::object &weights_obj, const py::object
                           std::to_string(M) + ")");
   }
   if (L < 1) throw py::value_error("weights must have at least one dataset column");
-  if (L > std::numeric_limits<int32_t>::max()) throw py::value_error("too many datasets");
+  if (L > std::numeric_limits<int32_t>::max() - 64) throw py::value_error("too many datasets");
   if (algorithm != "fast" && algorithm != "scan") {
     throw py::value_error("algorithm must be 'fast' or 'scan', got '" + algorithm + "'");
   }
-  if (!(slope > 0.0) || !std::isfinite(slope)) {
-    throw py::value_error("slope must be a finite number > 0 (the threshold's fall per step, in "
-                          "mean weights), got " + std::to_string(slope));
+  if (block_lengths.size() > 7) {
+    throw py::value_error("block_lengths: at most 7 levels, got " +
+                          std::to_string(block_lengths.size()));
+  }
+  for (int k : block_lengths) {
+    if (k < 1) {
+      throw py::value_error("block_lengths must be positive step counts (outermost first), got " +
+                            std::to_string(k));
+    }
+  }
+  if (!(max_margin > 0.0) || !std::isfinite(max_margin)) {
+    throw py::value_error("max_margin must be a finite number > 0, got " + std::to_string(max_margin));
+  }
+  bool use_avx512 = false;
+  if (kernel == "auto") {
+    use_avx512 = blending::cpu_has_avx512();
+  } else if (kernel == "avx512") {
+    if (!blending::cpu_has_avx512()) {
+      throw py::value_error("kernel='avx512' needs a CPU with AVX-512F and AVX-512VL (this one has "
+                            "not); use kernel='auto' or 'generic'");
+    }
+    use_avx512 = true;
+  } else if (kernel != "generic") {
+    throw py::value_error("kernel must be 'auto', 'avx512' or 'generic', got '" + kernel + "'");
   }
   const double *W = weights.data();
   const int64_t *S = sizes.data();
@@ -619,10 +268,10 @@ py::tuple build_blending_indices(const py::object &weights_obj, const py::object
   }
   if (L <= std::numeric_limits<int16_t>::max()) {
     return blend_impl<int16_t>(W, S, P, static_cast<int>(M), static_cast<int>(L), algorithm,
-                               hot_target, fast_min_datasets, slope);
+                               fast_min_datasets, block_lengths, use_avx512, max_margin);
   }
   return blend_impl<int32_t>(W, S, P, static_cast<int>(M), static_cast<int>(L), algorithm,
-                             hot_target, fast_min_datasets, slope);
+                             fast_min_datasets, block_lengths, use_avx512, max_margin);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -827,14 +476,16 @@ PYBIND11_MODULE(_index_builder, m) {
   m.doc() = "Blended and packed sample indices for megatron-mmbert (see csrc/index_builder.cpp).";
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"),
         py::arg("segment_sizes"), py::arg("segment_phase"), py::arg("algorithm") = "fast",
-        py::arg("hot_target") = 16, py::arg("fast_min_datasets") = 64, py::arg("slope") = 0.05,
+        py::arg("fast_min_datasets") = -1, py::arg("block_lengths") = std::vector<int>{},
+        py::arg("kernel") = "auto", py::arg("max_margin") = 8.0,
         "Greedy largest-deficit interleave over a schedule of segments.\n\n"
         "weights float64 [M, L]; segment_sizes int64 [M]; segment_phase int64 [M] (non-decreasing).\n"
         "Returns (dataset_index int16 (int32 when L > 32767) [N], dataset_sample_index int64 [N],\n"
         "counts int64 [phases, L], stats dict). algorithm='scan' is the O(N x L) reference;\n"
-        "'fast' (same output) falls back to it below fast_min_datasets datasets. Tuning of 'fast'\n"
-        "(speed only, never the output): hot_target, the hot set kept after a raise or rescan (it\n"
-        "is raised past 2 * hot_target + 4); slope, the threshold's fall per step in mean weights.");
+        "'fast' (same output, see csrc/blending.h) falls back to it below fast_min_datasets active\n"
+        "datasets (-1: 16 with the AVX-512 kernel, 128 with the portable one). Speed only, never the output: block_lengths (steps per nested candidate level,\n"
+        "outermost first; [] = defaults), kernel ('auto': AVX-512 when the CPU has it, 'avx512',\n"
+        "'generic') and max_margin (the candidate margin's cap; a level that reaches it keeps all).");
   m.def("permutation", &permutation, py::arg("n"), py::arg("seed"), py::arg("stream"),
         py::arg("epoch"),
         "numpy Generator(PCG64).permutation(n) for the generator seeded by (seed, stream, epoch).");

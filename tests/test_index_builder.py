@@ -33,18 +33,28 @@ def skewed(rng, L):
     return w / w.sum()
 
 
+# The kernels this machine can run: the portable one always, AVX-512 where the CPU has it.
+KERNELS = ["generic"] + (["avx512"] if ib.build_blending_indices(
+    np.ones((1, 1)), np.array([1], np.int64), np.zeros(1, np.int64))[3]["kernel"] == "avx512" else [])
+
+
+def _block(w, n, lengths=(), kernel="auto", phases=None, sizes=None, max_margin=8.0):
+    """The block path forced (fast_min_datasets=1) with the given block lengths and kernel."""
+    W = w if w.ndim == 2 else w[None]
+    S = np.array([n], np.int64) if sizes is None else sizes
+    P = np.zeros(len(S), np.int64) if phases is None else phases
+    return ib.build_blending_indices(W, S, P, "fast", 1, list(lengths), kernel, max_margin)
+
+
 @pytest.mark.parametrize("L", [1, 2, 3, 5, 17, 60, 300, 2000])
 def test_single_phase_identical_to_megatron(L):
     rng = np.random.default_rng(L)
     for n in (1, 2, 97, int(rng.integers(1000, 60000))):
         w = skewed(rng, L)
         ref = megatron_blend(w, n)
-        for algo in ("fast", "scan", "fast-forced"):
-            if algo == "fast-forced":  # the hot-set path even where the plain loop would be used
-                di, dsi, counts, _ = ib.build_blending_indices(
-                    w[None], np.array([n], np.int64), np.zeros(1, np.int64), "fast", 8, 1)
-            else:
-                di, dsi, counts = build_blending_indices(w[None], np.array([n], np.int64), algorithm=algo)
+        runs = [build_blending_indices(w[None], np.array([n], np.int64), algorithm=a) for a in ("fast", "scan")]
+        runs += [_block(w, n, kernel=k)[:3] for k in KERNELS]  # block path even where the plain loop is used
+        for di, dsi, counts in runs:
             assert di.dtype == np.int16 and dsi.dtype == np.int64
             np.testing.assert_array_equal(di, ref[0])
             np.testing.assert_array_equal(dsi, ref[1])
@@ -56,47 +66,51 @@ def test_megatron_published_example():
     assert di.tolist() == [0, 1, 0, 2, 0, 0, 1, 0, 0, 0]
 
 
-def test_fast_equals_scan_on_hard_cases():
-    # Exact ties (equal weights), huge weight ratios, tiny hot targets that force many fallbacks.
+# Block lengths (outermost first) that push the block path into its rare branches: one level, very
+# short blocks (many selections and early stops), five levels (the run-time depth loop), and an
+# innermost set too large for registers (the memory-resident kernel).
+TUNINGS = [[], [1], [3, 1], [40, 9, 2], [2000, 700, 90, 17, 4], [600]]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_block_path_equals_scan_on_hard_cases(kernel):
+    # Exact ties everywhere (equal weights), a 1e9 weight ratio, skewed weights.
     rng = np.random.default_rng(1)
     cases = [np.full(40, 1 / 40), np.array([1 - 1e-9] + [1e-9 / 99] * 99), skewed(rng, 800)]
+    full = 0
     for w in cases:
-        for hot in (1, 2, 32):
-            a = ib.build_blending_indices(w[None], np.array([20000], np.int64), np.zeros(1, np.int64), "fast", hot, 1)
-            b = ib.build_blending_indices(w[None], np.array([20000], np.int64), np.zeros(1, np.int64), "scan", hot)
-            np.testing.assert_array_equal(a[0], b[0])
-            np.testing.assert_array_equal(a[1], b[1])
+        ref = build_blending_indices(w[None], np.array([20000], np.int64), algorithm="scan")
+        for lengths in TUNINGS:
+            for cap in (8.0, 1e-6):  # 1e-6: margins hit the cap, selections keep everything
+                di, dsi, _, stats = _block(w, 20000, lengths, kernel, max_margin=cap)
+                np.testing.assert_array_equal(di, ref[0], err_msg=f"lengths={lengths} cap={cap}")
+                np.testing.assert_array_equal(dsi, ref[1], err_msg=f"lengths={lengths} cap={cap}")
+                assert stats["kernel"] == kernel
+                full += sum(stats["level_full"]) if cap < 1 else 0
+    assert full > 0  # the keep-everything selections ran
 
 
-def _fast(w, n, hot, slope):
-    """The threshold-line path forced (fast_min_datasets=1) with the given tuning."""
-    di, dsi, counts, stats = ib.build_blending_indices(
-        w[None], np.array([n], np.int64), np.zeros(1, np.int64), "fast", hot, 1, slope)
-    return di, dsi, stats
-
-
-def test_mmbert_decay_weights_identical_to_megatron_under_any_tuning():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_mmbert_decay_weights_identical_to_megatron_under_any_tuning(kernel):
     # The mmBERT decay phase: tau = 0.3 over 1833 languages with realistic (log-normal, spanning
-    # ~4 orders of magnitude) token counts. The tunings push the path into its rare branches:
-    # a nearly flat line (slope 0.01: the top falls below the line -> full rescans), a steep one
-    # (slope 4: the hot set overflows -> raises, sleepers woken early) and a hot set of one.
+    # ~4 orders of magnitude) token counts.
     rng = np.random.default_rng(1833)
     tokens = rng.lognormal(18, 2.5, 1833)
     w = tokens ** 0.3
     w /= w.sum()
     n = 150_000
     ref = megatron_blend(w, n)
-    seen = {"rebuilds": 0, "raises": 0}
-    for hot, slope in [(4, 0.25), (1, 0.01), (2, 4.0), (16, 0.05), (64, 1.0)]:
-        di, dsi, stats = _fast(w, n, hot, slope)
-        np.testing.assert_array_equal(di, ref[0], err_msg=f"hot={hot} slope={slope}")
-        np.testing.assert_array_equal(dsi, ref[1], err_msg=f"hot={hot} slope={slope}")
-        for k in seen:
-            seen[k] += stats[k]
-    assert seen["rebuilds"] > 10 and seen["raises"] > 10  # the rare branches did run
+    aborts = np.zeros(5)
+    for lengths in TUNINGS:
+        di, dsi, _, stats = _block(w, n, lengths, kernel)
+        np.testing.assert_array_equal(di, ref[0], err_msg=f"lengths={lengths}")
+        np.testing.assert_array_equal(dsi, ref[1], err_msg=f"lengths={lengths}")
+        if len(lengths) == 5:
+            aborts += stats["level_aborts"]
+    assert (aborts > 0).all()  # every level of the deep schedule stopped some blocks early
     # Every prefix, not just the full run: a shorter build is the prefix of the longer one.
     for m in (1, 2, 3, 1833, 1834, 77_777):
-        di, dsi, _ = _fast(w, m, 4, 0.25)
+        di, dsi, _, _ = _block(w, m, [40, 9, 2], kernel)
         np.testing.assert_array_equal(di, ref[0][:m])
         np.testing.assert_array_equal(dsi, ref[1][:m])
 
@@ -116,19 +130,30 @@ def test_randomised_weights_identical_to_megatron():
             w[rng.integers(L)] = 1.0
             w /= w.sum()
         n = int(rng.integers(1, 40_000))
-        hot = int(rng.choice([1, 2, 4, 8, 33]))
-        slope = float(rng.choice([0.003, 0.1, 0.25, 2.0]))
+        lengths = TUNINGS[trial % len(TUNINGS)]
+        kernel = KERNELS[trial % len(KERNELS)]
         ref = megatron_blend(w, n)
-        di, dsi, _ = _fast(w, n, hot, slope)
-        np.testing.assert_array_equal(di, ref[0], err_msg=f"L={L} n={n} hot={hot} slope={slope}")
-        np.testing.assert_array_equal(dsi, ref[1], err_msg=f"L={L} n={n} hot={hot} slope={slope}")
+        di, dsi, _, _ = _block(w, n, lengths, kernel)
+        msg = f"L={L} n={n} lengths={lengths} kernel={kernel}"
+        np.testing.assert_array_equal(di, ref[0], err_msg=msg)
+        np.testing.assert_array_equal(dsi, ref[1], err_msg=msg)
 
 
-def test_bad_slope_is_rejected():
+def test_bad_tuning_is_rejected():
     w = np.array([[0.5, 0.5]])
-    for slope in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="slope must be a finite number > 0"):
-            ib.build_blending_indices(w, np.array([4], np.int64), np.zeros(1, np.int64), "fast", 4, 1, slope)
+    S, P = np.array([4], np.int64), np.zeros(1, np.int64)
+    with pytest.raises(ValueError, match="block_lengths must be positive"):
+        ib.build_blending_indices(w, S, P, "fast", 1, [8, 0])
+    with pytest.raises(ValueError, match="at most 7 levels"):
+        ib.build_blending_indices(w, S, P, "fast", 1, [9, 8, 7, 6, 5, 4, 3, 2])
+    for cap in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_margin must be a finite number > 0"):
+            ib.build_blending_indices(w, S, P, "fast", 1, [], "auto", cap)
+    with pytest.raises(ValueError, match="kernel must be 'auto', 'avx512' or 'generic'"):
+        ib.build_blending_indices(w, S, P, "fast", 1, [], "sse")
+    if "avx512" not in KERNELS:
+        with pytest.raises(ValueError, match="needs a CPU with AVX-512F"):
+            ib.build_blending_indices(w, S, P, "fast", 1, [], "avx512")
 
 
 def _prefix_deviation(di, weights, sizes, L):
@@ -155,10 +180,11 @@ def test_prefix_bound_multiphase_and_annealed():
     weights.append(w2 / w2.sum()); sizes.append(2500); phase.append(2)
     W = np.array(weights); S = np.array(sizes, np.int64); P = np.array(phase, np.int64)
     di_scan, dsi_scan, _ = build_blending_indices(W, S, P, algorithm="scan")
-    for hot, slope in [(4, 0.25), (1, 0.01), (2, 4.0)]:  # hot-set path forced, several tunings
-        di, dsi, counts, _ = ib.build_blending_indices(W, S, P, "fast", hot, 1, slope)
-        np.testing.assert_array_equal(di, di_scan)
-        np.testing.assert_array_equal(dsi, dsi_scan)
+    for lengths in TUNINGS:  # block path forced, every kernel, several tunings
+        for kernel in KERNELS:
+            di, dsi, counts, _ = _block(W, 0, lengths, kernel, phases=P, sizes=S)
+            np.testing.assert_array_equal(di, di_scan, err_msg=f"lengths={lengths} kernel={kernel}")
+            np.testing.assert_array_equal(dsi, dsi_scan, err_msg=f"lengths={lengths} kernel={kernel}")
     start = 0
     for p in range(3):
         sel = P == p
