@@ -24,15 +24,16 @@
 // Selecting candidates from all L datasets is itself O(L), so selections are nested: level 1 picks
 // from all active datasets for blocks of 432 steps, level 2 from level 1 for 72 steps, level 3
 // from level 2 for 12 steps (the default lengths grow x6 outwards while they stay well below L).
-// The innermost set holds ~20 datasets; its counts live in SIMD registers (AVX-512 kernel), and each
+// The innermost set holds ~20 datasets; its counts live in SIMD registers (AVX-512/AVX2), and each
 // step is a few vector operations: the next step's two possible deficit vectors (picked last step
 // or not) are computed while the current maximum is being reduced, so the step-to-step dependency
 // is a blend, a max-reduction and a compare. Counts of the outer levels are updated on each pick
 // through each candidate's slot in its parent level.
 //
-// Measured at L = 1833, N = 10M (benchmarks/RESULTS.md): ~24 deficit evaluations per step instead
-// of 1833; the kernels are AVX-512 (run-time dispatch) with a portable scalar fallback that runs the
-// same algorithm. Every kernel produces the same output as the scan (tests/test_index_builder.py).
+// Measured at L = 1833, N = 10M (benchmarks/RESULTS.md): ~19 deficits read per step to select and
+// ~20 candidates compared, instead of 1833; 63-67x megatron's loop with the AVX-512 kernel, 51x
+// with AVX2, 13x with the portable scalar kernel (any CPU). Kernels are chosen at run time; each
+// produces the scan's output exactly (tests/test_index_builder.py).
 
 #pragma once
 
@@ -45,10 +46,10 @@
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MMBERT_HAVE_AVX512_KERNEL 1
+#define MMBERT_HAVE_X86_KERNELS 1  // AVX-512 and AVX2 kernels, compiled for their targets only
 #include <immintrin.h>
 #else
-#define MMBERT_HAVE_AVX512_KERNEL 0
+#define MMBERT_HAVE_X86_KERNELS 0
 #endif
 
 // The deficit must be computed exactly as megatron computes it: a product rounded to double, then a
@@ -215,7 +216,7 @@ struct GenericKernel {
   }
 };
 
-#if MMBERT_HAVE_AVX512_KERNEL
+#if MMBERT_HAVE_X86_KERNELS
 // GCC 12's AVX-512 intrinsic headers start masked operations from an "undefined" register, which
 // -Wall reports as uninitialised at every use; the warnings say nothing about this code.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -228,6 +229,10 @@ struct GenericKernel {
 inline bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+}
+inline bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
 }
 
 // AVX-512: 8 deficits per vector; the innermost set's counts held in up to 4 registers.
@@ -384,12 +389,224 @@ struct Avx512Kernel {
   }
 };
 #undef MMBERT_AVX512
+
+#define MMBERT_AVX2 __attribute__((target("avx2,popcnt")))
+
+// Tables for AVX2 compression (AVX2 has no compress instruction): for each 4-bit keep mask, the
+// permutation that moves the kept doubles (pairs of 32-bit lanes) to the front, and the byte
+// shuffle that does the same for four int32 slots.
+struct Avx2Tables {
+  alignas(32) int32_t dbl[16][8];
+  alignas(16) uint8_t i32[16][16];
+  Avx2Tables() {
+    for (int m = 0; m < 16; ++m) {
+      int n = 0;
+      for (int l = 0; l < 4; ++l) {
+        if (!((m >> l) & 1)) continue;
+        dbl[m][2 * n] = 2 * l;
+        dbl[m][2 * n + 1] = 2 * l + 1;
+        for (int b = 0; b < 4; ++b) i32[m][4 * n + b] = static_cast<uint8_t>(4 * l + b);
+        ++n;
+      }
+      for (; n < 4; ++n) {  // the tail is overwritten by the next group (or is padding)
+        dbl[m][2 * n] = 0;
+        dbl[m][2 * n + 1] = 1;
+        for (int b = 0; b < 4; ++b) i32[m][4 * n + b] = static_cast<uint8_t>(b);
+      }
+    }
+  }
+};
+inline const Avx2Tables &avx2_tables() {
+  static const Avx2Tables t;
+  return t;
+}
+
+// AVX2: 4 deficits per vector; the innermost set's counts held in up to 8 registers (24+ ymm
+// values in flight: the compiler spills some, off the step-to-step path).
+template <bool HasB>
+struct Avx2Kernel {
+  static const char *name() { return "avx2"; }
+
+  MMBERT_AVX2 static inline __m256d u4(const double *w, const double *c, const double *B, int k,
+                                       __m256d vx) {
+    const __m256d wx = _mm256_mul_pd(_mm256_loadu_pd(w + k), vx);
+    const __m256d t = HasB ? _mm256_add_pd(_mm256_loadu_pd(B + k), wx) : wx;
+    return _mm256_sub_pd(t, _mm256_loadu_pd(c + k));
+  }
+
+  MMBERT_AVX2 static void select(const Level &p, Level &a, double x, double cutoff, bool full) {
+    const Avx2Tables &tab = avx2_tables();
+    const double *pw = p.w.data(), *pc = p.c.data(), *pB = p.B.data();
+    double *aw = a.w.data(), *ac = a.c.data(), *aB = a.B.data();
+    int32_t *aps = a.ps.data();
+    const int pn = p.n;
+    const __m256d vx = _mm256_set1_pd(x);
+    const __m256d vcut = _mm256_set1_pd(full ? -kInf : cutoff);
+    const __m256d ninf = _mm256_set1_pd(-kInf);
+    __m256d vb = ninf;
+    __m128i slot = _mm_setr_epi32(0, 1, 2, 3);
+    const __m128i four = _mm_set1_epi32(4);
+    int n = 0;
+    for (int k = 0; k < pn; k += 4) {
+      // Lanes past the parent's end (its padding: deficit -inf) are never kept; as left-out bounds
+      // they are -inf, which leaves the maximum alone.
+      const int valid = pn - k >= 4 ? 0xF : (1 << (pn - k)) - 1;
+      const __m256d u = u4(pw, pc, pB, k, vx);
+      const __m256d keep = _mm256_cmp_pd(u, vcut, _CMP_GE_OQ);
+      const int mk = _mm256_movemask_pd(keep) & valid;
+      vb = _mm256_max_pd(vb, _mm256_blendv_pd(u, ninf, keep));
+      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i *>(tab.dbl[mk]));
+      _mm256_storeu_pd(aw + n, _mm256_castps_pd(_mm256_permutevar8x32_ps(
+                                   _mm256_castpd_ps(_mm256_loadu_pd(pw + k)), perm)));
+      _mm256_storeu_pd(ac + n, _mm256_castps_pd(_mm256_permutevar8x32_ps(
+                                   _mm256_castpd_ps(_mm256_loadu_pd(pc + k)), perm)));
+      if (HasB) {
+        _mm256_storeu_pd(aB + n, _mm256_castps_pd(_mm256_permutevar8x32_ps(
+                                     _mm256_castpd_ps(_mm256_loadu_pd(pB + k)), perm)));
+      }
+      const __m128i sh = _mm_load_si128(reinterpret_cast<const __m128i *>(tab.i32[mk]));
+      _mm_storeu_si128(reinterpret_cast<__m128i *>(aps + n), _mm_shuffle_epi8(slot, sh));
+      slot = _mm_add_epi32(slot, four);
+      n += __builtin_popcount(mk);
+    }
+    a.n = n;
+    vb = _mm256_max_pd(vb, _mm256_permute2f128_pd(vb, vb, 1));
+    vb = _mm256_max_pd(vb, _mm256_permute_pd(vb, 5));
+    a.bnd = _mm256_cvtsd_f64(vb);
+    a.pad();
+  }
+
+  MMBERT_AVX2 static double scan_max(const Level &a, double x) {
+    const __m256d vx = _mm256_set1_pd(x);
+    __m256d m = _mm256_set1_pd(-kInf);
+    for (int k = 0; k < a.n; k += 4) m = _mm256_max_pd(m, u4(a.w.data(), a.c.data(), a.B.data(), k, vx));
+    m = _mm256_max_pd(m, _mm256_permute2f128_pd(m, m, 1));
+    m = _mm256_max_pd(m, _mm256_permute_pd(m, 5));
+    return _mm256_cvtsd_f64(m);
+  }
+
+  // Argmax over a set of any size (memory-resident counts): the lowest slot among equal maxima.
+  MMBERT_AVX2 static int argmax(const Level &a, double x, double &m) {
+    const double *w = a.w.data(), *c = a.c.data(), *B = a.B.data();
+    const __m256d vx = _mm256_set1_pd(x);
+    __m256d b = _mm256_set1_pd(-kInf);
+    __m256d p = _mm256_setr_pd(0, 1, 2, 3), bi = p;
+    const __m256d step = _mm256_set1_pd(4.0);
+    for (int k = 0; k < a.n; k += 4) {
+      const __m256d d = u4(w, c, B, k, vx);
+      const __m256d g = _mm256_cmp_pd(d, b, _CMP_GT_OQ);  // strict: first of equals per lane
+      b = _mm256_blendv_pd(b, d, g);
+      bi = _mm256_blendv_pd(bi, p, g);
+      p = _mm256_add_pd(p, step);
+    }
+    double v[4], i[4];
+    _mm256_storeu_pd(v, b);
+    _mm256_storeu_pd(i, bi);
+    int best = 0;
+    for (int l = 1; l < 4; ++l) {
+      if (v[l] > v[best] || (v[l] == v[best] && i[l] < i[best])) best = l;
+    }
+    m = v[best];
+    return static_cast<int>(i[best]);
+  }
+
+  // As Avx512Kernel::inner_regs: both possible deficit vectors precomputed, blended by the last
+  // pick's lane mask; the maximum broadcast to every lane; ties fall back to the lowest slot.
+  template <int NV, class Emit>
+  MMBERT_AVX2 static int64_t inner_regs(Level &in, int64_t t, int64_t end, int64_t start,
+                                        Emit &emit) {
+    __m256d w[NV], c[NV], bb[NV], oh[NV];
+    for (int v = 0; v < NV; ++v) {
+      w[v] = _mm256_loadu_pd(&in.w[4 * v]);
+      c[v] = _mm256_loadu_pd(&in.c[4 * v]);
+      bb[v] = HasB ? _mm256_loadu_pd(&in.B[4 * v]) : _mm256_setzero_pd();
+      oh[v] = _mm256_setzero_pd();
+    }
+    const __m256d one = _mm256_set1_pd(1.0);
+    const __m256i lane_bit = _mm256_setr_epi64x(1, 2, 4, 8);
+    const double BND = in.BND;
+    for (; t < end; ++t) {
+      const __m256d vx = _mm256_set1_pd(xval(t, start));
+      __m256d d[NV];
+      for (int v = 0; v < NV; ++v) {
+        __m256d tx = _mm256_mul_pd(w[v], vx);
+        if (HasB) tx = _mm256_add_pd(bb[v], tx);
+        const __m256d not_picked = _mm256_sub_pd(tx, c[v]);
+        const __m256d picked = _mm256_sub_pd(tx, _mm256_add_pd(c[v], one));
+        d[v] = _mm256_blendv_pd(not_picked, picked, oh[v]);
+        c[v] = _mm256_add_pd(c[v], _mm256_and_pd(oh[v], one));
+      }
+      __m256d mx = d[0];
+      for (int v = 1; v < NV; ++v) mx = _mm256_max_pd(mx, d[v]);
+      mx = _mm256_max_pd(mx, _mm256_permute2f128_pd(mx, mx, 1));
+      mx = _mm256_max_pd(mx, _mm256_permute_pd(mx, 5));  // every lane: the maximum
+      uint32_t eq = 0;
+      for (int v = 0; v < NV; ++v) {
+        oh[v] = _mm256_cmp_pd(d[v], mx, _CMP_EQ_OQ);
+        eq |= static_cast<uint32_t>(_mm256_movemask_pd(oh[v])) << (4 * v);
+      }
+      if (__builtin_expect((eq & (eq - 1)) != 0, 0)) {  // an exact tie: the lowest slot wins
+        const uint32_t bit = eq & (0u - eq);
+        for (int v = 0; v < NV; ++v) {
+          const __m256i bits = _mm256_set1_epi64x(static_cast<int64_t>((bit >> (4 * v)) & 0xF));
+          oh[v] = _mm256_castsi256_pd(
+              _mm256_cmpeq_epi64(_mm256_and_si256(bits, lane_bit), lane_bit));
+        }
+      }
+      const double m = _mm256_cvtsd_f64(mx);
+      if (__builtin_expect(!(m > BND), 0)) {
+        for (int v = 0; v < NV; ++v) _mm256_storeu_pd(&in.c[4 * v], c[v]);
+        return t;
+      }
+      emit(__builtin_ctz(eq), t, m);
+    }
+    for (int v = 0; v < NV; ++v) {
+      _mm256_storeu_pd(&in.c[4 * v], _mm256_add_pd(c[v], _mm256_and_pd(oh[v], one)));
+    }
+    return t;
+  }
+
+  template <class Emit>
+  MMBERT_AVX2 static int64_t inner(Level &in, int64_t t, int64_t end, int64_t start, Emit &emit) {
+    switch ((in.n + 3) / 4) {
+      case 0:
+      case 1: return inner_regs<1>(in, t, end, start, emit);
+      case 2: return inner_regs<2>(in, t, end, start, emit);
+      case 3: return inner_regs<3>(in, t, end, start, emit);
+      case 4: return inner_regs<4>(in, t, end, start, emit);
+      case 5: return inner_regs<5>(in, t, end, start, emit);
+      case 6: return inner_regs<6>(in, t, end, start, emit);
+      case 7: return inner_regs<7>(in, t, end, start, emit);
+      case 8: return inner_regs<8>(in, t, end, start, emit);
+      default: break;
+    }
+    for (; t < end; ++t) {
+      double m;
+      const int k = argmax(in, xval(t, start), m);
+      if (!(m > in.BND)) return t;
+      in.c[k] += 1.0;
+      emit(k, t, m);
+    }
+    return t;
+  }
+};
+#undef MMBERT_AVX2
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
 #else
 inline bool cpu_has_avx512() { return false; }
+inline bool cpu_has_avx2() { return false; }
 #endif
+
+// The kernels this CPU can run, fastest first ("generic" always).
+inline std::vector<std::string> available_kernels() {
+  std::vector<std::string> k;
+  if (cpu_has_avx512()) k.push_back("avx512");
+  if (cpu_has_avx2()) k.push_back("avx2");
+  k.push_back("generic");
+  return k;
+}
 
 // Default block lengths for n active datasets, outermost first: 12 innermost, x6 outwards while a
 // level's block stays under a twelfth of n (1833 datasets: 432, 72, 12).

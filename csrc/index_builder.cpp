@@ -109,7 +109,7 @@ void run_block(const blending::Segment &seg, const std::vector<int> &lengths,
 template <typename IdxT>
 py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *seg_phase, int M,
                      int L, const std::string &algorithm, int fast_min_datasets,
-                     const std::vector<int> &lengths_given, bool use_avx512, double max_margin) {
+                     const std::vector<int> &lengths_given, const std::string &kernel, double max_margin) {
   int64_t N = 0;
   for (int m = 0; m < M; ++m) N += seg_sizes[m];
   py::array_t<IdxT> dataset_index(N);
@@ -148,8 +148,10 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
           }
           const int n = static_cast<int>(active.size());
           // Below a few datasets megatron's plain loop is as fast as the block machinery: ~16
-          // with the AVX-512 kernels, ~100 with the portable ones (benchmarks: 0.9x at 60).
-          const int min_n = fast_min_datasets >= 0 ? fast_min_datasets : (use_avx512 ? 16 : 128);
+          // with the AVX-512 kernels, more with the others (benchmarks: portable 0.9x at 60).
+          const int min_n = fast_min_datasets >= 0
+                                ? fast_min_datasets
+                                : (kernel == "avx512" ? 16 : kernel == "avx2" ? 32 : 128);
           if (algorithm == "scan" || n < min_n) {
             blending::blend_segment_scan<IdxT>(seg, L, B.data(), count_phase.data(),
                                                count_phase_d.data(), count_global.data(), out_idx,
@@ -161,10 +163,13 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
               run(seg, lengths, active, B.data(), count_phase_d.data(), count_phase.data(),
                   count_global.data(), out_idx, out_sample, phase_offset, max_margin, totals);
             };
-#if MMBERT_HAVE_AVX512_KERNEL
-            if (use_avx512) {
+#if MMBERT_HAVE_X86_KERNELS
+            if (kernel == "avx512") {
               if (has_b) go(run_block<IdxT, true, blending::Avx512Kernel>);
               else go(run_block<IdxT, false, blending::Avx512Kernel>);
+            } else if (kernel == "avx2") {
+              if (has_b) go(run_block<IdxT, true, blending::Avx2Kernel>);
+              else go(run_block<IdxT, false, blending::Avx2Kernel>);
             } else
 #endif
             {
@@ -186,7 +191,7 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
     }
   }
   py::dict info;
-  info["kernel"] = algorithm == "scan" ? "scan" : (use_avx512 ? "avx512" : "generic");
+  info["kernel"] = algorithm == "scan" ? "scan" : kernel;
   info["scanned_steps"] = scanned_steps;
   info["block_steps"] = block_steps;
   py::list rebuilds, aborts, read, full;
@@ -233,18 +238,17 @@ py::tuple build_blending_indices(const py::object &weights_obj, const py::object
   if (!(max_margin > 0.0) || !std::isfinite(max_margin)) {
     throw py::value_error("max_margin must be a finite number > 0, got " + std::to_string(max_margin));
   }
-  bool use_avx512 = false;
-  if (kernel == "auto") {
-    use_avx512 = blending::cpu_has_avx512();
-  } else if (kernel == "avx512") {
-    if (!blending::cpu_has_avx512()) {
-      throw py::value_error("kernel='avx512' needs a CPU with AVX-512F and AVX-512VL (this one has "
-                            "not); use kernel='auto' or 'generic'");
-    }
-    use_avx512 = true;
-  } else if (kernel != "generic") {
-    throw py::value_error("kernel must be 'auto', 'avx512' or 'generic', got '" + kernel + "'");
+  const std::vector<std::string> kernels = blending::available_kernels();
+  if (kernel != "auto" && kernel != "avx512" && kernel != "avx2" && kernel != "generic") {
+    throw py::value_error("kernel must be 'auto', 'avx512', 'avx2' or 'generic', got '" + kernel +
+                          "'");
   }
+  if (kernel != "auto" && std::find(kernels.begin(), kernels.end(), kernel) == kernels.end()) {
+    throw py::value_error("kernel='" + kernel + "' needs a CPU with " +
+                          (kernel == "avx512" ? "AVX-512F and AVX-512VL" : "AVX2") +
+                          " (this one has not); use kernel='auto'");
+  }
+  const std::string use = kernel == "auto" ? kernels.front() : kernel;
   const double *W = weights.data();
   const int64_t *S = sizes.data();
   const int64_t *P = phases.data();
@@ -268,10 +272,10 @@ py::tuple build_blending_indices(const py::object &weights_obj, const py::object
   }
   if (L <= std::numeric_limits<int16_t>::max()) {
     return blend_impl<int16_t>(W, S, P, static_cast<int>(M), static_cast<int>(L), algorithm,
-                               fast_min_datasets, block_lengths, use_avx512, max_margin);
+                               fast_min_datasets, block_lengths, use, max_margin);
   }
   return blend_impl<int32_t>(W, S, P, static_cast<int>(M), static_cast<int>(L), algorithm,
-                             fast_min_datasets, block_lengths, use_avx512, max_margin);
+                             fast_min_datasets, block_lengths, use, max_margin);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -483,9 +487,11 @@ PYBIND11_MODULE(_index_builder, m) {
         "Returns (dataset_index int16 (int32 when L > 32767) [N], dataset_sample_index int64 [N],\n"
         "counts int64 [phases, L], stats dict). algorithm='scan' is the O(N x L) reference;\n"
         "'fast' (same output, see csrc/blending.h) falls back to it below fast_min_datasets active\n"
-        "datasets (-1: 16 with the AVX-512 kernel, 128 with the portable one). Speed only, never the output: block_lengths (steps per nested candidate level,\n"
-        "outermost first; [] = defaults), kernel ('auto': AVX-512 when the CPU has it, 'avx512',\n"
-        "'generic') and max_margin (the candidate margin's cap; a level that reaches it keeps all).");
+        "datasets (-1: 16 with the AVX-512 kernel, 32 with AVX2, 128 with the portable one). Speed only, never the output: block_lengths (steps per nested candidate level,\n"
+        "outermost first; [] = defaults), kernel ('auto': the fastest this CPU runs, 'avx512',\n"
+        "'avx2', 'generic') and max_margin (the candidate margin's cap; a level that reaches it keeps all).");
+  m.def("available_kernels", &blending::available_kernels,
+        "The blending kernels this CPU can run, fastest first ('generic' always).");
   m.def("permutation", &permutation, py::arg("n"), py::arg("seed"), py::arg("stream"),
         py::arg("epoch"),
         "numpy Generator(PCG64).permutation(n) for the generator seeded by (seed, stream, epoch).");

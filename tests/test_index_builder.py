@@ -33,9 +33,8 @@ def skewed(rng, L):
     return w / w.sum()
 
 
-# The kernels this machine can run: the portable one always, AVX-512 where the CPU has it.
-KERNELS = ["generic"] + (["avx512"] if ib.build_blending_indices(
-    np.ones((1, 1)), np.array([1], np.int64), np.zeros(1, np.int64))[3]["kernel"] == "avx512" else [])
+# The kernels this machine can run: the portable one always, AVX2 / AVX-512 where the CPU has them.
+KERNELS = ib.available_kernels()
 
 
 def _block(w, n, lengths=(), kernel="auto", phases=None, sizes=None, max_margin=8.0):
@@ -149,11 +148,14 @@ def test_bad_tuning_is_rejected():
     for cap in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="max_margin must be a finite number > 0"):
             ib.build_blending_indices(w, S, P, "fast", 1, [], "auto", cap)
-    with pytest.raises(ValueError, match="kernel must be 'auto', 'avx512' or 'generic'"):
+    with pytest.raises(ValueError, match="kernel must be 'auto', 'avx512', 'avx2' or 'generic'"):
         ib.build_blending_indices(w, S, P, "fast", 1, [], "sse")
-    if "avx512" not in KERNELS:
-        with pytest.raises(ValueError, match="needs a CPU with AVX-512F"):
-            ib.build_blending_indices(w, S, P, "fast", 1, [], "avx512")
+    for kernel, needs in (("avx512", "AVX-512F"), ("avx2", "AVX2")):
+        if kernel not in KERNELS:
+            with pytest.raises(ValueError, match=f"needs a CPU with {needs}"):
+                ib.build_blending_indices(w, S, P, "fast", 1, [], kernel)
+    assert KERNELS[-1] == "generic"
+    assert ib.build_blending_indices(w, S, P)[3]["kernel"] == KERNELS[0]  # auto: the fastest
 
 
 def _prefix_deviation(di, weights, sizes, L):
