@@ -157,6 +157,21 @@ struct Level {
   }
 };
 
+// Steps [t, end) on the innermost set with its counts in memory, one argmax of kernel K per step:
+// the portable kernel's inner loop, and the SIMD kernels' for sets too large for registers.
+// Returns the step it stopped at: end, or the step whose winner was not > BND (nothing emitted).
+template <class K, class Emit>
+int64_t inner_memory(Level &in, int64_t t, int64_t end, int64_t start, Emit &emit) {
+  for (; t < end; ++t) {
+    double m;
+    const int k = K::argmax(in, xval(t, start), m);
+    if (!(m > in.BND)) return t;
+    in.c[k] += 1.0;
+    emit(k, t, m);
+  }
+  return t;
+}
+
 // The portable kernels: plain loops (branch-free selection and argmax).
 template <bool HasB>
 struct GenericKernel {
@@ -193,26 +208,23 @@ struct GenericKernel {
     return m;
   }
 
-  // Steps [t, end) on the innermost set; returns the step it stopped at (end, or the step where
-  // the winner's deficit was not > BND: nothing emitted for it).
+  // Argmax over a set (memory-resident counts): the lowest slot among equal maxima.
+  static int argmax(const Level &a, double x, double &m) {
+    double best = -kInf;
+    int bk = 0;
+    for (int k = 0; k < a.n; ++k) {
+      const double d = u_at(a, k, x);
+      const bool take = d > best;  // strict: the first (lowest index) of equal maxima
+      best = take ? d : best;
+      bk = take ? k : bk;
+    }
+    m = best;
+    return bk;
+  }
+
   template <class Emit>
   static int64_t inner(Level &in, int64_t t, int64_t end, int64_t start, Emit &emit) {
-    const int n = in.n;
-    for (; t < end; ++t) {
-      const double x = xval(t, start);
-      double best = -kInf;
-      int bk = 0;
-      for (int k = 0; k < n; ++k) {
-        const double d = u_at(in, k, x);
-        const bool take = d > best;  // strict: the first (lowest index) of equal maxima
-        best = take ? d : best;
-        bk = take ? k : bk;
-      }
-      if (!(best > in.BND)) return t;
-      in.c[bk] += 1.0;
-      emit(bk, t, best);
-    }
-    return t;
+    return inner_memory<GenericKernel>(in, t, end, start, emit);
   }
 };
 
@@ -238,6 +250,7 @@ inline bool cpu_has_avx2() {
 // AVX-512: 8 deficits per vector; the innermost set's counts held in up to 4 registers.
 template <bool HasB>
 struct Avx512Kernel {
+  using Kernel = Avx512Kernel;
   static const char *name() { return "avx512"; }
 
   MMBERT_AVX512 static inline __m512d u8(const Level &p, int k, __m512d vx) {
@@ -378,14 +391,7 @@ struct Avx512Kernel {
       case 4: return inner_regs<4>(in, t, end, start, emit);
       default: break;
     }
-    for (; t < end; ++t) {
-      double m;
-      const int k = argmax(in, xval(t, start), m);
-      if (!(m > in.BND)) return t;
-      in.c[k] += 1.0;
-      emit(k, t, m);
-    }
-    return t;
+    return inner_memory<Kernel>(in, t, end, start, emit);
   }
 };
 #undef MMBERT_AVX512
@@ -425,6 +431,7 @@ inline const Avx2Tables &avx2_tables() {
 // values in flight: the compiler spills some, off the step-to-step path).
 template <bool HasB>
 struct Avx2Kernel {
+  using Kernel = Avx2Kernel;
   static const char *name() { return "avx2"; }
 
   MMBERT_AVX2 static inline __m256d u4(const double *w, const double *c, const double *B, int k,
@@ -580,14 +587,7 @@ struct Avx2Kernel {
       case 8: return inner_regs<8>(in, t, end, start, emit);
       default: break;
     }
-    for (; t < end; ++t) {
-      double m;
-      const int k = argmax(in, xval(t, start), m);
-      if (!(m > in.BND)) return t;
-      in.c[k] += 1.0;
-      emit(k, t, m);
-    }
-    return t;
+    return inner_memory<Kernel>(in, t, end, start, emit);
   }
 };
 #undef MMBERT_AVX2
