@@ -194,10 +194,10 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int) -> Dict[str, np.nd
     sizes = np.concatenate([p.segment_sizes for p in plans]).astype(np.int64)
     seg_phase = np.concatenate([np.full(len(p.segment_sizes), k, dtype=np.int64) for k, p in enumerate(plans)])
     t0 = time.time()
-    di, dsi, counts, _ = ext.build_blending_indices(weights, sizes, seg_phase, "fast")
+    di, dsi, counts, stats = ext.build_blending_indices(weights, sizes, seg_phase, "fast")
     n = int(sizes.sum())
     _progress(f"blended {n:,} samples over {L} languages in {time.time() - t0:.1f}s "
-              f"({n / max(time.time() - t0, 1e-9) / 1e6:.1f}M samples/s)")
+              f"({n / max(time.time() - t0, 1e-9) / 1e6:.1f}M samples/s, {stats['kernel']} kernel)")
     out: Dict[str, np.ndarray] = {}
     start = 0
     consumed = np.zeros(L, dtype=np.int64)  # rows of each language before this phase
