@@ -175,7 +175,6 @@ int64_t inner_memory(Level &in, int64_t t, int64_t end, int64_t start, Emit &emi
 // The portable kernels: plain loops (branch-free selection and argmax).
 template <bool HasB>
 struct GenericKernel {
-  static const char *name() { return "generic"; }
 
   static double u_at(const Level &p, int k, double x) {
     return HasB ? deficit(p.B[k], p.w[k], x, p.c[k]) : p.w[k] * x - p.c[k];
@@ -250,8 +249,6 @@ inline bool cpu_has_avx2() {
 // AVX-512: 8 deficits per vector; the innermost set's counts held in up to 4 registers.
 template <bool HasB>
 struct Avx512Kernel {
-  using Kernel = Avx512Kernel;
-  static const char *name() { return "avx512"; }
 
   MMBERT_AVX512 static inline __m512d u8(const Level &p, int k, __m512d vx) {
     const __m512d wx = _mm512_mul_pd(_mm512_loadu_pd(&p.w[k]), vx);
@@ -391,7 +388,7 @@ struct Avx512Kernel {
       case 4: return inner_regs<4>(in, t, end, start, emit);
       default: break;
     }
-    return inner_memory<Kernel>(in, t, end, start, emit);
+    return inner_memory<Avx512Kernel>(in, t, end, start, emit);
   }
 };
 #undef MMBERT_AVX512
@@ -431,8 +428,6 @@ inline const Avx2Tables &avx2_tables() {
 // values in flight: the compiler spills some, off the step-to-step path).
 template <bool HasB>
 struct Avx2Kernel {
-  using Kernel = Avx2Kernel;
-  static const char *name() { return "avx2"; }
 
   MMBERT_AVX2 static inline __m256d u4(const double *w, const double *c, const double *B, int k,
                                        __m256d vx) {
@@ -587,7 +582,7 @@ struct Avx2Kernel {
       case 8: return inner_regs<8>(in, t, end, start, emit);
       default: break;
     }
-    return inner_memory<Kernel>(in, t, end, start, emit);
+    return inner_memory<Avx2Kernel>(in, t, end, start, emit);
   }
 };
 #undef MMBERT_AVX2

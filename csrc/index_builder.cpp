@@ -73,11 +73,6 @@ py::array_t<T> require(const py::handle &obj, const char *name, int ndim) {
   return py::reinterpret_borrow<py::array_t<T>>(arr);
 }
 
-// The block lengths (outermost first) for n active datasets: the caller's, or the defaults.
-std::vector<int> block_lengths_for(const std::vector<int> &given, int n) {
-  return given.empty() ? blending::default_block_lengths(n) : given;
-}
-
 struct LevelTotals {
   int64_t rebuilds = 0, aborts = 0, read = 0, full = 0;
 };
@@ -158,7 +153,8 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
                                                out_sample, phase_offset);
             scanned_steps += seg.end - seg.start;
           } else {
-            const std::vector<int> lengths = block_lengths_for(lengths_given, n);
+            const std::vector<int> lengths =
+                lengths_given.empty() ? blending::default_block_lengths(n) : lengths_given;
             auto go = [&](auto run) {
               run(seg, lengths, active, B.data(), count_phase_d.data(), count_phase.data(),
                   count_global.data(), out_idx, out_sample, phase_offset, max_margin, totals);
