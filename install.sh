@@ -16,6 +16,9 @@
 # wheel is the CUDA build, gigabytes of CUDA libraries a CPU machine does not use. A GPU image that
 # already has torch (NGC PyTorch, which also ships TransformerEngine, apex and flash-attn) keeps it.
 set -euo pipefail
+case ${PYTHON:-} in  # a relative path names a file from where we were called
+    */*) PYTHON=$(cd "$(dirname "$PYTHON")" && echo "$PWD/$(basename "$PYTHON")") ;;
+esac
 cd "$(dirname "$0")"
 ROOT=$PWD
 VENV=$ROOT/.venv
@@ -147,8 +150,11 @@ if installed; then
 else
     if ! "$PY" -c "import torch" 2>/dev/null; then
         say "torch not found: installing torch==$TORCH_VERSION (CPU build)"
-        # torch itself from PyTorch's CPU index, its dependencies from the usual index.
-        "$PY" -m pip install --quiet --no-deps --index-url "$TORCH_CPU_INDEX" "torch==$TORCH_VERSION"
+        # torch itself from PyTorch's CPU index, its dependencies from the configured index.
+        if ! "$PY" -m pip install --quiet --no-deps --index-url "$TORCH_CPU_INDEX" "torch==$TORCH_VERSION"; then
+            say "no torch==$TORCH_VERSION from $TORCH_CPU_INDEX: installing it from the configured" \
+                "index instead (on PyPI that is the CUDA build)"
+        fi
         "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
     fi
     # Build requirements of the C++ index builder (built in place, no build isolation, so pip does
