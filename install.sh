@@ -162,7 +162,7 @@ else
     "$PY" -m pip install --quiet "setuptools>=64" wheel "pybind11>=2.12"
     "$PY" -m pip install --quiet --no-build-isolation -e ".[test,datasets]"
 fi
-(cd / && "$PY" -c "import megatron_mmbert.data._index_builder, megatron.core; print('[install] megatron-mmbert ready (megatron-core', megatron.core.__version__ + ')')")
+(cd / && "$PY" -W ignore::UserWarning -c "import megatron_mmbert.data._index_builder, megatron.core; print('[install] megatron-mmbert ready (megatron-core', megatron.core.__version__ + ')')")
 if [ "$PY" = "$VENV/bin/python" ]; then
     say "commands run with $VENV/bin/python (or: source .venv/bin/activate)"
 fi
