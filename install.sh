@@ -17,6 +17,7 @@
 # already has torch (NGC PyTorch, which also ships TransformerEngine, apex and flash-attn) keeps it.
 set -euo pipefail
 case ${PYTHON:-} in  # a relative path names a file from where we were called
+    /*) ;;
     */*) PYTHON=$(cd "$(dirname "$PYTHON")" && echo "$PWD/$(basename "$PYTHON")") ;;
 esac
 cd "$(dirname "$0")"
