@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -30,7 +31,8 @@ def _losses_by_phase(run_dir):
 @pytest.mark.slow
 def test_quickstart_trains_merges_and_exports(tmp_path):
     out = tmp_path / "quickstart"
-    env = dict(os.environ, MASTER_PORT=str(_free_port()))
+    # The interpreter under test (its environment is installed), as every other test's subprocess.
+    env = dict(os.environ, MASTER_PORT=str(_free_port()), PYTHON=sys.executable)
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "quickstart.sh"), str(out)],
                           capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
