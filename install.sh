@@ -12,9 +12,11 @@
 #      python3.11, python3.10, python3 that is >= 3.10. A bare Debian/Ubuntu machine lands here: its
 #      system Python refuses pip installs, and it may have no `python` at all.
 #
-# Without torch (a fresh CPU box, CI) torch 2.13.0 comes from PyTorch's CPU index: PyPI's Linux
-# wheel is the CUDA build, gigabytes of CUDA libraries a CPU machine does not use. A GPU image that
-# already has torch (NGC PyTorch, which also ships TransformerEngine, apex and flash-attn) keeps it.
+# Without torch (a fresh CPU box, CI) torch 2.13.0 is installed first, pinned: an unpinned torch
+# would pull a newer, multi-GB CUDA build. It comes from pip's configured index; set
+# TORCH_INDEX_URL to PyTorch's CPU wheel index (see pytorch.org, "Get started") for the CPU-only
+# build where the configured index serves the CUDA one. A GPU image that already has torch (NGC
+# PyTorch, which also ships TransformerEngine, apex and flash-attn) keeps it.
 set -euo pipefail
 case ${PYTHON:-} in  # a relative path names a file from where we were called
     /*) ;;
@@ -24,7 +26,7 @@ cd "$(dirname "$0")"
 ROOT=$PWD
 VENV=$ROOT/.venv
 TORCH_VERSION=2.13.0
-TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
 
 say() { echo "[install] $*"; }
 die() { echo "[install] error: $*" >&2; exit 1; }
@@ -150,11 +152,10 @@ if installed; then
     say "already installed, nothing to do"
 else
     if ! "$PY" -c "import torch" 2>/dev/null; then
-        say "torch not found: installing torch==$TORCH_VERSION (CPU build)"
-        # torch itself from PyTorch's CPU index, its dependencies from the configured index.
-        if ! "$PY" -m pip install --quiet --no-deps --index-url "$TORCH_CPU_INDEX" "torch==$TORCH_VERSION"; then
-            say "no torch==$TORCH_VERSION from $TORCH_CPU_INDEX: installing it from the configured" \
-                "index instead (on PyPI that is the CUDA build)"
+        say "torch not found: installing torch==$TORCH_VERSION${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
+        if [ -n "$TORCH_INDEX_URL" ]; then  # torch from there, its dependencies from the configured index
+            "$PY" -m pip install --quiet --no-deps --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION" \
+                || die "no torch==$TORCH_VERSION from TORCH_INDEX_URL=$TORCH_INDEX_URL"
         fi
         "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
     fi
