@@ -187,7 +187,7 @@ TE_TO_LOCAL = {
 def test_te_spec_has_local_structure_and_keys(first_layer):
     from megatron_mmbert.model.specs import layer_spec
 
-    local = _spec_tree(layer_spec("local", first_layer, 0.0))
+    local = _spec_tree(layer_spec("sdpa", first_layer, 0.0))
     te = _spec_tree(layer_spec("te", first_layer, 0.0))
     assert set(local) == set(te)
     swapped = {path for path in te if te[path] != local[path]}
@@ -218,10 +218,10 @@ def test_te_checkpoint_keys_equal_local_keys(imported, single_process):
 
 def test_fp8_without_transformer_engine_stops_at_start(imported):
     _, _, model = imported["odd"]
-    with pytest.raises(ConfigError, match="needs TransformerEngine, which is not installed"):
-        select_backend(dataclasses.replace(model, fp8="hybrid"))
-    with pytest.raises(ConfigError, match="attention_backend='te' needs TransformerEngine"):
+    with pytest.raises(ConfigError, match="model.fp8 cannot run on this machine: TransformerEngine is not installed"):
+        select_backend(dataclasses.replace(model, fp8="hybrid"), "bf16")
+    with pytest.raises(ConfigError, match="attention_backend='te' cannot run on this machine: TransformerEngine is not installed"):
         select_backend(dataclasses.replace(model, attention_backend="te"))
     with pytest.raises(ConfigError, match="tensorwise.* needs TransformerEngine >= 2.2.0, found 2.1.0"):
         check_fp8(dataclasses.replace(model, fp8="e4m3", fp8_recipe="tensorwise"), "2.1.0")
-    assert select_backend(model) == "local"
+    assert select_backend(model).backend == "sdpa"

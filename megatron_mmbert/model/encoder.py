@@ -89,7 +89,7 @@ class MMBertModel(LanguageModule):
         self,
         config,
         model_config: ModelConfig,
-        backend: Backend = "local",
+        backend: Backend = "sdpa",
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: Optional[int] = None,

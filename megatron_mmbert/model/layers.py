@@ -58,7 +58,7 @@ class LazyClass:
         except ImportError as exc:
             raise ImportError(
                 f"{self.module}.{self.name} needs TransformerEngine, which is not installed; "
-                "use the local backend (model.attention_backend: sdpa) or install TE "
+                "use model.attention_backend: sdpa or install TE "
                 "(it ships in NGC PyTorch containers)"
             ) from exc
 
