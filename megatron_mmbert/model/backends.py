@@ -262,6 +262,38 @@ def choose_backend(
     return BackendChoice(chosen, {k: s.kernel for k, s in supports[chosen].items()}, te_attention, tuple(notes))
 
 
+_TE_ENV = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+def te_environment(te_attention: str) -> Dict[str, str]:
+    """The ``NVTE_*`` switches of TE's kernel set (what megatron-core's ``_set_attention_backend``
+    writes for ``AttnBackend[te_attention]``)."""
+    if te_attention == "auto":
+        return dict.fromkeys(_TE_ENV, "1")
+    if te_attention not in TE_KERNELS:
+        raise ValueError(f"unknown TE kernel set {te_attention!r}; expected auto or one of {TE_KERNELS}")
+    return {name: str(int(kernel == te_attention)) for name, kernel in zip(_TE_ENV, TE_KERNELS)}
+
+
+def set_te_environment(te_attention: str, environ=None) -> None:
+    """Switch TE's kernels for this process; a different value already set (by the user, or by a TE
+    model built earlier at another precision) is a ``ConfigError``: TE reads these process-wide."""
+    import os
+
+    from megatron_mmbert.config_base import ConfigError
+
+    environ = os.environ if environ is None else environ
+    wanted = te_environment(te_attention)
+    clashes = {k: environ[k] for k, v in wanted.items() if environ.get(k, v) != v}
+    if clashes:
+        raise ConfigError(
+            f"TE attention needs {wanted} (kernel set {te_attention!r}, chosen from the TE / cuDNN / "
+            f"flash-attn versions), but the process has {clashes}; unset them "
+            "(model.attention_backend chooses TE's kernels, docs/training.md)"
+        )
+    environ.update(wanted)
+
+
 def probe() -> Machine:
     """Read the machine's facts once (imports guarded: TE and flash-attn are optional)."""
     import importlib.util

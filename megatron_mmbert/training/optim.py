@@ -53,7 +53,14 @@ class GuardedOptimizer:
         return getattr(self._optimizer, name)
 
     def _grads(self):
+        """The gradient storage: megatron DDP's contiguous grad buffers (every ``main_grad`` is a
+        view into one), else each parameter's ``.grad``."""
         for chunk in self._chunks:
+            buffers = getattr(chunk, "buffers", None)
+            if isinstance(buffers, list):  # megatron DDP (nn.Module.buffers is a method otherwise)
+                for buffer in buffers + list(getattr(chunk, "expert_parallel_buffers", [])):
+                    yield buffer.grad_data
+                continue
             for p in chunk.parameters():
                 g = getattr(p, "main_grad", None)
                 if g is None:
@@ -62,15 +69,15 @@ class GuardedOptimizer:
                     yield g
 
     def grads_finite(self) -> bool:
+        """All gradients finite on every rank: one device-side reduction per grad buffer and a
+        single host read (a per-parameter ``.all()`` test would sync the GPU once per parameter)."""
         grads = list(self._grads())
         if self.inject_nan and grads:
             grads[0].view(-1)[0] = float("nan")
             self.inject_nan = False
-        bad = torch.zeros(1, dtype=torch.float32, device=grads[0].device if grads else "cpu")
-        for g in grads:
-            if not torch.isfinite(g).all():
-                bad.fill_(1.0)
-                break
+        device = grads[0].device if grads else torch.device("cpu")
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.ones((), dtype=torch.bool)
+        bad = (~finite).to(device=device, dtype=torch.float32).reshape(1)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         return bool(bad.item() == 0.0)
