@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import platform
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+RESULTS = os.environ.get("MMBERT_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+"""Where ``--append`` writes: benchmarks/RESULTS.md, or ``$MMBERT_RESULTS`` (gpu_check.sh's output folder)."""
 
 
 def cpu_model() -> str:

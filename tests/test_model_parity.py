@@ -14,7 +14,7 @@ from megatron_mmbert import runtime
 from megatron_mmbert.config import ConfigError, ParallelConfig
 from megatron_mmbert.convert.checkpoints import import_hf
 from megatron_mmbert.model.build import build_model, check_fp8, select_backend
-from megatron_mmbert.model.pipeline import forward_logits
+from megatron_mmbert.model.pipeline import forward_logits, to_device
 from megatron_mmbert.training import checkpoint as ckpt
 from model_helpers import HF_CONFIGS, hf_reference_logits, make_hf_model, packed_batch, torchrun
 
@@ -142,8 +142,10 @@ def test_loss_matches_hf_masked_lm_loss(imported, single_process):
     labels = torch.full_like(batch["tokens"], -100)
     labels[:, 5::7] = batch["tokens"][:, 5::7]
     chunks[0].eval()
+    on_model = to_device(dict(batch, labels=labels), next(chunks[0].parameters()).device)  # a GPU in gpu_check
     with torch.no_grad():
-        ours = chunks[0](batch["tokens"], batch["positions"], batch["cu_seqlens"], batch["max_seqlen"], labels=labels).mean()
+        ours = chunks[0](on_model["tokens"], on_model["positions"], on_model["cu_seqlens"], on_model["max_seqlen"],
+                         labels=on_model["labels"]).mean().cpu()
         theirs = hf(input_ids=batch["tokens"], attention_mask=torch.ones_like(batch["tokens"]), labels=labels).loss
     assert abs(ours.item() - theirs.item()) < 1e-5
 
