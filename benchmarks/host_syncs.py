@@ -24,13 +24,13 @@ import argparse
 import datetime
 import os
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import append_results, machine as describe_machine  # noqa: E402
+from benchmarks.model_throughput import timed  # noqa: E402
 
 
 def packed_documents(total: int, seed: int = 0):
@@ -44,16 +44,7 @@ def packed_documents(total: int, seed: int = 0):
 
 
 def best_of(fn, rounds: int, device: torch.device) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(timed(fn, iters=1, device=device) for _ in range(rounds))
 
 
 def rope_per_micro_batch(device, tokens: int, layers: int, heads: int, head_dim: int, rounds: int):
