@@ -69,15 +69,22 @@ class GuardedOptimizer:
                     yield g
 
     def grads_finite(self) -> bool:
-        """All gradients finite on every rank: one device-side reduction per grad buffer and a
-        single host read (a per-parameter ``.all()`` test would sync the GPU once per parameter)."""
+        """All gradients finite on every rank, with one host read per step.
+
+        The check is the fused kernel megatron-core's fp16 optimizer uses for the same question
+        (``torch._amp_foreach_non_finite_check_and_unscale_``, here with scale 1: the gradients are
+        unchanged) over DDP's contiguous grad buffers: no per-parameter ``bool()`` (a GPU sync each)
+        and no boolean copy of the buffers.
+        """
         grads = list(self._grads())
         if self.inject_nan and grads:
             grads[0].view(-1)[0] = float("nan")
             self.inject_nan = False
         device = grads[0].device if grads else torch.device("cpu")
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.ones((), dtype=torch.bool)
-        bad = (~finite).to(device=device, dtype=torch.float32).reshape(1)
+        bad = torch.zeros(1, dtype=torch.float32, device=device)
+        for dtype in {g.dtype for g in grads}:  # the kernel takes one dtype per call
+            same = [g for g in grads if g.dtype == dtype]
+            torch._amp_foreach_non_finite_check_and_unscale_(same, bad, torch.ones(1, device=device))
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         return bool(bad.item() == 0.0)
