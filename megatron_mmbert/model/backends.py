@@ -312,9 +312,9 @@ def probe() -> Machine:
     te = None
     if importlib.util.find_spec("transformer_engine") is not None:
         try:
-            import transformer_engine  # noqa: F401  (a broken TE build fails here: treat as absent)
+            import transformer_engine  # a broken TE build fails here: treat it as absent
 
-            te = package("transformer-engine", "transformer_engine", "transformer-engine-cu12")
+            te = getattr(transformer_engine, "__version__", None) or package("transformer-engine", "transformer_engine")
         except Exception:
             te = None
     cudnn = None
