@@ -29,7 +29,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results, machine as describe_machine  # noqa: E402
+from benchmarks.common import report, machine as describe_machine  # noqa: E402
 from benchmarks.model_throughput import timed  # noqa: E402
 
 
@@ -184,10 +184,7 @@ def main(argv=None):
         "On a CPU a host read costs only Python overhead; on a GPU each also waits for the queued kernels,"
         " so these are lower bounds for the GPU (`--device cuda` measures them there).",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.append:
-        append_results(text)
+    report(lines, args.append)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results, machine  # noqa: E402
+from benchmarks.common import report, machine  # noqa: E402
 
 
 def build_synthetic_data(work: str, vocab_size: int, tokens: int, seed: int = 0) -> str:
@@ -159,10 +159,7 @@ def main(argv=None):
         "",
         "Goal: under 10% of the step time outside forward/backward.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.append:
-        append_results(text)
+    report(lines, args.append)
 
 
 if __name__ == "__main__":
