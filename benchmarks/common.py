@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import platform
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+RESULTS = os.environ.get("MMBERT_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+"""Where ``--append`` writes: benchmarks/RESULTS.md, or ``$MMBERT_RESULTS`` (gpu_check.sh's output folder)."""
 
 
 def cpu_model() -> str:
@@ -33,3 +34,11 @@ def append_results(section: str) -> None:
     """Append a Markdown section (it should start with a `## title (date)` line) to RESULTS.md."""
     with open(RESULTS, "a", encoding="utf-8") as f:
         f.write(section.rstrip() + "\n")
+
+
+def report(lines, append: bool) -> None:
+    """Print a result section (a list of Markdown lines) and, with ``append``, add it to RESULTS.md."""
+    text = "\n".join(lines)
+    print(text)
+    if append:
+        append_results(text)

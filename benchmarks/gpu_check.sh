@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Everything worth checking on a lent GPU, in one call (the device tool's `run`), results under $OUT.
 #
+#   bash benchmarks/gpu_check.sh              # on the GPU machine
+#   bash benchmarks/gpu_check.sh --dry-run    # the same steps on CPU at tiny sizes (CI runs this)
+#
 # The lent machines run Python 3.12 with torch 2.11, transformers, safetensors, tokenizers, pybind11,
 # pyyaml, tensorboard and psutil, but no network and no megatron-core. Before the call, on this machine:
 #   echo /.whl/ >> .git/info/exclude
@@ -9,33 +12,105 @@
 #       -d .whl megatron-core==0.16.1 zstandard
 # then run with carry [".whl"]:  bash benchmarks/gpu_check.sh
 #
-# What it runs (each step's output in $OUT/gpu_check.log, the RESULTS.md sections in $OUT/RESULTS.gpu.md):
-#   1. HF parity of the model on the GPU (fp32, eval) at TP1/PP1 - the code path without the CPU adapter;
-#   2. forward+backward tokens/s and MFU against HF ModernBertForMaskedLM, bf16, mmbert-small and
-#      mmbert-base at 1024 tokens (benchmarks/model_throughput.py; goal >= 1.5x HF and 35% MFU);
-#   3. training-step throughput and the share outside forward/backward (benchmarks/train_throughput.py).
+# Steps (each with its own timeout, so one failure or hang does not cost the rest; each step's full
+# output in $OUT/<step>.log, a digest in $OUT/gpu_check.log, a table of the steps in $OUT/summary.md,
+# the RESULTS.md sections in $OUT/RESULTS.gpu.md - copy those into benchmarks/RESULTS.md):
+#   machine     what the attention backend choice sees (TE / cuDNN / flash-attn) and picks;
+#   parity      HF parity of the model on the device (fp32, eval, TP1/PP1: the path without the CPU
+#               adapter) and the bf16 RoPE test (megatron's Float16Module on the device);
+#   model-*     forward+backward tokens/s and MFU against HF ModernBertForMaskedLM, bf16, mmbert-small
+#               and mmbert-base at 1024 tokens (goal >= 1.5x HF and 35% MFU);
+#   train       training-step throughput and the share outside forward/backward: one process per GPU,
+#               on a synthetic corpus made on the spot (no gettext catalogs needed);
+#   host-syncs  step time with and without the host syncs issue 18 removed.
+# Environment: OUT (output folder), PYTHON (interpreter, default python3), STEP_TIMEOUT (seconds per
+# step, default 300 on a GPU, 420 in a dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+DRY_RUN=0
+case "${1:-}" in
+    --dry-run) DRY_RUN=1 ;;
+    "") ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/gpu_check_out}
+PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+LOG="$OUT/gpu_check.log"
+SUMMARY="$OUT/summary.md"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+export MMBERT_RESULTS="$OUT/RESULTS.gpu.md"   # where the benchmarks' --append writes (not the repo)
+: > "$LOG"
+: > "$MMBERT_RESULTS"
+
 if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD
 else
-    export PYTHONPATH=$PWD
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "extension build failed"; tail -20 "$OUT/build.log"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu_check.log"
-RESULTS_BEFORE=$(wc -l < benchmarks/RESULTS.md)
-
-step() { echo "== $*" | tee -a "$OUT/gpu_check.log"; timeout 240 "$@" 2>&1 | grep -v -i "warn" | tail -25 | tee -a "$OUT/gpu_check.log"; }
-
-step python3 -m pytest -q -x -p no:cacheprovider tests/test_model_parity.py -k "tp1_pp1 or loss_matches"
-step python3 benchmarks/model_throughput.py --device cuda --precision bf16 --preset mmbert-small --rows 16 --seq-len 1024 --iters 10 --rounds 3 --append
-step python3 benchmarks/model_throughput.py --device cuda --precision bf16 --preset mmbert-base --rows 16 --seq-len 1024 --iters 10 --rounds 3 --append
-if [ -f benchmarks/train_throughput.py ]; then
-    step python3 benchmarks/train_throughput.py --device cuda --append
+if ! "$PYTHON" -c "import megatron_mmbert.data._index_builder" 2>/dev/null; then
+    "$PYTHON" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "extension build failed"; tail -20 "$OUT/build.log"; }
 fi
-tail -n +"$((RESULTS_BEFORE + 1))" benchmarks/RESULTS.md > "$OUT/RESULTS.gpu.md"
-echo "done; copy $OUT/RESULTS.gpu.md into benchmarks/RESULTS.md"
+
+if [ "$DRY_RUN" = 1 ]; then
+    echo "DRY RUN: the GPU check's steps on CPU at tiny sizes (the numbers mean nothing)" | tee -a "$LOG"
+    DEVICE=cpu; NPROC=1; TIMEOUT=${STEP_TIMEOUT:-420}
+    PARITY_TESTS="tests/test_model_parity.py tests/test_rope_precision.py"
+    PARITY_SELECT="tp1_pp1 and packed and even or loss_matches or angles"
+    SMALL="--device cpu --precision fp32 --preset tiny --rows 1 --seq-len 128 --iters 1 --rounds 1"
+    BASE="$SMALL"
+    TRAIN="--device cpu --nproc 1 --preset tiny --steps 4 --rows 4 --micro-rows 2 --seq-len 64 --interval 2"
+    SYNCS="--device cpu --preset tiny --tokens 256 --rows 1 --seq-len 64 --micro-batches 1 --rounds 1"
+else
+    DEVICE=cuda; TIMEOUT=${STEP_TIMEOUT:-300}
+    NPROC=$(nvidia-smi -L | wc -l)   # one training process per GPU
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+    PARITY_TESTS="tests/test_model_parity.py tests/test_rope_precision.py"
+    PARITY_SELECT="tp1_pp1 or loss_matches or rope"
+    SMALL="--device cuda --precision bf16 --preset mmbert-small --rows 16 --seq-len 1024 --iters 10 --rounds 3"
+    BASE="--device cuda --precision bf16 --preset mmbert-base --rows 16 --seq-len 1024 --iters 10 --rounds 3"
+    TRAIN="--device cuda --nproc $NPROC --preset mmbert-small --precision bf16 --steps 40 --rows 32 --micro-rows 16 --seq-len 1024 --interval 10"
+    SYNCS="--device cuda"
+fi
+
+printf '| step | status | seconds |\n|---|---|---|\n' > "$SUMMARY"
+FAILED=0
+step() {  # step NAME COMMAND...: run with the step timeout, full log to $OUT/NAME.log
+    local name=$1; shift
+    local start=$SECONDS status
+    echo "== $name: $*" | tee -a "$LOG"
+    timeout --kill-after=20 "$TIMEOUT" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    case $rc in
+        0) status=ok ;;
+        124|137) status="TIMEOUT after ${TIMEOUT}s"; FAILED=1 ;;
+        *) status="FAILED (exit $rc)"; FAILED=1 ;;
+    esac
+    grep -v -i "warn" "$OUT/$name.log" | tail -25 | tee -a "$LOG"
+    echo "-- $name: $status" | tee -a "$LOG"
+    echo "| $name | $status | $((SECONDS - start)) |" >> "$SUMMARY"
+}
+
+step machine "$PYTHON" -c "
+from megatron_mmbert.model.backends import choose_backend, probe
+m = probe(); print(m.describe())
+for precision in ('fp32', 'bf16'):
+    c = choose_backend('auto', precision, m)
+    print(precision, '->', c.describe()); [print('  note:', n) for n in c.notes]"
+# shellcheck disable=SC2086
+step parity "$PYTHON" -m pytest -q -x -p no:cacheprovider $PARITY_TESTS -k "$PARITY_SELECT"
+# shellcheck disable=SC2086
+step model-small "$PYTHON" benchmarks/model_throughput.py $SMALL --append
+# shellcheck disable=SC2086
+step model-base "$PYTHON" benchmarks/model_throughput.py $BASE --append
+# shellcheck disable=SC2086
+step train "$PYTHON" benchmarks/train_throughput.py $TRAIN --append
+# shellcheck disable=SC2086
+step host-syncs "$PYTHON" benchmarks/host_syncs.py $SYNCS --append
+
+[ "$DRY_RUN" = 1 ] && echo "DRY RUN finished (CPU, tiny sizes)" | tee -a "$LOG"
+cat "$SUMMARY" | tee -a "$LOG"
+echo "results: $MMBERT_RESULTS (copy into benchmarks/RESULTS.md)"
+exit $FAILED

@@ -28,7 +28,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results, machine as describe_machine  # noqa: E402
+from benchmarks.common import report, machine as describe_machine  # noqa: E402
 
 
 def make_models(model_cfg, device, dtype):
@@ -138,10 +138,7 @@ def main(argv=None):
         "",
         f"Ratio ours / HF: **{ours_tps / hf_tps:.2f}x** (goal: >= 1.0x on CPU, >= 1.5x and 35% MFU on a GPU).",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.append:
-        append_results(text)
+    report(lines, args.append)
     from megatron_mmbert import runtime
 
     runtime.shutdown()

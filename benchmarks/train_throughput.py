@@ -1,10 +1,20 @@
 """Training throughput: tokens/s per step and the share of time outside forward/backward.
 
+Data: a synthetic corpus made on the spot (default; random token shards with realistic document
+lengths and skewed language sizes, written by the project's own shard writer: needs no text, no
+tokenizer and no gettext catalogs), or ``--corpus gettext`` (the demo corpus from /usr/share/locale),
+or ``--manifest`` (existing shards). Token content does not change the step time.
+
 Runs ``pretrain_mmbert.py`` (the real loop: MLM stream, megatron schedules, DDP, optimizer, logging,
-checkpointing off) for one pre-training phase on the gettext demo corpus, and reads the per-window
+checkpointing off) for one pre-training phase, and reads the per-window
 timings the loop writes to ``metrics.jsonl``: data, forward+backward, optimizer, other (logging,
 bookkeeping). The first window (start-up, index building) is left out. Goal: under 10% of the step
 time outside forward/backward.
+
+Data: a synthetic corpus made on the spot (default; random token shards with realistic document
+lengths and skewed language sizes, written by the project's own shard writer: needs no text, no
+tokenizer and no gettext catalogs), or ``--corpus gettext`` (the demo corpus from /usr/share/locale),
+or ``--manifest`` (existing shards). Token content does not change the step time.
 
   python benchmarks/train_throughput.py                              # CPU, tiny model, 2 processes
   python benchmarks/train_throughput.py --device cuda --preset mmbert-small --precision bf16 \
@@ -23,7 +33,41 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results, machine  # noqa: E402
+from benchmarks.common import report, machine  # noqa: E402
+
+
+def build_synthetic_data(work: str, vocab_size: int, tokens: int, seed: int = 0) -> str:
+    """Random-token shards of 12 languages (sizes falling as 1/rank) holding ``tokens`` tokens,
+    documents of 50-3000 tokens framed ``<bos> ... <eos>``; returns the manifest path."""
+    import numpy as np
+
+    from megatron_mmbert.data.shards import LanguageEntry, Manifest, ShardWriter, TokenizerIdentity, token_dtype, write_manifest
+
+    rng = np.random.default_rng(seed)
+    languages = ["eng_Latn", "rus_Cyrl", "cmn_Hani", "fra_Latn", "arb_Arab", "hin_Deva", "jpn_Jpan",
+                 "ell_Grek", "kor_Hang", "amh_Ethi", "tzm_Tfng", "fao_Latn"]
+    shares = 1.0 / np.arange(1, len(languages) + 1)
+    shares /= shares.sum()
+    special = {"pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4}
+    dtype = token_dtype(vocab_size)
+    entries = {}
+    for lang, share in zip(languages, shares):
+        prefix = os.path.join(work, "shards", lang, "part-00000")
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        budget, count, documents = max(int(share * tokens), 64), 0, 0
+        with ShardWriter(prefix, dtype) as writer:
+            while count < budget:
+                body = rng.zipf(1.2, size=int(np.clip(rng.lognormal(6.0, 1.0), 50, 3000))) % (vocab_size - 5) + 5
+                document = np.concatenate([[special["bos"]], body, [special["eos"]]])
+                writer.add_document(document)
+                count, documents = count + len(document), documents + 1
+            writer.finalize()
+        entries[lang] = LanguageEntry(shards=[prefix], documents=documents, tokens=count, bytes=0, sources=[])
+    identity = TokenizerIdentity(name="synthetic", vocab_size=vocab_size, hash="0" * 64, special_ids=special,
+                                 all_special_ids=sorted(special.values()))
+    path = os.path.join(work, "shards", "manifest.json")
+    write_manifest(Manifest(tokenizer=identity, dtype=np.dtype(dtype).name, languages=entries), path)
+    return path
 
 
 def build_demo_data(work: str) -> str:
@@ -42,6 +86,8 @@ def build_demo_data(work: str) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", help="reuse shards (e.g. a quickstart's OUT/shards/manifest.json)")
+    p.add_argument("--corpus", choices=["synthetic", "gettext"], default="synthetic",
+                   help="data made on the spot when --manifest is not given (default: synthetic)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda (only decides what is reported)")
@@ -55,12 +101,18 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="mmbert-train-bench-")
-    manifest = args.manifest or build_demo_data(work)
     tokens = args.steps * args.rows * args.seq_len
+    vocab = 4096  # the tiny preset's, and what the other presets are cut to here
+    if args.manifest:
+        manifest, corpus = args.manifest, f"shards {args.manifest}"
+    elif args.corpus == "gettext":
+        manifest, corpus = build_demo_data(work), "gettext demo corpus"
+    else:
+        manifest, corpus = build_synthetic_data(work, vocab, 2 * tokens), "synthetic random-token corpus"
     config = {
         "inherit": os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml"),
         "run_dir": f"{work}/run",
-        "model": {"preset": args.preset, "vocab_size": 4096} if args.preset != "tiny" else {"preset": "tiny"},
+        "model": {"preset": args.preset, "vocab_size": vocab} if args.preset != "tiny" else {"preset": "tiny"},
         "precision": args.precision,
         "data": {"manifest": manifest, "cache_dir": f"{work}/index"},
         "phases": [{"name": "pretrain", "tokens": tokens, "seq_len": args.seq_len, "mask_rate": 0.3,
@@ -96,7 +148,7 @@ def main(argv=None):
         f"- machine: {machine(args.device)}; {args.nproc} process(es); {args.precision}",
         f"- command: `python benchmarks/train_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- run: preset {args.preset}, {args.rows} rows x {args.seq_len} tokens per step "
-        f"({args.micro_rows} rows per micro-batch), 30% masking, gettext demo corpus; "
+        f"({args.micro_rows} rows per micro-batch), 30% masking, {corpus}; "
         f"{measured_steps} measured steps after the first log window",
         "",
         "| tokens/s | forward+backward | optimizer | data | other (logging, bookkeeping) | outside fwd/bwd | MFU |",
@@ -107,10 +159,7 @@ def main(argv=None):
         "",
         "Goal: under 10% of the step time outside forward/backward.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.append:
-        append_results(text)
+    report(lines, args.append)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this (times the tensor-parallel size)."""
     attention_backend: Literal["auto", "sdpa", "te"] = "auto"
-    """Attention kernel: ``auto`` picks TransformerEngine's THD path when TE is installed on a GPU,
-    else PyTorch SDPA with a block-diagonal window mask. ``te`` fails clearly without TE."""
+    """Attention kernel: ``auto`` picks TransformerEngine's THD path when TE on this GPU can run both
+    layer kinds at the run's precision (TE / cuDNN / flash-attn versions: docs/training.md), else
+    PyTorch SDPA with a block-diagonal window mask, and logs why. ``te`` fails clearly where TE cannot."""
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
     """FP8 format for the transformer layers' GEMMs (TransformerEngine only; None trains without FP8).
     A run asking for FP8 without TE stops at start-up instead of silently training in bf16."""

@@ -26,13 +26,16 @@ HF_CONFIGS = {
 }
 
 
-def make_hf_model(name: str, directory: str, seed: int = 0):
-    """Save a randomly initialised ModernBertForMaskedLM (non-trivial norms and biases) to ``directory``."""
+def make_hf_model(name, directory: str, seed: int = 0):
+    """Save a randomly initialised ModernBertForMaskedLM (non-trivial norms and biases) to ``directory``.
+
+    ``name``: a key of :data:`HF_CONFIGS`, or the ``ModernBertConfig`` arguments themselves."""
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
     torch.manual_seed(seed)
     config = ModernBertConfig(pad_token_id=0, bos_token_id=2, eos_token_id=1, cls_token_id=1,
-                              sep_token_id=1, attn_implementation="eager", **HF_CONFIGS[name])
+                              sep_token_id=1, attn_implementation="eager",
+                              **(HF_CONFIGS[name] if isinstance(name, str) else name))
     model = ModernBertForMaskedLM(config).eval()
     with torch.no_grad():
         for key, p in model.named_parameters():

@@ -14,7 +14,7 @@ from megatron_mmbert import runtime
 from megatron_mmbert.config import ConfigError, ParallelConfig
 from megatron_mmbert.convert.checkpoints import import_hf
 from megatron_mmbert.model.build import build_model, check_fp8, select_backend
-from megatron_mmbert.model.pipeline import forward_logits
+from megatron_mmbert.model.pipeline import forward_logits, to_device
 from megatron_mmbert.training import checkpoint as ckpt
 from model_helpers import HF_CONFIGS, hf_reference_logits, make_hf_model, packed_batch, torchrun
 
@@ -142,8 +142,10 @@ def test_loss_matches_hf_masked_lm_loss(imported, single_process):
     labels = torch.full_like(batch["tokens"], -100)
     labels[:, 5::7] = batch["tokens"][:, 5::7]
     chunks[0].eval()
+    on_model = to_device(dict(batch, labels=labels), next(chunks[0].parameters()).device)  # a GPU in gpu_check
     with torch.no_grad():
-        ours = chunks[0](batch["tokens"], batch["positions"], batch["cu_seqlens"], batch["max_seqlen"], labels=labels).mean()
+        ours = chunks[0](on_model["tokens"], on_model["positions"], on_model["cu_seqlens"], on_model["max_seqlen"],
+                         labels=on_model["labels"]).mean().cpu()
         theirs = hf(input_ids=batch["tokens"], attention_mask=torch.ones_like(batch["tokens"]), labels=labels).loss
     assert abs(ours.item() - theirs.item()) < 1e-5
 
@@ -187,7 +189,7 @@ TE_TO_LOCAL = {
 def test_te_spec_has_local_structure_and_keys(first_layer):
     from megatron_mmbert.model.specs import layer_spec
 
-    local = _spec_tree(layer_spec("local", first_layer, 0.0))
+    local = _spec_tree(layer_spec("sdpa", first_layer, 0.0))
     te = _spec_tree(layer_spec("te", first_layer, 0.0))
     assert set(local) == set(te)
     swapped = {path for path in te if te[path] != local[path]}
@@ -218,10 +220,10 @@ def test_te_checkpoint_keys_equal_local_keys(imported, single_process):
 
 def test_fp8_without_transformer_engine_stops_at_start(imported):
     _, _, model = imported["odd"]
-    with pytest.raises(ConfigError, match="needs TransformerEngine, which is not installed"):
-        select_backend(dataclasses.replace(model, fp8="hybrid"))
-    with pytest.raises(ConfigError, match="attention_backend='te' needs TransformerEngine"):
+    with pytest.raises(ConfigError, match="model.fp8 cannot run on this machine: TransformerEngine is not installed"):
+        select_backend(dataclasses.replace(model, fp8="hybrid"), "bf16")
+    with pytest.raises(ConfigError, match="attention_backend='te' cannot run on this machine: TransformerEngine is not installed"):
         select_backend(dataclasses.replace(model, attention_backend="te"))
     with pytest.raises(ConfigError, match="tensorwise.* needs TransformerEngine >= 2.2.0, found 2.1.0"):
         check_fp8(dataclasses.replace(model, fp8="e4m3", fp8_recipe="tensorwise"), "2.1.0")
-    assert select_backend(model) == "local"
+    assert select_backend(model).backend == "sdpa"

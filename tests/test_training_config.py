@@ -120,11 +120,11 @@ def test_layout_error_before_process_group():
 
 
 def test_fp8_without_transformer_engine():
-    from megatron_mmbert.model.build import transformer_engine_version
+    from megatron_mmbert.model.backends import probe
 
-    if transformer_engine_version() is not None:
+    if probe().te_version is not None:
         pytest.skip("TransformerEngine installed")
-    assert "needs TransformerEngine" in _err(_tiny("--precision", "fp8"))
+    assert "model.fp8 cannot run on this machine: TransformerEngine is not installed" in _err(_tiny("--precision", "fp8"))
 
 
 def test_start_phase_unknown():

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
@@ -30,7 +31,8 @@ class AttentionInputs:
     """Per-forward attention context shared by all layers of a stage.
 
     ``global_mask`` / ``local_mask``: boolean ``[b, 1, s, s]`` (True = may attend) for the SDPA
-    kernel, None on the THD path. ``global_rope`` / ``local_rope``: rotary angles for the layer kind.
+    kernel, None on the THD path. ``global_rope`` / ``local_rope``: fp32 rotary angles of every token
+    for the layer kind, ``[s, b, 1, d]`` (THD: ``[t, 1, 1, d]``, tokens in packed order).
     """
 
     global_mask: Optional[torch.Tensor]
@@ -63,10 +65,17 @@ def segment_masks(cu_seqlens: torch.Tensor, positions: torch.Tensor, window: int
 
 
 class MMBertSelfAttention(SelfAttention):
-    """megatron-core SelfAttention that picks the rotary table and mask of its layer kind.
+    """megatron-core SelfAttention that picks the rotary angles and mask of its layer kind.
 
     ModernBERT uses different RoPE bases on global and local layers; megatron passes one rotary
     tensor to every layer, so the model passes :class:`AttentionInputs` and each layer selects.
+
+    RoPE is applied here, right after the QKV projection, with one angle per token (the model
+    computes them from each token's position in its document), instead of by megatron: its THD path
+    (``_apply_rotary_pos_emb_thd``) reads ``cu_seqlens`` back to the host (``.tolist()``) and slices
+    the table per document in a Python loop, in every layer -- a device sync per layer per
+    micro-batch. Per-token angles make both layouts (SDPA's ``[s, b]`` rows and TE's packed
+    ``[t, 1]``) one elementwise rotation, through megatron's own unfused rotary function.
     """
 
     def __init__(self, config, submodules, layer_number, *args, **kwargs):
@@ -74,14 +83,27 @@ class MMBertSelfAttention(SelfAttention):
         self.is_local = is_layer_window_attention(
             config.window_size, config.window_attn_skip_freq, layer_number
         )
+        self._rope: Optional[torch.Tensor] = None
 
     def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
         inputs: AttentionInputs = attention_mask
         if self.is_local:
-            mask, rope = inputs.local_mask, inputs.local_rope
+            mask, self._rope = inputs.local_mask, inputs.local_rope
         else:
-            mask, rope = inputs.global_mask, inputs.global_rope
-        return super().forward(hidden_states, mask, *args, rotary_pos_emb=rope, **kwargs)
+            mask, self._rope = inputs.global_mask, inputs.global_rope
+        try:
+            return super().forward(hidden_states, mask, *args, rotary_pos_emb=None, **kwargs)
+        finally:
+            self._rope = None
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        query, key, value = super().get_query_key_value_tensors(*args, **kwargs)
+        if self._rope is None:
+            raise RuntimeError("MMBertSelfAttention runs inside its forward (the rotary angles come with the mask)")
+        # query/key: [s, b, heads, d] (THD: [t, 1, heads, d]); angles: [s, b, 1, d] (THD: [t, 1, 1, d])
+        query = apply_rotary_pos_emb(query, self._rope, config=self.config)
+        key = apply_rotary_pos_emb(key, self._rope, config=self.config)
+        return query, key, value
 
 
 class SDPAAttention(MegatronModule):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_mmbert.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_mmbert.model.backends import BackendChoice, Machine, choose_backend, probe
 from megatron_mmbert.model.specs import Backend
 
 logger = logging.getLogger(__name__)
@@ -23,32 +24,22 @@ logger = logging.getLogger(__name__)
 Precision = Literal["fp32", "bf16"]
 
 
-def transformer_engine_version() -> Optional[str]:
-    """The installed TransformerEngine version, or None (imported guardedly: TE is optional)."""
-    try:
-        import transformer_engine  # noqa: F401
-        from importlib.metadata import version
-
-        return version("transformer-engine")
-    except Exception:  # ImportError, or a broken TE build that fails at import
-        return None
-
-
-def select_backend(model: ModelConfig) -> Backend:
-    """Pick the layer backend at run time and say which; fail clearly when TE is asked for."""
-    te = transformer_engine_version()
-    wants_te = model.attention_backend == "te" or model.fp8 is not None
-    if wants_te and te is None:
-        reason = f"model.fp8={model.fp8!r}" if model.fp8 else "model.attention_backend='te'"
-        raise ConfigError(
-            f"{reason} needs TransformerEngine, which is not installed (megatron-core would "
-            "silently run without FP8); run inside an NGC PyTorch container or install "
-            "transformer-engine, or unset it"
-        )
-    backend: Backend = "te" if (wants_te or (model.attention_backend == "auto" and te and torch.cuda.is_available())) else "local"
-    if backend == "te":
-        check_fp8(model, te)
-    return backend
+def select_backend(
+    model: ModelConfig,
+    precision: str = "fp32",
+    context_parallel: int = 1,
+    machine: Optional[Machine] = None,
+) -> BackendChoice:
+    """The attention backend of this run, from the machine's TE / cuDNN / flash-attn versions
+    (:mod:`megatron_mmbert.model.backends`); a request that cannot run is a ``ConfigError`` naming
+    them, a fallback is logged. FP8 recipes the installed TE cannot run stop here too."""
+    machine = machine or probe()
+    choice = choose_backend(
+        model.attention_backend, precision, machine, fp8=model.fp8 is not None, context_parallel=context_parallel
+    )
+    if choice.backend == "te":
+        check_fp8(model, machine.te_version)
+    return choice
 
 
 _FP8_RECIPE_MIN_TE = {"delayed": "1.0", "tensorwise": "2.2.0", "blockwise": "2.3.0", "mxfp8": "2.1.0"}
@@ -84,9 +75,11 @@ def transformer_config(
     model: ModelConfig,
     parallel: ParallelConfig,
     precision: Precision = "fp32",
-    backend: Backend = "local",
+    backend: Backend = "sdpa",
+    te_attention: str = "auto",
 ):
-    """megatron-core TransformerConfig for ``model`` under ``parallel`` at ``precision``."""
+    """megatron-core TransformerConfig for ``model`` under ``parallel`` at ``precision``
+    (``te_attention``: megatron's ``AttnBackend`` name for TE's kernel set, see ``backends``)."""
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -129,7 +122,8 @@ def transformer_config(
         # Layer 0 has no attention pre-norm, so layers are not stackable: checkpoint each layer under
         # its own global index (encoder.layers.{i}.*), which is also the HF-style canonical key.
         hetereogenous_dist_checkpoint=True,
-        attention_backend=AttnBackend.auto if backend == "te" else AttnBackend.local,
+        # The TE kernel set the backend choice allows (process-wide NVTE_* variables); SDPA reads none.
+        attention_backend=AttnBackend[te_attention] if backend == "te" else AttnBackend.local,
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
@@ -161,15 +155,18 @@ def build_model(
 
     from megatron_mmbert.model.encoder import MMBertModel
 
-    backend = select_backend(model)
-    config = transformer_config(model, parallel, precision, backend)
+    machine = probe()
+    choice = select_backend(model, precision, parallel.context_parallel, machine)
+    backend: Backend = choice.backend
+    config = transformer_config(model, parallel, precision, backend, choice.te_attention or "auto")
     if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0:
+        for note in choice.notes:  # a fallback on a GPU machine is worth a warning; on a CPU, routine
+            logger.log(logging.WARNING if machine.cuda else logging.INFO, "attention: %s", note)
         logger.info(
-            "model: %s layers, hidden %d, %s backend (%s attention), %s%s",
+            "model: %s layers, hidden %d, %s, %s%s",
             model.num_layers,
             model.hidden_size,
-            backend,
-            "TransformerEngine THD" if backend == "te" else "PyTorch SDPA with segment/window masks",
+            choice.describe(),
             precision,
             f", FP8 {model.fp8}/{model.fp8_recipe}" if model.fp8 else "",
         )

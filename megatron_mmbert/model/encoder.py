@@ -89,7 +89,7 @@ class MMBertModel(LanguageModule):
         self,
         config,
         model_config: ModelConfig,
-        backend: Backend = "local",
+        backend: Backend = "sdpa",
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: Optional[int] = None,
@@ -137,6 +137,19 @@ class MMBertModel(LanguageModule):
                 self.output_layer.bias.zero_()
         self.setup_embeddings_and_output_layer()
 
+    def _set_attention_backend(self) -> None:
+        """Only a TE model sets TE's ``NVTE_*`` kernel switches (SDPA reads none of them).
+
+        megatron-core's version writes them for every model and asserts against values an earlier
+        model set, so building an SDPA model and then a TE one in one process (verify, tests) fails.
+        """
+        from megatron.core.transformer.enums import AttnBackend
+
+        from megatron_mmbert.model.backends import set_te_environment
+
+        if self.config.attention_backend != AttnBackend.local:
+            set_te_environment(self.config.attention_backend.name)
+
     # -- settings that change between phases ------------------------------------------------
     def set_rope_theta(self, global_theta: float, local_theta: float) -> None:
         """Switch RoPE bases (mmBERT: 10k in pre-training, 160k from mid-training on)."""
@@ -153,8 +166,10 @@ class MMBertModel(LanguageModule):
     def attention_inputs(self, positions, cu_seqlens, max_seqlen) -> tuple:
         """Masks and rotary angles for SDPA, or ``PackedSeqParams`` and angles for TE's THD path."""
         if self.backend == "te":
-            table = torch.arange(max_seqlen, device=positions.device)
-            inputs = AttentionInputs(None, None, self.global_rotary(table), self.local_rotary(table))
+            packed_positions = positions.reshape(1, -1)  # THD token order: row after row
+            inputs = AttentionInputs(
+                None, None, self.global_rotary(packed_positions), self.local_rotary(packed_positions)
+            )
             cu = cu_seqlens.to(device=positions.device, dtype=torch.int32)
             packed = PackedSeqParams(
                 qkv_format="thd",

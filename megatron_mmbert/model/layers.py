@@ -58,7 +58,7 @@ class LazyClass:
         except ImportError as exc:
             raise ImportError(
                 f"{self.module}.{self.name} needs TransformerEngine, which is not installed; "
-                "use the local backend (model.attention_backend: sdpa) or install TE "
+                "use model.attention_backend: sdpa or install TE "
                 "(it ships in NGC PyTorch containers)"
             ) from exc
 
@@ -73,8 +73,14 @@ class RotaryTable(torch.nn.Module):
     """Rotary angles for the rotate-half (GPT-NeoX) convention, as HF ModernBERT computes them.
 
     ``inv_freq = theta ** (-arange(0, d, 2) / d)`` in fp32; the angle of position p is
-    ``p * inv_freq``, duplicated for both halves. Theta changes between phases (10k -> 160k), so it
-    is a setting, not checkpointed state.
+    ``p * inv_freq`` in fp32, duplicated for both halves. Theta changes between phases (10k -> 160k),
+    so it is a setting, not checkpointed state.
+
+    The frequencies stay fp32 whatever the model is cast to: megatron's ``Float16Module`` calls
+    ``.bfloat16()`` on the whole model, buffers included, and bf16 frequencies (8 mantissa bits) put
+    the angle at position 8191 off by up to ~1.5 rad, so a bf16 run would train a model that fp32
+    evaluation and the HF export do not compute. :meth:`_apply` (behind ``.to()``, ``.bfloat16()``,
+    ``.cuda()``) therefore recomputes them from ``theta`` in fp32 on the buffer's new device.
     """
 
     def __init__(self, head_dim: int, theta: float):
@@ -83,14 +89,22 @@ class RotaryTable(torch.nn.Module):
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
         self.set_theta(theta)
 
+    def _frequencies(self, device: torch.device) -> torch.Tensor:
+        # HF ModernBERT's formula (ModernBertRotaryEmbedding), computed on the CPU in fp32 and moved.
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        return (1.0 / (self.theta**exponent)).to(device)
+
     def set_theta(self, theta: float) -> None:
         self.theta = float(theta)
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
-        with torch.no_grad():
-            self.inv_freq.copy_(1.0 / (self.theta**exponent))
+        self.inv_freq = self._frequencies(self.inv_freq.device)  # a new fp32 buffer, never a copy_
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.inv_freq = self._frequencies(self.inv_freq.device)
+        return self
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        """Angles for ``positions`` ``[b, s]`` (or ``[s]``), shaped ``[s, b, 1, d]`` (``[s, 1, 1, d]``)."""
+        """Angles (fp32) for ``positions`` ``[b, s]`` (or ``[s]``), shaped ``[s, b, 1, d]`` (``[s, 1, 1, d]``)."""
         if positions.dim() == 1:
             positions = positions[None]
         angles = positions.t().float()[..., None] * self.inv_freq.to(positions.device)

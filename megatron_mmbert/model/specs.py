@@ -43,12 +43,13 @@ from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron_mmbert.model.attention import MMBertSelfAttention, SDPAAttention
 from megatron_mmbert.model.layers import BiasFreeLayerNorm, LazyClass, bias_dropout_add_with_rate
 
-Backend = Literal["local", "te"]
+Backend = Literal["sdpa", "te"]
+"""Layer backends with a spec here (the kernels ``model/backends.py`` chooses among)."""
 _TE = "megatron.core.extensions.transformer_engine"
 
 
 def _linears(backend: Backend):
-    if backend == "local":
+    if backend == "sdpa":
         return ColumnParallelLinear, RowParallelLinear, SDPAAttention
     return (
         ModuleSpec(module=(_TE, "TEColumnParallelLinear")),

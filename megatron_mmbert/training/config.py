@@ -385,12 +385,13 @@ def validate(cfg: RunConfig, world_size: int, check_data: bool = True) -> None:
 
 
 def _validate_precision(cfg: RunConfig) -> None:
-    if cfg.precision == "fp8" or cfg.model.fp8 is not None:
-        from megatron_mmbert.model.build import select_backend
+    from megatron_mmbert.model.build import select_backend
 
-        if cfg.precision == "fp32":
-            raise ConfigError("model.fp8 is set but precision is fp32; use precision: fp8 (bf16 + FP8 GEMMs)")
-        select_backend(cfg.effective_model)  # no TE -> a clear ConfigError, before anything starts
+    if (cfg.precision == "fp8" or cfg.model.fp8 is not None) and cfg.precision == "fp32":
+        raise ConfigError("model.fp8 is set but precision is fp32; use precision: fp8 (bf16 + FP8 GEMMs)")
+    # An attention backend (or FP8, or context parallelism) this machine's TE / cuDNN / flash-attn
+    # cannot run is a ConfigError naming the versions, before anything starts.
+    select_backend(cfg.effective_model, cfg.compute_precision, cfg.parallel.context_parallel)
 
 
 def _validate_phases(cfg: RunConfig) -> None:

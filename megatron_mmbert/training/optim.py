@@ -53,7 +53,14 @@ class GuardedOptimizer:
         return getattr(self._optimizer, name)
 
     def _grads(self):
+        """The gradient storage: megatron DDP's contiguous grad buffers (every ``main_grad`` is a
+        view into one), else each parameter's ``.grad``."""
         for chunk in self._chunks:
+            buffers = getattr(chunk, "buffers", None)
+            if isinstance(buffers, list):  # megatron DDP (nn.Module.buffers is a method otherwise)
+                for buffer in buffers + list(getattr(chunk, "expert_parallel_buffers", [])):
+                    yield buffer.grad_data
+                continue
             for p in chunk.parameters():
                 g = getattr(p, "main_grad", None)
                 if g is None:
@@ -62,15 +69,22 @@ class GuardedOptimizer:
                     yield g
 
     def grads_finite(self) -> bool:
+        """All gradients finite on every rank, with one host read per step.
+
+        The check is the fused kernel megatron-core's fp16 optimizer uses for the same question
+        (``torch._amp_foreach_non_finite_check_and_unscale_``, here with scale 1: the gradients are
+        unchanged) over DDP's contiguous grad buffers: no per-parameter ``bool()`` (a GPU sync each)
+        and no boolean copy of the buffers.
+        """
         grads = list(self._grads())
         if self.inject_nan and grads:
             grads[0].view(-1)[0] = float("nan")
             self.inject_nan = False
-        bad = torch.zeros(1, dtype=torch.float32, device=grads[0].device if grads else "cpu")
-        for g in grads:
-            if not torch.isfinite(g).all():
-                bad.fill_(1.0)
-                break
+        device = grads[0].device if grads else torch.device("cpu")
+        bad = torch.zeros(1, dtype=torch.float32, device=device)
+        for dtype in {g.dtype for g in grads}:  # the kernel takes one dtype per call
+            same = [g for g in grads if g.dtype == dtype]
+            torch._amp_foreach_non_finite_check_and_unscale_(same, bad, torch.ones(1, device=device))
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         return bool(bad.item() == 0.0)

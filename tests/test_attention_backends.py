@@ -1,0 +1,145 @@
+"""Attention backend selection over the TE / cuDNN / flash-attn version table (no GPU, no TE needed:
+the choice is a pure function of the machine's facts)."""
+
+import itertools
+
+import pytest
+from packaging.version import Version
+
+from megatron_mmbert.config import ConfigError
+from megatron_mmbert.model.backends import (
+    LAYER_KINDS,
+    TE_KERNELS,
+    Machine,
+    choose_backend,
+    probe,
+    te_kernel_verdicts,
+)
+
+FA = "2.7.4"
+
+
+def gpu(te, cudnn="9.8.0", flash=None):
+    return Machine(cuda=True, te_version=te, cudnn_version=cudnn, flash_attn_version=flash)
+
+
+# (machine, precision) -> (backend auto picks, TE's kernel set when TE, {kind: kernel substring}).
+# Each row is one fact of the issue's version table, written out by hand.
+TABLE = [
+    # fp32: TE <= 2.10 has no kernel at all (flash/cuDNN need bf16, unfused has no THD path);
+    # TE >= 2.11 only the dense unfused one, so auto keeps SDPA.
+    (gpu("2.10.0", flash=FA), "fp32", "sdpa", None, {"global": "SDPA", "local": "SDPA"}),
+    (gpu("2.11.0", flash=FA), "fp32", "sdpa", None, {"global": "SDPA", "local": "SDPA"}),
+    # bf16, TE <= 2.11: local (64, 64) windows need flash-attn (cuDNN: only (left, 0) windows).
+    (gpu("2.9.0", flash=FA), "bf16", "te", "auto", {"global": "flash-attn/cuDNN", "local": "TE flash-attn"}),
+    (gpu("2.9.0"), "bf16", "sdpa", None, {"local": "SDPA"}),
+    (gpu("2.10.0"), "bf16", "sdpa", None, {"local": "SDPA"}),
+    (gpu("2.11.0"), "bf16", "sdpa", None, {"local": "SDPA"}),  # TE would fall back to a dense mask
+    (gpu("2.11.0", flash=FA), "bf16", "te", "auto", {"local": "TE flash-attn"}),
+    # TE 2.12: cuDNN runs the window natively from 9.6 ...
+    (gpu("2.12.0", cudnn="9.6.0"), "bf16", "te", "auto", {"global": "TE cuDNN", "local": "TE cuDNN"}),
+    (gpu("2.12.0", cudnn="9.11.0", flash=FA), "bf16", "te", "auto", {"local": "flash-attn/cuDNN"}),
+    (gpu("2.12.0", cudnn="9.5.1"), "bf16", "sdpa", None, {"local": "SDPA"}),
+    (gpu("2.12.0", cudnn="9.5.1", flash=FA), "bf16", "te", "auto", {"local": "TE flash-attn"}),
+    # ... except 9.10.0/9.10.1 and 9.14.0 (fails beyond 1024 keys): cuDNN must be switched off for
+    # the whole process (TE's kernel set is process-wide), so flash-attn for every layer, or nothing.
+    (gpu("2.12.0", cudnn="9.10.0", flash=FA), "bf16", "te", "flash", {"global": "TE flash-attn", "local": "TE flash-attn"}),
+    (gpu("2.12.0", cudnn="9.10.1", flash=FA), "bf16", "te", "flash", {"local": "TE flash-attn"}),
+    (gpu("2.12.0", cudnn="9.14.0", flash=FA), "bf16", "te", "flash", {"local": "TE flash-attn"}),
+    (gpu("2.12.0", cudnn="9.14.0"), "bf16", "sdpa", None, {"local": "SDPA"}),
+    (gpu("2.12.0", cudnn="9.10.2"), "bf16", "te", "auto", {"local": "TE cuDNN"}),
+    # no TE, or no GPU: SDPA
+    (Machine(cuda=True, cudnn_version="9.8.0", flash_attn_version=FA), "bf16", "sdpa", None, {"global": "SDPA"}),
+    (Machine(cuda=False, te_version="2.12.0"), "bf16", "sdpa", None, {"global": "SDPA"}),
+    (Machine(cuda=False), "fp32", "sdpa", None, {"global": "SDPA", "local": "SDPA"}),
+]
+
+
+@pytest.mark.parametrize("machine, precision, backend, te_attention, kernels", TABLE)
+def test_auto_follows_the_version_table(machine, precision, backend, te_attention, kernels):
+    choice = choose_backend("auto", precision, machine)
+    assert choice.backend == backend
+    assert choice.te_attention == te_attention
+    for kind, kernel in kernels.items():
+        assert kernel in choice.kernels[kind]
+    if backend == "sdpa" and machine.te_version and machine.cuda:
+        # The fallback is logged with the versions that caused it.
+        assert any(machine.te_version in note and "not using te" in note for note in choice.notes)
+
+
+@pytest.mark.parametrize(
+    "machine, precision, message",
+    [
+        (gpu("2.10.0", flash=FA), "fp32", r"TE cannot run global layers in fp32 .*unfused kernel has no THD path.*TransformerEngine 2\.10\.0.*precision: bf16"),
+        (gpu("2.10.0"), "bf16", r"TE cannot run local layers in bf16 .*flash-attn is not installed.*\(left, 0\) windows.*install flash-attn"),
+        (Machine(cuda=False), "bf16", r"TransformerEngine is not installed"),
+        (Machine(cuda=False, te_version="2.12.0"), "bf16", r"TransformerEngine needs a CUDA device"),
+    ],
+)
+def test_te_that_cannot_run_is_a_start_up_error_naming_the_versions(machine, precision, message):
+    with pytest.raises(ConfigError, match=r"model.attention_backend='te' cannot run on this machine: " + message):
+        choose_backend("te", precision, machine)
+
+
+def test_te_requested_where_only_dense_kernels_run_is_taken_with_a_warning():
+    choice = choose_backend("te", "bf16", gpu("2.11.0"))
+    assert choice.backend == "te" and choice.te_attention == "auto"
+    assert "cuDNN" in choice.kernels["global"] and "dense" in choice.kernels["local"]
+    assert any("local layers run TE unfused" in note and "out of memory" in note for note in choice.notes)
+
+
+def test_fp8_and_context_parallel_never_fall_back():
+    with pytest.raises(ConfigError, match=r"model.fp8 cannot run on this machine: TE cannot run local layers.*2\.10\.0"):
+        choose_backend("auto", "bf16", gpu("2.10.0"), fp8=True)
+    with pytest.raises(ConfigError, match=r"model.fp8 needs TransformerEngine layers, but model.attention_backend='sdpa'"):
+        choose_backend("sdpa", "bf16", gpu("2.12.0"), fp8=True)
+    with pytest.raises(ConfigError, match=r"parallel.context_parallel=2 cannot run.*TransformerEngine is not installed"):
+        choose_backend("auto", "bf16", Machine(cuda=False), context_parallel=2)
+    assert choose_backend("auto", "bf16", gpu("2.12.0"), fp8=True).backend == "te"
+    with pytest.raises(ConfigError, match=r"attention_backend='tpu' is unknown"):
+        choose_backend("tpu", "bf16", gpu("2.12.0"))
+
+
+def test_sdpa_when_asked_even_where_te_runs():
+    assert choose_backend("sdpa", "bf16", gpu("2.12.0", flash=FA)).backend == "sdpa"
+
+
+VERSIONS = list(itertools.product(
+    ["2.9.0", "2.10.0", "2.11.0", "2.12.0", "2.13.0.dev0"],
+    ["9.1.0", "9.5.1", "9.6.0", "9.10.0", "9.10.1", "9.10.2", "9.14.0", "9.15.0", None],
+    [None, FA],
+    ["fp32", "bf16"],
+))
+
+
+@pytest.mark.parametrize("request_", ["auto", "te"])
+def test_te_is_never_handed_a_kernel_set_it_cannot_run(request_):
+    """Over the whole grid: whenever TE is chosen, every layer kind has a kernel in the enabled set
+    and no enabled kernel is one that would fail."""
+    chosen = 0
+    for te, cudnn, flash, precision in VERSIONS:
+        machine = gpu(te, cudnn, flash)
+        try:
+            choice = choose_backend(request_, precision, machine)
+        except ConfigError:
+            assert request_ == "te"
+            continue
+        if choice.backend != "te":
+            continue
+        chosen += 1
+        enabled = TE_KERNELS if choice.te_attention == "auto" else (choice.te_attention,)
+        for kind in LAYER_KINDS:
+            verdicts = te_kernel_verdicts(precision, kind, machine)
+            assert any(verdicts[k].usable for k in enabled), (machine, precision, kind)
+            assert not any(verdicts[k].status == "fails" for k in enabled), (machine, precision, kind)
+        if precision == "fp32":
+            assert choice.te_attention in ("auto", "unfused") and Version(te) >= Version("2.11")
+    assert chosen > 10
+
+
+def test_probe_on_this_machine():
+    import torch
+
+    machine = probe()
+    assert machine.cuda == torch.cuda.is_available()
+    assert choose_backend("auto", "fp32", machine).backend in ("te", "sdpa")
