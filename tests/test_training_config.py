@@ -127,6 +127,16 @@ def test_fp8_without_transformer_engine():
     assert "needs TransformerEngine" in _err(_tiny("--precision", "fp8"))
 
 
+def test_validate_refuses_context_parallel(capsys):
+    """``pretrain_mmbert.py --validate`` with CP 2 exits non-zero and names the field."""
+    import pretrain_mmbert
+
+    code = pretrain_mmbert.main(["--config", os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml"),
+                                 "--validate", "--skip-data", "--world-size", "2",
+                                 "--parallel.context_parallel", "2"])
+    assert code != 0 and "parallel.context_parallel=2 is not supported" in capsys.readouterr().err
+
+
 def test_start_phase_unknown():
     assert "init.start_phase='cooldown' is not a phase" in _err(_tiny("--init.start_phase", "cooldown"))
 
