@@ -203,3 +203,17 @@ def test_batch_rampup_plan():
     # 8 rows x 128 tokens per step until 16384 tokens (128 rows), then 16 rows
     assert [step_rows(cfg, pre, c, 1280) for c in (0, 8, 120, 128, 144, 1272)] == [8, 8, 8, 16, 16, 8]
     assert phase_steps(cfg, pre, 1280) == 16 + (1280 - 128) // 16
+
+
+def test_checkpoint_every_tokens():
+    """10B-token saves: every ~2120 steps at 4608 x 1024, every ~265 at 4608 x 8192."""
+    from megatron_mmbert.training.loop import save_due
+
+    cfg = _load("mmbert_base.yaml")
+    assert (cfg.checkpoint.every_tokens, cfg.checkpoint.every_steps) == (10_000_000_000, 0)
+    for seq in (1024, 8192):
+        step_tokens = 4608 * seq
+        saves = [s for s in range(1, 3000) if save_due(cfg, s, s * step_tokens, step_tokens)]
+        assert saves[0] == -(-10_000_000_000 // step_tokens)  # the first step at or past 10B
+        assert all(s * step_tokens // 10**10 - (s - 1) * step_tokens // 10**10 == 1 for s in saves)
+        assert len(saves) == 2999 * step_tokens // 10**10

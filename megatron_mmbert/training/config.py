@@ -130,7 +130,11 @@ class CheckpointSection:
     """Checkpoint folder (None: ``{run_dir}/checkpoints``). Holds ``iter_NNNNNNN/``,
     ``phase_end_{name}/`` and the ``latest`` pointer."""
     every_steps: int = 1000
-    """Save every this many optimizer steps (0: only at phase ends and on exit)."""
+    """Save every this many optimizer steps (0: off)."""
+    every_tokens: int = 0
+    """Save whenever the run's tokens (row capacity, all phases) pass a multiple of this (0: off).
+    mmBERT saved every 10B tokens; a step interval would be 8x longer at 8192 than at 1024 rows.
+    With both intervals 0, checkpoints are written only at phase ends and on exit."""
     keep_last: int = 3
     """Periodic checkpoints kept (older ones deleted once a newer one is complete)."""
     keep_phase_ends: bool = True
@@ -501,8 +505,11 @@ def _validate_run(cfg: RunConfig) -> None:
     if not cfg.run_dir:
         raise ConfigError("run_dir must be set (output folder of the run)")
     c = cfg.checkpoint
-    if c.every_steps < 0 or c.keep_last < 1:
-        raise ConfigError(f"checkpoint.every_steps must be >= 0 and keep_last >= 1, got {c.every_steps}, {c.keep_last}")
+    if c.every_steps < 0 or c.every_tokens < 0 or c.keep_last < 1:
+        raise ConfigError(
+            f"checkpoint.every_steps and every_tokens must be >= 0 and keep_last >= 1, got "
+            f"{c.every_steps}, {c.every_tokens}, {c.keep_last}"
+        )
     if cfg.logging.interval < 1 or cfg.logging.eval_interval < 0:
         raise ConfigError("logging.interval must be >= 1 and logging.eval_interval >= 0")
 

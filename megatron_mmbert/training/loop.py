@@ -69,6 +69,14 @@ def phase_steps(cfg: RunConfig, phase: PhaseConfig, num_samples: int, consumed: 
     return steps
 
 
+def save_due(cfg: RunConfig, step: int, tokens: int, step_tokens: int) -> bool:
+    """Whether the step that ended at ``step`` / ``tokens`` (after ``step_tokens``) saves a checkpoint."""
+    c = cfg.checkpoint
+    by_steps = c.every_steps > 0 and step % c.every_steps == 0
+    by_tokens = c.every_tokens > 0 and tokens // c.every_tokens > (tokens - step_tokens) // c.every_tokens
+    return by_steps or by_tokens
+
+
 # -- helpers -------------------------------------------------------------------------------------
 
 def _unwrap(module):
@@ -386,7 +394,7 @@ class Trainer:
                 kill_in_save = cfg.debug.sigkill_during_save_at_step == st["step"]
                 if phase_done:
                     break
-                if cfg.checkpoint.every_steps and st["step"] % cfg.checkpoint.every_steps == 0:
+                if save_due(cfg, st["step"], st["tokens"], step_tokens):
                     self.save(f"iter_{st['step']:07d}", phase, scheduler, kill_in_save)
                 stop_signal = self.stop.signal is not None
                 over_time = (cfg.checkpoint.exit_after_minutes is not None
@@ -426,4 +434,4 @@ def train(cfg: RunConfig) -> int:
         runtime.shutdown()
 
 
-__all__ = ["train", "Trainer", "NonFiniteError", "step_rows", "phase_steps", "reseed"]
+__all__ = ["train", "Trainer", "NonFiniteError", "step_rows", "phase_steps", "save_due", "reseed"]
