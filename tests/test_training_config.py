@@ -217,3 +217,15 @@ def test_checkpoint_every_tokens():
         assert saves[0] == -(-10_000_000_000 // step_tokens)  # the first step at or past 10B
         assert all(s * step_tokens // 10**10 - (s - 1) * step_tokens // 10**10 == 1 for s in saves)
         assert len(saves) == 2999 * step_tokens // 10**10
+
+
+def test_mmbert_configs_use_stable_adamw_without_clipping():
+    import yaml
+
+    with open(os.path.join(ROOT, "examples", "configs", "mmbert_base.yaml")) as f:
+        raw = yaml.safe_load(f)["optimizer"]
+    assert raw["name"] == "stable_adamw" and raw["clip_grad"] == 0  # said explicitly in the file
+    for name in ("mmbert_base.yaml", "mmbert_small.yaml", "decay_cont.yaml", "decay_eng.yaml", "decay_all.yaml"):
+        cfg = _load(name)
+        assert (cfg.optimizer.name, cfg.optimizer.clip_grad) == ("stable_adamw", 0.0), name
+        assert cfg.use_distributed_optimizer and cfg.precision == "bf16", name

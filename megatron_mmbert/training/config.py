@@ -54,8 +54,13 @@ class DataSection:
 
 @dataclass
 class OptimizerSection:
-    """Megatron-core Adam with decoupled weight decay (fp32 master weights under bf16)."""
+    """The optimizer inside megatron-core's wrappers (fp32 master weights under bf16, optionally
+    sharded by the distributed optimizer)."""
 
+    name: Literal["adamw", "stable_adamw"] = "adamw"
+    """``stable_adamw``: mmBERT's optimizer (optimi's StableAdamW: per-tensor update clipping
+    ``lr / max(1, RMS(g / sqrt(v)))``, bias correction folded into the betas; use with
+    ``clip_grad: 0``). ``adamw``: megatron-core's Adam in AdamW mode."""
     adam_beta1: float = 0.9
     """Adam beta1."""
     adam_beta2: float = 0.95
@@ -68,8 +73,7 @@ class OptimizerSection:
     ``wd = decoupled_weight_decay / peak_lr`` (0.1 at 8e-4) and the decay follows the LR schedule.
     Norms and biases are never decayed. A phase's LR segment may override it."""
     clip_grad: float = 1.0
-    """Global gradient-norm clip (0: off). mmBERT used StableAdamW's per-tensor update clipping
-    instead, which megatron-core's optimizer wrapper does not offer; see docs/training.md."""
+    """Global gradient-norm clip (0: off). mmBERT used none: StableAdamW clips each tensor's update."""
     use_distributed_optimizer: Optional[bool] = None
     """Shard optimizer state over data-parallel ranks (ZeRO-1); None: ``parallel.use_distributed_optimizer``."""
 
