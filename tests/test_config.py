@@ -55,7 +55,9 @@ def test_cli_overrides_nested_and_list_items():
     apply_overrides(data, ["--model.hidden_size", "128", "--phases.1.mask_rate=0.05", "--model.fp8", "hybrid"])
     assert data["model"] == {"hidden_size": 128, "fp8": "hybrid"}
     assert data["phases"][1]["mask_rate"] == 0.05
-    with pytest.raises(ConfigError, match="is not an index below 2"):
+    apply_overrides(data, ["--phases.b.tokens", "7"])  # by name
+    assert data["phases"][1]["tokens"] == 7
+    with pytest.raises(ConfigError, match="is neither an index below 2 nor a name among"):
         apply_overrides(data, ["--phases.5.tokens", "1"])
     with pytest.raises(ConfigError, match="has no value"):
         apply_overrides(data, ["--model.hidden_size"])

@@ -59,12 +59,48 @@ def test_base_recipe_values():
 
 
 def test_decay_variants_branch_from_mid():
-    for name in ("decay_eng.yaml", "decay_cont.yaml", "decay_all.yaml"):
-        cfg = _load(name)
-        assert cfg.init.checkpoint.endswith("phase_end_mid") and [p.name for p in cfg.phases] == ["decay"]
-        assert cfg.phases[0].mask_rate == 0.05 and cfg.phases[0].temperature == 0.3
-    assert _load("decay_eng.yaml").phases[0].fixed_shares["eng_Latn"] > _load("decay_cont.yaml").phases[0].fixed_shares["eng_Latn"]
-    assert _load("decay_all.yaml").phases[0].languages == "all"
+    """Decay variants keep their parent's whole schedule and start at its decay phase."""
+    for name, parent in (("decay_eng.yaml", "mmbert_base.yaml"), ("decay_cont.yaml", "mmbert_base.yaml"),
+                         ("decay_all.yaml", "mmbert_base.yaml"), ("mmbert_small_decay_all.yaml", "mmbert_small.yaml")):
+        cfg, base = _load(name), _load(parent)
+        assert cfg.init.checkpoint.endswith("phase_end_mid") and cfg.init.start_phase == "decay", name
+        assert cfg.start_phase_index == 2 and [p.name for p in cfg.phases] == ["pretrain", "mid", "decay"]
+        assert cfg.phases[:2] == base.phases[:2], name  # what fixes every stream's position at the decay
+        assert (cfg.data_seed, cfg.batch, cfg.schedule) == (base.data_seed, base.batch, base.schedule), name
+        decay = cfg.phases[2]
+        assert (decay.mask_rate, decay.temperature, decay.tokens) == (0.05, 0.3, 100_000_000_000)
+    assert _load("decay_eng.yaml").phases[2].fixed_shares["eng_Latn"] > _load("decay_cont.yaml").phases[2].fixed_shares["eng_Latn"]
+    assert _load("decay_all.yaml").phases[2].languages == "all"
+    small = _load("mmbert_small_decay_all.yaml")
+    assert small.model.hidden_size == 384 and small.schedule.phases["decay"].lr == 4e-4
+    assert small.phases[2].languages == "all" and small.checkpoint.keep_last >= 10
+
+
+def test_decay_languages_are_the_mid_training_set():
+    """Decay-Cont/-Eng train on exactly mid-training's languages: one named set, not top:N."""
+    base = _load("mmbert_base.yaml")
+    mid = base.phase("mid").languages
+    assert isinstance(mid, list) and len(mid) == 110 and mid == base.language_sets["mmbert_mid"]
+    for name in ("decay_cont.yaml", "decay_eng.yaml"):
+        assert _load(name).phase("decay").languages == mid, name
+    assert base.phase("pretrain").languages == base.language_sets["mmbert_pretrain"]
+
+
+def test_language_sets_and_phase_edits_by_name(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(open(os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml")).read()
+                    + "language_sets:\n  few: [fra_Latn, deu_Latn]\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("inherit: base.yaml\nphases:\n  mid: {languages: few, mask_rate: 0.2}\n")
+    cfg = rc.load_config(str(child), ["--phases.decay.temperature", "0.4"])
+    assert [p.name for p in cfg.phases] == ["pretrain", "mid", "decay"]
+    assert cfg.phases[1].languages == ["fra_Latn", "deu_Latn"] and cfg.phases[1].mask_rate == 0.2
+    assert cfg.phases[1].seq_len == 256 and cfg.phases[2].temperature == 0.4
+    with pytest.raises(ConfigError, match="'nope' is not 'all', 'top:N' or a name in language_sets"):
+        rc.load_config(str(child), ["--phases.mid.languages", "nope"])
+    child.write_text("inherit: base.yaml\nphases:\n  cooldown: {mask_rate: 0.2}\n")
+    with pytest.raises(ConfigError, match=r"\['cooldown'\] are not among the inherited phases"):
+        rc.load_config(str(child))
 
 
 def test_overrides_and_inherit():
