@@ -135,7 +135,8 @@ class PhaseConfig:
     mask_rate_end: Optional[float] = None
     """If set, the mask rate anneals linearly to this value by the end of the phase."""
     languages: Union[str, List[str]] = "all"
-    """Active languages: ``all``, ``top:N`` (the N largest by tokens), or an explicit list."""
+    """Active languages: ``all``, ``top:N`` (the N largest by tokens), an explicit list, or (in a run
+    config) the name of one of its ``language_sets``."""
     temperature: float = 0.7
     """Sampling exponent tau: p_i proportional to n_i^tau over active languages (n_i = tokens)."""
     temperature_end: Optional[float] = None

@@ -6,6 +6,7 @@ and to optimi on unpadded copies of the parameters: after every step the weights
 relative. The layout equivalence (TP2 x DP2, distributed optimizer) is in test_parallel_equivalence.py.
 """
 
+import copy
 import dataclasses
 
 import pytest
@@ -67,20 +68,29 @@ def _unpadded(name, tensor, vocab):
     return tensor[:vocab] if vocab_parallel else tensor
 
 
-@pytest.mark.parametrize("distributed", [False, True], ids=["fp32_optimizer", "distributed_optimizer"])
-def test_megatron_stable_adamw_matches_optimi(distributed):
+@pytest.mark.parametrize("distributed,precision", [(False, "fp32"), (True, "fp32"), (True, "bf16")],
+                         ids=["fp32_optimizer", "distributed_optimizer", "distributed_optimizer_bf16"])
+def test_megatron_stable_adamw_matches_optimi(distributed, precision):
+    """bf16 (the shipped configs' choice): the fp32 master weights follow optimi's fp32 weights."""
     model = dataclasses.replace(PRESETS["tiny"], num_layers=2, vocab_size=1000)  # padded to 1024
     parallel = ParallelConfig(use_distributed_optimizer=distributed)
     runtime.initialize(model, parallel, seed=3)
-    chunks = wrap_ddp(build_model(model, parallel), parallel)
+    chunks = wrap_ddp(build_model(model, parallel, precision), parallel, precision)
     settings = OptimizerSettings(name="stable_adamw", lr=LR, weight_decay=FULLY_DECOUPLED_WD / LR,
-                                 adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS, clip_grad=0.0)
+                                 adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS, clip_grad=0.0,
+                                 precision=precision)
     optimizer = build_optimizer(chunks, settings, parallel)
     for group in optimizer.param_groups:  # what the LR scheduler sets each step
         group["weight_decay"] = settings.weight_decay * group["wd_mult"]
     named = list(chunks[0].module.named_parameters())
+    if precision == "bf16":
+        named = [(n.replace("module.", "", 1), p) for n, p in named]
     assert any(p.numel() != getattr(p, "unpadded_numel", p.numel()) for _, p in named)  # padding present
-    ref = {n: _unpadded(n, p, model.vocab_size).detach().clone() for n, p in named}
+
+    def master(p):  # the weights the optimizer updates: fp32 copies under bf16
+        return p.main_param.view(p.shape) if precision == "bf16" else p
+
+    ref = {n: _unpadded(n, master(p), model.vocab_size).detach().float().clone() for n, p in named}
     no_decay = {n for n, p in named if p.dim() == 1 or n.endswith(".bias")}  # megatron's wd_mult 0 rule
     reference = optimi.StableAdamW(
         [{"params": [ref[n] for n, _ in named if n not in no_decay], "weight_decay": FULLY_DECOUPLED_WD},
@@ -100,7 +110,34 @@ def test_megatron_stable_adamw_matches_optimi(distributed):
         reference.step()
         assert ok
         for n, p in named:
-            mine = _unpadded(n, p.detach(), model.vocab_size)
+            mine = _unpadded(n, master(p).detach(), model.vocab_size)
             assert (mine - ref[n]).abs().max() <= 1e-6 * ref[n].abs().max(), n
         clipped += sum(o.optimizer.last_clipped for o in getattr(optimizer, "chained_optimizers", [optimizer]))
     assert clipped > 0  # the spike step did clip updates, so the agreement covers that path
+
+
+@pytest.mark.parametrize("where", ["per_parameter", "group_only"])
+def test_step_count_survives_a_state_dict_round_trip(where):
+    """Megatron keeps the step per parameter (torch Adam) or, with TE/Apex FusedAdam, only in the
+    param groups; either way the bias correction continues at the right step after a reload."""
+    torch.manual_seed(0)
+    grads = [torch.randn(4, 3) * s for s in SCALES]
+    p = torch.randn(4, 3)
+    q = p.clone()
+    a = StableAdamW([p], lr=LR, betas=BETAS, eps=EPS)
+    for g in grads[:3]:
+        p.grad = g.clone()
+        a.step()
+    state = copy.deepcopy(a.state_dict())  # state_dict() shares the live tensors
+    if where == "group_only":
+        for s in state["state"].values():
+            s["step"] = torch.tensor(0.0)  # a placeholder, as a materialised-but-not-loaded state says
+    b = StableAdamW([q], lr=LR, betas=BETAS, eps=EPS)
+    with torch.no_grad():
+        q.copy_(p)
+    b.load_state_dict(state)
+    for g in grads[3:]:
+        p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    assert torch.equal(p, q)

@@ -86,7 +86,9 @@ class StableAdamW(torch.optim.Optimizer):
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if "step" not in state:  # a fresh state, or one loaded where only the group kept it
+                if "step" not in state or state["step"].item() < group_step:
+                    # Fresh, or loaded where only the param group kept the step (megatron's TE/Apex
+                    # path; a placeholder state may say 0): the group's count is the step taken.
                     state["step"] = torch.tensor(float(group_step), dtype=torch.float32)
                 state["step"] += 1
                 t = int(state["step"].item())  # a CPU tensor: no device sync
