@@ -238,9 +238,9 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int =
     consumed = np.zeros(L, dtype=np.int64)  # rows of each language before this phase
     for k, plan in enumerate(plans):
         end = start + plan.num_samples
-        d = di[start:end]
+        d = di[start:end] if k >= start_phase else di[:0]  # skipped phases: counts only, no arrays
         out[f"phase{k}_dataset_index"] = d
-        out[f"phase{k}_dataset_sample_index"] = dsi[start:end] - consumed[d.astype(np.int64)]
+        out[f"phase{k}_dataset_sample_index"] = dsi[start:start + len(d)] - consumed[d.astype(np.int64)]
         out[f"phase{k}_counts"] = counts[k]
         consumed += counts[k]
         start = end
