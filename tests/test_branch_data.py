@@ -29,6 +29,7 @@ def _parent(tmp_path):
         cfg = yaml.safe_load(f)
     cfg["phases"][0]["languages"], cfg["phases"][1]["languages"] = "top:2", "all"  # 3 languages here
     cfg["model"]["attention_output_dropout"] = 0.0  # dropout is seeded by the step, which a branch restarts
+    cfg["optimizer"] = {"name": "stable_adamw", "clip_grad": 0.0}  # as shipped; its state goes through phase_end_mid
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     return path
