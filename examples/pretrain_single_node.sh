@@ -7,5 +7,6 @@ CONFIG=${1:?usage: pretrain_single_node.sh CONFIG.yaml [--key value ...]}
 shift
 NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
 cd "$(dirname "$0")/.."
-python pretrain_mmbert.py --config "$CONFIG" --validate --world-size "$NGPU" "$@"
-exec torchrun --standalone --nproc_per_node "$NGPU" pretrain_mmbert.py --config "$CONFIG" "$@"
+PY="$(bash install.sh --print-python)"  # the interpreter install.sh installed into
+"$PY" pretrain_mmbert.py --config "$CONFIG" --validate --world-size "$NGPU" "$@"
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" pretrain_mmbert.py --config "$CONFIG" "$@"
