@@ -90,7 +90,7 @@ class StableAdamW(torch.optim.Optimizer):
                     # Fresh, or loaded where only the param group kept the step (megatron's TE/Apex
                     # path; a placeholder state may say 0): the group's count is the step taken.
                     state["step"] = torch.tensor(float(group_step), dtype=torch.float32)
-                state["step"] += 1
+                state["step"] = state["step"] + 1  # not in place: a loaded state may share one step tensor
                 t = int(state["step"].item())  # a CPU tensor: no device sync
                 group["step"] = t  # mirrored where megatron looks for it with TE/Apex FusedAdam
                 b1, b2 = debias_beta(beta1, t), debias_beta(beta2, t)
