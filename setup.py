@@ -49,7 +49,8 @@ setup(
         # ships TransformerEngine, apex and flash-attn. "apex" on PyPI is an unrelated package.
         "datasets": ["datasets>=2.16"],
         "nltk": ["nltk>=3.8"],
-        "test": ["pytest>=7"],
+        # torch-optimi: the reference StableAdamW the tests hold ours to (needs only torch>=2.2)
+        "test": ["pytest>=7", "torch-optimi>=0.3"],
     },
     entry_points={
         "console_scripts": [

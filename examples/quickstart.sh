@@ -62,14 +62,16 @@ say "5/7 train pretrain -> mid -> decay ($NPROC processes)"
 MID="$OUT/train/checkpoints/phase_end_mid"
 
 # -- 3. decay variants from the mid-training checkpoint ------------------------------------------
-# The demo corpus has no English (gettext's source language), so the "English-heavy" variant
-# pins its largest language, French, at 40%.
+# Each keeps the run's phase list and starts at its decay phase (--init.start_phase decay), so its
+# data continues where mid-training stopped; the run checks that against $MID. The demo corpus has
+# no English (gettext's source language), so the "English-heavy" variant pins its largest language,
+# French, at 40%.
 say "6/7 three decay variants branching from $MID"
 for v in anchor_heavy cont all; do
   case $v in
-    anchor_heavy) extra=(--phases.2.languages top:16 --phases.2.fixed_shares "{fra_Latn: 0.4}") ;;
-    cont)         extra=(--phases.2.languages top:16) ;;
-    all)          extra=(--phases.2.languages all) ;;
+    anchor_heavy) extra=(--phases.decay.languages top:16 --phases.decay.fixed_shares "{fra_Latn: 0.4}") ;;
+    cont)         extra=(--phases.decay.languages top:16) ;;
+    all)          extra=(--phases.decay.languages all) ;;
   esac
   "${RUN[@]}" --config "$CONFIG" --run_dir "$OUT/decay_$v" "${COMMON[@]}" \
       --init.checkpoint "$MID" --init.start_phase decay --checkpoint.every_steps 0 "${extra[@]}"

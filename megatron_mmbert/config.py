@@ -106,7 +106,8 @@ class ParallelConfig:
     virtual_pipeline: Optional[int] = None
     """Virtual stages per pipeline rank (interleaved 1F1B); needs pipeline_parallel > 1."""
     context_parallel: int = 1
-    """Context-parallel size (TransformerEngine attention only)."""
+    """Context-parallel size. Only 1 is supported: nothing splits the packed rows and ``cu_seqlens``
+    per context-parallel rank, so a larger value is refused rather than handed to megatron-core."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism for norms and dropout (needs tensor_parallel > 1)."""
     use_distributed_optimizer: bool = False
@@ -135,7 +136,8 @@ class PhaseConfig:
     mask_rate_end: Optional[float] = None
     """If set, the mask rate anneals linearly to this value by the end of the phase."""
     languages: Union[str, List[str]] = "all"
-    """Active languages: ``all``, ``top:N`` (the N largest by tokens), or an explicit list."""
+    """Active languages: ``all``, ``top:N`` (the N largest by tokens), an explicit list, or (in a run
+    config) the name of one of its ``language_sets``."""
     temperature: float = 0.7
     """Sampling exponent tau: p_i proportional to n_i^tau over active languages (n_i = tokens)."""
     temperature_end: Optional[float] = None
@@ -296,10 +298,13 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig, world_size: in
         )
     if parallel.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
-    if cp > 1 and model.attention_backend == "sdpa":
+    if cp > 1:
+        # megatron-core would accept it, but the data path feeds every CP rank whole rows and
+        # whole-row cu_seqlens: attention and loss would be silently wrong.
         raise ConfigError(
-            f"parallel.context_parallel={cp} needs TransformerEngine attention, but "
-            f"model.attention_backend={model.attention_backend!r}; set context_parallel to 1"
+            f"parallel.context_parallel={cp} is not supported: nothing splits batches or cu_seqlens "
+            "per context-parallel rank; set parallel.context_parallel: 1 (use tensor/pipeline "
+            "parallelism for long rows)"
         )
     model_parallel = tp * pp * cp
     if world_size % model_parallel:

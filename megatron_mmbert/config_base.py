@@ -152,7 +152,8 @@ def parse_cli_value(text: str) -> Any:
 def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
     """Apply ``--a.b.c value`` / ``--a.b.c=value`` pairs to a nested dict (in place, returned).
 
-    List elements are addressed by index: ``--phases.1.mask_rate 0.2``.
+    List elements are addressed by index or by name: ``--phases.1.mask_rate 0.2``,
+    ``--phases.mid.mask_rate 0.2``.
     """
     i = 0
     while i < len(overrides):
@@ -186,9 +187,16 @@ def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any
 
 
 def _list_index(node: list, part: str, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"override --{key}: {part!r} is not an index below {len(node)}")
-    return int(part)
+    """A list element by position, or by its ``name`` (``--phases.decay.mask_rate 0.1``)."""
+    if part.isdigit() and int(part) < len(node):
+        return int(part)
+    names = [item.get("name") if isinstance(item, dict) else None for item in node]
+    if part in names:
+        return names.index(part)
+    raise ConfigError(
+        f"override --{key}: {part!r} is neither an index below {len(node)} nor a name among "
+        f"{[n for n in names if n is not None]}"
+    )
 
 
 def field_docs(cls: type) -> Dict[str, str]:

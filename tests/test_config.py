@@ -55,7 +55,9 @@ def test_cli_overrides_nested_and_list_items():
     apply_overrides(data, ["--model.hidden_size", "128", "--phases.1.mask_rate=0.05", "--model.fp8", "hybrid"])
     assert data["model"] == {"hidden_size": 128, "fp8": "hybrid"}
     assert data["phases"][1]["mask_rate"] == 0.05
-    with pytest.raises(ConfigError, match="is not an index below 2"):
+    apply_overrides(data, ["--phases.b.tokens", "7"])  # by name
+    assert data["phases"][1]["tokens"] == 7
+    with pytest.raises(ConfigError, match="is neither an index below 2 nor a name among"):
         apply_overrides(data, ["--phases.5.tokens", "1"])
     with pytest.raises(ConfigError, match="has no value"):
         apply_overrides(data, ["--model.hidden_size"])
@@ -82,7 +84,7 @@ TINY = PRESETS["tiny"]  # 4 layers, 4 heads, intermediate 96
         (TINY, ParallelConfig(virtual_pipeline=2), 1, r"virtual_pipeline=2 needs parallel.pipeline_parallel > 1"),
         (TINY, ParallelConfig(tensor_parallel=2, pipeline_parallel=2), 6, r"world size 6 is not divisible by .* = 4; launch a multiple of 4"),
         (TINY, ParallelConfig(sequence_parallel=True), 1, r"sequence_parallel=true needs parallel.tensor_parallel > 1"),
-        (dataclasses.replace(TINY, attention_backend="sdpa"), ParallelConfig(context_parallel=2), 2, r"context_parallel=2 needs TransformerEngine"),
+        (TINY, ParallelConfig(context_parallel=2), 2, r"parallel.context_parallel=2 is not supported"),
         (dataclasses.replace(TINY, hidden_size=66), ParallelConfig(), 1, r"hidden_size=66 is not divisible by model.num_attention_heads=4"),
         (dataclasses.replace(TINY, local_attention=15), ParallelConfig(), 1, r"local_attention=15 must be a positive even"),
         (dataclasses.replace(TINY, fp8="hybrid", attention_backend="sdpa"), ParallelConfig(), 1, r"fp8='hybrid' needs TransformerEngine layers"),

@@ -44,6 +44,9 @@ def test_export_loads_in_transformers_with_identical_logits(converted):
     # Both thetas written explicitly (transformers defaults the local one to 10k otherwise).
     assert config["global_rope_theta"] == 160000.0 and config["local_rope_theta"] == 10000.0
     assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0
+    # mmBERT's classifier fields (sequence classification pools by the mean)
+    assert (config["classifier_pooling"], config["classifier_dropout"], config["classifier_bias"],
+            config["classifier_activation"]) == ("mean", 0.0, False, "gelu")
     tensors = load_file(root / "exported" / "model.safetensors")
     assert "decoder.weight" not in tensors and "decoder.bias" in tensors  # tied decoder
 

@@ -31,12 +31,13 @@ def _rows(seed):
 @pytest.fixture
 def build():
     """(chunks, optimizer) factory at one process; tears the runtime down afterwards."""
-    def make(distributed: bool, precision: str = "fp32"):
+    def make(distributed: bool, precision: str = "fp32", name: str = "adamw"):
         parallel = ParallelConfig(use_distributed_optimizer=distributed)
         if not torch.distributed.is_initialized():
             runtime.initialize(MODEL, parallel, seed=3)
         chunks = wrap_ddp(build_model(MODEL, parallel, precision), parallel, precision)
-        settings = OptimizerSettings(lr=1e-3, weight_decay=0.1, clip_grad=1.0, precision=precision)
+        settings = OptimizerSettings(name=name, lr=1e-3, weight_decay=0.1, clip_grad=1.0 if name == "adamw" else 0.0,
+                                     precision=precision)
         return chunks, build_optimizer(chunks, settings, parallel)
 
     yield make
@@ -69,16 +70,18 @@ def test_materialise_only_where_megatron_uses_torch_adam(build):
     assert _torch_states(plain) == []
 
 
+@pytest.mark.parametrize("name", ["adamw", "stable_adamw"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_distributed_optimizer_state_round_trip(build, tmp_path, precision):
-    chunks, opt = build(distributed=True, precision=precision)
+def test_distributed_optimizer_state_round_trip(build, tmp_path, precision, name):
+    """StableAdamW keeps torch Adam's state keys, so the same save/load path serves it."""
+    chunks, opt = build(distributed=True, precision=precision, name=name)
     for step in range(3):
         assert train_step(chunks, opt, _rows(10 * step))["update_ok"]
     before = [{k: v.clone() for k, v in s.items()} for s in _torch_states(opt)]
     assert {float(s["step"]) for s in before} == {3.0}
     ckpt.save_training(str(tmp_path), "iter_0000003", chunks, opt, MODEL, {"step": 3})
 
-    fresh_chunks, fresh = build(distributed=True, precision=precision)
+    fresh_chunks, fresh = build(distributed=True, precision=precision, name=name)
     meta = ckpt.load_training(str(tmp_path / "iter_0000003"), fresh_chunks, fresh)
     assert meta["loaded_optimizer"]
     after = _torch_states(fresh)

@@ -3,6 +3,8 @@
 The same weights and global batch at TP1/PP1 (one process) and, in one 4-process torchrun world,
 TP2xDP2, TP2 with sequence parallelism xDP2, PP2xDP2 with the distributed optimizer, TP2xPP2, PP2 with 2 virtual stages xDP2, and DP4
 with the distributed optimizer: same loss (1e-5) and, after one AdamW step, the same weights.
+StableAdamW: three steps at TP2xDP2 with the distributed optimizer (tensors split over TP and DP
+ranks, whole-tensor clipping statistics) equal three steps of one process.
 """
 
 import json
@@ -69,3 +71,49 @@ def test_layouts_match_single_process(tmp_path):
         # order noise (~1e-11) moves the update by up to ~lr * 1e-3. Allow 1% of one step (lr 1e-3).
         worst = max((weights[k] - after[k]).abs().max().item() for k in after)
         assert worst < 1e-5, f"{layout}: weights differ by {worst}"
+
+
+@pytest.mark.slow
+def test_stable_adamw_tp2_dp2_distributed_optimizer_matches_single_process(tmp_path):
+    make_hf_model("even", str(tmp_path / "hf"))  # vocab 333: padded to 384 at TP1, 512 at TP2
+    model = import_hf(str(tmp_path / "hf"), str(tmp_path / "init"))
+    runtime.shutdown()
+    steps = [_global_batch(model.vocab_size)]
+    for k in (1, 2):  # later steps on other rows, one with a tenth of the labels: larger updates
+        rows = [dict(r, tokens=torch.roll(r["tokens"], 7 * k, dims=1)) for r in steps[0]]
+        if k == 2:
+            for r in rows:
+                r["labels"] = torch.where(torch.rand(r["labels"].shape, generator=torch.Generator().manual_seed(5)) < 0.1,
+                                          r["labels"], torch.full_like(r["labels"], -100))
+        steps.append(rows)
+    torch.save({"steps": steps}, tmp_path / "steps.pt")
+    settings = OptimizerSettings(name="stable_adamw", lr=1e-3, weight_decay=0.1, clip_grad=0.0)  # as the worker
+
+    parallel = ParallelConfig()
+    runtime.initialize(model, parallel, seed=7)
+    chunks = build_model(model, parallel)
+    ckpt.load_model(str(tmp_path / "init"), chunks)
+    chunks = wrap_ddp(chunks, parallel)
+    optimizer = build_optimizer(chunks, settings, parallel)
+    clipped = 0
+    for rows in steps:
+        reference = train_step(chunks, optimizer, rows)
+        clipped += sum(o.optimizer.last_clipped for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+    after = {k: v.clone() for k, v in chunks[0].module.state_dict().items() if torch.is_tensor(v)}
+    runtime.shutdown()
+    assert clipped > 0  # some tensor's update was clipped: the whole-tensor statistic mattered
+
+    torchrun("equivalence_worker.py", 4, str(tmp_path / "init"), str(tmp_path / "steps.pt"), str(tmp_path / "out"),
+             "stable_adamw", "tp2_dp2_distopt")
+    stats = json.loads((tmp_path / "out" / "tp2_dp2_distopt.json").read_text())
+    assert abs(stats["loss"] - reference["loss"]) < 1e-5
+    assert abs(stats["grad_norm"] - reference["grad_norm"]) < 1e-5
+    _, weights = load_canonical(str(tmp_path / "out" / "tp2_dp2_distopt"))
+    runtime.shutdown()
+    # As above, summation-order noise on entries with ~0 gradient moves single updates: allow 1% of
+    # a step per step (3e-5) on the worst entry. A clipping factor computed on part of a tensor would
+    # move every entry of it, so the mean difference per tensor must stay at rounding level.
+    worst = max((weights[k] - after[k]).abs().max().item() for k in after)
+    assert worst < 3e-5, f"weights differ by {worst}"
+    mean = max((weights[k] - after[k]).abs().mean().item() for k in after)
+    assert mean < 1e-7, f"weights differ by {mean} on average in some tensor"

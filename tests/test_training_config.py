@@ -59,12 +59,48 @@ def test_base_recipe_values():
 
 
 def test_decay_variants_branch_from_mid():
-    for name in ("decay_eng.yaml", "decay_cont.yaml", "decay_all.yaml"):
-        cfg = _load(name)
-        assert cfg.init.checkpoint.endswith("phase_end_mid") and [p.name for p in cfg.phases] == ["decay"]
-        assert cfg.phases[0].mask_rate == 0.05 and cfg.phases[0].temperature == 0.3
-    assert _load("decay_eng.yaml").phases[0].fixed_shares["eng_Latn"] > _load("decay_cont.yaml").phases[0].fixed_shares["eng_Latn"]
-    assert _load("decay_all.yaml").phases[0].languages == "all"
+    """Decay variants keep their parent's whole schedule and start at its decay phase."""
+    for name, parent in (("decay_eng.yaml", "mmbert_base.yaml"), ("decay_cont.yaml", "mmbert_base.yaml"),
+                         ("decay_all.yaml", "mmbert_base.yaml"), ("mmbert_small_decay_all.yaml", "mmbert_small.yaml")):
+        cfg, base = _load(name), _load(parent)
+        assert cfg.init.checkpoint.endswith("phase_end_mid") and cfg.init.start_phase == "decay", name
+        assert cfg.start_phase_index == 2 and [p.name for p in cfg.phases] == ["pretrain", "mid", "decay"]
+        assert cfg.phases[:2] == base.phases[:2], name  # what fixes every stream's position at the decay
+        assert (cfg.data_seed, cfg.batch, cfg.schedule) == (base.data_seed, base.batch, base.schedule), name
+        decay = cfg.phases[2]
+        assert (decay.mask_rate, decay.temperature, decay.tokens) == (0.05, 0.3, 100_000_000_000)
+    assert _load("decay_eng.yaml").phases[2].fixed_shares["eng_Latn"] > _load("decay_cont.yaml").phases[2].fixed_shares["eng_Latn"]
+    assert _load("decay_all.yaml").phases[2].languages == "all"
+    small = _load("mmbert_small_decay_all.yaml")
+    assert small.model.hidden_size == 384 and small.schedule.phases["decay"].lr == 4e-4
+    assert small.phases[2].languages == "all" and small.checkpoint.keep_last >= 10
+
+
+def test_decay_languages_are_the_mid_training_set():
+    """Decay-Cont/-Eng train on exactly mid-training's languages: one named set, not top:N."""
+    base = _load("mmbert_base.yaml")
+    mid = base.phase("mid").languages
+    assert isinstance(mid, list) and len(mid) == 110 and mid == base.language_sets["mmbert_mid"]
+    for name in ("decay_cont.yaml", "decay_eng.yaml"):
+        assert _load(name).phase("decay").languages == mid, name
+    assert base.phase("pretrain").languages == base.language_sets["mmbert_pretrain"]
+
+
+def test_language_sets_and_phase_edits_by_name(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(open(os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml")).read()
+                    + "language_sets:\n  few: [fra_Latn, deu_Latn]\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("inherit: base.yaml\nphases:\n  mid: {languages: few, mask_rate: 0.2}\n")
+    cfg = rc.load_config(str(child), ["--phases.decay.temperature", "0.4"])
+    assert [p.name for p in cfg.phases] == ["pretrain", "mid", "decay"]
+    assert cfg.phases[1].languages == ["fra_Latn", "deu_Latn"] and cfg.phases[1].mask_rate == 0.2
+    assert cfg.phases[1].seq_len == 256 and cfg.phases[2].temperature == 0.4
+    with pytest.raises(ConfigError, match="'nope' is not 'all', 'top:N' or a name in language_sets"):
+        rc.load_config(str(child), ["--phases.mid.languages", "nope"])
+    child.write_text("inherit: base.yaml\nphases:\n  cooldown: {mask_rate: 0.2}\n")
+    with pytest.raises(ConfigError, match=r"\['cooldown'\] are not among the inherited phases"):
+        rc.load_config(str(child))
 
 
 def test_overrides_and_inherit():
@@ -125,6 +161,16 @@ def test_fp8_without_transformer_engine():
     if probe().te_version is not None:
         pytest.skip("TransformerEngine installed")
     assert "model.fp8 cannot run on this machine: TransformerEngine is not installed" in _err(_tiny("--precision", "fp8"))
+
+
+def test_validate_refuses_context_parallel(capsys):
+    """``pretrain_mmbert.py --validate`` with CP 2 exits non-zero and names the field."""
+    import pretrain_mmbert
+
+    code = pretrain_mmbert.main(["--config", os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml"),
+                                 "--validate", "--skip-data", "--world-size", "2",
+                                 "--parallel.context_parallel", "2"])
+    assert code != 0 and "parallel.context_parallel=2 is not supported" in capsys.readouterr().err
 
 
 def test_start_phase_unknown():
@@ -193,3 +239,29 @@ def test_batch_rampup_plan():
     # 8 rows x 128 tokens per step until 16384 tokens (128 rows), then 16 rows
     assert [step_rows(cfg, pre, c, 1280) for c in (0, 8, 120, 128, 144, 1272)] == [8, 8, 8, 16, 16, 8]
     assert phase_steps(cfg, pre, 1280) == 16 + (1280 - 128) // 16
+
+
+def test_checkpoint_every_tokens():
+    """10B-token saves: every ~2120 steps at 4608 x 1024, every ~265 at 4608 x 8192."""
+    from megatron_mmbert.training.loop import save_due
+
+    cfg = _load("mmbert_base.yaml")
+    assert (cfg.checkpoint.every_tokens, cfg.checkpoint.every_steps) == (10_000_000_000, 0)
+    for seq in (1024, 8192):
+        step_tokens = 4608 * seq
+        saves = [s for s in range(1, 3000) if save_due(cfg, s, s * step_tokens, step_tokens)]
+        assert saves[0] == -(-10_000_000_000 // step_tokens)  # the first step at or past 10B
+        assert all(s * step_tokens // 10**10 - (s - 1) * step_tokens // 10**10 == 1 for s in saves)
+        assert len(saves) == 2999 * step_tokens // 10**10
+
+
+def test_mmbert_configs_use_stable_adamw_without_clipping():
+    import yaml
+
+    with open(os.path.join(ROOT, "examples", "configs", "mmbert_base.yaml")) as f:
+        raw = yaml.safe_load(f)["optimizer"]
+    assert raw["name"] == "stable_adamw" and raw["clip_grad"] == 0  # said explicitly in the file
+    for name in ("mmbert_base.yaml", "mmbert_small.yaml", "decay_cont.yaml", "decay_eng.yaml", "decay_all.yaml"):
+        cfg = _load(name)
+        assert (cfg.optimizer.name, cfg.optimizer.clip_grad) == ("stable_adamw", 0.0), name
+        assert cfg.use_distributed_optimizer and cfg.precision == "bf16", name

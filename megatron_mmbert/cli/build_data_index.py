@@ -5,15 +5,22 @@
         --cache-dir data/index-cache --seed 21 [--global-batch-size 4608]
 
 With a training run config (the YAML given to pretrain_mmbert.py, plus the same ``--a.b value``
-overrides), the manifest, data seed, cache folder, global batch size and annealing resolution are
-the run's own, so the run finds exactly these arrays (all of them are part of the cache key).
-Otherwise ``--config`` holds a list of phases (fields of ``megatron_mmbert.config.PhaseConfig``) and
-the other values come from the flags. Flags given explicitly win over the run config.
+overrides), the manifest, data seed, cache folder, global batch size, annealing resolution and start
+phase (``init.start_phase``) are the run's own, so the run finds exactly these arrays (all of them
+are part of the cache key). Otherwise ``--config`` holds a list of phases (fields of
+``megatron_mmbert.config.PhaseConfig``) and the other values come from the flags. Flags given
+explicitly win over the run config.
+
+It writes ``index_plan.json`` into the index folder and prints it: per phase and language the rows,
+tokens, share, ``first_token`` (where the language's stream stands when the phase starts) and the
+epochs seen by the end of the phase. A decay branch's plan must show its parent's ``first_token``
+for the decay phase (the run checks it against the parent's checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import List, Optional
@@ -58,12 +65,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--global-batch-size", type=int, default=None,
                     help="rows per step for phases that do not set global_batch_size (rounds sample counts)")
     ap.add_argument("--anneal-segments", type=int, default=None, help="segments per temperature-annealed phase")
+    ap.add_argument("--start-phase", default=None,
+                    help="first phase to build (earlier ones are planned for the stream positions only)")
     ap.add_argument("--warn-epochs", type=float, default=5.0, help="flag languages repeated more than this")
     ap.add_argument("--rows", type=int, default=15, help="top rows per table (plus 5 bottom rows)")
     args, overrides = ap.parse_known_args(argv)
 
-    from megatron_mmbert.data.index import build_data_index
-    from megatron_mmbert.data.schedule import format_table
+    from megatron_mmbert.data.index import build_data_index, format_index_plan
     from megatron_mmbert.data.shards import load_manifest
 
     try:
@@ -79,6 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             seed = run.data_seed if args.seed is None else args.seed
             batch = args.global_batch_size or run.batch.global_batch_size
             anneal = args.anneal_segments or run.data.anneal_segments
+            start = args.start_phase or run.init.start_phase
         else:
             if overrides:
                 raise ConfigError(f"unknown arguments {overrides} (overrides need a training run config)")
@@ -88,16 +97,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             phases = load_phases(args.config)
             manifest_path, cache_dir, seed = args.manifest, args.cache_dir, args.seed
             batch, anneal = args.global_batch_size, args.anneal_segments or 64
+            start = args.start_phase
+        names = [p.name for p in phases]
+        if start is not None and start not in names:
+            raise ConfigError(f"start phase {start!r} is not a phase; phases are {names}")
         manifest = load_manifest(manifest_path)
         t0 = time.time()
-        index = build_data_index(manifest, phases, seed, cache_dir, batch, anneal, is_builder=True)
+        index = build_data_index(manifest, phases, seed, cache_dir, batch, anneal, is_builder=True,
+                                 start_phase=names.index(start) if start else 0)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for phase in index.phases:
-        print(format_table(phase.plan, phase.counts, warn_epochs=args.warn_epochs, head=args.rows))
-        print()
-    print(f"index ready in {index.path} ({time.time() - t0:.1f}s)")
+    print(format_index_plan(index.plan, warn_epochs=args.warn_epochs, head=args.rows))
+    print()
+    print(f"index ready in {index.path} ({time.time() - t0:.1f}s); plan: {os.path.join(index.path, 'index_plan.json')}")
     return 0
 
 

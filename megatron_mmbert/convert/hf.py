@@ -129,7 +129,12 @@ def hf_config_from_model_config(model: ModelConfig, special_ids: Optional[Dict[s
         mlp_bias=False,
         mlp_dropout=model.mlp_dropout,
         decoder_bias=True,
+        # The classifier head fields as mmBERT's released config.json has them: fine-tuning with
+        # ModernBertForSequenceClassification pools by the mean over tokens (HF's default is "cls").
+        classifier_pooling="mean",
+        classifier_dropout=0.0,
         classifier_bias=False,
+        classifier_activation="gelu",
         tie_word_embeddings=True,
     )
 

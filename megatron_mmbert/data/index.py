@@ -18,6 +18,18 @@ What gets built for a manifest and a list of phases (``build_data_index``):
   document repeats before an epoch is used up. A row is ``sample_idx[r] .. sample_idx[r + 1]``
   over ``doc_index`` (megatron GPT ``build_sample_idx`` convention).
 
+Branches. ``start_phase=k`` (a run that starts at phase ``k``, e.g. a decay variant starting from
+its parent's ``phase_end_mid``) plans and blends every phase but packs and stores only phases
+``k..``: each language's stream starts at the token where the full schedule would be at phase ``k``
+(``first_token``), and sample numbers (the masking RNG counters) keep their offsets, so a branch
+that keeps its parent's phase list reads its parent's rows for the phases they share.
+
+The plan. :func:`index_plan` describes the index as JSON (``index_plan.json`` in the cache folder):
+per phase its samples and, per language, ``rows``, ``tokens``, ``first_token`` (the language's
+stream position where the phase starts) and ``epochs`` (passes over the language's tokens by the
+end of the phase, cumulative over the schedule); :func:`format_index_plan` prints it. Training
+checkpoints carry a phase's end positions so a branch can be checked against its parent.
+
 Caching: the arrays are ``.npy`` files in ``{cache_dir}/mmbert-index-{key}/`` where ``key`` hashes
 everything they depend on (manifest content including the tokenizer hash and each shard's index
 size, phases, seed, default global batch size, annealing resolution, builder version). One rank
@@ -44,7 +56,7 @@ from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import to_dict
 from megatron_mmbert.data.schedule import PhasePlan, plan_schedule
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 """Bumped whenever the builder's output for the same inputs changes (part of the cache key)."""
 
 
@@ -119,10 +131,15 @@ def document_lengths(prefixes: Sequence[str]) -> np.ndarray:
 
 @dataclasses.dataclass
 class PhaseIndex:
-    """The built arrays of one phase (``.npy`` memory maps once cached)."""
+    """The built arrays of one phase (``.npy`` memory maps once cached). Phases before the
+    index's start phase are planned and counted but not built: their arrays are empty."""
 
     plan: PhasePlan
     """The phase's sampling plan."""
+    built: bool
+    """Whether rows of this phase can be read (False before the start phase)."""
+    first_token: np.ndarray
+    """int64 [L]: each language's stream position (tokens) where this phase starts."""
     dataset_index: np.ndarray
     """int16/int32 [N]: language column of each sample."""
     dataset_sample_index: np.ndarray
@@ -162,9 +179,17 @@ class DataIndex:
     """One entry per phase, in schedule order."""
     path: str
     """The cache folder it was loaded from ('' when built in memory)."""
+    plan: Dict
+    """:func:`index_plan` of this index (also ``index_plan.json`` in ``path``)."""
 
 
-def cache_key(manifest, phases: Sequence[PhaseConfig], seed: int, default_global_batch_size, anneal_segments) -> str:
+def manifest_digest(manifest) -> str:
+    """sha256 of a manifest's content (languages, shards, token counts, tokenizer)."""
+    return hashlib.sha256(json.dumps(manifest.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def cache_key(manifest, phases: Sequence[PhaseConfig], seed: int, default_global_batch_size, anneal_segments,
+              start_phase: int = 0) -> str:
     """sha256 over everything the index arrays depend on."""
     shards = {}
     for lang, entry in manifest.languages.items():
@@ -177,6 +202,7 @@ def cache_key(manifest, phases: Sequence[PhaseConfig], seed: int, default_global
         "seed": int(seed),
         "default_global_batch_size": default_global_batch_size,
         "anneal_segments": int(anneal_segments),
+        "start_phase": int(start_phase),
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
@@ -185,8 +211,17 @@ def _progress(msg: str) -> None:
     print(f"[build_data_index] {msg}", file=sys.stderr, flush=True)
 
 
-def build_arrays(manifest, plans: List[PhasePlan], seed: int) -> Dict[str, np.ndarray]:
-    """Build every array of the schedule in memory (names as stored in the cache)."""
+def stream_positions(plans: List[PhasePlan], counts: np.ndarray) -> np.ndarray:
+    """int64 [phases + 1, L]: each language's stream position (tokens) at the start of every phase
+    and, last, at the end of the schedule, from the realised sample ``counts`` [phases, L]."""
+    seq = np.array([p.phase.seq_len for p in plans], dtype=np.int64)
+    used = np.asarray(counts, dtype=np.int64) * seq[:, None]
+    return np.concatenate([np.zeros((1, used.shape[1]), np.int64), np.cumsum(used, axis=0)])
+
+
+def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int = 0) -> Dict[str, np.ndarray]:
+    """Build every array of the schedule in memory (names as stored in the cache); phases before
+    ``start_phase`` only contribute their sample counts (and so the stream positions)."""
     ext = _ext()
     languages = plans[0].languages
     L = len(languages)
@@ -203,28 +238,28 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int) -> Dict[str, np.nd
     consumed = np.zeros(L, dtype=np.int64)  # rows of each language before this phase
     for k, plan in enumerate(plans):
         end = start + plan.num_samples
-        d = di[start:end]
+        d = di[start:end] if k >= start_phase else di[:0]  # skipped phases: counts only, no arrays
         out[f"phase{k}_dataset_index"] = d
-        out[f"phase{k}_dataset_sample_index"] = dsi[start:end] - consumed[d.astype(np.int64)]
+        out[f"phase{k}_dataset_sample_index"] = dsi[start:start + len(d)] - consumed[d.astype(np.int64)]
         out[f"phase{k}_counts"] = counts[k]
         consumed += counts[k]
         start = end
+    positions = stream_positions(plans, counts)
+    out["stream_positions"] = positions
     # Packed rows, language by language, continuing each language's token stream across phases.
-    need = [lang for i, lang in enumerate(languages) if counts[:, i].sum() > 0]
+    need = [lang for i, lang in enumerate(languages) if counts[start_phase:, i].sum() > 0]
     per_phase = [{"doc": [], "doc_off": [0], "rows": [], "row_off": [0]} for _ in plans]
     t0 = time.time()
     done = 0
     for i, lang in enumerate(languages):
-        lengths = document_lengths(manifest.languages[lang].shards) if counts[:, i].sum() > 0 else None
-        token = 0
+        lengths = document_lengths(manifest.languages[lang].shards) if counts[start_phase:, i].sum() > 0 else None
         for k, plan in enumerate(plans):
             acc = per_phase[k]
-            rows = int(counts[k, i])
+            rows = int(counts[k, i]) if k >= start_phase else 0
             if rows:
                 doc_index, sample_idx, _ = ext.pack_rows(
-                    lengths, plan.phase.seq_len, rows, token, int(seed), language_stream(lang)
+                    lengths, plan.phase.seq_len, rows, int(positions[k, i]), int(seed), language_stream(lang)
                 )
-                token += rows * plan.phase.seq_len
             else:
                 doc_index = np.zeros(0, np.int32)
                 sample_idx = np.zeros((1, 2), np.int64)
@@ -245,12 +280,15 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int) -> Dict[str, np.nd
     return out
 
 
-def _assemble(plans: List[PhasePlan], arrays, path: str) -> DataIndex:
+def _assemble(plans: List[PhasePlan], arrays, path: str, plan_json: Dict, start_phase: int) -> DataIndex:
     phases = []
+    positions = np.asarray(arrays["stream_positions"])
     for k, plan in enumerate(plans):
         phases.append(
             PhaseIndex(
                 plan=plan,
+                built=k >= start_phase,
+                first_token=positions[k],
                 dataset_index=arrays[f"phase{k}_dataset_index"],
                 dataset_sample_index=arrays[f"phase{k}_dataset_sample_index"],
                 counts=arrays[f"phase{k}_counts"],
@@ -260,7 +298,98 @@ def _assemble(plans: List[PhasePlan], arrays, path: str) -> DataIndex:
                 row_offsets=arrays[f"phase{k}_row_offsets"],
             )
         )
-    return DataIndex(languages=plans[0].languages, phases=phases, path=path)
+    return DataIndex(languages=plans[0].languages, phases=phases, path=path, plan=plan_json)
+
+
+def index_plan(manifest, plans: List[PhasePlan], counts: np.ndarray, seed: int, start_phase: int = 0,
+               key: str = "") -> Dict:
+    """The index as JSON: per phase its samples and, per manifest language with tokens, ``rows``,
+    ``tokens`` (rows x seq_len), ``first_token`` (stream position where the phase starts) and
+    ``epochs`` (cumulative passes over the language's tokens at the end of the phase)."""
+    positions = stream_positions(plans, counts)
+    languages = plans[0].languages
+    lang_tokens = plans[0].tokens
+    phases = []
+    first_sample = 0
+    for k, plan in enumerate(plans):
+        rows = {}
+        for i, lang in enumerate(languages):
+            if lang_tokens[i] <= 0:
+                continue
+            n = int(counts[k][i])
+            rows[lang] = {
+                "rows": n,
+                "tokens": n * plan.phase.seq_len,
+                "first_token": int(positions[k, i]),
+                "epochs": round(float(positions[k + 1, i]) / float(lang_tokens[i]), 6),
+            }
+        phases.append({
+            "name": plan.phase.name, "index": k, "built": k >= start_phase, "seq_len": plan.phase.seq_len,
+            "samples": plan.num_samples, "first_sample": first_sample, "languages": rows,
+        })
+        first_sample += plan.num_samples
+    return {
+        "version": INDEX_VERSION, "key": key, "seed": int(seed), "start_phase": plans[start_phase].phase.name,
+        "manifest_sha256": manifest_digest(manifest),
+        "language_tokens": {lang: int(t) for lang, t in zip(languages, lang_tokens) if t > 0},
+        "phases": phases,
+    }
+
+
+def phase_end_positions(plan: Dict, phase: str) -> Dict[str, int]:
+    """Each language's stream position at the end of ``phase`` (the next phase's ``first_token``)."""
+    for p in plan["phases"]:
+        if p["name"] == phase:
+            return {lang: r["first_token"] + r["tokens"] for lang, r in p["languages"].items()}
+    raise KeyError(f"phase {phase!r} is not in the index plan ({[p['name'] for p in plan['phases']]})")
+
+
+def format_index_plan(plan: Dict, warn_epochs: float = 5.0, head: int = 15, tail: int = 5,
+                      phases: Optional[Sequence[str]] = None) -> str:
+    """The plan as text, one table per phase: the languages with rows (largest first; top/bottom
+    rows when long) with rows, tokens, share, first_token and cumulative epochs, and a summary."""
+    from megatron_mmbert.data.schedule import _fmt_tokens
+
+    out = []
+    for p in plan["phases"]:
+        if phases is not None and p["name"] not in phases:
+            continue
+        active = [(lang, r) for lang, r in p["languages"].items() if r["rows"] > 0]
+        active.sort(key=lambda x: (-x[1]["rows"], x[0]))
+        total = max(sum(r["rows"] for _, r in active), 1)
+        state = "" if p["built"] else " (before this run's start phase: planned, not built)"
+        out.append(f"phase {p['index']} {p['name']!r}: {p['samples']:,} rows x {p['seq_len']} tokens, "
+                   f"{len(active)} languages, samples from #{p['first_sample']:,}{state}")
+        out.append(f"  {'language':<16} {'rows':>12} {'tokens':>10} {'share %':>9} {'first_token':>14} {'epochs':>9}")
+
+        def line(lang, r):
+            flag = "  !" if r["epochs"] > warn_epochs else ""
+            return (f"  {lang:<16} {r['rows']:>12,} {_fmt_tokens(r['tokens']):>10} {100 * r['rows'] / total:>9.4f} "
+                    f"{r['first_token']:>14,} {r['epochs']:>9.3f}{flag}")
+
+        shown = active if len(active) <= head + tail + 1 else active[:head] + [None] + active[-tail:]
+        for item in shown:
+            out.append(f"  ... {len(active) - head - tail} more languages ..." if item is None else line(*item))
+        if active:
+            e = sorted(r["epochs"] for _, r in active)
+            worst = max(active, key=lambda x: x[1]["epochs"])
+            out.append(f"  epochs by the end of the phase: min {e[0]:.3g} / median {e[len(e) // 2]:.3g} / "
+                       f"max {e[-1]:.3g} ({worst[0]})")
+            over = sum(r["epochs"] > warn_epochs for _, r in active)
+            if over:
+                out.append(f"  WARNING: {over} language(s) seen more than {warn_epochs:g} times by the end of "
+                           "this phase; consider max_epochs_per_language or a higher temperature")
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
+def write_index_plan(plan: Dict, folder: str) -> str:
+    """``folder/index_plan.json``, written atomically; returns its path."""
+    from megatron_mmbert.fileio import atomic_write_json
+
+    path = os.path.join(folder, "index_plan.json")
+    atomic_write_json(path, plan, indent=1)
+    return path
 
 
 def default_rank() -> int:
@@ -285,20 +414,30 @@ def build_data_index(
     is_builder: Optional[bool] = None,
     timeout: float = 3600.0,
     poll_interval: float = 1.0,
+    start_phase: int = 0,
 ) -> DataIndex:
     """The schedule's index, from the cache when present; built (by ``is_builder``, default global
     rank 0) otherwise, while the other ranks wait up to ``timeout`` seconds.
 
     ``manifest`` is a ``megatron_mmbert.data.shards.Manifest``. ``cache_dir=None`` builds in memory
-    on every caller (tests, tiny runs).
+    on every caller (tests, tiny runs). ``start_phase``: the first phase the run reads (see the
+    module docstring, "Branches").
     """
     tokens = {lang: e.tokens for lang, e in manifest.languages.items()}
     plans = plan_schedule(list(phases), tokens, default_global_batch_size, anneal_segments)
+    if not 0 <= start_phase < len(plans):
+        raise ValueError(f"start_phase {start_phase} outside the schedule's {len(plans)} phases")
+    key = cache_key(manifest, phases, seed, default_global_batch_size, anneal_segments, start_phase)
+
+    def describe(arrays):
+        counts = np.stack([np.asarray(arrays[f"phase{k}_counts"]) for k in range(len(plans))])
+        return index_plan(manifest, plans, counts, seed, start_phase, key)
+
     if cache_dir is None:
-        return _assemble(plans, build_arrays(manifest, plans, seed), "")
-    key = cache_key(manifest, phases, seed, default_global_batch_size, anneal_segments)
+        arrays = build_arrays(manifest, plans, seed, start_phase)
+        return _assemble(plans, arrays, "", describe(arrays), start_phase)
     final = os.path.join(os.path.abspath(cache_dir), f"mmbert-index-{key[:20]}")
-    names = [f"phase{k}_{a}" for k in range(len(plans)) for a in (
+    names = ["stream_positions"] + [f"phase{k}_{a}" for k in range(len(plans)) for a in (
         "dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx", "row_offsets")]
     if is_builder is None:
         is_builder = default_rank() == 0
@@ -306,14 +445,15 @@ def build_data_index(
         if is_builder:
             os.makedirs(cache_dir, exist_ok=True)
             _progress(f"cache miss: building {final}")
-            arrays = build_arrays(manifest, plans, seed)
+            arrays = build_arrays(manifest, plans, seed, start_phase)
             tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=cache_dir)
             try:
                 for name in names:
                     np.save(os.path.join(tmp, name + ".npy"), arrays[name])
                 with open(os.path.join(tmp, "description.json"), "w") as f:
-                    json.dump({"key": key, "languages": plans[0].languages,
+                    json.dump({"key": key, "languages": plans[0].languages, "start_phase": start_phase,
                                "phases": [to_dict(p) for p in phases], "seed": seed}, f, indent=1)
+                write_index_plan(describe(arrays), tmp)
                 try:
                     os.rename(tmp, final)  # atomic: the folder appears complete or not at all
                 except OSError:
@@ -335,7 +475,9 @@ def build_data_index(
                     )
                 time.sleep(poll_interval)
     arrays = {name: np.load(os.path.join(final, name + ".npy"), mmap_mode="r") for name in names}
-    return _assemble(plans, arrays, final)
+    with open(os.path.join(final, "index_plan.json")) as f:
+        plan_json = json.load(f)
+    return _assemble(plans, arrays, final, plan_json, start_phase)
 
 
 __all__ = [
@@ -347,5 +489,11 @@ __all__ = [
     "PhaseIndex",
     "DataIndex",
     "cache_key",
+    "manifest_digest",
+    "stream_positions",
+    "index_plan",
+    "phase_end_positions",
+    "format_index_plan",
+    "write_index_plan",
     "build_data_index",
 ]

@@ -105,6 +105,7 @@ class MLMStream:
         is_builder: Optional[bool] = None,
         timeout: float = 3600.0,
         index: Optional[DataIndex] = None,
+        start_phase: int = 0,
     ) -> None:
         self.manifest = _load_manifest(manifest)
         self.phases = list(phases)
@@ -125,7 +126,7 @@ class MLMStream:
             raise ValueError("the vocabulary has no non-special id to use as a random replacement")
         self.index = index or build_data_index(
             self.manifest, self.phases, self.seed, cache_dir, default_global_batch_size, anneal_segments,
-            is_builder=is_builder, timeout=timeout,
+            is_builder=is_builder, timeout=timeout, start_phase=start_phase,
         )
         self._by_name: Dict[str, int] = {p.plan.phase.name: k for k, p in enumerate(self.index.phases)}
         self._offsets = np.concatenate([[0], np.cumsum([p.plan.num_samples for p in self.index.phases])])
@@ -171,6 +172,11 @@ class MLMStream:
     def row(self, phase: Union[str, int], sample: int) -> Tuple[np.ndarray, List[int], str]:
         """Unmasked row: (tokens int64 [seq_len], segment lengths, language)."""
         _, p = self._phase(phase)
+        if not p.built:
+            raise IndexError(
+                f"phase {p.plan.phase.name!r} comes before this stream's start phase: it was planned "
+                "(for the stream positions) but not built"
+            )
         if not 0 <= sample < p.plan.num_samples:
             raise IndexError(f"sample {sample} outside phase {p.plan.phase.name!r} (0..{p.plan.num_samples - 1})")
         lang = int(p.dataset_index[sample])

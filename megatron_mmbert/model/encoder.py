@@ -136,6 +136,22 @@ class MMBertModel(LanguageModule):
             with torch.no_grad():
                 self.output_layer.bias.zero_()
         self.setup_embeddings_and_output_layer()
+        self._mark_vocab_padding()
+
+    def _mark_vocab_padding(self) -> None:
+        """Record on each vocab-parallel parameter how many of its elements are real vocabulary
+        rows (``unpadded_numel``): StableAdamW's per-tensor statistic leaves the always-zero padded
+        rows out, so it is the same at every TP size (``training/stable_adamw.py``)."""
+        per_rank = self.padded_vocab_size // self.tp_size
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        valid_rows = max(0, min(per_rank, self.vocab_size - rank * per_rank))
+        params = [self.embedding.word_embeddings.weight] if self.pre_process else []
+        if self.post_process:
+            params.append(self.output_layer.bias)
+            if self.output_layer.weight is not None:  # the last stage's copy of the tied table (PP > 1)
+                params.append(self.output_layer.weight)
+        for p in params:
+            p.unpadded_numel = valid_rows * (p.numel() // per_rank)
 
     def _set_attention_backend(self) -> None:
         """Only a TE model sets TE's ``NVTE_*`` kernel switches (SDPA reads none of them).

@@ -54,8 +54,13 @@ class DataSection:
 
 @dataclass
 class OptimizerSection:
-    """Megatron-core Adam with decoupled weight decay (fp32 master weights under bf16)."""
+    """The optimizer inside megatron-core's wrappers (fp32 master weights under bf16, optionally
+    sharded by the distributed optimizer)."""
 
+    name: Literal["adamw", "stable_adamw"] = "adamw"
+    """``stable_adamw``: mmBERT's optimizer (optimi's StableAdamW: per-tensor update clipping
+    ``lr / max(1, RMS(g / sqrt(v)))``, bias correction folded into the betas; use with
+    ``clip_grad: 0``). ``adamw``: megatron-core's Adam in AdamW mode."""
     adam_beta1: float = 0.9
     """Adam beta1."""
     adam_beta2: float = 0.95
@@ -68,8 +73,7 @@ class OptimizerSection:
     ``wd = decoupled_weight_decay / peak_lr`` (0.1 at 8e-4) and the decay follows the LR schedule.
     Norms and biases are never decayed. A phase's LR segment may override it."""
     clip_grad: float = 1.0
-    """Global gradient-norm clip (0: off). mmBERT used StableAdamW's per-tensor update clipping
-    instead, which megatron-core's optimizer wrapper does not offer; see docs/training.md."""
+    """Global gradient-norm clip (0: off). mmBERT used none: StableAdamW clips each tensor's update."""
     use_distributed_optimizer: Optional[bool] = None
     """Shard optimizer state over data-parallel ranks (ZeRO-1); None: ``parallel.use_distributed_optimizer``."""
 
@@ -130,7 +134,11 @@ class CheckpointSection:
     """Checkpoint folder (None: ``{run_dir}/checkpoints``). Holds ``iter_NNNNNNN/``,
     ``phase_end_{name}/`` and the ``latest`` pointer."""
     every_steps: int = 1000
-    """Save every this many optimizer steps (0: only at phase ends and on exit)."""
+    """Save every this many optimizer steps (0: off)."""
+    every_tokens: int = 0
+    """Save whenever the run's tokens (row capacity, all phases) pass a multiple of this (0: off).
+    mmBERT saved every 10B tokens; a step interval would be 8x longer at 8192 than at 1024 rows.
+    With both intervals 0, checkpoints are written only at phase ends and on exit."""
     keep_last: int = 3
     """Periodic checkpoints kept (older ones deleted once a newer one is complete)."""
     keep_phase_ends: bool = True
@@ -152,7 +160,13 @@ class InitSection:
     load_optimizer: bool = True
     """Also load the optimizer state of ``checkpoint`` (when it has one)."""
     start_phase: Optional[str] = None
-    """Phase to start at (None: the first phase); earlier phases are skipped."""
+    """Phase to start at (None: the first phase); earlier phases are skipped. Their data is not:
+    every language's stream starts where the full schedule would be at this phase, so a branch that
+    keeps its parent's phase list reads exactly what the parent would have read. When
+    ``checkpoint`` records its data position, the run refuses to start unless they agree."""
+    restart_data: bool = False
+    """Start the data streams from this run's own plan even where it does not continue
+    ``checkpoint``'s (e.g. continued pre-training on new data). Off: such a run is refused."""
 
 
 @dataclass
@@ -209,7 +223,11 @@ class RunConfig:
     model: ModelConfig
     """The model: a preset name or ``{preset: NAME, <ModelConfig field>: value}``."""
     phases: List[PhaseConfig]
-    """The phases, in order (pretrain -> mid -> decay)."""
+    """The phases, in order (pretrain -> mid -> decay). A file that ``inherit``s another may give a
+    mapping by phase name instead, which edits those inherited phases (decay variants do)."""
+    language_sets: Dict[str, List[str]] = field(default_factory=dict)
+    """Named language lists; a phase's ``languages: NAME`` means ``language_sets.NAME``, so one
+    definition serves every phase and every config that inherits it (mmBERT's mid-training 110)."""
     seed: int = 21
     """Seed of the model init, dropout (re-seeded from (seed, step) each step) and, by default, the data."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -257,6 +275,12 @@ class RunConfig:
         path = self.data.manifest
         return os.path.join(path, "manifest.json") if os.path.isdir(path) else path
 
+    @property
+    def start_phase_index(self) -> int:
+        """Index of the phase this run starts at (``init.start_phase``; 0 without)."""
+        names = [p.name for p in self.phases]
+        return names.index(self.init.start_phase) if self.init.start_phase in names else 0
+
     def phase(self, name: str) -> PhaseConfig:
         for p in self.phases:
             if p.name == name:
@@ -298,14 +322,31 @@ class RunConfig:
 # -- loading -----------------------------------------------------------------------------------
 
 def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
-    """``top`` over ``base``: mappings merge key by key, everything else (lists too) is replaced."""
+    """``top`` over ``base``: mappings merge key by key, everything else (lists too) is replaced,
+    except that a mapping over a list of named entries (``phases``) edits those entries by name:
+    ``phases: {decay: {fixed_shares: ...}}`` changes the inherited ``decay`` phase and keeps the rest
+    of the schedule (and so the data position of every phase) as the base file declares it."""
     out = copy.deepcopy(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
+        elif isinstance(value, dict) and _is_named_list(out.get(key)):
+            names = [item["name"] for item in out[key]]
+            unknown = [n for n in value if n not in names]
+            if unknown:
+                raise ConfigError(f"{key}: {unknown} are not among the inherited {key} {names}")
+            for name, edit in value.items():
+                if not isinstance(edit, dict):
+                    raise ConfigError(f"{key}.{name}: expected a mapping of fields to change, got {edit!r}")
+                i = names.index(name)
+                out[key][i] = _deep_merge(out[key][i], edit)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _is_named_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "name" in v for v in value)
 
 
 def read_yaml(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -342,8 +383,31 @@ def from_mapping(data: Dict[str, Any]) -> RunConfig:
         raise ConfigError(f"model: expected a preset name or a mapping, got {model!r}")
     data["model"] = load_model_config(model)
     if "phases" in data and not isinstance(data["phases"], list):
-        raise ConfigError(f"phases: expected a list of phases, got {data['phases']!r}")
-    return from_dict(RunConfig, data)
+        raise ConfigError(
+            f"phases: expected a list of phases (a mapping by phase name only edits inherited "
+            f"phases), got {data['phases']!r}"
+        )
+    cfg = from_dict(RunConfig, data)
+    _resolve_language_sets(cfg)
+    return cfg
+
+
+def _resolve_language_sets(cfg: RunConfig) -> None:
+    """Replace each phase's ``languages: NAME`` by the list ``language_sets.NAME`` (a copy)."""
+    for name, langs in cfg.language_sets.items():
+        if name == "all" or name.startswith("top:"):
+            raise ConfigError(f"language_sets.{name}: 'all' and 'top:N' are reserved; choose another name")
+        if len(set(langs)) != len(langs):
+            raise ConfigError(f"language_sets.{name} lists a language twice")
+    for p in cfg.phases:
+        spec = p.languages
+        if isinstance(spec, str) and spec != "all" and not spec.startswith("top:"):
+            if spec not in cfg.language_sets:
+                raise ConfigError(
+                    f"phase {p.name!r}: languages {spec!r} is not 'all', 'top:N' or a name in "
+                    f"language_sets ({sorted(cfg.language_sets) or 'none defined'})"
+                )
+            p.languages = list(cfg.language_sets[spec])
 
 
 def load_config(path: str, overrides: Optional[List[str]] = None) -> RunConfig:
@@ -502,8 +566,11 @@ def _validate_run(cfg: RunConfig) -> None:
     if not cfg.run_dir:
         raise ConfigError("run_dir must be set (output folder of the run)")
     c = cfg.checkpoint
-    if c.every_steps < 0 or c.keep_last < 1:
-        raise ConfigError(f"checkpoint.every_steps must be >= 0 and keep_last >= 1, got {c.every_steps}, {c.keep_last}")
+    if c.every_steps < 0 or c.every_tokens < 0 or c.keep_last < 1:
+        raise ConfigError(
+            f"checkpoint.every_steps and every_tokens must be >= 0 and keep_last >= 1, got "
+            f"{c.every_steps}, {c.every_tokens}, {c.keep_last}"
+        )
     if cfg.logging.interval < 1 or cfg.logging.eval_interval < 0:
         raise ConfigError("logging.interval must be >= 1 and logging.eval_interval >= 0")
 
@@ -518,6 +585,19 @@ def validate_data(cfg: RunConfig) -> None:
             f"init.checkpoint={cfg.init.checkpoint!r} is not a finished checkpoint; point it at one "
             "(e.g. RUN/checkpoints/phase_end_mid, written when that run finished its mid phase)"
         )
+    if cfg.init.checkpoint is not None and not cfg.init.restart_data and cfg.start_phase_index == 0:
+        # The cheap half of the branch check (the run compares every stream position at start-up):
+        # a checkpoint whose data streams have moved cannot be continued by a run reading from token 0.
+        from megatron_mmbert.training.checkpoint import read_config
+
+        record = (read_config(cfg.init.checkpoint).get("train_state") or {}).get("data_position")
+        if record and any(record["stream_positions"].values()):
+            raise ConfigError(
+                f"init.checkpoint={cfg.init.checkpoint!r} ended phase {record['phase']!r} with its language "
+                f"streams under way, but this run starts at its first phase {cfg.phases[0].name!r}, so it would "
+                "re-read the data from its start. Declare the parent's phase list (inherit its config) and set "
+                "init.start_phase to the next phase (e.g. decay), or set init.restart_data: true on purpose"
+            )
 
     path = cfg.manifest_path
     if not path or not os.path.isfile(path):

@@ -69,6 +69,14 @@ def phase_steps(cfg: RunConfig, phase: PhaseConfig, num_samples: int, consumed: 
     return steps
 
 
+def save_due(cfg: RunConfig, step: int, tokens: int, step_tokens: int) -> bool:
+    """Whether the step that ended at ``step`` / ``tokens`` (after ``step_tokens``) saves a checkpoint."""
+    c = cfg.checkpoint
+    by_steps = c.every_steps > 0 and step % c.every_steps == 0
+    by_tokens = c.every_tokens > 0 and tokens // c.every_tokens > (tokens - step_tokens) // c.every_tokens
+    return by_steps or by_tokens
+
+
 # -- helpers -------------------------------------------------------------------------------------
 
 def _unwrap(module):
@@ -134,7 +142,14 @@ class Trainer:
             cfg.manifest_path, cfg.phases, cfg.data_seed, cache_dir=cfg.index_cache_dir,
             default_global_batch_size=cfg.batch.global_batch_size, anneal_segments=cfg.data.anneal_segments,
             mask_special_tokens=cfg.data.mask_special_tokens, timeout=cfg.data.index_timeout_s,
+            start_phase=cfg.start_phase_index,
         )
+        if self.rt.is_main:
+            from megatron_mmbert.data.index import format_index_plan
+
+            names = [p.name for p in cfg.phases[cfg.start_phase_index:]]
+            self.log.info(f"data index {self.stream.index.path} (plan: index_plan.json there)\n"
+                          + format_index_plan(self.stream.index.plan, head=10, tail=3, phases=names))
         parallel = dataclasses.replace(cfg.parallel, use_distributed_optimizer=cfg.use_distributed_optimizer)
         chunks = build_model(cfg.effective_model, parallel, cfg.compute_precision, self.rt.device)
         self.chunks = wrap_ddp(chunks, parallel, cfg.compute_precision)
@@ -174,8 +189,9 @@ class Trainer:
                 f"{state['consumed_samples']} samples into it, optimizer {optimizer}"
             )
             return state
-        start = names.index(cfg.init.start_phase) if cfg.init.start_phase else 0
+        start = cfg.start_phase_index
         if cfg.init.checkpoint:
+            self._check_branch_data(ckpt.read_config(cfg.init.checkpoint).get("train_state"))
             meta = ckpt.load_training(cfg.init.checkpoint, self.chunks, self.optimizer if cfg.init.load_optimizer else None)
             self.log.info(
                 f"initialised from {cfg.init.checkpoint} (model{' + optimizer' if meta['loaded_optimizer'] else ''}), "
@@ -184,6 +200,72 @@ class Trainer:
         elif start:
             self.log.info(f"starting at phase {names[start]!r} from a fresh model (no init.checkpoint)")
         return self._fresh_state(start)
+
+    def _check_branch_data(self, parent: Optional[Dict]) -> None:
+        """Refuse a run from ``init.checkpoint`` whose data would not continue the checkpoint's.
+
+        The checkpoint records each language's stream position at the end of its phase
+        (``data_position``); this run's start phase must begin exactly there, with the same data
+        seed and manifest. A checkpoint without the record (imported, or not at a phase end) can only
+        start this run's first phase. ``init.restart_data`` accepts the mismatch on purpose."""
+        cfg = self.cfg
+        plan = self.stream.index.plan
+        start = plan["phases"][cfg.start_phase_index]
+        fix = ("declare the parent's phase list (inherit the parent's config, editing phases by name) and "
+               f"set init.start_phase to the phase after the checkpoint's; or set init.restart_data: true "
+               "to start from this run's own plan on purpose")
+        record = (parent or {}).get("data_position")
+        if cfg.init.restart_data:
+            self.log.info("init.restart_data: the data starts from this run's own plan, not checked against "
+                          f"{cfg.init.checkpoint}")
+            return
+        if record is None:
+            if cfg.start_phase_index > 0:
+                raise ConfigError(
+                    f"init.checkpoint={cfg.init.checkpoint!r} records no data position (imported, or saved by an "
+                    f"older version), so starting at phase {start['name']!r} cannot be checked to continue its "
+                    f"data; branch from a phase_end_* checkpoint of a training run, or {fix}"
+                )
+            return
+        if not record.get("at_phase_end"):
+            raise ConfigError(
+                f"init.checkpoint={cfg.init.checkpoint!r} was saved {record['consumed_samples']} of "
+                f"{record['phase_samples']} samples into phase {record['phase']!r}; branch from a phase end "
+                f"(RUN/checkpoints/phase_end_{record['phase']}), or resume that run instead"
+            )
+        problems = []
+        if record["data_seed"] != plan["seed"]:
+            problems.append(f"data seed {plan['seed']} vs the checkpoint's {record['data_seed']}")
+        if record["manifest_sha256"] != plan["manifest_sha256"]:
+            problems.append("the manifest differs from the checkpoint's (other shards or token counts)")
+        mine = {lang: r["first_token"] for lang, r in start["languages"].items()}
+        theirs = record["stream_positions"]
+        differ = sorted(lang for lang in set(mine) | set(theirs) if mine.get(lang, 0) != theirs.get(lang, 0))
+        if differ:
+            shown = ", ".join(f"{lang} {mine.get(lang, 0):,} vs {theirs.get(lang, 0):,}" for lang in differ[:3])
+            problems.append(f"{len(differ)} language stream(s) would start elsewhere than the checkpoint's "
+                            f"phase {record['phase']!r} ended (this run vs checkpoint, tokens: {shown})")
+        if problems:
+            raise ConfigError(
+                f"this run's phase {start['name']!r} does not continue the data of init.checkpoint="
+                f"{cfg.init.checkpoint!r}: " + "; ".join(problems) + f". To branch, {fix}"
+            )
+        self.log.info(f"branch check: phase {start['name']!r} continues {cfg.init.checkpoint}'s data "
+                      f"(phase {record['phase']!r} end, {len(mine)} language streams)")
+
+    def data_position(self, phase_index: int, consumed: int) -> Dict:
+        """What a checkpoint records of the data (see :meth:`_check_branch_data`)."""
+        from megatron_mmbert.data.index import phase_end_positions
+
+        plan = self.stream.index.plan
+        phase = plan["phases"][phase_index]
+        ends = phase_end_positions(plan, phase["name"])
+        return {
+            "phase": phase["name"], "consumed_samples": int(consumed), "phase_samples": phase["samples"],
+            "at_phase_end": consumed >= phase["samples"], "data_seed": plan["seed"],
+            "manifest_sha256": plan["manifest_sha256"],
+            "stream_positions": {lang: t for lang, t in ends.items() if t},  # at the end of the phase
+        }
 
     # -- accounting ----------------------------------------------------------------------------
     def _plan(self):
@@ -199,7 +281,8 @@ class Trainer:
     def train_state(self, phase: PhaseConfig, scheduler) -> Dict:
         s = dict(self.state)
         s.update(phase=phase.name, scheduler=scheduler.state_dict(), data_seed=self.cfg.data_seed,
-                 seed=self.cfg.seed, rng="re-seeded from (seed, step) every step; nothing else to restore")
+                 seed=self.cfg.seed, rng="re-seeded from (seed, step) every step; nothing else to restore",
+                 data_position=self.data_position(s["phase_index"], s["consumed_samples"]))
         return s
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -401,7 +484,7 @@ class Trainer:
                 kill_in_save = cfg.debug.sigkill_during_save_at_step == st["step"]
                 if phase_done:
                     break
-                if cfg.checkpoint.every_steps and st["step"] % cfg.checkpoint.every_steps == 0:
+                if save_due(cfg, st["step"], st["tokens"], step_tokens):
                     self.save(f"iter_{st['step']:07d}", phase, scheduler, kill_in_save)
                 stop_signal = self.stop.signal is not None
                 over_time = (cfg.checkpoint.exit_after_minutes is not None
@@ -441,4 +524,4 @@ def train(cfg: RunConfig) -> int:
         runtime.shutdown()
 
 
-__all__ = ["train", "Trainer", "NonFiniteError", "step_rows", "phase_steps", "reseed"]
+__all__ = ["train", "Trainer", "NonFiniteError", "step_rows", "phase_steps", "save_due", "reseed"]

@@ -1,9 +1,10 @@
 """The optimizer and the learning-rate schedule of a run, counted in tokens.
 
 * :func:`build` makes megatron-core's optimizer through ``training.step.build_optimizer``
-  (``get_megatron_optimizer``: AdamW with decoupled weight decay; the standard Megatron param groups
-  put norms and biases -- every 1-D parameter and every ``*.bias`` -- at ``wd_mult = 0``) and wraps
-  it in :class:`GuardedOptimizer`, which refuses to step on non-finite gradients.
+  (``get_megatron_optimizer``: AdamW with decoupled weight decay, or mmBERT's StableAdamW inside the
+  same wrappers; the standard Megatron param groups put norms and biases -- every 1-D parameter and
+  every ``*.bias`` -- at ``wd_mult = 0``) and wraps it in :class:`GuardedOptimizer`, which refuses
+  to step on non-finite gradients.
 * :func:`phase_scheduler` makes megatron-core's ``OptimizerParamScheduler`` for one phase, with
   *tokens* as its step unit (Megatron-LM counts samples the same way): linear warmup over
   ``warmup_tokens``, constant, then ``WSD`` decay over the phase's last ``decay_tokens`` with
@@ -105,6 +106,7 @@ def build(cfg: RunConfig, chunks: List[torch.nn.Module], first_phase: PhaseConfi
 
     seg = cfg.schedule.phases[first_phase.name]
     settings = OptimizerSettings(
+        name=cfg.optimizer.name,
         lr=seg.lr,
         min_lr=0.0,
         weight_decay=megatron_weight_decay(cfg, first_phase),

@@ -7,6 +7,8 @@ The pieces are megatron-core's own, wired as Megatron-LM wires them (``training.
   ``finalize_model_grads_func``);
 * :func:`build_optimizer`: ``get_megatron_optimizer`` (Adam with decoupled weight decay, fp32 master
   weights under bf16, optionally the distributed optimizer), no weight decay on norms and biases;
+  for ``stable_adamw`` the torch optimizer inside megatron's wrappers is replaced by
+  ``training.stable_adamw.StableAdamW`` over the same param groups;
 * :func:`train_step`: ``get_forward_backward_func`` over the micro-batches of one global batch, then
   ``optimizer.step()``. The loss is a per-token mean over the *global* batch
   (``calculate_per_token_loss``): micro-batches and DP ranks with different numbers of masked
@@ -29,6 +31,8 @@ from megatron_mmbert.model.pipeline import run_schedule, to_device
 class OptimizerSettings:
     """What megatron's OptimizerConfig needs from the run config."""
 
+    name: str = "adamw"
+    """``adamw`` (megatron-core's Adam in AdamW mode) or ``stable_adamw`` (mmBERT's optimizer)."""
     lr: float = 8e-4
     """Peak learning rate (the scheduler sets the current one each step)."""
     min_lr: float = 0.0
@@ -107,7 +111,14 @@ def build_optimizer(chunks: List[torch.nn.Module], settings: OptimizerSettings, 
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         decoupled_weight_decay=True,
     )
+    if settings.name not in ("adamw", "stable_adamw"):
+        raise ValueError(f"optimizer {settings.name!r} is not one of adamw, stable_adamw")
     optimizer = get_megatron_optimizer(config, chunks)
+    if settings.name == "stable_adamw":
+        from megatron_mmbert.training import stable_adamw
+
+        stable_adamw.install(optimizer, chunks, settings.lr, (settings.adam_beta1, settings.adam_beta2),
+                             settings.adam_eps, settings.weight_decay)
     _model_config(chunks[0]).grad_scale_func = optimizer.scale_loss
     return optimizer
 
@@ -153,6 +164,10 @@ def train_step(
     outputs = run_schedule(chunks, mlm_forward_step(device), micro_batches, forward_only=False)
     t1 = time.perf_counter()
     update_ok, grad_norm, _ = optimizer.step()
+    if update_ok and not grad_norm:
+        # Without clipping megatron skips the norm (None, or 0.0 under mixed precision); the main
+        # grads are still in place, so measure it for the logs.
+        grad_norm = optimizer.get_grad_norm()
     totals = reduce_mlm_reports(outputs, device)  # its all-reduce also waits for the GPU's work
     t2 = time.perf_counter()
     return {

@@ -1,9 +1,10 @@
 """torchrun worker (4 processes): one optimizer step under several parallel layouts in turn.
 
-argv: CKPT BATCHES_PT OUT_DIR
-For each layout: load the same initial weights, take one step on the same global batch (split over
-DP ranks), write the loss to OUT_DIR/<layout>.json and the updated weights as a checkpoint
-OUT_DIR/<layout>/.
+argv: CKPT BATCHES_PT OUT_DIR [OPTIMIZER LAYOUT[,LAYOUT...]]
+For each layout: load the same initial weights, take one step per global batch in BATCHES_PT (a list
+of rows = one step, or {"steps": [rows, ...]}), each split over DP ranks, write the last step's
+stats to OUT_DIR/<layout>.json and the updated weights as a checkpoint OUT_DIR/<layout>/.
+OPTIMIZER: adamw (default; global clipping 1.0) or stable_adamw (no clipping).
 """
 
 import json
@@ -20,7 +21,9 @@ LAYOUTS = {
     "tp2_pp2": (2, 2, None, False),
     "pp2_vpp2_dp2": (1, 2, 2, False),
     "dp4_distopt": (1, 1, None, True),
+    "tp2_dp2_distopt": (2, 1, None, True),
 }
+DEFAULT = ["tp2_dp2", "tp2_sp_dp2", "pp2_dp2_distopt", "tp2_pp2", "pp2_vpp2_dp2", "dp4_distopt"]
 
 
 def main():
@@ -34,9 +37,13 @@ def main():
     from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
 
     model = ckpt.read_model_config(ckpt_dir)
-    rows = torch.load(batches_path)  # the global batch: one row per micro-batch
+    data = torch.load(batches_path)  # global batches: one row per micro-batch
+    steps = data["steps"] if isinstance(data, dict) else [data]
+    optimizer_name = sys.argv[4] if len(sys.argv) > 4 else "adamw"
+    wanted = sys.argv[5].split(",") if len(sys.argv) > 5 else DEFAULT
     only = os.environ.get("LAYOUTS")
-    for name, (tp, pp, vpp, distopt, *sp) in LAYOUTS.items():
+    for name in wanted:
+        tp, pp, vpp, distopt, *sp = LAYOUTS[name]
         if only and name not in only.split(","):
             continue
         parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vpp,
@@ -45,9 +52,11 @@ def main():
         chunks = build_model(model, parallel)
         ckpt.load_model(ckpt_dir, chunks)
         chunks = wrap_ddp(chunks, parallel)
-        optimizer = build_optimizer(chunks, OptimizerSettings(lr=1e-3, weight_decay=0.1, clip_grad=1.0), parallel)
-        mine = rows[rt.data_parallel_rank::rt.data_parallel_size]
-        stats = train_step(chunks, optimizer, mine)
+        clip = 1.0 if optimizer_name == "adamw" else 0.0
+        settings = OptimizerSettings(name=optimizer_name, lr=1e-3, weight_decay=0.1, clip_grad=clip)
+        optimizer = build_optimizer(chunks, settings, parallel)
+        for rows in steps:
+            stats = train_step(chunks, optimizer, rows[rt.data_parallel_rank::rt.data_parallel_size])
         ckpt.save_model(os.path.join(out_dir, name), chunks, model)
         if rt.rank == 0:
             with open(os.path.join(out_dir, f"{name}.json"), "w") as f:

@@ -1,0 +1,136 @@
+"""Decay branches continue their parent's data.
+
+A 3-phase parent and its decay branches declared the way the shipped ``decay_*.yaml`` are (inherit
+the parent's config, edit the decay phase by name, ``init.start_phase: decay``), indexed by
+``tools/build_data_index.py`` over tiny real shards: the branch's decay rows (languages, packed
+document pieces, masks) equal the parent's, and every language's ``first_token`` in both
+``index_plan.json`` files agrees. A branch declared the old way (its own one-phase list) starts
+every stream at token 0 and is refused by the run (``test_run_refuses_*``).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from megatron_mmbert.cli.build_data_index import main as build_index
+from megatron_mmbert.data.index import phase_end_positions
+from megatron_mmbert.data.mlm import MLMStream
+from megatron_mmbert.training.config import load_config
+from tests.training_helpers import check, launch, tiny_run_config, write_manifest
+
+
+def _parent(tmp_path):
+    manifest = write_manifest(tmp_path / "shards")
+    path = tiny_run_config(str(tmp_path / "parent.yaml"), manifest, str(tmp_path / "parent"))
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    cfg["phases"][0]["languages"], cfg["phases"][1]["languages"] = "top:2", "all"  # 3 languages here
+    cfg["model"]["attention_output_dropout"] = 0.0  # dropout is seeded by the step, which a branch restarts
+    cfg["optimizer"] = {"name": "stable_adamw", "clip_grad": 0.0}  # as shipped; its state goes through phase_end_mid
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+def _branch(tmp_path, name, decay_edit, parent_checkpoint=None):
+    """A decay variant declared as examples/configs/decay_*.yaml declare theirs."""
+    init = {"start_phase": "decay"}
+    if parent_checkpoint:
+        init["checkpoint"] = parent_checkpoint
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"inherit": "parent.yaml", "run_dir": str(tmp_path / name), "init": init,
+                                    "phases": {"decay": decay_edit}}))
+    return str(path)
+
+
+def _index_folder(config, capsys):
+    assert build_index(["--config", config, "--rows", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "first_token" in out and "epochs" in out  # the printed plan
+    line = [l for l in out.splitlines() if l.startswith("index ready in ")][0]
+    return line.split("index ready in ", 1)[1].split(" (", 1)[0]
+
+
+def _stream(config):
+    run = load_config(config)
+    return MLMStream(run.manifest_path, run.phases, run.data_seed, cache_dir=run.index_cache_dir,
+                     default_global_batch_size=run.batch.global_batch_size,
+                     anneal_segments=run.data.anneal_segments, start_phase=run.start_phase_index)
+
+
+def test_branch_reads_the_parents_decay_rows(tmp_path, capsys):
+    parent = _parent(tmp_path)
+    cont = _branch(tmp_path, "decay_cont", {"languages": "all"})  # the parent's decay mix, as decay_cont.yaml
+    heavy = _branch(tmp_path, "decay_heavy", {"fixed_shares": {"fra_Latn": 0.6}})  # as decay_eng.yaml
+    folders = {c: _index_folder(c, capsys) for c in (parent, cont, heavy)}
+    plans = {c: json.load(open(os.path.join(folders[c], "index_plan.json"))) for c in folders}
+    assert len(set(folders.values())) == 3
+
+    # first_token agrees for every language; the parent's streams had moved (a real check)
+    decay = {c: plans[c]["phases"][2] for c in plans}
+    assert [p["name"] for p in plans[cont]["phases"]] == ["pretrain", "mid", "decay"]
+    assert not plans[cont]["phases"][0]["built"] and decay[cont]["built"]
+    langs = set(plans[parent]["language_tokens"])
+    assert len(langs) == 3
+    for c in (cont, heavy):
+        assert set(decay[c]["languages"]) == langs
+        for lang in langs:
+            assert decay[c]["languages"][lang]["first_token"] == decay[parent]["languages"][lang]["first_token"]
+    assert sum(decay[parent]["languages"][lang]["first_token"] for lang in langs) == 3072 + 2048
+    assert phase_end_positions(plans[parent], "mid") == {lang: r["first_token"] for lang, r in decay[parent]["languages"].items()}
+
+    # Decay-Cont: identical rows, masks included; the skipped phases are not readable
+    a, b = _stream(parent), _stream(cont)
+    pa, pb = a.index.phases[2], b.index.phases[2]
+    for name in ("dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx", "row_offsets"):
+        assert np.array_equal(np.asarray(getattr(pa, name)), np.asarray(getattr(pb, name))), name
+    n = a.phase_num_samples("decay")
+    assert a.global_index("decay", 0) == b.global_index("decay", 0) > 0
+    ba, bb = a.batch("decay", range(n)), b.batch("decay", range(n))
+    for key in ("tokens", "labels", "positions", "cu_seqlens"):
+        assert np.array_equal(ba[key].numpy(), bb[key].numpy()), key
+    with pytest.raises(IndexError, match="before this stream's start phase"):
+        b.row("mid", 0)
+
+    # the old declaration (its own one-phase list) would re-read every stream from token 0
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"inherit": "parent.yaml", "run_dir": str(tmp_path / "old"),
+                                   "phases": [load_config(parent).phases[2].__dict__ | {"tokens": 2048}],
+                                   "schedule": {"total_tokens": 2048}}))
+    plan_old = json.load(open(os.path.join(_index_folder(str(old), capsys), "index_plan.json")))
+    assert all(r["first_token"] == 0 for r in plan_old["phases"][0]["languages"].values())
+
+
+@pytest.mark.slow
+def test_run_checks_the_branch_against_the_parent_checkpoint(tmp_path):
+    """The parent trains its three phases; a branch declared as the shipped configs continues from
+    phase_end_mid (checked), a one-phase branch is refused by --validate and by the run."""
+    parent = _parent(tmp_path)
+    check(launch(parent, "--checkpoint.every_steps", "0", "--logging.eval_interval", "0"))
+    mid = str(tmp_path / "parent" / "checkpoints" / "phase_end_mid")
+    meta = json.load(open(os.path.join(mid, "mmbert_config.json")))
+    record = meta["train_state"]["data_position"]
+    assert record["phase"] == "mid" and record["at_phase_end"] and sum(record["stream_positions"].values()) == 3072 + 2048
+
+    cont = _branch(tmp_path, "decay_cont", {"languages": "all"}, mid)
+    p = check(launch(cont, "--checkpoint.every_steps", "0"))
+    assert "branch check: phase 'decay' continues" in p.stdout + p.stderr
+    # the branch's decay equals the parent's decay step for step (same rows, masks, weights, optimizer)
+    losses = [[r["loss"] for r in map(json.loads, open(os.path.join(tmp_path, run, "metrics.jsonl")))
+               if r.get("kind") == "train" and r["phase"] == "decay"] for run in ("parent", "decay_cont")]
+    assert losses[0] == losses[1] and len(losses[0]) > 0
+
+    old = tmp_path / "old.yaml"
+    decay = load_config(parent).phases[2].__dict__ | {"tokens": 2048}
+    old.write_text(yaml.safe_dump({"inherit": "parent.yaml", "run_dir": str(tmp_path / "old"), "phases": [decay],
+                                   "schedule": {"total_tokens": 2048}, "batch": {"rampup_start_rows": None},
+                                   "init": {"checkpoint": mid}}))
+    v = launch(str(old), "--validate")
+    assert v.returncode != 0 and "would re-read the data from its start" in v.stderr
+    # a branch starting at decay from the end of pre-training would skip mid-training's data
+    r = launch(cont, "--run_dir", str(tmp_path / "wrong"), "--init.checkpoint",
+               str(tmp_path / "parent" / "checkpoints" / "phase_end_pretrain"))
+    assert r.returncode != 0 and "does not continue the data of init.checkpoint" in r.stderr
