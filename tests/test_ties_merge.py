@@ -407,8 +407,10 @@ def test_megatron_layouts_merge_like_tp1(tmp_path):
             assert torch.equal(MegatronSource(d("base_tp2"), session).read(k, 1, 2), base[k][1:2])
     finally:
         session.close()
-    # the model config only: no training position or optimizer flag for the merged weights
-    assert json.load(open(d("out_mixed") + "/mmbert_config.json")) == {"model": {"vocab_size": 16},
-                                                                       "source": "ties_merge"}
+    # the model config only (no training position or optimizer flag for the merged weights), and
+    # the digests of every file the merge wrote
+    meta = json.load(open(d("out_mixed") + "/mmbert_config.json"))
+    assert meta["model"] == {"vocab_size": 16} and meta["source"] == "ties_merge"
+    assert set(meta) == {"model", "source", "files"} and ".metadata" in meta["files"]
     # the TP1/PP1 output loads at another layout
     _run_world2(tmp_path, [], check=(d("out_mixed"), merged))

@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export-hf", help="megatron dist checkpoint -> HF directory")
     exp.add_argument("--load", required=True)
     exp.add_argument("--out", required=True)
+    exp.add_argument("--no-verify", dest="verify", action="store_false",
+                     help="skip checking the checkpoint's file sizes and SHA-256 against those recorded at save time")
     ver = sub.add_parser("verify", help="compare HF and megatron logits on random packed inputs")
     ver.add_argument("--hf-dir", required=True)
     ver.add_argument("--load", required=True)
@@ -40,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--seq-len", type=int, default=0, help="row length (default: 4 x window, >= 64)")
     ver.add_argument("--tolerance", type=float, default=1e-3, help="max |logit diff| allowed (fp32)")
     ver.add_argument("--seed", type=int, default=0)
+    ver.add_argument("--no-verify", dest="verify", action="store_false",
+                     help="skip checking the checkpoint's file digests before loading")
     return p
 
 
@@ -57,7 +61,7 @@ def verify(args) -> int:
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
     rt = runtime.initialize(model, parallel, seed=args.seed)
     chunks = build_model(model, parallel)
-    ckpt.load_model(args.load, chunks)
+    ckpt.load_model(args.load, chunks, verify=args.verify)
     seq_len = args.seq_len or max(64, 4 * model.local_attention)
     batch = random_packed_batch(model.vocab_size, args.rows, seq_len, args.seed)
     ours = forward_logits(chunks, [batch])
@@ -101,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"imported {args.hf_dir} -> {args.save} ({model.num_parameters() / 1e6:.1f}M parameters)")
             return 0
         if args.command == "export-hf":
-            checkpoints.export_hf(args.load, args.out)
+            checkpoints.export_hf(args.load, args.out, verify=args.verify)
             print(f"exported {args.load} -> {args.out}")
             return 0
         if args.tp * args.pp > 1 and "WORLD_SIZE" not in os.environ:

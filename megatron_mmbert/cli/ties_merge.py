@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / 2**20,
                    help="largest block of a tensor processed at once, in MiB of float64 (the compute dtype; bounds memory)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking megatron inputs' file sizes and SHA-256 against those recorded at save time")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -66,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         report = merge_checkpoints(
             args.base, args.models, spec, args.out, out_format=args.out_format,
             chunk_bytes=int(args.chunk_mb * 2**20), overwrite=args.overwrite,
-            log=None if args.quiet else sys.stderr,
+            log=None if args.quiet else sys.stderr, verify=args.verify,
         )
     except (CheckpointError, ValueError, FileExistsError) as err:
         print(f"ties_merge: error: {err}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -26,6 +26,22 @@ HF_FILES_TO_COPY = (
     "tokenizer.model",
     "vocab.txt",
 )
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str) -> List[str]:
+    """Copy the tokenizer files of ``src_dir`` (only the names in :data:`HF_FILES_TO_COPY`, only
+    regular files) into ``dst_dir``: a checkpoint's ``tokenizer/`` cannot replace an output's
+    ``config.json`` or weights, nor point a symlink outside."""
+    copied = []
+    if not os.path.isdir(src_dir):
+        return copied
+    for name in HF_FILES_TO_COPY:
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src) and not os.path.islink(src):
+            os.makedirs(dst_dir, exist_ok=True)
+            shutil.copyfile(src, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
 
 
 def read_hf_state_dict(hf_dir: str) -> Dict[str, torch.Tensor]:
@@ -75,27 +91,26 @@ def import_hf(hf_dir: str, save_dir: str) -> ModelConfig:
     if missing or result.unexpected_keys:
         raise ConfigError(f"import mapping mismatch: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     ckpt.save_model(save_dir, [chunk], model, extra={"source": os.path.abspath(hf_dir)})
-    for name in HF_FILES_TO_COPY:  # keep the tokenizer beside the weights
-        if os.path.isfile(os.path.join(hf_dir, name)):
-            os.makedirs(os.path.join(save_dir, "tokenizer"), exist_ok=True)
-            shutil.copy2(os.path.join(hf_dir, name), os.path.join(save_dir, "tokenizer", name))
+    copy_tokenizer_files(hf_dir, os.path.join(save_dir, "tokenizer"))  # keep it beside the weights
     return model
 
 
-def load_canonical(load_dir: str) -> tuple:
+def load_canonical(load_dir: str, verify: bool = True) -> tuple:
     """(ModelConfig, canonical megatron state dict) of a checkpoint saved at any layout."""
     model = ckpt.read_model_config(load_dir)
     chunk = _single_process_model(model)
-    ckpt.load_model(load_dir, [chunk])
+    ckpt.load_model(load_dir, [chunk], verify=verify)
     state = {k: v for k, v in chunk.state_dict().items() if torch.is_tensor(v)}
     return model, state
 
 
-def export_hf(load_dir: str, out_dir: str, special_ids: Optional[Dict[str, int]] = None) -> ModelConfig:
+def export_hf(
+    load_dir: str, out_dir: str, special_ids: Optional[Dict[str, int]] = None, verify: bool = True
+) -> ModelConfig:
     """megatron dist checkpoint -> HF directory that ``AutoModelForMaskedLM.from_pretrained`` loads."""
     from safetensors.torch import save_file
 
-    model, state = load_canonical(load_dir)
+    model, state = load_canonical(load_dir, verify=verify)
     hf_state = hf_map.megatron_to_hf(state, model)
     tokenizer_dir = os.path.join(load_dir, "tokenizer")
     tmp = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
@@ -103,9 +118,7 @@ def export_hf(load_dir: str, out_dir: str, special_ids: Optional[Dict[str, int]]
     os.makedirs(tmp)
     write_hf_config(model, tmp, tokenizer_dir, special_ids)
     save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    if os.path.isdir(tokenizer_dir):
-        for name in os.listdir(tokenizer_dir):
-            shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+    copy_tokenizer_files(tokenizer_dir, tmp)
     publish_directory(tmp, out_dir)
     return model
 

@@ -262,6 +262,7 @@ def merge_checkpoints(
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     log: Optional[TextIO] = sys.stderr,
+    verify: bool = True,
 ) -> Dict[str, object]:
     """Merge ``models`` (against ``base``) into the checkpoint directory ``out``; returns the report.
 
@@ -275,7 +276,7 @@ def merge_checkpoints(
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     paths = ([base] if base is not None else []) + list(models)
-    inputs = open_inputs(paths, out_format)
+    inputs = open_inputs(paths, out_format, verify=verify)
     sources = inputs.sources
     tmp = f"{out}.tmp-{os.getpid()}"
     try:

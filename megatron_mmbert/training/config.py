@@ -141,6 +141,9 @@ class CheckpointSection:
     """On SIGTERM/SIGUSR1 (Slurm preemption, ``--signal``): save at the end of the step and exit 0."""
     resume: bool = True
     """Resume from ``latest`` when the checkpoint folder has one."""
+    verify_on_load: bool = True
+    """Check every file of the checkpoint resumed from (or ``init.checkpoint``) against the sizes
+    and SHA-256 recorded at save time before loading it (False: skip, for huge checkpoints)."""
 
 
 @dataclass

@@ -154,6 +154,8 @@ class Trainer:
         latest = ckpt.read_latest(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
         names = [p.name for p in cfg.phases]
         if latest is not None:
+            if cfg.checkpoint.verify_on_load:
+                ckpt.verify_checkpoint(latest)
             meta = ckpt.load_training(latest, self.chunks, self.optimizer)
             state = meta["train_state"]
             if state["phase"] not in names:
@@ -166,6 +168,8 @@ class Trainer:
             return state
         start = names.index(cfg.init.start_phase) if cfg.init.start_phase else 0
         if cfg.init.checkpoint:
+            if cfg.checkpoint.verify_on_load:
+                ckpt.verify_checkpoint(cfg.init.checkpoint)
             meta = ckpt.load_training(cfg.init.checkpoint, self.chunks, self.optimizer if cfg.init.load_optimizer else None)
             self.log.info(
                 f"initialised from {cfg.init.checkpoint} (model{' + optimizer' if meta['loaded_optimizer'] else ''}), "

@@ -1,0 +1,136 @@
+"""Adversarial inputs (issue "nothing lost, nothing executed"): each test reproduces one way a careful
+user or an attacker broke the tools, and shows it refused with a message naming the thing.
+
+Crafted pickles carry a ``__reduce__`` that would create a marker file: a test passes only if the
+tool exits non-zero, names the file and the marker never appears (no code ran).
+"""
+
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from megatron_mmbert import runtime
+from megatron_mmbert.cli.convert_checkpoint import main as convert_main
+from megatron_mmbert.cli.ties_merge import main as merge_main
+from model_helpers import make_hf_model
+
+
+class _Payload:
+    """Unpickling this runs ``touch marker`` (what an attacker's checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(autouse=True)
+def _shutdown():
+    yield
+    runtime.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny HF ModernBERT model and its megatron checkpoint (with recorded digests)."""
+    from megatron_mmbert.convert.checkpoints import import_hf
+
+    root = tmp_path_factory.mktemp("adversarial")
+    make_hf_model("even", str(root / "hf"))
+    import_hf(str(root / "hf"), str(root / "ckpt"))
+    runtime.shutdown()
+    return root
+
+
+def _crafted(root, tmp_path, which):
+    """A copy of the checkpoint whose ``.metadata`` or ``common.pt`` runs code when unpickled."""
+    crafted = tmp_path / f"crafted_{which}"
+    shutil.copytree(root / "ckpt", crafted)
+    marker = tmp_path / f"code_ran_{which}"
+    if which == "metadata":
+        with open(crafted / ".metadata", "wb") as f:
+            pickle.dump(_Payload(marker), f)
+        named = str(crafted / ".metadata")
+    else:
+        torch.save({"payload": _Payload(marker)}, crafted / "common.pt")
+        named = str(crafted / "common.pt")
+    return crafted, marker, named
+
+
+# One short phase over write_manifest's three languages.
+ONE_PHASE = {
+    "phases": [{"name": "pretrain", "tokens": 2048, "seq_len": 64, "mask_rate": 0.3, "languages": "all",
+                "temperature": 0.7}],
+    "schedule": {"total_tokens": 2048, "phases": {"pretrain": {"lr": 1.0e-3, "warmup_tokens": 128}}},
+}
+
+
+# -- 1. loading a checkpoint runs no code ------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["metadata", "common"])
+@pytest.mark.parametrize("tool", ["export-hf", "verify", "ties_merge"])
+def test_crafted_checkpoint_runs_no_code(checkpoint, tmp_path, capsys, which, tool):
+    crafted, marker, named = _crafted(checkpoint, tmp_path, which)
+    # --no-verify: the digests would refuse the modified file first; this is about the unpickler.
+    if tool == "export-hf":
+        rc = convert_main(["export-hf", "--load", str(crafted), "--out", str(tmp_path / "out"), "--no-verify"])
+    elif tool == "verify":
+        rc = convert_main(["verify", "--hf-dir", str(checkpoint / "hf"), "--load", str(crafted), "--no-verify"])
+    else:
+        rc = merge_main(["--method", "linear", "--models", str(crafted), str(checkpoint / "ckpt"),
+                         "--out", str(tmp_path / "out"), "--no-verify", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert not marker.exists(), "unpickling the crafted file ran code"
+    assert named in err and "refused to load" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_crafted_checkpoint_is_caught_by_digests_too(checkpoint, tmp_path, capsys):
+    crafted, marker, named = _crafted(checkpoint, tmp_path, "metadata")
+    rc = convert_main(["export-hf", "--load", str(crafted), "--out", str(tmp_path / "out")])
+    assert rc != 0 and not marker.exists()
+    assert named in capsys.readouterr().err
+
+
+def test_extra_state_blobs_are_loaded_weights_only(tmp_path):
+    import io
+
+    from megatron_mmbert.dcp_io import UntrustedCheckpointError, check_extra_state
+
+    marker = tmp_path / "code_ran"
+    blob = io.BytesIO()
+    torch.save(_Payload(marker), blob)
+    with pytest.raises(UntrustedCheckpointError, match="layers.0.x._extra_state"):
+        check_extra_state("layers.0.x._extra_state", io.BytesIO(blob.getvalue()), "ckpt")
+    assert not marker.exists()
+    plain = io.BytesIO()
+    torch.save({"scale": torch.ones(2)}, plain)
+    check_extra_state("layers.0.x._extra_state", plain, "ckpt")  # real FP8 metadata passes
+
+
+def test_genuine_metadata_loads_through_the_allow_list(checkpoint):
+    from megatron_mmbert.dcp_io import load_metadata
+
+    path = str(checkpoint / "ckpt" / ".metadata")
+    with open(path, "rb") as f:
+        meta = load_metadata(f, path)
+    assert "embedding.word_embeddings.weight" in meta.state_dict_metadata
+
+
+def test_crafted_init_checkpoint_runs_no_code_in_training(checkpoint, tmp_path):
+    from training_helpers import launch, tiny_run_config, write_manifest
+
+    crafted, marker, named = _crafted(checkpoint, tmp_path, "metadata")
+    # A training-shaped config: the crafted copy carries a model config of the tiny preset.
+    cfg = tiny_run_config(str(tmp_path / "run.yaml"), write_manifest(tmp_path / "data"), str(tmp_path / "run"),
+                          init={"checkpoint": str(crafted)}, **ONE_PHASE)
+    proc = launch(cfg, "--checkpoint.verify_on_load", "false", timeout=240)
+    assert proc.returncode != 0
+    assert not marker.exists(), "unpickling the crafted .metadata ran code"
+    assert named in proc.stderr and "refused to load" in proc.stderr
