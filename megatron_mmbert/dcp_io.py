@@ -196,25 +196,28 @@ def sha256_file(path: str) -> str:
 
 
 def file_digests(directory: str, skip: Iterable[str] = ()) -> Dict[str, Dict[str, Any]]:
-    """``{relative path: {"size", "sha256"}}`` of every regular file under ``directory``."""
+    """``{file name: {"size", "sha256"}}`` of every regular file directly in ``directory`` (the
+    checkpoint's own files; a ``tokenizer/`` beside them may be replaced freely)."""
     skip = set(skip)
     out: Dict[str, Dict[str, Any]] = {}
-    for root, _, files in os.walk(directory):
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, directory)
-            if rel in skip or not os.path.isfile(path):
-                continue
-            out[rel] = {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name in skip or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        out[name] = {"size": os.path.getsize(path), "sha256": sha256_file(path)}
     return out
 
 
 def verify_digests(directory: str, recorded: Dict[str, Dict[str, Any]], hashes: bool = True) -> None:
     """Raise :class:`UntrustedCheckpointError` naming the first file whose size (and, with
     ``hashes``, SHA-256) differs from ``recorded``, or that is missing."""
+    if not isinstance(recorded, dict) or not all(isinstance(v, dict) for v in recorded.values()):
+        raise UntrustedCheckpointError(f"{directory}: the recorded file digests are malformed")
     for rel, want in sorted(recorded.items()):
+        if not isinstance(rel, str) or os.path.basename(rel) != rel or rel in ("", ".", ".."):
+            raise UntrustedCheckpointError(f"{directory}: recorded file name {rel!r} is not a plain file name")
         path = os.path.join(directory, rel)
-        if os.path.isabs(rel) or rel.split(os.sep)[0] == ".." or not os.path.isfile(path):
+        if not os.path.isfile(path):
             raise UntrustedCheckpointError(f"{path}: missing from the checkpoint (it was recorded at save time)")
         size = os.path.getsize(path)
         if size != want.get("size"):

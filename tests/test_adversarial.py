@@ -134,3 +134,59 @@ def test_crafted_init_checkpoint_runs_no_code_in_training(checkpoint, tmp_path):
     assert proc.returncode != 0
     assert not marker.exists(), "unpickling the crafted .metadata ran code"
     assert named in proc.stderr and "refused to load" in proc.stderr
+
+
+# -- 2. outputs never destroy ----------------------------------------------------------------------
+
+def _tree(path):
+    return sorted((os.path.relpath(os.path.join(r, f), path), os.path.getsize(os.path.join(r, f)))
+                  for r, _, fs in os.walk(path) for f in fs)
+
+
+def test_export_refuses_existing_folder_input_and_run_checkpoints(checkpoint, tmp_path, capsys):
+    ckpt = checkpoint / "ckpt"
+    before = _tree(ckpt)
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "keep.jpg").write_bytes(b"x" * 10)
+    for out, extra in ((other, []), (other, ["--overwrite"]), (ckpt, ["--overwrite"]), (tmp_path, ["--overwrite"])):
+        assert convert_main(["export-hf", "--load", str(ckpt), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert str(out) in err or str(ckpt) in err
+    assert (other / "keep.jpg").read_bytes() == b"x" * 10 and _tree(ckpt) == before
+    # a previous export is replaced only with --overwrite
+    out = tmp_path / "hf_out"
+    assert convert_main(["export-hf", "--load", str(ckpt), "--out", str(out)]) == 0
+    assert convert_main(["export-hf", "--load", str(ckpt), "--out", str(out)]) == 2
+    assert convert_main(["export-hf", "--load", str(ckpt), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_import_refuses_a_runs_checkpoint_folder(checkpoint, tmp_path, capsys):
+    run_ckpts = tmp_path / "run" / "checkpoints"
+    shutil.copytree(checkpoint / "ckpt", run_ckpts / "iter_0000002")
+    (run_ckpts / "latest").write_text("iter_0000002\n")
+    before = _tree(run_ckpts)
+    for extra in ([], ["--overwrite"]):
+        assert convert_main(["import-hf", "--hf-dir", str(checkpoint / "hf"), "--save", str(run_ckpts), *extra]) == 2
+        assert "checkpoint folder" in capsys.readouterr().err or not extra
+    assert _tree(run_ckpts) == before
+
+
+def test_merge_overwrite_never_replaces_an_input(checkpoint, tmp_path, capsys):
+    a = tmp_path / "a"
+    shutil.copytree(checkpoint / "ckpt", a)
+    before = _tree(a)
+    rc = merge_main(["--method", "linear", "--models", str(a), str(checkpoint / "ckpt"), "--out", str(a),
+                     "--overwrite", "--quiet"])
+    assert rc == 2 and "would overwrite the input" in capsys.readouterr().err
+    assert _tree(a) == before
+
+
+def test_tokenizer_folder_cannot_replace_exported_config(checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint / "ckpt", ckpt)
+    (ckpt / "tokenizer").mkdir(exist_ok=True)
+    (ckpt / "tokenizer" / "config.json").write_text('{"model_type": "evil"}')
+    (ckpt / "tokenizer" / "model.safetensors").write_text("junk")
+    assert convert_main(["export-hf", "--load", str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    assert json.load(open(tmp_path / "out" / "config.json"))["model_type"] == "modernbert"

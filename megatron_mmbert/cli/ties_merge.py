@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "inputs may mix formats")
     p.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / 2**20,
                    help="largest block of a tensor processed at once, in MiB of float64 (the compute dtype; bounds memory)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a previous ties_merge output")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking megatron inputs' file sizes and SHA-256 against those recorded at save time")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -73,6 +73,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CheckpointError, ValueError, FileExistsError) as err:
         print(f"ties_merge: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # read-only output, full disk, missing file: say which, no traceback
+        print(f"ties_merge: error: {err.strerror or err}{': ' + str(err.filename) if err.filename else ''}", file=sys.stderr)
+        return 1
     s = report["summary"]
     kept = ", ".join(f"{k:.3f}" for k in s["fraction_kept"])
     print(f"ties_merge: wrote {args.out} ({s['merged_params']} merged parameters; fraction kept per "

@@ -16,7 +16,7 @@ import torch
 
 from megatron_mmbert.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_mmbert.convert import hf as hf_map
-from megatron_mmbert.fileio import publish_directory
+from megatron_mmbert.fileio import check_output_dir, publish_directory, write_output_marker
 from megatron_mmbert.training import checkpoint as ckpt
 
 HF_FILES_TO_COPY = (
@@ -80,8 +80,10 @@ def _single_process_model(model: ModelConfig):
     return chunk
 
 
-def import_hf(hf_dir: str, save_dir: str) -> ModelConfig:
-    """HF ModernBertForMaskedLM directory -> megatron dist checkpoint (loads at any layout)."""
+def import_hf(hf_dir: str, save_dir: str, overwrite: bool = False) -> ModelConfig:
+    """HF ModernBertForMaskedLM directory -> megatron dist checkpoint (loads at any layout).
+    ``save_dir`` must be new, or (``overwrite``) a previous import-hf output."""
+    check_output_dir(save_dir, "import-hf", inputs=[hf_dir], overwrite=overwrite)
     model = read_hf_config(hf_dir)
     state = read_hf_state_dict(hf_dir)
     canonical = hf_map.hf_to_megatron(state, model, model.padded_vocab_size(1))
@@ -92,6 +94,7 @@ def import_hf(hf_dir: str, save_dir: str) -> ModelConfig:
         raise ConfigError(f"import mapping mismatch: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     ckpt.save_model(save_dir, [chunk], model, extra={"source": os.path.abspath(hf_dir)})
     copy_tokenizer_files(hf_dir, os.path.join(save_dir, "tokenizer"))  # keep it beside the weights
+    write_output_marker(save_dir, "import-hf", source=os.path.abspath(hf_dir))
     return model
 
 
@@ -105,11 +108,14 @@ def load_canonical(load_dir: str, verify: bool = True) -> tuple:
 
 
 def export_hf(
-    load_dir: str, out_dir: str, special_ids: Optional[Dict[str, int]] = None, verify: bool = True
+    load_dir: str, out_dir: str, special_ids: Optional[Dict[str, int]] = None, verify: bool = True,
+    overwrite: bool = False,
 ) -> ModelConfig:
-    """megatron dist checkpoint -> HF directory that ``AutoModelForMaskedLM.from_pretrained`` loads."""
+    """megatron dist checkpoint -> HF directory that ``AutoModelForMaskedLM.from_pretrained`` loads.
+    ``out_dir`` must be new, or (``overwrite``) a previous export-hf output; never the input."""
     from safetensors.torch import save_file
 
+    check_output_dir(out_dir, "export-hf", inputs=[load_dir], overwrite=overwrite)
     model, state = load_canonical(load_dir, verify=verify)
     hf_state = hf_map.megatron_to_hf(state, model)
     tokenizer_dir = os.path.join(load_dir, "tokenizer")
@@ -119,6 +125,7 @@ def export_hf(
     write_hf_config(model, tmp, tokenizer_dir, special_ids)
     save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     copy_tokenizer_files(tokenizer_dir, tmp)
+    write_output_marker(tmp, "export-hf", source=os.path.abspath(load_dir))
     publish_directory(tmp, out_dir)
     return model
 

@@ -35,7 +35,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
-from megatron_mmbert.fileio import publish_directory
+from megatron_mmbert.fileio import check_output_dir, publish_directory, write_output_marker
 from megatron_mmbert.merge.io import CheckpointError, MegatronSink, SafetensorsSink, TensorInfo
 from megatron_mmbert.merge.naming import megatron_converter, open_inputs, write_output_metadata
 from megatron_mmbert.merge.ties import (
@@ -272,10 +272,8 @@ def merge_checkpoints(
     spec.validate(len(models))
     if spec.needs_base and base is None:
         raise ValueError(f"--method {spec.method} needs --base (the checkpoint the models branched from)")
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     paths = ([base] if base is not None else []) + list(models)
+    out = check_output_dir(out, "ties_merge", inputs=paths, overwrite=overwrite)
     inputs = open_inputs(paths, out_format, verify=verify)
     sources = inputs.sources
     tmp = f"{out}.tmp-{os.getpid()}"
@@ -313,6 +311,7 @@ def merge_checkpoints(
         }
         with open(os.path.join(tmp, REPORT_NAME), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
+        write_output_marker(tmp, "ties_merge")
         publish_directory(tmp, out)
         return report
     except BaseException:
