@@ -7,10 +7,13 @@ outputs) goes through here: write to a temporary name beside the target, flush a
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
-from typing import Any
+import socket
+import time
+from typing import Any, Optional
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -101,3 +104,55 @@ def check_output_dir(out: str, kind: str, inputs=(), overwrite: bool = False) ->
 def write_output_marker(directory: str, kind: str, **details: Any) -> None:
     """Mark ``directory`` (before it is published) as a ``kind`` output."""
     atomic_write_json(os.path.join(directory, OUTPUT_MARKER), {"kind": kind, **details})
+
+
+# -- one writer per run folder --------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class DirectoryLocked(RuntimeError):
+    """Another live process holds the folder's lock; the message names its host and pid."""
+
+
+class DirectoryLock:
+    """An exclusive ``fcntl.flock`` on ``directory/.lock``, held until :meth:`release` or the
+    process ends (the OS drops it even after SIGKILL, so a crashed run never blocks the next).
+    The file records the holder's host, pid and start time for the message a second writer gets.
+    ``flock`` is per host on some network filesystems: there it stops a second run on the same
+    node only."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = os.path.join(directory, LOCK_FILE)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "DirectoryLock":
+        os.makedirs(self.directory, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
+            except ValueError:
+                holder = {}
+            os.close(fd)
+            since = holder.get("since")
+            raise DirectoryLocked(
+                f"{self.directory} is in use by another run (host {holder.get('host', '?')}, pid "
+                f"{holder.get('pid', '?')}"
+                + (f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else "")
+                + "); wait for it to finish or stop it, or give this run its own run_dir"
+            ) from None
+        info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -190,3 +190,40 @@ def test_tokenizer_folder_cannot_replace_exported_config(checkpoint, tmp_path):
     (ckpt / "tokenizer" / "model.safetensors").write_text("junk")
     assert convert_main(["export-hf", "--load", str(ckpt), "--out", str(tmp_path / "out")]) == 0
     assert json.load(open(tmp_path / "out" / "config.json"))["model_type"] == "modernbert"
+
+
+# -- 3. one writer per run folder ------------------------------------------------------------------
+
+def test_second_run_on_a_run_dir_exits_naming_the_holder(tmp_path):
+    import socket
+
+    from megatron_mmbert.fileio import DirectoryLock
+    from training_helpers import launch, tiny_run_config, write_manifest
+
+    run = tmp_path / "run"
+    in_progress = run / "checkpoints" / "iter_0000002.tmp-run"  # run A's save being written
+    in_progress.mkdir(parents=True)
+    (in_progress / "__0_0.distcp").write_bytes(b"x" * 100)
+    lock = DirectoryLock(str(run)).acquire()  # run A (this process) holds the folder
+    try:
+        cfg = tiny_run_config(str(tmp_path / "run.yaml"), write_manifest(tmp_path / "data"), str(run), **ONE_PHASE)
+        proc = launch(cfg, timeout=240)
+    finally:
+        lock.release()
+    assert proc.returncode == 2
+    assert f"pid {os.getpid()}" in proc.stderr and socket.gethostname() in proc.stderr
+    assert (in_progress / "__0_0.distcp").stat().st_size == 100  # A's save untouched
+    assert not (run / "config.yaml").exists()  # nor its resolved config
+
+
+def test_startup_cleanup_removes_only_our_leftovers(tmp_path):
+    from megatron_mmbert.training.checkpoint import clean_incomplete
+
+    for name in ("iter_0000004.tmp-run", "phase_end_mid.old-123", "latest.partial-77", "notes.tmp-keep",
+                 "iter_0000002", "my_backup.old-1"):
+        (tmp_path / name).mkdir() if "." not in name or "tmp" in name or "old" in name else None
+        if not (tmp_path / name).exists():
+            (tmp_path / name).write_text("x")
+    assert sorted(clean_incomplete(str(tmp_path))) == ["iter_0000004.tmp-run", "latest.partial-77",
+                                                       "phase_end_mid.old-123"]
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "my_backup.old-1", "notes.tmp-keep"]

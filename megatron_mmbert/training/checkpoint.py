@@ -306,15 +306,25 @@ def _materialize_optimizer_state(optimizer) -> None:
                     state["exp_avg_sq"] = torch.zeros_like(p.data)
 
 
+# What an interrupted save of ours leaves: ``{name}.tmp-{stamp}`` (shards being written),
+# ``{name}.old-{pid}`` (a replaced checkpoint not yet deleted), ``latest.partial-{pid}``.
+_LEFTOVER = re.compile(r"^(iter_\d+|phase_end_[A-Za-z0-9_.-]+)\.(tmp|old)-[A-Za-z0-9_.-]+$|^latest\.partial-\d+$")
+
+
 def clean_incomplete(root: str) -> List[str]:
-    """Remove leftovers of interrupted saves (``*.tmp-*`` / ``*.old-*``) in ``root`` (rank 0 only)."""
+    """Remove leftovers of this run's interrupted saves in ``root`` (rank 0 only; the caller holds
+    the run folder's lock, so no other writer can be mid-save). Only names our saves produce are
+    touched; anything else in the folder is left alone."""
     removed = []
     if _rank() != 0 or not os.path.isdir(root):
         return removed
-    for entry in os.listdir(root):
-        if ".tmp-" in entry or ".old-" in entry:
+    for entry in sorted(os.listdir(root)):
+        if _LEFTOVER.match(entry):
             path = os.path.join(root, entry)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
             removed.append(entry)
     return removed
 

@@ -34,6 +34,7 @@ import torch
 
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.fileio import DirectoryLock, DirectoryLocked
 from megatron_mmbert.training import checkpoint as ckpt
 from megatron_mmbert.training import optim
 from megatron_mmbert.training.config import RunConfig, rampup_rows, validate, write_resolved
@@ -122,10 +123,12 @@ class Trainer:
         self.t_start = time.time()
         validate(cfg, runtime.world_size_from_env())
         self.rt = runtime.initialize(cfg.effective_model, cfg.parallel, cfg.seed)
+        self.locks = self._lock_run_folders()
         self.log = RunLogger(cfg.run_dir, cfg.tensorboard_dir if cfg.logging.tensorboard else None, self.rt.is_main)
         if self.rt.is_main:
             write_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             os.makedirs(cfg.checkpoint_dir, exist_ok=True)
+            # Safe: the lock above means no other process can be saving here now.
             removed = ckpt.clean_incomplete(cfg.checkpoint_dir)
             if removed:
                 self.log.info(f"removed leftovers of interrupted saves: {removed}")
@@ -145,6 +148,27 @@ class Trainer:
         self.eval_stream = None
 
     # -- start-up -----------------------------------------------------------------------------
+    def _lock_run_folders(self) -> List[DirectoryLock]:
+        """Rank 0 locks ``run_dir`` (and a ``checkpoint.dir`` outside it) for the run's life: one
+        writer per run folder. Every rank learns the outcome, so a refused run exits at once."""
+        cfg = self.cfg
+        folders = [cfg.run_dir]
+        if not os.path.realpath(cfg.checkpoint_dir).startswith(os.path.realpath(cfg.run_dir) + os.sep):
+            folders.append(cfg.checkpoint_dir)
+        locks: List[DirectoryLock] = []
+        error = None
+        if self.rt.is_main:
+            try:
+                for folder in folders:
+                    locks.append(DirectoryLock(folder).acquire())
+            except (DirectoryLocked, OSError) as exc:
+                error = str(exc)
+                for lock in locks:
+                    lock.release()
+        if _any_rank(error is not None, self.rt.device):
+            raise ConfigError(error or "rank 0 could not lock the run folder (see its message)")
+        return locks
+
     def _fresh_state(self, phase_index: int) -> Dict:
         return {"phase_index": phase_index, "consumed_samples": 0, "consumed_samples_per_phase": {},
                 "step": 0, "tokens": 0, "skipped_steps": 0}
@@ -416,6 +440,8 @@ class Trainer:
 
     def close(self) -> None:
         self.log.close()
+        for lock in self.locks:
+            lock.release()
 
 
 def train(cfg: RunConfig) -> int:
