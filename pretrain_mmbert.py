@@ -24,6 +24,8 @@ def main(argv=None) -> int:
     parser.add_argument("--validate", action="store_true", help="validate config + data and exit")
     parser.add_argument("--world-size", type=int, help="world size for --validate (default: $WORLD_SIZE or 1)")
     parser.add_argument("--skip-data", action="store_true", help="--validate without the data/checkpoint checks")
+    parser.add_argument("--print-checkpoint-dir", action="store_true",
+                        help="print the run's checkpoint folder and exit (examples/launch_resumable.sh)")
     args, overrides = parser.parse_known_args(argv)
 
     from megatron_mmbert.training import config as run_config
@@ -35,6 +37,9 @@ def main(argv=None) -> int:
         parser.error("--config is required")
     try:
         cfg = run_config.load_config(args.config, overrides)
+        if args.print_checkpoint_dir:
+            print(os.path.abspath(cfg.checkpoint_dir))
+            return 0
         if args.validate:
             from megatron_mmbert.runtime import world_size_from_env
 

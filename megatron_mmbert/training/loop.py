@@ -27,6 +27,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import time
 from typing import Dict, List, Optional
 
@@ -89,13 +90,26 @@ def reseed(seed: int, step: int) -> None:
 
 
 class _StopFlag:
-    """SIGTERM/SIGUSR1 set a flag; the loop checks it (all-reduced) at the end of every step."""
+    """SIGTERM/SIGUSR1 set a flag; the loop checks it (all-reduced) at the end of every step.
+
+    Under torchrun the worker also asks the kernel for SIGTERM when the agent dies
+    (``PR_SET_PDEATHSIG``): a SIGKILLed torchrun leaves no orphaned trainers, and they save first."""
 
     def __init__(self, enabled: bool):
         self.signal: Optional[int] = None
         if enabled:
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._handle)
+        if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform.startswith("linux"):
+            import ctypes
+
+            agent = os.getppid()
+            try:  # PR_SET_PDEATHSIG
+                ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM if enabled else signal.SIGKILL)
+            except (OSError, AttributeError):
+                return
+            if os.getppid() != agent:  # the agent died before the request took effect
+                self._handle(signal.SIGTERM, None) if enabled else os._exit(1)
 
     def _handle(self, signum, frame):  # noqa: ARG002
         self.signal = signum
@@ -414,13 +428,15 @@ class Trainer:
                 kill_in_save = cfg.debug.sigkill_during_save_at_step == st["step"]
                 if phase_done:
                     break
-                if cfg.checkpoint.every_steps and st["step"] % cfg.checkpoint.every_steps == 0:
+                saved_now = bool(cfg.checkpoint.every_steps and st["step"] % cfg.checkpoint.every_steps == 0)
+                if saved_now:
                     self.save(f"iter_{st['step']:07d}", phase, scheduler, kill_in_save)
                 stop_signal = self.stop.signal is not None
                 over_time = (cfg.checkpoint.exit_after_minutes is not None
                              and time.time() - self.t_start > 60 * cfg.checkpoint.exit_after_minutes)
                 if _any_rank(stop_signal or over_time, self.rt.device):
-                    self.save(f"iter_{st['step']:07d}", phase, scheduler)
+                    if not saved_now:  # this step's periodic save is already complete
+                        self.save(f"iter_{st['step']:07d}", phase, scheduler)
                     why = f"signal {self.stop.signal}" if stop_signal else f"time limit {cfg.checkpoint.exit_after_minutes} min"
                     self.log.info(f"stopping cleanly at step {st['step']} ({why}); rerun the same command to resume")
                     return 0
