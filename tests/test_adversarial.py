@@ -227,3 +227,155 @@ def test_startup_cleanup_removes_only_our_leftovers(tmp_path):
     assert sorted(clean_incomplete(str(tmp_path))) == ["iter_0000004.tmp-run", "latest.partial-77",
                                                        "phase_end_mid.old-123"]
     assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "my_backup.old-1", "notes.tmp-keep"]
+
+
+# -- 4. inputs checked before hours are spent ------------------------------------------------------
+
+@pytest.fixture
+def data_run(tmp_path):
+    """A valid tiny run config over write_manifest's three uint16 languages."""
+    from training_helpers import tiny_run_config, write_manifest
+
+    manifest = write_manifest(tmp_path / "data")
+    cfg = tiny_run_config(str(tmp_path / "run.yaml"), manifest, str(tmp_path / "run"), **ONE_PHASE)
+    return cfg, manifest, str(tmp_path / "data" / "fra_Latn" / "part-0")
+
+
+def _validate(cfg, capsys, *overrides):
+    from pretrain_mmbert import main as pretrain_main
+
+    rc = pretrain_main(["--config", cfg, "--validate", *overrides])
+    return rc, capsys.readouterr().err
+
+
+def _build_index(cfg, capsys):
+    from megatron_mmbert.cli.build_data_index import main as index_main
+
+    rc = index_main(["--config", cfg])
+    return rc, capsys.readouterr().err
+
+
+def test_valid_data_passes(data_run, capsys):
+    assert _validate(data_run[0], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("damage", ["dtype_uint8", "dtype_int32", "truncated_bin", "bad_magic", "missing_bin",
+                                    "truncated_idx"])
+def test_damaged_shard_is_refused_at_validate_and_index_build(data_run, capsys, damage):
+    cfg, _, prefix = data_run
+    idx, binf = prefix + ".idx", prefix + ".bin"
+    raw = bytearray(open(idx, "rb").read())
+    if damage.startswith("dtype"):
+        raw[17] = {"dtype_uint8": 1, "dtype_int32": 4}[damage]  # megatron-core DType codes
+        open(idx, "wb").write(raw)
+        named = idx
+    elif damage == "truncated_bin":
+        os.truncate(binf, os.path.getsize(binf) - 10)
+        named = binf
+    elif damage == "bad_magic":
+        raw[:9] = b"NOTANIDX\x00"
+        open(idx, "wb").write(raw)
+        named = idx
+    elif damage == "truncated_idx":
+        open(idx, "wb").write(raw[:-8])
+        named = idx
+    else:
+        os.remove(binf)
+        named = binf
+    for run in (_validate, _build_index):
+        rc, err = run(cfg, capsys)
+        assert rc == 2 and named in err, err
+    assert "Traceback" not in err
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(data_run, capsys):
+    cfg, manifest, _ = data_run
+    obj = json.load(open(manifest))
+    obj["languages"]["deu_Latn"]["max_token_id"] = 5000  # int32 shards of a bigger tokenizer
+    json.dump(obj, open(manifest, "w"))
+    rc, err = _validate(cfg, capsys)
+    assert rc == 2 and "deu_Latn" in err and "5000" in err
+
+
+def test_preprocessing_records_the_largest_token_id(tmp_path):
+    import numpy as np
+
+    from megatron_mmbert.data.preprocess import _build_manifest
+    from megatron_mmbert.data.shards import ShardWriter, TokenizerIdentity
+
+    with ShardWriter(str(tmp_path / "x" / "part-0"), np.uint16) as w:
+        w.add_document([2, 17, 4001, 1])
+        w.add_document([2, 9, 1])
+        w.finalize()
+    assert w.max_token_id == 4001
+    shard = {"prefix": "x/part-0", "documents": 2, "tokens": 7, "bytes": 0, "sources": [], "max_token_id": 4001}
+    tok = TokenizerIdentity(name="t", vocab_size=4096, hash="0", special_ids={}, all_special_ids=[])
+    m = _build_manifest(str(tmp_path), tok, "uint16", [{"shards": {"x": shard}}])
+    assert m.languages["x"].max_token_id == 4001
+    older = dict(shard)
+    del older["max_token_id"]  # a unit from before ids were recorded: unknown, not a guess
+    m = _build_manifest(str(tmp_path), tok, "uint16", [{"shards": {"x": shard}}, {"shards": {"x": older}}])
+    assert m.languages["x"].max_token_id is None
+
+
+@pytest.mark.parametrize("override, field", [
+    (("--seed", "-5"), "seed"),
+    (("--optimizer.adam_beta1", "2"), "optimizer.adam_beta1"),
+    (("--optimizer.adam_beta2", "nan"), "optimizer.adam_beta2"),
+    (("--phases.0.languages", "top:0"), "phases.0.languages"),
+    (("--phases.0.name", "../../../escaped"), "phases.0.name"),
+])
+def test_out_of_domain_values_are_refused_naming_the_field(data_run, capsys, override, field):
+    rc, err = _validate(data_run[0], capsys, *override, "--skip-data")
+    assert rc == 2 and field in err, err
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--lambda", "nan"], "--lambda"), (["--lambda", "inf"], "--lambda"),
+    (["--weights", "1", "nan"], "--weights"), (["--chunk-mb", "0"], "--chunk-mb"),
+    (["--chunk-mb", "-1"], "--chunk-mb"),
+])
+def test_merge_refuses_non_finite_values(checkpoint, tmp_path, capsys, args, flag):
+    ckpt = str(checkpoint / "ckpt")
+    rc = merge_main(["--base", ckpt, "--models", ckpt, ckpt, "--method", "task_arithmetic", *args,
+                     "--out", str(tmp_path / "out"), "--quiet"])
+    assert rc == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("prefix", ["../x", "/tmp/abs", "a/b", ".hidden", ""])
+def test_preprocess_prefix_is_a_plain_file_name(tmp_path, prefix):
+    from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
+
+    with pytest.raises(PreprocessError, match="--prefix"):
+        run_preprocess(PreprocessConfig(inputs=[str(tmp_path)], output=str(tmp_path / "out"),
+                                        tokenizer=str(tmp_path / "tok"), prefix=prefix))
+    assert not (tmp_path / "out").exists()
+
+
+def test_language_tags_cannot_name_the_outputs_own_files():
+    from megatron_mmbert.data.sources import valid_lang
+
+    assert valid_lang("eng_Latn") and valid_lang("zh-Hans")
+    for bad in ("manifest.json", "MANIFEST.JSON", "../x", ".preprocess", "a/b", "", None, 3):
+        assert not valid_lang(bad), bad
+
+
+def test_rerun_redoes_a_unit_whose_shard_was_deleted(tmp_path):
+    import numpy as np
+
+    from megatron_mmbert.data.preprocess import STATE_DIR, _forget_units_with_missing_shards
+    from megatron_mmbert.data.shards import ShardWriter
+
+    units = tmp_path / STATE_DIR / "units"
+    units.mkdir(parents=True)
+    markers = []
+    for uid in ("u1", "u2"):
+        with ShardWriter(str(tmp_path / "fra" / f"part-{uid}"), np.uint16) as w:
+            w.add_document([2, 5, 1])
+            w.finalize()
+        markers.append({"id": uid, "shards": {"fra": {"prefix": f"fra/part-{uid}"}}})
+        (units / f"{uid}.json").write_text("{}")
+    os.remove(tmp_path / "fra" / "part-u2.bin")
+    kept = _forget_units_with_missing_shards(str(tmp_path), markers)
+    assert [m["id"] for m in kept] == ["u1"] and sorted(os.listdir(units)) == ["u1.json"]

@@ -64,7 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from megatron_mmbert.data.index import build_data_index
     from megatron_mmbert.data.schedule import format_table
-    from megatron_mmbert.data.shards import load_manifest
+    from megatron_mmbert.data.shards import check_manifest_shards, load_manifest
 
     try:
         if _is_run_config(args.config):
@@ -79,6 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             seed = run.data_seed if args.seed is None else args.seed
             batch = args.global_batch_size or run.batch.global_batch_size
             anneal = args.anneal_segments or run.data.anneal_segments
+            vocab = run.model.vocab_size
         else:
             if overrides:
                 raise ConfigError(f"unknown arguments {overrides} (overrides need a training run config)")
@@ -88,7 +89,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             phases = load_phases(args.config)
             manifest_path, cache_dir, seed = args.manifest, args.cache_dir, args.seed
             batch, anneal = args.global_batch_size, args.anneal_segments or 64
+            vocab = None
         manifest = load_manifest(manifest_path)
+        # Damaged or foreign shards fail here, naming the file, not in the middle of training.
+        check_manifest_shards(manifest, [lang for lang, e in manifest.languages.items() if e.shards],
+                              vocab or manifest.tokenizer.vocab_size)
         t0 = time.time()
         index = build_data_index(manifest, phases, seed, cache_dir, batch, anneal, is_builder=True)
     except (ConfigError, FileNotFoundError, ValueError) as e:

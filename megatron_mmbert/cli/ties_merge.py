@@ -16,6 +16,7 @@ See docs/merging.md for the algorithm, the memory bound and the report.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import List, Optional
 
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if not (math.isfinite(args.chunk_mb) and args.chunk_mb > 0):
+        print(f"ties_merge: error: --chunk-mb must be a positive number, got {args.chunk_mb}", file=sys.stderr)
+        return 2
     spec = MergeSpec(
         method=args.method, weights=args.weights,
         density=1.0 if args.density is None else args.density, lam=args.lam, trim=args.trim,

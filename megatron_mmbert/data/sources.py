@@ -40,11 +40,19 @@ import os
 import re
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+from megatron_mmbert.config_base import SAFE_NAME
+
 JSONL_EXTS = (".jsonl", ".json", ".ndjson")
 TEXT_EXTS = (".txt",)
 COMPRESSED = (".gz", ".zst")
 LANG_FOLDER = re.compile(r"^[a-z]{2,3}_[A-Z][a-z]{3}$")  # FineWeb2 subset names, e.g. fra_Latn
-VALID_LANG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a folder name in the output
+VALID_LANG = SAFE_NAME  # also a folder name in the output
+RESERVED_LANGS = frozenset({"manifest.json"})  # names the output folder uses for itself
+
+
+def valid_lang(lang) -> bool:
+    """A language tag usable as a folder name of the output (and not one of its own files)."""
+    return isinstance(lang, str) and bool(VALID_LANG.match(lang)) and lang.lower() not in RESERVED_LANGS
 
 BAD_KINDS = {
     "malformed_json": "malformed JSON line",
@@ -249,8 +257,9 @@ def discover(inputs: List[str], opts: ReadOptions, log: BadInputLog) -> List[Sou
                 f"cannot tell the language of {s.path}: pass --lang LANG for single-language inputs or "
                 "--lang-key FIELD for inputs with a language column (FineWeb2 folders name it themselves)"
             )
-        if s.lang is not None and not VALID_LANG.match(s.lang):
-            raise InputError(f"language {s.lang!r} is not a usable folder name (letters, digits, _ . -)")
+        if s.lang is not None and not valid_lang(s.lang):
+            raise InputError(f"language {s.lang!r} is not a usable folder name (letters, digits, _ . -; "
+                             f"not {', '.join(sorted(RESERVED_LANGS))})")
     return out
 
 
@@ -415,7 +424,7 @@ def _check_text(text, lang, fixed_lang: Optional[str]) -> Tuple[Optional[str], s
     if not text.strip():
         return "empty_text", "", None
     if fixed_lang is None:
-        if not isinstance(lang, str) or not VALID_LANG.match(lang):
+        if not valid_lang(lang):
             return "missing_language", f"got {lang!r}", None
         fixed_lang = lang
     try:

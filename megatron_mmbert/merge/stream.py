@@ -270,6 +270,8 @@ def merge_checkpoints(
     given, only supplies the non-float tensors and the config (else the first model does).
     """
     spec.validate(len(models))
+    if not chunk_bytes >= 1:
+        raise ValueError(f"--chunk-mb must be positive (a block of at least one byte), got {chunk_bytes} bytes")
     if spec.needs_base and base is None:
         raise ValueError(f"--method {spec.method} needs --base (the checkpoint the models branched from)")
     paths = ([base] if base is not None else []) + list(models)
