@@ -254,18 +254,62 @@ def save_training(
     return directory
 
 
-def read_latest(root: str) -> Optional[str]:
-    """The directory ``root/latest`` points at, or None. A pointer to an incomplete directory (it
-    cannot happen through :func:`save_training`, but a hand edit can) is an error."""
-    path = os.path.join(root, LATEST_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        name = f.read().strip()
-    directory = os.path.join(root, name)
+def _training_position(directory: str) -> Optional[tuple]:
+    """(step, saved_at) of a complete training checkpoint with a readable config, else None."""
     if not is_complete(directory):
-        raise ConfigError(f"{path} points at {directory}, which is not a complete checkpoint; fix or remove {path}")
-    return directory
+        return None
+    try:
+        meta = read_config(directory)
+        return (int(meta["train_state"]["step"]), float(meta.get("saved_at", 0.0)))
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None
+
+
+def complete_checkpoints(root: str) -> List[str]:
+    """The complete training checkpoints in ``root``, newest (highest step) first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for entry in os.listdir(root):
+        if _LEFTOVER.match(entry) or not entry.startswith(("iter_", "phase_end_")):
+            continue
+        position = _training_position(os.path.join(root, entry))
+        if position is not None:
+            found.append((position, entry))
+    return [os.path.join(root, e) for _, e in sorted(found, reverse=True)]
+
+
+def read_latest(root: str, warn: Optional[Callable[[str], None]] = None) -> Optional[str]:
+    """The checkpoint to resume from: the one ``root/latest`` names, or None for a fresh run.
+
+    A damaged pointer (unreadable, not a plain name, naming an incomplete or unreadable
+    checkpoint) or a missing one beside complete checkpoints falls back to the newest complete
+    checkpoint, reported through ``warn``, naming what was skipped."""
+    path = os.path.join(root, LATEST_FILE)
+    problem = None
+    if os.path.lexists(path):
+        try:
+            with open(path) as f:
+                name = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            name, problem = None, f"{path} is unreadable ({exc})"
+        if name is not None:
+            if not name or os.path.basename(name) != name or name in (".", ".."):
+                problem = f"{path} holds {name[:80]!r}, not a checkpoint name"
+            elif _training_position(os.path.join(root, name)) is None:
+                problem = f"{path} points at {os.path.join(root, name)}, which is not a complete checkpoint"
+            else:
+                return os.path.join(root, name)
+    candidates = complete_checkpoints(root)
+    if problem is None:
+        if not candidates:
+            return None
+        problem = f"{path} is missing although {root} holds checkpoints"
+    if not candidates:
+        raise ConfigError(f"{problem}, and no complete checkpoint is left in {root}; remove {path} to start over")
+    if warn is not None:
+        warn(f"WARNING: {problem}; resuming from the newest complete checkpoint, {candidates[0]}")
+    return candidates[0]
 
 
 def load_training(directory: str, chunks: List[torch.nn.Module], optimizer) -> Dict[str, Any]:

@@ -189,7 +189,7 @@ class Trainer:
 
     def _restore(self) -> Dict:
         cfg = self.cfg
-        latest = ckpt.read_latest(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
+        latest = ckpt.read_latest(cfg.checkpoint_dir, warn=self.log.info) if cfg.checkpoint.resume else None
         names = [p.name for p in cfg.phases]
         if latest is not None:
             if cfg.checkpoint.verify_on_load:
