@@ -436,3 +436,61 @@ def test_overwritten_bytes_in_a_shard_file_are_caught(checkpoint, tmp_path, caps
     assert rc == 2 and shard in capsys.readouterr().err
     # --no-verify skips the check (for huge checkpoints), and the damage then goes unnoticed
     assert convert_main(["export-hf", "--load", str(ckpt), "--out", str(tmp_path / "out"), "--no-verify"]) == 0
+
+
+# -- 7. the weak items -----------------------------------------------------------------------------
+
+def test_merge_warns_about_a_model_that_did_not_branch_from_the_base(checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    hf = checkpoint / "hf"
+    near = tmp_path / "near"
+    shutil.copytree(hf, near)
+    state = load_file(str(near / "model.safetensors"))
+    torch.manual_seed(0)
+    save_file({k: v + 1e-3 * torch.randn_like(v) for k, v in state.items()}, str(near / "model.safetensors"))
+    unrelated = tmp_path / "unrelated"
+    make_hf_model("even", str(unrelated), seed=5)
+    rc = merge_main(["--method", "task_arithmetic", "--base", str(hf), "--models", str(near), str(unrelated),
+                     "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    warnings = [line for line in err.splitlines() if "WARNING" in line]
+    assert warnings and all(str(unrelated) in w for w in warnings), err
+    report = json.load(open(tmp_path / "out" / "merge_report.json"))
+    assert report["summary"]["warnings"]
+
+
+def test_import_refuses_non_finite_weights(checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint / "hf", broken)
+    state = load_file(str(broken / "model.safetensors"))
+    key = sorted(state)[3]
+    state[key][0] = float("nan")
+    save_file(state, str(broken / "model.safetensors"))
+    assert convert_main(["import-hf", "--hf-dir", str(broken), "--save", str(tmp_path / "out")]) == 2
+    assert key in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_os_errors_are_reported_without_a_traceback(checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    assert convert_main(["export-hf", "--load", str(checkpoint / "ckpt"), "--out", str(blocker / "out")]) == 1
+    err = capsys.readouterr().err
+    assert str(blocker) in err and "Traceback" not in err
+
+
+def test_symlinked_input_is_read_once_and_a_fifo_is_refused(tmp_path):
+    from megatron_mmbert.data.sources import BadInputLog, InputError, ReadOptions, discover
+
+    data = tmp_path / "in"
+    data.mkdir()
+    (data / "a.jsonl").write_text('{"text": "hello"}\n')
+    os.symlink(data / "a.jsonl", data / "b.jsonl")
+    sources = discover([str(data), str(data / "a.jsonl")], ReadOptions(lang="fra_Latn"), BadInputLog())
+    assert len(sources) == 1
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(InputError, match="pipe.jsonl"):
+        discover([str(tmp_path / "pipe.jsonl")], ReadOptions(lang="fra_Latn"), BadInputLog())

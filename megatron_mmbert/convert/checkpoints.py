@@ -86,6 +86,9 @@ def import_hf(hf_dir: str, save_dir: str, overwrite: bool = False) -> ModelConfi
     check_output_dir(save_dir, "import-hf", inputs=[hf_dir], overwrite=overwrite)
     model = read_hf_config(hf_dir)
     state = read_hf_state_dict(hf_dir)
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(f"{hf_dir}: tensor {key} holds NaN or inf values; refusing to import a broken model")
     canonical = hf_map.hf_to_megatron(state, model, model.padded_vocab_size(1))
     chunk = _single_process_model(model)
     result = chunk.load_state_dict(canonical, strict=False)

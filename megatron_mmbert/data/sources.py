@@ -218,6 +218,8 @@ def discover(inputs: List[str], opts: ReadOptions, log: BadInputLog) -> List[Sou
         path = os.path.abspath(raw)
         if not os.path.exists(path):
             raise InputError(f"input {raw} does not exist")
+        if not os.path.isfile(path) and not os.path.isdir(path):  # a FIFO or device would block or never end
+            raise InputError(f"input {raw} is neither a regular file nor a folder")
         if os.path.isfile(path):
             kind = _kind_of(path)
             if kind is None:
@@ -243,13 +245,14 @@ def discover(inputs: List[str], opts: ReadOptions, log: BadInputLog) -> List[Sou
             found = []
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames.sort()
-                found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _kind_of(f))
+                found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                             if _kind_of(f) and os.path.isfile(os.path.join(dirpath, f)))
             if not found:
                 raise InputError(f"input folder {raw} holds no supported files (jsonl, parquet, arrow, txt)")
             sources.extend(Source(f, _kind_of(f), opts.lang) for f in found)
     unique = {}
-    for s in sources:
-        unique.setdefault(s.path, s)
+    for s in sources:  # one file reached twice (a symlink, overlapping inputs) is read once
+        unique.setdefault(os.path.realpath(s.path), s)
     out = sorted(unique.values(), key=lambda s: s.path)
     for s in out:
         if s.lang is None and opts.lang_key is None:
