@@ -53,6 +53,10 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank fails the same way; say it once
             print(f"pretrain_mmbert.py: config error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # read-only run_dir, full disk, missing file: say which, no traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"pretrain_mmbert.py: error on rank {os.environ.get('RANK', '0')}: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
