@@ -8,5 +8,6 @@ CONFIG=${1:?usage: pretrain_single_node.sh CONFIG.yaml [--key value ...]}
 shift
 NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
 cd "$(dirname "$0")/.."
-python pretrain_mmbert.py --config "$CONFIG" --validate --world-size "$NGPU" "$@"
-TORCHRUN_ARGS="--standalone --nproc_per_node $NGPU" exec examples/launch_resumable.sh "$CONFIG" "$@"
+PY="$(bash install.sh --print-python)"  # the interpreter install.sh installed into
+"$PY" pretrain_mmbert.py --config "$CONFIG" --validate --world-size "$NGPU" "$@"
+PYTHON="$PY" TORCHRUN_ARGS="--standalone --nproc_per_node $NGPU" exec examples/launch_resumable.sh "$CONFIG" "$@"

@@ -6,13 +6,15 @@
 #   bash examples/quickstart.sh [OUT_DIR]        (default: runs/quickstart; rerunning resumes)
 #
 # Needs Python 3.10+ and the gettext catalogs of /usr/share/locale (any Debian/Ubuntu image; else
-# apt-get install -y gettext iso-codes). Installs torch (CPU) and this package when missing.
+# apt-get install -y gettext iso-codes). Installs torch (CPU) and this package when missing, with
+# install.sh, and runs every step with the interpreter install.sh chose (the active environment,
+# else this repository's .venv).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(mkdir -p "${1:-runs/quickstart}" && cd "${1:-runs/quickstart}" && pwd)"
 NPROC="${NPROC:-2}"
-PY="${PYTHON:-python}"
+PY="$(bash "$ROOT/install.sh" --print-python)"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
@@ -22,8 +24,9 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 # -- 0. install what is missing --------------------------------------------------------------
 if ! "$PY" -c "import megatron_mmbert.data._index_builder, megatron.core, tensorboard" 2>/dev/null; then
   say "installing torch (CPU, if missing), megatron-mmbert and its dependencies"
-  PYTHON="$PY" bash "$ROOT/install.sh"
+  bash "$ROOT/install.sh"
 fi
+echo "Python: $PY"
 if [ ! -d /usr/share/locale ]; then
   echo "no /usr/share/locale: install gettext catalogs (apt-get install -y gettext iso-codes)" >&2
   exit 1
@@ -114,6 +117,6 @@ Written under {out}:
   decay_*/          the three decay variants (from train/checkpoints/phase_end_mid)
   merged/           TIES merge of the variants (megatron dist checkpoint)
   hf/               Hugging Face ModernBertForMaskedLM (AutoModelForMaskedLM.from_pretrained)
-TensorBoard: tensorboard --logdir {out}
+TensorBoard: {sys.executable} -m tensorboard.main --logdir {out}
 """)
 EOF

@@ -20,26 +20,43 @@ def base(demo_shards, tmp_path_factory):  # noqa: F811
     return str(tmp_path_factory.mktemp("run")), os.path.join(demo_shards, "manifest.json")
 
 
-def test_resharding_tp2_to_pp2_and_dp2(base):
+def _resume_from(root, manifest, name, source, ckpt, sections, layout, nproc):
+    """A new run dir holding only ``source``'s checkpoint ``ckpt``, resumed at ``layout`` for a step
+    or two (exit_after_minutes 0: one step, save, clean exit -- the time-limit path)."""
+    run = os.path.join(root, name)
+    os.makedirs(os.path.join(run, "checkpoints"))
+    shutil.copytree(os.path.join(source, "checkpoints", ckpt), os.path.join(run, "checkpoints", ckpt))
+    with open(os.path.join(run, "checkpoints", "latest"), "w") as f:
+        f.write(ckpt + "\n")
+    c = tiny_run_config(os.path.join(root, f"{name}.yaml"), manifest, run, model=NO_DROPOUT, **sections)
+    return run, check(launch(c, *layout, "--checkpoint.exit_after_minutes", "0", nproc=nproc))
+
+
+@pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["optimizer", "distributed_optimizer"])
+def test_resharding_tp2_to_pp2_dp2_and_one_process(base, distributed_optimizer):
+    """A TP2 checkpoint resumes at PP2, at DP2 and on one process; the DP2 run's own checkpoint
+    resumes on one process. Every resumed step's loss equals the TP2 run's (within 1e-5)."""
     root, manifest = base
+    root = os.path.join(root, "distopt" if distributed_optimizer else "opt")
+    os.makedirs(root)
+    sections = {"parallel": {"use_distributed_optimizer": distributed_optimizer}}
     ref = os.path.join(root, "tp2")
-    cfg = tiny_run_config(os.path.join(root, "tp2.yaml"), manifest, ref, model=NO_DROPOUT)
+    cfg = tiny_run_config(os.path.join(root, "tp2.yaml"), manifest, ref, model=NO_DROPOUT, **sections)
     check(launch(cfg, "--parallel.tensor_parallel", "2", nproc=2))
     expected = {r["step"]: r["loss"] for r in train_records(ref)}
-    for name, layout in (("pp2", ["--parallel.pipeline_parallel", "2"]),
-                         ("dp2", [])):
-        run = os.path.join(root, name)
-        os.makedirs(os.path.join(run, "checkpoints"))
-        shutil.copytree(os.path.join(ref, "checkpoints", "iter_0000010"), os.path.join(run, "checkpoints", "iter_0000010"))
-        with open(os.path.join(run, "checkpoints", "latest"), "w") as f:
-            f.write("iter_0000010\n")
-        c = tiny_run_config(os.path.join(root, f"{name}.yaml"), manifest, run, model=NO_DROPOUT)
-        # exit_after_minutes 0: one step, save, clean exit (the time-limit path)
-        p = check(launch(c, *layout, "--checkpoint.exit_after_minutes", "0", nproc=2))
+    resumed = {}
+    for name, layout, nproc in (("pp2", ["--parallel.pipeline_parallel", "2"], 2), ("dp2", [], 2)):
+        run, p = _resume_from(root, manifest, name, ref, "iter_0000010", sections, layout, nproc)
         # step 11 ends "mid" (phase-end save, no stop there), step 12 is decay's first: stop after it
-        assert "stopping cleanly at step 12" in p.stdout
-        recs = train_records(run)
-        assert [r["step"] for r in recs] == [11, 12]
+        assert "stopping cleanly at step 12" in p.stdout and "optimizer restored" in p.stdout
+        resumed[name] = train_records(run)
+        assert [r["step"] for r in resumed[name]] == [11, 12]
+    # DP2 -> one process: the DP2 run's own save at its stop (step 12) goes on at step 13.
+    run, p = _resume_from(root, manifest, "dp1", os.path.join(root, "dp2"), "iter_0000012", sections, [], 0)
+    assert "stopping cleanly at step 13" in p.stdout and "optimizer restored" in p.stdout
+    resumed["dp1"] = train_records(run)
+    assert [r["step"] for r in resumed["dp1"]] == [13]
+    for name, recs in resumed.items():
         for rec in recs:
             assert abs(rec["loss"] - expected[rec["step"]]) < 1e-5, (name, rec, expected[rec["step"]])
 

@@ -318,7 +318,7 @@ def load_training(directory: str, chunks: List[torch.nn.Module], optimizer) -> D
     meta = read_config(directory)
     with_optimizer = optimizer is not None and meta.get("has_optimizer", False)
     if with_optimizer:
-        _materialize_optimizer_state(optimizer)
+        materialize_optimizer_state(optimizer)
     state = load(directory, training_sharded_state_dict(chunks, optimizer if with_optimizer else None, is_loading=True))
     if len(chunks) == 1:
         _load_chunk(chunks[0], state["model"])
@@ -326,21 +326,58 @@ def load_training(directory: str, chunks: List[torch.nn.Module], optimizer) -> D
         for i, chunk in enumerate(chunks):
             _load_chunk(chunk, state[f"model{i}"])
     if with_optimizer:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
     meta["loaded_optimizer"] = with_optimizer
     return meta
 
 
-def _materialize_optimizer_state(optimizer) -> None:
-    """Give a not-yet-stepped torch Adam its state tensors (zeros, step 0) so megatron's
-    DistributedOptimizer can describe the state it is about to load (without Apex/TE it reads
-    ``state['step']``, which torch creates lazily on the first step). Everything is overwritten
-    by the load."""
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    for opt in inner:
-        torch_opt = getattr(opt, "optimizer", None)
-        if torch_opt is None or not hasattr(torch_opt, "state"):
+# -- optimizer state: megatron-core 0.16.1's DistributedOptimizer with torch's Adam -----------------
+#
+# Without TransformerEngine or Apex, megatron-core builds its optimizers on ``torch.optim.AdamW``,
+# which keeps the Adam step count per parameter (``state[p]["step"]``, created lazily by the first
+# ``step()``). The DistributedOptimizer's ``fully_reshardable`` format stores that count once, in the
+# param groups, and megatron-core 0.16.1 then trips over it in two places:
+#   * describing the state to load (``sharded_state_dict(is_loading=True)`` -> ``state_dict()``)
+#     reads ``state[p]["step"]`` of every parameter, which a fresh optimizer does not have yet;
+#   * loading (``load_parameter_state_from_fully_reshardable`` ->
+#     ``_set_main_param_and_optimizer_states``) copies *every* key of the live per-parameter state
+#     from the checkpoint's tensors, which have no ``step``: ``KeyError: 'step'``. Its
+#     ``load_state_dict`` also hands every parameter the same step tensor object, which torch's
+#     Adam then increments once per parameter per step, so the bias correction of a resumed run
+#     would run ahead of the uninterrupted one.
+# With TE's FusedAdam (or Apex's) the step lives in the param groups only, none of this applies,
+# and a per-parameter ``step`` entry must not be added (FusedAdam's ``state_dict`` cannot map it).
+
+
+def uses_per_parameter_step(optimizer, have_apex_or_te: Optional[bool] = None) -> bool:
+    """Whether megatron-core's ``DistributedOptimizer`` ``optimizer`` runs on torch's Adam (per-
+    parameter ``step`` state). ``have_apex_or_te`` defaults to megatron-core's own flag, the one its
+    ``state_dict`` / ``load_state_dict`` branch on."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if have_apex_or_te is None:
+        have_apex_or_te = distrib_optimizer.HAVE_APEX_OR_TE
+    return isinstance(optimizer, distrib_optimizer.DistributedOptimizer) and not have_apex_or_te
+
+
+def _inner_optimizers(optimizer) -> List[Any]:
+    """The megatron optimizers inside ``optimizer`` (a ChainedOptimizer, a GuardedOptimizer's
+    delegate, or a single one)."""
+    inner = getattr(optimizer, "chained_optimizers", None)
+    if inner:
+        return list(inner)
+    return [getattr(optimizer, "_optimizer", optimizer)]
+
+
+def materialize_optimizer_state(optimizer, have_apex_or_te: Optional[bool] = None) -> None:
+    """Give a not-yet-stepped torch Adam inside a DistributedOptimizer its state tensors (zeros,
+    step 0), so megatron-core can describe the state it is about to load. Everything is overwritten
+    by the load. Only where :func:`uses_per_parameter_step`; elsewhere megatron-core allocates the
+    state itself (``init_state_fn`` for the non-distributed optimizers)."""
+    for opt in _inner_optimizers(optimizer):
+        if not uses_per_parameter_step(opt, have_apex_or_te):
             continue
+        torch_opt = opt.optimizer
         for group in torch_opt.param_groups:
             for p in group["params"]:
                 state = torch_opt.state[p]
@@ -348,6 +385,40 @@ def _materialize_optimizer_state(optimizer) -> None:
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p.data)
                     state["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
+def load_optimizer_state(optimizer, state: Dict[str, Any]) -> None:
+    """Load the optimizer part of a training checkpoint (as returned by ``dist_checkpointing.load``)."""
+    inner = _inner_optimizers(optimizer)
+    states = [state] if len(inner) == 1 else [state[i] for i in range(len(inner))]
+    for opt, sub in zip(inner, states):
+        if isinstance(sub, dict) and "param_state" in sub:
+            _load_distributed_optimizer_state(opt, dict(sub))
+        else:
+            opt.load_state_dict(sub)
+
+
+def _load_distributed_optimizer_state(opt, state: Dict[str, Any]) -> None:
+    """megatron-core's ``DistributedOptimizer.load_state_dict`` in its two halves (param groups and
+    the Adam step, then the per-parameter tensors), with the per-parameter entries the checkpoint's
+    tensors do not carry (torch Adam's ``step``) set aside while the tensors are copied, and each
+    parameter given its own step tensor again afterwards (see the note above)."""
+    param_state = state.pop("param_state")
+    kind = state.pop("param_state_sharding_type")
+    if kind != OPTIMIZER_METADATA["distrib_optim_sharding_type"]:
+        raise ConfigError(f"optimizer state of sharding type {kind!r}; this trainer writes and reads "
+                          f"{OPTIMIZER_METADATA['distrib_optim_sharding_type']!r} only")
+    opt.load_state_dict(state)
+    saved_keys = {"param" if k == "fp32_param" else k for entry in param_state.values() for k in entry}
+    saved_keys.add("param")
+    torch_state = opt.optimizer.state
+    aside = {p: {k: s.pop(k) for k in list(s) if k not in saved_keys} for p, s in torch_state.items()}
+    try:
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+    finally:
+        for p, entries in aside.items():
+            for k, v in entries.items():
+                torch_state[p][k] = v.clone() if isinstance(v, torch.Tensor) else v
 
 
 # What an interrupted save of ours leaves: ``{name}.tmp-{stamp}`` (shards being written),

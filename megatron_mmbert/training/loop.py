@@ -199,9 +199,19 @@ class Trainer:
             if state["phase"] not in names:
                 raise ConfigError(f"{latest} was saved in phase {state['phase']!r}, which this config lacks ({names})")
             state["phase_index"] = names.index(state["phase"])
+            optimizer = "restored" if meta["loaded_optimizer"] else "fresh"
+            if state["consumed_samples"] >= self.stream.phase_num_samples(state["phase"]):
+                # Only a phase-end checkpoint holds a finished phase (periodic saves skip the last step).
+                if state["phase_index"] == len(names) - 1:
+                    state["run_complete"] = latest
+                    return state
+                state.update(phase_index=state["phase_index"] + 1, consumed_samples=0)
+                self.log.info(f"resumed from {latest}: step {state['step']}, phase {state['phase']!r} complete, "
+                              f"continuing with {names[state['phase_index']]!r}, optimizer {optimizer}")
+                return state
             self.log.info(
                 f"resumed from {latest}: step {state['step']}, phase {state['phase']!r}, "
-                f"{state['consumed_samples']} samples into it, optimizer {'restored' if meta['loaded_optimizer'] else 'fresh'}"
+                f"{state['consumed_samples']} samples into it, optimizer {optimizer}"
             )
             return state
         start = names.index(cfg.init.start_phase) if cfg.init.start_phase else 0
@@ -309,6 +319,11 @@ class Trainer:
         from megatron_mmbert.training.step import train_step
 
         cfg, st = self.cfg, self.state
+        finished = st.pop("run_complete", None)
+        if finished:
+            self.log.info(f"run already complete: {finished} ends the last phase {st['phase']!r} "
+                          f"(step {st['step']}, {st['tokens']:,} tokens); nothing to do, checkpoints untouched")
+            return 0
         st.setdefault("first_phase_index", st["phase_index"])
         total_steps, total_tokens = self._plan()
         peak = peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
