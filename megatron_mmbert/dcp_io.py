@@ -113,15 +113,19 @@ def load_metadata(stream, path: str):
 
 
 def _safe_read_metadata(self, *args: Any, **kwargs: Any):
-    """``FileSystemReader.read_metadata`` (torch 2.13) with the allow-listed unpickler."""
+    """``FileSystemReader.read_metadata`` (torch 2.13; older torch has no per-rank metadata path)
+    with the allow-listed unpickler."""
     from torch.distributed.checkpoint.metadata import StorageMeta
 
-    path = self._get_metadata_path(kwargs.get("rank"))
+    if hasattr(self, "_get_metadata_path"):
+        path = self._get_metadata_path(kwargs.get("rank"))
+    else:
+        path = self.fs.concat_path(self.path, ".metadata")
     with self.fs.create_stream(path, "rb") as metadata_file:
         metadata = load_metadata(metadata_file, str(path))
     if getattr(metadata, "storage_meta", None) is None:
         metadata.storage_meta = StorageMeta()
-    metadata.storage_meta.load_id = self.load_id
+    metadata.storage_meta.load_id = getattr(self, "load_id", None)
     return metadata
 
 
