@@ -203,13 +203,18 @@ def file_digests(directory: str, skip: Iterable[str] = ()) -> Dict[str, Dict[str
     """``{file name: {"size", "sha256"}}`` of every regular file directly in ``directory`` (the
     checkpoint's own files; a ``tokenizer/`` beside them may be replaced freely)."""
     skip = set(skip)
-    out: Dict[str, Dict[str, Any]] = {}
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if name in skip or os.path.islink(path) or not os.path.isfile(path):
-            continue
-        out[name] = {"size": os.path.getsize(path), "sha256": sha256_file(path)}
-    return out
+    names = [n for n in sorted(os.listdir(directory)) if n not in skip
+             and not os.path.islink(os.path.join(directory, n)) and os.path.isfile(os.path.join(directory, n))]
+    digests = _hash_all([os.path.join(directory, n) for n in names])
+    return {n: {"size": os.path.getsize(os.path.join(directory, n)), "sha256": d} for n, d in zip(names, digests)}
+
+
+def _hash_all(paths):
+    """SHA-256 of each path, several files at once (hashlib releases the GIL on large blocks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(paths)))) as pool:
+        return list(pool.map(sha256_file, paths))
 
 
 def verify_digests(directory: str, recorded: Dict[str, Dict[str, Any]], hashes: bool = True) -> None:
@@ -226,7 +231,12 @@ def verify_digests(directory: str, recorded: Dict[str, Dict[str, Any]], hashes: 
         size = os.path.getsize(path)
         if size != want.get("size"):
             raise UntrustedCheckpointError(f"{path}: {size} bytes, but {want.get('size')} were saved (truncated or replaced)")
-        if hashes and sha256_file(path) != want.get("sha256"):
+    if not hashes:
+        return
+    names = sorted(recorded)
+    for rel, digest in zip(names, _hash_all([os.path.join(directory, n) for n in names])):
+        path = os.path.join(directory, rel)
+        if digest != recorded[rel].get("sha256"):
             raise UntrustedCheckpointError(
                 f"{path}: SHA-256 differs from the one recorded at save time (the file was modified or damaged); "
                 "restore it, or load another checkpoint"
