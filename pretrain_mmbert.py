@@ -24,6 +24,8 @@ def main(argv=None) -> int:
     parser.add_argument("--validate", action="store_true", help="validate config + data and exit")
     parser.add_argument("--world-size", type=int, help="world size for --validate (default: $WORLD_SIZE or 1)")
     parser.add_argument("--skip-data", action="store_true", help="--validate without the data/checkpoint checks")
+    parser.add_argument("--print-checkpoint-dir", action="store_true",
+                        help="print the run's checkpoint folder and exit (examples/launch_resumable.sh)")
     args, overrides = parser.parse_known_args(argv)
 
     from megatron_mmbert.training import config as run_config
@@ -35,6 +37,9 @@ def main(argv=None) -> int:
         parser.error("--config is required")
     try:
         cfg = run_config.load_config(args.config, overrides)
+        if args.print_checkpoint_dir:
+            print(os.path.abspath(cfg.checkpoint_dir))
+            return 0
         if args.validate:
             from megatron_mmbert.runtime import world_size_from_env
 
@@ -48,6 +53,10 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank fails the same way; say it once
             print(f"pretrain_mmbert.py: config error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # read-only run_dir, full disk, missing file: say which, no traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"pretrain_mmbert.py: error on rank {os.environ.get('RANK', '0')}: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

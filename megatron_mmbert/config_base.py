@@ -24,6 +24,19 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or inconsistent."""
 
 
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+"""Names that become file or folder names (phase names, language tags, shard prefixes): no
+separators, no ``..``, not hidden, not absolute."""
+
+
+def check_safe_name(value, field: str) -> None:
+    """Raise ConfigError unless ``value`` is a :data:`SAFE_NAME`."""
+    if not isinstance(value, str) or not SAFE_NAME.match(value):
+        raise ConfigError(
+            f"{field}={value!r}: use letters, digits and _ . - only (it becomes a file name), at most 64 characters"
+        )
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 

@@ -7,10 +7,13 @@ outputs) goes through here: write to a temporary name beside the target, flush a
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
-from typing import Any
+import socket
+import time
+from typing import Any, Optional
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -44,3 +47,112 @@ def publish_directory(tmp: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+# -- outputs that never destroy -------------------------------------------------------------------
+
+OUTPUT_MARKER = "mmbert_output.json"
+"""Written into every folder a tool creates as its output (``{"kind": ...}``): ``--overwrite``
+replaces only a folder holding this marker with the same kind."""
+
+
+class OutputRefused(ValueError):
+    """Writing the requested output would destroy something that is not a previous output of the
+    same tool; the message names the folder and what to do."""
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_dir(out: str, kind: str, inputs=(), overwrite: bool = False) -> str:
+    """Refuse an output folder ``out`` that is or contains an input, that exists
+    without ``overwrite``, or that exists but is not a previous ``kind`` output (its marker file
+    says so; a run's checkpoint folder never is). Returns ``out`` made absolute."""
+    real_out = os.path.realpath(out)
+    for given in inputs:
+        if given is None:
+            continue
+        real_in = os.path.realpath(given)
+        if _is_within(real_in, real_out):
+            raise OutputRefused(
+                f"output {out} would overwrite the input {given} (it is or contains it); "
+                "choose a new output folder"
+            )
+    if os.path.lexists(out):
+        if not overwrite:
+            raise OutputRefused(f"{out} exists; choose a new folder, or pass --overwrite to replace a previous {kind} output")
+        marker = os.path.join(out, OUTPUT_MARKER)
+        found = None
+        if os.path.isdir(out) and not os.path.islink(out) and os.path.isfile(marker):
+            try:
+                with open(marker, encoding="utf-8") as f:
+                    found = json.load(f).get("kind")
+            except (OSError, ValueError, AttributeError):
+                found = None
+        run_folder = os.path.isdir(out) and any(
+            e == "latest" or e.startswith(("iter_", "phase_end_")) for e in os.listdir(out)
+        )
+        if found != kind or run_folder:
+            what = "a run's checkpoint folder" if run_folder else (
+                f"a {found} output" if found else f"not an output of {kind} (no {OUTPUT_MARKER})")
+            raise OutputRefused(f"{out} is {what}; --overwrite replaces only a previous {kind} output. "
+                                "Choose a new output folder")
+    return os.path.abspath(out)
+
+
+def write_output_marker(directory: str, kind: str, **details: Any) -> None:
+    """Mark ``directory`` (before it is published) as a ``kind`` output."""
+    atomic_write_json(os.path.join(directory, OUTPUT_MARKER), {"kind": kind, **details})
+
+
+# -- one writer per run folder --------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class DirectoryLocked(RuntimeError):
+    """Another live process holds the folder's lock; the message names its host and pid."""
+
+
+class DirectoryLock:
+    """An exclusive ``fcntl.flock`` on ``directory/.lock``, held until :meth:`release` or the
+    process ends (the OS drops it even after SIGKILL, so a crashed run never blocks the next).
+    The file records the holder's host, pid and start time for the message a second writer gets.
+    ``flock`` is per host on some network filesystems: there it stops a second run on the same
+    node only."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = os.path.join(directory, LOCK_FILE)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "DirectoryLock":
+        os.makedirs(self.directory, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
+            except ValueError:
+                holder = {}
+            os.close(fd)
+            since = holder.get("since")
+            raise DirectoryLocked(
+                f"{self.directory} is in use by another run (host {holder.get('host', '?')}, pid "
+                f"{holder.get('pid', '?')}"
+                + (f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else "")
+                + "); wait for it to finish or stop it, or give this run its own run_dir"
+            ) from None
+        info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -301,7 +301,7 @@ def test_cli_end_to_end_modernbert(tmp_path, capsys):
     assert set(report["tensors"]) == set(names)
     # rerun without --overwrite refuses; with it, replaces atomically
     assert cli_main(["--base", str(tmp_path / "base"), "--models", *paths, "--out", out, "--quiet"]) == 2
-    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert "exists; choose a new folder, or pass --overwrite" in capsys.readouterr().err
     assert cli_main(["--base", str(tmp_path / "base"), "--models", *paths, "--out", out, "--quiet",
                      "--overwrite", "--method", "linear"]) == 0
 
@@ -407,8 +407,10 @@ def test_megatron_layouts_merge_like_tp1(tmp_path):
             assert torch.equal(MegatronSource(d("base_tp2"), session).read(k, 1, 2), base[k][1:2])
     finally:
         session.close()
-    # the model config only: no training position or optimizer flag for the merged weights
-    assert json.load(open(d("out_mixed") + "/mmbert_config.json")) == {"model": {"vocab_size": 16},
-                                                                       "source": "ties_merge"}
+    # the model config only (no training position or optimizer flag for the merged weights), and
+    # the digests of every file the merge wrote
+    meta = json.load(open(d("out_mixed") + "/mmbert_config.json"))
+    assert meta["model"] == {"vocab_size": 16} and meta["source"] == "ties_merge"
+    assert set(meta) == {"model", "source", "files"} and ".metadata" in meta["files"]
     # the TP1/PP1 output loads at another layout
     _run_world2(tmp_path, [], check=(d("out_mixed"), merged))

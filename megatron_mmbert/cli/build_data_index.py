@@ -72,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, overrides = ap.parse_known_args(argv)
 
     from megatron_mmbert.data.index import build_data_index, format_index_plan
-    from megatron_mmbert.data.shards import load_manifest
+    from megatron_mmbert.data.shards import check_manifest_shards, load_manifest
 
     try:
         if _is_run_config(args.config):
@@ -88,6 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             batch = args.global_batch_size or run.batch.global_batch_size
             anneal = args.anneal_segments or run.data.anneal_segments
             start = args.start_phase or run.init.start_phase
+            vocab = run.model.vocab_size
         else:
             if overrides:
                 raise ConfigError(f"unknown arguments {overrides} (overrides need a training run config)")
@@ -98,10 +99,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             manifest_path, cache_dir, seed = args.manifest, args.cache_dir, args.seed
             batch, anneal = args.global_batch_size, args.anneal_segments or 64
             start = args.start_phase
+            vocab = None
         names = [p.name for p in phases]
         if start is not None and start not in names:
             raise ConfigError(f"start phase {start!r} is not a phase; phases are {names}")
         manifest = load_manifest(manifest_path)
+        # Damaged or foreign shards fail here, naming the file, not in the middle of training.
+        check_manifest_shards(manifest, [lang for lang, e in manifest.languages.items() if e.shards],
+                              vocab or manifest.tokenizer.vocab_size)
         t0 = time.time()
         index = build_data_index(manifest, phases, seed, cache_dir, batch, anneal, is_builder=True,
                                  start_phase=names.index(start) if start else 0)

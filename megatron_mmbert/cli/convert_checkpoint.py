@@ -19,6 +19,7 @@ from typing import List, Optional
 import torch
 
 from megatron_mmbert.config import ConfigError
+from megatron_mmbert.fileio import OutputRefused
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,10 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import-hf", help="HF ModernBERT directory -> megatron dist checkpoint")
     imp.add_argument("--hf-dir", required=True)
-    imp.add_argument("--save", required=True)
+    imp.add_argument("--save", required=True, help="new output folder")
+    imp.add_argument("--overwrite", action="store_true", help="replace SAVE if it is a previous import-hf output")
     exp = sub.add_parser("export-hf", help="megatron dist checkpoint -> HF directory")
     exp.add_argument("--load", required=True)
-    exp.add_argument("--out", required=True)
+    exp.add_argument("--out", required=True, help="new output folder")
+    exp.add_argument("--overwrite", action="store_true", help="replace OUT if it is a previous export-hf output")
+    exp.add_argument("--no-verify", dest="verify", action="store_false",
+                     help="skip checking the checkpoint's file sizes and SHA-256 against those recorded at save time")
     ver = sub.add_parser("verify", help="compare HF and megatron logits on random packed inputs")
     ver.add_argument("--hf-dir", required=True)
     ver.add_argument("--load", required=True)
@@ -40,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--seq-len", type=int, default=0, help="row length (default: 4 x window, >= 64)")
     ver.add_argument("--tolerance", type=float, default=1e-3, help="max |logit diff| allowed (fp32)")
     ver.add_argument("--seed", type=int, default=0)
+    ver.add_argument("--no-verify", dest="verify", action="store_false",
+                     help="skip checking the checkpoint's file digests before loading")
     return p
 
 
@@ -57,7 +64,7 @@ def verify(args) -> int:
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
     rt = runtime.initialize(model, parallel, seed=args.seed)
     chunks = build_model(model, parallel)
-    ckpt.load_model(args.load, chunks)
+    ckpt.load_model(args.load, chunks, verify=args.verify)
     seq_len = args.seq_len or max(64, 4 * model.local_attention)
     batch = random_packed_batch(model.vocab_size, args.rows, seq_len, args.seed)
     ours = forward_logits(chunks, [batch])
@@ -97,19 +104,22 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         if args.command == "import-hf":
-            model = checkpoints.import_hf(args.hf_dir, args.save)
+            model = checkpoints.import_hf(args.hf_dir, args.save, overwrite=args.overwrite)
             print(f"imported {args.hf_dir} -> {args.save} ({model.num_parameters() / 1e6:.1f}M parameters)")
             return 0
         if args.command == "export-hf":
-            checkpoints.export_hf(args.load, args.out)
+            checkpoints.export_hf(args.load, args.out, verify=args.verify, overwrite=args.overwrite)
             print(f"exported {args.load} -> {args.out}")
             return 0
         if args.tp * args.pp > 1 and "WORLD_SIZE" not in os.environ:
             return _relaunch_under_torchrun(args, argv)
         return verify(args)
-    except ConfigError as exc:
+    except (ConfigError, OutputRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # read-only output, full disk, missing file: say which, no traceback
+        print(f"error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     except (PreprocessError, InputError, BadInputError, TokenizerError) as e:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # read-only output, full disk: say which file, no traceback
+        print(f"preprocess_data: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        return 1
     m = result.manifest
     print(
         f"preprocess_data: {len(m.languages)} languages, {sum(e.documents for e in m.languages.values())} "

@@ -16,6 +16,7 @@ See docs/merging.md for the algorithm, the memory bound and the report.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import List, Optional
 
@@ -50,13 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "inputs may mix formats")
     p.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / 2**20,
                    help="largest block of a tensor processed at once, in MiB of float64 (the compute dtype; bounds memory)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a previous ties_merge output")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking megatron inputs' file sizes and SHA-256 against those recorded at save time")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if not (math.isfinite(args.chunk_mb) and args.chunk_mb > 0):
+        print(f"ties_merge: error: --chunk-mb must be a positive number, got {args.chunk_mb}", file=sys.stderr)
+        return 2
     spec = MergeSpec(
         method=args.method, weights=args.weights,
         density=1.0 if args.density is None else args.density, lam=args.lam, trim=args.trim,
@@ -66,11 +72,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         report = merge_checkpoints(
             args.base, args.models, spec, args.out, out_format=args.out_format,
             chunk_bytes=int(args.chunk_mb * 2**20), overwrite=args.overwrite,
-            log=None if args.quiet else sys.stderr,
+            log=None if args.quiet else sys.stderr, verify=args.verify,
         )
     except (CheckpointError, ValueError, FileExistsError) as err:
         print(f"ties_merge: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # read-only output, full disk, missing file: say which, no traceback
+        print(f"ties_merge: error: {err.strerror or err}{': ' + str(err.filename) if err.filename else ''}", file=sys.stderr)
+        return 1
     s = report["summary"]
     kept = ", ".join(f"{k:.3f}" for k in s["fraction_kept"])
     print(f"ties_merge: wrote {args.out} ({s['merged_params']} merged parameters; fraction kept per "

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from megatron_mmbert.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_mmbert.convert import hf as hf_map
-from megatron_mmbert.fileio import publish_directory
+from megatron_mmbert.fileio import check_output_dir, publish_directory, write_output_marker
 from megatron_mmbert.training import checkpoint as ckpt
 
 HF_FILES_TO_COPY = (
@@ -26,6 +26,22 @@ HF_FILES_TO_COPY = (
     "tokenizer.model",
     "vocab.txt",
 )
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str) -> List[str]:
+    """Copy the tokenizer files of ``src_dir`` (only the names in :data:`HF_FILES_TO_COPY`, only
+    regular files) into ``dst_dir``: a checkpoint's ``tokenizer/`` cannot replace an output's
+    ``config.json`` or weights, nor point a symlink outside."""
+    copied = []
+    if not os.path.isdir(src_dir):
+        return copied
+    for name in HF_FILES_TO_COPY:
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src) and not os.path.islink(src):
+            os.makedirs(dst_dir, exist_ok=True)
+            shutil.copyfile(src, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
 
 
 def read_hf_state_dict(hf_dir: str) -> Dict[str, torch.Tensor]:
@@ -64,10 +80,15 @@ def _single_process_model(model: ModelConfig):
     return chunk
 
 
-def import_hf(hf_dir: str, save_dir: str) -> ModelConfig:
-    """HF ModernBertForMaskedLM directory -> megatron dist checkpoint (loads at any layout)."""
+def import_hf(hf_dir: str, save_dir: str, overwrite: bool = False) -> ModelConfig:
+    """HF ModernBertForMaskedLM directory -> megatron dist checkpoint (loads at any layout).
+    ``save_dir`` must be new, or (``overwrite``) a previous import-hf output."""
+    check_output_dir(save_dir, "import-hf", inputs=[hf_dir], overwrite=overwrite)
     model = read_hf_config(hf_dir)
     state = read_hf_state_dict(hf_dir)
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(f"{hf_dir}: tensor {key} holds NaN or inf values; refusing to import a broken model")
     canonical = hf_map.hf_to_megatron(state, model, model.padded_vocab_size(1))
     chunk = _single_process_model(model)
     result = chunk.load_state_dict(canonical, strict=False)
@@ -75,27 +96,30 @@ def import_hf(hf_dir: str, save_dir: str) -> ModelConfig:
     if missing or result.unexpected_keys:
         raise ConfigError(f"import mapping mismatch: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     ckpt.save_model(save_dir, [chunk], model, extra={"source": os.path.abspath(hf_dir)})
-    for name in HF_FILES_TO_COPY:  # keep the tokenizer beside the weights
-        if os.path.isfile(os.path.join(hf_dir, name)):
-            os.makedirs(os.path.join(save_dir, "tokenizer"), exist_ok=True)
-            shutil.copy2(os.path.join(hf_dir, name), os.path.join(save_dir, "tokenizer", name))
+    copy_tokenizer_files(hf_dir, os.path.join(save_dir, "tokenizer"))  # keep it beside the weights
+    write_output_marker(save_dir, "import-hf", source=os.path.abspath(hf_dir))
     return model
 
 
-def load_canonical(load_dir: str) -> tuple:
+def load_canonical(load_dir: str, verify: bool = True) -> tuple:
     """(ModelConfig, canonical megatron state dict) of a checkpoint saved at any layout."""
     model = ckpt.read_model_config(load_dir)
     chunk = _single_process_model(model)
-    ckpt.load_model(load_dir, [chunk])
+    ckpt.load_model(load_dir, [chunk], verify=verify)
     state = {k: v for k, v in chunk.state_dict().items() if torch.is_tensor(v)}
     return model, state
 
 
-def export_hf(load_dir: str, out_dir: str, special_ids: Optional[Dict[str, int]] = None) -> ModelConfig:
-    """megatron dist checkpoint -> HF directory that ``AutoModelForMaskedLM.from_pretrained`` loads."""
+def export_hf(
+    load_dir: str, out_dir: str, special_ids: Optional[Dict[str, int]] = None, verify: bool = True,
+    overwrite: bool = False,
+) -> ModelConfig:
+    """megatron dist checkpoint -> HF directory that ``AutoModelForMaskedLM.from_pretrained`` loads.
+    ``out_dir`` must be new, or (``overwrite``) a previous export-hf output; never the input."""
     from safetensors.torch import save_file
 
-    model, state = load_canonical(load_dir)
+    check_output_dir(out_dir, "export-hf", inputs=[load_dir], overwrite=overwrite)
+    model, state = load_canonical(load_dir, verify=verify)
     hf_state = hf_map.megatron_to_hf(state, model)
     tokenizer_dir = os.path.join(load_dir, "tokenizer")
     tmp = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
@@ -103,9 +127,8 @@ def export_hf(load_dir: str, out_dir: str, special_ids: Optional[Dict[str, int]]
     os.makedirs(tmp)
     write_hf_config(model, tmp, tokenizer_dir, special_ids)
     save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    if os.path.isdir(tokenizer_dir):
-        for name in os.listdir(tokenizer_dir):
-            shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+    copy_tokenizer_files(tokenizer_dir, tmp)
+    write_output_marker(tmp, "export-hf", source=os.path.abspath(load_dir))
     publish_directory(tmp, out_dir)
     return model
 

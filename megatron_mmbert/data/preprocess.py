@@ -45,12 +45,14 @@ from megatron_mmbert.data.shards import (
     LanguageEntry,
     Manifest,
     ShardWriter,
+    shard_finished,
     TokenizerIdentity,
     load_manifest,
     token_dtype,
     write_manifest,
 )
 from megatron_mmbert.data.sources import (
+    VALID_LANG,
     BadInputLog,
     ReadOptions,
     Segment,
@@ -289,6 +291,7 @@ def _process_unit(unit: WorkUnit) -> dict:
                 "tokens": st["tokens"],
                 "bytes": st["bytes"],
                 "sources": sorted(st["sources"]),
+                "max_token_id": writers[lang].max_token_id,
             }
             for lang, st in sorted(stats.items())
         },
@@ -418,6 +421,20 @@ def _load_markers(output: str) -> List[dict]:
     return sorted(markers, key=lambda m: (m["sort_key"], m["id"]))
 
 
+def _forget_units_with_missing_shards(output: str, markers: List[dict]) -> List[dict]:
+    """A finished unit whose shard was deleted since is done again (its marker is removed)."""
+    kept = []
+    for m in markers:
+        missing = [sh["prefix"] for sh in m["shards"].values()
+                   if not shard_finished(os.path.join(output, sh["prefix"]))]
+        if missing:
+            print(f"preprocess: unit {m['id']} lost shard(s) {missing[:3]}; processing it again", file=sys.stderr)
+            os.remove(os.path.join(output, STATE_DIR, "units", f"{m['id']}.json"))
+        else:
+            kept.append(m)
+    return kept
+
+
 def _check_overlap(units: List[WorkUnit], markers: List[dict]) -> None:
     """Input already preprocessed into this output under other options (or changed since) must not
     be added a second time: a pending segment may not overlap a done one of the same file."""
@@ -455,6 +472,10 @@ def _build_manifest(output: str, identity: TokenizerIdentity, dtype: str, marker
             e.tokens += sh["tokens"]
             e.bytes += sh["bytes"]
             e.sources.extend(p for p in sh["sources"] if p not in e.sources)
+            if "max_token_id" in sh and (e.max_token_id is not None or len(e.shards) == 1):
+                e.max_token_id = max(e.max_token_id or 0, sh["max_token_id"])
+            else:  # a unit written before ids were recorded: the language's maximum is unknown
+                e.max_token_id = None
     return Manifest(identity, dtype, languages, root=os.path.abspath(output))
 
 
@@ -471,6 +492,10 @@ def _remove_partials(output: str) -> None:
 
 def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     """Preprocess ``cfg.inputs`` into ``cfg.output``; see the module docstring."""
+    if not VALID_LANG.match(cfg.prefix):  # the same rule as a folder name: no "/", "..", absolute paths
+        raise PreprocessError(f"--prefix {cfg.prefix!r}: give a plain file-name prefix (letters, digits, _ . -)")
+    if cfg.chunk_bytes < 1 or cfg.workers < 1 or cfg.batch_docs < 1:
+        raise PreprocessError("chunk_bytes, workers and batch_docs must be positive")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output), tokenizer=os.path.abspath(cfg.tokenizer))
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -495,6 +520,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         markers = _load_markers(cfg.output)
         _check_overlap(units, markers)
         _remove_partials(cfg.output)
+        markers = _forget_units_with_missing_shards(cfg.output, markers)
         done = {m["id"] for m in markers}
         pending = [u for u in units if u.id not in done]
         # Biggest first: the tail of the run is not one large unit on one busy worker.

@@ -114,6 +114,8 @@ class ShardWriter:
         self._doc_ends = _GrowingArray(np.int64)  # cumulative sequence count after each document
         self.documents = 0
         self.tokens = 0
+        self.max_token_id = -1
+        """Largest token id written (recorded in the manifest; checked against the model's vocabulary)."""
         self._finalized = False
 
     def add_documents(
@@ -140,6 +142,8 @@ class ShardWriter:
         )
         if int(per_doc.sum()) != len(lengths):
             raise ValueError("sequences_per_document does not sum to the number of sequences")
+        if len(tokens):
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
         self._bin.write(tokens.tobytes(order="C"))
         start = self._doc_ends.array()[-1] if len(self._doc_ends) else 0
         self._lengths.extend(lengths.astype(np.int32))
@@ -236,6 +240,61 @@ def read_index(prefix: str) -> ShardIndex:
     return ShardIndex(np.dtype(_CODE_TO_DTYPE[code]), lengths, pointers, docs)
 
 
+def check_shard(prefix: str, dtype) -> None:
+    """Cheap structural check of one shard before hours are spent on it: both files exist, the
+    ``.idx`` has the MMIDIDX magic, version and a size matching its counts, its dtype is ``dtype``
+    (the manifest's), and the ``.bin`` holds exactly the bytes the index points at. Reads the
+    header and two entries, not the arrays. Raises ``ValueError`` naming the file."""
+    dtype = np.dtype(dtype)
+    ipath, bpath = idx_path(prefix), bin_path(prefix)
+    for path in (ipath, bpath):
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: missing (the manifest lists shard {prefix}); rerun preprocessing")
+    with open(ipath, "rb") as f:
+        head = f.read(34)
+        if len(head) < 34 or head[:9] != INDEX_HEADER:
+            raise ValueError(f"{ipath}: not an MMIDIDX index (bad magic {head[:9]!r}); the shard is damaged")
+        (version,) = struct.unpack_from("<Q", head, 9)
+        (code,) = struct.unpack_from("<B", head, 17)
+        seq_count, doc_count = struct.unpack_from("<QQ", head, 18)
+        if version != INDEX_VERSION or code not in _CODE_TO_DTYPE:
+            raise ValueError(f"{ipath}: index version {version} / dtype code {code} unknown; the shard is damaged")
+        stored = np.dtype(_CODE_TO_DTYPE[code])
+        if stored != dtype:
+            raise ValueError(
+                f"{ipath}: tokens stored as {stored.name}, but the manifest says {dtype.name}; reading it "
+                "would train on garbage ids. Rerun preprocessing for this shard"
+            )
+        expected = 34 + 12 * seq_count + 8 * doc_count
+        size = os.fstat(f.fileno()).st_size
+        if size != expected:
+            raise ValueError(f"{ipath}: {size} bytes but its counts need {expected}; the index is truncated or damaged")
+        bin_bytes = 0
+        if seq_count:
+            f.seek(34 + 4 * (seq_count - 1))
+            (last_len,) = struct.unpack("<i", f.read(4))
+            f.seek(34 + 4 * seq_count + 8 * (seq_count - 1))
+            (last_ptr,) = struct.unpack("<q", f.read(8))
+            bin_bytes = last_ptr + last_len * dtype.itemsize
+    actual = os.path.getsize(bpath)
+    if actual != bin_bytes:
+        raise ValueError(f"{bpath}: {actual} bytes, but its index points at {bin_bytes}; the shard is truncated or damaged")
+
+
+def check_manifest_shards(manifest: "Manifest", languages, vocab_size: int) -> None:
+    """:func:`check_shard` for every shard of ``languages``, and each language's recorded largest
+    token id below ``vocab_size``."""
+    for lang in languages:
+        entry = manifest.languages[lang]
+        if entry.max_token_id is not None and entry.max_token_id >= vocab_size:
+            raise ValueError(
+                f"language {lang}: its shards hold token id {entry.max_token_id}, but the model's vocabulary "
+                f"has {vocab_size} ids (model.vocab_size); the shards were made with another tokenizer"
+            )
+        for prefix in entry.shards:
+            check_shard(prefix, manifest.numpy_dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Manifest (docs/interfaces.md, "Manifest (preprocess -> schedule)")
 
@@ -289,6 +348,9 @@ class LanguageEntry:
     """UTF-8 bytes of the source text of those documents."""
     sources: List[str]
     """Input files the documents came from."""
+    max_token_id: Optional[int] = None
+    """Largest token id in its shards, recorded at preprocessing (None: an older manifest); must be
+    below the model's vocabulary."""
 
 
 @dataclasses.dataclass
@@ -319,6 +381,8 @@ class Manifest:
                 "bytes": int(e.bytes),
                 "sources": list(e.sources),
             }
+            if e.max_token_id is not None:
+                langs[lang]["max_token_id"] = int(e.max_token_id)
         return {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
@@ -366,6 +430,7 @@ def load_manifest(path: str) -> Manifest:
             tokens=int(e["tokens"]),
             bytes=int(e.get("bytes", 0)),
             sources=list(e.get("sources", [])),
+            max_token_id=None if e.get("max_token_id") is None else int(e["max_token_id"]),
         )
         for lang, e in obj["languages"].items()
     }

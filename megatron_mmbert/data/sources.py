@@ -40,11 +40,19 @@ import os
 import re
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+from megatron_mmbert.config_base import SAFE_NAME
+
 JSONL_EXTS = (".jsonl", ".json", ".ndjson")
 TEXT_EXTS = (".txt",)
 COMPRESSED = (".gz", ".zst")
 LANG_FOLDER = re.compile(r"^[a-z]{2,3}_[A-Z][a-z]{3}$")  # FineWeb2 subset names, e.g. fra_Latn
-VALID_LANG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a folder name in the output
+VALID_LANG = SAFE_NAME  # also a folder name in the output
+RESERVED_LANGS = frozenset({"manifest.json"})  # names the output folder uses for itself
+
+
+def valid_lang(lang) -> bool:
+    """A language tag usable as a folder name of the output (and not one of its own files)."""
+    return isinstance(lang, str) and bool(VALID_LANG.match(lang)) and lang.lower() not in RESERVED_LANGS
 
 BAD_KINDS = {
     "malformed_json": "malformed JSON line",
@@ -210,6 +218,8 @@ def discover(inputs: List[str], opts: ReadOptions, log: BadInputLog) -> List[Sou
         path = os.path.abspath(raw)
         if not os.path.exists(path):
             raise InputError(f"input {raw} does not exist")
+        if not os.path.isfile(path) and not os.path.isdir(path):  # a FIFO or device would block or never end
+            raise InputError(f"input {raw} is neither a regular file nor a folder")
         if os.path.isfile(path):
             kind = _kind_of(path)
             if kind is None:
@@ -235,13 +245,14 @@ def discover(inputs: List[str], opts: ReadOptions, log: BadInputLog) -> List[Sou
             found = []
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames.sort()
-                found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _kind_of(f))
+                found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                             if _kind_of(f) and os.path.isfile(os.path.join(dirpath, f)))
             if not found:
                 raise InputError(f"input folder {raw} holds no supported files (jsonl, parquet, arrow, txt)")
             sources.extend(Source(f, _kind_of(f), opts.lang) for f in found)
     unique = {}
-    for s in sources:
-        unique.setdefault(s.path, s)
+    for s in sources:  # one file reached twice (a symlink, overlapping inputs) is read once
+        unique.setdefault(os.path.realpath(s.path), s)
     out = sorted(unique.values(), key=lambda s: s.path)
     for s in out:
         if s.lang is None and opts.lang_key is None:
@@ -249,8 +260,9 @@ def discover(inputs: List[str], opts: ReadOptions, log: BadInputLog) -> List[Sou
                 f"cannot tell the language of {s.path}: pass --lang LANG for single-language inputs or "
                 "--lang-key FIELD for inputs with a language column (FineWeb2 folders name it themselves)"
             )
-        if s.lang is not None and not VALID_LANG.match(s.lang):
-            raise InputError(f"language {s.lang!r} is not a usable folder name (letters, digits, _ . -)")
+        if s.lang is not None and not valid_lang(s.lang):
+            raise InputError(f"language {s.lang!r} is not a usable folder name (letters, digits, _ . -; "
+                             f"not {', '.join(sorted(RESERVED_LANGS))})")
     return out
 
 
@@ -415,7 +427,7 @@ def _check_text(text, lang, fixed_lang: Optional[str]) -> Tuple[Optional[str], s
     if not text.strip():
         return "empty_text", "", None
     if fixed_lang is None:
-        if not isinstance(lang, str) or not VALID_LANG.match(lang):
+        if not valid_lang(lang):
             return "missing_language", f"got {lang!r}", None
         fixed_lang = lang
     try:

@@ -295,12 +295,25 @@ class MegatronSource:
 
     format = "megatron"
 
-    def __init__(self, path: str, session: Optional[DistSession] = None):
+    def __init__(self, path: str, session: Optional[DistSession] = None, verify: bool = True):
         from megatron.core import dist_checkpointing
+
+        from megatron_mmbert import dcp_io
 
         self.path = path
         self._session = session or DistSession()
         self._own_session = session is None
+        cfg = os.path.join(path, MEGATRON_CONFIG)
+        self.config: Optional[dict] = None
+        if os.path.exists(cfg):
+            try:
+                with open(cfg, encoding="utf-8") as f:
+                    self.config = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{cfg}: unreadable ({exc})") from exc
+        if verify and isinstance(self.config, dict) and "files" in self.config:
+            dcp_io.verify_digests(path, self.config["files"])
+        dcp_io.install()
         metadata = dist_checkpointing.load_tensors_metadata(path)
         self.infos = {
             key: TensorInfo(key, tuple(st.global_shape), st.dtype)
@@ -308,11 +321,6 @@ class MegatronSource:
             if not key.startswith(MEGATRON_NON_MODEL_PREFIXES)
         }
         self.tied_skipped: List[str] = []  # megatron stores a tied weight under one key already
-        cfg = os.path.join(path, MEGATRON_CONFIG)
-        self.config: Optional[dict] = None
-        if os.path.exists(cfg):
-            with open(cfg, encoding="utf-8") as f:
-                self.config = json.load(f)
 
     @property
     def vocab_size(self) -> Optional[int]:
@@ -338,7 +346,15 @@ class MegatronSource:
             local_shape=local, global_shape=shape, global_offset=offset,
             axis_fragmentations=None, replica_id=0, prepend_axis_num=0,
         )
-        return dist_checkpointing.load({"t": request}, self.path)["t"]
+        from megatron_mmbert import dcp_io
+
+        try:
+            return dist_checkpointing.load({"t": request}, self.path)["t"]
+        except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
+            translated = dcp_io.translate_load_error(exc, self.path)
+            if translated is None:
+                raise
+            raise translated from exc
 
     def close(self) -> None:
         if self._own_session:
@@ -380,4 +396,7 @@ class MegatronSink:
             tensor = self._tensors.pop(name)  # one tensor in two layouts at a time, not the model
             key, tensor = self.convert(name, tensor) if self.convert else (name, tensor)
             sharded[key] = ShardedTensor.from_rank_offsets(key, tensor.contiguous(), replica_id=0)
+        from megatron_mmbert import dcp_io
+
+        dcp_io.install()
         dist_checkpointing.save(sharded, self.out_dir)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -35,7 +34,8 @@ import torch
 from megatron_mmbert.config import ConfigError, ModelConfig
 from megatron_mmbert.config_base import to_dict
 from megatron_mmbert.convert import hf as hf_map
-from megatron_mmbert.convert.checkpoints import HF_FILES_TO_COPY, read_hf_config, write_hf_config
+from megatron_mmbert.convert.checkpoints import copy_tokenizer_files, read_hf_config, write_hf_config
+from megatron_mmbert.dcp_io import file_digests
 from megatron_mmbert.merge.io import (
     MEGATRON_CONFIG,
     CheckpointError,
@@ -174,8 +174,9 @@ def check_same_architecture(paths: Sequence[str], models: Sequence[ModelConfig])
                 )
 
 
-def open_inputs(paths: Sequence[str], out_format: Optional[str] = None) -> MergeInputs:
-    """Open ``paths`` (base first) in one naming; see the module docstring for the rule."""
+def open_inputs(paths: Sequence[str], out_format: Optional[str] = None, verify: bool = True) -> MergeInputs:
+    """Open ``paths`` (base first) in one naming; see the module docstring for the rule.
+    ``verify``: check megatron inputs' files against their recorded digests first."""
     paths = list(paths)
     formats = [detect_format(p) for p in paths]
     out_format = out_format or formats[0]
@@ -204,7 +205,7 @@ def open_inputs(paths: Sequence[str], out_format: Optional[str] = None) -> Merge
     raw: List[object] = []
     try:
         for path, fmt in zip(paths, formats):
-            raw.append(HFSource(path) if fmt == "hf" else MegatronSource(path, session))
+            raw.append(HFSource(path) if fmt == "hf" else MegatronSource(path, session, verify=verify))
         if why_not is None:
             for src, fmt in zip(raw, formats):
                 name = _unmapped(src, fmt)
@@ -254,10 +255,7 @@ def write_output_metadata(inputs: MergeInputs, out_dir: str) -> None:
             copy_hf_side_files(template.path, out_dir)  # config.json verbatim, tokenizer, generation
             return
         write_hf_config(inputs.model, out_dir, os.path.join(template.path, TOKENIZER_DIR))
-        tokenizer = os.path.join(template.path, TOKENIZER_DIR)
-        if os.path.isdir(tokenizer):
-            for name in sorted(os.listdir(tokenizer)):
-                shutil.copy2(os.path.join(tokenizer, name), os.path.join(out_dir, name))
+        copy_tokenizer_files(os.path.join(template.path, TOKENIZER_DIR), out_dir)
         return
     # megatron output: the model config only (a training checkpoint's position and optimizer flag
     # would be wrong for the merged weights), plus the tokenizer where import-hf keeps it.
@@ -265,16 +263,11 @@ def write_output_metadata(inputs: MergeInputs, out_dir: str) -> None:
         model = template.config.get("model", template.config)
     else:
         model = to_dict(inputs.model)
+    tok_src = os.path.join(template.path, TOKENIZER_DIR) if fmt == "megatron" else template.path
+    copy_tokenizer_files(tok_src, os.path.join(out_dir, TOKENIZER_DIR))  # where import-hf keeps it
+    # Written last: the digests of every file (as training checkpoints record them).
+    files = file_digests(out_dir, skip=(MEGATRON_CONFIG,))
     with open(os.path.join(out_dir, MEGATRON_CONFIG), "w", encoding="utf-8") as f:
-        json.dump({"model": model, "source": "ties_merge"}, f, indent=2)
-    tok_out = os.path.join(out_dir, TOKENIZER_DIR)
-    if fmt == "megatron":
-        if os.path.isdir(os.path.join(template.path, TOKENIZER_DIR)):
-            shutil.copytree(os.path.join(template.path, TOKENIZER_DIR), tok_out)
-        return
-    for name in HF_FILES_TO_COPY:  # as import-hf keeps them
-        if os.path.isfile(os.path.join(template.path, name)):
-            os.makedirs(tok_out, exist_ok=True)
-            shutil.copy2(os.path.join(template.path, name), os.path.join(tok_out, name))
+        json.dump({"model": model, "source": "ties_merge", "files": files}, f, indent=2)
 
 

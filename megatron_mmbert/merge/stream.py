@@ -35,7 +35,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
-from megatron_mmbert.fileio import publish_directory
+from megatron_mmbert.fileio import check_output_dir, publish_directory, write_output_marker
 from megatron_mmbert.merge.io import CheckpointError, MegatronSink, SafetensorsSink, TensorInfo
 from megatron_mmbert.merge.naming import megatron_converter, open_inputs, write_output_metadata
 from megatron_mmbert.merge.ties import (
@@ -43,6 +43,11 @@ from megatron_mmbert.merge.ties import (
 )
 
 REPORT_NAME = "merge_report.json"
+# Task vectors of checkpoints trained from the base are small next to the base's weights (a decay
+# phase moves them by a few percent); one of an unrelated model is about as large as the weights
+# themselves (||a - b|| ~ sqrt(||a||^2 + ||b||^2) for independent initialisations).
+UNRELATED_RATIO = 0.5
+OUTLIER_RATIO = 4.0
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
@@ -146,6 +151,7 @@ class _Merger:
         self.models = list(models)
         self.chunk_bytes = chunk_bytes
         self.progress = progress
+        self.base_sq = 0.0
         self.inputs = ([base] if base is not None else []) + self.models
         self.paths = [s.path for s in self.inputs]
 
@@ -228,12 +234,30 @@ class _Merger:
                 if cached is None and not (spec.trims and spec.trim == "global"):
                     _check_finite(info.name, self.paths, chunks)
                 base, models = self._split(chunks)
+                if base is not None:
+                    self.base_sq += float(torch.sum(base.double() ** 2))
                 out = merge_chunk(spec, base, models, tensor_thr if spec.trims else None, stats)
                 sink.write(out.to(info.dtype))
                 if cached is not None:
                     self.progress.advance(out.numel(), "merge")
             tensors[info.name] = report_entry(stats, tensor_thr if spec.trims else None)
         return self._summary(tensors, copied, thresholds)
+
+    def _warnings(self, norms: List[float]) -> List[str]:
+        """Models whose task vector suggests they did not branch from the base (or from the same
+        run as the others): merged anyway, but said."""
+        out = []
+        base_norm = self.base_sq ** 0.5
+        for t, norm in enumerate(norms):
+            path = self.models[t].path
+            if self.base is not None and base_norm > 0 and norm > UNRELATED_RATIO * base_norm:
+                out.append(f"{path}: its task vector (norm {norm:.3g}) is {norm / base_norm:.2f}x the norm of the "
+                           f"base's weights ({base_norm:.3g}); was it trained from this base?")
+            others = sorted(n for i, n in enumerate(norms) if i != t)
+            if others and others[len(others) // 2] > 0 and norm > OUTLIER_RATIO * others[len(others) // 2]:
+                out.append(f"{path}: its task vector (norm {norm:.3g}) is {norm / others[len(others) // 2]:.1f}x "
+                           "the other models'; was it trained from the same base?")
+        return out
 
     def _summary(self, tensors, copied, thresholds) -> Dict[str, object]:
         n_models = len(self.models)
@@ -249,6 +273,7 @@ class _Merger:
         }
         if thresholds is not None:
             summary["global_threshold"] = thresholds
+        summary["warnings"] = self._warnings(summary["task_vector_norm"])
         return {"summary": summary, "copied_from_base": copied, "tensors": tensors}
 
 
@@ -262,6 +287,7 @@ def merge_checkpoints(
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     log: Optional[TextIO] = sys.stderr,
+    verify: bool = True,
 ) -> Dict[str, object]:
     """Merge ``models`` (against ``base``) into the checkpoint directory ``out``; returns the report.
 
@@ -269,13 +295,13 @@ def merge_checkpoints(
     given, only supplies the non-float tensors and the config (else the first model does).
     """
     spec.validate(len(models))
+    if not chunk_bytes >= 1:
+        raise ValueError(f"--chunk-mb must be positive (a block of at least one byte), got {chunk_bytes} bytes")
     if spec.needs_base and base is None:
         raise ValueError(f"--method {spec.method} needs --base (the checkpoint the models branched from)")
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     paths = ([base] if base is not None else []) + list(models)
-    inputs = open_inputs(paths, out_format)
+    out = check_output_dir(out, "ties_merge", inputs=paths, overwrite=overwrite)
+    inputs = open_inputs(paths, out_format, verify=verify)
     sources = inputs.sources
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
@@ -298,6 +324,8 @@ def merge_checkpoints(
         progress = Progress(work + int_elems, log)
         merger = _Merger(spec, base_src, model_srcs, chunk_bytes, progress)
         body = merger.run(plan, sink, template)
+        for warning in body["summary"]["warnings"]:
+            print(f"[ties_merge] WARNING: {warning}", file=sys.stderr)
         sink.finish()
         write_output_metadata(inputs, tmp)
         report = {
@@ -312,6 +340,7 @@ def merge_checkpoints(
         }
         with open(os.path.join(tmp, REPORT_NAME), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
+        write_output_marker(tmp, "ties_merge")
         publish_directory(tmp, out)
         return report
     except BaseException:

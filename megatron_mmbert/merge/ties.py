@@ -34,6 +34,8 @@ which float32 arithmetic would not. Magnitudes for the trim are compared as floa
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -71,6 +73,12 @@ class MergeSpec:
         """Raise ``ValueError`` naming the offending option."""
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        # NaN fails every comparison below, so finiteness is checked first, by name.
+        for flag, value in (("--lambda", self.lam), ("--density", self.density), ("--ema-decay", self.ema_decay)):
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{flag} must be a finite number, got {value}")
+        if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
+            raise ValueError(f"--weights must be finite numbers, got {self.weights}")
         if n_models < 1:
             raise ValueError("--models: give at least one model to merge")
         self.needs_base = self.method in ("ties", "task_arithmetic")

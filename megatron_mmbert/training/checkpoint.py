@@ -9,6 +9,8 @@ TP1/PP2 and the merge and conversion tools can read single tensors unsharded.
 
 Saves are atomic: everything is written to ``<dir>.tmp-<stamp>`` and renamed into place by rank 0
 after all ranks finished, so a crash mid-save never leaves a directory that looks complete.
+``mmbert_config.json`` also records every file's size and SHA-256 (``files``), checked by
+:func:`verify_checkpoint` before a load (:mod:`megatron_mmbert.dcp_io` keeps the reads safe).
 
 Training checkpoints (:func:`save_training` / :func:`load_training`) add the optimizer, sharded
 ``fully_reshardable`` (any TP/PP/DP layout, distributed optimizer or not, loads it), and the
@@ -21,18 +23,23 @@ after a checkpoint is complete, so a crash during a save resumes from the previo
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from megatron_mmbert import dcp_io
 from megatron_mmbert.config import ConfigError, ModelConfig
 from megatron_mmbert.config_base import from_dict, to_dict
+from megatron_mmbert.dcp_io import UntrustedCheckpointError
 from megatron_mmbert.fileio import atomic_write_json, atomic_write_text, publish_directory
 
 CONFIG_FILE = "mmbert_config.json"
+logger = logging.getLogger(__name__)
 
 
 def _rank() -> int:
@@ -78,6 +85,7 @@ def save(
     """
     from megatron.core import dist_checkpointing
 
+    dcp_io.install()
     directory = os.path.abspath(directory)
     stamp = os.environ.get("TORCHELASTIC_RUN_ID", "run")
     tmp = f"{directory}.tmp-{stamp}"
@@ -93,6 +101,7 @@ def save(
     if _rank() == 0:
         payload = {"model": to_dict(model_config), "saved_at": time.time()}
         payload.update(extra or {})
+        payload["files"] = dcp_io.file_digests(tmp, skip=(CONFIG_FILE,))
         atomic_write_json(os.path.join(tmp, CONFIG_FILE), payload, indent=2)
         publish_directory(tmp, directory)
     _barrier()
@@ -106,21 +115,63 @@ def read_config(directory: str) -> Dict[str, Any]:
             f"{directory} is not a megatron-mmbert checkpoint (no {CONFIG_FILE}); for a Hugging "
             "Face directory run tools/convert_checkpoint.py import-hf first"
         )
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc}); the checkpoint is damaged") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ConfigError(f"{path}: not a megatron-mmbert checkpoint config (no 'model' section)")
+    return meta
 
 
 def read_model_config(directory: str) -> ModelConfig:
     return from_dict(ModelConfig, read_config(directory)["model"], "model")
 
 
+def verify_checkpoint(directory: str, hashes: bool = True) -> None:
+    """Check every file against the sizes (and SHA-256, with ``hashes``) recorded at save time.
+
+    Collective when a process group exists: rank 0 reads, every rank raises on a mismatch.
+    Checkpoints written before digests were recorded pass with a warning."""
+    error: Optional[str] = None
+    if _rank() == 0:
+        try:
+            recorded = read_config(directory).get("files")
+            if recorded is None:
+                logger.warning("%s records no file digests (an older checkpoint); not verified", directory)
+            else:
+                dcp_io.verify_digests(directory, recorded, hashes=hashes)
+        except (ConfigError, UntrustedCheckpointError) as exc:
+            error = str(exc)
+    if torch.distributed.is_initialized():
+        flag = torch.tensor([1.0 if error else 0.0])
+        if torch.distributed.get_backend() == "nccl":
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag)
+        if flag.item() > 0 and error is None:
+            error = f"{directory}: failed verification on rank 0 (see its log)"
+    if error:
+        raise UntrustedCheckpointError(error)
+
+
 def load(directory: str, sharded_state_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """Load a checkpoint into the structure of ``sharded_state_dict`` (any saved layout)."""
+    """Load a checkpoint into the structure of ``sharded_state_dict`` (any saved layout).
+
+    Its metadata is read through the allow-listed unpickler and ``*.pt`` weights-only
+    (:mod:`megatron_mmbert.dcp_io`); a refusal names the file."""
     from megatron.core import dist_checkpointing
 
+    dcp_io.install()
     if not is_complete(directory):
         raise ConfigError(f"{directory} is not a complete checkpoint (no metadata.json / {CONFIG_FILE})")
-    return dist_checkpointing.load(sharded_state_dict, directory)
+    try:
+        return dist_checkpointing.load(sharded_state_dict, directory)
+    except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
+        translated = dcp_io.translate_load_error(exc, directory)
+        if translated is None:
+            raise
+        raise translated from exc
 
 
 def save_model(directory: str, chunks: List[torch.nn.Module], model_config: ModelConfig, extra=None) -> None:
@@ -139,8 +190,11 @@ def _weights_only(sharded: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def load_model(directory: str, chunks: List[torch.nn.Module]) -> None:
-    """Load model weights into ``chunks`` from a checkpoint saved at any layout."""
+def load_model(directory: str, chunks: List[torch.nn.Module], verify: bool = True) -> None:
+    """Load model weights into ``chunks`` from a checkpoint saved at any layout (after checking its
+    files against the recorded digests, unless ``verify`` is False)."""
+    if verify:
+        verify_checkpoint(directory)
     state = load(directory, _weights_only(model_sharded_state_dict(chunks)))
     if len(chunks) == 1:
         _load_chunk(chunks[0], state["model"])
@@ -150,6 +204,9 @@ def load_model(directory: str, chunks: List[torch.nn.Module]) -> None:
 
 
 def _load_chunk(chunk: torch.nn.Module, state: Dict[str, Any]) -> None:
+    for key, value in state.items():
+        if key.endswith("_extra_state"):
+            dcp_io.check_extra_state(key, value, "checkpoint")
     result = _unwrap(chunk).load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing:
@@ -197,18 +254,62 @@ def save_training(
     return directory
 
 
-def read_latest(root: str) -> Optional[str]:
-    """The directory ``root/latest`` points at, or None. A pointer to an incomplete directory (it
-    cannot happen through :func:`save_training`, but a hand edit can) is an error."""
-    path = os.path.join(root, LATEST_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        name = f.read().strip()
-    directory = os.path.join(root, name)
+def _training_position(directory: str) -> Optional[tuple]:
+    """(step, saved_at) of a complete training checkpoint with a readable config, else None."""
     if not is_complete(directory):
-        raise ConfigError(f"{path} points at {directory}, which is not a complete checkpoint; fix or remove {path}")
-    return directory
+        return None
+    try:
+        meta = read_config(directory)
+        return (int(meta["train_state"]["step"]), float(meta.get("saved_at", 0.0)))
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None
+
+
+def complete_checkpoints(root: str) -> List[str]:
+    """The complete training checkpoints in ``root``, newest (highest step) first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for entry in os.listdir(root):
+        if _LEFTOVER.match(entry) or not entry.startswith(("iter_", "phase_end_")):
+            continue
+        position = _training_position(os.path.join(root, entry))
+        if position is not None:
+            found.append((position, entry))
+    return [os.path.join(root, e) for _, e in sorted(found, reverse=True)]
+
+
+def read_latest(root: str, warn: Optional[Callable[[str], None]] = None) -> Optional[str]:
+    """The checkpoint to resume from: the one ``root/latest`` names, or None for a fresh run.
+
+    A damaged pointer (unreadable, not a plain name, naming an incomplete or unreadable
+    checkpoint) or a missing one beside complete checkpoints falls back to the newest complete
+    checkpoint, reported through ``warn``, naming what was skipped."""
+    path = os.path.join(root, LATEST_FILE)
+    problem = None
+    if os.path.lexists(path):
+        try:
+            with open(path) as f:
+                name = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            name, problem = None, f"{path} is unreadable ({exc})"
+        if name is not None:
+            if not name or os.path.basename(name) != name or name in (".", ".."):
+                problem = f"{path} holds {name[:80]!r}, not a checkpoint name"
+            elif _training_position(os.path.join(root, name)) is None:
+                problem = f"{path} points at {os.path.join(root, name)}, which is not a complete checkpoint"
+            else:
+                return os.path.join(root, name)
+    candidates = complete_checkpoints(root)
+    if problem is None:
+        if not candidates:
+            return None
+        problem = f"{path} is missing although {root} holds checkpoints"
+    if not candidates:
+        raise ConfigError(f"{problem}, and no complete checkpoint is left in {root}; remove {path} to start over")
+    if warn is not None:
+        warn(f"WARNING: {problem}; resuming from the newest complete checkpoint, {candidates[0]}")
+    return candidates[0]
 
 
 def load_training(directory: str, chunks: List[torch.nn.Module], optimizer) -> Dict[str, Any]:
@@ -320,15 +421,25 @@ def _load_distributed_optimizer_state(opt, state: Dict[str, Any]) -> None:
                 torch_state[p][k] = v.clone() if isinstance(v, torch.Tensor) else v
 
 
+# What an interrupted save of ours leaves: ``{name}.tmp-{stamp}`` (shards being written),
+# ``{name}.old-{pid}`` (a replaced checkpoint not yet deleted), ``latest.partial-{pid}``.
+_LEFTOVER = re.compile(r"^(iter_\d+|phase_end_[A-Za-z0-9_.-]+)\.(tmp|old)-[A-Za-z0-9_.-]+$|^latest\.partial-\d+$")
+
+
 def clean_incomplete(root: str) -> List[str]:
-    """Remove leftovers of interrupted saves (``*.tmp-*`` / ``*.old-*``) in ``root`` (rank 0 only)."""
+    """Remove leftovers of this run's interrupted saves in ``root`` (rank 0 only; the caller holds
+    the run folder's lock, so no other writer can be mid-save). Only names our saves produce are
+    touched; anything else in the folder is left alone."""
     removed = []
     if _rank() != 0 or not os.path.isdir(root):
         return removed
-    for entry in os.listdir(root):
-        if ".tmp-" in entry or ".old-" in entry:
+    for entry in sorted(os.listdir(root)):
+        if _LEFTOVER.match(entry):
             path = os.path.join(root, entry)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
             removed.append(entry)
     return removed
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
@@ -27,7 +28,7 @@ from megatron_mmbert.config import (
     load_model_config,
     validate_layout,
 )
-from megatron_mmbert.config_base import ConfigError, apply_overrides, from_dict, to_dict
+from megatron_mmbert.config_base import ConfigError, apply_overrides, check_safe_name, from_dict, to_dict
 
 
 @dataclass
@@ -149,6 +150,9 @@ class CheckpointSection:
     """On SIGTERM/SIGUSR1 (Slurm preemption, ``--signal``): save at the end of the step and exit 0."""
     resume: bool = True
     """Resume from ``latest`` when the checkpoint folder has one."""
+    verify_on_load: bool = True
+    """Check every file of the checkpoint resumed from (or ``init.checkpoint``) against the sizes
+    and SHA-256 recorded at save time before loading it (False: skip, for huge checkpoints)."""
 
 
 @dataclass
@@ -464,8 +468,11 @@ def _validate_phases(cfg: RunConfig) -> None:
     names = [p.name for p in cfg.phases]
     if len(set(names)) != len(names):
         raise ConfigError(f"phases: names must be unique, got {names}")
-    for p in cfg.phases:
+    for i, p in enumerate(cfg.phases):
+        check_safe_name(p.name, f"phases.{i}.name")  # names checkpoint folders (phase_end_{name})
         p.validate()
+        if isinstance(p.languages, str) and p.languages.startswith("top:") and int(p.languages[4:]) < 1:
+            raise ConfigError(f"phases.{i}.languages={p.languages!r}: top:N needs N >= 1")
     total = sum(p.tokens for p in cfg.phases)
     if cfg.schedule.total_tokens is not None and total != cfg.schedule.total_tokens:
         parts = " + ".join(f"{p.name} {p.tokens:,}" for p in cfg.phases)
@@ -565,6 +572,16 @@ def _validate_batches(cfg: RunConfig, world_size: int) -> None:
 def _validate_run(cfg: RunConfig) -> None:
     if not cfg.run_dir:
         raise ConfigError("run_dir must be set (output folder of the run)")
+    for field, value in (("seed", cfg.seed), ("data.seed", cfg.data.seed)):
+        if value is not None and not 0 <= value < 2**32:
+            raise ConfigError(f"{field} must be in [0, 2^32), got {value}")
+    o = cfg.optimizer
+    for field in ("adam_beta1", "adam_beta2"):
+        value = getattr(o, field)
+        if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+            raise ConfigError(f"optimizer.{field} must be in [0, 1), got {value}")
+    if not (isinstance(o.adam_eps, (int, float)) and o.adam_eps > 0 and math.isfinite(o.adam_eps)):
+        raise ConfigError(f"optimizer.adam_eps must be a positive finite number, got {o.adam_eps}")
     c = cfg.checkpoint
     if c.every_steps < 0 or c.every_tokens < 0 or c.keep_last < 1:
         raise ConfigError(
@@ -629,6 +646,22 @@ def validate_data(cfg: RunConfig) -> None:
             )
     if cfg.data.eval_manifest and not os.path.exists(cfg.data.eval_manifest):
         raise ConfigError(f"data.eval_manifest={cfg.data.eval_manifest!r} does not exist")
+    _check_shards(cfg, manifest, have)
+
+
+def _check_shards(cfg: RunConfig, manifest, have) -> None:
+    """Every shard a phase can draw from is whole and of the manifest's dtype, and its token ids
+    fit the model's vocabulary (before hours are spent, not at step 1)."""
+    from megatron_mmbert.data.shards import check_manifest_shards
+
+    used = set()
+    for p in cfg.phases:  # 'all' / 'top:N': every language with shards (header reads are cheap)
+        used.update(p.languages if isinstance(p.languages, list) else have)
+        used.update(p.fixed_shares)
+    try:
+        check_manifest_shards(manifest, sorted(used), cfg.model.vocab_size)
+    except ValueError as exc:
+        raise ConfigError(f"data.manifest={cfg.data.manifest!r}: {exc}") from None
 
 
 __all__ = [

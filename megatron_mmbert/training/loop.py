@@ -27,6 +27,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import time
 from typing import Dict, List, Optional
 
@@ -34,6 +35,7 @@ import torch
 
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.fileio import DirectoryLock, DirectoryLocked
 from megatron_mmbert.training import checkpoint as ckpt
 from megatron_mmbert.training import optim
 from megatron_mmbert.training.config import RunConfig, rampup_rows, validate, write_resolved
@@ -96,13 +98,26 @@ def reseed(seed: int, step: int) -> None:
 
 
 class _StopFlag:
-    """SIGTERM/SIGUSR1 set a flag; the loop checks it (all-reduced) at the end of every step."""
+    """SIGTERM/SIGUSR1 set a flag; the loop checks it (all-reduced) at the end of every step.
+
+    Under torchrun the worker also asks the kernel for SIGTERM when the agent dies
+    (``PR_SET_PDEATHSIG``): a SIGKILLed torchrun leaves no orphaned trainers, and they save first."""
 
     def __init__(self, enabled: bool):
         self.signal: Optional[int] = None
         if enabled:
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._handle)
+        if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform.startswith("linux"):
+            import ctypes
+
+            agent = os.getppid()
+            try:  # PR_SET_PDEATHSIG
+                ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM if enabled else signal.SIGKILL)
+            except (OSError, AttributeError):
+                return
+            if os.getppid() != agent:  # the agent died before the request took effect
+                self._handle(signal.SIGTERM, None) if enabled else os._exit(1)
 
     def _handle(self, signum, frame):  # noqa: ARG002
         self.signal = signum
@@ -130,10 +145,12 @@ class Trainer:
         self.t_start = time.time()
         validate(cfg, runtime.world_size_from_env())
         self.rt = runtime.initialize(cfg.effective_model, cfg.parallel, cfg.seed)
+        self.locks = self._lock_run_folders()
         self.log = RunLogger(cfg.run_dir, cfg.tensorboard_dir if cfg.logging.tensorboard else None, self.rt.is_main)
         if self.rt.is_main:
             write_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             os.makedirs(cfg.checkpoint_dir, exist_ok=True)
+            # Safe: the lock above means no other process can be saving here now.
             removed = ckpt.clean_incomplete(cfg.checkpoint_dir)
             if removed:
                 self.log.info(f"removed leftovers of interrupted saves: {removed}")
@@ -160,15 +177,38 @@ class Trainer:
         self.eval_stream = None
 
     # -- start-up -----------------------------------------------------------------------------
+    def _lock_run_folders(self) -> List[DirectoryLock]:
+        """Rank 0 locks ``run_dir`` (and a ``checkpoint.dir`` outside it) for the run's life: one
+        writer per run folder. Every rank learns the outcome, so a refused run exits at once."""
+        cfg = self.cfg
+        folders = [cfg.run_dir]
+        if not os.path.realpath(cfg.checkpoint_dir).startswith(os.path.realpath(cfg.run_dir) + os.sep):
+            folders.append(cfg.checkpoint_dir)
+        locks: List[DirectoryLock] = []
+        error = None
+        if self.rt.is_main:
+            try:
+                for folder in folders:
+                    locks.append(DirectoryLock(folder).acquire())
+            except (DirectoryLocked, OSError) as exc:
+                error = str(exc)
+                for lock in locks:
+                    lock.release()
+        if _any_rank(error is not None, self.rt.device):
+            raise ConfigError(error or "rank 0 could not lock the run folder (see its message)")
+        return locks
+
     def _fresh_state(self, phase_index: int) -> Dict:
         return {"phase_index": phase_index, "consumed_samples": 0, "consumed_samples_per_phase": {},
                 "step": 0, "tokens": 0, "skipped_steps": 0}
 
     def _restore(self) -> Dict:
         cfg = self.cfg
-        latest = ckpt.read_latest(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
+        latest = ckpt.read_latest(cfg.checkpoint_dir, warn=self.log.info) if cfg.checkpoint.resume else None
         names = [p.name for p in cfg.phases]
         if latest is not None:
+            if cfg.checkpoint.verify_on_load:
+                ckpt.verify_checkpoint(latest)
             meta = ckpt.load_training(latest, self.chunks, self.optimizer)
             state = meta["train_state"]
             if state["phase"] not in names:
@@ -191,6 +231,8 @@ class Trainer:
             return state
         start = cfg.start_phase_index
         if cfg.init.checkpoint:
+            if cfg.checkpoint.verify_on_load:
+                ckpt.verify_checkpoint(cfg.init.checkpoint)
             self._check_branch_data(ckpt.read_config(cfg.init.checkpoint).get("train_state"))
             meta = ckpt.load_training(cfg.init.checkpoint, self.chunks, self.optimizer if cfg.init.load_optimizer else None)
             self.log.info(
@@ -484,13 +526,15 @@ class Trainer:
                 kill_in_save = cfg.debug.sigkill_during_save_at_step == st["step"]
                 if phase_done:
                     break
-                if save_due(cfg, st["step"], st["tokens"], step_tokens):
+                saved_now = save_due(cfg, st["step"], st["tokens"], step_tokens)
+                if saved_now:
                     self.save(f"iter_{st['step']:07d}", phase, scheduler, kill_in_save)
                 stop_signal = self.stop.signal is not None
                 over_time = (cfg.checkpoint.exit_after_minutes is not None
                              and time.time() - self.t_start > 60 * cfg.checkpoint.exit_after_minutes)
                 if _any_rank(stop_signal or over_time, self.rt.device):
-                    self.save(f"iter_{st['step']:07d}", phase, scheduler)
+                    if not saved_now:  # this step's periodic save is already complete
+                        self.save(f"iter_{st['step']:07d}", phase, scheduler)
                     why = f"signal {self.stop.signal}" if stop_signal else f"time limit {cfg.checkpoint.exit_after_minutes} min"
                     self.log.info(f"stopping cleanly at step {st['step']} ({why}); rerun the same command to resume")
                     return 0
@@ -510,6 +554,8 @@ class Trainer:
 
     def close(self) -> None:
         self.log.close()
+        for lock in self.locks:
+            lock.release()
 
 
 def train(cfg: RunConfig) -> int:
