@@ -137,3 +137,21 @@ def test_micro_batches_split_over_ranks(stream):
     assert torch.equal(r1["tokens"], stream.batch("pretrain", [20, 21])["tokens"])
     with pytest.raises(ValueError, match="multiple"):
         next(stream.micro_batches("pretrain", 3, gbs, mbs, 0, dp))
+
+
+def test_special_tokens_selected_at_the_mask_rate_when_enabled(corpus):
+    """mask_special_tokens (the shipped mmBERT configs): <bos>/<eos> are selected like any token."""
+    phases = [PhaseConfig(name="m", tokens=64 * 3000, seq_len=64, temperature=0.5, mask_rate=0.3)]
+    s = MLMStream(corpus[0], phases, seed=5, cache_dir=None, mask_special_tokens=True)
+    special = np.array(sorted(SPECIAL.values()))
+    sel_special = n_special = sel_other = n_other = 0
+    for i in range(s.phase_num_samples("m")):
+        tokens, _, _ = s.row("m", i)
+        _, labels = s.mask(tokens, 0.3, i)
+        picked = labels != IGNORE_INDEX
+        is_special = np.isin(tokens, special)
+        sel_special += (picked & is_special).sum(); n_special += is_special.sum()
+        sel_other += (picked & ~is_special).sum(); n_other += (~is_special).sum()
+    assert n_special > 5000
+    # binomial standard error at 5000 draws is 0.0065: 4 sigma
+    assert abs(sel_special / n_special - 0.3) < 0.026 and abs(sel_other / n_other - 0.3) < 0.005

@@ -265,3 +265,10 @@ def test_mmbert_configs_use_stable_adamw_without_clipping():
         cfg = _load(name)
         assert (cfg.optimizer.name, cfg.optimizer.clip_grad) == ("stable_adamw", 0.0), name
         assert cfg.use_distributed_optimizer and cfg.precision == "bf16", name
+
+
+def test_mmbert_configs_mask_special_tokens():
+    """mmBERT's masking skips only padding: <bos>/<eos> can be selected (issue 19)."""
+    for name in ("mmbert_base.yaml", "mmbert_small.yaml", "decay_cont.yaml", "decay_eng.yaml", "decay_all.yaml",
+                 "mmbert_small_decay_all.yaml"):
+        assert _load(name).data.mask_special_tokens, name

@@ -44,7 +44,8 @@ class DataSection:
     anneal_segments: int = 64
     """Piecewise-constant segments of a temperature-annealed phase."""
     mask_special_tokens: bool = False
-    """Let <bos>/<eos> be selected for masking (mmBERT's code did; HF's collator does not)."""
+    """Let <bos>/<eos> be selected for masking (mmBERT's code did: its masking skips only padding;
+    HF's collator does not). The shipped mmBERT configs set it."""
     index_timeout_s: float = 3600.0
     """How long non-building ranks wait for the index cache before giving up."""
     eval_manifest: Optional[str] = None
