@@ -122,7 +122,8 @@ class BatchSection:
     rampup_increment_rows: Optional[int] = None
     """Batch-size warmup: rows added at each increment (None: ``rampup_start_rows``)."""
     rampup_tokens: int = 0
-    """Batch-size warmup: tokens of ``rampup_phase`` over which the rows rise evenly to the full batch."""
+    """Batch-size warmup: tokens of ``rampup_phase`` over which the rows rise to the full batch, every
+    size for the same number of steps (mmBERT's scheduler; :func:`rampup_token_thresholds`)."""
     rampup_phase: Optional[str] = None
     """Phase whose start is ramped (None: the first phase)."""
 
@@ -526,6 +527,24 @@ def rampup_rows(cfg: RunConfig) -> List[int]:
     return list(range(b.rampup_start_rows, full, inc))
 
 
+def rampup_token_thresholds(cfg: RunConfig) -> List[int]:
+    """For each size of :func:`rampup_rows`, the phase token count up to which it is used.
+
+    The shape of ModernBERT/mmBERT's ``BatchSizeWarmupScheduler`` (``_calculate_step_thresholds``):
+    the threshold of size ``i`` is ``ceil(rampup_tokens x (rows_0 + ... + rows_i) / sum(rows))``,
+    i.e. proportional to the cumulative batch size, so every size gets the same number of steps (a
+    size of ``r`` rows holds for ``rampup_tokens x r / sum(rows)`` tokens = ``r`` x that many rows).
+    A step uses the first size whose threshold exceeds the tokens consumed before it; from
+    ``rampup_tokens`` on, the full batch. Exact integer arithmetic (the reference rounds a float).
+    """
+    sizes = rampup_rows(cfg)
+    total, cum, out = sum(sizes), 0, []
+    for rows in sizes:
+        cum += rows
+        out.append(-(-cfg.batch.rampup_tokens * cum // total))
+    return out
+
+
 def _validate_batches(cfg: RunConfig, world_size: int) -> None:
     b = cfg.batch
     dp = cfg.parallel.data_parallel(world_size)
@@ -636,7 +655,7 @@ __all__ = [
     "RunConfig", "DataSection", "OptimizerSection", "LRSegment", "ScheduleSection", "BatchSection",
     "CheckpointSection", "InitSection", "LoggingSection", "TrainSection", "DebugSection",
     "load_config", "read_yaml", "from_mapping", "validate", "validate_data", "write_resolved",
-    "resolved_dict", "rampup_rows", "ConfigError",
+    "resolved_dict", "rampup_rows", "rampup_token_thresholds", "ConfigError",
 ]
 
 

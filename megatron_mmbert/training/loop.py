@@ -23,6 +23,7 @@ uninterrupted one (bitwise on CPU at the same layout; see tests/test_training_re
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import os
@@ -36,7 +37,13 @@ from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.training import checkpoint as ckpt
 from megatron_mmbert.training import optim
-from megatron_mmbert.training.config import RunConfig, rampup_rows, validate, write_resolved
+from megatron_mmbert.training.config import (
+    RunConfig,
+    rampup_rows,
+    rampup_token_thresholds,
+    validate,
+    write_resolved,
+)
 from megatron_mmbert.training.logging import RunLogger, memory_gib
 
 
@@ -48,15 +55,13 @@ class NonFiniteError(RuntimeError):
 
 def step_rows(cfg: RunConfig, phase: PhaseConfig, consumed: int, num_samples: int) -> int:
     """Rows of the step that starts at ``consumed`` samples into ``phase`` (batch-size warmup aware)."""
-    full = cfg.phase_global_batch(phase)
-    rows = full
+    rows = cfg.phase_global_batch(phase)
     ramp_phase = cfg.batch.rampup_phase or cfg.phases[0].name
-    sizes = rampup_rows(cfg)
-    if sizes and phase.name == ramp_phase:
-        tokens = consumed * phase.seq_len
-        if tokens < cfg.batch.rampup_tokens:
-            k = int(tokens * len(sizes) // cfg.batch.rampup_tokens)
-            rows = sizes[min(k, len(sizes) - 1)]
+    tokens = consumed * phase.seq_len
+    if phase.name == ramp_phase and tokens < cfg.batch.rampup_tokens and (sizes := rampup_rows(cfg)):
+        k = bisect.bisect_right(rampup_token_thresholds(cfg), tokens)
+        if k < len(sizes):
+            rows = sizes[k]
     return min(rows, num_samples - consumed)
 
 
