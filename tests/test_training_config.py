@@ -265,7 +265,7 @@ def test_mmbert_configs_use_stable_adamw_without_clipping():
     for name in ("mmbert_base.yaml", "mmbert_small.yaml", "decay_cont.yaml", "decay_eng.yaml", "decay_all.yaml"):
         cfg = _load(name)
         assert (cfg.optimizer.name, cfg.optimizer.clip_grad) == ("stable_adamw", 0.0), name
-        assert cfg.use_distributed_optimizer and cfg.precision == "bf16", name
+        assert cfg.use_distributed_optimizer and cfg.precision == "amp_bf16", name
 
 
 def test_mmbert_configs_mask_special_tokens():

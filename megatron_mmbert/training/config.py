@@ -234,8 +234,11 @@ class RunConfig:
     """Seed of the model init, dropout (re-seeded from (seed, step) each step) and, by default, the data."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor/pipeline/context parallel sizes, sequence parallelism, distributed optimizer."""
-    precision: Literal["fp32", "bf16", "fp8"] = "bf16"
-    """fp32; bf16 (fp32 master weights); fp8 (bf16 + TransformerEngine FP8 GEMMs; needs TE)."""
+    precision: Literal["fp32", "bf16", "amp_bf16", "fp8"] = "bf16"
+    """fp32; bf16 (megatron's ``Float16Module``: bf16 parameters and residual stream, fp32 master
+    weights in the optimizer); amp_bf16 (mmBERT's Composer ``amp_bf16``: fp32 parameters, the forward
+    under ``torch.autocast(bfloat16)``, so GEMMs and attention run in bf16 and the residual stream
+    stays fp32); fp8 (bf16 + TransformerEngine FP8 GEMMs; needs TE)."""
     data: DataSection = field(default_factory=DataSection)
     """Manifest, index cache and data seed."""
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -312,8 +315,8 @@ class RunConfig:
 
     @property
     def compute_precision(self) -> str:
-        """The dtype of parameters/activations outside FP8 GEMMs."""
-        return "fp32" if self.precision == "fp32" else "bf16"
+        """The model's precision mode outside FP8 GEMMs: fp32, bf16 or amp_bf16 (``model.build``)."""
+        return self.precision if self.precision in ("fp32", "amp_bf16") else "bf16"
 
     @property
     def use_distributed_optimizer(self) -> bool:
@@ -453,8 +456,10 @@ def validate(cfg: RunConfig, world_size: int, check_data: bool = True) -> None:
 def _validate_precision(cfg: RunConfig) -> None:
     from megatron_mmbert.model.build import select_backend
 
-    if (cfg.precision == "fp8" or cfg.model.fp8 is not None) and cfg.precision == "fp32":
-        raise ConfigError("model.fp8 is set but precision is fp32; use precision: fp8 (bf16 + FP8 GEMMs)")
+    if cfg.model.fp8 is not None and cfg.precision in ("fp32", "amp_bf16"):
+        raise ConfigError(
+            f"model.fp8 is set but precision is {cfg.precision}; use precision: fp8 (bf16 + FP8 GEMMs)"
+        )
     # An attention backend (or FP8, or context parallelism) this machine's TE / cuDNN / flash-attn
     # cannot run is a ConfigError naming the versions, before anything starts.
     select_backend(cfg.effective_model, cfg.compute_precision, cfg.parallel.context_parallel)
