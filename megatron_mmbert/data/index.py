@@ -336,6 +336,19 @@ def index_plan(manifest, plans: List[PhasePlan], counts: np.ndarray, seed: int, 
     }
 
 
+def phase_epochs(plan: Dict, phase: str) -> Dict[str, Dict[str, float]]:
+    """Per language drawn in ``phase``: ``in_phase`` (passes over its tokens within the phase: what
+    ``max_epochs_per_language`` caps) and ``cumulative`` (passes by the phase's end), from the plan."""
+    p = next((q for q in plan["phases"] if q["name"] == phase), None)
+    if p is None:
+        raise KeyError(f"phase {phase!r} is not in the index plan")
+    totals = plan["language_tokens"]
+    return {
+        lang: {"in_phase": round(r["tokens"] / totals[lang], 6), "cumulative": r["epochs"]}
+        for lang, r in p["languages"].items() if r["rows"] > 0
+    }
+
+
 def phase_end_positions(plan: Dict, phase: str) -> Dict[str, int]:
     """Each language's stream position at the end of ``phase`` (the next phase's ``first_token``)."""
     for p in plan["phases"]:
@@ -375,6 +388,9 @@ def format_index_plan(plan: Dict, warn_epochs: float = 5.0, head: int = 15, tail
             worst = max(active, key=lambda x: x[1]["epochs"])
             out.append(f"  epochs by the end of the phase: min {e[0]:.3g} / median {e[len(e) // 2]:.3g} / "
                        f"max {e[-1]:.3g} ({worst[0]})")
+            within = phase_epochs(plan, p["name"])
+            most = max(within, key=lambda lang: (within[lang]["in_phase"], lang))
+            out.append(f"  epochs within the phase: max {within[most]['in_phase']:.3g} ({most})")
             over = sum(r["epochs"] > warn_epochs for _, r in active)
             if over:
                 out.append(f"  WARNING: {over} language(s) seen more than {warn_epochs:g} times by the end of "

@@ -404,6 +404,12 @@ class Trainer:
                 f"{cfg.schedule.phases[phase.name].lr:g}" + (f", resuming at row {consumed}" if consumed else ""),
                 st["step"],
             )
+            if self.rt.is_main:  # repetition of every language in this phase, from the index plan
+                from megatron_mmbert.data.index import format_index_plan, phase_epochs
+
+                plan = self.stream.index.plan
+                self.log.text("data", format_index_plan(plan, head=10, tail=3, phases=[phase.name]), st["step"])
+                self.log.log_phase_data(st["step"], phase.name, phase_epochs(plan, phase.name))
             while consumed < n:
                 t0 = time.time()
                 rows = step_rows(cfg, phase, consumed, n)
