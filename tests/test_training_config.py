@@ -315,3 +315,15 @@ def test_batch_rampup_matches_the_reference_scheduler(name, ramp_tokens):
     assert max(per_size) - min(per_size) <= 1  # the same number of steps at every size
     if name == "mmbert_base.yaml":  # the numbers: ~2,312 steps per size, 25,432 ramp steps
         assert sum(per_size) == 25_432 and set(per_size) <= {2311, 2312, 2313}
+
+
+def test_phase_manifest_checked(tmp_path):
+    from tests.training_helpers import write_manifest
+
+    manifest = write_manifest(tmp_path)
+    msg = _err(_tiny("--data.manifest", manifest, "--phases.0.languages", "all", "--phases.1.languages", "all",
+                     "--phases.1.manifest", str(tmp_path / "hq" / "manifest.json")), check_data=True)
+    assert "phase 'mid': manifest" in msg and "does not exist" in msg
+    msg = _err(_tiny("--data.manifest", manifest, "--phases.0.languages", "all", "--phases.1.languages",
+                     "[xxx_Zzzz]", "--phases.1.manifest", manifest), check_data=True)
+    assert "language(s) ['xxx_Zzzz'] have no tokens in its manifest" in msg

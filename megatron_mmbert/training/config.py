@@ -639,6 +639,14 @@ def validate_data(cfg: RunConfig) -> None:
             f"set model.vocab_size: {vocab}"
         )
     for p in cfg.phases:
+        if p.manifest:  # a phase's own manifest: it exists, its tokenizer and languages fit
+            from megatron_mmbert.data.shards import phase_sources
+
+            if not os.path.exists(p.manifest):
+                raise ConfigError(f"phase {p.name!r}: manifest {p.manifest!r} does not exist; preprocess "
+                                  "the phase's sources with tools/preprocess_data.py first")
+            phase_sources(manifest, [p])
+            continue
         wanted = list(p.languages) if isinstance(p.languages, list) else []
         wanted += list(p.fixed_shares)
         missing = [lang for lang in wanted if lang not in have]

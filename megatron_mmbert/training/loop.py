@@ -243,6 +243,10 @@ class Trainer:
             problems.append(f"data seed {plan['seed']} vs the checkpoint's {record['data_seed']}")
         if record["manifest_sha256"] != plan["manifest_sha256"]:
             problems.append("the manifest differs from the checkpoint's (other shards or token counts)")
+        # Phase manifests the parent's streams used: their content is part of the stream names too.
+        for sid, digest in (record.get("sources_sha256") or {}).items():
+            if plan.get("sources_sha256", {}).get(sid) not in (None, digest):
+                problems.append(f"phase manifest source {sid!r} differs from the checkpoint's")
         mine = {lang: r["first_token"] for lang, r in start["languages"].items()}
         theirs = record["stream_positions"]
         differ = sorted(lang for lang in set(mine) | set(theirs) if mine.get(lang, 0) != theirs.get(lang, 0))
@@ -269,6 +273,7 @@ class Trainer:
             "phase": phase["name"], "consumed_samples": int(consumed), "phase_samples": phase["samples"],
             "at_phase_end": consumed >= phase["samples"], "data_seed": plan["seed"],
             "manifest_sha256": plan["manifest_sha256"],
+            "sources_sha256": plan.get("sources_sha256", {}),  # phase manifests (per-source streams)
             "stream_positions": {lang: t for lang, t in ends.items() if t},  # at the end of the phase
         }
 
