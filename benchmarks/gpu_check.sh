@@ -71,7 +71,7 @@ else
     PARITY_SELECT="tp1_pp1 or loss_matches or rope"
     SMALL="--device cuda --precision bf16 --preset mmbert-small --rows 16 --seq-len 1024 --iters 10 --rounds 3"
     BASE="--device cuda --precision bf16 --preset mmbert-base --rows 16 --seq-len 1024 --iters 10 --rounds 3"
-    TRAIN="--device cuda --nproc $NPROC --preset mmbert-small --precision bf16 --steps 40 --rows 32 --micro-rows 16 --seq-len 1024 --interval 10"
+    TRAIN="--device cuda --nproc $NPROC --preset mmbert-small --precision amp_bf16 --steps 40 --rows 32 --micro-rows 16 --seq-len 1024 --interval 10"
     SYNCS="--device cuda"
 fi
 

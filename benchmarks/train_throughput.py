@@ -89,7 +89,7 @@ def main(argv=None):
     p.add_argument("--corpus", choices=["synthetic", "gettext"], default="synthetic",
                    help="data made on the spot when --manifest is not given (default: synthetic)")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "amp_bf16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda (only decides what is reported)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=60)

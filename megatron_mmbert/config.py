@@ -149,6 +149,11 @@ class PhaseConfig:
     """UniMax-style cap: no language is repeated more than this many epochs in the phase."""
     global_batch_size: Optional[int] = None
     """Rows per optimizer step in this phase (None: the training config's)."""
+    manifest: Optional[str] = None
+    """The phase's own manifest (e.g. mid-training/decay's higher-quality sources: FineWeb2-HQ,
+    filtered DCLM, books); None: the run's ``data.manifest``. The phase's ``languages`` and
+    ``fixed_shares`` then name that manifest's keys, and each of its languages is its own stream
+    (``{folder}~{content hash}/{language}``), continued by every phase that names the same manifest."""
 
     def validate(self) -> None:
         where = f"phase {self.name!r}"

@@ -139,6 +139,23 @@ def _patch_module(module: types.ModuleType) -> None:
     if module.__name__ == "megatron.core.tensor_parallel.random":
         module._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
         module._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    if module.__name__ == "megatron.core.tensor_parallel.layers":
+        _rebind_autocast_functions(module)
+
+
+def _rebind_autocast_functions(module: types.ModuleType) -> None:
+    """The linear autograd Functions are wrapped in ``torch.amp.custom_fwd/custom_bwd(device_type=
+    "cuda")`` at import: their backward re-enters the forward's *CUDA* autocast state. On the CPU the
+    forward's CPU autocast (``precision: amp_bf16``) would be lost in backward (bf16 grads against
+    fp32 saved inputs). Re-wrap the undecorated methods for the CPU."""
+    for obj in list(vars(module).values()):
+        if not (isinstance(obj, type) and issubclass(obj, _real_torch.autograd.Function)):
+            continue
+        for name, wrap in (("forward", _real_torch.amp.custom_fwd), ("backward", _real_torch.amp.custom_bwd)):
+            fn = obj.__dict__.get(name)
+            inner = getattr(getattr(fn, "__func__", None), "__wrapped__", None)
+            if isinstance(fn, staticmethod) and inner is not None:
+                setattr(obj, name, staticmethod(wrap(inner, device_type="cpu")))
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):

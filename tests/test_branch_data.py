@@ -134,3 +134,30 @@ def test_run_checks_the_branch_against_the_parent_checkpoint(tmp_path):
     r = launch(cont, "--run_dir", str(tmp_path / "wrong"), "--init.checkpoint",
                str(tmp_path / "parent" / "checkpoints" / "phase_end_pretrain"))
     assert r.returncode != 0 and "does not continue the data of init.checkpoint" in r.stderr
+
+
+def test_branch_continues_per_source_streams(tmp_path, capsys):
+    """mid and decay read their own (HQ) manifest: a decay branch continues those streams where the
+    parent's mid left them, and reads the parent's decay rows."""
+    parent = _parent(tmp_path)
+    hq = write_manifest(tmp_path / "hq")
+    with open(parent) as f:
+        cfg = yaml.safe_load(f)
+    cfg["phases"][1]["manifest"] = cfg["phases"][2]["manifest"] = hq
+    with open(parent, "w") as f:
+        yaml.safe_dump(cfg, f)
+    cont = _branch(tmp_path, "decay_cont", {"languages": "all"})
+    plans = {c: json.load(open(os.path.join(_index_folder(c, capsys), "index_plan.json"))) for c in (parent, cont)}
+    hq_streams = [lang for lang in plans[parent]["language_tokens"] if lang.startswith("hq~")]
+    assert len(hq_streams) == 3 and plans[parent]["sources_sha256"] == plans[cont]["sources_sha256"]
+    mid, decay = plans[parent]["phases"][1]["languages"], plans[cont]["phases"][2]["languages"]
+    assert set(mid) == set(decay) == set(plans[parent]["language_tokens"])
+    for lang in hq_streams:  # mid moved the HQ streams; the branch's decay starts where they stopped
+        assert decay[lang]["first_token"] == mid[lang]["first_token"] + mid[lang]["tokens"]
+    assert sum(mid[lang]["tokens"] for lang in hq_streams) == 2048 and all(
+        mid[lang]["tokens"] == 0 for lang in mid if lang not in hq_streams)
+    a, b = _stream(parent), _stream(cont)
+    n = a.phase_num_samples("decay")
+    ba, bb = a.batch("decay", range(n)), b.batch("decay", range(n))
+    for key in ("tokens", "labels", "positions", "cu_seqlens"):
+        assert np.array_equal(ba[key].numpy(), bb[key].numpy()), key

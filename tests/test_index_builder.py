@@ -361,3 +361,20 @@ def test_waiting_rank_picks_up_the_builders_result(tmp_path):
     finally:
         assert proc.wait(timeout=120) == 0
     assert idx.path.startswith(cache) and len(idx.phases[0].dataset_index) == 188
+
+
+def test_epoch_cap_in_the_plan_and_phase_epochs(tmp_path):
+    """max_epochs_per_language (UniMax): no language passes the cap within the phase, the surplus
+    goes to the others (every row is placed); phase_epochs reports it from the plan."""
+    from megatron_mmbert.data.index import format_index_plan, phase_epochs
+
+    manifest, _ = write_corpus(str(tmp_path), [60, 25, 8, 3])
+    phases = [PhaseConfig(name="p", tokens=64 * 40, seq_len=64, temperature=0.3, max_epochs_per_language=1.5)]
+    index = build_data_index(load_manifest(manifest), phases, seed=1, cache_dir=None)
+    within = phase_epochs(index.plan, "p")
+    uncapped = build_data_index(load_manifest(manifest), [PhaseConfig(name="p", tokens=64 * 40, seq_len=64,
+                                                                        temperature=0.3)], seed=1, cache_dir=None)
+    assert max(e["in_phase"] for e in phase_epochs(uncapped.plan, "p").values()) > 1.6  # the cap has work
+    assert max(e["in_phase"] for e in within.values()) <= 1.5 + 64 / min(index.plan["language_tokens"].values())
+    assert sum(r["rows"] for r in index.plan["phases"][0]["languages"].values()) == 40
+    assert "epochs within the phase: max" in format_index_plan(index.plan)

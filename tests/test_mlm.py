@@ -137,3 +137,57 @@ def test_micro_batches_split_over_ranks(stream):
     assert torch.equal(r1["tokens"], stream.batch("pretrain", [20, 21])["tokens"])
     with pytest.raises(ValueError, match="multiple"):
         next(stream.micro_batches("pretrain", 3, gbs, mbs, 0, dp))
+
+
+def test_special_tokens_selected_at_the_mask_rate_when_enabled(corpus):
+    """mask_special_tokens (the shipped mmBERT configs): <bos>/<eos> are selected like any token."""
+    phases = [PhaseConfig(name="m", tokens=64 * 3000, seq_len=64, temperature=0.5, mask_rate=0.3)]
+    s = MLMStream(corpus[0], phases, seed=5, cache_dir=None, mask_special_tokens=True)
+    special = np.array(sorted(SPECIAL.values()))
+    sel_special = n_special = sel_other = n_other = 0
+    for i in range(s.phase_num_samples("m")):
+        tokens, _, _ = s.row("m", i)
+        _, labels = s.mask(tokens, 0.3, i)
+        picked = labels != IGNORE_INDEX
+        is_special = np.isin(tokens, special)
+        sel_special += (picked & is_special).sum(); n_special += is_special.sum()
+        sel_other += (picked & ~is_special).sum(); n_other += (~is_special).sum()
+    assert n_special > 5000
+    # binomial standard error at 5000 draws is 0.0065: 4 sigma
+    assert abs(sel_special / n_special - 0.3) < 0.026 and abs(sel_other / n_other - 0.3) < 0.005
+
+
+def test_phase_with_its_own_manifest_reads_only_from_it(tmp_path):
+    """A phase naming its own manifest (mid/decay's HQ sources) reads only that manifest's documents,
+    as streams of their own that later phases naming it continue; the other phases and the run
+    manifest's streams are untouched."""
+    from megatron_mmbert.data.shards import SOURCE_SEPARATOR
+
+    main, main_texts = write_corpus(str(tmp_path / "web"), [30, 12], seed=1)
+    hq, hq_texts = write_corpus(str(tmp_path / "hq"), [9, 6, 4], seed=2)
+    phases = [PhaseConfig(name="pre", tokens=64 * 20, seq_len=64, temperature=0.5),
+              PhaseConfig(name="mid", tokens=64 * 12, seq_len=64, temperature=0.5, manifest=hq,
+                          languages=["l0", "l2"], fixed_shares={"l0": 0.5}),
+              PhaseConfig(name="decay", tokens=64 * 8, seq_len=64, temperature=0.3, manifest=str(tmp_path / "hq"))]
+    s = MLMStream(main, phases, seed=4, cache_dir=None)
+    for phase, texts, allowed in (("pre", main_texts, {"l0", "l1"}), ("mid", hq_texts, {"l0", "l2"}),
+                                  ("decay", hq_texts, {"l0", "l1", "l2"})):
+        k = s.phase_names.index(phase)
+        pidx = s.index.phases[k]
+        seen = set()
+        for i in range(s.phase_num_samples(phase)):
+            tokens, _, lang = s.row(phase, i)
+            source, _, key = lang.rpartition(SOURCE_SEPARATOR)
+            assert (source != "") == (phase != "pre"), lang
+            seen.add(key)
+            pieces = pidx.row_pieces(int(pidx.dataset_index[i]), int(pidx.dataset_sample_index[i]))
+            np.testing.assert_array_equal(tokens, np.concatenate([texts[key][d][a:b] for d, a, b in pieces]))
+        assert seen <= allowed and "l0" in seen, (phase, seen)
+    plan = s.index.plan
+    hq_streams = [lang for lang in plan["language_tokens"] if SOURCE_SEPARATOR in lang]
+    assert len(hq_streams) == 3 and len(plan["sources_sha256"]) == 1
+    # decay continues the HQ streams where mid stopped; the web streams do not move after pre
+    mid, decay = plan["phases"][1]["languages"], plan["phases"][2]["languages"]
+    for lang in hq_streams:
+        assert decay[lang]["first_token"] == mid[lang]["first_token"] + mid[lang]["tokens"]
+    assert all(decay[lang]["first_token"] == plan["phases"][0]["languages"][lang]["tokens"] for lang in ("l0", "l1"))

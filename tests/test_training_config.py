@@ -2,6 +2,7 @@
 error, the LR schedule against mmBERT's formulas, the batch-size warmup plan."""
 
 import glob
+import math
 import os
 
 import pytest
@@ -264,4 +265,65 @@ def test_mmbert_configs_use_stable_adamw_without_clipping():
     for name in ("mmbert_base.yaml", "mmbert_small.yaml", "decay_cont.yaml", "decay_eng.yaml", "decay_all.yaml"):
         cfg = _load(name)
         assert (cfg.optimizer.name, cfg.optimizer.clip_grad) == ("stable_adamw", 0.0), name
-        assert cfg.use_distributed_optimizer and cfg.precision == "bf16", name
+        assert cfg.use_distributed_optimizer and cfg.precision == "amp_bf16", name
+
+
+def test_mmbert_configs_mask_special_tokens():
+    """mmBERT's masking skips only padding: <bos>/<eos> can be selected (issue 19)."""
+    for name in ("mmbert_base.yaml", "mmbert_small.yaml", "decay_cont.yaml", "decay_eng.yaml", "decay_all.yaml",
+                 "mmbert_small_decay_all.yaml"):
+        assert _load(name).data.mask_special_tokens, name
+
+
+def _reference_ramp(min_rows, max_rows, warmup_tokens, world_size, row_tokens, steps):
+    """Per-device rows of the first ``steps`` steps as ModernBERT/mmBERT's ``BatchSizeWarmupScheduler``
+    (src/sequence_packer.py) chooses them: size thresholds ``ceil(warmup/world / sum(sizes) x
+    cumsum)`` over the per-device tokens seen before the step (float arithmetic, as there)."""
+    warm = math.ceil(warmup_tokens / world_size)
+    per_unit = warm / sum(range(min_rows, max_rows))
+    thresholds, cum = [], 0
+    for b in range(min_rows, max_rows):
+        cum += b
+        thresholds.append(math.ceil(per_unit * cum))
+    out, seen = [], 0
+    for _ in range(steps):
+        b = max_rows if seen >= warm else next((min_rows + i for i, t in enumerate(thresholds) if seen < t), max_rows)
+        out.append(b)
+        seen += b * row_tokens
+    return out
+
+
+@pytest.mark.parametrize("name,ramp_tokens", [("mmbert_base.yaml", 60_000_000_000), ("mmbert_small.yaml", 100_000_000_000)])
+def test_batch_rampup_matches_the_reference_scheduler(name, ramp_tokens):
+    """Equal steps per size: the shipped ramp step for step equals mmBERT's scheduler on 8 GPUs
+    (micro 48 x 1024 per packed row, 1 -> 12 rows per device)."""
+    from megatron_mmbert.training.loop import step_rows
+
+    cfg = _load(name)
+    pre = cfg.phases[0]
+    assert cfg.batch.rampup_tokens == ramp_tokens
+    world, micro = 8, cfg.phase_micro_batch(pre)
+    n = pre.tokens // pre.seq_len
+    ours, consumed = [], 0
+    while consumed * pre.seq_len < ramp_tokens + 4608 * 1024:
+        rows = step_rows(cfg, pre, consumed, n)
+        ours.append(rows)
+        consumed += rows
+    ref = _reference_ramp(1, 12, ramp_tokens, world, micro * pre.seq_len, len(ours))
+    assert ours == [r * world * micro for r in ref]
+    per_size = [ours.count(384 * k) for k in range(1, 12)]
+    assert max(per_size) - min(per_size) <= 1  # the same number of steps at every size
+    if name == "mmbert_base.yaml":  # the issue's numbers: ~2,312 steps per size, 25,432 ramp steps
+        assert sum(per_size) == 25_432 and set(per_size) <= {2311, 2312, 2313}
+
+
+def test_phase_manifest_checked(tmp_path):
+    from tests.training_helpers import write_manifest
+
+    manifest = write_manifest(tmp_path)
+    msg = _err(_tiny("--data.manifest", manifest, "--phases.0.languages", "all", "--phases.1.languages", "all",
+                     "--phases.1.manifest", str(tmp_path / "hq" / "manifest.json")), check_data=True)
+    assert "phase 'mid': manifest" in msg and "does not exist" in msg
+    msg = _err(_tiny("--data.manifest", manifest, "--phases.0.languages", "all", "--phases.1.languages",
+                     "[xxx_Zzzz]", "--phases.1.manifest", manifest), check_data=True)
+    assert "language(s) ['xxx_Zzzz'] have no tokens in its manifest" in msg

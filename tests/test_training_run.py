@@ -90,6 +90,14 @@ def test_log_line_tensorboard_and_nan_skip(base):
     assert len(acc.Scalars("train/loss")) == 15
     evals = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if '"eval"' in l]
     assert [e["step"] for e in evals] == [5, 7, 10, 11, 15]
+    # epochs per language logged at each phase start, from the index plan
+    starts = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if '"phase_data"' in l]
+    plan = json.load(open(sorted(glob.glob(os.path.join(root, "index-cache", "*", "index_plan.json")))[0]))
+    assert [s["phase"] for s in starts] == [p["name"] for p in plan["phases"]]
+    for s, p in zip(starts, plan["phases"]):
+        assert {lang for lang, r in p["languages"].items() if r["rows"]} == set(s["epochs"])
+        assert all(e["cumulative"] == p["languages"][lang]["epochs"] for lang, e in s["epochs"].items())
+    assert any(t.startswith("data/") for t in tags)
 
 
 def test_nan_stop_names_the_step(base):

@@ -188,6 +188,14 @@ def manifest_digest(manifest) -> str:
     return hashlib.sha256(json.dumps(manifest.to_json(), sort_keys=True).encode()).hexdigest()
 
 
+def source_digests(manifest) -> Dict[str, str]:
+    """:func:`manifest_digest` of each source of a merged manifest (``data.shards.phase_sources``):
+    ``""`` the run's ``data.manifest``, else a phase manifest's source id."""
+    from megatron_mmbert.data.shards import split_sources
+
+    return {sid: manifest_digest(m) for sid, m in split_sources(manifest).items()}
+
+
 def cache_key(manifest, phases: Sequence[PhaseConfig], seed: int, default_global_batch_size, anneal_segments,
               start_phase: int = 0) -> str:
     """sha256 over everything the index arrays depend on."""
@@ -309,6 +317,7 @@ def index_plan(manifest, plans: List[PhasePlan], counts: np.ndarray, seed: int, 
     positions = stream_positions(plans, counts)
     languages = plans[0].languages
     lang_tokens = plans[0].tokens
+    sources = source_digests(manifest)
     phases = []
     first_sample = 0
     for k, plan in enumerate(plans):
@@ -330,9 +339,24 @@ def index_plan(manifest, plans: List[PhasePlan], counts: np.ndarray, seed: int, 
         first_sample += plan.num_samples
     return {
         "version": INDEX_VERSION, "key": key, "seed": int(seed), "start_phase": plans[start_phase].phase.name,
-        "manifest_sha256": manifest_digest(manifest),
+        "manifest_sha256": sources[""],  # the run's data.manifest
+        "sources_sha256": {sid: d for sid, d in sources.items() if sid},  # phase manifests
+
         "language_tokens": {lang: int(t) for lang, t in zip(languages, lang_tokens) if t > 0},
         "phases": phases,
+    }
+
+
+def phase_epochs(plan: Dict, phase: str) -> Dict[str, Dict[str, float]]:
+    """Per language drawn in ``phase``: ``in_phase`` (passes over its tokens within the phase: what
+    ``max_epochs_per_language`` caps) and ``cumulative`` (passes by the phase's end), from the plan."""
+    p = next((q for q in plan["phases"] if q["name"] == phase), None)
+    if p is None:
+        raise KeyError(f"phase {phase!r} is not in the index plan")
+    totals = plan["language_tokens"]
+    return {
+        lang: {"in_phase": round(r["tokens"] / totals[lang], 6), "cumulative": r["epochs"]}
+        for lang, r in p["languages"].items() if r["rows"] > 0
     }
 
 
@@ -375,6 +399,9 @@ def format_index_plan(plan: Dict, warn_epochs: float = 5.0, head: int = 15, tail
             worst = max(active, key=lambda x: x[1]["epochs"])
             out.append(f"  epochs by the end of the phase: min {e[0]:.3g} / median {e[len(e) // 2]:.3g} / "
                        f"max {e[-1]:.3g} ({worst[0]})")
+            within = phase_epochs(plan, p["name"])
+            most = max(within, key=lambda lang: (within[lang]["in_phase"], lang))
+            out.append(f"  epochs within the phase: max {within[most]['in_phase']:.3g} ({most})")
             over = sum(r["epochs"] > warn_epochs for _, r in active)
             if over:
                 out.append(f"  WARNING: {over} language(s) seen more than {warn_epochs:g} times by the end of "
@@ -421,8 +448,12 @@ def build_data_index(
 
     ``manifest`` is a ``megatron_mmbert.data.shards.Manifest``. ``cache_dir=None`` builds in memory
     on every caller (tests, tiny runs). ``start_phase``: the first phase the run reads (see the
-    module docstring, "Branches").
+    module docstring, "Branches"). Phases naming their own manifest read it as separate streams
+    (``data.shards.phase_sources``).
     """
+    from megatron_mmbert.data.shards import phase_sources
+
+    manifest, phases = phase_sources(manifest, phases)
     tokens = {lang: e.tokens for lang, e in manifest.languages.items()}
     plans = plan_schedule(list(phases), tokens, default_global_batch_size, anneal_segments)
     if not 0 <= start_phase < len(plans):

@@ -107,8 +107,10 @@ class MLMStream:
         index: Optional[DataIndex] = None,
         start_phase: int = 0,
     ) -> None:
-        self.manifest = _load_manifest(manifest)
-        self.phases = list(phases)
+        from megatron_mmbert.data.shards import phase_sources
+
+        # Phases naming their own manifest: its languages become streams of the merged manifest.
+        self.manifest, self.phases = phase_sources(_load_manifest(manifest), phases)
         self.seed = int(seed)
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")

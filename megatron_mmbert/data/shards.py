@@ -440,3 +440,87 @@ def load_manifest(path: str) -> Manifest:
         languages=languages,
         root=root,
     )
+
+
+SOURCE_SEPARATOR = "/"
+"""Between a phase manifest's source id and a language key in a stream name."""
+
+
+def source_id(manifest: "Manifest", path: str) -> str:
+    """Stream prefix of a phase manifest: its folder name and the start of its content hash, so a
+    changed manifest is a new set of streams (and a branch check names it)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(manifest.to_json(), sort_keys=True).encode()).hexdigest()
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)) if path.endswith(".json") else os.path.abspath(path))
+    return f"{folder}~{digest[:8]}"
+
+
+def phase_sources(manifest: "Manifest", phases: Sequence) -> tuple:
+    """``(manifest, phases)`` with the manifests that phases name (``PhaseConfig.manifest``) merged in.
+
+    Each language of a phase manifest becomes the stream ``{source_id}/{language}`` of the merged
+    manifest; the phase is rewritten to name those streams (``all`` / ``top:N`` resolved over its own
+    manifest) and no longer names a manifest. Phases without one keep the run manifest's streams
+    (``all`` / ``top:N`` resolved over the run manifest, so they never draw from a phase manifest).
+    Idempotent: phases already rewritten pass through. The tokenizer and token dtype must match."""
+    from megatron_mmbert.config_base import ConfigError
+
+    if not any(getattr(p, "manifest", None) for p in phases):
+        return manifest, list(phases)
+    languages = dict(manifest.languages)
+    loaded: Dict[str, tuple] = {}
+    out = []
+    for p in phases:
+        if not p.manifest:
+            if isinstance(p.languages, str):  # all / top:N over the run manifest only
+                have = {lang: e.tokens for lang, e in manifest.languages.items() if e.tokens > 0}
+                names = sorted(have) if p.languages == "all" else sorted(
+                    have, key=lambda lang: (-have[lang], lang))[: int(p.languages[4:])]
+                p = dataclasses.replace(p, languages=names)
+            out.append(p)
+            continue
+        path = os.path.abspath(p.manifest)
+        if path not in loaded:
+            m = load_manifest(path)
+            if m.tokenizer.hash != manifest.tokenizer.hash or m.dtype != manifest.dtype:
+                raise ConfigError(
+                    f"phase {p.name!r}: manifest {p.manifest!r} was made with tokenizer {m.tokenizer.name!r} "
+                    f"({m.tokenizer.hash[:12]}, {m.dtype}) but data.manifest with {manifest.tokenizer.name!r} "
+                    f"({manifest.tokenizer.hash[:12]}, {manifest.dtype}); preprocess it with the run's tokenizer"
+                )
+            sid = source_id(m, path)
+            for lang, entry in m.languages.items():
+                languages[f"{sid}{SOURCE_SEPARATOR}{lang}"] = entry
+            loaded[path] = (sid, m)
+        sid, m = loaded[path]
+        have = {lang: e.tokens for lang, e in m.languages.items() if e.tokens > 0}
+        spec = p.languages
+        if isinstance(spec, str) and spec == "all":
+            names = sorted(have)
+        elif isinstance(spec, str) and spec.startswith("top:"):
+            names = sorted(have, key=lambda lang: (-have[lang], lang))[: int(spec[4:])]
+        else:
+            names = list(spec)
+        unknown = [lang for lang in list(names) + list(p.fixed_shares) if lang not in have]
+        if unknown:
+            raise ConfigError(
+                f"phase {p.name!r}: language(s) {unknown[:5]} have no tokens in its manifest {p.manifest!r} "
+                f"({len(have)} languages there, e.g. {sorted(have)[:5]}); preprocess them or drop them"
+            )
+        out.append(dataclasses.replace(
+            p, manifest=None, languages=[f"{sid}{SOURCE_SEPARATOR}{lang}" for lang in names],
+            fixed_shares={f"{sid}{SOURCE_SEPARATOR}{lang}": v for lang, v in p.fixed_shares.items()},
+        ))
+    return dataclasses.replace(manifest, languages=languages), out
+
+
+def split_sources(manifest: "Manifest") -> Dict[str, "Manifest"]:
+    """The merged manifest of :func:`phase_sources` by source: ``""`` (the run's manifest) and each
+    phase manifest's source id, each with its own languages (keys without the prefix)."""
+    groups: Dict[str, Dict[str, LanguageEntry]] = {}
+    for name, entry in manifest.languages.items():
+        sid, _, lang = name.rpartition(SOURCE_SEPARATOR)
+        groups.setdefault(sid, {})[lang] = entry
+    groups.setdefault("", {})
+    return {sid: dataclasses.replace(manifest, languages=langs) for sid, langs in groups.items()}

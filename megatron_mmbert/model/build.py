@@ -21,7 +21,14 @@ from megatron_mmbert.model.specs import Backend
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "amp_bf16"]
+"""fp32; bf16: bf16 parameters (megatron's ``Float16Module`` casts the model); amp_bf16: fp32
+parameters, the forward under ``torch.autocast(bfloat16)`` (mmBERT's Composer ``amp_bf16``)."""
+
+
+def activation_precision(precision: str) -> str:
+    """The dtype GEMMs and attention run in: what decides the attention kernels."""
+    return "bf16" if precision == "amp_bf16" else precision
 
 
 def select_backend(
@@ -35,7 +42,7 @@ def select_backend(
     them, a fallback is logged. FP8 recipes the installed TE cannot run stop here too."""
     machine = machine or probe()
     choice = choose_backend(
-        model.attention_backend, precision, machine, fp8=model.fp8 is not None, context_parallel=context_parallel
+        model.attention_backend, activation_precision(precision), machine, fp8=model.fp8 is not None, context_parallel=context_parallel
     )
     if choice.backend == "te":
         check_fp8(model, machine.te_version)
@@ -83,7 +90,7 @@ def transformer_config(
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # amp_bf16 keeps fp32 parameters
     on_gpu = torch.cuda.is_available()
     half_window = model.local_attention // 2
     return TransformerConfig(
@@ -178,6 +185,7 @@ def build_model(
         vp_stage = stage if parallel.virtual_pipeline else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=True) and is_vp_first_stage(vp_stage, parallel.virtual_pipeline)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and is_vp_last_stage(vp_stage, parallel.virtual_pipeline)
-        chunk = MMBertModel(config, model, backend, pre_process=pre, post_process=post, vp_stage=vp_stage)
+        chunk = MMBertModel(config, model, backend, pre_process=pre, post_process=post, vp_stage=vp_stage,
+                            autocast_dtype=torch.bfloat16 if precision == "amp_bf16" else None)
         chunks.append(chunk.to(device))
     return chunks

@@ -93,9 +93,15 @@ class MMBertModel(LanguageModule):
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: Optional[int] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__(config=config)
         self.model_config = model_config
+        # amp_bf16 (mmBERT's Composer amp_bf16): fp32 parameters, the forward under autocast, so
+        # GEMMs/attention run in bf16 while the residual stream (embedding norm output + every
+        # residual add) stays fp32. None: the parameters' dtype throughout (fp32, or bf16 under
+        # megatron's Float16Module).
+        self.autocast_dtype = autocast_dtype
         self.backend = backend
         self.pre_process, self.post_process = pre_process, post_process
         self.vp_stage = vp_stage
@@ -222,6 +228,13 @@ class MMBertModel(LanguageModule):
         ``mlm_stats``, if given, receives ``correct``: the number of labelled tokens whose argmax
         prediction equals the label (no gradient).
         """
+        if self.autocast_dtype is None:
+            return self._forward(tokens, positions, cu_seqlens, max_seqlen, labels, return_logits, mlm_stats)
+        device_type = self.global_rotary.inv_freq.device.type
+        with torch.autocast(device_type=device_type, dtype=self.autocast_dtype):
+            return self._forward(tokens, positions, cu_seqlens, max_seqlen, labels, return_logits, mlm_stats)
+
+    def _forward(self, tokens, positions, cu_seqlens, max_seqlen, labels, return_logits, mlm_stats):
         inputs, packed = self.attention_inputs(positions, cu_seqlens, max_seqlen)
         hidden = None
         if self.pre_process:

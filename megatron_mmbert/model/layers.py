@@ -4,7 +4,7 @@ bias-dropout-add, the rotary tables and the lazy reference to TransformerEngine 
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -24,18 +24,29 @@ class BiasFreeLayerNorm(torch.nn.LayerNorm):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
 
-def bias_dropout_add_with_rate(rate: float) -> Callable:
-    """A bias-dropout-add builder whose dropout is ``rate`` whatever the layer asks for.
+def residual_bias_dropout_add(rate: Optional[float] = None) -> Callable:
+    """megatron's bias-dropout-add builder, keeping the residual stream in the residual's dtype.
 
+    ``rate``: the dropout whatever the layer asks for (None: the layer's ``hidden_dropout``).
     megatron's TransformerLayer applies the same ``hidden_dropout`` after attention and after the
-    MLP; mmBERT drops out 0.1 after attention and 0.0 after the MLP, so the MLP's BDA uses this.
+    MLP; mmBERT drops out 0.1 after attention and 0.0 after the MLP, so the MLP's BDA sets 0.
+
+    Dtype: megatron's version casts the residual to the branch output's dtype, so under autocast
+    (``precision: amp_bf16``) the residual stream would drop to bf16 after the first layer. Here
+    the branch output is cast up to the residual's dtype instead: the stream stays fp32, as in
+    mmBERT's Composer ``amp_bf16`` (fp32 embedding-norm output, fp32 residual adds). Under fp32 or
+    megatron's ``Float16Module`` both already agree and nothing changes.
     """
 
     def builder(training: bool, fused: bool):
         inner = get_bias_dropout_add(training, fused)
 
-        def bias_dropout_add(x_with_bias, residual, prob):  # noqa: ARG001 - prob is the layer's
-            return inner(x_with_bias, residual, rate)
+        def bias_dropout_add(x_with_bias, residual, prob):
+            x, bias = x_with_bias
+            if x.dtype != residual.dtype:
+                x = x.to(residual.dtype)
+                bias = None if bias is None else bias.to(residual.dtype)
+            return inner((x, bias), residual, prob if rate is None else rate)
 
         return bias_dropout_add
 

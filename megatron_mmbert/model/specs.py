@@ -37,11 +37,10 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
     get_transformer_layer_offset,
 )
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 
 from megatron_mmbert.model.attention import MMBertSelfAttention, SDPAAttention
-from megatron_mmbert.model.layers import BiasFreeLayerNorm, LazyClass, bias_dropout_add_with_rate
+from megatron_mmbert.model.layers import BiasFreeLayerNorm, LazyClass, residual_bias_dropout_add
 
 Backend = Literal["sdpa", "te"]
 """Layer backends with a spec here (the kernels ``model/backends.py`` chooses among)."""
@@ -78,10 +77,10 @@ def layer_spec(backend: Backend, first_layer: bool, mlp_dropout: float) -> Modul
                     k_layernorm=IdentityOp,
                 ),
             ),
-            self_attn_bda=get_bias_dropout_add,
+            self_attn_bda=residual_bias_dropout_add(),
             pre_mlp_layernorm=BiasFreeLayerNorm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
-            mlp_bda=bias_dropout_add_with_rate(mlp_dropout),
+            mlp_bda=residual_bias_dropout_add(mlp_dropout),
         ),
     )
 

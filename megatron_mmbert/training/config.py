@@ -45,7 +45,8 @@ class DataSection:
     anneal_segments: int = 64
     """Piecewise-constant segments of a temperature-annealed phase."""
     mask_special_tokens: bool = False
-    """Let <bos>/<eos> be selected for masking (mmBERT's code did; HF's collator does not)."""
+    """Let <bos>/<eos> be selected for masking (mmBERT's code did: its masking skips only padding;
+    HF's collator does not). The shipped mmBERT configs set it."""
     index_timeout_s: float = 3600.0
     """How long non-building ranks wait for the index cache before giving up."""
     eval_manifest: Optional[str] = None
@@ -122,7 +123,8 @@ class BatchSection:
     rampup_increment_rows: Optional[int] = None
     """Batch-size warmup: rows added at each increment (None: ``rampup_start_rows``)."""
     rampup_tokens: int = 0
-    """Batch-size warmup: tokens of ``rampup_phase`` over which the rows rise evenly to the full batch."""
+    """Batch-size warmup: tokens of ``rampup_phase`` over which the rows rise to the full batch, every
+    size for the same number of steps (mmBERT's scheduler; :func:`rampup_token_thresholds`)."""
     rampup_phase: Optional[str] = None
     """Phase whose start is ramped (None: the first phase)."""
 
@@ -236,8 +238,11 @@ class RunConfig:
     """Seed of the model init, dropout (re-seeded from (seed, step) each step) and, by default, the data."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor/pipeline/context parallel sizes, sequence parallelism, distributed optimizer."""
-    precision: Literal["fp32", "bf16", "fp8"] = "bf16"
-    """fp32; bf16 (fp32 master weights); fp8 (bf16 + TransformerEngine FP8 GEMMs; needs TE)."""
+    precision: Literal["fp32", "bf16", "amp_bf16", "fp8"] = "bf16"
+    """fp32; bf16 (megatron's ``Float16Module``: bf16 parameters and residual stream, fp32 master
+    weights in the optimizer); amp_bf16 (mmBERT's Composer ``amp_bf16``: fp32 parameters, the forward
+    under ``torch.autocast(bfloat16)``, so GEMMs and attention run in bf16 and the residual stream
+    stays fp32); fp8 (bf16 + TransformerEngine FP8 GEMMs; needs TE)."""
     data: DataSection = field(default_factory=DataSection)
     """Manifest, index cache and data seed."""
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -314,8 +319,8 @@ class RunConfig:
 
     @property
     def compute_precision(self) -> str:
-        """The dtype of parameters/activations outside FP8 GEMMs."""
-        return "fp32" if self.precision == "fp32" else "bf16"
+        """The model's precision mode outside FP8 GEMMs: fp32, bf16 or amp_bf16 (``model.build``)."""
+        return self.precision if self.precision in ("fp32", "amp_bf16") else "bf16"
 
     @property
     def use_distributed_optimizer(self) -> bool:
@@ -455,8 +460,10 @@ def validate(cfg: RunConfig, world_size: int, check_data: bool = True) -> None:
 def _validate_precision(cfg: RunConfig) -> None:
     from megatron_mmbert.model.build import select_backend
 
-    if (cfg.precision == "fp8" or cfg.model.fp8 is not None) and cfg.precision == "fp32":
-        raise ConfigError("model.fp8 is set but precision is fp32; use precision: fp8 (bf16 + FP8 GEMMs)")
+    if cfg.model.fp8 is not None and cfg.precision in ("fp32", "amp_bf16"):
+        raise ConfigError(
+            f"model.fp8 is set but precision is {cfg.precision}; use precision: fp8 (bf16 + FP8 GEMMs)"
+        )
     # An attention backend (or FP8, or context parallelism) this machine's TE / cuDNN / flash-attn
     # cannot run is a ConfigError naming the versions, before anything starts.
     select_backend(cfg.effective_model, cfg.compute_precision, cfg.parallel.context_parallel)
@@ -530,6 +537,24 @@ def rampup_rows(cfg: RunConfig) -> List[int]:
     full = cfg.phase_global_batch(phase)
     inc = b.rampup_increment_rows or b.rampup_start_rows
     return list(range(b.rampup_start_rows, full, inc))
+
+
+def rampup_token_thresholds(cfg: RunConfig) -> List[int]:
+    """For each size of :func:`rampup_rows`, the phase token count up to which it is used.
+
+    The shape of ModernBERT/mmBERT's ``BatchSizeWarmupScheduler`` (``_calculate_step_thresholds``):
+    the threshold of size ``i`` is ``ceil(rampup_tokens x (rows_0 + ... + rows_i) / sum(rows))``,
+    i.e. proportional to the cumulative batch size, so every size gets the same number of steps (a
+    size of ``r`` rows holds for ``rampup_tokens x r / sum(rows)`` tokens = ``r`` x that many rows).
+    A step uses the first size whose threshold exceeds the tokens consumed before it; from
+    ``rampup_tokens`` on, the full batch. Exact integer arithmetic (the reference rounds a float).
+    """
+    sizes = rampup_rows(cfg)
+    total, cum, out = sum(sizes), 0, []
+    for rows in sizes:
+        cum += rows
+        out.append(-(-cfg.batch.rampup_tokens * cum // total))
+    return out
 
 
 def _validate_batches(cfg: RunConfig, world_size: int) -> None:
@@ -631,6 +656,14 @@ def validate_data(cfg: RunConfig) -> None:
             f"set model.vocab_size: {vocab}"
         )
     for p in cfg.phases:
+        if p.manifest:  # a phase's own manifest: it exists, its tokenizer and languages fit
+            from megatron_mmbert.data.shards import phase_sources
+
+            if not os.path.exists(p.manifest):
+                raise ConfigError(f"phase {p.name!r}: manifest {p.manifest!r} does not exist; preprocess "
+                                  "the phase's sources with tools/preprocess_data.py first")
+            phase_sources(manifest, [p])
+            continue
         wanted = list(p.languages) if isinstance(p.languages, list) else []
         wanted += list(p.fixed_shares)
         missing = [lang for lang in wanted if lang not in have]
@@ -668,7 +701,7 @@ __all__ = [
     "RunConfig", "DataSection", "OptimizerSection", "LRSegment", "ScheduleSection", "BatchSection",
     "CheckpointSection", "InitSection", "LoggingSection", "TrainSection", "DebugSection",
     "load_config", "read_yaml", "from_mapping", "validate", "validate_data", "write_resolved",
-    "resolved_dict", "rampup_rows", "ConfigError",
+    "resolved_dict", "rampup_rows", "rampup_token_thresholds", "ConfigError",
 ]
 
 

@@ -117,6 +117,16 @@ class RunLogger:
                 self.writer.add_scalar(f"eval/{group}/loss", value, step)
             self.writer.flush()
 
+    def log_phase_data(self, step: int, phase: str, epochs: Dict[str, Dict[str, float]]) -> None:
+        """Epochs per language of the phase that starts at ``step`` (``data.index.phase_epochs``)."""
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps({"kind": "phase_data", "step": step, "phase": phase, "epochs": epochs}) + "\n")
+        if self.writer is not None:
+            for lang, e in epochs.items():
+                self.writer.add_scalar(f"data/{phase}/epochs_in_phase/{lang}", e["in_phase"], step)
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -23,6 +23,7 @@ uninterrupted one (bitwise on CPU at the same layout; see tests/test_training_re
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import os
@@ -38,7 +39,13 @@ from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.fileio import DirectoryLock, DirectoryLocked
 from megatron_mmbert.training import checkpoint as ckpt
 from megatron_mmbert.training import optim
-from megatron_mmbert.training.config import RunConfig, rampup_rows, validate, write_resolved
+from megatron_mmbert.training.config import (
+    RunConfig,
+    rampup_rows,
+    rampup_token_thresholds,
+    validate,
+    write_resolved,
+)
 from megatron_mmbert.training.logging import RunLogger, memory_gib
 
 
@@ -50,15 +57,13 @@ class NonFiniteError(RuntimeError):
 
 def step_rows(cfg: RunConfig, phase: PhaseConfig, consumed: int, num_samples: int) -> int:
     """Rows of the step that starts at ``consumed`` samples into ``phase`` (batch-size warmup aware)."""
-    full = cfg.phase_global_batch(phase)
-    rows = full
+    rows = cfg.phase_global_batch(phase)
     ramp_phase = cfg.batch.rampup_phase or cfg.phases[0].name
-    sizes = rampup_rows(cfg)
-    if sizes and phase.name == ramp_phase:
-        tokens = consumed * phase.seq_len
-        if tokens < cfg.batch.rampup_tokens:
-            k = int(tokens * len(sizes) // cfg.batch.rampup_tokens)
-            rows = sizes[min(k, len(sizes) - 1)]
+    tokens = consumed * phase.seq_len
+    if phase.name == ramp_phase and tokens < cfg.batch.rampup_tokens and (sizes := rampup_rows(cfg)):
+        k = bisect.bisect_right(rampup_token_thresholds(cfg), tokens)
+        if k < len(sizes):
+            rows = sizes[k]
     return min(rows, num_samples - consumed)
 
 
@@ -280,6 +285,10 @@ class Trainer:
             problems.append(f"data seed {plan['seed']} vs the checkpoint's {record['data_seed']}")
         if record["manifest_sha256"] != plan["manifest_sha256"]:
             problems.append("the manifest differs from the checkpoint's (other shards or token counts)")
+        # Phase manifests the parent's streams used: their content is part of the stream names too.
+        for sid, digest in (record.get("sources_sha256") or {}).items():
+            if plan.get("sources_sha256", {}).get(sid) not in (None, digest):
+                problems.append(f"phase manifest source {sid!r} differs from the checkpoint's")
         mine = {lang: r["first_token"] for lang, r in start["languages"].items()}
         theirs = record["stream_positions"]
         differ = sorted(lang for lang in set(mine) | set(theirs) if mine.get(lang, 0) != theirs.get(lang, 0))
@@ -306,6 +315,7 @@ class Trainer:
             "phase": phase["name"], "consumed_samples": int(consumed), "phase_samples": phase["samples"],
             "at_phase_end": consumed >= phase["samples"], "data_seed": plan["seed"],
             "manifest_sha256": plan["manifest_sha256"],
+            "sources_sha256": plan.get("sources_sha256", {}),  # phase manifests (per-source streams)
             "stream_positions": {lang: t for lang, t in ends.items() if t},  # at the end of the phase
         }
 
@@ -441,6 +451,12 @@ class Trainer:
                 f"{cfg.schedule.phases[phase.name].lr:g}" + (f", resuming at row {consumed}" if consumed else ""),
                 st["step"],
             )
+            if self.rt.is_main:  # repetition of every language in this phase, from the index plan
+                from megatron_mmbert.data.index import format_index_plan, phase_epochs
+
+                plan = self.stream.index.plan
+                self.log.text("data", format_index_plan(plan, head=10, tail=3, phases=[phase.name]), st["step"])
+                self.log.log_phase_data(st["step"], phase.name, phase_epochs(plan, phase.name))
             while consumed < n:
                 t0 = time.time()
                 rows = step_rows(cfg, phase, consumed, n)

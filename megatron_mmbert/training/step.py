@@ -2,7 +2,7 @@
 
 The pieces are megatron-core's own, wired as Megatron-LM wires them (``training.py``):
 
-* :func:`wrap_ddp`: ``Float16Module`` for bf16, then ``DistributedDataParallel`` with contiguous
+* :func:`wrap_ddp`: ``Float16Module`` for bf16 (not for amp_bf16: fp32 parameters, autocast), then ``DistributedDataParallel`` with contiguous
   grad buffers (fp32 grad reduction), and the config hooks the schedules call (``no_sync_func``,
   ``finalize_model_grads_func``);
 * :func:`build_optimizer`: ``get_megatron_optimizer`` (Adam with decoupled weight decay, fp32 master
@@ -48,7 +48,8 @@ class OptimizerSettings:
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 disables clipping)."""
     precision: str = "fp32"
-    """fp32 or bf16 (bf16 keeps fp32 master weights in the optimizer)."""
+    """fp32, bf16 (bf16 parameters, fp32 master weights in the optimizer) or amp_bf16 (fp32
+    parameters: the optimizer is the fp32 one)."""
 
 
 def _model_config(chunk):
