@@ -68,6 +68,26 @@ def packed_batch(doc_lengths: Sequence[Sequence[int]], vocab: int, seed: int = 0
 hf_reference_logits = hf_logits_per_document
 
 
+def use_flash_reference(monkeypatch=None) -> None:
+    """Let a ``flash`` model be built on CPU with flash-attn's kernel replaced by its TEST REFERENCE
+    (tests/flash_reference.py): the backend choice is forced to ``flash`` (flash-attn needs CUDA and
+    bf16, so the real choice would refuse) and ``flash_attn_varlen_func`` resolves to the reference.
+    Everything else -- packing, cu_seqlens, max_seqlen, window_size, heads -- is the shipped code."""
+    from flash_reference import reference_flash_attn_varlen_func
+    from megatron_mmbert.model import attention, build
+    from megatron_mmbert.model.backends import BackendChoice
+
+    def flash_choice(model, *args, **kwargs):
+        return BackendChoice("flash", {"global": "flash-attn varlen (test reference)", "local": "flash-attn varlen (test reference)"})
+
+    for owner, name, value in ((attention, "load_flash_varlen", lambda: reference_flash_attn_varlen_func),
+                               (build, "select_backend", flash_choice)):
+        if monkeypatch is not None:
+            monkeypatch.setattr(owner, name, value)
+        else:  # a worker process: for its whole life
+            setattr(owner, name, value)
+
+
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``tests/workers/<script>`` under torchrun with ``nproc`` CPU processes (gloo)."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),

@@ -1,8 +1,12 @@
-"""The encoder against Hugging Face's ModernBertForMaskedLM (fp32, eval), at several layouts.
+"""The encoder against Hugging Face's ModernBertForMaskedLM (fp32, eval), at several layouts and
+attention backends.
 
 HF is the reference nobody here wrote: random tiny HF models are imported through the converter and
 must give the same logits (1e-4 max abs) on packed rows (HF run per document) and on single
-documents longer than the sliding window.
+documents longer than the sliding window, with each backend that runs on CPU: ``sdpa`` (masked
+rows), ``flex`` (FlexAttention on the packed layout, eager: CPU FlexAttention is forward-only) and
+``flash`` with the flash-attn kernel replaced by its TEST REFERENCE (tests/flash_reference.py: the
+packing, cu_seqlens, window and head plumbing is ours; the kernel needs CUDA).
 """
 
 import dataclasses
@@ -16,7 +20,7 @@ from megatron_mmbert.convert.checkpoints import import_hf
 from megatron_mmbert.model.build import build_model, check_fp8, select_backend
 from megatron_mmbert.model.pipeline import forward_logits, to_device
 from megatron_mmbert.training import checkpoint as ckpt
-from model_helpers import HF_CONFIGS, hf_reference_logits, make_hf_model, packed_batch, torchrun
+from model_helpers import HF_CONFIGS, hf_reference_logits, make_hf_model, packed_batch, torchrun, use_flash_reference
 
 TOL = 1e-4
 # Row layouts: documents longer than every window (16 / 8), several documents per row, one-token docs.
@@ -45,19 +49,27 @@ def single_process():
     runtime.shutdown()
 
 
-def _load_tp1(ckpt_dir, model):
+BACKENDS = ("sdpa", "flex", "flash")
+
+
+def _load_tp1(ckpt_dir, model, backend="sdpa", monkeypatch=None):
     parallel = ParallelConfig()
+    if backend == "flash":
+        use_flash_reference(monkeypatch)
+    model = dataclasses.replace(model, attention_backend=backend)
     runtime.initialize(model, parallel)
-    chunks = build_model(model, parallel)
+    chunks = build_model(model, parallel, training=False)
     ckpt.load_model(ckpt_dir, chunks)
+    assert chunks[0].backend == backend
     return chunks
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
 @pytest.mark.parametrize("rows", sorted(ROWS))
-def test_parity_tp1_pp1(imported, single_process, name, rows):
+def test_parity_tp1_pp1(imported, single_process, monkeypatch, name, rows, backend):
     hf, ckpt_dir, model = imported[name]
-    chunks = _load_tp1(ckpt_dir, model)
+    chunks = _load_tp1(ckpt_dir, model, backend, monkeypatch)
     batch = packed_batch(ROWS[rows], model.vocab_size, seed=3)
     ours = forward_logits(chunks, [batch])[0]
     reference = hf_reference_logits(hf, batch)
@@ -65,10 +77,11 @@ def test_parity_tp1_pp1(imported, single_process, name, rows):
     assert (ours - reference).abs().max().item() < TOL
 
 
-def test_parity_is_sensitive_to_rope_theta_and_window(imported, single_process):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_is_sensitive_to_rope_theta_and_window(imported, single_process, monkeypatch, backend):
     """Negative controls: the comparison above would catch a wrong theta or a wrong window."""
     hf, ckpt_dir, model = imported["odd"]  # global theta 160k, local 10k, window 16
-    chunks = _load_tp1(ckpt_dir, model)
+    chunks = _load_tp1(ckpt_dir, model, backend, monkeypatch)
     batch = packed_batch(ROWS["single_long_documents"], model.vocab_size, seed=3)
     reference = hf_reference_logits(hf, batch)
     chunks[0].set_rope_theta(10000.0, 10000.0)
@@ -76,17 +89,29 @@ def test_parity_is_sensitive_to_rope_theta_and_window(imported, single_process):
     assert (wrong_theta - reference).abs().max().item() > 100 * TOL
     chunks[0].set_rope_theta(model.global_rope_theta, model.local_rope_theta)
     chunks[0].model_config = dataclasses.replace(model, local_attention=64)
+    if backend == "flash":  # flash-attn's window comes from the layer's config, as TE's does
+        for layer in chunks[0].encoder.layers:
+            core = layer.self_attention.core_attention
+            core.half_window = 32 if core.is_local else None
     wrong_window = forward_logits(chunks, [batch])[0]
     assert (wrong_window - reference).abs().max().item() > 100 * TOL
+    if backend != "sdpa":  # packed kernels: documents run together must show too
+        chunks[0].model_config = model
+        merged = dict(batch, cu_seqlens=batch["cu_seqlens"][[0, 2]], max_seqlen=128)
+        wrong_documents = forward_logits(chunks, [merged])[0]
+        assert (wrong_documents - reference).abs().max().item() > 100 * TOL
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, tp, pp", [("even", 2, 2), ("odd", 2, 1)])
-def test_parity_tensor_and_pipeline_parallel(imported, tmp_path, name, tp, pp):
+@pytest.mark.parametrize(
+    "name, tp, pp, backend", [("even", 2, 2, "sdpa"), ("odd", 2, 1, "sdpa"), ("odd", 2, 1, "flex"), ("even", 2, 2, "flash")]
+)
+def test_parity_tensor_and_pipeline_parallel(imported, tmp_path, name, tp, pp, backend):
     hf, ckpt_dir, model = imported[name]
     batches = [packed_batch(ROWS[r], model.vocab_size, seed=i) for i, r in enumerate(sorted(ROWS))]
     torch.save(batches, tmp_path / "batches.pt")
-    torchrun("parity_worker.py", tp * pp, ckpt_dir, str(tp), str(pp), str(tmp_path / "batches.pt"), str(tmp_path / "out.pt"))
+    torchrun("parity_worker.py", tp * pp, ckpt_dir, str(tp), str(pp), str(tmp_path / "batches.pt"), str(tmp_path / "out.pt"),
+             "0", backend)
     outputs = torch.load(tmp_path / "out.pt")
     assert len(outputs) == len(batches)
     for ours, batch in zip(outputs, batches):
