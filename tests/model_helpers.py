@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -88,10 +88,11 @@ def use_flash_reference(monkeypatch=None) -> None:
             setattr(owner, name, value)
 
 
-def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``tests/workers/<script>`` under torchrun with ``nproc`` CPU processes (gloo)."""
+def torchrun(script: str, nproc: int, *args: str, timeout: int = 600, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run ``tests/workers/<script>`` under torchrun with ``nproc`` CPU processes (gloo); ``env``
+    adds variables for the workers."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(_free_port()), os.path.join(ROOT, "tests", "workers", script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,6 +1,6 @@
 """torchrun worker (4 processes): one optimizer step under several parallel layouts in turn.
 
-argv: CKPT BATCHES_PT OUT_DIR
+argv: CKPT BATCHES_PT OUT_DIR; env LAYOUTS (comma-separated subset), PRECISION (fp32 | bf16).
 For each layout: load the same initial weights, take one step on the same global batch (split over
 DP ranks), write the loss to OUT_DIR/<layout>.json and the updated weights as a checkpoint
 OUT_DIR/<layout>/.
@@ -36,16 +36,18 @@ def main():
     model = ckpt.read_model_config(ckpt_dir)
     rows = torch.load(batches_path)  # the global batch: one row per micro-batch
     only = os.environ.get("LAYOUTS")
+    precision = os.environ.get("PRECISION", "fp32")
     for name, (tp, pp, vpp, distopt, *sp) in LAYOUTS.items():
         if only and name not in only.split(","):
             continue
         parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vpp,
                                   use_distributed_optimizer=distopt, sequence_parallel=bool(sp and sp[0]))
         rt = runtime.initialize(model, parallel, seed=7)
-        chunks = build_model(model, parallel)
+        chunks = build_model(model, parallel, precision)
         ckpt.load_model(ckpt_dir, chunks)
-        chunks = wrap_ddp(chunks, parallel)
-        optimizer = build_optimizer(chunks, OptimizerSettings(lr=1e-3, weight_decay=0.1, clip_grad=1.0), parallel)
+        chunks = wrap_ddp(chunks, parallel, precision)
+        settings = OptimizerSettings(lr=1e-3, weight_decay=0.1, clip_grad=1.0, precision=precision)
+        optimizer = build_optimizer(chunks, settings, parallel)
         mine = rows[rt.data_parallel_rank::rt.data_parallel_size]
         stats = train_step(chunks, optimizer, mine)
         ckpt.save_model(os.path.join(out_dir, name), chunks, model)
