@@ -282,3 +282,14 @@ def test_fp8_without_transformer_engine_stops_at_start(imported):
     with pytest.raises(ConfigError, match="tensorwise.* needs TransformerEngine >= 2.2.0, found 2.1.0"):
         check_fp8(dataclasses.replace(model, fp8="e4m3", fp8_recipe="tensorwise"), "2.1.0")
     assert select_backend(model).backend == "sdpa"
+
+
+def test_backend_choice_is_logged_at_start_up(imported, single_process, caplog):
+    import logging
+
+    _, ckpt_dir, model = imported["odd"]
+    with caplog.at_level(logging.INFO, logger="megatron_mmbert.model.build"):
+        _load_tp1(ckpt_dir, model, "flex")
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "flex backend (global layers: FlexAttention eager (CPU, forward only)" in logged
+    assert "[s, s] scores" in logged  # the note that CPU FlexAttention computes every score
