@@ -129,9 +129,11 @@ def test_bf16_layouts_match_single_process(initial_checkpoint, tmp_path):
     """TP2xPP2 and PP2xDP2 with the distributed optimizer, in bf16, take one process's bf16 step.
 
     Layouts change where bf16 activations are summed (TP splits the matmuls' reduction dimension and
-    all-reduces partial sums in bf16), so results agree to bf16 rounding, not bitwise: loss and grad
-    norm within 0.5% (bf16's 2^-8 relative step, twice), and the bf16 weights after the step differ
-    on average by under a tenth of what the step moved them."""
+    all-reduces partial sums in bf16), so results agree to bf16 rounding, not bitwise. Measured:
+    loss within 6e-6 relative, grad norm 9e-5, and the bf16 weights after the step apart by 0.5%
+    (TP2xPP2) / 0.003% (PP2xDP2) of what the step moved them (sum of |diff|). Tolerances: 0.1% for
+    loss and grad norm (a quarter of one bf16 rounding step, 2^-8), 5% of the step for the weights
+    (an entry whose bf16 rounding flips moves by one ulp, ~ the step itself at |w| ~ 0.25)."""
     model, init = initial_checkpoint
     rows = _global_batch(model.vocab_size)
     torch.save(rows, tmp_path / "rows.pt")
@@ -142,10 +144,10 @@ def test_bf16_layouts_match_single_process(initial_checkpoint, tmp_path):
     for layout in ("tp2_pp2", "pp2_dp2_distopt"):
         stats = json.loads((tmp_path / "out" / f"{layout}.json").read_text())
         assert stats["tokens"] == reference["tokens"], layout
-        assert abs(stats["loss"] - reference["loss"]) < 5e-3 * reference["loss"], (layout, stats["loss"], reference["loss"])
-        assert abs(stats["grad_norm"] - reference["grad_norm"]) < 5e-3 * reference["grad_norm"], layout
+        assert abs(stats["loss"] - reference["loss"]) < 1e-3 * reference["loss"], (layout, stats["loss"], reference["loss"])
+        assert abs(stats["grad_norm"] - reference["grad_norm"]) < 1e-3 * reference["grad_norm"], layout
         _, weights = load_canonical(str(tmp_path / "out" / layout))
         runtime.shutdown()
         assert weights.keys() == after.keys(), layout
         apart = sum((weights[k].float() - after[k].float()).abs().sum().item() for k in after)
-        assert apart < 0.1 * step, f"{layout}: weights {apart:.3g} apart, the step moved them {step:.3g}"
+        assert apart < 0.05 * step, f"{layout}: weights {apart:.3g} apart, the step moved them {step:.3g}"

@@ -35,9 +35,10 @@ class AttentionInputs:
     """Per-forward attention context shared by all layers of a stage.
 
     ``global_mask`` / ``local_mask``: boolean ``[b, 1, s, s]`` (True = may attend) for the SDPA
-    kernel, FlexAttention ``BlockMask`` s for the flex kernel, None for TE and flash-attn (they read
-    ``cu_seqlens`` from ``PackedSeqParams`` and the window from the config). ``global_rope`` / ``local_rope``: fp32 rotary angles of every token
-    for the layer kind, ``[s, b, 1, d]`` (THD: ``[t, 1, 1, d]``, tokens in packed order).
+    kernel; a FlexAttention ``BlockMask`` each for the flex kernel; None for TE and flash-attn (they
+    read ``cu_seqlens`` from ``PackedSeqParams`` and the window from the config).
+    ``global_rope`` / ``local_rope``: fp32 rotary angles of every token for the layer kind,
+    ``[s, b, 1, d]`` (THD: ``[t, 1, 1, d]``, tokens in packed order).
     """
 
     global_mask: Optional[object]
