@@ -8,6 +8,7 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_mmbert.convert.verify import hf_logits_per_document
 
@@ -62,6 +63,18 @@ def packed_batch(doc_lengths: Sequence[Sequence[int]], vocab: int, seed: int = 0
     cu = torch.tensor(bounds, dtype=torch.int32)
     return {"tokens": tokens, "positions": positions, "cu_seqlens": cu,
             "max_seqlen": max(n for row in doc_lengths for n in row)}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts host reads: calls of ``aten::_local_scalar_dense`` (what ``.item()`` and ``bool()`` of
+    a tensor dispatch to; on a GPU each is a device synchronisation)."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            HostReads.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 # HF logits for a packed batch, each document run on its own: the converter's own reference.

@@ -187,3 +187,19 @@ def test_compiled_flex_attention_skips_blocks_correctly_and_does_not_recompile()
         out = compiled(q, k, v, block_mask=document_block_mask(other, total, 8))
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_reference([100, 100, 100], 8))
     assert (out - expected).abs().max().item() < 1e-5
+
+
+def test_block_mask_is_built_without_host_reads():
+    """Built once per micro-batch on the device: no ``.item()``/``bool()`` of a tensor (each a
+    device synchronisation on a GPU). A host read is a call of ``aten::_local_scalar_dense``."""
+    from model_helpers import HostReads
+
+    HostReads.count = 0
+    cu = torch.tensor([0, 37, 42, 43, 104, 300], dtype=torch.int32)
+    with HostReads():
+        document_block_mask(cu, 300, 64)
+        document_block_mask(cu, 300, None)
+    assert HostReads.count == 0
+    with HostReads():  # the detector sees host reads (positive control)
+        bool(cu.sum() > 0)
+    assert HostReads.count == 1
