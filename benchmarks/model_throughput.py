@@ -18,7 +18,6 @@ dense bf16 peak of the card) for mmbert-small and mmbert-base at 1024 tokens (``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import sys
@@ -87,6 +86,8 @@ def main(argv=None):
     p.add_argument("--preset", default=None, help="model preset (default: a small CPU config)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "te", "flash", "flex", "sdpa"],
+                   help="our model's attention kernel (auto: what training would pick here)")
     p.add_argument("--rows", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--mask-rate", type=float, default=0.3)
@@ -99,9 +100,10 @@ def main(argv=None):
     from megatron_mmbert.flops import flops_per_token, peak_tflops
 
     if args.preset:
-        model_cfg = model_preset(args.preset, attention_output_dropout=0.0)
+        model_cfg = model_preset(args.preset, attention_output_dropout=0.0, attention_backend=args.attention_backend)
     else:  # mmbert-small's width and heads, fewer layers and a smaller vocabulary: CPU-sized
-        model_cfg = model_preset("mmbert-small", num_layers=6, vocab_size=32768, attention_output_dropout=0.0)
+        model_cfg = model_preset("mmbert-small", num_layers=6, vocab_size=32768, attention_output_dropout=0.0,
+                                 attention_backend=args.attention_backend)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     hf, ours = make_models(model_cfg, device, dtype)
@@ -126,7 +128,7 @@ def main(argv=None):
     name = args.preset or "mmbert-small width, 6 layers, vocab 32768"
     lines = [
         f"\n## Model forward+backward throughput vs HF ModernBertForMaskedLM ({datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)\n",
-        f"- machine: {machine}; torch {torch.__version__}; {args.precision}",
+        f"- machine: {machine}; torch {torch.__version__}; {args.precision}; our attention: {ours.backend}",
         f"- command: `python benchmarks/model_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- config: {name}; batch {args.rows} x {args.seq_len} tokens, mask rate {args.mask_rate}; "
         f"HF: sdpa, sparse_prediction=True; best of {args.rounds} rounds x {args.iters} steps, interleaved",

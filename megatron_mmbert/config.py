@@ -59,10 +59,12 @@ class ModelConfig:
     """Padding id (HF ``padding_idx`` of the token embedding; its row starts at zero in HF)."""
     make_vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this (times the tensor-parallel size)."""
-    attention_backend: Literal["auto", "sdpa", "te"] = "auto"
-    """Attention kernel: ``auto`` picks TransformerEngine's THD path when TE on this GPU can run both
-    layer kinds at the run's precision (TE / cuDNN / flash-attn versions: docs/training.md), else
-    PyTorch SDPA with a block-diagonal window mask, and logs why. ``te`` fails clearly where TE cannot."""
+    attention_backend: Literal["auto", "te", "flash", "flex", "sdpa"] = "auto"
+    """Attention kernel, chosen at start-up and logged: ``auto`` takes TransformerEngine's THD path
+    when TE on this GPU can run both layer kinds at the run's precision (TE / cuDNN / flash-attn
+    versions: docs/training.md), else flash-attn 2 varlen (CUDA, bf16), else FlexAttention on CUDA,
+    else PyTorch SDPA with block-diagonal window masks, and logs why. A named backend that cannot run
+    here is a start-up error naming what is missing and the fix."""
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
     """FP8 format for the transformer layers' GEMMs (TransformerEngine only; None trains without FP8).
     A run asking for FP8 without TE stops at start-up instead of silently training in bf16."""
@@ -254,7 +256,7 @@ def validate_model(model: ModelConfig) -> None:
         raise ConfigError("model.global_attn_every_n_layers must be >= 1")
     if model.vocab_size < 1 or model.make_vocab_size_divisible_by < 1:
         raise ConfigError("model.vocab_size and model.make_vocab_size_divisible_by must be positive")
-    if model.fp8 is not None and model.attention_backend == "sdpa":
+    if model.fp8 is not None and model.attention_backend not in ("auto", "te"):
         raise ConfigError(
             f"model.fp8={model.fp8!r} needs TransformerEngine layers, but "
             f"model.attention_backend={model.attention_backend!r}; set attention_backend to auto or te"

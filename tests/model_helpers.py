@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_mmbert.convert.verify import hf_logits_per_document
 
@@ -64,14 +65,47 @@ def packed_batch(doc_lengths: Sequence[Sequence[int]], vocab: int, seed: int = 0
             "max_seqlen": max(n for row in doc_lengths for n in row)}
 
 
+class HostReads(TorchDispatchMode):
+    """Counts host reads: calls of ``aten::_local_scalar_dense`` (what ``.item()`` and ``bool()`` of
+    a tensor dispatch to; on a GPU each is a device synchronisation)."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            HostReads.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 # HF logits for a packed batch, each document run on its own: the converter's own reference.
 hf_reference_logits = hf_logits_per_document
 
 
-def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``tests/workers/<script>`` under torchrun with ``nproc`` CPU processes (gloo)."""
+def use_flash_reference(monkeypatch=None) -> None:
+    """Let a ``flash`` model be built on CPU with flash-attn's kernel replaced by its TEST REFERENCE
+    (tests/flash_reference.py): the backend choice is forced to ``flash`` (flash-attn needs CUDA and
+    bf16, so the real choice would refuse) and ``flash_attn_varlen_func`` resolves to the reference.
+    Everything else -- packing, cu_seqlens, max_seqlen, window_size, heads -- is the shipped code."""
+    from flash_reference import reference_flash_attn_varlen_func
+    from megatron_mmbert.model import attention, build
+    from megatron_mmbert.model.backends import BackendChoice
+
+    def flash_choice(model, *args, **kwargs):
+        return BackendChoice("flash", {"global": "flash-attn varlen (test reference)", "local": "flash-attn varlen (test reference)"})
+
+    for owner, name, value in ((attention, "load_flash_varlen", lambda: reference_flash_attn_varlen_func),
+                               (build, "select_backend", flash_choice)):
+        if monkeypatch is not None:
+            monkeypatch.setattr(owner, name, value)
+        else:  # a worker process: for its whole life
+            setattr(owner, name, value)
+
+
+def torchrun(script: str, nproc: int, *args: str, timeout: int = 600, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run ``tests/workers/<script>`` under torchrun with ``nproc`` CPU processes (gloo); ``env``
+    adds variables for the workers."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(_free_port()), os.path.join(ROOT, "tests", "workers", script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

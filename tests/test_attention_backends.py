@@ -27,30 +27,38 @@ def gpu(te, cudnn="9.8.0", flash=None):
 # Each row is one fact of the issue's version table, written out by hand.
 TABLE = [
     # fp32: TE <= 2.10 has no kernel at all (flash/cuDNN need bf16, unfused has no THD path);
-    # TE >= 2.11 only the dense unfused one, so auto keeps SDPA.
-    (gpu("2.10.0", flash=FA), "fp32", "sdpa", None, {"global": "SDPA", "local": "SDPA"}),
-    (gpu("2.11.0", flash=FA), "fp32", "sdpa", None, {"global": "SDPA", "local": "SDPA"}),
+    # TE >= 2.11 only the dense unfused one; flash-attn has no fp32: FlexAttention on CUDA.
+    (gpu("2.10.0", flash=FA), "fp32", "flex", None, {"global": "FlexAttention", "local": "FlexAttention"}),
+    (gpu("2.11.0", flash=FA), "fp32", "flex", None, {"global": "FlexAttention", "local": "FlexAttention"}),
     # bf16, TE <= 2.11: local (64, 64) windows need flash-attn (cuDNN: only (left, 0) windows).
     (gpu("2.9.0", flash=FA), "bf16", "te", "auto", {"global": "flash-attn/cuDNN", "local": "TE flash-attn"}),
-    (gpu("2.9.0"), "bf16", "sdpa", None, {"local": "SDPA"}),
-    (gpu("2.10.0"), "bf16", "sdpa", None, {"local": "SDPA"}),
-    (gpu("2.11.0"), "bf16", "sdpa", None, {"local": "SDPA"}),  # TE would fall back to a dense mask
+    (gpu("2.9.0"), "bf16", "flex", None, {"local": "FlexAttention"}),
+    (gpu("2.10.0"), "bf16", "flex", None, {"local": "FlexAttention"}),
+    (gpu("2.11.0"), "bf16", "flex", None, {"local": "FlexAttention"}),  # TE would fall back to a dense mask
     (gpu("2.11.0", flash=FA), "bf16", "te", "auto", {"local": "TE flash-attn"}),
     # TE 2.12: cuDNN runs the window natively from 9.6 ...
     (gpu("2.12.0", cudnn="9.6.0"), "bf16", "te", "auto", {"global": "TE cuDNN", "local": "TE cuDNN"}),
     (gpu("2.12.0", cudnn="9.11.0", flash=FA), "bf16", "te", "auto", {"local": "flash-attn/cuDNN"}),
-    (gpu("2.12.0", cudnn="9.5.1"), "bf16", "sdpa", None, {"local": "SDPA"}),
+    (gpu("2.12.0", cudnn="9.5.1"), "bf16", "flex", None, {"local": "FlexAttention"}),
     (gpu("2.12.0", cudnn="9.5.1", flash=FA), "bf16", "te", "auto", {"local": "TE flash-attn"}),
     # ... except 9.10.0/9.10.1 and 9.14.0 (fails beyond 1024 keys): cuDNN must be switched off for
     # the whole process (TE's kernel set is process-wide), so flash-attn for every layer, or nothing.
     (gpu("2.12.0", cudnn="9.10.0", flash=FA), "bf16", "te", "flash", {"global": "TE flash-attn", "local": "TE flash-attn"}),
     (gpu("2.12.0", cudnn="9.10.1", flash=FA), "bf16", "te", "flash", {"local": "TE flash-attn"}),
     (gpu("2.12.0", cudnn="9.14.0", flash=FA), "bf16", "te", "flash", {"local": "TE flash-attn"}),
-    (gpu("2.12.0", cudnn="9.14.0"), "bf16", "sdpa", None, {"local": "SDPA"}),
+    (gpu("2.12.0", cudnn="9.14.0"), "bf16", "flex", None, {"local": "FlexAttention"}),
     (gpu("2.12.0", cudnn="9.10.2"), "bf16", "te", "auto", {"local": "TE cuDNN"}),
-    # no TE, or no GPU: SDPA
-    (Machine(cuda=True, cudnn_version="9.8.0", flash_attn_version=FA), "bf16", "sdpa", None, {"global": "SDPA"}),
+    # no TE on a GPU: flash-attn 2 varlen in bf16 when installed, else FlexAttention; SDPA only
+    # where torch has no FlexAttention. flash-attn 3 alone is not the flash backend's kernel.
+    (Machine(cuda=True, cudnn_version="9.8.0", flash_attn_version=FA), "bf16", "flash", None,
+     {"global": "flash-attn varlen", "local": "window_size=(W/2, W/2)"}),
+    (Machine(cuda=True, cudnn_version="9.8.0", flash_attn_version=FA), "fp32", "flex", None, {"global": "FlexAttention"}),
+    (Machine(cuda=True, flash_attn_version="3.0.0b1"), "bf16", "flex", None, {"local": "FlexAttention"}),
+    (Machine(cuda=True), "bf16", "flex", None, {"global": "FlexAttention compiled", "local": "FlexAttention compiled"}),
+    (Machine(cuda=True, flex_attention=False), "bf16", "sdpa", None, {"global": "SDPA"}),
+    # no GPU: SDPA (FlexAttention has no backward on CPU; flash-attn and TE need CUDA)
     (Machine(cuda=False, te_version="2.12.0"), "bf16", "sdpa", None, {"global": "SDPA"}),
+    (Machine(cuda=False, flash_attn_version=FA), "bf16", "sdpa", None, {"global": "SDPA"}),
     (Machine(cuda=False), "fp32", "sdpa", None, {"global": "SDPA", "local": "SDPA"}),
 ]
 
@@ -62,7 +70,7 @@ def test_auto_follows_the_version_table(machine, precision, backend, te_attentio
     assert choice.te_attention == te_attention
     for kind, kernel in kernels.items():
         assert kernel in choice.kernels[kind]
-    if backend == "sdpa" and machine.te_version and machine.cuda:
+    if backend != "te" and machine.te_version and machine.cuda:
         # The fallback is logged with the versions that caused it.
         assert any(machine.te_version in note and "not using te" in note for note in choice.notes)
 
@@ -104,6 +112,42 @@ def test_sdpa_when_asked_even_where_te_runs():
     assert choose_backend("sdpa", "bf16", gpu("2.12.0", flash=FA)).backend == "sdpa"
 
 
+def test_each_backend_when_asked_where_it_runs():
+    machine = gpu("2.12.0", cudnn="9.8.0", flash=FA)
+    for name in ("te", "flash", "flex", "sdpa"):
+        assert choose_backend(name, "bf16", machine).backend == name
+    assert choose_backend("flash", "bf16", machine).kernels["global"] == "flash-attn varlen"
+
+
+@pytest.mark.parametrize(
+    "request_, precision, machine, kwargs, message",
+    [
+        ("flash", "bf16", Machine(cuda=True), {}, r"flash-attn is not installed.*Fix: install flash-attn 2"),
+        ("flash", "bf16", Machine(cuda=False, flash_attn_version=FA), {}, r"flash-attn needs a CUDA device"),
+        ("flash", "fp32", Machine(cuda=True, flash_attn_version=FA), {}, r"flash-attn runs bf16/fp16 only, not fp32.*Fix: use precision: bf16"),
+        ("flex", "fp32", Machine(cuda=False), {}, r"FlexAttention has no backward on CPU.*Fix: train with model.attention_backend: sdpa on CPU"),
+        ("flex", "bf16", Machine(cuda=True), {"dropout": 0.1}, r"FlexAttention has no attention dropout \(model.attention_dropout=0.1\)"),
+        ("flex", "bf16", Machine(cuda=True, flex_attention=False), {}, r"this torch has no torch.nn.attention.flex_attention.*upgrade torch"),
+    ],
+)
+def test_an_unavailable_backend_is_a_start_up_error_naming_it_and_the_fix(request_, precision, machine, kwargs, message):
+    with pytest.raises(ConfigError, match=rf"model.attention_backend='{request_}' cannot run on this machine: {message}"):
+        choose_backend(request_, precision, machine, **kwargs)
+
+
+def test_flex_evaluates_on_cpu_but_auto_keeps_sdpa_there():
+    """Evaluation only (training=False, e.g. verify): flex runs eager on CPU when asked, with a note
+    that it computes the full score matrix; auto still picks SDPA there."""
+    cpu = Machine(cuda=False)
+    flex = choose_backend("flex", "fp32", cpu, training=False)
+    assert flex.backend == "flex" and "eager" in flex.kernels["local"]
+    assert any("[s, s] scores" in note for note in flex.notes)
+    assert choose_backend("auto", "fp32", cpu, training=False).backend == "sdpa"
+    # auto on a GPU with attention dropout: flex cannot, flash-attn can (bf16), else SDPA
+    assert choose_backend("auto", "bf16", Machine(cuda=True, flash_attn_version=FA), dropout=0.1).backend == "flash"
+    assert choose_backend("auto", "bf16", Machine(cuda=True), dropout=0.1).backend == "sdpa"
+
+
 VERSIONS = list(itertools.product(
     ["2.9.0", "2.10.0", "2.11.0", "2.12.0", "2.13.0.dev0"],
     ["9.1.0", "9.5.1", "9.6.0", "9.10.0", "9.10.1", "9.10.2", "9.14.0", "9.15.0", None],
@@ -142,4 +186,6 @@ def test_probe_on_this_machine():
 
     machine = probe()
     assert machine.cuda == torch.cuda.is_available()
-    assert choose_backend("auto", "fp32", machine).backend in ("te", "sdpa")
+    assert choose_backend("auto", "fp32", machine).backend in ("te", "flash", "flex", "sdpa")
+    if not machine.cuda:
+        assert choose_backend("auto", "fp32", machine).backend == "sdpa"

@@ -72,6 +72,27 @@ def test_verify_command_passes_and_catches_a_wrong_model(converted, tmp_path, ca
     assert "FAIL" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("backend, precision", [("flex", "fp32"), ("sdpa", "bf16"), ("flex", "bf16"), ("sdpa", "amp_bf16")])
+def test_verify_takes_attention_backend_and_precision(converted, tmp_path, capsys, backend, precision):
+    """Any CPU-runnable kernel at any precision against HF in one command; the bf16 tolerance still
+    catches a different model (negative control)."""
+    root, _ = converted
+    args = ["--attention-backend", backend, "--precision", precision]
+    assert convert_main(["verify", "--hf-dir", str(root / "hf"), "--load", str(root / "ckpt"), *args]) == 0
+    out = capsys.readouterr().out
+    assert f"{backend} attention, {precision}: OK" in out, out
+    make_hf_model("odd", str(tmp_path / "other"), seed=1)
+    assert convert_main(["verify", "--hf-dir", str(tmp_path / "other"), "--load", str(root / "ckpt"), *args]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_verify_with_an_unavailable_backend_names_it(converted, capsys):
+    root, _ = converted
+    args = ["verify", "--hf-dir", str(root / "hf"), "--load", str(root / "ckpt"), "--attention-backend", "flash"]
+    assert convert_main(args) == 2
+    assert "model.attention_backend='flash' cannot run on this machine: flash-attn" in capsys.readouterr().err
+
+
 def test_qkv_layout_round_trip_and_per_head_grouping():
     model = hf_map.ModelConfig(hidden_size=8, num_attention_heads=2, intermediate_size=4, num_layers=1, vocab_size=10)
     w = torch.arange(24 * 8, dtype=torch.float32).view(24, 8)

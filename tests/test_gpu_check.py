@@ -8,7 +8,7 @@ import pytest
 
 from model_helpers import ROOT
 
-STEPS = ("machine", "parity", "model-small", "model-base", "train", "host-syncs")
+STEPS = ("machine", "parity", "attention", "model-base", "model-base-8192", "train", "model-small", "host-syncs")
 
 
 @pytest.mark.slow
@@ -24,6 +24,7 @@ def test_gpu_check_dry_run(tmp_path):
     for step in STEPS:
         assert f"| {step} | ok |" in summary, summary
     sections = (tmp_path / "RESULTS.gpu.md").read_text()
-    assert sections.count("## Model forward+backward throughput") == 2
+    assert sections.count("## Model forward+backward throughput") == 3
+    assert "## Attention backends: one global + one local layer" in sections
     assert "## Training throughput" in sections and "## Host syncs on the step path" in sections
     assert open(results, encoding="utf-8").read() == before  # results go to $OUT, not the repo

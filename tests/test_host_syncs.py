@@ -14,7 +14,6 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_mmbert import runtime
 from megatron_mmbert.config import ConfigError, ParallelConfig
@@ -24,16 +23,7 @@ from megatron_mmbert.model.build import build_model
 from megatron_mmbert.training import checkpoint as ckpt
 from megatron_mmbert.training.optim import GuardedOptimizer
 from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, wrap_ddp
-from model_helpers import make_hf_model, packed_batch
-
-
-class HostReads(TorchDispatchMode):
-    count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            HostReads.count += 1
-        return func(*args, **(kwargs or {}))
+from model_helpers import HostReads, make_hf_model, packed_batch
 
 
 @pytest.fixture(scope="module")

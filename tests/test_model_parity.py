@@ -1,8 +1,12 @@
-"""The encoder against Hugging Face's ModernBertForMaskedLM (fp32, eval), at several layouts.
+"""The encoder against Hugging Face's ModernBertForMaskedLM (fp32, eval), at several layouts and
+attention backends.
 
 HF is the reference nobody here wrote: random tiny HF models are imported through the converter and
 must give the same logits (1e-4 max abs) on packed rows (HF run per document) and on single
-documents longer than the sliding window.
+documents longer than the sliding window, with each backend that runs on CPU: ``sdpa`` (masked
+rows), ``flex`` (FlexAttention on the packed layout, eager: CPU FlexAttention is forward-only) and
+``flash`` with the flash-attn kernel replaced by its TEST REFERENCE (tests/flash_reference.py: the
+packing, cu_seqlens, window and head plumbing is ours; the kernel needs CUDA).
 """
 
 import dataclasses
@@ -16,7 +20,7 @@ from megatron_mmbert.convert.checkpoints import import_hf
 from megatron_mmbert.model.build import build_model, check_fp8, select_backend
 from megatron_mmbert.model.pipeline import forward_logits, to_device
 from megatron_mmbert.training import checkpoint as ckpt
-from model_helpers import HF_CONFIGS, hf_reference_logits, make_hf_model, packed_batch, torchrun
+from model_helpers import HF_CONFIGS, hf_reference_logits, make_hf_model, packed_batch, torchrun, use_flash_reference
 
 TOL = 1e-4
 # Row layouts: documents longer than every window (16 / 8), several documents per row, one-token docs.
@@ -45,19 +49,31 @@ def single_process():
     runtime.shutdown()
 
 
-def _load_tp1(ckpt_dir, model):
+BACKENDS = ("sdpa", "flex", "flash")
+
+
+def _load_tp1(ckpt_dir, model, backend="sdpa", monkeypatch=None, precision="fp32"):
+    """The checkpoint at TP1 with ``backend``; bf16 wrapped in megatron's Float16Module as training
+    and ``verify --precision bf16`` run it (bf16 weights and activations, fp32 RoPE and logits)."""
+    from megatron.core.transformer.module import Float16Module
+
     parallel = ParallelConfig()
+    if backend == "flash":
+        use_flash_reference(monkeypatch)
+    model = dataclasses.replace(model, attention_backend=backend)
     runtime.initialize(model, parallel)
-    chunks = build_model(model, parallel)
+    chunks = build_model(model, parallel, precision, training=False)
     ckpt.load_model(ckpt_dir, chunks)
-    return chunks
+    assert chunks[0].backend == backend
+    return [Float16Module(c.config, c) for c in chunks] if precision == "bf16" else chunks
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
 @pytest.mark.parametrize("rows", sorted(ROWS))
-def test_parity_tp1_pp1(imported, single_process, name, rows):
+def test_parity_tp1_pp1(imported, single_process, monkeypatch, name, rows, backend):
     hf, ckpt_dir, model = imported[name]
-    chunks = _load_tp1(ckpt_dir, model)
+    chunks = _load_tp1(ckpt_dir, model, backend, monkeypatch)
     batch = packed_batch(ROWS[rows], model.vocab_size, seed=3)
     ours = forward_logits(chunks, [batch])[0]
     reference = hf_reference_logits(hf, batch)
@@ -65,10 +81,37 @@ def test_parity_tp1_pp1(imported, single_process, name, rows):
     assert (ours - reference).abs().max().item() < TOL
 
 
-def test_parity_is_sensitive_to_rope_theta_and_window(imported, single_process):
+# bf16 against HF fp32: relative RMS of the logit difference. bf16 keeps 8 significant bits (2^-9
+# relative rounding per operation); through these 4-5 layers and the head it measures 0.6%, and a
+# wrong RoPE theta gives 7%, so 2% separates them.
+BF16_TOL = 0.02
+
+
+def _relative_rms(ours, reference):
+    return ((ours.float() - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_bf16_parity(imported, single_process, monkeypatch, name, backend):
+    hf, ckpt_dir, model = imported[name]
+    chunks = _load_tp1(ckpt_dir, model, backend, monkeypatch, precision="bf16")
+    assert chunks[0].module.embedding.word_embeddings.weight.dtype == torch.bfloat16
+    for rows in sorted(ROWS):
+        batch = packed_batch(ROWS[rows], model.vocab_size, seed=3)
+        ours, reference = forward_logits(chunks, [batch])[0], hf_reference_logits(hf, batch)
+        assert ours.dtype == torch.float32  # Float16Module hands back fp32
+        assert _relative_rms(ours, reference) < BF16_TOL, (rows, _relative_rms(ours, reference))
+    chunks[0].module.set_rope_theta(10000.0, 10000.0)  # negative control
+    if name == "odd":  # (in "even" the global theta is 10k already)
+        assert _relative_rms(forward_logits(chunks, [batch])[0], reference) > BF16_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_is_sensitive_to_rope_theta_and_window(imported, single_process, monkeypatch, backend):
     """Negative controls: the comparison above would catch a wrong theta or a wrong window."""
     hf, ckpt_dir, model = imported["odd"]  # global theta 160k, local 10k, window 16
-    chunks = _load_tp1(ckpt_dir, model)
+    chunks = _load_tp1(ckpt_dir, model, backend, monkeypatch)
     batch = packed_batch(ROWS["single_long_documents"], model.vocab_size, seed=3)
     reference = hf_reference_logits(hf, batch)
     chunks[0].set_rope_theta(10000.0, 10000.0)
@@ -76,17 +119,29 @@ def test_parity_is_sensitive_to_rope_theta_and_window(imported, single_process):
     assert (wrong_theta - reference).abs().max().item() > 100 * TOL
     chunks[0].set_rope_theta(model.global_rope_theta, model.local_rope_theta)
     chunks[0].model_config = dataclasses.replace(model, local_attention=64)
+    if backend == "flash":  # flash-attn's window comes from the layer's config, as TE's does
+        for layer in chunks[0].encoder.layers:
+            core = layer.self_attention.core_attention
+            core.half_window = 32 if core.is_local else None
     wrong_window = forward_logits(chunks, [batch])[0]
     assert (wrong_window - reference).abs().max().item() > 100 * TOL
+    if backend != "sdpa":  # packed kernels: documents run together must show too
+        chunks[0].model_config = model
+        merged = dict(batch, cu_seqlens=batch["cu_seqlens"][[0, 2]], max_seqlen=128)
+        wrong_documents = forward_logits(chunks, [merged])[0]
+        assert (wrong_documents - reference).abs().max().item() > 100 * TOL
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, tp, pp", [("even", 2, 2), ("odd", 2, 1)])
-def test_parity_tensor_and_pipeline_parallel(imported, tmp_path, name, tp, pp):
+@pytest.mark.parametrize(
+    "name, tp, pp, backend", [("even", 2, 2, "sdpa"), ("odd", 2, 1, "sdpa"), ("odd", 2, 1, "flex"), ("even", 2, 2, "flash")]
+)
+def test_parity_tensor_and_pipeline_parallel(imported, tmp_path, name, tp, pp, backend):
     hf, ckpt_dir, model = imported[name]
     batches = [packed_batch(ROWS[r], model.vocab_size, seed=i) for i, r in enumerate(sorted(ROWS))]
     torch.save(batches, tmp_path / "batches.pt")
-    torchrun("parity_worker.py", tp * pp, ckpt_dir, str(tp), str(pp), str(tmp_path / "batches.pt"), str(tmp_path / "out.pt"))
+    torchrun("parity_worker.py", tp * pp, ckpt_dir, str(tp), str(pp), str(tmp_path / "batches.pt"), str(tmp_path / "out.pt"),
+             "0", backend)
     outputs = torch.load(tmp_path / "out.pt")
     assert len(outputs) == len(batches)
     for ours, batch in zip(outputs, batches):
@@ -227,3 +282,14 @@ def test_fp8_without_transformer_engine_stops_at_start(imported):
     with pytest.raises(ConfigError, match="tensorwise.* needs TransformerEngine >= 2.2.0, found 2.1.0"):
         check_fp8(dataclasses.replace(model, fp8="e4m3", fp8_recipe="tensorwise"), "2.1.0")
     assert select_backend(model).backend == "sdpa"
+
+
+def test_backend_choice_is_logged_at_start_up(imported, single_process, caplog):
+    import logging
+
+    _, ckpt_dir, model = imported["odd"]
+    with caplog.at_level(logging.INFO, logger="megatron_mmbert.model.build"):
+        _load_tp1(ckpt_dir, model, "flex")
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "flex backend (global layers: FlexAttention eager (CPU, forward only)" in logged
+    assert "[s, s] scores" in logged  # the note that CPU FlexAttention computes every score

@@ -5,8 +5,11 @@ TP2xDP2, TP2 with sequence parallelism xDP2, PP2xDP2 with the distributed optimi
 with the distributed optimizer: same loss (1e-5) and, after one AdamW step, the same weights.
 StableAdamW: three steps at TP2xDP2 with the distributed optimizer (tensors split over TP and DP
 ranks, whole-tensor clipping statistics) equal three steps of one process.
+bf16 (bf16 weights, fp32 main params): the first step tracks fp32's, and TP2xPP2 and PP2xDP2 with the
+distributed optimizer take one bf16 process's step (to bf16 rounding).
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -16,6 +19,7 @@ from megatron_mmbert import runtime
 from megatron_mmbert.config import ParallelConfig
 from megatron_mmbert.convert.checkpoints import import_hf, load_canonical
 from megatron_mmbert.model.build import build_model
+from megatron_mmbert.model.pipeline import _unwrap
 from megatron_mmbert.training import checkpoint as ckpt
 from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
 from model_helpers import make_hf_model, packed_batch, torchrun
@@ -37,6 +41,27 @@ def _global_batch(vocab):
     return rows
 
 
+def single_process_step(model, init_dir, rows, precision="fp32", steps=1):
+    """One optimizer step on one process: (stats, weights before, weights after), the reference
+    (``steps`` > 1: the stats of the last step, on the same batch)."""
+    parallel = ParallelConfig()
+    runtime.initialize(model, parallel, seed=7)
+    try:
+        chunks = build_model(model, parallel, precision)
+        ckpt.load_model(init_dir, chunks)
+        initial = {k: v.clone() for k, v in chunks[0].state_dict().items() if torch.is_tensor(v)}
+        chunks = wrap_ddp(chunks, parallel, precision)
+        settings = dataclasses.replace(SETTINGS, precision=precision)
+        optimizer = build_optimizer(chunks, settings, parallel)
+        for _ in range(steps):
+            stats = train_step(chunks, optimizer, rows)
+        inner = _unwrap(chunks[0])
+        after = {k: v.clone() for k, v in inner.state_dict().items() if torch.is_tensor(v)}
+    finally:
+        runtime.shutdown()
+    return stats, initial, after
+
+
 @pytest.mark.slow
 def test_layouts_match_single_process(tmp_path):
     make_hf_model("even", str(tmp_path / "hf"))
@@ -45,15 +70,7 @@ def test_layouts_match_single_process(tmp_path):
     rows = _global_batch(model.vocab_size)
     torch.save(rows, tmp_path / "rows.pt")
 
-    parallel = ParallelConfig()
-    runtime.initialize(model, parallel, seed=7)
-    chunks = build_model(model, parallel)
-    ckpt.load_model(str(tmp_path / "init"), chunks)
-    initial = {k: v.clone() for k, v in chunks[0].state_dict().items() if torch.is_tensor(v)}
-    chunks = wrap_ddp(chunks, parallel)
-    reference = train_step(chunks, build_optimizer(chunks, SETTINGS, parallel), rows)
-    after = {k: v.clone() for k, v in chunks[0].module.state_dict().items() if torch.is_tensor(v)}
-    runtime.shutdown()
+    reference, initial, after = single_process_step(model, str(tmp_path / "init"), rows)
     assert reference["update_ok"] and reference["tokens"] == sum(int((r["labels"] != -100).sum()) for r in rows)
     moved = max((after[k] - initial[k]).abs().max().item() for k in after)
     assert moved > 1e-4  # the step did change the weights, so equal weights below mean something
@@ -117,3 +134,70 @@ def test_stable_adamw_tp2_dp2_distributed_optimizer_matches_single_process(tmp_p
     assert worst < 3e-5, f"weights differ by {worst}"
     mean = max((weights[k] - after[k]).abs().mean().item() for k in after)
     assert mean < 1e-7, f"weights differ by {mean} on average in some tensor"
+
+
+# -- bf16: megatron-core's mixed precision (bf16 weights and activations, fp32 main params, fp32
+# gradient reduction), what ``precision: bf16`` trains ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def initial_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16")
+    make_hf_model("even", str(root / "hf"))
+    model = import_hf(str(root / "hf"), str(root / "init"))
+    runtime.shutdown()
+    return model, str(root / "init")
+
+
+def test_bf16_first_step_tracks_fp32(initial_checkpoint):
+    """The first step of a bf16 run computes fp32's loss and gradient norm to bf16 precision.
+
+    bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2% per operation) but the loss is a
+    mean over ~60 labelled tokens (cross-entropy in fp32), so rounding errors average out: measured
+    1e-5 relative here (grad norm 0.1%). The tolerance, 0.1% (0.5% for the grad norm), is one bf16
+    rounding step and still far under the 3.5% one step moves the loss (checked below)."""
+    model, init = initial_checkpoint
+    rows = _global_batch(model.vocab_size)
+    fp32, _, fp32_after = single_process_step(model, init, rows, "fp32")
+    bf16, initial, bf16_after = single_process_step(model, init, rows, "bf16")
+    assert all(v.dtype == torch.bfloat16 for k, v in initial.items() if "rotary" not in k)
+    assert fp32["tokens"] == bf16["tokens"] and bf16["update_ok"]
+    assert abs(bf16["loss"] - fp32["loss"]) < 1e-3 * fp32["loss"], (bf16["loss"], fp32["loss"])
+    assert abs(bf16["grad_norm"] - fp32["grad_norm"]) < 5e-3 * fp32["grad_norm"], (bf16["grad_norm"], fp32["grad_norm"])
+    # The updated bf16 weights are the fp32 run's, rounded (2^-8 relative, twice), except where
+    # Adam's first step (lr * g / |g|, lr 1e-3) flips sign on a near-zero gradient: 2 * lr.
+    for key, weight in fp32_after.items():
+        diff = (bf16_after[key].float() - weight).abs()
+        assert (diff <= 2 ** -7 * weight.abs() + 2e-3).all(), key
+    # Negative control: one step changes the loss by more than the tolerance allows.
+    second, _, _ = single_process_step(model, init, rows, "fp32", steps=2)
+    assert abs(second["loss"] - fp32["loss"]) > 1e-2 * fp32["loss"], (second["loss"], fp32["loss"])
+
+
+@pytest.mark.slow
+def test_bf16_layouts_match_single_process(initial_checkpoint, tmp_path):
+    """TP2xPP2 and PP2xDP2 with the distributed optimizer, in bf16, take one process's bf16 step.
+
+    Layouts change where bf16 activations are summed (TP splits the matmuls' reduction dimension and
+    all-reduces partial sums in bf16), so results agree to bf16 rounding, not bitwise. Measured:
+    loss within 6e-6 relative, grad norm 9e-5, and the bf16 weights after the step apart by 0.5%
+    (TP2xPP2) / 0.003% (PP2xDP2) of what the step moved them (sum of |diff|). Tolerances: 0.1% for
+    loss and grad norm (a quarter of one bf16 rounding step, 2^-8), 5% of the step for the weights
+    (an entry whose bf16 rounding flips moves by one ulp, ~ the step itself at |w| ~ 0.25)."""
+    model, init = initial_checkpoint
+    rows = _global_batch(model.vocab_size)
+    torch.save(rows, tmp_path / "rows.pt")
+    reference, initial, after = single_process_step(model, init, rows, "bf16")
+    step = sum((after[k].float() - initial[k].float()).abs().sum().item() for k in after)
+    torchrun("equivalence_worker.py", 4, init, str(tmp_path / "rows.pt"), str(tmp_path / "out"),
+             env={"LAYOUTS": "tp2_pp2,pp2_dp2_distopt", "PRECISION": "bf16"})
+    for layout in ("tp2_pp2", "pp2_dp2_distopt"):
+        stats = json.loads((tmp_path / "out" / f"{layout}.json").read_text())
+        assert stats["tokens"] == reference["tokens"], layout
+        assert abs(stats["loss"] - reference["loss"]) < 1e-3 * reference["loss"], (layout, stats["loss"], reference["loss"])
+        assert abs(stats["grad_norm"] - reference["grad_norm"]) < 1e-3 * reference["grad_norm"], layout
+        _, weights = load_canonical(str(tmp_path / "out" / layout))
+        runtime.shutdown()
+        assert weights.keys() == after.keys(), layout
+        apart = sum((weights[k].float() - after[k].float()).abs().sum().item() for k in after)
+        assert apart < 0.05 * step, f"{layout}: weights {apart:.3g} apart, the step moved them {step:.3g}"

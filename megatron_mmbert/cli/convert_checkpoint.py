@@ -2,14 +2,19 @@
 
   import-hf --hf-dir DIR --save CKPT        HF ModernBertForMaskedLM -> dist checkpoint (any layout)
   export-hf --load CKPT --out DIR           dist checkpoint -> HF directory (from_pretrained loads it)
-  verify    --hf-dir DIR --load CKPT [--tp N --pp M]
+  verify    --hf-dir DIR --load CKPT [--tp N --pp M] [--attention-backend B] [--precision P]
             both models on random packed rows longer than the window; prints the max |logit diff|
             and exits 1 above --tolerance. With --tp/--pp > 1 it relaunches itself under torchrun.
+            --attention-backend (auto | te | flash | flex | sdpa) and --precision (fp32 | bf16 |
+            amp_bf16) check any kernel at any precision against HF (fp32) in one command; bf16 runs
+            through megatron-core's Float16Module and amp_bf16 under autocast, as training does, and
+            their default tolerance is wider.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import subprocess
@@ -20,6 +25,13 @@ import torch
 
 from megatron_mmbert.config import ConfigError
 from megatron_mmbert.fileio import OutputRefused
+
+
+VERIFY_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "amp_bf16": 0.25}
+"""Default max |logit diff| against HF fp32. bf16 (amp_bf16's GEMMs and attention too) keeps 8
+significant bits (relative rounding 2^-9 per operation); logits of a few units through a dozen or
+more layers then differ by a few tenths at worst, while a wrong window, theta or weight differs by
+whole units."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--pp", type=int, default=1)
     ver.add_argument("--rows", type=int, default=2, help="packed rows per batch")
     ver.add_argument("--seq-len", type=int, default=0, help="row length (default: 4 x window, >= 64)")
-    ver.add_argument("--tolerance", type=float, default=1e-3, help="max |logit diff| allowed (fp32)")
+    ver.add_argument("--attention-backend", choices=["auto", "te", "flash", "flex", "sdpa"], default=None,
+                     help="attention kernel (default: the checkpoint's model.attention_backend)")
+    ver.add_argument("--precision", choices=["fp32", "bf16", "amp_bf16"], default="fp32",
+                     help="compute precision of our model (HF always runs fp32)")
+    ver.add_argument("--tolerance", type=float, default=None,
+                     help=f"max |logit diff| allowed (default {VERIFY_TOLERANCE['fp32']:g} fp32, "
+                          f"{VERIFY_TOLERANCE['bf16']:g} bf16 and amp_bf16)")
     ver.add_argument("--seed", type=int, default=0)
     ver.add_argument("--no-verify", dest="verify", action="store_false",
                      help="skip checking the checkpoint's file digests before loading")
@@ -61,10 +79,18 @@ def verify(args) -> int:
     from megatron_mmbert.training import checkpoint as ckpt
 
     model = ckpt.read_model_config(args.load)
+    if args.attention_backend:
+        model = dataclasses.replace(model, attention_backend=args.attention_backend)
+    tolerance = VERIFY_TOLERANCE[args.precision] if args.tolerance is None else args.tolerance
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
     rt = runtime.initialize(model, parallel, seed=args.seed)
-    chunks = build_model(model, parallel)
+    chunks = build_model(model, parallel, args.precision, training=False)
     ckpt.load_model(args.load, chunks, verify=args.verify)
+    backend = chunks[0].backend
+    if args.precision == "bf16":  # as training runs it: bf16 weights, fp32 RoPE, fp32 logits
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
     seq_len = args.seq_len or max(64, 4 * model.local_attention)
     batch = random_packed_batch(model.vocab_size, args.rows, seq_len, args.seed)
     ours = forward_logits(chunks, [batch])
@@ -74,17 +100,17 @@ def verify(args) -> int:
         reference = hf_logits_per_document(hf_model, batch)
         if reference.shape != ours[0].shape:
             raise ConfigError(f"logit shapes differ: HF {tuple(reference.shape)} vs ours {tuple(ours[0].shape)}")
-        verdict[0] = (ours[0] - reference).abs().max().item()
+        verdict[0] = (ours[0].float() - reference).abs().max().item()
         verdict[1] = 1
     torch.distributed.all_reduce(verdict)
     runtime.shutdown()
     diff = verdict[0].item()
-    ok = diff <= args.tolerance
+    ok = diff <= tolerance
     if rt.rank == 0:
         print(
             f"verify: max |logit diff| = {diff:.3e} over {args.rows} rows x {seq_len} tokens "
-            f"(window {model.local_attention}) at TP{args.tp}/PP{args.pp}: "
-            f"{'OK' if ok else 'FAIL'} (tolerance {args.tolerance:g})"
+            f"(window {model.local_attention}) at TP{args.tp}/PP{args.pp}, {backend} "
+            f"attention, {args.precision}: {'OK' if ok else 'FAIL'} (tolerance {tolerance:g})"
         )
     return 0 if ok else 1
 

@@ -1,15 +1,19 @@
 """Bidirectional packed attention: global and sliding-window layers, documents kept apart.
 
-Two kernels sit behind megatron-core's ``SelfAttention`` (QKV projection, RoPE, output projection):
+Four kernels sit behind megatron-core's ``SelfAttention`` (QKV projection, RoPE, output projection);
+``model/backends.py`` chooses one per run:
 
-* :class:`SDPAAttention` (CPU, and GPUs without TransformerEngine): PyTorch
-  ``scaled_dot_product_attention`` on ``[b, s]`` rows with a boolean mask that allows a key only in
-  the query's own segment (``cu_seqlens``) and, on local layers, within +-W/2 positions.
-* TransformerEngine's ``TEDotProductAttention`` (referenced by name in the TE spec) on the THD
-  layout with ``cu_seqlens`` and ``config.window_size``.
+* :class:`SDPAAttention` (CPU, and the fallback everywhere): PyTorch ``scaled_dot_product_attention``
+  on ``[b, s]`` rows with a boolean mask that allows a key only in the query's own segment
+  (``cu_seqlens``) and, on local layers, within +-W/2 positions.
+* The packed (THD) layout, all ``b * s`` tokens as one sequence ``[t, heads, d]`` with ``cu_seqlens``:
+  TransformerEngine's ``TEDotProductAttention`` (referenced by name in the TE spec);
+  :class:`FlashVarlenAttention` (flash-attn 2's ``flash_attn_varlen_func``, ``window_size``);
+  :class:`FlexAttention` (PyTorch FlexAttention with a block-sparse ``BlockMask`` built by
+  :func:`document_block_mask` once per micro-batch and layer kind).
 
 Which layers are local is decided once, from ``config.window_attn_skip_freq`` (megatron-core's own
-per-layer list, read by TE as well), so both kernels agree with ModernBERT's ``i % N == 0`` rule.
+per-layer list, read by TE as well), so every kernel agrees with ModernBERT's ``i % N == 0`` rule.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ class AttentionInputs:
     """Per-forward attention context shared by all layers of a stage.
 
     ``global_mask`` / ``local_mask``: boolean ``[b, 1, s, s]`` (True = may attend) for the SDPA
-    kernel, None on the THD path. ``global_rope`` / ``local_rope``: fp32 rotary angles of every token
-    for the layer kind, ``[s, b, 1, d]`` (THD: ``[t, 1, 1, d]``, tokens in packed order).
+    kernel; a FlexAttention ``BlockMask`` each for the flex kernel; None for TE and flash-attn (they
+    read ``cu_seqlens`` from ``PackedSeqParams`` and the window from the config).
+    ``global_rope`` / ``local_rope``: fp32 rotary angles of every token for the layer kind,
+    ``[s, b, 1, d]`` (THD: ``[t, 1, 1, d]``, tokens in packed order).
     """
 
-    global_mask: Optional[torch.Tensor]
-    local_mask: Optional[torch.Tensor]
+    global_mask: Optional[object]
+    local_mask: Optional[object]
     global_rope: torch.Tensor
     local_rope: torch.Tensor
 
@@ -106,12 +112,10 @@ class MMBertSelfAttention(SelfAttention):
         return query, key, value
 
 
-class SDPAAttention(MegatronModule):
-    """Core attention with PyTorch SDPA and an explicit boolean mask (no parameters).
-
-    Takes ``query/key/value`` as ``[s, b, heads, head_dim]`` (this TP rank's heads) and returns
-    ``[s, b, heads * head_dim]``, the contract of megatron's ``DotProductAttention``.
-    """
+class CoreAttention(MegatronModule):
+    """What every core-attention kernel here takes from megatron's ``SelfAttention`` (the
+    constructor of megatron's ``DotProductAttention``; no parameters): dropout, softmax scale and
+    whether this layer is local (``W/2`` keys each side) or global."""
 
     def __init__(
         self,
@@ -128,6 +132,16 @@ class SDPAAttention(MegatronModule):
         self.layer_number = layer_number
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
+        self.is_local = bool(is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number))
+        self.half_window = config.window_size[0] if self.is_local else None
+
+
+class SDPAAttention(CoreAttention):
+    """Core attention with PyTorch SDPA and an explicit boolean mask (the window is in the mask).
+
+    Takes ``query/key/value`` as ``[s, b, heads, head_dim]`` (this TP rank's heads) and returns
+    ``[s, b, heads * head_dim]``, the contract of megatron's ``DotProductAttention``.
+    """
 
     def forward(
         self,
@@ -155,3 +169,160 @@ class SDPAAttention(MegatronModule):
                 q, k, v, attn_mask=attention_mask, scale=self.softmax_scale
             )
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+# -- packed (THD) kernels -------------------------------------------------------------------------
+
+
+FLEX_BLOCK = 128
+"""FlexAttention's block size (its default; the compiled CUDA kernels tile by it)."""
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optional[int], block: int = FLEX_BLOCK):
+    """FlexAttention ``BlockMask`` for ``total`` packed tokens: a query sees the keys of its own
+    document (``cu_seqlens``) and, when ``half_window`` is given, only those with ``|q - k| <=
+    half_window`` (within a document, index distance is position distance).
+
+    Built from block boundaries alone, without evaluating the mask over the ``[t, t]`` grid (what
+    ``create_block_mask`` does uncompiled): documents are contiguous and their ids non-decreasing,
+    so blocks ``i`` and ``j`` share a document iff ``first[i] <= last[j] and first[j] <= last[i]``,
+    and are *full* (no per-token mask needed) iff both lie in one document and, on local layers,
+    their farthest tokens are within the window. Only ``[t / block]^2`` booleans and no host sync.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device = cu_seqlens.device
+    blocks = -(-total // block)
+    tokens = torch.arange(blocks * block, device=device)
+    # Document id per token; the padding after the last token gets -1 so that a compiled kernel
+    # evaluating the tail of the last block indexes in bounds and matches nothing real.
+    document = torch.searchsorted(cu_seqlens[1:].to(torch.int64), tokens, right=True)
+    document = torch.where(tokens < total, document, torch.full_like(document, -1))
+    starts = torch.arange(blocks, device=device) * block
+    first = document[starts]
+    last = document[torch.clamp(starts + block, max=total) - 1]
+    shares = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    full = (first == last)[:, None] & (first == last)[None, :] & (first[:, None] == first[None, :])
+    if total % block:  # the last block holds padding: never full
+        full[-1, :] = False
+        full[:, -1] = False
+    if half_window is not None:
+        gap = (starts[:, None] - starts[None, :]).abs()  # block distance in tokens
+        shares &= (gap - (block - 1)).clamp(min=0) <= half_window  # nearest tokens within the window
+        full &= gap + (block - 1) <= half_window  # farthest tokens within the window
+
+    def mask_mod(b, h, q, k):
+        same = document[q] == document[k]
+        if half_window is None:
+            return same
+        return same & ((q - k).abs() <= half_window)
+
+    def indices(allowed):
+        count = allowed.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~allowed).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return count[None, None], order[None, None]
+
+    partial_count, partial_index = indices(shares & ~full)
+    full_count, full_index = indices(full)
+    return BlockMask.from_kv_blocks(
+        partial_count, partial_index, full_count, full_index, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(total, total)
+    )
+
+
+_COMPILED_FLEX = None
+
+
+def _eager_flex(*args, **kwargs):
+    """Uncompiled FlexAttention, without its warning that uncompiled runs materialise the scores
+    (known, and said in ``backends.flex_support``)."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return flex_attention(*args, **kwargs)
+
+
+def flex_kernel(device: torch.device):
+    """FlexAttention compiled once per process on CUDA (inductor's block-sparse Triton kernels,
+    forward and backward). On CPU it runs eager: torch has no FlexAttention backward there, and
+    compiling the CPU forward takes about a minute per shape -- too slow for evaluation and CI."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return _eager_flex
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+class _PackedAttention(CoreAttention):
+    """Core attention on the packed layout: ``query/key/value`` ``[t, heads, d]`` (this TP rank's
+    heads), output ``[t, heads * d]`` (megatron's THD contract, see ``Attention.forward``)."""
+
+    @staticmethod
+    def _packed(packed_seq_params):
+        if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+            raise ValueError("packed attention kernels take THD input with PackedSeqParams (cu_seqlens)")
+        return packed_seq_params
+
+
+class FlexAttention(_PackedAttention):
+    """PyTorch FlexAttention with the micro-batch's ``BlockMask`` of this layer's kind (built once
+    per micro-batch by the model, shared by every layer of the kind). No dropout (FlexAttention has
+    none; ``backends.flex_support`` refuses attention_dropout > 0)."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        self._packed(packed_seq_params)
+        if self.dropout > 0.0 and self.training:
+            raise ValueError("FlexAttention has no attention dropout; use another model.attention_backend")
+        t = query.shape[0]
+        q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))  # [1, heads, t, d]
+        out = flex_kernel(query.device)(q, k, v, block_mask=attention_mask, scale=self.softmax_scale)
+        return out[0].transpose(0, 1).reshape(t, -1)
+
+
+def load_flash_varlen():
+    """flash-attn 2's ``flash_attn_varlen_func`` (imported when a flash model is built)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as exc:
+        raise ImportError(
+            "model.attention_backend: flash needs flash-attn 2 (pip install flash-attn, on a CUDA "
+            "machine); use model.attention_backend: auto"
+        ) from exc
+    return flash_attn_varlen_func
+
+
+class FlashVarlenAttention(_PackedAttention):
+    """flash-attn 2's ``flash_attn_varlen_func`` over the packed tokens: ``cu_seqlens`` keep
+    documents apart, ``window_size=(W/2, W/2)`` on local layers (``(-1, -1)``: unlimited), not
+    causal. Dropout on the attention probabilities runs under the TP RNG tracker (heads are split
+    over TP ranks: each rank needs its own stream), as megatron does for its own kernels."""
+
+    def __init__(self, config, layer_number: int, *args, **kwargs):
+        super().__init__(config, layer_number, *args, **kwargs)
+        self.kernel = load_flash_varlen()
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        packed = self._packed(packed_seq_params)
+        window = (self.half_window, self.half_window) if self.is_local else (-1, -1)
+        dropout = self.dropout if self.training else 0.0
+        kwargs = dict(
+            cu_seqlens_q=packed.cu_seqlens_q,
+            cu_seqlens_k=packed.cu_seqlens_kv,
+            max_seqlen_q=packed.max_seqlen_q,
+            max_seqlen_k=packed.max_seqlen_kv,
+            dropout_p=dropout,
+            softmax_scale=self.softmax_scale,
+            causal=False,
+            window_size=window,
+        )
+        if dropout > 0.0:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = self.kernel(query, key, value, **kwargs)
+        else:
+            out = self.kernel(query, key, value, **kwargs)
+        return out.reshape(out.shape[0], -1)

@@ -23,8 +23,13 @@ TE's kernel set is process-wide (megatron-core sets ``NVTE_FLASH_ATTN`` / ``NVTE
 ``NVTE_UNFUSED_ATTN`` from ``TransformerConfig.attention_backend``: all three, or exactly one), so a
 kernel that TE would pick for a layer and that then fails must be switched off for every layer.
 
-Adding a backend (issue 13: ``flash``, ``flex``): write its ``support(precision, kind, machine)``,
-add it to :data:`BACKENDS` and to :data:`AUTO_ORDER`; :func:`choose_backend` needs no change.
+Outside TE, two kernels run the same packed (THD) layout natively: flash-attn 2's
+``flash_attn_varlen_func`` (``cu_seqlens``, ``window_size=(W/2, W/2)``; CUDA, fp16/bf16 only, what
+mmBERT itself trained with) and PyTorch's FlexAttention (a ``BlockMask`` from ``cu_seqlens``, compiled
+on CUDA; on CPU torch 2.13 has no FlexAttention backward, so there it serves evaluation only).
+
+Adding a backend: write its ``support(precision, kind, machine, training, dropout)``, add it to
+:data:`BACKENDS` and to :data:`AUTO_ORDER`; :func:`choose_backend` needs no change.
 """
 
 from __future__ import annotations
@@ -50,11 +55,14 @@ class Machine:
     """cuDNN as TE loads it, ``major.minor.patch``."""
     flash_attn_version: Optional[str] = None
     """flash-attn (2 or 3) importable by TE."""
+    flex_attention: bool = True
+    """``torch.nn.attention.flex_attention`` exists (torch >= 2.5)."""
 
     def describe(self) -> str:
         return (
             f"TransformerEngine {self.te_version or 'not installed'}, cuDNN {self.cudnn_version or 'none'}, "
             f"flash-attn {self.flash_attn_version or 'not installed'}, "
+            f"{'FlexAttention' if self.flex_attention else 'no FlexAttention'}, "
             f"{'CUDA' if self.cuda else 'no CUDA device'}"
         )
 
@@ -171,7 +179,7 @@ def te_attention_setting(precision: str, machine: Machine) -> Tuple[Optional[str
     return None, f"no single TE kernel runs both layer kinds in {precision} ({failing})"
 
 
-def te_support(precision: str, kind: LayerKind, machine: Machine) -> Support:
+def te_support(precision: str, kind: LayerKind, machine: Machine, training: bool = True, dropout: float = 0.0) -> Support:
     """TE on the THD path: usable only on CUDA with TE installed, and only where
     :func:`te_attention_setting` finds a kernel set that runs every layer kind."""
     if not machine.te_version:
@@ -190,17 +198,48 @@ def te_support(precision: str, kind: LayerKind, machine: Machine) -> Support:
     return Support("TE unfused (dense [s, s] mask)", dense=True, why=table["unfused"].why)
 
 
-def sdpa_support(precision: str, kind: LayerKind, machine: Machine) -> Support:
+def sdpa_support(precision: str, kind: LayerKind, machine: Machine, training: bool = True, dropout: float = 0.0) -> Support:
     """PyTorch SDPA with boolean segment/window masks: runs anywhere. On CUDA a boolean mask goes to
     the memory-efficient kernel (the ``[b, 1, s, s]`` mask is materialised, the scores are not); it
     still computes every score the mask discards."""
     return Support("SDPA with [b, 1, s, s] boolean masks")
 
 
-SupportFn = Callable[[str, LayerKind, Machine], Support]
-BACKENDS: Dict[str, SupportFn] = {"te": te_support, "sdpa": sdpa_support}
-"""Every layer backend, by its ``model.attention_backend`` name."""
-AUTO_ORDER: Tuple[str, ...] = ("te", "sdpa")
+def flash_support(precision: str, kind: LayerKind, machine: Machine, training: bool = True, dropout: float = 0.0) -> Support:
+    """flash-attn 2's ``flash_attn_varlen_func`` on the packed layout: CUDA, fp16/bf16 only
+    (flash-attn's own requirement), ``window_size=(W/2, W/2)`` on local layers."""
+    if not machine.flash_attn_version:
+        return Support(None, why="flash-attn is not installed")
+    if _minor(machine.flash_attn_version)[0] != 2 and machine.flash_attn_version != "unknown version":
+        return Support(None, why=f"the flash backend calls flash-attn 2's flash_attn_varlen_func; found flash-attn {machine.flash_attn_version}")
+    if not machine.cuda:
+        return Support(None, why="flash-attn needs a CUDA device")
+    if precision not in ("bf16", "fp16"):
+        return Support(None, why=f"flash-attn runs bf16/fp16 only, not {precision}")
+    return Support("flash-attn varlen" + (" window_size=(W/2, W/2)" if kind == "local" else ""))
+
+
+def flex_support(precision: str, kind: LayerKind, machine: Machine, training: bool = True, dropout: float = 0.0) -> Support:
+    """PyTorch FlexAttention on the packed layout with a block-sparse ``BlockMask`` (same document;
+    local layers ``|q - k| <= W/2``). Compiled on CUDA. On CPU torch has no FlexAttention backward
+    (``NotImplementedError``), so there it runs eager, for evaluation only, computing the full
+    ``[t, t]`` score matrix of the packed micro-batch (its unfused reference path)."""
+    if not machine.flex_attention:
+        return Support(None, why="this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)")
+    if dropout > 0.0:
+        return Support(None, why=f"FlexAttention has no attention dropout (model.attention_dropout={dropout})")
+    if not machine.cuda:
+        if training:
+            return Support(None, why="FlexAttention has no backward on CPU (torch raises NotImplementedError); on CPU it serves evaluation only")
+        return Support("FlexAttention eager (CPU, forward only)", dense=True)
+    return Support("FlexAttention compiled, block-sparse BlockMask")
+
+
+SupportFn = Callable[..., Support]
+BACKENDS: Dict[str, SupportFn] = {"te": te_support, "flash": flash_support, "flex": flex_support, "sdpa": sdpa_support}
+"""Every layer backend, by its ``model.attention_backend`` name: ``fn(precision, kind, machine,
+training, dropout)``."""
+AUTO_ORDER: Tuple[str, ...] = ("te", "flash", "flex", "sdpa")
 """``auto`` takes the first backend here that runs every layer kind without a dense mask, else the
 first that runs every kind at all."""
 
@@ -211,10 +250,14 @@ def choose_backend(
     machine: Machine,
     fp8: bool = False,
     context_parallel: int = 1,
+    training: bool = True,
+    dropout: float = 0.0,
 ) -> BackendChoice:
     """The layer backend for ``requested`` (``auto`` or a name in :data:`BACKENDS`) at
     ``precision`` on ``machine``; raises ``ConfigError`` naming the versions and the fix when the
-    request cannot run. ``fp8`` and ``context_parallel > 1`` need TE (nothing else does either)."""
+    request cannot run. ``fp8`` and ``context_parallel > 1`` need TE (nothing else does either).
+    ``training``: the model will be trained (False: evaluation only, e.g. ``verify``);
+    ``dropout``: ``model.attention_dropout``."""
     from megatron_mmbert.config_base import ConfigError
 
     if requested != "auto" and requested not in BACKENDS:
@@ -227,21 +270,17 @@ def choose_backend(
         )
     candidates = ("te",) if needs_te else (AUTO_ORDER if requested == "auto" else (requested,))
 
-    supports = {name: {kind: BACKENDS[name](precision, kind, machine) for kind in LAYER_KINDS} for name in candidates}
+    supports = {
+        name: {kind: BACKENDS[name](precision, kind, machine, training, dropout) for kind in LAYER_KINDS}
+        for name in candidates
+    }
     runnable = [name for name in candidates if all(s.kernel for s in supports[name].values())]
     sparse = [name for name in runnable if not any(s.dense for s in supports[name].values())]
     if not runnable:
         name = candidates[0]
         why = "; ".join(sorted({s.why for s in supports[name].values() if not s.kernel}))
         asked = " and ".join(needs_te) if needs_te else f"model.attention_backend={requested!r}"
-        fix = (
-            "run in an NGC PyTorch container (TE with flash-attn), install flash-attn, or use TE >= 2.12 "
-            "with cuDNN >= 9.6 (not 9.10.0/9.10.1/9.14.0)"
-        )
-        if precision == "fp32":
-            fix = "TE runs fp32 attention only through its unfused kernel (TE >= 2.11); use precision: bf16 or TE >= 2.11"
-        if not machine.te_version or not machine.cuda:
-            fix = "run where TransformerEngine and a GPU are present"
+        fix = _fix(name, precision, machine)
         raise ConfigError(
             f"{asked} cannot run on this machine: {why} ({machine.describe()}). Fix: {fix}"
             + ("" if needs_te else "; or set model.attention_backend: sdpa")
@@ -260,6 +299,28 @@ def choose_backend(
             notes.append(f"{kind} layers run {s.kernel}: [s, s] scores, out of memory at long rows")
     te_attention = te_attention_setting(precision, machine)[0] if chosen == "te" else None
     return BackendChoice(chosen, {k: s.kernel for k, s in supports[chosen].items()}, te_attention, tuple(notes))
+
+
+def _fix(name: str, precision: str, machine: Machine) -> str:
+    """What makes backend ``name`` runnable (for the start-up error)."""
+    if name == "flash":
+        if not machine.flash_attn_version or not machine.cuda:
+            return "install flash-attn 2 (pip install flash-attn) on a CUDA machine, or use model.attention_backend: auto"
+        return "use precision: bf16 (flash-attn has no fp32 kernels), or model.attention_backend: flex"
+    if name == "flex":
+        if not machine.flex_attention:
+            return "upgrade torch to >= 2.5"
+        if not machine.cuda:
+            return "train with model.attention_backend: sdpa on CPU (flex evaluates there: verify --attention-backend flex)"
+        return "set model.attention_dropout: 0 or use model.attention_backend: sdpa"
+    if not machine.te_version or not machine.cuda:
+        return "run where TransformerEngine and a GPU are present"
+    if precision == "fp32":
+        return "TE runs fp32 attention only through its unfused kernel (TE >= 2.11); use precision: bf16 or TE >= 2.11"
+    return (
+        "run in an NGC PyTorch container (TE with flash-attn), install flash-attn, or use TE >= 2.12 "
+        "with cuDNN >= 9.6 (not 9.10.0/9.10.1/9.14.0)"
+    )
 
 
 _TE_ENV = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
@@ -327,9 +388,10 @@ def probe() -> Machine:
             raw = torch.backends.cudnn.version() or 0  # 90800 for 9.8.0 (cuDNN 8: 8902 for 8.9.2)
             major, rest = (raw // 10000, raw % 10000) if raw >= 90000 else (raw // 1000, raw % 1000)
             cudnn = f"{major}.{rest // 100}.{rest % 100}" if raw else None
+    flex = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
     flash = None
     for module, names in (("flash_attn", ("flash-attn", "flash_attn")), ("flash_attn_interface", ("flash-attn-3", "flashattn-hopper"))):
         if importlib.util.find_spec(module) is not None:
             flash = package(*names) or "unknown version"
             break
-    return Machine(cuda=torch.cuda.is_available(), te_version=te, cudnn_version=cudnn, flash_attn_version=flash)
+    return Machine(cuda=torch.cuda.is_available(), te_version=te, cudnn_version=cudnn, flash_attn_version=flash, flex_attention=flex)

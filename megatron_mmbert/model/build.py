@@ -36,13 +36,21 @@ def select_backend(
     precision: str = "fp32",
     context_parallel: int = 1,
     machine: Optional[Machine] = None,
+    training: bool = True,
 ) -> BackendChoice:
     """The attention backend of this run, from the machine's TE / cuDNN / flash-attn versions
     (:mod:`megatron_mmbert.model.backends`); a request that cannot run is a ``ConfigError`` naming
-    them, a fallback is logged. FP8 recipes the installed TE cannot run stop here too."""
+    them, a fallback is logged. FP8 recipes the installed TE cannot run stop here too.
+    ``training=False``: the model is only evaluated (FlexAttention then runs on CPU too)."""
     machine = machine or probe()
     choice = choose_backend(
-        model.attention_backend, activation_precision(precision), machine, fp8=model.fp8 is not None, context_parallel=context_parallel
+        model.attention_backend,
+        activation_precision(precision),
+        machine,
+        fp8=model.fp8 is not None,
+        context_parallel=context_parallel,
+        training=training,
+        dropout=model.attention_dropout,
     )
     if choice.backend == "te":
         check_fp8(model, machine.te_version)
@@ -151,9 +159,11 @@ def build_model(
     parallel: ParallelConfig,
     precision: Precision = "fp32",
     device: Optional[torch.device] = None,
+    training: bool = True,
 ) -> List[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage), on ``device`` (default: this
-    rank's GPU, or the CPU without one).
+    rank's GPU, or the CPU without one). ``training=False`` for a model that is only evaluated
+    (parity, ``verify``): it may take a forward-only backend (FlexAttention on CPU).
 
     Megatron parallel state must be initialised (``runtime.initialize``).
     """
@@ -163,7 +173,7 @@ def build_model(
     from megatron_mmbert.model.encoder import MMBertModel
 
     machine = probe()
-    choice = select_backend(model, precision, parallel.context_parallel, machine)
+    choice = select_backend(model, precision, parallel.context_parallel, machine, training)
     backend: Backend = choice.backend
     config = transformer_config(model, parallel, precision, backend, choice.te_attention or "auto")
     if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0:

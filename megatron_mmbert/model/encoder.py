@@ -30,9 +30,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_mmbert.config import ModelConfig
-from megatron_mmbert.model.attention import AttentionInputs, segment_masks
+from megatron_mmbert.model.attention import AttentionInputs, document_block_mask, segment_masks
 from megatron_mmbert.model.layers import BiasFreeLayerNorm, RotaryTable
-from megatron_mmbert.model.specs import Backend, block_spec
+from megatron_mmbert.model.specs import PACKED_BACKENDS, Backend, block_spec
 
 
 class MMBertEmbedding(MegatronModule):
@@ -186,13 +186,22 @@ class MMBertModel(LanguageModule):
 
     # -- forward ----------------------------------------------------------------------------
     def attention_inputs(self, positions, cu_seqlens, max_seqlen) -> tuple:
-        """Masks and rotary angles for SDPA, or ``PackedSeqParams`` and angles for TE's THD path."""
-        if self.backend == "te":
+        """Masks and rotary angles for SDPA, or ``PackedSeqParams`` and angles for the THD path (TE,
+        flash-attn, FlexAttention; flex also gets one ``BlockMask`` per layer kind, built here once
+        per micro-batch and shared by every layer of that kind)."""
+        if self.backend in PACKED_BACKENDS:
             packed_positions = positions.reshape(1, -1)  # THD token order: row after row
-            inputs = AttentionInputs(
-                None, None, self.global_rotary(packed_positions), self.local_rotary(packed_positions)
-            )
             cu = cu_seqlens.to(device=positions.device, dtype=torch.int32)
+            masks = (None, None)
+            if self.backend == "flex":
+                total = positions.numel()
+                masks = (
+                    document_block_mask(cu, total, None),
+                    document_block_mask(cu, total, self.model_config.local_attention // 2),
+                )
+            inputs = AttentionInputs(
+                *masks, self.global_rotary(packed_positions), self.local_rotary(packed_positions)
+            )
             packed = PackedSeqParams(
                 qkv_format="thd",
                 cu_seqlens_q=cu,

@@ -15,10 +15,13 @@ import torch
 def schedule_shape(chunk: torch.nn.Module, batch: Dict[str, torch.Tensor]):
     """(seq_length, micro_batch_size) that megatron's P2P exchange uses for this batch.
 
-    SDPA rows travel as ``[s, b, h]``; TE's THD layout as one packed row ``[b*s, 1, h]``.
+    SDPA rows travel as ``[s, b, h]``; the THD layout (TE, flash-attn, FlexAttention) as one packed
+    row ``[b*s, 1, h]``.
     """
+    from megatron_mmbert.model.specs import PACKED_BACKENDS
+
     b, s = batch["tokens"].shape
-    return (b * s, 1) if _unwrap(chunk).backend == "te" else (s, b)
+    return (b * s, 1) if _unwrap(chunk).backend in PACKED_BACKENDS else (s, b)
 
 
 def _unwrap(module):

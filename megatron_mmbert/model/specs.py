@@ -39,17 +39,20 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 
-from megatron_mmbert.model.attention import MMBertSelfAttention, SDPAAttention
+from megatron_mmbert.model.attention import FlashVarlenAttention, FlexAttention, MMBertSelfAttention, SDPAAttention
 from megatron_mmbert.model.layers import BiasFreeLayerNorm, LazyClass, residual_bias_dropout_add
 
-Backend = Literal["sdpa", "te"]
+Backend = Literal["sdpa", "te", "flash", "flex"]
 """Layer backends with a spec here (the kernels ``model/backends.py`` chooses among)."""
+PACKED_BACKENDS = ("te", "flash", "flex")
+"""Backends that run the packed THD layout (``[t, 1, h]`` with ``cu_seqlens``) instead of masked rows."""
+_CORE_ATTENTION = {"sdpa": SDPAAttention, "flash": FlashVarlenAttention, "flex": FlexAttention}
 _TE = "megatron.core.extensions.transformer_engine"
 
 
 def _linears(backend: Backend):
-    if backend == "sdpa":
-        return ColumnParallelLinear, RowParallelLinear, SDPAAttention
+    if backend != "te":
+        return ColumnParallelLinear, RowParallelLinear, _CORE_ATTENTION[backend]
     return (
         ModuleSpec(module=(_TE, "TEColumnParallelLinear")),
         ModuleSpec(module=(_TE, "TERowParallelLinear")),
@@ -60,8 +63,8 @@ def _linears(backend: Backend):
 def layer_spec(backend: Backend, first_layer: bool, mlp_dropout: float) -> ModuleSpec:
     """The spec of one encoder layer for ``backend`` (``first_layer``: no attention pre-norm)."""
     column, row, core_attention = _linears(backend)
-    # The THD path (TE) marks packed input as padding; the SDPA path gets an explicit mask.
-    mask_type = AttnMaskType.padding if backend == "te" else AttnMaskType.arbitrary
+    # The THD path marks packed input as padding; the SDPA path gets an explicit mask.
+    mask_type = AttnMaskType.padding if backend in PACKED_BACKENDS else AttnMaskType.arbitrary
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

@@ -1,6 +1,7 @@
-"""torchrun worker (4 processes): one optimizer step under several parallel layouts in turn.
+"""torchrun worker (4 processes): optimizer steps under several parallel layouts in turn.
 
-argv: CKPT BATCHES_PT OUT_DIR [OPTIMIZER LAYOUT[,LAYOUT...]]
+argv: CKPT BATCHES_PT OUT_DIR [OPTIMIZER LAYOUT[,LAYOUT...]]; env LAYOUTS (comma-separated layouts
+when argv names none, else a filter on argv's), PRECISION (fp32 | bf16 | amp_bf16; default fp32).
 For each layout: load the same initial weights, take one step per global batch in BATCHES_PT (a list
 of rows = one step, or {"steps": [rows, ...]}), each split over DP ranks, write the last step's
 stats to OUT_DIR/<layout>.json and the updated weights as a checkpoint OUT_DIR/<layout>/.
@@ -40,8 +41,9 @@ def main():
     data = torch.load(batches_path)  # global batches: one row per micro-batch
     steps = data["steps"] if isinstance(data, dict) else [data]
     optimizer_name = sys.argv[4] if len(sys.argv) > 4 else "adamw"
-    wanted = sys.argv[5].split(",") if len(sys.argv) > 5 else DEFAULT
     only = os.environ.get("LAYOUTS")
+    wanted = sys.argv[5].split(",") if len(sys.argv) > 5 else (only.split(",") if only else DEFAULT)
+    precision = os.environ.get("PRECISION", "fp32")
     for name in wanted:
         tp, pp, vpp, distopt, *sp = LAYOUTS[name]
         if only and name not in only.split(","):
@@ -49,11 +51,11 @@ def main():
         parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vpp,
                                   use_distributed_optimizer=distopt, sequence_parallel=bool(sp and sp[0]))
         rt = runtime.initialize(model, parallel, seed=7)
-        chunks = build_model(model, parallel)
+        chunks = build_model(model, parallel, precision)
         ckpt.load_model(ckpt_dir, chunks)
-        chunks = wrap_ddp(chunks, parallel)
+        chunks = wrap_ddp(chunks, parallel, precision)
         clip = 1.0 if optimizer_name == "adamw" else 0.0
-        settings = OptimizerSettings(name=optimizer_name, lr=1e-3, weight_decay=0.1, clip_grad=clip)
+        settings = OptimizerSettings(name=optimizer_name, lr=1e-3, weight_decay=0.1, clip_grad=clip, precision=precision)
         optimizer = build_optimizer(chunks, settings, parallel)
         for rows in steps:
             stats = train_step(chunks, optimizer, rows[rt.data_parallel_rank::rt.data_parallel_size])

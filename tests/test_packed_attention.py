@@ -1,0 +1,205 @@
+"""The packed (THD) attention kernels' own pieces: FlexAttention's BlockMask from cu_seqlens, and the
+flash-attn varlen call (its TEST REFERENCE on CPU, the real kernel wherever flash_attn imports).
+
+End-to-end parity of both backends against HF is in tests/test_model_parity.py.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from megatron_mmbert.model.attention import document_block_mask
+from flash_reference import reference_flash_attn_varlen_func
+
+# (document lengths, half window or None for global layers, block size): documents shorter and
+# longer than a block, a block-aligned and an unaligned total, windows below and above a block.
+CASES = [
+    ([37, 5, 1, 61, 16], None, 16),
+    ([37, 5, 1, 61, 16], 4, 16),
+    ([37, 5, 1, 61, 16], 20, 16),
+    ([128], 8, 32),
+    ([1, 100, 27], 40, 16),
+    ([300, 212], 64, 128),
+]
+
+
+def _dense_reference(lengths, half_window):
+    """The mask the kernel must realise, token by token, from the document lengths alone."""
+    document = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    index = torch.arange(len(document))
+    mask = document[:, None] == document[None, :]
+    if half_window is not None:
+        mask &= (index[:, None] - index[None, :]).abs() <= half_window
+    return mask
+
+
+def _blocks(counts, indices, n):
+    dense = torch.zeros(counts.shape[-1], n, dtype=torch.bool)
+    for q, c in enumerate(counts[0, 0].tolist()):
+        dense[q, indices[0, 0, q, :c].long()] = True
+    return dense
+
+
+@pytest.mark.parametrize("lengths, half_window, block", CASES)
+def test_block_mask_realises_documents_and_window_exactly(lengths, half_window, block):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    total = sum(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    ours = document_block_mask(cu, total, half_window, block=block)
+    blocks = -(-total // block)
+    partial = _blocks(ours.kv_num_blocks, ours.kv_indices, blocks)
+    full = _blocks(ours.full_kv_num_blocks, ours.full_kv_indices, blocks)
+    assert not (partial & full).any()
+
+    # What a block-sparse kernel computes: full blocks entirely, partial blocks through mask_mod,
+    # skipped blocks not at all.
+    expand = lambda m: m.repeat_interleave(block, 0).repeat_interleave(block, 1)[:total, :total]
+    index = torch.arange(total)
+    mod = ours.mask_mod(0, 0, index[:, None], index[None, :])
+    realised = expand(full) | (expand(partial) & mod)
+    assert torch.equal(realised, _dense_reference(lengths, half_window))
+
+    # As sparse as torch's own construction (which evaluates the mask over the whole grid).
+    theirs = create_block_mask(ours.mask_mod, 1, 1, total, total, device="cpu", BLOCK_SIZE=block)
+    assert torch.equal(full, _blocks(theirs.full_kv_num_blocks, theirs.full_kv_indices, blocks))
+    assert torch.equal(partial, _blocks(theirs.kv_num_blocks, theirs.kv_indices, blocks))
+
+
+def test_block_mask_negative_control():
+    """A wrong window or merged documents change the realised mask (the check above can fail)."""
+    lengths = [37, 5, 1, 61, 16]
+    cu = torch.tensor([0, 37, 42, 43, 104, 120], dtype=torch.int32)
+    index = torch.arange(120)
+    wrong_window = document_block_mask(cu, 120, 5, block=16).mask_mod(0, 0, index[:, None], index[None, :])
+    assert not torch.equal(wrong_window, _dense_reference(lengths, 4))
+    merged = document_block_mask(cu[[0, 2, 3, 4, 5]], 120, None, block=16).mask_mod(0, 0, index[:, None], index[None, :])
+    assert not torch.equal(merged, _dense_reference(lengths, None))
+
+
+def _varlen_inputs(dtype, device, heads=4, heads_k=4, dim=32, lengths=(70, 1, 200, 33)):
+    g = torch.Generator().manual_seed(0)
+    total = sum(lengths)
+    q = torch.randn(total, heads, dim, generator=g).to(device, dtype)
+    k = torch.randn(total, heads_k, dim, generator=g).to(device, dtype)
+    v = torch.randn(total, heads_k, dim, generator=g).to(device, dtype)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    return q, k, v, cu, max(lengths)
+
+
+def test_flash_reference_agrees_with_sdpa_per_document():
+    """The test reference is itself checked against PyTorch SDPA run document by document with an
+    explicit band mask (windowed, unlimited and causal)."""
+    import torch.nn.functional as F
+
+    q, k, v, cu, longest = _varlen_inputs(torch.float64, "cpu")
+    for window, causal in (((8, 8), False), ((-1, -1), False), ((-1, -1), True)):
+        out = reference_flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, window_size=window, causal=causal)
+        bounds = cu.tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            i = torch.arange(b - a)
+            band = torch.ones(b - a, b - a, dtype=torch.bool)
+            if window[0] >= 0:
+                band &= (i[:, None] - i[None, :]).abs() <= window[0]
+            if causal:
+                band &= i[None, :] <= i[:, None]
+            expected = F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v)), attn_mask=band)
+            assert torch.allclose(out[a:b], expected.transpose(0, 1), atol=1e-10)
+    with pytest.raises(TypeError, match="int32"):
+        reference_flash_attn_varlen_func(q, k, v, cu.long(), cu, longest, longest)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        reference_flash_attn_varlen_func(q, k, v, cu, cu, longest - 1, longest - 1)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available(),
+    reason="flash-attn is not installed (needs CUDA); the plumbing runs against the test reference",
+)
+@pytest.mark.parametrize("window", [(-1, -1), (64, 64)])
+def test_real_flash_attn_varlen_matches_the_reference(window):
+    from flash_attn import flash_attn_varlen_func
+
+    q, k, v, cu, longest = _varlen_inputs(torch.bfloat16, "cuda", heads=8, heads_k=8, dim=64, lengths=(700, 1, 2000, 333))
+    ours = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, window_size=window)
+    reference = reference_flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, window_size=window)
+    assert (ours.float() - reference.float()).abs().max().item() < 2e-2  # bf16 outputs: ~3 significant digits
+
+
+def test_flash_dropout_runs_under_the_tensor_parallel_rng_tracker(monkeypatch):
+    """Dropout in the flash kernel draws from the TP tracker's stream, never the default one:
+    the default generator is untouched and re-seeding the tracker replays the same mask."""
+    import dataclasses
+
+    from megatron.core import tensor_parallel
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_mmbert import runtime
+    from megatron_mmbert.config import PRESETS, ParallelConfig
+    from megatron_mmbert.model import attention
+    from megatron_mmbert.model.build import transformer_config
+
+    monkeypatch.setattr(attention, "load_flash_varlen", lambda: reference_flash_attn_varlen_func)
+    model = dataclasses.replace(PRESETS["tiny"], attention_dropout=0.5)
+    runtime.initialize(model, ParallelConfig())
+    try:
+        config = transformer_config(model, ParallelConfig(), backend="flash")
+        layer = attention.FlashVarlenAttention(config, layer_number=2)
+        q, k, v, cu, longest = _varlen_inputs(torch.float32, "cpu", heads=model.num_attention_heads, dim=model.head_dim)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
+        layer.eval()
+        plain = layer(q, k, v, None, packed_seq_params=packed)
+        layer.train()
+        tensor_parallel.model_parallel_cuda_manual_seed(7)
+        default_state = torch.get_rng_state()
+        first = layer(q, k, v, None, packed_seq_params=packed)
+        assert torch.equal(torch.get_rng_state(), default_state)
+        tensor_parallel.model_parallel_cuda_manual_seed(7)
+        again = layer(q, k, v, None, packed_seq_params=packed)
+        assert torch.equal(first, again) and not torch.allclose(first, plain)
+        assert first.shape == (q.shape[0], q.shape[1] * q.shape[2])
+    finally:
+        runtime.shutdown()
+
+
+@pytest.mark.slow
+def test_compiled_flex_attention_skips_blocks_correctly_and_does_not_recompile():
+    """The compiled kernel (what CUDA runs) actually skips the blocks the BlockMask leaves out and
+    takes full blocks without the mask (eager FlexAttention evaluates mask_mod everywhere, so only a
+    compiled run tests the block structure). On CPU: forward only, ~40 s of compiling. A second
+    micro-batch with other documents reuses the compiled kernel (the mask is data, not code)."""
+    import torch._dynamo
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import flex_attention
+
+    lengths = [37, 5, 1, 161, 96]  # 300 tokens: the last 128-block is padded
+    total = sum(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, total, 16, generator=g) for _ in range(3))
+    compiled = torch.compile(flex_attention, dynamic=False)
+    for half_window in (None, 8):
+        out = compiled(q, k, v, block_mask=document_block_mask(cu, total, half_window))
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_reference(lengths, half_window))
+        assert (out - expected).abs().max().item() < 1e-5, half_window
+    other = torch.tensor([0, 100, 200, 300], dtype=torch.int32)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = compiled(q, k, v, block_mask=document_block_mask(other, total, 8))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_reference([100, 100, 100], 8))
+    assert (out - expected).abs().max().item() < 1e-5
+
+
+def test_block_mask_is_built_without_host_reads():
+    """Built once per micro-batch on the device: no ``.item()``/``bool()`` of a tensor (each a
+    device synchronisation on a GPU). A host read is a call of ``aten::_local_scalar_dense``."""
+    from model_helpers import HostReads
+
+    HostReads.count = 0
+    cu = torch.tensor([0, 37, 42, 43, 104, 300], dtype=torch.int32)
+    with HostReads():
+        document_block_mask(cu, 300, 64)
+        document_block_mask(cu, 300, None)
+    assert HostReads.count == 0
+    with HostReads():  # the detector sees host reads (positive control)
+        bool(cu.sum() > 0)
+    assert HostReads.count == 1
