@@ -13,7 +13,7 @@ BPE, 4096 ids):
 * ours: ``run_preprocess`` with ``workers=1`` (reads, batches ``encode_batch_fast``, frames
   ``<bos> ... <eos>``, writes with ``ShardWriter``, manifest).
 
-Anchor (anchors.md A4): Megatron-LM's tool manages about 1 MB/s per worker; goal >= 3 MB/s.
+Anchor (Megatron-LM tools/preprocess_data.py): Megatron-LM's tool manages about 1 MB/s per worker; goal >= 3 MB/s.
 Usage: python benchmarks/preprocess_throughput.py [--max-chars-per-language N] [--append-results]
 """
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         *rows,
         "",
         f"Ratio ours / Megatron-LM loop: **{ratio:.2f}x** MB/s. Anchor: Megatron-LM's tool ~1 MB/s per worker "
-        f"(anchors.md A4); goal >= 3 MB/s per worker: ours {mine['mb_s']:.2f} MB/s "
+        f"(Megatron-LM tools/preprocess_data.py); goal >= 3 MB/s per worker: ours {mine['mb_s']:.2f} MB/s "
         f"({'met' if mine['mb_s'] >= 3 else 'NOT met'}).",
         "",
     ])

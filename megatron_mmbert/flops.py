@@ -1,4 +1,4 @@
-"""Model FLOPs per token for MFU, the convention of anchors.md section A3.
+"""Model FLOPs per token for MFU, the convention of Megatron-LM / PaLM (6 FLOPs per parameter per token plus attention).
 
 Training FLOPs = 3 x forward (forward + backward, no recompute), 2 FLOPs per multiply-add:
 

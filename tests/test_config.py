@@ -17,7 +17,7 @@ from megatron_mmbert.config_base import ConfigError, apply_overrides, field_docs
 
 
 def test_published_parameter_counts():
-    # mmbert_spec.md 1.1: 307,786,240 (base) and 140,897,536 (small), tied decoder counted once.
+    # the published configs (jhu-clsp/mmBERT-base, -small on the HF Hub): 307,786,240 (base) and 140,897,536 (small), tied decoder counted once.
     assert PRESETS["mmbert-base"].num_parameters() == 307_786_240
     assert PRESETS["mmbert-small"].num_parameters() == 140_897_536
 

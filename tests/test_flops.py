@@ -1,4 +1,4 @@
-"""FLOPs per token against the table in anchors.md section A3 (mmBERT-base)."""
+"""FLOPs per token against an independent per-layer count for mmBERT-base (Kaplan et al. 2020 / Megatron-LM's 6N + attention convention)."""
 
 import pytest
 

@@ -21,7 +21,7 @@ COUNTS = [TOKENS[n] for n in NAMES]
 
 @pytest.mark.parametrize(
     "tau,expected",
-    [  # ties_and_data.md section 4 worked example (independently computed)
+    [  # worked example of exponential temperature sampling (Conneau et al. 2020, XLM-R; independently computed)
         (1.0, [0.9001, 0.0900, 0.0090, 0.0009]),
         (0.7, [0.8017, 0.1600, 0.0319, 0.0064]),
         (0.5, [0.6907, 0.2184, 0.0691, 0.0218]),

@@ -28,7 +28,7 @@ LOCALE_DIR = "/usr/share/locale"
 ISO_639_3_JSON = "/usr/share/iso-codes/json/iso_639-3.json"
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # mmBERT's order: ids 0..4
 
-# FineWeb2 keeps individual languages where ISO has a macrolanguage (ties_and_data.md section 5.1).
+# FineWeb2 keeps individual languages where ISO has a macrolanguage (FineWeb2 dataset card, HuggingFaceFW/fineweb-2).
 _INDIVIDUAL = {
     "ara": "arb", "zho": "cmn", "msa": "zsm", "est": "ekk", "lav": "lvs", "swa": "swh", "aze": "azj",
     "uzb": "uzn", "mon": "khk", "nep": "npi", "pus": "pbt", "nor": "nob", "sqi": "als", "yid": "ydd",
