@@ -81,7 +81,6 @@ done
 say "7/7 TIES-merge the variants (base: $MID) and export to Hugging Face"
 "$PY" tools/ties_merge.py --method ties --base "$MID" --density 0.5 --overwrite --quiet \
     --models "$OUT"/decay_{anchor_heavy,cont,all}/checkpoints/phase_end_decay --out "$OUT/merged"
-rm -rf "$OUT/merged/tokenizer" && cp -r "$OUT/tokenizer" "$OUT/merged/tokenizer"
 "$PY" tools/convert_checkpoint.py export-hf --load "$OUT/merged" --out "$OUT/hf" --overwrite
 
 # -- summary --------------------------------------------------------------------------------------

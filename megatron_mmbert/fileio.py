@@ -90,9 +90,9 @@ def check_output_dir(out: str, kind: str, inputs=(), overwrite: bool = False) ->
                     found = json.load(f).get("kind")
             except (OSError, ValueError, AttributeError):
                 found = None
-        run_folder = os.path.isdir(out) and any(
-            e == "latest" or e.startswith(("iter_", "phase_end_")) for e in os.listdir(out)
-        )
+        from megatron_mmbert.checkpoints.layout import is_run_folder
+
+        run_folder = is_run_folder(out)
         if found != kind or run_folder:
             what = "a run's checkpoint folder" if run_folder else (
                 f"a {found} output" if found else f"not an output of {kind} (no {OUTPUT_MARKER})")

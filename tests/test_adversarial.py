@@ -101,7 +101,7 @@ def test_crafted_checkpoint_is_caught_by_digests_too(checkpoint, tmp_path, capsy
 def test_extra_state_blobs_are_loaded_weights_only(tmp_path):
     import io
 
-    from megatron_mmbert.dcp_io import UntrustedCheckpointError, check_extra_state
+    from megatron_mmbert.checkpoints.dcp_io import UntrustedCheckpointError, check_extra_state
 
     marker = tmp_path / "code_ran"
     blob = io.BytesIO()
@@ -115,7 +115,7 @@ def test_extra_state_blobs_are_loaded_weights_only(tmp_path):
 
 
 def test_genuine_metadata_loads_through_the_allow_list(checkpoint):
-    from megatron_mmbert.dcp_io import load_metadata
+    from megatron_mmbert.checkpoints.dcp_io import load_metadata
 
     path = str(checkpoint / "ckpt" / ".metadata")
     with open(path, "rb") as f:
@@ -217,7 +217,7 @@ def test_second_run_on_a_run_dir_exits_naming_the_holder(tmp_path):
 
 
 def test_startup_cleanup_removes_only_our_leftovers(tmp_path):
-    from megatron_mmbert.training.checkpoint import clean_incomplete
+    from megatron_mmbert.checkpoints.dist import clean_incomplete
 
     for name in ("iter_0000004.tmp-run", "phase_end_mid.old-123", "latest.partial-77", "notes.tmp-keep",
                  "iter_0000002", "my_backup.old-1"):
@@ -393,7 +393,7 @@ def _fake_checkpoint(root, name, step):
 
 @pytest.mark.parametrize("pointer", [b"\xff\xfe garbage", b"iter_0000009\n", b"../../etc\n", b"", None])
 def test_damaged_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path, pointer):
-    from megatron_mmbert.training.checkpoint import read_latest
+    from megatron_mmbert.checkpoints.dist import read_latest
 
     _fake_checkpoint(tmp_path, "iter_0000002", 2)
     newest = _fake_checkpoint(tmp_path, "phase_end_mid", 4)
@@ -407,7 +407,7 @@ def test_damaged_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path, p
 
 
 def test_intact_latest_is_used_and_an_empty_folder_is_a_fresh_run(tmp_path):
-    from megatron_mmbert.training.checkpoint import read_latest
+    from megatron_mmbert.checkpoints.dist import read_latest
 
     assert read_latest(str(tmp_path)) is None
     older = _fake_checkpoint(tmp_path, "iter_0000002", 2)
@@ -418,8 +418,8 @@ def test_intact_latest_is_used_and_an_empty_folder_is_a_fresh_run(tmp_path):
 
 
 def test_overwritten_bytes_in_a_shard_file_are_caught(checkpoint, tmp_path, capsys):
-    from megatron_mmbert.dcp_io import UntrustedCheckpointError
-    from megatron_mmbert.training.checkpoint import verify_checkpoint
+    from megatron_mmbert.checkpoints.dcp_io import UntrustedCheckpointError
+    from megatron_mmbert.checkpoints.dist import verify_checkpoint
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoint / "ckpt", ckpt)

@@ -20,7 +20,7 @@ from megatron_mmbert.config import ConfigError, ParallelConfig
 from megatron_mmbert.convert.checkpoints import import_hf
 from megatron_mmbert.model.backends import set_te_environment, te_environment
 from megatron_mmbert.model.build import build_model
-from megatron_mmbert.training import checkpoint as ckpt
+from megatron_mmbert.checkpoints import dist as ckpt
 from megatron_mmbert.training.optim import GuardedOptimizer
 from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, wrap_ddp
 from model_helpers import HostReads, make_hf_model, packed_batch

@@ -18,7 +18,7 @@ from megatron_mmbert import runtime
 from megatron_mmbert.cli.ties_merge import main as cli_main
 from megatron_mmbert.convert import hf as hf_map
 from megatron_mmbert.convert.checkpoints import import_hf, load_canonical, read_hf_config
-from megatron_mmbert.merge.io import CheckpointError
+from megatron_mmbert.checkpoints.layout import CheckpointError
 from megatron_mmbert.merge.stream import merge_checkpoints
 from megatron_mmbert.merge.ties import MergeSpec
 from model_helpers import make_hf_model

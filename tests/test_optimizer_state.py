@@ -10,7 +10,7 @@ import torch
 from megatron_mmbert import runtime
 from megatron_mmbert.config import ParallelConfig, model_preset
 from megatron_mmbert.model.build import build_model
-from megatron_mmbert.training import checkpoint as ckpt
+from megatron_mmbert.checkpoints import dist as ckpt
 from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
 from model_helpers import packed_batch
 

@@ -20,7 +20,7 @@ from megatron_mmbert.config import ParallelConfig
 from megatron_mmbert.convert.checkpoints import import_hf, load_canonical
 from megatron_mmbert.model.build import build_model
 from megatron_mmbert.model.pipeline import _unwrap
-from megatron_mmbert.training import checkpoint as ckpt
+from megatron_mmbert.checkpoints import dist as ckpt
 from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
 from model_helpers import make_hf_model, packed_batch, torchrun
 

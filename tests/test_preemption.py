@@ -7,7 +7,7 @@ srun deliver), and SIGKILL of the agent. Each must end with a complete, verified
 Before the fix, torchrun's SIGTERM to each worker's process group also killed the
 ``multiprocessing`` Manager that megatron-core's ``FileSystemWriterAsync`` had spawned (in that
 group) at the first save: the next save died with
-``EOFError``/``BrokenPipeError`` and no checkpoint (see megatron_mmbert/dcp_io.py).
+``EOFError``/``BrokenPipeError`` and no checkpoint (see megatron_mmbert/checkpoints/dcp_io.py).
 """
 
 import json
@@ -81,7 +81,7 @@ def _all_gone(pids, timeout):
 
 
 def _check_saved(tmp_path):
-    from megatron_mmbert.training.checkpoint import read_latest, verify_checkpoint
+    from megatron_mmbert.checkpoints.dist import read_latest, verify_checkpoint
 
     latest = read_latest(str(tmp_path / "run" / "checkpoints"))
     verify_checkpoint(latest)

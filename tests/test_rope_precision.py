@@ -15,7 +15,7 @@ from megatron_mmbert.config import ParallelConfig
 from megatron_mmbert.convert.checkpoints import import_hf
 from megatron_mmbert.model.build import build_model
 from megatron_mmbert.model.pipeline import _unwrap, forward_logits
-from megatron_mmbert.training import checkpoint as ckpt
+from megatron_mmbert.checkpoints import dist as ckpt
 from megatron_mmbert.training.step import wrap_ddp
 from model_helpers import make_hf_model, packed_batch
 

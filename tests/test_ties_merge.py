@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_mmbert.cli.ties_merge import main as cli_main
-from megatron_mmbert.merge.io import CheckpointError
+from megatron_mmbert.checkpoints.layout import CheckpointError
 from megatron_mmbert.merge.stream import merge_checkpoints
 from megatron_mmbert.merge.ties import MergeSpec
 
@@ -392,7 +392,7 @@ def test_megatron_layouts_merge_like_tp1(tmp_path):
                                chunk_bytes=640, log=None)
     assert set(report["tensors"]) == set(MEG_SHAPES)  # the optimizer key was not merged
 
-    from megatron_mmbert.merge.io import DistSession, MegatronSource
+    from megatron_mmbert.checkpoints.tensors import DistSession, MegatronSource
 
     session = DistSession()
     try:

@@ -1,7 +1,9 @@
 """tools/convert_checkpoint.py: Hugging Face ModernBERT <-> megatron-mmbert checkpoints.
 
   import-hf --hf-dir DIR --save CKPT        HF ModernBertForMaskedLM -> dist checkpoint (any layout)
-  export-hf --load CKPT --out DIR           dist checkpoint -> HF directory (from_pretrained loads it)
+  export-hf --load CKPT --out DIR [--tokenizer PATH]
+                                            dist checkpoint -> HF directory with its tokenizer
+                                            (AutoModelForMaskedLM / AutoTokenizer load it)
   verify    --hf-dir DIR --load CKPT [--tp N --pp M] [--attention-backend B] [--precision P]
             both models on random packed rows longer than the window; prints the max |logit diff|
             and exits 1 above --tolerance. With --tp/--pp > 1 it relaunches itself under torchrun.
@@ -46,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--load", required=True)
     exp.add_argument("--out", required=True, help="new output folder")
     exp.add_argument("--overwrite", action="store_true", help="replace OUT if it is a previous export-hf output")
+    exp.add_argument("--tokenizer", metavar="PATH", default=None,
+                     help="tokenizer to write with the model (folder, tokenizer.json or .model; "
+                          "default: the checkpoint's own)")
     exp.add_argument("--no-verify", dest="verify", action="store_false",
                      help="skip checking the checkpoint's file sizes and SHA-256 against those recorded at save time")
     ver = sub.add_parser("verify", help="compare HF and megatron logits on random packed inputs")
@@ -76,7 +81,7 @@ def verify(args) -> int:
     from megatron_mmbert.model.build import build_model
     from megatron_mmbert.convert.verify import hf_logits_per_document, random_packed_batch
     from megatron_mmbert.model.pipeline import forward_logits
-    from megatron_mmbert.training import checkpoint as ckpt
+    from megatron_mmbert.checkpoints import dist as ckpt
 
     model = ckpt.read_model_config(args.load)
     if args.attention_backend:
@@ -134,7 +139,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"imported {args.hf_dir} -> {args.save} ({model.num_parameters() / 1e6:.1f}M parameters)")
             return 0
         if args.command == "export-hf":
-            checkpoints.export_hf(args.load, args.out, verify=args.verify, overwrite=args.overwrite)
+            checkpoints.export_hf(args.load, args.out, verify=args.verify, overwrite=args.overwrite,
+                                  tokenizer=args.tokenizer)
             print(f"exported {args.load} -> {args.out}")
             return 0
         if args.tp * args.pp > 1 and "WORLD_SIZE" not in os.environ:

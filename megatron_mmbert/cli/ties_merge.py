@@ -20,7 +20,7 @@ import math
 import sys
 from typing import List, Optional
 
-from megatron_mmbert.merge.io import CheckpointError
+from megatron_mmbert.checkpoints.layout import CheckpointError
 from megatron_mmbert.merge.stream import DEFAULT_CHUNK_BYTES, merge_checkpoints
 from megatron_mmbert.merge.ties import METHODS, TRIM_MODES, MergeSpec
 

@@ -8,64 +8,32 @@ written is exactly what the trainer saves and loads (at any layout).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
+from megatron_mmbert.checkpoints import dist as ckpt
+from megatron_mmbert.checkpoints.layout import HF_CONFIG, has_tokenizer_files, store_tokenizer, tokenizer_dir
+from megatron_mmbert.checkpoints.tensors import HFSource
 from megatron_mmbert.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_mmbert.convert import hf as hf_map
 from megatron_mmbert.fileio import check_output_dir, publish_directory, write_output_marker
-from megatron_mmbert.training import checkpoint as ckpt
 
-HF_FILES_TO_COPY = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.txt",
-)
-
-
-def copy_tokenizer_files(src_dir: str, dst_dir: str) -> List[str]:
-    """Copy the tokenizer files of ``src_dir`` (only the names in :data:`HF_FILES_TO_COPY`, only
-    regular files) into ``dst_dir``: a checkpoint's ``tokenizer/`` cannot replace an output's
-    ``config.json`` or weights, nor point a symlink outside."""
-    copied = []
-    if not os.path.isdir(src_dir):
-        return copied
-    for name in HF_FILES_TO_COPY:
-        src = os.path.join(src_dir, name)
-        if os.path.isfile(src) and not os.path.islink(src):
-            os.makedirs(dst_dir, exist_ok=True)
-            shutil.copyfile(src, os.path.join(dst_dir, name))
-            copied.append(name)
-    return copied
+logger = logging.getLogger(__name__)
 
 
 def read_hf_state_dict(hf_dir: str) -> Dict[str, torch.Tensor]:
-    """All tensors of an HF directory (``*.safetensors``, sharded or not, or ``pytorch_model.bin``)."""
-    from safetensors import safe_open
-
-    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
-    state: Dict[str, torch.Tensor] = {}
-    if files:
-        for name in files:
-            with safe_open(os.path.join(hf_dir, name), framework="pt") as f:
-                for key in f.keys():
-                    state[key] = f.get_tensor(key)
-    elif os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin")):
-        state = torch.load(os.path.join(hf_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    else:
-        raise ConfigError(f"{hf_dir} has no *.safetensors or pytorch_model.bin weights")
-    return state
+    """All stored tensors of an HF directory (``*.safetensors``, sharded by its index or not)."""
+    return HFSource(hf_dir).read_state_dict()
 
 
 def read_hf_config(hf_dir: str) -> ModelConfig:
-    path = os.path.join(hf_dir, "config.json")
+    path = os.path.join(hf_dir, HF_CONFIG)
     if not os.path.isfile(path):
-        raise ConfigError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
+        raise ConfigError(f"{hf_dir} has no {HF_CONFIG}: not a Hugging Face model directory")
     with open(path) as f:
         return hf_map.model_config_from_hf(json.load(f))
 
@@ -95,8 +63,7 @@ def import_hf(hf_dir: str, save_dir: str, overwrite: bool = False) -> ModelConfi
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise ConfigError(f"import mapping mismatch: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
-    ckpt.save_model(save_dir, [chunk], model, extra={"source": os.path.abspath(hf_dir)})
-    copy_tokenizer_files(hf_dir, os.path.join(save_dir, "tokenizer"))  # keep it beside the weights
+    ckpt.save_model(save_dir, [chunk], model, extra={"source": os.path.abspath(hf_dir)}, tokenizer=hf_dir)
     write_output_marker(save_dir, "import-hf", source=os.path.abspath(hf_dir))
     return model
 
@@ -112,22 +79,29 @@ def load_canonical(load_dir: str, verify: bool = True) -> tuple:
 
 def export_hf(
     load_dir: str, out_dir: str, special_ids: Optional[Dict[str, int]] = None, verify: bool = True,
-    overwrite: bool = False,
+    overwrite: bool = False, tokenizer: Optional[str] = None,
 ) -> ModelConfig:
-    """megatron dist checkpoint -> HF directory that ``AutoModelForMaskedLM.from_pretrained`` loads.
-    ``out_dir`` must be new, or (``overwrite``) a previous export-hf output; never the input."""
+    """megatron dist checkpoint -> HF directory that ``AutoModelForMaskedLM.from_pretrained`` and
+    ``AutoTokenizer.from_pretrained`` load. The tokenizer is the checkpoint's own (its tokenizer
+    folder), or ``tokenizer`` (a folder, ``tokenizer.json`` or ``.model``) when given; the config's
+    special ids are read from it. ``out_dir`` must be new, or (``overwrite``) a previous export-hf
+    output; never the input."""
     from safetensors.torch import save_file
 
     check_output_dir(out_dir, "export-hf", inputs=[load_dir], overwrite=overwrite)
+    if tokenizer is not None and not os.path.exists(tokenizer):
+        raise ConfigError(f"--tokenizer {tokenizer}: no such file or folder")
     model, state = load_canonical(load_dir, verify=verify)
     hf_state = hf_map.megatron_to_hf(state, model)
-    tokenizer_dir = os.path.join(load_dir, "tokenizer")
     tmp = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write_hf_config(model, tmp, tokenizer_dir, special_ids)
+    tok_dir = _export_tokenizer(tokenizer if tokenizer is not None else tokenizer_dir(load_dir), tmp, load_dir)
+    if tok_dir is not None and special_ids is None:
+        special_ids = _special_ids_from_tokenizer(tok_dir)
+        _check_vocab(special_ids, model, tok_dir)
+    write_hf_config(model, tmp, special_ids=special_ids)
     save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    copy_tokenizer_files(tokenizer_dir, tmp)
     write_output_marker(tmp, "export-hf", source=os.path.abspath(load_dir))
     publish_directory(tmp, out_dir)
     return model
@@ -138,7 +112,8 @@ def write_hf_config(
 ) -> None:
     """``config.json`` of a ModernBertForMaskedLM for ``model`` in ``out_dir``.
 
-    Special ids come from ``special_ids``, else from the tokenizer in ``tokenizer_dir`` if any. Both
+    Special ids come from ``special_ids``, else from the tokenizer in ``tokenizer_dir`` if any
+    (else the ModelConfig's pad id and ModernBERT's defaults). Both
     RoPE thetas are written explicitly, in transformers' current form (``rope_parameters``) and in
     the legacy keys older releases read (whose default local theta, 10k, would be wrong for mmBERT).
     """
@@ -146,7 +121,7 @@ def write_hf_config(
     config = hf_map.hf_config_from_model_config(model, special_ids)
     config.architectures = ["ModernBertForMaskedLM"]
     config.save_pretrained(out_dir)
-    path = os.path.join(out_dir, "config.json")
+    path = os.path.join(out_dir, HF_CONFIG)
     with open(path) as f:
         data = json.load(f)
     data.update(
@@ -158,8 +133,48 @@ def write_hf_config(
         json.dump(data, f, indent=2, sort_keys=True)
 
 
+def _export_tokenizer(source: str, out_dir: str, load_dir: str) -> Optional[str]:
+    """Write the tokenizer of ``source`` into ``out_dir`` the way ``AutoTokenizer`` reads it back
+    (``save_pretrained``: tokenizer files plus a ``tokenizer_config.json`` naming the special
+    tokens, ``mask_token`` included); returns ``out_dir``, or None (with a loud warning) when
+    there is no tokenizer."""
+    staged = os.path.join(out_dir, ".tokenizer-source")
+    if not store_tokenizer(source, staged) or not has_tokenizer_files(tokenizer_dir(staged)):
+        shutil.rmtree(staged, ignore_errors=True)
+        logger.warning(
+            "\n" + "!" * 78 + "\n%s holds no tokenizer: the export has none, so AutoTokenizer cannot load it and "
+            "its config's special ids are the ModelConfig's defaults. Pass --tokenizer PATH (the tokenizer "
+            "the model was trained with) to include it.\n" + "!" * 78, load_dir,
+        )
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(staged))
+    if tok.mask_token is None:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise ConfigError(
+            f"tokenizer {source} defines no mask token; a masked-LM export needs one (set mask_token "
+            "in its tokenizer_config.json, or pass --tokenizer PATH to another tokenizer)"
+        )
+    tok.save_pretrained(out_dir)
+    shutil.rmtree(staged)
+    return out_dir
+
+
+def _check_vocab(special_ids: Dict[str, int], model: ModelConfig, tok_dir: str) -> None:
+    """A tokenizer whose special ids lie outside the model's vocabulary is the wrong one."""
+    for role, i in special_ids.items():
+        if not 0 <= i < model.vocab_size:
+            raise ConfigError(
+                f"tokenizer in {tok_dir}: its {role} id {i} is outside the model's vocabulary "
+                f"({model.vocab_size}); it is not the tokenizer this model was trained with"
+            )
+
+
 def _special_ids_from_tokenizer(tokenizer_dir: str) -> Optional[Dict[str, int]]:
-    if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+    """The special ids the tokenizer in ``tokenizer_dir`` defines (cls/sep fall back to eos, as in
+    mmBERT's tokenizer, which has none of its own)."""
+    if not has_tokenizer_files(tokenizer_dir):
         return None
     from transformers import AutoTokenizer
 

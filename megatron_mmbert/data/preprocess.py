@@ -2,7 +2,8 @@
 
 Flow (``run_preprocess``):
 1. Load the tokenizer; refuse an output folder that already holds shards of another tokenizer or
-   framing (``OUT/.preprocess/state.json`` and ``OUT/manifest.json`` record them).
+   framing (``OUT/.preprocess/state.json`` and ``OUT/manifest.json`` record them). Its files are
+   copied into the output (:func:`megatron_mmbert.checkpoints.layout.store_tokenizer`).
 2. Discover the inputs and plan *work units*: segments of about ``chunk_bytes`` (byte ranges of JSONL,
    row-group runs of Parquet); consecutive small segments of one language are packed into one unit.
    A unit's id hashes its segments (path, range, size, mtime) and every option that changes its
@@ -39,6 +40,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from megatron_mmbert.checkpoints.layout import store_tokenizer
 from megatron_mmbert.fileio import atomic_write_json
 from megatron_mmbert.data.shards import (
     MANIFEST_NAME,
@@ -513,6 +515,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         raise PreprocessError(f"another preprocess is writing to {cfg.output}; wait for it to finish") from None
     try:
         _check_output(cfg, identity, dtype)
+        store_tokenizer(cfg.tokenizer, cfg.output)  # travels on: training copies it into every checkpoint
         plan_log = BadInputLog(strict=cfg.strict, max_locations=cfg.max_bad_locations)
         sources = discover(cfg.inputs, cfg.read, plan_log)
         segments = plan_segments(sources, cfg.chunk_bytes, cfg.read, plan_log)

@@ -16,7 +16,7 @@ other format), the merge runs in **Hugging Face naming**, whatever the inputs' f
   megatron tensor; a QKV tensor (3h x h, smaller than the embedding) is therefore read whole,
   regrouped once and kept only while its blocks are being read.
 * A megatron output gets each finished tensor mapped back (QKV regrouped per head, vocabulary
-  tensors padded with zero rows to the TP1 size) by :class:`~megatron_mmbert.merge.io.MegatronSink`.
+  tensors padded with zero rows to the TP1 size) by :class:`~megatron_mmbert.checkpoints.tensors.MegatronSink`.
 
 Inputs that are not ModernBERT models (e.g. other architectures' HF directories) are merged in
 their own naming, tensors as stored, and must then all have one format, written unchanged.
@@ -24,37 +24,30 @@ their own naming, tensors as stored, and must then all have one format, written 
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_mmbert.checkpoints.dist import read_model_config
+from megatron_mmbert.checkpoints.layout import (
+    CONFIG_FILE,
+    FORMATS,
+    CheckpointError,
+    copy_tokenizer_files,
+    detect_format,
+    tokenizer_dir,
+    write_config,
+)
+from megatron_mmbert.checkpoints.tensors import DistSession, HFSource, MegatronSource, TensorInfo, copy_hf_side_files
 from megatron_mmbert.config import ConfigError, ModelConfig
 from megatron_mmbert.config_base import to_dict
 from megatron_mmbert.convert import hf as hf_map
-from megatron_mmbert.convert.checkpoints import copy_tokenizer_files, read_hf_config, write_hf_config
-from megatron_mmbert.dcp_io import file_digests
-from megatron_mmbert.merge.io import (
-    MEGATRON_CONFIG,
-    CheckpointError,
-    DistSession,
-    HFSource,
-    MegatronSource,
-    TensorInfo,
-    copy_hf_side_files,
-    detect_format,
-)
-from megatron_mmbert.training.checkpoint import read_model_config
-
-FORMATS = ("megatron", "hf")
+from megatron_mmbert.convert.checkpoints import read_hf_config, write_hf_config
 
 # Config fields that fix the tensors' shapes, and the head count that fixes the QKV regrouping:
 # inputs must agree on them. The output's other fields (RoPE, window, dropouts) are the base's.
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads")
-
-TOKENIZER_DIR = "tokenizer"  # where import-hf keeps the tokenizer inside a megatron checkpoint
 
 
 class MegatronAsHF:
@@ -77,7 +70,7 @@ class MegatronAsHF:
                 if shape[0] < model.vocab_size:
                     raise CheckpointError(
                         f"tensor {mkey} in {self.path} has {shape[0]} rows, fewer than vocab_size "
-                        f"{model.vocab_size} in its {MEGATRON_CONFIG}"
+                        f"{model.vocab_size} in its {CONFIG_FILE}"
                     )
                 shape = (model.vocab_size,) + tuple(shape[1:])
             infos[hkey] = TensorInfo(hkey, shape, info.dtype)
@@ -217,7 +210,7 @@ def open_inputs(paths: Sequence[str], out_format: Optional[str] = None, verify: 
         if why_not is not None:
             if out_format == "megatron" and raw[0].config is None:
                 raise CheckpointError(
-                    f"{paths[0]}: no {MEGATRON_CONFIG}; the merged checkpoint needs the base's "
+                    f"{paths[0]}: no {CONFIG_FILE}; the merged checkpoint needs the base's "
                     "model config (save the base with the project's checkpoint code)"
                 )
             return MergeInputs(paths, formats, raw, "native", out_format, None, session)
@@ -233,7 +226,7 @@ def open_inputs(paths: Sequence[str], out_format: Optional[str] = None, verify: 
 
 
 def megatron_converter(inputs: MergeInputs):
-    """``convert`` for :class:`~megatron_mmbert.merge.io.MegatronSink`: HF tensor -> megatron
+    """``convert`` for :class:`~megatron_mmbert.checkpoints.tensors.MegatronSink`: HF tensor -> megatron
     key and layout (padded to the TP1 vocabulary size, which loads at any layout); None in native
     naming."""
     if inputs.naming != "hf":
@@ -254,20 +247,17 @@ def write_output_metadata(inputs: MergeInputs, out_dir: str) -> None:
         if fmt == "hf":
             copy_hf_side_files(template.path, out_dir)  # config.json verbatim, tokenizer, generation
             return
-        write_hf_config(inputs.model, out_dir, os.path.join(template.path, TOKENIZER_DIR))
-        copy_tokenizer_files(os.path.join(template.path, TOKENIZER_DIR), out_dir)
+        write_hf_config(inputs.model, out_dir, tokenizer_dir(template.path))
+        copy_tokenizer_files(tokenizer_dir(template.path), out_dir)
         return
     # megatron output: the model config only (a training checkpoint's position and optimizer flag
-    # would be wrong for the merged weights), plus the tokenizer where import-hf keeps it.
+    # would be wrong for the merged weights), plus the template's tokenizer where checkpoints keep it.
     if fmt == "megatron":  # its config as stored (open_inputs checked it is there)
         model = template.config.get("model", template.config)
     else:
         model = to_dict(inputs.model)
-    tok_src = os.path.join(template.path, TOKENIZER_DIR) if fmt == "megatron" else template.path
-    copy_tokenizer_files(tok_src, os.path.join(out_dir, TOKENIZER_DIR))  # where import-hf keeps it
-    # Written last: the digests of every file (as training checkpoints record them).
-    files = file_digests(out_dir, skip=(MEGATRON_CONFIG,))
-    with open(os.path.join(out_dir, MEGATRON_CONFIG), "w", encoding="utf-8") as f:
-        json.dump({"model": model, "source": "ties_merge", "files": files}, f, indent=2)
+    tok_src = tokenizer_dir(template.path) if fmt == "megatron" else template.path
+    copy_tokenizer_files(tok_src, tokenizer_dir(out_dir))
+    write_config(out_dir, {"model": model, "source": "ties_merge"})  # last: digests of every file
 
 

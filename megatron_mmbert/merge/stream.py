@@ -36,7 +36,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 import torch
 
 from megatron_mmbert.fileio import check_output_dir, publish_directory, write_output_marker
-from megatron_mmbert.merge.io import CheckpointError, MegatronSink, SafetensorsSink, TensorInfo
+from megatron_mmbert.checkpoints.layout import CheckpointError
+from megatron_mmbert.checkpoints.tensors import MegatronSink, SafetensorsSink, TensorInfo
 from megatron_mmbert.merge.naming import megatron_converter, open_inputs, write_output_metadata
 from megatron_mmbert.merge.ties import (
     ChunkStats, KthLargest, MergeSpec, keep_count, magnitude, merge_chunk, report_entry,

@@ -620,7 +620,7 @@ def _validate_run(cfg: RunConfig) -> None:
 def validate_data(cfg: RunConfig) -> None:
     """The manifest exists, every phase language (and fixed share) has shards, the init checkpoint exists."""
     from megatron_mmbert.data.shards import load_manifest
-    from megatron_mmbert.training.checkpoint import is_complete
+    from megatron_mmbert.checkpoints.layout import is_complete
 
     if cfg.init.checkpoint is not None and not is_complete(cfg.init.checkpoint):
         raise ConfigError(
@@ -630,7 +630,7 @@ def validate_data(cfg: RunConfig) -> None:
     if cfg.init.checkpoint is not None and not cfg.init.restart_data and cfg.start_phase_index == 0:
         # The cheap half of the branch check (the run compares every stream position at start-up):
         # a checkpoint whose data streams have moved cannot be continued by a run reading from token 0.
-        from megatron_mmbert.training.checkpoint import read_config
+        from megatron_mmbert.checkpoints.layout import read_config
 
         record = (read_config(cfg.init.checkpoint).get("train_state") or {}).get("data_position")
         if record and any(record["stream_positions"].values()):

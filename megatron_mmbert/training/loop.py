@@ -34,10 +34,11 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_mmbert.checkpoints import dist as ckpt
+from megatron_mmbert.checkpoints.layout import data_tokenizer_dir
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.fileio import DirectoryLock, DirectoryLocked
-from megatron_mmbert.training import checkpoint as ckpt
 from megatron_mmbert.training import optim
 from megatron_mmbert.training.config import (
     RunConfig,
@@ -349,6 +350,7 @@ class Trainer:
         path = ckpt.save_training(
             cfg.checkpoint_dir, name, self.chunks, self.optimizer, cfg.model_for_phase(phase),
             self.train_state(phase, scheduler), before_publish=before_publish,
+            tokenizer=data_tokenizer_dir(cfg.manifest_path),
         )
         if self.rt.is_main:
             deleted = ckpt.apply_retention(cfg.checkpoint_dir, cfg.checkpoint.keep_last)

@@ -34,7 +34,7 @@ def main():
     from megatron_mmbert import runtime
     from megatron_mmbert.config import ParallelConfig
     from megatron_mmbert.model.build import build_model
-    from megatron_mmbert.training import checkpoint as ckpt
+    from megatron_mmbert.checkpoints import dist as ckpt
     from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
 
     model = ckpt.read_model_config(ckpt_dir)

@@ -20,7 +20,7 @@ def main():
     from megatron_mmbert.config import ParallelConfig
     from megatron_mmbert.model.build import build_model
     from megatron_mmbert.model.pipeline import forward_logits
-    from megatron_mmbert.training import checkpoint as ckpt
+    from megatron_mmbert.checkpoints import dist as ckpt
 
     if backend == "flash":
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/

@@ -10,7 +10,7 @@ TP1/PP2 and the merge and conversion tools can read single tensors unsharded.
 Saves are atomic: everything is written to ``<dir>.tmp-<stamp>`` and renamed into place by rank 0
 after all ranks finished, so a crash mid-save never leaves a directory that looks complete.
 ``mmbert_config.json`` also records every file's size and SHA-256 (``files``), checked by
-:func:`verify_checkpoint` before a load (:mod:`megatron_mmbert.dcp_io` keeps the reads safe).
+:func:`verify_checkpoint` before a load (:mod:`.dcp_io` keeps the reads safe).
 
 Training checkpoints (:func:`save_training` / :func:`load_training`) add the optimizer, sharded
 ``fully_reshardable`` (any TP/PP/DP layout, distributed optimizer or not, loads it), and the
@@ -22,7 +22,6 @@ after a checkpoint is complete, so a crash during a save resumes from the previo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -32,13 +31,22 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from megatron_mmbert import dcp_io
+from megatron_mmbert.checkpoints import dcp_io
+from megatron_mmbert.checkpoints.dcp_io import UntrustedCheckpointError
+from megatron_mmbert.checkpoints.layout import (
+    CONFIG_FILE,
+    DCP_METADATA,
+    LATEST_FILE,
+    copy_tokenizer_files,
+    is_complete,
+    read_config,
+    tokenizer_dir,
+    write_config,
+)
 from megatron_mmbert.config import ConfigError, ModelConfig
 from megatron_mmbert.config_base import from_dict, to_dict
-from megatron_mmbert.dcp_io import UntrustedCheckpointError
-from megatron_mmbert.fileio import atomic_write_json, atomic_write_text, publish_directory
+from megatron_mmbert.fileio import atomic_write_text, publish_directory
 
-CONFIG_FILE = "mmbert_config.json"
 logger = logging.getLogger(__name__)
 
 
@@ -64,22 +72,17 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def is_complete(directory: str) -> bool:
-    """A finished checkpoint: megatron-core's metadata.json and our config are both present."""
-    return os.path.isfile(os.path.join(directory, "metadata.json")) and os.path.isfile(
-        os.path.join(directory, CONFIG_FILE)
-    )
-
-
 def save(
     directory: str,
     sharded_state_dict: Dict[str, Any],
     model_config: ModelConfig,
     extra: Optional[Dict[str, Any]] = None,
     before_publish: Optional[Callable[[], None]] = None,
+    tokenizer: Optional[str] = None,
 ) -> None:
     """Save ``sharded_state_dict`` (collectively, every rank calls this) atomically to ``directory``.
 
+    ``tokenizer``: a folder of tokenizer files copied into the checkpoint (see :mod:`.layout`).
     ``before_publish`` runs on every rank after the shards are on disk and before the rename that
     makes the checkpoint visible (fault-injection tests kill the process there).
     """
@@ -99,30 +102,13 @@ def save(
     if before_publish is not None:
         before_publish()
     if _rank() == 0:
+        if tokenizer is not None:
+            copy_tokenizer_files(tokenizer, tokenizer_dir(tmp))
         payload = {"model": to_dict(model_config), "saved_at": time.time()}
         payload.update(extra or {})
-        payload["files"] = dcp_io.file_digests(tmp, skip=(CONFIG_FILE,))
-        atomic_write_json(os.path.join(tmp, CONFIG_FILE), payload, indent=2)
+        write_config(tmp, payload)
         publish_directory(tmp, directory)
     _barrier()
-
-
-def read_config(directory: str) -> Dict[str, Any]:
-    """``mmbert_config.json`` of a checkpoint, with a clear error when it is not one of ours."""
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise ConfigError(
-            f"{directory} is not a megatron-mmbert checkpoint (no {CONFIG_FILE}); for a Hugging "
-            "Face directory run tools/convert_checkpoint.py import-hf first"
-        )
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: unreadable ({exc}); the checkpoint is damaged") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-        raise ConfigError(f"{path}: not a megatron-mmbert checkpoint config (no 'model' section)")
-    return meta
 
 
 def read_model_config(directory: str) -> ModelConfig:
@@ -159,12 +145,12 @@ def load(directory: str, sharded_state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """Load a checkpoint into the structure of ``sharded_state_dict`` (any saved layout).
 
     Its metadata is read through the allow-listed unpickler and ``*.pt`` weights-only
-    (:mod:`megatron_mmbert.dcp_io`); a refusal names the file."""
+    (:mod:`.dcp_io`); a refusal names the file."""
     from megatron.core import dist_checkpointing
 
     dcp_io.install()
     if not is_complete(directory):
-        raise ConfigError(f"{directory} is not a complete checkpoint (no metadata.json / {CONFIG_FILE})")
+        raise ConfigError(f"{directory} is not a complete checkpoint (no {DCP_METADATA} / {CONFIG_FILE})")
     try:
         return dist_checkpointing.load(sharded_state_dict, directory)
     except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
@@ -174,9 +160,12 @@ def load(directory: str, sharded_state_dict: Dict[str, Any]) -> Dict[str, Any]:
         raise translated from exc
 
 
-def save_model(directory: str, chunks: List[torch.nn.Module], model_config: ModelConfig, extra=None) -> None:
-    """Model weights only (conversion, merging, evaluation)."""
-    save(directory, model_sharded_state_dict(chunks), model_config, extra)
+def save_model(
+    directory: str, chunks: List[torch.nn.Module], model_config: ModelConfig, extra=None,
+    tokenizer: Optional[str] = None,
+) -> None:
+    """Model weights only (conversion, merging, evaluation); ``tokenizer`` as in :func:`save`."""
+    save(directory, model_sharded_state_dict(chunks), model_config, extra, tokenizer=tokenizer)
 
 
 def _weights_only(sharded: Dict[str, Any]) -> Dict[str, Any]:
@@ -215,7 +204,6 @@ def _load_chunk(chunk: torch.nn.Module, state: Dict[str, Any]) -> None:
 
 # -- training checkpoints ----------------------------------------------------------------------------
 
-LATEST_FILE = "latest"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -238,8 +226,10 @@ def save_training(
     model_config: ModelConfig,
     train_state: Dict[str, Any],
     before_publish: Optional[Callable[[], None]] = None,
+    tokenizer: Optional[str] = None,
 ) -> str:
-    """Save ``root/name`` (model, optimizer, position) and then point ``root/latest`` at it."""
+    """Save ``root/name`` (model, optimizer, position, and the tokenizer folder ``tokenizer`` when
+    given) and then point ``root/latest`` at it."""
     directory = os.path.join(root, name)
     save(
         directory,
@@ -247,6 +237,7 @@ def save_training(
         model_config,
         extra={"train_state": train_state, "has_optimizer": optimizer is not None},
         before_publish=before_publish,
+        tokenizer=tokenizer,
     )
     if _rank() == 0:
         atomic_write_text(os.path.join(root, LATEST_FILE), name + "\n")
@@ -423,7 +414,9 @@ def _load_distributed_optimizer_state(opt, state: Dict[str, Any]) -> None:
 
 # What an interrupted save of ours leaves: ``{name}.tmp-{stamp}`` (shards being written),
 # ``{name}.old-{pid}`` (a replaced checkpoint not yet deleted), ``latest.partial-{pid}``.
-_LEFTOVER = re.compile(r"^(iter_\d+|phase_end_[A-Za-z0-9_.-]+)\.(tmp|old)-[A-Za-z0-9_.-]+$|^latest\.partial-\d+$")
+_LEFTOVER = re.compile(
+    r"^(iter_\d+|phase_end_[A-Za-z0-9_.-]+)\.(tmp|old)-[A-Za-z0-9_.-]+$|^" + re.escape(LATEST_FILE) + r"\.partial-\d+$"
+)
 
 
 def clean_incomplete(root: str) -> List[str]:

@@ -1,4 +1,5 @@
-"""Tensor sources and sinks for the merge tool: one tensor (or a block of its rows) at a time.
+"""Tensor sources and sinks: one tensor (or a block of its rows) at a time, for the merge tool and
+the converter (the project's one reader of Hugging Face safetensors folders).
 
 Two checkpoint formats:
 
@@ -12,7 +13,7 @@ Two checkpoint formats:
   (their keys and global shapes do not depend on the layout); a block of rows of one full tensor is
   read by loading a single ``ShardedTensor`` that covers just that region -- torch DCP assembles it
   from whatever shards overlap it. Written at the TP1/PP1 layout (whole tensors, loadable at any
-  layout); :mod:`.naming` adds ``mmbert_config.json``. megatron-core's ``save`` takes the whole
+  layout); the merge adds the model config (:func:`.layout.write_config`). megatron-core's ``save`` takes the whole
   state dict at once, so the megatron sink holds the output model in memory (1x model size).
 """
 
@@ -29,8 +30,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-HF_INDEX = "model.safetensors.index.json"
-MEGATRON_CONFIG = "mmbert_config.json"
+from megatron_mmbert.checkpoints import dcp_io
+from megatron_mmbert.checkpoints.layout import (
+    HF_CONFIG,
+    HF_INDEX,
+    CheckpointError,
+    detect_format,
+    read_config_if_any,
+)
 
 # ModernBertForMaskedLM ties the MLM decoder to the input embedding (``_tied_weights_keys``); a
 # file that stores both must still merge the matrix only once.
@@ -46,10 +53,6 @@ _ST_TO_TORCH = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
 _TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
-
-
-class CheckpointError(ValueError):
-    """Bad or incompatible input checkpoints; the message names the tensor and the paths."""
 
 
 @dataclass(frozen=True)
@@ -75,20 +78,6 @@ class TensorInfo:
         return self.dtype.is_floating_point
 
 
-def detect_format(path: str) -> str:
-    """``"megatron"`` for a dist-checkpoint directory, ``"hf"`` for a safetensors model directory."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory (expected a checkpoint directory)")
-    if os.path.exists(os.path.join(path, "metadata.json")):
-        return "megatron"
-    if os.path.exists(os.path.join(path, "config.json")):
-        return "hf"
-    raise CheckpointError(
-        f"{path}: neither a megatron dist checkpoint (metadata.json) nor a Hugging Face model "
-        "directory (config.json)"
-    )
-
-
 def open_source(path: str):
     """The tensor source for ``path``, by its detected format."""
     fmt = detect_format(path)
@@ -105,19 +94,15 @@ class HFSource:
 
     def __init__(self, path: str):
         self.path = path
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            self.config = json.load(f)
-        index = os.path.join(path, HF_INDEX)
-        if os.path.exists(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
-            hint = " (found a pytorch .bin: re-save it with save_pretrained(safe_serialization=True))"
-            has_bin = glob.glob(os.path.join(path, "*.bin"))
-            raise CheckpointError(f"{path}: no *.safetensors weights{hint if has_bin else ''}")
+        config = os.path.join(path, HF_CONFIG)
+        if not os.path.isfile(config):
+            raise CheckpointError(f"{path} has no {HF_CONFIG}: not a Hugging Face model directory")
+        try:
+            with open(config, encoding="utf-8") as f:
+                self.config = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{config}: unreadable ({exc})") from exc
+        files = hf_weight_files(path)
         from safetensors import safe_open
 
         self._file_of: Dict[str, str] = {}
@@ -145,6 +130,17 @@ class HFSource:
     def vocab_size(self) -> Optional[int]:
         return self.config.get("vocab_size")
 
+    def read_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Every stored tensor, a tied copy included (so the converter can check it is tied)."""
+        from safetensors import safe_open
+
+        state: Dict[str, torch.Tensor] = {}
+        for fpath in sorted(set(self._file_of.values())):
+            with safe_open(fpath, framework="pt") as handle:
+                for key in handle.keys():
+                    state[key] = handle.get_tensor(key)
+        return state
+
     def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
         """The full tensor, or rows ``[start, stop)`` of its first dimension."""
         from safetensors import safe_open
@@ -156,6 +152,35 @@ class HFSource:
 
     def close(self) -> None:
         pass
+
+
+def hf_weight_files(path: str) -> List[str]:
+    """The safetensors files of an HF folder: those its index lists, else every ``*.safetensors``.
+    A folder with only PyTorch ``.bin`` weights is refused (unpickling them could run code)."""
+    index = os.path.join(path, HF_INDEX)
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: unreadable safetensors index ({exc})") from exc
+        for name in files:
+            if not isinstance(name, str) or os.path.basename(name) != name or not name.endswith(".safetensors"):
+                raise CheckpointError(f"{index}: lists {name!r}, not a *.safetensors file beside it")
+            if not os.path.isfile(os.path.join(path, name)):
+                raise CheckpointError(f"{index}: lists {name}, which is missing from {path}")
+    else:
+        files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        if glob.glob(os.path.join(path, "*.bin")):
+            raise CheckpointError(
+                f"{path}: only PyTorch .bin weights, which are not read (unpickling could run code); convert "
+                "them once with transformers: AutoModelForMaskedLM.from_pretrained(path)"
+                ".save_pretrained(new_path, safe_serialization=True)"
+            )
+        raise CheckpointError(f"{path}: no *.safetensors weights")
+    return files
 
 
 class SafetensorsSink:
@@ -298,19 +323,10 @@ class MegatronSource:
     def __init__(self, path: str, session: Optional[DistSession] = None, verify: bool = True):
         from megatron.core import dist_checkpointing
 
-        from megatron_mmbert import dcp_io
-
         self.path = path
         self._session = session or DistSession()
         self._own_session = session is None
-        cfg = os.path.join(path, MEGATRON_CONFIG)
-        self.config: Optional[dict] = None
-        if os.path.exists(cfg):
-            try:
-                with open(cfg, encoding="utf-8") as f:
-                    self.config = json.load(f)
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{cfg}: unreadable ({exc})") from exc
+        self.config: Optional[dict] = read_config_if_any(path)
         if verify and isinstance(self.config, dict) and "files" in self.config:
             dcp_io.verify_digests(path, self.config["files"])
         dcp_io.install()
@@ -346,8 +362,6 @@ class MegatronSource:
             local_shape=local, global_shape=shape, global_offset=offset,
             axis_fragmentations=None, replica_id=0, prepend_axis_num=0,
         )
-        from megatron_mmbert import dcp_io
-
         try:
             return dist_checkpointing.load({"t": request}, self.path)["t"]
         except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
@@ -363,7 +377,7 @@ class MegatronSource:
 
 class MegatronSink:
     """Writes a dist checkpoint at the TP1/PP1 layout (whole tensors); the config is written by the
-    caller (:mod:`megatron_mmbert.merge.naming`).
+    caller (:func:`.layout.write_config`).
 
     ``convert(name, tensor) -> (key, tensor)`` maps each finished tensor to the checkpoint's naming
     and layout (the merge runs in HF naming when inputs are ModernBERT models); ``None`` keeps it.
@@ -396,7 +410,5 @@ class MegatronSink:
             tensor = self._tensors.pop(name)  # one tensor in two layouts at a time, not the model
             key, tensor = self.convert(name, tensor) if self.convert else (name, tensor)
             sharded[key] = ShardedTensor.from_rank_offsets(key, tensor.contiguous(), replica_id=0)
-        from megatron_mmbert import dcp_io
-
         dcp_io.install()
         dist_checkpointing.save(sharded, self.out_dir)

@@ -1,0 +1,178 @@
+"""What a checkpoint folder looks like: the one place that names its files.
+
+A **megatron-mmbert checkpoint** (``dist`` format) is a megatron-core ``dist_checkpointing``
+directory (``*.distcp``, ``.metadata``, ``common.pt``, :data:`DCP_METADATA`) plus
+:data:`CONFIG_FILE` (the ModelConfig, what a training run needs to resume, and every file's size
+and SHA-256) and, when known, the tokenizer under :data:`TOKENIZER_DIR`. A run's checkpoint folder
+holds ``iter_NNNNNNN/``, ``phase_end_{name}/`` and :data:`LATEST_FILE` (see :mod:`.dist`).
+
+A **Hugging Face model folder** (``hf`` format) holds :data:`HF_CONFIG`, ``*.safetensors`` (one
+file, or shards listed in :data:`HF_INDEX`) and the tokenizer files beside them.
+
+A preprocessed data folder keeps the tokenizer it was made with under :data:`TOKENIZER_DIR` too,
+so a training run can put it into every checkpoint it saves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Dict, List, Optional
+
+from megatron_mmbert.config_base import ConfigError
+
+CONFIG_FILE = "mmbert_config.json"
+"""Our model config (and training position, file digests) inside a dist checkpoint."""
+DCP_METADATA = "metadata.json"
+"""megatron-core's marker of a finished ``dist_checkpointing`` save."""
+LATEST_FILE = "latest"
+"""One-line pointer to the newest complete checkpoint of a run's checkpoint folder."""
+TOKENIZER_DIR = "tokenizer"
+"""Subfolder holding the tokenizer files, in a checkpoint and in a preprocessed data folder."""
+HF_CONFIG = "config.json"
+HF_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.txt",
+)
+"""The only names copied as tokenizer files: a foreign ``tokenizer/`` cannot replace an output's
+``config.json`` or weights."""
+FORMATS = ("megatron", "hf")
+
+
+class CheckpointError(ConfigError):
+    """Bad or incompatible input checkpoints; the message names the tensor and the paths."""
+
+
+# -- format detection ------------------------------------------------------------------------------
+
+
+def is_dist_checkpoint(path: str) -> bool:
+    """A finished megatron-core save (our config may still be missing: a foreign checkpoint)."""
+    return os.path.isfile(os.path.join(path, DCP_METADATA))
+
+
+def is_complete(directory: str) -> bool:
+    """A finished checkpoint of ours: megatron-core's metadata and our config are both present."""
+    return is_dist_checkpoint(directory) and os.path.isfile(os.path.join(directory, CONFIG_FILE))
+
+
+def detect_format(path: str) -> str:
+    """``"megatron"`` for a dist-checkpoint directory, ``"hf"`` for a safetensors model directory."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory (expected a checkpoint directory)")
+    if is_dist_checkpoint(path):
+        return "megatron"
+    if os.path.exists(os.path.join(path, HF_CONFIG)):
+        return "hf"
+    raise CheckpointError(
+        f"{path}: neither a megatron dist checkpoint ({DCP_METADATA}) nor a Hugging Face model "
+        f"directory ({HF_CONFIG})"
+    )
+
+
+def is_run_folder(path: str) -> bool:
+    """A training run's checkpoint folder (holds ``latest``, ``iter_*`` or ``phase_end_*``)."""
+    return os.path.isdir(path) and any(
+        e == LATEST_FILE or e.startswith(("iter_", "phase_end_")) for e in os.listdir(path)
+    )
+
+
+# -- the model-config file -------------------------------------------------------------------------
+
+
+def config_path(directory: str) -> str:
+    return os.path.join(directory, CONFIG_FILE)
+
+
+def read_config(directory: str) -> Dict[str, Any]:
+    """``mmbert_config.json`` of a checkpoint, with a clear error when it is not one of ours."""
+    path = config_path(directory)
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"{directory} is not a megatron-mmbert checkpoint (no {CONFIG_FILE}); for a Hugging "
+            "Face directory run tools/convert_checkpoint.py import-hf first"
+        )
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc}); the checkpoint is damaged") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ConfigError(f"{path}: not a megatron-mmbert checkpoint config (no 'model' section)")
+    return meta
+
+
+def read_config_if_any(directory: str) -> Optional[Dict[str, Any]]:
+    """The raw config of a dist checkpoint, or None when it has none (a foreign checkpoint)."""
+    path = config_path(directory)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from exc
+
+
+def write_config(directory: str, payload: Dict[str, Any]) -> None:
+    """Write ``payload`` as the checkpoint's config, with the size and SHA-256 of every file beside
+    it (``files``). Written last: its presence marks the checkpoint complete."""
+    from megatron_mmbert.checkpoints import dcp_io
+    from megatron_mmbert.fileio import atomic_write_json
+
+    payload = dict(payload)
+    payload["files"] = dcp_io.file_digests(directory, skip=(CONFIG_FILE,))
+    atomic_write_json(config_path(directory), payload, indent=2)
+
+
+# -- tokenizer -------------------------------------------------------------------------------------
+
+
+def tokenizer_dir(folder: str) -> str:
+    """Where ``folder`` (a checkpoint or a preprocessed data folder) keeps its tokenizer."""
+    return os.path.join(folder, TOKENIZER_DIR)
+
+
+def data_tokenizer_dir(manifest_path: str) -> str:
+    """The tokenizer folder preprocessing stored beside a shard manifest."""
+    return tokenizer_dir(os.path.dirname(os.path.abspath(manifest_path)))
+
+
+def has_tokenizer_files(directory: Optional[str]) -> bool:
+    return bool(directory) and any(
+        os.path.isfile(os.path.join(directory, n)) for n in ("tokenizer.json", "tokenizer.model")
+    )
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str) -> List[str]:
+    """Copy the tokenizer files of ``src_dir`` (only the names in :data:`TOKENIZER_FILES`, only
+    regular files, never symlinks) into ``dst_dir``; returns the names copied."""
+    copied = []
+    if not os.path.isdir(src_dir):
+        return copied
+    for name in TOKENIZER_FILES:
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src) and not os.path.islink(src):
+            os.makedirs(dst_dir, exist_ok=True)
+            shutil.copyfile(src, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
+
+
+def store_tokenizer(source: str, folder: str) -> List[str]:
+    """Put the tokenizer ``source`` (an HF tokenizer folder, a ``tokenizer.json`` or a
+    SentencePiece ``.model``) into ``folder``'s :data:`TOKENIZER_DIR`; returns the names copied."""
+    dst = tokenizer_dir(folder)
+    if os.path.isdir(source):
+        return copy_tokenizer_files(source, dst)
+    if os.path.isfile(source) and source.endswith((".json", ".model")):
+        name = "tokenizer.json" if source.endswith(".json") else "tokenizer.model"
+        os.makedirs(dst, exist_ok=True)
+        shutil.copyfile(source, os.path.join(dst, name))
+        return [name]
+    return []
