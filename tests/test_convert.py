@@ -188,3 +188,84 @@ def test_merged_model_checkpoints_load_and_export(converted, tmp_path):
         assert torch.allclose(merged[key], 0.5 * (a[key] + b[key]), atol=1e-7), key
     export_hf(str(tmp_path / "merged"), str(tmp_path / "merged_hf"))
     AutoModelForMaskedLM.from_pretrained(tmp_path / "merged_hf")
+
+
+def _word_tokenizer(directory, vocab_size, mask_id):
+    """A word-level fast tokenizer of ``vocab_size`` ids whose mask id is ``mask_id`` (not
+    ModernBERT's default 4, so an export that hard-coded the ids would be caught)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"[PAD]": 0, "[EOS]": 1, "[BOS]": 2, "[UNK]": 3, "[MASK]": mask_id}
+    words = iter(f"w{i}" for i in range(vocab_size))
+    vocab = {tok: i for tok, i in specials.items()}
+    vocab.update({next(words): i for i in range(vocab_size) if i not in specials.values()})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                            unk_token="[UNK]", mask_token="[MASK]").save_pretrained(directory)
+    return directory
+
+
+def _assert_ids_agree(out, mask_id):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    assert tok.mask_token == "[MASK]" and tok.mask_token_id == mask_id == config["mask_token_id"]
+    for role in ("pad", "bos", "eos"):
+        assert getattr(tok, f"{role}_token_id") == config[f"{role}_token_id"], role
+    return tok
+
+
+def test_tokenizer_travels_through_import_and_export_and_fill_mask_runs(converted, tmp_path):
+    from transformers import AutoModelForMaskedLM, pipeline
+
+    root, hf = converted
+    src = _word_tokenizer(_copy_hf(root / "hf", tmp_path / "hf"), hf.config.vocab_size, mask_id=7)
+    import_hf(str(src), str(tmp_path / "ckpt"))
+    runtime.shutdown()
+    assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").is_file()  # kept beside the weights
+    assert convert_main(["export-hf", "--load", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 0
+    tok = _assert_ids_agree(tmp_path / "out", mask_id=7)
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    filled = pipeline("fill-mask", model=model, tokenizer=tok)("w10 w11 [MASK] w12 w13", top_k=3)
+    assert len(filled) == 3 and all(0 <= r["token"] < hf.config.vocab_size for r in filled)
+
+
+def test_export_without_tokenizer_warns_and_the_flag_supplies_one(converted, tmp_path, caplog):
+    root, hf = converted
+    assert not (root / "ckpt" / "tokenizer").exists()  # make_hf_model saves no tokenizer
+    with caplog.at_level("WARNING"):
+        assert convert_main(["export-hf", "--load", str(root / "ckpt"), "--out", str(tmp_path / "bare")]) == 0
+    assert "holds no tokenizer" in caplog.text and "--tokenizer PATH" in caplog.text
+    assert not (tmp_path / "bare" / "tokenizer.json").exists()
+    tok_dir = _word_tokenizer(tmp_path / "tok", hf.config.vocab_size, mask_id=9)
+    assert convert_main(["export-hf", "--load", str(root / "ckpt"), "--out", str(tmp_path / "with"),
+                         "--tokenizer", str(tok_dir)]) == 0
+    _assert_ids_agree(tmp_path / "with", mask_id=9)
+    # a tokenizer whose ids do not fit the model is not this model's tokenizer
+    big = _word_tokenizer(tmp_path / "big", hf.config.vocab_size + 10, mask_id=hf.config.vocab_size + 5)
+    with pytest.raises(ConfigError, match="outside the model's vocabulary"):
+        export_hf(str(root / "ckpt"), str(tmp_path / "wrong"), tokenizer=str(big))
+
+
+def test_hf_reader_honours_the_index_and_refuses_bin(converted, tmp_path):
+    root, hf = converted
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    save_file({"junk": torch.zeros(3)}, sharded / "stray.safetensors")  # not in the index: never read
+    import_hf(str(sharded), str(tmp_path / "ckpt"))
+    runtime.shutdown()
+    _, ours = load_canonical(str(tmp_path / "ckpt"))
+    runtime.shutdown()
+    _, reference = load_canonical(str(root / "ckpt"))
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+
+    pickled = tmp_path / "bin"
+    pickled.mkdir()
+    shutil.copyfile(root / "hf" / "config.json", pickled / "config.json")
+    torch.save(load_file(root / "hf" / "model.safetensors"), pickled / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match=r"only PyTorch \.bin weights.*safe_serialization=True"):
+        import_hf(str(pickled), str(tmp_path / "from_bin"))

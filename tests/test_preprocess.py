@@ -77,6 +77,15 @@ def test_shards_equal_tokenizer_output_every_language(demo_corpus, demo_tokenize
             assert prefix.startswith(demo_shards) and IndexedDataset.exists(prefix)
 
 
+def test_output_keeps_the_tokenizer(demo_tokenizer, demo_shards):  # noqa: F811
+    """The tokenizer travels with the shards (training copies it into every checkpoint)."""
+    import filecmp
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        copied = os.path.join(demo_shards, "tokenizer", name)
+        assert filecmp.cmp(os.path.join(demo_tokenizer, name), copied, shallow=False), name
+
+
 def test_rerun_skips_finished_units(demo_corpus, demo_tokenizer, demo_shards):
     before = open(os.path.join(demo_shards, "manifest.json"), "rb").read()
     result = run_preprocess(PreprocessConfig(inputs=[demo_corpus], output=demo_shards, tokenizer=demo_tokenizer,

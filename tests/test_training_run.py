@@ -76,6 +76,11 @@ def test_log_line_tensorboard_and_nan_skip(base):
     recs = train_records(run)
     assert all(math.isfinite(r["loss"]) for r in recs if r["step"] != 3)
     assert "phase_end_decay" in open(os.path.join(run, "checkpoints", "latest")).read()
+    # the tokenizer preprocessing kept beside the manifest travels into every checkpoint
+    for ckpt in glob.glob(os.path.join(run, "checkpoints", "*_*")):
+        saved = os.path.join(ckpt, "tokenizer", "tokenizer.json")
+        assert open(saved, "rb").read() == open(os.path.join(os.path.dirname(manifest), "tokenizer",
+                                                             "tokenizer.json"), "rb").read(), ckpt
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -100,9 +100,10 @@ def hf_config_from_model_config(model: ModelConfig, special_ids: Optional[Dict[s
     """A ``transformers.ModernBertConfig`` for ``model`` with both RoPE thetas written explicitly."""
     from transformers import ModernBertConfig
 
+    # ModernBERT's ids, used only when no tokenizer is known (export-hf warns then).
     ids = {"pad": model.pad_token_id, "eos": 1, "bos": 2, "cls": 1, "sep": 1, "mask": 4}
     ids.update(special_ids or {})
-    return ModernBertConfig(
+    config = ModernBertConfig(
         vocab_size=model.vocab_size,
         hidden_size=model.hidden_size,
         intermediate_size=model.intermediate_size,
@@ -137,6 +138,8 @@ def hf_config_from_model_config(model: ModelConfig, special_ids: Optional[Dict[s
         classifier_activation="gelu",
         tie_word_embeddings=True,
     )
+    config.mask_token_id = ids["mask"]  # not a ModernBertConfig field; kept so the config names it too
+    return config
 
 
 # ------------------------------------------------------------------------------------------------
