@@ -192,6 +192,18 @@ def test_tokenizer_folder_cannot_replace_exported_config(checkpoint, tmp_path):
     assert json.load(open(tmp_path / "out" / "config.json"))["model_type"] == "modernbert"
 
 
+def test_tokenizer_symlink_in_a_checkpoint_is_not_followed(checkpoint, tmp_path):
+    """A downloaded checkpoint's tokenizer/ linking to a local file cannot copy it into an export."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint / "ckpt", ckpt)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"token": "do not ship"}')
+    (ckpt / "tokenizer").mkdir(exist_ok=True)
+    os.symlink(secret, ckpt / "tokenizer" / "tokenizer.json")
+    assert convert_main(["export-hf", "--load", str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    assert not any("do not ship" in p.read_text(errors="replace") for p in (tmp_path / "out").iterdir() if p.is_file())
+
+
 # -- 3. one writer per run folder ------------------------------------------------------------------
 
 def test_second_run_on_a_run_dir_exits_naming_the_holder(tmp_path):

@@ -2,7 +2,8 @@
 
 A checkpoint directory holds megatron-core's sharded files (``*.distcp``, ``.metadata``,
 ``common.pt``, ``metadata.json``) plus ``mmbert_config.json``: the ModelConfig and, for training
-checkpoints, what the trainer needs to resume. Tensor keys are the model's checkpoint keys
+checkpoints, what the trainer needs to resume, and the tokenizer when the caller passes one (file
+names: :mod:`.layout`). Tensor keys are the model's checkpoint keys
 (``embedding.word_embeddings.weight``, ``encoder.layers.{global i}...``), identical for every
 TP/PP/VPP layout and for both layer-spec backends, so a checkpoint saved at TP2/PP1 loads at
 TP1/PP2 and the merge and conversion tools can read single tensors unsharded.

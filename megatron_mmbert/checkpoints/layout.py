@@ -149,28 +149,35 @@ def has_tokenizer_files(directory: Optional[str]) -> bool:
     )
 
 
-def copy_tokenizer_files(src_dir: str, dst_dir: str) -> List[str]:
+def copy_tokenizer_files(src_dir: str, dst_dir: str, follow_symlinks: bool = False) -> List[str]:
     """Copy the tokenizer files of ``src_dir`` (only the names in :data:`TOKENIZER_FILES`, only
-    regular files, never symlinks) into ``dst_dir``; returns the names copied."""
+    regular files) into ``dst_dir``; returns the names copied. Symlinks are skipped unless
+    ``follow_symlinks`` (a folder the user named, e.g. an HF cache snapshot, made of links): one in
+    a downloaded checkpoint could otherwise copy any local file into an export."""
     copied = []
     if not os.path.isdir(src_dir):
         return copied
     for name in TOKENIZER_FILES:
         src = os.path.join(src_dir, name)
-        if os.path.isfile(src) and not os.path.islink(src):
+        if os.path.isfile(src) and (follow_symlinks or not os.path.islink(src)):
             os.makedirs(dst_dir, exist_ok=True)
             shutil.copyfile(src, os.path.join(dst_dir, name))
             copied.append(name)
     return copied
 
 
-def store_tokenizer(source: str, folder: str) -> List[str]:
+def store_tokenizer(source: str, folder: str, follow_symlinks: bool = True) -> List[str]:
     """Put the tokenizer ``source`` (an HF tokenizer folder, a ``tokenizer.json`` or a
-    SentencePiece ``.model``) into ``folder``'s :data:`TOKENIZER_DIR`; returns the names copied."""
+    SentencePiece ``.model``, named by the user unless ``follow_symlinks`` is False) into
+    ``folder``'s :data:`TOKENIZER_DIR`; returns the names copied."""
     dst = tokenizer_dir(folder)
     if os.path.isdir(source):
-        return copy_tokenizer_files(source, dst)
-    if os.path.isfile(source) and source.endswith((".json", ".model")):
+        copied = copy_tokenizer_files(source, dst, follow_symlinks)
+        models = sorted(n for n in os.listdir(source) if n.endswith(".model"))
+        if copied or not models:
+            return copied
+        source = os.path.join(source, models[0])  # a SentencePiece folder (the one a loader picks)
+    if os.path.isfile(source) and (follow_symlinks or not os.path.islink(source)) and source.endswith((".json", ".model")):
         name = "tokenizer.json" if source.endswith(".json") else "tokenizer.model"
         os.makedirs(dst, exist_ok=True)
         shutil.copyfile(source, os.path.join(dst, name))

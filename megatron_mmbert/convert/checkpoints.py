@@ -91,18 +91,24 @@ def export_hf(
     check_output_dir(out_dir, "export-hf", inputs=[load_dir], overwrite=overwrite)
     if tokenizer is not None and not os.path.exists(tokenizer):
         raise ConfigError(f"--tokenizer {tokenizer}: no such file or folder")
-    model, state = load_canonical(load_dir, verify=verify)
-    hf_state = hf_map.megatron_to_hf(state, model)
+    model = ckpt.read_model_config(load_dir)  # a clear error before anything is written
     tmp = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    tok_dir = _export_tokenizer(tokenizer if tokenizer is not None else tokenizer_dir(load_dir), tmp, load_dir)
-    if tok_dir is not None and special_ids is None:
-        special_ids = _special_ids_from_tokenizer(tok_dir)
-        _check_vocab(special_ids, model, tok_dir)
-    write_hf_config(model, tmp, special_ids=special_ids)
-    save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    write_output_marker(tmp, "export-hf", source=os.path.abspath(load_dir))
+    try:
+        tok_dir = _export_tokenizer(tokenizer, tmp, load_dir)
+        if tok_dir is not None and special_ids is None:
+            special_ids = _special_ids_from_tokenizer(tok_dir)
+            _check_vocab(special_ids, model, tok_dir)
+        model, state = load_canonical(load_dir, verify=verify)
+        hf_state = hf_map.megatron_to_hf(state, model)
+        write_hf_config(model, tmp, special_ids=special_ids)
+        save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        write_output_marker(tmp, "export-hf", source=os.path.abspath(load_dir))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: nothing half-written is left behind
+        raise
     publish_directory(tmp, out_dir)
     return model
 
@@ -133,13 +139,14 @@ def write_hf_config(
         json.dump(data, f, indent=2, sort_keys=True)
 
 
-def _export_tokenizer(source: str, out_dir: str, load_dir: str) -> Optional[str]:
-    """Write the tokenizer of ``source`` into ``out_dir`` the way ``AutoTokenizer`` reads it back
-    (``save_pretrained``: tokenizer files plus a ``tokenizer_config.json`` naming the special
-    tokens, ``mask_token`` included); returns ``out_dir``, or None (with a loud warning) when
-    there is no tokenizer."""
+def _export_tokenizer(override: Optional[str], out_dir: str, load_dir: str) -> Optional[str]:
+    """Write the tokenizer (``override``, else the checkpoint's own) into ``out_dir`` the way
+    ``AutoTokenizer`` reads it back (``save_pretrained``: tokenizer files plus a
+    ``tokenizer_config.json`` naming the special tokens, ``mask_token`` included); returns
+    ``out_dir``, or None (with a loud warning) when there is no tokenizer."""
+    source = override if override is not None else tokenizer_dir(load_dir)
     staged = os.path.join(out_dir, ".tokenizer-source")
-    if not store_tokenizer(source, staged) or not has_tokenizer_files(tokenizer_dir(staged)):
+    if not store_tokenizer(source, staged, follow_symlinks=override is not None) or not has_tokenizer_files(tokenizer_dir(staged)):
         shutil.rmtree(staged, ignore_errors=True)
         logger.warning(
             "\n" + "!" * 78 + "\n%s holds no tokenizer: the export has none, so AutoTokenizer cannot load it and "
