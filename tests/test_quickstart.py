@@ -55,7 +55,10 @@ def test_quickstart_trains_merges_and_exports(tmp_path):
 
     model = AutoModelForMaskedLM.from_pretrained(out / "hf")
     assert type(model).__name__ == "ModernBertForMaskedLM"
-    assert len(AutoTokenizer.from_pretrained(out / "hf")) == model.config.vocab_size
+    tokenizer = AutoTokenizer.from_pretrained(out / "hf")  # it travelled: shards -> checkpoints -> merge -> export
+    assert len(tokenizer) == model.config.vocab_size
+    for role in ("mask", "pad", "bos", "eos"):
+        assert getattr(tokenizer, f"{role}_token_id") == getattr(model.config, f"{role}_token_id"), role
     assert "Hugging Face export loads" in proc.stdout
 
     # It trains as every real run does, with the distributed optimizer (its state crossed from
