@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit non-zero (after writing everything) when more than this fraction of records is bad or "
                         "an input yields no documents; 1 accepts anything (default: 0.01)")
     p.add_argument("--num-shards", type=int, default=None,
-                   help="split the work over N separate tasks (default: SLURM_ARRAY_TASK_COUNT in a Slurm array, else 1)")
+                   help="split the work over N separate tasks (default: SLURM_ARRAY_TASK_COUNT in a Slurm "
+                        "array, else 1)")
     p.add_argument("--shard-index", type=int, default=None,
                    help="this task's shard in [0, N) (default: its position in the Slurm array)")
     p.add_argument("--finalize", action="store_true",

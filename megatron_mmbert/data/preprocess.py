@@ -587,7 +587,8 @@ def _check_finalize(units: List[WorkUnit], done: set, output: str) -> None:
         seg = u.segments[0]
         where = f"{seg.path}" + (f" [{seg.start}:{seg.end})" if seg.end >= 0 else "")
         who = f" (shard {assignment[u.id]} of {num_shards})" if u.id in assignment else ""
-        lines.append(f"  unit {u.id}{who}: {where}" + (f" +{len(u.segments) - 1} segment(s)" if len(u.segments) > 1 else ""))
+        more = f" +{len(u.segments) - 1} segment(s)" if len(u.segments) > 1 else ""
+        lines.append(f"  unit {u.id}{who}: {where}{more}")
     shards = sorted({assignment[u.id] for u in missing if u.id in assignment})
     if shards:
         owner = (f"rerun the shard task(s) that own them (--num-shards {num_shards} --shard-index "
@@ -611,7 +612,9 @@ def _bad_input_checks(cfg: PreprocessConfig, units: List[WorkUnit], markers: Lis
     if whole_plan and cfg.max_bad_fraction < 1:
         yielded = {p for m in markers for sh in m["shards"].values() for p in sh["sources"]}
         kinds = {seg.path: seg.kind for u in units for seg in u.segments}
-        looked = f"text key {cfg.read.text_key!r}" + (f" and language key {cfg.read.lang_key!r}" if cfg.read.lang_key else "")
+        looked = f"text key {cfg.read.text_key!r}"
+        if cfg.read.lang_key:
+            looked += f" and language key {cfg.read.lang_key!r}"
         empty = [p for p in sorted(kinds) if p not in yielded]
         for path in empty[:10]:
             counts = report.files.get(path, {}).get("counts", {})
@@ -654,7 +657,8 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     if not cfg.max_bad_fraction >= 0:
         raise PreprocessError(f"--max-bad-fraction {cfg.max_bad_fraction}: give a fraction in [0, 1]")
     sharded = cfg.num_shards > 1
-    if cfg.num_shards < 1 or (sharded and not (isinstance(cfg.shard_index, int) and 0 <= cfg.shard_index < cfg.num_shards)):
+    index_ok = isinstance(cfg.shard_index, int) and 0 <= cfg.shard_index < cfg.num_shards
+    if cfg.num_shards < 1 or (sharded and not index_ok):
         raise PreprocessError(f"--num-shards {cfg.num_shards} --shard-index {cfg.shard_index}: give N >= 1 and "
                               "0 <= I < N (both, or neither)")
     if not sharded and cfg.shard_index not in (None, 0):
@@ -678,7 +682,8 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     try:
         fcntl.flock(lock, (fcntl.LOCK_SH if sharded else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         if sharded:
-            shard_lock = open(os.path.join(cfg.output, STATE_DIR, f"lock.shard-{cfg.shard_index}-of-{cfg.num_shards}"), "w")
+            name = f"lock.shard-{cfg.shard_index}-of-{cfg.num_shards}"
+            shard_lock = open(os.path.join(cfg.output, STATE_DIR, name), "w")
             fcntl.flock(shard_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
