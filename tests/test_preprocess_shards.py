@@ -191,3 +191,20 @@ def test_max_bad_fraction_fails_after_writing(tmp_path, demo_tokenizer):
     assert os.path.isfile(tmp_path / "out" / "manifest.json")  # written before failing: nothing lost
     res = run_preprocess(PreprocessConfig(**{**cfg.__dict__, "max_bad_fraction": 0.05}))
     assert res.units_run == 0 and res.manifest.languages["eng_Latn"].documents == 95
+
+
+def test_shard_tasks_of_another_shard_count_are_refused(tmp_path, demo_tokenizer):
+    import fcntl
+
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"text": "x"}\n')
+    out = tmp_path / "out"
+    (out / ".preprocess").mkdir(parents=True)
+    with open(out / ".preprocess" / "lock.shard-0-of-3", "w") as held:  # a running task of a 3-shard array
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(PreprocessError, match="--num-shards 3 are writing.*same --num-shards"):
+            run_preprocess(PreprocessConfig(inputs=[str(src)], output=str(out), tokenizer=demo_tokenizer,
+                                            read=ReadOptions(lang="eng_Latn"), num_shards=2, shard_index=1))
+        res = run_preprocess(PreprocessConfig(inputs=[str(src)], output=str(out), tokenizer=demo_tokenizer,
+                                              read=ReadOptions(lang="eng_Latn"), num_shards=3, shard_index=1))
+        assert res.manifest is None and res.units_in_shard is not None

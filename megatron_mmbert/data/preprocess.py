@@ -570,6 +570,21 @@ def _remove_partials(output: str, unit_ids: Optional[List[str]] = None) -> None:
             os.remove(path)
 
 
+def _refuse_other_shard_counts(output: str, num_shards: int) -> None:
+    """Tasks of arrays with different shard counts would deal the same unit to two tasks at once."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(output), STATE_DIR, "lock.shard-*-of-*"))):
+        if path.endswith(f"-of-{num_shards}"):
+            continue
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PreprocessError(
+                    f"shard tasks with --num-shards {path.rsplit('-of-', 1)[1]} are writing {output}; every task of "
+                    f"one output must use the same --num-shards (this one has {num_shards})"
+                ) from None
+
+
 def _check_finalize(units: List[WorkUnit], done: set, output: str) -> None:
     """Every unit of the plan must have its marker; name the missing ones and who owns them."""
     missing = [u for u in units if u.id not in done]
@@ -693,6 +708,8 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         raise PreprocessError(f"another preprocess is writing {what}{cfg.output} (a one-process run or --finalize "
                               "excludes shard tasks); wait for it to finish") from None
     try:
+        if sharded:
+            _refuse_other_shard_counts(cfg.output, cfg.num_shards)
         _check_output(cfg, identity, dtype)
         plan_log = BadInputLog(strict=cfg.strict, max_locations=cfg.max_bad_locations)
         sources = discover(cfg.inputs, cfg.read, plan_log)
