@@ -117,7 +117,7 @@ def _bad_inputs(tmp_path):
 
 def test_bad_input_report_without_strict(tmp_path, demo_tokenizer, capsys):
     d = _bad_inputs(tmp_path)
-    res = _run(tmp_path, demo_tokenizer, [d])
+    res = _run(tmp_path, demo_tokenizer, [d], max_bad_fraction=1.0)  # report only (the default fails on this)
     files = res.bad_input.files
     a = files[str(d / "a.jsonl")]
     assert a["counts"] == {"malformed_json": 2, "missing_text": 1, "non_string_text": 1, "empty_text": 1,
@@ -159,7 +159,8 @@ def test_empty_language_folder_and_missing_language(tmp_path, demo_tokenizer):
 
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"text": "a", "lang": "fra_Latn"}\n{"text": "b"}\n{"text": "c", "lang": "../x"}\n')
-    res = _run(tmp_path, demo_tokenizer, [mixed], name="mixed", read=ReadOptions(lang_key="lang"))
+    res = _run(tmp_path, demo_tokenizer, [mixed], name="mixed", read=ReadOptions(lang_key="lang"),
+               max_bad_fraction=1.0)
     assert res.bad_input.files[str(mixed)]["counts"] == {"missing_language": 2}
 
 

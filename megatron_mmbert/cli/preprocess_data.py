@@ -5,7 +5,9 @@ Example (FineWeb2 layout, 8 workers)::
     python tools/preprocess_data.py --input /data/fineweb-2 --output /data/shards \\
         --tokenizer /models/mmBERT-base --workers 8
 
-Writes ``OUT/{lang}/part-*.bin/.idx`` and ``OUT/manifest.json``; rerunning resumes. See docs/data.md.
+Writes ``OUT/{lang}/part-*.bin/.idx`` and ``OUT/manifest.json``; rerunning resumes. Across nodes: a Slurm
+array runs one shard per task (``--num-shards``/``--shard-index``, read from ``SLURM_ARRAY_TASK_*``), then
+one ``--finalize`` job writes the manifest (examples/slurm/preprocess_array.sbatch). See docs/data.md.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
+from megatron_mmbert.data.preprocess import (
+    PreprocessConfig, PreprocessError, run_preprocess, slurm_array_shard,
+)
 from megatron_mmbert.data.sources import BadInputError, InputError, ReadOptions
 from megatron_mmbert.data.tokenizer import Framing, TokenizerError
 
@@ -49,12 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-docs", type=int, default=512, help="documents per tokenizer call")
     p.add_argument("--log-interval", type=float, default=5.0, help="seconds between progress lines")
     p.add_argument("--max-bad-locations", type=int, default=5, help="bad-input locations shown per file")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="exit non-zero (after writing everything) when more than this fraction of records is bad or "
+                        "an input yields no documents; 1 accepts anything (default: 0.01)")
+    p.add_argument("--num-shards", type=int, default=None,
+                   help="split the work over N separate tasks (default: SLURM_ARRAY_TASK_COUNT in a Slurm "
+                        "array, else 1)")
+    p.add_argument("--shard-index", type=int, default=None,
+                   help="this task's shard in [0, N) (default: its position in the Slurm array)")
+    p.add_argument("--finalize", action="store_true",
+                   help="after all shard tasks: check every unit is done and write manifest.json (same arguments, "
+                        "no shard flags)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     if args.workers < 1 or args.chunk_mb <= 0 or args.batch_docs < 1:
         raise SystemExit("--workers, --chunk-mb and --batch-docs must be positive")
+    num_shards, shard_index = args.num_shards, args.shard_index
+    if num_shards is None and shard_index is None and not args.finalize:
+        num_shards, shard_index = slurm_array_shard() or (1, None)
     return PreprocessConfig(
         inputs=args.input,
         output=args.output,
@@ -71,6 +89,10 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         batch_docs=args.batch_docs,
         log_interval_s=args.log_interval,
         max_bad_locations=args.max_bad_locations,
+        max_bad_fraction=args.max_bad_fraction,
+        num_shards=1 if num_shards is None else num_shards,
+        shard_index=shard_index,
+        finalize=args.finalize,
     )
 
 
@@ -85,6 +107,10 @@ def main(argv=None) -> int:
         print(f"preprocess_data: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
         return 1
     m = result.manifest
+    if m is None:
+        print(f"preprocess_data: shard done ({result.units_in_shard} unit(s) of {result.units_total}); when every "
+              "shard task has finished, run the same command with --finalize and no shard flags", file=sys.stderr)
+        return 0
     print(
         f"preprocess_data: {len(m.languages)} languages, {sum(e.documents for e in m.languages.values())} "
         f"documents, {sum(e.tokens for e in m.languages.values())} tokens -> {args.output}/manifest.json",

@@ -23,6 +23,19 @@ deterministic, a killed-and-rerun preprocess produces the same bytes as an unint
 
 Shards are never merged: a language's shard set is the list of its units' prefixes (see
 ``shards.py``), so the data is written exactly once.
+
+Many nodes (a Slurm array): the plan is the same in every process, so ``num_shards``/``shard_index``
+(``--num-shards N --shard-index I``, read from ``SLURM_ARRAY_TASK_*`` when set) deal its units out to N
+tasks (``assign_shards``: biggest first, each to the least-loaded shard). A shard task runs only its
+units and writes no manifest; tasks hold the output lock shared plus their own shard lock, and touch
+only their own units' files, so they run side by side. ``finalize`` then runs no unit: it checks that
+every unit of the plan has its marker (naming the missing ones and the shard task that owns them) and
+writes the manifest, the same bytes a one-process run writes.
+
+Bad input is loud when it is most of the input: a source that yields no document is an error naming it,
+the keys looked for and the keys it has; more than ``max_bad_fraction`` of bad records is an error.
+Both are raised (``BadInputFractionError``) after the manifest and the report are written, so nothing
+done is lost and a rerun with fixed options resumes.
 """
 
 from __future__ import annotations
@@ -54,14 +67,16 @@ from megatron_mmbert.data.shards import (
     write_manifest,
 )
 from megatron_mmbert.data.sources import (
-    VALID_LANG,
+    BAD_KINDS,
     BadInputLog,
     ReadOptions,
     Segment,
     discover,
     plan_segments,
     read_segment,
+    source_keys,
 )
+from megatron_mmbert.config_base import SAFE_NAME
 from megatron_mmbert.data.tokenizer import Framing, SentenceSplitter, frame_documents, load_tokenizer
 
 STATE_DIR = ".preprocess"
@@ -69,6 +84,15 @@ STATE_DIR = ".preprocess"
 
 class PreprocessError(RuntimeError):
     """The run cannot go on (tokenizer mismatch, overlapping inputs, another run holding the lock)."""
+
+
+class BadInputFractionError(PreprocessError):
+    """Too much of the input was bad, or a source yielded nothing; raised after the manifest and the
+    report were written. ``result`` is what the run produced."""
+
+    def __init__(self, message: str, result: "PreprocessResult") -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclasses.dataclass
@@ -103,6 +127,18 @@ class PreprocessConfig:
     """Seconds between progress lines on stderr."""
     max_bad_locations: int = 5
     """Locations of bad input kept per file."""
+    max_bad_fraction: float = 0.01
+    """Fail (non-zero exit) when more than this fraction of the records read was bad (skipped), or when an
+    input yields no documents at all; checked after the manifest and the bad-input report are written.
+    1.0 accepts anything (sources without documents are then only reported)."""
+    num_shards: int = 1
+    """Split the unit plan over this many separate tasks (a Slurm array, one node each); each does only
+    its units and writes no manifest; ``finalize`` writes it once all are done."""
+    shard_index: Optional[int] = None
+    """This task's shard, 0-based, below ``num_shards`` (required when ``num_shards > 1``)."""
+    finalize: bool = False
+    """Run no unit: check that every unit of the plan is done (by the shard tasks) and write the manifest.
+    Give the same inputs and options as the shard tasks, without the shard fields."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,14 +162,16 @@ class WorkUnit:
 class PreprocessResult:
     """What a run produced."""
 
-    manifest: Manifest
-    """The manifest as written."""
+    manifest: Optional[Manifest]
+    """The manifest as written; None for a shard task (``finalize`` writes it)."""
     bad_input: BadInputLog
     """Bad input over all units of the output (earlier runs included) and this run's discovery."""
     units_total: int
     """Units in this run's plan."""
     units_run: int
     """Units processed now (the rest were already done)."""
+    units_in_shard: Optional[int] = None
+    """Units of the plan this shard task owns (None when not sharded)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +215,41 @@ def _fingerprint(cfg: PreprocessConfig, identity: TokenizerIdentity) -> str:
         },
         sort_keys=True,
     )
+
+
+def assign_shards(units: List[WorkUnit], num_shards: int) -> Dict[str, int]:
+    """unit id -> shard index. Biggest unit first, each to the least-loaded shard (ties: lowest index):
+    a function of the plan alone, so every task of an array computes the same assignment."""
+    loads = [0] * num_shards
+    out: Dict[str, int] = {}
+    for u in sorted(units, key=lambda u: (-u.size, u.id)):
+        i = min(range(num_shards), key=lambda k: (loads[k], k))
+        out[u.id] = i
+        loads[i] += max(u.size, 1)
+    return out
+
+
+def slurm_array_shard(env=None) -> Optional[Tuple[int, int]]:
+    """(num_shards, shard_index) of a Slurm array task, or None outside one.
+
+    ``SLURM_ARRAY_TASK_ID`` runs from ``SLURM_ARRAY_TASK_MIN`` (not necessarily 0: ``--array=1-8``) in
+    steps of ``SLURM_ARRAY_TASK_STEP``; the index is the task's position in that range. An array with
+    gaps (``--array=0,3,7``) has no such position: pass ``--num-shards``/``--shard-index`` then."""
+    env = os.environ if env is None else env
+    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+        return None
+    try:
+        task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+        low, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
+    except ValueError:
+        raise PreprocessError("SLURM_ARRAY_TASK_* are not integers; pass --num-shards and --shard-index") from None
+    index, rest = divmod(task - low, step)
+    if rest or not 0 <= index < count:
+        raise PreprocessError(
+            f"Slurm array task {task} (min {low}, step {step}, count {count}) is not the k-th task of a regular "
+            "range (an --array with gaps?); pass --num-shards N --shard-index I explicitly"
+        )
+    return count, index
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,10 +496,14 @@ def _load_markers(output: str) -> List[dict]:
     return sorted(markers, key=lambda m: (m["sort_key"], m["id"]))
 
 
-def _forget_units_with_missing_shards(output: str, markers: List[dict]) -> List[dict]:
-    """A finished unit whose shard was deleted since is done again (its marker is removed)."""
+def _forget_units_with_missing_shards(output: str, markers: List[dict], only: Optional[set] = None) -> List[dict]:
+    """A finished unit whose shard was deleted since is done again (its marker is removed). ``only``: the
+    unit ids this process may touch (a shard task leaves the other tasks' units alone)."""
     kept = []
     for m in markers:
+        if only is not None and m["id"] not in only:
+            kept.append(m)
+            continue
         missing = [sh["prefix"] for sh in m["shards"].values()
                    if not shard_finished(os.path.join(output, sh["prefix"]))]
         if missing:
@@ -481,11 +558,107 @@ def _build_manifest(output: str, identity: TokenizerIdentity, dtype: str, marker
     return Manifest(identity, dtype, languages, root=os.path.abspath(output))
 
 
-def _remove_partials(output: str) -> None:
-    for path in glob.glob(os.path.join(output, "**", "*.partial"), recursive=True):
-        os.remove(path)
-    for path in glob.glob(os.path.join(output, STATE_DIR, "**", "*.partial"), recursive=True):
-        os.remove(path)
+def _remove_partials(output: str, unit_ids: Optional[List[str]] = None) -> None:
+    """Remove what killed runs left half-written: everything, or (a shard task, while other tasks write
+    theirs) only the files of ``unit_ids``."""
+    if unit_ids is None:
+        for path in glob.glob(os.path.join(output, "**", "*.partial"), recursive=True):
+            os.remove(path)
+        for path in glob.glob(os.path.join(output, STATE_DIR, "**", "*.partial"), recursive=True):
+            os.remove(path)
+        return
+    for uid in unit_ids:
+        for path in glob.glob(os.path.join(glob.escape(output), "*", f"*-{uid}.*.partial")):
+            os.remove(path)
+
+
+def _refuse_other_shard_counts(output: str, num_shards: int) -> None:
+    """Tasks of arrays with different shard counts would deal the same unit to two tasks at once."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(output), STATE_DIR, "lock.shard-*-of-*"))):
+        if path.endswith(f"-of-{num_shards}"):
+            continue
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PreprocessError(
+                    f"shard tasks with --num-shards {path.rsplit('-of-', 1)[1]} are writing {output}; every task of "
+                    f"one output must use the same --num-shards (this one has {num_shards})"
+                ) from None
+
+
+def _check_finalize(units: List[WorkUnit], done: set, output: str) -> None:
+    """Every unit of the plan must have its marker; name the missing ones and who owns them."""
+    missing = [u for u in units if u.id not in done]
+    if not missing:
+        return
+    owner = ""
+    shards_path = os.path.join(output, STATE_DIR, "shards.json")
+    num_shards = None
+    if os.path.isfile(shards_path):
+        with open(shards_path, encoding="utf-8") as f:
+            num_shards = json.load(f).get("num_shards")
+    assignment = assign_shards(units, num_shards) if num_shards else {}
+    lines = []
+    for u in sorted(missing, key=lambda u: (assignment.get(u.id, 0), u.sort_key()))[:10]:
+        seg = u.segments[0]
+        where = f"{seg.path}" + (f" [{seg.start}:{seg.end})" if seg.end >= 0 else "")
+        who = f" (shard {assignment[u.id]} of {num_shards})" if u.id in assignment else ""
+        more = f" +{len(u.segments) - 1} segment(s)" if len(u.segments) > 1 else ""
+        lines.append(f"  unit {u.id}{who}: {where}{more}")
+    shards = sorted({assignment[u.id] for u in missing if u.id in assignment})
+    if shards:
+        owner = (f"rerun the shard task(s) that own them (--num-shards {num_shards} --shard-index "
+                 f"{' / '.join(map(str, shards))}, same other arguments; they resume), or ")
+    raise PreprocessError(
+        f"--finalize: {len(missing)} of {len(units)} unit(s) of the plan are not done:\n" + "\n".join(lines)
+        + ("\n  ..." if len(missing) > 10 else "")
+        + f"\n{owner}run once without shard flags to do them in this process; then --finalize again."
+    )
+
+
+_FILE_LEVEL_KINDS = ("unreadable_file", "empty_language_folder")  # not records: no share of the input
+
+
+def _bad_input_checks(cfg: PreprocessConfig, units: List[WorkUnit], markers: List[dict], report: BadInputLog,
+                      whole_plan: bool) -> List[str]:
+    """Messages for the ways the input is mostly bad (see ``max_bad_fraction``)."""
+    errors = []
+    docs = sum(sh["documents"] for m in markers for sh in m["shards"].values())
+    bad = sum(n for e in report.files.values() for k, n in e["counts"].items() if k not in _FILE_LEVEL_KINDS)
+    if whole_plan and cfg.max_bad_fraction < 1:
+        yielded = {p for m in markers for sh in m["shards"].values() for p in sh["sources"]}
+        kinds = {seg.path: seg.kind for u in units for seg in u.segments}
+        looked = f"text key {cfg.read.text_key!r}"
+        if cfg.read.lang_key:
+            looked += f" and language key {cfg.read.lang_key!r}"
+        empty = [p for p in sorted(kinds) if p not in yielded]
+        for path in empty[:10]:
+            counts = report.files.get(path, {}).get("counts", {})
+            why = ", ".join(f"{BAD_KINDS[k]}: {n}" for k, n in sorted(counts.items())) or "no records"
+            keys = source_keys(path, kinds[path], cfg.read.split) if kinds[path] != "text" else None
+            has = f"; its records have keys {keys}" if keys is not None else ""
+            errors.append(f"{path} yielded no documents ({why}); looked for {looked}{has}. "
+                          "Pass --text-key/--lang-key naming its fields, or remove it from --input.")
+        if len(empty) > 10:
+            errors.append(f"... and {len(empty) - 10} more source(s) without documents")
+        for raw in cfg.inputs:
+            root = os.path.abspath(raw)
+            if os.path.isdir(root) and not any(p == root or p.startswith(root + os.sep) for p in yielded):
+                found = sum(1 for p in kinds if p == root or p.startswith(root + os.sep))
+                errors.append(
+                    f"input {raw} yielded no documents ({found} readable source file(s) under it; for a FineWeb2 "
+                    f"folder, data/{{lang}}_{{Script}}/{cfg.read.split}/*.parquet; see the report above), looked "
+                    f"for {looked}. Fix --input/--split/--text-key, or remove it."
+                )
+    total = bad + docs
+    if total and bad / total > cfg.max_bad_fraction:
+        errors.append(
+            f"{bad} of {total} records ({bad / total:.1%}) were bad and skipped, more than --max-bad-fraction "
+            f"{cfg.max_bad_fraction:g} (see the report above); fix the input or the options (e.g. --text-key, "
+            "--lang-key), or raise --max-bad-fraction to accept it. The shards already written are kept."
+        )
+    return errors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,10 +667,22 @@ def _remove_partials(output: str) -> None:
 
 def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     """Preprocess ``cfg.inputs`` into ``cfg.output``; see the module docstring."""
-    if not VALID_LANG.match(cfg.prefix):  # the same rule as a folder name: no "/", "..", absolute paths
+    if not SAFE_NAME.match(cfg.prefix):  # the same rule as a folder name: no "/", "..", absolute paths
         raise PreprocessError(f"--prefix {cfg.prefix!r}: give a plain file-name prefix (letters, digits, _ . -)")
     if cfg.chunk_bytes < 1 or cfg.workers < 1 or cfg.batch_docs < 1:
         raise PreprocessError("chunk_bytes, workers and batch_docs must be positive")
+    if not cfg.max_bad_fraction >= 0:
+        raise PreprocessError(f"--max-bad-fraction {cfg.max_bad_fraction}: give a fraction in [0, 1]")
+    sharded = cfg.num_shards > 1
+    index_ok = isinstance(cfg.shard_index, int) and 0 <= cfg.shard_index < cfg.num_shards
+    if cfg.num_shards < 1 or (sharded and not index_ok):
+        raise PreprocessError(f"--num-shards {cfg.num_shards} --shard-index {cfg.shard_index}: give N >= 1 and "
+                              "0 <= I < N (both, or neither)")
+    if not sharded and cfg.shard_index not in (None, 0):
+        raise PreprocessError(f"--shard-index {cfg.shard_index} needs --num-shards above it")
+    if sharded and cfg.finalize:
+        raise PreprocessError("--finalize runs after all shard tasks: give it the same arguments without "
+                              "--num-shards/--shard-index")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output), tokenizer=os.path.abspath(cfg.tokenizer))
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -508,12 +693,25 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     dtype = token_dtype(identity.vocab_size).name
     os.makedirs(os.path.join(cfg.output, STATE_DIR), exist_ok=True)
 
+    # One run (or --finalize) holds the folder alone; shard tasks share it, each holding its own shard.
     lock = open(os.path.join(cfg.output, STATE_DIR, "lock"), "w")
+    shard_lock = None
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock, (fcntl.LOCK_SH if sharded else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        if sharded:
+            name = f"lock.shard-{cfg.shard_index}-of-{cfg.num_shards}"
+            shard_lock = open(os.path.join(cfg.output, STATE_DIR, name), "w")
+            fcntl.flock(shard_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise PreprocessError(f"another preprocess is writing to {cfg.output}; wait for it to finish") from None
+        lock.close()
+        if shard_lock is not None:
+            shard_lock.close()
+        what = f"shard {cfg.shard_index} of {cfg.num_shards} of " if sharded and shard_lock is not None else ""
+        raise PreprocessError(f"another preprocess is writing {what}{cfg.output} (a one-process run or --finalize "
+                              "excludes shard tasks); wait for it to finish") from None
     try:
+        if sharded:
+            _refuse_other_shard_counts(cfg.output, cfg.num_shards)
         _check_output(cfg, identity, dtype)
         store_tokenizer(cfg.tokenizer, cfg.output)  # travels on: training copies it into every checkpoint
         plan_log = BadInputLog(strict=cfg.strict, max_locations=cfg.max_bad_locations)
@@ -522,14 +720,22 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         units = plan_units(segments, cfg.chunk_bytes, _fingerprint(cfg, identity))
         markers = _load_markers(cfg.output)
         _check_overlap(units, markers)
-        _remove_partials(cfg.output)
-        markers = _forget_units_with_missing_shards(cfg.output, markers)
+        mine = None  # unit ids this process may run and clean up (None: all)
+        if sharded:
+            assignment = assign_shards(units, cfg.num_shards)
+            mine = {u.id for u in units if assignment[u.id] == cfg.shard_index}
+            _write_json(os.path.join(cfg.output, STATE_DIR, "shards.json"), {"num_shards": cfg.num_shards})
+        _remove_partials(cfg.output, sorted(mine) if mine is not None else None)
+        markers = _forget_units_with_missing_shards(cfg.output, markers, mine)
         done = {m["id"] for m in markers}
-        pending = [u for u in units if u.id not in done]
+        if cfg.finalize:
+            _check_finalize(units, done, cfg.output)
+        pending = [u for u in units if u.id not in done and (mine is None or u.id in mine)]
         # Biggest first: the tail of the run is not one large unit on one busy worker.
         pending.sort(key=lambda u: (-u.size, u.id))
+        scope = f" ({len(mine)} in shard {cfg.shard_index} of {cfg.num_shards})" if sharded else ""
         print(
-            f"preprocess: {len(units)} units planned, {len(units) - len(pending)} already done, "
+            f"preprocess: {len(units)} units planned{scope}, {len(units) - len(pending)} already done, "
             f"{len(pending)} to run on {cfg.workers} worker(s); tokenizer {identity.name} "
             f"(vocab {identity.vocab_size}, {dtype})",
             file=sys.stderr,
@@ -540,9 +746,15 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         if pending:
             _run_units(pending, job, cfg.workers, progress)
         markers = _load_markers(cfg.output)
-        manifest = _build_manifest(cfg.output, identity, dtype, markers)
-        write_manifest(manifest, os.path.join(cfg.output, MANIFEST_NAME))
+        manifest = None
+        if sharded:  # the manifest needs every shard's units: --finalize writes it
+            markers = [m for m in markers if m["id"] in mine]
+        else:
+            manifest = _build_manifest(cfg.output, identity, dtype, markers)
+            write_manifest(manifest, os.path.join(cfg.output, MANIFEST_NAME))
     finally:
+        if shard_lock is not None:
+            shard_lock.close()
         lock.close()
 
     report = BadInputLog(max_locations=cfg.max_bad_locations)
@@ -550,7 +762,11 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     for m in markers:
         report.merge(m["bad_input"])
     print(report.report(), file=sys.stderr, flush=True)
-    return PreprocessResult(manifest, report, len(units), len(pending))
+    result = PreprocessResult(manifest, report, len(units), len(pending), len(mine) if sharded else None)
+    errors = _bad_input_checks(cfg, units, markers, report, whole_plan=not sharded)
+    if errors:
+        raise BadInputFractionError("\n".join(errors), result)
+    return result
 
 
 def _run_units(pending: List[WorkUnit], job: _Job, workers: int, progress: _Progress) -> None:

@@ -40,19 +40,49 @@ import os
 import re
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from megatron_mmbert.config_base import SAFE_NAME
-
 JSONL_EXTS = (".jsonl", ".json", ".ndjson")
 TEXT_EXTS = (".txt",)
 COMPRESSED = (".gz", ".zst")
 LANG_FOLDER = re.compile(r"^[a-z]{2,3}_[A-Z][a-z]{3}$")  # FineWeb2 subset names, e.g. fra_Latn
-VALID_LANG = SAFE_NAME  # also a folder name in the output
+VALID_LANG = re.compile(r"[A-Za-z0-9_@+-][A-Za-z0-9_@+.-]{0,63}\Z")
+"""A language tag is a single safe path component (it names the output folder): letters, digits and
+``_ - @ . +`` (BCP 47 ``zh-Hans``, gettext/glibc ``sr@latin``, ``ca@valencia``), not hidden (no leading
+dot), at most 64 characters; no separator or ``..`` can form."""
 RESERVED_LANGS = frozenset({"manifest.json"})  # names the output folder uses for itself
 
 
 def valid_lang(lang) -> bool:
     """A language tag usable as a folder name of the output (and not one of its own files)."""
     return isinstance(lang, str) and bool(VALID_LANG.match(lang)) and lang.lower() not in RESERVED_LANGS
+
+
+def source_keys(path: str, kind: str, split: str = "train") -> Optional[List[str]]:
+    """The field / column names a source's records have (its first JSON object, or its schema), to say
+    what exists when the wanted key does not; None when they cannot be read (text files have none)."""
+    try:
+        if kind == "jsonl":
+            with _open_binary(path) as f:
+                for raw in f:
+                    if raw.strip():
+                        obj = json.loads(raw.decode("utf-8"))
+                        return sorted(obj) if isinstance(obj, dict) else None
+            return []
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        if kind == "arrow":
+            import pyarrow as pa
+
+            try:
+                return list(pa.ipc.open_stream(pa.memory_map(path)).schema.names)
+            except pa.ArrowInvalid:
+                return list(pa.ipc.open_file(pa.memory_map(path)).schema.names)
+        if kind == "hf_disk":
+            return list(_load_hf_disk(path, split).column_names)
+    except Exception:  # noqa: BLE001 - only a hint for an error message; the record errors say the rest
+        return None
+    return None
 
 BAD_KINDS = {
     "malformed_json": "malformed JSON line",
@@ -261,8 +291,8 @@ def discover(inputs: List[str], opts: ReadOptions, log: BadInputLog) -> List[Sou
                 "--lang-key FIELD for inputs with a language column (FineWeb2 folders name it themselves)"
             )
         if s.lang is not None and not valid_lang(s.lang):
-            raise InputError(f"language {s.lang!r} is not a usable folder name (letters, digits, _ . -; "
-                             f"not {', '.join(sorted(RESERVED_LANGS))})")
+            raise InputError(f"language {s.lang!r} is not a usable folder name (letters, digits, _ - @ . +, "
+                             f"no leading dot, at most 64 characters; not {', '.join(sorted(RESERVED_LANGS))})")
     return out
 
 
