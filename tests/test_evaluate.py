@@ -120,6 +120,7 @@ def test_megatron_equals_its_hf_export(setup, tmp_path):
         assert r["accuracy"] == pytest.approx(hf["languages"][lang]["accuracy"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_tp1_equals_tp2_under_torchrun(setup, tmp_path):
     import subprocess
     import sys
@@ -174,6 +175,12 @@ def test_model_trained_on_one_language_ranks_it_best(setup, tmp_path, capsys):
     assert table["languages"]["ccc_Cyrl"]["loss"]["trained"] == pytest.approx(losses["ccc_Cyrl"], abs=1e-9)
     assert os.path.isfile(out / "compare.csv") and os.path.isfile(out / "trained" / "eval.json")
     assert "winner" in capsys.readouterr().out
+    # A rerun (e.g. after an interruption) reuses each model's finished result.
+    assert evaluate_main(["--compare", str(root / "hf"), str(root / "trained"), "--manifest", manifest_path,
+                          "--out", str(out), *COMMON]) == 0
+    assert capsys.readouterr().err.count("reusing") == 2
+    with open(out / "compare.json") as f:
+        assert json.load(f)["languages"] == table["languages"]
 
 
 def test_bad_inputs_are_named(setup, tmp_path, capsys):

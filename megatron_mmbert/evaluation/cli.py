@@ -60,6 +60,8 @@ def _relaunch_under_torchrun(cfg: EvaluateConfig, argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # megatron-core logs six lines per shard opened; evaluation opens every language's shards.
+    logging.getLogger("megatron.core.datasets.indexed_dataset").setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = EvaluateConfig(**vars(_parser().parse_args(argv)))
     from megatron_mmbert.evaluation.run import evaluate

@@ -70,6 +70,8 @@ def model_names(paths: List[str]) -> List[str]:
         if names.count(names[i]) > 1:
             parts = os.path.normpath(os.path.abspath(p)).split(os.sep)
             names[i] = clean("_".join(parts[-2:]))
+    reserved = {"eval.json", "eval.csv", "compare.json", "compare.csv", OUTPUT_MARKER}
+    names = [f"{n}_model" if n in reserved else n for n in names]
     for i in range(len(names)):
         if names.count(names[i]) > 1:
             names[i] = f"{names[i]}_{i}"
@@ -138,6 +140,36 @@ def compare_csv(table: Dict) -> str:
     return buf.getvalue()
 
 
+def model_fingerprint(path: str) -> str:
+    """sha256 over the checkpoint folder's file names, sizes and modification times: a rewritten
+    checkpoint at the same path is a different model for resuming."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for f in sorted(files):
+            st = os.stat(os.path.join(folder, f))
+            h.update(f"{os.path.relpath(os.path.join(folder, f), path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _previous(done, path: str, run_settings: Dict, fingerprint: str):
+    """The result of an earlier run in ``done`` when it evaluated the same files with the same settings."""
+    import json
+
+    if not done or not os.path.isfile(done):
+        return None
+    try:
+        with open(done, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = (isinstance(old, dict) and old.get("settings") == run_settings and old.get("fingerprint") == fingerprint
+            and old.get("model") == os.path.abspath(path) and "languages" in old)
+    return old if same else None
+
+
 def evaluate(cfg: EvaluateConfig) -> Tuple[Dict, str]:
     """Evaluate (or compare); on rank 0 write the files and return ``(result, text table)``."""
     from megatron_mmbert import runtime
@@ -161,27 +193,35 @@ def evaluate(cfg: EvaluateConfig) -> Tuple[Dict, str]:
         raise ConfigError(f"--size-manifest lacks languages {missing[:5]}; give the manifest the evaluated one came from")
     results = {}
     names = model_names(paths)
+    run_settings = settings(cfg, manifest_path)
     try:
         for name, path, kind in zip(names, paths, kinds):
+            fingerprint = model_fingerprint(path)
+            done = os.path.join(out, name, "eval.json") if cfg.compare else None
+            previous = _previous(done, path, run_settings, fingerprint)
+            if previous is not None:  # a rerun of an interrupted --compare resumes here
+                if _is_rank0():
+                    print(f"[{name}] reusing {done} (same model files and settings)", file=sys.stderr, flush=True)
+                results[name] = previous
+                continue
             scorer = open_scorer(path, kind, cfg.tp, cfg.pp, cfg.seed, cfg.verify)
             eval_data.check_vocab(manifest, scorer.vocab_size, path)
             sums = score_model(scorer, rows, cfg.quiet, name)
             scorer.close()
             result = metrics.summarize(sums, {r.language: r.rows for r in rows}, cfg.seq_len, size_tokens)
-            results[name] = {"model": os.path.abspath(path), "format": kind, "settings": settings(cfg, manifest_path),
-                             **result}
+            results[name] = {"model": os.path.abspath(path), "format": kind, "fingerprint": fingerprint,
+                             "settings": run_settings, **result}
+            if _is_rank0():
+                target = os.path.join(out, name) if cfg.compare else out
+                atomic_write_json(os.path.join(target, "eval.json"), results[name])
+                atomic_write_text(os.path.join(target, "eval.csv"), eval_csv(results[name]))
     finally:
         runtime.shutdown()
     if not _is_rank0():
         return {}, ""
     if not cfg.compare:
         (result,) = results.values()
-        atomic_write_json(os.path.join(out, "eval.json"), result)
-        atomic_write_text(os.path.join(out, "eval.csv"), eval_csv(result))
         return result, metrics.format_table(result)
-    for name, result in results.items():
-        atomic_write_json(os.path.join(out, name, "eval.json"), result)
-        atomic_write_text(os.path.join(out, name, "eval.csv"), eval_csv(result))
     table = metrics.compare(results)
     payload = {**table, "paths": {n: results[n]["model"] for n in names}, "settings": settings(cfg, manifest_path),
                "results": {n: {"mean": results[n]["mean"], "groups": results[n]["groups"]} for n in names},
