@@ -195,3 +195,12 @@ def test_bad_inputs_are_named(setup, tmp_path, capsys):
     assert evaluate_main(["--load", str(root / "ckpt"), "--manifest", manifest, "--out", str(tmp_path / "taken")]) == 2
     assert "not an evaluate output" in capsys.readouterr().err
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_resource_groups_are_terciles_by_manifest_tokens():
+    from megatron_mmbert.evaluation.metrics import resource_groups
+
+    tokens = {"a": 70, "b": 60, "c": 50, "d": 40, "e": 30, "f": 20, "g": 10}
+    groups = resource_groups(["g", "f", "e", "d", "c", "b", "a"], tokens)
+    assert groups == {"high": ["a", "b", "c"], "mid": ["d", "e", "f"], "low": ["g"]}
+    assert resource_groups(["x", "y"], {"x": 1, "y": 1}) == {"high": ["x"], "mid": ["y"]}  # ties by name

@@ -40,6 +40,11 @@ def resolve_languages(manifest, spec: str) -> List[str]:
         raise ConfigError(f"--languages {spec!r}: top:N needs a whole number N")
     if not value:
         raise ConfigError("--languages is empty: give 'all', 'top:N' or names separated by commas")
+    if isinstance(value, list):
+        unknown = [n for n in value if n not in manifest.languages]
+        if unknown:
+            raise ConfigError(f"--languages: {unknown[:5]} are not in the manifest (it has {len(names)} languages, "
+                              f"e.g. {names[:5]})")
     phase = PhaseConfig(name="evaluate", tokens=1, languages=value)
     active = active_languages(phase, names, tokens)
     if isinstance(value, list):
