@@ -79,14 +79,15 @@ class HFScorer:
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("a Hugging Face model is evaluated in one process; run without torchrun")
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.model = AutoModelForMaskedLM.from_pretrained(path, attn_implementation="eager").float().eval()
+        self.model.to(self.device)
         self.vocab_size = int(self.model.config.vocab_size)
-        self.device = torch.device("cpu")
 
     def logits(self, batch: Dict) -> torch.Tensor:
         from megatron_mmbert.convert.verify import hf_logits_per_document
 
-        return hf_logits_per_document(self.model, batch)
+        return hf_logits_per_document(self.model, dict(batch, tokens=batch["tokens"].to(self.device))).cpu()
 
     def close(self) -> None:
         del self.model
