@@ -49,6 +49,7 @@ setup(
         # ships TransformerEngine, apex and flash-attn. "apex" on PyPI is an unrelated package.
         "datasets": ["datasets>=2.16"],
         "nltk": ["nltk>=3.8"],
+        "plots": ["matplotlib>=3.5"],
         # torch-optimi: the reference StableAdamW the tests hold ours to (needs only torch>=2.2)
         "test": ["pytest>=7", "torch-optimi>=0.3"],
     },
@@ -58,6 +59,7 @@ setup(
             "mmbert-build-index=megatron_mmbert.cli.build_data_index:main",
             "mmbert-convert=megatron_mmbert.cli.convert_checkpoint:main",
             "mmbert-ties-merge=megatron_mmbert.cli.ties_merge:main",
+            "mmbert-evaluate=megatron_mmbert.evaluation.cli:main",
         ],
     },
 )

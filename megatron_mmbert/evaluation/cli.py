@@ -1,0 +1,86 @@
+"""tools/evaluate.py (``mmbert-evaluate``): per-language MLM evaluation of a checkpoint on a manifest.
+
+  --load CKPT [--tp N --pp M]   a megatron-mmbert checkpoint (any, merged ones included); with
+                                --tp/--pp > 1 it relaunches itself under torchrun
+  --hf-dir DIR                  a Hugging Face ModernBertForMaskedLM directory
+  --compare A B C ...           several (megatron or HF) on the same masks, side by side
+
+Writes OUT/eval.json and OUT/eval.csv (compare: OUT/compare.json, OUT/compare.csv and each model's
+OUT/NAME/eval.json) and prints a table. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import typing
+from typing import List, Optional
+
+from megatron_mmbert.config_base import ConfigError, field_docs
+from megatron_mmbert.evaluation.config import EvaluateConfig
+from megatron_mmbert.fileio import OutputRefused
+
+
+def _parser() -> argparse.ArgumentParser:
+    """One option per EvaluateConfig field, its docstring as help (a plain argparse until the
+    tools share a generated CLI)."""
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = field_docs(EvaluateConfig)
+    hints = typing.get_type_hints(EvaluateConfig)
+    for f in dataclasses.fields(EvaluateConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        help_text = docs.get(f.name, "").replace("%", "%%")
+        if tp is bool:
+            if f.default:
+                p.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false", help=help_text)
+            else:
+                p.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+        elif typing.get_origin(tp) in (list, List):
+            p.add_argument(flag, dest=f.name, nargs="+", default=[], help=help_text)
+        else:
+            base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+            p.add_argument(flag, dest=f.name, type=base, required=required,
+                           default=None if required else f.default, help=help_text)
+    return p
+
+
+def _relaunch_under_torchrun(cfg: EvaluateConfig, argv: List[str]) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.tp * cfg.pp),
+           "-m", "megatron_mmbert.evaluation.cli", *argv]
+    return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # megatron-core logs six lines per shard opened; evaluation opens every language's shards.
+    logging.getLogger("megatron.core.datasets.indexed_dataset").setLevel(logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = EvaluateConfig(**vars(_parser().parse_args(argv)))
+    from megatron_mmbert.evaluation.run import evaluate
+
+    try:
+        if cfg.tp * cfg.pp > 1 and "WORLD_SIZE" not in os.environ:
+            return _relaunch_under_torchrun(cfg, argv)
+        _, table = evaluate(cfg)
+        if table:
+            print(table)
+            print(f"wrote {os.path.join(cfg.out, 'compare.json' if cfg.compare else 'eval.json')} and .csv")
+        return 0
+    except (ConfigError, OutputRefused) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Options of ``tools/evaluate.py`` as one typed dataclass (field docstrings are the help text)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """Per-language MLM evaluation of one checkpoint, or several side by side."""
+
+    manifest: str
+    """Manifest to read rows from: a ``manifest.json`` or its folder (a held-out manifest has the
+    training manifest's format)."""
+    out: str
+    """Output folder for ``eval.json`` / ``eval.csv`` (``compare.json`` / ``compare.csv`` with
+    ``compare``). Created if missing; an existing folder must be empty or a previous evaluate output."""
+    load: Optional[str] = None
+    """A megatron-mmbert checkpoint (training, ``phase_end_*``, imported or merged)."""
+    hf_dir: Optional[str] = None
+    """A Hugging Face ``ModernBertForMaskedLM`` directory (e.g. ``convert_checkpoint.py export-hf``)."""
+    compare: List[str] = dataclasses.field(default_factory=list)
+    """Several checkpoints (megatron or HF folders, told apart by their files) evaluated on the same
+    masks and shown side by side with each language's winner."""
+    tp: int = 1
+    """Tensor-parallel size for megatron checkpoints (> 1 relaunches under torchrun)."""
+    pp: int = 1
+    """Pipeline-parallel size for megatron checkpoints."""
+    seq_len: int = 512
+    """Tokens per evaluated row (documents packed, long ones split, as in training)."""
+    mask_rate: float = 0.15
+    """Fraction of non-special tokens selected for prediction (80% <mask>, 10% random, 10% kept)."""
+    tokens_per_language: int = 16384
+    """Row capacity evaluated per language (rounded down to whole rows, at least one; capped at the
+    language's tokens so that no token is read twice)."""
+    seed: int = 0
+    """Masks and row order come from (seed, language, row) only: the same for every model and layout."""
+    languages: str = "all"
+    """``all``, ``top:N`` (the N largest in the manifest) or a comma-separated list of names."""
+    size_manifest: Optional[str] = None
+    """Manifest whose token counts rank languages into high/mid/low resource groups (default:
+    ``manifest``). Give the training manifest when evaluating a held-out one, whose per-language
+    sizes are alike by construction."""
+    micro_batch_rows: int = 4
+    """Rows per forward pass."""
+    mask_special_tokens: bool = False
+    """Let special tokens be selected too (as ``data.mask_special_tokens`` in training)."""
+    verify: bool = True
+    """Check a megatron checkpoint's file digests before loading it."""
+    quiet: bool = False
+    """No per-language progress lines."""

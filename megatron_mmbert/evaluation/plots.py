@@ -1,0 +1,188 @@
+"""Pictures of a run, drawn with matplotlib (optional extra ``plots``), each written as a PNG next
+to the data it shows:
+
+* :func:`plot_schedule` -- ``index_plan.json`` (``data.index.index_plan``): per phase each
+  language's share of the phase's rows (log scale) and the epochs seen of it (within the phase and
+  cumulative by its end, ``data.index.phase_epochs``);
+* :func:`plot_loss` -- a run's ``metrics.jsonl`` (``training.logging``): training loss per step,
+  evaluation losses where logged, phase boundaries marked;
+* :func:`plot_compare` -- ``compare.json`` of ``tools/evaluate.py --compare``: per-language loss
+  of each model, winners marked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+from megatron_mmbert.config_base import ConfigError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError(
+            "plots need matplotlib, an optional extra: pip install 'megatron-mmbert[plots]' "
+            "(or pip install matplotlib)"
+        ) from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _read_json(path: str, name: str) -> Tuple[Dict, str]:
+    if os.path.isdir(path):
+        path = os.path.join(path, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f), path
+    except FileNotFoundError:
+        raise ConfigError(f"no {name} at {path}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc})") from None
+
+
+def _save(fig, path: str) -> str:
+    """Write the PNG atomically (a partial file never takes the final name)."""
+    tmp = f"{path}.partial-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def _out_path(data_path: str, out: Optional[str], default: str) -> str:
+    return out or os.path.join(os.path.dirname(os.path.abspath(data_path)), default)
+
+
+def plot_schedule(plan_path: str, out: Optional[str] = None, max_languages: int = 60) -> str:
+    """Share (log) and epochs per language for every phase of an index plan; returns the PNG path.
+    Languages are ordered by manifest size; beyond ``max_languages`` every k-th is shown."""
+    from megatron_mmbert.data.index import phase_epochs
+
+    plt = _pyplot()
+    plan, plan_path = _read_json(plan_path, "index_plan.json")
+    if "phases" not in plan or "language_tokens" not in plan:
+        raise ConfigError(f"{plan_path} is not an index_plan.json (no phases / language_tokens)")
+    sizes = plan["language_tokens"]
+    order = sorted(sizes, key=lambda lang: (-sizes[lang], lang))
+    if len(order) > max_languages:
+        step = -(-len(order) // max_languages)
+        order = order[::step]
+    phases = plan["phases"]
+    fig, axes = plt.subplots(2, len(phases), figsize=(max(6, 4.5 * len(phases)), 8), squeeze=False,
+                             sharey="row")
+    x = list(range(len(order)))
+    smallest = 1.0
+    for k, phase in enumerate(phases):
+        rows = {lang: r["rows"] for lang, r in phase["languages"].items()}
+        total = max(sum(rows.values()), 1)
+        share = [rows.get(lang, 0) / total for lang in order]
+        ax = axes[0][k]
+        # Markers, not bars: on a log axis a bar's height depends on where the axis starts.
+        ax.plot(x, [s if s > 0 else float("nan") for s in share], "o-", color="tab:blue", ms=4)
+        ax.set_yscale("log")
+        smallest = min([smallest] + [s for s in share if s > 0])
+        ax.set_title(f"{phase['name']}: {phase['samples']:,} rows x {phase['seq_len']}")
+        ax.set_ylabel("share of rows" if k == 0 else "")
+        epochs = phase_epochs(plan, phase["name"])
+        ax = axes[1][k]
+        ax.bar(x, [epochs.get(lang, {}).get("in_phase", 0.0) for lang in order], color="tab:orange",
+               label="within phase")
+        ax.plot(x, [phase["languages"].get(lang, {}).get("epochs", 0.0) for lang in order], "k.",
+                label="cumulative by its end")
+        ax.set_ylabel("epochs" if k == 0 else "")
+        ax.legend(fontsize=7)
+        for a in (axes[0][k], axes[1][k]):
+            a.set_xticks(x)
+            a.set_xticklabels(order, rotation=90, fontsize=6 if len(order) > 20 else 8)
+    axes[0][0].set_ylim(smallest / 2, 1.0)
+    fig.suptitle("sampling schedule (languages by size, largest first; no marker: not drawn in the phase)")
+    fig.tight_layout()
+    path = _save(fig, _out_path(plan_path, out, "schedule.png"))
+    plt.close(fig)
+    return path
+
+
+def read_metrics(path: str) -> Tuple[List[Dict], str]:
+    """Records of ``metrics.jsonl`` (a file or its run folder); a resumed run's repeated steps keep
+    the later record. Unreadable lines (a killed writer's last) are skipped."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ConfigError(f"no metrics.jsonl at {path}: give a run folder or its metrics.jsonl")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records, path
+
+
+def plot_loss(metrics_path: str, out: Optional[str] = None) -> str:
+    """Training loss per step with phase boundaries (and evaluation losses if logged)."""
+    plt = _pyplot()
+    records, metrics_path = read_metrics(metrics_path)
+    train = {r["step"]: r for r in records if r.get("kind") == "train" and r.get("loss") is not None}
+    if not train:
+        raise ConfigError(f"{metrics_path} has no training records to plot")
+    steps = sorted(train)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.plot(steps, [train[s]["loss"] for s in steps], color="tab:blue", lw=1, label="train loss")
+    evals: Dict[str, Dict[int, float]] = {}
+    for r in records:
+        if r.get("kind") == "eval":
+            for group, value in r.get("losses", {}).items():
+                evals.setdefault(group, {})[r["step"]] = value
+    for group, points in sorted(evals.items()):
+        xs = sorted(points)
+        ax.plot(xs, [points[s] for s in xs], "o--", ms=3, lw=1, label=f"eval {group}")
+    prev = None
+    for s in steps:
+        phase = train[s].get("phase")
+        if phase != prev:
+            ax.axvline(s - 0.5, color="grey", ls=":", lw=1)
+            ax.text(s - 0.5, 1.0, f" {phase}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+            prev = phase
+    ax.set_xlabel("step")
+    ax.set_ylabel("MLM loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = _save(fig, _out_path(metrics_path, out, "loss.png"))
+    plt.close(fig)
+    return path
+
+
+def plot_compare(compare_path: str, out: Optional[str] = None, max_languages: int = 60) -> str:
+    """Per-language loss of each compared model (grouped bars), the winner's bar outlined."""
+    plt = _pyplot()
+    table, compare_path = _read_json(compare_path, "compare.json")
+    if "models" not in table or "languages" not in table:
+        raise ConfigError(f"{compare_path} is not a compare.json of tools/evaluate.py --compare")
+    names = table["models"]
+    rows = list(table["languages"].items())[:max_languages] + [
+        (k, v) for k, v in table.get("summary", {}).items() if k in ("mean", "macro")]
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(rows) * len(names) + 2), 4.5))
+    for j, name in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(rows))]
+        ys = [r["loss"][name] for _, r in rows]
+        edges = ["black" if r["winner"] == name else "none" for _, r in rows]
+        ax.bar(xs, ys, width, label=name, edgecolor=edges, linewidth=1.2)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([k for k, _ in rows], rotation=90, fontsize=7 if len(rows) > 20 else 9)
+    ax.set_ylabel("MLM loss (lower is better; winner outlined)")
+    lows = [min(r["loss"].values()) for _, r in rows]
+    highs = [max(r["loss"].values()) for _, r in rows]
+    pad = 0.1 * max(max(highs) - min(lows), 1e-3)
+    ax.set_ylim(max(0.0, min(lows) - pad), max(highs) + pad)
+    ax.legend(fontsize=8)
+    ax.set_title("per-language evaluation")
+    fig.tight_layout()
+    path = _save(fig, _out_path(compare_path, out, "compare.png"))
+    plt.close(fig)
+    return path
