@@ -13,15 +13,12 @@ from megatron_mmbert.config_base import ConfigError
 
 
 def checkpoint_kind(path: str) -> str:
-    """``"megatron"`` (has ``mmbert_config.json``) or ``"hf"`` (has ``config.json``)."""
-    if os.path.isfile(os.path.join(path, "mmbert_config.json")):
+    """``"megatron"`` (a checkpoint of ours) or ``"hf"`` (a Hugging Face model directory)."""
+    from megatron_mmbert.checkpoints import layout
+
+    if os.path.isdir(path) and layout.is_complete(path):
         return "megatron"
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return "hf"
-    raise ConfigError(
-        f"{path}: neither a megatron-mmbert checkpoint (mmbert_config.json) nor a Hugging Face model "
-        "directory (config.json)" + ("" if os.path.isdir(path) else ": no such folder")
-    )
+    return layout.detect_format(path)
 
 
 def load_megatron(path: str, tp: int, pp: int, seed: int, verify: bool = True):
@@ -32,7 +29,7 @@ def load_megatron(path: str, tp: int, pp: int, seed: int, verify: bool = True):
     from megatron_mmbert import runtime
     from megatron_mmbert.config import ParallelConfig
     from megatron_mmbert.model.build import build_model
-    from megatron_mmbert.training import checkpoint as ckpt
+    from megatron_mmbert.checkpoints import dist as ckpt
 
     model = ckpt.read_model_config(path)
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
