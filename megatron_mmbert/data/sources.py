@@ -40,6 +40,8 @@ import os
 import re
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+from megatron_mmbert.checkpoints.layout import TOKENIZER_DIR
+
 JSONL_EXTS = (".jsonl", ".json", ".ndjson")
 TEXT_EXTS = (".txt",)
 COMPRESSED = (".gz", ".zst")
@@ -48,7 +50,8 @@ VALID_LANG = re.compile(r"[A-Za-z0-9_@+-][A-Za-z0-9_@+.-]{0,63}\Z")
 """A language tag is a single safe path component (it names the output folder): letters, digits and
 ``_ - @ . +`` (BCP 47 ``zh-Hans``, gettext/glibc ``sr@latin``, ``ca@valencia``), not hidden (no leading
 dot), at most 64 characters; no separator or ``..`` can form."""
-RESERVED_LANGS = frozenset({"manifest.json"})  # names the output folder uses for itself
+# Names the output folder uses for itself: a language of that name would collide with them.
+RESERVED_LANGS = frozenset({"manifest.json", TOKENIZER_DIR})
 
 
 def valid_lang(lang) -> bool:
