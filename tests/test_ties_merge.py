@@ -248,12 +248,12 @@ def test_mismatch_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"need converting between formats, which works for ModernBERT "
                        r"checkpoints only: .*b: config model_type is 'test'"):
         merge_checkpoints(b, [good, str(tmp_path / "fake_megatron")], spec, str(tmp_path / "o"), log=None)
-    with pytest.raises(CheckpointError, match=r"--out-format megatron need converting"):
+    with pytest.raises(CheckpointError, match=r"out_format megatron need converting"):
         merge_checkpoints(b, [good], spec, str(tmp_path / "o"), out_format="megatron", log=None)
 
-    with pytest.raises(ValueError, match="--weights has 1 values for 2 models"):
+    with pytest.raises(ValueError, match="weights has 1 values for 2 models"):
         merge_checkpoints(b, [good, good], MergeSpec(weights=[1.0]), str(tmp_path / "o"), log=None)
-    with pytest.raises(ValueError, match="needs --base"):
+    with pytest.raises(ValueError, match="needs base"):
         merge_checkpoints(None, [good], spec, str(tmp_path / "o"), log=None)
     assert not os.path.exists(tmp_path / "o")  # nothing half-written
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
