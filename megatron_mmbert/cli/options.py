@@ -114,7 +114,7 @@ class ConfigParser:
             help_text = (spelling.help or doc) + ("" if spelling.help else _default_text(f).replace("%", "%%"))
             dest = "cfg__" + path.replace(".", "__")
             kwargs: Dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
-            if tp is not bool:
+            if tp is not bool and typing.get_origin(tp) is not typing.Literal:
                 kwargs["metavar"] = f.name.upper()
             if tp is bool and spelling.type is None:
                 flag = spelling.flag
