@@ -12,6 +12,7 @@ import ast
 import re
 import dataclasses
 import inspect
+import textwrap
 import types
 import typing
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -255,7 +256,7 @@ def field_docs(cls: type) -> Dict[str, str]:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
-    tree = ast.parse(source.lstrip() if source[0].isspace() else source)
+    tree = ast.parse(textwrap.dedent(source))  # classes defined inside a function are indented
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: Dict[str, str] = {}
     for node, nxt in zip(body, body[1:]):

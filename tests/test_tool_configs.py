@@ -1,12 +1,15 @@
 """One config system for every tool: --help-config, YAML input, flags over YAML, errors naming the field."""
 
+import argparse
+import dataclasses
 import os
+from typing import List, Literal, Optional
 
 import pytest
 import yaml
 
 from megatron_mmbert.cli import build_data_index, convert_checkpoint, preprocess_data, ties_merge
-from megatron_mmbert.cli.options import parse_config
+from megatron_mmbert.cli.options import ConfigParser, parse_config
 from megatron_mmbert.config_base import ConfigError, from_dict
 from megatron_mmbert.data.preprocess import PreprocessConfig
 
@@ -112,3 +115,44 @@ def test_from_dict_reports_every_field_error_at_once():
     fields = {e.field for e in info.value.errors}
     assert {"inputs", "workers", "read.text_kee", "output", "tokenizer"} <= fields, fields
     assert str(info.value).startswith(f"{len(info.value.errors)} problems:")
+
+
+@pytest.mark.parametrize("cls", [PreprocessConfig, ties_merge.MergeConfig, convert_checkpoint.ImportHfConfig,
+                                 convert_checkpoint.ExportHfConfig, convert_checkpoint.VerifyConfig,
+                                 build_data_index.BuildIndexConfig])
+def test_every_tool_field_has_a_docstring(cls):
+    from megatron_mmbert.config_base import _nested_sections, field_docs
+
+    for sub in [cls] + [c for _, c in _nested_sections(cls, "")]:
+        missing = [f.name for f in dataclasses.fields(sub) if f.init and f.name not in field_docs(sub)]
+        assert not missing, f"{sub.__name__}: {missing}"
+
+
+def test_a_new_field_is_a_new_flag_yaml_key_and_help_line(tmp_path, capsys):
+    @dataclasses.dataclass
+    class Inner:
+        mode: Literal["a", "b"] = "a"
+        """Which mode."""
+        on: bool = True
+        """Switch."""
+
+    @dataclasses.dataclass
+    class Tool:
+        paths: List[str]
+        """Inputs."""
+        limit: Optional[float] = None
+        """A limit."""
+        inner: Inner = dataclasses.field(default_factory=Inner)
+        """A section."""
+
+    parser = argparse.ArgumentParser()
+    spec = ConfigParser(Tool)
+    spec.add_to(parser)
+    cfg, _ = parse_config(parser, spec, ["--paths", "x", "y", "--limit", "2.5", "--mode", "b", "--no-on"])
+    assert cfg == Tool(["x", "y"], 2.5, Inner("b", False))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "c"])
+    assert "invalid choice: 'c'" in capsys.readouterr().err
+    parse_config(parser, spec, ["--help-config"])
+    out = capsys.readouterr().out
+    assert "limit: Optional[float] = None    [--limit]" in out and "mode: Literal['a', 'b'] = 'a'    [--mode]" in out

@@ -5,7 +5,9 @@ Example (FineWeb2 layout, 8 workers)::
     python tools/preprocess_data.py --input /data/fineweb-2 --output /data/shards \\
         --tokenizer /models/mmBERT-base --workers 8
 
-Writes ``OUT/{lang}/part-*.bin/.idx`` and ``OUT/manifest.json``; rerunning resumes. See docs/data.md.
+Writes ``OUT/{lang}/part-*.bin/.idx`` and ``OUT/manifest.json``; rerunning resumes. Every option is a
+field of ``PreprocessConfig`` (``--help-config``), also accepted as YAML (``--config pre.yaml``; flags
+given win). See docs/data.md.
 """
 
 from __future__ import annotations
