@@ -51,6 +51,11 @@ def test_preprocess_yaml_equals_flags_and_flags_win(tmp_path):
     assert back_on.framing.bos is True  # a boolean flag can undo the YAML either way
 
 
+def test_preprocess_bad_count_names_field_and_flag(capsys):
+    assert preprocess_data.main(["--input", "a", "--output", "o", "--tokenizer", "t", "--chunk-mb", "0"]) == 2
+    assert "chunk_bytes must be positive, got 0 [--chunk-mb]" in capsys.readouterr().err
+
+
 def test_merge_recipe_example_is_valid_and_flags_override():
     recipe = os.path.join(ROOT, "examples", "merge", "merge_decay.yaml")
     parser, spec = ties_merge.build_parser()

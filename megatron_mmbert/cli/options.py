@@ -115,7 +115,7 @@ class ConfigParser:
             dest = "cfg__" + path.replace(".", "__")
             kwargs: Dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
             if tp is not bool and typing.get_origin(tp) is not typing.Literal:
-                kwargs["metavar"] = f.name.upper()
+                kwargs["metavar"] = spelling.flag.lstrip("-").replace("-", "_").upper()
             if tp is bool and spelling.type is None:
                 flag = spelling.flag
                 positive = flag[5:] if flag.startswith("--no-") else flag[2:]

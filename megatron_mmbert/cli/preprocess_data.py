@@ -24,7 +24,7 @@ from megatron_mmbert.data.tokenizer import TokenizerError
 
 FLAGS = {
     "inputs": Flag("--input"),
-    "chunk_bytes": Flag("--chunk-mb", type=float, to_field=lambda mb: max(1, int(mb * (1 << 20))),
+    "chunk_bytes": Flag("--chunk-mb", type=float, to_field=lambda mb: max(1, int(mb * (1 << 20))) if mb > 0 else 0,
                         help="target MiB of input per work unit and shard; fixes the output layout (default: 128)"),
     "log_interval_s": "--log-interval",
     "framing.bos": "--no-bos",
