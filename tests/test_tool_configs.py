@@ -140,6 +140,8 @@ def test_a_new_field_is_a_new_flag_yaml_key_and_help_line(tmp_path, capsys):
         """Which mode."""
         on: bool = True
         """Switch."""
+        limit: int = 0
+        """Same leaf name as Tool.limit: its flag spells the path."""
 
     @dataclasses.dataclass
     class Tool:
@@ -153,8 +155,9 @@ def test_a_new_field_is_a_new_flag_yaml_key_and_help_line(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     spec = ConfigParser(Tool)
     spec.add_to(parser)
-    cfg, _ = parse_config(parser, spec, ["--paths", "x", "y", "--limit", "2.5", "--mode", "b", "--no-on"])
-    assert cfg == Tool(["x", "y"], 2.5, Inner("b", False))
+    cfg, _ = parse_config(parser, spec, ["--paths", "x", "y", "--limit", "2.5", "--mode", "b", "--no-on",
+                                         "--inner.limit", "3"])
+    assert cfg == Tool(["x", "y"], 2.5, Inner("b", False, 3))
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "c"])
     assert "invalid choice: 'c'" in capsys.readouterr().err

@@ -4,7 +4,8 @@ A tool declares its options once, as a dataclass whose fields carry docstrings (
 :mod:`megatron_mmbert.config_base`). This module turns it into an ``argparse`` parser:
 
 * one flag per scalar or list field, spelled ``--field-name`` (nested sections: the leaf name,
-  ``read.text_key`` -> ``--text-key``), unless the tool gives a spelling (``inputs`` -> ``--input``);
+  ``read.text_key`` -> ``--text-key``, or the whole path, ``--read.split``, when the leaf name is
+  taken), unless the tool gives a spelling (``inputs`` -> ``--input``);
   booleans get ``--name`` and ``--no-name``; the help is the field's docstring and default;
 * ``--config FILE.yaml``: the same options as YAML, keyed by field name (flags given win);
 * ``--help-config``: every field with its type, default, docstring and flag.
@@ -110,6 +111,9 @@ class ConfigParser:
                 self._add_fields(parser, tp, path + ".")
                 continue
             spelling = self.flags.get(path) or Flag("--" + f.name.replace("_", "-"))
+            taken = {spelling.flag, "--no-" + spelling.flag[2:]} & set(parser._option_string_actions)
+            if taken and path not in self.flags:  # two sections share a leaf name: spell the whole path
+                spelling = Flag("--" + path.replace("_", "-"))
             doc = (docs.get(f.name, "").split("\n\n")[0].replace("\n", " ")).replace("%", "%%")
             help_text = (spelling.help or doc) + ("" if spelling.help else _default_text(f).replace("%", "%%"))
             dest = "cfg__" + path.replace(".", "__")
