@@ -59,8 +59,8 @@ def check_safe_name(value, field: str) -> None:
 
 
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is not None:  # List[str], Optional[float]: the whole annotation
-        return str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is not None:  # List[str], Optional[float]: the whole annotation, no module paths
+        return re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", str(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
