@@ -12,16 +12,37 @@ import ast
 import re
 import dataclasses
 import inspect
+import textwrap
 import types
 import typing
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 
 _FLOAT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 
 class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+    """A configuration value is missing, unknown, of the wrong type or inconsistent.
+
+    ``field`` is the dotted path of the offending field (``spec.density``, ``read.text_key``) when
+    one field is to blame, so a command line can say which of its options sets it; ``errors`` holds
+    the individual errors when several fields are wrong at once (all are reported together).
+    """
+
+    def __init__(self, message: str, field: Optional[str] = None, errors: Optional[List["ConfigError"]] = None):
+        super().__init__(message)
+        self.field = field
+        self.errors: List[ConfigError] = list(errors or [])
+
+    @classmethod
+    def combine(cls, errors: List["ConfigError"]) -> "ConfigError":
+        """One error reporting every error of ``errors`` (flattened), one per line."""
+        flat: List[ConfigError] = []
+        for e in errors:
+            flat.extend(e.errors or [e])
+        if len(flat) == 1:
+            return flat[0]
+        return cls(f"{len(flat)} problems:\n  " + "\n  ".join(str(e) for e in flat), errors=flat)
 
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -33,11 +54,13 @@ def check_safe_name(value, field: str) -> None:
     """Raise ConfigError unless ``value`` is a :data:`SAFE_NAME`."""
     if not isinstance(value, str) or not SAFE_NAME.match(value):
         raise ConfigError(
-            f"{field}={value!r}: use letters, digits and _ . - only (it becomes a file name), at most 64 characters"
+            field=field, message=f"{field}={value!r}: use letters, digits and _ . - only (it becomes a file name), at most 64 characters"
         )
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is not None:  # List[str], Optional[float]: the whole annotation, no module paths
+        return re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", str(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -57,87 +80,102 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _coerce(value, arg, where)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} is not a {_type_name(tp)}")
+                errors.append(str(e).removeprefix(f"{where}: "))
+        # Say why each alternative failed: "expected a number, got 'x'" beats "is not Optional[float]".
+        raise ConfigError(f"{where}: {value!r} is not a {_type_name(tp)} ({'; '.join(errors)})", field=where)
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}", field=where)
         return value
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}", field=where)
         (item_tp,) = args or (Any,)
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (tuple, Tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}", field=where)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}", field=where)
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin in (dict, Dict):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}", field=where)
         kt, vt = args or (Any, Any)
         return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}", field=where)
         return from_dict(tp, value, where)
     if tp is float:
         # YAML 1.1 reads 1e-3 (no dot) as a string; take it as the number everyone means.
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}", field=where)
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             # YAML reads 1e9 as a string and 1.0e9 as a float: accept integral floats.
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}", field=where)
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {value!r}", field=where)
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {value!r}", field=where)
         return value
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}", field=where)
     return value
 
 
 def from_dict(cls: type, data: Dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError.
+
+    Every problem of every field (unknown, missing, wrong type, also in nested sections) is
+    collected and reported in one error, so a config is fixed in one pass, not one key per run.
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{where}." if where else ""
+    errors: List[ConfigError] = []
     unknown = sorted(set(data) - names)
     if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
+        errors.append(ConfigError(
             f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {cls.__name__}; "
-            f"valid keys: {', '.join(sorted(names))}"
-        )
+            f"valid keys: {', '.join(sorted(names))}",
+            field=prefix + unknown[0],
+        ))
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+        if name not in names:
+            continue
+        try:
+            kwargs[name] = _coerce(value, hints[name], prefix + name)
+        except ConfigError as e:
+            errors.append(e)
     missing = [
         f.name
         for f in dataclasses.fields(cls)
         if f.init
-        and f.name not in kwargs
+        and f.name not in data
         and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
     ]
-    if missing:
-        raise ConfigError(f"{cls.__name__} needs {', '.join(missing)} (at {where or 'top level'})")
+    for name in missing:
+        errors.append(ConfigError(f"{cls.__name__} needs {prefix + name} (at {where or 'top level'})",
+                                  field=prefix + name))
+    if errors:
+        raise ConfigError.combine(errors)
     return cls(**kwargs)
 
 
@@ -218,7 +256,7 @@ def field_docs(cls: type) -> Dict[str, str]:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
-    tree = ast.parse(source.lstrip() if source[0].isspace() else source)
+    tree = ast.parse(textwrap.dedent(source))  # classes defined inside a function are indented
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: Dict[str, str] = {}
     for node, nxt in zip(body, body[1:]):
@@ -229,23 +267,60 @@ def field_docs(cls: type) -> Dict[str, str]:
     return docs
 
 
-def describe(cls: type, indent: str = "") -> str:
-    """Human-readable list of fields, types, defaults and docstrings (for ``--help-config``)."""
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "<required>"
+
+
+def describe(cls: type, indent: str = "", prefix: str = "",
+             annotate: Optional[Callable[[str], str]] = None) -> str:
+    """Human-readable list of fields, types, defaults and docstrings (for ``--help-config``).
+
+    ``annotate(path)`` may add a note after a field's line (a command line adds its flag); ``prefix``
+    is the dotted path of ``cls`` inside the config it belongs to.
+    """
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     lines = []
     for f in dataclasses.fields(cls):
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "<required>")
-        )
+        if not f.init:
+            continue
+        default = _default_of(f)
         if dataclasses.is_dataclass(default):
             default = "{...}"
-        lines.append(f"{indent}{f.name}: {_type_name(hints[f.name])} = {default!r}")
+        note = annotate(prefix + f.name) if annotate else ""
+        lines.append(f"{indent}{f.name}: {_type_name(hints[f.name])} = {default!r}{note}")
         if f.name in docs:
             lines.extend(f"{indent}    {line}" for line in docs[f.name].splitlines())
     return "\n".join(lines)
+
+
+def _nested_sections(cls: type, prefix: str) -> List[Tuple[str, type]]:
+    """(dotted path, dataclass) of every section nested in ``cls``; list items as ``path[]``."""
+    out: List[Tuple[str, type]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1:
+            tp = args[0]
+        if dataclasses.is_dataclass(tp):
+            out.append((prefix + f.name, tp))
+            out += _nested_sections(tp, prefix + f.name + ".")
+        elif typing.get_origin(tp) in (list, List) and typing.get_args(tp) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            out.append((prefix + f.name + "[]", typing.get_args(tp)[0]))
+    return out
+
+
+def describe_tree(cls: type, annotate: Optional[Callable[[str], str]] = None) -> str:
+    """:func:`describe` of ``cls`` and of every section nested in it, each under its dotted path."""
+    out = [f"{cls.__name__}:", describe(cls, "  ", "", annotate)]
+    for path, sub in _nested_sections(cls, ""):
+        out += ["", f"{path}:  ({sub.__name__})", describe(sub, "  ", path.removesuffix("[]") + ".", annotate)]
+    return "\n".join(out)
 
 
 __all__ = [
@@ -256,5 +331,6 @@ __all__ = [
     "parse_cli_value",
     "field_docs",
     "describe",
+    "describe_tree",
     "Optional",
 ]

@@ -16,7 +16,7 @@ import torch
 from megatron_mmbert import runtime
 from megatron_mmbert.cli.convert_checkpoint import main as convert_main
 from megatron_mmbert.cli.ties_merge import main as merge_main
-from model_helpers import make_hf_model
+from tests.helpers.model import make_hf_model
 
 
 class _Payload:
@@ -124,7 +124,7 @@ def test_genuine_metadata_loads_through_the_allow_list(checkpoint):
 
 
 def test_crafted_init_checkpoint_runs_no_code_in_training(checkpoint, tmp_path):
-    from training_helpers import launch, tiny_run_config, write_manifest
+    from tests.helpers.training import launch, tiny_run_config, write_manifest
 
     crafted, marker, named = _crafted(checkpoint, tmp_path, "metadata")
     # A training-shaped config: the crafted copy carries a model config of the tiny preset.
@@ -210,7 +210,7 @@ def test_second_run_on_a_run_dir_exits_naming_the_holder(tmp_path):
     import socket
 
     from megatron_mmbert.fileio import DirectoryLock
-    from training_helpers import launch, tiny_run_config, write_manifest
+    from tests.helpers.training import launch, tiny_run_config, write_manifest
 
     run = tmp_path / "run"
     in_progress = run / "checkpoints" / "iter_0000002.tmp-run"  # run A's save being written
@@ -246,7 +246,7 @@ def test_startup_cleanup_removes_only_our_leftovers(tmp_path):
 @pytest.fixture
 def data_run(tmp_path):
     """A valid tiny run config over write_manifest's three uint16 languages."""
-    from training_helpers import tiny_run_config, write_manifest
+    from tests.helpers.training import tiny_run_config, write_manifest
 
     manifest = write_manifest(tmp_path / "data")
     cfg = tiny_run_config(str(tmp_path / "run.yaml"), manifest, str(tmp_path / "run"), **ONE_PHASE)

@@ -12,7 +12,7 @@ from megatron_mmbert.config import PRESETS, ParallelConfig
 from megatron_mmbert.model.build import build_model
 from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
 
-from model_helpers import packed_batch
+from tests.helpers.model import packed_batch
 
 
 @pytest.fixture(autouse=True)

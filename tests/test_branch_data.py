@@ -19,7 +19,7 @@ from megatron_mmbert.cli.build_data_index import main as build_index
 from megatron_mmbert.data.index import phase_end_positions
 from megatron_mmbert.data.mlm import MLMStream
 from megatron_mmbert.training.config import load_config
-from tests.training_helpers import check, launch, tiny_run_config, write_manifest
+from tests.helpers.training import check, launch, tiny_run_config, write_manifest
 
 
 def _parent(tmp_path):

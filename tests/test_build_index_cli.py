@@ -8,7 +8,7 @@ from megatron_mmbert.cli.build_data_index import main
 from megatron_mmbert.data.index import build_data_index
 from megatron_mmbert.data.shards import load_manifest
 from megatron_mmbert.training.config import load_config
-from tests.training_helpers import tiny_run_config, write_manifest
+from tests.helpers.training import tiny_run_config, write_manifest
 
 
 def _ready_path(out: str) -> str:

@@ -13,7 +13,7 @@ from megatron_mmbert.cli.convert_checkpoint import main as convert_main
 from megatron_mmbert.config import ConfigError
 from megatron_mmbert.convert import hf as hf_map
 from megatron_mmbert.convert.checkpoints import export_hf, import_hf, load_canonical
-from model_helpers import make_hf_model, packed_batch, hf_reference_logits
+from tests.helpers.model import make_hf_model, packed_batch, hf_reference_logits
 
 
 @pytest.fixture(scope="module")

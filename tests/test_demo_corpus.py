@@ -17,7 +17,7 @@ from megatron_mmbert.data.demo_corpus import (
     read_mo,
     train_tokenizer,
 )
-from tests.data_fixtures import DEMO_LANGUAGES, demo_corpus, demo_tokenizer  # noqa: F401
+from tests.helpers.demo_data import DEMO_LANGUAGES
 
 
 @pytest.mark.parametrize("locale,key", [

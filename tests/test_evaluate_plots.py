@@ -10,8 +10,8 @@ import torch
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.evaluation import metrics, plots
-from model_helpers import ROOT
-from training_helpers import write_manifest
+from tests.helpers.model import ROOT
+from tests.helpers.training import write_manifest
 
 pytest.importorskip("matplotlib")
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from model_helpers import ROOT
+from tests.helpers.model import ROOT
 
 STEPS = ("machine", "parity", "attention", "model-base", "model-base-8192", "train", "model-small", "host-syncs")
 

@@ -23,7 +23,7 @@ from megatron_mmbert.model.build import build_model
 from megatron_mmbert.checkpoints import dist as ckpt
 from megatron_mmbert.training.optim import GuardedOptimizer
 from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, wrap_ddp
-from model_helpers import HostReads, make_hf_model, packed_batch
+from tests.helpers.model import HostReads, make_hf_model, packed_batch
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ from megatron_mmbert.data import _index_builder as ib
 from megatron_mmbert.data.index import build_blending_indices, build_data_index, pack_rows
 from megatron_mmbert.data.shards import load_manifest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _corpus import write_corpus  # noqa: E402
+from tests.helpers.corpus import write_corpus
 
 
 def megatron_blend(w, n):

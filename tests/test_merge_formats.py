@@ -21,7 +21,7 @@ from megatron_mmbert.convert.checkpoints import import_hf, load_canonical, read_
 from megatron_mmbert.checkpoints.layout import CheckpointError
 from megatron_mmbert.merge.stream import merge_checkpoints
 from megatron_mmbert.merge.ties import MergeSpec
-from model_helpers import make_hf_model
+from tests.helpers.model import make_hf_model
 
 # 32 KiB of float64: the embedding (333 x 48) spans four row blocks and a QKV (144 x 48) two, so
 # megatron QKV rows are regrouped across a block boundary. (Smaller blocks only add megatron reads,

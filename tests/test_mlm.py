@@ -11,8 +11,7 @@ import torch
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.data.mlm import IGNORE_INDEX, MLMStream
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _corpus import SPECIAL, VOCAB, write_corpus  # noqa: E402
+from tests.helpers.corpus import SPECIAL, VOCAB, write_corpus
 
 PHASES = [
     PhaseConfig(name="pretrain", tokens=64 * 400, seq_len=64, temperature=0.7, languages="top:3", mask_rate=0.3),

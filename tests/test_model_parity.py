@@ -20,7 +20,7 @@ from megatron_mmbert.convert.checkpoints import import_hf
 from megatron_mmbert.model.build import build_model, check_fp8, select_backend
 from megatron_mmbert.model.pipeline import forward_logits, to_device
 from megatron_mmbert.checkpoints import dist as ckpt
-from model_helpers import HF_CONFIGS, hf_reference_logits, make_hf_model, packed_batch, torchrun, use_flash_reference
+from tests.helpers.model import HF_CONFIGS, hf_reference_logits, make_hf_model, packed_batch, torchrun, use_flash_reference
 
 TOL = 1e-4
 # Row layouts: documents longer than every window (16 / 8), several documents per row, one-token docs.

@@ -12,7 +12,7 @@ from megatron_mmbert.config import ParallelConfig, model_preset
 from megatron_mmbert.model.build import build_model
 from megatron_mmbert.checkpoints import dist as ckpt
 from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
-from model_helpers import packed_batch
+from tests.helpers.model import packed_batch
 
 MODEL = model_preset("tiny", num_layers=2, attention_output_dropout=0.0)
 

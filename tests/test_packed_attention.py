@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_mmbert.model.attention import document_block_mask
-from flash_reference import reference_flash_attn_varlen_func
+from tests.helpers.flash_reference import reference_flash_attn_varlen_func
 
 # (document lengths, half window or None for global layers, block size): documents shorter and
 # longer than a block, a block-aligned and an unaligned total, windows below and above a block.
@@ -192,7 +192,7 @@ def test_compiled_flex_attention_skips_blocks_correctly_and_does_not_recompile()
 def test_block_mask_is_built_without_host_reads():
     """Built once per micro-batch on the device: no ``.item()``/``bool()`` of a tensor (each a
     device synchronisation on a GPU). A host read is a call of ``aten::_local_scalar_dense``."""
-    from model_helpers import HostReads
+    from tests.helpers.model import HostReads
 
     HostReads.count = 0
     cu = torch.tensor([0, 37, 42, 43, 104, 300], dtype=torch.int32)

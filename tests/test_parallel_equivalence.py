@@ -22,7 +22,7 @@ from megatron_mmbert.model.build import build_model
 from megatron_mmbert.model.pipeline import _unwrap
 from megatron_mmbert.checkpoints import dist as ckpt
 from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
-from model_helpers import make_hf_model, packed_batch, torchrun
+from tests.helpers.model import make_hf_model, packed_batch, torchrun
 
 LAYOUTS = ["tp2_dp2", "tp2_sp_dp2", "pp2_dp2_distopt", "tp2_pp2", "pp2_vpp2_dp2", "dp4_distopt"]
 SETTINGS = OptimizerSettings(lr=1e-3, weight_decay=0.1, clip_grad=1.0)  # as in the worker

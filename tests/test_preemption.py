@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from model_helpers import _free_port
-from training_helpers import ROOT, _env, tiny_run_config, write_manifest
+from tests.helpers.model import _free_port
+from tests.helpers.training import ROOT, _env, tiny_run_config, write_manifest
 
 pytestmark = pytest.mark.slow
 

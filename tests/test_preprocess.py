@@ -23,7 +23,6 @@ from megatron_mmbert.data.demo_corpus import train_tokenizer
 from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
 from megatron_mmbert.data.shards import load_manifest, read_index
 from megatron_mmbert.data.sources import BadInputError, ReadOptions
-from tests.data_fixtures import demo_corpus, demo_shards, demo_tokenizer  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -26,7 +26,6 @@ from megatron_mmbert.data.preprocess import (
     BadInputFractionError, PreprocessConfig, PreprocessError, run_preprocess, slurm_array_shard,
 )
 from megatron_mmbert.data.sources import ReadOptions, valid_lang
-from tests.data_fixtures import demo_corpus, demo_tokenizer  # noqa: F401
 from tests.test_preprocess import _documents, _framed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from model_helpers import ROOT, _free_port
+from tests.helpers.model import ROOT, _free_port
 
 RUNS = ("train", "decay_anchor_heavy", "decay_cont", "decay_all")
 

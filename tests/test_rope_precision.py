@@ -17,7 +17,7 @@ from megatron_mmbert.model.build import build_model
 from megatron_mmbert.model.pipeline import _unwrap, forward_logits
 from megatron_mmbert.checkpoints import dist as ckpt
 from megatron_mmbert.training.step import wrap_ddp
-from model_helpers import make_hf_model, packed_batch
+from tests.helpers.model import make_hf_model, packed_batch
 
 # mmBERT's head size (64) and mid-training theta (160k) on a two-layer model; every layer global
 # so that each query sees keys up to ~1000 positions away, where frequency errors add up.

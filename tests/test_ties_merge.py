@@ -248,12 +248,12 @@ def test_mismatch_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"need converting between formats, which works for ModernBERT "
                        r"checkpoints only: .*b: config model_type is 'test'"):
         merge_checkpoints(b, [good, str(tmp_path / "fake_megatron")], spec, str(tmp_path / "o"), log=None)
-    with pytest.raises(CheckpointError, match=r"--out-format megatron need converting"):
+    with pytest.raises(CheckpointError, match=r"out_format megatron need converting"):
         merge_checkpoints(b, [good], spec, str(tmp_path / "o"), out_format="megatron", log=None)
 
-    with pytest.raises(ValueError, match="--weights has 1 values for 2 models"):
+    with pytest.raises(ValueError, match="weights has 1 values for 2 models"):
         merge_checkpoints(b, [good, good], MergeSpec(weights=[1.0]), str(tmp_path / "o"), log=None)
-    with pytest.raises(ValueError, match="needs --base"):
+    with pytest.raises(ValueError, match="needs base"):
         merge_checkpoints(None, [good], spec, str(tmp_path / "o"), log=None)
     assert not os.path.exists(tmp_path / "o")  # nothing half-written
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
@@ -304,6 +304,17 @@ def test_cli_end_to_end_modernbert(tmp_path, capsys):
     assert "exists; choose a new folder, or pass --overwrite" in capsys.readouterr().err
     assert cli_main(["--base", str(tmp_path / "base"), "--models", *paths, "--out", out, "--quiet",
                      "--overwrite", "--method", "linear"]) == 0
+    # the same TIES merge as a YAML recipe; a flag given on top wins over the recipe (density 0.5 -> 0.2)
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(tmp_path / "base"), "models": paths, "out": str(tmp_path / "yaml"),
+                                      "spec": {"method": "ties", "density": 0.5, "trim": "global"},
+                                      "chunk_mb": 0.01, "quiet": True}))
+    assert cli_main(["--config", str(recipe), "--density", "0.2"]) == 0
+    ysd = AutoModelForMaskedLM.from_pretrained(tmp_path / "yaml").state_dict()
+    for k in names:
+        torch.testing.assert_close(ysd[k], want[k], atol=1e-6, rtol=0, msg=k)
 
 
 # --------------------------------------------------------- 2. megatron checkpoints at any layout

@@ -12,9 +12,7 @@ import os
 import signal
 
 import pytest
-
-from tests.data_fixtures import demo_corpus, demo_shards, demo_tokenizer  # noqa: F401
-from tests.training_helpers import check, compare_checkpoints, launch, tiny_run_config, train_records
+from tests.helpers.training import check, compare_checkpoints, launch, tiny_run_config, train_records
 
 LAYOUTS = {
     "one_process": {"nproc": 0, "sections": {}},
@@ -26,7 +24,7 @@ RUNS = ("full", "killed", "save_killed")
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
-def runs(request, demo_shards, tmp_path_factory):  # noqa: F811
+def runs(request, demo_shards, tmp_path_factory):
     layout = LAYOUTS[request.param]
     base = tmp_path_factory.mktemp(f"resume-{request.param}")
     manifest = os.path.join(demo_shards, "manifest.json")

@@ -8,15 +8,13 @@ import os
 import shutil
 
 import pytest
-
-from tests.data_fixtures import demo_corpus, demo_shards, demo_tokenizer  # noqa: F401
-from tests.training_helpers import check, launch, tiny_run_config, train_records
+from tests.helpers.training import check, launch, tiny_run_config, train_records
 
 NO_DROPOUT = {"preset": "tiny", "num_layers": 2, "attention_output_dropout": 0.0}  # layout-independent loss
 
 
 @pytest.fixture(scope="module")
-def base(demo_shards, tmp_path_factory):  # noqa: F811
+def base(demo_shards, tmp_path_factory):
     return str(tmp_path_factory.mktemp("run")), os.path.join(demo_shards, "manifest.json")
 
 

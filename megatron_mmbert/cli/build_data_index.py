@@ -8,8 +8,9 @@ With a training run config (the YAML given to pretrain_mmbert.py, plus the same 
 overrides), the manifest, data seed, cache folder, global batch size, annealing resolution and start
 phase (``init.start_phase``) are the run's own, so the run finds exactly these arrays (all of them
 are part of the cache key). Otherwise ``--config`` holds a list of phases (fields of
-``megatron_mmbert.config.PhaseConfig``) and the other values come from the flags. Flags given
-explicitly win over the run config.
+``megatron_mmbert.config.PhaseConfig``), or a mapping of ``BuildIndexConfig`` fields (``phases:``,
+``manifest:``, ``cache_dir:``, ``seed:`` ...), and the other values come from the flags. Flags given
+explicitly win over either YAML; ``--help-config`` lists every field with its flag.
 
 It writes ``index_plan.json`` into the index folder and prints it: per phase and language the rows,
 tokens, share, ``first_token`` (where the language's stream stands when the phase starts) and the
@@ -20,100 +21,134 @@ for the decay phase (the run checks it against the parent's checkpoint).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from typing import List, Optional
 
+from megatron_mmbert.cli.options import ConfigParser
 from megatron_mmbert.config import PhaseConfig
-from megatron_mmbert.config_base import ConfigError, from_dict
+from megatron_mmbert.config_base import ConfigError
 
 
-def load_phases(path: str) -> List[PhaseConfig]:
-    """Phases from a YAML list or from the ``phases:`` section of a run YAML."""
+@dataclasses.dataclass
+class BuildIndexConfig:
+    """What to build: the phases, the data and the run values that key the index cache.
+
+    From a training run config all but the last two fields are the run's own; from a phase list
+    (``--config phases.yaml``: a YAML list of phases, or a mapping with ``phases:`` and these
+    fields) ``manifest``, ``cache_dir`` and ``seed`` must be given.
+    """
+
+    phases: List[PhaseConfig] = dataclasses.field(default_factory=list)
+    """The training phases (fields of ``PhaseConfig``), in order."""
+    manifest: Optional[str] = None
+    """manifest.json written by tools/preprocess_data.py (or its folder)."""
+    cache_dir: Optional[str] = None
+    """Folder for the index arrays (shared by all ranks)."""
+    seed: Optional[int] = None
+    """Data seed of the run (shuffles and masks)."""
+    global_batch_size: Optional[int] = None
+    """Rows per step for phases that do not set global_batch_size (rounds sample counts)."""
+    anneal_segments: int = 64
+    """Segments per temperature-annealed phase."""
+    start_phase: Optional[str] = None
+    """First phase to build (earlier ones are planned for the stream positions only)."""
+    warn_epochs: float = 5.0
+    """Flag languages repeated more than this many epochs."""
+    rows: int = 15
+    """Top rows per table (plus 5 bottom rows)."""
+
+
+def _read_yaml(path: str):
     import yaml
 
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
-    if isinstance(data, dict):
-        if "phases" not in data:
-            raise ConfigError(f"{path}: no 'phases:' section (keys: {sorted(data)})")
-        data = data["phases"]
-    if not isinstance(data, list) or not data:
-        raise ConfigError(f"{path}: expected a non-empty list of phases")
-    phases = [from_dict(PhaseConfig, p, f"phases[{i}]") for i, p in enumerate(data)]
-    for p in phases:
-        p.validate()
-    return phases
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
 
 
-def _is_run_config(path: str) -> bool:
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+def _is_run_config(data) -> bool:
     return isinstance(data, dict) and ("run_dir" in data or "model" in data or "inherit" in data)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> "tuple[argparse.ArgumentParser, ConfigParser]":
+    """The command line generated from :class:`BuildIndexConfig`, plus ``--config``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="a training run YAML, or a YAML list of phases")
-    ap.add_argument("--manifest", help="manifest.json written by tools/preprocess_data.py (or its folder)")
-    ap.add_argument("--cache-dir", help="folder for the index arrays (shared by all ranks)")
-    ap.add_argument("--seed", type=int, help="data seed of the run (shuffles and masks)")
-    ap.add_argument("--global-batch-size", type=int, default=None,
-                    help="rows per step for phases that do not set global_batch_size (rounds sample counts)")
-    ap.add_argument("--anneal-segments", type=int, default=None, help="segments per temperature-annealed phase")
-    ap.add_argument("--start-phase", default=None,
-                    help="first phase to build (earlier ones are planned for the stream positions only)")
-    ap.add_argument("--warn-epochs", type=float, default=5.0, help="flag languages repeated more than this")
-    ap.add_argument("--rows", type=int, default=15, help="top rows per table (plus 5 bottom rows)")
+    ap.add_argument("--config", help="a training run YAML (plus its --a.b value overrides), a YAML list of "
+                    "phases, or a YAML mapping of BuildIndexConfig fields (phases: [...], manifest: ..., ...)")
+    spec = ConfigParser(BuildIndexConfig)
+    spec.add_to(ap, config_flag=False)
+    return ap, spec
+
+
+def load_config(args: argparse.Namespace, spec: ConfigParser, overrides: List[str]):
+    """``(BuildIndexConfig, vocab_size or None)`` from ``--config`` and the flags (flags win)."""
+    data = _read_yaml(args.config)
+    if _is_run_config(data):
+        from megatron_mmbert.training.config import load_config as load_run_config
+
+        run = load_run_config(args.config, overrides)
+        base = {"phases": list(run.phases), "manifest": run.manifest_path, "cache_dir": run.index_cache_dir,
+                "seed": run.data_seed, "global_batch_size": run.batch.global_batch_size,
+                "anneal_segments": run.data.anneal_segments, "start_phase": run.init.start_phase}
+        cfg, vocab = spec.build(args, base), run.model.vocab_size
+    else:
+        if overrides:
+            raise ConfigError(f"unknown arguments {overrides} (overrides need a training run config)")
+        if isinstance(data, list):
+            data = {"phases": data}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{args.config}: expected a list of phases or a mapping with 'phases:'")
+        cfg, vocab = spec.build(args, data), None
+        missing = [f for f in ("manifest", "cache_dir", "seed") if getattr(cfg, f) is None]
+        if missing:
+            raise ConfigError(f"{args.config} is a phase list: give {', '.join(spec.flag_for(m) for m in missing)} "
+                              f"(or the keys {', '.join(missing)} next to phases: in the YAML)", field=missing[0])
+    if not cfg.phases:
+        raise ConfigError(f"{args.config}: no phases (a non-empty list of phases is needed)", field="phases")
+    for p in cfg.phases:
+        p.validate()
+    return cfg, vocab
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap, spec = build_parser()
     args, overrides = ap.parse_known_args(argv)
+    if args.help_config:
+        print(spec.describe())
+        return 0
+    if not args.config:
+        ap.error("--config is required")
 
     from megatron_mmbert.data.index import build_data_index, format_index_plan
     from megatron_mmbert.data.shards import check_manifest_shards, load_manifest
 
     try:
-        if _is_run_config(args.config):
-            from megatron_mmbert.training.config import load_config
-
-            run = load_config(args.config, overrides)
-            phases = run.phases
-            for p in phases:
-                p.validate()
-            manifest_path = args.manifest or run.manifest_path
-            cache_dir = args.cache_dir or run.index_cache_dir
-            seed = run.data_seed if args.seed is None else args.seed
-            batch = args.global_batch_size or run.batch.global_batch_size
-            anneal = args.anneal_segments or run.data.anneal_segments
-            start = args.start_phase or run.init.start_phase
-            vocab = run.model.vocab_size
-        else:
-            if overrides:
-                raise ConfigError(f"unknown arguments {overrides} (overrides need a training run config)")
-            missing = [f for f in ("manifest", "cache_dir", "seed") if getattr(args, f) is None]
-            if missing:
-                raise ConfigError(f"{args.config} is a phase list: give --{', --'.join(m.replace('_', '-') for m in missing)}")
-            phases = load_phases(args.config)
-            manifest_path, cache_dir, seed = args.manifest, args.cache_dir, args.seed
-            batch, anneal = args.global_batch_size, args.anneal_segments or 64
-            start = args.start_phase
-            vocab = None
-        names = [p.name for p in phases]
+        cfg, vocab = load_config(args, spec, overrides)
+        names = [p.name for p in cfg.phases]
+        start = cfg.start_phase
         if start is not None and start not in names:
-            raise ConfigError(f"start phase {start!r} is not a phase; phases are {names}")
-        manifest = load_manifest(manifest_path)
+            raise ConfigError(f"start_phase {start!r} is not a phase; phases are {names}", field="start_phase")
+        manifest = load_manifest(cfg.manifest)
         # Damaged or foreign shards fail here, naming the file, not in the middle of training.
         check_manifest_shards(manifest, [lang for lang, e in manifest.languages.items() if e.shards],
                               vocab or manifest.tokenizer.vocab_size)
         t0 = time.time()
-        index = build_data_index(manifest, phases, seed, cache_dir, batch, anneal, is_builder=True,
+        index = build_data_index(manifest, cfg.phases, cfg.seed, cfg.cache_dir, cfg.global_batch_size,
+                                 cfg.anneal_segments, is_builder=True,
                                  start_phase=names.index(start) if start else 0)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except ConfigError as e:
+        print(f"error: {spec.explain(e)}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_index_plan(index.plan, warn_epochs=args.warn_epochs, head=args.rows))
+    print(format_index_plan(index.plan, warn_epochs=cfg.warn_epochs, head=cfg.rows))
     print()
     print(f"index ready in {index.path} ({time.time() - t0:.1f}s); plan: {os.path.join(index.path, 'index_plan.json')}")
     return 0

@@ -21,10 +21,11 @@ import logging
 import os
 import subprocess
 import sys
-from typing import List, Optional
+from typing import Dict, List, Literal, Optional
 
 import torch
 
+from megatron_mmbert.cli.options import ConfigParser, load_yaml
 from megatron_mmbert.config import ConfigError
 from megatron_mmbert.fileio import OutputRefused
 
@@ -36,44 +37,84 @@ more layers then differ by a few tenths at worst, while a wrong window, theta or
 whole units."""
 
 
-def _parser() -> argparse.ArgumentParser:
+@dataclasses.dataclass
+class ImportHfConfig:
+    """``import-hf``: an HF ModernBertForMaskedLM directory -> a megatron dist checkpoint."""
+
+    hf_dir: str
+    """HF model directory (config.json and safetensors weights)."""
+    save: str
+    """New output folder for the dist checkpoint (written atomically)."""
+    overwrite: bool = False
+    """Replace ``save`` if it is a previous import-hf output."""
+
+
+@dataclasses.dataclass
+class ExportHfConfig:
+    """``export-hf``: a megatron dist checkpoint -> an HF directory that ``from_pretrained`` loads."""
+
+    load: str
+    """Dist checkpoint folder to export."""
+    out: str
+    """New output folder for the HF model (written atomically)."""
+    overwrite: bool = False
+    """Replace ``out`` if it is a previous export-hf output."""
+    tokenizer: Optional[str] = None
+    """Tokenizer to write with the model (folder, tokenizer.json or .model; default: the checkpoint's own)."""
+    verify: bool = True
+    """Check the checkpoint's file sizes and SHA-256 against those recorded at save time."""
+
+
+@dataclasses.dataclass
+class VerifyConfig:
+    """``verify``: compare HF and megatron logits on random packed rows longer than the window."""
+
+    hf_dir: str
+    """HF model directory (the reference, always run in fp32)."""
+    load: str
+    """Dist checkpoint folder of our model."""
+    tp: int = 1
+    """Tensor-parallel size (with tp * pp > 1 the tool relaunches itself under torchrun)."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    rows: int = 2
+    """Packed rows per batch."""
+    seq_len: int = 0
+    """Row length (0: 4 x the sliding window, at least 64)."""
+    attention_backend: Optional[Literal["auto", "te", "flash", "flex", "sdpa"]] = None
+    """Attention kernel (default: the checkpoint's model.attention_backend)."""
+    precision: Literal["fp32", "bf16", "amp_bf16"] = "fp32"
+    """Compute precision of our model (HF always runs fp32)."""
+    tolerance: Optional[float] = None
+    """Max |logit diff| allowed (default 1e-3 for fp32, 0.25 for bf16 and amp_bf16)."""
+    seed: int = 0
+    """Seed of the random rows and of model initialisation."""
+    verify: bool = True
+    """Check the checkpoint's file digests before loading."""
+
+
+COMMANDS = {
+    "import-hf": (ImportHfConfig, {}),
+    "export-hf": (ExportHfConfig, {"verify": "--no-verify"}),
+    "verify": (VerifyConfig, {"verify": "--no-verify"}),
+}
+"""Each subcommand's typed config and the flag spellings that differ from its field names."""
+
+
+def _parser() -> "tuple[argparse.ArgumentParser, Dict[str, ConfigParser]]":
+    """The command line generated from each subcommand's config dataclass."""
     p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import-hf", help="HF ModernBERT directory -> megatron dist checkpoint")
-    imp.add_argument("--hf-dir", required=True)
-    imp.add_argument("--save", required=True, help="new output folder")
-    imp.add_argument("--overwrite", action="store_true", help="replace SAVE if it is a previous import-hf output")
-    exp = sub.add_parser("export-hf", help="megatron dist checkpoint -> HF directory")
-    exp.add_argument("--load", required=True)
-    exp.add_argument("--out", required=True, help="new output folder")
-    exp.add_argument("--overwrite", action="store_true", help="replace OUT if it is a previous export-hf output")
-    exp.add_argument("--tokenizer", metavar="PATH", default=None,
-                     help="tokenizer to write with the model (folder, tokenizer.json or .model; "
-                          "default: the checkpoint's own)")
-    exp.add_argument("--no-verify", dest="verify", action="store_false",
-                     help="skip checking the checkpoint's file sizes and SHA-256 against those recorded at save time")
-    ver = sub.add_parser("verify", help="compare HF and megatron logits on random packed inputs")
-    ver.add_argument("--hf-dir", required=True)
-    ver.add_argument("--load", required=True)
-    ver.add_argument("--tp", type=int, default=1)
-    ver.add_argument("--pp", type=int, default=1)
-    ver.add_argument("--rows", type=int, default=2, help="packed rows per batch")
-    ver.add_argument("--seq-len", type=int, default=0, help="row length (default: 4 x window, >= 64)")
-    ver.add_argument("--attention-backend", choices=["auto", "te", "flash", "flex", "sdpa"], default=None,
-                     help="attention kernel (default: the checkpoint's model.attention_backend)")
-    ver.add_argument("--precision", choices=["fp32", "bf16", "amp_bf16"], default="fp32",
-                     help="compute precision of our model (HF always runs fp32)")
-    ver.add_argument("--tolerance", type=float, default=None,
-                     help=f"max |logit diff| allowed (default {VERIFY_TOLERANCE['fp32']:g} fp32, "
-                          f"{VERIFY_TOLERANCE['bf16']:g} bf16 and amp_bf16)")
-    ver.add_argument("--seed", type=int, default=0)
-    ver.add_argument("--no-verify", dest="verify", action="store_false",
-                     help="skip checking the checkpoint's file digests before loading")
-    return p
+    p.add_argument("--help-config", action="store_true", help="print every subcommand's options and exit")
+    sub = p.add_subparsers(dest="command")
+    specs = {}
+    for name, (cls, flags) in COMMANDS.items():
+        specs[name] = ConfigParser(cls, flags)
+        specs[name].add_to(sub.add_parser(name, help=(cls.__doc__ or "").split(": ", 1)[-1]))
+    return p, specs
 
 
-def verify(args) -> int:
+def verify(args: VerifyConfig) -> int:
     from transformers import AutoModelForMaskedLM
 
     from megatron_mmbert import runtime
@@ -130,22 +171,37 @@ def _relaunch_under_torchrun(args, argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    parser, specs = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        if args.help_config:
+            print("\n\n".join(f"== {name} ==\n{spec.describe()}" for name, spec in specs.items()))
+            return 0
+        parser.error(f"give a subcommand: {', '.join(COMMANDS)}")
+    spec = specs[args.command]
+    if args.help_config:
+        print(spec.describe())
+        return 0
+    try:
+        cfg = spec.build(args, load_yaml(args.config) if args.config else {})
+    except ConfigError as exc:
+        print(f"error: {spec.explain(exc)}", file=sys.stderr)
+        return 2
     from megatron_mmbert.convert import checkpoints
 
     try:
         if args.command == "import-hf":
-            model = checkpoints.import_hf(args.hf_dir, args.save, overwrite=args.overwrite)
-            print(f"imported {args.hf_dir} -> {args.save} ({model.num_parameters() / 1e6:.1f}M parameters)")
+            model = checkpoints.import_hf(cfg.hf_dir, cfg.save, overwrite=cfg.overwrite)
+            print(f"imported {cfg.hf_dir} -> {cfg.save} ({model.num_parameters() / 1e6:.1f}M parameters)")
             return 0
         if args.command == "export-hf":
-            checkpoints.export_hf(args.load, args.out, verify=args.verify, overwrite=args.overwrite,
-                                  tokenizer=args.tokenizer)
-            print(f"exported {args.load} -> {args.out}")
+            checkpoints.export_hf(cfg.load, cfg.out, verify=cfg.verify, overwrite=cfg.overwrite,
+                                  tokenizer=cfg.tokenizer)
+            print(f"exported {cfg.load} -> {cfg.out}")
             return 0
-        if args.tp * args.pp > 1 and "WORLD_SIZE" not in os.environ:
-            return _relaunch_under_torchrun(args, argv)
-        return verify(args)
+        if cfg.tp * cfg.pp > 1 and "WORLD_SIZE" not in os.environ:
+            return _relaunch_under_torchrun(cfg, argv)
+        return verify(cfg)
     except (ConfigError, OutputRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

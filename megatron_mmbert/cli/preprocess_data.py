@@ -5,9 +5,11 @@ Example (FineWeb2 layout, 8 workers)::
     python tools/preprocess_data.py --input /data/fineweb-2 --output /data/shards \\
         --tokenizer /models/mmBERT-base --workers 8
 
-Writes ``OUT/{lang}/part-*.bin/.idx`` and ``OUT/manifest.json``; rerunning resumes. Across nodes: a Slurm
-array runs one shard per task (``--num-shards``/``--shard-index``, read from ``SLURM_ARRAY_TASK_*``), then
-one ``--finalize`` job writes the manifest (examples/slurm/preprocess_array.sbatch). See docs/data.md.
+Writes ``OUT/{lang}/part-*.bin/.idx`` and ``OUT/manifest.json``; rerunning resumes. Every option is a
+field of ``PreprocessConfig`` (``--help-config``), also accepted as YAML (``--config pre.yaml``; flags
+given win). Across nodes: a Slurm array runs one shard per task (``--num-shards``/``--shard-index``, read
+from ``SLURM_ARRAY_TASK_*``), then one ``--finalize`` job writes the manifest
+(examples/slurm/preprocess_array.sbatch). See docs/data.md.
 """
 
 from __future__ import annotations
@@ -15,91 +17,57 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_mmbert.data.preprocess import (
-    PreprocessConfig, PreprocessError, run_preprocess, slurm_array_shard,
-)
-from megatron_mmbert.data.sources import BadInputError, InputError, ReadOptions
-from megatron_mmbert.data.tokenizer import Framing, TokenizerError
+from megatron_mmbert.cli.options import ConfigParser, Flag, parse_config
+from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess, slurm_array_shard
+from megatron_mmbert.data.sources import BadInputError, InputError
+from megatron_mmbert.data.tokenizer import TokenizerError
 
 
-def build_parser() -> argparse.ArgumentParser:
+FLAGS = {
+    "inputs": Flag("--input"),
+    "chunk_bytes": Flag("--chunk-mb", type=float, to_field=lambda mb: max(1, int(mb * (1 << 20))) if mb > 0 else 0,
+                        help="target MiB of input per work unit and shard; fixes the output layout (default: 128)"),
+    "log_interval_s": "--log-interval",
+    "framing.bos": "--no-bos",
+    "framing.eos": "--no-eos",
+}
+"""Flag spellings that differ from the field names (kept from the first release's command line)."""
+
+
+def build_parser() -> "tuple[argparse.ArgumentParser, ConfigParser]":
+    """The command line generated from :class:`PreprocessConfig` (every field is a flag)."""
     p = argparse.ArgumentParser(
         prog="preprocess_data",
-        description="Tokenize raw text into per-language megatron-core MMIDIDX shards plus manifest.json.",
+        description="Tokenize raw text into per-language megatron-core MMIDIDX shards plus manifest.json. "
+        "Every option is a field of PreprocessConfig (--help-config); --config FILE.yaml gives them as YAML.",
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="files (.jsonl/.json/.ndjson[.gz|.zst], .parquet, .arrow, .txt[.gz|.zst]), a FineWeb2 "
-                        "folder (data/{lang}_{Script}/train/*.parquet), a datasets save_to_disk folder, or any "
-                        "folder of such files")
-    p.add_argument("--output", required=True, metavar="DIR", help="output folder (resumed if it exists)")
-    p.add_argument("--tokenizer", required=True, metavar="PATH",
-                   help="HF tokenizer folder or tokenizer.json, or a SentencePiece .model")
-    p.add_argument("--lang", help="language of inputs that carry none (e.g. eng_Latn)")
-    p.add_argument("--lang-key", help="field/column holding each document's language")
-    p.add_argument("--text-key", default="text", help="field/column holding the text (default: text)")
-    p.add_argument("--text-mode", choices=("blank", "line"), default="blank",
-                   help="plain .txt files: documents separated by blank lines (default) or one per line")
-    p.add_argument("--split", default="train", help="FineWeb2 split folder / DatasetDict split (default: train)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes, one core each (default: 1)")
-    p.add_argument("--chunk-mb", type=float, default=128,
-                   help="target MB of input per work unit and shard; fixes the output layout (default: 128)")
-    p.add_argument("--strict", action="store_true", help="abort on the first bad input record")
-    p.add_argument("--prefix", default="part", help="shard file name prefix (default: part)")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to each document")
-    p.add_argument("--no-eos", action="store_true", help="do not append <eos> to each document")
-    p.add_argument("--split-sentences", action="store_true",
-                   help="one sequence per sentence (nltk punkt); off by default, MLM packing does not need it")
-    p.add_argument("--nltk-language", default="english", help="punkt model for --split-sentences")
-    p.add_argument("--batch-docs", type=int, default=512, help="documents per tokenizer call")
-    p.add_argument("--log-interval", type=float, default=5.0, help="seconds between progress lines")
-    p.add_argument("--max-bad-locations", type=int, default=5, help="bad-input locations shown per file")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01,
-                   help="exit non-zero (after writing everything) when more than this fraction of records is bad or "
-                        "an input yields no documents; 1 accepts anything (default: 0.01)")
-    p.add_argument("--num-shards", type=int, default=None,
-                   help="split the work over N separate tasks (default: SLURM_ARRAY_TASK_COUNT in a Slurm "
-                        "array, else 1)")
-    p.add_argument("--shard-index", type=int, default=None,
-                   help="this task's shard in [0, N) (default: its position in the Slurm array)")
-    p.add_argument("--finalize", action="store_true",
-                   help="after all shard tasks: check every unit is done and write manifest.json (same arguments, "
-                        "no shard flags)")
-    return p
+    spec = ConfigParser(PreprocessConfig, FLAGS)
+    spec.add_to(p)
+    return p, spec
 
 
-def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
-    if args.workers < 1 or args.chunk_mb <= 0 or args.batch_docs < 1:
-        raise SystemExit("--workers, --chunk-mb and --batch-docs must be positive")
-    num_shards, shard_index = args.num_shards, args.shard_index
-    if num_shards is None and shard_index is None and not args.finalize:
-        num_shards, shard_index = slurm_array_shard() or (1, None)
-    return PreprocessConfig(
-        inputs=args.input,
-        output=args.output,
-        tokenizer=args.tokenizer,
-        read=ReadOptions(text_key=args.text_key, lang_key=args.lang_key, lang=args.lang,
-                         text_mode=args.text_mode, split=args.split),
-        framing=Framing(bos=not args.no_bos, eos=not args.no_eos),
-        workers=args.workers,
-        strict=args.strict,
-        chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
-        prefix=args.prefix,
-        split_sentences=args.split_sentences,
-        nltk_language=args.nltk_language,
-        batch_docs=args.batch_docs,
-        log_interval_s=args.log_interval,
-        max_bad_locations=args.max_bad_locations,
-        max_bad_fraction=args.max_bad_fraction,
-        num_shards=1 if num_shards is None else num_shards,
-        shard_index=shard_index,
-        finalize=args.finalize,
-    )
+def check_config(cfg: PreprocessConfig) -> None:
+    """Refuse counts that cannot work, naming the field."""
+    for name in ("workers", "chunk_bytes", "batch_docs"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}", field=name)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser, spec = build_parser()
     try:
-        result = run_preprocess(config_from_args(args))
+        cfg, _ = parse_config(parser, spec, argv)
+        if cfg is None:  # --help-config
+            return 0
+        check_config(cfg)
+        if cfg.num_shards == 1 and cfg.shard_index is None and not cfg.finalize:
+            cfg.num_shards, cfg.shard_index = slurm_array_shard() or (1, None)
+    except ConfigError as e:
+        print(f"preprocess_data: error: {spec.explain(e)}", file=sys.stderr)
+        return 2
+    try:
+        result = run_preprocess(cfg)
     except (PreprocessError, InputError, BadInputError, TokenizerError) as e:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 1
@@ -113,7 +81,7 @@ def main(argv=None) -> int:
         return 0
     print(
         f"preprocess_data: {len(m.languages)} languages, {sum(e.documents for e in m.languages.values())} "
-        f"documents, {sum(e.tokens for e in m.languages.values())} tokens -> {args.output}/manifest.json",
+        f"documents, {sum(e.tokens for e in m.languages.values())} tokens -> {cfg.output}/manifest.json",
         file=sys.stderr,
     )
     return 0

@@ -100,9 +100,11 @@ class PreprocessConfig:
     """Everything a preprocessing run needs."""
 
     inputs: List[str]
-    """Input files / folders (see ``sources.py`` for the formats)."""
+    """Input files (.jsonl/.json/.ndjson[.gz|.zst], .parquet, .arrow, .txt[.gz|.zst]), a FineWeb2
+    folder (data/{lang}_{Script}/train/*.parquet), a datasets save_to_disk folder, or any folder
+    of such files."""
     output: str
-    """Output folder: ``{lang}/{prefix}-{unit}.bin/.idx`` and ``manifest.json``."""
+    """Output folder: ``{lang}/{prefix}-{unit}.bin/.idx`` and ``manifest.json`` (a rerun resumes it)."""
     tokenizer: str
     """HF tokenizer folder or ``tokenizer.json``, or a SentencePiece ``.model``."""
     read: ReadOptions = dataclasses.field(default_factory=ReadOptions)

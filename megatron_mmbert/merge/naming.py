@@ -174,7 +174,7 @@ def open_inputs(paths: Sequence[str], out_format: Optional[str] = None, verify: 
     formats = [detect_format(p) for p in paths]
     out_format = out_format or formats[0]
     if out_format not in FORMATS:
-        raise CheckpointError(f"--out-format {out_format!r}: choose one of {', '.join(FORMATS)}")
+        raise CheckpointError(f"out_format {out_format!r}: choose one of {', '.join(FORMATS)}")
     needs_mapping = len(set(formats)) > 1 or out_format != formats[0]
     models: List[Optional[ModelConfig]] = []
     why_not = None  # why the inputs cannot be merged in HF naming
@@ -188,7 +188,7 @@ def open_inputs(paths: Sequence[str], out_format: Optional[str] = None, verify: 
         if needs_mapping:
             mix = ", ".join(f"{f} {p}" for f, p in zip(formats, paths))
             raise CheckpointError(
-                f"inputs ({mix}) and --out-format {out_format} need converting between formats, "
+                f"inputs ({mix}) and out_format {out_format} need converting between formats, "
                 f"which works for ModernBERT checkpoints only: {reason}"
             )
 

@@ -35,6 +35,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
+from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.fileio import check_output_dir, publish_directory, write_output_marker
 from megatron_mmbert.checkpoints.layout import CheckpointError
 from megatron_mmbert.checkpoints.tensors import MegatronSink, SafetensorsSink, TensorInfo
@@ -297,9 +298,9 @@ def merge_checkpoints(
     """
     spec.validate(len(models))
     if not chunk_bytes >= 1:
-        raise ValueError(f"--chunk-mb must be positive (a block of at least one byte), got {chunk_bytes} bytes")
+        raise ValueError(f"chunk_bytes must be positive (a block of at least one byte), got {chunk_bytes} bytes")
     if spec.needs_base and base is None:
-        raise ValueError(f"--method {spec.method} needs --base (the checkpoint the models branched from)")
+        raise ConfigError(f"method {spec.method} needs base (the checkpoint the models branched from)", field="base")
     paths = ([base] if base is not None else []) + list(models)
     out = check_output_dir(out, "ties_merge", inputs=paths, overwrite=overwrite)
     inputs = open_inputs(paths, out_format, verify=verify)

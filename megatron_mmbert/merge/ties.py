@@ -41,6 +41,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from megatron_mmbert.config_base import ConfigError
+
 COMPUTE = torch.float64
 METHODS = ("ties", "task_arithmetic", "linear", "ema")
 TRIM_MODES = ("per-tensor", "global")
@@ -70,44 +72,45 @@ class MergeSpec:
     needs_base: bool = field(init=False, default=True)
 
     def validate(self, n_models: int) -> None:
-        """Raise ``ValueError`` naming the offending option."""
+        """Raise :class:`ConfigError` (a ``ValueError``) naming the offending field."""
         if self.method not in METHODS:
-            raise ValueError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+            raise ConfigError(f"method {self.method!r}: choose one of {', '.join(METHODS)}", field="method")
         # NaN fails every comparison below, so finiteness is checked first, by name.
-        for flag, value in (("--lambda", self.lam), ("--density", self.density), ("--ema-decay", self.ema_decay)):
+        for name, value in (("lam", self.lam), ("density", self.density), ("ema_decay", self.ema_decay)):
             if value is not None and not math.isfinite(value):
-                raise ValueError(f"{flag} must be a finite number, got {value}")
+                raise ConfigError(f"{name} must be a finite number, got {value}", field=name)
         if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
-            raise ValueError(f"--weights must be finite numbers, got {self.weights}")
+            raise ConfigError(f"weights must be finite numbers, got {self.weights}", field="weights")
         if n_models < 1:
-            raise ValueError("--models: give at least one model to merge")
+            raise ConfigError("models: give at least one model to merge", field="models")
         self.needs_base = self.method in ("ties", "task_arithmetic")
         if self.method == "ema":
             if self.weights is not None:
-                raise ValueError("--weights cannot be combined with --method ema (the decay sets them)")
+                raise ConfigError("weights cannot be combined with method ema (the decay sets them)", field="weights")
             if self.ema_decay is None or not 0.0 < self.ema_decay < 1.0:
-                raise ValueError(f"--method ema needs --ema-decay in (0, 1), got {self.ema_decay}")
+                raise ConfigError(f"method ema needs ema_decay in (0, 1), got {self.ema_decay}", field="ema_decay")
         elif self.ema_decay is not None:
-            raise ValueError("--ema-decay only applies to --method ema")
+            raise ConfigError("ema_decay only applies to method ema", field="ema_decay")
         if self.weights is not None:
             if len(self.weights) != n_models:
-                raise ValueError(
-                    f"--weights has {len(self.weights)} values for {n_models} models; give one per model"
+                raise ConfigError(
+                    f"weights has {len(self.weights)} values for {n_models} models; give one per model",
+                    field="weights",
                 )
             if self.method == "ties" and any(w <= 0 for w in self.weights):
-                raise ValueError(f"--method ties needs positive --weights, got {self.weights}")
+                raise ConfigError(f"method ties needs positive weights, got {self.weights}", field="weights")
             if self.method == "linear" and sum(self.weights) == 0:
-                raise ValueError("--method linear: the --weights sum to 0")
+                raise ConfigError("method linear: the weights sum to 0", field="weights")
         if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"--density must be in (0, 1], got {self.density}")
+            raise ConfigError(f"density must be in (0, 1], got {self.density}", field="density")
         if self.method != "ties" and self.density != 1.0:
-            raise ValueError(f"--density applies to --method ties only (got method {self.method})")
+            raise ConfigError(f"density applies to method ties only (got method {self.method})", field="density")
         if self.trim not in TRIM_MODES:
-            raise ValueError(f"--trim {self.trim!r}: choose one of {', '.join(TRIM_MODES)}")
+            raise ConfigError(f"trim {self.trim!r}: choose one of {', '.join(TRIM_MODES)}", field="trim")
         if self.normalize and self.method not in ("ties", "task_arithmetic"):
-            raise ValueError(f"--normalize applies to ties and task_arithmetic, not {self.method}")
+            raise ConfigError(f"normalize applies to ties and task_arithmetic, not {self.method}", field="normalize")
         if self.lam != 1.0 and not self.needs_base:
-            raise ValueError(f"--lambda applies to ties and task_arithmetic, not {self.method}")
+            raise ConfigError(f"lam (lambda) applies to ties and task_arithmetic, not {self.method}", field="lam")
 
     def model_weights(self, n_models: int) -> List[float]:
         """The weight of each model, in order (EMA weights from the decay)."""

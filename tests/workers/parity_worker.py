@@ -2,7 +2,7 @@
 
 argv: CKPT TP PP BATCHES_PT OUT_PT [VPP (0: none)] [BACKEND]
 
-BACKEND ``flash`` builds with flash-attn's kernel replaced by its test reference (model_helpers).
+BACKEND ``flash`` builds with flash-attn's kernel replaced by its test reference (tests/helpers/model.py).
 """
 
 import dataclasses
@@ -23,8 +23,8 @@ def main():
     from megatron_mmbert.checkpoints import dist as ckpt
 
     if backend == "flash":
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
-        from model_helpers import use_flash_reference
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
+        from tests.helpers.model import use_flash_reference
 
         use_flash_reference()
     model = dataclasses.replace(ckpt.read_model_config(ckpt_dir), attention_backend=backend)

@@ -9,7 +9,7 @@ from typing import Dict, List
 
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_run_config(path: str, manifest: str, run_dir: str, **sections) -> str:
@@ -50,7 +50,7 @@ def _env() -> Dict[str, str]:
 
 def launch(config: str, *overrides: str, nproc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run pretrain_mmbert.py (``nproc=0``: a plain single process; else torchrun with gloo)."""
-    from tests.model_helpers import _free_port
+    from tests.helpers.model import _free_port
 
     script = os.path.join(ROOT, "pretrain_mmbert.py")
     if nproc:

@@ -184,7 +184,7 @@ def test_missing_manifest(tmp_path):
 
 
 def test_phase_language_without_shards(tmp_path):
-    from tests.training_helpers import write_manifest
+    from tests.helpers.training import write_manifest
 
     manifest = write_manifest(tmp_path)
     msg = _err(_tiny("--data.manifest", manifest, "--phases.0.languages", "all",
@@ -193,7 +193,7 @@ def test_phase_language_without_shards(tmp_path):
 
 
 def test_init_checkpoint_missing(tmp_path):
-    from tests.training_helpers import write_manifest
+    from tests.helpers.training import write_manifest
 
     manifest = write_manifest(tmp_path)
     msg = _err(_tiny("--data.manifest", manifest, "--phases.0.languages", "all", "--phases.1.languages", "all",
@@ -318,7 +318,7 @@ def test_batch_rampup_matches_the_reference_scheduler(name, ramp_tokens):
 
 
 def test_phase_manifest_checked(tmp_path):
-    from tests.training_helpers import write_manifest
+    from tests.helpers.training import write_manifest
 
     manifest = write_manifest(tmp_path)
     msg = _err(_tiny("--data.manifest", manifest, "--phases.0.languages", "all", "--phases.1.languages", "all",

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_mmbert.convert.verify import hf_logits_per_document
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Tiny configurations that exercise what parity depends on.
 HF_CONFIGS = {
@@ -86,7 +86,7 @@ def use_flash_reference(monkeypatch=None) -> None:
     (tests/flash_reference.py): the backend choice is forced to ``flash`` (flash-attn needs CUDA and
     bf16, so the real choice would refuse) and ``flash_attn_varlen_func`` resolves to the reference.
     Everything else -- packing, cu_seqlens, max_seqlen, window_size, heads -- is the shipped code."""
-    from flash_reference import reference_flash_attn_varlen_func
+    from tests.helpers.flash_reference import reference_flash_attn_varlen_func
     from megatron_mmbert.model import attention, build
     from megatron_mmbert.model.backends import BackendChoice
 

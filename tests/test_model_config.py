@@ -1,4 +1,4 @@
-"""Typed config: presets, YAML/override loading, and every layout validation error."""
+"""Model, layout and phase configs (presets, validation errors) and the config_base machinery (YAML, overrides)."""
 
 import dataclasses
 
