@@ -59,7 +59,7 @@ setup(
             "mmbert-build-index=megatron_mmbert.cli.build_data_index:main",
             "mmbert-convert=megatron_mmbert.cli.convert_checkpoint:main",
             "mmbert-ties-merge=megatron_mmbert.cli.ties_merge:main",
-            "mmbert-evaluate=megatron_mmbert.evaluation.cli:main",
+            "mmbert-evaluate=megatron_mmbert.cli.evaluate:main",
         ],
     },
 )

@@ -11,7 +11,7 @@ import torch
 
 from megatron_mmbert import runtime
 from megatron_mmbert.convert.checkpoints import export_hf, import_hf
-from megatron_mmbert.evaluation.cli import main as evaluate_main
+from megatron_mmbert.cli.evaluate import main as evaluate_main
 from tests.helpers.model import ROOT, make_hf_model
 
 VOCAB = 1000  # the "odd" model of model_helpers: window 16, 5 layers, vocab not a multiple of 128

@@ -12,48 +12,34 @@ OUT/NAME/eval.json) and prints a table. See docs/evaluation.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import subprocess
 import sys
-import typing
 from typing import List, Optional
 
-from megatron_mmbert.config_base import ConfigError, field_docs
+from megatron_mmbert.cli.options import ConfigParser, parse_config
+from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.evaluation.config import EvaluateConfig
 from megatron_mmbert.fileio import OutputRefused
 
 
-def _parser() -> argparse.ArgumentParser:
-    """One option per EvaluateConfig field, its docstring as help (a plain argparse until the
-    tools share a generated CLI)."""
+FLAGS = {"verify": "--no-verify"}
+"""Flag spellings that differ from the field names."""
+
+
+def build_parser() -> "tuple[argparse.ArgumentParser, ConfigParser]":
+    """The command line generated from :class:`EvaluateConfig` (every field is a flag)."""
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    docs = field_docs(EvaluateConfig)
-    hints = typing.get_type_hints(EvaluateConfig)
-    for f in dataclasses.fields(EvaluateConfig):
-        flag = "--" + f.name.replace("_", "-")
-        tp = hints[f.name]
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        help_text = docs.get(f.name, "").replace("%", "%%")
-        if tp is bool:
-            if f.default:
-                p.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false", help=help_text)
-            else:
-                p.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-        elif typing.get_origin(tp) in (list, List):
-            p.add_argument(flag, dest=f.name, nargs="+", default=[], help=help_text)
-        else:
-            base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
-            p.add_argument(flag, dest=f.name, type=base, required=required,
-                           default=None if required else f.default, help=help_text)
-    return p
+    spec = ConfigParser(EvaluateConfig, FLAGS)
+    spec.add_to(p)
+    return p, spec
 
 
 def _relaunch_under_torchrun(cfg: EvaluateConfig, argv: List[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.tp * cfg.pp),
-           "-m", "megatron_mmbert.evaluation.cli", *argv]
+           "-m", "megatron_mmbert.cli.evaluate", *argv]
     return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
 
 
@@ -63,7 +49,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     # megatron-core logs six lines per shard opened; evaluation opens every language's shards.
     logging.getLogger("megatron.core.datasets.indexed_dataset").setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = EvaluateConfig(**vars(_parser().parse_args(argv)))
+    parser, spec = build_parser()
+    try:
+        cfg, _ = parse_config(parser, spec, argv)
+    except ConfigError as exc:
+        print(f"evaluate: error: {spec.explain(exc)}", file=sys.stderr)
+        return 2
+    if cfg is None:  # --help-config
+        return 0
     from megatron_mmbert.evaluation.run import evaluate
 
     try:
