@@ -1,7 +1,9 @@
 """tools/convert_checkpoint.py: Hugging Face ModernBERT <-> megatron-mmbert checkpoints.
 
-  import-hf --hf-dir DIR --save CKPT        HF ModernBertForMaskedLM -> dist checkpoint (any layout)
+  import-hf --hf-dir DIR --save CKPT        HF ModernBertForMaskedLM -> dist checkpoint (any layout);
+                                            DIR may be a Hub id org/name[@revision]
   export-hf --load CKPT --out DIR           dist checkpoint -> HF directory (from_pretrained loads it)
+            [--push-to-hub REPO [--private] [--revision BRANCH]]  then upload it with a model card
   verify    --hf-dir DIR --load CKPT [--tp N --pp M] [--attention-backend B] [--precision P]
             both models on random packed rows longer than the window; prints the max |logit diff|
             and exits 1 above --tolerance. With --tp/--pp > 1 it relaunches itself under torchrun.
@@ -46,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--load", required=True)
     exp.add_argument("--out", required=True, help="new output folder")
     exp.add_argument("--overwrite", action="store_true", help="replace OUT if it is a previous export-hf output")
+    exp.add_argument("--push-to-hub", metavar="REPO", help="then upload OUT (with a model card) to the Hub repo org/name")
+    exp.add_argument("--private", action="store_true", help="create the --push-to-hub repo private")
+    exp.add_argument("--revision", help="--push-to-hub to this branch (created if missing)")
     exp.add_argument("--no-verify", dest="verify", action="store_false",
                      help="skip checking the checkpoint's file sizes and SHA-256 against those recorded at save time")
     ver = sub.add_parser("verify", help="compare HF and megatron logits on random packed inputs")
@@ -136,6 +141,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "export-hf":
             checkpoints.export_hf(args.load, args.out, verify=args.verify, overwrite=args.overwrite)
             print(f"exported {args.load} -> {args.out}")
+            if args.push_to_hub:
+                from megatron_mmbert.hub import push_to_hub
+
+                url = push_to_hub(args.out, args.push_to_hub, args.private, args.revision, source=args.load)
+                print(f"pushed {args.out} -> {url}")
             return 0
         if args.tp * args.pp > 1 and "WORLD_SIZE" not in os.environ:
             return _relaunch_under_torchrun(args, argv)

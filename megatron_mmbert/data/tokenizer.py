@@ -149,8 +149,11 @@ class SentencePieceTokenizer(TextTokenizer):
 
 
 def load_tokenizer(path: str) -> TextTokenizer:
-    """Load an HF tokenizer folder / ``tokenizer.json`` or a SentencePiece ``.model``."""
-    path = os.path.abspath(path)
+    """Load an HF tokenizer folder / ``tokenizer.json`` or a SentencePiece ``.model``; a Hub id
+    (``org/name[@revision]``, not a local path) is fetched into the HF cache (:mod:`megatron_mmbert.hub`)."""
+    from megatron_mmbert import hub
+
+    path = os.path.abspath(hub.resolve(path, hub.TOKENIZER_FILES, what="tokenizer"))
     if os.path.isdir(path):
         name = os.path.basename(path.rstrip("/"))
         if os.path.isfile(os.path.join(path, "tokenizer.json")):

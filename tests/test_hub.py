@@ -1,0 +1,148 @@
+"""Hub ids wherever a path is taken, resolved offline from a hand-built Hugging Face cache
+(``HF_HOME/hub/models--org--name/snapshots/<sha>/`` + ``refs/main``, the layout huggingface_hub
+writes), and the model card ``export-hf --push-to-hub`` uploads. The upload itself is
+``HfApi.upload_folder``'s job and is not exercised here (no network)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from model_helpers import make_hf_model
+from training_helpers import ROOT, _env
+
+pytest.importorskip("huggingface_hub")
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _tokenizer(directory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[CLS]": 1, "[BOS]": 2, "[UNK]": 3, "[MASK]": 4}
+    vocab.update({f"w{i}": i for i in range(5, 333)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[CLS]",
+                            bos_token="[BOS]", eos_token="[CLS]", unk_token="[UNK]",
+                            mask_token="[MASK]").save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory):
+    """An HF_HOME whose hub cache holds ``org/tiny-mlm`` at commit SHA (refs/main points at it)."""
+    home = tmp_path_factory.mktemp("hf_home")
+    repo = home / "hub" / "models--org--tiny-mlm"
+    snapshot = repo / "snapshots" / SHA
+    make_hf_model("even", str(snapshot))
+    _tokenizer(str(snapshot))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(SHA)
+    return home
+
+
+def _run(hf_home, *args, code=None, cwd=None):
+    env = dict(_env(), HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HF_TOKEN", None)
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd or ROOT)
+
+
+TOKENIZE = ("import sys; from megatron_mmbert.data.tokenizer import load_tokenizer\n"
+            "t = load_tokenizer(sys.argv[1]); print('IDS', t.encode_batch(['w7 w9 w300'])[0])")
+
+
+def test_tokenizer_hub_id_resolves_offline_from_the_cache(hf_home):
+    for spec in ("org/tiny-mlm", f"org/tiny-mlm@{SHA}", "org/tiny-mlm@main"):
+        p = _run(hf_home, spec, code=TOKENIZE)
+        assert p.returncode == 0, p.stderr[-2000:]
+        ids = json.loads(p.stdout.split("IDS", 1)[1].strip())
+        assert [i for i in ids if i in (7, 9, 300)] == [7, 9, 300], ids
+
+
+def test_uncached_id_offline_is_a_clear_error(hf_home):
+    p = _run(hf_home, "org/not-cached", code=TOKENIZE)
+    assert p.returncode != 0
+    err = p.stderr.strip().splitlines()[-1]
+    assert "org/not-cached" in err and "HF_HUB_OFFLINE" in err and "hf download org/not-cached" in err
+
+
+def test_an_existing_local_path_wins_over_the_hub(hf_home, tmp_path):
+    from megatron_mmbert import hub
+
+    local = tmp_path / "org" / "tiny-mlm"
+    local.mkdir(parents=True)
+    os.chdir(tmp_path)
+    try:
+        assert hub.resolve("org/tiny-mlm") == "org/tiny-mlm"  # used as it is, no Hub call
+        assert not hub.is_hub_id("org/tiny-mlm") and hub.is_hub_id("org/other@v1.0")
+        assert not hub.is_hub_id("just-a-name") and not hub.is_hub_id("/abs/path")
+    finally:
+        os.chdir(ROOT)
+
+
+def test_import_hf_takes_a_hub_id_offline(hf_home, tmp_path):
+    out = tmp_path / "imported"
+    p = _run(hf_home, "megatron_mmbert.cli.convert_checkpoint", "import-hf", "--hf-dir", "org/tiny-mlm",
+             "--save", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    meta = json.load(open(out / "mmbert_config.json"))
+    assert meta["source"].endswith(os.path.join("snapshots", SHA))
+    assert meta["model"]["num_layers"] == 4 and meta["model"]["vocab_size"] == 333
+    assert os.path.isfile(out / "tokenizer" / "tokenizer.json")
+
+    p = _run(hf_home, "megatron_mmbert.cli.convert_checkpoint", "import-hf", "--hf-dir", "org/nope",
+             "--save", str(tmp_path / "x"))
+    assert p.returncode == 2 and "org/nope" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_model_card_names_architecture_phases_and_merge(tmp_path):
+    """The card of an export whose source is a training checkpoint of a run folder (RUN/config.yaml
+    beside RUN/checkpoints/NAME) that is also a merge output."""
+    from megatron_mmbert import hub
+
+    export = tmp_path / "export"
+    n_params = make_hf_model("even", str(export)).num_parameters()  # unique: the tied decoder counts once
+    ckpt = tmp_path / "run" / "checkpoints" / "phase_end_decay"
+    ckpt.mkdir(parents=True)
+    (ckpt / "mmbert_config.json").write_text(json.dumps(
+        {"train_state": {"step": 120, "phase": "decay", "tokens": 3_000_000_000}}))
+    (ckpt / "merge_report.json").write_text(json.dumps(
+        {"base": "runs/base/checkpoints/phase_end_mid", "models": ["a", "b"], "weights": [0.5, 0.5],
+         "spec": {"density": 0.3}}))
+    run = {"phases": [
+        {"name": "pretrain", "tokens": 2_300_000_000_000, "seq_len": 1024, "mask_rate": 0.3,
+         "languages": ["eng_Latn", "fra_Latn"]},
+        {"name": "decay", "tokens": 100_000_000_000, "seq_len": 8192, "mask_rate": 0.05,
+         "languages": ["eng_Latn", "fra_Latn", "deu_Latn"]}]}
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(run))
+
+    card = hub.model_card(str(export), source=str(ckpt), repo="me/mmbert-tiny")
+    assert card.startswith("---\n") and "pipeline_tag: fill-mask" in card
+    assert "- deu\n" in card and "- eng\n" in card and "- fra\n" in card  # languages of all phases
+    assert "# me/mmbert-tiny" in card and 'from_pretrained("me/mmbert-tiny")' in card
+    assert "| num_hidden_layers | 4 |" in card and "| hidden_size | 48 |" in card
+    assert f"| parameters | {n_params / 1e6:.1f}M |" in card
+    assert "step 120 (phase `decay`, 3B tokens seen)" in card
+    assert "| pretrain | 2.3T | 1024 | 0.3 | 2 |" in card and "| decay | 100B | 8192 | 0.05 | 3 |" in card
+    assert "A TIES merge of 2 models over base `runs/base/checkpoints/phase_end_mid`" in card
+
+    # no run beside the checkpoint and no merge: the card says what it does not know
+    bare = hub.model_card(str(export))
+    assert "## Training" not in bare and "## Merge" not in bare and "| num_hidden_layers | 4 |" in bare
+
+
+def test_push_to_hub_refuses_bad_input_before_any_upload(tmp_path):
+    from megatron_mmbert import hub
+
+    with pytest.raises(hub.HubError, match="org/name"):
+        hub.push_to_hub(str(tmp_path), "not a repo")
+    with pytest.raises(hub.HubError, match="--revision"):
+        hub.push_to_hub(str(tmp_path), "me/model@dev")
+    with pytest.raises(hub.HubError, match="config.json"):
+        hub.push_to_hub(str(tmp_path), "me/model")
