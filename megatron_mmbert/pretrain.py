@@ -20,6 +20,21 @@ from megatron_mmbert.config_base import ConfigError
 PROG = "mmbert-pretrain"
 
 
+def run_is_complete(cfg) -> bool:
+    """True when the run's latest checkpoint ends its last phase (the phase-end save, or with
+    ``keep_phase_ends: false`` a save at or past the run's total token budget)."""
+    from megatron_mmbert.training import checkpoint as ckpt
+
+    latest = ckpt.read_latest(cfg.checkpoint_dir)
+    if latest is None:
+        return False
+    state = ckpt.read_config(latest).get("train_state") or {}
+    last = cfg.phases[-1]
+    if os.path.basename(os.path.normpath(latest)) == f"phase_end_{last.name}":
+        return True
+    return state.get("phase") == last.name and state.get("tokens", 0) >= sum(p.tokens for p in cfg.phases)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="run YAML, or the name of a shipped config (see --list-configs)")
@@ -30,6 +45,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-data", action="store_true", help="--validate without the data/checkpoint checks")
     parser.add_argument("--print-checkpoint-dir", action="store_true",
                         help="print the run's checkpoint folder and exit (examples/launch_resumable.sh)")
+    parser.add_argument("--is-complete", action="store_true",
+                        help="exit 0 if the run has finished its last phase, else 1 (the sbatch scripts "
+                             "requeue a job that stopped cleanly before that)")
     args, overrides = parser.parse_known_args(argv)
 
     from megatron_mmbert.training import config as run_config
@@ -47,6 +65,8 @@ def main(argv=None) -> int:
         if args.print_checkpoint_dir:
             print(os.path.abspath(cfg.checkpoint_dir))
             return 0
+        if args.is_complete:
+            return 0 if run_is_complete(cfg) else 1
         if args.validate:
             from megatron_mmbert.runtime import world_size_from_env
 

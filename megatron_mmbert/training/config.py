@@ -147,7 +147,11 @@ class CheckpointSection:
     keep_phase_ends: bool = True
     """Keep the checkpoint at the end of every phase forever (decay variants branch from them)."""
     exit_after_minutes: Optional[float] = None
-    """Save and exit cleanly once the run has been going this long (Slurm time limits)."""
+    """Save and exit cleanly once the run has been going this long (Slurm time limits). None inside
+    a Slurm job with a time limit (``SLURM_JOB_END_TIME``): the time left minus
+    ``job_end_margin_minutes``, derived when the config is loaded (:mod:`megatron_mmbert.slurm`)."""
+    job_end_margin_minutes: float = 10.0
+    """Inside a Slurm job: stop this long before its time limit (the last step and the save must fit)."""
     save_on_signal: bool = True
     """On SIGTERM/SIGUSR1 (Slurm preemption, ``--signal``): save at the end of the step and exit 0."""
     resume: bool = True
@@ -472,7 +476,12 @@ def load_config(path: str, overrides: Optional[List[str]] = None) -> RunConfig:
     """YAML file (or shipped config name) + ``--a.b value`` overrides -> RunConfig (not yet validated)."""
     data = read_yaml(config_path(path))
     apply_overrides(data, list(overrides or []))
-    return from_mapping(data)
+    cfg = from_mapping(data)
+    if cfg.checkpoint.exit_after_minutes is None:  # a Slurm job's time limit, when it has one
+        from megatron_mmbert.slurm import exit_after_minutes_for_job
+
+        cfg.checkpoint.exit_after_minutes = exit_after_minutes_for_job(cfg.checkpoint.job_end_margin_minutes)
+    return cfg
 
 
 def resolved_dict(cfg: RunConfig) -> Dict[str, Any]:
