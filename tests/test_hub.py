@@ -146,3 +146,25 @@ def test_push_to_hub_refuses_bad_input_before_any_upload(tmp_path):
         hub.push_to_hub(str(tmp_path), "me/model@dev")
     with pytest.raises(hub.HubError, match="config.json"):
         hub.push_to_hub(str(tmp_path), "me/model")
+
+
+def test_preprocess_takes_a_hub_tokenizer_offline(hf_home, tmp_path):
+    """``mmbert-preprocess --tokenizer org/name``: the shards are the tokenizer's ids of the text, and
+    the manifest's tokenizer identity equals the one the cached snapshot folder gives."""
+    (tmp_path / "a.jsonl").write_text('{"text": "w7 w9 w300"}\n{"text": "w11"}\n')
+    out = tmp_path / "shards"
+    p = _run(hf_home, "megatron_mmbert.cli.preprocess_data", "--input", str(tmp_path / "a.jsonl"), "--output",
+             str(out), "--tokenizer", "org/tiny-mlm", "--lang", "xxx_Latn", "--workers", "1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    manifest = json.load(open(out / "manifest.json"))
+    snapshot = hf_home / "hub" / "models--org--tiny-mlm" / "snapshots" / SHA
+    local = _run(hf_home, str(snapshot), code="import sys, json; from megatron_mmbert.data.tokenizer import "
+                 "load_tokenizer; print('ID', json.dumps(load_tokenizer(sys.argv[1]).identity.to_json()))")
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert manifest["tokenizer"] == json.loads(local.stdout.split("ID", 1)[1])
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    shard = manifest["languages"]["xxx_Latn"]["shards"][0]
+    ds = IndexedDataset(str(out / shard))
+    bodies = [[int(t) for t in ds[i] if int(t) >= 5] for i in range(len(ds))]
+    assert sorted(bodies) == sorted([[7, 9, 300], [11]])

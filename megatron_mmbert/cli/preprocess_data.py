@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder of such files")
     p.add_argument("--output", required=True, metavar="DIR", help="output folder (resumed if it exists)")
     p.add_argument("--tokenizer", required=True, metavar="PATH",
-                   help="HF tokenizer folder or tokenizer.json, or a SentencePiece .model")
+                   help="HF tokenizer folder or tokenizer.json, a SentencePiece .model, or a Hub id org/name[@revision]")
     p.add_argument("--lang", help="language of inputs that carry none (e.g. eng_Latn)")
     p.add_argument("--lang-key", help="field/column holding each document's language")
     p.add_argument("--text-key", default="text", help="field/column holding the text (default: text)")

@@ -60,7 +60,9 @@ from megatron_mmbert.data.sources import (
     plan_segments,
     read_segment,
 )
-from megatron_mmbert.data.tokenizer import Framing, SentenceSplitter, frame_documents, load_tokenizer
+from megatron_mmbert.data.tokenizer import (
+    Framing, SentenceSplitter, frame_documents, load_tokenizer, resolve_tokenizer_path,
+)
 
 STATE_DIR = ".preprocess"
 
@@ -497,7 +499,8 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     if cfg.chunk_bytes < 1 or cfg.workers < 1 or cfg.batch_docs < 1:
         raise PreprocessError("chunk_bytes, workers and batch_docs must be positive")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output), tokenizer=os.path.abspath(cfg.tokenizer))
+    tokenizer_path = os.path.abspath(resolve_tokenizer_path(cfg.tokenizer))  # a Hub id: its snapshot, once
+    cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output), tokenizer=tokenizer_path)
     tokenizer = load_tokenizer(cfg.tokenizer)
     identity = tokenizer.identity
     prefix_ids, suffix_ids = cfg.framing.ids(identity)
