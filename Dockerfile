@@ -12,6 +12,7 @@ COPY . .
 # --no-deps for the image's own packages; the rest of our requirements come from setup.py. The
 # install compiles the C++ index builder (pybind11) for the image's Python; the check imports it.
 RUN pip install --no-cache-dir megatron-core==0.16.1 --no-deps \
+ && pip install --no-cache-dir "pybind11>=2.12" \
  && pip install --no-cache-dir --no-build-isolation -e ".[hub]" \
  && python -c "import megatron_mmbert, megatron_mmbert.data._index_builder, transformer_engine, megatron.core; print('ok')" \
  && mmbert-pretrain --list-configs
