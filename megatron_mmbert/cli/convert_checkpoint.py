@@ -78,6 +78,7 @@ def verify(args) -> int:
 
     from megatron_mmbert import runtime
     from megatron_mmbert.config import ParallelConfig
+    from megatron_mmbert.hub import resolve  # --hf-dir may be a Hub id
     from megatron_mmbert.model.build import build_model
     from megatron_mmbert.convert.verify import hf_logits_per_document, random_packed_batch
     from megatron_mmbert.model.pipeline import forward_logits
@@ -101,7 +102,7 @@ def verify(args) -> int:
     ours = forward_logits(chunks, [batch])
     verdict = torch.zeros(2, dtype=torch.float64)  # [max diff, compared?]
     if ours is not None and rt.tensor_parallel_rank == 0 and rt.data_parallel_rank == 0:
-        hf_model = AutoModelForMaskedLM.from_pretrained(args.hf_dir, attn_implementation="eager").float().eval()
+        hf_model = AutoModelForMaskedLM.from_pretrained(resolve(args.hf_dir), attn_implementation="eager").float().eval()
         reference = hf_logits_per_document(hf_model, batch)
         if reference.shape != ours[0].shape:
             raise ConfigError(f"logit shapes differ: HF {tuple(reference.shape)} vs ours {tuple(ours[0].shape)}")
