@@ -122,6 +122,27 @@ def _run_config(checkpoint: str) -> Optional[Dict[str, Any]]:
     return data if isinstance(data, dict) else None
 
 
+def _phase_languages(phase: Dict[str, Any], run: Optional[Dict[str, Any]]) -> Optional[List[str]]:
+    """A phase's languages: its list, or ``all`` / ``top:N`` read from the run's manifest (by tokens)."""
+    spec = phase.get("languages")
+    if isinstance(spec, list):
+        return [str(lang) for lang in spec]
+    path = ((run or {}).get("data") or {}).get("manifest")
+    if not isinstance(spec, str) or not isinstance(path, str):
+        return None
+    manifest = _read_json(os.path.join(path, "manifest.json") if os.path.isdir(path) else path)
+    entries = (manifest or {}).get("languages")
+    if not isinstance(entries, dict):
+        return None
+    ranked = sorted((lang for lang, e in entries.items() if isinstance(e, dict) and e.get("tokens", 0) > 0),
+                    key=lambda lang: (-entries[lang]["tokens"], lang))
+    if spec == "all":
+        return ranked
+    if spec.startswith("top:") and spec[4:].isdigit():
+        return ranked[: int(spec[4:])]
+    return None
+
+
 def _tokens(n: Any) -> str:
     if not isinstance(n, (int, float)):
         return "?"
@@ -154,12 +175,12 @@ def model_card(folder: str, source: Optional[str] = None, repo: Optional[str] = 
                     n *= d
                 params += n
 
-    languages = sorted({lang for p in (run or {}).get("phases") or [] if isinstance(p.get("languages"), list)
-                        for lang in p["languages"]})
+    phase_langs = {p.get("name"): _phase_languages(p, run) for p in (run or {}).get("phases") or []}
+    languages = sorted({lang for langs in phase_langs.values() if langs for lang in langs})
     lines = ["---", "library_name: transformers", "pipeline_tag: fill-mask", "tags:", "- modernbert",
              "- mmbert", "- megatron-mmbert"]
     if languages:
-        lines += ["language:"] + [f"- {lang.split('_')[0]}" for lang in languages]
+        lines += ["language:"] + [f"- {code}" for code in sorted({lang.split("_")[0] for lang in languages})]
     lines += ["---", "", f"# {repo or os.path.basename(os.path.abspath(folder))}", "",
               "A ModernBERT-architecture masked language model (the mmBERT recipe, arXiv:2509.06888) "
               "pre-trained with megatron-mmbert and exported with `mmbert-convert export-hf`.", "",
@@ -183,8 +204,8 @@ def model_card(folder: str, source: Optional[str] = None, repo: Optional[str] = 
         if phases:
             lines += ["| phase | tokens | seq_len | mask rate | languages |", "|---|---|---|---|---|"]
             for p in phases:
-                langs = p.get("languages")
-                langs = f"{len(langs)}" if isinstance(langs, list) else str(langs)
+                known = phase_langs.get(p.get("name"))
+                langs = str(len(known)) if known else str(p.get("languages"))
                 lines.append(f"| {p.get('name')} | {_tokens(p.get('tokens'))} | {p.get('seq_len')} | "
                              f"{p.get('mask_rate')} | {langs} |")
         else:

@@ -119,12 +119,20 @@ def test_model_card_names_architecture_phases_and_merge(tmp_path):
         {"name": "pretrain", "tokens": 2_300_000_000_000, "seq_len": 1024, "mask_rate": 0.3,
          "languages": ["eng_Latn", "fra_Latn"]},
         {"name": "decay", "tokens": 100_000_000_000, "seq_len": 8192, "mask_rate": 0.05,
-         "languages": ["eng_Latn", "fra_Latn", "deu_Latn"]}]}
+         "languages": ["eng_Latn", "fra_Latn", "deu_Latn"]},
+        {"name": "extra", "tokens": 1_000, "seq_len": 64, "mask_rate": 0.05, "languages": "top:2"}],
+        "data": {"manifest": str(tmp_path / "shards")}}
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"languages": {
+        "rus_Cyrl": {"tokens": 50}, "deu_Latn": {"tokens": 90}, "ell_Grek": {"tokens": 70}, "ell_Latn": {"tokens": 60}, "amh_Ethi": {"tokens": 0}}}))
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(run))
 
     card = hub.model_card(str(export), source=str(ckpt), repo="me/mmbert-tiny")
     assert card.startswith("---\n") and "pipeline_tag: fill-mask" in card
-    assert "- deu\n" in card and "- eng\n" in card and "- fra\n" in card  # languages of all phases
+    header = card.split("---")[1]
+    assert [l[2:] for l in header.splitlines() if l.startswith("- ") and "bert" not in l] == [
+        "deu", "ell", "eng", "fra"]  # every phase's languages (top:2 of the manifest by tokens), once per code
+    assert "| extra | 1K | 64 | 0.05 | 2 |" in card
     assert "# me/mmbert-tiny" in card and 'from_pretrained("me/mmbert-tiny")' in card
     assert "| num_hidden_layers | 4 |" in card and "| hidden_size | 48 |" in card
     assert f"| parameters | {n_params / 1e6:.1f}M |" in card
