@@ -48,6 +48,9 @@ def main(argv=None) -> int:
     parser.add_argument("--is-complete", action="store_true",
                         help="exit 0 if the run has finished its last phase, else 1 (the sbatch scripts "
                              "requeue a job that stopped cleanly before that)")
+    parser.add_argument("--slurm-task", action="store_true",
+                        help="one srun task per GPU: take RANK / LOCAL_RANK / WORLD_SIZE from SLURM_PROCID / "
+                             "SLURM_LOCALID / SLURM_NTASKS (examples/slurm/pretrain.sbatch)")
     args, overrides = parser.parse_known_args(argv)
 
     from megatron_mmbert.training import config as run_config
@@ -61,6 +64,10 @@ def main(argv=None) -> int:
     if not args.config:
         parser.error("--config is required (a YAML file or a shipped config name: --list-configs)")
     try:
+        if args.slurm_task:
+            from megatron_mmbert.slurm import torch_env_from_slurm
+
+            os.environ.update(torch_env_from_slurm())
         cfg = run_config.load_config(args.config, overrides)
         if args.print_checkpoint_dir:
             print(os.path.abspath(cfg.checkpoint_dir))

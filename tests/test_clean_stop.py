@@ -1,6 +1,8 @@
 """A job that stops cleanly: SIGTERM at the torchrun agent (what a scheduler or ``kill`` sends)
 through ``examples/launch_resumable.sh`` ends in a checkpoint and exit 0, and the rerun of the same
-command resumes bitwise (the weights equal an uninterrupted run's, every step's loss repeats). And
+command resumes bitwise (the weights equal an uninterrupted run's, every step's loss repeats). The
+Slurm scripts' layout, one process per task with Slurm's task variables (``--slurm-task``), each
+getting SIGUSR1 as ``--signal=USR1@180`` delivers it, saves and exits 0. And
 ``checkpoint.exit_after_minutes`` follows a Slurm job's time limit (``SLURM_JOB_END_TIME``)."""
 
 import os
@@ -98,3 +100,59 @@ def test_exit_after_minutes_follows_the_slurm_time_limit(monkeypatch):
     assert load_config("tiny-cpu", ["--checkpoint.exit_after_minutes", "30"]).checkpoint.exit_after_minutes == 30.0
     monkeypatch.delenv("SLURM_JOB_END_TIME")
     assert load_config("tiny-cpu").checkpoint.exit_after_minutes is None
+
+
+@pytest.mark.slow
+def test_srun_tasks_stop_on_sigusr1_with_a_checkpoint(tmp_path):
+    """What srun starts under examples/slurm/pretrain.sbatch: ``python -m megatron_mmbert.pretrain
+    --slurm-task`` once per task, ranks from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (two gloo
+    processes here); Slurm's ``--signal=USR1@180`` signals every task."""
+    from megatron_mmbert.training.checkpoint import read_config, read_latest, verify_checkpoint
+
+    cfg = tiny_run_config(str(tmp_path / "run.yaml"), write_manifest(tmp_path / "data"), str(tmp_path / "run"),
+                          **ONE_PHASE)
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(_env(), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
+                   SLURM_NTASKS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            env.pop(k, None)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "megatron_mmbert.pretrain", "--slurm-task", "--config", cfg], env=env, cwd=ROOT,
+            stdout=open(tmp_path / f"out{rank}.txt", "w"), stderr=subprocess.STDOUT, start_new_session=True))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    try:
+        while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 2):
+            assert all(p.poll() is None for p in procs) and time.time() < deadline, \
+                open(tmp_path / "out0.txt").read()[-3000:] + open(tmp_path / "out1.txt").read()[-3000:]
+            time.sleep(0.1)
+        for p in procs:
+            os.kill(p.pid, signal.SIGUSR1)
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    out = open(tmp_path / "out0.txt").read()
+    assert codes == [0, 0], out[-3000:]
+    assert "2 process(es)" in out and "stopping cleanly at step" in out
+    latest = read_latest(str(tmp_path / "run" / "checkpoints"))
+    verify_checkpoint(latest)
+    step = read_config(latest)["train_state"]["step"]
+    assert step == max(_losses(str(tmp_path / "run"))) < STEPS - 2
+    assert _is_complete(cfg) == 1  # what the sbatch script asks before it requeues
+
+
+def test_slurm_task_variables():
+    from megatron_mmbert.config_base import ConfigError
+    from megatron_mmbert.slurm import torch_env_from_slurm
+
+    env = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+           "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
+    assert torch_env_from_slurm(env) == {"RANK": "9", "LOCAL_RANK": "1", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
+    with pytest.raises(ConfigError, match="SLURM_PROCID not set; start it with srun"):
+        torch_env_from_slurm({k: v for k, v in env.items() if k != "SLURM_PROCID"})
+    with pytest.raises(ConfigError, match="export MASTER_ADDR"):
+        torch_env_from_slurm({k: v for k, v in env.items() if k != "MASTER_ADDR"})
