@@ -42,6 +42,10 @@ def hf_home(tmp_path_factory):
     _tokenizer(str(snapshot))
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(SHA)
+    other = home / "hub" / "models--org--tiny-mlm-b"  # a second model of the same shape, for merging
+    make_hf_model("even", str(other / "snapshots" / SHA), seed=1)
+    (other / "refs").mkdir(parents=True)
+    (other / "refs" / "main").write_text(SHA)
     return home
 
 
@@ -176,3 +180,20 @@ def test_preprocess_takes_a_hub_tokenizer_offline(hf_home, tmp_path):
     ds = IndexedDataset(str(out / shard))
     bodies = [[int(t) for t in ds[i] if int(t) >= 5] for i in range(len(ds))]
     assert sorted(bodies) == sorted([[7, 9, 300], [11]])
+
+
+def test_merge_inputs_take_hub_ids_offline(hf_home, tmp_path):
+    """``mmbert-ties-merge --base org/a --models org/b ...``: the same merge as from the snapshot folders."""
+    snap = {name: str(hf_home / "hub" / f"models--org--{name}" / "snapshots" / SHA)
+            for name in ("tiny-mlm", "tiny-mlm-b")}
+    args = ["--method", "task_arithmetic", "--weights", "0.5", "0.5"]
+    by_id = _run(hf_home, "megatron_mmbert.cli.ties_merge", "--base", "org/tiny-mlm", "--models",
+                 "org/tiny-mlm-b", f"org/tiny-mlm-b@{SHA}", "--out", str(tmp_path / "by_id"), *args)
+    assert by_id.returncode == 0, by_id.stderr[-3000:]
+    by_path = _run(hf_home, "megatron_mmbert.cli.ties_merge", "--base", snap["tiny-mlm"], "--models",
+                   snap["tiny-mlm-b"], snap["tiny-mlm-b"], "--out", str(tmp_path / "by_path"), *args)
+    assert by_path.returncode == 0, by_path.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("by_id", "by_path"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
