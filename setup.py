@@ -5,8 +5,26 @@ place for development with ``pip install --no-build-isolation -e .`` (torch must
 installed: ``pip install torch==2.13.0`` on CPU machines, or use the NGC image on GPUs).
 """
 
+import glob
+import os
+import shutil
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class build_py_with_configs(build_py):
+    """Install the shipped run configs (examples/configs/*.yaml) as package data in
+    ``megatron_mmbert/configs/``, so ``mmbert-pretrain --config mmbert-base`` works outside a source
+    checkout (there, and in editable installs, they are read from examples/configs directly)."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "megatron_mmbert", "configs")
+        os.makedirs(target, exist_ok=True)
+        for path in sorted(glob.glob(os.path.join("examples", "configs", "*.yaml"))):
+            shutil.copy2(path, target)
 
 ext_modules = [
     Pybind11Extension(
@@ -28,7 +46,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_mmbert", "megatron_mmbert.*"]),
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": build_ext, "build_py": build_py_with_configs},
     install_requires=[
         # A range, never a pin: 2.13.0 (CPU) satisfies it, NGC images keep their own build.
         "torch>=2.4,<2.15",
@@ -50,11 +68,15 @@ setup(
         "datasets": ["datasets>=2.16"],
         "nltk": ["nltk>=3.8"],
         "plots": ["matplotlib>=3.5"],
+        # Hub ids in place of paths (--tokenizer org/name, import-hf --hf-dir org/name) and
+        # export-hf --push-to-hub (megatron_mmbert/hub.py)
+        "hub": ["huggingface_hub>=0.23"],
         # torch-optimi: the reference StableAdamW the tests hold ours to (needs only torch>=2.2)
         "test": ["pytest>=7", "torch-optimi>=0.3"],
     },
     entry_points={
         "console_scripts": [
+            "mmbert-pretrain=megatron_mmbert.pretrain:main",
             "mmbert-preprocess=megatron_mmbert.cli.preprocess_data:main",
             "mmbert-build-index=megatron_mmbert.cli.build_data_index:main",
             "mmbert-convert=megatron_mmbert.cli.convert_checkpoint:main",

@@ -1,7 +1,7 @@
 """Preemption that saves, with a real torchrun on CPU (two gloo workers), for every way the signal
 arrives: SIGTERM to the torchrun agent, SIGTERM to the launcher's process group (``kill -- -PGID``;
-torchrun starts each worker in a session of its own and signals that whole group), SIGUSR1 through the shipped launcher (what the sbatch script's trap and
-srun deliver), and SIGKILL of the agent. Each must end with a complete, verified checkpoint that
+torchrun starts each worker in a session of its own and signals that whole group), SIGUSR1 through the shipped launcher (Slurm's ``--signal``; the sbatch
+scripts themselves start one srun task per GPU, which Slurm signals directly), and SIGKILL of the agent. Each must end with a complete, verified checkpoint that
 ``latest`` points at and no process left behind.
 
 Before the fix, torchrun's SIGTERM to each worker's process group also killed the

@@ -1,9 +1,11 @@
 """tools/convert_checkpoint.py: Hugging Face ModernBERT <-> megatron-mmbert checkpoints.
 
-  import-hf --hf-dir DIR --save CKPT        HF ModernBertForMaskedLM -> dist checkpoint (any layout)
+  import-hf --hf-dir DIR --save CKPT        HF ModernBertForMaskedLM -> dist checkpoint (any layout);
+                                            DIR may be a Hub id org/name[@revision]
   export-hf --load CKPT --out DIR [--tokenizer PATH]
                                             dist checkpoint -> HF directory with its tokenizer
                                             (AutoModelForMaskedLM / AutoTokenizer load it)
+            [--push-to-hub REPO [--private] [--revision BRANCH]]  then upload it with a model card
   verify    --hf-dir DIR --load CKPT [--tp N --pp M] [--attention-backend B] [--precision P]
             both models on random packed rows longer than the window; prints the max |logit diff|
             and exits 1 above --tolerance. With --tp/--pp > 1 it relaunches itself under torchrun.
@@ -61,6 +63,12 @@ class ExportHfConfig:
     """Replace ``out`` if it is a previous export-hf output."""
     tokenizer: Optional[str] = None
     """Tokenizer to write with the model (folder, tokenizer.json or .model; default: the checkpoint's own)."""
+    push_to_hub: Optional[str] = None
+    """After the export, upload ``out`` with a generated model card to this Hub repo (``org/name``)."""
+    private: bool = False
+    """Create the ``push_to_hub`` repo private."""
+    revision: Optional[str] = None
+    """Branch of the ``push_to_hub`` repo to upload to (created if missing)."""
     verify: bool = True
     """Check the checkpoint's file sizes and SHA-256 against those recorded at save time."""
 
@@ -119,6 +127,7 @@ def verify(args: VerifyConfig) -> int:
 
     from megatron_mmbert import runtime
     from megatron_mmbert.config import ParallelConfig
+    from megatron_mmbert.hub import resolve  # --hf-dir may be a Hub id
     from megatron_mmbert.model.build import build_model
     from megatron_mmbert.convert.verify import hf_logits_per_document, random_packed_batch
     from megatron_mmbert.model.pipeline import forward_logits
@@ -142,7 +151,7 @@ def verify(args: VerifyConfig) -> int:
     ours = forward_logits(chunks, [batch])
     verdict = torch.zeros(2, dtype=torch.float64)  # [max diff, compared?]
     if ours is not None and rt.tensor_parallel_rank == 0 and rt.data_parallel_rank == 0:
-        hf_model = AutoModelForMaskedLM.from_pretrained(args.hf_dir, attn_implementation="eager").float().eval()
+        hf_model = AutoModelForMaskedLM.from_pretrained(resolve(args.hf_dir), attn_implementation="eager").float().eval()
         reference = hf_logits_per_document(hf_model, batch)
         if reference.shape != ours[0].shape:
             raise ConfigError(f"logit shapes differ: HF {tuple(reference.shape)} vs ours {tuple(ours[0].shape)}")
@@ -198,6 +207,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             checkpoints.export_hf(cfg.load, cfg.out, verify=cfg.verify, overwrite=cfg.overwrite,
                                   tokenizer=cfg.tokenizer)
             print(f"exported {cfg.load} -> {cfg.out}")
+            if cfg.push_to_hub:
+                from megatron_mmbert.hub import push_to_hub
+
+                url = push_to_hub(cfg.out, cfg.push_to_hub, cfg.private, cfg.revision, source=cfg.load)
+                print(f"pushed {cfg.out} -> {url}")
             return 0
         if cfg.tp * cfg.pp > 1 and "WORLD_SIZE" not in os.environ:
             return _relaunch_under_torchrun(cfg, argv)

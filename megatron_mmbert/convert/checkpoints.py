@@ -50,7 +50,11 @@ def _single_process_model(model: ModelConfig):
 
 def import_hf(hf_dir: str, save_dir: str, overwrite: bool = False) -> ModelConfig:
     """HF ModernBertForMaskedLM directory -> megatron dist checkpoint (loads at any layout).
-    ``save_dir`` must be new, or (``overwrite``) a previous import-hf output."""
+    ``save_dir`` must be new, or (``overwrite``) a previous import-hf output. ``hf_dir`` may be a
+    Hub id (``org/name[@revision]``, :func:`megatron_mmbert.hub.resolve`)."""
+    from megatron_mmbert.hub import resolve
+
+    hf_dir = resolve(hf_dir)
     check_output_dir(save_dir, "import-hf", inputs=[hf_dir], overwrite=overwrite)
     model = read_hf_config(hf_dir)
     state = read_hf_state_dict(hf_dir)

@@ -77,7 +77,9 @@ from megatron_mmbert.data.sources import (
     source_keys,
 )
 from megatron_mmbert.config_base import SAFE_NAME
-from megatron_mmbert.data.tokenizer import Framing, SentenceSplitter, frame_documents, load_tokenizer
+from megatron_mmbert.data.tokenizer import (
+    Framing, SentenceSplitter, frame_documents, load_tokenizer, resolve_tokenizer_path,
+)
 
 STATE_DIR = ".preprocess"
 
@@ -106,7 +108,7 @@ class PreprocessConfig:
     output: str
     """Output folder: ``{lang}/{prefix}-{unit}.bin/.idx`` and ``manifest.json`` (a rerun resumes it)."""
     tokenizer: str
-    """HF tokenizer folder or ``tokenizer.json``, or a SentencePiece ``.model``."""
+    """HF tokenizer folder or ``tokenizer.json``, a SentencePiece ``.model``, or a Hub id ``org/name[@revision]``."""
     read: ReadOptions = dataclasses.field(default_factory=ReadOptions)
     """Text / language fields, fixed language, plain-text mode, split."""
     framing: Framing = dataclasses.field(default_factory=Framing)
@@ -686,7 +688,8 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         raise PreprocessError("--finalize runs after all shard tasks: give it the same arguments without "
                               "--num-shards/--shard-index")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output), tokenizer=os.path.abspath(cfg.tokenizer))
+    tokenizer_path = os.path.abspath(resolve_tokenizer_path(cfg.tokenizer))  # a Hub id: its snapshot, once
+    cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output), tokenizer=tokenizer_path)
     tokenizer = load_tokenizer(cfg.tokenizer)
     identity = tokenizer.identity
     prefix_ids, suffix_ids = cfg.framing.ids(identity)

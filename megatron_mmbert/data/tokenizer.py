@@ -148,9 +148,20 @@ class SentencePieceTokenizer(TextTokenizer):
         return self._sp.encode(texts)
 
 
+def resolve_tokenizer_path(path: str) -> str:
+    """``path`` as it is, or for a Hub id (``org/name[@revision]``) its cached snapshot folder."""
+    from megatron_mmbert import hub
+
+    try:
+        return hub.resolve(path, hub.TOKENIZER_FILES, what="tokenizer")
+    except hub.HubError as exc:
+        raise TokenizerError(str(exc)) from None
+
+
 def load_tokenizer(path: str) -> TextTokenizer:
-    """Load an HF tokenizer folder / ``tokenizer.json`` or a SentencePiece ``.model``."""
-    path = os.path.abspath(path)
+    """Load an HF tokenizer folder / ``tokenizer.json`` or a SentencePiece ``.model``; a Hub id
+    (``org/name[@revision]``, not a local path) is fetched into the HF cache (:mod:`megatron_mmbert.hub`)."""
+    path = os.path.abspath(resolve_tokenizer_path(path))
     if os.path.isdir(path):
         name = os.path.basename(path.rstrip("/"))
         if os.path.isfile(os.path.join(path, "tokenizer.json")):

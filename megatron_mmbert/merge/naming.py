@@ -169,8 +169,11 @@ def check_same_architecture(paths: Sequence[str], models: Sequence[ModelConfig])
 
 def open_inputs(paths: Sequence[str], out_format: Optional[str] = None, verify: bool = True) -> MergeInputs:
     """Open ``paths`` (base first) in one naming; see the module docstring for the rule.
-    ``verify``: check megatron inputs' files against their recorded digests first."""
-    paths = list(paths)
+    ``verify``: check megatron inputs' files against their recorded digests first. An HF input may
+    be a Hub id (``org/name[@revision]``, :func:`megatron_mmbert.hub.resolve`)."""
+    from megatron_mmbert.hub import resolve
+
+    paths = [resolve(p) for p in paths]
     formats = [detect_format(p) for p in paths]
     out_format = out_format or formats[0]
     if out_format not in FORMATS:

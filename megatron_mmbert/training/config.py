@@ -147,7 +147,11 @@ class CheckpointSection:
     keep_phase_ends: bool = True
     """Keep the checkpoint at the end of every phase forever (decay variants branch from them)."""
     exit_after_minutes: Optional[float] = None
-    """Save and exit cleanly once the run has been going this long (Slurm time limits)."""
+    """Save and exit cleanly once the run has been going this long (Slurm time limits). None inside
+    a Slurm job with a time limit (``SLURM_JOB_END_TIME``): the time left minus
+    ``job_end_margin_minutes``, derived when the config is loaded (:mod:`megatron_mmbert.slurm`)."""
+    job_end_margin_minutes: float = 10.0
+    """Inside a Slurm job: stop this long before its time limit (the last step and the save must fit)."""
     save_on_signal: bool = True
     """On SIGTERM/SIGUSR1 (Slurm preemption, ``--signal``): save at the end of the step and exit 0."""
     resume: bool = True
@@ -358,8 +362,53 @@ def _is_named_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "name" in v for v in value)
 
 
+SHIPPED_CONFIGS_PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+"""Where an installed package keeps the shipped configs (``setup.py`` copies examples/configs/*.yaml)."""
+SHIPPED_CONFIGS_SOURCE_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples", "configs")
+"""The same files in a source checkout or an editable install."""
+
+
+def shipped_configs() -> Dict[str, str]:
+    """Shipped config name -> file: ``examples/configs/mmbert_base.yaml`` is ``mmbert-base`` (the
+    file name without ``.yaml``, ``_`` written ``-``; the underscore form is accepted too)."""
+    folder = SHIPPED_CONFIGS_PACKAGE_DIR if os.path.isdir(SHIPPED_CONFIGS_PACKAGE_DIR) else SHIPPED_CONFIGS_SOURCE_DIR
+    if not os.path.isdir(folder):
+        return {}
+    return {f[: -len(".yaml")].replace("_", "-"): os.path.join(folder, f)
+            for f in sorted(os.listdir(folder)) if f.endswith(".yaml")}
+
+
+def config_path(path_or_name: str) -> str:
+    """``--config`` as a file: an existing path as it is, else the shipped config of that name."""
+    if os.path.exists(path_or_name) or os.sep in path_or_name:
+        return path_or_name
+    shipped = shipped_configs()
+    name = path_or_name[: -len(".yaml")] if path_or_name.endswith(".yaml") else path_or_name
+    name = name.replace("_", "-")
+    if name in shipped:
+        return shipped[name]
+    raise ConfigError(
+        f"--config {path_or_name!r} is neither a file nor a shipped config; shipped: "
+        f"{', '.join(shipped) or 'none found'} (mmbert-pretrain --list-configs)"
+    )
+
+
+def describe_shipped_configs() -> str:
+    """One line per shipped config: its name, its first comment line and its file (``--list-configs``)."""
+    lines = []
+    for name, path in shipped_configs().items():
+        with open(path, encoding="utf-8") as f:
+            first = f.readline().strip()
+        summary = first.lstrip("#").strip() if first.startswith("#") else ""
+        lines.append(f"{name:24s} {summary}\n{'':24s} {path}")
+    return "\n".join(lines) if lines else "no shipped configs found (reinstall megatron-mmbert)"
+
+
 def read_yaml(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
-    """A run YAML as a dict, with ``inherit: other.yaml`` (relative to the file) merged underneath."""
+    """A run YAML as a dict, with ``inherit: other.yaml`` (relative to the file, or a shipped config
+    name) merged underneath. ``model: NAME`` is read as ``model: {preset: NAME}`` so that a file or
+    an override can change single fields of a preset (``--model.num_layers 12``)."""
     import yaml
 
     path = os.path.abspath(path)
@@ -376,9 +425,13 @@ def read_yaml(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
     parent = data.pop("inherit", None)
     if parent is not None:
         parent_path = os.path.join(os.path.dirname(path), parent)
+        if not os.path.exists(parent_path):
+            parent_path = config_path(parent)
         if os.path.abspath(parent_path) in seen:
             raise ConfigError(f"{path}: inherit cycle through {parent_path}")
-        data = _deep_merge(read_yaml(parent_path, seen), data)
+        data = _deep_merge(read_yaml(parent_path, seen), data)  # a preset name replaces the parent's model
+    if isinstance(data.get("model"), str):
+        data["model"] = {"preset": data["model"]}
     return data
 
 
@@ -420,10 +473,15 @@ def _resolve_language_sets(cfg: RunConfig) -> None:
 
 
 def load_config(path: str, overrides: Optional[List[str]] = None) -> RunConfig:
-    """YAML file + ``--a.b value`` overrides -> RunConfig (not yet validated)."""
-    data = read_yaml(path)
+    """YAML file (or shipped config name) + ``--a.b value`` overrides -> RunConfig (not yet validated)."""
+    data = read_yaml(config_path(path))
     apply_overrides(data, list(overrides or []))
-    return from_mapping(data)
+    cfg = from_mapping(data)
+    if cfg.checkpoint.exit_after_minutes is None:  # a Slurm job's time limit, when it has one
+        from megatron_mmbert.slurm import exit_after_minutes_for_job
+
+        cfg.checkpoint.exit_after_minutes = exit_after_minutes_for_job(cfg.checkpoint.job_end_margin_minutes)
+    return cfg
 
 
 def resolved_dict(cfg: RunConfig) -> Dict[str, Any]:
@@ -701,7 +759,8 @@ __all__ = [
     "RunConfig", "DataSection", "OptimizerSection", "LRSegment", "ScheduleSection", "BatchSection",
     "CheckpointSection", "InitSection", "LoggingSection", "TrainSection", "DebugSection",
     "load_config", "read_yaml", "from_mapping", "validate", "validate_data", "write_resolved",
-    "resolved_dict", "rampup_rows", "rampup_token_thresholds", "ConfigError",
+    "resolved_dict", "rampup_rows", "rampup_token_thresholds", "ConfigError", "shipped_configs",
+    "config_path", "describe_shipped_configs",
 ]
 
 

@@ -1,0 +1,97 @@
+"""Pre-train mmBERT with megatron-core: parse the run config, build, train.
+
+    mmbert-pretrain --config tiny-cpu --data.manifest RUN/shards --run_dir RUN/train
+    torchrun --nproc_per_node 8 -m megatron_mmbert.pretrain --config mmbert-base [--section.key value ...]
+
+``--config`` takes a YAML file or the name of a shipped config (``--list-configs``). Rerunning the
+same command resumes from the run's latest checkpoint. ``--help-config`` lists every field;
+``--validate`` checks the config and data for a given ``--world-size`` and exits. See
+docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_mmbert.config_base import ConfigError
+
+PROG = "mmbert-pretrain"
+
+
+def run_is_complete(cfg) -> bool:
+    """True when the run's latest checkpoint ends its last phase (the phase-end save, or with
+    ``keep_phase_ends: false`` a save at or past the run's total token budget)."""
+    from megatron_mmbert.checkpoints import dist as ckpt
+
+    latest = ckpt.read_latest(cfg.checkpoint_dir)
+    if latest is None:
+        return False
+    state = ckpt.read_config(latest).get("train_state") or {}
+    last = cfg.phases[-1]
+    if os.path.basename(os.path.normpath(latest)) == f"phase_end_{last.name}":
+        return True
+    return state.get("phase") == last.name and state.get("tokens", 0) >= sum(p.tokens for p in cfg.phases)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="run YAML, or the name of a shipped config (see --list-configs)")
+    parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
+    parser.add_argument("--help-config", action="store_true", help="print every config field and exit")
+    parser.add_argument("--validate", action="store_true", help="validate config + data and exit")
+    parser.add_argument("--world-size", type=int, help="world size for --validate (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--skip-data", action="store_true", help="--validate without the data/checkpoint checks")
+    parser.add_argument("--print-checkpoint-dir", action="store_true",
+                        help="print the run's checkpoint folder and exit (examples/launch_resumable.sh)")
+    parser.add_argument("--is-complete", action="store_true",
+                        help="exit 0 if the run has finished its last phase, else 1 (the sbatch scripts "
+                             "requeue a job that stopped cleanly before that)")
+    parser.add_argument("--slurm-task", action="store_true",
+                        help="one srun task per GPU: take RANK / LOCAL_RANK / WORLD_SIZE from SLURM_PROCID / "
+                             "SLURM_LOCALID / SLURM_NTASKS (examples/slurm/pretrain.sbatch)")
+    args, overrides = parser.parse_known_args(argv)
+
+    from megatron_mmbert.training import config as run_config
+
+    if args.help_config:
+        print(run_config.describe_all())
+        return 0
+    if args.list_configs:
+        print(run_config.describe_shipped_configs())
+        return 0
+    if not args.config:
+        parser.error("--config is required (a YAML file or a shipped config name: --list-configs)")
+    try:
+        if args.slurm_task:
+            from megatron_mmbert.slurm import torch_env_from_slurm
+
+            os.environ.update(torch_env_from_slurm())
+        cfg = run_config.load_config(args.config, overrides)
+        if args.print_checkpoint_dir:
+            print(os.path.abspath(cfg.checkpoint_dir))
+            return 0
+        if args.is_complete:
+            return 0 if run_is_complete(cfg) else 1
+        if args.validate:
+            from megatron_mmbert.runtime import world_size_from_env
+
+            run_config.validate(cfg, args.world_size or world_size_from_env(), check_data=not args.skip_data)
+            print(f"{args.config}: valid")
+            return 0
+        from megatron_mmbert.training.loop import train
+
+        return train(cfg)
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":  # every rank fails the same way; say it once
+            print(f"{PROG}: config error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # read-only run_dir, full disk, missing file: say which, no traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"{PROG}: error on rank {os.environ.get('RANK', '0')}: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
