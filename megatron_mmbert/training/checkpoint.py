@@ -37,6 +37,7 @@ from megatron_mmbert.config import ConfigError, ModelConfig
 from megatron_mmbert.config_base import from_dict, to_dict
 from megatron_mmbert.dcp_io import UntrustedCheckpointError
 from megatron_mmbert.fileio import atomic_write_json, atomic_write_text, publish_directory
+from megatron_mmbert.model.pipeline import _unwrap
 
 CONFIG_FILE = "mmbert_config.json"
 logger = logging.getLogger(__name__)
@@ -56,12 +57,6 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, Any]:
     if len(chunks) == 1:
         return {"model": _unwrap(chunks[0]).sharded_state_dict()}
     return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def is_complete(directory: str) -> bool:
