@@ -244,6 +244,24 @@ def test_batch_rampup_plan():
     assert phase_steps(cfg, pre, 1280) == 16 + (1280 - 128) // 16
 
 
+def test_train_state_round_trip_and_older_checkpoints():
+    """The checkpoint record of a TrainState reads back the same; a record of an older version (no
+    ``first_phase_index``, ``rng`` in prose) still resumes, positioned by phase name."""
+    from megatron_mmbert.training.state import RngRecipe, TrainState
+
+    st = TrainState(phase_index=1, first_phase_index=0)
+    st.advance("mid", 8, 1024)
+    st.advance("mid", 8, 1024)
+    record = st.to_checkpoint("mid", {"num_steps": 2048}, seed=21, data_seed=5, data_position={})
+    assert record["rng"] == RngRecipe.RESEED_PER_STEP.value and record["step"] == 2 and record["tokens"] == 2048
+    assert TrainState.from_checkpoint(record, ["pretrain", "mid", "decay"]) == st
+    older = {"phase": "mid", "phase_index": 0, "step": 7, "tokens": 900, "consumed_samples": 56,
+             "consumed_samples_per_phase": {"mid": 56}, "skipped_steps": 1,
+             "rng": "re-seeded from (seed, step) every step; nothing else to restore"}
+    resumed = TrainState.from_checkpoint(older, ["mid", "decay"])
+    assert (resumed.phase_index, resumed.first_phase_index, resumed.step, resumed.consumed_samples) == (0, None, 7, 56)
+
+
 def test_checkpoint_every_tokens():
     """10B-token saves: every ~2120 steps at 4608 x 1024, every ~265 at 4608 x 8192."""
     from megatron_mmbert.training.loop import save_due
