@@ -5,8 +5,9 @@ The pieces are megatron-core's own, wired as Megatron-LM wires them (``training.
 * :func:`wrap_ddp`: ``Float16Module`` for bf16 (not for amp_bf16: fp32 parameters, autocast), then ``DistributedDataParallel`` with contiguous
   grad buffers (fp32 grad reduction), and the config hooks the schedules call (``no_sync_func``,
   ``finalize_model_grads_func``);
-* :func:`build_optimizer`: ``get_megatron_optimizer`` (Adam with decoupled weight decay, fp32 master
-  weights under bf16, optionally the distributed optimizer), no weight decay on norms and biases;
+* :func:`build_optimizer`: ``get_megatron_optimizer`` from the run config's ``OptimizerSection``
+  (Adam with decoupled weight decay, fp32 master weights under bf16, optionally the distributed
+  optimizer), no weight decay on norms and biases;
   for ``stable_adamw`` the torch optimizer inside megatron's wrappers is replaced by
   ``training.stable_adamw.StableAdamW`` over the same param groups;
 * :func:`train_step`: ``get_forward_backward_func`` over the micro-batches of one global batch, then
@@ -24,8 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megatron_mmbert.config import ParallelConfig
-from megatron_mmbert.model.pipeline import run_schedule, to_device
-from megatron_mmbert.model.pipeline import _unwrap as unwrap
+from megatron_mmbert.model.pipeline import _unwrap, run_schedule, to_device
 from megatron_mmbert.training.config import OptimizerSection
 
 
@@ -118,7 +118,7 @@ def build_optimizer(chunks: List[torch.nn.Module], section: OptimizerSection, pa
 
         stable_adamw.install(optimizer, chunks, lr, (section.adam_beta1, section.adam_beta2),
                              section.adam_eps, weight_decay)
-    unwrap(chunks[0]).config.grad_scale_func = optimizer.scale_loss
+    _unwrap(chunks[0]).config.grad_scale_func = optimizer.scale_loss
     return optimizer
 
 
