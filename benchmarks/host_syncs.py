@@ -106,13 +106,14 @@ def training_step_times(device, preset: str, rows: int, seq_len: int, micro_batc
     from megatron_mmbert.config import ParallelConfig, model_preset
     from megatron_mmbert.model.build import build_model
     from megatron_mmbert.training.optim import GuardedOptimizer
-    from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
+    from megatron_mmbert.training.config import OptimizerSection
+    from megatron_mmbert.training.step import build_optimizer, train_step, wrap_ddp
 
     model = model_preset(preset, num_layers=4, vocab_size=4096, attention_output_dropout=0.0)
     parallel = ParallelConfig()
     runtime.initialize(model, parallel, seed=0)
     chunks = wrap_ddp(build_model(model, parallel, device=device), parallel)
-    guarded = GuardedOptimizer(build_optimizer(chunks, OptimizerSettings(lr=1e-4), parallel), chunks)
+    guarded = GuardedOptimizer(build_optimizer(chunks, OptimizerSection(), parallel, lr=1e-4, weight_decay=0.1), chunks)
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(micro_batches):

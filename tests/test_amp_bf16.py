@@ -10,7 +10,8 @@ import torch
 from megatron_mmbert import runtime
 from megatron_mmbert.config import PRESETS, ParallelConfig
 from megatron_mmbert.model.build import build_model
-from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
+from megatron_mmbert.training.config import OptimizerSection
+from megatron_mmbert.training.step import build_optimizer, train_step, wrap_ddp
 
 from tests.helpers.model import packed_batch
 
@@ -59,11 +60,11 @@ def test_amp_bf16_trains_with_the_distributed_optimizer():
     parallel = ParallelConfig(use_distributed_optimizer=True)
     runtime.initialize(model, parallel, seed=3)
     chunks = wrap_ddp(build_model(model, parallel, "amp_bf16"), parallel, "amp_bf16")
-    settings = OptimizerSettings(name="stable_adamw", lr=1e-3, weight_decay=0.1, clip_grad=0.0, precision="amp_bf16")
-    optimizer = build_optimizer(chunks, settings, parallel)
+    optimizer = build_optimizer(chunks, OptimizerSection(name="stable_adamw", clip_grad=0.0), parallel,
+                                lr=1e-3, weight_decay=0.1, precision="amp_bf16")
     before = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
     b = _batch(model.vocab_size)
-    losses = [train_step(chunks, optimizer, [b])["loss"] for _ in range(3)]
+    losses = [train_step(chunks, optimizer, [b]).loss for _ in range(3)]
     assert all(p.dtype == torch.float32 for p in chunks[0].parameters())
     assert all(not torch.equal(before[n], p) for n, p in chunks[0].named_parameters() if p.dim() > 1)
     assert losses[-1] < losses[0]

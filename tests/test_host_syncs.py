@@ -22,7 +22,8 @@ from megatron_mmbert.model.backends import set_te_environment, te_environment
 from megatron_mmbert.model.build import build_model
 from megatron_mmbert.checkpoints import dist as ckpt
 from megatron_mmbert.training.optim import GuardedOptimizer
-from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, wrap_ddp
+from megatron_mmbert.training.config import OptimizerSection
+from megatron_mmbert.training.step import build_optimizer, wrap_ddp
 from tests.helpers.model import HostReads, make_hf_model, packed_batch
 
 
@@ -76,7 +77,7 @@ def test_thd_rope_per_token_equals_megatron_thd_path(tiny, chunks):
 def test_grads_finite_reads_the_device_once(tiny, chunks):
     parallel = ParallelConfig()
     wrapped = wrap_ddp(chunks, parallel)
-    guarded = GuardedOptimizer(build_optimizer(wrapped, OptimizerSettings(), parallel), wrapped)
+    guarded = GuardedOptimizer(build_optimizer(wrapped, OptimizerSection(), parallel, lr=8e-4, weight_decay=0.1), wrapped)
     params = [p for p in wrapped[0].parameters() if p.requires_grad]
     assert len(params) > 10
     for p in params:

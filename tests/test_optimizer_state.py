@@ -11,7 +11,8 @@ from megatron_mmbert import runtime
 from megatron_mmbert.config import ParallelConfig, model_preset
 from megatron_mmbert.model.build import build_model
 from megatron_mmbert.checkpoints import dist as ckpt
-from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
+from megatron_mmbert.training.config import OptimizerSection
+from megatron_mmbert.training.step import build_optimizer, train_step, wrap_ddp
 from tests.helpers.model import packed_batch
 
 MODEL = model_preset("tiny", num_layers=2, attention_output_dropout=0.0)
@@ -36,9 +37,8 @@ def build():
         if not torch.distributed.is_initialized():
             runtime.initialize(MODEL, parallel, seed=3)
         chunks = wrap_ddp(build_model(MODEL, parallel, precision), parallel, precision)
-        settings = OptimizerSettings(name=name, lr=1e-3, weight_decay=0.1, clip_grad=1.0 if name == "adamw" else 0.0,
-                                     precision=precision)
-        return chunks, build_optimizer(chunks, settings, parallel)
+        section = OptimizerSection(name=name, clip_grad=1.0 if name == "adamw" else 0.0)
+        return chunks, build_optimizer(chunks, section, parallel, lr=1e-3, weight_decay=0.1, precision=precision)
 
     yield make
     runtime.shutdown()
@@ -76,7 +76,7 @@ def test_distributed_optimizer_state_round_trip(build, tmp_path, precision, name
     """StableAdamW keeps torch Adam's state keys, so the same save/load path serves it."""
     chunks, opt = build(distributed=True, precision=precision, name=name)
     for step in range(3):
-        assert train_step(chunks, opt, _rows(10 * step))["update_ok"]
+        assert train_step(chunks, opt, _rows(10 * step)).update_ok
     before = [{k: v.clone() for k, v in s.items()} for s in _torch_states(opt)]
     assert {float(s["step"]) for s in before} == {3.0}
     ckpt.save_training(str(tmp_path), "iter_0000003", chunks, opt, MODEL, {"step": 3})
@@ -94,6 +94,6 @@ def test_distributed_optimizer_state_round_trip(build, tmp_path, precision, name
     assert len({id(s["step"]) for s in after}) == len(after)
     # The next step is the same on both.
     r1, r2 = train_step(chunks, opt, _rows(99)), train_step(fresh_chunks, fresh, _rows(99))
-    assert r1["loss"] == r2["loss"]
+    assert r1.loss == r2.loss
     for p, q in zip(chunks[0].parameters(), fresh_chunks[0].parameters()):
         assert torch.equal(p, q)

@@ -21,11 +21,12 @@ from megatron_mmbert.convert.checkpoints import import_hf, load_canonical
 from megatron_mmbert.model.build import build_model
 from megatron_mmbert.model.pipeline import _unwrap
 from megatron_mmbert.checkpoints import dist as ckpt
-from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
+from megatron_mmbert.training.config import OptimizerSection
+from megatron_mmbert.training.step import build_optimizer, train_step, wrap_ddp
 from tests.helpers.model import make_hf_model, packed_batch, torchrun
 
 LAYOUTS = ["tp2_dp2", "tp2_sp_dp2", "pp2_dp2_distopt", "tp2_pp2", "pp2_vpp2_dp2", "dp4_distopt"]
-SETTINGS = OptimizerSettings(lr=1e-3, weight_decay=0.1, clip_grad=1.0)  # as in the worker
+SETTINGS = dict(lr=1e-3, weight_decay=0.1)  # as in the worker (clip_grad 1.0: OptimizerSection's default)
 
 
 def _global_batch(vocab):
@@ -51,10 +52,9 @@ def single_process_step(model, init_dir, rows, precision="fp32", steps=1):
         ckpt.load_model(init_dir, chunks)
         initial = {k: v.clone() for k, v in chunks[0].state_dict().items() if torch.is_tensor(v)}
         chunks = wrap_ddp(chunks, parallel, precision)
-        settings = dataclasses.replace(SETTINGS, precision=precision)
-        optimizer = build_optimizer(chunks, settings, parallel)
+        optimizer = build_optimizer(chunks, OptimizerSection(clip_grad=1.0), parallel, **SETTINGS, precision=precision)
         for _ in range(steps):
-            stats = train_step(chunks, optimizer, rows)
+            stats = dataclasses.asdict(train_step(chunks, optimizer, rows))
         inner = _unwrap(chunks[0])
         after = {k: v.clone() for k, v in inner.state_dict().items() if torch.is_tensor(v)}
     finally:
@@ -104,17 +104,17 @@ def test_stable_adamw_tp2_dp2_distributed_optimizer_matches_single_process(tmp_p
                                           r["labels"], torch.full_like(r["labels"], -100))
         steps.append(rows)
     torch.save({"steps": steps}, tmp_path / "steps.pt")
-    settings = OptimizerSettings(name="stable_adamw", lr=1e-3, weight_decay=0.1, clip_grad=0.0)  # as the worker
+    section = OptimizerSection(name="stable_adamw", clip_grad=0.0)  # as the worker
 
     parallel = ParallelConfig()
     runtime.initialize(model, parallel, seed=7)
     chunks = build_model(model, parallel)
     ckpt.load_model(str(tmp_path / "init"), chunks)
     chunks = wrap_ddp(chunks, parallel)
-    optimizer = build_optimizer(chunks, settings, parallel)
+    optimizer = build_optimizer(chunks, section, parallel, lr=1e-3, weight_decay=0.1)
     clipped = 0
     for rows in steps:
-        reference = train_step(chunks, optimizer, rows)
+        reference = dataclasses.asdict(train_step(chunks, optimizer, rows))
         clipped += sum(o.optimizer.last_clipped for o in getattr(optimizer, "chained_optimizers", [optimizer]))
     after = {k: v.clone() for k, v in chunks[0].module.state_dict().items() if torch.is_tensor(v)}
     runtime.shutdown()

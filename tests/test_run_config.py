@@ -9,6 +9,8 @@ import pytest
 
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.training import config as rc
+from megatron_mmbert.training.batch_plan import rampup_rows
+from megatron_mmbert.training.preflight import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "examples", "configs", "*.yaml")))
@@ -28,7 +30,7 @@ def test_all_shipped_configs_are_there():
 def test_shipped_config_validates(path):
     cfg = rc.load_config(path)
     world = 2 if "tiny" in path else 8
-    rc.validate(cfg, world, check_data=False)
+    validate(cfg, world, check_data=False)
     # the resolved config round-trips through YAML to the same thing
     import yaml
 
@@ -55,7 +57,7 @@ def test_base_recipe_values():
 
     assert megatron_weight_decay(cfg, pre) == pytest.approx(0.1)  # 8e-5 fully decoupled at 8e-4
     # batch warmup: 384 -> 4608 rows in 384-row increments over 60B tokens
-    assert rc.rampup_rows(cfg)[:2] == [384, 768] and rc.rampup_rows(cfg)[-1] == 4224
+    assert rampup_rows(cfg)[:2] == [384, 768] and rampup_rows(cfg)[-1] == 4224
     assert len(pre.languages) == 61 and len(mid.languages) == 110  # 60 + code, 109 + code
 
 
@@ -118,7 +120,7 @@ def _tiny(*overrides):
 
 def _err(cfg, world=2, check_data=False):
     with pytest.raises(ConfigError) as e:
-        rc.validate(cfg, world, check_data=check_data)
+        validate(cfg, world, check_data=check_data)
     return str(e.value)
 
 
@@ -233,13 +235,31 @@ def test_lr_schedule_matches_mmbert_formulas():
 
 
 def test_batch_rampup_plan():
-    from megatron_mmbert.training.loop import phase_steps, step_rows
+    from megatron_mmbert.training.batch_plan import phase_steps, step_rows
 
     cfg = _tiny()
     pre = cfg.phases[0]
     # 8 rows x 128 tokens per step until 16384 tokens (128 rows), then 16 rows
     assert [step_rows(cfg, pre, c, 1280) for c in (0, 8, 120, 128, 144, 1272)] == [8, 8, 8, 16, 16, 8]
     assert phase_steps(cfg, pre, 1280) == 16 + (1280 - 128) // 16
+
+
+def test_train_state_round_trip_and_older_checkpoints():
+    """The checkpoint record of a TrainState reads back the same; a record of an older version (no
+    ``first_phase_index``, ``rng`` in prose) still resumes, positioned by phase name."""
+    from megatron_mmbert.training.state import RngRecipe, TrainState
+
+    st = TrainState(phase_index=1, first_phase_index=0)
+    st.advance("mid", 8, 1024)
+    st.advance("mid", 8, 1024)
+    record = st.to_checkpoint("mid", {"num_steps": 2048}, seed=21, data_seed=5, data_position={})
+    assert record["rng"] == RngRecipe.RESEED_PER_STEP.value and record["step"] == 2 and record["tokens"] == 2048
+    assert TrainState.from_checkpoint(record, ["pretrain", "mid", "decay"]) == st
+    older = {"phase": "mid", "phase_index": 0, "step": 7, "tokens": 900, "consumed_samples": 56,
+             "consumed_samples_per_phase": {"mid": 56}, "skipped_steps": 1,
+             "rng": "re-seeded from (seed, step) every step; nothing else to restore"}
+    resumed = TrainState.from_checkpoint(older, ["mid", "decay"])
+    assert (resumed.phase_index, resumed.first_phase_index, resumed.step, resumed.consumed_samples) == (0, None, 7, 56)
 
 
 def test_checkpoint_every_tokens():
@@ -297,7 +317,7 @@ def _reference_ramp(min_rows, max_rows, warmup_tokens, world_size, row_tokens, s
 def test_batch_rampup_matches_the_reference_scheduler(name, ramp_tokens):
     """Equal steps per size: the shipped ramp step for step equals mmBERT's scheduler on 8 GPUs
     (micro 48 x 1024 per packed row, 1 -> 12 rows per device)."""
-    from megatron_mmbert.training.loop import step_rows
+    from megatron_mmbert.training.batch_plan import step_rows
 
     cfg = _load(name)
     pre = cfg.phases[0]

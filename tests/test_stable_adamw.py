@@ -16,7 +16,8 @@ from megatron_mmbert import runtime
 from megatron_mmbert.config import PRESETS, ParallelConfig
 from megatron_mmbert.model.build import build_model
 from megatron_mmbert.training.stable_adamw import StableAdamW, debias_beta
-from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, wrap_ddp
+from megatron_mmbert.training.config import OptimizerSection
+from megatron_mmbert.training.step import build_optimizer, wrap_ddp
 
 optimi = pytest.importorskip("optimi")
 
@@ -76,12 +77,12 @@ def test_megatron_stable_adamw_matches_optimi(distributed, precision):
     parallel = ParallelConfig(use_distributed_optimizer=distributed)
     runtime.initialize(model, parallel, seed=3)
     chunks = wrap_ddp(build_model(model, parallel, precision), parallel, precision)
-    settings = OptimizerSettings(name="stable_adamw", lr=LR, weight_decay=FULLY_DECOUPLED_WD / LR,
-                                 adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS, clip_grad=0.0,
-                                 precision=precision)
-    optimizer = build_optimizer(chunks, settings, parallel)
+    section = OptimizerSection(name="stable_adamw", adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS,
+                               clip_grad=0.0)
+    weight_decay = FULLY_DECOUPLED_WD / LR
+    optimizer = build_optimizer(chunks, section, parallel, lr=LR, weight_decay=weight_decay, precision=precision)
     for group in optimizer.param_groups:  # what the LR scheduler sets each step
-        group["weight_decay"] = settings.weight_decay * group["wd_mult"]
+        group["weight_decay"] = weight_decay * group["wd_mult"]
     named = list(chunks[0].module.named_parameters())
     if precision == "bf16":
         named = [(n.replace("module.", "", 1), p) for n, p in named]

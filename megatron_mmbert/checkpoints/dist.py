@@ -47,6 +47,7 @@ from megatron_mmbert.checkpoints.layout import (
 from megatron_mmbert.config import ConfigError, ModelConfig
 from megatron_mmbert.config_base import from_dict, to_dict
 from megatron_mmbert.fileio import atomic_write_text, publish_directory
+from megatron_mmbert.model.pipeline import _unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +68,6 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, Any]:
     return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def save(

@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import sys
+import time
 from typing import Dict, Optional
 
 import torch
@@ -33,6 +34,77 @@ TB_FIELDS = (
     "consumed_pct", "phase_index", "memory_gib", "eta_s", "global_batch_rows",
 )
 """Scalars written to TensorBoard every logged step (``train/<name>``; ``train/mfu`` too where known)."""
+
+
+TIMINGS = ("data", "step", "other", "forward_backward", "optimizer")
+"""Where the seconds of a log window went (``time_<name>_s`` in the metrics): building batches, the
+step (``forward_backward`` + ``optimizer`` inside it), and everything else between steps."""
+
+
+class StepMeter:
+    """Metric windows and timings between two log lines, and the token rate for the ETA.
+
+    Per step: :meth:`start`, :meth:`data_ready` (batches built), :meth:`stepped` (the step's
+    result), then :meth:`end` once the step's saves and checks are done. :meth:`window` gives the
+    window's averages and times; :meth:`reset` starts the next window. The logged loss/accuracy
+    average the window's applied steps, weighted by labelled tokens. The ETA rate counts from the
+    first step of the process (which pays start-up costs, so its tokens are not counted)."""
+
+    def __init__(self):
+        self.rate_t: Optional[float] = None
+        self.rate_tokens = 0
+        self._t0 = self._t1 = self._t2 = 0.0
+        self._logged = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.window_t, self.window_tokens = time.time(), 0
+        self.loss_sum = self.correct_sum = self.labelled = 0.0
+        self.timings = dict.fromkeys(TIMINGS, 0.0)
+        self._logged = True
+
+    def start(self) -> None:
+        self._t0 = time.time()
+
+    def data_ready(self) -> None:
+        self._t1 = time.time()
+        self.timings["data"] += self._t1 - self._t0
+
+    def stepped(self, result, step_tokens: int, applied: bool) -> None:
+        """Account a step's :class:`~megatron_mmbert.training.step.StepResult` (``applied``: its
+        update was applied, so its loss enters the window average)."""
+        self._t2 = time.time()
+        self._logged = False
+        self.timings["step"] += self._t2 - self._t1
+        self.timings["forward_backward"] += result.time_forward_backward_s
+        self.timings["optimizer"] += result.time_optimizer_s
+        self.window_tokens += step_tokens
+        if self.rate_t is None:
+            self.rate_t = time.time()
+        else:
+            self.rate_tokens += step_tokens
+        if applied:
+            self.loss_sum += result.loss * result.tokens
+            self.correct_sum += result.accuracy * result.tokens
+            self.labelled += result.tokens
+
+    def end(self) -> None:
+        """The step's work after the optimizer (saves, checks) counts as ``other`` unless logged."""
+        if not self._logged:
+            self.timings["other"] += time.time() - self._t2
+
+    def window(self, result) -> Dict[str, float]:
+        """Loss, accuracy, tokens/s, the ETA's token rate and the times of the window ending now
+        (``result``: the last step's, used when no step of the window was applied)."""
+        now = time.time()
+        tps = self.window_tokens / max(now - self.window_t, 1e-9)
+        return {
+            "loss": self.loss_sum / self.labelled if self.labelled else result.loss,
+            "accuracy": self.correct_sum / self.labelled if self.labelled else result.accuracy,
+            "tokens_per_s": tps,
+            "rate": self.rate_tokens / max(now - self.rate_t, 1e-9) if self.rate_tokens else tps,
+            **{f"time_{k}_s": v for k, v in self.timings.items()},
+        }
 
 
 def memory_gib(device: torch.device) -> float:

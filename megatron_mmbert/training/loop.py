@@ -1,6 +1,13 @@
 """The training run: phases pretrain -> mid -> decay in one process group, resumable at any step.
 
-Read top to bottom, :func:`train` is the whole program after the config:
+Read top to bottom, :func:`train` is the whole program after the config, and :meth:`Trainer.run`
+the loop of a training run. The parts it drives, one job each: ``preflight`` (start-up checks),
+``batch_plan`` (rows per step, batch-size warmup, steps per phase), ``state`` (the typed
+``TrainState`` a checkpoint records), ``step`` (one optimizer step, a ``StepResult``), ``optim``
+(optimizer and token-counted LR schedule), ``evaluation`` (loss per language group), ``logging``
+(log line, metric windows and timings: ``StepMeter``), ``stopping`` (signals, time limit) and
+``checkpoint``. This module holds one subject, the :class:`Trainer` (start-up, restore or branch,
+the loop), which is why it is longer than the parts.
 
 1. validate the config against the world size (before any process group), initialise the runtime,
    write the resolved config into the run directory;
@@ -23,12 +30,10 @@ uninterrupted one (bitwise on CPU at the same layout; see tests/test_training_re
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
 import os
 import signal
-import sys
 import time
 from typing import Dict, List, Optional
 
@@ -39,42 +44,19 @@ from megatron_mmbert.checkpoints.layout import data_tokenizer_dir
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.fileio import DirectoryLock, DirectoryLocked
+from megatron_mmbert.model.pipeline import _unwrap
 from megatron_mmbert.training import optim
-from megatron_mmbert.training.config import (
-    RunConfig,
-    rampup_rows,
-    rampup_token_thresholds,
-    validate,
-    write_resolved,
-)
-from megatron_mmbert.training.logging import RunLogger, memory_gib
+from megatron_mmbert.training.batch_plan import BatchPlan
+from megatron_mmbert.training.config import RunConfig, write_resolved
+from megatron_mmbert.training.evaluation import Evaluator
+from megatron_mmbert.training.logging import RunLogger, StepMeter, memory_gib
+from megatron_mmbert.training.preflight import validate
+from megatron_mmbert.training.state import TrainState
+from megatron_mmbert.training.stopping import StopFlag, any_rank
 
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient under ``train.nan_policy: stop`` (or too many skips)."""
-
-
-# -- batch plan ----------------------------------------------------------------------------------
-
-def step_rows(cfg: RunConfig, phase: PhaseConfig, consumed: int, num_samples: int) -> int:
-    """Rows of the step that starts at ``consumed`` samples into ``phase`` (batch-size warmup aware)."""
-    rows = cfg.phase_global_batch(phase)
-    ramp_phase = cfg.batch.rampup_phase or cfg.phases[0].name
-    tokens = consumed * phase.seq_len
-    if phase.name == ramp_phase and tokens < cfg.batch.rampup_tokens and (sizes := rampup_rows(cfg)):
-        k = bisect.bisect_right(rampup_token_thresholds(cfg), tokens)
-        if k < len(sizes):
-            rows = sizes[k]
-    return min(rows, num_samples - consumed)
-
-
-def phase_steps(cfg: RunConfig, phase: PhaseConfig, num_samples: int, consumed: int = 0) -> int:
-    """Optimizer steps from ``consumed`` to the end of the phase."""
-    steps = 0
-    while consumed < num_samples:
-        consumed += step_rows(cfg, phase, consumed, num_samples)
-        steps += 1
-    return steps
 
 
 def save_due(cfg: RunConfig, step: int, tokens: int, step_tokens: int) -> bool:
@@ -87,12 +69,6 @@ def save_due(cfg: RunConfig, step: int, tokens: int, step_tokens: int) -> bool:
 
 # -- helpers -------------------------------------------------------------------------------------
 
-def _unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def reseed(seed: int, step: int) -> None:
     """Dropout RNG as a function of (seed, step, pipeline rank), the same recipe Megatron-LM uses
     at start-up applied every step: layout-independent and nothing to restore on resume."""
@@ -101,39 +77,6 @@ def reseed(seed: int, step: int) -> None:
     s = (seed * 1_000_003 + step) % (2**31 - 1) + 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(s)
     tensor_parallel.model_parallel_cuda_manual_seed(s)
-
-
-class _StopFlag:
-    """SIGTERM/SIGUSR1 set a flag; the loop checks it (all-reduced) at the end of every step.
-
-    Under torchrun the worker also asks the kernel for SIGTERM when the agent dies
-    (``PR_SET_PDEATHSIG``): a SIGKILLed torchrun leaves no orphaned trainers, and they save first."""
-
-    def __init__(self, enabled: bool):
-        self.signal: Optional[int] = None
-        if enabled:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._handle)
-        if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform.startswith("linux"):
-            import ctypes
-
-            agent = os.getppid()
-            try:  # PR_SET_PDEATHSIG
-                ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM if enabled else signal.SIGKILL)
-            except (OSError, AttributeError):
-                return
-            if os.getppid() != agent:  # the agent died before the request took effect
-                self._handle(signal.SIGTERM, None) if enabled else os._exit(1)
-
-    def _handle(self, signum, frame):  # noqa: ARG002
-        self.signal = signum
-
-
-def _any_rank(flag: bool, device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 # -- the trainer -----------------------------------------------------------------------------------
@@ -178,9 +121,11 @@ class Trainer:
         self.chunks = wrap_ddp(chunks, parallel, cfg.compute_precision)
         self.optimizer = optim.build(cfg, self.chunks, cfg.phases[0])
         self.n_params = sum(p.numel() for c in self.chunks for p in c.parameters())
-        self.stop = _StopFlag(cfg.checkpoint.save_on_signal)
+        self.stop = StopFlag(cfg.checkpoint.save_on_signal)
+        self.plan = BatchPlan(cfg)
+        self.evaluator = Evaluator(cfg, self.chunks, self.rt)
+        self.complete: Optional[str] = None  # the checkpoint that already ends the last phase
         self.state = self._restore()
-        self.eval_stream = None
 
     # -- start-up -----------------------------------------------------------------------------
     def _lock_run_folders(self) -> List[DirectoryLock]:
@@ -200,41 +145,48 @@ class Trainer:
                 error = str(exc)
                 for lock in locks:
                     lock.release()
-        if _any_rank(error is not None, self.rt.device):
+        if any_rank(error is not None, self.rt.device):
             raise ConfigError(error or "rank 0 could not lock the run folder (see its message)")
         return locks
 
-    def _fresh_state(self, phase_index: int) -> Dict:
-        return {"phase_index": phase_index, "consumed_samples": 0, "consumed_samples_per_phase": {},
-                "step": 0, "tokens": 0, "skipped_steps": 0}
-
-    def _restore(self) -> Dict:
+    def _restore(self) -> TrainState:
+        """Resume from ``latest``, or start (from ``init.checkpoint`` or fresh) at the start phase."""
         cfg = self.cfg
         latest = ckpt.read_latest(cfg.checkpoint_dir, warn=self.log.info) if cfg.checkpoint.resume else None
+        state = self._resume(latest) if latest is not None else self._start()
+        if state.first_phase_index is None:
+            state.first_phase_index = state.phase_index
+        return state
+
+    def _resume(self, latest: str) -> TrainState:
+        cfg = self.cfg
         names = [p.name for p in cfg.phases]
-        if latest is not None:
-            if cfg.checkpoint.verify_on_load:
-                ckpt.verify_checkpoint(latest)
-            meta = ckpt.load_training(latest, self.chunks, self.optimizer)
-            state = meta["train_state"]
-            if state["phase"] not in names:
-                raise ConfigError(f"{latest} was saved in phase {state['phase']!r}, which this config lacks ({names})")
-            state["phase_index"] = names.index(state["phase"])
-            optimizer = "restored" if meta["loaded_optimizer"] else "fresh"
-            if state["consumed_samples"] >= self.stream.phase_num_samples(state["phase"]):
-                # Only a phase-end checkpoint holds a finished phase (periodic saves skip the last step).
-                if state["phase_index"] == len(names) - 1:
-                    state["run_complete"] = latest
-                    return state
-                state.update(phase_index=state["phase_index"] + 1, consumed_samples=0)
-                self.log.info(f"resumed from {latest}: step {state['step']}, phase {state['phase']!r} complete, "
-                              f"continuing with {names[state['phase_index']]!r}, optimizer {optimizer}")
+        if cfg.checkpoint.verify_on_load:
+            ckpt.verify_checkpoint(latest)
+        meta = ckpt.load_training(latest, self.chunks, self.optimizer)
+        record = meta["train_state"]
+        if record["phase"] not in names:
+            raise ConfigError(f"{latest} was saved in phase {record['phase']!r}, which this config lacks ({names})")
+        state = TrainState.from_checkpoint(record, names)
+        optimizer = "restored" if meta["loaded_optimizer"] else "fresh"
+        if state.consumed_samples >= self.stream.phase_num_samples(record["phase"]):
+            # Only a phase-end checkpoint holds a finished phase (periodic saves skip the last step).
+            if state.phase_index == len(names) - 1:
+                self.complete = latest
                 return state
-            self.log.info(
-                f"resumed from {latest}: step {state['step']}, phase {state['phase']!r}, "
-                f"{state['consumed_samples']} samples into it, optimizer {optimizer}"
-            )
+            state.start_phase(state.phase_index + 1)
+            self.log.info(f"resumed from {latest}: step {state.step}, phase {record['phase']!r} complete, "
+                          f"continuing with {names[state.phase_index]!r}, optimizer {optimizer}")
             return state
+        self.log.info(
+            f"resumed from {latest}: step {state.step}, phase {record['phase']!r}, "
+            f"{state.consumed_samples} samples into it, optimizer {optimizer}"
+        )
+        return state
+
+    def _start(self) -> TrainState:
+        cfg = self.cfg
+        names = [p.name for p in cfg.phases]
         start = cfg.start_phase_index
         if cfg.init.checkpoint:
             if cfg.checkpoint.verify_on_load:
@@ -247,7 +199,7 @@ class Trainer:
             )
         elif start:
             self.log.info(f"starting at phase {names[start]!r} from a fresh model (no init.checkpoint)")
-        return self._fresh_state(start)
+        return TrainState(phase_index=start)
 
     def _check_branch_data(self, parent: Optional[Dict]) -> None:
         """Refuse a run from ``init.checkpoint`` whose data would not continue the checkpoint's.
@@ -321,22 +273,21 @@ class Trainer:
         }
 
     # -- accounting ----------------------------------------------------------------------------
-    def _plan(self):
+    def _totals(self):
         """(total steps, total tokens) of the run from its first phase, for progress and ETA."""
-        first = self.state.get("first_phase_index", self.state["phase_index"])
         steps = tokens = 0
-        for p in self.cfg.phases[first:]:
+        for p in self.cfg.phases[self.state.first_phase_index:]:
             n = self.stream.phase_num_samples(p.name)
-            steps += phase_steps(self.cfg, p, n)
+            steps += self.plan.phase_steps(p, n)
             tokens += n * p.seq_len
         return steps, tokens
 
     def train_state(self, phase: PhaseConfig, scheduler) -> Dict:
-        s = dict(self.state)
-        s.update(phase=phase.name, scheduler=scheduler.state_dict(), data_seed=self.cfg.data_seed,
-                 seed=self.cfg.seed, rng="re-seeded from (seed, step) every step; nothing else to restore",
-                 data_position=self.data_position(s["phase_index"], s["consumed_samples"]))
-        return s
+        """The ``train_state`` a checkpoint of this moment records (:class:`TrainState` plus the
+        scheduler, seeds and data position)."""
+        st = self.state
+        return st.to_checkpoint(phase.name, scheduler.state_dict(), self.cfg.seed, self.cfg.data_seed,
+                                self.data_position(st.phase_index, st.consumed_samples))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, name: str, phase: PhaseConfig, scheduler, kill_during_save: bool = False) -> None:
@@ -356,50 +307,6 @@ class Trainer:
             deleted = ckpt.apply_retention(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
             self.log.info(f"saved {path} in {time.time() - t0:.1f}s" + (f" (deleted {deleted})" if deleted else ""))
 
-    # -- evaluation ----------------------------------------------------------------------------
-    def _eval_groups(self) -> Dict[str, List[str]]:
-        if self.cfg.logging.eval_groups:
-            return dict(self.cfg.logging.eval_groups)
-        from megatron_mmbert.data.shards import load_manifest
-
-        manifest = load_manifest(self.cfg.data.eval_manifest or self.cfg.manifest_path)
-        langs = sorted((lang for lang, e in manifest.languages.items() if e.tokens > 0),
-                       key=lambda lang: (-manifest.languages[lang].tokens, lang))
-        k = max(1, math.ceil(len(langs) / 3))
-        groups = {"high": langs[:k], "mid": langs[k:2 * k], "low": langs[2 * k:]}
-        return {g: v for g, v in groups.items() if v}
-
-    def _build_eval(self):
-        from megatron_mmbert.data.mlm import MLMStream
-
-        cfg = self.cfg
-        seq = cfg.logging.eval_seq_len or cfg.phases[0].seq_len
-        dp = self.rt.data_parallel_size
-        rows = max(dp, cfg.logging.eval_rows_per_group // dp * dp)
-        phases = [
-            PhaseConfig(name=f"eval_{g}", tokens=rows * seq, seq_len=seq, mask_rate=cfg.logging.eval_mask_rate,
-                        languages=langs, temperature=1.0, global_batch_size=rows)
-            for g, langs in self._eval_groups().items()
-        ]
-        stream = MLMStream(cfg.data.eval_manifest or cfg.manifest_path, phases, cfg.data_seed + 1,
-                           cache_dir=None, mask_special_tokens=cfg.data.mask_special_tokens)
-        return stream, rows
-
-    def evaluate(self) -> Dict[str, float]:
-        """MLM loss per language group (forward only, every layout computes the same numbers)."""
-        from megatron_mmbert.training.step import eval_step
-
-        if self.eval_stream is None:
-            self.eval_stream = self._build_eval()
-        stream, rows = self.eval_stream
-        per_rank = rows // self.rt.data_parallel_size
-        first = self.rt.data_parallel_rank * per_rank
-        losses = {}
-        for name in stream.phase_names:
-            batches = [stream.batch(name, [i]) for i in range(first, first + per_rank)]
-            losses[name[len("eval_"):]] = eval_step(self.chunks, batches, self.rt.device)["loss"]
-        return losses
-
     # -- the loop --------------------------------------------------------------------------------
     def micro_batches(self, phase: PhaseConfig, consumed: int, rows: int) -> List[Dict]:
         dp, r = self.rt.data_parallel_size, self.rt.data_parallel_rank
@@ -410,165 +317,155 @@ class Trainer:
 
     def run(self) -> int:
         """Train through the remaining phases; returns the process exit code (0 also on a clean stop)."""
-        from megatron_mmbert.flops import flops_per_token, peak_tflops
-        from megatron_mmbert.training.step import train_step
-
         cfg, st = self.cfg, self.state
-        finished = st.pop("run_complete", None)
-        if finished:
-            self.log.info(f"run already complete: {finished} ends the last phase {st['phase']!r} "
-                          f"(step {st['step']}, {st['tokens']:,} tokens); nothing to do, checkpoints untouched")
+        if self.complete:
+            self.log.info(f"run already complete: {self.complete} ends the last phase "
+                          f"{cfg.phases[st.phase_index].name!r} (step {st.step}, {st.tokens:,} tokens); "
+                          "nothing to do, checkpoints untouched")
             return 0
-        st.setdefault("first_phase_index", st["phase_index"])
-        total_steps, total_tokens = self._plan()
-        peak = peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
-        world = self.rt.world_size
+        self.totals = self._totals()
         self.log.info(
-            f"run {cfg.run_dir}: {self.n_params:,} parameters on rank 0, {world} process(es), "
-            f"{total_steps} steps, {total_tokens:,} tokens over phases "
-            f"{[p.name for p in cfg.phases[st['first_phase_index']:]]}"
+            f"run {cfg.run_dir}: {self.n_params:,} parameters on rank 0, {self.rt.world_size} process(es), "
+            f"{self.totals[0]} steps, {self.totals[1]:,} tokens over phases "
+            f"{[p.name for p in cfg.phases[st.first_phase_index:]]}"
         )
-        window_t, window_tokens = time.time(), 0
-        window_loss = window_correct = window_labelled = 0.0
-        rate_t, rate_tokens = None, 0  # throughput since the first step of this process (ETA)
-        timings = {"data": 0.0, "step": 0.0, "other": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
-        consecutive_skips = 0
-
-        for k in range(st["phase_index"], len(cfg.phases)):
-            phase = cfg.phases[k]
-            n = self.stream.phase_num_samples(phase.name)
-            if k != st["phase_index"]:
-                st.update(phase_index=k, consumed_samples=0)
-            consumed = st["consumed_samples"]
-            model_cfg = cfg.model_for_phase(phase)
-            for chunk in self.chunks:
-                _unwrap(chunk).set_rope_theta(model_cfg.global_rope_theta, model_cfg.local_rope_theta)
-            scheduler = optim.phase_scheduler(cfg, self.optimizer, phase, tokens_done=consumed * phase.seq_len)
-            self.log.text(
-                "phase", f"== phase {k + 1}/{len(cfg.phases)} {phase.name!r} at step {st['step']}: "
-                f"{n} rows x {phase.seq_len} tokens, mask {phase.mask_rate}"
-                f"{'->' + str(phase.mask_rate_end) if phase.mask_rate_end else ''}, tau {phase.temperature}"
-                f"{'->' + str(phase.temperature_end) if phase.temperature_end is not None else ''}, "
-                f"RoPE theta {model_cfg.global_rope_theta:g}/{model_cfg.local_rope_theta:g}, lr "
-                f"{cfg.schedule.phases[phase.name].lr:g}" + (f", resuming at row {consumed}" if consumed else ""),
-                st["step"],
-            )
-            if self.rt.is_main:  # repetition of every language in this phase, from the index plan
-                from megatron_mmbert.data.index import format_index_plan, phase_epochs
-
-                plan = self.stream.index.plan
-                self.log.text("data", format_index_plan(plan, head=10, tail=3, phases=[phase.name]), st["step"])
-                self.log.log_phase_data(st["step"], phase.name, phase_epochs(plan, phase.name))
-            while consumed < n:
-                t0 = time.time()
-                rows = step_rows(cfg, phase, consumed, n)
-                batches = self.micro_batches(phase, consumed, rows)
-                t1 = time.time()
-                reseed(cfg.seed, st["step"])
-                if st["step"] + 1 in cfg.debug.nan_grad_at_steps:
-                    self.optimizer.inject_nan = True
-                result = train_step(self.chunks, self.optimizer, batches, self.rt.device)
-                t2 = time.time()
-                timings["forward_backward"] += result["time_forward_backward_s"]
-                timings["optimizer"] += result["time_optimizer_s"]
+        meter, self.consecutive_skips = StepMeter(), 0
+        for k in range(st.phase_index, len(cfg.phases)):
+            phase, n = cfg.phases[k], self.stream.phase_num_samples(cfg.phases[k].name)
+            scheduler = self._start_phase(k, phase)
+            while st.consumed_samples < n:
+                meter.start()
+                rows = self.plan.step_rows(phase, st.consumed_samples, n)
+                batches = self.micro_batches(phase, st.consumed_samples, rows)
+                meter.data_ready()
+                result = self._train_step(batches)
                 step_tokens = rows * phase.seq_len
                 scheduler.step(step_tokens)
-                consumed += rows
-                st["step"] += 1
-                st["tokens"] += step_tokens
-                st["consumed_samples"] = consumed
-                st["consumed_samples_per_phase"][phase.name] = consumed
-                window_tokens += step_tokens
-                if rate_t is None:
-                    rate_t = time.time()  # the first step of a process pays start-up costs
-                else:
-                    rate_tokens += step_tokens
-
-                skipped = None
-                if not result["update_ok"] or not math.isfinite(result["loss"]):
-                    what = self.optimizer.last_skip_reason or "non-finite loss"
-                    skipped = f"{what} at step {st['step']} (phase {phase.name!r}, loss {result['loss']})"
-                    st["skipped_steps"] += 1
-                    consecutive_skips += 1
-                    if cfg.train.nan_policy == "stop" or consecutive_skips > cfg.train.max_consecutive_skips:
-                        self.log.info(f"ERROR: {skipped}; the update was not applied. Stopping "
-                                      f"(train.nan_policy={cfg.train.nan_policy}); resume from the last checkpoint.")
-                        raise NonFiniteError(skipped)
-                    self.log.info(f"WARNING: {skipped}; update skipped (train.nan_policy=skip)")
-                else:
-                    consecutive_skips = 0
-                    # The logged loss/accuracy average the window's steps, weighted by labelled tokens.
-                    window_loss += result["loss"] * result["tokens"]
-                    window_correct += result["accuracy"] * result["tokens"]
-                    window_labelled += result["tokens"]
-
-                phase_done = consumed >= n
-                if st["step"] % cfg.logging.interval == 0 or phase_done or skipped:
-                    now = time.time()
-                    elapsed = max(now - window_t, 1e-9)
-                    tps = window_tokens / elapsed
-                    doc_lengths = [int(x) for b in batches for x in torch.diff(b["cu_seqlens"]).tolist()]
-                    labelled = result["tokens"] / max(step_tokens, 1)
-                    fpt = flops_per_token(cfg.model, doc_lengths=doc_lengths, mask_rate=labelled)
-                    tflops = fpt * tps / world / 1e12
-                    rate = rate_tokens / max(now - rate_t, 1e-9) if rate_tokens else tps
-                    remaining = total_tokens - st["tokens"]
-                    self.log.log_step({
-                        "step": st["step"], "total_steps": total_steps, "phase": phase.name, "phase_index": k,
-                        "consumed_tokens": st["tokens"], "total_tokens": total_tokens,
-                        "consumed_pct": 100.0 * st["tokens"] / max(total_tokens, 1),
-                        "loss": window_loss / window_labelled if window_labelled else result["loss"],
-                        "accuracy": window_correct / window_labelled if window_labelled else result["accuracy"],
-                        "lr": optim.current_lr(self.optimizer),
-                        "grad_norm": result["grad_norm"], "tokens_per_s": tps, "tflops": tflops,
-                        "mfu": (tflops / peak) if peak else None, "memory_gib": memory_gib(self.rt.device),
-                        "eta_s": remaining / rate if rate > 0 else None, "global_batch_rows": rows,
-                        "skipped": skipped, "time_data_s": timings["data"] + (t1 - t0),
-                        "time_step_s": timings["step"] + (t2 - t1), "time_other_s": timings["other"],
-                        "time_forward_backward_s": timings["forward_backward"],
-                        "time_optimizer_s": timings["optimizer"],
-                    })
-                    window_t, window_tokens = time.time(), 0
-                    window_loss = window_correct = window_labelled = 0.0
-                    timings = {"data": 0.0, "step": 0.0, "other": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
-                    t_logged = True
-                else:
-                    timings["data"] += t1 - t0
-                    timings["step"] += t2 - t1
-                    t_logged = False
-
-                if cfg.logging.eval_interval and st["step"] % cfg.logging.eval_interval == 0 and not phase_done:
-                    self.log.log_eval(st["step"], phase.name, self.evaluate(), bool(cfg.data.eval_manifest))
-                if cfg.debug.sigkill_at_step == st["step"]:
+                st.advance(phase.name, rows, step_tokens)
+                skipped = self._check_finite(result, phase)
+                meter.stepped(result, step_tokens, applied=skipped is None)
+                phase_done = st.consumed_samples >= n
+                if st.step % cfg.logging.interval == 0 or phase_done or skipped:
+                    self._log_step(meter, result, phase, k, rows, batches, skipped)
+                if cfg.logging.eval_interval and st.step % cfg.logging.eval_interval == 0 and not phase_done:
+                    self.log.log_eval(st.step, phase.name, self.evaluator.evaluate(), bool(cfg.data.eval_manifest))
+                if cfg.debug.sigkill_at_step == st.step:
                     os.kill(os.getpid(), signal.SIGKILL)
-                kill_in_save = cfg.debug.sigkill_during_save_at_step == st["step"]
                 if phase_done:
                     break
-                saved_now = save_due(cfg, st["step"], st["tokens"], step_tokens)
-                if saved_now:
-                    self.save(f"iter_{st['step']:07d}", phase, scheduler, kill_in_save)
-                stop_signal = self.stop.signal is not None
-                over_time = (cfg.checkpoint.exit_after_minutes is not None
-                             and time.time() - self.t_start > 60 * cfg.checkpoint.exit_after_minutes)
-                if _any_rank(stop_signal or over_time, self.rt.device):
-                    if not saved_now:  # this step's periodic save is already complete
-                        self.save(f"iter_{st['step']:07d}", phase, scheduler)
-                    why = f"signal {self.stop.signal}" if stop_signal else f"time limit {cfg.checkpoint.exit_after_minutes} min"
-                    self.log.info(f"stopping cleanly at step {st['step']} ({why}); rerun the same command to resume")
+                if self._save_or_stop(phase, scheduler, step_tokens):
                     return 0
-                if not t_logged:
-                    timings["other"] += time.time() - t2
-
-            # Phase end: evaluate, keep a checkpoint the decay variants can branch from.
-            losses = self.evaluate()
-            self.log.log_eval(st["step"], phase.name, losses, bool(cfg.data.eval_manifest))
-            name = f"phase_end_{phase.name}" if cfg.checkpoint.keep_phase_ends else f"iter_{st['step']:07d}"
-            self.save(name, phase, scheduler, cfg.debug.sigkill_during_save_at_step == st["step"])
-            self.log.text("phase", f"== phase {phase.name!r} done at step {st['step']} "
-                          f"({st['tokens']:,} tokens so far)", st["step"])
-        self.log.info(f"training complete: {st['step']} steps, {st['tokens']:,} tokens, "
-                      f"{st['skipped_steps']} skipped, checkpoints in {cfg.checkpoint_dir}")
+                meter.end()
+            self._end_phase(phase, scheduler)
+        self.log.info(f"training complete: {st.step} steps, {st.tokens:,} tokens, "
+                      f"{st.skipped_steps} skipped, checkpoints in {cfg.checkpoint_dir}")
         return 0
+
+    def _start_phase(self, k: int, phase: PhaseConfig):
+        """Enter phase ``k``: its RoPE thetas, its LR scheduler at the resumed position, its log lines."""
+        cfg, st = self.cfg, self.state
+        st.start_phase(k)
+        consumed, n = st.consumed_samples, self.stream.phase_num_samples(phase.name)
+        model_cfg = cfg.model_for_phase(phase)
+        for chunk in self.chunks:
+            _unwrap(chunk).set_rope_theta(model_cfg.global_rope_theta, model_cfg.local_rope_theta)
+        scheduler = optim.phase_scheduler(cfg, self.optimizer, phase, tokens_done=consumed * phase.seq_len)
+        self.log.text(
+            "phase", f"== phase {k + 1}/{len(cfg.phases)} {phase.name!r} at step {st.step}: "
+            f"{n} rows x {phase.seq_len} tokens, mask {phase.mask_rate}"
+            f"{'->' + str(phase.mask_rate_end) if phase.mask_rate_end else ''}, tau {phase.temperature}"
+            f"{'->' + str(phase.temperature_end) if phase.temperature_end is not None else ''}, "
+            f"RoPE theta {model_cfg.global_rope_theta:g}/{model_cfg.local_rope_theta:g}, lr "
+            f"{cfg.schedule.phases[phase.name].lr:g}" + (f", resuming at row {consumed}" if consumed else ""),
+            st.step,
+        )
+        if self.rt.is_main:  # repetition of every language in this phase, from the index plan
+            from megatron_mmbert.data.index import format_index_plan, phase_epochs
+
+            plan = self.stream.index.plan
+            self.log.text("data", format_index_plan(plan, head=10, tail=3, phases=[phase.name]), st.step)
+            self.log.log_phase_data(st.step, phase.name, phase_epochs(plan, phase.name))
+        return scheduler
+
+    def _train_step(self, batches):
+        """One optimizer step on this step's batches, dropout re-seeded from (seed, step)."""
+        from megatron_mmbert.training.step import train_step
+
+        reseed(self.cfg.seed, self.state.step)
+        if self.state.step + 1 in self.cfg.debug.nan_grad_at_steps:
+            self.optimizer.inject_nan = True
+        return train_step(self.chunks, self.optimizer, batches, self.rt.device)
+
+    def _check_finite(self, result, phase: PhaseConfig) -> Optional[str]:
+        """None for an applied step; for a skipped one, why (or raise under ``train.nan_policy: stop``)."""
+        cfg, st = self.cfg, self.state
+        if result.update_ok and math.isfinite(result.loss):
+            self.consecutive_skips = 0
+            return None
+        what = self.optimizer.last_skip_reason or "non-finite loss"
+        skipped = f"{what} at step {st.step} (phase {phase.name!r}, loss {result.loss})"
+        st.skipped_steps += 1
+        self.consecutive_skips += 1
+        if cfg.train.nan_policy == "stop" or self.consecutive_skips > cfg.train.max_consecutive_skips:
+            self.log.info(f"ERROR: {skipped}; the update was not applied. Stopping "
+                          f"(train.nan_policy={cfg.train.nan_policy}); resume from the last checkpoint.")
+            raise NonFiniteError(skipped)
+        self.log.info(f"WARNING: {skipped}; update skipped (train.nan_policy=skip)")
+        return skipped
+
+    def _log_step(self, meter: StepMeter, result, phase: PhaseConfig, k: int, rows: int, batches,
+                  skipped: Optional[str]) -> None:
+        """The log line of the window ending at this step, then a new window."""
+        from megatron_mmbert.flops import flops_per_token, peak_tflops
+
+        cfg, st = self.cfg, self.state
+        total_steps, total_tokens = self.totals
+        window = meter.window(result)
+        rate = window.pop("rate")
+        doc_lengths = [int(x) for b in batches for x in torch.diff(b["cu_seqlens"]).tolist()]
+        labelled = result.tokens / max(rows * phase.seq_len, 1)
+        fpt = flops_per_token(cfg.model, doc_lengths=doc_lengths, mask_rate=labelled)
+        tflops = fpt * window["tokens_per_s"] / self.rt.world_size / 1e12
+        peak = peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+        self.log.log_step({
+            "step": st.step, "total_steps": total_steps, "phase": phase.name, "phase_index": k,
+            "consumed_tokens": st.tokens, "total_tokens": total_tokens,
+            "consumed_pct": 100.0 * st.tokens / max(total_tokens, 1),
+            "loss": window.pop("loss"), "accuracy": window.pop("accuracy"), "lr": optim.current_lr(self.optimizer),
+            "grad_norm": result.grad_norm, "tokens_per_s": window.pop("tokens_per_s"), "tflops": tflops,
+            "mfu": (tflops / peak) if peak else None, "memory_gib": memory_gib(self.rt.device),
+            "eta_s": (total_tokens - st.tokens) / rate if rate > 0 else None, "global_batch_rows": rows,
+            "skipped": skipped, **window,
+        })
+        meter.reset()
+
+    def _save_or_stop(self, phase: PhaseConfig, scheduler, step_tokens: int) -> bool:
+        """Save when due; on a stop signal or the time limit (any rank) save and say stop (True)."""
+        cfg, st = self.cfg, self.state
+        kill_in_save = cfg.debug.sigkill_during_save_at_step == st.step
+        saved_now = save_due(cfg, st.step, st.tokens, step_tokens)
+        if saved_now:
+            self.save(f"iter_{st.step:07d}", phase, scheduler, kill_in_save)
+        stop_signal = self.stop.signal is not None
+        over_time = (cfg.checkpoint.exit_after_minutes is not None
+                     and time.time() - self.t_start > 60 * cfg.checkpoint.exit_after_minutes)
+        if not any_rank(stop_signal or over_time, self.rt.device):
+            return False
+        if not saved_now:  # this step's periodic save is already complete
+            self.save(f"iter_{st.step:07d}", phase, scheduler)
+        why = f"signal {self.stop.signal}" if stop_signal else f"time limit {cfg.checkpoint.exit_after_minutes} min"
+        self.log.info(f"stopping cleanly at step {st.step} ({why}); rerun the same command to resume")
+        return True
+
+    def _end_phase(self, phase: PhaseConfig, scheduler) -> None:
+        """Phase end: evaluate, keep a checkpoint the decay variants can branch from."""
+        cfg, st = self.cfg, self.state
+        losses = self.evaluator.evaluate()
+        self.log.log_eval(st.step, phase.name, losses, bool(cfg.data.eval_manifest))
+        name = f"phase_end_{phase.name}" if cfg.checkpoint.keep_phase_ends else f"iter_{st.step:07d}"
+        self.save(name, phase, scheduler, cfg.debug.sigkill_during_save_at_step == st.step)
+        self.log.text("phase", f"== phase {phase.name!r} done at step {st.step} "
+                      f"({st.tokens:,} tokens so far)", st.step)
 
     def close(self) -> None:
         self.log.close()
@@ -588,4 +485,4 @@ def train(cfg: RunConfig) -> int:
         runtime.shutdown()
 
 
-__all__ = ["train", "Trainer", "NonFiniteError", "step_rows", "phase_steps", "save_due", "reseed"]
+__all__ = ["train", "Trainer", "NonFiniteError", "save_due", "reseed"]

@@ -102,22 +102,12 @@ def build(cfg: RunConfig, chunks: List[torch.nn.Module], first_phase: PhaseConfi
     """megatron-core optimizer over DDP-wrapped ``chunks``, guarded against non-finite gradients."""
     import dataclasses
 
-    from megatron_mmbert.training.step import OptimizerSettings, build_optimizer
+    from megatron_mmbert.training.step import build_optimizer
 
-    seg = cfg.schedule.phases[first_phase.name]
-    settings = OptimizerSettings(
-        name=cfg.optimizer.name,
-        lr=seg.lr,
-        min_lr=0.0,
-        weight_decay=megatron_weight_decay(cfg, first_phase),
-        adam_beta1=cfg.optimizer.adam_beta1,
-        adam_beta2=cfg.optimizer.adam_beta2,
-        adam_eps=cfg.optimizer.adam_eps,
-        clip_grad=cfg.optimizer.clip_grad,
-        precision=cfg.compute_precision,
-    )
     parallel = dataclasses.replace(cfg.parallel, use_distributed_optimizer=cfg.use_distributed_optimizer)
-    return GuardedOptimizer(build_optimizer(chunks, settings, parallel), chunks)
+    optimizer = build_optimizer(chunks, cfg.optimizer, parallel, lr=cfg.schedule.phases[first_phase.name].lr,
+                                weight_decay=megatron_weight_decay(cfg, first_phase), precision=cfg.compute_precision)
+    return GuardedOptimizer(optimizer, chunks)
 
 
 def phase_scheduler(cfg: RunConfig, optimizer, phase: PhaseConfig, tokens_done: int = 0):

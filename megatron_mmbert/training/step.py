@@ -5,12 +5,13 @@ The pieces are megatron-core's own, wired as Megatron-LM wires them (``training.
 * :func:`wrap_ddp`: ``Float16Module`` for bf16 (not for amp_bf16: fp32 parameters, autocast), then ``DistributedDataParallel`` with contiguous
   grad buffers (fp32 grad reduction), and the config hooks the schedules call (``no_sync_func``,
   ``finalize_model_grads_func``);
-* :func:`build_optimizer`: ``get_megatron_optimizer`` (Adam with decoupled weight decay, fp32 master
-  weights under bf16, optionally the distributed optimizer), no weight decay on norms and biases;
+* :func:`build_optimizer`: ``get_megatron_optimizer`` from the run config's ``OptimizerSection``
+  (Adam with decoupled weight decay, fp32 master weights under bf16, optionally the distributed
+  optimizer), no weight decay on norms and biases;
   for ``stable_adamw`` the torch optimizer inside megatron's wrappers is replaced by
   ``training.stable_adamw.StableAdamW`` over the same param groups;
 * :func:`train_step`: ``get_forward_backward_func`` over the micro-batches of one global batch, then
-  ``optimizer.step()``. The loss is a per-token mean over the *global* batch
+  ``optimizer.step()``, reported as a :class:`StepResult`. The loss is a per-token mean over the *global* batch
   (``calculate_per_token_loss``): micro-batches and DP ranks with different numbers of masked
   tokens are weighted by their token counts, so every parallel layout computes the same loss.
 """
@@ -24,38 +25,29 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megatron_mmbert.config import ParallelConfig
-from megatron_mmbert.model.pipeline import run_schedule, to_device
+from megatron_mmbert.model.pipeline import _unwrap, run_schedule, to_device
+from megatron_mmbert.training.config import OptimizerSection
 
 
 @dataclass
-class OptimizerSettings:
-    """What megatron's OptimizerConfig needs from the run config."""
+class StepResult:
+    """What one step reports, identical on every rank (global over the batch)."""
 
-    name: str = "adamw"
-    """``adamw`` (megatron-core's Adam in AdamW mode) or ``stable_adamw`` (mmBERT's optimizer)."""
-    lr: float = 8e-4
-    """Peak learning rate (the scheduler sets the current one each step)."""
-    min_lr: float = 0.0
-    """Floor of the learning rate schedule."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay (AdamW convention: p -= lr * wd * p); not applied to norms/biases."""
-    adam_beta1: float = 0.9
-    """Adam beta1."""
-    adam_beta2: float = 0.95
-    """Adam beta2 (mmBERT: 0.95)."""
-    adam_eps: float = 1e-8
-    """Adam epsilon."""
-    clip_grad: float = 1.0
-    """Global gradient-norm clip (0 disables clipping)."""
-    precision: str = "fp32"
-    """fp32, bf16 (bf16 parameters, fp32 master weights in the optimizer) or amp_bf16 (fp32
-    parameters: the optimizer is the fp32 one)."""
-
-
-def _model_config(chunk):
-    while hasattr(chunk, "module") and not hasattr(chunk, "config"):
-        chunk = chunk.module
-    return chunk.config
+    loss: float
+    """Per-token mean MLM loss over the labelled tokens of the global batch."""
+    accuracy: float
+    """Fraction of labelled tokens predicted correctly."""
+    tokens: float
+    """Labelled (masked) tokens of the global batch."""
+    grad_norm: float = float("nan")
+    """Global gradient norm (NaN for evaluation, or where megatron did not compute it)."""
+    update_ok: bool = True
+    """Whether the optimizer applied the update (False: non-finite gradients, skipped)."""
+    time_forward_backward_s: float = 0.0
+    """Host-side seconds in the forward/backward schedule (on GPUs it includes kernels still queued
+    when the optimizer starts; the total with ``time_optimizer_s`` is exact)."""
+    time_optimizer_s: float = 0.0
+    """Host-side seconds in the optimizer step and the report reduction."""
 
 
 def wrap_ddp(chunks: List[torch.nn.Module], parallel: ParallelConfig, precision: str = "fp32"):
@@ -93,34 +85,40 @@ def wrap_ddp(chunks: List[torch.nn.Module], parallel: ParallelConfig, precision:
     return wrapped
 
 
-def build_optimizer(chunks: List[torch.nn.Module], settings: OptimizerSettings, parallel: ParallelConfig):
-    """megatron-core optimizer over DDP-wrapped chunks (norms and biases excluded from decay)."""
+def build_optimizer(chunks: List[torch.nn.Module], section: OptimizerSection, parallel: ParallelConfig, *,
+                    lr: float, weight_decay: float, precision: str = "fp32"):
+    """megatron-core optimizer over DDP-wrapped chunks (norms and biases excluded from decay).
+
+    ``section`` gives the optimizer and its hyper-parameters; ``lr`` is the peak LR (the scheduler
+    sets the current one each step), ``weight_decay`` megatron's AdamW coefficient
+    (``p -= lr * wd * p``; ``optim.megatron_weight_decay`` converts mmBERT's fully decoupled decay)
+    and ``precision`` the model's (bf16: fp32 master weights in the optimizer)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    bf16 = settings.precision == "bf16"
+    bf16 = precision == "bf16"
     config = OptimizerConfig(
         optimizer="adam",
-        lr=settings.lr,
-        min_lr=settings.min_lr,
-        weight_decay=settings.weight_decay,
-        adam_beta1=settings.adam_beta1,
-        adam_beta2=settings.adam_beta2,
-        adam_eps=settings.adam_eps,
-        clip_grad=settings.clip_grad,
+        lr=lr,
+        min_lr=0.0,
+        weight_decay=weight_decay,
+        adam_beta1=section.adam_beta1,
+        adam_beta2=section.adam_beta2,
+        adam_eps=section.adam_eps,
+        clip_grad=section.clip_grad,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         decoupled_weight_decay=True,
     )
-    if settings.name not in ("adamw", "stable_adamw"):
-        raise ValueError(f"optimizer {settings.name!r} is not one of adamw, stable_adamw")
+    if section.name not in ("adamw", "stable_adamw"):
+        raise ValueError(f"optimizer {section.name!r} is not one of adamw, stable_adamw")
     optimizer = get_megatron_optimizer(config, chunks)
-    if settings.name == "stable_adamw":
+    if section.name == "stable_adamw":
         from megatron_mmbert.training import stable_adamw
 
-        stable_adamw.install(optimizer, chunks, settings.lr, (settings.adam_beta1, settings.adam_beta2),
-                             settings.adam_eps, settings.weight_decay)
-    _model_config(chunks[0]).grad_scale_func = optimizer.scale_loss
+        stable_adamw.install(optimizer, chunks, lr, (section.adam_beta1, section.adam_beta2),
+                             section.adam_eps, weight_decay)
+    _unwrap(chunks[0]).config.grad_scale_func = optimizer.scale_loss
     return optimizer
 
 
@@ -152,10 +150,9 @@ def train_step(
     optimizer,
     micro_batches: Sequence[Dict[str, torch.Tensor]],
     device: Optional[torch.device] = None,
-) -> Dict[str, float]:
+) -> StepResult:
     """Forward/backward over ``micro_batches`` (this DP rank's share of one global batch) and one
-    optimizer step. Returns global ``loss`` (per-token mean), ``accuracy``, ``tokens`` (labelled),
-    ``grad_norm`` and ``update_ok`` on every rank."""
+    optimizer step; the same :class:`StepResult` on every rank."""
     device = device or next(chunks[0].parameters()).device
     for chunk in chunks:
         chunk.train()
@@ -171,24 +168,22 @@ def train_step(
         grad_norm = optimizer.get_grad_norm()
     totals = reduce_mlm_reports(outputs, device)  # its all-reduce also waits for the GPU's work
     t2 = time.perf_counter()
-    return {
-        "loss": totals[0] / max(totals[1], 1.0),
-        "accuracy": totals[2] / max(totals[1], 1.0),
-        "tokens": totals[1],
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "update_ok": bool(update_ok),
-        # Host-side split of the step (on GPUs the forward/backward share includes kernels still
-        # queued when the optimizer starts; the total is exact).
-        "time_forward_backward_s": t1 - t0,
-        "time_optimizer_s": t2 - t1,
-    }
+    return StepResult(
+        loss=totals[0] / max(totals[1], 1.0),
+        accuracy=totals[2] / max(totals[1], 1.0),
+        tokens=totals[1],
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        update_ok=bool(update_ok),
+        time_forward_backward_s=t1 - t0,
+        time_optimizer_s=t2 - t1,
+    )
 
 
 def eval_step(
     chunks: List[torch.nn.Module],
     micro_batches: Sequence[Dict[str, torch.Tensor]],
     device: Optional[torch.device] = None,
-) -> Dict[str, float]:
+) -> StepResult:
     """Forward-only MLM loss and accuracy over ``micro_batches`` (this DP rank's share), global."""
     device = device or next(chunks[0].parameters()).device
     for chunk in chunks:
@@ -198,11 +193,8 @@ def eval_step(
     for chunk in chunks:
         chunk.train()
     totals = reduce_mlm_reports(outputs, device)
-    return {
-        "loss": totals[0] / max(totals[1], 1.0),
-        "accuracy": totals[2] / max(totals[1], 1.0),
-        "tokens": totals[1],
-    }
+    return StepResult(loss=totals[0] / max(totals[1], 1.0), accuracy=totals[2] / max(totals[1], 1.0),
+                      tokens=totals[1])
 
 
 def reduce_mlm_reports(outputs, device) -> List[float]:

@@ -8,6 +8,7 @@ stats to OUT_DIR/<layout>.json and the updated weights as a checkpoint OUT_DIR/<
 OPTIMIZER: adamw (default; global clipping 1.0) or stable_adamw (no clipping).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -35,7 +36,8 @@ def main():
     from megatron_mmbert.config import ParallelConfig
     from megatron_mmbert.model.build import build_model
     from megatron_mmbert.checkpoints import dist as ckpt
-    from megatron_mmbert.training.step import OptimizerSettings, build_optimizer, train_step, wrap_ddp
+    from megatron_mmbert.training.config import OptimizerSection
+    from megatron_mmbert.training.step import build_optimizer, train_step, wrap_ddp
 
     model = ckpt.read_model_config(ckpt_dir)
     data = torch.load(batches_path)  # global batches: one row per micro-batch
@@ -55,14 +57,14 @@ def main():
         ckpt.load_model(ckpt_dir, chunks)
         chunks = wrap_ddp(chunks, parallel, precision)
         clip = 1.0 if optimizer_name == "adamw" else 0.0
-        settings = OptimizerSettings(name=optimizer_name, lr=1e-3, weight_decay=0.1, clip_grad=clip, precision=precision)
-        optimizer = build_optimizer(chunks, settings, parallel)
+        optimizer = build_optimizer(chunks, OptimizerSection(name=optimizer_name, clip_grad=clip), parallel,
+                                    lr=1e-3, weight_decay=0.1, precision=precision)
         for rows in steps:
             stats = train_step(chunks, optimizer, rows[rt.data_parallel_rank::rt.data_parallel_size])
         ckpt.save_model(os.path.join(out_dir, name), chunks, model)
         if rt.rank == 0:
             with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-                json.dump(stats, f)
+                json.dump(dataclasses.asdict(stats), f)
         parallel_state.destroy_model_parallel()
     runtime.shutdown()
 

@@ -1,0 +1,252 @@
+"""Start-up checks of a run ("preflight"): everything that can be refused before a process group
+exists, each failure one ``ConfigError`` naming the key, the values and the fix.
+
+:func:`validate` checks the parallel layout against the world size, precision and the attention
+backend this machine can run, phase budgets and LR segments, batch arithmetic (with the warmup
+sizes of :mod:`training.batch_plan`) and, unless ``check_data=False``, the data on disk
+(:func:`validate_data`: the manifest, that every phase language has whole shards of the right
+dtype and vocabulary, and the ``init.checkpoint``). The schema and YAML loading are
+:mod:`training.config`; these checks reach into ``model/``, ``data/`` and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from megatron_mmbert.config import validate_layout
+from megatron_mmbert.config_base import ConfigError, check_safe_name
+from megatron_mmbert.training.batch_plan import rampup_rows
+from megatron_mmbert.training.config import RunConfig
+
+
+def validate(cfg: RunConfig, world_size: int, check_data: bool = True) -> None:
+    """Every start-up check (no process group needed); raises one ConfigError with the fix.
+
+    ``check_data=False`` skips what needs files on disk (manifest, shards, init checkpoint)."""
+    validate_layout(cfg.effective_model, cfg.parallel, world_size)
+    _validate_precision(cfg)
+    _validate_phases(cfg)
+    _validate_batches(cfg, world_size)
+    _validate_run(cfg)
+    if check_data:
+        validate_data(cfg)
+
+
+def _validate_precision(cfg: RunConfig) -> None:
+    from megatron_mmbert.model.build import select_backend
+
+    if cfg.model.fp8 is not None and cfg.precision in ("fp32", "amp_bf16"):
+        raise ConfigError(
+            f"model.fp8 is set but precision is {cfg.precision}; use precision: fp8 (bf16 + FP8 GEMMs)"
+        )
+    # An attention backend (or FP8, or context parallelism) this machine's TE / cuDNN / flash-attn
+    # cannot run is a ConfigError naming the versions, before anything starts.
+    select_backend(cfg.effective_model, cfg.compute_precision, cfg.parallel.context_parallel)
+
+
+def _validate_phases(cfg: RunConfig) -> None:
+    if not cfg.phases:
+        raise ConfigError("phases: the run needs at least one phase")
+    names = [p.name for p in cfg.phases]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"phases: names must be unique, got {names}")
+    for i, p in enumerate(cfg.phases):
+        check_safe_name(p.name, f"phases.{i}.name")  # names checkpoint folders (phase_end_{name})
+        p.validate()
+        if isinstance(p.languages, str) and p.languages.startswith("top:") and int(p.languages[4:]) < 1:
+            raise ConfigError(f"phases.{i}.languages={p.languages!r}: top:N needs N >= 1")
+    total = sum(p.tokens for p in cfg.phases)
+    if cfg.schedule.total_tokens is not None and total != cfg.schedule.total_tokens:
+        parts = " + ".join(f"{p.name} {p.tokens:,}" for p in cfg.phases)
+        raise ConfigError(
+            f"phase budgets do not add up: {parts} = {total:,} tokens, but schedule.total_tokens = "
+            f"{cfg.schedule.total_tokens:,}; fix a phase's tokens or schedule.total_tokens"
+        )
+    missing = [n for n in names if n not in cfg.schedule.phases]
+    if missing:
+        raise ConfigError(
+            f"schedule.phases has no LR segment for phase(s) {missing}; add e.g. "
+            f"schedule.phases.{missing[0]}: {{lr: 8.0e-4}}"
+        )
+    # Segments of phases this run does not have are ignored: a decay variant inherits the full
+    # recipe's schedule and runs only its last phase.
+    for p in cfg.phases:
+        seg = cfg.schedule.phases[p.name]
+        where = f"schedule.phases.{p.name}"
+        if seg.lr <= 0:
+            raise ConfigError(f"{where}.lr must be positive, got {seg.lr}")
+        if seg.warmup_tokens < 0 or seg.decay_tokens < 0:
+            raise ConfigError(f"{where}: warmup_tokens and decay_tokens must be >= 0")
+        if seg.warmup_tokens + seg.decay_tokens > p.tokens:
+            raise ConfigError(
+                f"{where}: warmup_tokens {seg.warmup_tokens:,} + decay_tokens {seg.decay_tokens:,} exceed "
+                f"the phase's budget phases[{p.name}].tokens = {p.tokens:,}; shorten them or grow the phase"
+            )
+        if not 0.0 <= seg.final_lr_ratio <= 1.0:
+            raise ConfigError(f"{where}.final_lr_ratio must be in [0, 1], got {seg.final_lr_ratio}")
+        wd = seg.decoupled_weight_decay if seg.decoupled_weight_decay is not None else cfg.optimizer.decoupled_weight_decay
+        if wd < 0:
+            raise ConfigError(f"{where}: weight decay must be >= 0, got {wd}")
+        seq_tokens = cfg.phase_global_batch(p) * p.seq_len
+        if p.tokens < seq_tokens:
+            raise ConfigError(
+                f"phase {p.name!r}: tokens {p.tokens:,} is less than one global batch "
+                f"({cfg.phase_global_batch(p)} rows x seq_len {p.seq_len} = {seq_tokens:,}); "
+                "raise tokens or lower the batch"
+            )
+        if p.seq_len > cfg.model.max_position_embeddings:
+            raise ConfigError(
+                f"phase {p.name!r}: seq_len {p.seq_len} exceeds model.max_position_embeddings "
+                f"{cfg.model.max_position_embeddings}"
+            )
+    if cfg.init.start_phase is not None and cfg.init.start_phase not in names:
+        raise ConfigError(f"init.start_phase={cfg.init.start_phase!r} is not a phase; phases are {names}")
+
+
+def _validate_batches(cfg: RunConfig, world_size: int) -> None:
+    b = cfg.batch
+    dp = cfg.parallel.data_parallel(world_size)
+    for p in cfg.phases:
+        gbs, mbs = cfg.phase_global_batch(p), cfg.phase_micro_batch(p)
+        if gbs < 1 or mbs < 1:
+            raise ConfigError(f"phase {p.name!r}: global batch {gbs} and micro batch {mbs} must be positive")
+        if gbs % (mbs * dp):
+            raise ConfigError(
+                f"phase {p.name!r}: global batch {gbs} rows is not a multiple of micro batch {mbs} x "
+                f"data-parallel size {dp} = {mbs * dp}; change batch.global_batch_size / micro_batch_size "
+                "or the number of processes"
+            )
+    if b.rampup_start_rows is not None and b.rampup_tokens > 0:
+        phase = cfg.phase(b.rampup_phase) if b.rampup_phase else cfg.phases[0]
+        full = cfg.phase_global_batch(phase)
+        inc = b.rampup_increment_rows or b.rampup_start_rows
+        mbs = cfg.phase_micro_batch(phase)
+        if not 0 < b.rampup_start_rows < full or inc <= 0 or (full - b.rampup_start_rows) % inc:
+            raise ConfigError(
+                f"batch warmup: rampup_start_rows {b.rampup_start_rows} must be in (0, {full}) and "
+                f"{full} - {b.rampup_start_rows} a multiple of rampup_increment_rows {inc}"
+            )
+        bad = [r for r in rampup_rows(cfg) if r % (mbs * dp)]
+        if bad:
+            raise ConfigError(
+                f"batch warmup: step sizes {bad[:4]} rows are not multiples of micro batch {mbs} x "
+                f"data-parallel size {dp}; pick rampup_start_rows/increment_rows that are"
+            )
+        if b.rampup_tokens > phase.tokens:
+            raise ConfigError(
+                f"batch.rampup_tokens {b.rampup_tokens:,} exceeds phase {phase.name!r}'s budget {phase.tokens:,}"
+            )
+    elif b.rampup_phase is not None:
+        cfg.phase(b.rampup_phase)
+
+
+def _validate_run(cfg: RunConfig) -> None:
+    if not cfg.run_dir:
+        raise ConfigError("run_dir must be set (output folder of the run)")
+    for field, value in (("seed", cfg.seed), ("data.seed", cfg.data.seed)):
+        if value is not None and not 0 <= value < 2**32:
+            raise ConfigError(f"{field} must be in [0, 2^32), got {value}")
+    o = cfg.optimizer
+    for field in ("adam_beta1", "adam_beta2"):
+        value = getattr(o, field)
+        if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+            raise ConfigError(f"optimizer.{field} must be in [0, 1), got {value}")
+    if not (isinstance(o.adam_eps, (int, float)) and o.adam_eps > 0 and math.isfinite(o.adam_eps)):
+        raise ConfigError(f"optimizer.adam_eps must be a positive finite number, got {o.adam_eps}")
+    c = cfg.checkpoint
+    if c.every_steps < 0 or c.every_tokens < 0 or c.keep_last < 1:
+        raise ConfigError(
+            f"checkpoint.every_steps and every_tokens must be >= 0 and keep_last >= 1, got "
+            f"{c.every_steps}, {c.every_tokens}, {c.keep_last}"
+        )
+    if cfg.logging.interval < 1 or cfg.logging.eval_interval < 0:
+        raise ConfigError("logging.interval must be >= 1 and logging.eval_interval >= 0")
+
+
+def _check_init_checkpoint(cfg: RunConfig) -> None:
+    """``init.checkpoint`` is a finished checkpoint whose data a run from the first phase can continue."""
+    from megatron_mmbert.checkpoints.layout import is_complete
+
+    if cfg.init.checkpoint is not None and not is_complete(cfg.init.checkpoint):
+        raise ConfigError(
+            f"init.checkpoint={cfg.init.checkpoint!r} is not a finished checkpoint; point it at one "
+            "(e.g. RUN/checkpoints/phase_end_mid, written when that run finished its mid phase)"
+        )
+    if cfg.init.checkpoint is not None and not cfg.init.restart_data and cfg.start_phase_index == 0:
+        # The cheap half of the branch check (the run compares every stream position at start-up):
+        # a checkpoint whose data streams have moved cannot be continued by a run reading from token 0.
+        from megatron_mmbert.checkpoints.layout import read_config
+
+        record = (read_config(cfg.init.checkpoint).get("train_state") or {}).get("data_position")
+        if record and any(record["stream_positions"].values()):
+            raise ConfigError(
+                f"init.checkpoint={cfg.init.checkpoint!r} ended phase {record['phase']!r} with its language "
+                f"streams under way, but this run starts at its first phase {cfg.phases[0].name!r}, so it would "
+                "re-read the data from its start. Declare the parent's phase list (inherit its config) and set "
+                "init.start_phase to the next phase (e.g. decay), or set init.restart_data: true on purpose"
+            )
+
+
+def validate_data(cfg: RunConfig) -> None:
+    """The manifest exists, every phase language (and fixed share) has shards, the init checkpoint exists."""
+    from megatron_mmbert.data.shards import load_manifest
+
+    _check_init_checkpoint(cfg)
+    path = cfg.manifest_path
+    if not path or not os.path.isfile(path):
+        raise ConfigError(
+            f"data.manifest={cfg.data.manifest!r}: no manifest.json there; run tools/preprocess_data.py "
+            "first (or bash examples/quickstart.sh for the demo data)"
+        )
+    manifest = load_manifest(path)
+    have = {lang for lang, e in manifest.languages.items() if e.tokens > 0 and e.shards}
+    vocab = manifest.tokenizer.vocab_size
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the manifest's tokenizer has {vocab} ids but model.vocab_size is {cfg.model.vocab_size}; "
+            f"set model.vocab_size: {vocab}"
+        )
+    for p in cfg.phases:
+        if p.manifest:  # a phase's own manifest: it exists, its tokenizer and languages fit
+            from megatron_mmbert.data.shards import phase_sources
+
+            if not os.path.exists(p.manifest):
+                raise ConfigError(f"phase {p.name!r}: manifest {p.manifest!r} does not exist; preprocess "
+                                  "the phase's sources with tools/preprocess_data.py first")
+            phase_sources(manifest, [p])
+            continue
+        wanted = list(p.languages) if isinstance(p.languages, list) else []
+        wanted += list(p.fixed_shares)
+        missing = [lang for lang in wanted if lang not in have]
+        if missing:
+            raise ConfigError(
+                f"phase {p.name!r}: language(s) {missing[:5]} have no shards in {path} "
+                f"({len(have)} languages there, e.g. {sorted(have)[:5]}); preprocess them or drop them from "
+                "the phase"
+            )
+        if isinstance(p.languages, str) and p.languages.startswith("top:") and int(p.languages[4:]) > len(have):
+            raise ConfigError(
+                f"phase {p.name!r}: languages {p.languages!r} but the manifest has only {len(have)} languages"
+            )
+    if cfg.data.eval_manifest and not os.path.exists(cfg.data.eval_manifest):
+        raise ConfigError(f"data.eval_manifest={cfg.data.eval_manifest!r} does not exist")
+    _check_shards(cfg, manifest, have)
+
+
+def _check_shards(cfg: RunConfig, manifest, have) -> None:
+    """Every shard a phase can draw from is whole and of the manifest's dtype, and its token ids
+    fit the model's vocabulary (before hours are spent, not at step 1)."""
+    from megatron_mmbert.data.shards import check_manifest_shards
+
+    used = set()
+    for p in cfg.phases:  # 'all' / 'top:N': every language with shards (header reads are cheap)
+        used.update(p.languages if isinstance(p.languages, list) else have)
+        used.update(p.fixed_shares)
+    try:
+        check_manifest_shards(manifest, sorted(used), cfg.model.vocab_size)
+    except ValueError as exc:
+        raise ConfigError(f"data.manifest={cfg.data.manifest!r}: {exc}") from None
+
+
+__all__ = ["validate", "validate_data"]
