@@ -76,8 +76,9 @@ def main(argv=None) -> int:
             return 0 if run_is_complete(cfg) else 1
         if args.validate:
             from megatron_mmbert.runtime import world_size_from_env
+            from megatron_mmbert.training.preflight import validate
 
-            run_config.validate(cfg, args.world_size or world_size_from_env(), check_data=not args.skip_data)
+            validate(cfg, args.world_size or world_size_from_env(), check_data=not args.skip_data)
             print(f"{args.config}: valid")
             return 0
         from megatron_mmbert.training.loop import train
