@@ -67,6 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--anneal-segments", type=int, default=None, help="segments per temperature-annealed phase")
     ap.add_argument("--start-phase", default=None,
                     help="first phase to build (earlier ones are planned for the stream positions only)")
+    ap.add_argument("--packing", choices=["concat", "best_fit"], default=None,
+                    help="row packing for a phase list (a run config's data.packing otherwise; default concat)")
     ap.add_argument("--warn-epochs", type=float, default=5.0, help="flag languages repeated more than this")
     ap.add_argument("--rows", type=int, default=15, help="top rows per table (plus 5 bottom rows)")
     args, overrides = ap.parse_known_args(argv)
@@ -89,6 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             anneal = args.anneal_segments or run.data.anneal_segments
             start = args.start_phase or run.init.start_phase
             vocab = run.model.vocab_size
+            packing = args.packing or run.data.packing
         else:
             if overrides:
                 raise ConfigError(f"unknown arguments {overrides} (overrides need a training run config)")
@@ -100,6 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             batch, anneal = args.global_batch_size, args.anneal_segments or 64
             start = args.start_phase
             vocab = None
+            packing = args.packing or "concat"
         names = [p.name for p in phases]
         if start is not None and start not in names:
             raise ConfigError(f"start phase {start!r} is not a phase; phases are {names}")
@@ -109,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                               vocab or manifest.tokenizer.vocab_size)
         t0 = time.time()
         index = build_data_index(manifest, phases, seed, cache_dir, batch, anneal, is_builder=True,
-                                 start_phase=names.index(start) if start else 0)
+                                 start_phase=names.index(start) if start else 0, packing=packing)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

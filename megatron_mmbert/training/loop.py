@@ -164,7 +164,7 @@ class Trainer:
             cfg.manifest_path, cfg.phases, cfg.data_seed, cache_dir=cfg.index_cache_dir,
             default_global_batch_size=cfg.batch.global_batch_size, anneal_segments=cfg.data.anneal_segments,
             mask_special_tokens=cfg.data.mask_special_tokens, timeout=cfg.data.index_timeout_s,
-            start_phase=cfg.start_phase_index,
+            start_phase=cfg.start_phase_index, packing=cfg.data.packing,
         )
         if self.rt.is_main:
             from megatron_mmbert.data.index import format_index_plan
@@ -380,7 +380,8 @@ class Trainer:
             for g, langs in self._eval_groups().items()
         ]
         stream = MLMStream(cfg.data.eval_manifest or cfg.manifest_path, phases, cfg.data_seed + 1,
-                           cache_dir=None, mask_special_tokens=cfg.data.mask_special_tokens)
+                           cache_dir=None, mask_special_tokens=cfg.data.mask_special_tokens,
+                           packing=cfg.data.packing)
         return stream, rows
 
     def evaluate(self) -> Dict[str, float]:
