@@ -534,15 +534,15 @@ struct Piece {
 // most seq_len tokens with that <bos>; non-first pieces shorter than min_piece tokens are dropped.
 // Rows are made `window` at a time: each piece (the deferred ones first, then new ones from the
 // stream) goes into the open row with the least room that still holds it (ties: the lowest row),
-// or is deferred to the next window; a window closes when all its rows are full or `buffer`
-// pieces were tried (the reference's buffer). The room left in a row is padding. Pieces still
+// or is deferred to the next window; a window closes when all its rows are full, `buffer` pieces
+// were tried (the reference's buffer), or `lookahead` rows' worth of tokens wait deferred. The room left in a row is padding. Pieces still
 // deferred when the rows are done are dropped, so the stream advances by whole documents and the
 // next call (next phase, or a branch starting there) starts with nothing pending.
 // Returns (pieces int32 [P, 3] (doc, offset, stored length), piece_bos int8 [P],
 // row_ptr int64 [rows + 1] (row r = pieces row_ptr[r] .. row_ptr[r + 1]), end_token, stats dict).
 py::tuple pack_best_fit(const py::object &sizes_obj, const py::object &first_bos_obj, int64_t seq_len,
                         int64_t num_rows, int64_t start_token, uint64_t seed, uint64_t stream,
-                        int64_t window, int64_t buffer, int64_t min_piece) {
+                        int64_t window, int64_t buffer, int64_t lookahead, int64_t min_piece) {
   auto sizes_arr = require<int32_t>(sizes_obj, "sizes", 1);
   auto bos_arr = require<int8_t>(first_bos_obj, "first_bos", 1);
   const int64_t D = sizes_arr.shape(0);
@@ -550,6 +550,7 @@ py::tuple pack_best_fit(const py::object &sizes_obj, const py::object &first_bos
   if (seq_len < 2) throw py::value_error("seq_len must be >= 2 for best_fit (a <bos> and a token)");
   if (num_rows < 0 || start_token < 0) throw py::value_error("num_rows and start_token must be >= 0");
   if (window < 1 || buffer < window) throw py::value_error("need window >= 1 and buffer >= window");
+  if (lookahead < 0) throw py::value_error("lookahead must be >= 0");
   if (min_piece < 0) throw py::value_error("min_piece must be >= 0");
   const int32_t *sizes = sizes_arr.data();
   const int8_t *first_bos = bos_arr.data();
@@ -592,10 +593,14 @@ py::tuple pack_best_fit(const py::object &sizes_obj, const py::object &first_bos
       rows.assign(W, {});
       room.assign(W, seq_len);
       std::vector<Piece> deferred;
-      int64_t tried = 0, full = 0;
+      int64_t tried = 0, full = 0, deferred_tokens = 0;
       head = 0;
       while (tried < buffer && full < W) {
         if (head == pending.size()) {
+          // Read ahead at most `lookahead` rows' worth of tokens that did not fit: what is still
+          // pending when the rows are done is dropped, so a language with few rows in a phase
+          // must not pull many documents for them.
+          if (deferred_tokens >= lookahead * seq_len) break;
           pending.erase(pending.begin(), pending.end());
           head = 0;
           pull();
@@ -609,6 +614,7 @@ py::tuple pack_best_fit(const py::object &sizes_obj, const py::object &first_bos
         }
         if (best < 0) {
           deferred.push_back(p);
+          deferred_tokens += p.total();
         } else {
           rows[best].push_back(p);
           room[best] -= p.total();
@@ -732,7 +738,7 @@ PYBIND11_MODULE(_index_builder, m) {
         "Packed rows of one language: (doc_index int32, sample_idx int64 [rows+1, 2], first_epoch).");
   m.def("pack_best_fit", &pack_best_fit, py::arg("sizes"), py::arg("first_bos"), py::arg("seq_len"),
         py::arg("num_rows"), py::arg("start_token"), py::arg("seed"), py::arg("stream"),
-        py::arg("window"), py::arg("buffer"), py::arg("min_piece"),
+        py::arg("window"), py::arg("buffer"), py::arg("lookahead"), py::arg("min_piece"),
         "Best-fit rows of one language: (pieces int32 [P, 3] (doc, offset, length), piece_bos int8 [P],\n"
         "row_ptr int64 [rows+1], end_token, stats dict).");
   m.def("concat_stats", &concat_stats, py::arg("sizes"), py::arg("first_bos"), py::arg("doc_index"),

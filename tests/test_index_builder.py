@@ -474,8 +474,12 @@ def test_packing_stats_concat_vs_best_fit(tmp_path):
     path, _ = _bf_corpus(tmp_path)
     manifest = load_manifest(path)
     phases = [PhaseConfig(name="p", tokens=32 * 200, seq_len=32, temperature=0.5)]
+    from megatron_mmbert.data.index import format_index_plan
+
     concat = build_data_index(manifest, phases, seed=5, cache_dir=None).plan["phases"][0]["packing"]
-    best = build_data_index(manifest, phases, seed=5, cache_dir=None, packing="best_fit").plan["phases"][0]["packing"]
+    plan = build_data_index(manifest, phases, seed=5, cache_dir=None, packing="best_fit").plan
+    best = plan["phases"][0]["packing"]
+    assert "packing best_fit: padding " in format_index_plan(plan) and plan["packing"] == "best_fit"
     assert concat["mode"] == "concat" and concat["pad_fraction"] == 0.0
     assert concat["bos_start_fraction"] < 0.7 and best["bos_start_fraction"] == 1.0
     assert best["fragment_token_fraction"] < concat["fragment_token_fraction"]

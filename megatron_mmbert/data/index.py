@@ -23,7 +23,8 @@ What gets built for a manifest and a list of phases (``build_data_index``):
   document's first piece keeps the shard's own ``<bos>`` when it has one; later pieces get one
   prepended; non-first pieces under :data:`BEST_FIT_MIN_PIECE` tokens are dropped), and whole pieces
   are best-fit packed into rows (``_index_builder.pack_best_fit``: :data:`BEST_FIT_WINDOW_ROWS` rows
-  open at a time, up to :data:`BEST_FIT_BUFFER` pieces tried per window). Room no piece fills is
+  open at a time, up to :data:`BEST_FIT_BUFFER` pieces tried per window, reading ahead at most
+  :data:`BEST_FIT_LOOKAHEAD_ROWS` rows' worth of deferred tokens). Room no piece fills is
   padding. A row is ``pieces[row_ptr[r] .. row_ptr[r + 1]]``, each piece ``(document, offset,
   stored tokens)`` plus ``piece_bos`` (whether a ``<bos>`` is prepended). The stream advances by
   the documents the packer took (pieces still waiting for a row when the phase's rows are done
@@ -82,6 +83,9 @@ BEST_FIT_WINDOW_ROWS = 16
 """Rows open at a time while best-fit packing (the reference's rows per outgoing batch)."""
 BEST_FIT_BUFFER = 512
 """Pieces tried per window of rows (the reference's ``buffer_size``)."""
+BEST_FIT_LOOKAHEAD_ROWS = 2
+"""A window stops reading documents once this many rows' worth of tokens wait deferred: what still
+waits when a phase's rows are done is dropped (the stream moves by whole documents)."""
 
 
 def _ext():
@@ -137,13 +141,13 @@ def pack_rows(sizes: np.ndarray, seq_len: int, num_rows: int, start_token: int, 
 
 def pack_best_fit(sizes: np.ndarray, first_bos: np.ndarray, seq_len: int, num_rows: int, start_token: int,
                   seed: int, stream: int, window: int = BEST_FIT_WINDOW_ROWS, buffer: int = BEST_FIT_BUFFER,
-                  min_piece: int = BEST_FIT_MIN_PIECE):
+                  lookahead: int = BEST_FIT_LOOKAHEAD_ROWS, min_piece: int = BEST_FIT_MIN_PIECE):
     """Best-fit rows of one language: ``(pieces int32 [P, 3], piece_bos int8 [P], row_ptr int64
     [rows + 1], end_token, stats)``; ``start_token`` must be a document boundary of the stream."""
     sizes = _check("sizes", sizes, np.int32, 1)
     first_bos = _check("first_bos", first_bos, np.int8, 1)
     return _ext().pack_best_fit(sizes, first_bos, int(seq_len), int(num_rows), int(start_token), int(seed),
-                                int(stream), int(window), int(buffer), int(min_piece))
+                                int(stream), int(window), int(buffer), int(lookahead), int(min_piece))
 
 
 def document_first_tokens(prefixes: Sequence[str]) -> np.ndarray:
@@ -289,7 +293,7 @@ def cache_key(manifest, phases: Sequence[PhaseConfig], seed: int, default_global
     }
     if packing != "concat":  # rows depend on the packer's constants too
         desc["packing"] = {"mode": packing, "min_piece": BEST_FIT_MIN_PIECE, "window_rows": BEST_FIT_WINDOW_ROWS,
-                           "buffer": BEST_FIT_BUFFER}
+                           "buffer": BEST_FIT_BUFFER, "lookahead_rows": BEST_FIT_LOOKAHEAD_ROWS}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 
@@ -380,7 +384,7 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int =
                 if rows:
                     pieces, bos, ptr, pos, st = ext.pack_best_fit(
                         lengths, first_bos, plan.phase.seq_len, rows, pos, int(seed), language_stream(lang),
-                        BEST_FIT_WINDOW_ROWS, BEST_FIT_BUFFER, BEST_FIT_MIN_PIECE)
+                        BEST_FIT_WINDOW_ROWS, BEST_FIT_BUFFER, BEST_FIT_LOOKAHEAD_ROWS, BEST_FIT_MIN_PIECE)
                     acc["stats"][i] = [st[c] for c in PACKING_STATS]
                 if not keep:
                     pieces, bos, ptr = pieces[:0], bos[:0], ptr[:1]
