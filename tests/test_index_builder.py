@@ -485,3 +485,23 @@ def test_packing_stats_concat_vs_best_fit(tmp_path):
     assert best["fragment_token_fraction"] < concat["fragment_token_fraction"]
     with pytest.raises(ValueError, match="data.packing"):
         build_data_index(manifest, phases, seed=5, cache_dir=None, packing="greedy")
+
+
+def test_build_data_index_cli_packing(tmp_path, capsys):
+    """A phase list takes --packing; the index folder and its plan say best_fit."""
+    import json
+
+    import yaml
+
+    from megatron_mmbert.cli.build_data_index import main
+
+    path, _ = _bf_corpus(tmp_path)
+    phases = tmp_path / "phases.yaml"
+    phases.write_text(yaml.safe_dump([{"name": "p", "tokens": 64 * 20, "seq_len": 64, "temperature": 0.5}]))
+    args = ["--config", str(phases), "--manifest", path, "--cache-dir", str(tmp_path / "c"), "--seed", "1"]
+    assert main(args + ["--packing", "best_fit"]) == 0
+    out = capsys.readouterr().out
+    assert "packing best_fit: padding" in out
+    folder = out.split("index ready in ", 1)[1].split(" (", 1)[0]
+    assert json.load(open(os.path.join(folder, "index_plan.json")))["phases"][0]["packing"]["mode"] == "best_fit"
+    assert main(args) == 0 and "packing concat: padding 0.00%" in capsys.readouterr().out

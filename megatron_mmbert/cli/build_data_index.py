@@ -2,11 +2,11 @@
 
     python tools/build_data_index.py --config RUN.yaml [--data.manifest ...]   # a training run config
     python tools/build_data_index.py --config phases.yaml --manifest data/manifest.json \
-        --cache-dir data/index-cache --seed 21 [--global-batch-size 4608]
+        --cache-dir data/index-cache --seed 21 [--global-batch-size 4608] [--packing best_fit]
 
 With a training run config (the YAML given to pretrain_mmbert.py, plus the same ``--a.b value``
-overrides), the manifest, data seed, cache folder, global batch size, annealing resolution and start
-phase (``init.start_phase``) are the run's own, so the run finds exactly these arrays (all of them
+overrides), the manifest, data seed, cache folder, global batch size, annealing resolution, row
+packing (``data.packing``) and start phase (``init.start_phase``) are the run's own, so the run finds exactly these arrays (all of them
 are part of the cache key). Otherwise ``--config`` holds a list of phases (fields of
 ``megatron_mmbert.config.PhaseConfig``) and the other values come from the flags. Flags given
 explicitly win over the run config.
@@ -91,7 +91,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             anneal = args.anneal_segments or run.data.anneal_segments
             start = args.start_phase or run.init.start_phase
             vocab = run.model.vocab_size
-            packing = args.packing or run.data.packing
+            if args.packing and args.packing != run.data.packing:
+                raise ConfigError(f"--packing {args.packing} differs from {args.config}'s data.packing "
+                                  f"{run.data.packing}; the run would not find this index (override with "
+                                  f"--data.packing {args.packing} instead)")
+            packing = run.data.packing
         else:
             if overrides:
                 raise ConfigError(f"unknown arguments {overrides} (overrides need a training run config)")
