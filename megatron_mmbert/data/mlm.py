@@ -129,8 +129,9 @@ class MLMStream:
             raise ValueError(f"tokenizer {tok.name!r} in the manifest has no mask token; MLM needs one")
         self.special_ids = np.array(sorted(set(int(i) for i in tok.all_special_ids) | {int(self.mask_id)}), dtype=np.int64)
         # Padding id (best_fit rows): never attended by real tokens nor predicted, so any id works;
-        # the tokenizer's pad when it has one keeps dumps readable.
-        self.pad_id = int(next((tok.special_ids[r] for r in ("pad", "eos", "mask") if tok.special_ids.get(r) is not None)))
+        # the tokenizer's pad when it has one keeps dumps readable, else the mask id.
+        pad = tok.special_ids.get("pad")
+        self.pad_id = int(self.mask_id if pad is None else pad)
         self.bos_id = tok.special_ids.get("bos")
         self.random_ids = np.setdiff1d(np.arange(int(tok.vocab_size), dtype=np.int64), self.special_ids)
         if len(self.random_ids) == 0:
