@@ -12,6 +12,8 @@
 // 3. pack_rows: documents of one language laid into rows of seq_len tokens, over as many shuffled
 //    epochs as needed, in megatron-core's GPT sample_idx representation (build_sample_idx with no
 //    extra token), starting at any token position of the endless epoch stream.
+// 4. pack_best_fit: <bos>-led pieces of documents best-fit packed into rows, padding where no
+//    piece fits (data.packing: best_fit); concat_stats: the same statistics for pack_rows' rows.
 //
 // Every input array is dtype- and layout-checked (a wrong dtype raises TypeError: megatron's helper
 // silently fills a temporary copy instead), outputs are allocated here, and the GIL is released
@@ -46,6 +48,7 @@ const char *dtype_name() {
   if (std::is_same<T, int64_t>::value) return "int64";
   if (std::is_same<T, int32_t>::value) return "int32";
   if (std::is_same<T, int16_t>::value) return "int16";
+  if (std::is_same<T, int8_t>::value) return "int8";
   return "?";
 }
 
@@ -470,6 +473,241 @@ py::tuple pack_rows(const py::object &sizes_obj, int64_t seq_len, int64_t num_ro
   return py::make_tuple(doc_index, sample_idx, first_epoch);
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// Best-fit packing (mmBERT / ModernBERT / Ettin GreedyBestFitSequencePacker,
+// github.com/AnswerDotAI/ModernBERT src/sequence_packer.py), deterministic and resumable
+// ------------------------------------------------------------------------------------------------
+
+// The document stream of one language from stream token `start_token` (which must fall on a
+// document boundary of the epoch stream): epoch e = permutation(D, seed, stream, e).
+struct DocStream {
+  const int32_t *sizes;
+  int64_t D, tpe;
+  uint64_t seed, stream;
+  int64_t epoch = 0, pos = 0;  // next document: perm[pos] of `epoch`
+  int64_t token = 0;           // stream tokens of the documents taken so far
+  std::vector<int32_t> perm;
+
+  DocStream(const int32_t *s, int64_t d, int64_t t, uint64_t sd, uint64_t st, int64_t start_token)
+      : sizes(s), D(d), tpe(t), seed(sd), stream(st), perm(d) {
+    epoch = start_token / tpe;
+    load();
+    int64_t skip = start_token - epoch * tpe;
+    while (skip > 0) {
+      skip -= sizes[perm[pos]];
+      ++pos;
+    }
+    if (skip < 0) {
+      throw py::value_error("start_token " + std::to_string(start_token) +
+                            " is not at a document boundary of the stream: best_fit streams advance by "
+                            "whole documents (was this position made by data.packing: concat?)");
+    }
+    token = start_token;
+    if (pos == D) next_epoch();
+  }
+  void load() {
+    Pcg64 g = seeded_pcg64(seed, stream, static_cast<uint64_t>(epoch));
+    permute_into(g, perm.data(), D);
+    pos = 0;
+  }
+  void next_epoch() {
+    ++epoch;
+    load();
+  }
+  int32_t take() {  // the next document (any size, zero included)
+    const int32_t d = perm[pos++];
+    token += sizes[d];
+    if (pos == D) next_epoch();
+    return d;
+  }
+};
+
+struct Piece {
+  int32_t doc, offset, length;  // stored tokens [offset, offset + length) of document doc
+  int8_t bos;                   // a <bos> is prepended (not in the shards here)
+  int32_t total() const { return length + bos; }
+};
+
+// Rows of seq_len tokens from whole pieces. Documents are cut into pieces that each start with
+// <bos> (a document's first piece keeps the shard's own <bos> when it has one, first_bos[d]), at
+// most seq_len tokens with that <bos>; non-first pieces shorter than min_piece tokens are dropped.
+// Rows are made `window` at a time: each piece (the deferred ones first, then new ones from the
+// stream) goes into the open row with the least room that still holds it (ties: the lowest row),
+// or is deferred to the next window; a window closes when all its rows are full, `buffer` pieces
+// were tried (the reference's buffer), or `lookahead` rows' worth of tokens wait deferred. The room left in a row is padding. Pieces still
+// deferred when the rows are done are dropped, so the stream advances by whole documents and the
+// next call (next phase, or a branch starting there) starts with nothing pending.
+// Returns (pieces int32 [P, 3] (doc, offset, stored length), piece_bos int8 [P],
+// row_ptr int64 [rows + 1] (row r = pieces row_ptr[r] .. row_ptr[r + 1]), end_token, stats dict).
+py::tuple pack_best_fit(const py::object &sizes_obj, const py::object &first_bos_obj, int64_t seq_len,
+                        int64_t num_rows, int64_t start_token, uint64_t seed, uint64_t stream,
+                        int64_t window, int64_t buffer, int64_t lookahead, int64_t min_piece) {
+  auto sizes_arr = require<int32_t>(sizes_obj, "sizes", 1);
+  auto bos_arr = require<int8_t>(first_bos_obj, "first_bos", 1);
+  const int64_t D = sizes_arr.shape(0);
+  if (bos_arr.shape(0) != D) throw py::value_error("first_bos must have one entry per document");
+  if (seq_len < 2) throw py::value_error("seq_len must be >= 2 for best_fit (a <bos> and a token)");
+  if (num_rows < 0 || start_token < 0) throw py::value_error("num_rows and start_token must be >= 0");
+  if (window < 1 || buffer < window) throw py::value_error("need window >= 1 and buffer >= window");
+  if (lookahead < 0) throw py::value_error("lookahead must be >= 0");
+  if (min_piece < 0) throw py::value_error("min_piece must be >= 0");
+  const int32_t *sizes = sizes_arr.data();
+  const int8_t *first_bos = bos_arr.data();
+  int64_t tpe = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    if (sizes[d] < 0) throw py::value_error("sizes must be >= 0");
+    tpe += sizes[d];
+  }
+  if (num_rows > 0 && tpe <= 0) throw py::value_error("cannot pack rows from a dataset with no tokens");
+  std::vector<Piece> out;
+  std::vector<int64_t> row_ptr(1, 0);
+  int64_t end_token = start_token;
+  int64_t pad = 0, fragment = 0, segments = 0, bos_segments = 0, dropped_short = 0, dropped_left = 0,
+          documents = 0;
+  if (num_rows > 0) {
+    py::gil_scoped_release release;
+    DocStream ds(sizes, D, tpe, seed, stream, start_token);
+    std::vector<Piece> pending;  // deferred pieces first, then new ones, in stream order
+    size_t head = 0;             // first piece of `pending` not yet tried in this window
+    auto pull = [&]() {          // one document's pieces onto `pending`
+      const int32_t d = ds.take();
+      ++documents;
+      const int32_t n = sizes[d];
+      int32_t off = 0;
+      while (off < n) {
+        const int8_t add = (off == 0 && first_bos[d]) ? 0 : 1;
+        const int32_t len = static_cast<int32_t>(std::min<int64_t>(n - off, seq_len - add));
+        if (off > 0 && len + add < min_piece) {
+          dropped_short += len;
+        } else {
+          pending.push_back(Piece{d, off, len, add});
+        }
+        off += len;
+      }
+    };
+    std::vector<std::vector<Piece>> rows;
+    std::vector<int64_t> room;
+    for (int64_t r0 = 0; r0 < num_rows; r0 += window) {
+      const int64_t W = std::min(window, num_rows - r0);
+      rows.assign(W, {});
+      room.assign(W, seq_len);
+      std::vector<Piece> deferred;
+      int64_t tried = 0, full = 0, deferred_tokens = 0;
+      head = 0;
+      while (tried < buffer && full < W) {
+        if (head == pending.size()) {
+          // Read ahead at most `lookahead` rows' worth of tokens that did not fit: what is still
+          // pending when the rows are done is dropped, so a language with few rows in a phase
+          // must not pull many documents for them.
+          if (deferred_tokens >= lookahead * seq_len) break;
+          pending.erase(pending.begin(), pending.end());
+          head = 0;
+          pull();
+          continue;
+        }
+        const Piece p = pending[head++];
+        ++tried;
+        int64_t best = -1;
+        for (int64_t r = 0; r < W; ++r) {
+          if (room[r] >= p.total() && (best < 0 || room[r] < room[best])) best = r;
+        }
+        if (best < 0) {
+          deferred.push_back(p);
+          deferred_tokens += p.total();
+        } else {
+          rows[best].push_back(p);
+          room[best] -= p.total();
+          if (room[best] == 0) ++full;
+        }
+      }
+      // Deferred pieces go before the untried ones for the next window.
+      deferred.insert(deferred.end(), pending.begin() + static_cast<int64_t>(head), pending.end());
+      pending.swap(deferred);
+      head = 0;
+      for (int64_t r = 0; r < W; ++r) {
+        for (const Piece &p : rows[r]) {
+          out.push_back(p);
+          ++segments;
+          bos_segments += (p.bos || (p.offset == 0 && first_bos[p.doc])) ? 1 : 0;
+          if (!(p.offset == 0 && p.length == sizes[p.doc])) fragment += p.total();
+        }
+        pad += room[r];
+        row_ptr.push_back(static_cast<int64_t>(out.size()));
+      }
+    }
+    for (const Piece &p : pending) dropped_left += p.length;
+    end_token = ds.token;
+  }
+  const py::ssize_t P = static_cast<py::ssize_t>(out.size());
+  py::array_t<int32_t> pieces({P, static_cast<py::ssize_t>(3)});
+  py::array_t<int8_t> piece_bos(P);
+  py::array_t<int64_t> ptr(static_cast<py::ssize_t>(row_ptr.size()));
+  int32_t *pp = pieces.mutable_data();
+  int8_t *pb = piece_bos.mutable_data();
+  for (py::ssize_t i = 0; i < P; ++i) {
+    pp[3 * i] = out[i].doc;
+    pp[3 * i + 1] = out[i].offset;
+    pp[3 * i + 2] = out[i].length;
+    pb[i] = out[i].bos;
+  }
+  std::copy(row_ptr.begin(), row_ptr.end(), ptr.mutable_data());
+  py::dict stats;
+  stats["row_tokens"] = num_rows * seq_len;
+  stats["pad_tokens"] = pad;
+  stats["fragment_tokens"] = fragment;
+  stats["segments"] = segments;
+  stats["bos_segments"] = bos_segments;
+  stats["documents"] = documents;
+  stats["dropped_short_tokens"] = dropped_short;
+  stats["dropped_pending_tokens"] = dropped_left;
+  return py::make_tuple(pieces, piece_bos, ptr, end_token, stats);
+}
+
+// The same statistics for concat rows (pack_rows' doc_index / sample_idx): segments are the
+// non-empty pieces of documents inside rows; a segment starts with <bos> when it is a document's
+// start and the shard holds a <bos> there; fragment tokens are those of pieces that are not a
+// whole document.
+py::dict concat_stats(const py::object &sizes_obj, const py::object &first_bos_obj,
+                      const py::object &doc_index_obj, const py::object &sample_idx_obj) {
+  auto sizes_arr = require<int32_t>(sizes_obj, "sizes", 1);
+  auto bos_arr = require<int8_t>(first_bos_obj, "first_bos", 1);
+  auto di_arr = require<int32_t>(doc_index_obj, "doc_index", 1);
+  auto si_arr = require<int64_t>(sample_idx_obj, "sample_idx", 2);
+  const int32_t *sizes = sizes_arr.data();
+  const int8_t *first_bos = bos_arr.data();
+  const int32_t *di = di_arr.data();
+  const int64_t *si = si_arr.data();
+  const int64_t R = si_arr.shape(0) - 1;
+  int64_t segments = 0, bos_segments = 0, fragment = 0, tokens = 0;
+  {
+    py::gil_scoped_release release;
+    for (int64_t r = 0; r < R; ++r) {
+      int64_t p = si[2 * r], o = si[2 * r + 1];
+      const int64_t p1 = si[2 * r + 2], o1 = si[2 * r + 3];
+      while (p < p1 || (p == p1 && o < o1)) {
+        const int32_t d = di[p];
+        const int64_t end = p == p1 ? o1 : sizes[d];
+        if (end > o) {
+          ++segments;
+          tokens += end - o;
+          bos_segments += (o == 0 && first_bos[d]) ? 1 : 0;
+          if (!(o == 0 && end == sizes[d])) fragment += end - o;
+        }
+        ++p;
+        o = 0;
+      }
+    }
+  }
+  py::dict stats;
+  stats["row_tokens"] = tokens;
+  stats["pad_tokens"] = 0;
+  stats["fragment_tokens"] = fragment;
+  stats["segments"] = segments;
+  stats["bos_segments"] = bos_segments;
+  return stats;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_index_builder, m) {
@@ -498,4 +736,11 @@ PYBIND11_MODULE(_index_builder, m) {
   m.def("pack_rows", &pack_rows, py::arg("sizes"), py::arg("seq_len"), py::arg("num_rows"),
         py::arg("start_token"), py::arg("seed"), py::arg("stream"),
         "Packed rows of one language: (doc_index int32, sample_idx int64 [rows+1, 2], first_epoch).");
+  m.def("pack_best_fit", &pack_best_fit, py::arg("sizes"), py::arg("first_bos"), py::arg("seq_len"),
+        py::arg("num_rows"), py::arg("start_token"), py::arg("seed"), py::arg("stream"),
+        py::arg("window"), py::arg("buffer"), py::arg("lookahead"), py::arg("min_piece"),
+        "Best-fit rows of one language: (pieces int32 [P, 3] (doc, offset, length), piece_bos int8 [P],\n"
+        "row_ptr int64 [rows+1], end_token, stats dict).");
+  m.def("concat_stats", &concat_stats, py::arg("sizes"), py::arg("first_bos"), py::arg("doc_index"),
+        py::arg("sample_idx"), "Segment / <bos> / fragment counts of pack_rows' rows.");
 }

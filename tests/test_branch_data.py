@@ -22,7 +22,7 @@ from megatron_mmbert.training.config import load_config
 from tests.helpers.training import check, launch, tiny_run_config, write_manifest
 
 
-def _parent(tmp_path):
+def _parent(tmp_path, packing="concat"):
     manifest = write_manifest(tmp_path / "shards")
     path = tiny_run_config(str(tmp_path / "parent.yaml"), manifest, str(tmp_path / "parent"))
     with open(path) as f:
@@ -30,6 +30,7 @@ def _parent(tmp_path):
     cfg["phases"][0]["languages"], cfg["phases"][1]["languages"] = "top:2", "all"  # 3 languages here
     cfg["model"]["attention_output_dropout"] = 0.0  # dropout is seeded by the step, which a branch restarts
     cfg["optimizer"] = {"name": "stable_adamw", "clip_grad": 0.0}  # as shipped; its state goes through phase_end_mid
+    cfg.setdefault("data", {})["packing"] = packing
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     return path
@@ -58,11 +59,13 @@ def _stream(config):
     run = load_config(config)
     return MLMStream(run.manifest_path, run.phases, run.data_seed, cache_dir=run.index_cache_dir,
                      default_global_batch_size=run.batch.global_batch_size,
-                     anneal_segments=run.data.anneal_segments, start_phase=run.start_phase_index)
+                     anneal_segments=run.data.anneal_segments, start_phase=run.start_phase_index,
+                     packing=run.data.packing)
 
 
-def test_branch_reads_the_parents_decay_rows(tmp_path, capsys):
-    parent = _parent(tmp_path)
+@pytest.mark.parametrize("packing", ["concat", "best_fit"])
+def test_branch_reads_the_parents_decay_rows(tmp_path, capsys, packing):
+    parent = _parent(tmp_path, packing)
     cont = _branch(tmp_path, "decay_cont", {"languages": "all"})  # the parent's decay mix, as decay_cont.yaml
     heavy = _branch(tmp_path, "decay_heavy", {"fixed_shares": {"fra_Latn": 0.6}})  # as decay_eng.yaml
     folders = {c: _index_folder(c, capsys) for c in (parent, cont, heavy)}
@@ -79,13 +82,18 @@ def test_branch_reads_the_parents_decay_rows(tmp_path, capsys):
         assert set(decay[c]["languages"]) == langs
         for lang in langs:
             assert decay[c]["languages"][lang]["first_token"] == decay[parent]["languages"][lang]["first_token"]
-    assert sum(decay[parent]["languages"][lang]["first_token"] for lang in langs) == 3072 + 2048
+    moved = sum(decay[parent]["languages"][lang]["first_token"] for lang in langs)
+    if packing == "concat":
+        assert moved == 3072 + 2048  # rows x seq_len
+    else:  # whole documents taken by the packer: at least the rows' real tokens
+        assert plans[parent]["packing"] == "best_fit" and moved > 0
     assert phase_end_positions(plans[parent], "mid") == {lang: r["first_token"] for lang, r in decay[parent]["languages"].items()}
 
     # Decay-Cont: identical rows, masks included; the skipped phases are not readable
     a, b = _stream(parent), _stream(cont)
     pa, pb = a.index.phases[2], b.index.phases[2]
-    for name in ("dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx", "row_offsets"):
+    for name in ("dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx", "row_offsets",
+                 "pieces", "piece_bos", "piece_offsets", "row_ptr"):
         assert np.array_equal(np.asarray(getattr(pa, name)), np.asarray(getattr(pb, name))), name
     n = a.phase_num_samples("decay")
     assert a.global_index("decay", 0) == b.global_index("decay", 0) > 0
@@ -105,15 +113,18 @@ def test_branch_reads_the_parents_decay_rows(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_run_checks_the_branch_against_the_parent_checkpoint(tmp_path):
+@pytest.mark.parametrize("packing", ["concat", "best_fit"])
+def test_run_checks_the_branch_against_the_parent_checkpoint(tmp_path, packing):
     """The parent trains its three phases; a branch declared as the shipped configs continues from
     phase_end_mid (checked), a one-phase branch is refused by --validate and by the run."""
-    parent = _parent(tmp_path)
+    parent = _parent(tmp_path, packing)
     check(launch(parent, "--checkpoint.every_steps", "0", "--logging.eval_interval", "0"))
     mid = str(tmp_path / "parent" / "checkpoints" / "phase_end_mid")
     meta = json.load(open(os.path.join(mid, "mmbert_config.json")))
     record = meta["train_state"]["data_position"]
-    assert record["phase"] == "mid" and record["at_phase_end"] and sum(record["stream_positions"].values()) == 3072 + 2048
+    assert record["phase"] == "mid" and record["at_phase_end"]
+    moved = sum(record["stream_positions"].values())
+    assert moved == 3072 + 2048 if packing == "concat" else moved > 0  # best_fit: the documents taken
 
     cont = _branch(tmp_path, "decay_cont", {"languages": "all"}, mid)
     p = check(launch(cont, "--checkpoint.every_steps", "0"))

@@ -16,7 +16,7 @@ from megatron_mmbert.data import _index_builder as ib
 from megatron_mmbert.data.index import build_blending_indices, build_data_index, pack_rows
 from megatron_mmbert.data.shards import load_manifest
 
-from tests.helpers.corpus import write_corpus
+from tests.helpers.corpus import SPECIAL, write_corpus
 
 
 def megatron_blend(w, n):
@@ -377,3 +377,130 @@ def test_epoch_cap_in_the_plan_and_phase_epochs(tmp_path):
     assert max(e["in_phase"] for e in within.values()) <= 1.5 + 64 / min(index.plan["language_tokens"].values())
     assert sum(r["rows"] for r in index.plan["phases"][0]["languages"].values()) == 40
     assert "epochs within the phase: max" in format_index_plan(index.plan)
+
+
+# -- data.packing: best_fit ------------------------------------------------------------------------
+
+BF_PHASES = [
+    PhaseConfig(name="p", tokens=64 * 120, seq_len=64, temperature=0.5),
+    PhaseConfig(name="q", tokens=128 * 40, seq_len=128, temperature=0.3, languages=["l0", "l1"]),
+]
+
+
+def _bf_corpus(tmp_path):
+    # documents of 3..151 tokens framed <bos> ... <eos>: some longer than seq_len 64 and 128
+    return write_corpus(str(tmp_path / "corpus"), [60, 25, 8], max_len=150)
+
+
+def test_best_fit_rows_are_whole_bos_led_pieces(tmp_path):
+    from megatron_mmbert.data.mlm import MLMStream
+
+    path, texts = _bf_corpus(tmp_path)
+    stream = MLMStream(path, BF_PHASES, seed=3, cache_dir=None, packing="best_fit")
+    bos, pad_id = SPECIAL["bos"], stream.pad_id
+    for k, phase in enumerate(BF_PHASES):
+        p = stream.index.phases[k]
+        seq = phase.seq_len
+        segments = bos_led = pad = fragment = 0
+        for i in range(phase.tokens // seq):
+            lang = int(p.dataset_index[i])
+            name = stream.index.languages[lang]
+            tokens, segs, _, padding = stream.row_with_padding(k, i)
+            pieces = p.row_pieces(lang, int(p.dataset_sample_index[i]))
+            expected = [np.concatenate([[bos] if f else [], texts[name][d][a:b]]) for d, a, b, f in pieces]
+            expected = np.concatenate(expected + [np.full(seq - sum(map(len, expected)), pad_id)])
+            np.testing.assert_array_equal(tokens, expected)
+            assert len(tokens) == seq and sum(segs) == seq and padding == seq - sum(segs[:len(pieces)])
+            starts = np.concatenate([[0], np.cumsum(segs)])
+            for (d, a, b, f), n, s0 in zip(pieces, segs, starts):
+                doc = texts[name][d]
+                segments += 1
+                bos_led += int(tokens[s0] == bos)
+                assert n <= seq and (a == 0 or n >= 32)  # non-first pieces under 32 tokens are dropped
+                if len(doc) <= seq:  # documents that fit a row are never split
+                    assert a == 0 and b == len(doc) and not f
+                else:
+                    fragment += n
+            pad += padding
+        plan = stream.index.plan["phases"][k]["packing"]
+        assert plan["mode"] == "best_fit" and bos_led / segments >= 0.99
+        assert plan["bos_start_fraction"] == round(bos_led / segments, 6)
+        assert plan["pad_fraction"] == round(pad / (seq * (phase.tokens // seq)), 6)
+        assert plan["fragment_token_fraction"] == round(fragment / (seq * (phase.tokens // seq) - pad), 6)
+        assert 0 < plan["pad_fraction"] < 0.2  # padding only where no piece fits
+
+
+def test_best_fit_rows_are_bit_identical_across_reruns(tmp_path):
+    path, _ = _bf_corpus(tmp_path)
+    manifest = load_manifest(path)
+    a = build_data_index(manifest, BF_PHASES, seed=5, cache_dir=str(tmp_path / "c"), packing="best_fit")
+    b = build_data_index(manifest, BF_PHASES, seed=5, cache_dir=None, packing="best_fit")
+    c = build_data_index(manifest, BF_PHASES, seed=6, cache_dir=None, packing="best_fit")
+    concat = build_data_index(manifest, BF_PHASES, seed=5, cache_dir=str(tmp_path / "c"))
+    assert a.path != concat.path  # the mode is part of the cache key
+    for name in ("pieces", "piece_bos", "piece_offsets", "row_ptr", "row_offsets", "dataset_index"):
+        for pa, pb in zip(a.phases, b.phases):
+            np.testing.assert_array_equal(np.asarray(getattr(pa, name)), getattr(pb, name))
+    assert not np.array_equal(np.asarray(a.phases[0].pieces), c.phases[0].pieces)
+    assert a.plan["phases"] == b.plan["phases"]
+
+
+def test_best_fit_stream_positions_and_branch(tmp_path):
+    """Stream positions are the documents the packer took; a branch starting at phase q packs the
+    same rows from there."""
+    from megatron_mmbert.data.index import document_lengths, language_stream, pack_best_fit, phase_end_positions
+
+    path, _ = _bf_corpus(tmp_path)
+    manifest = load_manifest(path)
+    full = build_data_index(manifest, BF_PHASES, seed=5, cache_dir=None, packing="best_fit")
+    branch = build_data_index(manifest, BF_PHASES, seed=5, cache_dir=None, packing="best_fit", start_phase=1)
+    for name in ("pieces", "piece_bos", "row_ptr", "dataset_sample_index"):
+        np.testing.assert_array_equal(full.phases[1].__dict__[name], branch.phases[1].__dict__[name])
+    assert branch.plan["phases"][1]["languages"] == full.plan["phases"][1]["languages"]
+    ends = phase_end_positions(full.plan, "p")
+    assert ends == {lang: r["first_token"] for lang, r in full.plan["phases"][1]["languages"].items()}
+    # the end of phase p is the packer's end_token: the tokens of the documents it took
+    sizes = document_lengths(manifest.languages["l0"].shards)
+    rows = int(full.phases[0].counts[0])
+    *_, end, stats = pack_best_fit(sizes, np.ones(len(sizes), np.int8), 64, rows, 0, 5, language_stream("l0"))
+    assert end == ends["l0"] and stats["documents"] > 0 and end != rows * 64
+    with pytest.raises(ValueError, match="document boundary"):
+        pack_best_fit(sizes, np.ones(len(sizes), np.int8), 64, 1, 1, 5, 1)  # documents have >= 3 tokens
+
+
+def test_packing_stats_concat_vs_best_fit(tmp_path):
+    """The measured numbers: concat rows start mid-document (no <bos>), best_fit rows do not."""
+    path, _ = _bf_corpus(tmp_path)
+    manifest = load_manifest(path)
+    phases = [PhaseConfig(name="p", tokens=32 * 200, seq_len=32, temperature=0.5)]
+    from megatron_mmbert.data.index import format_index_plan
+
+    concat = build_data_index(manifest, phases, seed=5, cache_dir=None).plan["phases"][0]["packing"]
+    plan = build_data_index(manifest, phases, seed=5, cache_dir=None, packing="best_fit").plan
+    best = plan["phases"][0]["packing"]
+    assert "packing best_fit: padding " in format_index_plan(plan) and plan["packing"] == "best_fit"
+    assert concat["mode"] == "concat" and concat["pad_fraction"] == 0.0
+    assert concat["bos_start_fraction"] < 0.7 and best["bos_start_fraction"] == 1.0
+    assert best["fragment_token_fraction"] < concat["fragment_token_fraction"]
+    with pytest.raises(ValueError, match="data.packing"):
+        build_data_index(manifest, phases, seed=5, cache_dir=None, packing="greedy")
+
+
+def test_build_data_index_cli_packing(tmp_path, capsys):
+    """A phase list takes --packing; the index folder and its plan say best_fit."""
+    import json
+
+    import yaml
+
+    from megatron_mmbert.cli.build_data_index import main
+
+    path, _ = _bf_corpus(tmp_path)
+    phases = tmp_path / "phases.yaml"
+    phases.write_text(yaml.safe_dump([{"name": "p", "tokens": 64 * 20, "seq_len": 64, "temperature": 0.5}]))
+    args = ["--config", str(phases), "--manifest", path, "--cache-dir", str(tmp_path / "c"), "--seed", "1"]
+    assert main(args + ["--packing", "best_fit"]) == 0
+    out = capsys.readouterr().out
+    assert "packing best_fit: padding" in out
+    folder = out.split("index ready in ", 1)[1].split(" (", 1)[0]
+    assert json.load(open(os.path.join(folder, "index_plan.json")))["phases"][0]["packing"]["mode"] == "best_fit"
+    assert main(args) == 0 and "packing concat: padding 0.00%" in capsys.readouterr().out

@@ -56,7 +56,7 @@ def test_rows_are_the_documents(stream, corpus):
             tokens, segs, lang = stream.row(phase, i)
             lang_col = int(pidx.dataset_index[i])
             pieces = pidx.row_pieces(lang_col, int(pidx.dataset_sample_index[i]))
-            expected = np.concatenate([texts[lang][d][a:b] for d, a, b in pieces])
+            expected = np.concatenate([texts[lang][d][a:b] for d, a, b, _ in pieces])
             np.testing.assert_array_equal(tokens, expected)
             assert len(tokens) == pidx.plan.phase.seq_len and sum(segs) == len(tokens)
     # inactive language l3 never appears in the top:3 phase
@@ -180,7 +180,7 @@ def test_phase_with_its_own_manifest_reads_only_from_it(tmp_path):
             assert (source != "") == (phase != "pre"), lang
             seen.add(key)
             pieces = pidx.row_pieces(int(pidx.dataset_index[i]), int(pidx.dataset_sample_index[i]))
-            np.testing.assert_array_equal(tokens, np.concatenate([texts[key][d][a:b] for d, a, b in pieces]))
+            np.testing.assert_array_equal(tokens, np.concatenate([texts[key][d][a:b] for d, a, b, _ in pieces]))
         assert seen <= allowed and "l0" in seen, (phase, seen)
     plan = s.index.plan
     hq_streams = [lang for lang in plan["language_tokens"] if SOURCE_SEPARATOR in lang]
@@ -190,3 +190,46 @@ def test_phase_with_its_own_manifest_reads_only_from_it(tmp_path):
     for lang in hq_streams:
         assert decay[lang]["first_token"] == mid[lang]["first_token"] + mid[lang]["tokens"]
     assert all(decay[lang]["first_token"] == plan["phases"][0]["languages"][lang]["tokens"] for lang in ("l0", "l1"))
+
+
+def test_best_fit_padding_is_never_masked_nor_predicted(corpus):
+    """best_fit rows end in padding: its own cu_seqlens segment, labels ignored (no loss), never
+    selected even when special tokens are (mmBERT masks everything but padding)."""
+    s = MLMStream(corpus[0], [PhaseConfig(name="m", tokens=64 * 60, seq_len=64, temperature=0.5, mask_rate=0.5)],
+                  seed=3, cache_dir=None, packing="best_fit", mask_special_tokens=True)
+    n = s.phase_num_samples("m")
+    b = s.batch("m", range(n))
+    cu = b["cu_seqlens"].tolist()
+    total_pad = selected_special = 0
+    for i in range(n):
+        tokens, segs, _, pad = s.row_with_padding("m", i)
+        labels = b["labels"][i].numpy()
+        assert tokens[0] == SPECIAL["bos"]  # every best_fit row starts a <bos>-led sequence
+        if pad:
+            assert (tokens[-pad:] == s.pad_id).all() and (b["tokens"][i, -pad:].numpy() == s.pad_id).all()
+            assert (labels[-pad:] == IGNORE_INDEX).all()
+            assert i * 64 + 64 - pad in cu  # the padding is a segment of its own
+        real = labels[: 64 - pad]
+        selected_special += int(np.isin(real[real != IGNORE_INDEX], [SPECIAL["bos"], SPECIAL["eos"]]).sum())
+        total_pad += pad
+    assert total_pad > 0 and selected_special > 0  # padding exists; special tokens are selected
+    # the loss sees padding nowhere: per-token CE over labels != -100 never reaches a pad position
+    mask = b["labels"] != IGNORE_INDEX
+    assert not (mask & (b["tokens"] == s.pad_id) & (b["labels"] == s.pad_id)).any()
+
+
+def test_best_fit_rows_are_the_same_across_caches_and_resumes(corpus, tmp_path):
+    """Resume guarantees in best_fit mode: a cached and an in-memory index give the same batches, and
+    micro_batches from a consumed count are the samples a fresh walk reaches there."""
+    a = MLMStream(corpus[0], PHASES, seed=7, cache_dir=None, packing="best_fit")
+    b = MLMStream(corpus[0], PHASES, seed=7, cache_dir=str(tmp_path / "cache"), packing="best_fit")
+    idx = [0, 5, 17, 123]
+    ba, bb = a.batch("decay", idx), b.batch("decay", idx)
+    for k in ("tokens", "labels", "positions", "cu_seqlens"):
+        assert torch.equal(ba[k], bb[k])
+    assert not torch.equal(ba["tokens"], MLMStream(corpus[0], PHASES, seed=7, cache_dir=None).batch("decay", idx)["tokens"])
+    gbs, mbs, dp = 8, 2, 2
+    fresh = [mb["tokens"] for mb in b.micro_batches("pretrain", 0, gbs, mbs, 1, dp)]
+    resumed = [mb["tokens"] for mb in b.micro_batches("pretrain", 16, gbs, mbs, 1, dp)]
+    assert all(torch.equal(x, y) for x, y in zip(fresh[4:], resumed)) and len(fresh) - 4 == len(resumed)
+    assert torch.equal(resumed[0], a.batch("pretrain", [20, 21])["tokens"])

@@ -295,6 +295,14 @@ def test_mmbert_configs_mask_special_tokens():
         assert _load(name).data.mask_special_tokens, name
 
 
+def test_mmbert_configs_pack_best_fit():
+    """mmBERT packs <bos>-led chunks best-fit (issue 19); the tiny CPU config keeps concat (fast tests)."""
+    for name in ("mmbert_base.yaml", "mmbert_small.yaml", "decay_cont.yaml", "decay_eng.yaml", "decay_all.yaml",
+                 "mmbert_small_decay_all.yaml"):
+        assert _load(name).data.packing == "best_fit", name
+    assert _load("tiny_cpu.yaml").data.packing == "concat"
+
+
 def _reference_ramp(min_rows, max_rows, warmup_tokens, world_size, row_tokens, steps):
     """Per-device rows of the first ``steps`` steps as ModernBERT/mmBERT's ``BatchSizeWarmupScheduler``
     (src/sequence_packer.py) chooses them: size thresholds ``ceil(warmup/world / sum(sizes) x

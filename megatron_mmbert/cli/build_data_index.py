@@ -2,11 +2,11 @@
 
     python tools/build_data_index.py --config RUN.yaml [--data.manifest ...]   # a training run config
     python tools/build_data_index.py --config phases.yaml --manifest data/manifest.json \
-        --cache-dir data/index-cache --seed 21 [--global-batch-size 4608]
+        --cache-dir data/index-cache --seed 21 [--global-batch-size 4608] [--packing best_fit]
 
 With a training run config (the YAML given to pretrain_mmbert.py, plus the same ``--a.b value``
-overrides), the manifest, data seed, cache folder, global batch size, annealing resolution and start
-phase (``init.start_phase``) are the run's own, so the run finds exactly these arrays (all of them
+overrides), the manifest, data seed, cache folder, global batch size, annealing resolution, row
+packing (``data.packing``) and start phase (``init.start_phase``) are the run's own, so the run finds exactly these arrays (all of them
 are part of the cache key). Otherwise ``--config`` holds a list of phases (fields of
 ``megatron_mmbert.config.PhaseConfig``), or a mapping of ``BuildIndexConfig`` fields (``phases:``,
 ``manifest:``, ``cache_dir:``, ``seed:`` ...), and the other values come from the flags. Flags given
@@ -25,7 +25,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 from megatron_mmbert.cli.options import ConfigParser
 from megatron_mmbert.config import PhaseConfig
@@ -55,6 +55,9 @@ class BuildIndexConfig:
     """Segments per temperature-annealed phase."""
     start_phase: Optional[str] = None
     """First phase to build (earlier ones are planned for the stream positions only)."""
+    packing: Optional[Literal["concat", "best_fit"]] = None
+    """Row packing (``data.packing`` of the run: ``best_fit`` as mmBERT, or ``concat``); from a run
+    config it must equal the run's, else the run would not find this index. Phase lists: default concat."""
     warn_epochs: float = 5.0
     """Flag languages repeated more than this many epochs."""
     rows: int = 15
@@ -95,8 +98,13 @@ def load_config(args: argparse.Namespace, spec: ConfigParser, overrides: List[st
         run = load_run_config(args.config, overrides)
         base = {"phases": list(run.phases), "manifest": run.manifest_path, "cache_dir": run.index_cache_dir,
                 "seed": run.data_seed, "global_batch_size": run.batch.global_batch_size,
-                "anneal_segments": run.data.anneal_segments, "start_phase": run.init.start_phase}
+                "anneal_segments": run.data.anneal_segments, "start_phase": run.init.start_phase,
+                "packing": run.data.packing}
         cfg, vocab = spec.build(args, base), run.model.vocab_size
+        if cfg.packing != run.data.packing:
+            raise ConfigError(f"packing {cfg.packing} differs from {args.config}'s data.packing {run.data.packing}; "
+                              "the run would not find this index (override the run's data.packing instead)",
+                              field="packing")
     else:
         if overrides:
             raise ConfigError(f"unknown arguments {overrides} (overrides need a training run config)")
@@ -141,7 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         t0 = time.time()
         index = build_data_index(manifest, cfg.phases, cfg.seed, cfg.cache_dir, cfg.global_batch_size,
                                  cfg.anneal_segments, is_builder=True,
-                                 start_phase=names.index(start) if start else 0)
+                                 start_phase=names.index(start) if start else 0,
+                                 packing=cfg.packing or "concat")
     except ConfigError as e:
         print(f"error: {spec.explain(e)}", file=sys.stderr)
         return 2

@@ -16,7 +16,20 @@ What gets built for a manifest and a list of phases (``build_data_index``):
   .permutation`` bit for bit, for the documented seeding), cut into rows of the phase's
   ``seq_len``. Phases continue each language's stream where the previous phase stopped, so no
   document repeats before an epoch is used up. A row is ``sample_idx[r] .. sample_idx[r + 1]``
-  over ``doc_index`` (megatron GPT ``build_sample_idx`` convention).
+  over ``doc_index`` (megatron GPT ``build_sample_idx`` convention). This is ``packing="concat"``.
+* ``packing="best_fit"`` (mmBERT / ModernBERT / Ettin's ``GreedyBestFitSequencePacker``,
+  github.com/AnswerDotAI/ModernBERT ``src/sequence_packer.py``): the same document stream, but each
+  document is cut into pieces of at most ``seq_len`` tokens that each start with ``<bos>`` (the
+  document's first piece keeps the shard's own ``<bos>`` when it has one; later pieces get one
+  prepended; non-first pieces under :data:`BEST_FIT_MIN_PIECE` tokens are dropped), and whole pieces
+  are best-fit packed into rows (``_index_builder.pack_best_fit``: :data:`BEST_FIT_WINDOW_ROWS` rows
+  open at a time, up to :data:`BEST_FIT_BUFFER` pieces tried per window, reading ahead at most
+  :data:`BEST_FIT_LOOKAHEAD_ROWS` rows' worth of deferred tokens). Room no piece fills is
+  padding. A row is ``pieces[row_ptr[r] .. row_ptr[r + 1]]``, each piece ``(document, offset,
+  stored tokens)`` plus ``piece_bos`` (whether a ``<bos>`` is prepended). The stream advances by
+  the documents the packer took (pieces still waiting for a row when the phase's rows are done
+  are dropped), so every phase, and every branch starting at one, begins on a document boundary
+  with nothing pending.
 
 Branches. ``start_phase=k`` (a run that starts at phase ``k``, e.g. a decay variant starting from
 its parent's ``phase_end_mid``) plans and blends every phase but packs and stores only phases
@@ -25,8 +38,11 @@ its parent's ``phase_end_mid``) plans and blends every phase but packs and store
 that keeps its parent's phase list reads its parent's rows for the phases they share.
 
 The plan. :func:`index_plan` describes the index as JSON (``index_plan.json`` in the cache folder):
-per phase its samples and, per language, ``rows``, ``tokens``, ``first_token`` (the language's
-stream position where the phase starts) and ``epochs`` (passes over the language's tokens by the
+per phase its samples, ``packing`` (mode and, over the built rows, ``pad_fraction``,
+``fragment_token_fraction``: tokens in pieces that are not a whole document, and
+``bos_start_fraction``: segments starting with ``<bos>``) and, per language, ``rows``, ``tokens``
+(stream tokens the phase consumed: ``rows x seq_len`` for concat, the documents taken for
+best_fit), ``first_token`` (the language's stream position where the phase starts) and ``epochs`` (passes over the language's tokens by the
 end of the phase, cumulative over the schedule); :func:`format_index_plan` prints it. Training
 checkpoints carry a phase's end positions so a branch can be checked against its parent.
 
@@ -56,8 +72,20 @@ from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import to_dict
 from megatron_mmbert.data.schedule import PhasePlan, plan_schedule
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 """Bumped whenever the builder's output for the same inputs changes (part of the cache key)."""
+
+PACKING_MODES = ("concat", "best_fit")
+"""``data.packing`` values (see the module docstring)."""
+BEST_FIT_MIN_PIECE = 32
+"""Non-first pieces of a long document shorter than this (tokens, ``<bos>`` included) are dropped (mmBERT)."""
+BEST_FIT_WINDOW_ROWS = 16
+"""Rows open at a time while best-fit packing (the reference's rows per outgoing batch)."""
+BEST_FIT_BUFFER = 512
+"""Pieces tried per window of rows (the reference's ``buffer_size``)."""
+BEST_FIT_LOOKAHEAD_ROWS = 2
+"""A window stops reading documents once this many rows' worth of tokens wait deferred: what still
+waits when a phase's rows are done is dropped (the stream moves by whole documents)."""
 
 
 def _ext():
@@ -111,6 +139,38 @@ def pack_rows(sizes: np.ndarray, seq_len: int, num_rows: int, start_token: int, 
     return _ext().pack_rows(sizes, int(seq_len), int(num_rows), int(start_token), int(seed), int(stream))
 
 
+def pack_best_fit(sizes: np.ndarray, first_bos: np.ndarray, seq_len: int, num_rows: int, start_token: int,
+                  seed: int, stream: int, window: int = BEST_FIT_WINDOW_ROWS, buffer: int = BEST_FIT_BUFFER,
+                  lookahead: int = BEST_FIT_LOOKAHEAD_ROWS, min_piece: int = BEST_FIT_MIN_PIECE):
+    """Best-fit rows of one language: ``(pieces int32 [P, 3], piece_bos int8 [P], row_ptr int64
+    [rows + 1], end_token, stats)``; ``start_token`` must be a document boundary of the stream."""
+    sizes = _check("sizes", sizes, np.int32, 1)
+    first_bos = _check("first_bos", first_bos, np.int8, 1)
+    return _ext().pack_best_fit(sizes, first_bos, int(seq_len), int(num_rows), int(start_token), int(seed),
+                                int(stream), int(window), int(buffer), int(lookahead), int(min_piece))
+
+
+def document_first_tokens(prefixes: Sequence[str]) -> np.ndarray:
+    """int64 [D]: the first stored token of every document over a language's shards (-1 for an
+    empty document), read straight from the ``.bin`` at each document's first sequence pointer."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    parts = []
+    for prefix in prefixes:
+        ds = IndexedDataset(prefix)
+        docs = np.asarray(ds.document_indices, dtype=np.int64)[:-1]
+        first = np.full(len(docs), -1, dtype=np.int64)
+        nonempty = np.asarray(ds.sequence_lengths, dtype=np.int64)[docs] > 0 if len(docs) else np.zeros(0, bool)
+        if nonempty.any():
+            dtype = np.dtype(ds.index.dtype)
+            tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
+            pointers = np.asarray(ds.index.sequence_pointers, dtype=np.int64)[docs[nonempty]]
+            first[nonempty] = tokens[pointers // dtype.itemsize]
+            del tokens
+        parts.append(first)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def document_lengths(prefixes: Sequence[str]) -> np.ndarray:
     """int32 [D]: tokens per document over a language's shards, in shard order (megatron-core's
     ``IndexedDataset`` reads the ``.idx``; a document is its consecutive sequences)."""
@@ -153,10 +213,28 @@ class PhaseIndex:
     sample_idx: np.ndarray
     """int64 [sum(counts + 1), 2]: language ``l``'s rows ``sample_idx[row_offsets[l] + r]`` .. ``+ 1``."""
     row_offsets: np.ndarray
-    """int64 [L + 1]: language ``l``'s part of ``sample_idx``."""
+    """int64 [L + 1]: language ``l``'s part of ``sample_idx`` (concat) or of ``row_ptr`` (best_fit)."""
+    packing: str = "concat"
+    """How the rows were packed (``concat`` or ``best_fit``)."""
+    pieces: Optional[np.ndarray] = None
+    """best_fit: int32 [P, 3] (document, token offset, stored tokens) of every piece, rows in order."""
+    piece_bos: Optional[np.ndarray] = None
+    """best_fit: int8 [P]: 1 where a ``<bos>`` is prepended to the piece."""
+    piece_offsets: Optional[np.ndarray] = None
+    """best_fit: int64 [L + 1]: language ``l``'s part of ``pieces``."""
+    row_ptr: Optional[np.ndarray] = None
+    """best_fit: int64 [sum(counts + 1)]: row ``r`` of language ``l`` is pieces
+    ``row_ptr[row_offsets[l] + r] .. + 1`` (relative to ``piece_offsets[l]``)."""
 
     def row_pieces(self, lang: int, row: int):
-        """``[(document, token offset, length), ...]`` making up row ``row`` of column ``lang``."""
+        """``[(document, token offset, end or None, prepend <bos>), ...]`` making up row ``row`` of
+        column ``lang`` (``end=None``: to the document's end)."""
+        if self.packing == "best_fit":
+            base = int(self.row_offsets[lang]) + row
+            first = int(self.piece_offsets[lang])
+            a, b = first + int(self.row_ptr[base]), first + int(self.row_ptr[base + 1])
+            return [(int(d), int(o), int(o) + int(n), bool(f))
+                    for (d, o, n), f in zip(self.pieces[a:b].tolist(), self.piece_bos[a:b].tolist())]
         base = self.row_offsets[lang] + row
         (p0, o0), (p1, o1) = self.sample_idx[base], self.sample_idx[base + 1]
         docs = self.doc_index[self.doc_offsets[lang] : self.doc_offsets[lang + 1]]
@@ -164,7 +242,7 @@ class PhaseIndex:
         p, o = int(p0), int(o0)
         while p < p1 or (p == p1 and o < o1):
             end = int(o1) if p == p1 else None
-            pieces.append((int(docs[p]), o, end))
+            pieces.append((int(docs[p]), o, end, False))
             p, o = p + 1, 0
         return pieces
 
@@ -197,7 +275,7 @@ def source_digests(manifest) -> Dict[str, str]:
 
 
 def cache_key(manifest, phases: Sequence[PhaseConfig], seed: int, default_global_batch_size, anneal_segments,
-              start_phase: int = 0) -> str:
+              start_phase: int = 0, packing: str = "concat") -> str:
     """sha256 over everything the index arrays depend on."""
     shards = {}
     for lang, entry in manifest.languages.items():
@@ -211,7 +289,11 @@ def cache_key(manifest, phases: Sequence[PhaseConfig], seed: int, default_global
         "default_global_batch_size": default_global_batch_size,
         "anneal_segments": int(anneal_segments),
         "start_phase": int(start_phase),
+        "packing_mode": packing,
     }
+    if packing != "concat":  # rows depend on the packer's constants too
+        desc["packing"] = {"mode": packing, "min_piece": BEST_FIT_MIN_PIECE, "window_rows": BEST_FIT_WINDOW_ROWS,
+                           "buffer": BEST_FIT_BUFFER, "lookahead_rows": BEST_FIT_LOOKAHEAD_ROWS}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 
@@ -227,9 +309,32 @@ def stream_positions(plans: List[PhasePlan], counts: np.ndarray) -> np.ndarray:
     return np.concatenate([np.zeros((1, used.shape[1]), np.int64), np.cumsum(used, axis=0)])
 
 
-def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int = 0) -> Dict[str, np.ndarray]:
+PACKING_STATS = ("row_tokens", "pad_tokens", "fragment_tokens", "segments", "bos_segments",
+                 "dropped_short_tokens", "dropped_pending_tokens")
+"""Columns of ``phase{k}_packing_stats`` (int64 [L, 7]); the last two are 0 for concat."""
+
+
+def _check_packing(packing: str) -> None:
+    if packing not in PACKING_MODES:
+        raise ValueError(f"data.packing must be one of {PACKING_MODES}, got {packing!r}")
+
+
+def first_bos_flags(manifest, lang: str) -> np.ndarray:
+    """int8 [D]: 1 where a document of ``lang`` starts with the tokenizer's ``<bos>`` in the shards."""
+    bos = manifest.tokenizer.special_ids.get("bos")
+    first = document_first_tokens(manifest.languages[lang].shards)
+    return (first == bos).astype(np.int8) if bos is not None else np.zeros(len(first), np.int8)
+
+
+def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int = 0,
+                 packing: str = "concat") -> Dict[str, np.ndarray]:
     """Build every array of the schedule in memory (names as stored in the cache); phases before
-    ``start_phase`` only contribute their sample counts (and so the stream positions)."""
+    ``start_phase`` only contribute their sample counts (and so the stream positions; best_fit
+    packs them to know where their streams end, without storing the rows)."""
+    _check_packing(packing)
+    if packing == "best_fit" and manifest.tokenizer.special_ids.get("bos") is None:
+        raise ValueError(f"data.packing: best_fit starts every sequence with <bos>, but tokenizer "
+                         f"{manifest.tokenizer.name!r} has none; use data.packing: concat")
     ext = _ext()
     languages = plans[0].languages
     L = len(languages)
@@ -252,43 +357,74 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int =
         out[f"phase{k}_counts"] = counts[k]
         consumed += counts[k]
         start = end
+    # concat: positions are rows x seq_len; best_fit: filled in below from what the packer took.
     positions = stream_positions(plans, counts)
-    out["stream_positions"] = positions
     # Packed rows, language by language, continuing each language's token stream across phases.
-    need = [lang for i, lang in enumerate(languages) if counts[start_phase:, i].sum() > 0]
-    per_phase = [{"doc": [], "doc_off": [0], "rows": [], "row_off": [0]} for _ in plans]
+    active = counts.sum(axis=0) > 0 if packing == "best_fit" else counts[start_phase:].sum(axis=0) > 0
+    need = [lang for i, lang in enumerate(languages) if active[i]]
+    per_phase = [{"doc": [], "doc_off": [0], "rows": [], "row_off": [0], "pieces": [], "bos": [],
+                  "piece_off": [0], "ptr": [], "stats": np.zeros((L, len(PACKING_STATS)), np.int64)}
+                 for _ in plans]
     t0 = time.time()
     done = 0
     for i, lang in enumerate(languages):
-        lengths = document_lengths(manifest.languages[lang].shards) if counts[start_phase:, i].sum() > 0 else None
+        lengths = first_bos = None
+        if active[i]:
+            lengths = document_lengths(manifest.languages[lang].shards)
+            first_bos = first_bos_flags(manifest, lang)
+        pos = 0
         for k, plan in enumerate(plans):
             acc = per_phase[k]
-            rows = int(counts[k, i]) if k >= start_phase else 0
-            if rows:
+            rows = int(counts[k, i])
+            keep = k >= start_phase
+            doc_index, sample_idx = np.zeros(0, np.int32), np.zeros((1, 2), np.int64)
+            pieces, bos, ptr = np.zeros((0, 3), np.int32), np.zeros(0, np.int8), np.zeros(1, np.int64)
+            if packing == "best_fit":
+                positions[k, i] = pos
+                if rows:
+                    pieces, bos, ptr, pos, st = ext.pack_best_fit(
+                        lengths, first_bos, plan.phase.seq_len, rows, pos, int(seed), language_stream(lang),
+                        BEST_FIT_WINDOW_ROWS, BEST_FIT_BUFFER, BEST_FIT_LOOKAHEAD_ROWS, BEST_FIT_MIN_PIECE)
+                    acc["stats"][i] = [st[c] for c in PACKING_STATS]
+                if not keep:
+                    pieces, bos, ptr = pieces[:0], bos[:0], ptr[:1]
+            elif rows and keep:
                 doc_index, sample_idx, _ = ext.pack_rows(
                     lengths, plan.phase.seq_len, rows, int(positions[k, i]), int(seed), language_stream(lang)
                 )
-            else:
-                doc_index = np.zeros(0, np.int32)
-                sample_idx = np.zeros((1, 2), np.int64)
+                st = ext.concat_stats(lengths, first_bos, doc_index, sample_idx)
+                acc["stats"][i, :5] = [st[c] for c in PACKING_STATS[:5]]
             acc["doc"].append(doc_index)
             acc["doc_off"].append(acc["doc_off"][-1] + len(doc_index))
             acc["rows"].append(sample_idx)
-            acc["row_off"].append(acc["row_off"][-1] + len(sample_idx))
+            acc["pieces"].append(pieces)
+            acc["bos"].append(bos)
+            acc["piece_off"].append(acc["piece_off"][-1] + len(pieces))
+            acc["ptr"].append(ptr)
+            acc["row_off"].append(acc["row_off"][-1] + (len(ptr) if packing == "best_fit" else len(sample_idx)))
+        if packing == "best_fit":
+            positions[len(plans), i] = pos
         if lengths is not None:
             done += 1
             if done % 100 == 0 or done == len(need):
                 rate = done / max(time.time() - t0, 1e-9)
                 _progress(f"packed {done}/{len(need)} languages ({rate:.1f}/s, ETA {(len(need) - done) / rate:.0f}s)")
+    out["stream_positions"] = positions
     for k, acc in enumerate(per_phase):
         out[f"phase{k}_doc_index"] = np.concatenate(acc["doc"]).astype(np.int32)
         out[f"phase{k}_doc_offsets"] = np.asarray(acc["doc_off"], dtype=np.int64)
         out[f"phase{k}_sample_idx"] = np.concatenate(acc["rows"]).astype(np.int64)
         out[f"phase{k}_row_offsets"] = np.asarray(acc["row_off"], dtype=np.int64)
+        out[f"phase{k}_pieces"] = np.concatenate(acc["pieces"]).astype(np.int32).reshape(-1, 3)
+        out[f"phase{k}_piece_bos"] = np.concatenate(acc["bos"]).astype(np.int8)
+        out[f"phase{k}_piece_offsets"] = np.asarray(acc["piece_off"], dtype=np.int64)
+        out[f"phase{k}_row_ptr"] = np.concatenate(acc["ptr"]).astype(np.int64)
+        out[f"phase{k}_packing_stats"] = acc["stats"]
     return out
 
 
-def _assemble(plans: List[PhasePlan], arrays, path: str, plan_json: Dict, start_phase: int) -> DataIndex:
+def _assemble(plans: List[PhasePlan], arrays, path: str, plan_json: Dict, start_phase: int,
+              packing: str = "concat") -> DataIndex:
     phases = []
     positions = np.asarray(arrays["stream_positions"])
     for k, plan in enumerate(plans):
@@ -304,17 +440,43 @@ def _assemble(plans: List[PhasePlan], arrays, path: str, plan_json: Dict, start_
                 doc_offsets=arrays[f"phase{k}_doc_offsets"],
                 sample_idx=arrays[f"phase{k}_sample_idx"],
                 row_offsets=arrays[f"phase{k}_row_offsets"],
+                packing=packing,
+                pieces=arrays[f"phase{k}_pieces"],
+                piece_bos=arrays[f"phase{k}_piece_bos"],
+                piece_offsets=arrays[f"phase{k}_piece_offsets"],
+                row_ptr=arrays[f"phase{k}_row_ptr"],
             )
         )
     return DataIndex(languages=plans[0].languages, phases=phases, path=path, plan=plan_json)
 
 
+def packing_summary(mode: str, stats: Optional[np.ndarray]) -> Dict:
+    """A phase's ``packing`` entry of the plan from its ``packing_stats`` [L, 7] (None: not built)."""
+    out: Dict = {"mode": mode}
+    t = None if stats is None else np.asarray(stats, dtype=np.int64).sum(axis=0)
+    if t is None or t[0] == 0:
+        return {**out, "pad_fraction": None, "fragment_token_fraction": None, "bos_start_fraction": None}
+    c = dict(zip(PACKING_STATS, (int(x) for x in t)))
+    out["pad_fraction"] = round(c["pad_tokens"] / c["row_tokens"], 6)
+    out["fragment_token_fraction"] = round(c["fragment_tokens"] / max(c["row_tokens"] - c["pad_tokens"], 1), 6)
+    out["bos_start_fraction"] = round(c["bos_segments"] / max(c["segments"], 1), 6)
+    out["segments"] = c["segments"]
+    if mode == "best_fit":
+        out["dropped_tokens"] = c["dropped_short_tokens"] + c["dropped_pending_tokens"]
+    return out
+
+
 def index_plan(manifest, plans: List[PhasePlan], counts: np.ndarray, seed: int, start_phase: int = 0,
-               key: str = "") -> Dict:
-    """The index as JSON: per phase its samples and, per manifest language with tokens, ``rows``,
-    ``tokens`` (rows x seq_len), ``first_token`` (stream position where the phase starts) and
-    ``epochs`` (cumulative passes over the language's tokens at the end of the phase)."""
-    positions = stream_positions(plans, counts)
+               key: str = "", positions: Optional[np.ndarray] = None, packing: str = "concat",
+               packing_stats: Optional[Sequence[Optional[np.ndarray]]] = None) -> Dict:
+    """The index as JSON: per phase its samples, ``packing`` (:func:`packing_summary`) and, per
+    manifest language with tokens, ``rows``, ``tokens`` (stream tokens consumed in the phase),
+    ``first_token`` (stream position where the phase starts) and ``epochs`` (cumulative passes
+    over the language's tokens at the end of the phase). ``positions``: the stream positions
+    [phases + 1, L] (default: concat's rows x seq_len)."""
+    if positions is None:
+        positions = stream_positions(plans, counts)
+    positions = np.asarray(positions, dtype=np.int64)
     languages = plans[0].languages
     lang_tokens = plans[0].tokens
     sources = source_digests(manifest)
@@ -328,17 +490,20 @@ def index_plan(manifest, plans: List[PhasePlan], counts: np.ndarray, seed: int, 
             n = int(counts[k][i])
             rows[lang] = {
                 "rows": n,
-                "tokens": n * plan.phase.seq_len,
+                "tokens": int(positions[k + 1, i] - positions[k, i]),
                 "first_token": int(positions[k, i]),
                 "epochs": round(float(positions[k + 1, i]) / float(lang_tokens[i]), 6),
             }
         phases.append({
             "name": plan.phase.name, "index": k, "built": k >= start_phase, "seq_len": plan.phase.seq_len,
-            "samples": plan.num_samples, "first_sample": first_sample, "languages": rows,
+            "samples": plan.num_samples, "first_sample": first_sample,
+            "packing": packing_summary(packing, packing_stats[k] if packing_stats and k >= start_phase else None),
+            "languages": rows,
         })
         first_sample += plan.num_samples
     return {
         "version": INDEX_VERSION, "key": key, "seed": int(seed), "start_phase": plans[start_phase].phase.name,
+        "packing": packing,
         "manifest_sha256": sources[""],  # the run's data.manifest
         "sources_sha256": {sid: d for sid, d in sources.items() if sid},  # phase manifests
 
@@ -384,6 +549,13 @@ def format_index_plan(plan: Dict, warn_epochs: float = 5.0, head: int = 15, tail
         state = "" if p["built"] else " (before this run's start phase: planned, not built)"
         out.append(f"phase {p['index']} {p['name']!r}: {p['samples']:,} rows x {p['seq_len']} tokens, "
                    f"{len(active)} languages, samples from #{p['first_sample']:,}{state}")
+        pk = p.get("packing") or {}
+        if pk.get("pad_fraction") is not None:
+            out.append(f"  packing {pk['mode']}: padding {100 * pk['pad_fraction']:.2f}% of row tokens, "
+                       f"{100 * pk['fragment_token_fraction']:.2f}% of tokens in document fragments, "
+                       f"{100 * pk['bos_start_fraction']:.2f}% of segments start with <bos>")
+        elif pk:
+            out.append(f"  packing {pk['mode']}")
         out.append(f"  {'language':<16} {'rows':>12} {'tokens':>10} {'share %':>9} {'first_token':>14} {'epochs':>9}")
 
         def line(lang, r):
@@ -442,6 +614,7 @@ def build_data_index(
     timeout: float = 3600.0,
     poll_interval: float = 1.0,
     start_phase: int = 0,
+    packing: str = "concat",
 ) -> DataIndex:
     """The schedule's index, from the cache when present; built (by ``is_builder``, default global
     rank 0) otherwise, while the other ranks wait up to ``timeout`` seconds.
@@ -449,41 +622,45 @@ def build_data_index(
     ``manifest`` is a ``megatron_mmbert.data.shards.Manifest``. ``cache_dir=None`` builds in memory
     on every caller (tests, tiny runs). ``start_phase``: the first phase the run reads (see the
     module docstring, "Branches"). Phases naming their own manifest read it as separate streams
-    (``data.shards.phase_sources``).
+    (``data.shards.phase_sources``). ``packing``: ``concat`` or ``best_fit`` (module docstring).
     """
     from megatron_mmbert.data.shards import phase_sources
 
+    _check_packing(packing)
     manifest, phases = phase_sources(manifest, phases)
     tokens = {lang: e.tokens for lang, e in manifest.languages.items()}
     plans = plan_schedule(list(phases), tokens, default_global_batch_size, anneal_segments)
     if not 0 <= start_phase < len(plans):
         raise ValueError(f"start_phase {start_phase} outside the schedule's {len(plans)} phases")
-    key = cache_key(manifest, phases, seed, default_global_batch_size, anneal_segments, start_phase)
+    key = cache_key(manifest, phases, seed, default_global_batch_size, anneal_segments, start_phase, packing)
 
     def describe(arrays):
         counts = np.stack([np.asarray(arrays[f"phase{k}_counts"]) for k in range(len(plans))])
-        return index_plan(manifest, plans, counts, seed, start_phase, key)
+        stats = [np.asarray(arrays[f"phase{k}_packing_stats"]) for k in range(len(plans))]
+        return index_plan(manifest, plans, counts, seed, start_phase, key, np.asarray(arrays["stream_positions"]),
+                          packing, stats)
 
     if cache_dir is None:
-        arrays = build_arrays(manifest, plans, seed, start_phase)
-        return _assemble(plans, arrays, "", describe(arrays), start_phase)
+        arrays = build_arrays(manifest, plans, seed, start_phase, packing)
+        return _assemble(plans, arrays, "", describe(arrays), start_phase, packing)
     final = os.path.join(os.path.abspath(cache_dir), f"mmbert-index-{key[:20]}")
     names = ["stream_positions"] + [f"phase{k}_{a}" for k in range(len(plans)) for a in (
-        "dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx", "row_offsets")]
+        "dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx", "row_offsets",
+        "pieces", "piece_bos", "piece_offsets", "row_ptr", "packing_stats")]
     if is_builder is None:
         is_builder = default_rank() == 0
     if not os.path.isdir(final):
         if is_builder:
             os.makedirs(cache_dir, exist_ok=True)
             _progress(f"cache miss: building {final}")
-            arrays = build_arrays(manifest, plans, seed, start_phase)
+            arrays = build_arrays(manifest, plans, seed, start_phase, packing)
             tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=cache_dir)
             try:
                 for name in names:
                     np.save(os.path.join(tmp, name + ".npy"), arrays[name])
                 with open(os.path.join(tmp, "description.json"), "w") as f:
                     json.dump({"key": key, "languages": plans[0].languages, "start_phase": start_phase,
-                               "phases": [to_dict(p) for p in phases], "seed": seed}, f, indent=1)
+                               "packing": packing, "phases": [to_dict(p) for p in phases], "seed": seed}, f, indent=1)
                 write_index_plan(describe(arrays), tmp)
                 try:
                     os.rename(tmp, final)  # atomic: the folder appears complete or not at all
@@ -502,19 +679,23 @@ def build_data_index(
                         f"waited {timeout:.0f}s for the data index {final} that rank 0 builds; it did not "
                         "appear. Check rank 0's log, or prebuild it before launch with "
                         "`python tools/build_data_index.py --manifest MANIFEST --config RUN.yaml "
-                        f"--cache-dir {cache_dir} --seed {seed}` (same phases and seed)"
+                        f"--cache-dir {cache_dir} --seed {seed} --packing {packing}` (same phases, seed and packing)"
                     )
                 time.sleep(poll_interval)
     arrays = {name: np.load(os.path.join(final, name + ".npy"), mmap_mode="r") for name in names}
     with open(os.path.join(final, "index_plan.json")) as f:
         plan_json = json.load(f)
-    return _assemble(plans, arrays, final, plan_json, start_phase)
+    return _assemble(plans, arrays, final, plan_json, start_phase, packing)
 
 
 __all__ = [
     "INDEX_VERSION",
     "build_blending_indices",
     "pack_rows",
+    "pack_best_fit",
+    "PACKING_MODES",
+    "document_first_tokens",
+    "packing_summary",
     "language_stream",
     "document_lengths",
     "PhaseIndex",

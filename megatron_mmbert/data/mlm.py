@@ -12,10 +12,14 @@ Usage by a training loop::
     batch = stream.batch("pretrain", [0, 1, 2])           # any rows, by index in the phase
 
 Rows. Sample ``i`` of a phase is packed row ``dataset_sample_index[i]`` of language
-``dataset_index[i]`` (``megatron_mmbert.data.index``): consecutive pieces of documents, a long
-document split across rows. Each piece is a segment of ``cu_seqlens`` and its ``positions`` count
-from 0 (RoPE only sees differences inside a segment, so restarting at a split changes nothing
-for attention and keeps positions below ``seq_len``). Rows are always full.
+``dataset_index[i]`` (``megatron_mmbert.data.index``). With ``packing="concat"`` a row is
+consecutive pieces of documents, a long document split across rows, and rows are always full. With
+``packing="best_fit"`` a row is whole ``<bos>``-led pieces (a ``<bos>`` the shards lack is inserted
+here) followed by padding where no piece fitted. Each piece is a segment of ``cu_seqlens`` and its
+``positions`` count from 0 (RoPE only sees differences inside a segment, so restarting at a split
+changes nothing for attention and keeps positions below ``seq_len``). Padding is one more segment
+of ``pad_id`` tokens (as the reference packer's last ``cu_seqlens`` entry): no real token attends
+to it, it is never selected for masking and its labels are ignored, so it adds nothing to the loss.
 
 Masking (mmBERT / BERT style). Every non-special token is selected with probability ``rate``
 (special tokens are never selected unless ``mask_special_tokens``); of the selected, 80% become
@@ -106,6 +110,7 @@ class MLMStream:
         timeout: float = 3600.0,
         index: Optional[DataIndex] = None,
         start_phase: int = 0,
+        packing: str = "concat",
     ) -> None:
         from megatron_mmbert.data.shards import phase_sources
 
@@ -123,12 +128,17 @@ class MLMStream:
         if self.mask_id is None:
             raise ValueError(f"tokenizer {tok.name!r} in the manifest has no mask token; MLM needs one")
         self.special_ids = np.array(sorted(set(int(i) for i in tok.all_special_ids) | {int(self.mask_id)}), dtype=np.int64)
+        # Padding id (best_fit rows): never attended by real tokens nor predicted, so any id works;
+        # the tokenizer's pad when it has one keeps dumps readable, else the mask id.
+        pad = tok.special_ids.get("pad")
+        self.pad_id = int(self.mask_id if pad is None else pad)
+        self.bos_id = tok.special_ids.get("bos")
         self.random_ids = np.setdiff1d(np.arange(int(tok.vocab_size), dtype=np.int64), self.special_ids)
         if len(self.random_ids) == 0:
             raise ValueError("the vocabulary has no non-special id to use as a random replacement")
         self.index = index or build_data_index(
             self.manifest, self.phases, self.seed, cache_dir, default_global_batch_size, anneal_segments,
-            is_builder=is_builder, timeout=timeout, start_phase=start_phase,
+            is_builder=is_builder, timeout=timeout, start_phase=start_phase, packing=packing,
         )
         self._by_name: Dict[str, int] = {p.plan.phase.name: k for k, p in enumerate(self.index.phases)}
         self._offsets = np.concatenate([[0], np.cumsum([p.plan.num_samples for p in self.index.phases])])
@@ -172,7 +182,13 @@ class MLMStream:
         return self._readers[lang]
 
     def row(self, phase: Union[str, int], sample: int) -> Tuple[np.ndarray, List[int], str]:
-        """Unmasked row: (tokens int64 [seq_len], segment lengths, language)."""
+        """Unmasked row: (tokens int64 [seq_len], segment lengths, language). A best_fit row's
+        padding is its last segment (:meth:`row_with_padding` says how long)."""
+        tokens, segs, lang, _ = self.row_with_padding(phase, sample)
+        return tokens, segs, lang
+
+    def row_with_padding(self, phase: Union[str, int], sample: int) -> Tuple[np.ndarray, List[int], str, int]:
+        """:meth:`row` and the number of padding tokens ending it (0 for concat rows)."""
         _, p = self._phase(phase)
         if not p.built:
             raise IndexError(
@@ -185,26 +201,33 @@ class MLMStream:
         r = int(p.dataset_sample_index[sample])
         reader = self._reader(lang)
         parts, segs = [], []
-        for doc, off, end in p.row_pieces(lang, r):
+        for doc, off, end, bos in p.row_pieces(lang, r):
             toks = reader.read(doc, off, end)
+            if bos:
+                toks = np.concatenate([[self.bos_id], toks]).astype(np.int64)
             if len(toks):
                 parts.append(toks)
                 segs.append(len(toks))
+        pad = p.plan.phase.seq_len - sum(segs)
+        if p.packing == "best_fit" and pad > 0:
+            parts.append(np.full(pad, self.pad_id, dtype=np.int64))
+            segs.append(pad)
         tokens = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         if len(tokens) != p.plan.phase.seq_len:
             raise RuntimeError(
                 f"row {sample} of phase {p.plan.phase.name!r} has {len(tokens)} tokens, expected "
                 f"{p.plan.phase.seq_len}: the shards changed after the index was built; rebuild it"
             )
-        return tokens, segs, self.index.languages[lang]
+        return tokens, segs, self.index.languages[lang], max(pad, 0) if p.packing == "best_fit" else 0
 
     def _rng(self, global_index: int) -> np.random.Generator:
         return np.random.Generator(
             np.random.Philox(key=self.seed, counter=int(global_index) << 128)
         )
 
-    def mask(self, tokens: np.ndarray, rate: float, global_index: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(masked tokens, labels) for one row; a pure function of its arguments and the stream's seed."""
+    def mask(self, tokens: np.ndarray, rate: float, global_index: int, padding: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+        """(masked tokens, labels) for one row; a pure function of its arguments and the stream's seed.
+        The last ``padding`` tokens are never selected (mmBERT masks everything but padding)."""
         rng = self._rng(global_index)
         n = len(tokens)
         u = rng.random(n)
@@ -212,6 +235,8 @@ class MLMStream:
             candidate = np.ones(n, dtype=bool)
         else:
             candidate = ~np.isin(tokens, self.special_ids)
+        if padding:
+            candidate[n - padding:] = False
         selected = candidate & (u < rate)
         k = int(selected.sum())
         how = rng.random(k)
@@ -229,9 +254,9 @@ class MLMStream:
 
     def sample(self, phase: Union[str, int], sample: int) -> Dict[str, np.ndarray]:
         """One masked row as numpy arrays: tokens, labels, positions, segment lengths."""
-        tokens, segs, _ = self.row(phase, sample)
+        tokens, segs, _, pad = self.row_with_padding(phase, sample)
         g = self.global_index(phase, sample)
-        masked, labels = self.mask(tokens, self.mask_rate(phase, sample), g)
+        masked, labels = self.mask(tokens, self.mask_rate(phase, sample), g, pad)
         positions = np.concatenate([np.arange(s, dtype=np.int64) for s in segs])
         return {"tokens": masked, "labels": labels, "positions": positions, "segments": np.asarray(segs, np.int64)}
 

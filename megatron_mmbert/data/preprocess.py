@@ -51,7 +51,6 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 
 from megatron_mmbert.checkpoints.layout import store_tokenizer
 from megatron_mmbert.fileio import atomic_write_json

@@ -47,6 +47,12 @@ class DataSection:
     mask_special_tokens: bool = False
     """Let <bos>/<eos> be selected for masking (mmBERT's code did: its masking skips only padding;
     HF's collator does not). The shipped mmBERT configs set it."""
+    packing: Literal["concat", "best_fit"] = "concat"
+    """How documents become rows (docs/data.md "Packing"). ``concat``: each language's token stream
+    cut every ``seq_len`` tokens (Megatron-style; segments may start mid-document, no padding).
+    ``best_fit``: mmBERT's packing (ModernBERT's ``GreedyBestFitSequencePacker``): ``<bos>``-led pieces
+    of at most ``seq_len`` tokens best-fit packed whole into rows, padding (excluded from the loss)
+    where none fits. Part of the index cache key; a branch must keep its parent's mode."""
     index_timeout_s: float = 3600.0
     """How long non-building ranks wait for the index cache before giving up."""
     eval_manifest: Optional[str] = None

@@ -52,7 +52,8 @@ class Evaluator:
             for g, langs in eval_groups(cfg).items()
         ]
         self.stream = MLMStream(cfg.data.eval_manifest or cfg.manifest_path, phases, cfg.data_seed + 1,
-                                cache_dir=None, mask_special_tokens=cfg.data.mask_special_tokens)
+                                cache_dir=None, mask_special_tokens=cfg.data.mask_special_tokens,
+                                packing=cfg.data.packing)
         self.rows = rows
 
     def evaluate(self) -> Dict[str, float]:
