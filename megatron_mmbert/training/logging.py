@@ -157,7 +157,9 @@ def start_wandb(section, run_dir: str, config: Dict):
     if run_id is None:
         from megatron_mmbert.fileio import atomic_write_text
 
-        run_id = wandb.util.generate_id()
+        import secrets
+
+        run_id = secrets.token_hex(4)  # W&B run ids: lowercase letters and digits
         atomic_write_text(id_file, run_id + "\n")
     run = wandb.init(project=section.project, entity=section.entity,
                      name=section.name or os.path.basename(os.path.normpath(run_dir)), tags=list(section.tags),
@@ -250,7 +252,8 @@ class RunLogger:
                      for lang, r in result["languages"].items()}
         record = {"kind": "eval", "step": step, "phase": phase, "held_out": result["held_out"],
                   "manifest": result["manifest"], "seq_len": result["seq_len"], "mask_rate": result["mask_rate"],
-                  "losses": losses, "mean": mean, "groups": groups, "languages": languages}
+                  "losses": losses, "mean": mean, "groups": groups, "languages": languages,
+                  "skipped": list(result.get("skipped", []))}
         self.metrics.write(json.dumps(record) + "\n")
         values = {"eval/mean/loss": mean["loss"], "eval/mean/accuracy": mean["accuracy"],
                   "eval/macro/loss": mean["macro_loss"], "eval/macro/accuracy": mean["macro_accuracy"]}
