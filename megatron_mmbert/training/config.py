@@ -50,8 +50,10 @@ class DataSection:
     index_timeout_s: float = 3600.0
     """How long non-building ranks wait for the index cache before giving up."""
     eval_manifest: Optional[str] = None
-    """Held-out data (a separately preprocessed manifest) for the evaluation loss. None: evaluate on
-    rows of the training manifest drawn with another seed (not held out; logged as such)."""
+    """Held-out data (a manifest of the same tokenizer) for the evaluation during training. None: the
+    held-out manifest preprocessing wrote beside the training one (``heldout/manifest.json``,
+    ``--holdout-docs``) when there is one, else rows of the training manifest (not held out; logged
+    as such)."""
 
 
 @dataclass
