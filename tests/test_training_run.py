@@ -82,7 +82,8 @@ def test_log_line_tensorboard_and_nan_skip(base):
     assert "WARNING: non-finite gradient at step 3" in p.stdout and "update skipped" in p.stdout
     # logging configured at start-up: the attention backend and the layout, timestamped (rank 0, INFO)
     stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO megatron_mmbert\."
-    assert re.search(stamp + r"model\.build: model: 2 layers, hidden \d+, \w+ backend \(.*fp32", p.stdout, re.M), p.stdout[:3000]
+    backend_line = stamp + r"model\.build: model: 2 layers, hidden \d+, \w+ backend \(.*fp32"
+    assert re.search(backend_line, p.stdout, re.M), p.stdout[:3000]
     assert re.search(stamp + r"runtime: initialised 1 process\(es\) .*TP=1 PP=1 CP=1 DP=1", p.stdout, re.M)
     line = [l for l in p.stdout.splitlines() if l.startswith("step 6/15 ")][0]
     for field in ("| pretrain |", "tok ", "%)", "loss ", "acc ", "lr ", "gnorm ", "tok/s", "TFLOP/s",

@@ -155,9 +155,9 @@ def start_wandb(section, run_dir: str, config: Dict):
         with open(id_file, encoding="utf-8") as f:
             run_id = f.read().strip() or None
     if run_id is None:
-        from megatron_mmbert.fileio import atomic_write_text
-
         import secrets
+
+        from megatron_mmbert.fileio import atomic_write_text
 
         run_id = secrets.token_hex(4)  # W&B run ids: lowercase letters and digits
         atomic_write_text(id_file, run_id + "\n")
