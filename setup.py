@@ -71,8 +71,11 @@ setup(
         # Hub ids in place of paths (--tokenizer org/name, import-hf --hf-dir org/name) and
         # export-hf --push-to-hub (megatron_mmbert/hub.py)
         "hub": ["huggingface_hub>=0.23"],
-        # torch-optimi: the reference StableAdamW the tests hold ours to (needs only torch>=2.2)
-        "test": ["pytest>=7", "torch-optimi>=0.3"],
+        # Weights & Biases logging of training runs (logging.wandb in the run config)
+        "wandb": ["wandb>=0.16"],
+        # torch-optimi: the reference StableAdamW the tests hold ours to (needs only torch>=2.2);
+        # wandb: the offline W&B run test (tests/test_training_eval.py; ~30 s to install)
+        "test": ["pytest>=7", "torch-optimi>=0.3", "wandb>=0.16"],
     },
     entry_points={
         "console_scripts": [

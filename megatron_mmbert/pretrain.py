@@ -35,6 +35,22 @@ def run_is_complete(cfg) -> bool:
     return state.get("phase") == last.name and state.get("tokens", 0) >= sum(p.tokens for p in cfg.phases)
 
 
+def configure_logging(rank: int) -> None:
+    """Timestamped log records on stdout, in order with the training log lines: this package's
+    start-up lines (attention backend, parallel layout, precision, data plan) at INFO on rank 0;
+    other ranks only WARNING and above, each saying its rank. Other libraries stay at WARNING."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s{'' if rank == 0 else f' [rank {rank}]'} %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("megatron_mmbert").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="run YAML, or the name of a shipped config (see --list-configs)")
@@ -68,6 +84,7 @@ def main(argv=None) -> int:
             from megatron_mmbert.slurm import torch_env_from_slurm
 
             os.environ.update(torch_env_from_slurm())
+        configure_logging(int(os.environ.get("RANK", "0")))
         cfg = run_config.load_config(args.config, overrides)
         if args.print_checkpoint_dir:
             print(os.path.abspath(cfg.checkpoint_dir))

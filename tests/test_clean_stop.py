@@ -22,7 +22,7 @@ ONE_PHASE = {  # 24 x 8 rows x 64 tokens (25 steps: the first two take 4 rows); 
                 "languages": "all", "temperature": 0.7}],
     "schedule": {"total_tokens": STEPS * 8 * 64, "phases": {"pretrain": {"lr": 1.0e-3, "warmup_tokens": 256}}},
     "checkpoint": {"every_steps": 4, "keep_last": 20},
-    "logging": {"interval": 1, "eval_rows_per_group": 2, "eval_seq_len": 64, "tensorboard": False},
+    "logging": {"interval": 1, "eval_rows_per_language": 2, "tensorboard": False},
 }
 
 

@@ -51,7 +51,11 @@ def test_loss_plot_from_metrics_jsonl(tmp_path):
                       "loss": 8.0 / step ** 0.3, "accuracy": 0.01 * step, "lr": 1e-3, "grad_norm": 1.0,
                       "tokens_per_s": 1e3, "tflops": 0.0, "mfu": None, "memory_gib": 0.1, "eta_s": 1.0})
         if step % 4 == 0:
-            log.log_eval(step, phase, {"high": 7.0 / step ** 0.2, "low": 7.5 / step ** 0.2}, held_out=True)
+            sums = {"eng_Latn": torch.tensor([7.0 / step ** 0.2 * 40, 40.0, 9.0], dtype=torch.float64),
+                    "swh_Latn": torch.tensor([7.5 / step ** 0.2 * 40, 40.0, 4.0], dtype=torch.float64)}
+            result = metrics.summarize(sums, {"eng_Latn": 1, "swh_Latn": 1}, 64, {"eng_Latn": 900, "swh_Latn": 10})
+            log.log_eval(step, phase, {"manifest": "heldout/manifest.json", "held_out": True, "seq_len": 64,
+                                       "mask_rate": 0.15, **result})
     log.close()
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 13, "los')  # a killed writer's torn last line is skipped

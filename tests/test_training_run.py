@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -57,6 +58,18 @@ def test_resharding_tp2_to_pp2_dp2_and_one_process(base, distributed_optimizer):
     for name, recs in resumed.items():
         for rec in recs:
             assert abs(rec["loss"] - expected[rec["step"]]) < 1e-5, (name, rec, expected[rec["step"]])
+    # the evaluation at mid's end (step 11) gives the same per-language numbers at PP2 and DP2
+    # (where a language's single micro-batch leaves one data-parallel rank without rows)
+    def mid_eval(run):
+        (e,) = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if '"eval"' in l and '"step": 11' in l]
+        return e["languages"]
+    reference = mid_eval(ref)
+    for name in ("pp2", "dp2"):
+        other = mid_eval(os.path.join(root, name))
+        assert set(other) == set(reference) and len(reference) == 10
+        for lang, r in reference.items():
+            assert other[lang]["masked_tokens"] == r["masked_tokens"], (name, lang)
+            assert abs(other[lang]["loss"] - r["loss"]) < 1e-5, (name, lang, other[lang], r)
 
 
 def test_log_line_tensorboard_and_nan_skip(base):
@@ -67,6 +80,11 @@ def test_log_line_tensorboard_and_nan_skip(base):
                           logging={"eval_interval": 5})
     p = check(launch(cfg))
     assert "WARNING: non-finite gradient at step 3" in p.stdout and "update skipped" in p.stdout
+    # logging configured at start-up: the attention backend and the layout, timestamped (rank 0, INFO)
+    stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO megatron_mmbert\."
+    backend_line = stamp + r"model\.build: model: 2 layers, hidden \d+, \w+ backend \(.*fp32"
+    assert re.search(backend_line, p.stdout, re.M), p.stdout[:3000]
+    assert re.search(stamp + r"runtime: initialised 1 process\(es\) .*TP=1 PP=1 CP=1 DP=1", p.stdout, re.M)
     line = [l for l in p.stdout.splitlines() if l.startswith("step 6/15 ")][0]
     for field in ("| pretrain |", "tok ", "%)", "loss ", "acc ", "lr ", "gnorm ", "tok/s", "TFLOP/s",
                   "MFU n/a", "mem ", "GiB", "eta "):
@@ -89,10 +107,21 @@ def test_log_line_tensorboard_and_nan_skip(base):
     from megatron_mmbert.training.logging import TB_FIELDS
 
     assert {f"train/{f}" for f in TB_FIELDS} <= tags, sorted(tags)
-    assert {"eval/high/loss", "eval/mid/loss", "eval/low/loss"} <= tags
+    assert {"eval/high/loss", "eval/mid/loss", "eval/low/loss", "eval/mean/loss", "eval/macro/accuracy"} <= tags
     assert len(acc.Scalars("train/loss")) == 15
     evals = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if '"eval"' in l]
     assert [e["step"] for e in evals] == [5, 7, 10, 11, 15]
+    # each evaluation at its phase's row length and mask rate, per language of the phase (no
+    # held-out data beside these shards: the training manifest, said so), plus resource terciles
+    settings = {"pretrain": (64, 0.3, 6), "mid": (128, 0.15, 10), "decay": (128, 0.3, None)}
+    for e in evals:
+        seq_len, mask_rate, n_languages = settings[e["phase"]]
+        assert (e["seq_len"], e["mask_rate"], e["held_out"]) == (seq_len, mask_rate, False), e
+        assert len(e["languages"]) == (n_languages or len(e["languages"])) and len(e["languages"]) >= 6
+        assert sorted(m for g in e["groups"].values() for m in g["members"]) == sorted(e["languages"])
+        assert all(r["masked_tokens"] > 0 and math.isfinite(r["loss"]) for r in e["languages"].values())
+        assert f"eval/lang/{next(iter(e['languages']))}/loss" in tags
+    assert "eval at step 15 (decay; seq 128, mask 0.3" in p.stdout and "not held out" in p.stdout
     # epochs per language logged at each phase start, from the index plan
     starts = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if '"phase_data"' in l]
     plan = json.load(open(sorted(glob.glob(os.path.join(root, "index-cache", "*", "index_plan.json")))[0]))

@@ -5,7 +5,7 @@ the side-by-side comparison. Every model source (megatron at any layout, HF) goe
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -38,6 +38,25 @@ def resource_groups(languages: Sequence[str], tokens: Mapping[str, int]) -> Dict
     return {g: v for g, v in groups.items() if v}
 
 
+def capped_groups(groups: Mapping[str, Sequence[str]], per_group: int) -> Dict[str, List[str]]:
+    """At most ``per_group`` languages of each :func:`resource_groups` group, the ones that speak for
+    it: the largest of ``high``, those around the median of ``mid``, the smallest of ``low`` (so with
+    20, the 20 largest and the 20 smallest languages). ``per_group`` 0 keeps every language."""
+    out = {}
+    for g, members in groups.items():
+        members = list(members)
+        if per_group and len(members) > per_group:
+            if g == "high":
+                members = members[:per_group]
+            elif g == "low":
+                members = members[-per_group:]
+            else:
+                start = (len(members) - per_group) // 2
+                members = members[start:start + per_group]
+        out[g] = members
+    return out
+
+
 def _mean(per_language: Mapping[str, Dict], names: Sequence[str]) -> Dict[str, float]:
     """Token-weighted (all masked tokens pooled) and macro (each language counts once) means."""
     rows = [per_language[n] for n in names]
@@ -53,13 +72,14 @@ def _mean(per_language: Mapping[str, Dict], names: Sequence[str]) -> Dict[str, f
 
 
 def summarize(sums: Mapping[str, torch.Tensor], rows: Mapping[str, int], seq_len: int,
-              size_tokens: Mapping[str, int]) -> Dict:
+              size_tokens: Mapping[str, int], groups: Optional[Mapping[str, Sequence[str]]] = None) -> Dict:
     """``eval.json``'s body from per-language :func:`mlm_sums` totals.
 
     ``languages``: per language ``loss``, ``accuracy``, ``masked_tokens`` (plus ``rows``, ``tokens``
     and the raw ``loss_sum`` / ``correct``); ``mean``: token-weighted ``loss`` / ``accuracy`` and
     language-macro ``macro_loss`` / ``macro_accuracy``; ``groups``: the same means per resource
-    tercile (by ``size_tokens``) with the languages in it."""
+    tercile (by ``size_tokens``) with the languages in it, or per given ``groups`` (their members
+    that were evaluated; training passes the terciles of a phase's languages, capped)."""
     per = {}
     for lang, s in sums.items():
         loss_sum, count, correct = (float(x) for x in s.tolist())
@@ -73,10 +93,13 @@ def summarize(sums: Mapping[str, torch.Tensor], rows: Mapping[str, int], seq_len
             "correct": int(correct),
         }
     names = list(per)
-    groups = {}
-    for g, members in resource_groups(names, size_tokens).items():
-        groups[g] = {**_mean(per, members), "members": members}
-    return {"languages": per, "mean": _mean(per, names), "groups": groups}
+    chosen = resource_groups(names, size_tokens) if groups is None else groups
+    result_groups = {}
+    for g, members in chosen.items():
+        members = [m for m in members if m in per]
+        if members:
+            result_groups[g] = {**_mean(per, members), "members": members}
+    return {"languages": per, "mean": _mean(per, names), "groups": result_groups}
 
 
 def compare(results: Mapping[str, Dict]) -> Dict:

@@ -56,8 +56,10 @@ class DataSection:
     index_timeout_s: float = 3600.0
     """How long non-building ranks wait for the index cache before giving up."""
     eval_manifest: Optional[str] = None
-    """Held-out data (a separately preprocessed manifest) for the evaluation loss. None: evaluate on
-    rows of the training manifest drawn with another seed (not held out; logged as such)."""
+    """Held-out data (a manifest of the same tokenizer) for the evaluation during training. None: the
+    held-out manifest preprocessing wrote beside the training one (``heldout/manifest.json``,
+    ``--holdout-docs``) when there is one, else rows of the training manifest (not held out; logged
+    as such)."""
 
 
 @dataclass
@@ -186,8 +188,31 @@ class InitSection:
 
 
 @dataclass
+class WandbSection:
+    """Weights & Biases (optional, ``pip install megatron-mmbert[wandb]``): rank 0 logs the scalars
+    TensorBoard gets and the resolved config. The run id is kept in ``{run_dir}/wandb_run_id``, so a
+    resumed run continues the same W&B run."""
+
+    project: Optional[str] = None
+    """W&B project; None: W&B off."""
+    entity: Optional[str] = None
+    """W&B user or team (None: the account's default)."""
+    name: Optional[str] = None
+    """Display name of the run (None: the run folder's name)."""
+    tags: List[str] = field(default_factory=list)
+    """Tags of the run."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """``online``; ``offline`` (files under ``{run_dir}/wandb``, upload later with ``wandb sync``);
+    ``disabled`` (no W&B at all)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.project) and self.mode != "disabled"
+
+
+@dataclass
 class LoggingSection:
-    """Console line, metrics file, TensorBoard and the evaluation loss."""
+    """Console line, metrics file, TensorBoard, W&B and the evaluation during training."""
 
     interval: int = 10
     """Log every this many steps (and at phase ends)."""
@@ -195,16 +220,24 @@ class LoggingSection:
     """Write TensorBoard events to ``tensorboard_dir``."""
     tensorboard_dir: Optional[str] = None
     """TensorBoard folder (None: ``{run_dir}/tensorboard``)."""
+    wandb: WandbSection = field(default_factory=WandbSection)
+    """Weights & Biases (off unless ``wandb.project`` is set)."""
     eval_interval: int = 0
-    """Evaluate the MLM loss per language group every this many steps (0: only at phase ends)."""
-    eval_rows_per_group: int = 16
-    """Rows evaluated per language group."""
+    """Evaluate every this many steps (0: only at phase ends). The evaluation manifest is
+    ``data.eval_manifest``, else the held-out one beside the training manifest, else the training
+    manifest itself (not held out; logged as such)."""
+    eval_rows_per_language: int = 4
+    """Rows evaluated per language (fewer where the evaluation manifest holds fewer)."""
+    eval_languages_per_group: int = 20
+    """Languages evaluated per resource group: the phase's languages in high/mid/low terciles by
+    training-manifest tokens, each cut to this many -- the largest of high, the middle of mid, the
+    smallest of low (20: the 20 largest and the 20 smallest languages, and 20 around the median).
+    0: every language of the phase."""
     eval_seq_len: Optional[int] = None
-    """Row length of the evaluation rows (None: the first phase's seq_len)."""
-    eval_mask_rate: float = 0.15
-    """Mask rate of the evaluation rows (ModernBERT evaluates at 15%)."""
-    eval_groups: Dict[str, List[str]] = field(default_factory=dict)
-    """Language groups, name -> languages. Empty: ``high``/``mid``/``low`` thirds by manifest tokens."""
+    """Row length of the evaluation rows (None: the current phase's ``seq_len``)."""
+    eval_mask_rate: Optional[float] = None
+    """Mask rate of the evaluation rows (None: the current phase's ``mask_rate``, its starting rate
+    when it has ``mask_rate_end``, so the evaluations within a phase compare)."""
 
 
 @dataclass
@@ -508,7 +541,7 @@ def write_resolved(cfg: RunConfig, path: str) -> None:
 
 __all__ = [
     "RunConfig", "DataSection", "OptimizerSection", "LRSegment", "ScheduleSection", "BatchSection",
-    "CheckpointSection", "InitSection", "LoggingSection", "TrainSection", "DebugSection",
+    "CheckpointSection", "InitSection", "LoggingSection", "WandbSection", "TrainSection", "DebugSection",
     "load_config", "read_yaml", "from_mapping", "write_resolved",
     "resolved_dict", "ConfigError", "shipped_configs",
     "config_path", "describe_shipped_configs",
@@ -524,7 +557,7 @@ def describe_all() -> str:
         "model": ModelConfig, "parallel": ParallelConfig, "phases[]": PhaseConfig, "data": DataSection,
         "optimizer": OptimizerSection, "schedule.phases.<name>": LRSegment, "schedule": ScheduleSection,
         "batch": BatchSection, "checkpoint": CheckpointSection, "init": InitSection,
-        "logging": LoggingSection, "train": TrainSection, "debug": DebugSection,
+        "logging": LoggingSection, "logging.wandb": WandbSection, "train": TrainSection, "debug": DebugSection,
     }
     for name, cls in sections.items():
         out += ["", f"{name}:", describe(cls, "  ")]

@@ -12,9 +12,12 @@ device's dense bf16 peak and is ``n/a`` where no peak is known (CPU). ETA is tok
 the recent token rate (ETA from tokens, not steps: batch-size warmup changes the step size).
 Memory is the peak allocated CUDA memory, or the process's peak RSS on CPU.
 
-TensorBoard gets the same values as scalars under ``train/`` (plus ``eval/{group}/loss`` for the
-evaluation loss per language group) with the global step as x axis, and the phase transitions as
-text; ``metrics.jsonl`` gets one JSON object per logged step (tests and plots read it).
+TensorBoard gets the same values as scalars under ``train/`` with the global step as x axis, the
+evaluations (``training.evaluation``) under ``eval/``: ``eval/{mean,macro,high,mid,low}/{loss,
+accuracy}`` and ``eval/lang/{language}/{loss,accuracy}``, and the phase transitions as text;
+``metrics.jsonl`` gets one JSON object per logged step and per evaluation (tests and plots read it).
+Weights & Biases (``logging.wandb``, optional) gets the same scalars, against ``step``, and the
+resolved config; its run id is kept in ``{run_dir}/wandb_run_id`` so a resumed run continues it.
 """
 
 from __future__ import annotations
@@ -126,13 +129,59 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
-class RunLogger:
-    """Console, metrics file and TensorBoard; every method is a no-op off rank 0."""
+WANDB_ID_FILE = "wandb_run_id"
+"""File in the run folder holding the W&B run id, so a resumed run continues the same W&B run."""
 
-    def __init__(self, run_dir: str, tensorboard_dir: Optional[str], enabled: bool):
+
+def require_wandb():
+    """The ``wandb`` module, or a clear error naming the extra that installs it."""
+    try:
+        import wandb
+    except ImportError:
+        from megatron_mmbert.config_base import ConfigError
+
+        raise ConfigError("logging.wandb.project is set but wandb is not installed: "
+                          "pip install 'megatron-mmbert[wandb]' (or unset logging.wandb.project)") from None
+    return wandb
+
+
+def start_wandb(section, run_dir: str, config: Dict):
+    """A W&B run (``section``: ``training.config.WandbSection``) that continues the one whose id
+    ``run_dir`` keeps, or a new one whose id it then keeps."""
+    wandb = require_wandb()
+    id_file = os.path.join(run_dir, WANDB_ID_FILE)
+    run_id = None
+    if os.path.isfile(id_file):
+        with open(id_file, encoding="utf-8") as f:
+            run_id = f.read().strip() or None
+    if run_id is None:
+        import secrets
+
+        from megatron_mmbert.fileio import atomic_write_text
+
+        run_id = secrets.token_hex(4)  # W&B run ids: lowercase letters and digits
+        atomic_write_text(id_file, run_id + "\n")
+    run = wandb.init(project=section.project, entity=section.entity,
+                     name=section.name or os.path.basename(os.path.normpath(run_dir)), tags=list(section.tags),
+                     mode=section.mode, dir=run_dir, id=run_id, resume="allow", config=config)
+    # Steps against our own step counter: a resumed run re-logs steps after its checkpoint, which
+    # W&B's internal step would drop as going backwards.
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
+
+
+class RunLogger:
+    """Console, metrics file, TensorBoard and W&B; every method is a no-op off rank 0."""
+
+    def __init__(self, run_dir: str, tensorboard_dir: Optional[str], enabled: bool, wandb=None,
+                 config: Optional[Dict] = None):
+        """``wandb``: a ``WandbSection`` (None or not enabled: no W&B); ``config``: the resolved
+        run config W&B records."""
         self.enabled = enabled
         self.writer = None
         self.metrics = None
+        self.wandb = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -141,6 +190,20 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(tensorboard_dir)
+        if wandb is not None and wandb.enabled:
+            self.wandb = start_wandb(wandb, run_dir, config or {})
+            self.info(f"W&B run {self.wandb.id} ({wandb.mode}, project {wandb.project}); "
+                      f"id kept in {os.path.join(run_dir, WANDB_ID_FILE)}")
+
+    def scalars(self, values: Dict[str, Optional[float]], step: int) -> None:
+        """Scalars (tag -> value, None skipped) to TensorBoard and W&B at ``step``."""
+        values = {k: float(v) for k, v in values.items() if v is not None}
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+        if self.wandb is not None and values:
+            self.wandb.log({"step": step, **values})
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -167,40 +230,51 @@ class RunLogger:
             line += f" | SKIPPED ({m['skipped']})"
         print(line, flush=True)
         self.metrics.write(json.dumps({"kind": "train", **m}) + "\n")
-        if self.writer is not None:
-            for name in TB_FIELDS:
-                value = m.get(name)
-                if value is not None:
-                    self.writer.add_scalar(f"train/{name}", value, m["step"])
-            if m.get("mfu") is not None:
-                self.writer.add_scalar("train/mfu", m["mfu"], m["step"])
-            self.writer.flush()
+        self.scalars({f"train/{name}": m.get(name) for name in TB_FIELDS + ("mfu",)}, m["step"])
 
-    def log_eval(self, step: int, phase: str, losses: Dict[str, float], held_out: bool) -> None:
+    def log_eval(self, step: int, phase: str, result: Dict) -> None:
+        """An evaluation (``training.evaluation.Evaluator.evaluate``): one console line with the
+        means and groups; per language in ``metrics.jsonl``, TensorBoard and W&B. ``losses`` in the
+        record holds the mean, macro and group losses by name (what plots draw)."""
         if not self.enabled:
             return
-        kind = "held-out" if held_out else "eval (training manifest, other seed: not held out)"
+        groups = result.get("groups", {})
+        mean = result["mean"]
+        losses = {"mean": mean["loss"], "macro": mean["macro_loss"], **{g: r["loss"] for g, r in groups.items()}}
+        where = ("held out" if result["held_out"] else "training manifest, not held out") + f": {result['manifest']}"
         parts = " | ".join(f"{g} {v:.4f}" for g, v in losses.items())
-        print(f"{kind} MLM loss at step {step} ({phase}): {parts}", flush=True)
-        self.metrics.write(json.dumps({"kind": "eval", "step": step, "phase": phase, "held_out": held_out,
-                                       "losses": losses}) + "\n")
-        if self.writer is not None:
-            for group, value in losses.items():
-                self.writer.add_scalar(f"eval/{group}/loss", value, step)
-            self.writer.flush()
+        print(f"eval at step {step} ({phase}; seq {result['seq_len']}, mask {result['mask_rate']:g}, "
+              f"{len(result['languages'])} languages; {where}): {parts}", flush=True)
+        if result.get("skipped"):
+            print(f"eval: {len(result['skipped'])} language(s) of phase {phase!r} have no evaluation rows: "
+                  f"{result['skipped'][:5]}", flush=True)
+        languages = {lang: {k: r[k] for k in ("loss", "accuracy", "masked_tokens")}
+                     for lang, r in result["languages"].items()}
+        record = {"kind": "eval", "step": step, "phase": phase, "held_out": result["held_out"],
+                  "manifest": result["manifest"], "seq_len": result["seq_len"], "mask_rate": result["mask_rate"],
+                  "losses": losses, "mean": mean, "groups": groups, "languages": languages,
+                  "skipped": list(result.get("skipped", []))}
+        self.metrics.write(json.dumps(record) + "\n")
+        values = {"eval/mean/loss": mean["loss"], "eval/mean/accuracy": mean["accuracy"],
+                  "eval/macro/loss": mean["macro_loss"], "eval/macro/accuracy": mean["macro_accuracy"]}
+        for g, r in groups.items():
+            values.update({f"eval/{g}/loss": r["loss"], f"eval/{g}/accuracy": r["accuracy"]})
+        for lang, r in languages.items():
+            values.update({f"eval/lang/{lang}/loss": r["loss"], f"eval/lang/{lang}/accuracy": r["accuracy"]})
+        self.scalars(values, step)
 
     def log_phase_data(self, step: int, phase: str, epochs: Dict[str, Dict[str, float]]) -> None:
         """Epochs per language of the phase that starts at ``step`` (``data.index.phase_epochs``)."""
         if not self.enabled:
             return
         self.metrics.write(json.dumps({"kind": "phase_data", "step": step, "phase": phase, "epochs": epochs}) + "\n")
-        if self.writer is not None:
-            for lang, e in epochs.items():
-                self.writer.add_scalar(f"data/{phase}/epochs_in_phase/{lang}", e["in_phase"], step)
-            self.writer.flush()
+        self.scalars({f"data/{phase}/epochs_in_phase/{lang}": e["in_phase"] for lang, e in epochs.items()}, step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         if self.metrics is not None:
             self.metrics.close()

@@ -4,8 +4,9 @@ Read top to bottom, :func:`train` is the whole program after the config, and :me
 the loop of a training run. The parts it drives, one job each: ``preflight`` (start-up checks),
 ``batch_plan`` (rows per step, batch-size warmup, steps per phase), ``state`` (the typed
 ``TrainState`` a checkpoint records), ``step`` (one optimizer step, a ``StepResult``), ``optim``
-(optimizer and token-counted LR schedule), ``evaluation`` (loss per language group), ``logging``
-(log line, metric windows and timings: ``StepMeter``), ``stopping`` (signals, time limit) and
+(optimizer and token-counted LR schedule), ``evaluation`` (loss per language and resource group at
+the phase's row length and mask rate), ``logging`` (log line, metric windows and timings: ``StepMeter``;
+TensorBoard and W&B: ``RunLogger``), ``stopping`` (signals, time limit) and
 ``checkpoint``. This module holds one subject, the :class:`Trainer` (start-up, restore or branch,
 the loop), which is why it is longer than the parts.
 
@@ -47,7 +48,7 @@ from megatron_mmbert.fileio import DirectoryLock, DirectoryLocked
 from megatron_mmbert.model.pipeline import _unwrap
 from megatron_mmbert.training import optim
 from megatron_mmbert.training.batch_plan import BatchPlan
-from megatron_mmbert.training.config import RunConfig, write_resolved
+from megatron_mmbert.training.config import RunConfig, resolved_dict, write_resolved
 from megatron_mmbert.training.evaluation import Evaluator
 from megatron_mmbert.training.logging import RunLogger, StepMeter, memory_gib
 from megatron_mmbert.training.preflight import validate
@@ -95,7 +96,8 @@ class Trainer:
         validate(cfg, runtime.world_size_from_env())
         self.rt = runtime.initialize(cfg.effective_model, cfg.parallel, cfg.seed)
         self.locks = self._lock_run_folders()
-        self.log = RunLogger(cfg.run_dir, cfg.tensorboard_dir if cfg.logging.tensorboard else None, self.rt.is_main)
+        self.log = RunLogger(cfg.run_dir, cfg.tensorboard_dir if cfg.logging.tensorboard else None, self.rt.is_main,
+                             wandb=cfg.logging.wandb, config=resolved_dict(cfg))
         if self.rt.is_main:
             write_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             os.makedirs(cfg.checkpoint_dir, exist_ok=True)
@@ -348,7 +350,7 @@ class Trainer:
                 if st.step % cfg.logging.interval == 0 or phase_done or skipped:
                     self._log_step(meter, result, phase, k, rows, batches, skipped)
                 if cfg.logging.eval_interval and st.step % cfg.logging.eval_interval == 0 and not phase_done:
-                    self.log.log_eval(st.step, phase.name, self.evaluator.evaluate(), bool(cfg.data.eval_manifest))
+                    self.log.log_eval(st.step, phase.name, self.evaluator.evaluate(phase))
                 if cfg.debug.sigkill_at_step == st.step:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if phase_done:
@@ -460,8 +462,7 @@ class Trainer:
     def _end_phase(self, phase: PhaseConfig, scheduler) -> None:
         """Phase end: evaluate, keep a checkpoint the decay variants can branch from."""
         cfg, st = self.cfg, self.state
-        losses = self.evaluator.evaluate()
-        self.log.log_eval(st.step, phase.name, losses, bool(cfg.data.eval_manifest))
+        self.log.log_eval(st.step, phase.name, self.evaluator.evaluate(phase))
         name = f"phase_end_{phase.name}" if cfg.checkpoint.keep_phase_ends else f"iter_{st.step:07d}"
         self.save(name, phase, scheduler, cfg.debug.sigkill_during_save_at_step == st.step)
         self.log.text("phase", f"== phase {phase.name!r} done at step {st.step} "

@@ -162,6 +162,16 @@ def _validate_run(cfg: RunConfig) -> None:
         )
     if cfg.logging.interval < 1 or cfg.logging.eval_interval < 0:
         raise ConfigError("logging.interval must be >= 1 and logging.eval_interval >= 0")
+    lc = cfg.logging
+    if lc.eval_rows_per_language < 1 or lc.eval_languages_per_group < 0:
+        raise ConfigError("logging.eval_rows_per_language must be >= 1 and logging.eval_languages_per_group >= 0 "
+                          f"(0: all), got {lc.eval_rows_per_language}, {lc.eval_languages_per_group}")
+    if lc.eval_mask_rate is not None and not 0.0 < lc.eval_mask_rate < 1.0:
+        raise ConfigError(f"logging.eval_mask_rate must be in (0, 1) or null (the phase's), got {lc.eval_mask_rate}")
+    if lc.wandb.enabled:
+        from megatron_mmbert.training.logging import require_wandb
+
+        require_wandb()
 
 
 def _check_init_checkpoint(cfg: RunConfig) -> None:

@@ -34,7 +34,7 @@ def tiny_run_config(path: str, manifest: str, run_dir: str, **sections) -> str:
         "batch": {"global_batch_size": 8, "micro_batch_size": 2, "rampup_start_rows": 4,
                   "rampup_increment_rows": 4, "rampup_tokens": 512},
         "checkpoint": {"every_steps": 2, "keep_last": 20},
-        "logging": {"interval": 1, "eval_rows_per_group": 2, "eval_seq_len": 64},
+        "logging": {"interval": 1, "eval_rows_per_language": 2},
     }
     for key, value in sections.items():
         cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.__setitem__(key, value)
