@@ -30,7 +30,7 @@ def run_is_complete(cfg) -> bool:
         return False
     state = ckpt.read_config(latest).get("train_state") or {}
     last = cfg.phases[-1]
-    if os.path.basename(os.path.normpath(latest)) == f"phase_end_{last.name}":
+    if os.path.basename(os.path.normpath(latest)) == ckpt.phase_end_name(last.name):
         return True
     return state.get("phase") == last.name and state.get("tokens", 0) >= sum(p.tokens for p in cfg.phases)
 

@@ -27,7 +27,7 @@ from typing import Dict, List, Literal, Optional
 
 import torch
 
-from megatron_mmbert.cli.options import ConfigParser, load_yaml
+from megatron_mmbert.cli.options import ConfigParser, load_yaml, os_error_text
 from megatron_mmbert.config import ConfigError
 from megatron_mmbert.fileio import OutputRefused
 
@@ -220,7 +220,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # read-only output, full disk, missing file: say which, no traceback
-        print(f"error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
+        print(f"error: {os_error_text(exc)}", file=sys.stderr)
         return 1
 
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from typing import List, Optional
 
-from megatron_mmbert.cli.options import ConfigParser, parse_config
+from megatron_mmbert.cli.options import ConfigParser, os_error_text, parse_config
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.evaluation.config import EvaluateConfig
 from megatron_mmbert.fileio import OutputRefused
@@ -71,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
+        print(f"error: {os_error_text(exc)}", file=sys.stderr)
         return 1
 
 

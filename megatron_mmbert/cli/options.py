@@ -228,6 +228,12 @@ def load_yaml(path: str, what: str = "options") -> Dict[str, Any]:
     return data
 
 
+def os_error_text(exc: OSError) -> str:
+    """An ``OSError`` as a tool prints it: the reason and the file, no traceback (read-only output,
+    full disk, missing file)."""
+    return f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+
+
 def parse_config(parser: argparse.ArgumentParser, spec: ConfigParser, argv: Optional[Sequence[str]]) -> Tuple[Any, argparse.Namespace]:
     """Parse ``argv`` into ``spec``'s config (``--config`` YAML first, flags on top).
 
@@ -241,4 +247,4 @@ def parse_config(parser: argparse.ArgumentParser, spec: ConfigParser, argv: Opti
     return spec.build(args, base), args
 
 
-__all__ = ["Flag", "Option", "ConfigParser", "merge_dicts", "load_yaml", "parse_config"]
+__all__ = ["Flag", "Option", "ConfigParser", "merge_dicts", "load_yaml", "os_error_text", "parse_config"]
