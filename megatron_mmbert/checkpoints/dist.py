@@ -19,6 +19,9 @@ trainer's position (phase, consumed samples per phase, step, scheduler state) in
 ``mmbert_config.json``. A run's checkpoint folder holds ``iter_NNNNNNN/`` (periodic, the last K
 kept), ``phase_end_{name}/`` (kept) and ``latest``, a one-line pointer rewritten atomically only
 after a checkpoint is complete, so a crash during a save resumes from the previous one.
+
+One subject, a dist checkpoint's save/load life cycle (atomic save, verified load, training state,
+``latest``, leftovers and retention), hence the length; file names live in :mod:`.layout`.
 """
 
 from __future__ import annotations
