@@ -45,8 +45,6 @@ from megatron_mmbert.checkpoints.layout import (
     PHASE_END_PREFIX,
     copy_tokenizer_files,
     is_complete,
-    iter_name,
-    phase_end_name,
     read_config,
     tokenizer_dir,
     write_config,

@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from megatron_mmbert.cli.options import ConfigParser, load_yaml, os_error_text
+from megatron_mmbert.cli.options import ConfigParser, load_yaml, run_reporting
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.evaluation.config import PlotConfig
 
@@ -59,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     from megatron_mmbert.evaluation import plots
 
-    try:
+    def draw() -> int:
         if cfg.what == "schedule":
             written = plots.plot_schedule(cfg.path, cfg.out, cfg.max_languages)
         elif cfg.what == "loss":
@@ -68,12 +68,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             written = plots.plot_compare(cfg.path, cfg.out, cfg.max_languages)
         print(f"wrote {written}")
         return 0
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {os_error_text(exc)}", file=sys.stderr)
-        return 1
+
+    return run_reporting(draw)
 
 
 if __name__ == "__main__":
