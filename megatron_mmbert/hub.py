@@ -21,7 +21,7 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Sequence
 
-from megatron_mmbert.checkpoints.layout import HF_CONFIG
+from megatron_mmbert.checkpoints.layout import HF_CONFIG, MERGE_REPORT
 from megatron_mmbert.config_base import ConfigError
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<revision>[A-Za-z0-9_./-]+))?$")
@@ -171,7 +171,7 @@ def model_card(folder: str, source: Optional[str] = None, repo: Optional[str] = 
     meta = _checkpoint_config(source) if source else None
     train_state = (meta or {}).get("train_state") or {}
     run = _run_config(source) if source and train_state else None
-    merge = _read_json(os.path.join(source, "merge_report.json")) if source else None
+    merge = _read_json(os.path.join(source, MERGE_REPORT)) if source else None
 
     weights = os.path.join(folder, "model.safetensors")
     params = None

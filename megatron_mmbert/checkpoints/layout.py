@@ -30,6 +30,8 @@ LATEST_FILE = "latest"
 """One-line pointer to the newest complete checkpoint of a run's checkpoint folder."""
 TOKENIZER_DIR = "tokenizer"
 """Subfolder holding the tokenizer files, in a checkpoint and in a preprocessed data folder."""
+MERGE_REPORT = "merge_report.json"
+"""A merged checkpoint's per-tensor report (fractions kept, sign conflicts), in either format."""
 HF_CONFIG = "config.json"
 HF_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = (
