@@ -85,6 +85,7 @@ setup(
             "mmbert-convert=megatron_mmbert.cli.convert_checkpoint:main",
             "mmbert-ties-merge=megatron_mmbert.cli.ties_merge:main",
             "mmbert-evaluate=megatron_mmbert.cli.evaluate:main",
+            "mmbert-plot=megatron_mmbert.cli.plot:main",
         ],
     },
 )

@@ -21,6 +21,7 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Sequence
 
+from megatron_mmbert.checkpoints.layout import HF_CONFIG, MERGE_REPORT
 from megatron_mmbert.config_base import ConfigError
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<revision>[A-Za-z0-9_./-]+))?$")
@@ -165,12 +166,12 @@ def _checkpoint_config(directory: str) -> Optional[dict]:
 def model_card(folder: str, source: Optional[str] = None, repo: Optional[str] = None) -> str:
     """README.md text for the HF folder ``folder``; ``source``: the checkpoint it was exported from
     (default: the one its export marker records)."""
-    config = _read_json(os.path.join(folder, "config.json")) or {}
+    config = _read_json(os.path.join(folder, HF_CONFIG)) or {}
     source = source or _source_of(folder)
     meta = _checkpoint_config(source) if source else None
     train_state = (meta or {}).get("train_state") or {}
     run = _run_config(source) if source and train_state else None
-    merge = _read_json(os.path.join(source, "merge_report.json")) if source else None
+    merge = _read_json(os.path.join(source, MERGE_REPORT)) if source else None
 
     weights = os.path.join(folder, "model.safetensors")
     params = None
@@ -236,8 +237,8 @@ def push_to_hub(folder: str, repo: str, private: bool = False, revision: Optiona
     repo ``repo`` (created if missing; ``revision``: a branch, created if missing). Returns the URL."""
     if not HUB_ID.match(repo) or "@" in repo:
         raise HubError(f"--push-to-hub {repo!r}: expected a repo id like org/name (the revision goes in --revision)")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise HubError(f"{folder} has no config.json; push the folder `export-hf` wrote")
+    if not os.path.isfile(os.path.join(folder, HF_CONFIG)):
+        raise HubError(f"{folder} has no {HF_CONFIG}; push the folder `export-hf` wrote")
     hub = _hub()
     card = os.path.join(folder, "README.md")
     if not os.path.exists(card):

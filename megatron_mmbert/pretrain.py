@@ -24,13 +24,14 @@ def run_is_complete(cfg) -> bool:
     """True when the run's latest checkpoint ends its last phase (the phase-end save, or with
     ``keep_phase_ends: false`` a save at or past the run's total token budget)."""
     from megatron_mmbert.checkpoints import dist as ckpt
+    from megatron_mmbert.checkpoints.layout import phase_end_name
 
     latest = ckpt.read_latest(cfg.checkpoint_dir)
     if latest is None:
         return False
     state = ckpt.read_config(latest).get("train_state") or {}
     last = cfg.phases[-1]
-    if os.path.basename(os.path.normpath(latest)) == f"phase_end_{last.name}":
+    if os.path.basename(os.path.normpath(latest)) == phase_end_name(last.name):
         return True
     return state.get("phase") == last.name and state.get("tokens", 0) >= sum(p.tokens for p in cfg.phases)
 

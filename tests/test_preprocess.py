@@ -76,7 +76,7 @@ def test_shards_equal_tokenizer_output_every_language(demo_corpus, demo_tokenize
             assert prefix.startswith(demo_shards) and IndexedDataset.exists(prefix)
 
 
-def test_output_keeps_the_tokenizer(demo_tokenizer, demo_shards):  # noqa: F811
+def test_output_keeps_the_tokenizer(demo_tokenizer, demo_shards):
     """The tokenizer travels with the shards (training copies it into every checkpoint)."""
     import filecmp
 

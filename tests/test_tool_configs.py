@@ -8,7 +8,7 @@ from typing import List, Literal, Optional
 import pytest
 import yaml
 
-from megatron_mmbert.cli import build_data_index, convert_checkpoint, preprocess_data, ties_merge
+from megatron_mmbert.cli import build_data_index, convert_checkpoint, evaluate, plot, preprocess_data, ties_merge
 from megatron_mmbert.cli.options import ConfigParser, parse_config
 from megatron_mmbert.config_base import ConfigError, from_dict
 from megatron_mmbert.data.preprocess import PreprocessConfig
@@ -24,6 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                                    "precision: Literal['fp32', 'bf16', 'amp_bf16'] = 'fp32'    [--precision]"]),
     (convert_checkpoint.main, ["verify"], ["VerifyConfig:", "tolerance: Optional[float] = None    [--tolerance]"]),
     (build_data_index.main, [], ["BuildIndexConfig:", "phases[]:  (PhaseConfig)", "[--cache-dir]"]),
+    (evaluate.main, [], ["EvaluateConfig:", "compare: List[str]", "[--no-verify]"]),
+    (plot.main, [], ["PlotConfig:", "what: Literal['schedule', 'loss', 'compare'] = '<required>'    [--what]",
+                     "max_languages: int = 60    [--max-languages]"]),
 ])
 def test_help_config_lists_typed_fields_with_their_flags(main, argv, expected, capsys):
     assert main([*argv, "--help-config"]) == 0
@@ -114,6 +117,17 @@ def test_build_index_mapping_yaml_equals_phase_list_and_flags(tmp_path):
     assert from_yaml == from_flags and from_yaml.seed == 5 and from_yaml.phases[0].tokens == 1024
 
 
+def test_plot_yaml_equals_positionals_and_flags_win(tmp_path):
+    recipe = tmp_path / "plot.yaml"
+    recipe.write_text(yaml.safe_dump({"what": "compare", "path": "eval/decay", "max_languages": 12}))
+    from_yaml = plot.parse(["--config", str(recipe)])
+    assert from_yaml == plot.parse(["compare", "eval/decay", "--max-languages", "12"])
+    assert from_yaml == plot.PlotConfig(what="compare", path="eval/decay", max_languages=12)
+    assert plot.parse(["--config", str(recipe), "loss", "--out", "x.png"]).what == "loss"
+    with pytest.raises(ConfigError, match=r"path.*\[--path\]"):
+        plot.parse(["--what", "loss"])
+
+
 def test_from_dict_reports_every_field_error_at_once():
     with pytest.raises(ConfigError) as info:
         from_dict(PreprocessConfig, {"inputs": "x", "workers": "two", "read": {"text_kee": "t"}})
@@ -124,7 +138,7 @@ def test_from_dict_reports_every_field_error_at_once():
 
 @pytest.mark.parametrize("cls", [PreprocessConfig, ties_merge.MergeConfig, convert_checkpoint.ImportHfConfig,
                                  convert_checkpoint.ExportHfConfig, convert_checkpoint.VerifyConfig,
-                                 build_data_index.BuildIndexConfig])
+                                 build_data_index.BuildIndexConfig, evaluate.EvaluateConfig, plot.PlotConfig])
 def test_every_tool_field_has_a_docstring(cls):
     from megatron_mmbert.config_base import _nested_sections, field_docs
 

@@ -19,6 +19,9 @@ trainer's position (phase, consumed samples per phase, step, scheduler state) in
 ``mmbert_config.json``. A run's checkpoint folder holds ``iter_NNNNNNN/`` (periodic, the last K
 kept), ``phase_end_{name}/`` (kept) and ``latest``, a one-line pointer rewritten atomically only
 after a checkpoint is complete, so a crash during a save resumes from the previous one.
+
+One subject, a dist checkpoint's save/load life cycle (atomic save, verified load, training state,
+``latest``, leftovers and retention), hence the length; file names live in :mod:`.layout`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from megatron_mmbert.checkpoints.dcp_io import UntrustedCheckpointError
 from megatron_mmbert.checkpoints.layout import (
     CONFIG_FILE,
     DCP_METADATA,
+    ITER_PREFIX,
     LATEST_FILE,
+    PHASE_END_PREFIX,
     copy_tokenizer_files,
     is_complete,
     read_config,
@@ -183,6 +188,11 @@ def load_model(directory: str, chunks: List[torch.nn.Module], verify: bool = Tru
     if verify:
         verify_checkpoint(directory)
     state = load(directory, _weights_only(model_sharded_state_dict(chunks)))
+    _load_chunks(chunks, state)
+
+
+def _load_chunks(chunks: List[torch.nn.Module], state: Dict[str, Any]) -> None:
+    """Each model chunk's weights from ``state`` (``model``, or ``model{i}`` per virtual stage)."""
     if len(chunks) == 1:
         _load_chunk(chunks[0], state["model"])
     else:
@@ -260,7 +270,7 @@ def complete_checkpoints(root: str) -> List[str]:
         return []
     found = []
     for entry in os.listdir(root):
-        if _LEFTOVER.match(entry) or not entry.startswith(("iter_", "phase_end_")):
+        if _LEFTOVER.match(entry) or not entry.startswith((ITER_PREFIX, PHASE_END_PREFIX)):
             continue
         position = _training_position(os.path.join(root, entry))
         if position is not None:
@@ -309,11 +319,7 @@ def load_training(directory: str, chunks: List[torch.nn.Module], optimizer) -> D
     if with_optimizer:
         materialize_optimizer_state(optimizer)
     state = load(directory, training_sharded_state_dict(chunks, optimizer if with_optimizer else None, is_loading=True))
-    if len(chunks) == 1:
-        _load_chunk(chunks[0], state["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            _load_chunk(chunk, state[f"model{i}"])
+    _load_chunks(chunks, state)
     if with_optimizer:
         load_optimizer_state(optimizer, state["optimizer"])
     meta["loaded_optimizer"] = with_optimizer
@@ -413,7 +419,8 @@ def _load_distributed_optimizer_state(opt, state: Dict[str, Any]) -> None:
 # What an interrupted save of ours leaves: ``{name}.tmp-{stamp}`` (shards being written),
 # ``{name}.old-{pid}`` (a replaced checkpoint not yet deleted), ``latest.partial-{pid}``.
 _LEFTOVER = re.compile(
-    r"^(iter_\d+|phase_end_[A-Za-z0-9_.-]+)\.(tmp|old)-[A-Za-z0-9_.-]+$|^" + re.escape(LATEST_FILE) + r"\.partial-\d+$"
+    rf"^({ITER_PREFIX}\d+|{PHASE_END_PREFIX}[A-Za-z0-9_.-]+)\.(tmp|old)-[A-Za-z0-9_.-]+$|^"
+    + re.escape(LATEST_FILE) + r"\.partial-\d+$"
 )
 
 
@@ -442,7 +449,7 @@ def apply_retention(root: str, keep_last: int) -> List[str]:
         return []
     latest = read_latest(root)
     periodic = sorted(
-        e for e in os.listdir(root) if e.startswith("iter_") and ".tmp-" not in e and ".old-" not in e
+        e for e in os.listdir(root) if e.startswith(ITER_PREFIX) and ".tmp-" not in e and ".old-" not in e
     )
     doomed = [e for e in periodic[:-keep_last] if os.path.join(root, e) != latest] if keep_last else []
     for e in doomed:

@@ -30,6 +30,8 @@ LATEST_FILE = "latest"
 """One-line pointer to the newest complete checkpoint of a run's checkpoint folder."""
 TOKENIZER_DIR = "tokenizer"
 """Subfolder holding the tokenizer files, in a checkpoint and in a preprocessed data folder."""
+MERGE_REPORT = "merge_report.json"
+"""A merged checkpoint's per-tensor report (fractions kept, sign conflicts), in either format."""
 HF_CONFIG = "config.json"
 HF_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = (
@@ -42,6 +44,10 @@ TOKENIZER_FILES = (
 """The only names copied as tokenizer files: a foreign ``tokenizer/`` cannot replace an output's
 ``config.json`` or weights."""
 FORMATS = ("megatron", "hf")
+ITER_PREFIX = "iter_"
+"""Periodic saves of a run: ``iter_NNNNNNN`` (:func:`iter_name`), the newest few kept."""
+PHASE_END_PREFIX = "phase_end_"
+"""The save at the end of a phase: ``phase_end_{name}`` (:func:`phase_end_name`), always kept."""
 
 
 class CheckpointError(ConfigError):
@@ -75,10 +81,20 @@ def detect_format(path: str) -> str:
     )
 
 
+def iter_name(step: int) -> str:
+    """The folder name of the periodic save after optimizer step ``step``."""
+    return f"{ITER_PREFIX}{step:07d}"
+
+
+def phase_end_name(phase: str) -> str:
+    """The folder name of the save that ends phase ``phase``."""
+    return f"{PHASE_END_PREFIX}{phase}"
+
+
 def is_run_folder(path: str) -> bool:
     """A training run's checkpoint folder (holds ``latest``, ``iter_*`` or ``phase_end_*``)."""
     return os.path.isdir(path) and any(
-        e == LATEST_FILE or e.startswith(("iter_", "phase_end_")) for e in os.listdir(path)
+        e == LATEST_FILE or e.startswith((ITER_PREFIX, PHASE_END_PREFIX)) for e in os.listdir(path)
     )
 
 

@@ -15,6 +15,9 @@ Two checkpoint formats:
   from whatever shards overlap it. Written at the TP1/PP1 layout (whole tensors, loadable at any
   layout); the merge adds the model config (:func:`.layout.write_config`). megatron-core's ``save`` takes the whole
   state dict at once, so the megatron sink holds the output model in memory (1x model size).
+
+One subject, tensor-at-a-time reads and writes of both formats (the merge and the converter share
+them), hence the length.
 """
 
 from __future__ import annotations

@@ -27,9 +27,8 @@ from typing import Dict, List, Literal, Optional
 
 import torch
 
-from megatron_mmbert.cli.options import ConfigParser, load_yaml
+from megatron_mmbert.cli.options import ConfigParser, load_yaml, run_reporting
 from megatron_mmbert.config import ConfigError
-from megatron_mmbert.fileio import OutputRefused
 
 
 VERIFY_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "amp_bf16": 0.25}
@@ -198,7 +197,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from megatron_mmbert.convert import checkpoints
 
-    try:
+    def run() -> int:
         if args.command == "import-hf":
             model = checkpoints.import_hf(cfg.hf_dir, cfg.save, overwrite=cfg.overwrite)
             print(f"imported {cfg.hf_dir} -> {cfg.save} ({model.num_parameters() / 1e6:.1f}M parameters)")
@@ -216,12 +215,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if cfg.tp * cfg.pp > 1 and "WORLD_SIZE" not in os.environ:
             return _relaunch_under_torchrun(cfg, argv)
         return verify(cfg)
-    except (ConfigError, OutputRefused) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # read-only output, full disk, missing file: say which, no traceback
-        print(f"error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
-        return 1
+
+    return run_reporting(run)  # read-only output, full disk, missing file: say which, no traceback
 
 
 if __name__ == "__main__":

@@ -18,10 +18,9 @@ import subprocess
 import sys
 from typing import List, Optional
 
-from megatron_mmbert.cli.options import ConfigParser, parse_config
+from megatron_mmbert.cli.options import ConfigParser, parse_config, run_reporting
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.evaluation.config import EvaluateConfig
-from megatron_mmbert.fileio import OutputRefused
 
 
 FLAGS = {"verify": "--no-verify"}
@@ -59,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     from megatron_mmbert.evaluation.run import evaluate
 
-    try:
+    def run() -> int:
         if cfg.tp * cfg.pp > 1 and "WORLD_SIZE" not in os.environ:
             return _relaunch_under_torchrun(cfg, argv)
         _, table = evaluate(cfg)
@@ -67,12 +66,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(table)
             print(f"wrote {os.path.join(cfg.out, 'compare.json' if cfg.compare else 'eval.json')} and .csv")
         return 0
-    except (ConfigError, OutputRefused) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
-        return 1
+
+    return run_reporting(run)
 
 
 if __name__ == "__main__":

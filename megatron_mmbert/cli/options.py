@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from megatron_mmbert.config_base import ConfigError, describe_tree, field_docs, from_dict
+from megatron_mmbert.fileio import OutputRefused
 
 
 @dataclasses.dataclass
@@ -228,6 +230,26 @@ def load_yaml(path: str, what: str = "options") -> Dict[str, Any]:
     return data
 
 
+def os_error_text(exc: OSError) -> str:
+    """An ``OSError`` as a tool prints it: the reason and the file, no traceback (read-only output,
+    full disk, missing file)."""
+    return f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+
+
+def run_reporting(body: Callable[[], int], prefix: str = "") -> int:
+    """``body()``'s exit status; a tool's expected failures printed as one line instead of a
+    traceback: bad input or options (``ConfigError``, ``OutputRefused``) exit 2, an ``OSError``
+    exits 1."""
+    try:
+        return body()
+    except (ConfigError, OutputRefused) as exc:
+        print(f"{prefix}error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{prefix}error: {os_error_text(exc)}", file=sys.stderr)
+        return 1
+
+
 def parse_config(parser: argparse.ArgumentParser, spec: ConfigParser, argv: Optional[Sequence[str]]) -> Tuple[Any, argparse.Namespace]:
     """Parse ``argv`` into ``spec``'s config (``--config`` YAML first, flags on top).
 
@@ -241,4 +263,5 @@ def parse_config(parser: argparse.ArgumentParser, spec: ConfigParser, argv: Opti
     return spec.build(args, base), args
 
 
-__all__ = ["Flag", "Option", "ConfigParser", "merge_dicts", "load_yaml", "parse_config"]
+__all__ = ["Flag", "Option", "ConfigParser", "merge_dicts", "load_yaml", "os_error_text", "parse_config",
+           "run_reporting"]

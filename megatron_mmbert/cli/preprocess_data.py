@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_mmbert.cli.options import ConfigParser, Flag, parse_config
+from megatron_mmbert.cli.options import ConfigParser, Flag, os_error_text, parse_config
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess, slurm_array_shard
 from megatron_mmbert.data.sources import BadInputError, InputError
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # read-only output, full disk: say which file, no traceback
-        print(f"preprocess_data: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        print(f"preprocess_data: error: {os_error_text(e)}", file=sys.stderr)
         return 1
     m = result.manifest
     if m is None:

@@ -24,7 +24,7 @@ import math
 import sys
 from typing import List, Literal, Optional
 
-from megatron_mmbert.cli.options import ConfigParser, parse_config
+from megatron_mmbert.cli.options import ConfigParser, os_error_text, parse_config
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.checkpoints.layout import CheckpointError
 from megatron_mmbert.merge.stream import DEFAULT_CHUNK_BYTES, merge_checkpoints
@@ -98,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"ties_merge: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # read-only output, full disk, missing file: say which, no traceback
-        print(f"ties_merge: error: {err.strerror or err}{': ' + str(err.filename) if err.filename else ''}", file=sys.stderr)
+        print(f"ties_merge: error: {os_error_text(err)}", file=sys.stderr)
         return 1
     s = report["summary"]
     kept = ", ".join(f"{k:.3f}" for k in s["fraction_kept"])

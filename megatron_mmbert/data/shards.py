@@ -18,6 +18,9 @@ readers (megatron-core's ``IndexedDataset``, the index builder) open each prefix
 
 This module imports neither torch nor megatron-core (workers start fast); the dtype codes below are the
 file format's table, checked against megatron-core's ``DType`` in tests.
+
+One subject, the preprocessed data on disk (shard files and the manifest that lists them), hence
+the length.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ Bad input (``BadInputLog``): a malformed JSON line, missing/empty/non-string tex
 missing language, an unreadable file or an empty language folder is counted per file with the first
 few ``file:N`` locations (N is the 1-based line, or the 1-based row for columnar files); the document
 is skipped. With ``strict`` the first one raises ``BadInputError``.
+
+One subject, reading raw input (one reader per format, segmenting, bad-input accounting), hence the
+length.
 """
 
 from __future__ import annotations

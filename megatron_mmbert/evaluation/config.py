@@ -1,9 +1,10 @@
-"""Options of ``tools/evaluate.py`` as one typed dataclass (field docstrings are the help text)."""
+"""Options of ``tools/evaluate.py`` and ``tools/plot.py`` as typed dataclasses (field docstrings are
+the help text)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 
 @dataclasses.dataclass
@@ -50,3 +51,19 @@ class EvaluateConfig:
     """Check a megatron checkpoint's file digests before loading it."""
     quiet: bool = False
     """No per-language progress lines."""
+
+
+@dataclasses.dataclass
+class PlotConfig:
+    """One picture (matplotlib, the ``plots`` extra) drawn from the data file it shows."""
+
+    what: Literal["schedule", "loss", "compare"]
+    """``schedule``: an index plan's language shares and epochs per phase; ``loss``: a run's
+    training (and evaluation) loss; ``compare``: ``evaluate --compare``'s per-language losses."""
+    path: str
+    """The data: ``index_plan.json`` (schedule), a run folder or its ``metrics.jsonl`` (loss),
+    ``compare.json`` (compare), or the folder holding it."""
+    out: Optional[str] = None
+    """PNG to write (None: ``{what}.png`` beside the data)."""
+    max_languages: int = 60
+    """Languages shown at most (schedule, compare); beyond it every k-th language is shown."""

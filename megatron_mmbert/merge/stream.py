@@ -37,14 +37,13 @@ import torch
 
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.fileio import check_output_dir, publish_directory, write_output_marker
-from megatron_mmbert.checkpoints.layout import CheckpointError
+from megatron_mmbert.checkpoints.layout import MERGE_REPORT, CheckpointError
 from megatron_mmbert.checkpoints.tensors import MegatronSink, SafetensorsSink, TensorInfo
 from megatron_mmbert.merge.naming import megatron_converter, open_inputs, write_output_metadata
 from megatron_mmbert.merge.ties import (
     ChunkStats, KthLargest, MergeSpec, keep_count, magnitude, merge_chunk, report_entry,
 )
 
-REPORT_NAME = "merge_report.json"
 # Task vectors of checkpoints trained from the base are small next to the base's weights (a decay
 # phase moves them by a few percent); one of an unrelated model is about as large as the weights
 # themselves (||a - b|| ~ sqrt(||a||^2 + ||b||^2) for independent initialisations).
@@ -340,7 +339,7 @@ def merge_checkpoints(
             "chunk_bytes": chunk_bytes,
             **body,
         }
-        with open(os.path.join(tmp, REPORT_NAME), "w", encoding="utf-8") as f:
+        with open(os.path.join(tmp, MERGE_REPORT), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
         write_output_marker(tmp, "ties_merge")
         publish_directory(tmp, out)
