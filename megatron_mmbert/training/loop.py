@@ -41,7 +41,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_mmbert.checkpoints import dist as ckpt
-from megatron_mmbert.checkpoints.layout import data_tokenizer_dir
+from megatron_mmbert.checkpoints.layout import data_tokenizer_dir, iter_name, phase_end_name
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.fileio import DirectoryLock, DirectoryLocked
@@ -447,14 +447,14 @@ class Trainer:
         kill_in_save = cfg.debug.sigkill_during_save_at_step == st.step
         saved_now = save_due(cfg, st.step, st.tokens, step_tokens)
         if saved_now:
-            self.save(f"iter_{st.step:07d}", phase, scheduler, kill_in_save)
+            self.save(iter_name(st.step), phase, scheduler, kill_in_save)
         stop_signal = self.stop.signal is not None
         over_time = (cfg.checkpoint.exit_after_minutes is not None
                      and time.time() - self.t_start > 60 * cfg.checkpoint.exit_after_minutes)
         if not any_rank(stop_signal or over_time, self.rt.device):
             return False
         if not saved_now:  # this step's periodic save is already complete
-            self.save(f"iter_{st.step:07d}", phase, scheduler)
+            self.save(iter_name(st.step), phase, scheduler)
         why = f"signal {self.stop.signal}" if stop_signal else f"time limit {cfg.checkpoint.exit_after_minutes} min"
         self.log.info(f"stopping cleanly at step {st.step} ({why}); rerun the same command to resume")
         return True
@@ -463,7 +463,7 @@ class Trainer:
         """Phase end: evaluate, keep a checkpoint the decay variants can branch from."""
         cfg, st = self.cfg, self.state
         self.log.log_eval(st.step, phase.name, self.evaluator.evaluate(phase))
-        name = f"phase_end_{phase.name}" if cfg.checkpoint.keep_phase_ends else f"iter_{st.step:07d}"
+        name = phase_end_name(phase.name) if cfg.checkpoint.keep_phase_ends else iter_name(st.step)
         self.save(name, phase, scheduler, cfg.debug.sigkill_during_save_at_step == st.step)
         self.log.text("phase", f"== phase {phase.name!r} done at step {st.step} "
                       f"({st.tokens:,} tokens so far)", st.step)
