@@ -51,6 +51,7 @@ from megatron_mmbert.training.config import RunConfig, write_resolved
 from megatron_mmbert.training.evaluation import Evaluator
 from megatron_mmbert.training.logging import RunLogger, StepMeter, memory_gib
 from megatron_mmbert.training.preflight import validate
+from megatron_mmbert.training.resume_check import check_resume
 from megatron_mmbert.training.state import TrainState
 from megatron_mmbert.training.stopping import StopFlag, any_rank
 
@@ -96,6 +97,7 @@ class Trainer:
         self.rt = runtime.initialize(cfg.effective_model, cfg.parallel, cfg.seed)
         self.locks = self._lock_run_folders()
         self.log = RunLogger(cfg.run_dir, cfg.tensorboard_dir if cfg.logging.tensorboard else None, self.rt.is_main)
+        check_resume(cfg, self.log.info, self.rt.device)  # against config.yaml, so before it is rewritten
         if self.rt.is_main:
             write_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             os.makedirs(cfg.checkpoint_dir, exist_ok=True)
