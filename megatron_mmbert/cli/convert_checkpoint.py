@@ -217,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _relaunch_under_torchrun(cfg, argv)
         return verify(cfg)
     except (ConfigError, OutputRefused) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {spec.explain(exc) if isinstance(exc, ConfigError) else exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # read-only output, full disk, missing file: say which, no traceback
         print(f"error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)

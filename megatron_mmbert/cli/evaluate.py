@@ -68,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"wrote {os.path.join(cfg.out, 'compare.json' if cfg.compare else 'eval.json')} and .csv")
         return 0
     except (ConfigError, OutputRefused) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {spec.explain(exc) if isinstance(exc, ConfigError) else exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", file=sys.stderr)
