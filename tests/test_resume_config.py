@@ -40,6 +40,11 @@ def test_harmless_changes_warn_only():
                    "phases.decay.mask_rate": None}
 
 
+def test_distributed_optimizer_set_either_way_is_the_same():
+    got = _changes(["--parallel.use_distributed_optimizer", "false", "--optimizer.use_distributed_optimizer", "true"])
+    assert got == {"parallel.use_distributed_optimizer": None, "optimizer.use_distributed_optimizer": None}
+
+
 def test_derived_and_moved_keys_are_ignored():
     assert _changes(["--checkpoint.exit_after_minutes", "42", "--run_dir", "/elsewhere",
                      "--checkpoint.dir", "/elsewhere/ckpt", "--data.cache_dir", "/scratch/idx"]) == {}
@@ -55,6 +60,7 @@ def test_derived_and_moved_keys_are_ignored():
     (["--phases.mid.mask_rate", "0.2"], "phases.mid.mask_rate"),  # mid-phase recipe switch
     (["--phases.mid.global_batch_size", "8"], "phases.mid.global_batch_size"),
     (["--batch.global_batch_size", "8"], "batch.global_batch_size"),  # pretrain takes its batch from it
+    (["--parallel.use_distributed_optimizer", "false"], "parallel.use_distributed_optimizer"),  # state layout
 ])
 def test_critical_changes(overrides, key):
     got = _changes(overrides)

@@ -107,6 +107,12 @@ def flatten(config: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _distributed_optimizer(flat: Dict[str, Any]) -> bool:
+    """``RunConfig.use_distributed_optimizer`` of a flattened config."""
+    v = flat.get("optimizer.use_distributed_optimizer")
+    return bool(flat.get("parallel.use_distributed_optimizer") if v is None else v)
+
+
 def _phase_key(key: str, names: Sequence[str]) -> Optional[Tuple[str, str]]:
     """(phase name, field) of a ``phases.NAME.FIELD[...]`` key (names may contain dots)."""
     for name in sorted(names, key=len, reverse=True):
@@ -138,6 +144,11 @@ def compare(stored: Dict[str, Any], new: Dict[str, Any], checkpoint_phase: str, 
         reason = CRITICAL_KEYS.get(key)
         if key == "phases" and list(now if now is not _ABSENT else [])[: len(begun)] != begun:
             reason = f"the phases begun, {begun}, must stay first and in order: " + _DATA
+        elif key in ("parallel.use_distributed_optimizer", "optimizer.use_distributed_optimizer") and (
+                _distributed_optimizer(old_flat) != _distributed_optimizer(new_flat)):
+            reason = ("the checkpoint's optimizer state is in the layout of the "
+                      f"{'distributed' if _distributed_optimizer(old_flat) else 'plain'} optimizer, which loads "
+                      "only into the same kind; the TP/PP/DP sizes may change, checkpoints reshard")
         elif key == "batch.global_batch_size" and default_batch:
             reason = "a phase already begun takes its global batch from it: " + _DATA
         elif key in ("model.global_rope_theta", "model.local_rope_theta") and in_progress is not None:
