@@ -3,7 +3,6 @@ position a checkpoint records, the architecture, the optimizer) are a ConfigErro
 derived per job (``checkpoint.exit_after_minutes`` from the Slurm time limit) and places are ignored.
 The comparison on the shipped tiny config, then one real stop / resume / refused resume."""
 
-import os
 
 import pytest
 import yaml
@@ -45,6 +44,12 @@ def test_distributed_optimizer_set_either_way_is_the_same():
     assert got == {"parallel.use_distributed_optimizer": None, "optimizer.use_distributed_optimizer": None}
 
 
+def test_precision_of_the_same_optimizer_state_is_free():
+    # fp32 and amp_bf16 both train fp32 parameters: the same optimizer state (a real resume loads it).
+    stored, new = _resolved("--precision", "fp32"), _resolved("--precision", "amp_bf16")
+    assert {c.key: c.reason for c in compare(stored, new, "mid", False)} == {"precision": None}
+
+
 def test_derived_and_moved_keys_are_ignored():
     assert _changes(["--checkpoint.exit_after_minutes", "42", "--run_dir", "/elsewhere",
                      "--checkpoint.dir", "/elsewhere/ckpt", "--data.cache_dir", "/scratch/idx"]) == {}
@@ -61,6 +66,7 @@ def test_derived_and_moved_keys_are_ignored():
     (["--phases.mid.global_batch_size", "8"], "phases.mid.global_batch_size"),
     (["--batch.global_batch_size", "8"], "batch.global_batch_size"),  # pretrain takes its batch from it
     (["--parallel.use_distributed_optimizer", "false"], "parallel.use_distributed_optimizer"),  # state layout
+    (["--precision", "bf16"], "precision"),  # fp32 parameters -> bf16 ones with fp32 main copies
 ])
 def test_critical_changes(overrides, key):
     got = _changes(overrides)

@@ -107,10 +107,17 @@ def flatten(config: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _distributed_optimizer(flat: Dict[str, Any]) -> bool:
-    """``RunConfig.use_distributed_optimizer`` of a flattened config."""
+OPTIMIZER_LAYOUT_KEYS = ("precision", "parallel.use_distributed_optimizer", "optimizer.use_distributed_optimizer")
+"""Keys that decide the layout of the optimizer state a checkpoint holds (:func:`_optimizer_layout`)."""
+
+
+def _optimizer_layout(flat: Dict[str, Any]) -> str:
+    """The kind of optimizer state of a flattened config: distributed (sharded) or not, and over fp32
+    parameters (``fp32``, ``amp_bf16``) or with fp32 main copies of bf16 parameters (``bf16``, ``fp8``)."""
     v = flat.get("optimizer.use_distributed_optimizer")
-    return bool(flat.get("parallel.use_distributed_optimizer") if v is None else v)
+    distributed = bool(flat.get("parallel.use_distributed_optimizer") if v is None else v)
+    params = "fp32-parameter" if flat.get("precision") in ("fp32", "amp_bf16") else "bf16-parameter"
+    return f"{'distributed' if distributed else 'plain'} {params}"
 
 
 def _phase_key(key: str, names: Sequence[str]) -> Optional[Tuple[str, str]]:
@@ -144,11 +151,10 @@ def compare(stored: Dict[str, Any], new: Dict[str, Any], checkpoint_phase: str, 
         reason = CRITICAL_KEYS.get(key)
         if key == "phases" and list(now if now is not _ABSENT else [])[: len(begun)] != begun:
             reason = f"the phases begun, {begun}, must stay first and in order: " + _DATA
-        elif key in ("parallel.use_distributed_optimizer", "optimizer.use_distributed_optimizer") and (
-                _distributed_optimizer(old_flat) != _distributed_optimizer(new_flat)):
-            reason = ("the checkpoint's optimizer state is in the layout of the "
-                      f"{'distributed' if _distributed_optimizer(old_flat) else 'plain'} optimizer, which loads "
-                      "only into the same kind; the TP/PP/DP sizes may change, checkpoints reshard")
+        elif key in OPTIMIZER_LAYOUT_KEYS and _optimizer_layout(old_flat) != _optimizer_layout(new_flat):
+            reason = (f"the checkpoint's optimizer state is that of a {_optimizer_layout(old_flat)} optimizer, and "
+                      "megatron-core loads it only into the same kind, not into a "
+                      f"{_optimizer_layout(new_flat)} one; the TP/PP/DP sizes may change, checkpoints reshard")
         elif key == "batch.global_batch_size" and default_batch:
             reason = "a phase already begun takes its global batch from it: " + _DATA
         elif key in ("model.global_rope_theta", "model.local_rope_theta") and in_progress is not None:
