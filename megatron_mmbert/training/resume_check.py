@@ -1,14 +1,14 @@
 """What a resumed run may change in its config: changed keys are a warning, resume-critical keys an error.
 
 A run writes its resolved config to ``{run_dir}/config.yaml``. When it resumes from its own
-checkpoint, :func:`check_resume` compares the config it was started with now against that file
-(before the file is rewritten) and against the checkpoint's ``train_state``:
+checkpoint, :func:`check_resume` compares this start's resolved config with that file (before the
+file is rewritten) and with what the checkpoint records (seeds, manifest digests):
 
 * every changed key is logged as one WARNING listing the keys with their old and new values
   (changing the LR, the log interval, the parallel layout... on resume is legitimate and common);
 * a change of a **resume-critical** key is a ``ConfigError`` naming the keys, why each one cannot
-  change under a checkpoint, and the fix. A key is resume-critical when the checkpoint could not be
-  loaded into the new model, or when the position it records (the current phase's
+  change under a checkpoint, and the fix. A key is resume-critical when the checkpoint's weights or
+  optimizer state could not be loaded into the new run, or when the position it records (the current phase's
   ``consumed_samples``, the sample numbering and every language's stream position, all counted
   in the plan of the phases already begun) would mean other data under the new config, so the
   resumed run would silently repeat or skip data (a sample is a function of (data seed, global
