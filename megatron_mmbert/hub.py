@@ -32,7 +32,7 @@ MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "README.md"]
 ``*.bin`` / ``*.pt`` (pickles: loading them from a stranger's repo runs their code)."""
 
 TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "added_tokens.json"]
-"""What is downloaded for a tokenizer only (``--tokenizer org/name``)."""
+"""What is downloaded for a tokenizer only (a tokenizer given as ``org/name``)."""
 
 
 class HubError(ConfigError):
@@ -49,7 +49,7 @@ def _hub():
         import huggingface_hub
     except ImportError:
         raise HubError(
-            "Hub ids and --push-to-hub need huggingface_hub: pip install 'megatron-mmbert[hub]' "
+            "Hub ids and push_to_hub need huggingface_hub: pip install 'megatron-mmbert[hub]' "
             "(or pass a local folder)"
         ) from None
     return huggingface_hub
@@ -236,7 +236,8 @@ def push_to_hub(folder: str, repo: str, private: bool = False, revision: Optiona
     """Write ``folder/README.md`` (unless the folder has one) and upload ``folder`` to the Hub model
     repo ``repo`` (created if missing; ``revision``: a branch, created if missing). Returns the URL."""
     if not HUB_ID.match(repo) or "@" in repo:
-        raise HubError(f"--push-to-hub {repo!r}: expected a repo id like org/name (the revision goes in --revision)")
+        raise HubError(f"push_to_hub={repo!r}: expected a repo id like org/name (the branch goes in revision)",
+                       field="push_to_hub")
     if not os.path.isfile(os.path.join(folder, HF_CONFIG)):
         raise HubError(f"{folder} has no {HF_CONFIG}; push the folder `export-hf` wrote")
     hub = _hub()

@@ -238,7 +238,7 @@ def test_export_without_tokenizer_warns_and_the_flag_supplies_one(converted, tmp
     assert not (root / "ckpt" / "tokenizer").exists()  # make_hf_model saves no tokenizer
     with caplog.at_level("WARNING"):
         assert convert_main(["export-hf", "--load", str(root / "ckpt"), "--out", str(tmp_path / "bare")]) == 0
-    assert "holds no tokenizer" in caplog.text and "--tokenizer PATH" in caplog.text
+    assert "holds no tokenizer" in caplog.text and "Set the export's tokenizer" in caplog.text
     assert not (tmp_path / "bare" / "tokenizer.json").exists()
     tok_dir = _word_tokenizer(tmp_path / "tok", hf.config.vocab_size, mask_id=9)
     assert convert_main(["export-hf", "--load", str(root / "ckpt"), "--out", str(tmp_path / "with"),
@@ -248,6 +248,10 @@ def test_export_without_tokenizer_warns_and_the_flag_supplies_one(converted, tmp
     big = _word_tokenizer(tmp_path / "big", hf.config.vocab_size + 10, mask_id=hf.config.vocab_size + 5)
     with pytest.raises(ConfigError, match="outside the model's vocabulary"):
         export_hf(str(root / "ckpt"), str(tmp_path / "wrong"), tokenizer=str(big))
+    # the library names the field, the command line adds its flag
+    with pytest.raises(ConfigError, match="tokenizer='/no/such/tok': no such file or folder") as e:
+        export_hf(str(root / "ckpt"), str(tmp_path / "none"), tokenizer="/no/such/tok")
+    assert e.value.field == "tokenizer"
 
 
 def test_hf_reader_honours_the_index_and_refuses_bin(converted, tmp_path):

@@ -186,15 +186,31 @@ def test_model_trained_on_one_language_ranks_it_best(setup, tmp_path, capsys):
 def test_bad_inputs_are_named(setup, tmp_path, capsys):
     root, manifest = setup
     assert evaluate_main(["--hf-dir", str(root / "ckpt"), "--manifest", manifest, "--out", str(tmp_path / "x")]) == 2
-    assert "pass it as --load" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the library names the field, the command line adds its flag
+    assert "is a megatron-mmbert checkpoint: pass it as load [--hf-dir]" in err
     assert evaluate_main(["--load", str(root / "ckpt"), "--manifest", manifest, "--out", str(tmp_path / "y"),
                           "--languages", "zzz_Latn"]) == 2
-    assert "zzz_Latn" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "zzz_Latn" in err and "[--languages]" in err
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     assert evaluate_main(["--load", str(root / "ckpt"), "--manifest", manifest, "--out", str(tmp_path / "taken")]) == 2
     assert "not an evaluate output" in capsys.readouterr().err
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_option_errors_name_fields_all_at_once():
+    from megatron_mmbert.cli.evaluate import build_parser
+    from megatron_mmbert.config_base import ConfigError
+    from megatron_mmbert.evaluation.config import EvaluateConfig
+    from megatron_mmbert.evaluation.run import validate
+
+    with pytest.raises(ConfigError) as e:
+        validate(EvaluateConfig(manifest="m", out="o", seq_len=1, tp=0, mask_rate=1.5))
+    assert sorted(x.field for x in e.value.errors) == ["load", "mask_rate", "seq_len", "tp"]
+    assert "--" not in str(e.value)  # the library names fields; the command line adds the flags:
+    _, spec = build_parser()
+    assert "seq_len must be >= 2, got 1 [--seq-len]" in spec.explain(e.value)
 
 
 def test_resource_groups_are_terciles_by_manifest_tokens():

@@ -154,8 +154,9 @@ def test_push_to_hub_refuses_bad_input_before_any_upload(tmp_path):
 
     with pytest.raises(hub.HubError, match="org/name"):
         hub.push_to_hub(str(tmp_path), "not a repo")
-    with pytest.raises(hub.HubError, match="--revision"):
+    with pytest.raises(hub.HubError, match="the branch goes in revision") as e:
         hub.push_to_hub(str(tmp_path), "me/model@dev")
+    assert e.value.field == "push_to_hub"  # export-hf adds its flag
     with pytest.raises(hub.HubError, match="config.json"):
         hub.push_to_hub(str(tmp_path), "me/model")
 

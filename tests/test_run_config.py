@@ -153,6 +153,15 @@ def test_batch_not_divisible_by_data_parallel():
     assert "not a multiple of micro batch 4 x data-parallel size 3" in _err(_tiny(), world=3)
 
 
+def test_negative_time_limits():
+    msg = _err(_tiny("--checkpoint.job_end_margin_minutes", "-5"))
+    assert "checkpoint.job_end_margin_minutes must be a finite number >= 0" in msg and "-5" in msg
+    assert "checkpoint.exit_after_minutes must be" in _err(_tiny("--checkpoint.exit_after_minutes", "-1"))
+    with pytest.raises(ConfigError) as e:
+        validate(_tiny("--checkpoint.job_end_margin_minutes", "-5"), 2, check_data=False)
+    assert e.value.field == "checkpoint.job_end_margin_minutes"
+
+
 def test_layout_error_before_process_group():
     assert "num_attention_heads=4 is not divisible by parallel.tensor_parallel=3" in _err(
         _tiny("--parallel.tensor_parallel", "3"), world=3)

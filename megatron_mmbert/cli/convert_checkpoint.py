@@ -216,7 +216,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _relaunch_under_torchrun(cfg, argv)
         return verify(cfg)
 
-    return run_reporting(run)  # read-only output, full disk, missing file: say which, no traceback
+    return run_reporting(run, spec=spec)  # read-only output, full disk, missing file: say which, no traceback
 
 
 if __name__ == "__main__":

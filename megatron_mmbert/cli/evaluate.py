@@ -67,7 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"wrote {os.path.join(cfg.out, 'compare.json' if cfg.compare else 'eval.json')} and .csv")
         return 0
 
-    return run_reporting(run)
+    return run_reporting(run, spec=spec)
 
 
 if __name__ == "__main__":

@@ -236,14 +236,15 @@ def os_error_text(exc: OSError) -> str:
     return f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
 
 
-def run_reporting(body: Callable[[], int], prefix: str = "") -> int:
+def run_reporting(body: Callable[[], int], prefix: str = "", spec: Optional["ConfigParser"] = None) -> int:
     """``body()``'s exit status; a tool's expected failures printed as one line instead of a
     traceback: bad input or options (``ConfigError``, ``OutputRefused``) exit 2, an ``OSError``
-    exits 1."""
+    exits 1. With ``spec``, a ``ConfigError`` naming a field also names its flag."""
     try:
         return body()
     except (ConfigError, OutputRefused) as exc:
-        print(f"{prefix}error: {exc}", file=sys.stderr)
+        text = spec.explain(exc) if spec is not None and isinstance(exc, ConfigError) else exc
+        print(f"{prefix}error: {text}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"{prefix}error: {os_error_text(exc)}", file=sys.stderr)

@@ -94,7 +94,7 @@ def export_hf(
 
     check_output_dir(out_dir, "export-hf", inputs=[load_dir], overwrite=overwrite)
     if tokenizer is not None and not os.path.exists(tokenizer):
-        raise ConfigError(f"--tokenizer {tokenizer}: no such file or folder")
+        raise ConfigError(f"tokenizer={tokenizer!r}: no such file or folder", field="tokenizer")
     model = ckpt.read_model_config(load_dir)  # a clear error before anything is written
     tmp = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -154,8 +154,8 @@ def _export_tokenizer(override: Optional[str], out_dir: str, load_dir: str) -> O
         shutil.rmtree(staged, ignore_errors=True)
         logger.warning(
             "\n" + "!" * 78 + "\n%s holds no tokenizer: the export has none, so AutoTokenizer cannot load it and "
-            "its config's special ids are the ModelConfig's defaults. Pass --tokenizer PATH (the tokenizer "
-            "the model was trained with) to include it.\n" + "!" * 78, load_dir,
+            "its config's special ids are the ModelConfig's defaults. Set the export's tokenizer (a folder, "
+            "tokenizer.json or .model: the tokenizer the model was trained with) to include it.\n" + "!" * 78, load_dir,
         )
         return None
     from transformers import AutoTokenizer
@@ -165,7 +165,7 @@ def _export_tokenizer(override: Optional[str], out_dir: str, load_dir: str) -> O
         shutil.rmtree(staged, ignore_errors=True)
         raise ConfigError(
             f"tokenizer {source} defines no mask token; a masked-LM export needs one (set mask_token "
-            "in its tokenizer_config.json, or pass --tokenizer PATH to another tokenizer)"
+            "in its tokenizer_config.json, or set tokenizer to another one)", field="tokenizer",
         )
     tok.save_pretrained(out_dir)
     shutil.rmtree(staged)

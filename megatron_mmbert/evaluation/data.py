@@ -17,14 +17,15 @@ from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
 
 
-def load(manifest: str):
-    """The manifest (a ``manifest.json`` or its folder), with a clear error when it is not one."""
+def load(manifest: str, field: str = "manifest"):
+    """The manifest (a ``manifest.json`` or its folder), with a clear error naming ``field`` (the
+    option that gave it) when it is not one."""
     from megatron_mmbert.data.shards import load_manifest
 
     try:
         return load_manifest(os.fspath(manifest))
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise ConfigError(f"--manifest {manifest}: {exc}") from None
+        raise ConfigError(f"{field}={manifest!r}: {exc}", field=field) from None
 
 
 def resolve_languages(manifest, spec: str) -> List[str]:
@@ -37,20 +38,20 @@ def resolve_languages(manifest, spec: str) -> List[str]:
     spec = spec.strip()
     value = spec if spec == "all" or spec.startswith("top:") else [s.strip() for s in spec.split(",") if s.strip()]
     if isinstance(value, str) and value.startswith("top:") and not value[4:].isdigit():
-        raise ConfigError(f"--languages {spec!r}: top:N needs a whole number N")
+        raise ConfigError(f"languages={spec!r}: top:N needs a whole number N", field="languages")
     if not value:
-        raise ConfigError("--languages is empty: give 'all', 'top:N' or names separated by commas")
+        raise ConfigError("languages is empty: give 'all', 'top:N' or names separated by commas", field="languages")
     if isinstance(value, list):
         unknown = [n for n in value if n not in manifest.languages]
         if unknown:
-            raise ConfigError(f"--languages: {unknown[:5]} are not in the manifest (it has {len(names)} languages, "
-                              f"e.g. {names[:5]})")
+            raise ConfigError(f"languages: {unknown[:5]} are not in the manifest (it has {len(names)} languages, "
+                              f"e.g. {names[:5]})", field="languages")
     phase = PhaseConfig(name="evaluate", tokens=1, languages=value)
     active = active_languages(phase, names, tokens)
     if isinstance(value, list):
         empty = [n for n in value if manifest.languages[n].tokens <= 0]
         if empty:
-            raise ConfigError(f"--languages: {empty[:5]} have no tokens in the manifest")
+            raise ConfigError(f"languages: {empty[:5]} have no tokens in the manifest", field="languages")
         return list(dict.fromkeys(value))
     chosen = [n for n, a in zip(names, active) if a]
     return sorted(chosen, key=lambda n: (-manifest.languages[n].tokens, n))

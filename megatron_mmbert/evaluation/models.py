@@ -94,7 +94,8 @@ def open_scorer(path: str, kind: str, tp: int, pp: int, seed: int, verify: bool 
     if kind == "megatron":
         return MegatronScorer(path, tp, pp, seed, verify)
     if tp * pp > 1:
-        raise ConfigError(f"{path} is a Hugging Face model: --tp/--pp apply to megatron checkpoints only")
+        raise ConfigError(f"{path} is a Hugging Face model: tp and pp apply to megatron checkpoints only "
+                          f"(got tp={tp}, pp={pp})", field="tp" if tp > 1 else "pp")
     return HFScorer(path)
 
 

@@ -162,7 +162,7 @@ def plot_compare(compare_path: str, out: Optional[str] = None, max_languages: in
     plt = _pyplot()
     table, compare_path = _read_json(compare_path, "compare.json")
     if "models" not in table or "languages" not in table:
-        raise ConfigError(f"{compare_path} is not a compare.json of tools/evaluate.py --compare")
+        raise ConfigError(f"{compare_path} is not the compare.json of a comparison by tools/evaluate.py")
     names = table["models"]
     rows = list(table["languages"].items())[:max_languages] + [
         (k, v) for k, v in table.get("summary", {}).items() if k in ("mean", "macro")]

@@ -23,17 +23,25 @@ OUTPUT_KIND = "evaluate"
 
 
 def validate(cfg: EvaluateConfig) -> None:
+    """Every problem of the options at once (the CLI adds the flag of each field)."""
+    errors = []
     sources = sum(bool(x) for x in (cfg.load, cfg.hf_dir, cfg.compare))
     if sources != 1:
-        raise ConfigError("give exactly one of --load CKPT, --hf-dir DIR or --compare A B ...")
+        errors.append(ConfigError("give exactly one of load (a checkpoint), hf_dir (a Hugging Face folder) or "
+                                  "compare (two or more of either)", field="load"))
     if cfg.compare and len(cfg.compare) < 2:
-        raise ConfigError("--compare needs at least two checkpoints")
+        errors.append(ConfigError("compare needs at least two checkpoints", field="compare"))
     if cfg.seq_len < 2:
-        raise ConfigError(f"--seq-len must be >= 2, got {cfg.seq_len}")
+        errors.append(ConfigError(f"seq_len must be >= 2, got {cfg.seq_len}", field="seq_len"))
     if not 0.0 < cfg.mask_rate < 1.0:
-        raise ConfigError(f"--mask-rate must be in (0, 1), got {cfg.mask_rate}")
-    if cfg.tokens_per_language < 1 or cfg.micro_batch_rows < 1 or cfg.tp < 1 or cfg.pp < 1 or cfg.seed < 0:
-        raise ConfigError("--tokens-per-language, --micro-batch-rows, --tp and --pp must be >= 1 and --seed >= 0")
+        errors.append(ConfigError(f"mask_rate must be in (0, 1), got {cfg.mask_rate}", field="mask_rate"))
+    for name in ("tokens_per_language", "micro_batch_rows", "tp", "pp"):
+        if getattr(cfg, name) < 1:
+            errors.append(ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}", field=name))
+    if cfg.seed < 0:
+        errors.append(ConfigError(f"seed must be >= 0, got {cfg.seed}", field="seed"))
+    if errors:
+        raise ConfigError.combine(errors)
 
 
 def prepare_output(out: str) -> str:
@@ -43,7 +51,7 @@ def prepare_output(out: str) -> str:
 
     if os.path.lexists(out):
         if not os.path.isdir(out) or os.path.islink(out):
-            raise OutputRefused(f"--out {out} exists and is not a folder; choose a new output folder")
+            raise OutputRefused(f"out={out!r} exists and is not a folder; choose a new output folder")
         kind = None
         marker = os.path.join(out, OUTPUT_MARKER)
         if os.path.isfile(marker):
@@ -53,7 +61,7 @@ def prepare_output(out: str) -> str:
             except (OSError, ValueError, AttributeError):
                 kind = None
         if os.listdir(out) and kind != OUTPUT_KIND:
-            raise OutputRefused(f"--out {out} is not empty and not an evaluate output (no {OUTPUT_MARKER} "
+            raise OutputRefused(f"out={out!r} is not empty and not an evaluate output (no {OUTPUT_MARKER} "
                                 f"of kind {OUTPUT_KIND!r}); choose a new output folder")
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, OUTPUT_MARKER), {"kind": OUTPUT_KIND})
@@ -176,21 +184,22 @@ def evaluate(cfg: EvaluateConfig) -> Tuple[Dict, str]:
 
     validate(cfg)
     manifest = eval_data.load(cfg.manifest)
-    sizes = eval_data.load(cfg.size_manifest) if cfg.size_manifest else manifest
+    sizes = eval_data.load(cfg.size_manifest, "size_manifest") if cfg.size_manifest else manifest
     manifest_path = os.path.abspath(cfg.manifest)
     languages = eval_data.resolve_languages(manifest, cfg.languages)
     paths = cfg.compare or [cfg.load or cfg.hf_dir]
     kinds = [checkpoint_kind(p) for p in paths]
     if cfg.load and kinds[0] != "megatron":
-        raise ConfigError(f"--load {cfg.load} is a Hugging Face directory: pass it as --hf-dir")
+        raise ConfigError(f"load={cfg.load!r} is a Hugging Face directory: pass it as hf_dir", field="load")
     if cfg.hf_dir and kinds[0] != "hf":
-        raise ConfigError(f"--hf-dir {cfg.hf_dir} is a megatron-mmbert checkpoint: pass it as --load")
+        raise ConfigError(f"hf_dir={cfg.hf_dir!r} is a megatron-mmbert checkpoint: pass it as load", field="hf_dir")
     out = prepare_output(cfg.out) if _is_rank0() else os.path.abspath(cfg.out)
     rows = build_rows(cfg, manifest, languages)
     size_tokens = {lang: e.tokens for lang, e in sizes.languages.items()}
     missing = [lang for lang in languages if lang not in size_tokens]
     if missing:
-        raise ConfigError(f"--size-manifest lacks languages {missing[:5]}; give the manifest the evaluated one came from")
+        raise ConfigError(f"size_manifest lacks languages {missing[:5]}; give the manifest the evaluated one "
+                          "came from", field="size_manifest")
     results = {}
     names = model_names(paths)
     run_settings = settings(cfg, manifest_path)

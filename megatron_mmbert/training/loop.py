@@ -52,6 +52,7 @@ from megatron_mmbert.training.config import RunConfig, resolved_dict, write_reso
 from megatron_mmbert.training.evaluation import Evaluator
 from megatron_mmbert.training.logging import RunLogger, StepMeter, memory_gib
 from megatron_mmbert.training.preflight import validate
+from megatron_mmbert.training.resume_check import check_resume
 from megatron_mmbert.training.state import TrainState
 from megatron_mmbert.training.stopping import StopFlag, any_rank
 
@@ -98,6 +99,7 @@ class Trainer:
         self.locks = self._lock_run_folders()
         self.log = RunLogger(cfg.run_dir, cfg.tensorboard_dir if cfg.logging.tensorboard else None, self.rt.is_main,
                              wandb=cfg.logging.wandb, config=resolved_dict(cfg))
+        check_resume(cfg, self.log.info, self.rt.device)  # against config.yaml, so before it is rewritten
         if self.rt.is_main:
             write_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             os.makedirs(cfg.checkpoint_dir, exist_ok=True)

@@ -160,6 +160,18 @@ def _validate_run(cfg: RunConfig) -> None:
             f"checkpoint.every_steps and every_tokens must be >= 0 and keep_last >= 1, got "
             f"{c.every_steps}, {c.every_tokens}, {c.keep_last}"
         )
+    if not (math.isfinite(c.job_end_margin_minutes) and c.job_end_margin_minutes >= 0):
+        raise ConfigError(
+            f"checkpoint.job_end_margin_minutes must be a finite number >= 0 (minutes before the Slurm "
+            f"time limit at which the run saves and stops), got {c.job_end_margin_minutes}",
+            field="checkpoint.job_end_margin_minutes",
+        )
+    if c.exit_after_minutes is not None and not (math.isfinite(c.exit_after_minutes) and c.exit_after_minutes >= 0):
+        raise ConfigError(
+            f"checkpoint.exit_after_minutes must be a finite number >= 0 or null (no time limit), got "
+            f"{c.exit_after_minutes}",
+            field="checkpoint.exit_after_minutes",
+        )
     if cfg.logging.interval < 1 or cfg.logging.eval_interval < 0:
         raise ConfigError("logging.interval must be >= 1 and logging.eval_interval >= 0")
     lc = cfg.logging

@@ -1,0 +1,127 @@
+"""A changed config on resume: the changed keys are one WARNING; resume-critical keys (the data
+position a checkpoint records, the architecture, the optimizer) are a ConfigError naming them; keys
+derived per job (``checkpoint.exit_after_minutes`` from the Slurm time limit) and places are ignored.
+The comparison on the shipped tiny config, then one real stop / resume / refused resume."""
+
+
+import pytest
+import yaml
+
+from megatron_mmbert.training import config as rc
+from megatron_mmbert.training.resume_check import compare, flatten
+from tests.helpers.training import launch, tiny_run_config, write_manifest
+
+
+def _resolved(*overrides):
+    """tiny-cpu's resolved config as ``{run_dir}/config.yaml`` holds it."""
+    cfg = rc.load_config("tiny-cpu", list(overrides))
+    return yaml.safe_load(yaml.safe_dump(rc.resolved_dict(cfg), sort_keys=False))
+
+
+def _changes(overrides, phase="mid", phase_done=False):
+    """{key: reason or None} between tiny-cpu and tiny-cpu with ``overrides``, checkpoint in ``phase``."""
+    return {c.key: c.reason for c in compare(_resolved(), _resolved(*overrides), phase, phase_done)}
+
+
+def test_flatten_keys_phases_by_name():
+    flat = flatten(_resolved())
+    assert flat["phases"] == ["pretrain", "mid", "decay"]
+    assert flat["phases.decay.mask_rate"] == _resolved()["phases"][2]["mask_rate"]
+    assert flat["optimizer.name"] == "stable_adamw" and "phases.mid.fixed_shares" not in flat  # {} vanishes
+
+
+def test_harmless_changes_warn_only():
+    got = _changes(["--schedule.phases.mid.lr", "1e-4", "--logging.interval", "3", "--batch.micro_batch_size", "2",
+                    "--parallel.tensor_parallel", "2", "--phases.decay.tokens", "40960",
+                    "--phases.decay.mask_rate", "0.2"])
+    assert got == {"schedule.phases.mid.lr": None, "logging.interval": None, "batch.micro_batch_size": None,
+                   "parallel.tensor_parallel": None, "phases.decay.tokens": None,
+                   "phases.decay.mask_rate": None}
+
+
+def test_distributed_optimizer_set_either_way_is_the_same():
+    got = _changes(["--parallel.use_distributed_optimizer", "false", "--optimizer.use_distributed_optimizer", "true"])
+    assert got == {"parallel.use_distributed_optimizer": None, "optimizer.use_distributed_optimizer": None}
+
+
+def test_precision_of_the_same_optimizer_state_is_free():
+    # fp32 and amp_bf16 both train fp32 parameters: the same optimizer state (a real resume loads it).
+    stored, new = _resolved("--precision", "fp32"), _resolved("--precision", "amp_bf16")
+    assert {c.key: c.reason for c in compare(stored, new, "mid", False)} == {"precision": None}
+
+
+def test_derived_and_moved_keys_are_ignored():
+    assert _changes(["--checkpoint.exit_after_minutes", "42", "--run_dir", "/elsewhere",
+                     "--checkpoint.dir", "/elsewhere/ckpt", "--data.cache_dir", "/scratch/idx"]) == {}
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["--data.seed", "5"], "data.seed"),
+    (["--seed", "5"], "seed"),
+    (["--model.num_layers", "3"], "model.num_layers"),
+    (["--optimizer.name", "adamw"], "optimizer.name"),
+    (["--phases.pretrain.tokens", "40960"], "phases.pretrain.tokens"),  # finished: shifts mid's streams
+    (["--phases.mid.languages", "[eng_Latn]"], "phases.mid.languages"),
+    (["--phases.mid.mask_rate", "0.2"], "phases.mid.mask_rate"),  # mid-phase recipe switch
+    (["--phases.mid.global_batch_size", "8"], "phases.mid.global_batch_size"),
+    (["--batch.global_batch_size", "8"], "batch.global_batch_size"),  # pretrain takes its batch from it
+    (["--parallel.use_distributed_optimizer", "false"], "parallel.use_distributed_optimizer"),  # state layout
+    (["--precision", "bf16"], "precision"),  # fp32 parameters -> bf16 ones with fp32 main copies
+])
+def test_critical_changes(overrides, key):
+    got = _changes(overrides)
+    assert got.get(key), got
+
+
+def test_what_is_critical_depends_on_the_checkpoint_phase():
+    # At the end of mid, mid's mask rate no longer matters; its token budget still positions decay.
+    assert _changes(["--phases.mid.mask_rate", "0.2"], phase_done=True) == {"phases.mid.mask_rate": None}
+    assert _changes(["--phases.mid.tokens", "40960"], phase_done=True)["phases.mid.tokens"]
+    # In pretrain, mid has not begun: its budget and the default batch (mid sets its own) are free.
+    assert _changes(["--phases.mid.tokens", "40960"], phase="pretrain") == {"phases.mid.tokens": None}
+
+
+def test_reordering_begun_phases_is_critical():
+    stored = _resolved()
+    new = _resolved()
+    new["phases"] = [new["phases"][1], new["phases"][0], new["phases"][2]]
+    assert {c.key: bool(c.reason) for c in compare(stored, new, "mid", False)} == {"phases": True}
+    dropped = _resolved()
+    dropped["phases"] = dropped["phases"][:2]  # decay not begun: a warning
+    got = {c.key: c.reason for c in compare(stored, dropped, "mid", False)}
+    assert got["phases"] is None and all(r is None for r in got.values())
+
+
+ONE_PHASE = {
+    "phases": [{"name": "pretrain", "tokens": 8 * 8 * 64, "seq_len": 64, "mask_rate": 0.3,
+                "languages": "all", "temperature": 0.7}],
+    "schedule": {"total_tokens": 8 * 8 * 64, "phases": {"pretrain": {"lr": 1.0e-3}}},
+    "batch": {"rampup_start_rows": None, "rampup_increment_rows": None, "rampup_tokens": 0},
+    "checkpoint": {"every_steps": 100, "keep_last": 5},
+    "logging": {"interval": 1, "eval_rows_per_group": 2, "eval_seq_len": 64, "tensorboard": False},
+}
+
+
+@pytest.mark.slow  # three short launches
+def test_resume_warns_on_changed_keys_and_refuses_critical_ones(tmp_path):
+    manifest = write_manifest(tmp_path / "data")
+    run = tmp_path / "run"
+    cfg = tiny_run_config(str(tmp_path / "run.yaml"), manifest, str(run), **ONE_PHASE)
+    # Stop after the first step (time limit 0): a checkpoint to resume from.
+    first = launch(cfg, "--checkpoint.exit_after_minutes", "0")
+    assert first.returncode == 0 and "stopping cleanly at step 1" in first.stdout, first.stderr[-2000:]
+
+    # Harmless change + another derived time limit: a warning naming exactly the changed key.
+    second = launch(cfg, "--checkpoint.exit_after_minutes", "0.0001", "--logging.interval", "2")
+    assert second.returncode == 0, second.stderr[-2000:]
+    warning = [line for line in second.stdout.splitlines() if line.startswith("WARNING: the config differs")]
+    assert len(warning) == 1 and "in 1 key(s): logging.interval: 1 -> 2" in warning[0], second.stdout[-2000:]
+    assert "resumed from" in second.stdout and "stopping cleanly at step 2" in second.stdout
+
+    # A critical key: refused before anything is loaded, config.yaml left as the run's.
+    stored = (run / "config.yaml").read_text()
+    third = launch(cfg, "--data.seed", "99")
+    assert third.returncode == 2, (third.returncode, third.stderr[-2000:])
+    assert "config error: cannot resume" in third.stderr and "data.seed: None -> 99" in third.stderr
+    assert "Restore the values" in third.stderr and "Traceback" not in third.stderr
+    assert (run / "config.yaml").read_text() == stored
