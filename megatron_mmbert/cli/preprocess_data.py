@@ -5,7 +5,8 @@ Example (FineWeb2 layout, 8 workers)::
     python tools/preprocess_data.py --input /data/fineweb-2 --output /data/shards \\
         --tokenizer /models/mmBERT-base --workers 8
 
-Writes ``OUT/{lang}/part-*.bin/.idx`` and ``OUT/manifest.json``; rerunning resumes. Across nodes: a Slurm
+Writes ``OUT/{lang}/part-*.bin/.idx`` and ``OUT/manifest.json``; rerunning resumes. ``--holdout-docs N`` also
+writes ``OUT/heldout/`` (N documents per language, chosen by content hash, with their own manifest.json). Across nodes: a Slurm
 array runs one shard per task (``--num-shards``/``--shard-index``, read from ``SLURM_ARRAY_TASK_*``), then
 one ``--finalize`` job writes the manifest (examples/slurm/preprocess_array.sbatch). See docs/data.md.
 """
@@ -18,6 +19,7 @@ import sys
 from megatron_mmbert.data.preprocess import (
     PreprocessConfig, PreprocessError, run_preprocess, slurm_array_shard,
 )
+from megatron_mmbert.data.shards import heldout_manifest_for, load_manifest
 from megatron_mmbert.data.sources import BadInputError, InputError, ReadOptions
 from megatron_mmbert.data.tokenizer import Framing, TokenizerError
 
@@ -64,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finalize", action="store_true",
                    help="after all shard tasks: check every unit is done and write manifest.json (same arguments, "
                         "no shard flags)")
+    p.add_argument("--holdout-docs", type=int, default=0, metavar="N",
+                   help="hold out N documents per language (the N smallest sha256 of their text, at most half of a "
+                        "language) into OUT/heldout/ with its own manifest.json, never in the training shards; the "
+                        "same documents whatever the workers or shard tasks (default: 0, none)")
+    p.add_argument("--holdout-fraction", type=float, default=0.0, metavar="F",
+                   help="instead of --holdout-docs: hold out each document whose text hash, as a number in [0, 1), "
+                        "is below F (about F of every language; default: 0, none)")
     return p
 
 
@@ -93,6 +102,8 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         num_shards=1 if num_shards is None else num_shards,
         shard_index=shard_index,
         finalize=args.finalize,
+        holdout_docs=args.holdout_docs,
+        holdout_fraction=args.holdout_fraction,
     )
 
 
@@ -116,6 +127,11 @@ def main(argv=None) -> int:
         f"documents, {sum(e.tokens for e in m.languages.values())} tokens -> {args.output}/manifest.json",
         file=sys.stderr,
     )
+    heldout = heldout_manifest_for(args.output)
+    if heldout is not None:
+        h = load_manifest(heldout)
+        print(f"preprocess_data: held out {sum(e.documents for e in h.languages.values())} documents, "
+              f"{sum(e.tokens for e in h.languages.values())} tokens -> {heldout}", file=sys.stderr)
     return 0
 
 

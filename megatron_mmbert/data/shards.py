@@ -41,6 +41,18 @@ _CODE_TO_DTYPE = {code: name for name, code in DTYPE_CODES.items()}
 MANIFEST_FORMAT = "megatron-mmbert-manifest"
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+HELDOUT_DIR = "heldout"
+"""Folder of a preprocessing output that holds its held-out documents (``--holdout-docs``/``--holdout-fraction``):
+``OUT/heldout/{lang}/*.bin/.idx`` and ``OUT/heldout/manifest.json``, in the training manifest's format and never in
+the training shards. No language may be named like it (``sources.RESERVED_LANGS``)."""
+
+
+def heldout_manifest_for(manifest_path: str) -> Optional[str]:
+    """The held-out manifest written beside a training manifest (``manifest.json`` or its folder) by the same
+    preprocessing run, or None when that run held nothing out. Training evaluates on it by default."""
+    root = manifest_path if os.path.isdir(manifest_path) else os.path.dirname(os.path.abspath(manifest_path))
+    candidate = os.path.join(os.path.abspath(root), HELDOUT_DIR, MANIFEST_NAME)
+    return candidate if os.path.isfile(candidate) else None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
