@@ -129,3 +129,35 @@ def test_killed_shard_task_keeps_the_split(tmp_path, demo_corpus, demo_tokenizer
     # A rerun resumes: nothing to do, the same bytes.
     assert cli_main(_args(demo_corpus, out, demo_tokenizer, *hold)) == 0
     assert _files(out) == expected
+
+
+def test_inputs_that_change_the_selection_are_refused(tmp_path, demo_tokenizer):
+    """Adding a file whose documents would displace held-out ones, once units are done, would leave them in
+    training shards: refused, naming the fix. A file that changes nothing is added."""
+    import json
+
+    def sha(t):
+        return hashlib.sha256(t.encode()).hexdigest()
+
+    texts = [f"document number {i}" for i in range(6)]
+    cut = sorted(map(sha, texts))[0]
+    smaller = next(t for t in (f"another text {i}" for i in range(10_000)) if sha(t) < cut)
+    larger = next(t for t in (f"more text {i}" for i in range(10_000)) if sha(t) > cut)
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    # The language comes from a field, so each file is its own unit (files of a fixed language are packed).
+    a.write_text("".join(json.dumps({"text": t, "lang": "eng_Latn"}) + "\n" for t in texts))
+    b.write_text(json.dumps({"text": larger, "lang": "eng_Latn"}) + "\n")
+    c.write_text(json.dumps({"text": smaller, "lang": "eng_Latn"}) + "\n")
+    out = str(tmp_path / "out")
+    from megatron_mmbert.data.sources import ReadOptions
+
+    def run(*inputs):
+        return run_preprocess(PreprocessConfig(inputs=[str(p) for p in inputs], output=out, tokenizer=demo_tokenizer,
+                                               read=ReadOptions(lang_key="lang"), holdout_docs=1))
+
+    run(a)
+    assert load_manifest(heldout_manifest_for(out)).languages["eng_Latn"].documents == 1
+    res = run(a, b)
+    assert res.units_run == 1 and res.manifest.languages["eng_Latn"].documents == 6
+    with pytest.raises(PreprocessError, match="held-out selection .* differs .* new --output"):
+        run(a, b, c)
