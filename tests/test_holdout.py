@@ -61,7 +61,7 @@ def test_heldout_are_the_smallest_hashes_and_never_trained_on(tmp_path, demo_cor
         by_hash = {}
         for t in docs:
             by_hash.setdefault(hashlib.sha256(t.encode("utf-8")).hexdigest(), []).append(t)
-        chosen = sorted(by_hash)[: min(N, len(by_hash) // 2)]
+        chosen = sorted(by_hash)[: min(N, len(docs) // 2)]
         expected_held = [t for h in chosen for t in by_hash[h]]
         expected_train = [t for h in sorted(by_hash) if h not in chosen for t in by_hash[h]]
         assert heldout[lang] == sorted(map(_key, _framed(hf, expected_held))), lang

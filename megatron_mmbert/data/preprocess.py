@@ -36,7 +36,7 @@ Held-out data (``holdout_docs`` / ``holdout_fraction``): documents chosen by the
 to ``OUT/heldout/{lang}/`` with their own ``OUT/heldout/manifest.json`` (same format) and never into the
 training shards. ``holdout_fraction`` f holds out a document iff its hash, read as a number in [0, 1), is
 below f: a property of the text alone. ``holdout_docs`` N holds out, per language, the N smallest hashes
-(at most half of the language's distinct texts, so training keeps some of every language); a first pass
+(at most half of the language's documents, so training keeps some of every language); a first pass
 (``_scan_unit``, parallel over the units, cached per unit in ``OUT/.preprocess/holdout/``) reads the
 documents without tokenizing and keeps each unit's N smallest per language, and the selection is the N
 smallest of their union. Both depend on the inputs only, never on workers, units or shard tasks; every copy
@@ -154,7 +154,7 @@ class PreprocessConfig:
     Give the same inputs and options as the shard tasks, without the shard fields."""
     holdout_docs: int = 0
     """Hold out this many documents per language (the N smallest sha256 of their text; at most half of a
-    language's distinct texts) into ``OUT/heldout/`` with its own manifest, never into the training shards.
+    language's documents) into ``OUT/heldout/`` with its own manifest, never into the training shards.
     Deterministic: the same documents whatever the workers, units or shard tasks. 0: none."""
     holdout_fraction: float = 0.0
     """Instead of ``holdout_docs``: hold out each document whose text's sha256, as a number in [0, 1), is below
@@ -265,16 +265,18 @@ class HoldoutRule:
 
 
 def _scan_unit(unit: WorkUnit) -> dict:
-    """A unit's ``holdout_docs`` candidates: per language its N smallest distinct hashes and its count of
-    distinct hashes (bad records are skipped here and reported by the unit's real run)."""
+    """A unit's ``holdout_docs`` candidates: per language its N smallest distinct hashes and its document
+    count (bad records are skipped here and reported by the unit's real run)."""
     cfg: PreprocessConfig = _WORKER["scan_cfg"]
     log = BadInputLog(strict=False, max_locations=0)
     seen: Dict[str, set] = {}
+    docs: Dict[str, int] = {}
     for seg in unit.segments:
         for lang, text in read_segment(seg, cfg.read, log, lambda n: None):
             seen.setdefault(lang, set()).add(doc_hash(text))
+            docs[lang] = docs.get(lang, 0) + 1
     return {"id": unit.id, "holdout_docs": cfg.holdout_docs,
-            "languages": {lang: {"distinct": len(h), "smallest": sorted(h)[: cfg.holdout_docs]}
+            "languages": {lang: {"documents": docs[lang], "smallest": sorted(h)[: cfg.holdout_docs]}
                           for lang, h in sorted(seen.items())}}
 
 
@@ -323,15 +325,16 @@ def _holdout_rule(cfg: PreprocessConfig, units: List[WorkUnit], markers: List[di
             with ctx.Pool(min(cfg.workers, len(todo)), initializer=_init_scanner, initargs=(cfg,)) as pool:
                 for scan in pool.imap_unordered(_scan_unit, sorted(todo, key=lambda u: (-u.size, u.id))):
                     keep(scan)
-    # Distinct counts add up across units only approximately (a text in two units counts twice); the
-    # cap is a guard against holding out a whole small language, so an upper bound is enough.
+    # The cap (half of a language's documents, so training keeps some of every language) uses document
+    # counts, which add up exactly across units whatever the split (distinct texts would not).
     smallest: Dict[str, set] = {}
-    distinct: Dict[str, int] = {}
+    documents: Dict[str, int] = {}
     for scan in scans.values():
         for lang, entry in scan["languages"].items():
             smallest.setdefault(lang, set()).update(entry["smallest"])
-            distinct[lang] = distinct.get(lang, 0) + entry["distinct"]
-    selection = {lang: sorted(h)[: min(cfg.holdout_docs, distinct[lang] // 2)] for lang, h in sorted(smallest.items())}
+            documents[lang] = documents.get(lang, 0) + entry["documents"]
+    selection = {lang: sorted(h)[: min(cfg.holdout_docs, documents[lang] // 2)]
+                 for lang, h in sorted(smallest.items())}
     record = {"holdout_docs": cfg.holdout_docs, "units": sorted(u.id for u in units), "languages": selection}
     path = os.path.join(cfg.output, STATE_DIR, "holdout.json")
     if os.path.isfile(path):
