@@ -15,8 +15,10 @@ shared ``phase_end_mid`` (``--init.start_phase decay``) -> ``tools/ties_merge.py
 ``tools/evaluate.py --compare`` of all of them on the held-out manifest (the same masked rows for
 every model; mask rate 15%).
 
-``--scale`` multiplies the phase token budgets (1.0: 300 / 100 / 100 steps of 16 rows, ~40 min on 2
-quiet cores with the default ~3M-parameter model); ``--model tiny`` is the quickstart's 0.6M model.
+``--scale`` multiplies the phase token budgets (1.0: 300 / 100 / 100 steps of 16 rows); ``--model tiny``
+is the quickstart's 0.6M model, ``small`` (default) a ~3M one with ~5x the compute per token. Measured on
+2 busy shared cores: ``--scale 0.5 --model tiny`` 6.3 min, ``--scale 1 --model tiny`` see RESULTS.md; the
+default (``--scale 1``, small) is estimated from those at ~40 min on 2 quiet cores, not yet measured.
 
   python benchmarks/recipe_ablation.py                         # default scale
   python benchmarks/recipe_ablation.py --scale 0.3 --model tiny --append   # a busy machine
