@@ -17,7 +17,7 @@ every model; mask rate 15%).
 
 ``--scale`` multiplies the phase token budgets (1.0: 300 / 100 / 100 steps of 16 rows); ``--model tiny``
 is the quickstart's 0.6M model, ``small`` (default) a ~3M one with ~5x the compute per token. Measured on
-2 busy shared cores: ``--scale 0.5 --model tiny`` 6.3 min, ``--scale 1 --model tiny`` see RESULTS.md; the
+2 busy shared cores: ``--scale 0.5 --model tiny`` 6.3 min, ``--scale 1 --model tiny`` 10.6 min; the
 default (``--scale 1``, small) is estimated from those at ~40 min on 2 quiet cores, not yet measured.
 
   python benchmarks/recipe_ablation.py                         # default scale
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import shlex
 import socket

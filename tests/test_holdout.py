@@ -8,7 +8,9 @@
 
 import glob
 import hashlib
+import json
 import os
+import shutil
 import signal
 import time
 
@@ -19,7 +21,7 @@ from transformers import AutoTokenizer
 from megatron_mmbert.cli.preprocess_data import main as cli_main
 from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
 from megatron_mmbert.data.shards import HELDOUT_DIR, heldout_manifest_for, load_manifest
-from megatron_mmbert.data.sources import valid_lang
+from megatron_mmbert.data.sources import ReadOptions, valid_lang
 from tests.data_fixtures import demo_corpus, demo_tokenizer  # noqa: F401
 from tests.test_preprocess import _documents, _framed
 from tests.test_preprocess_shards import _args, _files, _task
@@ -103,8 +105,6 @@ def test_killed_shard_task_keeps_the_split(tmp_path, demo_corpus, demo_tokenizer
     expected = _files(out)
     assert any(f.startswith(HELDOUT_DIR + os.sep) and f.endswith(".idx") for f in expected)
     assert os.path.join(HELDOUT_DIR, "manifest.json") in expected
-    import shutil
-
     shutil.rmtree(out)
     units = os.path.join(out, ".preprocess", "units")
 
@@ -134,7 +134,6 @@ def test_killed_shard_task_keeps_the_split(tmp_path, demo_corpus, demo_tokenizer
 def test_inputs_that_change_the_selection_are_refused(tmp_path, demo_tokenizer):
     """Adding a file whose documents would displace held-out ones, once units are done, would leave them in
     training shards: refused, naming the fix. A file that changes nothing is added."""
-    import json
 
     def sha(t):
         return hashlib.sha256(t.encode()).hexdigest()
@@ -149,7 +148,6 @@ def test_inputs_that_change_the_selection_are_refused(tmp_path, demo_tokenizer):
     b.write_text(json.dumps({"text": larger, "lang": "eng_Latn"}) + "\n")
     c.write_text(json.dumps({"text": smaller, "lang": "eng_Latn"}) + "\n")
     out = str(tmp_path / "out")
-    from megatron_mmbert.data.sources import ReadOptions
 
     def run(*inputs):
         return run_preprocess(PreprocessConfig(inputs=[str(p) for p in inputs], output=out, tokenizer=demo_tokenizer,
