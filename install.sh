@@ -86,7 +86,7 @@ create_venv() {
 }
 
 # Exit 0 when the environment already holds this checkout (editable), every requirement it declares
-# (with the test and datasets extras), and nothing in setup.py, pyproject.toml or csrc/ changed
+# (with the test, datasets and plots extras), and nothing in setup.py, pyproject.toml or csrc/ changed
 # since it was installed; else print what is missing. Runs outside the checkout, so `import
 # megatron_mmbert` finds the installed package and not the current directory.
 installed() {
@@ -108,7 +108,7 @@ except ImportError:
     sys.exit("[install] packaging is missing")
 for line in dist.requires or []:
     req = Requirement(line)
-    if req.marker and not any(req.marker.evaluate({"extra": e}) for e in ("", "test", "datasets")):
+    if req.marker and not any(req.marker.evaluate({"extra": e}) for e in ("", "test", "datasets", "plots")):
         continue
     try:
         have = md.version(req.name)
@@ -162,7 +162,7 @@ else
     # Build requirements of the C++ index builder (built in place, no build isolation, so pip does
     # not fetch a second torch into an isolated build environment).
     "$PY" -m pip install --quiet "setuptools>=64" wheel "pybind11>=2.12"
-    "$PY" -m pip install --quiet --no-build-isolation -e ".[test,datasets]"
+    "$PY" -m pip install --quiet --no-build-isolation -e ".[test,datasets,plots]"
 fi
 (cd / && "$PY" -W ignore::UserWarning -c "import megatron_mmbert.data._index_builder, megatron.core; print('[install] megatron-mmbert ready (megatron-core', megatron.core.__version__ + ')')")
 if [ "$PY" = "$VENV/bin/python" ]; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole mmBERT pipeline at toy scale on a CPU machine, in a few minutes:
 #   demo corpus -> tokenizer -> shards -> index -> 3-phase run (2 processes) -> 3 decay variants
-#   from the mid-training checkpoint -> TIES merge -> Hugging Face export.
+#   from the mid-training checkpoint -> TIES merge -> Hugging Face export -> held-out evaluation of
+#   mid / variants / merge side by side -> plots of the schedule, the loss and the comparison.
 #
 #   bash examples/quickstart.sh [OUT_DIR]        (default: runs/quickstart; rerunning resumes)
 #
@@ -22,7 +23,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 # -- 0. install what is missing --------------------------------------------------------------
-if ! "$PY" -c "import megatron_mmbert.data._index_builder, megatron.core, tensorboard" 2>/dev/null; then
+if ! "$PY" -c "import megatron_mmbert.data._index_builder, megatron.core, tensorboard, matplotlib" 2>/dev/null; then
   say "installing torch (CPU, if missing), megatron-mmbert and its dependencies"
   bash "$ROOT/install.sh"
 fi
@@ -50,11 +51,12 @@ if [ ! -f "$OUT/tokenizer/tokenizer.json" ]; then
   say "2/7 tokenizer (byte-level BPE, 4096 ids)"
   "$PY" examples/demo_corpus/train_tokenizer.py --corpus "$OUT/corpus" --output "$OUT/tokenizer"
 fi
-say "3/7 preprocess to per-language Megatron shards"
+say "3/7 preprocess to per-language Megatron shards, holding out 8 documents per language"
 "$PY" tools/preprocess_data.py --input "$OUT/corpus" --output "$OUT/shards" --tokenizer "$OUT/tokenizer" \
-    --workers "$NPROC" --chunk-mb 0.1
+    --workers "$NPROC" --chunk-mb 0.1 --holdout-docs 8
 say "4/7 blended + packed index of the three phases"
-"$PY" tools/build_data_index.py --config "$CONFIG" "${COMMON[@]}" --rows 6
+"$PY" tools/build_data_index.py --config "$CONFIG" "${COMMON[@]}" --rows 6 | tee "$OUT/index_plan.txt"
+PLAN="$(sed -n 's/.*; plan: //p' "$OUT/index_plan.txt")"
 
 # -- 2. the three-phase run -------------------------------------------------------------------
 say "5/7 train pretrain -> mid -> decay ($NPROC processes)"
@@ -82,6 +84,29 @@ say "7/7 TIES-merge the variants (base: $MID) and export to Hugging Face"
 "$PY" tools/ties_merge.py --method ties --base "$MID" --density 0.5 --overwrite --quiet \
     --models "$OUT"/decay_{anchor_heavy,cont,all}/checkpoints/phase_end_decay --out "$OUT/merged"
 "$PY" tools/convert_checkpoint.py export-hf --load "$OUT/merged" --out "$OUT/hf" --overwrite
+
+# -- 5. held-out evaluation and plots --------------------------------------------------------------
+# The same masked rows of the held-out documents (never trained on) for every model; resource groups
+# by the training manifest's sizes. A rerun reuses the models already scored.
+# The table's columns are the models' folder names: short links name them.
+say "evaluate mid, the three variants and the merge on the held-out documents"
+mkdir -p "$OUT/models"
+ln -sfn ../train/checkpoints/phase_end_mid "$OUT/models/mid"
+for v in anchor_heavy cont all; do ln -sfn "../decay_$v/checkpoints/phase_end_decay" "$OUT/models/decay_$v"; done
+ln -sfn ../merged "$OUT/models/merged"
+"$PY" tools/evaluate.py --manifest "$OUT/shards/heldout" --size-manifest "$OUT/shards" --seq-len 256 \
+    --tokens-per-language 2048 --out "$OUT/eval_heldout" --quiet \
+    --compare "$OUT"/models/{mid,decay_anchor_heavy,decay_cont,decay_all,merged}
+PLOTS=()
+if "$PY" -c "import matplotlib" 2>/dev/null; then
+  say "plots"
+  for args in "schedule $PLAN" "loss $OUT/train" "compare $OUT/eval_heldout"; do
+    # shellcheck disable=SC2086
+    PLOTS+=("$("$PY" tools/plot.py $args | sed -n 's/^wrote //p')")
+  done
+else
+  echo "plots skipped: matplotlib is not installed (pip install 'megatron-mmbert[plots]', or rerun install.sh)"
+fi
 
 # -- summary --------------------------------------------------------------------------------------
 "$PY" - "$OUT" <<'EOF'
@@ -118,6 +143,12 @@ Written under {out}:
   decay_*/          the three decay variants (from train/checkpoints/phase_end_mid)
   merged/           TIES merge of the variants (megatron dist checkpoint)
   hf/               Hugging Face ModernBertForMaskedLM (AutoModelForMaskedLM.from_pretrained)
+  models/           links naming the compared checkpoints
+  eval_heldout/     held-out comparison: compare.json/.csv, one eval.json per model
 TensorBoard: {sys.executable} -m tensorboard.main --logdir {out}
 """)
 EOF
+if [ "${#PLOTS[@]}" -gt 0 ]; then
+  echo "Plots:"
+  printf '  %s\n' "${PLOTS[@]}"
+fi

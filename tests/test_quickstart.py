@@ -1,8 +1,10 @@
 """The README's main job, end to end: examples/quickstart.sh on the embedded tiny default.
 
 Demo corpus -> tokenizer -> shards -> index -> pretrain/mid/decay on 2 processes -> three decay
-variants from the mid-training checkpoint -> TIES merge -> Hugging Face export. The MLM loss must
-fall in every phase of every run (mean of the first three logged windows against the last three).
+variants from the mid-training checkpoint -> TIES merge -> Hugging Face export -> held-out comparison
+of mid / variants / merge -> three plots. The MLM loss must fall in every phase of every run (mean of
+the first three logged windows against the last three), and every trained model must beat nothing-
+learned (ln of the vocabulary) on the held-out documents.
 """
 
 import glob
@@ -60,6 +62,31 @@ def test_quickstart_trains_merges_and_exports(tmp_path):
     for role in ("mask", "pad", "bos", "eos"):
         assert getattr(tokenizer, f"{role}_token_id") == getattr(model.config, f"{role}_token_id"), role
     assert "Hugging Face export loads" in proc.stdout
+
+    # Held-out documents exist, and the comparison of mid / variants / merge on them was printed.
+    import math
+
+    heldout = json.loads((out / "shards" / "heldout" / "manifest.json").read_text())
+    assert len(heldout["languages"]) == 20
+    assert all(e["documents"] >= 1 for e in heldout["languages"].values())
+    compare = json.loads((out / "eval_heldout" / "compare.json").read_text())
+    models = ["mid", "decay_anchor_heavy", "decay_cont", "decay_all", "merged"]
+    assert compare["models"] == models
+    assert set(compare["languages"]) == set(heldout["languages"])
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("language "))
+    assert header.split() == ["language", *models, "winner"], header
+    assert "languages won: " in proc.stdout
+    for name in models:
+        loss = compare["results"][name]["mean"]["macro_loss"]
+        assert loss < math.log(model.config.vocab_size) - 1, (name, loss)
+
+    # The three plots were drawn, named at the end, and are PNGs with content.
+    plots = proc.stdout.split("Plots:", 1)[1].split()
+    assert [os.path.basename(p) for p in plots] == ["schedule.png", "loss.png", "compare.png"], plots
+    for p in plots:
+        with open(p, "rb") as f:
+            data = f.read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, p
 
     # It trains as every real run does, with the distributed optimizer (its state crossed from
     # phase_end_mid into each decay variant); rerunning the quickstart finds every run complete

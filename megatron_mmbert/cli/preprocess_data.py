@@ -7,7 +7,8 @@ Example (FineWeb2 layout, 8 workers)::
 
 Writes ``OUT/{lang}/part-*.bin/.idx`` and ``OUT/manifest.json``; rerunning resumes. Every option is a
 field of ``PreprocessConfig`` (``--help-config``), also accepted as YAML (``--config pre.yaml``; flags
-given win). Across nodes: a Slurm array runs one shard per task (``--num-shards``/``--shard-index``, read
+given win). ``--holdout-docs N`` also writes ``OUT/heldout/`` (N documents per language,
+chosen by content hash, with their own manifest.json). Across nodes: a Slurm array runs one shard per task (``--num-shards``/``--shard-index``, read
 from ``SLURM_ARRAY_TASK_*``), then one ``--finalize`` job writes the manifest
 (examples/slurm/preprocess_array.sbatch). See docs/data.md.
 """
@@ -22,6 +23,7 @@ from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess, slurm_array_shard
 from megatron_mmbert.data.sources import BadInputError, InputError
 from megatron_mmbert.data.tokenizer import TokenizerError
+from megatron_mmbert.data.shards import heldout_manifest_for, load_manifest
 
 
 FLAGS = {
@@ -84,6 +86,11 @@ def main(argv=None) -> int:
         f"documents, {sum(e.tokens for e in m.languages.values())} tokens -> {cfg.output}/manifest.json",
         file=sys.stderr,
     )
+    heldout = heldout_manifest_for(cfg.output)
+    if heldout is not None:
+        h = load_manifest(heldout)
+        print(f"preprocess_data: held out {sum(e.documents for e in h.languages.values())} documents, "
+              f"{sum(e.tokens for e in h.languages.values())} tokens -> {heldout}", file=sys.stderr)
     return 0
 
 

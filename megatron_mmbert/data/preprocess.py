@@ -32,6 +32,18 @@ only their own units' files, so they run side by side. ``finalize`` then runs no
 every unit of the plan has its marker (naming the missing ones and the shard task that owns them) and
 writes the manifest, the same bytes a one-process run writes.
 
+Held-out data (``holdout_docs`` / ``holdout_fraction``): documents chosen by the sha256 of their text go
+to ``OUT/heldout/{lang}/`` with their own ``OUT/heldout/manifest.json`` (same format) and never into the
+training shards. ``holdout_fraction`` f holds out a document iff its hash, read as a number in [0, 1), is
+below f: a property of the text alone. ``holdout_docs`` N holds out, per language, the N smallest hashes
+(at most half of the language's documents, so training keeps some of every language); a first pass
+(``_scan_unit``, parallel over the units, cached per unit in ``OUT/.preprocess/holdout/``) reads the
+documents without tokenizing and keeps each unit's N smallest per language, and the selection is the N
+smallest of their union. Both depend on the inputs only, never on workers, units or shard tasks; every copy
+of a held-out text is held out, so a duplicate never leaks it into training. The selection is recorded in
+``OUT/.preprocess/holdout.json``; a rerun that would select differently (inputs added) while units are done
+is refused.
+
 Bad input is loud when it is most of the input: a source that yields no document is an error naming it,
 the keys looked for and the keys it has; more than ``max_bad_fraction`` of bad records is an error.
 Both are raised (``BadInputFractionError``) after the manifest and the report are written, so nothing
@@ -55,6 +67,7 @@ from typing import Dict, List, Optional, Tuple
 from megatron_mmbert.checkpoints.layout import store_tokenizer
 from megatron_mmbert.fileio import atomic_write_json
 from megatron_mmbert.data.shards import (
+    HELDOUT_DIR,
     MANIFEST_NAME,
     LanguageEntry,
     Manifest,
@@ -142,6 +155,17 @@ class PreprocessConfig:
     finalize: bool = False
     """Run no unit: check that every unit of the plan is done (by the shard tasks) and write the manifest.
     Give the same inputs and options as the shard tasks, without the shard fields."""
+    holdout_docs: int = 0
+    """Hold out this many documents per language (the N smallest sha256 of their text; at most half of a
+    language's documents) into ``OUT/heldout/`` with its own manifest, never into the training shards.
+    Deterministic: the same documents whatever the workers, units or shard tasks. 0: none."""
+    holdout_fraction: float = 0.0
+    """Instead of ``holdout_docs``: hold out each document whose text's sha256, as a number in [0, 1), is below
+    this fraction (no extra pass over the input; about this fraction of every language). 0: none."""
+
+    @property
+    def holdout(self) -> bool:
+        return self.holdout_docs > 0 or self.holdout_fraction > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,16 +232,125 @@ def plan_units(segments: List[Segment], chunk_bytes: int, fingerprint: str) -> L
 
 def _fingerprint(cfg: PreprocessConfig, identity: TokenizerIdentity) -> str:
     """Options that change a unit's tokens (the worker count, chunking aside, does not)."""
-    return json.dumps(
-        {
-            "tokenizer": identity.hash,
-            "framing": cfg.framing.to_json(),
-            "read": cfg.read.to_json(),
-            "split_sentences": cfg.split_sentences and cfg.nltk_language,
-            "prefix": cfg.prefix,
-        },
-        sort_keys=True,
-    )
+    fields = {
+        "tokenizer": identity.hash,
+        "framing": cfg.framing.to_json(),
+        "read": cfg.read.to_json(),
+        "split_sentences": cfg.split_sentences and cfg.nltk_language,
+        "prefix": cfg.prefix,
+    }
+    if cfg.holdout:  # absent otherwise: outputs made before held-out data existed keep their unit ids
+        fields["holdout"] = {"docs": cfg.holdout_docs, "fraction": cfg.holdout_fraction}
+    return json.dumps(fields, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out documents
+
+
+def doc_hash(text: str) -> str:
+    """What selects held-out documents: the sha256 (hex) of the document's UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldoutRule:
+    """Which documents are held out: a hash below ``fraction`` (as a number in [0, 1)), or one of ``hashes``."""
+
+    fraction: float = 0.0
+    hashes: Optional[Dict[str, frozenset]] = None
+    """language -> the selected hashes (``holdout_docs``)."""
+
+    def held_out(self, lang: str, digest: str) -> bool:
+        if self.hashes is not None:
+            return digest in self.hashes.get(lang, ())
+        return self.fraction > 0 and int(digest[:16], 16) < self.fraction * (1 << 64)
+
+
+def _scan_unit(unit: WorkUnit) -> dict:
+    """A unit's ``holdout_docs`` candidates: per language its N smallest distinct hashes and its document
+    count (bad records are skipped here and reported by the unit's real run)."""
+    cfg: PreprocessConfig = _WORKER["scan_cfg"]
+    log = BadInputLog(strict=False, max_locations=0)
+    seen: Dict[str, set] = {}
+    docs: Dict[str, int] = {}
+    for seg in unit.segments:
+        for lang, text in read_segment(seg, cfg.read, log, lambda n: None):
+            seen.setdefault(lang, set()).add(doc_hash(text))
+            docs[lang] = docs.get(lang, 0) + 1
+    return {"id": unit.id, "holdout_docs": cfg.holdout_docs,
+            "languages": {lang: {"documents": docs[lang], "smallest": sorted(h)[: cfg.holdout_docs]}
+                          for lang, h in sorted(seen.items())}}
+
+
+def _init_scanner(cfg: PreprocessConfig) -> None:
+    _die_with_parent()
+    _WORKER.clear()
+    _WORKER["scan_cfg"] = cfg
+
+
+def _holdout_rule(cfg: PreprocessConfig, units: List[WorkUnit], markers: List[dict]) -> HoldoutRule:
+    """The held-out selection of this plan (scanning the units not scanned before), checked against the one
+    the output's finished units were made with."""
+    if not cfg.holdout_docs:
+        return HoldoutRule(fraction=cfg.holdout_fraction)
+    scan_dir = os.path.join(cfg.output, STATE_DIR, "holdout")
+    scans: Dict[str, dict] = {}
+    for u in units:
+        path = os.path.join(scan_dir, f"{u.id}.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                scans[u.id] = json.load(f)
+    todo = [u for u in units if u.id not in scans]
+    if todo:
+        print(f"preprocess: held-out selection: reading {len(todo)} of {len(units)} unit(s) for their document "
+              f"hashes on {cfg.workers} worker(s)", file=sys.stderr, flush=True)
+        start = last = time.monotonic()
+
+        def keep(scan: dict) -> None:
+            nonlocal last
+            scans[scan["id"]] = scan
+            _write_json(os.path.join(scan_dir, f"{scan['id']}.json"), scan)
+            if time.monotonic() - last >= cfg.log_interval_s:
+                last = time.monotonic()
+                print(f"preprocess: held-out selection: {len(scans)}/{len(units)} units read "
+                      f"({last - start:.0f}s)", file=sys.stderr, flush=True)
+
+        if cfg.workers <= 1:
+            _WORKER["scan_cfg"] = cfg
+            try:
+                for u in todo:
+                    keep(_scan_unit(u))
+            finally:
+                _WORKER.clear()
+        else:
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(min(cfg.workers, len(todo)), initializer=_init_scanner, initargs=(cfg,)) as pool:
+                for scan in pool.imap_unordered(_scan_unit, sorted(todo, key=lambda u: (-u.size, u.id))):
+                    keep(scan)
+    # The cap (half of a language's documents, so training keeps some of every language) uses document
+    # counts, which add up exactly across units whatever the split (distinct texts would not).
+    smallest: Dict[str, set] = {}
+    documents: Dict[str, int] = {}
+    for scan in scans.values():
+        for lang, entry in scan["languages"].items():
+            smallest.setdefault(lang, set()).update(entry["smallest"])
+            documents[lang] = documents.get(lang, 0) + entry["documents"]
+    selection = {lang: sorted(h)[: min(cfg.holdout_docs, documents[lang] // 2)]
+                 for lang, h in sorted(smallest.items())}
+    record = {"holdout_docs": cfg.holdout_docs, "units": sorted(u.id for u in units), "languages": selection}
+    path = os.path.join(cfg.output, STATE_DIR, "holdout.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)
+        if before.get("languages") != selection and any("heldout" in m for m in markers):
+            raise PreprocessError(
+                f"{cfg.output}: the held-out selection of these inputs (the {cfg.holdout_docs} smallest document "
+                "hashes per language) differs from the one its finished units were made with (inputs added or "
+                "changed since?); their training shards would hold documents now held out. Use a new --output folder."
+            )
+    _write_json(path, record)
+    return HoldoutRule(hashes={lang: frozenset(h) for lang, h in selection.items()})
 
 
 def assign_shards(units: List[WorkUnit], num_shards: int) -> Dict[str, int]:
@@ -269,6 +402,7 @@ class _Job:
     dtype: str
     prefix_ids: tuple
     suffix_ids: tuple
+    holdout: HoldoutRule = HoldoutRule()
 
 
 def _die_with_parent() -> None:
@@ -314,6 +448,7 @@ def _process_unit(unit: WorkUnit) -> dict:
     cfg = job.cfg
     counters = _WORKER["counters"]
     log = BadInputLog(strict=cfg.strict, max_locations=cfg.max_bad_locations)
+    # Keyed by the shard's folder under the output: "{lang}", or "heldout/{lang}" for held-out documents.
     writers: Dict[str, ShardWriter] = {}
     stats: Dict[str, dict] = {}
     batch: List[Tuple[str, str]] = []
@@ -348,6 +483,8 @@ def _process_unit(unit: WorkUnit) -> dict:
         for seg in unit.segments:
             current[0] = seg.path
             for lang, text in read_segment(seg, cfg.read, log, lambda n: counters.add(disk_bytes=n)):
+                if job.holdout.held_out(lang, doc_hash(text)):
+                    lang = f"{HELDOUT_DIR}/{lang}"  # no language has a "/": never a training folder
                 batch.append((lang, text))
                 if len(batch) >= cfg.batch_docs:
                     flush()
@@ -358,23 +495,30 @@ def _process_unit(unit: WorkUnit) -> dict:
         for w in writers.values():
             w.abort()
         raise
-    marker = {
-        "id": unit.id,
-        "sort_key": unit.sort_key(),
-        "segments": [s.to_json() for s in unit.segments],
-        "shards": {
-            lang: {
-                "prefix": os.path.relpath(writers[lang].prefix, cfg.output),
+    def entries(held: bool) -> dict:
+        root = os.path.join(cfg.output, HELDOUT_DIR) if held else cfg.output
+        return {
+            key.split("/", 1)[-1]: {
+                "prefix": os.path.relpath(writers[key].prefix, root),
                 "documents": st["documents"],
                 "tokens": st["tokens"],
                 "bytes": st["bytes"],
                 "sources": sorted(st["sources"]),
-                "max_token_id": writers[lang].max_token_id,
+                "max_token_id": writers[key].max_token_id,
             }
-            for lang, st in sorted(stats.items())
-        },
+            for key, st in sorted(stats.items())
+            if key.startswith(HELDOUT_DIR + "/") == held
+        }
+
+    marker = {
+        "id": unit.id,
+        "sort_key": unit.sort_key(),
+        "segments": [s.to_json() for s in unit.segments],
+        "shards": entries(held=False),
         "bad_input": log.files,
     }
+    if cfg.holdout:  # prefixes relative to OUT/heldout, the held-out manifest's folder
+        marker["heldout"] = entries(held=True)
     _write_json(os.path.join(cfg.output, STATE_DIR, "units", f"{unit.id}.json"), marker)
     return marker
 
@@ -509,6 +653,8 @@ def _forget_units_with_missing_shards(output: str, markers: List[dict], only: Op
             continue
         missing = [sh["prefix"] for sh in m["shards"].values()
                    if not shard_finished(os.path.join(output, sh["prefix"]))]
+        missing += [sh["prefix"] for sh in m.get("heldout", {}).values()
+                    if not shard_finished(os.path.join(output, HELDOUT_DIR, sh["prefix"]))]
         if missing:
             print(f"preprocess: unit {m['id']} lost shard(s) {missing[:3]}; processing it again", file=sys.stderr)
             os.remove(os.path.join(output, STATE_DIR, "units", f"{m['id']}.json"))
@@ -544,10 +690,13 @@ def _check_overlap(units: List[WorkUnit], markers: List[dict]) -> None:
                     )
 
 
-def _build_manifest(output: str, identity: TokenizerIdentity, dtype: str, markers: List[dict]) -> Manifest:
+def _build_manifest(output: str, identity: TokenizerIdentity, dtype: str, markers: List[dict],
+                    part: str = "shards") -> Manifest:
+    """The manifest of the units' training shards (``part="shards"``, ``output`` the output folder) or of
+    their held-out shards (``part="heldout"``, ``output`` the held-out folder)."""
     languages: Dict[str, LanguageEntry] = {}
     for m in markers:
-        for lang, sh in m["shards"].items():
+        for lang, sh in m.get(part, {}).items():
             e = languages.setdefault(lang, LanguageEntry([], 0, 0, 0, []))
             e.shards.append(os.path.join(os.path.abspath(output), sh["prefix"]))
             e.documents += sh["documents"]
@@ -571,8 +720,9 @@ def _remove_partials(output: str, unit_ids: Optional[List[str]] = None) -> None:
             os.remove(path)
         return
     for uid in unit_ids:
-        for path in glob.glob(os.path.join(glob.escape(output), "*", f"*-{uid}.*.partial")):
-            os.remove(path)
+        for folder in ("*", os.path.join(HELDOUT_DIR, "*")):
+            for path in glob.glob(os.path.join(glob.escape(output), folder, f"*-{uid}.*.partial")):
+                os.remove(path)
 
 
 def _refuse_other_shard_counts(output: str, num_shards: int) -> None:
@@ -627,10 +777,11 @@ def _bad_input_checks(cfg: PreprocessConfig, units: List[WorkUnit], markers: Lis
                       whole_plan: bool) -> List[str]:
     """Messages for the ways the input is mostly bad (see ``max_bad_fraction``)."""
     errors = []
-    docs = sum(sh["documents"] for m in markers for sh in m["shards"].values())
+    docs = sum(sh["documents"] for m in markers for part in ("shards", "heldout") for sh in m.get(part, {}).values())
     bad = sum(n for e in report.files.values() for k, n in e["counts"].items() if k not in _FILE_LEVEL_KINDS)
     if whole_plan and cfg.max_bad_fraction < 1:
-        yielded = {p for m in markers for sh in m["shards"].values() for p in sh["sources"]}
+        yielded = {p for m in markers for part in ("shards", "heldout") for sh in m.get(part, {}).values()
+                   for p in sh["sources"]}
         kinds = {seg.path: seg.kind for u in units for seg in u.segments}
         looked = f"text key {cfg.read.text_key!r}"
         if cfg.read.lang_key:
@@ -683,6 +834,12 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
                               "0 <= I < N (both, or neither)")
     if not sharded and cfg.shard_index not in (None, 0):
         raise PreprocessError(f"--shard-index {cfg.shard_index} needs --num-shards above it")
+    if cfg.holdout_docs < 0 or not 0 <= cfg.holdout_fraction < 1:
+        raise PreprocessError(f"--holdout-docs {cfg.holdout_docs} --holdout-fraction {cfg.holdout_fraction}: give "
+                              "N >= 0 documents per language, or a fraction in [0, 1)")
+    if cfg.holdout_docs and cfg.holdout_fraction:
+        raise PreprocessError("--holdout-docs and --holdout-fraction are two ways to choose the held-out "
+                              "documents: give one of them")
     if sharded and cfg.finalize:
         raise PreprocessError("--finalize runs after all shard tasks: give it the same arguments without "
                               "--num-shards/--shard-index")
@@ -745,7 +902,10 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
             file=sys.stderr,
             flush=True,
         )
-        job = _Job(cfg, dtype, tuple(prefix_ids), tuple(suffix_ids))
+        holdout = HoldoutRule()
+        if cfg.holdout and pending:
+            holdout = _holdout_rule(cfg, units, markers)
+        job = _Job(cfg, dtype, tuple(prefix_ids), tuple(suffix_ids), holdout)
         progress = _Progress(sum(u.size for u in pending), len(pending), cfg.log_interval_s)
         if pending:
             _run_units(pending, job, cfg.workers, progress)
@@ -755,6 +915,11 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
             markers = [m for m in markers if m["id"] in mine]
         else:
             manifest = _build_manifest(cfg.output, identity, dtype, markers)
+            if cfg.holdout:  # first: a training manifest beside it means the held-out one is there too
+                heldout_dir = os.path.join(cfg.output, HELDOUT_DIR)
+                os.makedirs(heldout_dir, exist_ok=True)
+                write_manifest(_build_manifest(heldout_dir, identity, dtype, markers, part="heldout"),
+                               os.path.join(heldout_dir, MANIFEST_NAME))
             write_manifest(manifest, os.path.join(cfg.output, MANIFEST_NAME))
     finally:
         if shard_lock is not None:

@@ -44,6 +44,7 @@ import re
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from megatron_mmbert.checkpoints.layout import TOKENIZER_DIR
+from megatron_mmbert.data.shards import HELDOUT_DIR, MANIFEST_NAME
 
 JSONL_EXTS = (".jsonl", ".json", ".ndjson")
 TEXT_EXTS = (".txt",)
@@ -54,7 +55,7 @@ VALID_LANG = re.compile(r"[A-Za-z0-9_@+-][A-Za-z0-9_@+.-]{0,63}\Z")
 ``_ - @ . +`` (BCP 47 ``zh-Hans``, gettext/glibc ``sr@latin``, ``ca@valencia``), not hidden (no leading
 dot), at most 64 characters; no separator or ``..`` can form."""
 # Names the output folder uses for itself: a language of that name would collide with them.
-RESERVED_LANGS = frozenset({"manifest.json", TOKENIZER_DIR})
+RESERVED_LANGS = frozenset({MANIFEST_NAME, TOKENIZER_DIR, HELDOUT_DIR})
 
 
 def valid_lang(lang) -> bool:
