@@ -52,7 +52,7 @@ def publish_directory(tmp: str, final: str) -> None:
 # -- outputs that never destroy -------------------------------------------------------------------
 
 OUTPUT_MARKER = "mmbert_output.json"
-"""Written into every folder a tool creates as its output (``{"kind": ...}``): ``--overwrite``
+"""Written into every folder a tool creates as its output (``{"kind": ...}``): ``overwrite``
 replaces only a folder holding this marker with the same kind."""
 
 
@@ -81,7 +81,7 @@ def check_output_dir(out: str, kind: str, inputs=(), overwrite: bool = False) ->
             )
     if os.path.lexists(out):
         if not overwrite:
-            raise OutputRefused(f"{out} exists; choose a new folder, or pass --overwrite to replace a previous {kind} output")
+            raise OutputRefused(f"{out} exists; choose a new folder, or set overwrite to replace a previous {kind} output")
         marker = os.path.join(out, OUTPUT_MARKER)
         found = None
         if os.path.isdir(out) and not os.path.islink(out) and os.path.isfile(marker):
@@ -96,7 +96,7 @@ def check_output_dir(out: str, kind: str, inputs=(), overwrite: bool = False) ->
         if found != kind or run_folder:
             what = "a run's checkpoint folder" if run_folder else (
                 f"a {found} output" if found else f"not an output of {kind} (no {OUTPUT_MARKER})")
-            raise OutputRefused(f"{out} is {what}; --overwrite replaces only a previous {kind} output. "
+            raise OutputRefused(f"{out} is {what}; overwrite replaces only a previous {kind} output. "
                                 "Choose a new output folder")
     return os.path.abspath(out)
 

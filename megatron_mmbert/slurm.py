@@ -45,10 +45,10 @@ def torch_env_from_slurm(env: Optional[Mapping[str, str]] = None) -> Dict[str, s
     env = os.environ if env is None else env
     missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS") if not env.get(k, "").isdigit()]
     if missing:
-        raise ConfigError(f"--slurm-task: {', '.join(missing)} not set; start it with srun inside a Slurm job "
+        raise ConfigError(f"one process per Slurm task: {', '.join(missing)} not set; start it with srun inside a Slurm job "
                           "(examples/slurm/pretrain.sbatch), or launch with torchrun instead")
     if not env.get("MASTER_ADDR") or not env.get("MASTER_PORT", "").isdigit():
-        raise ConfigError("--slurm-task: export MASTER_ADDR (the first node) and MASTER_PORT before srun, "
+        raise ConfigError("one process per Slurm task: export MASTER_ADDR (the first node) and MASTER_PORT before srun, "
                           "as examples/slurm/pretrain.sbatch does")
     out = {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env["SLURM_LOCALID"], "WORLD_SIZE": env["SLURM_NTASKS"]}
     per_node = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE") or "")

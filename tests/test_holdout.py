@@ -22,7 +22,6 @@ from megatron_mmbert.cli.preprocess_data import main as cli_main
 from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
 from megatron_mmbert.data.shards import HELDOUT_DIR, heldout_manifest_for, load_manifest
 from megatron_mmbert.data.sources import ReadOptions, valid_lang
-from tests.data_fixtures import demo_corpus, demo_tokenizer  # noqa: F401
 from tests.test_preprocess import _documents, _framed
 from tests.test_preprocess_shards import _args, _files, _task
 
@@ -157,5 +156,5 @@ def test_inputs_that_change_the_selection_are_refused(tmp_path, demo_tokenizer):
     assert load_manifest(heldout_manifest_for(out)).languages["eng_Latn"].documents == 1
     res = run(a, b)
     assert res.units_run == 1 and res.manifest.languages["eng_Latn"].documents == 6
-    with pytest.raises(PreprocessError, match="held-out selection .* differs .* new --output"):
+    with pytest.raises(PreprocessError, match="held-out selection .* differs .* new output folder"):
         run(a, b, c)

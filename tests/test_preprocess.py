@@ -141,7 +141,7 @@ def test_bad_input_strict_aborts_at_first(tmp_path, demo_tokenizer, capsys):
     rc = cli_main(["--input", str(d), "--output", str(tmp_path / "cli"), "--tokenizer", demo_tokenizer,
                    "--lang", "xxx_Latn", "--strict"])
     assert rc == 1
-    assert "bad input (--strict)" in capsys.readouterr().err
+    assert "bad input (strict)" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "cli" / "manifest.json")
 
 
@@ -320,7 +320,8 @@ def test_tokenizer_mismatch_refused(tmp_path, demo_corpus, demo_tokenizer, capsy
         _run(tmp_path, other, [tmp_path / "b.jsonl"])
     rc = cli_main(["--input", str(tmp_path / "b.jsonl"), "--output", str(tmp_path / "out"), "--tokenizer", other,
                    "--lang", "xxx_Latn"])
-    assert rc == 1 and "pass a new --output folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 1 and "use a new output folder" in err and "[--output]" in err  # the field, then its flag
     # The same tokenizer may add new inputs; the manifest then covers both.
     res = _run(tmp_path, demo_tokenizer, [tmp_path / "b.jsonl"])
     assert res.manifest.languages["xxx_Latn"].documents == 2

@@ -97,7 +97,7 @@ def test_shard_tasks_plus_finalize_equal_one_run(tmp_path, demo_corpus, demo_tok
     assert missing and done and f"{len(missing)} of {len(units)} unit(s) of the plan are not done" in err
     named = [line.split()[1].rstrip(":") for line in err.splitlines() if line.strip().startswith("unit ")]
     assert named and set(named) <= missing, err
-    assert "(shard 1 of 3)" in err and "--num-shards 3 --shard-index 1" in err
+    assert "(shard 1 of 3)" in err and "num_shards=3, shard_index=1" in err and "[--finalize]" in err
     assert not os.path.exists(os.path.join(out, "manifest.json"))
 
     assert cli_main(_args(demo_corpus, out, demo_tokenizer, "--num-shards", "3", "--shard-index", "1")) == 0
@@ -163,7 +163,7 @@ def test_input_without_documents_is_an_error(tmp_path, demo_tokenizer, capsys):
     err = capsys.readouterr().err
     assert rc == 1
     assert f"{src} yielded no documents (missing text field: 3); looked for text key 'text'" in err
-    assert "its records have keys ['content', 'id']" in err and "--text-key" in err
+    assert "its records have keys ['content', 'id']" in err and "read.text_key" in err
     assert "bad input: 3 record(s) skipped" in err  # the report came first
 
     fw = tmp_path / "fw" / "data" / "fra_Latn" / "train"
@@ -185,7 +185,7 @@ def test_max_bad_fraction_fails_after_writing(tmp_path, demo_tokenizer):
     src.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(95)) + '{"txt": "x"}\n' * 5)
     cfg = PreprocessConfig(inputs=[str(src)], output=str(tmp_path / "out"), tokenizer=demo_tokenizer,
                            read=ReadOptions(lang="eng_Latn"))
-    with pytest.raises(BadInputFractionError, match=r"5 of 100 records \(5\.0%\) were bad.*--max-bad-fraction 0\.01"):
+    with pytest.raises(BadInputFractionError, match=r"5 of 100 records \(5\.0%\) were bad.*max_bad_fraction 0\.01"):
         run_preprocess(cfg)
     assert os.path.isfile(tmp_path / "out" / "manifest.json")  # written before failing: nothing lost
     res = run_preprocess(PreprocessConfig(**{**cfg.__dict__, "max_bad_fraction": 0.05}))
@@ -201,7 +201,7 @@ def test_shard_tasks_of_another_shard_count_are_refused(tmp_path, demo_tokenizer
     (out / ".preprocess").mkdir(parents=True)
     with open(out / ".preprocess" / "lock.shard-0-of-3", "w") as held:  # a running task of a 3-shard array
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(PreprocessError, match="--num-shards 3 are writing.*same --num-shards"):
+        with pytest.raises(PreprocessError, match="num_shards=3 are writing.*same num_shards"):
             run_preprocess(PreprocessConfig(inputs=[str(src)], output=str(out), tokenizer=demo_tokenizer,
                                             read=ReadOptions(lang="eng_Latn"), num_shards=2, shard_index=1))
         res = run_preprocess(PreprocessConfig(inputs=[str(src)], output=str(out), tokenizer=demo_tokenizer,

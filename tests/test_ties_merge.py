@@ -301,7 +301,7 @@ def test_cli_end_to_end_modernbert(tmp_path, capsys):
     assert set(report["tensors"]) == set(names)
     # rerun without --overwrite refuses; with it, replaces atomically
     assert cli_main(["--base", str(tmp_path / "base"), "--models", *paths, "--out", out, "--quiet"]) == 2
-    assert "exists; choose a new folder, or pass --overwrite" in capsys.readouterr().err
+    assert "exists; choose a new folder, or set overwrite" in capsys.readouterr().err
     assert cli_main(["--base", str(tmp_path / "base"), "--models", *paths, "--out", out, "--quiet",
                      "--overwrite", "--method", "linear"]) == 0
     # the same TIES merge as a YAML recipe; a flag given on top wins over the recipe (density 0.5 -> 0.2)

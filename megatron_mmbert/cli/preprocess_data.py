@@ -56,6 +56,13 @@ def check_config(cfg: PreprocessConfig) -> None:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}", field=name)
 
 
+def explain(spec: ConfigParser, err: Exception) -> str:
+    """``err``'s message, plus the flag that sets the field it blames (the library names fields only)."""
+    if not isinstance(err, ConfigError):
+        err = ConfigError(str(err), field=getattr(err, "field", None))
+    return spec.explain(err)
+
+
 def main(argv=None) -> int:
     parser, spec = build_parser()
     try:
@@ -65,13 +72,13 @@ def main(argv=None) -> int:
         check_config(cfg)
         if cfg.num_shards == 1 and cfg.shard_index is None and not cfg.finalize:
             cfg.num_shards, cfg.shard_index = slurm_array_shard() or (1, None)
-    except ConfigError as e:
-        print(f"preprocess_data: error: {spec.explain(e)}", file=sys.stderr)
+    except (ConfigError, PreprocessError) as e:  # PreprocessError: SLURM_ARRAY_TASK_* that name no shard
+        print(f"preprocess_data: error: {explain(spec, e)}", file=sys.stderr)
         return 2
     try:
         result = run_preprocess(cfg)
     except (PreprocessError, InputError, BadInputError, TokenizerError) as e:
-        print(f"preprocess_data: error: {e}", file=sys.stderr)
+        print(f"preprocess_data: error: {explain(spec, e)}", file=sys.stderr)
         return 1
     except OSError as e:  # read-only output, full disk: say which file, no traceback
         print(f"preprocess_data: error: {os_error_text(e)}", file=sys.stderr)

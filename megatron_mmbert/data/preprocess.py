@@ -1,5 +1,10 @@
 """Raw text -> per-language Megatron shards + manifest, in parallel, resumable and deterministic.
 
+One subject, one file (it is long on purpose): the plan, the workers, resume, shard tasks and the
+held-out split all rest on one invariant -- a unit's id and bytes depend on the inputs and options
+only -- and each step below checks or relies on it; split apart, that invariant would have no home.
+Readers, tokenizers and the shard format live in ``sources.py``, ``tokenizer.py`` and ``shards.py``.
+
 Flow (``run_preprocess``):
 1. Load the tokenizer; refuse an output folder that already holds shards of another tokenizer or
    framing (``OUT/.preprocess/state.json`` and ``OUT/manifest.json`` record them). Its files are
@@ -25,12 +30,12 @@ Shards are never merged: a language's shard set is the list of its units' prefix
 ``shards.py``), so the data is written exactly once.
 
 Many nodes (a Slurm array): the plan is the same in every process, so ``num_shards``/``shard_index``
-(``--num-shards N --shard-index I``, read from ``SLURM_ARRAY_TASK_*`` when set) deal its units out to N
-tasks (``assign_shards``: biggest first, each to the least-loaded shard). A shard task runs only its
-units and writes no manifest; tasks hold the output lock shared plus their own shard lock, and touch
-only their own units' files, so they run side by side. ``finalize`` then runs no unit: it checks that
-every unit of the plan has its marker (naming the missing ones and the shard task that owns them) and
-writes the manifest, the same bytes a one-process run writes.
+(read from ``SLURM_ARRAY_TASK_*`` when set) deal its units out to N tasks (``assign_shards``: biggest
+first, each to the least-loaded shard). A shard task runs only its units and writes no manifest;
+tasks hold the output lock shared plus their own shard lock, and touch only their own units' files,
+so they run side by side. ``finalize`` then runs no unit: it checks that every unit of the plan has
+its marker (naming the missing ones and the shard task that owns them) and writes the manifest, the
+same bytes a one-process run writes.
 
 Held-out data (``holdout_docs`` / ``holdout_fraction``): documents chosen by the sha256 of their text go
 to ``OUT/heldout/{lang}/`` with their own ``OUT/heldout/manifest.json`` (same format) and never into the
@@ -97,7 +102,14 @@ STATE_DIR = ".preprocess"
 
 
 class PreprocessError(RuntimeError):
-    """The run cannot go on (tokenizer mismatch, overlapping inputs, another run holding the lock)."""
+    """The run cannot go on (tokenizer mismatch, overlapping inputs, another run holding the lock).
+
+    ``field`` is the :class:`PreprocessConfig` field to blame (dotted, ``framing.bos``) when one is,
+    so a command line can name the option that sets it; the message names the field, never a flag."""
+
+    def __init__(self, message: str, field: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class BadInputFractionError(PreprocessError):
@@ -347,7 +359,8 @@ def _holdout_rule(cfg: PreprocessConfig, units: List[WorkUnit], markers: List[di
             raise PreprocessError(
                 f"{cfg.output}: the held-out selection of these inputs (the {cfg.holdout_docs} smallest document "
                 "hashes per language) differs from the one its finished units were made with (inputs added or "
-                "changed since?); their training shards would hold documents now held out. Use a new --output folder."
+                "changed since?); their training shards would hold documents now held out. Use a new output folder.",
+                field="output",
             )
     _write_json(path, record)
     return HoldoutRule(hashes={lang: frozenset(h) for lang, h in selection.items()})
@@ -370,7 +383,7 @@ def slurm_array_shard(env=None) -> Optional[Tuple[int, int]]:
 
     ``SLURM_ARRAY_TASK_ID`` runs from ``SLURM_ARRAY_TASK_MIN`` (not necessarily 0: ``--array=1-8``) in
     steps of ``SLURM_ARRAY_TASK_STEP``; the index is the task's position in that range. An array with
-    gaps (``--array=0,3,7``) has no such position: pass ``--num-shards``/``--shard-index`` then."""
+    gaps (``--array=0,3,7``) has no such position: set ``num_shards``/``shard_index`` then."""
     env = os.environ if env is None else env
     if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
         return None
@@ -378,12 +391,13 @@ def slurm_array_shard(env=None) -> Optional[Tuple[int, int]]:
         task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
         low, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
     except ValueError:
-        raise PreprocessError("SLURM_ARRAY_TASK_* are not integers; pass --num-shards and --shard-index") from None
+        raise PreprocessError("SLURM_ARRAY_TASK_* are not integers; set num_shards and shard_index",
+                             field="num_shards") from None
     index, rest = divmod(task - low, step)
     if rest or not 0 <= index < count:
         raise PreprocessError(
             f"Slurm array task {task} (min {low}, step {step}, count {count}) is not the k-th task of a regular "
-            "range (an --array with gaps?); pass --num-shards N --shard-index I explicitly"
+            "range (an sbatch array with gaps?); set num_shards and shard_index explicitly", field="num_shards"
         )
     return count, index
 
@@ -625,12 +639,12 @@ def _check_output(cfg: PreprocessConfig, identity: TokenizerIdentity, dtype: str
                 f"{cfg.output} already holds shards made with tokenizer {theirs['tokenizer']['name']!r} "
                 f"(sha256 {theirs['tokenizer']['hash'][:12]}...), but this run uses {identity.name!r} "
                 f"(sha256 {identity.hash[:12]}...). Shards of different tokenizers cannot share a manifest: "
-                "pass a new --output folder, or the tokenizer the folder was made with."
+                "use a new output folder, or the tokenizer the folder was made with.", field="output"
             )
         if theirs["framing"] != ours["framing"]:
             raise PreprocessError(
                 f"{cfg.output} was made with framing {theirs['framing']}, this run asks for {ours['framing']}; "
-                "pass a new --output folder or the same --bos/--eos settings"
+                "use a new output folder or the same framing (framing.bos, framing.eos)", field="output"
             )
     _write_json(state_path, ours)
 
@@ -685,8 +699,8 @@ def _check_overlap(units: List[WorkUnit], markers: List[dict]) -> None:
                 if overlaps(s, seg):
                     raise PreprocessError(
                         f"{seg.path} is already in unit {unit_id} of this output, but with other options, "
-                        "another --chunk-mb, or the file changed since; adding it again would duplicate its "
-                        "documents. Use a new --output folder (or delete the output and start over)."
+                        "another chunk_bytes, or the file changed since; adding it again would duplicate its "
+                        "documents. Use a new output folder (or delete the output and start over).", field="output"
                     )
 
 
@@ -735,8 +749,8 @@ def _refuse_other_shard_counts(output: str, num_shards: int) -> None:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise PreprocessError(
-                    f"shard tasks with --num-shards {path.rsplit('-of-', 1)[1]} are writing {output}; every task of "
-                    f"one output must use the same --num-shards (this one has {num_shards})"
+                    f"shard tasks with num_shards={path.rsplit('-of-', 1)[1]} are writing {output}; every task of "
+                    f"one output must use the same num_shards (this one has {num_shards})", field="num_shards"
                 ) from None
 
 
@@ -761,12 +775,13 @@ def _check_finalize(units: List[WorkUnit], done: set, output: str) -> None:
         lines.append(f"  unit {u.id}{who}: {where}{more}")
     shards = sorted({assignment[u.id] for u in missing if u.id in assignment})
     if shards:
-        owner = (f"rerun the shard task(s) that own them (--num-shards {num_shards} --shard-index "
-                 f"{' / '.join(map(str, shards))}, same other arguments; they resume), or ")
+        owner = (f"rerun the shard task(s) that own them (num_shards={num_shards}, shard_index="
+                 f"{' / '.join(map(str, shards))}, same other options; they resume), or ")
     raise PreprocessError(
-        f"--finalize: {len(missing)} of {len(units)} unit(s) of the plan are not done:\n" + "\n".join(lines)
+        f"finalize: {len(missing)} of {len(units)} unit(s) of the plan are not done:\n" + "\n".join(lines)
         + ("\n  ..." if len(missing) > 10 else "")
-        + f"\n{owner}run once without shard flags to do them in this process; then --finalize again."
+        + f"\n{owner}run once without num_shards/shard_index to do them in this process; then finalize again.",
+        field="finalize",
     )
 
 
@@ -793,7 +808,7 @@ def _bad_input_checks(cfg: PreprocessConfig, units: List[WorkUnit], markers: Lis
             keys = source_keys(path, kinds[path], cfg.read.split) if kinds[path] != "text" else None
             has = f"; its records have keys {keys}" if keys is not None else ""
             errors.append(f"{path} yielded no documents ({why}); looked for {looked}{has}. "
-                          "Pass --text-key/--lang-key naming its fields, or remove it from --input.")
+                          "Set read.text_key/read.lang_key to its fields, or remove it from inputs.")
         if len(empty) > 10:
             errors.append(f"... and {len(empty) - 10} more source(s) without documents")
         for raw in cfg.inputs:
@@ -803,14 +818,14 @@ def _bad_input_checks(cfg: PreprocessConfig, units: List[WorkUnit], markers: Lis
                 errors.append(
                     f"input {raw} yielded no documents ({found} readable source file(s) under it; for a FineWeb2 "
                     f"folder, data/{{lang}}_{{Script}}/{cfg.read.split}/*.parquet; see the report above), looked "
-                    f"for {looked}. Fix --input/--split/--text-key, or remove it."
+                    f"for {looked}. Fix inputs/read.split/read.text_key, or remove it."
                 )
     total = bad + docs
     if total and bad / total > cfg.max_bad_fraction:
         errors.append(
-            f"{bad} of {total} records ({bad / total:.1%}) were bad and skipped, more than --max-bad-fraction "
-            f"{cfg.max_bad_fraction:g} (see the report above); fix the input or the options (e.g. --text-key, "
-            "--lang-key), or raise --max-bad-fraction to accept it. The shards already written are kept."
+            f"{bad} of {total} records ({bad / total:.1%}) were bad and skipped, more than max_bad_fraction "
+            f"{cfg.max_bad_fraction:g} (see the report above); fix the input or the options (e.g. read.text_key, "
+            "read.lang_key), or raise max_bad_fraction to accept it. The shards already written are kept."
         )
     return errors
 
@@ -822,27 +837,30 @@ def _bad_input_checks(cfg: PreprocessConfig, units: List[WorkUnit], markers: Lis
 def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     """Preprocess ``cfg.inputs`` into ``cfg.output``; see the module docstring."""
     if not SAFE_NAME.match(cfg.prefix):  # the same rule as a folder name: no "/", "..", absolute paths
-        raise PreprocessError(f"--prefix {cfg.prefix!r}: give a plain file-name prefix (letters, digits, _ . -)")
+        raise PreprocessError(f"prefix {cfg.prefix!r}: give a plain file-name prefix (letters, digits, _ . -)",
+                              field="prefix")
     if cfg.chunk_bytes < 1 or cfg.workers < 1 or cfg.batch_docs < 1:
         raise PreprocessError("chunk_bytes, workers and batch_docs must be positive")
     if not cfg.max_bad_fraction >= 0:
-        raise PreprocessError(f"--max-bad-fraction {cfg.max_bad_fraction}: give a fraction in [0, 1]")
+        raise PreprocessError(f"max_bad_fraction {cfg.max_bad_fraction}: give a fraction in [0, 1]",
+                              field="max_bad_fraction")
     sharded = cfg.num_shards > 1
     index_ok = isinstance(cfg.shard_index, int) and 0 <= cfg.shard_index < cfg.num_shards
     if cfg.num_shards < 1 or (sharded and not index_ok):
-        raise PreprocessError(f"--num-shards {cfg.num_shards} --shard-index {cfg.shard_index}: give N >= 1 and "
-                              "0 <= I < N (both, or neither)")
+        raise PreprocessError(f"num_shards {cfg.num_shards}, shard_index {cfg.shard_index}: give N >= 1 and "
+                              "0 <= I < N (both, or neither)", field="shard_index")
     if not sharded and cfg.shard_index not in (None, 0):
-        raise PreprocessError(f"--shard-index {cfg.shard_index} needs --num-shards above it")
+        raise PreprocessError(f"shard_index {cfg.shard_index} needs num_shards above it", field="num_shards")
     if cfg.holdout_docs < 0 or not 0 <= cfg.holdout_fraction < 1:
-        raise PreprocessError(f"--holdout-docs {cfg.holdout_docs} --holdout-fraction {cfg.holdout_fraction}: give "
-                              "N >= 0 documents per language, or a fraction in [0, 1)")
+        raise PreprocessError(f"holdout_docs {cfg.holdout_docs}, holdout_fraction {cfg.holdout_fraction}: give "
+                              "N >= 0 documents per language, or a fraction in [0, 1)",
+                              field="holdout_docs" if cfg.holdout_docs < 0 else "holdout_fraction")
     if cfg.holdout_docs and cfg.holdout_fraction:
-        raise PreprocessError("--holdout-docs and --holdout-fraction are two ways to choose the held-out "
-                              "documents: give one of them")
+        raise PreprocessError("holdout_docs and holdout_fraction are two ways to choose the held-out "
+                              "documents: give one of them", field="holdout_fraction")
     if sharded and cfg.finalize:
-        raise PreprocessError("--finalize runs after all shard tasks: give it the same arguments without "
-                              "--num-shards/--shard-index")
+        raise PreprocessError("finalize runs after all shard tasks: give it the same options without "
+                              "num_shards/shard_index", field="finalize")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer_path = os.path.abspath(resolve_tokenizer_path(cfg.tokenizer))  # a Hub id: its snapshot, once
     cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output), tokenizer=tokenizer_path)
@@ -854,7 +872,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     dtype = token_dtype(identity.vocab_size).name
     os.makedirs(os.path.join(cfg.output, STATE_DIR), exist_ok=True)
 
-    # One run (or --finalize) holds the folder alone; shard tasks share it, each holding its own shard.
+    # One run (or finalize) holds the folder alone; shard tasks share it, each holding its own shard.
     lock = open(os.path.join(cfg.output, STATE_DIR, "lock"), "w")
     shard_lock = None
     try:
@@ -868,7 +886,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         if shard_lock is not None:
             shard_lock.close()
         what = f"shard {cfg.shard_index} of {cfg.num_shards} of " if sharded and shard_lock is not None else ""
-        raise PreprocessError(f"another preprocess is writing {what}{cfg.output} (a one-process run or --finalize "
+        raise PreprocessError(f"another preprocess is writing {what}{cfg.output} (a one-process run or finalize "
                               "excludes shard tasks); wait for it to finish") from None
     try:
         if sharded:
@@ -911,7 +929,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
             _run_units(pending, job, cfg.workers, progress)
         markers = _load_markers(cfg.output)
         manifest = None
-        if sharded:  # the manifest needs every shard's units: --finalize writes it
+        if sharded:  # the manifest needs every shard's units: finalize writes it
             markers = [m for m in markers if m["id"] in mine]
         else:
             manifest = _build_manifest(cfg.output, identity, dtype, markers)

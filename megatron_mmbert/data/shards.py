@@ -45,7 +45,7 @@ MANIFEST_FORMAT = "megatron-mmbert-manifest"
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 HELDOUT_DIR = "heldout"
-"""Folder of a preprocessing output that holds its held-out documents (``--holdout-docs``/``--holdout-fraction``):
+"""Folder of a preprocessing output that holds its held-out documents (``holdout_docs``/``holdout_fraction``):
 ``OUT/heldout/{lang}/*.bin/.idx`` and ``OUT/heldout/manifest.json``, in the training manifest's format and never in
 the training shards. No language may be named like it (``sources.RESERVED_LANGS``)."""
 
@@ -429,9 +429,16 @@ def load_manifest(path: str) -> Manifest:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"no manifest at {path}: run tools/preprocess_data.py --output {os.path.dirname(path) or '.'} first"
-        ) from None
+        # The folder preprocessing would write it into: the file's folder, or ``path`` itself when it names
+        # neither an existing folder nor a manifest file (``/data/shards`` before preprocessing ran).
+        folder = os.path.dirname(path) if os.path.basename(path) == MANIFEST_NAME else path
+        folder = os.path.abspath(folder or ".")
+        if os.path.basename(folder) == HELDOUT_DIR:  # OUT/heldout is written by preprocessing OUT
+            how = (f"run tools/preprocess_data.py --output {os.path.dirname(folder)} --holdout-docs N "
+                   f"(it writes {folder})")
+        else:
+            how = f"run tools/preprocess_data.py --output {folder}"
+        raise FileNotFoundError(f"no manifest at {path}: {how} first") from None
     if obj.get("format") != MANIFEST_FORMAT or obj.get("version") != MANIFEST_VERSION:
         raise ValueError(
             f"{path} is not a {MANIFEST_FORMAT} version {MANIFEST_VERSION} file "

@@ -104,11 +104,18 @@ BAD_KINDS = {
 
 
 class BadInputError(ValueError):
-    """Bad input under ``--strict`` (or input that cannot be used at all)."""
+    """Bad input under ``strict`` (or input that cannot be used at all)."""
 
 
 class InputError(ValueError):
-    """An input path that cannot be used (missing, unsupported); the message says what to pass."""
+    """An input path that cannot be used (missing, unsupported); the message says what to set.
+
+    ``field`` is the config field to blame (``read.lang``) when one is, so a command line can name
+    the option that sets it."""
+
+    def __init__(self, message: str, field: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclasses.dataclass
@@ -126,7 +133,7 @@ class BadInputLog:
         loc = f"{path}:{where}" if where is not None else path
         message = f"{loc}: {BAD_KINDS[kind]}" + (f" ({detail})" if detail else "")
         if self.strict:
-            raise BadInputError(f"bad input (--strict): {message}")
+            raise BadInputError(f"bad input (strict): {message}")
         entry = self.files.setdefault(path, {"counts": {}, "locations": []})
         entry["counts"][kind] = entry["counts"].get(kind, 0) + 1
         if len(entry["locations"]) < self.max_locations:
@@ -185,7 +192,7 @@ class Source:
     kind: str
     """``jsonl``, ``parquet``, ``arrow``, ``text`` or ``hf_disk``."""
     lang: Optional[str]
-    """Language from the FineWeb2 folder or ``--lang``; None when it comes from ``lang_key``."""
+    """Language from the FineWeb2 folder or ``lang``; None when it comes from ``lang_key``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,8 +301,9 @@ def discover(inputs: List[str], opts: ReadOptions, log: BadInputLog) -> List[Sou
     for s in out:
         if s.lang is None and opts.lang_key is None:
             raise InputError(
-                f"cannot tell the language of {s.path}: pass --lang LANG for single-language inputs or "
-                "--lang-key FIELD for inputs with a language column (FineWeb2 folders name it themselves)"
+                f"cannot tell the language of {s.path}: set read.lang for single-language inputs or "
+                "read.lang_key for inputs with a language column (FineWeb2 folders name it themselves)",
+                field="read.lang",
             )
         if s.lang is not None and not valid_lang(s.lang):
             raise InputError(f"language {s.lang!r} is not a usable folder name (letters, digits, _ - @ . +, "
@@ -350,7 +358,7 @@ def _load_hf_disk(path: str, split: str):
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise InputError(f"{path} has splits {sorted(ds)}; pass --split with one of them")
+            raise InputError(f"{path} has splits {sorted(ds)}; set read.split to one of them", field="read.split")
         ds = ds[split]
     return ds
 

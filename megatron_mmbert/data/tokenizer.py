@@ -38,7 +38,14 @@ _HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json
 
 
 class TokenizerError(ValueError):
-    """A tokenizer path or framing that cannot be used; the message says what to pass instead."""
+    """A tokenizer path or framing that cannot be used; the message says what to set instead.
+
+    ``field`` is the config field to blame (``framing.bos``) when one is, so a command line can name
+    the option that sets it."""
+
+    def __init__(self, message: str, field: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def _sha256_files(paths: Sequence[str]) -> str:
@@ -202,7 +209,7 @@ class Framing:
             if i is None:
                 raise TokenizerError(
                     f"tokenizer {identity.name} has no {role} token but the framing adds one; "
-                    f"pass --no-{role} or use a tokenizer with a {role} token"
+                    f"set framing.{role} to false or use a tokenizer with a {role} token", field=f"framing.{role}"
                 )
             out.append((i,))
         return tuple(out)
@@ -249,8 +256,8 @@ class SentenceSplitter:
             from nltk.tokenize import PunktTokenizer
         except ImportError:
             raise TokenizerError(
-                "--split-sentences needs nltk: pip install 'nltk>=3.8' (or pip install .[nltk]), then "
-                "python -m nltk.downloader punkt_tab"
+                "split_sentences needs nltk: pip install 'nltk>=3.8' (or pip install .[nltk]), then "
+                "python -m nltk.downloader punkt_tab", field="split_sentences"
             ) from None
         try:
             self._punkt = PunktTokenizer(language)
