@@ -504,3 +504,55 @@ def test_build_data_index_cli_packing(tmp_path, capsys):
     folder = out.split("index ready in ", 1)[1].split(" (", 1)[0]
     assert json.load(open(os.path.join(folder, "index_plan.json")))["phases"][0]["packing"]["mode"] == "best_fit"
     assert main(args) == 0 and "packing concat: padding 0.00%" in capsys.readouterr().out
+
+
+# Digests of the index arrays (values as int64, with shapes) and the plan of a tiny three-phase run,
+# recorded with the in-memory builder (build every array, then concatenate) before the build was
+# made to stream phase by phase and language by language into the .npy files: the streamed build
+# (cached or in memory, whole schedule or a branch) must produce the same values.
+DIGEST_PHASES = [
+    PhaseConfig(name="p", tokens=64 * 150, seq_len=64, temperature=0.5),
+    PhaseConfig(name="q", tokens=128 * 40, seq_len=128, temperature=0.3, languages=["l0", "l2"]),
+    PhaseConfig(name="r", tokens=32 * 90, seq_len=32, temperature=0.7),
+]
+DIGEST_ARRAYS = ("dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx",
+                 "row_offsets", "pieces", "piece_bos", "piece_offsets", "row_ptr", "first_token")
+RECORDED_DIGESTS = {
+    "concat/start0": "83422294314c12c781cd5f55a3294bd369beba852ff386712448f10df98f191b",
+    "concat/start2": "fd5e9c9f8e1259a921de5441489268f788c41987cefe0d9f8395af1b99b6474b",
+    "best_fit/start0": "4f491186567dcdd2b4ea0db64b7417412dab5309731b4cf1bfe4b4f0280ae936",
+    "best_fit/start2": "78c6c464d65b226763ece8e14dbf1dd64049f47cdceb9e61cc652d47e9b3ee39",
+}
+
+
+def _index_digest(index):
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for p in index.phases:
+        for name in DIGEST_ARRAYS:
+            a = np.ascontiguousarray(np.asarray(getattr(p, name)), dtype=np.int64)
+            h.update(f"{name}{a.shape}".encode())
+            h.update(a.tobytes())
+    h.update(json.dumps(index.plan["phases"], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _digest_runs(tmp_path):
+    path, _ = write_corpus(str(tmp_path / "corpus"), [70, 25, 9, 0], max_len=150, shards_per_lang=2)
+    manifest = load_manifest(path)
+    for packing in ("concat", "best_fit"):
+        for start in (0, 2):
+            for cache in (None, str(tmp_path / "cache")):
+                index = build_data_index(manifest, DIGEST_PHASES, seed=7, cache_dir=cache, packing=packing,
+                                         start_phase=start)
+                yield f"{packing}/start{start}", cache is not None, index
+
+
+def test_streamed_build_matches_the_recorded_in_memory_build(tmp_path):
+    seen = set()
+    for name, cached, index in _digest_runs(tmp_path):
+        assert _index_digest(index) == RECORDED_DIGESTS[name], (name, "cached" if cached else "in memory")
+        seen.add(name)
+    assert seen == set(RECORDED_DIGESTS)
