@@ -59,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -150,6 +151,10 @@ def pack_best_fit(sizes: np.ndarray, first_bos: np.ndarray, seq_len: int, num_ro
                                 int(stream), int(window), int(buffer), int(lookahead), int(min_piece))
 
 
+FIRST_TOKEN_WINDOW = 64 << 20
+"""Bytes of a ``.bin`` mapped at a time while reading documents' first tokens."""
+
+
 def document_first_tokens(prefixes: Sequence[str]) -> np.ndarray:
     """int64 [D]: the first stored token of every document over a language's shards (-1 for an
     empty document), read straight from the ``.bin`` at each document's first sequence pointer."""
@@ -163,10 +168,24 @@ def document_first_tokens(prefixes: Sequence[str]) -> np.ndarray:
         nonempty = np.asarray(ds.sequence_lengths, dtype=np.int64)[docs] > 0 if len(docs) else np.zeros(0, bool)
         if nonempty.any():
             dtype = np.dtype(ds.index.dtype)
-            tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
             pointers = np.asarray(ds.index.sequence_pointers, dtype=np.int64)[docs[nonempty]]
-            first[nonempty] = tokens[pointers // dtype.itemsize]
-            del tokens
+            values = np.empty(len(pointers), dtype=np.int64)
+            # One mapping per FIRST_TOKEN_WINDOW bytes of the .bin: the pages a read touches count
+            # in the process's RSS while mapped, so a whole large shard mapped at once would.
+            window = np.searchsorted(pointers, pointers[0] + FIRST_TOKEN_WINDOW * np.arange(
+                1, (pointers[-1] - pointers[0]) // FIRST_TOKEN_WINDOW + 2))
+            a = 0
+            for b in np.unique(window):
+                if b <= a:
+                    continue
+                lo = int(pointers[a]) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+                tokens = np.memmap(prefix + ".bin", dtype=np.uint8, mode="r", offset=lo,
+                                   shape=(int(pointers[b - 1]) + dtype.itemsize - lo,))
+                at = (pointers[a:b] - lo)[:, None] + np.arange(dtype.itemsize)
+                values[a:b] = np.ascontiguousarray(tokens[at]).view(dtype)[:, 0]
+                del tokens
+                a = int(b)
+            first[nonempty] = values
         parts.append(first)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
@@ -326,11 +345,88 @@ def first_bos_flags(manifest, lang: str) -> np.ndarray:
     return (first == bos).astype(np.int8) if bos is not None else np.zeros(len(first), np.int8)
 
 
-def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int = 0,
+ARRAY_NAMES = ("dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx",
+               "row_offsets", "pieces", "piece_bos", "piece_offsets", "row_ptr", "packing_stats")
+"""The ``phase{k}_*`` arrays of the cache (plus ``stream_positions``)."""
+
+
+class NpyAppender:
+    """A ``.npy`` file written chunk by chunk along its first axis, so that an array of the index is
+    never whole in memory; the header is written last. ``dtype`` is where the values start; with
+    ``wide`` (an int dtype) a chunk whose values do not fit ``dtype`` rewrites what was written as
+    ``wide`` and continues in it (the narrowest dtype the values allow, checked, not assumed)."""
+
+    HEADER_BYTES = 128
+    """The header's size: numpy pads a version 1.0 header to 64-byte multiples and the one of any
+    1-D or [N, k] array of up to 10^20 elements takes 128 bytes (checked when it is written)."""
+
+    def __init__(self, path: str, dtype, row_shape=(), wide=None):
+        self.path, self.dtype, self.row_shape = path, np.dtype(dtype), tuple(row_shape)
+        self.wide = None if wide is None else np.dtype(wide)
+        self.rows = 0
+        self._f = open(path, "wb")
+        self._f.write(b"\0" * self.HEADER_BYTES)
+
+    def append(self, chunk) -> None:
+        chunk = np.asarray(chunk)
+        if chunk.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.path}: chunk of shape {chunk.shape}, rows of shape {self.row_shape}")
+        if chunk.size and self.dtype.kind in "iu" and chunk.dtype != self.dtype:
+            info = np.iinfo(self.dtype)
+            if chunk.min() < info.min or chunk.max() > info.max:
+                if self.wide is None or self.wide == self.dtype:
+                    raise OverflowError(f"{self.path}: values up to {chunk.max()} do not fit {self.dtype}")
+                self._widen()
+        np.ascontiguousarray(chunk, dtype=self.dtype).tofile(self._f)
+        self.rows += len(chunk)
+
+    def _widen(self) -> None:
+        """Rewrite what was written as ``self.wide`` (block by block) and continue in it."""
+        self._f.close()
+        old = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.HEADER_BYTES,
+                        shape=(self.rows,) + self.row_shape) if self.rows else None
+        tmp = self.path + ".widen"
+        with open(tmp, "wb") as f:
+            f.write(b"\0" * self.HEADER_BYTES)
+            for a in range(0, self.rows, 1 << 22):
+                np.ascontiguousarray(old[a:a + (1 << 22)], dtype=self.wide).tofile(f)
+        del old
+        os.replace(tmp, self.path)
+        self.dtype = self.wide
+        self._f = open(self.path, "r+b")
+        self._f.seek(0, os.SEEK_END)
+
+    def close(self) -> None:
+        import io
+
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": (self.rows,) + self.row_shape})
+        if len(header.getvalue()) != self.HEADER_BYTES:  # pragma: no cover - shapes beyond 10^20
+            raise ValueError(f"{self.path}: a .npy header of {len(header.getvalue())} bytes, not {self.HEADER_BYTES}")
+        self._f.seek(0)
+        self._f.write(header.getvalue())
+        self._f.close()
+
+
+def _int_dtype(max_value: int, narrow=np.int32, wide=np.int64) -> np.dtype:
+    """``narrow`` when every value up to ``max_value`` fits it, else ``wide``."""
+    return np.dtype(narrow) if max_value <= np.iinfo(narrow).max else np.dtype(wide)
+
+
+def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, start_phase: int = 0,
                  packing: str = "concat") -> Dict[str, np.ndarray]:
-    """Build every array of the schedule in memory (names as stored in the cache); phases before
-    ``start_phase`` only contribute their sample counts (and so the stream positions; best_fit
-    packs them to know where their streams end, without storing the rows)."""
+    """Build every array of the schedule into ``out_dir/{name}.npy`` (names as in the cache) and
+    return the small ones (``phase{k}_counts``, ``phase{k}_packing_stats``, ``stream_positions``).
+    Phases before ``start_phase`` only contribute their sample counts (and so the stream positions;
+    best_fit packs them to know where their streams end, without storing the rows).
+
+    Memory: the blending runs phase by phase and packing language by language, each result
+    appended to its file (:class:`NpyAppender`) and dropped, so the peak is one phase's blending
+    output or one language's arrays for one phase, not the schedule's. Arrays that can outgrow
+    int32 (``dataset_sample_index``, ``sample_idx``, ``row_ptr``) are int32 when their values fit
+    (checked) and int64 otherwise; readers take either."""
     _check_packing(packing)
     if packing == "best_fit" and manifest.tokenizer.special_ids.get("bos") is None:
         raise ValueError(f"data.packing: best_fit starts every sequence with <bos>, but tokenizer "
@@ -338,33 +434,42 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int =
     ext = _ext()
     languages = plans[0].languages
     L = len(languages)
-    weights = np.ascontiguousarray(np.concatenate([p.segment_weights for p in plans]), dtype=np.float64)
-    sizes = np.concatenate([p.segment_sizes for p in plans]).astype(np.int64)
-    seg_phase = np.concatenate([np.full(len(p.segment_sizes), k, dtype=np.int64) for k, p in enumerate(plans)])
-    t0 = time.time()
-    di, dsi, counts, stats = ext.build_blending_indices(weights, sizes, seg_phase, "fast")
-    n = int(sizes.sum())
-    _progress(f"blended {n:,} samples over {L} languages in {time.time() - t0:.1f}s "
-              f"({n / max(time.time() - t0, 1e-9) / 1e6:.1f}M samples/s, {stats['kernel']} kernel)")
-    out: Dict[str, np.ndarray] = {}
-    start = 0
-    consumed = np.zeros(L, dtype=np.int64)  # rows of each language before this phase
+    K = len(plans)
+    path = lambda name: os.path.join(out_dir, name + ".npy")  # noqa: E731
+    counts = np.zeros((K, L), dtype=np.int64)
+    # Blending, phase by phase (deficits restart at each phase, and a phase's sample numbers count
+    # from its own first row of each language: the same arrays as one schedule-wide call).
     for k, plan in enumerate(plans):
-        end = start + plan.num_samples
-        d = di[start:end] if k >= start_phase else di[:0]  # skipped phases: counts only, no arrays
-        out[f"phase{k}_dataset_index"] = d
-        out[f"phase{k}_dataset_sample_index"] = dsi[start:start + len(d)] - consumed[d.astype(np.int64)]
-        out[f"phase{k}_counts"] = counts[k]
-        consumed += counts[k]
-        start = end
+        t0 = time.time()
+        weights = np.ascontiguousarray(plan.segment_weights, dtype=np.float64)
+        sizes = np.asarray(plan.segment_sizes, dtype=np.int64)
+        di, dsi, c, stats = ext.build_blending_indices(weights, sizes, np.zeros(len(sizes), np.int64), "fast")
+        counts[k] = c[0]
+        n = int(sizes.sum())
+        _progress(f"phase {k}: blended {n:,} samples over {L} languages in {time.time() - t0:.1f}s "
+                  f"({stats['kernel']} kernel)")
+        keep = k >= start_phase  # skipped phases: counts only, no arrays
+        d_out = NpyAppender(path(f"phase{k}_dataset_index"), di.dtype)
+        s_out = NpyAppender(path(f"phase{k}_dataset_sample_index"), _int_dtype(int(c.max(initial=0))))
+        for a in range(0, len(di) if keep else 0, 1 << 24):
+            d_out.append(di[a:a + (1 << 24)])
+            s_out.append(dsi[a:a + (1 << 24)])
+        d_out.close()
+        s_out.close()
+        del di, dsi
+        np.save(path(f"phase{k}_counts"), counts[k])
     # concat: positions are rows x seq_len; best_fit: filled in below from what the packer took.
     positions = stream_positions(plans, counts)
     # Packed rows, language by language, continuing each language's token stream across phases.
     active = counts.sum(axis=0) > 0 if packing == "best_fit" else counts[start_phase:].sum(axis=0) > 0
     need = [lang for i, lang in enumerate(languages) if active[i]]
-    per_phase = [{"doc": [], "doc_off": [0], "rows": [], "row_off": [0], "pieces": [], "bos": [],
-                  "piece_off": [0], "ptr": [], "stats": np.zeros((L, len(PACKING_STATS)), np.int64)}
-                 for _ in plans]
+    out = [{"doc": NpyAppender(path(f"phase{k}_doc_index"), np.int32),
+            "rows": NpyAppender(path(f"phase{k}_sample_idx"), np.int32, (2,), wide=np.int64),
+            "pieces": NpyAppender(path(f"phase{k}_pieces"), np.int32, (3,)),
+            "bos": NpyAppender(path(f"phase{k}_piece_bos"), np.int8),
+            "ptr": NpyAppender(path(f"phase{k}_row_ptr"), np.int32, wide=np.int64),
+            "doc_off": [0], "row_off": [0], "piece_off": [0],
+            "stats": np.zeros((L, len(PACKING_STATS)), np.int64)} for k in range(K)]
     t0 = time.time()
     done = 0
     for i, lang in enumerate(languages):
@@ -374,7 +479,7 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int =
             first_bos = first_bos_flags(manifest, lang)
         pos = 0
         for k, plan in enumerate(plans):
-            acc = per_phase[k]
+            acc = out[k]
             rows = int(counts[k, i])
             keep = k >= start_phase
             doc_index, sample_idx = np.zeros(0, np.int32), np.zeros((1, 2), np.int64)
@@ -402,25 +507,26 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int =
             acc["piece_off"].append(acc["piece_off"][-1] + len(pieces))
             acc["ptr"].append(ptr)
             acc["row_off"].append(acc["row_off"][-1] + (len(ptr) if packing == "best_fit" else len(sample_idx)))
+            del doc_index, sample_idx, pieces, bos, ptr
         if packing == "best_fit":
-            positions[len(plans), i] = pos
+            positions[K, i] = pos
         if lengths is not None:
             done += 1
             if done % 100 == 0 or done == len(need):
                 rate = done / max(time.time() - t0, 1e-9)
                 _progress(f"packed {done}/{len(need)} languages ({rate:.1f}/s, ETA {(len(need) - done) / rate:.0f}s)")
-    out["stream_positions"] = positions
-    for k, acc in enumerate(per_phase):
-        out[f"phase{k}_doc_index"] = np.concatenate(acc["doc"]).astype(np.int32)
-        out[f"phase{k}_doc_offsets"] = np.asarray(acc["doc_off"], dtype=np.int64)
-        out[f"phase{k}_sample_idx"] = np.concatenate(acc["rows"]).astype(np.int64)
-        out[f"phase{k}_row_offsets"] = np.asarray(acc["row_off"], dtype=np.int64)
-        out[f"phase{k}_pieces"] = np.concatenate(acc["pieces"]).astype(np.int32).reshape(-1, 3)
-        out[f"phase{k}_piece_bos"] = np.concatenate(acc["bos"]).astype(np.int8)
-        out[f"phase{k}_piece_offsets"] = np.asarray(acc["piece_off"], dtype=np.int64)
-        out[f"phase{k}_row_ptr"] = np.concatenate(acc["ptr"]).astype(np.int64)
-        out[f"phase{k}_packing_stats"] = acc["stats"]
-    return out
+    small = {"stream_positions": positions}
+    np.save(path("stream_positions"), positions)
+    for k, acc in enumerate(out):
+        for name in ("doc", "rows", "pieces", "bos", "ptr"):
+            acc[name].close()
+        for name, offsets in (("doc_offsets", acc["doc_off"]), ("row_offsets", acc["row_off"]),
+                              ("piece_offsets", acc["piece_off"])):
+            np.save(path(f"phase{k}_{name}"), np.asarray(offsets, dtype=np.int64))
+        np.save(path(f"phase{k}_packing_stats"), acc["stats"])
+        small[f"phase{k}_counts"] = counts[k]
+        small[f"phase{k}_packing_stats"] = acc["stats"]
+    return small
 
 
 def _assemble(plans: List[PhasePlan], arrays, path: str, plan_json: Dict, start_phase: int,
@@ -640,28 +746,26 @@ def build_data_index(
         return index_plan(manifest, plans, counts, seed, start_phase, key, np.asarray(arrays["stream_positions"]),
                           packing, stats)
 
-    if cache_dir is None:
-        arrays = build_arrays(manifest, plans, seed, start_phase, packing)
-        return _assemble(plans, arrays, "", describe(arrays), start_phase, packing)
+    names = ["stream_positions"] + [f"phase{k}_{a}" for k in range(len(plans)) for a in ARRAY_NAMES]
+    if cache_dir is None:  # built through a temporary folder (the one build path), then read whole
+        with tempfile.TemporaryDirectory(prefix="mmbert-index-") as tmp:
+            small = build_arrays(manifest, plans, seed, tmp, start_phase, packing)
+            arrays = {name: np.load(os.path.join(tmp, name + ".npy")) for name in names}
+        return _assemble(plans, arrays, "", describe(small), start_phase, packing)
     final = os.path.join(os.path.abspath(cache_dir), f"mmbert-index-{key[:20]}")
-    names = ["stream_positions"] + [f"phase{k}_{a}" for k in range(len(plans)) for a in (
-        "dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx", "row_offsets",
-        "pieces", "piece_bos", "piece_offsets", "row_ptr", "packing_stats")]
     if is_builder is None:
         is_builder = default_rank() == 0
     if not os.path.isdir(final):
         if is_builder:
             os.makedirs(cache_dir, exist_ok=True)
             _progress(f"cache miss: building {final}")
-            arrays = build_arrays(manifest, plans, seed, start_phase, packing)
             tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=cache_dir)
             try:
-                for name in names:
-                    np.save(os.path.join(tmp, name + ".npy"), arrays[name])
+                small = build_arrays(manifest, plans, seed, tmp, start_phase, packing)
                 with open(os.path.join(tmp, "description.json"), "w") as f:
                     json.dump({"key": key, "languages": plans[0].languages, "start_phase": start_phase,
                                "packing": packing, "phases": [to_dict(p) for p in phases], "seed": seed}, f, indent=1)
-                write_index_plan(describe(arrays), tmp)
+                write_index_plan(describe(small), tmp)
                 try:
                     os.rename(tmp, final)  # atomic: the folder appears complete or not at all
                 except OSError:
