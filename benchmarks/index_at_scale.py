@@ -12,11 +12,12 @@ is ``FULL_DOCUMENTS x factor`` documents (FineWeb2 has about 5 billion), the sch
 (Decay-All), global batch 4608.
 
 Each build runs in a fresh subprocess; its peak RSS is ``resource.getrusage(RUSAGE_CHILDREN)
-.ru_maxrss`` read by a wrapper process that ran only it. The full run is extrapolated linearly
+.ru_maxrss`` read by a wrapper process that ran only it, its CPU time (user + system, which other
+jobs on a shared machine disturb less than the wall time) from the same call. The full run is extrapolated linearly
 from the two scales (time, RSS and cache all grow with the schedule's samples and the corpus).
 
     PYTHONPATH=. python benchmarks/index_at_scale.py [--scales 0.001 0.01] [--packing best_fit concat]
-        [--code-root DIR] [--label after] [--append]
+        [--code-root DIR] [--label after] [--manifest MANIFEST] [--json OUT]
 
 ``--code-root``: the repository whose ``megatron_mmbert`` builds (e.g. an export of an older
 commit, to measure a baseline on the same manifest).
@@ -43,7 +44,7 @@ NUM_LANGUAGES = 1833
 GLOBAL_BATCH = 4608
 
 
-def _mmbert_phases(factor: float):
+def _mmbert_phases(factor: float, languages=None):
     import yaml
 
     cfg = yaml.safe_load(open(os.path.join(ROOT, "examples", "configs", "mmbert_base.yaml")))
@@ -52,8 +53,10 @@ def _mmbert_phases(factor: float):
     for p in cfg["phases"]:
         p = dict(p)
         p["tokens"] = int(p["tokens"] * factor)
-        p["languages"] = "all" if p["name"] == "decay" else sets[p["languages"]]
-        if p["name"] == "decay":
+        p["languages"] = "all" if p["name"] == "decay" or languages else sets[p["languages"]]
+        if languages:  # another manifest: every phase over all its languages, fixed shares kept where present
+            p["fixed_shares"] = {k: v for k, v in p["fixed_shares"].items() if k in languages}
+        elif p["name"] == "decay":
             p["fixed_shares"] = {"eng_Latn": 0.102, "code": 0.055}  # decay_all.yaml
         phases.append(p)
     return phases, sets["mmbert_mid"]
@@ -124,9 +127,11 @@ def measure(code_root: str, manifest: str, phases, packing: str, cache: str) -> 
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rss = usage.ru_maxrss / 1024  # KiB on Linux
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(res["path"]) for f in fs)
-    return {"seconds": round(res["seconds"], 2), "peak_rss_mb": round(rss), "cache_mb": round(size / 2**20)}
+    return {"seconds": round(res["seconds"], 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mb": round(rss), "cache_mb": round(size / 2**20)}
 
 
 def main():
@@ -134,6 +139,8 @@ def main():
     ap.add_argument("--scales", type=float, nargs="+", default=[0.001, 0.01])
     ap.add_argument("--packing", nargs="+", default=["best_fit", "concat"])
     ap.add_argument("--code-root", default=ROOT)
+    ap.add_argument("--manifest", default=None,
+                    help="use this manifest (every phase over all its languages) instead of the synthetic one")
     ap.add_argument("--workdir", default=None, help="where manifests and caches go (default: a temp folder)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -146,9 +153,13 @@ def main():
     work = args.workdir or tempfile.mkdtemp(prefix="index-at-scale-")
     rows = []
     for f in args.scales:
-        phases, _ = _mmbert_phases(f)
-        mroot = os.path.join(work, f"manifest-{f:g}")
-        path = os.path.join(mroot, "manifest.json")
+        if args.manifest:
+            path = os.path.abspath(args.manifest)
+            phases, _ = _mmbert_phases(f, set(json.load(open(path))["languages"]))
+        else:
+            phases, _ = _mmbert_phases(f)
+            mroot = os.path.join(work, f"manifest-{f:g}")
+            path = os.path.join(mroot, "manifest.json")
         if not os.path.exists(path):
             t = time.perf_counter()
             write_manifest(mroot, f)
@@ -172,7 +183,7 @@ def main():
         if len(pts) == 2:
             (a, b) = pts
             ext = {k: round(b[k] + (b[k] - a[k]) / (b["scale"] - a["scale"]) * (1 - b["scale"]), 1)
-                   for k in ("seconds", "peak_rss_mb", "cache_mb")}
+                   for k in ("seconds", "cpu_seconds", "peak_rss_mb", "cache_mb")}
             print(json.dumps({"scale": 1.0, "packing": packing, "extrapolated": True, **ext}), flush=True)
             rows.append({"scale": 1.0, "packing": packing, "extrapolated": True, **ext})
     if args.json:

@@ -556,3 +556,66 @@ def test_streamed_build_matches_the_recorded_in_memory_build(tmp_path):
         assert _index_digest(index) == RECORDED_DIGESTS[name], (name, "cached" if cached else "in memory")
         seen.add(name)
     assert seen == set(RECORDED_DIGESTS)
+
+
+def test_cached_index_uses_int32_where_the_values_fit(tmp_path):
+    path, _ = write_corpus(str(tmp_path / "corpus"), [30, 10, 3])
+    manifest = load_manifest(path)
+    for packing in ("concat", "best_fit"):
+        index = build_data_index(manifest, PHASES, seed=1, cache_dir=str(tmp_path / "c"), packing=packing)
+        for p in index.phases:
+            assert p.dataset_sample_index.dtype == np.int32 and p.dataset_index.dtype == np.int16
+            assert p.sample_idx.dtype == np.int32 and p.row_ptr.dtype == np.int32 and p.doc_index.dtype == np.int32
+
+
+def test_npy_appender_widens_when_a_value_does_not_fit(tmp_path):
+    from megatron_mmbert.data.index import NpyAppender
+
+    out = NpyAppender(str(tmp_path / "a.npy"), np.int32, (2,), wide=np.int64)
+    chunks = [np.arange(6, dtype=np.int64).reshape(3, 2), np.zeros((0, 2), np.int64),
+              np.array([[2**31, -1]], np.int64), np.array([[7, 8]], np.int32)]
+    for c in chunks:
+        out.append(c)
+    out.close()
+    a = np.load(str(tmp_path / "a.npy"))
+    assert a.dtype == np.int64 and not os.path.exists(str(tmp_path / "a.npy.widen"))
+    np.testing.assert_array_equal(a, np.concatenate([c.astype(np.int64) for c in chunks]))
+    strict = NpyAppender(str(tmp_path / "b.npy"), np.int32)
+    with pytest.raises(OverflowError, match="b.npy"):
+        strict.append(np.array([2**31], np.int64))
+
+
+def test_document_first_tokens_through_small_windows(tmp_path, monkeypatch):
+    """Read window by window (a few pages each here), the first tokens are megatron-core's."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    import megatron_mmbert.data.index as index_mod
+
+    path, _ = write_corpus(str(tmp_path / "corpus"), [400], max_len=300, shards_per_lang=2)
+    prefixes = load_manifest(path).languages["l0"].shards
+    monkeypatch.setattr(index_mod, "FIRST_TOKEN_WINDOW", 4096)
+    got = index_mod.document_first_tokens(prefixes)
+    ref = []
+    for prefix in prefixes:
+        ds = IndexedDataset(prefix)
+        ref += [int(ds[int(s)][0]) for s in ds.document_indices[:-1]]
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_sample_index_derived_chunk_by_chunk_equals_the_builders(monkeypatch):
+    """build_blending_indices(sample_index=False) gives the same dataset_index and no sample index;
+    the streamed build's chunked derivation of it equals the builder's own int64 one."""
+    from megatron_mmbert.data.index import _occurrence_numbers
+
+    rng = np.random.default_rng(4)
+    w = skewed(rng, 40)[None]
+    sizes, phase = np.array([30011], np.int64), np.zeros(1, np.int64)
+    di, dsi, counts, _ = ib.build_blending_indices(w, sizes, phase, "fast")
+    di2, empty, counts2, _ = ib.build_blending_indices(w, sizes, phase, "fast", sample_index=False)
+    np.testing.assert_array_equal(di, di2)
+    np.testing.assert_array_equal(counts, counts2)
+    assert empty.shape == (0,)
+    seen = np.zeros(40, np.int64)
+    got = np.concatenate([_occurrence_numbers(di[a:a + 997], seen, np.int32) for a in range(0, len(di), 997)])
+    np.testing.assert_array_equal(got, dsi)
+    np.testing.assert_array_equal(seen, counts[0])

@@ -410,6 +410,23 @@ class NpyAppender:
         self._f.close()
 
 
+BLEND_CHUNK = 1 << 24
+"""Samples of ``dataset_index`` turned into ``dataset_sample_index`` and written at a time."""
+
+
+def _occurrence_numbers(chunk: np.ndarray, seen: np.ndarray, dtype) -> np.ndarray:
+    """``dataset_sample_index`` of a chunk of ``dataset_index``: for each sample, how many earlier
+    samples of the phase came from its language (``seen``: those before the chunk, updated)."""
+    order = np.argsort(chunk, kind="stable")  # each language's samples, in order
+    lang = chunk[order].astype(np.int64)
+    n = np.bincount(lang, minlength=len(seen))
+    first = np.concatenate([[0], np.cumsum(n)[:-1]])  # where each language's run starts in `order`
+    out = np.empty(len(chunk), dtype=dtype)
+    out[order] = seen[lang] + np.arange(len(chunk)) - first[lang]
+    seen += n
+    return out
+
+
 def _int_dtype(max_value: int, narrow=np.int32, wide=np.int64) -> np.dtype:
     """``narrow`` when every value up to ``max_value`` fits it, else ``wide``."""
     return np.dtype(narrow) if max_value <= np.iinfo(narrow).max else np.dtype(wide)
@@ -422,9 +439,10 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
     Phases before ``start_phase`` only contribute their sample counts (and so the stream positions;
     best_fit packs them to know where their streams end, without storing the rows).
 
-    Memory: the blending runs phase by phase and packing language by language, each result
-    appended to its file (:class:`NpyAppender`) and dropped, so the peak is one phase's blending
-    output or one language's arrays for one phase, not the schedule's. Arrays that can outgrow
+    Memory: the blending runs phase by phase (``dataset_index`` only, 2 bytes a sample, with
+    ``dataset_sample_index`` derived from it chunk by chunk) and packing language by language, each
+    result appended to its file (:class:`NpyAppender`) and dropped, so the peak is one phase's
+    ``dataset_index`` or one language's arrays for one phase, not the schedule's. Arrays that can outgrow
     int32 (``dataset_sample_index``, ``sample_idx``, ``row_ptr``) are int32 when their values fit
     (checked) and int64 otherwise; readers take either."""
     _check_packing(packing)
@@ -443,7 +461,8 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
         t0 = time.time()
         weights = np.ascontiguousarray(plan.segment_weights, dtype=np.float64)
         sizes = np.asarray(plan.segment_sizes, dtype=np.int64)
-        di, dsi, c, stats = ext.build_blending_indices(weights, sizes, np.zeros(len(sizes), np.int64), "fast")
+        di, _, c, stats = ext.build_blending_indices(weights, sizes, np.zeros(len(sizes), np.int64), "fast",
+                                                     sample_index=False)
         counts[k] = c[0]
         n = int(sizes.sum())
         _progress(f"phase {k}: blended {n:,} samples over {L} languages in {time.time() - t0:.1f}s "
@@ -451,12 +470,14 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
         keep = k >= start_phase  # skipped phases: counts only, no arrays
         d_out = NpyAppender(path(f"phase{k}_dataset_index"), di.dtype)
         s_out = NpyAppender(path(f"phase{k}_dataset_sample_index"), _int_dtype(int(c.max(initial=0))))
-        for a in range(0, len(di) if keep else 0, 1 << 24):
-            d_out.append(di[a:a + (1 << 24)])
-            s_out.append(dsi[a:a + (1 << 24)])
+        seen = np.zeros(L, dtype=np.int64)  # samples of each language before the chunk
+        for a in range(0, len(di) if keep else 0, BLEND_CHUNK):
+            chunk = di[a:a + BLEND_CHUNK]
+            d_out.append(chunk)
+            s_out.append(_occurrence_numbers(chunk, seen, s_out.dtype))
         d_out.close()
         s_out.close()
-        del di, dsi
+        del di
         np.save(path(f"phase{k}_counts"), counts[k])
     # concat: positions are rows x seq_len; best_fit: filled in below from what the packer took.
     positions = stream_positions(plans, counts)
