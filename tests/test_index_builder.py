@@ -619,3 +619,31 @@ def test_sample_index_derived_chunk_by_chunk_equals_the_builders(monkeypatch):
     got = np.concatenate([_occurrence_numbers(di[a:a + 997], seen, np.int32) for a in range(0, len(di), 997)])
     np.testing.assert_array_equal(got, dsi)
     np.testing.assert_array_equal(seen, counts[0])
+
+
+def test_document_lengths_chunked_over_multi_sequence_documents(tmp_path, monkeypatch):
+    """Documents made of several sequences, read a few documents at a time: megatron-core's sums."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    import megatron_mmbert.data.index as index_mod
+
+    rng = np.random.default_rng(2)
+    prefixes = []
+    for k in range(2):
+        prefix = str(tmp_path / f"part-{k}")
+        b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+        for _ in range(23):
+            seqs = [int(x) for x in rng.integers(0, 9, size=int(rng.integers(1, 4)))]
+            b.add_document(rng.integers(5, 50, size=sum(seqs)).astype(np.int32), seqs)
+        b.finalize(prefix + ".idx")
+        prefixes.append(prefix)
+    ref, first = [], []
+    for prefix in prefixes:
+        ds = IndexedDataset(prefix)
+        for d in range(len(ds.document_indices) - 1):
+            a, z = ds.document_indices[d], ds.document_indices[d + 1]
+            ref.append(int(ds.sequence_lengths[a:z].sum()))
+            first.append(int(ds[int(a)][0]) if ds.sequence_lengths[a] > 0 else -1)
+    monkeypatch.setattr(index_mod, "DOCUMENT_CHUNK", 5)
+    np.testing.assert_array_equal(index_mod.document_lengths(prefixes), ref)
+    np.testing.assert_array_equal(index_mod.document_first_tokens(prefixes), first)

@@ -155,57 +155,77 @@ FIRST_TOKEN_WINDOW = 64 << 20
 """Bytes of a ``.bin`` mapped at a time while reading documents' first tokens."""
 
 
+DOCUMENT_CHUNK = 1 << 22
+"""Documents of a shard read at a time (their lengths and first tokens): the temporaries stay a
+few tens of MB whatever the shard's size, beside the int32 / int8 per-document results."""
+
+
+def _document_chunks(prefixes: Sequence[str]):
+    """``(prefix, IndexedDataset, document_indices[a : b + 1] as int64)`` over every shard, at most
+    :data:`DOCUMENT_CHUNK` documents at a time (megatron-core reads the ``.idx``)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for prefix in prefixes:
+        ds = IndexedDataset(prefix)
+        n = len(ds.document_indices) - 1
+        for a in range(0, max(n, 0), DOCUMENT_CHUNK):
+            yield prefix, ds, np.asarray(ds.document_indices[a:min(a + DOCUMENT_CHUNK, n) + 1], dtype=np.int64)
+
+
+def _count_documents(prefixes: Sequence[str]) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return sum(max(len(IndexedDataset(p).document_indices) - 1, 0) for p in prefixes)
+
+
+def _first_tokens(prefix: str, ds, docs: np.ndarray) -> np.ndarray:
+    """int64: the first stored token of documents starting at sequences ``docs`` (-1: empty)."""
+    first = np.full(len(docs), -1, dtype=np.int64)
+    nonempty = np.asarray(ds.sequence_lengths[docs]) > 0 if len(docs) else np.zeros(0, bool)
+    if nonempty.any():
+        dtype = np.dtype(ds.index.dtype)
+        pointers = np.asarray(ds.index.sequence_pointers[docs[nonempty]], dtype=np.int64)
+        values = np.empty(len(pointers), dtype=np.int64)
+        # One mapping per FIRST_TOKEN_WINDOW bytes of the .bin: the pages a read touches count
+        # in the process's RSS while mapped, so a whole large shard mapped at once would.
+        window = np.searchsorted(pointers, pointers[0] + FIRST_TOKEN_WINDOW * np.arange(
+            1, (pointers[-1] - pointers[0]) // FIRST_TOKEN_WINDOW + 2))
+        a = 0
+        for b in np.unique(window):
+            if b <= a:
+                continue
+            lo = int(pointers[a]) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+            tokens = np.memmap(prefix + ".bin", dtype=np.uint8, mode="r", offset=lo,
+                               shape=(int(pointers[b - 1]) + dtype.itemsize - lo,))
+            at = (pointers[a:b] - lo)[:, None] + np.arange(dtype.itemsize)
+            values[a:b] = np.ascontiguousarray(tokens[at]).view(dtype)[:, 0]
+            del tokens
+            a = int(b)
+        first[nonempty] = values
+    return first
+
+
 def document_first_tokens(prefixes: Sequence[str]) -> np.ndarray:
     """int64 [D]: the first stored token of every document over a language's shards (-1 for an
     empty document), read straight from the ``.bin`` at each document's first sequence pointer."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    parts = []
-    for prefix in prefixes:
-        ds = IndexedDataset(prefix)
-        docs = np.asarray(ds.document_indices, dtype=np.int64)[:-1]
-        first = np.full(len(docs), -1, dtype=np.int64)
-        nonempty = np.asarray(ds.sequence_lengths, dtype=np.int64)[docs] > 0 if len(docs) else np.zeros(0, bool)
-        if nonempty.any():
-            dtype = np.dtype(ds.index.dtype)
-            pointers = np.asarray(ds.index.sequence_pointers, dtype=np.int64)[docs[nonempty]]
-            values = np.empty(len(pointers), dtype=np.int64)
-            # One mapping per FIRST_TOKEN_WINDOW bytes of the .bin: the pages a read touches count
-            # in the process's RSS while mapped, so a whole large shard mapped at once would.
-            window = np.searchsorted(pointers, pointers[0] + FIRST_TOKEN_WINDOW * np.arange(
-                1, (pointers[-1] - pointers[0]) // FIRST_TOKEN_WINDOW + 2))
-            a = 0
-            for b in np.unique(window):
-                if b <= a:
-                    continue
-                lo = int(pointers[a]) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
-                tokens = np.memmap(prefix + ".bin", dtype=np.uint8, mode="r", offset=lo,
-                                   shape=(int(pointers[b - 1]) + dtype.itemsize - lo,))
-                at = (pointers[a:b] - lo)[:, None] + np.arange(dtype.itemsize)
-                values[a:b] = np.ascontiguousarray(tokens[at]).view(dtype)[:, 0]
-                del tokens
-                a = int(b)
-            first[nonempty] = values
-        parts.append(first)
+    parts = [_first_tokens(prefix, ds, docs[:-1]) for prefix, ds, docs in _document_chunks(prefixes)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def document_lengths(prefixes: Sequence[str]) -> np.ndarray:
     """int32 [D]: tokens per document over a language's shards, in shard order (megatron-core's
     ``IndexedDataset`` reads the ``.idx``; a document is its consecutive sequences)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    parts = []
-    for prefix in prefixes:
-        ds = IndexedDataset(prefix)
-        seq = np.asarray(ds.sequence_lengths, dtype=np.int64)
+    lengths = np.empty(_count_documents(prefixes), dtype=np.int32)
+    at = 0
+    for _, ds, docs in _document_chunks(prefixes):
+        seq = np.asarray(ds.sequence_lengths[docs[0]:docs[-1]], dtype=np.int64)
         ends = np.concatenate([[0], np.cumsum(seq)])
-        docs = np.asarray(ds.document_indices, dtype=np.int64)
-        parts.append(ends[docs[1:]] - ends[docs[:-1]])
-    lengths = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    if lengths.size and lengths.max() > np.iinfo(np.int32).max:
-        raise ValueError(f"a document in {prefixes} is longer than 2^31 tokens")
-    return lengths.astype(np.int32)
+        part = ends[docs[1:] - docs[0]] - ends[docs[:-1] - docs[0]]
+        if part.size and part.max() > np.iinfo(np.int32).max:
+            raise ValueError(f"a document in {prefixes} is longer than 2^31 tokens")
+        lengths[at:at + len(part)] = part
+        at += len(part)
+    return lengths
 
 
 @dataclasses.dataclass
@@ -341,8 +361,15 @@ def _check_packing(packing: str) -> None:
 def first_bos_flags(manifest, lang: str) -> np.ndarray:
     """int8 [D]: 1 where a document of ``lang`` starts with the tokenizer's ``<bos>`` in the shards."""
     bos = manifest.tokenizer.special_ids.get("bos")
-    first = document_first_tokens(manifest.languages[lang].shards)
-    return (first == bos).astype(np.int8) if bos is not None else np.zeros(len(first), np.int8)
+    prefixes = manifest.languages[lang].shards
+    flags = np.zeros(_count_documents(prefixes), dtype=np.int8)
+    if bos is None:
+        return flags
+    at = 0
+    for prefix, ds, docs in _document_chunks(prefixes):
+        flags[at:at + len(docs) - 1] = _first_tokens(prefix, ds, docs[:-1]) == bos
+        at += len(docs) - 1
+    return flags
 
 
 ARRAY_NAMES = ("dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx",
