@@ -437,7 +437,7 @@ class NpyAppender:
         self._f.close()
 
 
-BLEND_CHUNK = 1 << 22
+BLEND_CHUNK = 1 << 18
 """Samples of ``dataset_index`` turned into ``dataset_sample_index`` and written at a time."""
 
 
