@@ -647,3 +647,23 @@ def test_document_lengths_chunked_over_multi_sequence_documents(tmp_path, monkey
     monkeypatch.setattr(index_mod, "DOCUMENT_CHUNK", 5)
     np.testing.assert_array_equal(index_mod.document_lengths(prefixes), ref)
     np.testing.assert_array_equal(index_mod.document_first_tokens(prefixes), first)
+
+
+def test_index_at_scale_synthetic_manifest_is_readable(tmp_path):
+    """The benchmark's synthetic shards (.idx written directly, sparse .bin) are what megatron-core reads."""
+    import json
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from benchmarks.index_at_scale import NUM_LANGUAGES, write_manifest
+
+    path = write_manifest(str(tmp_path / "m"), 2e-7)
+    m = json.load(open(path))
+    assert len(m["languages"]) == NUM_LANGUAGES and "eng_Latn" in m["languages"] and "code" in m["languages"]
+    docs = sorted(e["documents"] for e in m["languages"].values())
+    assert docs[-1] > 20 * docs[len(docs) // 2]  # heavy-tailed
+    for lang in ("eng_Latn", "code", "x0100_Synt"):
+        e = m["languages"][lang]
+        ds = IndexedDataset(os.path.join(os.path.dirname(path), e["shards"][0]))
+        assert len(ds) == e["documents"] and int(ds.sequence_lengths.sum()) == e["tokens"]
+        assert len(ds[len(ds) - 1]) == ds.sequence_lengths[-1]  # the last document lies inside the .bin

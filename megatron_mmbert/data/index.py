@@ -4,7 +4,7 @@ schedule, and their cache.
 What gets built for a manifest and a list of phases (``build_data_index``):
 
 * per phase ``k``: ``dataset_index`` (int16, or int32 beyond 32767 languages: which language
-  each of the phase's samples comes from) and ``dataset_sample_index`` (int64: which packed row
+  each of the phase's samples comes from) and ``dataset_sample_index`` (int32, int64 past 2^31 rows: which packed row
   of that language, counted from the language's first row in this phase), from the greedy
   largest-deficit interleave of ``_index_builder.build_blending_indices``. For a phase with fixed
   weights this is megatron-core's ``helpers_cpp.build_blending_indices`` bit for bit; every
@@ -52,6 +52,10 @@ size, phases, seed, default global batch size, annealing resolution, builder ver
 builds (global rank 0 by default) into a temporary folder renamed into place when complete; the
 others poll for it and give up after ``timeout`` seconds with a message naming the folder and the
 command that prebuilds it (``tools/build_data_index.py``).
+
+Memory: :func:`build_arrays` streams each array into its ``.npy`` file (blending phase by phase,
+packing language by language), so the build holds one phase's ``dataset_index`` or one language's
+arrays for one phase at a time; see docs/data.md "Cache".
 """
 
 from __future__ import annotations
@@ -242,7 +246,7 @@ class PhaseIndex:
     dataset_index: np.ndarray
     """int16/int32 [N]: language column of each sample."""
     dataset_sample_index: np.ndarray
-    """int64 [N]: the row of that language within this phase."""
+    """int32 (int64 when the phase's counts do not fit) [N]: the row of that language within this phase."""
     counts: np.ndarray
     """int64 [L]: samples per language in this phase."""
     doc_index: np.ndarray
@@ -250,7 +254,7 @@ class PhaseIndex:
     doc_offsets: np.ndarray
     """int64 [L + 1]: language ``l``'s part of ``doc_index``."""
     sample_idx: np.ndarray
-    """int64 [sum(counts + 1), 2]: language ``l``'s rows ``sample_idx[row_offsets[l] + r]`` .. ``+ 1``."""
+    """int32 (int64 when a value does not fit) [sum(counts + 1), 2]: language ``l``'s rows ``sample_idx[row_offsets[l] + r]`` .. ``+ 1``."""
     row_offsets: np.ndarray
     """int64 [L + 1]: language ``l``'s part of ``sample_idx`` (concat) or of ``row_ptr`` (best_fit)."""
     packing: str = "concat"
@@ -262,7 +266,7 @@ class PhaseIndex:
     piece_offsets: Optional[np.ndarray] = None
     """best_fit: int64 [L + 1]: language ``l``'s part of ``pieces``."""
     row_ptr: Optional[np.ndarray] = None
-    """best_fit: int64 [sum(counts + 1)]: row ``r`` of language ``l`` is pieces
+    """best_fit: int32 (int64 when a value does not fit) [sum(counts + 1)]: row ``r`` of language ``l`` is pieces
     ``row_ptr[row_offsets[l] + r] .. + 1`` (relative to ``piece_offsets[l]``)."""
 
     def row_pieces(self, lang: int, row: int):
