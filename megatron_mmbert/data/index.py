@@ -492,8 +492,13 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
         t0 = time.time()
         weights = np.ascontiguousarray(plan.segment_weights, dtype=np.float64)
         sizes = np.asarray(plan.segment_sizes, dtype=np.int64)
-        di, _, c, stats = ext.build_blending_indices(weights, sizes, np.zeros(len(sizes), np.int64), "fast",
-                                                     sample_index=False)
+        try:
+            di, _, c, stats = ext.build_blending_indices(weights, sizes, np.zeros(len(sizes), np.int64), "fast",
+                                                         sample_index=False)
+        except TypeError as e:  # an extension built from older csrc/
+            raise ImportError(f"the C++ index builder {ext.__file__} is older than csrc/ (no sample_index "
+                              "argument); rebuild it: `python setup.py build_ext --inplace` in the repository "
+                              f"root ({e})") from e
         counts[k] = c[0]
         n = int(sizes.sum())
         _progress(f"phase {k}: blended {n:,} samples over {L} languages in {time.time() - t0:.1f}s "
