@@ -254,7 +254,8 @@ class PhaseIndex:
     doc_offsets: np.ndarray
     """int64 [L + 1]: language ``l``'s part of ``doc_index``."""
     sample_idx: np.ndarray
-    """int32 (int64 when a value does not fit) [sum(counts + 1), 2]: language ``l``'s rows ``sample_idx[row_offsets[l] + r]`` .. ``+ 1``."""
+    """int32 (int64 when a value does not fit) [sum(counts + 1), 2]: language ``l``'s rows
+    ``sample_idx[row_offsets[l] + r]`` .. ``+ 1``."""
     row_offsets: np.ndarray
     """int64 [L + 1]: language ``l``'s part of ``sample_idx`` (concat) or of ``row_ptr`` (best_fit)."""
     packing: str = "concat"
