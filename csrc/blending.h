@@ -116,7 +116,7 @@ void blend_segment_scan(const Segment &seg, int L, const double *B, int64_t *cou
       }
     }
     out_idx[out_offset + s] = static_cast<IdxT>(best);
-    out_sample[out_offset + s] = count_global[best];
+    if (out_sample) out_sample[out_offset + s] = count_global[best];  // null: not wanted
     count_global[best] += 1;
     count_phase[best] += 1;
     count_phase_d[best] = static_cast<double>(count_phase[best]);
@@ -634,7 +634,7 @@ struct Emitter {
       c[q - 1][k] += 1.0;
     }
     out_idx[t] = static_cast<IdxT>(ps[0][k]);
-    out_sample[t] = base[k] + static_cast<int64_t>(c[0][k]) - 1;
+    if (out_sample) out_sample[t] = base[k] + static_cast<int64_t>(c[0][k]) - 1;  // null: not wanted
     mlast = m;
   }
 };

@@ -107,16 +107,19 @@ void run_block(const blending::Segment &seg, const std::vector<int> &lengths,
 template <typename IdxT>
 py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *seg_phase, int M,
                      int L, const std::string &algorithm, int fast_min_datasets,
-                     const std::vector<int> &lengths_given, const std::string &kernel, double max_margin) {
+                     const std::vector<int> &lengths_given, const std::string &kernel, double max_margin,
+                     bool with_sample_index) {
   int64_t N = 0;
   for (int m = 0; m < M; ++m) N += seg_sizes[m];
   py::array_t<IdxT> dataset_index(N);
-  py::array_t<int64_t> dataset_sample_index(N);
+  // Without it (an empty array is returned) the output is 2 bytes a sample, not 10: callers that
+  // stream a long phase to disk derive it from dataset_index chunk by chunk.
+  py::array_t<int64_t> dataset_sample_index(with_sample_index ? N : 0);
   int num_phases = M == 0 ? 0 : static_cast<int>(seg_phase[M - 1] - seg_phase[0] + 1);
   py::array_t<int64_t> counts({static_cast<py::ssize_t>(std::max(num_phases, 0)),
                                static_cast<py::ssize_t>(L)});
   IdxT *out_idx = dataset_index.mutable_data();
-  int64_t *out_sample = dataset_sample_index.mutable_data();
+  int64_t *out_sample = with_sample_index ? dataset_sample_index.mutable_data() : nullptr;
   int64_t *counts_out = counts.mutable_data();
   std::fill(counts_out, counts_out + static_cast<int64_t>(num_phases) * L, 0);
   std::vector<LevelTotals> totals;
@@ -210,7 +213,7 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
 py::tuple build_blending_indices(const py::object &weights_obj, const py::object &sizes_obj,
                                  const py::object &phase_obj, const std::string &algorithm,
                                  int fast_min_datasets, const std::vector<int> &block_lengths,
-                                 const std::string &kernel, double max_margin) {
+                                 const std::string &kernel, double max_margin, bool sample_index) {
   auto weights = require<double>(weights_obj, "weights", 2);
   auto sizes = require<int64_t>(sizes_obj, "segment_sizes", 1);
   auto phases = require<int64_t>(phase_obj, "segment_phase", 1);
@@ -271,10 +274,10 @@ py::tuple build_blending_indices(const py::object &weights_obj, const py::object
   }
   if (L <= std::numeric_limits<int16_t>::max()) {
     return blend_impl<int16_t>(W, S, P, static_cast<int>(M), static_cast<int>(L), algorithm,
-                               fast_min_datasets, block_lengths, use, max_margin);
+                               fast_min_datasets, block_lengths, use, max_margin, sample_index);
   }
   return blend_impl<int32_t>(W, S, P, static_cast<int>(M), static_cast<int>(L), algorithm,
-                             fast_min_datasets, block_lengths, use, max_margin);
+                             fast_min_datasets, block_lengths, use, max_margin, sample_index);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -715,7 +718,7 @@ PYBIND11_MODULE(_index_builder, m) {
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"),
         py::arg("segment_sizes"), py::arg("segment_phase"), py::arg("algorithm") = "fast",
         py::arg("fast_min_datasets") = -1, py::arg("block_lengths") = std::vector<int>{},
-        py::arg("kernel") = "auto", py::arg("max_margin") = 8.0,
+        py::arg("kernel") = "auto", py::arg("max_margin") = 8.0, py::arg("sample_index") = true,
         "Greedy largest-deficit interleave over a schedule of segments.\n\n"
         "weights float64 [M, L]; segment_sizes int64 [M]; segment_phase int64 [M] (non-decreasing).\n"
         "Returns (dataset_index int16 (int32 when L > 32767) [N], dataset_sample_index int64 [N],\n"
@@ -723,7 +726,8 @@ PYBIND11_MODULE(_index_builder, m) {
         "'fast' (same output, see csrc/blending.h) falls back to it below fast_min_datasets active\n"
         "datasets (-1: 16 with the AVX-512 kernel, 32 with AVX2, 128 with the portable one). Speed only, never the output: block_lengths (steps per nested candidate level,\n"
         "outermost first; [] = defaults), kernel ('auto': the fastest this CPU runs, 'avx512',\n"
-        "'avx2', 'generic') and max_margin (the candidate margin's cap; a level that reaches it keeps all).");
+        "'avx2', 'generic') and max_margin (the candidate margin's cap; a level that reaches it keeps all).\n"
+        "sample_index=False: dataset_sample_index is returned empty (not computed, not allocated).");
   m.def("available_kernels", &blending::available_kernels,
         "The blending kernels this CPU can run, fastest first ('generic' always).");
   m.def("permutation", &permutation, py::arg("n"), py::arg("seed"), py::arg("stream"),

@@ -504,3 +504,166 @@ def test_build_data_index_cli_packing(tmp_path, capsys):
     folder = out.split("index ready in ", 1)[1].split(" (", 1)[0]
     assert json.load(open(os.path.join(folder, "index_plan.json")))["phases"][0]["packing"]["mode"] == "best_fit"
     assert main(args) == 0 and "packing concat: padding 0.00%" in capsys.readouterr().out
+
+
+# Digests of the index arrays (values as int64, with shapes) and the plan of a tiny three-phase run,
+# recorded with the in-memory builder (build every array, then concatenate) before the build was
+# made to stream phase by phase and language by language into the .npy files: the streamed build
+# (cached or in memory, whole schedule or a branch) must produce the same values.
+DIGEST_PHASES = [
+    PhaseConfig(name="p", tokens=64 * 150, seq_len=64, temperature=0.5),
+    PhaseConfig(name="q", tokens=128 * 40, seq_len=128, temperature=0.3, languages=["l0", "l2"]),
+    PhaseConfig(name="r", tokens=32 * 90, seq_len=32, temperature=0.7),
+]
+DIGEST_ARRAYS = ("dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx",
+                 "row_offsets", "pieces", "piece_bos", "piece_offsets", "row_ptr", "first_token")
+RECORDED_DIGESTS = {
+    "concat/start0": "83422294314c12c781cd5f55a3294bd369beba852ff386712448f10df98f191b",
+    "concat/start2": "fd5e9c9f8e1259a921de5441489268f788c41987cefe0d9f8395af1b99b6474b",
+    "best_fit/start0": "4f491186567dcdd2b4ea0db64b7417412dab5309731b4cf1bfe4b4f0280ae936",
+    "best_fit/start2": "78c6c464d65b226763ece8e14dbf1dd64049f47cdceb9e61cc652d47e9b3ee39",
+}
+
+
+def _index_digest(index):
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for p in index.phases:
+        for name in DIGEST_ARRAYS:
+            a = np.ascontiguousarray(np.asarray(getattr(p, name)), dtype=np.int64)
+            h.update(f"{name}{a.shape}".encode())
+            h.update(a.tobytes())
+    h.update(json.dumps(index.plan["phases"], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _digest_runs(tmp_path):
+    path, _ = write_corpus(str(tmp_path / "corpus"), [70, 25, 9, 0], max_len=150, shards_per_lang=2)
+    manifest = load_manifest(path)
+    for packing in ("concat", "best_fit"):
+        for start in (0, 2):
+            for cache in (None, str(tmp_path / "cache")):
+                index = build_data_index(manifest, DIGEST_PHASES, seed=7, cache_dir=cache, packing=packing,
+                                         start_phase=start)
+                yield f"{packing}/start{start}", cache is not None, index
+
+
+def test_streamed_build_matches_the_recorded_in_memory_build(tmp_path):
+    seen = set()
+    for name, cached, index in _digest_runs(tmp_path):
+        assert _index_digest(index) == RECORDED_DIGESTS[name], (name, "cached" if cached else "in memory")
+        seen.add(name)
+    assert seen == set(RECORDED_DIGESTS)
+
+
+def test_cached_index_uses_int32_where_the_values_fit(tmp_path):
+    path, _ = write_corpus(str(tmp_path / "corpus"), [30, 10, 3])
+    manifest = load_manifest(path)
+    for packing in ("concat", "best_fit"):
+        index = build_data_index(manifest, PHASES, seed=1, cache_dir=str(tmp_path / "c"), packing=packing)
+        for p in index.phases:
+            assert p.dataset_sample_index.dtype == np.int32 and p.dataset_index.dtype == np.int16
+            assert p.sample_idx.dtype == np.int32 and p.row_ptr.dtype == np.int32 and p.doc_index.dtype == np.int32
+
+
+def test_npy_appender_widens_when_a_value_does_not_fit(tmp_path):
+    from megatron_mmbert.data.index import NpyAppender
+
+    out = NpyAppender(str(tmp_path / "a.npy"), np.int32, (2,), wide=np.int64)
+    chunks = [np.arange(6, dtype=np.int64).reshape(3, 2), np.zeros((0, 2), np.int64),
+              np.array([[2**31, -1]], np.int64), np.array([[7, 8]], np.int32)]
+    for c in chunks:
+        out.append(c)
+    out.close()
+    a = np.load(str(tmp_path / "a.npy"))
+    assert a.dtype == np.int64 and not os.path.exists(str(tmp_path / "a.npy.widen"))
+    np.testing.assert_array_equal(a, np.concatenate([c.astype(np.int64) for c in chunks]))
+    strict = NpyAppender(str(tmp_path / "b.npy"), np.int32)
+    with pytest.raises(OverflowError, match="b.npy"):
+        strict.append(np.array([2**31], np.int64))
+
+
+def test_document_first_tokens_through_small_windows(tmp_path, monkeypatch):
+    """Read window by window (a few pages each here), the first tokens are megatron-core's."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    import megatron_mmbert.data.index as index_mod
+
+    path, _ = write_corpus(str(tmp_path / "corpus"), [400], max_len=300, shards_per_lang=2)
+    prefixes = load_manifest(path).languages["l0"].shards
+    monkeypatch.setattr(index_mod, "FIRST_TOKEN_WINDOW", 4096)
+    got = index_mod.document_first_tokens(prefixes)
+    ref = []
+    for prefix in prefixes:
+        ds = IndexedDataset(prefix)
+        ref += [int(ds[int(s)][0]) for s in ds.document_indices[:-1]]
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_sample_index_derived_chunk_by_chunk_equals_the_builders(monkeypatch):
+    """build_blending_indices(sample_index=False) gives the same dataset_index and no sample index;
+    the streamed build's chunked derivation of it equals the builder's own int64 one."""
+    from megatron_mmbert.data.index import _occurrence_numbers
+
+    rng = np.random.default_rng(4)
+    w = skewed(rng, 40)[None]
+    sizes, phase = np.array([30011], np.int64), np.zeros(1, np.int64)
+    di, dsi, counts, _ = ib.build_blending_indices(w, sizes, phase, "fast")
+    di2, empty, counts2, _ = ib.build_blending_indices(w, sizes, phase, "fast", sample_index=False)
+    np.testing.assert_array_equal(di, di2)
+    np.testing.assert_array_equal(counts, counts2)
+    assert empty.shape == (0,)
+    seen = np.zeros(40, np.int64)
+    got = np.concatenate([_occurrence_numbers(di[a:a + 997], seen, np.int32) for a in range(0, len(di), 997)])
+    np.testing.assert_array_equal(got, dsi)
+    np.testing.assert_array_equal(seen, counts[0])
+
+
+def test_document_lengths_chunked_over_multi_sequence_documents(tmp_path, monkeypatch):
+    """Documents made of several sequences, read a few documents at a time: megatron-core's sums."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    import megatron_mmbert.data.index as index_mod
+
+    rng = np.random.default_rng(2)
+    prefixes = []
+    for k in range(2):
+        prefix = str(tmp_path / f"part-{k}")
+        b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+        for _ in range(23):
+            seqs = [int(x) for x in rng.integers(0, 9, size=int(rng.integers(1, 4)))]
+            b.add_document(rng.integers(5, 50, size=sum(seqs)).astype(np.int32), seqs)
+        b.finalize(prefix + ".idx")
+        prefixes.append(prefix)
+    ref, first = [], []
+    for prefix in prefixes:
+        ds = IndexedDataset(prefix)
+        for d in range(len(ds.document_indices) - 1):
+            a, z = ds.document_indices[d], ds.document_indices[d + 1]
+            ref.append(int(ds.sequence_lengths[a:z].sum()))
+            first.append(int(ds[int(a)][0]) if ds.sequence_lengths[a] > 0 else -1)
+    monkeypatch.setattr(index_mod, "DOCUMENT_CHUNK", 5)
+    np.testing.assert_array_equal(index_mod.document_lengths(prefixes), ref)
+    np.testing.assert_array_equal(index_mod.document_first_tokens(prefixes), first)
+
+
+def test_index_at_scale_synthetic_manifest_is_readable(tmp_path):
+    """The benchmark's synthetic shards (.idx written directly, sparse .bin) are what megatron-core reads."""
+    import json
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from benchmarks.index_at_scale import NUM_LANGUAGES, write_manifest
+
+    path = write_manifest(str(tmp_path / "m"), 2e-7)
+    m = json.load(open(path))
+    assert len(m["languages"]) == NUM_LANGUAGES and "eng_Latn" in m["languages"] and "code" in m["languages"]
+    docs = sorted(e["documents"] for e in m["languages"].values())
+    assert docs[-1] > 20 * docs[len(docs) // 2]  # heavy-tailed
+    for lang in ("eng_Latn", "code", "x0100_Synt"):
+        e = m["languages"][lang]
+        ds = IndexedDataset(os.path.join(os.path.dirname(path), e["shards"][0]))
+        assert len(ds) == e["documents"] and int(ds.sequence_lengths.sum()) == e["tokens"]
+        assert len(ds[len(ds) - 1]) == ds.sequence_lengths[-1]  # the last document lies inside the .bin

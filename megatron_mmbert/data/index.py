@@ -4,7 +4,7 @@ schedule, and their cache.
 What gets built for a manifest and a list of phases (``build_data_index``):
 
 * per phase ``k``: ``dataset_index`` (int16, or int32 beyond 32767 languages: which language
-  each of the phase's samples comes from) and ``dataset_sample_index`` (int64: which packed row
+  each of the phase's samples comes from) and ``dataset_sample_index`` (int32, int64 past 2^31 rows: which packed row
   of that language, counted from the language's first row in this phase), from the greedy
   largest-deficit interleave of ``_index_builder.build_blending_indices``. For a phase with fixed
   weights this is megatron-core's ``helpers_cpp.build_blending_indices`` bit for bit; every
@@ -52,6 +52,10 @@ size, phases, seed, default global batch size, annealing resolution, builder ver
 builds (global rank 0 by default) into a temporary folder renamed into place when complete; the
 others poll for it and give up after ``timeout`` seconds with a message naming the folder and the
 command that prebuilds it (``tools/build_data_index.py``).
+
+Memory: :func:`build_arrays` streams each array into its ``.npy`` file (blending phase by phase,
+packing language by language), so the build holds one phase's ``dataset_index`` or one language's
+arrays for one phase at a time; see docs/data.md "Cache".
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -150,43 +155,81 @@ def pack_best_fit(sizes: np.ndarray, first_bos: np.ndarray, seq_len: int, num_ro
                                 int(stream), int(window), int(buffer), int(lookahead), int(min_piece))
 
 
+FIRST_TOKEN_WINDOW = 64 << 20
+"""Bytes of a ``.bin`` mapped at a time while reading documents' first tokens."""
+
+
+DOCUMENT_CHUNK = 1 << 22
+"""Documents of a shard read at a time (their lengths and first tokens): the temporaries stay a
+few tens of MB whatever the shard's size, beside the int32 / int8 per-document results."""
+
+
+def _document_chunks(prefixes: Sequence[str]):
+    """``(prefix, IndexedDataset, document_indices[a : b + 1] as int64)`` over every shard, at most
+    :data:`DOCUMENT_CHUNK` documents at a time (megatron-core reads the ``.idx``)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for prefix in prefixes:
+        ds = IndexedDataset(prefix)
+        n = len(ds.document_indices) - 1
+        for a in range(0, max(n, 0), DOCUMENT_CHUNK):
+            yield prefix, ds, np.asarray(ds.document_indices[a:min(a + DOCUMENT_CHUNK, n) + 1], dtype=np.int64)
+
+
+def _count_documents(prefixes: Sequence[str]) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return sum(max(len(IndexedDataset(p).document_indices) - 1, 0) for p in prefixes)
+
+
+def _first_tokens(prefix: str, ds, docs: np.ndarray) -> np.ndarray:
+    """int64: the first stored token of documents starting at sequences ``docs`` (-1: empty)."""
+    first = np.full(len(docs), -1, dtype=np.int64)
+    nonempty = np.asarray(ds.sequence_lengths[docs]) > 0 if len(docs) else np.zeros(0, bool)
+    if nonempty.any():
+        dtype = np.dtype(ds.index.dtype)
+        pointers = np.asarray(ds.index.sequence_pointers[docs[nonempty]], dtype=np.int64)
+        values = np.empty(len(pointers), dtype=np.int64)
+        # One mapping per FIRST_TOKEN_WINDOW bytes of the .bin: the pages a read touches count
+        # in the process's RSS while mapped, so a whole large shard mapped at once would.
+        window = np.searchsorted(pointers, pointers[0] + FIRST_TOKEN_WINDOW * np.arange(
+            1, (pointers[-1] - pointers[0]) // FIRST_TOKEN_WINDOW + 2))
+        a = 0
+        for b in np.unique(window):
+            if b <= a:
+                continue
+            lo = int(pointers[a]) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+            tokens = np.memmap(prefix + ".bin", dtype=np.uint8, mode="r", offset=lo,
+                               shape=(int(pointers[b - 1]) + dtype.itemsize - lo,))
+            at = (pointers[a:b] - lo)[:, None] + np.arange(dtype.itemsize)
+            values[a:b] = np.ascontiguousarray(tokens[at]).view(dtype)[:, 0]
+            del tokens
+            a = int(b)
+        first[nonempty] = values
+    return first
+
+
 def document_first_tokens(prefixes: Sequence[str]) -> np.ndarray:
     """int64 [D]: the first stored token of every document over a language's shards (-1 for an
     empty document), read straight from the ``.bin`` at each document's first sequence pointer."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    parts = []
-    for prefix in prefixes:
-        ds = IndexedDataset(prefix)
-        docs = np.asarray(ds.document_indices, dtype=np.int64)[:-1]
-        first = np.full(len(docs), -1, dtype=np.int64)
-        nonempty = np.asarray(ds.sequence_lengths, dtype=np.int64)[docs] > 0 if len(docs) else np.zeros(0, bool)
-        if nonempty.any():
-            dtype = np.dtype(ds.index.dtype)
-            tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
-            pointers = np.asarray(ds.index.sequence_pointers, dtype=np.int64)[docs[nonempty]]
-            first[nonempty] = tokens[pointers // dtype.itemsize]
-            del tokens
-        parts.append(first)
+    parts = [_first_tokens(prefix, ds, docs[:-1]) for prefix, ds, docs in _document_chunks(prefixes)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def document_lengths(prefixes: Sequence[str]) -> np.ndarray:
     """int32 [D]: tokens per document over a language's shards, in shard order (megatron-core's
     ``IndexedDataset`` reads the ``.idx``; a document is its consecutive sequences)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    parts = []
-    for prefix in prefixes:
-        ds = IndexedDataset(prefix)
-        seq = np.asarray(ds.sequence_lengths, dtype=np.int64)
+    lengths = np.empty(_count_documents(prefixes), dtype=np.int32)
+    at = 0
+    for _, ds, docs in _document_chunks(prefixes):
+        seq = np.asarray(ds.sequence_lengths[docs[0]:docs[-1]], dtype=np.int64)
         ends = np.concatenate([[0], np.cumsum(seq)])
-        docs = np.asarray(ds.document_indices, dtype=np.int64)
-        parts.append(ends[docs[1:]] - ends[docs[:-1]])
-    lengths = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    if lengths.size and lengths.max() > np.iinfo(np.int32).max:
-        raise ValueError(f"a document in {prefixes} is longer than 2^31 tokens")
-    return lengths.astype(np.int32)
+        part = ends[docs[1:] - docs[0]] - ends[docs[:-1] - docs[0]]
+        if part.size and part.max() > np.iinfo(np.int32).max:
+            raise ValueError(f"a document in {prefixes} is longer than 2^31 tokens")
+        lengths[at:at + len(part)] = part
+        at += len(part)
+    return lengths
 
 
 @dataclasses.dataclass
@@ -203,7 +246,7 @@ class PhaseIndex:
     dataset_index: np.ndarray
     """int16/int32 [N]: language column of each sample."""
     dataset_sample_index: np.ndarray
-    """int64 [N]: the row of that language within this phase."""
+    """int32 (int64 when the phase's counts do not fit) [N]: the row of that language within this phase."""
     counts: np.ndarray
     """int64 [L]: samples per language in this phase."""
     doc_index: np.ndarray
@@ -211,7 +254,8 @@ class PhaseIndex:
     doc_offsets: np.ndarray
     """int64 [L + 1]: language ``l``'s part of ``doc_index``."""
     sample_idx: np.ndarray
-    """int64 [sum(counts + 1), 2]: language ``l``'s rows ``sample_idx[row_offsets[l] + r]`` .. ``+ 1``."""
+    """int32 (int64 when a value does not fit) [sum(counts + 1), 2]: language ``l``'s rows
+    ``sample_idx[row_offsets[l] + r]`` .. ``+ 1``."""
     row_offsets: np.ndarray
     """int64 [L + 1]: language ``l``'s part of ``sample_idx`` (concat) or of ``row_ptr`` (best_fit)."""
     packing: str = "concat"
@@ -223,7 +267,7 @@ class PhaseIndex:
     piece_offsets: Optional[np.ndarray] = None
     """best_fit: int64 [L + 1]: language ``l``'s part of ``pieces``."""
     row_ptr: Optional[np.ndarray] = None
-    """best_fit: int64 [sum(counts + 1)]: row ``r`` of language ``l`` is pieces
+    """best_fit: int32 (int64 when a value does not fit) [sum(counts + 1)]: row ``r`` of language ``l`` is pieces
     ``row_ptr[row_offsets[l] + r] .. + 1`` (relative to ``piece_offsets[l]``)."""
 
     def row_pieces(self, lang: int, row: int):
@@ -322,15 +366,117 @@ def _check_packing(packing: str) -> None:
 def first_bos_flags(manifest, lang: str) -> np.ndarray:
     """int8 [D]: 1 where a document of ``lang`` starts with the tokenizer's ``<bos>`` in the shards."""
     bos = manifest.tokenizer.special_ids.get("bos")
-    first = document_first_tokens(manifest.languages[lang].shards)
-    return (first == bos).astype(np.int8) if bos is not None else np.zeros(len(first), np.int8)
+    prefixes = manifest.languages[lang].shards
+    flags = np.zeros(_count_documents(prefixes), dtype=np.int8)
+    if bos is None:
+        return flags
+    at = 0
+    for prefix, ds, docs in _document_chunks(prefixes):
+        flags[at:at + len(docs) - 1] = _first_tokens(prefix, ds, docs[:-1]) == bos
+        at += len(docs) - 1
+    return flags
 
 
-def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int = 0,
+ARRAY_NAMES = ("dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx",
+               "row_offsets", "pieces", "piece_bos", "piece_offsets", "row_ptr", "packing_stats")
+"""The ``phase{k}_*`` arrays of the cache (plus ``stream_positions``)."""
+
+
+class NpyAppender:
+    """A ``.npy`` file written chunk by chunk along its first axis, so that an array of the index is
+    never whole in memory; the header is written last. ``dtype`` is where the values start; with
+    ``wide`` (an int dtype) a chunk whose values do not fit ``dtype`` rewrites what was written as
+    ``wide`` and continues in it (the narrowest dtype the values allow, checked, not assumed)."""
+
+    HEADER_BYTES = 128
+    """The header's size: numpy pads a version 1.0 header to 64-byte multiples and the one of any
+    1-D or [N, k] array of up to 10^20 elements takes 128 bytes (checked when it is written)."""
+
+    def __init__(self, path: str, dtype, row_shape=(), wide=None):
+        self.path, self.dtype, self.row_shape = path, np.dtype(dtype), tuple(row_shape)
+        self.wide = None if wide is None else np.dtype(wide)
+        self.rows = 0
+        self._f = open(path, "wb")
+        self._f.write(b"\0" * self.HEADER_BYTES)
+
+    def append(self, chunk) -> None:
+        chunk = np.asarray(chunk)
+        if chunk.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.path}: chunk of shape {chunk.shape}, rows of shape {self.row_shape}")
+        if chunk.size and self.dtype.kind in "iu" and chunk.dtype != self.dtype:
+            info = np.iinfo(self.dtype)
+            if chunk.min() < info.min or chunk.max() > info.max:
+                if self.wide is None or self.wide == self.dtype:
+                    raise OverflowError(f"{self.path}: values up to {chunk.max()} do not fit {self.dtype}")
+                self._widen()
+        np.ascontiguousarray(chunk, dtype=self.dtype).tofile(self._f)
+        self.rows += len(chunk)
+
+    def _widen(self) -> None:
+        """Rewrite what was written as ``self.wide`` (block by block) and continue in it."""
+        self._f.close()
+        old = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.HEADER_BYTES,
+                        shape=(self.rows,) + self.row_shape) if self.rows else None
+        tmp = self.path + ".widen"
+        with open(tmp, "wb") as f:
+            f.write(b"\0" * self.HEADER_BYTES)
+            for a in range(0, self.rows, 1 << 22):
+                np.ascontiguousarray(old[a:a + (1 << 22)], dtype=self.wide).tofile(f)
+        del old
+        os.replace(tmp, self.path)
+        self.dtype = self.wide
+        self._f = open(self.path, "r+b")
+        self._f.seek(0, os.SEEK_END)
+
+    def close(self) -> None:
+        import io
+
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": (self.rows,) + self.row_shape})
+        if len(header.getvalue()) != self.HEADER_BYTES:  # pragma: no cover - shapes beyond 10^20
+            raise ValueError(f"{self.path}: a .npy header of {len(header.getvalue())} bytes, not {self.HEADER_BYTES}")
+        self._f.seek(0)
+        self._f.write(header.getvalue())
+        self._f.close()
+
+
+BLEND_CHUNK = 1 << 18
+"""Samples of ``dataset_index`` turned into ``dataset_sample_index`` and written at a time."""
+
+
+def _occurrence_numbers(chunk: np.ndarray, seen: np.ndarray, dtype) -> np.ndarray:
+    """``dataset_sample_index`` of a chunk of ``dataset_index``: for each sample, how many earlier
+    samples of the phase came from its language (``seen``: those before the chunk, updated)."""
+    order = np.argsort(chunk, kind="stable")  # each language's samples, in order
+    lang = chunk[order].astype(np.int64)
+    n = np.bincount(lang, minlength=len(seen))
+    first = np.concatenate([[0], np.cumsum(n)[:-1]])  # where each language's run starts in `order`
+    out = np.empty(len(chunk), dtype=dtype)
+    out[order] = seen[lang] + np.arange(len(chunk)) - first[lang]
+    seen += n
+    return out
+
+
+def _int_dtype(max_value: int, narrow=np.int32, wide=np.int64) -> np.dtype:
+    """``narrow`` when every value up to ``max_value`` fits it, else ``wide``."""
+    return np.dtype(narrow) if max_value <= np.iinfo(narrow).max else np.dtype(wide)
+
+
+def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, start_phase: int = 0,
                  packing: str = "concat") -> Dict[str, np.ndarray]:
-    """Build every array of the schedule in memory (names as stored in the cache); phases before
-    ``start_phase`` only contribute their sample counts (and so the stream positions; best_fit
-    packs them to know where their streams end, without storing the rows)."""
+    """Build every array of the schedule into ``out_dir/{name}.npy`` (names as in the cache) and
+    return the small ones (``phase{k}_counts``, ``phase{k}_packing_stats``, ``stream_positions``).
+    Phases before ``start_phase`` only contribute their sample counts (and so the stream positions;
+    best_fit packs them to know where their streams end, without storing the rows).
+
+    Memory: the blending runs phase by phase (``dataset_index`` only, 2 bytes a sample, with
+    ``dataset_sample_index`` derived from it chunk by chunk) and packing language by language, each
+    result appended to its file (:class:`NpyAppender`) and dropped, so the peak is one phase's
+    ``dataset_index`` or one language's arrays for one phase, not the schedule's. Arrays that can outgrow
+    int32 (``dataset_sample_index``, ``sample_idx``, ``row_ptr``) are int32 when their values fit
+    (checked) and int64 otherwise; readers take either."""
     _check_packing(packing)
     if packing == "best_fit" and manifest.tokenizer.special_ids.get("bos") is None:
         raise ValueError(f"data.packing: best_fit starts every sequence with <bos>, but tokenizer "
@@ -338,33 +484,50 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int =
     ext = _ext()
     languages = plans[0].languages
     L = len(languages)
-    weights = np.ascontiguousarray(np.concatenate([p.segment_weights for p in plans]), dtype=np.float64)
-    sizes = np.concatenate([p.segment_sizes for p in plans]).astype(np.int64)
-    seg_phase = np.concatenate([np.full(len(p.segment_sizes), k, dtype=np.int64) for k, p in enumerate(plans)])
-    t0 = time.time()
-    di, dsi, counts, stats = ext.build_blending_indices(weights, sizes, seg_phase, "fast")
-    n = int(sizes.sum())
-    _progress(f"blended {n:,} samples over {L} languages in {time.time() - t0:.1f}s "
-              f"({n / max(time.time() - t0, 1e-9) / 1e6:.1f}M samples/s, {stats['kernel']} kernel)")
-    out: Dict[str, np.ndarray] = {}
-    start = 0
-    consumed = np.zeros(L, dtype=np.int64)  # rows of each language before this phase
+    K = len(plans)
+    path = lambda name: os.path.join(out_dir, name + ".npy")  # noqa: E731
+    counts = np.zeros((K, L), dtype=np.int64)
+    # Blending, phase by phase (deficits restart at each phase, and a phase's sample numbers count
+    # from its own first row of each language: the same arrays as one schedule-wide call).
     for k, plan in enumerate(plans):
-        end = start + plan.num_samples
-        d = di[start:end] if k >= start_phase else di[:0]  # skipped phases: counts only, no arrays
-        out[f"phase{k}_dataset_index"] = d
-        out[f"phase{k}_dataset_sample_index"] = dsi[start:start + len(d)] - consumed[d.astype(np.int64)]
-        out[f"phase{k}_counts"] = counts[k]
-        consumed += counts[k]
-        start = end
+        t0 = time.time()
+        weights = np.ascontiguousarray(plan.segment_weights, dtype=np.float64)
+        sizes = np.asarray(plan.segment_sizes, dtype=np.int64)
+        try:
+            di, _, c, stats = ext.build_blending_indices(weights, sizes, np.zeros(len(sizes), np.int64), "fast",
+                                                         sample_index=False)
+        except TypeError as e:  # an extension built from older csrc/
+            raise ImportError(f"the C++ index builder {ext.__file__} is older than csrc/ (no sample_index "
+                              "argument); rebuild it: `python setup.py build_ext --inplace` in the repository "
+                              f"root ({e})") from e
+        counts[k] = c[0]
+        n = int(sizes.sum())
+        _progress(f"phase {k}: blended {n:,} samples over {L} languages in {time.time() - t0:.1f}s "
+                  f"({stats['kernel']} kernel)")
+        keep = k >= start_phase  # skipped phases: counts only, no arrays
+        d_out = NpyAppender(path(f"phase{k}_dataset_index"), di.dtype)
+        s_out = NpyAppender(path(f"phase{k}_dataset_sample_index"), _int_dtype(int(c.max(initial=0))))
+        seen = np.zeros(L, dtype=np.int64)  # samples of each language before the chunk
+        for a in range(0, len(di) if keep else 0, BLEND_CHUNK):
+            chunk = di[a:a + BLEND_CHUNK]
+            d_out.append(chunk)
+            s_out.append(_occurrence_numbers(chunk, seen, s_out.dtype))
+        d_out.close()
+        s_out.close()
+        del di
+        np.save(path(f"phase{k}_counts"), counts[k])
     # concat: positions are rows x seq_len; best_fit: filled in below from what the packer took.
     positions = stream_positions(plans, counts)
     # Packed rows, language by language, continuing each language's token stream across phases.
     active = counts.sum(axis=0) > 0 if packing == "best_fit" else counts[start_phase:].sum(axis=0) > 0
     need = [lang for i, lang in enumerate(languages) if active[i]]
-    per_phase = [{"doc": [], "doc_off": [0], "rows": [], "row_off": [0], "pieces": [], "bos": [],
-                  "piece_off": [0], "ptr": [], "stats": np.zeros((L, len(PACKING_STATS)), np.int64)}
-                 for _ in plans]
+    out = [{"doc": NpyAppender(path(f"phase{k}_doc_index"), np.int32),
+            "rows": NpyAppender(path(f"phase{k}_sample_idx"), np.int32, (2,), wide=np.int64),
+            "pieces": NpyAppender(path(f"phase{k}_pieces"), np.int32, (3,)),
+            "bos": NpyAppender(path(f"phase{k}_piece_bos"), np.int8),
+            "ptr": NpyAppender(path(f"phase{k}_row_ptr"), np.int32, wide=np.int64),
+            "doc_off": [0], "row_off": [0], "piece_off": [0],
+            "stats": np.zeros((L, len(PACKING_STATS)), np.int64)} for k in range(K)]
     t0 = time.time()
     done = 0
     for i, lang in enumerate(languages):
@@ -374,7 +537,7 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int =
             first_bos = first_bos_flags(manifest, lang)
         pos = 0
         for k, plan in enumerate(plans):
-            acc = per_phase[k]
+            acc = out[k]
             rows = int(counts[k, i])
             keep = k >= start_phase
             doc_index, sample_idx = np.zeros(0, np.int32), np.zeros((1, 2), np.int64)
@@ -402,25 +565,26 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, start_phase: int =
             acc["piece_off"].append(acc["piece_off"][-1] + len(pieces))
             acc["ptr"].append(ptr)
             acc["row_off"].append(acc["row_off"][-1] + (len(ptr) if packing == "best_fit" else len(sample_idx)))
+            del doc_index, sample_idx, pieces, bos, ptr
         if packing == "best_fit":
-            positions[len(plans), i] = pos
+            positions[K, i] = pos
         if lengths is not None:
             done += 1
             if done % 100 == 0 or done == len(need):
                 rate = done / max(time.time() - t0, 1e-9)
                 _progress(f"packed {done}/{len(need)} languages ({rate:.1f}/s, ETA {(len(need) - done) / rate:.0f}s)")
-    out["stream_positions"] = positions
-    for k, acc in enumerate(per_phase):
-        out[f"phase{k}_doc_index"] = np.concatenate(acc["doc"]).astype(np.int32)
-        out[f"phase{k}_doc_offsets"] = np.asarray(acc["doc_off"], dtype=np.int64)
-        out[f"phase{k}_sample_idx"] = np.concatenate(acc["rows"]).astype(np.int64)
-        out[f"phase{k}_row_offsets"] = np.asarray(acc["row_off"], dtype=np.int64)
-        out[f"phase{k}_pieces"] = np.concatenate(acc["pieces"]).astype(np.int32).reshape(-1, 3)
-        out[f"phase{k}_piece_bos"] = np.concatenate(acc["bos"]).astype(np.int8)
-        out[f"phase{k}_piece_offsets"] = np.asarray(acc["piece_off"], dtype=np.int64)
-        out[f"phase{k}_row_ptr"] = np.concatenate(acc["ptr"]).astype(np.int64)
-        out[f"phase{k}_packing_stats"] = acc["stats"]
-    return out
+    small = {"stream_positions": positions}
+    np.save(path("stream_positions"), positions)
+    for k, acc in enumerate(out):
+        for name in ("doc", "rows", "pieces", "bos", "ptr"):
+            acc[name].close()
+        for name, offsets in (("doc_offsets", acc["doc_off"]), ("row_offsets", acc["row_off"]),
+                              ("piece_offsets", acc["piece_off"])):
+            np.save(path(f"phase{k}_{name}"), np.asarray(offsets, dtype=np.int64))
+        np.save(path(f"phase{k}_packing_stats"), acc["stats"])
+        small[f"phase{k}_counts"] = counts[k]
+        small[f"phase{k}_packing_stats"] = acc["stats"]
+    return small
 
 
 def _assemble(plans: List[PhasePlan], arrays, path: str, plan_json: Dict, start_phase: int,
@@ -640,28 +804,26 @@ def build_data_index(
         return index_plan(manifest, plans, counts, seed, start_phase, key, np.asarray(arrays["stream_positions"]),
                           packing, stats)
 
-    if cache_dir is None:
-        arrays = build_arrays(manifest, plans, seed, start_phase, packing)
-        return _assemble(plans, arrays, "", describe(arrays), start_phase, packing)
+    names = ["stream_positions"] + [f"phase{k}_{a}" for k in range(len(plans)) for a in ARRAY_NAMES]
+    if cache_dir is None:  # built through a temporary folder (the one build path), then read whole
+        with tempfile.TemporaryDirectory(prefix="mmbert-index-") as tmp:
+            small = build_arrays(manifest, plans, seed, tmp, start_phase, packing)
+            arrays = {name: np.load(os.path.join(tmp, name + ".npy")) for name in names}
+        return _assemble(plans, arrays, "", describe(small), start_phase, packing)
     final = os.path.join(os.path.abspath(cache_dir), f"mmbert-index-{key[:20]}")
-    names = ["stream_positions"] + [f"phase{k}_{a}" for k in range(len(plans)) for a in (
-        "dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx", "row_offsets",
-        "pieces", "piece_bos", "piece_offsets", "row_ptr", "packing_stats")]
     if is_builder is None:
         is_builder = default_rank() == 0
     if not os.path.isdir(final):
         if is_builder:
             os.makedirs(cache_dir, exist_ok=True)
             _progress(f"cache miss: building {final}")
-            arrays = build_arrays(manifest, plans, seed, start_phase, packing)
             tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=cache_dir)
             try:
-                for name in names:
-                    np.save(os.path.join(tmp, name + ".npy"), arrays[name])
+                small = build_arrays(manifest, plans, seed, tmp, start_phase, packing)
                 with open(os.path.join(tmp, "description.json"), "w") as f:
                     json.dump({"key": key, "languages": plans[0].languages, "start_phase": start_phase,
                                "packing": packing, "phases": [to_dict(p) for p in phases], "seed": seed}, f, indent=1)
-                write_index_plan(describe(arrays), tmp)
+                write_index_plan(describe(small), tmp)
                 try:
                     os.rename(tmp, final)  # atomic: the folder appears complete or not at all
                 except OSError:
