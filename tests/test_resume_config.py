@@ -98,7 +98,7 @@ ONE_PHASE = {
     "schedule": {"total_tokens": 8 * 8 * 64, "phases": {"pretrain": {"lr": 1.0e-3}}},
     "batch": {"rampup_start_rows": None, "rampup_increment_rows": None, "rampup_tokens": 0},
     "checkpoint": {"every_steps": 100, "keep_last": 5},
-    "logging": {"interval": 1, "eval_rows_per_group": 2, "eval_seq_len": 64, "tensorboard": False},
+    "logging": {"interval": 1, "eval_rows_per_language": 2, "eval_seq_len": 64, "tensorboard": False},
 }
 
 
