@@ -11,25 +11,13 @@ import sys
 import pytest
 import yaml
 
-from tests.helpers.model import make_hf_model
+from tests.helpers.model import make_hf_model, save_word_tokenizer
 from tests.helpers.training import ROOT, _env
 
 pytest.importorskip("huggingface_hub")
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
-
-def _tokenizer(directory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[CLS]": 1, "[BOS]": 2, "[UNK]": 3, "[MASK]": 4}
-    vocab.update({f"w{i}": i for i in range(5, 333)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[CLS]",
-                            bos_token="[BOS]", eos_token="[CLS]", unk_token="[UNK]",
-                            mask_token="[MASK]").save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +27,7 @@ def hf_home(tmp_path_factory):
     repo = home / "hub" / "models--org--tiny-mlm"
     snapshot = repo / "snapshots" / SHA
     make_hf_model("even", str(snapshot))
-    _tokenizer(str(snapshot))
+    save_word_tokenizer(str(snapshot))
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(SHA)
     other = home / "hub" / "models--org--tiny-mlm-b"  # a second model of the same shape, for merging

@@ -21,26 +21,13 @@ from megatron_mmbert.convert.checkpoints import import_hf, load_canonical, read_
 from megatron_mmbert.checkpoints.layout import CheckpointError
 from megatron_mmbert.merge.stream import merge_checkpoints
 from megatron_mmbert.merge.ties import MergeSpec
-from tests.helpers.model import make_hf_model
+from tests.helpers.model import make_hf_model, save_word_tokenizer
 
 # 32 KiB of float64: the embedding (333 x 48) spans four row blocks and a QKV (144 x 48) two, so
 # megatron QKV rows are regrouped across a block boundary. (Smaller blocks only add megatron reads,
 # each a dist_checkpointing.load call.)
 BLOCK = 32768
 
-
-def _tokenizer(directory):
-    """A small word-level fast tokenizer with ModernBERT-like special ids, saved beside the weights."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[CLS]": 1, "[BOS]": 2, "[UNK]": 3, "[MASK]": 4}
-    vocab.update({f"w{i}": i for i in range(5, 333)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[CLS]",
-                            bos_token="[BOS]", eos_token="[CLS]", unk_token="[UNK]",
-                            mask_token="[MASK]").save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +36,7 @@ def family(tmp_path_factory):
     hf = {name: str(root / f"hf_{name}") for name in ("base", "m0", "m1")}
     for seed, path in enumerate(hf.values()):
         make_hf_model("even", path, seed=seed)  # vocab 333: padded to 384 in megatron
-    _tokenizer(hf["base"])
+    save_word_tokenizer(hf["base"])
     meg = {name: str(root / f"meg_{name}") for name in ("base", "m0")}
     for name, path in meg.items():
         import_hf(hf[name], path)

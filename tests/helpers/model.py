@@ -48,6 +48,20 @@ def make_hf_model(name, directory: str, seed: int = 0):
     return model
 
 
+def save_word_tokenizer(directory: str) -> None:
+    """A small word-level fast tokenizer with ModernBERT-like special ids (``w5``..``w332``), saved
+    with ``save_pretrained`` (the tiny HF models' vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[CLS]": 1, "[BOS]": 2, "[UNK]": 3, "[MASK]": 4}
+    vocab.update({f"w{i}": i for i in range(5, 333)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[CLS]",
+                            bos_token="[BOS]", eos_token="[CLS]", unk_token="[UNK]",
+                            mask_token="[MASK]").save_pretrained(directory)
+
 def packed_batch(doc_lengths: Sequence[Sequence[int]], vocab: int, seed: int = 0) -> Dict:
     """A Batch (docs/interfaces.md) of rows packed from the given per-row document lengths."""
     g = torch.Generator().manual_seed(seed)
