@@ -29,6 +29,7 @@ Integrity: :func:`file_digests` records every file's size and SHA-256 at save ti
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import io
 import logging
@@ -76,17 +77,47 @@ def _allowed_globals() -> Dict[tuple, Any]:
 _ALLOWED: Optional[Dict[tuple, Any]] = None
 
 
+# How pickle names the builtin ``getattr``: protocol 3+ says ``builtins``; protocols 0-2 say
+# ``__builtin__`` (the Python 2 name, which the default ``find_class`` maps and ours sees raw).
+_GETATTR_NAMES = {("builtins", "getattr"), ("__builtin__", "getattr")}
+
+
 class MetadataUnpickler(pickle.Unpickler):
-    """Unpickles torch DCP ``.metadata`` and nothing else: only allow-listed globals resolve."""
+    """Unpickles torch DCP ``.metadata`` and nothing else: only allow-listed globals resolve.
+
+    An ``Enum`` member is pickled in one of two forms, depending on the interpreter that wrote
+    the file: ``EnumClass(value)`` (CPython 3.11.3+ and 3.12+) or ``getattr(EnumClass, 'NAME')``
+    (``Enum.__reduce_ex__`` of CPython <= 3.11.2, the system Python of Debian 12; see CPython
+    gh-103056 / the 3.11.3 changelog). The second form asks for the builtin ``getattr``, which
+    this unpickler never hands out: it resolves to :func:`_enum_member`, which accepts only an
+    allow-listed ``Enum`` class and one of its member names, and looks the member up in
+    ``__members__`` (no attribute access of the file's choosing).
+    """
 
     def __init__(self, file, path: str):
         super().__init__(file)
         self.path = path
 
+    def _enum_member(self, cls: Any, name: Any):
+        """``getattr(cls, name)`` restricted to ``cls`` an allow-listed Enum, ``name`` a member."""
+        if not (isinstance(cls, type) and issubclass(cls, enum.Enum) and cls in _ALLOWED.values()):
+            raise UntrustedCheckpointError(
+                f"{self.path}: refused to load: it calls getattr on {cls!r}, which is not an enum of "
+                "checkpoint metadata (a crafted or foreign file; loading it could run code)"
+            )
+        if not isinstance(name, str) or name not in cls.__members__:
+            raise UntrustedCheckpointError(
+                f"{self.path}: refused to load: {name!r} is not a member of {cls.__module__}.{cls.__qualname__} "
+                "(a crafted file, or one written by another torch version)"
+            )
+        return cls.__members__[name]
+
     def find_class(self, module: str, name: str):
         global _ALLOWED
         if _ALLOWED is None:
             _ALLOWED = _allowed_globals()
+        if (module, name) in _GETATTR_NAMES:
+            return self._enum_member
         found = _ALLOWED.get((module, name))
         if found is None:
             raise UntrustedCheckpointError(
