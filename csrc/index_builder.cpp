@@ -12,8 +12,9 @@
 // 3. pack_rows: documents of one language laid into rows of seq_len tokens, over as many shuffled
 //    epochs as needed, in megatron-core's GPT sample_idx representation (build_sample_idx with no
 //    extra token), starting at any token position of the endless epoch stream.
-// 4. pack_best_fit: <bos>-led pieces of documents best-fit packed into rows, padding where no
-//    piece fits (data.packing: best_fit); concat_stats: the same statistics for pack_rows' rows.
+// 4. pack_best_fit: <bos> ... <eos> pieces of documents best-fit packed into rows of
+//    bin_rows x seq_len tokens, padding where no piece fits (data.packing: best_fit); concat_stats:
+//    the same statistics for pack_rows' rows.
 //
 // Every input array is dtype- and layout-checked (a wrong dtype raises TypeError: megatron's helper
 // silently fills a temporary copy instead), outputs are allocated here, and the GIL is released
@@ -482,6 +483,13 @@ py::tuple pack_rows(const py::object &sizes_obj, int64_t seq_len, int64_t num_ro
 // github.com/AnswerDotAI/ModernBERT src/sequence_packer.py), deterministic and resumable
 // ------------------------------------------------------------------------------------------------
 
+// Document framing flags (input, one per document): what the shards already hold.
+constexpr int8_t kStoredBos = 1;  // the stored document starts with <bos>
+constexpr int8_t kStoredEos = 2;  // ... and ends with <eos>
+// Piece flags (output, one per piece): what the reader adds around the stored tokens.
+constexpr int8_t kAddBos = 1;  // prepend <bos>
+constexpr int8_t kAddEos = 2;  // append <eos>
+
 // The document stream of one language from stream token `start_token` (which must fall on a
 // document boundary of the epoch stream): epoch e = permutation(D, seed, stream, e).
 struct DocStream {
@@ -528,99 +536,133 @@ struct DocStream {
 
 struct Piece {
   int32_t doc, offset, length;  // stored tokens [offset, offset + length) of document doc
-  int8_t bos;                   // a <bos> is prepended (not in the shards here)
-  int32_t total() const { return length + bos; }
+  int8_t flags;                 // kAddBos | kAddEos: framing tokens the shards lack here
+  int64_t total() const { return length + (flags & kAddBos ? 1 : 0) + (flags & kAddEos ? 1 : 0); }
 };
 
-// Rows of seq_len tokens from whole pieces. Documents are cut into pieces that each start with
-// <bos> (a document's first piece keeps the shard's own <bos> when it has one, first_bos[d]), at
-// most seq_len tokens with that <bos>; non-first pieces shorter than min_piece tokens are dropped.
-// Rows are made `window` at a time: each piece (the deferred ones first, then new ones from the
-// stream) goes into the open row with the least room that still holds it (ties: the lowest row),
-// or is deferred to the next window; a window closes when all its rows are full, `buffer` pieces
-// were tried (the reference's buffer), or `lookahead` rows' worth of tokens wait deferred. The room left in a row is padding. Pieces still
-// deferred when the rows are done are dropped, so the stream advances by whole documents and the
-// next call (next phase, or a branch starting there) starts with nothing pending.
-// Returns (pieces int32 [P, 3] (doc, offset, stored length), piece_bos int8 [P],
-// row_ptr int64 [rows + 1] (row r = pieces row_ptr[r] .. row_ptr[r + 1]), end_token, stats dict).
-py::tuple pack_best_fit(const py::object &sizes_obj, const py::object &first_bos_obj, int64_t seq_len,
+// The packer's whole state between two windows (issue: resumable in blocks): where the document
+// stream is, and the pieces read but not yet placed (deferred ones first, in stream order).
+struct BestFitState {
+  DocStream docs;
+  std::vector<Piece> pending;
+};
+
+// Pieces of document d, each framed <bos> content <eos> (the reference's framing): the stored
+// content (without the document's own <bos> / <eos>, flags `framing[d]`) is cut every seq_len - 2
+// tokens; a piece reuses the stored <bos> / <eos> where it has them and gets one added otherwise.
+// Non-first pieces with fewer than min_piece content tokens are dropped (mmBERT); a document with no
+// content gives no piece (the reference skips empty sequences).
+void cut_document(int32_t d, const int32_t *sizes, const int8_t *framing, int64_t seq_len, int64_t min_piece,
+                  std::vector<Piece> &out, int64_t &dropped_short) {
+  const int32_t n = sizes[d];
+  const int8_t fr = framing[d];
+  const int32_t c0 = (fr & kStoredBos) && n > 0 ? 1 : 0;
+  const int32_t c1 = (fr & kStoredEos) && n > c0 ? n - 1 : n;
+  if (c1 <= c0) {
+    dropped_short += n;
+    return;
+  }
+  const int32_t cmax = static_cast<int32_t>(seq_len - 2);
+  for (int32_t a = c0; a < c1;) {
+    const int32_t b = static_cast<int32_t>(std::min<int64_t>(c1, static_cast<int64_t>(a) + cmax));
+    if (a > c0 && b - a < min_piece) {
+      dropped_short += b - a;
+    } else {
+      const bool own_bos = a == c0 && (fr & kStoredBos);
+      const bool own_eos = b == c1 && (fr & kStoredEos);
+      const int32_t lo = own_bos ? 0 : a, hi = own_eos ? n : b;
+      out.push_back(Piece{d, lo, hi - lo,
+                          static_cast<int8_t>((own_bos ? 0 : kAddBos) | (own_eos ? 0 : kAddEos))});
+    }
+    a = b;
+  }
+}
+
+// Packed rows of bin_rows x seq_len tokens from whole pieces (each at most seq_len tokens, framed
+// by cut_document): with bin_rows = micro_batch_size a packed row is one micro-batch, as the
+// reference's (out_pseq_len = micro_batch_size x max_seq_len); bin_rows = 1 keeps seq_len rows.
+// Rows are made `window` at a time, all of them open together: each piece (the deferred ones first,
+// then new ones from the stream) goes into the open row with the least room that still holds it
+// (ties: the lowest row), or is deferred to the next window. A window closes when all its rows are
+// full, `buffer` pieces wait deferred (the reference's buffer_size), or `lookahead` seq_len-rows'
+// worth of tokens do. The room left in a row is padding. Pieces still deferred when the rows are
+// done are dropped, so the stream advances by whole documents and the next call (next phase, or a
+// branch starting there) starts with nothing pending.
+// Returns (pieces int32 [P, 3] (doc, offset, stored length), piece_flags int8 [P] (kAddBos | kAddEos),
+// row_ptr int64 [rows + 1] (packed row r = pieces row_ptr[r] .. row_ptr[r + 1]), end_token, stats).
+py::tuple pack_best_fit(const py::object &sizes_obj, const py::object &framing_obj, int64_t seq_len,
                         int64_t num_rows, int64_t start_token, uint64_t seed, uint64_t stream,
-                        int64_t window, int64_t buffer, int64_t lookahead, int64_t min_piece) {
+                        int64_t bin_rows, int64_t window, int64_t buffer, int64_t lookahead,
+                        int64_t min_piece) {
   auto sizes_arr = require<int32_t>(sizes_obj, "sizes", 1);
-  auto bos_arr = require<int8_t>(first_bos_obj, "first_bos", 1);
+  auto framing_arr = require<int8_t>(framing_obj, "framing", 1);
   const int64_t D = sizes_arr.shape(0);
-  if (bos_arr.shape(0) != D) throw py::value_error("first_bos must have one entry per document");
-  if (seq_len < 2) throw py::value_error("seq_len must be >= 2 for best_fit (a <bos> and a token)");
+  if (framing_arr.shape(0) != D) throw py::value_error("framing must have one entry per document");
+  if (seq_len < 3) throw py::value_error("seq_len must be >= 3 for best_fit (<bos>, a token, <eos>)");
+  if (bin_rows < 1) throw py::value_error("bin_rows must be >= 1");
   if (num_rows < 0 || start_token < 0) throw py::value_error("num_rows and start_token must be >= 0");
-  if (window < 1 || buffer < window) throw py::value_error("need window >= 1 and buffer >= window");
+  if (window < 1 || buffer < 1) throw py::value_error("need window >= 1 and buffer >= 1");
   if (lookahead < 0) throw py::value_error("lookahead must be >= 0");
   if (min_piece < 0) throw py::value_error("min_piece must be >= 0");
   const int32_t *sizes = sizes_arr.data();
-  const int8_t *first_bos = bos_arr.data();
+  const int8_t *framing = framing_arr.data();
   int64_t tpe = 0;
   for (int64_t d = 0; d < D; ++d) {
     if (sizes[d] < 0) throw py::value_error("sizes must be >= 0");
     tpe += sizes[d];
   }
   if (num_rows > 0 && tpe <= 0) throw py::value_error("cannot pack rows from a dataset with no tokens");
+  const int64_t capacity = bin_rows * seq_len;
   std::vector<Piece> out;
   std::vector<int64_t> row_ptr(1, 0);
   int64_t end_token = start_token;
-  int64_t pad = 0, fragment = 0, segments = 0, bos_segments = 0, dropped_short = 0, dropped_left = 0,
-          documents = 0;
+  int64_t pad = 0, fragment = 0, segments = 0, bos_segments = 0, eos_segments = 0, dropped_short = 0,
+          dropped_left = 0, documents = 0;
   if (num_rows > 0) {
     py::gil_scoped_release release;
-    DocStream ds(sizes, D, tpe, seed, stream, start_token);
-    std::vector<Piece> pending;  // deferred pieces first, then new ones, in stream order
-    size_t head = 0;             // first piece of `pending` not yet tried in this window
-    auto pull = [&]() {          // one document's pieces onto `pending`
-      const int32_t d = ds.take();
-      ++documents;
+    BestFitState st{DocStream(sizes, D, tpe, seed, stream, start_token), {}};
+    std::vector<Piece> &pending = st.pending;
+    size_t head = 0;  // first piece of `pending` not yet tried in this window
+    bool has_content = false;
+    for (int64_t d = 0; d < D && !has_content; ++d) {
       const int32_t n = sizes[d];
-      int32_t off = 0;
-      while (off < n) {
-        const int8_t add = (off == 0 && first_bos[d]) ? 0 : 1;
-        const int32_t len = static_cast<int32_t>(std::min<int64_t>(n - off, seq_len - add));
-        if (off > 0 && len + add < min_piece) {
-          dropped_short += len;
-        } else {
-          pending.push_back(Piece{d, off, len, add});
-        }
-        off += len;
-      }
-    };
+      has_content = n - ((framing[d] & kStoredBos) ? 1 : 0) - ((framing[d] & kStoredEos) ? 1 : 0) > 0;
+    }
+    if (!has_content) throw std::invalid_argument("no document has a token besides its <bos> / <eos>");
     std::vector<std::vector<Piece>> rows;
     std::vector<int64_t> room;
+    std::vector<Piece> deferred;
     for (int64_t r0 = 0; r0 < num_rows; r0 += window) {
       const int64_t W = std::min(window, num_rows - r0);
       rows.assign(W, {});
-      room.assign(W, seq_len);
-      std::vector<Piece> deferred;
-      int64_t tried = 0, full = 0, deferred_tokens = 0;
+      room.assign(W, capacity);
+      deferred.clear();
+      int64_t full = 0, deferred_tokens = 0;
       head = 0;
-      while (tried < buffer && full < W) {
+      while (full < W && static_cast<int64_t>(deferred.size()) < buffer) {
         if (head == pending.size()) {
           // Read ahead at most `lookahead` rows' worth of tokens that did not fit: what is still
           // pending when the rows are done is dropped, so a language with few rows in a phase
           // must not pull many documents for them.
           if (deferred_tokens >= lookahead * seq_len) break;
-          pending.erase(pending.begin(), pending.end());
+          pending.clear();
           head = 0;
-          pull();
+          ++documents;
+          cut_document(st.docs.take(), sizes, framing, seq_len, min_piece, pending, dropped_short);
           continue;
         }
         const Piece p = pending[head++];
-        ++tried;
+        const int64_t t = p.total();
         int64_t best = -1;
         for (int64_t r = 0; r < W; ++r) {
-          if (room[r] >= p.total() && (best < 0 || room[r] < room[best])) best = r;
+          if (room[r] >= t && (best < 0 || room[r] < room[best])) best = r;
         }
         if (best < 0) {
           deferred.push_back(p);
-          deferred_tokens += p.total();
+          deferred_tokens += t;
         } else {
           rows[best].push_back(p);
-          room[best] -= p.total();
+          room[best] -= t;
           if (room[best] == 0) ++full;
         }
       }
@@ -632,57 +674,61 @@ py::tuple pack_best_fit(const py::object &sizes_obj, const py::object &first_bos
         for (const Piece &p : rows[r]) {
           out.push_back(p);
           ++segments;
-          bos_segments += (p.bos || (p.offset == 0 && first_bos[p.doc])) ? 1 : 0;
-          if (!(p.offset == 0 && p.length == sizes[p.doc])) fragment += p.total();
+          const int32_t n = sizes[p.doc];
+          bos_segments += ((p.flags & kAddBos) || (p.offset == 0 && (framing[p.doc] & kStoredBos))) ? 1 : 0;
+          eos_segments +=
+              ((p.flags & kAddEos) || (p.offset + p.length == n && (framing[p.doc] & kStoredEos))) ? 1 : 0;
+          if (!(p.offset == 0 && p.length == n)) fragment += p.total();
         }
         pad += room[r];
         row_ptr.push_back(static_cast<int64_t>(out.size()));
       }
     }
     for (const Piece &p : pending) dropped_left += p.length;
-    end_token = ds.token;
+    end_token = st.docs.token;
   }
   const py::ssize_t P = static_cast<py::ssize_t>(out.size());
   py::array_t<int32_t> pieces({P, static_cast<py::ssize_t>(3)});
-  py::array_t<int8_t> piece_bos(P);
+  py::array_t<int8_t> piece_flags(P);
   py::array_t<int64_t> ptr(static_cast<py::ssize_t>(row_ptr.size()));
   int32_t *pp = pieces.mutable_data();
-  int8_t *pb = piece_bos.mutable_data();
+  int8_t *pf = piece_flags.mutable_data();
   for (py::ssize_t i = 0; i < P; ++i) {
     pp[3 * i] = out[i].doc;
     pp[3 * i + 1] = out[i].offset;
     pp[3 * i + 2] = out[i].length;
-    pb[i] = out[i].bos;
+    pf[i] = out[i].flags;
   }
   std::copy(row_ptr.begin(), row_ptr.end(), ptr.mutable_data());
   py::dict stats;
-  stats["row_tokens"] = num_rows * seq_len;
+  stats["row_tokens"] = num_rows * capacity;
   stats["pad_tokens"] = pad;
   stats["fragment_tokens"] = fragment;
   stats["segments"] = segments;
   stats["bos_segments"] = bos_segments;
+  stats["eos_segments"] = eos_segments;
   stats["documents"] = documents;
   stats["dropped_short_tokens"] = dropped_short;
   stats["dropped_pending_tokens"] = dropped_left;
-  return py::make_tuple(pieces, piece_bos, ptr, end_token, stats);
+  return py::make_tuple(pieces, piece_flags, ptr, end_token, stats);
 }
 
 // The same statistics for concat rows (pack_rows' doc_index / sample_idx): segments are the
 // non-empty pieces of documents inside rows; a segment starts with <bos> when it is a document's
-// start and the shard holds a <bos> there; fragment tokens are those of pieces that are not a
-// whole document.
-py::dict concat_stats(const py::object &sizes_obj, const py::object &first_bos_obj,
+// start and the shard holds a <bos> there (ends with <eos>: a document's end with a stored <eos>);
+// fragment tokens are those of pieces that are not a whole document.
+py::dict concat_stats(const py::object &sizes_obj, const py::object &framing_obj,
                       const py::object &doc_index_obj, const py::object &sample_idx_obj) {
   auto sizes_arr = require<int32_t>(sizes_obj, "sizes", 1);
-  auto bos_arr = require<int8_t>(first_bos_obj, "first_bos", 1);
+  auto framing_arr = require<int8_t>(framing_obj, "framing", 1);
   auto di_arr = require<int32_t>(doc_index_obj, "doc_index", 1);
   auto si_arr = require<int64_t>(sample_idx_obj, "sample_idx", 2);
   const int32_t *sizes = sizes_arr.data();
-  const int8_t *first_bos = bos_arr.data();
+  const int8_t *framing = framing_arr.data();
   const int32_t *di = di_arr.data();
   const int64_t *si = si_arr.data();
   const int64_t R = si_arr.shape(0) - 1;
-  int64_t segments = 0, bos_segments = 0, fragment = 0, tokens = 0;
+  int64_t segments = 0, bos_segments = 0, eos_segments = 0, fragment = 0, tokens = 0;
   {
     py::gil_scoped_release release;
     for (int64_t r = 0; r < R; ++r) {
@@ -694,7 +740,8 @@ py::dict concat_stats(const py::object &sizes_obj, const py::object &first_bos_o
         if (end > o) {
           ++segments;
           tokens += end - o;
-          bos_segments += (o == 0 && first_bos[d]) ? 1 : 0;
+          bos_segments += (o == 0 && (framing[d] & kStoredBos)) ? 1 : 0;
+          eos_segments += (end == sizes[d] && (framing[d] & kStoredEos)) ? 1 : 0;
           if (!(o == 0 && end == sizes[d])) fragment += end - o;
         }
         ++p;
@@ -708,6 +755,7 @@ py::dict concat_stats(const py::object &sizes_obj, const py::object &first_bos_o
   stats["fragment_tokens"] = fragment;
   stats["segments"] = segments;
   stats["bos_segments"] = bos_segments;
+  stats["eos_segments"] = eos_segments;
   return stats;
 }
 
@@ -740,11 +788,12 @@ PYBIND11_MODULE(_index_builder, m) {
   m.def("pack_rows", &pack_rows, py::arg("sizes"), py::arg("seq_len"), py::arg("num_rows"),
         py::arg("start_token"), py::arg("seed"), py::arg("stream"),
         "Packed rows of one language: (doc_index int32, sample_idx int64 [rows+1, 2], first_epoch).");
-  m.def("pack_best_fit", &pack_best_fit, py::arg("sizes"), py::arg("first_bos"), py::arg("seq_len"),
-        py::arg("num_rows"), py::arg("start_token"), py::arg("seed"), py::arg("stream"),
+  m.def("pack_best_fit", &pack_best_fit, py::arg("sizes"), py::arg("framing"), py::arg("seq_len"),
+        py::arg("num_rows"), py::arg("start_token"), py::arg("seed"), py::arg("stream"), py::arg("bin_rows"),
         py::arg("window"), py::arg("buffer"), py::arg("lookahead"), py::arg("min_piece"),
-        "Best-fit rows of one language: (pieces int32 [P, 3] (doc, offset, length), piece_bos int8 [P],\n"
-        "row_ptr int64 [rows+1], end_token, stats dict).");
-  m.def("concat_stats", &concat_stats, py::arg("sizes"), py::arg("first_bos"), py::arg("doc_index"),
+        "Best-fit packed rows of bin_rows x seq_len tokens of one language: (pieces int32 [P, 3] (doc,\n"
+        "offset, length), piece_flags int8 [P] (1: prepend <bos>, 2: append <eos>), row_ptr int64 [rows+1],\n"
+        "end_token, stats dict). framing int8 [D]: 1 where a document starts with <bos>, 2 ends with <eos>.");
+  m.def("concat_stats", &concat_stats, py::arg("sizes"), py::arg("framing"), py::arg("doc_index"),
         py::arg("sample_idx"), "Segment / <bos> / fragment counts of pack_rows' rows.");
 }

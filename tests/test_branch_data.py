@@ -60,7 +60,7 @@ def _stream(config):
     return MLMStream(run.manifest_path, run.phases, run.data_seed, cache_dir=run.index_cache_dir,
                      default_global_batch_size=run.batch.global_batch_size,
                      anneal_segments=run.data.anneal_segments, start_phase=run.start_phase_index,
-                     packing=run.data.packing)
+                     packing=run.data.packing, bin_rows=run.packing_bin_rows())
 
 
 @pytest.mark.parametrize("packing", ["concat", "best_fit"])
@@ -93,7 +93,7 @@ def test_branch_reads_the_parents_decay_rows(tmp_path, capsys, packing):
     a, b = _stream(parent), _stream(cont)
     pa, pb = a.index.phases[2], b.index.phases[2]
     for name in ("dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx", "row_offsets",
-                 "pieces", "piece_bos", "piece_offsets", "row_ptr"):
+                 "pieces", "piece_flags", "piece_offsets", "row_ptr"):
         assert np.array_equal(np.asarray(getattr(pa, name)), np.asarray(getattr(pb, name))), name
     n = a.phase_num_samples("decay")
     assert a.global_index("decay", 0) == b.global_index("decay", 0) > 0

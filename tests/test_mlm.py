@@ -192,11 +192,12 @@ def test_phase_with_its_own_manifest_reads_only_from_it(tmp_path):
     assert all(decay[lang]["first_token"] == plan["phases"][0]["languages"][lang]["tokens"] for lang in ("l0", "l1"))
 
 
-def test_best_fit_padding_is_never_masked_nor_predicted(corpus):
+@pytest.mark.parametrize("bin_rows", [None, [4]], ids=["seq_len_rows", "micro_batch_rows"])
+def test_best_fit_padding_is_never_masked_nor_predicted(corpus, bin_rows):
     """best_fit rows end in padding: its own cu_seqlens segment, labels ignored (no loss), never
     selected even when special tokens are (mmBERT masks everything but padding)."""
     s = MLMStream(corpus[0], [PhaseConfig(name="m", tokens=64 * 60, seq_len=64, temperature=0.5, mask_rate=0.5)],
-                  seed=3, cache_dir=None, packing="best_fit", mask_special_tokens=True)
+                  seed=3, cache_dir=None, packing="best_fit", mask_special_tokens=True, bin_rows=bin_rows)
     n = s.phase_num_samples("m")
     b = s.batch("m", range(n))
     cu = b["cu_seqlens"].tolist()
@@ -204,7 +205,8 @@ def test_best_fit_padding_is_never_masked_nor_predicted(corpus):
     for i in range(n):
         tokens, segs, _, pad = s.row_with_padding("m", i)
         labels = b["labels"][i].numpy()
-        assert tokens[0] == SPECIAL["bos"]  # every best_fit row starts a <bos>-led sequence
+        # every best_fit row starts a <bos> ... <eos> sequence, or goes on with the previous row's
+        assert tokens[0] == SPECIAL["bos"] or (bin_rows and b["positions"][i, 0] > 0) or pad == 64
         if pad:
             assert (tokens[-pad:] == s.pad_id).all() and (b["tokens"][i, -pad:].numpy() == s.pad_id).all()
             assert (labels[-pad:] == IGNORE_INDEX).all()
@@ -218,11 +220,12 @@ def test_best_fit_padding_is_never_masked_nor_predicted(corpus):
     assert not (mask & (b["tokens"] == s.pad_id) & (b["labels"] == s.pad_id)).any()
 
 
-def test_best_fit_rows_are_the_same_across_caches_and_resumes(corpus, tmp_path):
+@pytest.mark.parametrize("bin_rows", [None, [2, 2]], ids=["seq_len_rows", "micro_batch_rows"])
+def test_best_fit_rows_are_the_same_across_caches_and_resumes(corpus, tmp_path, bin_rows):
     """Resume guarantees in best_fit mode: a cached and an in-memory index give the same batches, and
     micro_batches from a consumed count are the samples a fresh walk reaches there."""
-    a = MLMStream(corpus[0], PHASES, seed=7, cache_dir=None, packing="best_fit")
-    b = MLMStream(corpus[0], PHASES, seed=7, cache_dir=str(tmp_path / "cache"), packing="best_fit")
+    a = MLMStream(corpus[0], PHASES, seed=7, cache_dir=None, packing="best_fit", bin_rows=bin_rows)
+    b = MLMStream(corpus[0], PHASES, seed=7, cache_dir=str(tmp_path / "cache"), packing="best_fit", bin_rows=bin_rows)
     idx = [0, 5, 17, 123]
     ba, bb = a.batch("decay", idx), b.batch("decay", idx)
     for k in ("tokens", "labels", "positions", "cu_seqlens"):

@@ -58,6 +58,9 @@ class BuildIndexConfig:
     packing: Optional[Literal["concat", "best_fit"]] = None
     """Row packing (``data.packing`` of the run: ``best_fit`` as mmBERT, or ``concat``); from a run
     config it must equal the run's, else the run would not find this index. Phase lists: default concat."""
+    bin_rows: Optional[List[int]] = None
+    """best_fit: ``seq_len`` rows per packed row, one per phase (None: one row each). From a run config:
+    its micro-batch sizes under ``data.packed_row: micro_batch`` (the reference's geometry)."""
     warn_epochs: float = 5.0
     """Flag languages repeated more than this many epochs."""
     rows: int = 15
@@ -99,7 +102,7 @@ def load_config(args: argparse.Namespace, spec: ConfigParser, overrides: List[st
         base = {"phases": list(run.phases), "manifest": run.manifest_path, "cache_dir": run.index_cache_dir,
                 "seed": run.data_seed, "global_batch_size": run.batch.global_batch_size,
                 "anneal_segments": run.data.anneal_segments, "start_phase": run.init.start_phase,
-                "packing": run.data.packing}
+                "packing": run.data.packing, "bin_rows": run.packing_bin_rows()}
         cfg, vocab = spec.build(args, base), run.model.vocab_size
         if cfg.packing != run.data.packing:
             raise ConfigError(f"packing {cfg.packing} differs from {args.config}'s data.packing {run.data.packing}; "
@@ -150,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         index = build_data_index(manifest, cfg.phases, cfg.seed, cfg.cache_dir, cfg.global_batch_size,
                                  cfg.anneal_segments, is_builder=True,
                                  start_phase=names.index(start) if start else 0,
-                                 packing=cfg.packing or "concat")
+                                 packing=cfg.packing or "concat", bin_rows=cfg.bin_rows)
     except ConfigError as e:
         print(f"error: {spec.explain(e)}", file=sys.stderr)
         return 2

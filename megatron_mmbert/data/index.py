@@ -19,17 +19,25 @@ What gets built for a manifest and a list of phases (``build_data_index``):
   over ``doc_index`` (megatron GPT ``build_sample_idx`` convention). This is ``packing="concat"``.
 * ``packing="best_fit"`` (mmBERT / ModernBERT / Ettin's ``GreedyBestFitSequencePacker``,
   github.com/AnswerDotAI/ModernBERT ``src/sequence_packer.py``): the same document stream, but each
-  document is cut into pieces of at most ``seq_len`` tokens that each start with ``<bos>`` (the
-  document's first piece keeps the shard's own ``<bos>`` when it has one; later pieces get one
-  prepended; non-first pieces under :data:`BEST_FIT_MIN_PIECE` tokens are dropped), and whole pieces
-  are best-fit packed into rows (``_index_builder.pack_best_fit``: :data:`BEST_FIT_WINDOW_ROWS` rows
-  open at a time, up to :data:`BEST_FIT_BUFFER` pieces tried per window, reading ahead at most
-  :data:`BEST_FIT_LOOKAHEAD_ROWS` rows' worth of deferred tokens). Room no piece fills is
-  padding. A row is ``pieces[row_ptr[r] .. row_ptr[r + 1]]``, each piece ``(document, offset,
-  stored tokens)`` plus ``piece_bos`` (whether a ``<bos>`` is prepended). The stream advances by
-  the documents the packer took (pieces still waiting for a row when the phase's rows are done
-  are dropped), so every phase, and every branch starting at one, begins on a document boundary
-  with nothing pending.
+  document's content (its tokens without the shard's own ``<bos>`` / ``<eos>``) is cut every
+  ``seq_len - 2`` tokens into pieces framed ``<bos> ... <eos>`` as the reference frames every
+  sequence (the shard's own ``<bos>`` / ``<eos>`` are kept where a piece has them, the missing ones
+  added by the reader; non-first pieces with fewer than :data:`BEST_FIT_MIN_PIECE` content tokens
+  are dropped), and whole pieces are best-fit packed into *packed rows* of ``bin_rows x seq_len``
+  tokens (``_index_builder.pack_best_fit``: :data:`BEST_FIT_WINDOW_ROWS` packed rows open at a
+  time, up to :data:`BEST_FIT_BUFFER` pieces deferred per window, reading ahead at most
+  :data:`BEST_FIT_LOOKAHEAD_ROWS` ``seq_len`` rows' worth of deferred tokens). ``bin_rows`` is the
+  phase's micro-batch size (``data.packed_row: micro_batch``, the reference's geometry: one packed
+  row is one micro-batch, a piece may continue from one ``seq_len`` row of it into the next) or 1
+  (``data.packed_row: seq_len``: pieces never cross rows, for attention that works row by row).
+  Room no piece fills is padding, at the end of the packed row. Packed row ``b`` is
+  ``pieces[row_ptr[b] .. row_ptr[b + 1]]``, each piece ``(document, offset, stored tokens)`` plus
+  ``piece_flags`` (1: a ``<bos>`` is prepended, 2: an ``<eos>`` appended); sample rows
+  ``b x bin_rows .. + bin_rows - 1`` of the language are its ``seq_len`` slices. The blending then
+  draws whole packed rows: a language's ``bin_rows`` rows are consecutive samples, aligned to
+  ``bin_rows``, so every micro-batch is one packed row. The stream advances by the documents the
+  packer took (pieces still waiting for a row when the phase's rows are done are dropped), so every
+  phase, and every branch starting at one, begins on a document boundary with nothing pending.
 
 Branches. ``start_phase=k`` (a run that starts at phase ``k``, e.g. a decay variant starting from
 its parent's ``phase_end_mid``) plans and blends every phase but packs and stores only phases
@@ -77,20 +85,25 @@ from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import to_dict
 from megatron_mmbert.data.schedule import PhasePlan, plan_schedule
 
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 """Bumped whenever the builder's output for the same inputs changes (part of the cache key)."""
 
 PACKING_MODES = ("concat", "best_fit")
 """``data.packing`` values (see the module docstring)."""
 BEST_FIT_MIN_PIECE = 32
-"""Non-first pieces of a long document shorter than this (tokens, ``<bos>`` included) are dropped (mmBERT)."""
+"""Non-first pieces of a long document with fewer content tokens than this (``<bos>`` / ``<eos>`` not
+counted) are dropped (mmBERT)."""
 BEST_FIT_WINDOW_ROWS = 16
-"""Rows open at a time while best-fit packing (the reference's rows per outgoing batch)."""
-BEST_FIT_BUFFER = 512
-"""Pieces tried per window of rows (the reference's ``buffer_size``)."""
+"""Packed rows open at a time while best-fit packing (the reference keeps a device batch's packed rows
+open: ``device batch / micro_batch_size`` of them, 12 for mmBERT's 4608 rows over 8 GPUs at 48)."""
+BEST_FIT_BUFFER = 5120
+"""Pieces deferred in one window before it closes (the reference's ``buffer_size`` default)."""
 BEST_FIT_LOOKAHEAD_ROWS = 2
-"""A window stops reading documents once this many rows' worth of tokens wait deferred: what still
-waits when a phase's rows are done is dropped (the stream moves by whole documents)."""
+"""A window stops reading documents once this many ``seq_len`` rows' worth of tokens wait deferred:
+what still waits when a phase's rows are done is dropped (the stream moves by whole documents)."""
+PACKED_ROWS = ("micro_batch", "seq_len")
+"""``data.packed_row`` values: a best_fit packed row is a micro-batch (``micro_batch_size x seq_len``
+tokens, the reference's geometry) or one ``seq_len`` row."""
 
 
 def _ext():
@@ -144,15 +157,19 @@ def pack_rows(sizes: np.ndarray, seq_len: int, num_rows: int, start_token: int, 
     return _ext().pack_rows(sizes, int(seq_len), int(num_rows), int(start_token), int(seed), int(stream))
 
 
-def pack_best_fit(sizes: np.ndarray, first_bos: np.ndarray, seq_len: int, num_rows: int, start_token: int,
-                  seed: int, stream: int, window: int = BEST_FIT_WINDOW_ROWS, buffer: int = BEST_FIT_BUFFER,
-                  lookahead: int = BEST_FIT_LOOKAHEAD_ROWS, min_piece: int = BEST_FIT_MIN_PIECE):
-    """Best-fit rows of one language: ``(pieces int32 [P, 3], piece_bos int8 [P], row_ptr int64
-    [rows + 1], end_token, stats)``; ``start_token`` must be a document boundary of the stream."""
+def pack_best_fit(sizes: np.ndarray, framing: np.ndarray, seq_len: int, num_rows: int, start_token: int,
+                  seed: int, stream: int, bin_rows: int = 1, window: int = BEST_FIT_WINDOW_ROWS,
+                  buffer: int = BEST_FIT_BUFFER, lookahead: int = BEST_FIT_LOOKAHEAD_ROWS,
+                  min_piece: int = BEST_FIT_MIN_PIECE):
+    """``num_rows`` best-fit packed rows of ``bin_rows x seq_len`` tokens of one language: ``(pieces
+    int32 [P, 3], piece_flags int8 [P], row_ptr int64 [num_rows + 1], end_token, stats)``.
+    ``framing`` (int8 [D], :func:`framing_flags`): 1 where a stored document starts with ``<bos>``,
+    2 where it ends with ``<eos>``; ``start_token`` must be a document boundary of the stream."""
     sizes = _check("sizes", sizes, np.int32, 1)
-    first_bos = _check("first_bos", first_bos, np.int8, 1)
-    return _ext().pack_best_fit(sizes, first_bos, int(seq_len), int(num_rows), int(start_token), int(seed),
-                                int(stream), int(window), int(buffer), int(lookahead), int(min_piece))
+    framing = _check("framing", framing, np.int8, 1)
+    return _ext().pack_best_fit(sizes, framing, int(seq_len), int(num_rows), int(start_token), int(seed),
+                                int(stream), int(bin_rows), int(window), int(buffer), int(lookahead),
+                                int(min_piece))
 
 
 FIRST_TOKEN_WINDOW = 64 << 20
@@ -184,11 +201,31 @@ def _count_documents(prefixes: Sequence[str]) -> int:
 
 def _first_tokens(prefix: str, ds, docs: np.ndarray) -> np.ndarray:
     """int64: the first stored token of documents starting at sequences ``docs`` (-1: empty)."""
-    first = np.full(len(docs), -1, dtype=np.int64)
     nonempty = np.asarray(ds.sequence_lengths[docs]) > 0 if len(docs) else np.zeros(0, bool)
+    pointers = np.asarray(ds.index.sequence_pointers[docs[nonempty]], dtype=np.int64) if nonempty.any() else None
+    return _tokens_at(prefix, ds, nonempty, pointers)
+
+
+def _last_tokens(prefix: str, ds, docs: np.ndarray) -> np.ndarray:
+    """int64: the last stored token of the documents of ``docs`` (``document_indices[a : b + 1]``; -1
+    where a document's last sequence is empty)."""
+    last = docs[1:] - 1
+    lengths = np.asarray(ds.sequence_lengths[last], dtype=np.int64) if len(last) else np.zeros(0, np.int64)
+    nonempty = (lengths > 0) & (docs[1:] > docs[:-1])
+    pointers = None
     if nonempty.any():
+        itemsize = np.dtype(ds.index.dtype).itemsize
+        pointers = (np.asarray(ds.index.sequence_pointers[last[nonempty]], dtype=np.int64)
+                    + (lengths[nonempty] - 1) * itemsize)
+    return _tokens_at(prefix, ds, nonempty, pointers)
+
+
+def _tokens_at(prefix: str, ds, nonempty: np.ndarray, pointers) -> np.ndarray:
+    """int64 [len(nonempty)]: the token at byte ``pointers`` (increasing) of the ``.bin`` where
+    ``nonempty``, -1 elsewhere."""
+    first = np.full(len(nonempty), -1, dtype=np.int64)
+    if pointers is not None and len(pointers):
         dtype = np.dtype(ds.index.dtype)
-        pointers = np.asarray(ds.index.sequence_pointers[docs[nonempty]], dtype=np.int64)
         values = np.empty(len(pointers), dtype=np.int64)
         # One mapping per FIRST_TOKEN_WINDOW bytes of the .bin: the pages a read touches count
         # in the process's RSS while mapped, so a whole large shard mapped at once would.
@@ -262,23 +299,50 @@ class PhaseIndex:
     """How the rows were packed (``concat`` or ``best_fit``)."""
     pieces: Optional[np.ndarray] = None
     """best_fit: int32 [P, 3] (document, token offset, stored tokens) of every piece, rows in order."""
-    piece_bos: Optional[np.ndarray] = None
-    """best_fit: int8 [P]: 1 where a ``<bos>`` is prepended to the piece."""
+    piece_flags: Optional[np.ndarray] = None
+    """best_fit: int8 [P]: 1 where a ``<bos>`` is prepended to the piece, plus 2 where an ``<eos>`` is appended."""
     piece_offsets: Optional[np.ndarray] = None
     """best_fit: int64 [L + 1]: language ``l``'s part of ``pieces``."""
     row_ptr: Optional[np.ndarray] = None
-    """best_fit: int32 (int64 when a value does not fit) [sum(counts + 1)]: row ``r`` of language ``l`` is pieces
-    ``row_ptr[row_offsets[l] + r] .. + 1`` (relative to ``piece_offsets[l]``)."""
+    """best_fit: int32 (int64 when a value does not fit) [sum(counts / bin_rows + 1)]: packed row ``b`` of
+    language ``l`` is pieces ``row_ptr[row_offsets[l] + b] .. + 1`` (relative to ``piece_offsets[l]``)."""
+    bin_rows: int = 1
+    """best_fit: ``seq_len`` rows per packed row (the phase's micro-batch size, or 1)."""
+
+    def packed_row_pieces(self, lang: int, packed_row: int):
+        """best_fit: ``[(document, token offset, end, piece_flags), ...]`` of packed row ``packed_row``
+        of column ``lang``, in order (each piece: ``<bos>`` if ``flags & 1``, stored tokens, ``<eos>``
+        if ``flags & 2``)."""
+        base = int(self.row_offsets[lang]) + packed_row
+        first = int(self.piece_offsets[lang])
+        a, b = first + int(self.row_ptr[base]), first + int(self.row_ptr[base + 1])
+        return [(int(d), int(o), int(o) + int(n), int(f))
+                for (d, o, n), f in zip(self.pieces[a:b].tolist(), self.piece_flags[a:b].tolist())]
+
+    def row_slices(self, lang: int, row: int):
+        """best_fit: the pieces in ``seq_len`` row ``row`` of column ``lang`` (a slice of its packed
+        row): ``[(document, token offset, end, piece_flags, lo, hi), ...]`` where ``[lo, hi)`` is the
+        part of the framed piece (``<bos>`` and ``<eos>`` counted) inside this row: ``lo > 0`` when
+        the piece began in the previous row, ``hi`` short of its length when it goes on in the next."""
+        seq = self.plan.phase.seq_len
+        b, part = divmod(int(row), self.bin_rows)
+        lo, hi = part * seq, (part + 1) * seq
+        out, at = [], 0
+        for d, o, e, f in self.packed_row_pieces(lang, b):
+            n = e - o + (f & FRAMING_BOS) + (f & FRAMING_EOS) // FRAMING_EOS
+            a, at = at, at + n
+            if at <= lo:
+                continue
+            if a >= hi:
+                break
+            out.append((d, o, e, f, max(lo - a, 0), min(hi, at) - a))
+        return out
 
     def row_pieces(self, lang: int, row: int):
-        """``[(document, token offset, end or None, prepend <bos>), ...]`` making up row ``row`` of
-        column ``lang`` (``end=None``: to the document's end)."""
+        """concat: ``[(document, token offset, end or None, 0), ...]`` making up row ``row`` of column
+        ``lang`` (``end=None``: to the document's end). best_fit: :meth:`row_slices`."""
         if self.packing == "best_fit":
-            base = int(self.row_offsets[lang]) + row
-            first = int(self.piece_offsets[lang])
-            a, b = first + int(self.row_ptr[base]), first + int(self.row_ptr[base + 1])
-            return [(int(d), int(o), int(o) + int(n), bool(f))
-                    for (d, o, n), f in zip(self.pieces[a:b].tolist(), self.piece_bos[a:b].tolist())]
+            return self.row_slices(lang, row)
         base = self.row_offsets[lang] + row
         (p0, o0), (p1, o1) = self.sample_idx[base], self.sample_idx[base + 1]
         docs = self.doc_index[self.doc_offsets[lang] : self.doc_offsets[lang + 1]]
@@ -286,7 +350,7 @@ class PhaseIndex:
         p, o = int(p0), int(o0)
         while p < p1 or (p == p1 and o < o1):
             end = int(o1) if p == p1 else None
-            pieces.append((int(docs[p]), o, end, False))
+            pieces.append((int(docs[p]), o, end, 0))
             p, o = p + 1, 0
         return pieces
 
@@ -319,7 +383,7 @@ def source_digests(manifest) -> Dict[str, str]:
 
 
 def cache_key(manifest, phases: Sequence[PhaseConfig], seed: int, default_global_batch_size, anneal_segments,
-              start_phase: int = 0, packing: str = "concat") -> str:
+              start_phase: int = 0, packing: str = "concat", bin_rows: Optional[Sequence[int]] = None) -> str:
     """sha256 over everything the index arrays depend on."""
     shards = {}
     for lang, entry in manifest.languages.items():
@@ -337,7 +401,8 @@ def cache_key(manifest, phases: Sequence[PhaseConfig], seed: int, default_global
     }
     if packing != "concat":  # rows depend on the packer's constants too
         desc["packing"] = {"mode": packing, "min_piece": BEST_FIT_MIN_PIECE, "window_rows": BEST_FIT_WINDOW_ROWS,
-                           "buffer": BEST_FIT_BUFFER, "lookahead_rows": BEST_FIT_LOOKAHEAD_ROWS}
+                           "buffer": BEST_FIT_BUFFER, "lookahead_rows": BEST_FIT_LOOKAHEAD_ROWS,
+                           "bin_rows": [int(g) for g in bin_rows] if bin_rows else None}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 
@@ -354,8 +419,8 @@ def stream_positions(plans: List[PhasePlan], counts: np.ndarray) -> np.ndarray:
 
 
 PACKING_STATS = ("row_tokens", "pad_tokens", "fragment_tokens", "segments", "bos_segments",
-                 "dropped_short_tokens", "dropped_pending_tokens")
-"""Columns of ``phase{k}_packing_stats`` (int64 [L, 7]); the last two are 0 for concat."""
+                 "dropped_short_tokens", "dropped_pending_tokens", "eos_segments")
+"""Columns of ``phase{k}_packing_stats`` (int64 [L, 8]); dropped tokens are 0 for concat."""
 
 
 def _check_packing(packing: str) -> None:
@@ -363,22 +428,31 @@ def _check_packing(packing: str) -> None:
         raise ValueError(f"data.packing must be one of {PACKING_MODES}, got {packing!r}")
 
 
-def first_bos_flags(manifest, lang: str) -> np.ndarray:
-    """int8 [D]: 1 where a document of ``lang`` starts with the tokenizer's ``<bos>`` in the shards."""
-    bos = manifest.tokenizer.special_ids.get("bos")
+def framing_flags(manifest, lang: str) -> np.ndarray:
+    """int8 [D]: per document of ``lang``, 1 when it starts with the tokenizer's ``<bos>`` in the shards,
+    plus 2 when it ends with its ``<eos>`` (``FRAMING_BOS`` / ``FRAMING_EOS``)."""
+    ids = manifest.tokenizer.special_ids
+    bos, eos = ids.get("bos"), ids.get("eos")
     prefixes = manifest.languages[lang].shards
     flags = np.zeros(_count_documents(prefixes), dtype=np.int8)
-    if bos is None:
-        return flags
     at = 0
     for prefix, ds, docs in _document_chunks(prefixes):
-        flags[at:at + len(docs) - 1] = _first_tokens(prefix, ds, docs[:-1]) == bos
-        at += len(docs) - 1
+        n = len(docs) - 1
+        if bos is not None:
+            flags[at:at + n] |= (_first_tokens(prefix, ds, docs[:-1]) == bos).astype(np.int8) * FRAMING_BOS
+        if eos is not None:
+            flags[at:at + n] |= (_last_tokens(prefix, ds, docs) == eos).astype(np.int8) * FRAMING_EOS
+        at += n
     return flags
 
 
+FRAMING_BOS, FRAMING_EOS = 1, 2
+"""Bits of :func:`framing_flags` (what a stored document holds) and of ``piece_flags`` (what the
+reader adds to a piece: ``<bos>`` before, ``<eos>`` after)."""
+
+
 ARRAY_NAMES = ("dataset_index", "dataset_sample_index", "counts", "doc_index", "doc_offsets", "sample_idx",
-               "row_offsets", "pieces", "piece_bos", "piece_offsets", "row_ptr", "packing_stats")
+               "row_offsets", "pieces", "piece_flags", "piece_offsets", "row_ptr", "packing_stats")
 """The ``phase{k}_*`` arrays of the cache (plus ``stream_positions``)."""
 
 
@@ -465,7 +539,7 @@ def _int_dtype(max_value: int, narrow=np.int32, wide=np.int64) -> np.dtype:
 
 
 def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, start_phase: int = 0,
-                 packing: str = "concat") -> Dict[str, np.ndarray]:
+                 packing: str = "concat", bin_rows: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
     """Build every array of the schedule into ``out_dir/{name}.npy`` (names as in the cache) and
     return the small ones (``phase{k}_counts``, ``phase{k}_packing_stats``, ``stream_positions``).
     Phases before ``start_phase`` only contribute their sample counts (and so the stream positions;
@@ -476,15 +550,22 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
     result appended to its file (:class:`NpyAppender`) and dropped, so the peak is one phase's
     ``dataset_index`` or one language's arrays for one phase, not the schedule's. Arrays that can outgrow
     int32 (``dataset_sample_index``, ``sample_idx``, ``row_ptr``) are int32 when their values fit
-    (checked) and int64 otherwise; readers take either."""
+    (checked) and int64 otherwise; readers take either.
+
+    ``bin_rows`` (best_fit): ``seq_len`` rows per packed row, one per phase (default 1); the phase's
+    samples are blended in groups of that many rows (:func:`check_bin_rows`)."""
     _check_packing(packing)
-    if packing == "best_fit" and manifest.tokenizer.special_ids.get("bos") is None:
-        raise ValueError(f"data.packing: best_fit starts every sequence with <bos>, but tokenizer "
-                         f"{manifest.tokenizer.name!r} has none; use data.packing: concat")
+    if packing == "best_fit":
+        ids = manifest.tokenizer.special_ids
+        missing = [role for role in ("bos", "eos") if ids.get(role) is None]
+        if missing:
+            raise ValueError(f"data.packing: best_fit frames every sequence <bos> ... <eos>, but tokenizer "
+                             f"{manifest.tokenizer.name!r} has no {' or '.join(missing)}; use data.packing: concat")
     ext = _ext()
     languages = plans[0].languages
     L = len(languages)
     K = len(plans)
+    groups = check_bin_rows(plans, bin_rows if packing == "best_fit" else None)
     path = lambda name: os.path.join(out_dir, name + ".npy")  # noqa: E731
     counts = np.zeros((K, L), dtype=np.int64)
     # Blending, phase by phase (deficits restart at each phase, and a phase's sample numbers count
@@ -493,6 +574,10 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
         t0 = time.time()
         weights = np.ascontiguousarray(plan.segment_weights, dtype=np.float64)
         sizes = np.asarray(plan.segment_sizes, dtype=np.int64)
+        g = groups[k]
+        if g > 1:  # blend packed rows of g rows: the segment boundaries in whole groups
+            ends = np.cumsum(sizes) // g
+            sizes = np.diff(np.concatenate([[0], ends])).astype(np.int64)
         try:
             di, _, c, stats = ext.build_blending_indices(weights, sizes, np.zeros(len(sizes), np.int64), "fast",
                                                          sample_index=False)
@@ -500,13 +585,15 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
             raise ImportError(f"the C++ index builder {ext.__file__} is older than csrc/ (no sample_index "
                               "argument); rebuild it: `python setup.py build_ext --inplace` in the repository "
                               f"root ({e})") from e
-        counts[k] = c[0]
-        n = int(sizes.sum())
+        if g > 1:  # every group is g consecutive rows of its language
+            di = np.repeat(di, g)
+        counts[k] = c[0] * g
+        n = int(sizes.sum()) * g
         _progress(f"phase {k}: blended {n:,} samples over {L} languages in {time.time() - t0:.1f}s "
                   f"({stats['kernel']} kernel)")
         keep = k >= start_phase  # skipped phases: counts only, no arrays
         d_out = NpyAppender(path(f"phase{k}_dataset_index"), di.dtype)
-        s_out = NpyAppender(path(f"phase{k}_dataset_sample_index"), _int_dtype(int(c.max(initial=0))))
+        s_out = NpyAppender(path(f"phase{k}_dataset_sample_index"), _int_dtype(int(counts[k].max(initial=0))))
         seen = np.zeros(L, dtype=np.int64)  # samples of each language before the chunk
         for a in range(0, len(di) if keep else 0, BLEND_CHUNK):
             chunk = di[a:a + BLEND_CHUNK]
@@ -524,48 +611,49 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
     out = [{"doc": NpyAppender(path(f"phase{k}_doc_index"), np.int32),
             "rows": NpyAppender(path(f"phase{k}_sample_idx"), np.int32, (2,), wide=np.int64),
             "pieces": NpyAppender(path(f"phase{k}_pieces"), np.int32, (3,)),
-            "bos": NpyAppender(path(f"phase{k}_piece_bos"), np.int8),
+            "flags": NpyAppender(path(f"phase{k}_piece_flags"), np.int8),
             "ptr": NpyAppender(path(f"phase{k}_row_ptr"), np.int32, wide=np.int64),
             "doc_off": [0], "row_off": [0], "piece_off": [0],
             "stats": np.zeros((L, len(PACKING_STATS)), np.int64)} for k in range(K)]
     t0 = time.time()
     done = 0
     for i, lang in enumerate(languages):
-        lengths = first_bos = None
+        lengths = framing = None
         if active[i]:
             lengths = document_lengths(manifest.languages[lang].shards)
-            first_bos = first_bos_flags(manifest, lang)
+            framing = framing_flags(manifest, lang)
         pos = 0
         for k, plan in enumerate(plans):
             acc = out[k]
             rows = int(counts[k, i])
             keep = k >= start_phase
             doc_index, sample_idx = np.zeros(0, np.int32), np.zeros((1, 2), np.int64)
-            pieces, bos, ptr = np.zeros((0, 3), np.int32), np.zeros(0, np.int8), np.zeros(1, np.int64)
+            pieces, flags, ptr = np.zeros((0, 3), np.int32), np.zeros(0, np.int8), np.zeros(1, np.int64)
             if packing == "best_fit":
                 positions[k, i] = pos
                 if rows:
-                    pieces, bos, ptr, pos, st = ext.pack_best_fit(
-                        lengths, first_bos, plan.phase.seq_len, rows, pos, int(seed), language_stream(lang),
-                        BEST_FIT_WINDOW_ROWS, BEST_FIT_BUFFER, BEST_FIT_LOOKAHEAD_ROWS, BEST_FIT_MIN_PIECE)
+                    pieces, flags, ptr, pos, st = ext.pack_best_fit(
+                        lengths, framing, plan.phase.seq_len, rows // groups[k], pos, int(seed),
+                        language_stream(lang), groups[k], BEST_FIT_WINDOW_ROWS, BEST_FIT_BUFFER,
+                        BEST_FIT_LOOKAHEAD_ROWS, BEST_FIT_MIN_PIECE)
                     acc["stats"][i] = [st[c] for c in PACKING_STATS]
                 if not keep:
-                    pieces, bos, ptr = pieces[:0], bos[:0], ptr[:1]
+                    pieces, flags, ptr = pieces[:0], flags[:0], ptr[:1]
             elif rows and keep:
                 doc_index, sample_idx, _ = ext.pack_rows(
                     lengths, plan.phase.seq_len, rows, int(positions[k, i]), int(seed), language_stream(lang)
                 )
-                st = ext.concat_stats(lengths, first_bos, doc_index, sample_idx)
-                acc["stats"][i, :5] = [st[c] for c in PACKING_STATS[:5]]
+                st = ext.concat_stats(lengths, framing, doc_index, sample_idx)
+                acc["stats"][i] = [st.get(c, 0) for c in PACKING_STATS]
             acc["doc"].append(doc_index)
             acc["doc_off"].append(acc["doc_off"][-1] + len(doc_index))
             acc["rows"].append(sample_idx)
             acc["pieces"].append(pieces)
-            acc["bos"].append(bos)
+            acc["flags"].append(flags)
             acc["piece_off"].append(acc["piece_off"][-1] + len(pieces))
             acc["ptr"].append(ptr)
             acc["row_off"].append(acc["row_off"][-1] + (len(ptr) if packing == "best_fit" else len(sample_idx)))
-            del doc_index, sample_idx, pieces, bos, ptr
+            del doc_index, sample_idx, pieces, flags, ptr
         if packing == "best_fit":
             positions[K, i] = pos
         if lengths is not None:
@@ -576,7 +664,7 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
     small = {"stream_positions": positions}
     np.save(path("stream_positions"), positions)
     for k, acc in enumerate(out):
-        for name in ("doc", "rows", "pieces", "bos", "ptr"):
+        for name in ("doc", "rows", "pieces", "flags", "ptr"):
             acc[name].close()
         for name, offsets in (("doc_offsets", acc["doc_off"]), ("row_offsets", acc["row_off"]),
                               ("piece_offsets", acc["piece_off"])):
@@ -587,8 +675,27 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
     return small
 
 
+def check_bin_rows(plans: List[PhasePlan], bin_rows: Optional[Sequence[int]]) -> List[int]:
+    """``seq_len`` rows per best_fit packed row for each phase (``None``: 1 each), checked: a phase's
+    samples must be whole packed rows (its global batch a multiple of its micro-batch size)."""
+    if bin_rows is None:
+        return [1] * len(plans)
+    groups = [int(g) for g in bin_rows]
+    if len(groups) != len(plans):
+        raise ValueError(f"bin_rows has {len(groups)} entries for {len(plans)} phases")
+    for plan, g in zip(plans, groups):
+        if g < 1:
+            raise ValueError(f"phase {plan.phase.name!r}: bin_rows must be >= 1, got {g}")
+        if plan.num_samples % g:
+            raise ValueError(
+                f"phase {plan.phase.name!r}: {plan.num_samples} rows are not whole packed rows of {g} rows "
+                f"(data.packed_row: micro_batch packs micro_batch_size x seq_len tokens); make its global "
+                f"batch a multiple of its micro batch size, or set data.packed_row: seq_len")
+    return groups
+
+
 def _assemble(plans: List[PhasePlan], arrays, path: str, plan_json: Dict, start_phase: int,
-              packing: str = "concat") -> DataIndex:
+              packing: str = "concat", bin_rows: Optional[Sequence[int]] = None) -> DataIndex:
     phases = []
     positions = np.asarray(arrays["stream_positions"])
     for k, plan in enumerate(plans):
@@ -606,33 +713,42 @@ def _assemble(plans: List[PhasePlan], arrays, path: str, plan_json: Dict, start_
                 row_offsets=arrays[f"phase{k}_row_offsets"],
                 packing=packing,
                 pieces=arrays[f"phase{k}_pieces"],
-                piece_bos=arrays[f"phase{k}_piece_bos"],
+                piece_flags=arrays[f"phase{k}_piece_flags"],
                 piece_offsets=arrays[f"phase{k}_piece_offsets"],
                 row_ptr=arrays[f"phase{k}_row_ptr"],
+                bin_rows=int(bin_rows[k]) if packing == "best_fit" and bin_rows else 1,
             )
         )
     return DataIndex(languages=plans[0].languages, phases=phases, path=path, plan=plan_json)
 
 
-def packing_summary(mode: str, stats: Optional[np.ndarray]) -> Dict:
-    """A phase's ``packing`` entry of the plan from its ``packing_stats`` [L, 7] (None: not built)."""
+def packing_summary(mode: str, stats: Optional[np.ndarray], bin_rows: int = 1, seq_len: int = 0) -> Dict:
+    """A phase's ``packing`` entry of the plan from its ``packing_stats`` [L, 8] (None: not built);
+    best_fit adds the packed row's geometry (``rows_per_packed_row`` rows of ``seq_len``,
+    ``packed_row_tokens``), ``eos_end_fraction`` and the dropped tokens."""
     out: Dict = {"mode": mode}
+    if mode == "best_fit":
+        out["rows_per_packed_row"] = int(bin_rows)
+        out["packed_row_tokens"] = int(bin_rows) * int(seq_len)
     t = None if stats is None else np.asarray(stats, dtype=np.int64).sum(axis=0)
     if t is None or t[0] == 0:
-        return {**out, "pad_fraction": None, "fragment_token_fraction": None, "bos_start_fraction": None}
+        out = {**out, "pad_fraction": None, "fragment_token_fraction": None, "bos_start_fraction": None}
+        return {**out, "eos_end_fraction": None} if mode == "best_fit" else out
     c = dict(zip(PACKING_STATS, (int(x) for x in t)))
     out["pad_fraction"] = round(c["pad_tokens"] / c["row_tokens"], 6)
     out["fragment_token_fraction"] = round(c["fragment_tokens"] / max(c["row_tokens"] - c["pad_tokens"], 1), 6)
     out["bos_start_fraction"] = round(c["bos_segments"] / max(c["segments"], 1), 6)
     out["segments"] = c["segments"]
     if mode == "best_fit":
+        out["eos_end_fraction"] = round(c["eos_segments"] / max(c["segments"], 1), 6)
         out["dropped_tokens"] = c["dropped_short_tokens"] + c["dropped_pending_tokens"]
     return out
 
 
 def index_plan(manifest, plans: List[PhasePlan], counts: np.ndarray, seed: int, start_phase: int = 0,
                key: str = "", positions: Optional[np.ndarray] = None, packing: str = "concat",
-               packing_stats: Optional[Sequence[Optional[np.ndarray]]] = None) -> Dict:
+               packing_stats: Optional[Sequence[Optional[np.ndarray]]] = None,
+               bin_rows: Optional[Sequence[int]] = None) -> Dict:
     """The index as JSON: per phase its samples, ``packing`` (:func:`packing_summary`) and, per
     manifest language with tokens, ``rows``, ``tokens`` (stream tokens consumed in the phase),
     ``first_token`` (stream position where the phase starts) and ``epochs`` (cumulative passes
@@ -661,7 +777,8 @@ def index_plan(manifest, plans: List[PhasePlan], counts: np.ndarray, seed: int, 
         phases.append({
             "name": plan.phase.name, "index": k, "built": k >= start_phase, "seq_len": plan.phase.seq_len,
             "samples": plan.num_samples, "first_sample": first_sample,
-            "packing": packing_summary(packing, packing_stats[k] if packing_stats and k >= start_phase else None),
+            "packing": packing_summary(packing, packing_stats[k] if packing_stats and k >= start_phase else None,
+                                       bin_rows[k] if bin_rows else 1, plan.phase.seq_len),
             "languages": rows,
         })
         first_sample += plan.num_samples
@@ -714,12 +831,17 @@ def format_index_plan(plan: Dict, warn_epochs: float = 5.0, head: int = 15, tail
         out.append(f"phase {p['index']} {p['name']!r}: {p['samples']:,} rows x {p['seq_len']} tokens, "
                    f"{len(active)} languages, samples from #{p['first_sample']:,}{state}")
         pk = p.get("packing") or {}
+        geometry = ""
+        if pk.get("rows_per_packed_row"):
+            geometry = (f" into packed rows of {pk['rows_per_packed_row']} x {p['seq_len']} = "
+                        f"{pk['packed_row_tokens']:,} tokens")
         if pk.get("pad_fraction") is not None:
-            out.append(f"  packing {pk['mode']}: padding {100 * pk['pad_fraction']:.2f}% of row tokens, "
+            out.append(f"  packing {pk['mode']}{geometry}: padding {100 * pk['pad_fraction']:.3f}% of row tokens, "
                        f"{100 * pk['fragment_token_fraction']:.2f}% of tokens in document fragments, "
-                       f"{100 * pk['bos_start_fraction']:.2f}% of segments start with <bos>")
+                       f"{100 * pk['bos_start_fraction']:.2f}% of segments start with <bos>"
+                       + (f", {100 * pk['eos_end_fraction']:.2f}% end with <eos>" if "eos_end_fraction" in pk else ""))
         elif pk:
-            out.append(f"  packing {pk['mode']}")
+            out.append(f"  packing {pk['mode']}{geometry}")
         out.append(f"  {'language':<16} {'rows':>12} {'tokens':>10} {'share %':>9} {'first_token':>14} {'epochs':>9}")
 
         def line(lang, r):
@@ -779,6 +901,7 @@ def build_data_index(
     poll_interval: float = 1.0,
     start_phase: int = 0,
     packing: str = "concat",
+    bin_rows: Optional[Sequence[int]] = None,
 ) -> DataIndex:
     """The schedule's index, from the cache when present; built (by ``is_builder``, default global
     rank 0) otherwise, while the other ranks wait up to ``timeout`` seconds.
@@ -787,6 +910,8 @@ def build_data_index(
     on every caller (tests, tiny runs). ``start_phase``: the first phase the run reads (see the
     module docstring, "Branches"). Phases naming their own manifest read it as separate streams
     (``data.shards.phase_sources``). ``packing``: ``concat`` or ``best_fit`` (module docstring).
+    ``bin_rows``: best_fit's ``seq_len`` rows per packed row, one per phase (None: 1, rows of
+    ``seq_len``; a run passes its micro-batch sizes under ``data.packed_row: micro_batch``).
     """
     from megatron_mmbert.data.shards import phase_sources
 
@@ -796,20 +921,22 @@ def build_data_index(
     plans = plan_schedule(list(phases), tokens, default_global_batch_size, anneal_segments)
     if not 0 <= start_phase < len(plans):
         raise ValueError(f"start_phase {start_phase} outside the schedule's {len(plans)} phases")
-    key = cache_key(manifest, phases, seed, default_global_batch_size, anneal_segments, start_phase, packing)
+    groups = check_bin_rows(plans, bin_rows if packing == "best_fit" else None)
+    key = cache_key(manifest, phases, seed, default_global_batch_size, anneal_segments, start_phase, packing,
+                    groups)
 
     def describe(arrays):
         counts = np.stack([np.asarray(arrays[f"phase{k}_counts"]) for k in range(len(plans))])
         stats = [np.asarray(arrays[f"phase{k}_packing_stats"]) for k in range(len(plans))]
         return index_plan(manifest, plans, counts, seed, start_phase, key, np.asarray(arrays["stream_positions"]),
-                          packing, stats)
+                          packing, stats, groups)
 
     names = ["stream_positions"] + [f"phase{k}_{a}" for k in range(len(plans)) for a in ARRAY_NAMES]
     if cache_dir is None:  # built through a temporary folder (the one build path), then read whole
         with tempfile.TemporaryDirectory(prefix="mmbert-index-") as tmp:
-            small = build_arrays(manifest, plans, seed, tmp, start_phase, packing)
+            small = build_arrays(manifest, plans, seed, tmp, start_phase, packing, groups)
             arrays = {name: np.load(os.path.join(tmp, name + ".npy")) for name in names}
-        return _assemble(plans, arrays, "", describe(small), start_phase, packing)
+        return _assemble(plans, arrays, "", describe(small), start_phase, packing, groups)
     final = os.path.join(os.path.abspath(cache_dir), f"mmbert-index-{key[:20]}")
     if is_builder is None:
         is_builder = default_rank() == 0
@@ -819,10 +946,10 @@ def build_data_index(
             _progress(f"cache miss: building {final}")
             tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=cache_dir)
             try:
-                small = build_arrays(manifest, plans, seed, tmp, start_phase, packing)
+                small = build_arrays(manifest, plans, seed, tmp, start_phase, packing, groups)
                 with open(os.path.join(tmp, "description.json"), "w") as f:
                     json.dump({"key": key, "languages": plans[0].languages, "start_phase": start_phase,
-                               "packing": packing, "phases": [to_dict(p) for p in phases], "seed": seed}, f, indent=1)
+                               "packing": packing, "bin_rows": groups, "phases": [to_dict(p) for p in phases], "seed": seed}, f, indent=1)
                 write_index_plan(describe(small), tmp)
                 try:
                     os.rename(tmp, final)  # atomic: the folder appears complete or not at all
@@ -847,7 +974,7 @@ def build_data_index(
     arrays = {name: np.load(os.path.join(final, name + ".npy"), mmap_mode="r") for name in names}
     with open(os.path.join(final, "index_plan.json")) as f:
         plan_json = json.load(f)
-    return _assemble(plans, arrays, final, plan_json, start_phase, packing)
+    return _assemble(plans, arrays, final, plan_json, start_phase, packing, groups)
 
 
 __all__ = [
@@ -856,6 +983,9 @@ __all__ = [
     "pack_rows",
     "pack_best_fit",
     "PACKING_MODES",
+    "PACKED_ROWS",
+    "check_bin_rows",
+    "framing_flags",
     "document_first_tokens",
     "packing_summary",
     "language_stream",

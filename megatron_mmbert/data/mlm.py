@@ -14,12 +14,19 @@ Usage by a training loop::
 Rows. Sample ``i`` of a phase is packed row ``dataset_sample_index[i]`` of language
 ``dataset_index[i]`` (``megatron_mmbert.data.index``). With ``packing="concat"`` a row is
 consecutive pieces of documents, a long document split across rows, and rows are always full. With
-``packing="best_fit"`` a row is whole ``<bos>``-led pieces (a ``<bos>`` the shards lack is inserted
-here) followed by padding where no piece fitted. Each piece is a segment of ``cu_seqlens`` and its
-``positions`` count from 0 (RoPE only sees differences inside a segment, so restarting at a split
+``packing="best_fit"`` whole pieces framed ``<bos> ... <eos>`` (the framing tokens the shards lack
+are inserted here) are packed into *packed rows* of ``bin_rows x seq_len`` tokens followed by
+padding where no piece fitted; sample rows are the packed row's ``seq_len`` slices, so with
+``bin_rows`` = the micro-batch size (``data.packed_row: micro_batch``, the reference's geometry) a
+micro-batch is one packed row and a piece may run on from one of its rows into the next, and with
+``bin_rows = 1`` every row is whole pieces. Each piece is a segment of ``cu_seqlens`` (over the
+micro-batch's flattened tokens: a piece that crosses rows is one segment) and its ``positions``
+count from 0 at its ``<bos>`` (RoPE only sees differences inside a segment, so restarting at a split
 changes nothing for attention and keeps positions below ``seq_len``). Padding is one more segment
 of ``pad_id`` tokens (as the reference packer's last ``cu_seqlens`` entry): no real token attends
 to it, it is never selected for masking and its labels are ignored, so it adds nothing to the loss.
+A batch of rows that do not make up whole packed rows (any sample list) keeps each row's part of a
+crossing piece as its own segment, positions continuing from where the piece's previous row ended.
 
 Masking (mmBERT / BERT style). Every non-special token is selected with probability ``rate``
 (special tokens are never selected unless ``mask_special_tokens``); of the selected, 80% become
@@ -111,6 +118,7 @@ class MLMStream:
         index: Optional[DataIndex] = None,
         start_phase: int = 0,
         packing: str = "concat",
+        bin_rows: Optional[Sequence[int]] = None,
     ) -> None:
         from megatron_mmbert.data.shards import phase_sources
 
@@ -133,12 +141,13 @@ class MLMStream:
         pad = tok.special_ids.get("pad")
         self.pad_id = int(self.mask_id if pad is None else pad)
         self.bos_id = tok.special_ids.get("bos")
+        self.eos_id = tok.special_ids.get("eos")
         self.random_ids = np.setdiff1d(np.arange(int(tok.vocab_size), dtype=np.int64), self.special_ids)
         if len(self.random_ids) == 0:
             raise ValueError("the vocabulary has no non-special id to use as a random replacement")
         self.index = index or build_data_index(
             self.manifest, self.phases, self.seed, cache_dir, default_global_batch_size, anneal_segments,
-            is_builder=is_builder, timeout=timeout, start_phase=start_phase, packing=packing,
+            is_builder=is_builder, timeout=timeout, start_phase=start_phase, packing=packing, bin_rows=bin_rows,
         )
         self._by_name: Dict[str, int] = {p.plan.phase.name: k for k, p in enumerate(self.index.phases)}
         self._offsets = np.concatenate([[0], np.cumsum([p.plan.num_samples for p in self.index.phases])])
@@ -189,6 +198,12 @@ class MLMStream:
 
     def row_with_padding(self, phase: Union[str, int], sample: int) -> Tuple[np.ndarray, List[int], str, int]:
         """:meth:`row` and the number of padding tokens ending it (0 for concat rows)."""
+        tokens, segs, lang, pad, _ = self._row(phase, sample)
+        return tokens, segs, lang, pad
+
+    def _row(self, phase: Union[str, int], sample: int) -> Tuple[np.ndarray, List[int], str, int, int]:
+        """:meth:`row_with_padding` and the position of the row's first token in its piece (> 0 when
+        a best_fit piece runs on from the previous row of its packed row)."""
         _, p = self._phase(phase)
         if not p.built:
             raise IndexError(
@@ -200,14 +215,25 @@ class MLMStream:
         lang = int(p.dataset_index[sample])
         r = int(p.dataset_sample_index[sample])
         reader = self._reader(lang)
-        parts, segs = [], []
-        for doc, off, end, bos in p.row_pieces(lang, r):
-            toks = reader.read(doc, off, end)
-            if bos:
-                toks = np.concatenate([[self.bos_id], toks]).astype(np.int64)
-            if len(toks):
+        parts, segs, start = [], [], 0
+        if p.packing == "best_fit":
+            for doc, off, end, flags, lo, hi in p.row_slices(lang, r):
+                toks = reader.read(doc, off, end)
+                framed = [[self.bos_id]] if flags & 1 else []
+                framed.append(toks)
+                if flags & 2:
+                    framed.append([self.eos_id])
+                toks = np.concatenate(framed).astype(np.int64)[lo:hi]
+                if not parts:
+                    start = lo
                 parts.append(toks)
                 segs.append(len(toks))
+        else:
+            for doc, off, end, _ in p.row_pieces(lang, r):
+                toks = reader.read(doc, off, end)
+                if len(toks):
+                    parts.append(toks)
+                    segs.append(len(toks))
         pad = p.plan.phase.seq_len - sum(segs)
         if p.packing == "best_fit" and pad > 0:
             parts.append(np.full(pad, self.pad_id, dtype=np.int64))
@@ -218,7 +244,7 @@ class MLMStream:
                 f"row {sample} of phase {p.plan.phase.name!r} has {len(tokens)} tokens, expected "
                 f"{p.plan.phase.seq_len}: the shards changed after the index was built; rebuild it"
             )
-        return tokens, segs, self.index.languages[lang], max(pad, 0) if p.packing == "best_fit" else 0
+        return tokens, segs, self.index.languages[lang], max(pad, 0) if p.packing == "best_fit" else 0, start
 
     def _rng(self, global_index: int) -> np.random.Generator:
         return np.random.Generator(
@@ -253,21 +279,27 @@ class MLMStream:
         return out, labels
 
     def sample(self, phase: Union[str, int], sample: int) -> Dict[str, np.ndarray]:
-        """One masked row as numpy arrays: tokens, labels, positions, segment lengths."""
-        tokens, segs, _, pad = self.row_with_padding(phase, sample)
+        """One masked row as numpy arrays: tokens, labels, positions, segment lengths and ``start``
+        (the first segment's first position: > 0 when it continues a piece of the previous row)."""
+        tokens, segs, _, pad, start = self._row(phase, sample)
         g = self.global_index(phase, sample)
         masked, labels = self.mask(tokens, self.mask_rate(phase, sample), g, pad)
-        positions = np.concatenate([np.arange(s, dtype=np.int64) for s in segs])
-        return {"tokens": masked, "labels": labels, "positions": positions, "segments": np.asarray(segs, np.int64)}
+        positions = np.concatenate([np.arange(s, dtype=np.int64) + (start if j == 0 else 0)
+                                    for j, s in enumerate(segs)])
+        return {"tokens": masked, "labels": labels, "positions": positions, "segments": np.asarray(segs, np.int64),
+                "start": start}
 
     def batch(self, phase: Union[str, int], sample_indices: Sequence[int]) -> Dict[str, object]:
         """The Batch dict of docs/interfaces.md for the given samples of ``phase``."""
-        rows = [self.sample(phase, int(i)) for i in sample_indices]
+        indices = [int(i) for i in sample_indices]
+        rows = [self.sample(phase, i) for i in indices]
         if not rows:
             raise ValueError("batch needs at least one sample index")
         s = len(rows[0]["tokens"])
         bounds = [0]
         for r, row in enumerate(rows):
+            if r and row["start"] > 0 and indices[r] == indices[r - 1] + 1:
+                bounds.pop()  # the previous row's last piece runs on here: one segment
             ends = r * s + np.cumsum(row["segments"])
             bounds.extend(int(e) for e in ends)
         cu = np.asarray(bounds, dtype=np.int32)

@@ -52,10 +52,15 @@ def segment_masks(cu_seqlens: torch.Tensor, positions: torch.Tensor, window: int
 
     A token may attend to keys of its own segment; local layers further require
     ``|pos_q - pos_k| <= window // 2`` (HF: ``local_attention // 2`` each side, 129 keys for 128).
-    Returns ``(None, [1, 1, s, s])`` when every row is a single segment.
+    Returns ``(None, [1, 1, s, s])`` when every row is a single segment, and masks ``[1, 1, b * s,
+    b * s]`` over the flattened micro-batch when a segment crosses from one row into the next
+    (best_fit's ``data.packed_row: micro_batch``): :class:`SDPAAttention` then attends over the
+    micro-batch as one sequence, as the packed (THD) kernels do.
     """
     b, s = positions.shape
     starts = torch.arange(0, b * s + 1, s, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    if b > 1 and not torch.isin(starts[1:-1], cu_seqlens).all():
+        return segment_masks(cu_seqlens, positions.reshape(1, b * s), window)
     if cu_seqlens.numel() == b + 1 and torch.equal(cu_seqlens, starts):
         # One segment per row (long documents): global layers need no mask at all, and local
         # layers share one band for the whole batch, so SDPA can take its unmasked kernel.
@@ -156,7 +161,16 @@ class SDPAAttention(CoreAttention):
         if packed_seq_params is not None:
             raise ValueError("SDPAAttention works on [s, b] rows with a mask, not on THD input")
         s, b = query.shape[0], query.shape[1]
+        if attention_mask is not None and b > 1 and attention_mask.shape[-1] == b * s:
+            # segments cross rows (segment_masks): the micro-batch as one sequence of b * s tokens
+            q, k, v = (t.transpose(0, 1).reshape(1, b * s, *t.shape[2:]).permute(0, 2, 1, 3)
+                       for t in (query, key, value))  # [1, heads, b * s, d]
+            out = self._sdpa(q, k, v, attention_mask)  # [1, heads, b * s, d]
+            return out.permute(0, 2, 1, 3).reshape(b, s, -1).transpose(0, 1).contiguous()
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        return self._sdpa(q, k, v, attention_mask).permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    def _sdpa(self, q, k, v, attention_mask):
         dropout = self.dropout if self.training else 0.0
         if dropout > 0.0:
             # Attention probabilities are split over TP ranks: each rank needs its own stream.
@@ -168,7 +182,7 @@ class SDPAAttention(CoreAttention):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attention_mask, scale=self.softmax_scale
             )
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        return out
 
 
 # -- packed (THD) kernels -------------------------------------------------------------------------

@@ -50,9 +50,18 @@ class DataSection:
     packing: Literal["concat", "best_fit"] = "concat"
     """How documents become rows (docs/data.md "Packing"). ``concat``: each language's token stream
     cut every ``seq_len`` tokens (Megatron-style; segments may start mid-document, no padding).
-    ``best_fit``: mmBERT's packing (ModernBERT's ``GreedyBestFitSequencePacker``): ``<bos>``-led pieces
-    of at most ``seq_len`` tokens best-fit packed whole into rows, padding (excluded from the loss)
-    where none fits. Part of the index cache key; a branch must keep its parent's mode."""
+    ``best_fit``: mmBERT's packing (ModernBERT's ``GreedyBestFitSequencePacker``): pieces framed
+    ``<bos> ... <eos>`` of at most ``seq_len`` tokens best-fit packed whole into packed rows
+    (``packed_row``), padding (excluded from the loss) where none fits. Part of the index cache key;
+    a branch must keep its parent's mode."""
+    packed_row: Literal["micro_batch", "seq_len"] = "micro_batch"
+    """best_fit's packed row (docs/data.md "Packing"). ``micro_batch``: ``micro_batch_size x seq_len``
+    tokens, the reference's geometry (padding ~0.01%): a micro-batch is one packed row and a piece may
+    run on from one ``seq_len`` row into the next, one ``cu_seqlens`` segment over the flattened
+    micro-batch; the SDPA kernel then attends over the whole micro-batch (its mask is quadratic in
+    ``micro_batch_size x seq_len``). ``seq_len``: rows of ``seq_len`` tokens, pieces never cross rows
+    (padding a few %), for SDPA at scale. The micro-batch size becomes part of the data: changing it
+    (or this) changes the rows. Ignored by concat."""
     index_timeout_s: float = 3600.0
     """How long non-building ranks wait for the index cache before giving up."""
     eval_manifest: Optional[str] = None
@@ -344,6 +353,13 @@ class RunConfig:
 
     def phase_micro_batch(self, phase: PhaseConfig) -> int:
         return self.batch.micro_batch_size_per_phase.get(phase.name, self.batch.micro_batch_size)
+
+    def packing_bin_rows(self) -> Optional[List[int]]:
+        """``seq_len`` rows per best_fit packed row, one per phase (the index's ``bin_rows``): the
+        phases' micro-batch sizes under ``data.packed_row: micro_batch``, else None (one row)."""
+        if self.data.packing != "best_fit" or self.data.packed_row != "micro_batch":
+            return None
+        return [self.phase_micro_batch(p) for p in self.phases]
 
     def model_for_phase(self, phase: PhaseConfig) -> ModelConfig:
         """The model config with the phase's RoPE thetas (what a checkpoint of this phase records)."""

@@ -112,7 +112,7 @@ class Trainer:
             cfg.manifest_path, cfg.phases, cfg.data_seed, cache_dir=cfg.index_cache_dir,
             default_global_batch_size=cfg.batch.global_batch_size, anneal_segments=cfg.data.anneal_segments,
             mask_special_tokens=cfg.data.mask_special_tokens, timeout=cfg.data.index_timeout_s,
-            start_phase=cfg.start_phase_index, packing=cfg.data.packing,
+            start_phase=cfg.start_phase_index, packing=cfg.data.packing, bin_rows=cfg.packing_bin_rows(),
         )
         if self.rt.is_main:
             from megatron_mmbert.data.index import format_index_plan
