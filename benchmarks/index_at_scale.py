@@ -9,7 +9,7 @@ document lengths from them); each ``.bin`` is a sparse file of the right size (a
 document starts with ``<bos>``, which best_fit handles as for any shard without one). The corpus
 is ``FULL_DOCUMENTS x factor`` documents (FineWeb2 has about 5 billion), the schedule
 ``mmbert_base.yaml``'s phases with tokens x factor and the decay phase over all languages
-(Decay-All), global batch 4608.
+(Decay-All), global batch 4608, best_fit in the shipped packed rows (micro_batch x seq_len: 48, 6, 6 rows).
 
 Each build runs in a fresh subprocess; its peak RSS is ``resource.getrusage(RUSAGE_CHILDREN)
 .ru_maxrss`` read by a wrapper process that ran only it, its CPU time (user + system, which other
@@ -60,6 +60,15 @@ def _mmbert_phases(factor: float, languages=None):
             p["fixed_shares"] = {"eng_Latn": 0.102, "code": 0.055}  # decay_all.yaml
         phases.append(p)
     return phases, sets["mmbert_mid"]
+
+
+def mmbert_micro_batches(names):
+    """mmbert_base.yaml's micro-batch size of each phase: best_fit's packed rows (``data.packed_row:
+    micro_batch``, the shipped geometry) hold that many ``seq_len`` rows."""
+    import yaml
+
+    batch = yaml.safe_load(open(os.path.join(ROOT, "examples", "configs", "mmbert_base.yaml")))["batch"]
+    return [batch.get("micro_batch_size_per_phase", {}).get(n, batch["micro_batch_size"]) for n in names]
 
 
 def write_manifest(root: str, factor: float, seed: int = 0) -> str:
@@ -113,7 +122,7 @@ from megatron_mmbert.data.shards import load_manifest
 phases = [PhaseConfig(**p) for p in json.loads({phases!r})]
 t = time.perf_counter()
 index = build_data_index(load_manifest({manifest!r}), phases, 21, {cache!r}, {batch}, is_builder=True,
-                         packing={packing!r})
+                         packing={packing!r}, bin_rows={bin_rows!r})
 print(json.dumps({{"seconds": time.perf_counter() - t, "path": index.path}}))
 """
 
@@ -121,7 +130,8 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "path": index.path}}))
 def measure(code_root: str, manifest: str, phases, packing: str, cache: str) -> dict:
     """Run one build in a child of this (wrapper) process: seconds, peak RSS (MB), cache MB."""
     src = CHILD.format(root=code_root, phases=json.dumps(phases), manifest=manifest, cache=cache,
-                       batch=GLOBAL_BATCH, packing=packing)
+                       batch=GLOBAL_BATCH, packing=packing,
+                       bin_rows=mmbert_micro_batches([p["name"] for p in phases]) if packing == "best_fit" else None)
     env = dict(os.environ, PYTHONPATH=code_root, OPENBLAS_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", src], env=env, capture_output=True, text=True)
     if out.returncode:

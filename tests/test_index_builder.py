@@ -584,7 +584,7 @@ def test_build_data_index_cli_packing(tmp_path, capsys):
     args = ["--config", str(phases), "--manifest", path, "--cache-dir", str(tmp_path / "c"), "--seed", "1"]
     assert main(args + ["--packing", "best_fit"]) == 0
     out = capsys.readouterr().out
-    assert "packing best_fit: padding" in out
+    assert "packing best_fit: padding" in out and "(packed rows of 1 x 64 = 64 tokens)" in out
     folder = out.split("index ready in ", 1)[1].split(" (", 1)[0]
     assert json.load(open(os.path.join(folder, "index_plan.json")))["phases"][0]["packing"]["mode"] == "best_fit"
     assert main(args) == 0 and "packing concat: padding 0.00%" in capsys.readouterr().out

@@ -203,3 +203,37 @@ def test_block_mask_is_built_without_host_reads():
     with HostReads():  # the detector sees host reads (positive control)
         bool(cu.sum() > 0)
     assert HostReads.count == 1
+
+
+def test_sdpa_attends_pieces_that_cross_rows_as_one_segment():
+    """best_fit's micro-batch packed rows (data.packed_row: micro_batch): a piece may run on from one
+    row into the next. segment_masks then masks the flattened micro-batch and SDPAAttention attends over
+    it as one sequence: the output equals attention run document by document on the flat tokens."""
+    import torch.nn.functional as F
+
+    from megatron_mmbert.model.attention import SDPAAttention, segment_masks
+
+    torch.manual_seed(0)
+    b, s, heads, d = 3, 16, 2, 8
+    lengths = [10, 20, 5, 13]  # the 20 crosses rows 0 -> 1, the 13 rows 1 -> 2 (then 0 padding)
+    cu = torch.tensor([0, 10, 30, 35, 48], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths]).view(b, s)
+    for window in (1 << 20, 6):
+        global_mask, local_mask = segment_masks(cu, positions, window)
+        assert global_mask.shape == (1, 1, b * s, b * s)
+        assert torch.equal(global_mask[0, 0], _dense_reference(lengths, None))
+        assert torch.equal(local_mask[0, 0], _dense_reference(lengths, window // 2))
+    # rows whose segments never cross keep the per-row [b, 1, s, s] masks
+    assert segment_masks(torch.tensor([0, 7, 16, 32, 48], dtype=torch.int32), positions, 6)[0].shape == (b, 1, s, s)
+
+    att = SDPAAttention.__new__(SDPAAttention)  # the kernel alone: no megatron config needed
+    torch.nn.Module.__init__(att)
+    att.dropout, att.softmax_scale = 0.0, None
+    q, k, v = (torch.randn(s, b, heads, d, dtype=torch.float64) for _ in range(3))
+    out = att.forward(q, k, v, segment_masks(cu, positions, 1 << 20)[0])
+    assert out.shape == (s, b, heads * d)
+    flat = [t.transpose(0, 1).reshape(b * s, heads, d) for t in (q, k, v)]
+    got = out.transpose(0, 1).reshape(b * s, heads * d)
+    for a, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        ref = F.scaled_dot_product_attention(*(x[a:e].transpose(0, 1) for x in flat))
+        assert torch.allclose(got[a:e], ref.transpose(0, 1).reshape(e - a, heads * d), atol=1e-12)

@@ -305,11 +305,17 @@ def test_mmbert_configs_mask_special_tokens():
 
 
 def test_mmbert_configs_pack_best_fit():
-    """mmBERT packs <bos>-led chunks best-fit (issue 19); the tiny CPU config keeps concat (fast tests)."""
+    """mmBERT packs <bos> ... <eos> chunks best-fit (issue 19) into packed rows of micro_batch x seq_len
+    (issue 26); the tiny CPU config keeps concat (fast tests)."""
     for name in ("mmbert_base.yaml", "mmbert_small.yaml", "decay_cont.yaml", "decay_eng.yaml", "decay_all.yaml",
                  "mmbert_small_decay_all.yaml"):
-        assert _load(name).data.packing == "best_fit", name
-    assert _load("tiny_cpu.yaml").data.packing == "concat"
+        cfg = _load(name)
+        assert cfg.data.packing == "best_fit" and cfg.data.packed_row == "micro_batch", name
+        # the reference's geometry: one packed row per micro-batch (issue 26)
+        assert cfg.packing_bin_rows() == [cfg.phase_micro_batch(p) for p in cfg.phases], name
+    assert _load("mmbert_base.yaml").packing_bin_rows() == [48, 6, 6]
+    assert _load("mmbert_base.yaml", "--data.packed_row", "seq_len").packing_bin_rows() is None
+    assert _load("tiny_cpu.yaml").data.packing == "concat" and _load("tiny_cpu.yaml").packing_bin_rows() is None
 
 
 def _reference_ramp(min_rows, max_rows, warmup_tokens, world_size, row_tokens, steps):

@@ -833,10 +833,10 @@ def format_index_plan(plan: Dict, warn_epochs: float = 5.0, head: int = 15, tail
         pk = p.get("packing") or {}
         geometry = ""
         if pk.get("rows_per_packed_row"):
-            geometry = (f" into packed rows of {pk['rows_per_packed_row']} x {p['seq_len']} = "
-                        f"{pk['packed_row_tokens']:,} tokens")
+            geometry = (f" (packed rows of {pk['rows_per_packed_row']} x {p['seq_len']} = "
+                        f"{pk['packed_row_tokens']:,} tokens)")
         if pk.get("pad_fraction") is not None:
-            out.append(f"  packing {pk['mode']}{geometry}: padding {100 * pk['pad_fraction']:.3f}% of row tokens, "
+            out.append(f"  packing {pk['mode']}: padding {100 * pk['pad_fraction']:.{3 if geometry else 2}f}% of row tokens{geometry}, "
                        f"{100 * pk['fragment_token_fraction']:.2f}% of tokens in document fragments, "
                        f"{100 * pk['bos_start_fraction']:.2f}% of segments start with <bos>"
                        + (f", {100 * pk['eos_end_fraction']:.2f}% end with <eos>" if "eos_end_fraction" in pk else ""))

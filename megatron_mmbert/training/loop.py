@@ -51,7 +51,7 @@ from megatron_mmbert.training.batch_plan import BatchPlan
 from megatron_mmbert.training.config import RunConfig, resolved_dict, write_resolved
 from megatron_mmbert.training.evaluation import Evaluator
 from megatron_mmbert.training.logging import RunLogger, StepMeter, memory_gib
-from megatron_mmbert.training.preflight import validate
+from megatron_mmbert.training.preflight import check_packed_row_backend, validate
 from megatron_mmbert.training.resume_check import check_resume
 from megatron_mmbert.training.state import TrainState
 from megatron_mmbert.training.stopping import StopFlag, any_rank
@@ -122,6 +122,7 @@ class Trainer:
                           + format_index_plan(self.stream.index.plan, head=10, tail=3, phases=names))
         parallel = dataclasses.replace(cfg.parallel, use_distributed_optimizer=cfg.use_distributed_optimizer)
         chunks = build_model(cfg.effective_model, parallel, cfg.compute_precision, self.rt.device)
+        check_packed_row_backend(cfg, chunks[0].backend)
         self.chunks = wrap_ddp(chunks, parallel, cfg.compute_precision)
         self.optimizer = optim.build(cfg, self.chunks, cfg.phases[0])
         self.n_params = sum(p.numel() for c in self.chunks for p in c.parameters())

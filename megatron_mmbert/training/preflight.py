@@ -272,3 +272,25 @@ def _check_shards(cfg: RunConfig, manifest, have) -> None:
 
 
 __all__ = ["validate", "validate_data"]
+
+
+SDPA_MICRO_BATCH_TOKENS = 8192
+"""Most tokens of a micro-batch the sdpa backend attends as one sequence (``data.packed_row:
+micro_batch``): its boolean masks and scores grow with the square."""
+
+
+def check_packed_row_backend(cfg: RunConfig, backend: str) -> None:
+    """Refuse best_fit micro-batch packed rows the chosen attention backend cannot attend: pieces cross
+    the rows of a micro-batch, and sdpa then attends over the flattened micro-batch with a dense
+    ``[t, t]`` mask (model/attention.py ``segment_masks``), fine for tiny rows only. Checked when the
+    model is built, on the machine that runs (``--validate`` on a login node does not know its GPUs)."""
+    bins = cfg.packing_bin_rows()
+    if backend != "sdpa" or not bins:
+        return
+    rows, phase = max(zip(bins, cfg.phases), key=lambda x: x[0] * x[1].seq_len)
+    if rows > 1 and rows * phase.seq_len > SDPA_MICRO_BATCH_TOKENS:
+        raise ConfigError(
+            f"data.packed_row: micro_batch makes micro-batches of {rows} x {phase.seq_len} tokens (phase "
+            f"{phase.name!r}) one packed sequence, which the sdpa attention backend chosen on this machine "
+            f"attends with a dense mask (at most {SDPA_MICRO_BATCH_TOKENS} tokens); run where a packed backend "
+            "(te, flash, flex) runs, or set data.packed_row: seq_len", field="data.packed_row")
