@@ -370,3 +370,20 @@ def test_phase_manifest_checked(tmp_path):
     msg = _err(_tiny("--data.manifest", manifest, "--phases.0.languages", "all", "--phases.1.languages",
                      "[xxx_Zzzz]", "--phases.1.manifest", manifest), check_data=True)
     assert "language(s) ['xxx_Zzzz'] have no tokens in its manifest" in msg
+
+
+def test_micro_batch_packed_rows_need_a_packed_backend_beyond_small_micro_batches():
+    """data.packed_row: micro_batch attends a micro-batch as one sequence: the sdpa backend (a dense mask)
+    is refused beyond 8192 tokens a micro-batch, with the fix; packed backends and seq_len rows pass."""
+    from megatron_mmbert.training.preflight import check_packed_row_backend
+
+    cfg = _load("mmbert_base.yaml")
+    with pytest.raises(ConfigError, match="data.packed_row: seq_len") as e:
+        check_packed_row_backend(cfg, "sdpa")
+    assert e.value.field == "data.packed_row" and "48 x 1024" in str(e.value)
+    for backend in ("te", "flash", "flex"):
+        check_packed_row_backend(cfg, backend)
+    check_packed_row_backend(_load("mmbert_base.yaml", "--data.packed_row", "seq_len"), "sdpa")
+    small = _load("mmbert_base.yaml", "--batch.micro_batch_size", "8", "--batch.micro_batch_size_per_phase",
+                  "{mid: 1, decay: 1}")
+    check_packed_row_backend(small, "sdpa")  # 8 x 1024 and 1 x 8192: attended as they are

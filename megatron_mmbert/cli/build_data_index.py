@@ -104,6 +104,10 @@ def load_config(args: argparse.Namespace, spec: ConfigParser, overrides: List[st
                 "anneal_segments": run.data.anneal_segments, "start_phase": run.init.start_phase,
                 "packing": run.data.packing, "bin_rows": run.packing_bin_rows()}
         cfg, vocab = spec.build(args, base), run.model.vocab_size
+        if cfg.bin_rows != run.packing_bin_rows():
+            raise ConfigError(f"bin_rows {cfg.bin_rows} differs from {args.config}'s packed rows {run.packing_bin_rows()} "
+                              "(data.packed_row, batch.micro_batch_size); the run would not find this index (override "
+                              "the run's settings instead)", field="bin_rows")
         if cfg.packing != run.data.packing:
             raise ConfigError(f"packing {cfg.packing} differs from {args.config}'s data.packing {run.data.packing}; "
                               "the run would not find this index (override the run's data.packing instead)",
