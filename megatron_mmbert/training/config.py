@@ -56,7 +56,7 @@ class DataSection:
     a branch must keep its parent's mode."""
     packed_row: Literal["micro_batch", "seq_len"] = "micro_batch"
     """best_fit's packed row (docs/data.md "Packing"). ``micro_batch``: ``micro_batch_size x seq_len``
-    tokens, the reference's geometry (padding ~0.01%): a micro-batch is one packed row and a piece may
+    tokens, the reference's geometry (padding under 0.1%): a micro-batch is one packed row and a piece may
     run on from one ``seq_len`` row into the next, one ``cu_seqlens`` segment over the flattened
     micro-batch; the SDPA kernel then attends over the whole micro-batch (its mask is quadratic in
     ``micro_batch_size x seq_len``). ``seq_len``: rows of ``seq_len`` tokens, pieces never cross rows
