@@ -22,15 +22,23 @@ from collections import deque
 from typing import Iterable, Iterator, List, Sequence, Tuple
 
 
+def reference_pieces(content_length: int, max_seq_len: int, min_piece: int = 32) -> List[Tuple[int, int]]:
+    """``(content offset, length with <bos> and <eos>)`` of the sequences one document becomes."""
+    cmax = max_seq_len - 2
+    out = []
+    for a in range(0, content_length, cmax):
+        piece = min(cmax, content_length - a)
+        if a and piece < min_piece:
+            continue
+        out.append((a, piece + 2))
+    return out
+
+
 def reference_sequences(content_lengths: Iterable[int], max_seq_len: int, min_piece: int = 32) -> Iterator[int]:
     """Lengths (framing included) of the sequences the documents of ``content_lengths`` become."""
-    cmax = max_seq_len - 2
     for n in content_lengths:
-        for a in range(0, n, cmax):
-            piece = min(cmax, n - a)
-            if a and piece < min_piece:
-                continue
-            yield piece + 2
+        for _, length in reference_pieces(n, max_seq_len, min_piece):
+            yield length
 
 
 class ReferenceGreedyBestFitPacker:
