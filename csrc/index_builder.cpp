@@ -585,7 +585,8 @@ void cut_document(int32_t d, const int32_t *sizes, const int8_t *framing, int64_
 // then new ones from the stream) goes into the open row with the least room that still holds it
 // (ties: the lowest row), or is deferred to the next window. A window closes when all its rows are
 // full, `buffer` pieces wait deferred (the reference's buffer_size), or `lookahead` seq_len-rows'
-// worth of tokens do. The room left in a row is padding. Pieces still deferred when the rows are
+// worth of tokens plus half the room of the rows after the window do. The room left in a row is
+// padding. Pieces still deferred when the rows are
 // done are dropped, so the stream advances by whole documents and the next call (next phase, or a
 // branch starting there) starts with nothing pending.
 // Returns (pieces int32 [P, 3] (doc, offset, stored length), piece_flags int8 [P] (kAddBos | kAddEos),
@@ -638,13 +639,16 @@ py::tuple pack_best_fit(const py::object &sizes_obj, const py::object &framing_o
       room.assign(W, capacity);
       deferred.clear();
       int64_t full = 0, deferred_tokens = 0;
+      // Read ahead at most `lookahead` rows' worth of tokens that did not fit, plus half the room of
+      // the rows still to come after this window: what is still pending when the rows are done is
+      // dropped, so a language with few rows in a phase must not pull many documents for them,
+      // while a window with many rows after it may read far ahead (its deferred pieces go first
+      // into those rows), as the reference's buffer does.
+      const int64_t max_deferred = lookahead * seq_len + (num_rows - r0 - W) * capacity / 2;
       head = 0;
       while (full < W && static_cast<int64_t>(deferred.size()) < buffer) {
         if (head == pending.size()) {
-          // Read ahead at most `lookahead` rows' worth of tokens that did not fit: what is still
-          // pending when the rows are done is dropped, so a language with few rows in a phase
-          // must not pull many documents for them.
-          if (deferred_tokens >= lookahead * seq_len) break;
+          if (deferred_tokens >= max_deferred) break;
           pending.clear();
           head = 0;
           ++documents;

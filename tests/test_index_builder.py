@@ -521,7 +521,7 @@ def test_best_fit_frames_pieces_as_the_reference():
 def test_best_fit_pads_no_more_than_the_reference_loop(tmp_path):
     """The named oracle (tests/helpers/reference_packer.py, bert24's loop): on the same framed
     sequences and the reference's geometry (packed rows of micro_batch x seq_len), this packer's
-    padding is at most the reference's plus 0.1 percentage point and within the goals (0.1% at seq 1024,
+    padding is at most the reference's plus 0.02 percentage point and within the goals (0.1% at seq 1024,
     0.5% at 8192); rows of seq_len pad far more."""
     from megatron_mmbert.data.index import pack_best_fit
     from tests.helpers.reference_packer import reference_padding, reference_sequences
@@ -536,9 +536,9 @@ def test_best_fit_pads_no_more_than_the_reference_loop(tmp_path):
         order = ib.permutation(len(content), 1, 2, 0)
         lengths = list(reference_sequences(content[order].tolist(), seq))
         ref = reference_padding(lengths, batch, mbs, seq, num_batches=bins // (batch // mbs))
-        assert ours <= ref + 1e-3 and ours <= goal, (seq, ours, ref)
+        assert ours <= ref + 2e-4 and ours <= goal, (seq, ours, ref)
         _, _, _, _, rows = pack_best_fit(content, np.zeros(len(content), np.int8), seq, bins * mbs, 0, 1, 2)
-        assert rows["pad_tokens"] / rows["row_tokens"] > 10 * max(ours, 1e-4)
+        assert rows["pad_tokens"] / rows["row_tokens"] > 5 * max(ours, 1e-4)
 
 
 def test_best_fit_rows_are_bit_identical_across_reruns(tmp_path):
@@ -623,7 +623,8 @@ def test_build_data_index_cli_packing(tmp_path, capsys):
 # (cached or in memory, whole schedule or a branch) must produce the same values. The concat digests
 # are still those recorded then. The best_fit ones were re-recorded when best_fit changed by design
 # (issue 26: <bos> ... <eos> framing with content seq_len - 2, the 32-token rule on content, a
-# deferral buffer of 5120 pieces) and the packed rows of micro_batch x seq_len were added: from the
+# deferral buffer of 5120 pieces, windows reading ahead up to half the room of the rows after them)
+# and the packed rows of micro_batch x seq_len were added: from the
 # builder of that commit, cached and in memory, whole schedule and branch alike.
 DIGEST_PHASES = [
     PhaseConfig(name="p", tokens=64 * 150, seq_len=64, temperature=0.5),
@@ -640,10 +641,10 @@ DIGEST_BIN_ROWS = [2, 4, 3]
 RECORDED_DIGESTS = {
     "concat/start0": "83422294314c12c781cd5f55a3294bd369beba852ff386712448f10df98f191b",
     "concat/start2": "fd5e9c9f8e1259a921de5441489268f788c41987cefe0d9f8395af1b99b6474b",
-    "best_fit/start0": "96c9978e9254047acb2616a61b60996776160cbf3b81eba42fdd45d4b85bba59",
-    "best_fit/start2": "bed82f23f8f700529ebc802600cecea51d273b15bd0f963f0f7fa63129089588",
-    "best_fit_micro_batch/start0": "c3a30a9e24fcb75e59a41160b0377f161234b25018eed246845699263c49f099",
-    "best_fit_micro_batch/start2": "d2256de85e10bfe0235751586ec211c440f28944e9bb3cff4879eddbc68676db",
+    "best_fit/start0": "af8e95a4b0aed11ea65857502492589974a77a0a6028f6deecc215672987d7d6",
+    "best_fit/start2": "72447762a93e8ed6453459254cc19fe4e30cf8e159298d5117facd01ac47b877",
+    "best_fit_micro_batch/start0": "9948d6207fad12d38560d4d63ee307bffcab386bf78382939fb0bd0836c3ce0d",
+    "best_fit_micro_batch/start2": "83a6d9cd901d5cd3987e5d3bc304f61a300c1b883df95d4fd1e79fbe64eee081",
 }
 
 

@@ -6,8 +6,9 @@
 
 With a training run config (the YAML given to pretrain_mmbert.py, plus the same ``--a.b value``
 overrides), the manifest, data seed, cache folder, global batch size, annealing resolution, row
-packing (``data.packing``) and start phase (``init.start_phase``) are the run's own, so the run finds exactly these arrays (all of them
-are part of the cache key). Otherwise ``--config`` holds a list of phases (fields of
+packing (``data.packing``, and best_fit's packed rows: ``data.packed_row`` with the phases' micro-batch
+sizes) and start phase (``init.start_phase``) are the run's own, so the run finds exactly these arrays
+(all of them are part of the cache key). Otherwise ``--config`` holds a list of phases (fields of
 ``megatron_mmbert.config.PhaseConfig``), or a mapping of ``BuildIndexConfig`` fields (``phases:``,
 ``manifest:``, ``cache_dir:``, ``seed:`` ...), and the other values come from the flags. Flags given
 explicitly win over either YAML; ``--help-config`` lists every field with its flag.

@@ -26,7 +26,8 @@ What gets built for a manifest and a list of phases (``build_data_index``):
   are dropped), and whole pieces are best-fit packed into *packed rows* of ``bin_rows x seq_len``
   tokens (``_index_builder.pack_best_fit``: :data:`BEST_FIT_WINDOW_ROWS` packed rows open at a
   time, up to :data:`BEST_FIT_BUFFER` pieces deferred per window, reading ahead at most
-  :data:`BEST_FIT_LOOKAHEAD_ROWS` ``seq_len`` rows' worth of deferred tokens). ``bin_rows`` is the
+  :data:`BEST_FIT_LOOKAHEAD_ROWS` ``seq_len`` rows' worth of deferred tokens plus half the room of
+  the packed rows after the window). ``bin_rows`` is the
   phase's micro-batch size (``data.packed_row: micro_batch``, the reference's geometry: one packed
   row is one micro-batch, a piece may continue from one ``seq_len`` row of it into the next) or 1
   (``data.packed_row: seq_len``: pieces never cross rows, for attention that works row by row).
@@ -99,8 +100,10 @@ open: ``device batch / micro_batch_size`` of them, 12 for mmBERT's 4608 rows ove
 BEST_FIT_BUFFER = 5120
 """Pieces deferred in one window before it closes (the reference's ``buffer_size`` default)."""
 BEST_FIT_LOOKAHEAD_ROWS = 2
-"""A window stops reading documents once this many ``seq_len`` rows' worth of tokens wait deferred:
-what still waits when a phase's rows are done is dropped (the stream moves by whole documents)."""
+"""A window stops reading documents once this many ``seq_len`` rows' worth of tokens, plus half the room
+of the packed rows still to come after it, wait deferred: what still waits when a phase's rows are
+done is dropped (the stream moves by whole documents), so the last window reads ahead little and the
+others far (their deferred pieces go first into the rows after them)."""
 PACKED_ROWS = ("micro_batch", "seq_len")
 """``data.packed_row`` values: a best_fit packed row is a micro-batch (``micro_batch_size x seq_len``
 tokens, the reference's geometry) or one ``seq_len`` row."""
