@@ -94,14 +94,17 @@ def timed(fn, *args, iters, device):
 
 
 def parse_runs(text: str):
-    """``PRESET:ROWSxSEQ,...`` -> ``[(preset, rows, seq_len)]`` (preset ``cpu-small``: the CPU config)."""
+    """``PRESET:ROWSxSEQ[:PRECISION],...`` -> ``[(preset, rows, seq_len, precision or None)]``
+    (preset ``cpu-small``: the CPU config; no precision: each of ``--precisions``)."""
     runs = []
     for item in text.split(","):
-        preset, _, shape = item.strip().partition(":")
+        preset, _, rest = item.strip().partition(":")
+        shape, _, precision = rest.partition(":")
         rows, _, seq_len = shape.partition("x")
-        if not (preset and rows.isdigit() and seq_len.isdigit()):
-            raise SystemExit(f"--runs: {item!r} is not PRESET:ROWSxSEQ (e.g. mmbert-base:16x1024)")
-        runs.append((preset, int(rows), int(seq_len)))
+        if not (preset and rows.isdigit() and seq_len.isdigit()) or (precision and precision not in PRECISIONS):
+            raise SystemExit(f"--runs: {item!r} is not PRESET:ROWSxSEQ[:PRECISION] (e.g. mmbert-base:16x1024:bf16; "
+                             f"precisions {', '.join(PRECISIONS)})")
+        runs.append((preset, int(rows), int(seq_len), precision or None))
     return runs
 
 
@@ -166,9 +169,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--runs", default=None,
-                   help="several configurations in this one process, PRESET:ROWSxSEQ,... (e.g. "
-                        "mmbert-base:16x1024,mmbert-base:2x8192): compiled kernels are shared between "
-                        "them; overrides --preset/--rows/--seq-len")
+                   help="several configurations in this one process, PRESET:ROWSxSEQ[:PRECISION],... (e.g. "
+                        "mmbert-base:16x1024,mmbert-base:2x8192:amp_bf16): compiled kernels are shared "
+                        "between them; overrides --preset/--rows/--seq-len")
     p.add_argument("--precisions", default=None,
                    help="comma-separated precisions, each run at each (overrides --precision)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "te", "flash", "flex", "sdpa"],
@@ -181,13 +184,13 @@ def main(argv=None):
     p.add_argument("--append", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
 
-    runs = parse_runs(args.runs) if args.runs else [(args.preset or "cpu-small", args.rows, args.seq_len)]
+    runs = parse_runs(args.runs) if args.runs else [(args.preset or "cpu-small", args.rows, args.seq_len, None)]
     precisions = args.precisions.split(",") if args.precisions else [args.precision]
     for precision in precisions:
         if precision not in PRECISIONS:
             raise SystemExit(f"--precisions: {precision!r} is not one of {PRECISIONS}")
-    for preset, rows, seq_len in runs:  # results appear one section at a time: a cut-off run keeps them
-        for precision in precisions:
+    for preset, rows, seq_len, own in runs:  # results appear one section at a time: a cut-off run keeps them
+        for precision in [own] if own else precisions:
             measure(preset, rows, seq_len, precision, args, argv)
     from megatron_mmbert import runtime
 
