@@ -181,6 +181,9 @@ def main(argv=None):
     p.add_argument("--mask-rate", type=float, default=0.3)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds for all runs: a run starts only if 1.2x the longest so far is left "
+                        "(the others are named as not run), so a limited call ends with its sections")
     p.add_argument("--append", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
 
@@ -189,9 +192,17 @@ def main(argv=None):
     for precision in precisions:
         if precision not in PRECISIONS:
             raise SystemExit(f"--precisions: {precision!r} is not one of {PRECISIONS}")
+    start, longest = time.monotonic(), 0.0
     for preset, rows, seq_len, own in runs:  # results appear one section at a time: a cut-off run keeps them
         for precision in [own] if own else precisions:
+            left = args.time_limit - (time.monotonic() - start) if args.time_limit else None
+            if left is not None and left < 1.2 * longest:
+                print(f"not run: {preset} {rows}x{seq_len} {precision} ({left:.0f}s left of --time-limit, "
+                      f"the longest run so far took {longest:.0f}s)", flush=True)
+                continue
+            began = time.monotonic()
             measure(preset, rows, seq_len, precision, args, argv)
+            longest = max(longest, time.monotonic() - began)
     from megatron_mmbert import runtime
 
     runtime.shutdown()
