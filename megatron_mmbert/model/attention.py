@@ -301,8 +301,15 @@ def limit_recompiles(compiled, limit: int = FLEX_RECOMPILE_LIMIT):
                            "would fall back to eager (out of memory at long rows); use torch >= 2.6")
 
     def call(*args, **kwargs):
-        with torch._dynamo.config.patch(**settings):
+        # Set and restored by hand: ~4x cheaper than config.patch, and this runs once per layer.
+        saved = {name: getattr(config, name) for name in settings}
+        for name, value in settings.items():
+            setattr(config, name, value)
+        try:
             return compiled(*args, **kwargs)
+        finally:
+            for name, value in saved.items():
+                setattr(config, name, value)
 
     call.compiled = compiled
     return call
