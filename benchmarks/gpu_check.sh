@@ -2,41 +2,56 @@
 # Everything worth checking on a lent GPU, in one call (the device tool's `run`), results under $OUT.
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine
-#   bash benchmarks/gpu_check.sh --dry-run    # the same steps on CPU at tiny sizes (CI runs this)
+#   bash benchmarks/gpu_check.sh --dry-run    # the same steps on CPU at tiny sizes
+#   bash benchmarks/device_rehearsal.sh       # the dry run in a copy of the lent machine's
+#                                             # environment (no megatron-core installed, carried
+#                                             # wheels, no network): what CI runs
 #
-# The lent machines run Python 3.12 with torch 2.11, transformers, safetensors, tokenizers, pybind11,
-# pyyaml, tensorboard and psutil, but no network and no megatron-core. Before the call, on this machine:
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl megatron-core==0.16.1 zstandard
-# then run with carry [".whl"]:  bash benchmarks/gpu_check.sh
+# The lent machines run Python 3.12 with torch 2.11 + Triton, transformers, safetensors, tokenizers,
+# pybind11, pyyaml, tensorboard, psutil and pytest, but no network, no megatron-core, no zstandard,
+# no TransformerEngine, no flash-attn and no gettext catalogs. Before the call, on this machine:
+#   python3 benchmarks/device_env.py wheels   # .whl/: megatron-core 0.16.1 + zstandard for cp312,
+#                                             # git-ignored, checked against the 64 MiB carry limit
+# then run with carry [".whl"] and timeout_s 600:  bash benchmarks/gpu_check.sh
+# The wheels are installed with `pip install --target /tmp/site` and reached through PYTHONPATH,
+# which every step and every process a step launches (torchrun workers included) inherits.
 #
-# Steps (each with its own timeout, so one failure or hang does not cost the rest; each step's full
-# output in $OUT/<step>.log, a digest in $OUT/gpu_check.log, a table of the steps in $OUT/summary.md,
-# the RESULTS.md sections in $OUT/RESULTS.gpu.md - copy those into benchmarks/RESULTS.md):
-#   machine     what the attention backend choice sees (TE / cuDNN / flash-attn / FlexAttention) and picks;
+# What comes back (at most 8 files): $OUT/gpu_check.log (every step's whole output, in order),
+# $OUT/summary.md (a table of the steps), $OUT/RESULTS.gpu.md (the benchmarks' RESULTS.md sections:
+# copy them into benchmarks/RESULTS.md), $OUT/train_run.log (the training run's own output).
+#
+# Steps, in order of what the call must bring back; docs/training.md "The first GPU call" says how
+# to read each:
+#   imports     megatron-core, the extension and torch import (nothing else runs without them);
+#               what the attention backend choice sees (TE / cuDNN / flash-attn / FlexAttention)
+#               and picks at each precision;
+#   model       benchmarks/model_throughput.py, ONE process for every configuration so the compiled
+#               FlexAttention kernels are shared: forward+backward tokens/s and MFU against HF
+#               ModernBertForMaskedLM: mmbert-base at 48 x 1024 in amp_bf16 (the shipped
+#               precision) and bf16, at 6 x 8192 and mmbert-small at 48 x 1024 in amp_bf16 (goal
+#               at 1024: >= 1.5x HF and 35% MFU). 48 x 1024 and 6 x 8192 are the same packed token
+#               count, the train step's: one flex compilation (Inductor's on-disk cache) serves all;
+#   train       benchmarks/train_throughput.py: the training loop as shipped (mmbert-base, vocab
+#               256000, amp_bf16, StableAdamW, best_fit packing, distributed optimizer, 48 x 1024
+#               micro-batches, one process per GPU) on a synthetic corpus made on the spot: tokens/s,
+#               MFU and the step split (forward/backward timed with CUDA events). No evaluation or
+#               save; metrics read as they come, so a cut-off run still reports;
 #   parity      HF parity of the model on the device for every backend (sdpa, flex compiled, flash
 #               through its test reference; fp32 and bf16, eval, TP1/PP1: the path without the CPU
 #               adapter), the real flash-attn kernel against its reference where flash_attn imports,
 #               and the bf16 RoPE test (megatron's Float16Module on the device);
 #   attention   benchmarks/attention_backends.py: one global + one local layer's core attention,
-#               fwd+bwd time and peak memory, sdpa vs flex (vs flash) at 16 x 1024 and 2 x 8192
-#               tokens (goal: flex >= 2x SDPA at 8192);
-#   model-*     forward+backward tokens/s and MFU against HF ModernBertForMaskedLM, bf16, with the
-#               backend auto picks: mmbert-base at 1024 and 8192 tokens, mmbert-small at 1024
-#               (goal at 1024: >= 1.5x HF and 35% MFU);
-#   train       training-step throughput, MFU and the share outside forward/backward of mmbert-base at
-#               its real micro-batch (48 x 1024), amp_bf16 (fp32 weights, bf16 autocast, as the shipped
-#               configs), distributed optimizer: one process per GPU,
-#               on a synthetic corpus made on the spot (no gettext catalogs needed);
+#               fwd+bwd time and peak memory, sdpa vs flex at 6 x 8192 tokens (one shape: one flex
+#               compilation in its own process; goal:
+#               flex >= 2x SDPA at 8192);
 #   host-syncs  step time with and without the host syncs issue 18 removed.
-# Steps run in that order of importance. The whole check keeps to BUDGET seconds (default 540 on a
-# GPU, so one 10-minute device call holds it with room to copy results): each step gets its own
-# timeout (x3 in a dry run), cut to what is left of the budget; a step with under 20 s left is
-# skipped and says so.
+# Budget: the step limits add up to 480 s (STEP_LIMITS); the whole check keeps to BUDGET seconds
+# (default 540, so one 10-minute device call holds it, a cold start and the copy back included):
+# each step's limit is cut to what is left of the budget, and a step with under 20 s left is
+# skipped and says so. A dry run scales every limit by 3 (a shared 2-core CI box).
 # Environment: OUT (output folder), PYTHON (interpreter, default python3), BUDGET, STEP_TIMEOUT
-# (overrides every step's own timeout).
+# (overrides every step's own limit), TRAIN_MICRO_ROWS (default 48), SITE_DIR (where the wheels
+# are installed, default /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,7 +61,7 @@ case "${1:-}" in
     "") ;;
     *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
 esac
-OUT=${OUT:-/tmp/gpu_check_out}
+export OUT=${OUT:-/tmp/gpu_check_out}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
@@ -55,91 +70,109 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 export MMBERT_RESULTS="$OUT/RESULTS.gpu.md"   # where the benchmarks' --append writes (not the repo)
 : > "$LOG"
 : > "$MMBERT_RESULTS"
+say() { echo "$*" | tee -a "$LOG"; }
 
+# Seconds per step; their sum is the budget of steps (tests/test_gpu_check.py holds it to 480).
+STEP_LIMITS="imports=20 model=140 train=130 parity=105 attention=60 host-syncs=25"
+limit_of() { local kv; for kv in $STEP_LIMITS; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
+
+SITE_DIR=${SITE_DIR:-/tmp/site}
 if [ -d .whl ]; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
+    say "installing the carried wheels: $(cd .whl && ls -- *.whl | tr '\n' ' ')"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE_DIR" .whl/*.whl >> "$LOG" 2>&1 \
+        || { say "FAILED: pip install --target $SITE_DIR .whl/*.whl"; exit 1; }
+    export PYTHONPATH=$SITE_DIR:$PWD${PYTHONPATH:+:$PYTHONPATH}
 else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 if ! "$PYTHON" -c "import megatron_mmbert.data._index_builder" 2>/dev/null; then
-    "$PYTHON" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "extension build failed"; tail -20 "$OUT/build.log"; }
+    say "building the C++ extension"
+    "$PYTHON" setup.py -q build_ext --inplace >> "$LOG" 2>&1 || say "extension build FAILED (see above)"
 fi
 
 if [ "$DRY_RUN" = 1 ]; then
-    echo "DRY RUN: the GPU check's steps on CPU at tiny sizes (the numbers mean nothing)" | tee -a "$LOG"
-    DEVICE=cpu; NPROC=1; BUDGET=${BUDGET:-1400}; SCALE=3   # a shared 2-core CI box: 3x each step's time
-    PARITY_TESTS="tests/test_model_parity.py tests/test_rope_precision.py tests/test_packed_attention.py"
+    say "DRY RUN: the GPU check's steps on CPU at tiny sizes (the numbers mean nothing)"
+    DEVICE=cpu; NPROC=1; BUDGET=${BUDGET:-1400}; SCALE=3
     PARITY_SELECT="tp1_pp1 and packed and even or loss_matches or angles or real_flash"
     ATTENTION="--device cpu --shapes 2x128 --iters 1"
-    SMALL="--device cpu --precision fp32 --preset tiny --rows 1 --seq-len 128 --iters 1 --rounds 1"
-    BASE="$SMALL"
-    BASE_LONG="$SMALL"
+    MODEL="--device cpu --runs tiny:2x64:amp_bf16,tiny:2x64:bf16 --iters 1 --rounds 1"
     TRAIN="--device cpu --nproc 1 --preset tiny --precision amp_bf16 --distributed-optimizer --steps 4 --rows 4 --micro-rows 2 --seq-len 64 --interval 2"
     SYNCS="--device cpu --preset tiny --tokens 256 --rows 1 --seq-len 64 --micro-batches 1 --rounds 1"
 else
     DEVICE=cuda; BUDGET=${BUDGET:-540}; SCALE=1
     NPROC=$(nvidia-smi -L | wc -l)   # one training process per GPU
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
-    PARITY_TESTS="tests/test_model_parity.py tests/test_rope_precision.py tests/test_packed_attention.py"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
     PARITY_SELECT="tp1_pp1 or bf16_parity or loss_matches or rope or real_flash"
-    ATTENTION="--device cuda --shapes 16x1024,2x8192 --iters 5"
-    SMALL="--device cuda --precision bf16 --preset mmbert-small --rows 16 --seq-len 1024 --iters 10 --rounds 3"
-    BASE="--device cuda --precision bf16 --preset mmbert-base --rows 16 --seq-len 1024 --iters 10 --rounds 3"
-    BASE_LONG="--device cuda --precision bf16 --preset mmbert-base --rows 2 --seq-len 8192 --iters 5 --rounds 2"
-    # mmbert-base's real pre-training micro-batch (48 x 1024), amp_bf16 (the shipped configs'
-    # precision), distributed optimizer
-    TRAIN="--device cuda --nproc $NPROC --preset mmbert-base --precision amp_bf16 --distributed-optimizer --steps 20 --rows $((48 * NPROC)) --micro-rows 48 --seq-len 1024 --interval 5"
+    ATTENTION="--device cuda --shapes 6x8192 --iters 5"
+    MODEL="--device cuda --runs mmbert-base:48x1024:amp_bf16,mmbert-base:48x1024:bf16,mmbert-base:6x8192:amp_bf16,mmbert-small:48x1024:amp_bf16 --iters 5 --rounds 2"
+    MICRO=${TRAIN_MICRO_ROWS:-48}
+    # mmbert-base's real pre-training micro-batch (48 x 1024), as the shipped configs train
+    # (amp_bf16, StableAdamW, best_fit, distributed optimizer, vocab 256000).
+    # Issue 25's knobs (overlap_grad_reduce, recompute, ...) go here, as train_throughput flags.
+    TRAIN="--device cuda --nproc $NPROC --preset mmbert-base --precision amp_bf16 --distributed-optimizer --steps 20 --rows $((MICRO * NPROC)) --micro-rows $MICRO --seq-len 1024 --interval 5"
     SYNCS="--device cuda"
 fi
 
 printf '| step | status | seconds |\n|---|---|---|\n' > "$SUMMARY"
 FAILED=0
-step() {  # step NAME SECONDS COMMAND...: run with min(SECONDS, budget left), full log to $OUT/NAME.log
-    local name=$1 limit=$((${STEP_TIMEOUT:-$2} * SCALE)); shift 2
+step() {  # step NAME COMMAND...: run within min(its limit, budget left); output appended to $LOG
+    local name=$1 limit; shift
+    limit=$((${STEP_TIMEOUT:-$(limit_of "$name")} * SCALE))
     local start=$SECONDS status
     local left=$((BUDGET - SECONDS - 10))   # 10 s for --kill-after and the summary
     [ "$limit" -gt "$left" ] && limit=$left
     if [ "$limit" -lt 20 ]; then
-        echo "-- $name: SKIPPED (budget of ${BUDGET}s spent)" | tee -a "$LOG"
+        say "-- $name: SKIPPED (budget of ${BUDGET}s spent)"
         echo "| $name | SKIPPED (budget) | 0 |" >> "$SUMMARY"; FAILED=1
-        return
+        return 1
     fi
-    echo "== $name (${limit}s): $*" | tee -a "$LOG"
-    timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    say "== $name (${limit}s): $*"
+    STEP_LIMIT=$limit timeout --kill-after=5 "$limit" "$@" >> "$LOG" 2>&1
     local rc=$?
     case $rc in
         0) status=ok ;;
         124|137) status="TIMEOUT after ${limit}s"; FAILED=1 ;;
         *) status="FAILED (exit $rc)"; FAILED=1 ;;
     esac
-    grep -v -i "warn" "$OUT/$name.log" | tail -25 | tee -a "$LOG"
-    echo "-- $name: $status" | tee -a "$LOG"
+    say "-- $name: $status ($((SECONDS - start))s)"
     echo "| $name | $status | $((SECONDS - start)) |" >> "$SUMMARY"
+    [ "$rc" = 0 ]
 }
 
-step machine 60 "$PYTHON" -c "
+finish() {
+    [ "$DRY_RUN" = 1 ] && say "DRY RUN finished (CPU, tiny sizes)"
+    tee -a "$LOG" < "$SUMMARY"
+    echo "results: $MMBERT_RESULTS (copy into benchmarks/RESULTS.md); every step's output: $LOG"
+    exit $FAILED
+}
+
+# First: megatron-core (from the carried wheels), the extension, torch; then the backend choice.
+# Every later step needs them, so a failure here ends the check with that one clear message.
+if ! step imports "$PYTHON" -c "
+import sys, torch, megatron.core, megatron_mmbert.data._index_builder
+from importlib.metadata import version
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| megatron-core', version('megatron-core'),
+      'from', megatron.core.__file__)
+from megatron_mmbert.cpu_adapter import check_megatron_version; check_megatron_version()
 from megatron_mmbert.model.backends import choose_backend, probe
 m = probe(); print(m.describe())
 for precision in ('fp32', 'bf16'):
-    c = choose_backend('auto', precision, m)
-    print(precision, '->', c.describe()); [print('  note:', n) for n in c.notes]"
+    c = choose_backend('auto', precision, m, head_dim=64)
+    print(precision, '->', c.describe()); [print('  note:', n) for n in c.notes]"; then
+    say "megatron-core, the C++ extension or torch does not import: nothing else can run (see above)"
+    finish
+fi
+# The runs start while time is left (--time-limit); the ones that would not fit are named as not run.
 # shellcheck disable=SC2086
-step parity 200 "$PYTHON" -m pytest -q -p no:cacheprovider $PARITY_TESTS -k "$PARITY_SELECT"
+step model bash -c '"$0" benchmarks/model_throughput.py "$@" --time-limit $((STEP_LIMIT - 20)) --append' "$PYTHON" $MODEL
+# The benchmark stops its run 15 s before the step's limit and reports the windows it finished.
 # shellcheck disable=SC2086
-step attention 120 "$PYTHON" benchmarks/attention_backends.py $ATTENTION --append
+step train bash -c '"$0" benchmarks/train_throughput.py "$@" --time-limit $((STEP_LIMIT - 15)) --log "$OUT/train_run.log" --append' "$PYTHON" $TRAIN
 # shellcheck disable=SC2086
-step model-base 90 "$PYTHON" benchmarks/model_throughput.py $BASE --append
+step parity "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_model_parity.py tests/test_rope_precision.py \
+    tests/test_packed_attention.py -k "$PARITY_SELECT"
 # shellcheck disable=SC2086
-step model-base-8192 90 "$PYTHON" benchmarks/model_throughput.py $BASE_LONG --append
+step attention "$PYTHON" benchmarks/attention_backends.py $ATTENTION --append
 # shellcheck disable=SC2086
-step train 120 "$PYTHON" benchmarks/train_throughput.py $TRAIN --append
-# shellcheck disable=SC2086
-step model-small 60 "$PYTHON" benchmarks/model_throughput.py $SMALL --append
-# shellcheck disable=SC2086
-step host-syncs 60 "$PYTHON" benchmarks/host_syncs.py $SYNCS --append
-
-[ "$DRY_RUN" = 1 ] && echo "DRY RUN finished (CPU, tiny sizes)" | tee -a "$LOG"
-cat "$SUMMARY" | tee -a "$LOG"
-echo "results: $MMBERT_RESULTS (copy into benchmarks/RESULTS.md)"
-exit $FAILED
+step host-syncs "$PYTHON" benchmarks/host_syncs.py $SYNCS --append
+finish

@@ -8,11 +8,16 @@ Both sides run in this process on the same device, config and packed batch, inte
   not possible in the sdpa path, so HF gets one document per row of the same total tokens, and
   ``sparse_prediction=True`` (HF's own masked-only head) — the strongest HF configuration.
 
-On a GPU (``--device cuda``) it also reports bf16 tokens/s and MFU (FLOPs from megatron_mmbert.flops,
-dense bf16 peak of the card) for mmbert-small and mmbert-base at 1024 tokens (``--preset``).
+On a GPU (``--device cuda``) it also reports MFU (FLOPs from megatron_mmbert.flops, dense bf16 peak
+of the card). Precisions: bf16 (both models cast to bf16) and amp_bf16 (fp32 weights under bf16
+autocast, what the shipped configs train in). ``--runs`` measures several configurations in one
+process, so the compiled FlexAttention kernels of one shape serve every run of that shape (a cold
+GPU compiles each once, ~40-55 s).
 
   python benchmarks/model_throughput.py                      # CPU, a small config
   python benchmarks/model_throughput.py --device cuda --precision bf16 --preset mmbert-base
+  python benchmarks/model_throughput.py --device cuda --precisions amp_bf16,bf16 \
+      --runs mmbert-base:16x1024,mmbert-base:2x8192,mmbert-small:16x1024
 """
 
 from __future__ import annotations
@@ -29,8 +34,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import report, machine as describe_machine  # noqa: E402
 
+PRECISIONS = ("fp32", "bf16", "amp_bf16")
 
-def make_models(model_cfg, device, dtype):
+
+def make_models(model_cfg, device, precision):
+    """HF's model and ours with the same weights. ``precision``: fp32; bf16 (both models cast to
+    bf16: megatron's Float16Module for ours); amp_bf16 (fp32 weights, bf16 autocast: our model's own
+    ``torch.autocast``, HF run under one by :func:`step_hf`)."""
     from transformers import ModernBertForMaskedLM
 
     from megatron_mmbert import runtime
@@ -38,6 +48,7 @@ def make_models(model_cfg, device, dtype):
     from megatron_mmbert.convert import hf as hf_map
     from megatron_mmbert.model.build import build_model
 
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     hf_config = hf_map.hf_config_from_model_config(model_cfg)
     hf_config._attn_implementation = "sdpa"
     hf_config.sparse_prediction = True
@@ -45,7 +56,7 @@ def make_models(model_cfg, device, dtype):
     hf = ModernBertForMaskedLM(hf_config).to(device=device, dtype=dtype)
     parallel = ParallelConfig()
     runtime.initialize(model_cfg, parallel)
-    (ours,) = build_model(model_cfg, parallel, precision="bf16" if dtype == torch.bfloat16 else "fp32", device=device)
+    (ours,) = build_model(model_cfg, parallel, precision=precision, device=device)
     state = {k: v for k, v in hf.state_dict().items() if k != "decoder.weight"}
     ours.load_state_dict(hf_map.hf_to_megatron(state, model_cfg, ours.padded_vocab_size), strict=False)
     return hf, ours
@@ -65,8 +76,9 @@ def step_ours(model, batch, seq_len):
     loss.backward()
 
 
-def step_hf(model, batch, seq_len):
-    out = model(input_ids=batch["tokens"], attention_mask=torch.ones_like(batch["tokens"]), labels=batch["labels"])
+def step_hf(model, batch, seq_len, autocast=False):
+    with torch.autocast(batch["tokens"].device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=batch["tokens"], attention_mask=torch.ones_like(batch["tokens"]), labels=batch["labels"])
     out.loss.backward()
 
 
@@ -81,57 +93,61 @@ def timed(fn, *args, iters, device):
     return (time.perf_counter() - start) / iters
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, help="model preset (default: a small CPU config)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "te", "flash", "flex", "sdpa"],
-                   help="our model's attention kernel (auto: what training would pick here)")
-    p.add_argument("--rows", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--mask-rate", type=float, default=0.3)
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--append", action="store_true", help="append the result to benchmarks/RESULTS.md")
-    args = p.parse_args(argv)
+def parse_runs(text: str):
+    """``PRESET:ROWSxSEQ[:PRECISION],...`` -> ``[(preset, rows, seq_len, precision or None)]``
+    (preset ``cpu-small``: the CPU config; no precision: each of ``--precisions``)."""
+    runs = []
+    for item in text.split(","):
+        preset, _, rest = item.strip().partition(":")
+        shape, _, precision = rest.partition(":")
+        rows, _, seq_len = shape.partition("x")
+        if not (preset and rows.isdigit() and seq_len.isdigit()) or (precision and precision not in PRECISIONS):
+            raise SystemExit(f"--runs: {item!r} is not PRESET:ROWSxSEQ[:PRECISION] (e.g. mmbert-base:16x1024:bf16; "
+                             f"precisions {', '.join(PRECISIONS)})")
+        runs.append((preset, int(rows), int(seq_len), precision or None))
+    return runs
 
+
+def measure(preset, rows, seq_len, precision, args, argv):
+    """One configuration: both models built, timed in interleaved rounds, the section reported."""
     from megatron_mmbert.config import model_preset
     from megatron_mmbert.flops import flops_per_token, peak_tflops
 
-    if args.preset:
-        model_cfg = model_preset(args.preset, attention_output_dropout=0.0, attention_backend=args.attention_backend)
+    if preset != "cpu-small":
+        model_cfg = model_preset(preset, attention_output_dropout=0.0, attention_backend=args.attention_backend)
     else:  # mmbert-small's width and heads, fewer layers and a smaller vocabulary: CPU-sized
         model_cfg = model_preset("mmbert-small", num_layers=6, vocab_size=32768, attention_output_dropout=0.0,
                                  attention_backend=args.attention_backend)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    hf, ours = make_models(model_cfg, device, dtype)
+    hf, ours = make_models(model_cfg, device, precision)
     hf.train()
     ours.train()
-    batch = make_batch(model_cfg.vocab_size, args.rows, args.seq_len, args.mask_rate, device)
-    tokens = args.rows * args.seq_len
-    for fn, model in ((step_ours, ours), (step_hf, hf)):  # warm-up
-        timed(fn, model, batch, args.seq_len, iters=1, device=device)
+    amp = precision == "amp_bf16"
+    batch = make_batch(model_cfg.vocab_size, rows, seq_len, args.mask_rate, device)
+    tokens = rows * seq_len
+    run_hf = lambda model, batch, seq_len: step_hf(model, batch, seq_len, autocast=amp)  # noqa: E731
+    for fn, model in ((step_ours, ours), (run_hf, hf)):  # warm-up (compiles flex on CUDA)
+        timed(fn, model, batch, seq_len, iters=1, device=device)
     best = {"ours": float("inf"), "hf": float("inf")}
     for _ in range(args.rounds):
-        best["ours"] = min(best["ours"], timed(step_ours, ours, batch, args.seq_len, iters=args.iters, device=device))
-        best["hf"] = min(best["hf"], timed(step_hf, hf, batch, args.seq_len, iters=args.iters, device=device))
+        best["ours"] = min(best["ours"], timed(step_ours, ours, batch, seq_len, iters=args.iters, device=device))
+        best["hf"] = min(best["hf"], timed(run_hf, hf, batch, seq_len, iters=args.iters, device=device))
     ours_tps, hf_tps = tokens / best["ours"], tokens / best["hf"]
-    flops = flops_per_token(model_cfg, args.seq_len, args.mask_rate)
+    flops = flops_per_token(model_cfg, seq_len, args.mask_rate)
     peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
-    machine = describe_machine(args.device)
+    memory = f"; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
 
     def mfu(tps):
         return f"{100 * tps * flops / (peak * 1e12):.1f}%" if peak else "n/a"
 
-    name = args.preset or "mmbert-small width, 6 layers, vocab 32768"
+    name = preset if preset != "cpu-small" else "mmbert-small width, 6 layers, vocab 32768"
     lines = [
         f"\n## Model forward+backward throughput vs HF ModernBertForMaskedLM ({datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)\n",
-        f"- machine: {machine}; torch {torch.__version__}; {args.precision}; our attention: {ours.backend}",
+        f"- machine: {describe_machine(args.device)}; torch {torch.__version__}; {precision}; our attention: {ours.backend}",
         f"- command: `python benchmarks/model_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-        f"- config: {name}; batch {args.rows} x {args.seq_len} tokens, mask rate {args.mask_rate}; "
-        f"HF: sdpa, sparse_prediction=True; best of {args.rounds} rounds x {args.iters} steps, interleaved",
+        f"- config: {name}; batch {rows} x {seq_len} tokens, mask rate {args.mask_rate}; "
+        f"HF: sdpa, sparse_prediction=True{', under the same bf16 autocast' if amp else ''}; "
+        f"best of {args.rounds} rounds x {args.iters} steps, interleaved{memory}",
         "",
         "| side | tokens/s | TFLOP/s | MFU |",
         "|---|---|---|---|",
@@ -141,6 +157,52 @@ def main(argv=None):
         f"Ratio ours / HF: **{ours_tps / hf_tps:.2f}x** (goal: >= 1.0x on CPU, >= 1.5x and 35% MFU on a GPU).",
     ]
     report(lines, args.append)
+    del hf, ours
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help="model preset (default: a small CPU config)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--runs", default=None,
+                   help="several configurations in this one process, PRESET:ROWSxSEQ[:PRECISION],... (e.g. "
+                        "mmbert-base:16x1024,mmbert-base:2x8192:amp_bf16): compiled kernels are shared "
+                        "between them; overrides --preset/--rows/--seq-len")
+    p.add_argument("--precisions", default=None,
+                   help="comma-separated precisions, each run at each (overrides --precision)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "te", "flash", "flex", "sdpa"],
+                   help="our model's attention kernel (auto: what training would pick here)")
+    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--mask-rate", type=float, default=0.3)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds for all runs: a run starts only if 1.2x the longest so far is left "
+                        "(the others are named as not run), so a limited call ends with its sections")
+    p.add_argument("--append", action="store_true", help="append the result to benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+
+    runs = parse_runs(args.runs) if args.runs else [(args.preset or "cpu-small", args.rows, args.seq_len, None)]
+    precisions = args.precisions.split(",") if args.precisions else [args.precision]
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise SystemExit(f"--precisions: {precision!r} is not one of {PRECISIONS}")
+    start, longest = time.monotonic(), 0.0
+    for preset, rows, seq_len, own in runs:  # results appear one section at a time: a cut-off run keeps them
+        for precision in [own] if own else precisions:
+            left = args.time_limit - (time.monotonic() - start) if args.time_limit else None
+            if left is not None and left < 1.2 * longest:
+                print(f"not run: {preset} {rows}x{seq_len} {precision} ({left:.0f}s left of --time-limit, "
+                      f"the longest run so far took {longest:.0f}s)", flush=True)
+                continue
+            began = time.monotonic()
+            measure(preset, rows, seq_len, precision, args, argv)
+            longest = max(longest, time.monotonic() - began)
     from megatron_mmbert import runtime
 
     runtime.shutdown()

@@ -148,6 +148,46 @@ def test_flex_evaluates_on_cpu_but_auto_keeps_sdpa_there():
     assert choose_backend("auto", "bf16", Machine(cuda=True), dropout=0.1).backend == "sdpa"
 
 
+def test_flex_refuses_head_dim_under_16_on_cuda_and_names_the_fallback():
+    """Inductor's CUDA FlexAttention template cannot compile head_dim < 16 (it raises at the first
+    forward): auto must skip flex with the reason and land on the next backend; asking for flex
+    is a start-up error naming the fix."""
+    from megatron_mmbert.model.backends import FLEX_MIN_HEAD_DIM, flex_support
+
+    gpu_machine = Machine(cuda=True)
+    assert FLEX_MIN_HEAD_DIM == 16
+    assert flex_support("bf16", "global", gpu_machine, head_dim=16).kernel
+    refused = flex_support("bf16", "local", gpu_machine, head_dim=12)
+    assert refused.kernel is None and "head_dim >= 16" in refused.why and "head_dim 12" in refused.why
+    choice = choose_backend("auto", "bf16", gpu_machine, head_dim=12)
+    assert choice.backend == "sdpa"
+    assert any(n.startswith("not using flex:") and "head_dim 12" in n for n in choice.notes), choice.notes
+    assert choose_backend("auto", "bf16", Machine(cuda=True, flash_attn_version=FA), head_dim=12).backend == "flash"
+    assert choose_backend("auto", "bf16", gpu_machine, head_dim=64).backend == "flex"
+    with pytest.raises(ConfigError, match=r"model.attention_backend='flex' cannot run on this machine: "
+                                          r"compiled FlexAttention on CUDA needs head_dim >= 16.*Fix: .*wider heads"):
+        choose_backend("flex", "bf16", gpu_machine, head_dim=8)
+    # on CPU (eager, evaluation only) the limit does not apply
+    assert choose_backend("flex", "fp32", Machine(cuda=False), training=False, head_dim=8).backend == "flex"
+
+
+def test_the_model_build_passes_its_head_dim_to_the_choice():
+    from megatron_mmbert.config import model_preset
+    from megatron_mmbert.model.build import select_backend
+
+    narrow = model_preset("tiny", hidden_size=48, num_attention_heads=4)  # head_dim 12
+    assert select_backend(narrow, "bf16", machine=Machine(cuda=True)).backend == "sdpa"
+    assert select_backend(model_preset("tiny"), "bf16", machine=Machine(cuda=True)).backend == "flex"
+
+
+def test_test_configs_can_run_compiled_flex():
+    """Every tiny test model keeps head_dim >= 16, so the device's parity tests run flex compiled."""
+    from tests.helpers.model import HF_CONFIGS
+
+    for name, cfg in HF_CONFIGS.items():
+        assert cfg["hidden_size"] // cfg["num_attention_heads"] >= 16, name
+
+
 VERSIONS = list(itertools.product(
     ["2.9.0", "2.10.0", "2.11.0", "2.12.0", "2.13.0.dev0"],
     ["9.1.0", "9.5.1", "9.6.0", "9.10.0", "9.10.1", "9.10.2", "9.14.0", "9.15.0", None],

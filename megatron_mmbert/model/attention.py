@@ -192,10 +192,16 @@ FLEX_BLOCK = 128
 """FlexAttention's block size (its default; the compiled CUDA kernels tile by it)."""
 
 
-def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optional[int], block: int = FLEX_BLOCK):
+def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optional[int], block: int = FLEX_BLOCK,
+                        padded_total: Optional[int] = None):
     """FlexAttention ``BlockMask`` for ``total`` packed tokens: a query sees the keys of its own
     document (``cu_seqlens``) and, when ``half_window`` is given, only those with ``|q - k| <=
     half_window`` (within a document, index distance is position distance).
+
+    ``padded_total`` (>= ``total``): the mask covers that many tokens, the ones after ``total``
+    forming one more document of padding that no real token sees (:func:`flex_padded_tokens`:
+    evaluation and short micro-batches run at the training token count, so the compiled kernel
+    keeps one shape).
 
     Built from block boundaries alone, without evaluating the mask over the ``[t, t]`` grid (what
     ``create_block_mask`` does uncompiled): documents are contiguous and their ids non-decreasing,
@@ -206,18 +212,22 @@ def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optio
     from torch.nn.attention.flex_attention import BlockMask
 
     device = cu_seqlens.device
-    blocks = -(-total // block)
+    padded = total if padded_total is None else padded_total
+    if padded < total:
+        raise ValueError(f"padded_total={padded_total} is less than the {total} tokens of the micro-batch")
+    blocks = -(-padded // block)
     tokens = torch.arange(blocks * block, device=device)
-    # Document id per token; the padding after the last token gets -1 so that a compiled kernel
-    # evaluating the tail of the last block indexes in bounds and matches nothing real.
+    # Document id per token (tokens in [total, padded) get the id after the last document, so ids
+    # stay non-decreasing); the tail after ``padded`` gets -1 so that a compiled kernel evaluating
+    # the rest of the last block indexes in bounds and matches nothing real.
     document = torch.searchsorted(cu_seqlens[1:].to(torch.int64), tokens, right=True)
-    document = torch.where(tokens < total, document, torch.full_like(document, -1))
+    document = torch.where(tokens < padded, document, torch.full_like(document, -1))
     starts = torch.arange(blocks, device=device) * block
     first = document[starts]
-    last = document[torch.clamp(starts + block, max=total) - 1]
+    last = document[torch.clamp(starts + block, max=padded) - 1]
     shares = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
     full = (first == last)[:, None] & (first == last)[None, :] & (first[:, None] == first[None, :])
-    if total % block:  # the last block holds padding: never full
+    if padded % block:  # the last block holds padding: never full
         full[-1, :] = False
         full[:, -1] = False
     if half_window is not None:
@@ -239,11 +249,28 @@ def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optio
     partial_count, partial_index = indices(shares & ~full)
     full_count, full_index = indices(full)
     return BlockMask.from_kv_blocks(
-        partial_count, partial_index, full_count, full_index, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(total, total)
+        partial_count, partial_index, full_count, full_index, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(padded, padded)
     )
 
 
+def flex_padded_tokens(total: int, target: Optional[int]) -> int:
+    """The token count FlexAttention runs a micro-batch of ``total`` tokens at: ``target`` (the
+    run's training micro-batch, ``micro_batch_size * seq_len`` of the phase) or the next multiple of
+    it. Compiled with ``dynamic=False``, flex compiles a kernel per shape; evaluation rows and the
+    short last micro-batch of a phase would each add one, and past Dynamo's recompile limit flex
+    silently runs eager, materialising the whole ``[t, t]`` score matrix (116 GB at 49k tokens).
+    ``target`` None: no padding."""
+    if not target or total == target:
+        return total
+    return -(-total // target) * target
+
+
 _COMPILED_FLEX = None
+FLEX_RECOMPILE_LIMIT = 64
+"""Compiled variants (shapes x layer kinds x train/eval) FlexAttention may have in one process.
+Dynamo's default (``recompile_limit``, 8) is passed by a three-phase run with evaluations; with
+:func:`flex_padded_tokens` a run needs 4 per distinct training token count. Past the limit the call
+fails loudly (``fail_on_recompile_limit_hit``) instead of falling back to eager FlexAttention."""
 
 
 def _eager_flex(*args, **kwargs):
@@ -268,8 +295,38 @@ def flex_kernel(device: torch.device):
     if device.type != "cuda":
         return _eager_flex
     if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        _COMPILED_FLEX = limit_recompiles(torch.compile(flex_attention, dynamic=False))
     return _COMPILED_FLEX
+
+
+def limit_recompiles(compiled, limit: int = FLEX_RECOMPILE_LIMIT):
+    """``compiled`` called under a recompile limit of ``limit`` that fails when passed, set for
+    these calls only (other compiled functions of the process keep Dynamo's settings)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config  # names as of torch 2.6+, then the older ones
+    settings = {"recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit": limit}
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(config, name):
+            settings[name] = True
+            break
+    else:
+        raise RuntimeError(f"torch {torch.__version__} cannot fail on its recompile limit: FlexAttention "
+                           "would fall back to eager (out of memory at long rows); use torch >= 2.6")
+
+    def call(*args, **kwargs):
+        # Set and restored by hand: ~4x cheaper than config.patch, and this runs once per layer.
+        saved = {name: getattr(config, name) for name in settings}
+        for name, value in settings.items():
+            setattr(config, name, value)
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            for name, value in saved.items():
+                setattr(config, name, value)
+
+    call.compiled = compiled
+    return call
 
 
 class _PackedAttention(CoreAttention):
@@ -292,10 +349,22 @@ class FlexAttention(_PackedAttention):
         self._packed(packed_seq_params)
         if self.dropout > 0.0 and self.training:
             raise ValueError("FlexAttention has no attention dropout; use another model.attention_backend")
-        t = query.shape[0]
+        t, padded = query.shape[0], attention_mask.seq_lengths[0]
+        if padded != t:  # evaluation / a short micro-batch at the training shape (flex_padded_tokens)
+            query, key, value = (_pad_tokens(x, padded) for x in (query, key, value))
         q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))  # [1, heads, t, d]
         out = flex_kernel(query.device)(q, k, v, block_mask=attention_mask, scale=self.softmax_scale)
-        return out[0].transpose(0, 1).reshape(t, -1)
+        return out[0, :, :t].transpose(0, 1).reshape(t, -1)
+
+
+def _pad_tokens(x: torch.Tensor, padded: int) -> torch.Tensor:
+    """``x`` ``[t, heads, d]`` with zero tokens appended up to ``padded``, laid out with ``x``'s
+    strides (a compiled kernel is specialised to strides too: a contiguous copy would be another
+    variant)."""
+    out = torch.empty_strided((padded, *x.shape[1:]), x.stride(), dtype=x.dtype, device=x.device)
+    out[: x.shape[0]] = x
+    out[x.shape[0]:] = 0
+    return out
 
 
 def load_flash_varlen():

@@ -179,7 +179,7 @@ def te_attention_setting(precision: str, machine: Machine) -> Tuple[Optional[str
     return None, f"no single TE kernel runs both layer kinds in {precision} ({failing})"
 
 
-def te_support(precision: str, kind: LayerKind, machine: Machine, training: bool = True, dropout: float = 0.0) -> Support:
+def te_support(precision: str, kind: LayerKind, machine: Machine, training: bool = True, dropout: float = 0.0, head_dim: Optional[int] = None) -> Support:
     """TE on the THD path: usable only on CUDA with TE installed, and only where
     :func:`te_attention_setting` finds a kernel set that runs every layer kind."""
     if not machine.te_version:
@@ -198,14 +198,14 @@ def te_support(precision: str, kind: LayerKind, machine: Machine, training: bool
     return Support("TE unfused (dense [s, s] mask)", dense=True, why=table["unfused"].why)
 
 
-def sdpa_support(precision: str, kind: LayerKind, machine: Machine, training: bool = True, dropout: float = 0.0) -> Support:
+def sdpa_support(precision: str, kind: LayerKind, machine: Machine, training: bool = True, dropout: float = 0.0, head_dim: Optional[int] = None) -> Support:
     """PyTorch SDPA with boolean segment/window masks: runs anywhere. On CUDA a boolean mask goes to
     the memory-efficient kernel (the ``[b, 1, s, s]`` mask is materialised, the scores are not); it
     still computes every score the mask discards."""
     return Support("SDPA with [b, 1, s, s] boolean masks")
 
 
-def flash_support(precision: str, kind: LayerKind, machine: Machine, training: bool = True, dropout: float = 0.0) -> Support:
+def flash_support(precision: str, kind: LayerKind, machine: Machine, training: bool = True, dropout: float = 0.0, head_dim: Optional[int] = None) -> Support:
     """flash-attn 2's ``flash_attn_varlen_func`` on the packed layout: CUDA, fp16/bf16 only
     (flash-attn's own requirement), ``window_size=(W/2, W/2)`` on local layers."""
     if not machine.flash_attn_version:
@@ -219,11 +219,17 @@ def flash_support(precision: str, kind: LayerKind, machine: Machine, training: b
     return Support("flash-attn varlen" + (" window_size=(W/2, W/2)" if kind == "local" else ""))
 
 
-def flex_support(precision: str, kind: LayerKind, machine: Machine, training: bool = True, dropout: float = 0.0) -> Support:
+FLEX_MIN_HEAD_DIM = 16
+"""The smallest head dimension torch's compiled FlexAttention runs on CUDA (torch 2.5-2.13: the
+Inductor template refuses less, ``torch/_inductor/kernel/flex/flex_attention.py``)."""
+
+
+def flex_support(precision: str, kind: LayerKind, machine: Machine, training: bool = True, dropout: float = 0.0, head_dim: Optional[int] = None) -> Support:
     """PyTorch FlexAttention on the packed layout with a block-sparse ``BlockMask`` (same document;
     local layers ``|q - k| <= W/2``). Compiled on CUDA. On CPU torch has no FlexAttention backward
     (``NotImplementedError``), so there it runs eager, for evaluation only, computing the full
-    ``[t, t]`` score matrix of the packed micro-batch (its unfused reference path)."""
+    ``[t, t]`` score matrix of the packed micro-batch (its unfused reference path). On CUDA a
+    ``head_dim`` under :data:`FLEX_MIN_HEAD_DIM` cannot compile."""
     if not machine.flex_attention:
         return Support(None, why="this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)")
     if dropout > 0.0:
@@ -232,13 +238,18 @@ def flex_support(precision: str, kind: LayerKind, machine: Machine, training: bo
         if training:
             return Support(None, why="FlexAttention has no backward on CPU (torch raises NotImplementedError); on CPU it serves evaluation only")
         return Support("FlexAttention eager (CPU, forward only)", dense=True)
+    if head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM:
+        # Inductor's CUDA flex template: "NYI: embedding dimension of the query, key, and value must
+        # be at least 16" (tl.dot's smallest tile), raised at the first compiled forward.
+        return Support(None, why=f"compiled FlexAttention on CUDA needs head_dim >= {FLEX_MIN_HEAD_DIM} "
+                                 f"(Triton's tl.dot tiles), this model has head_dim {head_dim}")
     return Support("FlexAttention compiled, block-sparse BlockMask")
 
 
 SupportFn = Callable[..., Support]
 BACKENDS: Dict[str, SupportFn] = {"te": te_support, "flash": flash_support, "flex": flex_support, "sdpa": sdpa_support}
 """Every layer backend, by its ``model.attention_backend`` name: ``fn(precision, kind, machine,
-training, dropout)``."""
+training, dropout, head_dim)``."""
 AUTO_ORDER: Tuple[str, ...] = ("te", "flash", "flex", "sdpa")
 """``auto`` takes the first backend here that runs every layer kind without a dense mask, else the
 first that runs every kind at all."""
@@ -252,12 +263,13 @@ def choose_backend(
     context_parallel: int = 1,
     training: bool = True,
     dropout: float = 0.0,
+    head_dim: Optional[int] = None,
 ) -> BackendChoice:
     """The layer backend for ``requested`` (``auto`` or a name in :data:`BACKENDS`) at
     ``precision`` on ``machine``; raises ``ConfigError`` naming the versions and the fix when the
     request cannot run. ``fp8`` and ``context_parallel > 1`` need TE (nothing else does either).
     ``training``: the model will be trained (False: evaluation only, e.g. ``verify``);
-    ``dropout``: ``model.attention_dropout``."""
+    ``dropout``: ``model.attention_dropout``; ``head_dim``: the model's (None: not checked)."""
     from megatron_mmbert.config_base import ConfigError
 
     if requested != "auto" and requested not in BACKENDS:
@@ -271,7 +283,7 @@ def choose_backend(
     candidates = ("te",) if needs_te else (AUTO_ORDER if requested == "auto" else (requested,))
 
     supports = {
-        name: {kind: BACKENDS[name](precision, kind, machine, training, dropout) for kind in LAYER_KINDS}
+        name: {kind: BACKENDS[name](precision, kind, machine, training, dropout, head_dim) for kind in LAYER_KINDS}
         for name in candidates
     }
     runnable = [name for name in candidates if all(s.kernel for s in supports[name].values())]
@@ -280,7 +292,7 @@ def choose_backend(
         name = candidates[0]
         why = "; ".join(sorted({s.why for s in supports[name].values() if not s.kernel}))
         asked = " and ".join(needs_te) if needs_te else f"model.attention_backend={requested!r}"
-        fix = _fix(name, precision, machine)
+        fix = _fix(name, precision, machine, head_dim)
         raise ConfigError(
             f"{asked} cannot run on this machine: {why} ({machine.describe()}). Fix: {fix}"
             + ("" if needs_te else "; or set model.attention_backend: sdpa")
@@ -301,7 +313,7 @@ def choose_backend(
     return BackendChoice(chosen, {k: s.kernel for k, s in supports[chosen].items()}, te_attention, tuple(notes))
 
 
-def _fix(name: str, precision: str, machine: Machine) -> str:
+def _fix(name: str, precision: str, machine: Machine, head_dim: Optional[int] = None) -> str:
     """What makes backend ``name`` runnable (for the start-up error)."""
     if name == "flash":
         if not machine.flash_attn_version or not machine.cuda:
@@ -312,6 +324,9 @@ def _fix(name: str, precision: str, machine: Machine) -> str:
             return "upgrade torch to >= 2.5"
         if not machine.cuda:
             return "train with model.attention_backend: sdpa on CPU (flex evaluates there: verify --attention-backend flex)"
+        if head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM:
+            return (f"use model.attention_backend: sdpa (or flash), or fewer, wider heads "
+                    f"(hidden_size / num_attention_heads >= {FLEX_MIN_HEAD_DIM})")
         return "set model.attention_dropout: 0 or use model.attention_backend: sdpa"
     if not machine.te_version or not machine.cuda:
         return "run where TransformerEngine and a GPU are present"

@@ -51,6 +51,7 @@ def select_backend(
         context_parallel=context_parallel,
         training=training,
         dropout=model.attention_dropout,
+        head_dim=model.head_dim,
     )
     if choice.backend == "te":
         check_fp8(model, machine.te_version)

@@ -30,7 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_mmbert.config import ModelConfig
-from megatron_mmbert.model.attention import AttentionInputs, document_block_mask, segment_masks
+from megatron_mmbert.model.attention import AttentionInputs, document_block_mask, flex_padded_tokens, segment_masks
 from megatron_mmbert.model.layers import BiasFreeLayerNorm, RotaryTable
 from megatron_mmbert.model.specs import PACKED_BACKENDS, Backend, block_spec
 
@@ -103,6 +103,7 @@ class MMBertModel(LanguageModule):
         # megatron's Float16Module).
         self.autocast_dtype = autocast_dtype
         self.backend = backend
+        self.flex_tokens: Optional[int] = None  # set_flex_tokens
         self.pre_process, self.post_process = pre_process, post_process
         self.vp_stage = vp_stage
         self.share_embeddings_and_output_weights = True
@@ -178,6 +179,13 @@ class MMBertModel(LanguageModule):
         self.global_rotary.set_theta(global_theta)
         self.local_rotary.set_theta(local_theta)
 
+    def set_flex_tokens(self, tokens: Optional[int]) -> None:
+        """FlexAttention runs every micro-batch at ``tokens`` packed tokens (or a multiple): the
+        training loop sets its micro-batch (``micro_batch_size * seq_len``) per phase, so evaluation
+        and short micro-batches reuse the training kernels (``attention.flex_padded_tokens``). Other
+        backends ignore it."""
+        self.flex_tokens = tokens
+
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages after the first receive their input from the previous stage."""
         if isinstance(input_tensor, (list, tuple)):
@@ -195,9 +203,10 @@ class MMBertModel(LanguageModule):
             masks = (None, None)
             if self.backend == "flex":
                 total = positions.numel()
+                padded = flex_padded_tokens(total, self.flex_tokens)
                 masks = (
-                    document_block_mask(cu, total, None),
-                    document_block_mask(cu, total, self.model_config.local_attention // 2),
+                    document_block_mask(cu, total, None, padded_total=padded),
+                    document_block_mask(cu, total, self.model_config.local_attention // 2, padded_total=padded),
                 )
             inputs = AttentionInputs(
                 *masks, self.global_rotary(packed_positions), self.local_rotary(packed_positions)

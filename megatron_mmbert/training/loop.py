@@ -374,6 +374,8 @@ class Trainer:
         model_cfg = cfg.model_for_phase(phase)
         for chunk in self.chunks:
             _unwrap(chunk).set_rope_theta(model_cfg.global_rope_theta, model_cfg.local_rope_theta)
+            # FlexAttention pads evaluation and short micro-batches to the phase's training shape
+            _unwrap(chunk).set_flex_tokens(cfg.phase_micro_batch(phase) * phase.seq_len)
         scheduler = optim.phase_scheduler(cfg, self.optimizer, phase, tokens_done=consumed * phase.seq_len)
         self.log.text(
             "phase", f"== phase {k + 1}/{len(cfg.phases)} {phase.name!r} at step {st.step}: "

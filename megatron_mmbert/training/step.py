@@ -44,10 +44,12 @@ class StepResult:
     update_ok: bool = True
     """Whether the optimizer applied the update (False: non-finite gradients, skipped)."""
     time_forward_backward_s: float = 0.0
-    """Host-side seconds in the forward/backward schedule (on GPUs it includes kernels still queued
-    when the optimizer starts; the total with ``time_optimizer_s`` is exact)."""
+    """Seconds in the forward/backward schedule: on a GPU the device time between CUDA events
+    recorded around it (the host returns from the schedule while kernels are still queued, so a
+    host timer would put most of the backward into the optimizer); on CPU host time."""
     time_optimizer_s: float = 0.0
-    """Host-side seconds in the optimizer step and the report reduction."""
+    """The rest of the step: the optimizer step and the report reduction (the step's wall time less
+    ``time_forward_backward_s``, so the two add up to it exactly)."""
 
 
 def wrap_ddp(chunks: List[torch.nn.Module], parallel: ParallelConfig, precision: str = "fp32"):
@@ -145,37 +147,80 @@ def mlm_forward_step(device: torch.device):
     return forward_step
 
 
+class StepTimer:
+    """The split of one step into forward/backward and the rest, without a host sync of its own.
+
+    On CUDA it records events on the current stream (asynchronous: the GPU timestamps them when it
+    gets there) and reads their distance only after the step's report reduction, which waits for the
+    GPU anyway; on CPU, where work is synchronous, host timestamps. ``enabled=False``: nothing is
+    recorded and both times read 0."""
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.enabled = enabled
+        self.cuda = enabled and device.type == "cuda"
+        self.marks: List = []
+
+    def mark(self) -> None:
+        if not self.enabled:
+            return
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((time.perf_counter(), event))
+        else:
+            self.marks.append((time.perf_counter(), None))
+
+    def split(self):
+        """``(forward/backward seconds, rest seconds)`` between marks 0-1 and 1-end (after the
+        step's last host read; on CUDA the last event is waited for, normally already passed)."""
+        if not self.enabled or len(self.marks) < 3:
+            return 0.0, 0.0
+        (h0, e0), (h1, e1), (h2, e2) = self.marks[0], self.marks[1], self.marks[-1]
+        wall = h2 - h0
+        if not self.cuda:
+            return h1 - h0, h2 - h1
+        e2.synchronize()
+        device_fb = e0.elapsed_time(e1) / 1000.0
+        # The events time the GPU; the host waited at least as long as the GPU worked.
+        forward_backward = min(device_fb, wall)
+        return forward_backward, wall - forward_backward
+
+
 def train_step(
     chunks: List[torch.nn.Module],
     optimizer,
     micro_batches: Sequence[Dict[str, torch.Tensor]],
     device: Optional[torch.device] = None,
+    timing: bool = True,
 ) -> StepResult:
     """Forward/backward over ``micro_batches`` (this DP rank's share of one global batch) and one
-    optimizer step; the same :class:`StepResult` on every rank."""
+    optimizer step; the same :class:`StepResult` on every rank. ``timing``: measure the split of
+    the step (:class:`StepTimer`: CUDA events on a GPU, no extra host sync)."""
     device = device or next(chunks[0].parameters()).device
     for chunk in chunks:
         chunk.train()
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    t0 = time.perf_counter()
+    timer = StepTimer(device, timing)
+    timer.mark()
     outputs = run_schedule(chunks, mlm_forward_step(device), micro_batches, forward_only=False)
-    t1 = time.perf_counter()
+    timer.mark()
     update_ok, grad_norm, _ = optimizer.step()
     if update_ok and not grad_norm:
         # Without clipping megatron skips the norm (None, or 0.0 under mixed precision); the main
         # grads are still in place, so measure it for the logs.
         grad_norm = optimizer.get_grad_norm()
-    totals = reduce_mlm_reports(outputs, device)  # its all-reduce also waits for the GPU's work
-    t2 = time.perf_counter()
+    totals = reduce_mlm_reports(outputs, device)  # its host read also waits for the GPU's work
+    timer.mark()
+    time_forward_backward, time_rest = timer.split()
     return StepResult(
         loss=totals[0] / max(totals[1], 1.0),
         accuracy=totals[2] / max(totals[1], 1.0),
         tokens=totals[1],
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         update_ok=bool(update_ok),
-        time_forward_backward_s=t1 - t0,
-        time_optimizer_s=t2 - t1,
+        time_forward_backward_s=time_forward_backward,
+        time_optimizer_s=time_rest,
     )
 
 

@@ -20,8 +20,9 @@ HF_CONFIGS = {
     "odd": dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
                 num_attention_heads=4, local_attention=16, global_rope_theta=160000.0,
                 local_rope_theta=10000.0, global_attn_every_n_layers=3),
-    # even layers (pipeline-splittable), every second layer global, odd vocab
-    "even": dict(vocab_size=333, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+    # even layers (pipeline-splittable), every second layer global, odd vocab; head_dim 16, the
+    # least compiled FlexAttention runs on CUDA (model/backends.py FLEX_MIN_HEAD_DIM)
+    "even": dict(vocab_size=333, hidden_size=64, intermediate_size=80, num_hidden_layers=4,
                  num_attention_heads=4, local_attention=8, global_rope_theta=10000.0,
                  local_rope_theta=500.0, global_attn_every_n_layers=2),
 }

@@ -1,0 +1,34 @@
+"""The step split (training/step.py StepTimer): forward/backward and the rest add up to the step's
+wall time, with no host read of its own. On CUDA the forward/backward part is the GPU time between
+two events (read after the step's own host read); the GPU check measures it there."""
+
+import time
+
+import torch
+
+from megatron_mmbert.training.step import StepTimer
+from tests.helpers.model import HostReads
+
+
+def test_the_split_adds_up_to_the_step_and_reads_nothing_from_the_device():
+    timer = StepTimer(torch.device("cpu"))
+    HostReads.count = 0
+    with HostReads():
+        timer.mark()
+        time.sleep(0.02)
+        x = torch.ones(4).sum()
+        timer.mark()
+        time.sleep(0.01)
+        timer.mark()
+    assert HostReads.count == 0 and x == 4
+    forward_backward, rest = timer.split()
+    wall = timer.marks[-1][0] - timer.marks[0][0]
+    assert forward_backward >= 0.02 and rest >= 0.01
+    assert abs(forward_backward + rest - wall) < 1e-9
+
+
+def test_timing_off_records_nothing():
+    timer = StepTimer(torch.device("cpu"), enabled=False)
+    for _ in range(3):
+        timer.mark()
+    assert timer.marks == [] and timer.split() == (0.0, 0.0)
