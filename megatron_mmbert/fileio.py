@@ -7,11 +7,13 @@ outputs) goes through here: write to a temporary name beside the target, flush a
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
 import socket
+import stat
 import time
 from typing import Any, Optional
 
@@ -109,6 +111,39 @@ def write_output_marker(directory: str, kind: str, **details: Any) -> None:
 # -- one writer per run folder --------------------------------------------------------------------
 
 LOCK_FILE = ".lock"
+_LOCK_RECORD_BYTES = 256
+
+
+class LockFileRefused(OSError):
+    """A lock's path is a link, not a regular file, or a file that is not ours; never written through."""
+
+
+def open_lock_file(path: str) -> int:
+    """Open (creating) the lock file ``path`` for reading and writing, without following a link and
+    without truncating it; refuse anything but a regular file with one name (a link, a FIFO, a device,
+    a folder, a hard link to another file). Returns the descriptor."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if os.path.islink(path) or exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise LockFileRefused(f"{path} is {'a symlink' if os.path.islink(path) else 'not a regular file'}; "
+                                  "a lock file is never written through a link: remove it") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a hard link ({st.st_nlink} names)"
+        raise LockFileRefused(f"{path} is {what}; a lock file is never written through it: remove it")
+    return fd
+
+
+def _read_lock_record(fd: int) -> Optional[dict]:
+    """The holder record of a lock file of ours, or None when it holds something else."""
+    try:
+        record = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and "pid" in record and "host" in record else None
 
 
 class DirectoryLocked(RuntimeError):
@@ -129,25 +164,27 @@ class DirectoryLock:
 
     def acquire(self) -> "DirectoryLock":
         os.makedirs(self.directory, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            try:
-                holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
-            except ValueError:
-                holder = {}
+            holder = _read_lock_record(fd) or {}
             os.close(fd)
             since = holder.get("since")
             raise DirectoryLocked(
                 f"{self.directory} is in use by another run (host {holder.get('host', '?')}, pid "
                 f"{holder.get('pid', '?')}"
                 + (f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else "")
-                + "); wait for it to finish or stop it, or give this run its own run_dir"
+                + "); wait for it to finish or stop it, or give this run its own folder (run_dir, checkpoint.dir)"
             ) from None
-        info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info, 0)
+        size = os.fstat(fd).st_size
+        if size and _read_lock_record(fd) is None:  # a file of the user's under our name: never overwrite it
+            os.close(fd)
+            raise LockFileRefused(f"{self.path} exists and is not a lock file of ours (it holds {size} bytes of "
+                                  "something else); move it away, or give this run another folder")
+        info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+        # Padded to a fixed size and written in place: the file is never truncated.
+        os.pwrite(fd, info.ljust(max(_LOCK_RECORD_BYTES, size) - 1).encode() + b"\n", 0)
         self._fd = fd
         return self
 

@@ -111,10 +111,15 @@ def _source_of(folder: str) -> Optional[str]:
 
 
 def _run_config(checkpoint: str) -> Optional[Dict[str, Any]]:
-    """The resolved run config of a training checkpoint in ``RUN/checkpoints/NAME`` (``RUN/config.yaml``)."""
+    """The resolved run config of a training checkpoint in ``RUN/checkpoints/NAME``
+    (``RUN/resolved_config.yaml``)."""
     import yaml
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "config.yaml")
+    from megatron_mmbert.checkpoints.layout import resolved_config_path
+
+    path = resolved_config_path(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), existing=True)
+    if path is None:
+        return None
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)

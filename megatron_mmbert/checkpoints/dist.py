@@ -418,10 +418,13 @@ def _load_distributed_optimizer_state(opt, state: Dict[str, Any]) -> None:
 
 # What an interrupted save of ours leaves: ``{name}.tmp-{stamp}`` (shards being written),
 # ``{name}.old-{pid}`` (a replaced checkpoint not yet deleted), ``latest.partial-{pid}``.
+# Phase names may not hold ``.tmp-`` / ``.old-`` / ``.partial-`` (:data:`RESERVED_INFIXES`, checked at
+# start-up), so a complete ``phase_end_{name}`` never looks like a leftover.
 _LEFTOVER = re.compile(
-    rf"^({ITER_PREFIX}\d+|{PHASE_END_PREFIX}[A-Za-z0-9_.-]+)\.(tmp|old)-[A-Za-z0-9_.-]+$|^"
+    rf"^({ITER_PREFIX}\d+|{PHASE_END_PREFIX}[A-Za-z0-9_.-]+)\.(tmp-[A-Za-z0-9_.-]+|old-\d+)$|^"
     + re.escape(LATEST_FILE) + r"\.partial-\d+$"
 )
+
 
 
 def clean_incomplete(root: str) -> List[str]:
@@ -442,16 +445,24 @@ def clean_incomplete(root: str) -> List[str]:
     return removed
 
 
+PERIODIC = re.compile(rf"^{ITER_PREFIX}(\d+)$")
+"""A periodic save's folder name (:func:`~.layout.iter_name`): the only names retention may delete.
+A user's copy (``iter_0000010_keep``) or a leftover (``iter_0000010.tmp-run``) never matches."""
+
+
 def apply_retention(root: str, keep_last: int) -> List[str]:
-    """Delete all but the newest ``keep_last`` periodic ``iter_*`` checkpoints (never the one
-    ``latest`` points at; ``phase_end_*`` are not touched). Rank 0 only; returns what was deleted."""
+    """Delete all but the newest ``keep_last`` periodic checkpoints (folders named exactly
+    ``iter_<digits>``, ordered by their number; never the one ``latest`` points at; ``phase_end_*``
+    and anything else are not touched). Rank 0 only; returns what was deleted."""
     if _rank() != 0 or not os.path.isdir(root):
         return []
     latest = read_latest(root)
     periodic = sorted(
-        e for e in os.listdir(root) if e.startswith(ITER_PREFIX) and ".tmp-" not in e and ".old-" not in e
+        (int(m.group(1)), e) for e in os.listdir(root) if (m := PERIODIC.match(e))
+        and os.path.isdir(os.path.join(root, e)) and not os.path.islink(os.path.join(root, e))
     )
-    doomed = [e for e in periodic[:-keep_last] if os.path.join(root, e) != latest] if keep_last else []
+    names = [e for _, e in periodic]
+    doomed = [e for e in names[:-keep_last] if os.path.join(root, e) != latest] if keep_last else []
     for e in doomed:
         shutil.rmtree(os.path.join(root, e), ignore_errors=True)
     return doomed

@@ -49,6 +49,37 @@ ITER_PREFIX = "iter_"
 PHASE_END_PREFIX = "phase_end_"
 """The save at the end of a phase: ``phase_end_{name}`` (:func:`phase_end_name`), always kept."""
 
+RESERVED_INFIXES = (".tmp-", ".old-", ".partial-")
+"""What our temporary names put after a checkpoint's name (an interrupted save's leftovers, which
+start-up deletes); no phase name may contain one (``phase_end_{name}`` would look like a leftover)."""
+RESOLVED_CONFIG = "resolved_config.yaml"
+"""A run folder's resolved config, written by the run at every start (``RUN/resolved_config.yaml``);
+its own name, so a user's ``RUN/config.yaml`` (passed as ``--config``) is never replaced."""
+LEGACY_RESOLVED_CONFIG = "config.yaml"
+"""Where runs started before 0.2 wrote the resolved config; read (never written) when the run has no
+:data:`RESOLVED_CONFIG` yet."""
+
+
+def resolved_config_path(run_dir: str, existing: bool = False) -> Optional[str]:
+    """``RUN/resolved_config.yaml``; with ``existing``: the file a resume compares against (that one, or
+    a run of an older version's ``RUN/config.yaml`` when it is a resolved config, not a user's file
+    with ``inherit:``), or None when there is none."""
+    path = os.path.join(run_dir, RESOLVED_CONFIG)
+    if not existing or os.path.isfile(path):
+        return path
+    legacy = os.path.join(run_dir, LEGACY_RESOLVED_CONFIG)
+    if not os.path.isfile(legacy):
+        return None
+    import yaml
+
+    try:
+        with open(legacy, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError, RecursionError):
+        return None
+    resolved = isinstance(data, dict) and "inherit" not in data and {"run_dir", "model", "phases", "data"} <= set(data)
+    return legacy if resolved else None
+
 
 class CheckpointError(ConfigError):
     """Bad or incompatible input checkpoints; the message names the tensor and the paths."""

@@ -524,7 +524,7 @@ def load_config(path: str, overrides: Optional[List[str]] = None) -> RunConfig:
 
 
 def resolved_dict(cfg: RunConfig) -> Dict[str, Any]:
-    """The fully resolved config as a plain dict (what is written to ``{run_dir}/config.yaml``)."""
+    """The fully resolved config as a plain dict (what is written to ``{run_dir}/resolved_config.yaml``)."""
     return to_dict(cfg)
 
 

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_mmbert.checkpoints import dist as ckpt
-from megatron_mmbert.checkpoints.layout import data_tokenizer_dir, iter_name, phase_end_name
+from megatron_mmbert.checkpoints.layout import data_tokenizer_dir, iter_name, phase_end_name, resolved_config_path
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.fileio import DirectoryLock, DirectoryLocked
@@ -99,9 +99,9 @@ class Trainer:
         self.locks = self._lock_run_folders()
         self.log = RunLogger(cfg.run_dir, cfg.tensorboard_dir if cfg.logging.tensorboard else None, self.rt.is_main,
                              wandb=cfg.logging.wandb, config=resolved_dict(cfg))
-        check_resume(cfg, self.log.info, self.rt.device)  # against config.yaml, so before it is rewritten
+        check_resume(cfg, self.log.info, self.rt.device)  # against the stored config, so before it is rewritten
         if self.rt.is_main:
-            write_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+            write_resolved(cfg, resolved_config_path(cfg.run_dir))  # its own name: never over the user's file
             os.makedirs(cfg.checkpoint_dir, exist_ok=True)
             # Safe: the lock above means no other process can be saving here now.
             removed = ckpt.clean_incomplete(cfg.checkpoint_dir)
@@ -133,12 +133,11 @@ class Trainer:
 
     # -- start-up -----------------------------------------------------------------------------
     def _lock_run_folders(self) -> List[DirectoryLock]:
-        """Rank 0 locks ``run_dir`` (and a ``checkpoint.dir`` outside it) for the run's life: one
-        writer per run folder. Every rank learns the outcome, so a refused run exits at once."""
+        """Rank 0 locks ``run_dir`` and ``checkpoint.dir`` (always, wherever it is: another run may
+        name this run's ``RUN/checkpoints`` as its own) for the run's life: one writer per folder.
+        Every rank learns the outcome, so a refused run exits at once."""
         cfg = self.cfg
-        folders = [cfg.run_dir]
-        if not os.path.realpath(cfg.checkpoint_dir).startswith(os.path.realpath(cfg.run_dir) + os.sep):
-            folders.append(cfg.checkpoint_dir)
+        folders = [cfg.run_dir, cfg.checkpoint_dir]
         locks: List[DirectoryLock] = []
         error = None
         if self.rt.is_main:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 
+from megatron_mmbert.checkpoints.layout import RESERVED_INFIXES
 from megatron_mmbert.config import validate_layout
 from megatron_mmbert.config_base import ConfigError, check_safe_name
 from megatron_mmbert.training.batch_plan import rampup_rows
@@ -53,6 +54,11 @@ def _validate_phases(cfg: RunConfig) -> None:
         raise ConfigError(f"phases: names must be unique, got {names}")
     for i, p in enumerate(cfg.phases):
         check_safe_name(p.name, f"phases.{i}.name")  # names checkpoint folders (phase_end_{name})
+        reserved = [x for x in RESERVED_INFIXES if x in p.name]
+        if reserved:  # phase_end_{name} would look like the leftover of an interrupted save and be deleted
+            raise ConfigError(field=f"phases.{i}.name", message=(
+                f"phases.{i}.name={p.name!r} contains {reserved[0]!r}, which marks temporary checkpoint "
+                "folders; rename the phase (e.g. without the dot)"))
         p.validate()
         if isinstance(p.languages, str) and p.languages.startswith("top:") and int(p.languages[4:]) < 1:
             raise ConfigError(f"phases.{i}.languages={p.languages!r}: top:N needs N >= 1")
