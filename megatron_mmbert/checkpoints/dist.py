@@ -43,10 +43,12 @@ from megatron_mmbert.checkpoints.layout import (
     ITER_PREFIX,
     LATEST_FILE,
     PHASE_END_PREFIX,
+    TOKENIZER_RECORD,
     copy_tokenizer_files,
     is_complete,
     read_config,
     tokenizer_dir,
+    tokenizer_record,
     write_config,
 )
 from megatron_mmbert.config import ConfigError, ModelConfig
@@ -235,15 +237,20 @@ def save_training(
     train_state: Dict[str, Any],
     before_publish: Optional[Callable[[], None]] = None,
     tokenizer: Optional[str] = None,
+    tokenizer_identity: Optional[Dict[str, Any]] = None,
 ) -> str:
     """Save ``root/name`` (model, optimizer, position, and the tokenizer folder ``tokenizer`` when
-    given) and then point ``root/latest`` at it."""
+    given; ``tokenizer_identity``, the data's, recorded as :data:`~.layout.TOKENIZER_RECORD`) and then
+    point ``root/latest`` at it."""
     directory = os.path.join(root, name)
+    extra = {"train_state": train_state, "has_optimizer": optimizer is not None}
+    if tokenizer_identity is not None:
+        extra[TOKENIZER_RECORD] = tokenizer_record(tokenizer_identity)
     save(
         directory,
         training_sharded_state_dict(chunks, optimizer, is_loading=False),
         model_config,
-        extra={"train_state": train_state, "has_optimizer": optimizer is not None},
+        extra=extra,
         before_publish=before_publish,
         tokenizer=tokenizer,
     )

@@ -167,6 +167,11 @@ class CheckpointSection:
     verify_on_load: bool = True
     """Check every file of the checkpoint resumed from (or ``init.checkpoint``) against the sizes
     and SHA-256 recorded at save time before loading it (False: skip, for huge checkpoints)."""
+    allow_other_tokenizer: bool = False
+    """Load a checkpoint (resumed from, or ``init.checkpoint``) whose recorded tokenizer is not
+    ``data.manifest``'s. Off: such a start stops naming both tokenizers (ids of two tokenizers of one
+    vocabulary size fit the same embedding but mean different things). On purpose only, e.g. a
+    vocabulary transplant."""
 
 
 @dataclass

@@ -259,7 +259,28 @@ def validate_data(cfg: RunConfig) -> None:
             )
     if cfg.data.eval_manifest and not os.path.exists(cfg.data.eval_manifest):
         raise ConfigError(f"data.eval_manifest={cfg.data.eval_manifest!r} does not exist")
+    if cfg.init.checkpoint is not None:
+        check_checkpoint_tokenizer(cfg, cfg.init.checkpoint, "init.checkpoint", manifest.tokenizer.to_json())
     _check_shards(cfg, manifest, have)
+
+
+def check_checkpoint_tokenizer(cfg: RunConfig, checkpoint: str, what: str, identity, warn=None) -> None:
+    """Stop when ``checkpoint`` (resumed from, or ``init.checkpoint``) was made with another tokenizer
+    than ``data.manifest``'s ``identity`` (``TokenizerIdentity.to_json()``), unless
+    ``checkpoint.allow_other_tokenizer`` (then ``warn`` gets the reason): vocabularies of one size load
+    silently and train on ids that mean other tokens."""
+    from megatron_mmbert.checkpoints.layout import data_tokenizer_dir, tokenizer_mismatch
+
+    why = tokenizer_mismatch(checkpoint, identity, data_tokenizer_dir(cfg.manifest_path))
+    if why is None:
+        return
+    if cfg.checkpoint.allow_other_tokenizer:
+        if warn is not None:
+            warn(f"WARNING: checkpoint.allow_other_tokenizer: {why}")
+        return
+    raise ConfigError(field="checkpoint.allow_other_tokenizer", message=(
+        f"{what}: {why}. Use data made with the checkpoint's tokenizer (data.manifest), or set "
+        "checkpoint.allow_other_tokenizer: true to load it anyway on purpose"))
 
 
 def _check_shards(cfg: RunConfig, manifest, have) -> None:
@@ -277,4 +298,4 @@ def _check_shards(cfg: RunConfig, manifest, have) -> None:
         raise ConfigError(f"data.manifest={cfg.data.manifest!r}: {exc}") from None
 
 
-__all__ = ["validate", "validate_data"]
+__all__ = ["validate", "validate_data", "check_checkpoint_tokenizer"]
