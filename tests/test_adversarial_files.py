@@ -301,3 +301,158 @@ def test_a_run_keeps_the_users_config_and_copies(tmp_path):
     assert yaml.safe_load((run / RESOLVED_CONFIG).read_text())["run_dir"] == str(run)
     assert keep.read_text() == USER_TEXT
     assert read_config(str(run / "checkpoints" / "phase_end_pretrain"))["tokenizer"]["name"] == "random"
+
+
+# == the weak cases: one clear line naming the path or field, nothing left behind ==========================
+
+@pytest.fixture(scope="module")
+def hf_and_checkpoint(tmp_path_factory):
+    """A tiny HF ModernBERT model and its imported checkpoint."""
+    from megatron_mmbert import runtime
+    from megatron_mmbert.convert.checkpoints import import_hf
+    from tests.helpers.model import make_hf_model
+
+    root = tmp_path_factory.mktemp("weak")
+    make_hf_model("even", str(root / "hf"))
+    import_hf(str(root / "hf"), str(root / "ckpt"))
+    runtime.shutdown()
+    return root
+
+
+class _FileSizeLimit:
+    """Files of this process cannot grow past ``limit`` bytes (``ulimit -f``): every write beyond fails as
+    on a full disk (EFBIG instead of ENOSPC, through the same code paths). SIGXFSZ is ignored meanwhile."""
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def __enter__(self):
+        import resource
+        import signal
+
+        self._sig = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        self._old = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self._old[1]))
+
+    def __exit__(self, *exc):
+        import resource
+        import signal
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, self._old)
+        signal.signal(signal.SIGXFSZ, self._sig)
+
+
+@pytest.mark.parametrize("tool", ["export-hf", "import-hf", "ties_merge"])
+def test_full_disk_is_one_line_and_leaves_nothing(hf_and_checkpoint, tmp_path, capsys, tool):
+    from megatron_mmbert import runtime
+    from megatron_mmbert.cli.convert_checkpoint import main as convert_main
+    from megatron_mmbert.cli.ties_merge import main as merge_main
+
+    root, out = hf_and_checkpoint, tmp_path / "out"
+    with _FileSizeLimit(64 << 10):
+        try:
+            if tool == "export-hf":
+                rc = convert_main(["export-hf", "--load", str(root / "ckpt"), "--out", str(out)])
+            elif tool == "import-hf":
+                rc = convert_main(["import-hf", "--hf-dir", str(root / "hf"), "--save", str(out)])
+            else:
+                rc = merge_main(["--models", str(root / "ckpt"), str(root / "ckpt"), "--method", "linear",
+                                 "--out", str(out), "--quiet"])
+        finally:
+            runtime.shutdown()
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert rc == 1 and len(lines) == 1 and str(out) in lines[0] and "Traceback" not in err, err[-2000:]
+    assert os.listdir(tmp_path) == []  # no out, no out.tmp-*
+
+
+def test_hub_ids_over_96_characters_are_refused_before_work(hf_and_checkpoint, tmp_path, capsys):
+    from megatron_mmbert import hub
+    from megatron_mmbert.cli.convert_checkpoint import main as convert_main
+
+    pytest.importorskip("huggingface_hub")
+    long_id = "org/" + "m" * 93
+    assert convert_main(["export-hf", "--load", str(hf_and_checkpoint / "ckpt"), "--out", str(tmp_path / "out"),
+                         "--push-to-hub", long_id]) == 2
+    assert "97 characters" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(hub.HubError, match="97 characters"):
+        hub.resolve(long_id)
+
+
+def test_push_without_network_is_one_line_and_keeps_the_export(hf_and_checkpoint, tmp_path, monkeypatch):
+    from megatron_mmbert import hub
+    from megatron_mmbert.cli.convert_checkpoint import main as convert_main
+
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no network
+    out = tmp_path / "out"
+    assert convert_main(["export-hf", "--load", str(hf_and_checkpoint / "ckpt"), "--out", str(out)]) == 0
+    with pytest.raises(hub.HubError, match="is complete and kept; push it later"):
+        hub.push_to_hub(str(out), "me/model")
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("override, field", [
+    (["--schedule.phases.pretrain.lr", ".nan"], "schedule.phases.pretrain.lr"),
+    (["--schedule.phases.pretrain.lr", ".inf"], "schedule.phases.pretrain.lr"),
+    (["--optimizer.clip_grad", ".nan"], "optimizer.clip_grad"),
+    (["--phases.pretrain.tokens", "1000000000000000000000"], "phases.0.tokens"),
+])
+def test_nan_lr_and_absurd_token_counts_fail_validate(tmp_path, capsys, override, field):
+    from megatron_mmbert.pretrain import main
+
+    cfg = tiny_run_config(str(tmp_path / "run.yaml"), str(tmp_path / "none.json"), str(tmp_path / "run"), **ONE_PHASE)
+    if field == "phases.0.tokens":  # schedule.total_tokens must not be what refuses it
+        override = override + ["--schedule.total_tokens", "null"]
+    assert main(["--config", cfg, "--validate", "--skip-data", *override]) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_overwrite_names_the_files_a_user_added(hf_and_checkpoint, tmp_path, capsys):
+    from megatron_mmbert.cli.convert_checkpoint import main as convert_main
+
+    out = tmp_path / "out"
+    args = ["export-hf", "--load", str(hf_and_checkpoint / "ckpt"), "--out", str(out), "--overwrite"]
+    assert convert_main(args) == 0
+    notes = _user_file(out / "my_eval_notes.md")
+    assert convert_main(args) == 2
+    assert "my_eval_notes.md" in capsys.readouterr().err and notes.read_text() == USER_TEXT
+    notes.unlink()
+    assert convert_main(args) == 0  # its own files only: replaced
+
+
+def test_output_inside_an_input_checkpoint_is_refused(hf_and_checkpoint, capsys):
+    from megatron_mmbert.cli.convert_checkpoint import main as convert_main
+
+    ckpt = hf_and_checkpoint / "ckpt"
+    assert convert_main(["export-hf", "--load", str(ckpt), "--out", str(ckpt / "hf")]) == 2
+    assert "lies inside the input" in capsys.readouterr().err and not (ckpt / "hf").exists()
+
+
+@pytest.mark.parametrize("config", [{"model_type": "bert", "architectures": ["BertForMaskedLM"]},
+                                    {"model_type": "modernbert", "auto_map": {"AutoModelForMaskedLM": "x.Y"}}])
+def test_evaluate_refuses_other_models_without_prompting(hf_and_checkpoint, tmp_path, capsys, config):
+    from megatron_mmbert.cli.evaluate import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    base = json.loads((hf_and_checkpoint / "hf" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**base, **config}))
+    manifest = write_manifest(tmp_path / "data")
+    assert main(["--hf-dir", str(folder), "--manifest", manifest, "--out", str(tmp_path / "eval")]) == 2
+    assert "not a ModernBERT masked-LM folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["pretrain", "ties_merge", "evaluate", "build_data_index"])
+def test_yaml_alias_bomb_is_a_short_error(tmp_path, capsys, tool):
+    import importlib
+
+    bomb = tmp_path / "bomb.yaml"
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdef", "bcdefg"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb.write_text("\n".join(lines + ["run_dir: *g", "models: *g"]) + "\n")
+    module = "megatron_mmbert.pretrain" if tool == "pretrain" else f"megatron_mmbert.cli.{tool}"
+    assert importlib.import_module(module).main(["--config", str(bomb)] + (["--validate"] if tool == "pretrain" else [])) == 2
+    err = capsys.readouterr().err
+    assert "alias bomb" in err and len(err) < 1000

@@ -53,7 +53,7 @@ from megatron_mmbert.checkpoints.layout import (
 )
 from megatron_mmbert.config import ConfigError, ModelConfig
 from megatron_mmbert.config_base import from_dict, to_dict
-from megatron_mmbert.fileio import atomic_write_text, publish_directory
+from megatron_mmbert.fileio import atomic_write_text, publish_directory, raise_disk_error
 from megatron_mmbert.model.pipeline import _unwrap
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,10 @@ logger = logging.getLogger(__name__)
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def _barrier() -> None:
@@ -102,17 +106,23 @@ def save(
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, tmp)
-    _barrier()
-    if before_publish is not None:
-        before_publish()
-    if _rank() == 0:
-        if tokenizer is not None:
-            copy_tokenizer_files(tokenizer, tokenizer_dir(tmp))
-        payload = {"model": to_dict(model_config), "saved_at": time.time()}
-        payload.update(extra or {})
-        write_config(tmp, payload)
-        publish_directory(tmp, directory)
+    try:
+        dist_checkpointing.save(sharded_state_dict, tmp)
+        _barrier()
+        if before_publish is not None:
+            before_publish()
+        if _rank() == 0:
+            if tokenizer is not None:
+                copy_tokenizer_files(tokenizer, tokenizer_dir(tmp))
+            payload = {"model": to_dict(model_config), "saved_at": time.time()}
+            payload.update(extra or {})
+            write_config(tmp, payload)
+            publish_directory(tmp, directory)
+    except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
+        if _world_size() == 1:  # alone, nobody else is writing into it (a run's start-up cleans up otherwise)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise_disk_error(exc, directory, "the checkpoint")
+        raise
     _barrier()
 
 

@@ -72,10 +72,12 @@ def resolved_config_path(run_dir: str, existing: bool = False) -> Optional[str]:
         return None
     import yaml
 
+    from megatron_mmbert.config_base import safe_load_yaml
+
     try:
         with open(legacy, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError, RecursionError):
+            data = safe_load_yaml(f, legacy)
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):
         return None
     resolved = isinstance(data, dict) and "inherit" not in data and {"run_dir", "model", "phases", "data"} <= set(data)
     return legacy if resolved else None

@@ -36,7 +36,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 import torch
 
 from megatron_mmbert.config_base import ConfigError
-from megatron_mmbert.fileio import check_output_dir, publish_directory, write_output_marker
+from megatron_mmbert.fileio import check_output_dir, publish_directory, raise_disk_error, write_output_marker
 from megatron_mmbert.checkpoints.layout import MERGE_REPORT, CheckpointError, same_tokenizer
 from megatron_mmbert.checkpoints.tensors import MegatronSink, SafetensorsSink, TensorInfo
 from megatron_mmbert.merge.naming import megatron_converter, open_inputs, write_output_metadata
@@ -353,8 +353,9 @@ def merge_checkpoints(
         write_output_marker(tmp, "ties_merge")
         publish_directory(tmp, out)
         return report
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_disk_error(exc, out, "the merged checkpoint")
         raise
     finally:
         inputs.close()

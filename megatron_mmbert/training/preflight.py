@@ -46,6 +46,10 @@ def _validate_precision(cfg: RunConfig) -> None:
     select_backend(cfg.effective_model, cfg.compute_precision, cfg.parallel.context_parallel)
 
 
+MAX_PHASE_TOKENS = 10**15
+"""A phase budget above this (300x mmBERT's three trillion tokens) is a typo, not a plan."""
+
+
 def _validate_phases(cfg: RunConfig) -> None:
     if not cfg.phases:
         raise ConfigError("phases: the run needs at least one phase")
@@ -62,6 +66,10 @@ def _validate_phases(cfg: RunConfig) -> None:
         p.validate()
         if isinstance(p.languages, str) and p.languages.startswith("top:") and int(p.languages[4:]) < 1:
             raise ConfigError(f"phases.{i}.languages={p.languages!r}: top:N needs N >= 1")
+        if p.tokens > MAX_PHASE_TOKENS:
+            raise ConfigError(field=f"phases.{i}.tokens", message=(
+                f"phases.{i}.tokens={p.tokens:,} is more than {MAX_PHASE_TOKENS:.0e} tokens (mmBERT's whole recipe "
+                "is about 3e12); a typo? Give the phase's budget in tokens"))
     total = sum(p.tokens for p in cfg.phases)
     if cfg.schedule.total_tokens is not None and total != cfg.schedule.total_tokens:
         parts = " + ".join(f"{p.name} {p.tokens:,}" for p in cfg.phases)
@@ -80,8 +88,8 @@ def _validate_phases(cfg: RunConfig) -> None:
     for p in cfg.phases:
         seg = cfg.schedule.phases[p.name]
         where = f"schedule.phases.{p.name}"
-        if seg.lr <= 0:
-            raise ConfigError(f"{where}.lr must be positive, got {seg.lr}")
+        if not (math.isfinite(seg.lr) and seg.lr > 0):  # NaN and inf compare false: test the good case
+            raise ConfigError(field=f"{where}.lr", message=f"{where}.lr must be a positive finite number, got {seg.lr}")
         if seg.warmup_tokens < 0 or seg.decay_tokens < 0:
             raise ConfigError(f"{where}: warmup_tokens and decay_tokens must be >= 0")
         if seg.warmup_tokens + seg.decay_tokens > p.tokens:
@@ -92,8 +100,8 @@ def _validate_phases(cfg: RunConfig) -> None:
         if not 0.0 <= seg.final_lr_ratio <= 1.0:
             raise ConfigError(f"{where}.final_lr_ratio must be in [0, 1], got {seg.final_lr_ratio}")
         wd = seg.decoupled_weight_decay if seg.decoupled_weight_decay is not None else cfg.optimizer.decoupled_weight_decay
-        if wd < 0:
-            raise ConfigError(f"{where}: weight decay must be >= 0, got {wd}")
+        if not (math.isfinite(wd) and wd >= 0):
+            raise ConfigError(f"{where}: weight decay must be a finite number >= 0, got {wd}")
         seq_tokens = cfg.phase_global_batch(p) * p.seq_len
         if p.tokens < seq_tokens:
             raise ConfigError(
@@ -160,6 +168,11 @@ def _validate_run(cfg: RunConfig) -> None:
             raise ConfigError(f"optimizer.{field} must be in [0, 1), got {value}")
     if not (isinstance(o.adam_eps, (int, float)) and o.adam_eps > 0 and math.isfinite(o.adam_eps)):
         raise ConfigError(f"optimizer.adam_eps must be a positive finite number, got {o.adam_eps}")
+    for field in ("clip_grad", "decoupled_weight_decay"):
+        value = getattr(o, field)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(field=f"optimizer.{field}",
+                              message=f"optimizer.{field} must be a finite number >= 0, got {value}")
     c = cfg.checkpoint
     if c.every_steps < 0 or c.every_tokens < 0 or c.keep_last < 1:
         raise ConfigError(

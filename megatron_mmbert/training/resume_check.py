@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from megatron_mmbert.checkpoints.layout import resolved_config_path
-from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.config_base import ConfigError, YAMLTooLarge, safe_load_yaml
 
 IGNORED_KEYS = ("run_dir", "checkpoint.dir", "checkpoint.exit_after_minutes", "logging.tensorboard_dir",
                 "data.cache_dir")
@@ -187,7 +187,9 @@ def _read_stored(path: str) -> Optional[Dict[str, Any]]:
         return None
     with open(path, encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f)
+            data = safe_load_yaml(f, path)
+        except YAMLTooLarge as e:
+            raise ConfigError(str(e)) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML ({e}); restore it or delete it to resume without "
                               "the config check") from None
