@@ -456,3 +456,38 @@ def test_yaml_alias_bomb_is_a_short_error(tmp_path, capsys, tool):
     assert importlib.import_module(module).main(["--config", str(bomb)] + (["--validate"] if tool == "pretrain" else [])) == 2
     err = capsys.readouterr().err
     assert "alias bomb" in err and len(err) < 1000
+
+
+def test_full_disk_in_the_index_build_is_one_line(tmp_path, capsys):
+    from megatron_mmbert.cli.build_data_index import main
+
+    cfg = tiny_run_config(str(tmp_path / "run.yaml"), write_manifest(tmp_path / "data"), str(tmp_path / "run"),
+                          **ONE_PHASE)
+    capsys.readouterr()
+    with _FileSizeLimit(500):  # the index files of this manifest are up to ~1 KB
+        rc = main(["--config", cfg, "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err[-2000:]
+    assert f"error: File too large (writing the index cache {tmp_path / 'cache'})" in err
+    assert not [n for n in os.listdir(tmp_path / "cache") if n.startswith("mmbert-index-")]  # nothing half-built
+
+
+@pytest.mark.slow  # one tiny training launch under `ulimit -f`
+def test_full_disk_at_a_training_save_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers.training import ROOT, _env
+
+    cfg = tiny_run_config(str(tmp_path / "run.yaml"), write_manifest(tmp_path / "data"), str(tmp_path / "run"),
+                          **ONE_PHASE, checkpoint={"every_steps": 1})
+    # The index cache is built first, while files may still grow; the checkpoint's shards cannot.
+    subprocess.run([sys.executable, "-m", "megatron_mmbert.cli.build_data_index", "--config", cfg],
+                   env=_env(), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    script = os.path.join(ROOT, "pretrain_mmbert.py")
+    proc = subprocess.run(["bash", "-c", f'ulimit -f 64 && exec "{sys.executable}" "{script}" --config "{cfg}"'],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "could not write the checkpoint" in proc.stderr and str(tmp_path / "run" / "checkpoints") in proc.stderr
+    assert not [n for n in os.listdir(tmp_path / "run" / "checkpoints") if n.startswith("iter_")]

@@ -138,6 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_mmbert.data.index import build_data_index, format_index_plan
     from megatron_mmbert.data.shards import check_manifest_shards, load_manifest
 
+    cfg = None
     try:
         cfg, vocab = load_config(args, spec, overrides)
         names = [p.name for p in cfg.phases]
@@ -160,7 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # full disk, read-only cache folder: say which, no traceback
-        print(f"error: {os_error_text(e)}; nothing half-built is used: rerun once there is room", file=sys.stderr)
+        where = "" if e.filename or cfg is None else f" (writing the index cache {os.path.abspath(cfg.cache_dir)})"
+        print(f"error: {os_error_text(e)}{where}; nothing half-built is used: rerun once there is room",
+              file=sys.stderr)
         return 1
     print(format_index_plan(index.plan, warn_epochs=cfg.warn_epochs, head=cfg.rows))
     print()
