@@ -327,19 +327,23 @@ class _FileSizeLimit:
         self.limit = limit
 
     def __enter__(self):
+        import logging
         import resource
         import signal
 
+        logging.disable(logging.CRITICAL)  # log handlers of earlier tests write to files: not the tool's output
         self._sig = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         self._old = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self._old[1]))
 
     def __exit__(self, *exc):
+        import logging
         import resource
         import signal
 
         resource.setrlimit(resource.RLIMIT_FSIZE, self._old)
         signal.signal(signal.SIGXFSZ, self._sig)
+        logging.disable(logging.NOTSET)
 
 
 @pytest.mark.parametrize("tool", ["export-hf", "import-hf", "ties_merge"])
@@ -491,3 +495,21 @@ def test_full_disk_at_a_training_save_is_one_line(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "could not write the checkpoint" in proc.stderr and str(tmp_path / "run" / "checkpoints") in proc.stderr
     assert not [n for n in os.listdir(tmp_path / "run" / "checkpoints") if n.startswith("iter_")]
+
+
+def test_tokenizer_compared_by_vocabulary_when_no_identity_is_recorded(tmp_path, demo_tokenizer):
+    """An HF export (or an imported checkpoint) records no identity: its tokenizer.json is compared by
+    vocabulary, which a save_pretrained round trip (the export's) keeps and another tokenizer does not."""
+    from transformers import AutoTokenizer
+
+    from megatron_mmbert.checkpoints.layout import tokenizer_mismatch
+    from tests.helpers.model import save_word_tokenizer
+
+    identity = {"name": "demo", "hash": "d" * 64}
+    same = tmp_path / "export"
+    AutoTokenizer.from_pretrained(demo_tokenizer).save_pretrained(str(same))
+    assert tokenizer_mismatch(str(same), identity, demo_tokenizer) is None
+    other = tmp_path / "other"
+    save_word_tokenizer(str(other))
+    why = tokenizer_mismatch(str(other), identity, demo_tokenizer)
+    assert why is not None and "'demo'" in why and str(other) in why

@@ -287,8 +287,8 @@ def complete_checkpoints(root: str) -> List[str]:
         return []
     found = []
     for entry in os.listdir(root):
-        if _LEFTOVER.match(entry) or not entry.startswith((ITER_PREFIX, PHASE_END_PREFIX)):
-            continue
+        if _LEFTOVER.match(entry) or not (PERIODIC.match(entry) or entry.startswith(PHASE_END_PREFIX)):
+            continue  # a user's copy (iter_0000010_keep) is never resumed from by accident
         position = _training_position(os.path.join(root, entry))
         if position is not None:
             found.append((position, entry))

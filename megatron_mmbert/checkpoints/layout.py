@@ -229,18 +229,31 @@ def tokenizer_record(identity: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _key_file_digest(folder: str) -> Optional[Tuple[str, str]]:
-    """(name, sha256) of the file that defines a tokenizer's ids (``tokenizer.json``, else
-    ``tokenizer.model``) in ``folder``, or None."""
+    """(kind, digest) of what defines a tokenizer's ids in ``folder``: the vocabulary of its
+    ``tokenizer.json`` (tokens and ids, added tokens included; unchanged by a ``save_pretrained``
+    round trip, which rewrites the file), else the bytes of its ``tokenizer.model``; or None."""
     import hashlib
 
-    for name in ("tokenizer.json", "tokenizer.model"):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            return name, h.hexdigest()
+    path = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            vocab = (data.get("model") or {}).get("vocab")
+            items = sorted(vocab.items()) if isinstance(vocab, dict) else [
+                v[0] if isinstance(v, list) and v else v for v in (vocab or [])]  # Unigram: [piece, score]
+            added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or [])
+        except (OSError, ValueError, AttributeError, TypeError):
+            return None
+        text = json.dumps([items, added], ensure_ascii=False)
+        return "tokenizer.json vocabulary", hashlib.sha256(text.encode("utf-8")).hexdigest()
+    path = os.path.join(folder, "tokenizer.model")
+    if os.path.isfile(path):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return "tokenizer.model", h.hexdigest()
     return None
 
 
@@ -272,8 +285,8 @@ def tokenizer_mismatch(checkpoint: str, identity: Dict[str, Any], data_tokenizer
     ours = _key_file_digest(data_tokenizer) if data_tokenizer and os.path.isdir(data_tokenizer) else None
     if theirs is None or ours is None or theirs[0] != ours[0] or theirs[1] == ours[1]:
         return None
-    return (f"{checkpoint}'s {theirs[0]} (sha256 {theirs[1][:12]}...) is not the data's tokenizer "
-            f"{identity.get('name')!r} ({os.path.join(data_tokenizer, ours[0])}, sha256 {ours[1][:12]}...)")
+    return (f"{checkpoint}'s {theirs[0]} (sha256 {theirs[1][:12]}...) is not that of the data's tokenizer "
+            f"{identity.get('name')!r} ({data_tokenizer}, sha256 {ours[1][:12]}...)")
 
 
 def same_tokenizer(paths: List[str]) -> Optional[str]:
