@@ -87,8 +87,11 @@ def lock_run_folders(cfg: RunConfig) -> List[DirectoryLock]:
     taken are released and ``DirectoryLocked`` (or ``LockFileRefused``, a lock path that is a link or
     not our file) is raised."""
     locks: List[DirectoryLock] = []
+    folders = [cfg.run_dir]
+    if os.path.realpath(cfg.checkpoint_dir) != os.path.realpath(cfg.run_dir):  # one lock file, taken once
+        folders.append(cfg.checkpoint_dir)
     try:
-        for folder in (cfg.run_dir, cfg.checkpoint_dir):
+        for folder in folders:
             locks.append(DirectoryLock(folder).acquire())
     except BaseException:
         for lock in locks:
