@@ -139,7 +139,7 @@ print(f"\nHugging Face export loads: {type(model).__name__}, "
 print(f"""
 Written under {out}:
   corpus/, tokenizer/, shards/ (manifest.json), index-cache/
-  train/            3-phase run: config.yaml, metrics.jsonl, tensorboard/, checkpoints/phase_end_*
+  train/            3-phase run: resolved_config.yaml, metrics.jsonl, tensorboard/, checkpoints/phase_end_*
   decay_*/          the three decay variants (from train/checkpoints/phase_end_mid)
   merged/           TIES merge of the variants (megatron dist checkpoint)
   hf/               Hugging Face ModernBertForMaskedLM (AutoModelForMaskedLM.from_pretrained)

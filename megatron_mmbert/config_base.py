@@ -190,6 +190,58 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+MAX_YAML_VALUES = 1_000_000
+"""A YAML document may stand for at most this many values once its aliases are expanded: a config is
+a few thousand, an alias bomb (``a: &a [x, x]``, ``b: &b [*a, *a]``, ...) billions."""
+
+
+class YAMLTooLarge(ValueError):
+    """A YAML document whose aliases expand past :data:`MAX_YAML_VALUES`."""
+
+
+def safe_load_yaml(stream: Any, where: str = "YAML") -> Any:
+    """``yaml.safe_load`` that refuses a document expanding (through aliases) to more than
+    :data:`MAX_YAML_VALUES` values, before anything walks or prints it (one short error naming ``where``)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        def get_single_node(self):
+            node = super().get_single_node()
+            if node is not None:
+                _check_expanded_size(node, where)
+            return node
+
+    return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _check_expanded_size(root: Any, where: str) -> None:
+    import yaml
+
+    sizes: Dict[int, int] = {}
+    order, stack = [], [root]
+    while stack:  # post-order without recursion: sizes of children first, each node once
+        node = stack.pop()
+        if id(node) in sizes:
+            continue
+        sizes[id(node)] = 0
+        order.append(node)
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(v for kv in node.value for v in kv)
+    for node in reversed(order):
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [v for kv in node.value for v in kv]
+        else:
+            children = []
+        sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_VALUES + 1)
+    if sizes[id(root)] > MAX_YAML_VALUES:
+        raise YAMLTooLarge(f"{where}: its aliases expand to more than {MAX_YAML_VALUES:,} values (an alias bomb?); "
+                           "a config needs a few thousand at most")
+
+
 def parse_cli_value(text: str) -> Any:
     """Parse an override value: YAML scalars and flow lists (``[a, b]``), else the raw string."""
     import yaml

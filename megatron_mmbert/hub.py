@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from megatron_mmbert.checkpoints.layout import HF_CONFIG, MERGE_REPORT
 from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.fileio import OUTPUT_MARKER, record_output_file
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<revision>[A-Za-z0-9_./-]+))?$")
 """``org/name`` or ``org/name@revision`` (a branch, tag or commit sha), as the Hub spells repo ids."""
@@ -37,6 +38,21 @@ TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*",
 
 class HubError(ConfigError):
     """A Hub id could not be resolved (offline and not cached, no access, no such repo/revision)."""
+
+
+MAX_REPO_ID = 96
+"""The Hub's longest repo id (``org/name``), as ``huggingface_hub.utils.validate_repo_id`` enforces it."""
+
+
+def check_repo_id(repo: str, field: str = "push_to_hub") -> None:
+    """Refuse a repo id the Hub would refuse (a malformed one, a revision in it, over 96 characters),
+    before anything is exported or uploaded."""
+    if not HUB_ID.match(repo) or "@" in repo:
+        raise HubError(f"{field}={repo!r}: expected a repo id like org/name (the branch goes in revision)",
+                       field=field)
+    if len(repo) > MAX_REPO_ID:
+        raise HubError(f"{field}={repo[:48]!r}... is {len(repo)} characters; the Hub allows at most {MAX_REPO_ID} "
+                       "for org/name: choose a shorter name", field=field)
 
 
 def is_hub_id(text: str) -> bool:
@@ -65,6 +81,9 @@ def resolve(path_or_id: str, allow_patterns: Optional[Sequence[str]] = None, wha
         return path_or_id
     match = HUB_ID.match(path_or_id)
     repo, revision = match["repo"], match["revision"]
+    if len(repo) > MAX_REPO_ID:
+        raise HubError(f"{what} {path_or_id[:48]!r}... is not a local path, and as a Hub repo id it has {len(repo)} "
+                       f"characters (the Hub allows at most {MAX_REPO_ID}); check the path")
     hub = _hub()
     from huggingface_hub import errors
 
@@ -111,14 +130,20 @@ def _source_of(folder: str) -> Optional[str]:
 
 
 def _run_config(checkpoint: str) -> Optional[Dict[str, Any]]:
-    """The resolved run config of a training checkpoint in ``RUN/checkpoints/NAME`` (``RUN/config.yaml``)."""
+    """The resolved run config of a training checkpoint in ``RUN/checkpoints/NAME``
+    (``RUN/resolved_config.yaml``)."""
     import yaml
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "config.yaml")
+    from megatron_mmbert.checkpoints.layout import resolved_config_path
+    from megatron_mmbert.config_base import safe_load_yaml
+
+    path = resolved_config_path(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), existing=True)
+    if path is None:
+        return None
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
+            data = safe_load_yaml(f, path)
+    except (OSError, ValueError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -235,9 +260,7 @@ def push_to_hub(folder: str, repo: str, private: bool = False, revision: Optiona
                 source: Optional[str] = None) -> str:
     """Write ``folder/README.md`` (unless the folder has one) and upload ``folder`` to the Hub model
     repo ``repo`` (created if missing; ``revision``: a branch, created if missing). Returns the URL."""
-    if not HUB_ID.match(repo) or "@" in repo:
-        raise HubError(f"push_to_hub={repo!r}: expected a repo id like org/name (the branch goes in revision)",
-                       field="push_to_hub")
+    check_repo_id(repo)
     if not os.path.isfile(os.path.join(folder, HF_CONFIG)):
         raise HubError(f"{folder} has no {HF_CONFIG}; push the folder `export-hf` wrote")
     hub = _hub()
@@ -247,17 +270,23 @@ def push_to_hub(folder: str, repo: str, private: bool = False, revision: Optiona
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(model_card(folder, source, repo))
         os.replace(tmp, card)
+        record_output_file(folder, "README.md")  # ours: a later overwrite may replace it
     api = hub.HfApi()
-    api.create_repo(repo, private=private, exist_ok=True)
-    if revision:
-        api.create_branch(repo, branch=revision, exist_ok=True)
-    from megatron_mmbert.fileio import OUTPUT_MARKER
-
-    # the output marker records local paths: it stays here
-    info = api.upload_folder(repo_id=repo, folder_path=folder, revision=revision,
-                             ignore_patterns=[".*", "*.tmp-*", OUTPUT_MARKER],
-                             commit_message="Upload megatron-mmbert export")
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo, branch=revision, exist_ok=True)
+        # the output marker records local paths: it stays here
+        info = api.upload_folder(repo_id=repo, folder_path=folder, revision=revision,
+                                 ignore_patterns=[".*", "*.tmp-*", OUTPUT_MARKER],
+                                 commit_message="Upload megatron-mmbert export")
+    except Exception as exc:  # noqa: BLE001 - no network, refused token, Hub errors: one line, the export kept
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise HubError(
+            f"could not upload {folder} to the Hub repo {repo} ({exc.__class__.__name__}: {first}). The export in "
+            f"{folder} is complete and kept; push it later (`hf upload {repo} {folder}`, with HF_TOKEN set) or rerun "
+            "export-hf with push_to_hub where the Hub is reachable", field="push_to_hub") from None
     return getattr(info, "commit_url", None) or f"https://huggingface.co/{repo}"
 
 
-__all__: List[str] = ["HUB_ID", "HubError", "is_hub_id", "resolve", "model_card", "push_to_hub"]
+__all__: List[str] = ["HUB_ID", "MAX_REPO_ID", "check_repo_id", "HubError", "is_hub_id", "resolve", "model_card", "push_to_hub"]

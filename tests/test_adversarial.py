@@ -225,7 +225,7 @@ def test_second_run_on_a_run_dir_exits_naming_the_holder(tmp_path):
     assert proc.returncode == 2
     assert f"pid {os.getpid()}" in proc.stderr and socket.gethostname() in proc.stderr
     assert (in_progress / "__0_0.distcp").stat().st_size == 100  # A's save untouched
-    assert not (run / "config.yaml").exists()  # nor its resolved config
+    assert not (run / "resolved_config.yaml").exists()  # nor its resolved config
 
 
 def test_startup_cleanup_removes_only_our_leftovers(tmp_path):

@@ -160,9 +160,10 @@ def test_unsupported_configs_are_refused(converted, tmp_path, change, message):
 
 
 def test_cli_reports_errors_without_traceback(converted, tmp_path, capsys):
-    assert convert_main(["import-hf", "--hf-dir", str(tmp_path), "--save", str(tmp_path / "x")]) == 2
+    (tmp_path / "empty").mkdir()  # outputs beside the input, not inside it (that is refused first)
+    assert convert_main(["import-hf", "--hf-dir", str(tmp_path / "empty"), "--save", str(tmp_path / "x")]) == 2
     assert "has no config.json" in capsys.readouterr().err
-    assert convert_main(["export-hf", "--load", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
+    assert convert_main(["export-hf", "--load", str(tmp_path / "empty"), "--out", str(tmp_path / "y")]) == 2
     assert "not a megatron-mmbert checkpoint" in capsys.readouterr().err
 
 

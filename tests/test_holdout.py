@@ -37,6 +37,13 @@ def _corpus_texts(corpus):
     return texts
 
 
+def _norm_hash(text):
+    """The held-out hash, computed here from its stated rule: NFC, whitespace runs as one space, stripped."""
+    import unicodedata
+
+    return hashlib.sha256(" ".join(unicodedata.normalize("NFC", text).split()).encode("utf-8")).hexdigest()
+
+
 def _key(doc):
     return hashlib.sha256(repr(doc).encode()).hexdigest()
 
@@ -61,8 +68,11 @@ def test_heldout_are_the_smallest_hashes_and_never_trained_on(tmp_path, demo_cor
     for lang, docs in texts.items():
         by_hash = {}
         for t in docs:
-            by_hash.setdefault(hashlib.sha256(t.encode("utf-8")).hexdigest(), []).append(t)
-        chosen = sorted(by_hash)[: min(N, len(docs) // 2)]
+            by_hash.setdefault(_norm_hash(t), []).append(t)
+        chosen, cap = [], min(N, len(docs) // 2)  # the cap counts documents, every copy of a text
+        for h in sorted(by_hash)[:N]:
+            if sum(len(by_hash[c]) for c in chosen) + len(by_hash[h]) <= cap:
+                chosen.append(h)
         expected_held = [t for h in chosen for t in by_hash[h]]
         expected_train = [t for h in sorted(by_hash) if h not in chosen for t in by_hash[h]]
         assert heldout[lang] == sorted(map(_key, _framed(hf, expected_held))), lang
@@ -86,7 +96,7 @@ def test_heldout_are_the_smallest_hashes_and_never_trained_on(tmp_path, demo_cor
                                     chunk_bytes=8 << 10, holdout_fraction=0.25))
     got = _split(heldout_manifest_for(frac))
     for lang, docs in texts.items():
-        held = [t for t in docs if int(hashlib.sha256(t.encode()).hexdigest()[:16], 16) < 0.25 * 2 ** 64]
+        held = [t for t in docs if int(_norm_hash(t)[:16], 16) < 0.25 * 2 ** 64]
         assert got.get(lang, []) == sorted(map(_key, _framed(hf, held))), lang
 
     # No preprocessing without held-out data writes a held-out folder; "heldout" is no language name.

@@ -94,7 +94,7 @@ def test_import_hf_takes_a_hub_id_offline(hf_home, tmp_path):
 
 
 def test_model_card_names_architecture_phases_and_merge(tmp_path):
-    """The card of an export whose source is a training checkpoint of a run folder (RUN/config.yaml
+    """The card of an export whose source is a training checkpoint of a run folder (RUN/resolved_config.yaml
     beside RUN/checkpoints/NAME) that is also a merge output."""
     from megatron_mmbert import hub
 
@@ -117,7 +117,7 @@ def test_model_card_names_architecture_phases_and_merge(tmp_path):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"languages": {
         "rus_Cyrl": {"tokens": 50}, "deu_Latn": {"tokens": 90}, "ell_Grek": {"tokens": 70}, "ell_Latn": {"tokens": 60}, "amh_Ethi": {"tokens": 0}}}))
-    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(run))
+    (tmp_path / "run" / "resolved_config.yaml").write_text(yaml.safe_dump(run))
 
     card = hub.model_card(str(export), source=str(ckpt), repo="me/mmbert-tiny")
     assert card.startswith("---\n") and "pipeline_tag: fill-mask" in card

@@ -270,9 +270,9 @@ def test_all_input_formats(tmp_path, demo_tokenizer):
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "hfds"))
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts[:50]})}).save_to_disk(
         str(tmp_path / "hfdd"))
-    res = _run(tmp_path, demo_tokenizer, [tmp_path / "hfds"], name="hfds", chunk_bytes=2000)
+    res = _run(tmp_path, demo_tokenizer, [tmp_path / "hfds"], name="hfds_out", chunk_bytes=2000)
     assert _documents(res.manifest.languages["xxx_Latn"].shards) == expected
-    res = _run(tmp_path, demo_tokenizer, [tmp_path / "hfdd"], name="hfdd")
+    res = _run(tmp_path, demo_tokenizer, [tmp_path / "hfdd"], name="hfdd_out")
     assert _documents(res.manifest.languages["xxx_Latn"].shards) == expected[:50]
 
 

@@ -93,7 +93,7 @@ def test_quickstart_trains_merges_and_exports(tmp_path):
     # and leaves every checkpoint as it was.
     import yaml
 
-    resolved = yaml.safe_load((out / "train" / "config.yaml").read_text())
+    resolved = yaml.safe_load((out / "train" / "resolved_config.yaml").read_text())
     assert resolved["parallel"]["use_distributed_optimizer"] is True
     def checkpoint_files():
         return {p: os.stat(p).st_mtime_ns for run in RUNS

@@ -13,7 +13,7 @@ from tests.helpers.training import launch, tiny_run_config, write_manifest
 
 
 def _resolved(*overrides):
-    """tiny-cpu's resolved config as ``{run_dir}/config.yaml`` holds it."""
+    """tiny-cpu's resolved config as ``{run_dir}/resolved_config.yaml`` holds it."""
     cfg = rc.load_config("tiny-cpu", list(overrides))
     return yaml.safe_load(yaml.safe_dump(rc.resolved_dict(cfg), sort_keys=False))
 
@@ -67,6 +67,8 @@ def test_derived_and_moved_keys_are_ignored():
     (["--batch.global_batch_size", "8"], "batch.global_batch_size"),  # pretrain takes its batch from it
     (["--parallel.use_distributed_optimizer", "false"], "parallel.use_distributed_optimizer"),  # state layout
     (["--precision", "bf16"], "precision"),  # fp32 parameters -> bf16 ones with fp32 main copies
+    (["--data.packing", "best_fit"], "data.packing"),  # issue 27: the rows of every phase are cut by it
+    (["--data.mask_special_tokens", "true"], "data.mask_special_tokens"),  # issue 27: mid-phase masking
 ])
 def test_critical_changes(overrides, key):
     got = _changes(overrides)
@@ -79,6 +81,8 @@ def test_what_is_critical_depends_on_the_checkpoint_phase():
     assert _changes(["--phases.mid.tokens", "40960"], phase_done=True)["phases.mid.tokens"]
     # In pretrain, mid has not begun: its budget and the default batch (mid sets its own) are free.
     assert _changes(["--phases.mid.tokens", "40960"], phase="pretrain") == {"phases.mid.tokens": None}
+    # The masking of special tokens may change at a phase end, not in the middle of one.
+    assert _changes(["--data.mask_special_tokens", "true"], phase_done=True) == {"data.mask_special_tokens": None}
 
 
 def test_reordering_begun_phases_is_critical():
@@ -118,10 +122,10 @@ def test_resume_warns_on_changed_keys_and_refuses_critical_ones(tmp_path):
     assert len(warning) == 1 and "in 1 key(s): logging.interval: 1 -> 2" in warning[0], second.stdout[-2000:]
     assert "resumed from" in second.stdout and "stopping cleanly at step 2" in second.stdout
 
-    # A critical key: refused before anything is loaded, config.yaml left as the run's.
-    stored = (run / "config.yaml").read_text()
+    # A critical key: refused before anything is loaded, resolved_config.yaml left as the run's.
+    stored = (run / "resolved_config.yaml").read_text()
     third = launch(cfg, "--data.seed", "99")
     assert third.returncode == 2, (third.returncode, third.stderr[-2000:])
     assert "config error: cannot resume" in third.stderr and "data.seed: None -> 99" in third.stderr
     assert "Restore the values" in third.stderr and "Traceback" not in third.stderr
-    assert (run / "config.yaml").read_text() == stored
+    assert (run / "resolved_config.yaml").read_text() == stored

@@ -43,15 +43,17 @@ from megatron_mmbert.checkpoints.layout import (
     ITER_PREFIX,
     LATEST_FILE,
     PHASE_END_PREFIX,
+    TOKENIZER_RECORD,
     copy_tokenizer_files,
     is_complete,
     read_config,
     tokenizer_dir,
+    tokenizer_record,
     write_config,
 )
 from megatron_mmbert.config import ConfigError, ModelConfig
 from megatron_mmbert.config_base import from_dict, to_dict
-from megatron_mmbert.fileio import atomic_write_text, publish_directory
+from megatron_mmbert.fileio import atomic_write_text, publish_directory, raise_disk_error
 from megatron_mmbert.model.pipeline import _unwrap
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,10 @@ logger = logging.getLogger(__name__)
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def _barrier() -> None:
@@ -100,17 +106,23 @@ def save(
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, tmp)
-    _barrier()
-    if before_publish is not None:
-        before_publish()
-    if _rank() == 0:
-        if tokenizer is not None:
-            copy_tokenizer_files(tokenizer, tokenizer_dir(tmp))
-        payload = {"model": to_dict(model_config), "saved_at": time.time()}
-        payload.update(extra or {})
-        write_config(tmp, payload)
-        publish_directory(tmp, directory)
+    try:
+        dist_checkpointing.save(sharded_state_dict, tmp)
+        _barrier()
+        if before_publish is not None:
+            before_publish()
+        if _rank() == 0:
+            if tokenizer is not None:
+                copy_tokenizer_files(tokenizer, tokenizer_dir(tmp))
+            payload = {"model": to_dict(model_config), "saved_at": time.time()}
+            payload.update(extra or {})
+            write_config(tmp, payload)
+            publish_directory(tmp, directory)
+    except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
+        if _world_size() == 1:  # alone, nobody else is writing into it (a run's start-up cleans up otherwise)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise_disk_error(exc, directory, "the checkpoint")
+        raise
     _barrier()
 
 
@@ -235,15 +247,20 @@ def save_training(
     train_state: Dict[str, Any],
     before_publish: Optional[Callable[[], None]] = None,
     tokenizer: Optional[str] = None,
+    tokenizer_identity: Optional[Dict[str, Any]] = None,
 ) -> str:
     """Save ``root/name`` (model, optimizer, position, and the tokenizer folder ``tokenizer`` when
-    given) and then point ``root/latest`` at it."""
+    given; ``tokenizer_identity``, the data's, recorded as :data:`~.layout.TOKENIZER_RECORD`) and then
+    point ``root/latest`` at it."""
     directory = os.path.join(root, name)
+    extra = {"train_state": train_state, "has_optimizer": optimizer is not None}
+    if tokenizer_identity is not None:
+        extra[TOKENIZER_RECORD] = tokenizer_record(tokenizer_identity)
     save(
         directory,
         training_sharded_state_dict(chunks, optimizer, is_loading=False),
         model_config,
-        extra={"train_state": train_state, "has_optimizer": optimizer is not None},
+        extra=extra,
         before_publish=before_publish,
         tokenizer=tokenizer,
     )
@@ -270,8 +287,8 @@ def complete_checkpoints(root: str) -> List[str]:
         return []
     found = []
     for entry in os.listdir(root):
-        if _LEFTOVER.match(entry) or not entry.startswith((ITER_PREFIX, PHASE_END_PREFIX)):
-            continue
+        if _LEFTOVER.match(entry) or not (PERIODIC.match(entry) or entry.startswith(PHASE_END_PREFIX)):
+            continue  # a user's copy (iter_0000010_keep) is never resumed from by accident
         position = _training_position(os.path.join(root, entry))
         if position is not None:
             found.append((position, entry))
@@ -418,10 +435,13 @@ def _load_distributed_optimizer_state(opt, state: Dict[str, Any]) -> None:
 
 # What an interrupted save of ours leaves: ``{name}.tmp-{stamp}`` (shards being written),
 # ``{name}.old-{pid}`` (a replaced checkpoint not yet deleted), ``latest.partial-{pid}``.
+# Phase names may not hold ``.tmp-`` / ``.old-`` / ``.partial-`` (:data:`RESERVED_INFIXES`, checked at
+# start-up), so a complete ``phase_end_{name}`` never looks like a leftover.
 _LEFTOVER = re.compile(
-    rf"^({ITER_PREFIX}\d+|{PHASE_END_PREFIX}[A-Za-z0-9_.-]+)\.(tmp|old)-[A-Za-z0-9_.-]+$|^"
+    rf"^({ITER_PREFIX}\d+|{PHASE_END_PREFIX}[A-Za-z0-9_.-]+)\.(tmp-[A-Za-z0-9_.-]+|old-\d+)$|^"
     + re.escape(LATEST_FILE) + r"\.partial-\d+$"
 )
+
 
 
 def clean_incomplete(root: str) -> List[str]:
@@ -442,16 +462,24 @@ def clean_incomplete(root: str) -> List[str]:
     return removed
 
 
+PERIODIC = re.compile(rf"^{ITER_PREFIX}(\d+)$")
+"""A periodic save's folder name (:func:`~.layout.iter_name`): the only names retention may delete.
+A user's copy (``iter_0000010_keep``) or a leftover (``iter_0000010.tmp-run``) never matches."""
+
+
 def apply_retention(root: str, keep_last: int) -> List[str]:
-    """Delete all but the newest ``keep_last`` periodic ``iter_*`` checkpoints (never the one
-    ``latest`` points at; ``phase_end_*`` are not touched). Rank 0 only; returns what was deleted."""
+    """Delete all but the newest ``keep_last`` periodic checkpoints (folders named exactly
+    ``iter_<digits>``, ordered by their number; never the one ``latest`` points at; ``phase_end_*``
+    and anything else are not touched). Rank 0 only; returns what was deleted."""
     if _rank() != 0 or not os.path.isdir(root):
         return []
     latest = read_latest(root)
     periodic = sorted(
-        e for e in os.listdir(root) if e.startswith(ITER_PREFIX) and ".tmp-" not in e and ".old-" not in e
+        (int(m.group(1)), e) for e in os.listdir(root) if (m := PERIODIC.match(e))
+        and os.path.isdir(os.path.join(root, e)) and not os.path.islink(os.path.join(root, e))
     )
-    doomed = [e for e in periodic[:-keep_last] if os.path.join(root, e) != latest] if keep_last else []
+    names = [e for _, e in periodic]
+    doomed = [e for e in names[:-keep_last] if os.path.join(root, e) != latest] if keep_last else []
     for e in doomed:
         shutil.rmtree(os.path.join(root, e), ignore_errors=True)
     return doomed

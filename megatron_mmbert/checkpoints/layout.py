@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_mmbert.config_base import ConfigError
 
@@ -48,6 +48,39 @@ ITER_PREFIX = "iter_"
 """Periodic saves of a run: ``iter_NNNNNNN`` (:func:`iter_name`), the newest few kept."""
 PHASE_END_PREFIX = "phase_end_"
 """The save at the end of a phase: ``phase_end_{name}`` (:func:`phase_end_name`), always kept."""
+
+RESERVED_INFIXES = (".tmp-", ".old-", ".partial-")
+"""What our temporary names put after a checkpoint's name (an interrupted save's leftovers, which
+start-up deletes); no phase name may contain one (``phase_end_{name}`` would look like a leftover)."""
+RESOLVED_CONFIG = "resolved_config.yaml"
+"""A run folder's resolved config, written by the run at every start (``RUN/resolved_config.yaml``);
+its own name, so a user's ``RUN/config.yaml`` (passed as ``--config``) is never replaced."""
+LEGACY_RESOLVED_CONFIG = "config.yaml"
+"""Where runs started before 0.2 wrote the resolved config; read (never written) when the run has no
+:data:`RESOLVED_CONFIG` yet."""
+
+
+def resolved_config_path(run_dir: str, existing: bool = False) -> Optional[str]:
+    """``RUN/resolved_config.yaml``; with ``existing``: the file a resume compares against (that one, or
+    a run of an older version's ``RUN/config.yaml`` when it is a resolved config, not a user's file
+    with ``inherit:``), or None when there is none."""
+    path = os.path.join(run_dir, RESOLVED_CONFIG)
+    if not existing or os.path.isfile(path):
+        return path
+    legacy = os.path.join(run_dir, LEGACY_RESOLVED_CONFIG)
+    if not os.path.isfile(legacy):
+        return None
+    import yaml
+
+    from megatron_mmbert.config_base import safe_load_yaml
+
+    try:
+        with open(legacy, encoding="utf-8") as f:
+            data = safe_load_yaml(f, legacy)
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):
+        return None
+    resolved = isinstance(data, dict) and "inherit" not in data and {"run_dir", "model", "phases", "data"} <= set(data)
+    return legacy if resolved else None
 
 
 class CheckpointError(ConfigError):
@@ -180,6 +213,105 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str, follow_symlinks: bool = Fal
             shutil.copyfile(src, os.path.join(dst_dir, name))
             copied.append(name)
     return copied
+
+
+TOKENIZER_RECORD = "tokenizer"
+"""Key of ``mmbert_config.json`` holding the tokenizer identity (``name``, ``hash``, ``vocab_size``) of
+the data a training checkpoint was trained on: the manifest's ``tokenizer``."""
+ALLOW_OTHER_TOKENIZER = "allow_other_tokenizer"
+"""The option (same name in every tool: ``checkpoint.allow_other_tokenizer`` in a run config) that
+accepts a checkpoint whose tokenizer is not the data's."""
+
+
+def tokenizer_record(identity: Dict[str, Any]) -> Dict[str, Any]:
+    """What a checkpoint records of a manifest's tokenizer identity (``TokenizerIdentity.to_json()``)."""
+    return {k: identity.get(k) for k in ("name", "hash", "vocab_size")}
+
+
+def _key_file_digest(folder: str) -> Optional[Tuple[str, str]]:
+    """(kind, digest) of what defines a tokenizer's ids in ``folder``: the vocabulary of its
+    ``tokenizer.json`` (tokens and ids, added tokens included; unchanged by a ``save_pretrained``
+    round trip, which rewrites the file), else the bytes of its ``tokenizer.model``; or None."""
+    import hashlib
+
+    path = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            vocab = (data.get("model") or {}).get("vocab")
+            items = sorted(vocab.items()) if isinstance(vocab, dict) else [
+                v[0] if isinstance(v, list) and v else v for v in (vocab or [])]  # Unigram: [piece, score]
+            added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or [])
+        except (OSError, ValueError, AttributeError, TypeError):
+            return None
+        text = json.dumps([items, added], ensure_ascii=False)
+        return "tokenizer.json vocabulary", hashlib.sha256(text.encode("utf-8")).hexdigest()
+    path = os.path.join(folder, "tokenizer.model")
+    if os.path.isfile(path):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return "tokenizer.model", h.hexdigest()
+    return None
+
+
+def checkpoint_tokenizer(path: str) -> Optional[Dict[str, Any]]:
+    """The tokenizer identity a checkpoint records (``{"name", "hash", ...}``), or None (imported,
+    merged from imports, or saved before identities were recorded)."""
+    try:
+        meta = read_config_if_any(path) if os.path.isdir(path) else None
+    except CheckpointError:
+        return None
+    record = meta.get(TOKENIZER_RECORD) if isinstance(meta, dict) else None
+    return record if isinstance(record, dict) and isinstance(record.get("hash"), str) else None
+
+
+def tokenizer_mismatch(checkpoint: str, identity: Dict[str, Any], data_tokenizer: Optional[str]) -> Optional[str]:
+    """Why ``checkpoint`` (a dist checkpoint or an HF folder) was not made with the tokenizer
+    ``identity`` of a manifest whose tokenizer files are in ``data_tokenizer``; None when it was, or
+    when neither a recorded identity nor tokenizer files allow a comparison. Token ids of two
+    tokenizers with the same vocabulary size fit the same embedding and mean different things: the
+    numbers of such a run or evaluation are silently wrong."""
+    recorded = checkpoint_tokenizer(checkpoint)
+    if recorded is not None:
+        if recorded["hash"] == identity.get("hash"):
+            return None
+        return (f"{checkpoint} was made with tokenizer {recorded.get('name')!r} (sha256 {recorded['hash'][:12]}...), "
+                f"the data with {identity.get('name')!r} (sha256 {str(identity.get('hash'))[:12]}...)")
+    theirs_dir = tokenizer_dir(checkpoint) if is_dist_checkpoint(checkpoint) else checkpoint
+    theirs = _key_file_digest(theirs_dir) if os.path.isdir(theirs_dir) else None
+    ours = _key_file_digest(data_tokenizer) if data_tokenizer and os.path.isdir(data_tokenizer) else None
+    if theirs is None or ours is None or theirs[0] != ours[0] or theirs[1] == ours[1]:
+        return None
+    return (f"{checkpoint}'s {theirs[0]} (sha256 {theirs[1][:12]}...) is not that of the data's tokenizer "
+            f"{identity.get('name')!r} ({data_tokenizer}, sha256 {ours[1][:12]}...)")
+
+
+def same_tokenizer(paths: List[str]) -> Optional[str]:
+    """Why the checkpoints ``paths`` (merge inputs) were not all made with one tokenizer, or None."""
+    seen: Dict[Tuple[str, str], str] = {}
+    for path in paths:
+        recorded = checkpoint_tokenizer(path)
+        if recorded is not None:
+            key = ("identity", recorded["hash"])
+        else:
+            folder = tokenizer_dir(path) if is_dist_checkpoint(path) else path
+            digest = _key_file_digest(folder) if os.path.isdir(folder) else None
+            if digest is None:
+                continue
+            key = digest
+        seen.setdefault(key, path)
+    kinds = {k[0] for k in seen}
+    groups = sorted(seen.items())
+    # A recorded identity and a bare file cannot be compared with each other: only like with like.
+    for kind in kinds:
+        same_kind = [(k, p) for k, p in groups if k[0] == kind]
+        if len(same_kind) > 1:
+            (ka, a), (kb, b) = same_kind[:2]
+            return f"{a} was made with tokenizer {ka[1][:12]}... and {b} with {kb[1][:12]}..."
+    return None
 
 
 def store_tokenizer(source: str, folder: str, follow_symlinks: bool = True) -> List[str]:

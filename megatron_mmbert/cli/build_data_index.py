@@ -28,7 +28,7 @@ import sys
 import time
 from typing import List, Literal, Optional
 
-from megatron_mmbert.cli.options import ConfigParser
+from megatron_mmbert.cli.options import ConfigParser, os_error_text
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
 
@@ -69,13 +69,15 @@ class BuildIndexConfig:
 
 
 def _read_yaml(path: str):
-    import yaml
+    from megatron_mmbert.config_base import YAMLTooLarge, safe_load_yaml
 
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return safe_load_yaml(f, f"--config {path}")
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
+    except YAMLTooLarge as e:
+        raise ConfigError(str(e)) from None
 
 
 def _is_run_config(data) -> bool:
@@ -144,6 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_mmbert.data.index import build_data_index, format_index_plan
     from megatron_mmbert.data.shards import check_manifest_shards, load_manifest
 
+    cfg = None
     try:
         cfg, vocab = load_config(args, spec, overrides)
         names = [p.name for p in cfg.phases]
@@ -165,6 +168,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # full disk, read-only cache folder: say which, no traceback
+        where = "" if e.filename or cfg is None else f" (writing the index cache {os.path.abspath(cfg.cache_dir)})"
+        print(f"error: {os_error_text(e)}{where}; nothing half-built is used: rerun once there is room",
+              file=sys.stderr)
+        return 1
     print(format_index_plan(index.plan, warn_epochs=cfg.warn_epochs, head=cfg.rows))
     print()
     print(f"index ready in {index.path} ({time.time() - t0:.1f}s); plan: {os.path.join(index.path, 'index_plan.json')}")

@@ -203,6 +203,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"imported {cfg.hf_dir} -> {cfg.save} ({model.num_parameters() / 1e6:.1f}M parameters)")
             return 0
         if args.command == "export-hf":
+            if cfg.push_to_hub:  # a repo id the Hub would refuse: say so before exporting
+                from megatron_mmbert.hub import check_repo_id
+
+                check_repo_id(cfg.push_to_hub)
             checkpoints.export_hf(cfg.load, cfg.out, verify=cfg.verify, overwrite=cfg.overwrite,
                                   tokenizer=cfg.tokenizer)
             print(f"exported {cfg.load} -> {cfg.out}")

@@ -24,7 +24,7 @@ import types
 import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from megatron_mmbert.config_base import ConfigError, describe_tree, field_docs, from_dict
+from megatron_mmbert.config_base import ConfigError, YAMLTooLarge, describe_tree, field_docs, from_dict, safe_load_yaml
 from megatron_mmbert.fileio import OutputRefused
 
 
@@ -218,9 +218,11 @@ def load_yaml(path: str, what: str = "options") -> Dict[str, Any]:
 
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = safe_load_yaml(f, f"--config {path}")
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
+    except YAMLTooLarge as e:
+        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     if data is None:
@@ -248,6 +250,14 @@ def run_reporting(body: Callable[[], int], prefix: str = "", spec: Optional["Con
         return 2
     except OSError as exc:
         print(f"{prefix}error: {os_error_text(exc)}", file=sys.stderr)
+        return 1
+    except BaseException as exc:  # a disk error a library wrapped (torch.save, safetensors, torch DCP)
+        from megatron_mmbert.fileio import disk_error
+
+        err = None if isinstance(exc, (KeyboardInterrupt, SystemExit)) else disk_error(exc)
+        if err is None:
+            raise
+        print(f"{prefix}error: {os_error_text(err)}", file=sys.stderr)
         return 1
 
 

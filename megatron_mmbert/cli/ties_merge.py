@@ -51,6 +51,9 @@ class MergeConfig:
     """Replace ``out`` if it is a previous ties_merge output."""
     verify: bool = True
     """Check megatron inputs' file sizes and SHA-256 against those recorded at save time."""
+    allow_other_tokenizer: bool = False
+    """Merge inputs made with different tokenizers (recorded in their checkpoints, or their
+    ``tokenizer.json``); off: stop naming two of them."""
     quiet: bool = False
     """No progress lines."""
 
@@ -90,6 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg.base, cfg.models, cfg.spec, cfg.out, out_format=cfg.out_format,
             chunk_bytes=int(cfg.chunk_mb * 2**20), overwrite=cfg.overwrite,
             log=None if cfg.quiet else sys.stderr, verify=cfg.verify,
+            allow_other_tokenizer=cfg.allow_other_tokenizer,
         )
     except ConfigError as err:
         print(f"ties_merge: error: {options.explain(err)}", file=sys.stderr)

@@ -20,7 +20,7 @@ from megatron_mmbert.checkpoints.layout import HF_CONFIG, has_tokenizer_files, s
 from megatron_mmbert.checkpoints.tensors import HFSource
 from megatron_mmbert.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_mmbert.convert import hf as hf_map
-from megatron_mmbert.fileio import check_output_dir, publish_directory, write_output_marker
+from megatron_mmbert.fileio import check_output_dir, publish_directory, raise_disk_error, write_output_marker
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,9 @@ def export_hf(
         save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "pt"})
         write_output_marker(tmp, "export-hf", source=os.path.abspath(load_dir))
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # ours: nothing half-written is left behind
+        raise_disk_error(exc, out_dir, "the export")
         raise
     publish_directory(tmp, out_dir)
     return model

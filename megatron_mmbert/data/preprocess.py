@@ -37,15 +37,18 @@ so they run side by side. ``finalize`` then runs no unit: it checks that every u
 its marker (naming the missing ones and the shard task that owns them) and writes the manifest, the
 same bytes a one-process run writes.
 
-Held-out data (``holdout_docs`` / ``holdout_fraction``): documents chosen by the sha256 of their text go
+Held-out data (``holdout_docs`` / ``holdout_fraction``): documents chosen by the sha256 of their normalised
+text (``normalize_text``: NFC, whitespace runs as one space, stripped) go
 to ``OUT/heldout/{lang}/`` with their own ``OUT/heldout/manifest.json`` (same format) and never into the
 training shards. ``holdout_fraction`` f holds out a document iff its hash, read as a number in [0, 1), is
-below f: a property of the text alone. ``holdout_docs`` N holds out, per language, the N smallest hashes
-(at most half of the language's documents, so training keeps some of every language); a first pass
+below f: a property of the text alone. ``holdout_docs`` N holds out, per language, the texts of the N smallest
+hashes whose documents (every copy counted) fit in min(N, half of the language's documents); a first pass
 (``_scan_unit``, parallel over the units, cached per unit in ``OUT/.preprocess/holdout/``) reads the
-documents without tokenizing and keeps each unit's N smallest per language, and the selection is the N
-smallest of their union. Both depend on the inputs only, never on workers, units or shard tasks; every copy
-of a held-out text is held out, so a duplicate never leaks it into training. The selection is recorded in
+documents without tokenizing and keeps each unit's N smallest per language with their counts, and the
+selection is taken from their union (``select_heldout``). Both depend on the inputs only, never on workers,
+units or shard tasks; every copy of a held-out text is held out, in every language it appears in, so a
+duplicate never leaks it into training; a language that would lose more than half of its documents so is
+an error naming it. The selection is recorded in
 ``OUT/.preprocess/holdout.json``; a rerun that would select differently (inputs added) while units are done
 is refused.
 
@@ -64,13 +67,15 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
+import unicodedata
 from typing import Dict, List, Optional, Tuple
 
 
 from megatron_mmbert.checkpoints.layout import store_tokenizer
-from megatron_mmbert.fileio import atomic_write_json
+from megatron_mmbert.fileio import LockFileRefused, atomic_write_json, open_lock_file
 from megatron_mmbert.data.shards import (
     HELDOUT_DIR,
     MANIFEST_NAME,
@@ -252,7 +257,7 @@ def _fingerprint(cfg: PreprocessConfig, identity: TokenizerIdentity) -> str:
         "prefix": cfg.prefix,
     }
     if cfg.holdout:  # absent otherwise: outputs made before held-out data existed keep their unit ids
-        fields["holdout"] = {"docs": cfg.holdout_docs, "fraction": cfg.holdout_fraction}
+        fields["holdout"] = {"docs": cfg.holdout_docs, "fraction": cfg.holdout_fraction, "hash": HASH_RULE}
     return json.dumps(fields, sort_keys=True)
 
 
@@ -260,39 +265,107 @@ def _fingerprint(cfg: PreprocessConfig, identity: TokenizerIdentity) -> str:
 # Held-out documents
 
 
+HASH_RULE = "sha256(NFC, whitespace runs as one space, stripped)"
+"""How a document's text is normalised before hashing (recorded in the unit fingerprint): near-duplicates
+that differ only in Unicode composition or whitespace (a trailing newline, CRLF, doubled spaces) hash alike,
+so no copy of a held-out text trains."""
+
+
+def normalize_text(text: str) -> str:
+    """The text the held-out hash is taken of: Unicode NFC, every run of whitespace (``str.split``'s
+    definition) replaced by one space, none at either end. Case and punctuation are kept."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
 def doc_hash(text: str) -> str:
-    """What selects held-out documents: the sha256 (hex) of the document's UTF-8 text."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """What selects held-out documents: the sha256 (hex) of the document's normalised UTF-8 text."""
+    return hashlib.sha256(normalize_text(text).encode("utf-8")).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
 class HoldoutRule:
-    """Which documents are held out: a hash below ``fraction`` (as a number in [0, 1)), or one of ``hashes``."""
+    """Which documents are held out: a hash below ``fraction`` (as a number in [0, 1)), or one of ``hashes``
+    (whatever the document's language: a text held out in one language is held out in every language)."""
 
     fraction: float = 0.0
-    hashes: Optional[Dict[str, frozenset]] = None
-    """language -> the selected hashes (``holdout_docs``)."""
+    hashes: Optional[frozenset] = None
+    """The selected hashes (``holdout_docs``), the union over languages."""
 
     def held_out(self, lang: str, digest: str) -> bool:
         if self.hashes is not None:
-            return digest in self.hashes.get(lang, ())
+            return digest in self.hashes
         return self.fraction > 0 and int(digest[:16], 16) < self.fraction * (1 << 64)
 
 
 def _scan_unit(unit: WorkUnit) -> dict:
-    """A unit's ``holdout_docs`` candidates: per language its N smallest distinct hashes and its document
-    count (bad records are skipped here and reported by the unit's real run)."""
+    """A unit's ``holdout_docs`` candidates: per language its N smallest distinct hashes with the number of
+    documents of each, and its document count (bad records are skipped here and reported by the unit's
+    real run). A hash among a language's N smallest overall is among every unit's N smallest, so summing
+    the units' counts gives its exact count."""
     cfg: PreprocessConfig = _WORKER["scan_cfg"]
     log = BadInputLog(strict=False, max_locations=0)
-    seen: Dict[str, set] = {}
+    seen: Dict[str, Dict[str, int]] = {}
     docs: Dict[str, int] = {}
     for seg in unit.segments:
         for lang, text in read_segment(seg, cfg.read, log, lambda n: None):
-            seen.setdefault(lang, set()).add(doc_hash(text))
+            counts = seen.setdefault(lang, {})
+            digest = doc_hash(text)
+            counts[digest] = counts.get(digest, 0) + 1
             docs[lang] = docs.get(lang, 0) + 1
     return {"id": unit.id, "holdout_docs": cfg.holdout_docs,
-            "languages": {lang: {"documents": docs[lang], "smallest": sorted(h)[: cfg.holdout_docs]}
-                          for lang, h in sorted(seen.items())}}
+            "languages": {lang: {"documents": docs[lang],
+                                 "smallest": [[h, c[h]] for h in sorted(c)[: cfg.holdout_docs]]}
+                          for lang, c in sorted(seen.items())}}
+
+
+def select_heldout(candidates: Dict[str, Dict[str, int]], documents: Dict[str, int], holdout_docs: int
+                   ) -> Dict[str, List[str]]:
+    """language -> its held-out hashes: the smallest of its candidate texts (hash -> documents) whose
+    documents fit in ``min(holdout_docs, documents // 2)``. The cap counts documents, every copy of a
+    text included, so training keeps at least half of every language. Then every selected text is held
+    out in every language it appears in; a language that would so lose more than half of its documents
+    is an error naming it."""
+    selection: Dict[str, List[str]] = {}
+    for lang, counts in sorted(candidates.items()):
+        cap, taken, chosen = min(holdout_docs, documents[lang] // 2), 0, []
+        for h in sorted(counts):
+            if taken + counts[h] <= cap:
+                chosen.append(h)
+                taken += counts[h]
+        selection[lang] = chosen
+    union = {h for hs in selection.values() for h in hs}
+    over = []
+    for lang, counts in sorted(candidates.items()):
+        held = sum(c for h, c in counts.items() if h in union)
+        if held * 2 > documents[lang]:
+            over.append(f"{lang} ({held} of {documents[lang]})")
+    if over:
+        raise_over_half(over)
+    return selection
+
+
+def raise_over_half(over: List[str]) -> None:
+    raise PreprocessError(
+        f"held-out data would take more than half of the documents of {', '.join(over[:10])}"
+        f"{' ...' if len(over) > 10 else ''}: a held-out text is held out in every language it appears in, and "
+        "these languages share texts with others' held-out selections. Lower holdout_docs / holdout_fraction, "
+        "or remove the duplicated texts from the inputs", field="holdout_docs")
+
+
+def check_heldout_share(markers: List[dict]) -> None:
+    """After all units: no language lost more than half of its documents to the held-out split (a text
+    held out for another language also counts; with ``holdout_fraction`` a small language can draw it)."""
+    train: Dict[str, int] = {}
+    held: Dict[str, int] = {}
+    for m in markers:
+        for lang, sh in m.get("shards", {}).items():
+            train[lang] = train.get(lang, 0) + sh["documents"]
+        for lang, sh in m.get("heldout", {}).items():
+            held[lang] = held.get(lang, 0) + sh["documents"]
+    over = [f"{lang} ({n} of {n + train.get(lang, 0)})" for lang, n in sorted(held.items())
+            if n > train.get(lang, 0)]
+    if over:
+        raise_over_half(over)
 
 
 def _init_scanner(cfg: PreprocessConfig) -> None:
@@ -340,17 +413,19 @@ def _holdout_rule(cfg: PreprocessConfig, units: List[WorkUnit], markers: List[di
             with ctx.Pool(min(cfg.workers, len(todo)), initializer=_init_scanner, initargs=(cfg,)) as pool:
                 for scan in pool.imap_unordered(_scan_unit, sorted(todo, key=lambda u: (-u.size, u.id))):
                     keep(scan)
-    # The cap (half of a language's documents, so training keeps some of every language) uses document
-    # counts, which add up exactly across units whatever the split (distinct texts would not).
-    smallest: Dict[str, set] = {}
+    candidates: Dict[str, Dict[str, int]] = {}
     documents: Dict[str, int] = {}
     for scan in scans.values():
         for lang, entry in scan["languages"].items():
-            smallest.setdefault(lang, set()).update(entry["smallest"])
+            counts = candidates.setdefault(lang, {})
+            for h, c in entry["smallest"]:
+                counts[h] = counts.get(h, 0) + c
             documents[lang] = documents.get(lang, 0) + entry["documents"]
-    selection = {lang: sorted(h)[: min(cfg.holdout_docs, documents[lang] // 2)]
-                 for lang, h in sorted(smallest.items())}
-    record = {"holdout_docs": cfg.holdout_docs, "units": sorted(u.id for u in units), "languages": selection}
+    # Only the N smallest of each language's union are exact (a larger hash may be missing in some unit).
+    candidates = {lang: {h: c[h] for h in sorted(c)[: cfg.holdout_docs]} for lang, c in candidates.items()}
+    selection = select_heldout(candidates, documents, cfg.holdout_docs)
+    record = {"holdout_docs": cfg.holdout_docs, "hash": HASH_RULE, "units": sorted(u.id for u in units),
+              "languages": selection}
     path = os.path.join(cfg.output, STATE_DIR, "holdout.json")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
@@ -363,7 +438,7 @@ def _holdout_rule(cfg: PreprocessConfig, units: List[WorkUnit], markers: List[di
                 field="output",
             )
     _write_json(path, record)
-    return HoldoutRule(hashes={lang: frozenset(h) for lang, h in selection.items()})
+    return HoldoutRule(hashes=frozenset(h for hs in selection.values() for h in hs))
 
 
 def assign_shards(units: List[WorkUnit], num_shards: int) -> Dict[str, int]:
@@ -724,19 +799,94 @@ def _build_manifest(output: str, identity: TokenizerIdentity, dtype: str, marker
     return Manifest(identity, dtype, languages, root=os.path.abspath(output))
 
 
-def _remove_partials(output: str, unit_ids: Optional[List[str]] = None) -> None:
-    """Remove what killed runs left half-written: everything, or (a shard task, while other tasks write
-    theirs) only the files of ``unit_ids``."""
-    if unit_ids is None:
-        for path in glob.glob(os.path.join(output, "**", "*.partial"), recursive=True):
-            os.remove(path)
-        for path in glob.glob(os.path.join(output, STATE_DIR, "**", "*.partial"), recursive=True):
-            os.remove(path)
+def _remove_partials(output: str, prefix: str, unit_ids: Optional[List[str]] = None) -> None:
+    """Remove what killed runs of ours left half-written, by name only and never through a link: the
+    shard files ``{lang}/{prefix}-{unit}.{bin,idx}.partial`` (and under ``heldout/``), the manifests'
+    ``manifest.json.partial`` and ``.preprocess/``'s atomic-write temporaries. ``unit_ids`` (a shard
+    task, while other tasks write theirs): only those units' shard files."""
+    ids = "|".join(re.escape(u) for u in unit_ids) if unit_ids is not None else "[0-9a-f]+"
+    shard_partial = re.compile(rf"^{re.escape(prefix)}-({ids})\.(bin|idx)\.partial$")
+    for root in (output, os.path.join(output, HELDOUT_DIR)):
+        for folder in _real_subfolders(root):
+            _remove_matching(folder, shard_partial)
+    if unit_ids is not None:
         return
-    for uid in unit_ids:
-        for folder in ("*", os.path.join(HELDOUT_DIR, "*")):
-            for path in glob.glob(os.path.join(glob.escape(output), folder, f"*-{uid}.*.partial")):
-                os.remove(path)
+    _remove_matching(output, re.compile(rf"^{re.escape(MANIFEST_NAME)}\.partial$"))
+    _remove_matching(os.path.join(output, HELDOUT_DIR), re.compile(rf"^{re.escape(MANIFEST_NAME)}\.partial$"))
+    state_partial = re.compile(r"^.+\.partial-\d+$")  # fileio.atomic_write_text's temporaries
+    for folder in (STATE_DIR, os.path.join(STATE_DIR, "units"), os.path.join(STATE_DIR, "holdout")):
+        if _is_real_dir(os.path.join(output, folder)):
+            _remove_matching(os.path.join(output, folder), state_partial)
+
+
+def _is_real_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _real_subfolders(root: str) -> List[str]:
+    """The folders directly in ``root`` that are folders themselves (a symlinked folder is not ours)."""
+    if not _is_real_dir(root):
+        return []
+    with os.scandir(root) as it:
+        return [e.path for e in it if e.is_dir(follow_symlinks=False)]
+
+
+def _remove_matching(folder: str, pattern: "re.Pattern[str]") -> None:
+    """Remove the regular files (not links) directly in ``folder`` whose names match ``pattern``."""
+    if not _is_real_dir(folder):
+        return
+    with os.scandir(folder) as it:
+        for e in it:
+            if pattern.match(e.name) and e.is_file(follow_symlinks=False):
+                os.remove(e.path)
+
+
+def _open_lock(path: str) -> int:
+    """A lock file of the output (never through a link, never truncated; see ``fileio.open_lock_file``)."""
+    try:
+        return open_lock_file(path)
+    except LockFileRefused as exc:
+        raise PreprocessError(str(exc), field="output") from None
+
+
+def _is_preprocess_output(output: str) -> bool:
+    """A folder a preprocess run made: its state folder, or (made before the state folder existed) a manifest."""
+    if _is_real_dir(os.path.join(output, STATE_DIR)):
+        return True
+    manifest = os.path.join(output, MANIFEST_NAME)
+    if os.path.isfile(manifest) and not os.path.islink(manifest):
+        try:
+            load_manifest(manifest)
+            return True
+        except Exception:  # noqa: BLE001 - anything unreadable is not ours
+            return False
+    return False
+
+
+def check_output_folder(output: str, inputs: List[str]) -> None:
+    """Refuse an output that is, holds or lies inside an input (its shards would be read back as input),
+    and a non-empty folder that is not a previous output of preprocessing (its files are not ours to
+    replace or clean up)."""
+    real_out = os.path.realpath(output)
+    for raw in inputs:
+        real_in = os.path.realpath(raw)
+        inside = real_out == real_in or real_out.startswith(real_in.rstrip(os.sep) + os.sep)
+        holds = real_in.startswith(real_out.rstrip(os.sep) + os.sep)
+        if inside or holds:
+            where = "is the input" if real_out == real_in else ("lies inside the input" if inside else "holds the input")
+            raise PreprocessError(
+                f"output {output} {where} {raw}: its shards would be read back as input (or the input "
+                "overwritten); choose an output folder outside every input", field="output"
+            )
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise PreprocessError(f"output {output} exists and is not a folder; choose a new output folder", field="output")
+    if os.path.isdir(output) and os.listdir(output) and not _is_preprocess_output(output):
+        shown = sorted(os.listdir(output))
+        raise PreprocessError(
+            f"output {output} is a non-empty folder that no preprocess run made (no {STATE_DIR}/ or "
+            f"{MANIFEST_NAME}; it holds {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''}); its files "
+            "would be mixed with the shards: choose a new or empty output folder", field="output"
+        )
 
 
 def _refuse_other_shard_counts(output: str, num_shards: int) -> None:
@@ -744,14 +894,16 @@ def _refuse_other_shard_counts(output: str, num_shards: int) -> None:
     for path in sorted(glob.glob(os.path.join(glob.escape(output), STATE_DIR, "lock.shard-*-of-*"))):
         if path.endswith(f"-of-{num_shards}"):
             continue
-        with open(path, "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise PreprocessError(
-                    f"shard tasks with num_shards={path.rsplit('-of-', 1)[1]} are writing {output}; every task of "
-                    f"one output must use the same num_shards (this one has {num_shards})", field="num_shards"
-                ) from None
+        fd = _open_lock(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PreprocessError(
+                f"shard tasks with num_shards={path.rsplit('-of-', 1)[1]} are writing {output}; every task of "
+                f"one output must use the same num_shards (this one has {num_shards})", field="num_shards"
+            ) from None
+        finally:
+            os.close(fd)
 
 
 def _check_finalize(units: List[WorkUnit], done: set, output: str) -> None:
@@ -870,21 +1022,22 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     if cfg.split_sentences:
         SentenceSplitter(cfg.nltk_language)  # fail now, not in every worker
     dtype = token_dtype(identity.vocab_size).name
+    check_output_folder(cfg.output, cfg.inputs)
     os.makedirs(os.path.join(cfg.output, STATE_DIR), exist_ok=True)
 
     # One run (or finalize) holds the folder alone; shard tasks share it, each holding its own shard.
-    lock = open(os.path.join(cfg.output, STATE_DIR, "lock"), "w")
+    lock = _open_lock(os.path.join(cfg.output, STATE_DIR, "lock"))
     shard_lock = None
     try:
         fcntl.flock(lock, (fcntl.LOCK_SH if sharded else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         if sharded:
             name = f"lock.shard-{cfg.shard_index}-of-{cfg.num_shards}"
-            shard_lock = open(os.path.join(cfg.output, STATE_DIR, name), "w")
+            shard_lock = _open_lock(os.path.join(cfg.output, STATE_DIR, name))
             fcntl.flock(shard_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.close()
+        os.close(lock)
         if shard_lock is not None:
-            shard_lock.close()
+            os.close(shard_lock)
         what = f"shard {cfg.shard_index} of {cfg.num_shards} of " if sharded and shard_lock is not None else ""
         raise PreprocessError(f"another preprocess is writing {what}{cfg.output} (a one-process run or finalize "
                               "excludes shard tasks); wait for it to finish") from None
@@ -904,7 +1057,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
             assignment = assign_shards(units, cfg.num_shards)
             mine = {u.id for u in units if assignment[u.id] == cfg.shard_index}
             _write_json(os.path.join(cfg.output, STATE_DIR, "shards.json"), {"num_shards": cfg.num_shards})
-        _remove_partials(cfg.output, sorted(mine) if mine is not None else None)
+        _remove_partials(cfg.output, cfg.prefix, sorted(mine) if mine is not None else None)
         markers = _forget_units_with_missing_shards(cfg.output, markers, mine)
         done = {m["id"] for m in markers}
         if cfg.finalize:
@@ -932,6 +1085,8 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         if sharded:  # the manifest needs every shard's units: finalize writes it
             markers = [m for m in markers if m["id"] in mine]
         else:
+            if cfg.holdout:
+                check_heldout_share(markers)
             manifest = _build_manifest(cfg.output, identity, dtype, markers)
             if cfg.holdout:  # first: a training manifest beside it means the held-out one is there too
                 heldout_dir = os.path.join(cfg.output, HELDOUT_DIR)
@@ -941,8 +1096,8 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
             write_manifest(manifest, os.path.join(cfg.output, MANIFEST_NAME))
     finally:
         if shard_lock is not None:
-            shard_lock.close()
-        lock.close()
+            os.close(shard_lock)
+        os.close(lock)
 
     report = BadInputLog(max_locations=cfg.max_bad_locations)
     report.merge(plan_log.files)

@@ -49,6 +49,9 @@ class EvaluateConfig:
     """Let special tokens be selected too (as ``data.mask_special_tokens`` in training)."""
     verify: bool = True
     """Check a megatron checkpoint's file digests before loading it."""
+    allow_other_tokenizer: bool = False
+    """Evaluate a model whose tokenizer (recorded in its checkpoint, or its ``tokenizer.json``) is not
+    the manifest's. Off: stop naming both, since the ids would mean other tokens and the loss be wrong."""
     quiet: bool = False
     """No per-language progress lines."""
 

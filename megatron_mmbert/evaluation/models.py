@@ -21,6 +21,25 @@ def checkpoint_kind(path: str) -> str:
     return layout.detect_format(path)
 
 
+def check_modernbert(path: str) -> None:
+    """Refuse an HF folder that is not a ``ModernBertForMaskedLM`` (another architecture would score a
+    different model's loss, and one with ``auto_map`` asks to run its own code)."""
+    import json
+
+    from megatron_mmbert.checkpoints.layout import HF_CONFIG
+
+    try:
+        with open(os.path.join(path, HF_CONFIG), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{os.path.join(path, HF_CONFIG)}: unreadable ({exc})", field="hf_dir") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "modernbert" or "auto_map" in config:
+        what = f"model_type {model_type!r}" + (" with auto_map (its own code)" if "auto_map" in config else "")
+        raise ConfigError(f"{path} is not a ModernBERT masked-LM folder ({what}); evaluate scores ModernBERT "
+                          "models only (a checkpoint of ours, or its export-hf folder)", field="hf_dir")
+
+
 def load_megatron(path: str, tp: int, pp: int, seed: int, verify: bool = True):
     """``(chunks, model config, runtime)`` of a checkpoint loaded at the TP/PP layout, in eval mode.
 
@@ -76,8 +95,11 @@ class HFScorer:
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("a Hugging Face model is evaluated in one process; run without torchrun")
+        check_modernbert(path)
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.model = AutoModelForMaskedLM.from_pretrained(path, attn_implementation="eager").float().eval()
+        # trust_remote_code=False: a folder asking for its own code is refused, never prompted about.
+        self.model = AutoModelForMaskedLM.from_pretrained(path, attn_implementation="eager",
+                                                          trust_remote_code=False).float().eval()
         self.model.to(self.device)
         self.vocab_size = int(self.model.config.vocab_size)
 
@@ -108,4 +130,4 @@ def all_reduce(t: torch.Tensor, device) -> torch.Tensor:
     return t
 
 
-__all__: List[str] = ["checkpoint_kind", "load_megatron", "MegatronScorer", "HFScorer", "open_scorer", "all_reduce"]
+__all__: List[str] = ["check_modernbert", "checkpoint_kind", "load_megatron", "MegatronScorer", "HFScorer", "open_scorer", "all_reduce"]

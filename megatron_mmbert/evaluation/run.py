@@ -178,6 +178,23 @@ def _previous(done, path: str, run_settings: Dict, fingerprint: str):
     return old if same else None
 
 
+def check_tokenizers(cfg: EvaluateConfig, paths: List[str], manifest, manifest_path: str) -> None:
+    """Every model was made with the manifest's tokenizer (unless ``allow_other_tokenizer``): ids of
+    another tokenizer of the same vocabulary size would be scored as other tokens, a wrong loss."""
+    from megatron_mmbert.checkpoints.layout import data_tokenizer_dir, tokenizer_mismatch
+
+    for path in paths:
+        why = tokenizer_mismatch(path, manifest.tokenizer.to_json(), data_tokenizer_dir(manifest_path))
+        if why is None:
+            continue
+        if cfg.allow_other_tokenizer:
+            print(f"WARNING: allow_other_tokenizer: {why}", file=sys.stderr, flush=True)
+            continue
+        raise ConfigError(f"{why}; its loss on this manifest would be meaningless. Evaluate on data made with the "
+                          "model's tokenizer, or set allow_other_tokenizer to do it anyway",
+                          field="allow_other_tokenizer")
+
+
 def evaluate(cfg: EvaluateConfig) -> Tuple[Dict, str]:
     """Evaluate (or compare); on rank 0 write the files and return ``(result, text table)``."""
     from megatron_mmbert import runtime
@@ -193,6 +210,7 @@ def evaluate(cfg: EvaluateConfig) -> Tuple[Dict, str]:
         raise ConfigError(f"load={cfg.load!r} is a Hugging Face directory: pass it as hf_dir", field="load")
     if cfg.hf_dir and kinds[0] != "hf":
         raise ConfigError(f"hf_dir={cfg.hf_dir!r} is a megatron-mmbert checkpoint: pass it as load", field="hf_dir")
+    check_tokenizers(cfg, paths, manifest, manifest_path)
     out = prepare_output(cfg.out) if _is_rank0() else os.path.abspath(cfg.out)
     rows = build_rows(cfg, manifest, languages)
     size_tokens = {lang: e.tokens for lang, e in sizes.languages.items()}

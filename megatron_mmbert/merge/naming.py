@@ -33,7 +33,9 @@ from megatron_mmbert.checkpoints.dist import read_model_config
 from megatron_mmbert.checkpoints.layout import (
     CONFIG_FILE,
     FORMATS,
+    TOKENIZER_RECORD,
     CheckpointError,
+    checkpoint_tokenizer,
     copy_tokenizer_files,
     detect_format,
     tokenizer_dir,
@@ -261,6 +263,10 @@ def write_output_metadata(inputs: MergeInputs, out_dir: str) -> None:
         model = to_dict(inputs.model)
     tok_src = tokenizer_dir(template.path) if fmt == "megatron" else template.path
     copy_tokenizer_files(tok_src, tokenizer_dir(out_dir))
-    write_config(out_dir, {"model": model, "source": "ties_merge"})  # last: digests of every file
+    payload = {"model": model, "source": "ties_merge"}
+    recorded = checkpoint_tokenizer(template.path)
+    if recorded is not None:  # the inputs' tokenizer (merge_checkpoints checked they share one)
+        payload[TOKENIZER_RECORD] = recorded
+    write_config(out_dir, payload)  # last: digests of every file
 
 

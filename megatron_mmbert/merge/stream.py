@@ -36,8 +36,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 import torch
 
 from megatron_mmbert.config_base import ConfigError
-from megatron_mmbert.fileio import check_output_dir, publish_directory, write_output_marker
-from megatron_mmbert.checkpoints.layout import MERGE_REPORT, CheckpointError
+from megatron_mmbert.fileio import check_output_dir, publish_directory, raise_disk_error, write_output_marker
+from megatron_mmbert.checkpoints.layout import MERGE_REPORT, CheckpointError, same_tokenizer
 from megatron_mmbert.checkpoints.tensors import MegatronSink, SafetensorsSink, TensorInfo
 from megatron_mmbert.merge.naming import megatron_converter, open_inputs, write_output_metadata
 from megatron_mmbert.merge.ties import (
@@ -289,8 +289,12 @@ def merge_checkpoints(
     max_shard_bytes: int = 5 * 2**30,
     log: Optional[TextIO] = sys.stderr,
     verify: bool = True,
+    allow_other_tokenizer: bool = False,
 ) -> Dict[str, object]:
     """Merge ``models`` (against ``base``) into the checkpoint directory ``out``; returns the report.
+
+    Inputs made with different tokenizers (recorded identities, or ``tokenizer.json`` files) are
+    refused unless ``allow_other_tokenizer``: same-shaped embeddings of other vocabularies average into noise.
 
     ``base`` is required for ties and task_arithmetic; for linear and ema it is optional and, if
     given, only supplies the non-float tensors and the config (else the first model does).
@@ -302,6 +306,11 @@ def merge_checkpoints(
         raise ConfigError(f"method {spec.method} needs base (the checkpoint the models branched from)", field="base")
     paths = ([base] if base is not None else []) + list(models)
     out = check_output_dir(out, "ties_merge", inputs=paths, overwrite=overwrite)
+    why = same_tokenizer(paths)
+    if why is not None and not allow_other_tokenizer:
+        raise ConfigError(f"merge inputs of different tokenizers: {why}; their embedding rows mean different "
+                          "tokens. Merge checkpoints of one tokenizer, or set allow_other_tokenizer on purpose",
+                          field="allow_other_tokenizer")
     inputs = open_inputs(paths, out_format, verify=verify)
     sources = inputs.sources
     tmp = f"{out}.tmp-{os.getpid()}"
@@ -344,8 +353,9 @@ def merge_checkpoints(
         write_output_marker(tmp, "ties_merge")
         publish_directory(tmp, out)
         return report
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_disk_error(exc, out, "the merged checkpoint")
         raise
     finally:
         inputs.close()

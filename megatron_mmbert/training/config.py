@@ -28,7 +28,7 @@ from megatron_mmbert.config import (
     PhaseConfig,
     load_model_config,
 )
-from megatron_mmbert.config_base import ConfigError, apply_overrides, from_dict, to_dict
+from megatron_mmbert.config_base import ConfigError, YAMLTooLarge, apply_overrides, from_dict, safe_load_yaml, to_dict
 
 
 @dataclass
@@ -176,6 +176,11 @@ class CheckpointSection:
     verify_on_load: bool = True
     """Check every file of the checkpoint resumed from (or ``init.checkpoint``) against the sizes
     and SHA-256 recorded at save time before loading it (False: skip, for huge checkpoints)."""
+    allow_other_tokenizer: bool = False
+    """Load a checkpoint (resumed from, or ``init.checkpoint``) whose recorded tokenizer is not
+    ``data.manifest``'s. Off: such a start stops naming both tokenizers (ids of two tokenizers of one
+    vocabulary size fit the same embedding but mean different things). On purpose only, e.g. a
+    vocabulary transplant."""
 
 
 @dataclass
@@ -472,9 +477,11 @@ def read_yaml(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = safe_load_yaml(f, path) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        except YAMLTooLarge as e:
+            raise ConfigError(str(e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config is a mapping of sections, got {type(data).__name__}")
     parent = data.pop("inherit", None)
@@ -540,7 +547,7 @@ def load_config(path: str, overrides: Optional[List[str]] = None) -> RunConfig:
 
 
 def resolved_dict(cfg: RunConfig) -> Dict[str, Any]:
-    """The fully resolved config as a plain dict (what is written to ``{run_dir}/config.yaml``)."""
+    """The fully resolved config as a plain dict (what is written to ``{run_dir}/resolved_config.yaml``)."""
     return to_dict(cfg)
 
 

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_mmbert.checkpoints import dist as ckpt
-from megatron_mmbert.checkpoints.layout import data_tokenizer_dir, iter_name, phase_end_name
+from megatron_mmbert.checkpoints.layout import data_tokenizer_dir, iter_name, phase_end_name, resolved_config_path
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.fileio import DirectoryLock, DirectoryLocked
@@ -51,7 +51,7 @@ from megatron_mmbert.training.batch_plan import BatchPlan
 from megatron_mmbert.training.config import RunConfig, resolved_dict, write_resolved
 from megatron_mmbert.training.evaluation import Evaluator
 from megatron_mmbert.training.logging import RunLogger, StepMeter, memory_gib
-from megatron_mmbert.training.preflight import check_packed_row_backend, validate
+from megatron_mmbert.training.preflight import check_checkpoint_tokenizer, check_packed_row_backend, validate
 from megatron_mmbert.training.resume_check import check_resume
 from megatron_mmbert.training.state import TrainState
 from megatron_mmbert.training.stopping import StopFlag, any_rank
@@ -81,6 +81,25 @@ def reseed(seed: int, step: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(s)
 
 
+def lock_run_folders(cfg: RunConfig) -> List[DirectoryLock]:
+    """Lock ``run_dir`` and ``checkpoint.dir`` (always, wherever it is: another run may name this
+    run's ``RUN/checkpoints`` as its own): one writer per folder. All or none: on a refusal the locks
+    taken are released and ``DirectoryLocked`` (or ``LockFileRefused``, a lock path that is a link or
+    not our file) is raised."""
+    locks: List[DirectoryLock] = []
+    folders = [cfg.run_dir]
+    if os.path.realpath(cfg.checkpoint_dir) != os.path.realpath(cfg.run_dir):  # one lock file, taken once
+        folders.append(cfg.checkpoint_dir)
+    try:
+        for folder in folders:
+            locks.append(DirectoryLock(folder).acquire())
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
+
+
 # -- the trainer -----------------------------------------------------------------------------------
 
 class Trainer:
@@ -99,9 +118,9 @@ class Trainer:
         self.locks = self._lock_run_folders()
         self.log = RunLogger(cfg.run_dir, cfg.tensorboard_dir if cfg.logging.tensorboard else None, self.rt.is_main,
                              wandb=cfg.logging.wandb, config=resolved_dict(cfg))
-        check_resume(cfg, self.log.info, self.rt.device)  # against config.yaml, so before it is rewritten
+        check_resume(cfg, self.log.info, self.rt.device)  # against the stored config, so before it is rewritten
         if self.rt.is_main:
-            write_resolved(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+            write_resolved(cfg, resolved_config_path(cfg.run_dir))  # its own name: never over the user's file
             os.makedirs(cfg.checkpoint_dir, exist_ok=True)
             # Safe: the lock above means no other process can be saving here now.
             removed = ckpt.clean_incomplete(cfg.checkpoint_dir)
@@ -134,22 +153,15 @@ class Trainer:
 
     # -- start-up -----------------------------------------------------------------------------
     def _lock_run_folders(self) -> List[DirectoryLock]:
-        """Rank 0 locks ``run_dir`` (and a ``checkpoint.dir`` outside it) for the run's life: one
-        writer per run folder. Every rank learns the outcome, so a refused run exits at once."""
-        cfg = self.cfg
-        folders = [cfg.run_dir]
-        if not os.path.realpath(cfg.checkpoint_dir).startswith(os.path.realpath(cfg.run_dir) + os.sep):
-            folders.append(cfg.checkpoint_dir)
+        """Rank 0 locks the run's folders (:func:`lock_run_folders`) for the run's life. Every rank
+        learns the outcome, so a refused run exits at once."""
         locks: List[DirectoryLock] = []
         error = None
         if self.rt.is_main:
             try:
-                for folder in folders:
-                    locks.append(DirectoryLock(folder).acquire())
+                locks = lock_run_folders(self.cfg)
             except (DirectoryLocked, OSError) as exc:
                 error = str(exc)
-                for lock in locks:
-                    lock.release()
         if any_rank(error is not None, self.rt.device):
             raise ConfigError(error or "rank 0 could not lock the run folder (see its message)")
         return locks
@@ -168,6 +180,7 @@ class Trainer:
         names = [p.name for p in cfg.phases]
         if cfg.checkpoint.verify_on_load:
             ckpt.verify_checkpoint(latest)
+        self._check_tokenizer(latest, "the checkpoint resumed from")
         meta = ckpt.load_training(latest, self.chunks, self.optimizer)
         record = meta["train_state"]
         if record["phase"] not in names:
@@ -196,6 +209,7 @@ class Trainer:
         if cfg.init.checkpoint:
             if cfg.checkpoint.verify_on_load:
                 ckpt.verify_checkpoint(cfg.init.checkpoint)
+            self._check_tokenizer(cfg.init.checkpoint, "init.checkpoint")
             self._check_branch_data(ckpt.read_config(cfg.init.checkpoint).get("train_state"))
             meta = ckpt.load_training(cfg.init.checkpoint, self.chunks, self.optimizer if cfg.init.load_optimizer else None)
             self.log.info(
@@ -205,6 +219,9 @@ class Trainer:
         elif start:
             self.log.info(f"starting at phase {names[start]!r} from a fresh model (no init.checkpoint)")
         return TrainState(phase_index=start)
+
+    def _check_tokenizer(self, checkpoint: str, what: str) -> None:
+        check_checkpoint_tokenizer(self.cfg, checkpoint, what, self.stream.manifest.tokenizer.to_json(), self.log.info)
 
     def _check_branch_data(self, parent: Optional[Dict]) -> None:
         """Refuse a run from ``init.checkpoint`` whose data would not continue the checkpoint's.
@@ -306,7 +323,7 @@ class Trainer:
         path = ckpt.save_training(
             cfg.checkpoint_dir, name, self.chunks, self.optimizer, cfg.model_for_phase(phase),
             self.train_state(phase, scheduler), before_publish=before_publish,
-            tokenizer=data_tokenizer_dir(cfg.manifest_path),
+            tokenizer=data_tokenizer_dir(cfg.manifest_path), tokenizer_identity=self.stream.manifest.tokenizer.to_json(),
         )
         if self.rt.is_main:
             deleted = ckpt.apply_retention(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
@@ -491,4 +508,4 @@ def train(cfg: RunConfig) -> int:
         runtime.shutdown()
 
 
-__all__ = ["train", "Trainer", "NonFiniteError", "save_due", "reseed"]
+__all__ = ["train", "Trainer", "NonFiniteError", "save_due", "reseed", "lock_run_folders"]

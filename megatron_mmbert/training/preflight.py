@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 
+from megatron_mmbert.checkpoints.layout import RESERVED_INFIXES
 from megatron_mmbert.config import validate_layout
 from megatron_mmbert.config_base import ConfigError, check_safe_name
 from megatron_mmbert.training.batch_plan import rampup_rows
@@ -45,6 +46,10 @@ def _validate_precision(cfg: RunConfig) -> None:
     select_backend(cfg.effective_model, cfg.compute_precision, cfg.parallel.context_parallel)
 
 
+MAX_PHASE_TOKENS = 10**15
+"""A phase budget above this (300x mmBERT's three trillion tokens) is a typo, not a plan."""
+
+
 def _validate_phases(cfg: RunConfig) -> None:
     if not cfg.phases:
         raise ConfigError("phases: the run needs at least one phase")
@@ -53,9 +58,18 @@ def _validate_phases(cfg: RunConfig) -> None:
         raise ConfigError(f"phases: names must be unique, got {names}")
     for i, p in enumerate(cfg.phases):
         check_safe_name(p.name, f"phases.{i}.name")  # names checkpoint folders (phase_end_{name})
+        reserved = [x for x in RESERVED_INFIXES if x in p.name]
+        if reserved:  # phase_end_{name} would look like the leftover of an interrupted save and be deleted
+            raise ConfigError(field=f"phases.{i}.name", message=(
+                f"phases.{i}.name={p.name!r} contains {reserved[0]!r}, which marks temporary checkpoint "
+                "folders; rename the phase (e.g. without the dot)"))
         p.validate()
         if isinstance(p.languages, str) and p.languages.startswith("top:") and int(p.languages[4:]) < 1:
             raise ConfigError(f"phases.{i}.languages={p.languages!r}: top:N needs N >= 1")
+        if p.tokens > MAX_PHASE_TOKENS:
+            raise ConfigError(field=f"phases.{i}.tokens", message=(
+                f"phases.{i}.tokens={p.tokens:,} is more than {MAX_PHASE_TOKENS:.0e} tokens (mmBERT's whole recipe "
+                "is about 3e12); a typo? Give the phase's budget in tokens"))
     total = sum(p.tokens for p in cfg.phases)
     if cfg.schedule.total_tokens is not None and total != cfg.schedule.total_tokens:
         parts = " + ".join(f"{p.name} {p.tokens:,}" for p in cfg.phases)
@@ -74,8 +88,8 @@ def _validate_phases(cfg: RunConfig) -> None:
     for p in cfg.phases:
         seg = cfg.schedule.phases[p.name]
         where = f"schedule.phases.{p.name}"
-        if seg.lr <= 0:
-            raise ConfigError(f"{where}.lr must be positive, got {seg.lr}")
+        if not (math.isfinite(seg.lr) and seg.lr > 0):  # NaN and inf compare false: test the good case
+            raise ConfigError(field=f"{where}.lr", message=f"{where}.lr must be a positive finite number, got {seg.lr}")
         if seg.warmup_tokens < 0 or seg.decay_tokens < 0:
             raise ConfigError(f"{where}: warmup_tokens and decay_tokens must be >= 0")
         if seg.warmup_tokens + seg.decay_tokens > p.tokens:
@@ -86,8 +100,8 @@ def _validate_phases(cfg: RunConfig) -> None:
         if not 0.0 <= seg.final_lr_ratio <= 1.0:
             raise ConfigError(f"{where}.final_lr_ratio must be in [0, 1], got {seg.final_lr_ratio}")
         wd = seg.decoupled_weight_decay if seg.decoupled_weight_decay is not None else cfg.optimizer.decoupled_weight_decay
-        if wd < 0:
-            raise ConfigError(f"{where}: weight decay must be >= 0, got {wd}")
+        if not (math.isfinite(wd) and wd >= 0):
+            raise ConfigError(f"{where}: weight decay must be a finite number >= 0, got {wd}")
         seq_tokens = cfg.phase_global_batch(p) * p.seq_len
         if p.tokens < seq_tokens:
             raise ConfigError(
@@ -154,6 +168,11 @@ def _validate_run(cfg: RunConfig) -> None:
             raise ConfigError(f"optimizer.{field} must be in [0, 1), got {value}")
     if not (isinstance(o.adam_eps, (int, float)) and o.adam_eps > 0 and math.isfinite(o.adam_eps)):
         raise ConfigError(f"optimizer.adam_eps must be a positive finite number, got {o.adam_eps}")
+    for field in ("clip_grad", "decoupled_weight_decay"):
+        value = getattr(o, field)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(field=f"optimizer.{field}",
+                              message=f"optimizer.{field} must be a finite number >= 0, got {value}")
     c = cfg.checkpoint
     if c.every_steps < 0 or c.every_tokens < 0 or c.keep_last < 1:
         raise ConfigError(
@@ -253,7 +272,28 @@ def validate_data(cfg: RunConfig) -> None:
             )
     if cfg.data.eval_manifest and not os.path.exists(cfg.data.eval_manifest):
         raise ConfigError(f"data.eval_manifest={cfg.data.eval_manifest!r} does not exist")
+    if cfg.init.checkpoint is not None:
+        check_checkpoint_tokenizer(cfg, cfg.init.checkpoint, "init.checkpoint", manifest.tokenizer.to_json())
     _check_shards(cfg, manifest, have)
+
+
+def check_checkpoint_tokenizer(cfg: RunConfig, checkpoint: str, what: str, identity, warn=None) -> None:
+    """Stop when ``checkpoint`` (resumed from, or ``init.checkpoint``) was made with another tokenizer
+    than ``data.manifest``'s ``identity`` (``TokenizerIdentity.to_json()``), unless
+    ``checkpoint.allow_other_tokenizer`` (then ``warn`` gets the reason): vocabularies of one size load
+    silently and train on ids that mean other tokens."""
+    from megatron_mmbert.checkpoints.layout import data_tokenizer_dir, tokenizer_mismatch
+
+    why = tokenizer_mismatch(checkpoint, identity, data_tokenizer_dir(cfg.manifest_path))
+    if why is None:
+        return
+    if cfg.checkpoint.allow_other_tokenizer:
+        if warn is not None:
+            warn(f"WARNING: checkpoint.allow_other_tokenizer: {why}")
+        return
+    raise ConfigError(field="checkpoint.allow_other_tokenizer", message=(
+        f"{what}: {why}. Use data made with the checkpoint's tokenizer (data.manifest), or set "
+        "checkpoint.allow_other_tokenizer: true to load it anyway on purpose"))
 
 
 def _check_shards(cfg: RunConfig, manifest, have) -> None:
@@ -271,7 +311,7 @@ def _check_shards(cfg: RunConfig, manifest, have) -> None:
         raise ConfigError(f"data.manifest={cfg.data.manifest!r}: {exc}") from None
 
 
-__all__ = ["validate", "validate_data"]
+__all__ = ["validate", "validate_data", "check_checkpoint_tokenizer", "check_packed_row_backend"]
 
 
 SDPA_MICRO_BATCH_TOKENS = 8192

@@ -1,6 +1,6 @@
 """What a resumed run may change in its config: changed keys are a warning, resume-critical keys an error.
 
-A run writes its resolved config to ``{run_dir}/config.yaml``. When it resumes from its own
+A run writes its resolved config to ``{run_dir}/resolved_config.yaml`` (``checkpoints.layout.RESOLVED_CONFIG``). When it resumes from its own
 checkpoint, :func:`check_resume` compares this start's resolved config with that file (before the
 file is rewritten) and with what the checkpoint records (seeds, manifest digests):
 
@@ -27,7 +27,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.checkpoints.layout import resolved_config_path
+from megatron_mmbert.config_base import ConfigError, YAMLTooLarge, safe_load_yaml
 
 IGNORED_KEYS = ("run_dir", "checkpoint.dir", "checkpoint.exit_after_minutes", "logging.tensorboard_dir",
                 "data.cache_dir")
@@ -45,6 +46,7 @@ CRITICAL_KEYS: Dict[str, str] = {
     "data.anneal_segments": "the blend of a temperature-annealed phase is cut into these segments; " + _DATA,
     "init.start_phase": "the data index of a run starting at a later phase packs only the phases from there on",
     "optimizer.name": "the checkpoint's optimizer state (moments, step counts) belongs to that optimizer",
+    "data.packing": "the rows of every phase are cut by it; " + _DATA,
     **{f"model.{k}": _MODEL for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
         "global_attn_every_n_layers", "local_attention", "max_position_embeddings", "norm_eps",
@@ -130,7 +132,7 @@ def _phase_key(key: str, names: Sequence[str]) -> Optional[Tuple[str, str]]:
 
 
 def compare(stored: Dict[str, Any], new: Dict[str, Any], checkpoint_phase: str, phase_done: bool) -> List[Change]:
-    """Every changed key between two resolved configs (as ``config.yaml`` holds them), those that a
+    """Every changed key between two resolved configs (as ``resolved_config.yaml`` holds them), those that a
     checkpoint saved in ``checkpoint_phase`` (complete when ``phase_done``) forbids with a reason."""
     old_flat, new_flat = flatten(stored), flatten(new)
     old_names = list(old_flat.get("phases") or [])
@@ -157,6 +159,9 @@ def compare(stored: Dict[str, Any], new: Dict[str, Any], checkpoint_phase: str, 
                       f"{_optimizer_layout(new_flat)} one; the TP/PP/DP sizes may change, checkpoints reshard")
         elif key == "batch.global_batch_size" and default_batch:
             reason = "a phase already begun takes its global batch from it: " + _DATA
+        elif key == "data.mask_special_tokens" and in_progress is not None:
+            reason = (f"the checkpoint is in the middle of phase {in_progress!r}, whose masking would become a mix "
+                      "of two recipes (change it at a phase end, or branch from a phase_end_* checkpoint)")
         elif key in ("model.global_rope_theta", "model.local_rope_theta") and in_progress is not None:
             field = key.split(".")[1]
             if (old_flat.get(f"phases.{in_progress}.{field}") is None
@@ -182,7 +187,9 @@ def _read_stored(path: str) -> Optional[Dict[str, Any]]:
         return None
     with open(path, encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f)
+            data = safe_load_yaml(f, path)
+        except YAMLTooLarge as e:
+            raise ConfigError(str(e)) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML ({e}); restore it or delete it to resume without "
                               "the config check") from None
@@ -191,10 +198,10 @@ def _read_stored(path: str) -> Optional[Dict[str, Any]]:
 
 def check_resume(cfg, log, device=None) -> None:
     """On a resume (``checkpoint.resume`` and a ``latest`` checkpoint): compare ``cfg`` with the run's
-    stored ``{run_dir}/config.yaml`` and with the checkpoint's record (seeds, manifest digests); log
+    stored ``{run_dir}/resolved_config.yaml`` and with the checkpoint's record (seeds, manifest digests); log
     one WARNING listing the changed keys; raise one ConfigError naming the resume-critical ones.
 
-    Every rank calls it before rank 0 rewrites ``config.yaml``: it ends with one all-reduce, so no
+    Every rank calls it before rank 0 rewrites ``resolved_config.yaml``: it ends with one all-reduce, so no
     rank reads the file after the rewrite and every rank raises when any rank found a problem."""
     from megatron_mmbert.training.stopping import any_rank
 
@@ -204,7 +211,7 @@ def check_resume(cfg, log, device=None) -> None:
     except ConfigError as exc:
         error, changes, latest = exc, [], None
     if not error and changes:
-        stored_path = os.path.join(cfg.run_dir, "config.yaml")
+        stored_path = resolved_config_path(cfg.run_dir, existing=True) or resolved_config_path(cfg.run_dir)
         log(f"WARNING: the config differs from the one this run was started with ({stored_path}) in "
             f"{len(changes)} key(s): " + "; ".join(c.describe() for c in changes))
         critical = [c for c in changes if c.reason]
@@ -233,12 +240,13 @@ def resume_changes(cfg) -> Tuple[List[Change], Optional[str]]:
         return [], None
     record = read_config(latest).get("train_state") or {}
     position = record.get("data_position") or {}
-    stored = _read_stored(os.path.join(cfg.run_dir, "config.yaml"))
+    stored_path = resolved_config_path(cfg.run_dir, existing=True)
+    stored = _read_stored(stored_path) if stored_path else None
     changes: List[Change] = []
     if stored is not None:
-        new = yaml.safe_load(yaml.safe_dump(resolved_dict(cfg), sort_keys=False))  # as config.yaml holds it
+        new = yaml.safe_load(yaml.safe_dump(resolved_dict(cfg), sort_keys=False))  # as resolved_config.yaml holds it
         changes = compare(stored, new, record.get("phase", ""), bool(position.get("at_phase_end")))
-    # The checkpoint's own record: also when config.yaml is missing, or a manifest changed in place.
+    # The checkpoint's own record: also when the stored config is missing, or a manifest changed in place.
     flagged = {c.key for c in changes if c.reason}
     for key, recorded, now in (("seed", record.get("seed"), cfg.seed),
                                ("data.seed", record.get("data_seed"), cfg.data_seed)):
