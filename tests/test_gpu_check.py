@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.helpers.model import ROOT
+from tests.helpers.launch import ROOT
 
 STEPS = ("machine", "parity", "attention", "model-base", "model-base-8192", "train", "model-small", "host-syncs")
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.helpers.model import ROOT, _free_port
+from tests.helpers.launch import ROOT, free_port
 
 RUNS = ("train", "decay_anchor_heavy", "decay_cont", "decay_all")
 
@@ -34,7 +34,7 @@ def _losses_by_phase(run_dir):
 def test_quickstart_trains_merges_and_exports(tmp_path):
     out = tmp_path / "quickstart"
     # The interpreter under test (its environment is installed), as every other test's subprocess.
-    env = dict(os.environ, MASTER_PORT=str(_free_port()), PYTHON=sys.executable)
+    env = dict(os.environ, MASTER_PORT=str(free_port()), PYTHON=sys.executable)
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "quickstart.sh"), str(out)],
                           capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -11,6 +11,8 @@ import shutil
 import pytest
 from tests.helpers.training import check, launch, tiny_run_config, train_records
 
+pytestmark = pytest.mark.slow  # every test here launches pretrain_mmbert.py
+
 NO_DROPOUT = {"preset": "tiny", "num_layers": 2, "attention_output_dropout": 0.0}  # layout-independent loss
 
 
