@@ -117,3 +117,19 @@ def demo_shards(demo_corpus, demo_tokenizer, tmp_path_factory):
     run_preprocess(PreprocessConfig(inputs=[demo_corpus], output=out, tokenizer=demo_tokenizer,
                                     workers=1, chunk_bytes=8 << 10))
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# One finished tiny three-phase run, shared by every check that only reads a finished run (its log
+# lines, TensorBoard, evaluations, checkpoints) and the one-process exact-resume reference. A test
+# that uses it launches a process (once per session): it is ``slow``. Never write into it; a test
+# that relaunches it checks that nothing changed.
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_shards, tmp_path_factory):
+    """A :class:`tests.helpers.training.FinishedRun`: ``tiny_run_config`` with
+    ``TINY_RUN_SECTIONS`` over the demo shards, trained to the end on one process."""
+    from tests.helpers.training import finished_tiny_run
+
+    return finished_tiny_run(str(tmp_path_factory.mktemp("tiny_run")), os.path.join(demo_shards, "manifest.json"))

@@ -3,7 +3,9 @@ metrics and comparing checkpoints (``launch``/``check``, re-exported here, are t
 
 import json
 import os
+import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Dict, List
 
 import yaml
@@ -43,6 +45,36 @@ def tiny_run_config(path: str, manifest: str, run_dir: str, **sections) -> str:
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     return path
+
+
+# The shared session run (``tiny_run`` in tests/conftest.py): the tiny config plus an evaluation every
+# 5 steps and a NaN gradient at step 3 that nan_policy ``skip`` drops -- what its read-only checks
+# look at (tests/test_training_run.py) -- and nothing else changed.
+TINY_RUN_SECTIONS = {"logging": {"eval_interval": 5}, "train": {"nan_policy": "skip"},
+                     "debug": {"nan_grad_at_steps": [3]}}
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished run: its folder, config file, manifest, the sections given to tiny_run_config,
+    and the launch that ran it (stdout, stderr)."""
+
+    root: str
+    run_dir: str
+    config: str
+    manifest: str
+    sections: dict
+    proc: subprocess.CompletedProcess
+
+
+def finished_tiny_run(root: str, manifest: str) -> FinishedRun:
+    """Train the shared tiny three-phase run to its end under ``root`` (one process)."""
+    import copy
+
+    sections = copy.deepcopy(TINY_RUN_SECTIONS)
+    run_dir = os.path.join(root, "run")
+    config = tiny_run_config(os.path.join(root, "run.yaml"), manifest, run_dir, **copy.deepcopy(sections))
+    return FinishedRun(root, run_dir, config, manifest, sections, check(launch(config)))
 
 
 def train_records(run_dir: str) -> List[dict]:
