@@ -21,6 +21,8 @@ if _repository not in sys.path:
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
+from tests.helpers.demo_data import DEMO_LANGUAGES, DEMO_MAX_CHARS, DEMO_VOCAB, require_catalogs  # noqa: E402
+
 
 # ------------------------------------------------------------------------------------------------
 # Honest markers: a test that starts a process (a subprocess, torchrun, a multiprocessing "spawn"
@@ -67,6 +69,7 @@ class _processes_refused_unless_slow:
             def guarded_init(popen, args, *a, **k):
                 argv = [str(x) for x in args] if isinstance(args, (list, tuple)) else [str(args)]
                 if os.path.basename(argv[0]) not in LIBRARY_HELPERS:
+                    popen._child_created = False  # what Popen.__del__ reads of an object never started
                     _refuse(" ".join(argv)[:200])
                 return popen_init(popen, args, *a, **k)
 
@@ -77,8 +80,6 @@ class _processes_refused_unless_slow:
         if self.active:
             subprocess.Popen.__init__, multiprocessing.util.spawnv_passfds = self.popen_init, self.spawnv
         return False
-
-from tests.helpers.demo_data import DEMO_LANGUAGES, DEMO_MAX_CHARS, DEMO_VOCAB, require_catalogs  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
