@@ -74,8 +74,11 @@ setup(
         # Weights & Biases logging of training runs (logging.wandb in the run config)
         "wandb": ["wandb>=0.16"],
         # torch-optimi: the reference StableAdamW the tests hold ours to (needs only torch>=2.2);
-        # wandb: the offline W&B run test (tests/test_training_eval.py; ~30 s to install)
-        "test": ["pytest>=7", "torch-optimi>=0.3", "wandb>=0.16"],
+        # wandb: the offline W&B run test (tests/test_training_eval.py; ~30 s to install);
+        # mergekit: the reference TIES merge (tests/test_ties_merge.py; 0.1.5 takes the installed
+        # CPU torch and transformers 5 as they are, adding accelerate, peft, scipy, immutables);
+        # pytest-xdist: ./run-tests runs the tests in one worker per core
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "torch-optimi>=0.3", "wandb>=0.16", "mergekit>=0.1.5"],
     },
     entry_points={
         "console_scripts": [

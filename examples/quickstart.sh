@@ -4,7 +4,8 @@
 #   from the mid-training checkpoint -> TIES merge -> Hugging Face export -> held-out evaluation of
 #   mid / variants / merge side by side -> plots of the schedule, the loss and the comparison.
 #
-#   bash examples/quickstart.sh [OUT_DIR]        (default: runs/quickstart; rerunning resumes)
+#   bash examples/quickstart.sh [OUT_DIR]        (default: runs/quickstart; rerunning resumes, and
+#                                                 after a finished pass trains and merges nothing)
 #
 # Needs Python 3.10+ and the gettext catalogs of /usr/share/locale (any Debian/Ubuntu image; else
 # apt-get install -y gettext iso-codes). Installs torch (CPU) and this package when missing, with
@@ -38,6 +39,21 @@ LANGS="fra_Latn deu_Latn rus_Cyrl jpn_Jpan arb_Arab hin_Deva ell_Grek kor_Hang c
 CONFIG=examples/configs/tiny_cpu.yaml
 COMMON=(--data.manifest "$OUT/shards/manifest.json" --data.cache_dir "$OUT/index-cache")
 RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29517}" pretrain_mmbert.py)
+TRAINED=0  # set when this pass trained anything: the merge and the export are then redone
+
+# train RUN_DIR [OVERRIDES...]: train (or resume) the run in RUN_DIR; a run that already ended its
+# last phase is not relaunched (the trainer's own --is-complete says so, in one process), so a second
+# pass of this script trains nothing.
+train() {
+  local dir=$1
+  shift
+  if "$PY" pretrain_mmbert.py --config "$CONFIG" --run_dir "$dir" "${COMMON[@]}" "$@" --is-complete 2>/dev/null; then
+    echo "run already complete: $dir (not relaunched)"
+  else
+    "${RUN[@]}" --config "$CONFIG" --run_dir "$dir" "${COMMON[@]}" "$@"
+    TRAINED=1
+  fi
+}
 
 # -- 1. data ----------------------------------------------------------------------------------
 if [ ! -d "$OUT/corpus/data" ]; then
@@ -60,7 +76,7 @@ PLAN="$(sed -n 's/.*; plan: //p' "$OUT/index_plan.txt")"
 
 # -- 2. the three-phase run -------------------------------------------------------------------
 say "5/7 train pretrain -> mid -> decay ($NPROC processes)"
-"${RUN[@]}" --config "$CONFIG" --run_dir "$OUT/train" "${COMMON[@]}"
+train "$OUT/train"
 MID="$OUT/train/checkpoints/phase_end_mid"
 
 # -- 3. decay variants from the mid-training checkpoint ------------------------------------------
@@ -75,15 +91,18 @@ for v in anchor_heavy cont all; do
     cont)         extra=(--phases.decay.languages top:16) ;;
     all)          extra=(--phases.decay.languages all) ;;
   esac
-  "${RUN[@]}" --config "$CONFIG" --run_dir "$OUT/decay_$v" "${COMMON[@]}" \
-      --init.checkpoint "$MID" --init.start_phase decay --checkpoint.every_steps 0 "${extra[@]}"
+  train "$OUT/decay_$v" --init.checkpoint "$MID" --init.start_phase decay --checkpoint.every_steps 0 "${extra[@]}"
 done
 
 # -- 4. TIES merge and Hugging Face export --------------------------------------------------------
 say "7/7 TIES-merge the variants (base: $MID) and export to Hugging Face"
-"$PY" tools/ties_merge.py --method ties --base "$MID" --density 0.5 --overwrite --quiet \
-    --models "$OUT"/decay_{anchor_heavy,cont,all}/checkpoints/phase_end_decay --out "$OUT/merged"
-"$PY" tools/convert_checkpoint.py export-hf --load "$OUT/merged" --out "$OUT/hf" --overwrite
+if [ "$TRAINED" = 0 ] && [ -f "$OUT/merged/merge_report.json" ] && [ -f "$OUT/hf/config.json" ]; then
+  echo "merge and export already done from these runs: $OUT/merged, $OUT/hf"
+else
+  "$PY" tools/ties_merge.py --method ties --base "$MID" --density 0.5 --overwrite --quiet \
+      --models "$OUT"/decay_{anchor_heavy,cont,all}/checkpoints/phase_end_decay --out "$OUT/merged"
+  "$PY" tools/convert_checkpoint.py export-hf --load "$OUT/merged" --out "$OUT/hf" --overwrite
+fi
 
 # -- 5. held-out evaluation and plots --------------------------------------------------------------
 # The same masked rows of the held-out documents (never trained on) for every model; resource groups

@@ -123,6 +123,7 @@ def test_genuine_metadata_loads_through_the_allow_list(checkpoint):
     assert "embedding.word_embeddings.weight" in meta.state_dict_metadata
 
 
+@pytest.mark.slow
 def test_crafted_init_checkpoint_runs_no_code_in_training(checkpoint, tmp_path):
     from tests.helpers.training import launch, tiny_run_config, write_manifest
 
@@ -206,6 +207,7 @@ def test_tokenizer_symlink_in_a_checkpoint_is_not_followed(checkpoint, tmp_path)
 
 # -- 3. one writer per run folder ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_second_run_on_a_run_dir_exits_naming_the_holder(tmp_path):
     import socket
 

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from tests.helpers.model import _free_port
-from tests.helpers.training import ROOT, _env, check, compare_checkpoints, launch, tiny_run_config, write_manifest
+from tests.helpers.launch import ROOT, check, free_port, launch, subprocess_env
+from tests.helpers.training import compare_checkpoints, tiny_run_config, write_manifest
 
 STEPS = 24
 ONE_PHASE = {  # 24 x 8 rows x 64 tokens (25 steps: the first two take 4 rows); a save every 4 steps
@@ -39,7 +39,7 @@ def _losses(run_dir):
 
 def _is_complete(cfg):
     return subprocess.run([sys.executable, "-m", "megatron_mmbert.pretrain", "--config", cfg, "--is-complete"],
-                          env=_env(), capture_output=True, timeout=120, cwd=ROOT).returncode
+                          env=subprocess_env(), capture_output=True, timeout=120, cwd=ROOT).returncode
 
 
 @pytest.mark.slow
@@ -47,8 +47,8 @@ def test_sigterm_at_the_torchrun_agent_saves_exits_0_and_resumes_bitwise(tmp_pat
     manifest = write_manifest(tmp_path / "data")
     ref_cfg = tiny_run_config(str(tmp_path / "ref.yaml"), manifest, str(tmp_path / "ref"), **ONE_PHASE)
     cfg = tiny_run_config(str(tmp_path / "run.yaml"), manifest, str(tmp_path / "run"), **ONE_PHASE)
-    env = dict(_env(), PYTHON=sys.executable, SHUTDOWN_TIMEOUT_S="120",
-               TORCHRUN_ARGS=f"--nproc_per_node 1 --master_port {_free_port()}")
+    env = dict(subprocess_env(), PYTHON=sys.executable, SHUTDOWN_TIMEOUT_S="120",
+               TORCHRUN_ARGS=f"--nproc_per_node 1 --master_port {free_port()}")
     out = open(tmp_path / "out.txt", "w+")
     launcher = subprocess.Popen(["bash", os.path.join(ROOT, "examples", "launch_resumable.sh"), cfg], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
@@ -111,10 +111,10 @@ def test_srun_tasks_stop_on_sigusr1_with_a_checkpoint(tmp_path):
 
     cfg = tiny_run_config(str(tmp_path / "run.yaml"), write_manifest(tmp_path / "data"), str(tmp_path / "run"),
                           **ONE_PHASE)
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
-        env = dict(_env(), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
+        env = dict(subprocess_env(), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
                    SLURM_NTASKS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(k, None)

@@ -12,7 +12,8 @@ import torch
 from megatron_mmbert import runtime
 from megatron_mmbert.convert.checkpoints import export_hf, import_hf
 from megatron_mmbert.cli.evaluate import main as evaluate_main
-from tests.helpers.model import ROOT, make_hf_model
+from tests.helpers.launch import ROOT
+from tests.helpers.model import make_hf_model
 
 VOCAB = 1000  # the "odd" model of model_helpers: window 16, 5 layers, vocab not a multiple of 128
 # Languages of disjoint token ranges (so a model can tell them apart) and different sizes (groups).

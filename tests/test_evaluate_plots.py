@@ -10,7 +10,7 @@ import torch
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.evaluation import metrics, plots
-from tests.helpers.model import ROOT
+from tests.helpers.launch import ROOT
 from tests.helpers.training import write_manifest
 
 pytest.importorskip("matplotlib")
@@ -24,6 +24,7 @@ def _not_blank(path):
     assert image.shape[0] > 100 and image.shape[1] > 100 and float(image[..., :3].std()) > 0.01
 
 
+@pytest.mark.slow
 def test_schedule_plot_from_an_index_plan(tmp_path):
     from megatron_mmbert.data.index import build_data_index, write_index_plan
     from megatron_mmbert.data.shards import load_manifest

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers.model import ROOT
+from tests.helpers.launch import ROOT
 
 STEPS = ("imports", "model", "train", "parity", "attention", "host-syncs")
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")

@@ -22,8 +22,8 @@ from megatron_mmbert.cli.preprocess_data import main as cli_main
 from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
 from megatron_mmbert.data.shards import HELDOUT_DIR, heldout_manifest_for, load_manifest
 from megatron_mmbert.data.sources import ReadOptions, valid_lang
-from tests.test_preprocess import _documents, _framed
-from tests.test_preprocess_shards import _args, _files, _task
+from tests.helpers.preprocess import cli_args as _args, framed as _framed, output_files as _files
+from tests.helpers.preprocess import shard_documents as _documents, shard_task as _task
 
 N = 3
 
@@ -53,6 +53,7 @@ def _split(manifest_path):
     return {lang: sorted(map(_key, _documents(e.shards))) for lang, e in m.languages.items()}
 
 
+@pytest.mark.slow
 def test_heldout_are_the_smallest_hashes_and_never_trained_on(tmp_path, demo_corpus, demo_tokenizer):
     out = str(tmp_path / "out")
     res = run_preprocess(PreprocessConfig(inputs=[demo_corpus], output=out, tokenizer=demo_tokenizer,
@@ -107,6 +108,7 @@ def test_heldout_are_the_smallest_hashes_and_never_trained_on(tmp_path, demo_cor
                                         holdout_docs=2, holdout_fraction=0.1))
 
 
+@pytest.mark.slow
 def test_killed_shard_task_keeps_the_split(tmp_path, demo_corpus, demo_tokenizer):
     hold = ("--holdout-docs", str(N))
     out = str(tmp_path / "out")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.helpers.model import make_hf_model, save_word_tokenizer
-from tests.helpers.training import ROOT, _env
+from tests.helpers.launch import ROOT, subprocess_env
 
 pytest.importorskip("huggingface_hub")
 
@@ -38,7 +38,7 @@ def hf_home(tmp_path_factory):
 
 
 def _run(hf_home, *args, code=None, cwd=None):
-    env = dict(_env(), HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    env = dict(subprocess_env(), HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
     env.pop("HF_HUB_CACHE", None)
     env.pop("HF_TOKEN", None)
     cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", *args]
@@ -49,6 +49,7 @@ TOKENIZE = ("import sys; from megatron_mmbert.data.tokenizer import load_tokeniz
             "t = load_tokenizer(sys.argv[1]); print('IDS', t.encode_batch(['w7 w9 w300'])[0])")
 
 
+@pytest.mark.slow
 def test_tokenizer_hub_id_resolves_offline_from_the_cache(hf_home):
     for spec in ("org/tiny-mlm", f"org/tiny-mlm@{SHA}", "org/tiny-mlm@main"):
         p = _run(hf_home, spec, code=TOKENIZE)
@@ -57,6 +58,7 @@ def test_tokenizer_hub_id_resolves_offline_from_the_cache(hf_home):
         assert [i for i in ids if i in (7, 9, 300)] == [7, 9, 300], ids
 
 
+@pytest.mark.slow
 def test_uncached_id_offline_is_a_clear_error(hf_home):
     p = _run(hf_home, "org/not-cached", code=TOKENIZE)
     assert p.returncode != 0
@@ -78,6 +80,7 @@ def test_an_existing_local_path_wins_over_the_hub(hf_home, tmp_path):
         os.chdir(ROOT)
 
 
+@pytest.mark.slow
 def test_import_hf_takes_a_hub_id_offline(hf_home, tmp_path):
     out = tmp_path / "imported"
     p = _run(hf_home, "megatron_mmbert.cli.convert_checkpoint", "import-hf", "--hf-dir", "org/tiny-mlm",
@@ -149,6 +152,7 @@ def test_push_to_hub_refuses_bad_input_before_any_upload(tmp_path):
         hub.push_to_hub(str(tmp_path), "me/model")
 
 
+@pytest.mark.slow
 def test_preprocess_takes_a_hub_tokenizer_offline(hf_home, tmp_path):
     """``mmbert-preprocess --tokenizer org/name``: the shards are the tokenizer's ids of the text, and
     the manifest's tokenizer identity equals the one the cached snapshot folder gives."""
@@ -171,6 +175,7 @@ def test_preprocess_takes_a_hub_tokenizer_offline(hf_home, tmp_path):
     assert sorted(bodies) == sorted([[7, 9, 300], [11]])
 
 
+@pytest.mark.slow
 def test_merge_inputs_take_hub_ids_offline(hf_home, tmp_path):
     """``mmbert-ties-merge --base org/a --models org/b ...``: the same merge as from the snapshot folders."""
     snap = {name: str(hf_home / "hub" / f"models--org--{name}" / "snapshots" / SHA)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers.launch import ROOT as HELPERS_ROOT
+
+ROOT = Path(HELPERS_ROOT)
 VENV = ROOT / ".venv"
 BARE_PATH = "PATH=/usr/bin:/bin"
 
@@ -27,6 +29,7 @@ def _print_python(tmp_path, **env: str) -> str:
     return proc.stdout.strip()
 
 
+@pytest.mark.slow
 def test_print_python_follows_the_active_environment(tmp_path):
     assert _print_python(tmp_path) == str(VENV / "bin" / "python")
     assert _print_python(tmp_path, VIRTUAL_ENV="/opt/env") == "/opt/env/bin/python"

@@ -11,7 +11,7 @@ import pytest
 from megatron_mmbert.config import PRESETS
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.training.config import config_path, load_config, resolved_dict, shipped_configs
-from tests.helpers.training import ROOT, _env
+from tests.helpers.launch import ROOT, subprocess_env
 
 CONFIGS = os.path.join(ROOT, "examples", "configs")
 
@@ -61,9 +61,10 @@ def test_config_by_name_is_the_shipped_file():
 
 def _pretrain(*args, cwd=ROOT, env=None):
     return subprocess.run([sys.executable, "-m", "megatron_mmbert.pretrain", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env or _env(), timeout=120)
+                          text=True, cwd=cwd, env=env or subprocess_env(), timeout=120)
 
 
+@pytest.mark.slow
 def test_list_configs_and_validate_by_name(tmp_path):
     p = listing = _pretrain("--list-configs", cwd=str(tmp_path))
     assert p.returncode == 0, p.stderr
@@ -77,10 +78,11 @@ def test_list_configs_and_validate_by_name(tmp_path):
     assert p.returncode == 2 and "mmbert-pretrain: config error: --config 'mmbert-huge'" in p.stderr
     # the old script is a shim over the same entry point
     shim = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_mmbert.py"), "--list-configs"],
-                          capture_output=True, text=True, env=_env(), timeout=120)
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert shim.returncode == 0 and shim.stdout == listing.stdout
 
 
+@pytest.mark.slow
 def test_installed_package_carries_the_configs(tmp_path):
     """What ``pip install .`` installs (setup.py's build_py): the configs inside the package,
     resolved by name with their ``inherit:`` chain, outside any source checkout."""
@@ -92,7 +94,7 @@ def test_installed_package_carries_the_configs(tmp_path):
     code = ("from megatron_mmbert.training.config import config_path, load_config\n"
             "print(config_path('mmbert-small-decay-all'))\n"
             "print(load_config('mmbert-small-decay-all', ['--model.num_layers', '4']).model.num_layers)\n")
-    env = dict(_env(), PYTHONPATH=str(build))
+    env = dict(subprocess_env(), PYTHONPATH=str(build))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
                        env=env, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -96,6 +96,7 @@ def test_mask_rate_annealing(stream):
     assert stream.mask_rate("pretrain", 5) == pytest.approx(0.3)
 
 
+@pytest.mark.slow
 def test_same_rows_across_runs_and_processes(corpus, stream, tmp_path):
     again = MLMStream(corpus[0], PHASES, seed=7, cache_dir=str(tmp_path / "cache"))
     idx = [0, 5, 17, 123]

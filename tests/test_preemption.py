@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from tests.helpers.model import _free_port
-from tests.helpers.training import ROOT, _env, tiny_run_config, write_manifest
+from tests.helpers.launch import ROOT, free_port, subprocess_env
+from tests.helpers.training import tiny_run_config, write_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +35,8 @@ LONG_PHASE = {
 def _start(tmp_path, how):
     cfg = tiny_run_config(str(tmp_path / "run.yaml"), write_manifest(tmp_path / "data"), str(tmp_path / "run"),
                           **LONG_PHASE)
-    port = ["--nproc_per_node", "2", "--master_port", str(_free_port())]
-    env = _env()
+    port = ["--nproc_per_node", "2", "--master_port", str(free_port())]
+    env = subprocess_env()
     if how == "launcher":
         env.update(PYTHON=sys.executable, TORCHRUN_ARGS=" ".join(port), SHUTDOWN_TIMEOUT_S="120")
         cmd = ["bash", os.path.join(ROOT, "examples", "launch_resumable.sh"), cfg]

@@ -24,22 +24,8 @@ from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, r
 from megatron_mmbert.data.shards import load_manifest, read_index
 from megatron_mmbert.data.sources import BadInputError, ReadOptions
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _documents(prefixes):
-    """All documents of the shards, in order, as lists of ids, through megatron-core's reader."""
-    docs = []
-    for prefix in prefixes:
-        ds = IndexedDataset(prefix)
-        di = ds.document_indices
-        for d in range(len(di) - 1):
-            docs.append([int(t) for s in range(di[d], di[d + 1]) for t in ds[s]])
-    return docs
-
-
-def _framed(hf, texts):
-    return [[hf.bos_token_id] + hf(t, add_special_tokens=False).input_ids + [hf.eos_token_id] for t in texts]
+from tests.helpers.launch import ROOT
+from tests.helpers.preprocess import framed as _framed, shard_documents as _documents
 
 
 def _parquet_texts(path):

@@ -26,34 +26,8 @@ from megatron_mmbert.data.preprocess import (
     BadInputFractionError, PreprocessConfig, PreprocessError, run_preprocess, slurm_array_shard,
 )
 from megatron_mmbert.data.sources import ReadOptions, valid_lang
-from tests.test_preprocess import _documents, _framed
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHUNK_MB = "0.008"  # small units: the demo corpus makes a few dozen
-
-
-def _files(out):
-    """relative path -> bytes: shards, manifest and unit markers (not locks / state / shard plan)."""
-    files = {}
-    for d, _, fs in os.walk(out):
-        for f in fs:
-            rel = os.path.relpath(os.path.join(d, f), out)
-            if not rel.startswith(".preprocess") or rel.startswith(os.path.join(".preprocess", "units")):
-                files[rel] = open(os.path.join(d, f), "rb").read()
-    return files
-
-
-def _args(corpus, out, tok, *extra):
-    return ["--input", corpus, "--output", out, "--tokenizer", tok, "--chunk-mb", CHUNK_MB, *extra]
-
-
-def _task(corpus, out, tok, *extra, env=None):
-    """A shard task as its own process (the CLI), like one Slurm array task."""
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), *_args(corpus, out, tok, *extra)]
-    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    e.update(env or {})
-    return subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+from tests.helpers.preprocess import CHUNK_MB, cli_args as _args, framed as _framed, output_files as _files
+from tests.helpers.preprocess import shard_documents as _documents, shard_task as _task
 
 
 def _reference(corpus, tok, out):
@@ -74,6 +48,7 @@ def test_slurm_array_position():
         slurm_array_shard({**env, "SLURM_ARRAY_TASK_ID": "9"})
 
 
+@pytest.mark.slow
 def test_shard_tasks_plus_finalize_equal_one_run(tmp_path, demo_corpus, demo_tokenizer, capsys):
     out = str(tmp_path / "out")
     expected = _reference(demo_corpus, demo_tokenizer, out)
@@ -108,6 +83,7 @@ def test_shard_tasks_plus_finalize_equal_one_run(tmp_path, demo_corpus, demo_tok
         assert got[rel] == expected[rel], rel
 
 
+@pytest.mark.slow
 def test_killed_shard_task_reruns_to_the_same_bytes(tmp_path, demo_corpus, demo_tokenizer):
     out = str(tmp_path / "out")
     expected = _reference(demo_corpus, demo_tokenizer, out)

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.helpers.model import ROOT, _free_port
+from tests.helpers.launch import ROOT, free_port
 
 RUNS = ("train", "decay_anchor_heavy", "decay_cont", "decay_all")
 
@@ -34,7 +34,7 @@ def _losses_by_phase(run_dir):
 def test_quickstart_trains_merges_and_exports(tmp_path):
     out = tmp_path / "quickstart"
     # The interpreter under test (its environment is installed), as every other test's subprocess.
-    env = dict(os.environ, MASTER_PORT=str(_free_port()), PYTHON=sys.executable)
+    env = dict(os.environ, MASTER_PORT=str(free_port()), PYTHON=sys.executable)
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "quickstart.sh"), str(out)],
                           capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -90,18 +90,27 @@ def test_quickstart_trains_merges_and_exports(tmp_path):
 
     # It trains as every real run does, with the distributed optimizer (its state crossed from
     # phase_end_mid into each decay variant); rerunning the quickstart finds every run complete
-    # and leaves every checkpoint as it was.
+    # (the trainer's --is-complete: no run is relaunched), merges and exports nothing again, and
+    # leaves every checkpoint, the merge and the export as they were. (A relaunched finished run
+    # leaving everything as it was: tests/test_training_resume.py.)
     import yaml
 
     resolved = yaml.safe_load((out / "train" / "resolved_config.yaml").read_text())
     assert resolved["parallel"]["use_distributed_optimizer"] is True
-    def checkpoint_files():
-        return {p: os.stat(p).st_mtime_ns for run in RUNS
-                for p in glob.glob(str(out / run / "checkpoints" / "**"), recursive=True) if os.path.isfile(p)}
+    def written_files():
+        folders = [out / run / "checkpoints" for run in RUNS] + [out / "merged", out / "hf"]
+        return {p: os.stat(p).st_mtime_ns for folder in folders
+                for p in glob.glob(str(folder / "**"), recursive=True) if os.path.isfile(p)}
 
-    before = checkpoint_files()
+    before = written_files()
+    metrics = {run: (out / run / "metrics.jsonl").read_text() for run in RUNS}
     again = subprocess.run(["bash", os.path.join(ROOT, "examples", "quickstart.sh"), str(out)],
                            capture_output=True, text=True, env=env, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    for run in RUNS:
+        assert f"run already complete: {out / run} (not relaunched)" in again.stdout, again.stdout[-3000:]
     assert again.stdout.count("run already complete") == len(RUNS), again.stdout[-3000:]
-    assert checkpoint_files() == before
+    assert "merge and export already done" in again.stdout
+    assert "languages won: " in again.stdout and "Hugging Face export loads" in again.stdout
+    assert written_files() == before
+    assert {run: (out / run / "metrics.jsonl").read_text() for run in RUNS} == metrics  # no step taken

@@ -1,15 +1,20 @@
 """A changed config on resume: the changed keys are one WARNING; resume-critical keys (the data
 position a checkpoint records, the architecture, the optimizer) are a ConfigError naming them; keys
 derived per job (``checkpoint.exit_after_minutes`` from the Slurm time limit) and places are ignored.
-The comparison on the shipped tiny config, then one real stop / resume / refused resume."""
+The comparison on the shipped tiny config, then one real resume (of a copy of the shared session
+run's step-2 checkpoint) and one refused resume."""
 
+
+import os
+import shutil
 
 import pytest
 import yaml
 
 from megatron_mmbert.training import config as rc
 from megatron_mmbert.training.resume_check import compare, flatten
-from tests.helpers.training import launch, tiny_run_config, write_manifest
+from tests.helpers.launch import launch
+from tests.helpers.training import tiny_run_config
 
 
 def _resolved(*overrides):
@@ -96,31 +101,22 @@ def test_reordering_begun_phases_is_critical():
     assert got["phases"] is None and all(r is None for r in got.values())
 
 
-ONE_PHASE = {
-    "phases": [{"name": "pretrain", "tokens": 8 * 8 * 64, "seq_len": 64, "mask_rate": 0.3,
-                "languages": "all", "temperature": 0.7}],
-    "schedule": {"total_tokens": 8 * 8 * 64, "phases": {"pretrain": {"lr": 1.0e-3}}},
-    "batch": {"rampup_start_rows": None, "rampup_increment_rows": None, "rampup_tokens": 0},
-    "checkpoint": {"every_steps": 100, "keep_last": 5},
-    "logging": {"interval": 1, "eval_rows_per_language": 2, "eval_seq_len": 64, "tensorboard": False},
-}
-
-
-@pytest.mark.slow  # three short launches
-def test_resume_warns_on_changed_keys_and_refuses_critical_ones(tmp_path):
-    manifest = write_manifest(tmp_path / "data")
+@pytest.mark.slow  # two short launches
+def test_resume_warns_on_changed_keys_and_refuses_critical_ones(tiny_run, tmp_path):
+    # A run stopped after step 2: the shared session run's step-2 checkpoint and resolved config in
+    # a run folder of its own (run_dir and data.cache_dir are places: not compared).
     run = tmp_path / "run"
-    cfg = tiny_run_config(str(tmp_path / "run.yaml"), manifest, str(run), **ONE_PHASE)
-    # Stop after the first step (time limit 0): a checkpoint to resume from.
-    first = launch(cfg, "--checkpoint.exit_after_minutes", "0")
-    assert first.returncode == 0 and "stopping cleanly at step 1" in first.stdout, first.stderr[-2000:]
+    shutil.copytree(os.path.join(tiny_run.run_dir, "checkpoints", "iter_0000002"), run / "checkpoints" / "iter_0000002")
+    (run / "checkpoints" / "latest").write_text("iter_0000002\n")
+    shutil.copyfile(os.path.join(tiny_run.run_dir, "config.yaml"), run / "config.yaml")
+    cfg = tiny_run_config(str(tmp_path / "run.yaml"), tiny_run.manifest, str(run), **tiny_run.sections)
 
     # Harmless change + another derived time limit: a warning naming exactly the changed key.
     second = launch(cfg, "--checkpoint.exit_after_minutes", "0.0001", "--logging.interval", "2")
     assert second.returncode == 0, second.stderr[-2000:]
     warning = [line for line in second.stdout.splitlines() if line.startswith("WARNING: the config differs")]
     assert len(warning) == 1 and "in 1 key(s): logging.interval: 1 -> 2" in warning[0], second.stdout[-2000:]
-    assert "resumed from" in second.stdout and "stopping cleanly at step 2" in second.stdout
+    assert "resumed from" in second.stdout and "stopping cleanly at step 3" in second.stdout
 
     # A critical key: refused before anything is loaded, resolved_config.yaml left as the run's.
     stored = (run / "resolved_config.yaml").read_text()

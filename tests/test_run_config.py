@@ -12,7 +12,7 @@ from megatron_mmbert.training import config as rc
 from megatron_mmbert.training.batch_plan import rampup_rows
 from megatron_mmbert.training.preflight import validate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.launch import ROOT
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "examples", "configs", "*.yaml")))
 
 

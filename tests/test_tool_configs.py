@@ -13,7 +13,7 @@ from megatron_mmbert.cli.options import ConfigParser, parse_config
 from megatron_mmbert.config_base import ConfigError, from_dict
 from megatron_mmbert.data.preprocess import PreprocessConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.launch import ROOT
 
 
 @pytest.mark.parametrize("main, argv, expected", [

@@ -16,7 +16,8 @@ import subprocess
 import sys
 
 import pytest
-from tests.helpers.training import ROOT, check, launch, tiny_run_config
+from tests.helpers.launch import ROOT, check, launch
+from tests.helpers.training import tiny_run_config
 
 try:
     import wandb  # noqa: F401

@@ -1,39 +1,82 @@
-"""Exact resume: SIGKILL at arbitrary steps (one just after a phase boundary) and during a
-checkpoint write; the resumed run repeats every per-step loss and ends with bitwise the same weights.
-Relaunching a finished run changes nothing.
+"""Exact resume: a run SIGKILLed during a checkpoint write inside the batch ramp, right after a phase
+boundary and in the middle of a phase, relaunched each time with the same command, repeats every
+per-step loss of an uninterrupted run and ends with bitwise the same weights. Relaunching a finished
+run changes nothing.
 
-Each test runs twice: on one process in fp32 with megatron-core's plain optimizer, and as the shipped
-mmBERT configs train, in bf16 with the distributed optimizer over two data-parallel ranks (torchrun,
-gloo), whose optimizer state (Adam moments, fp32 main params and the Adam step count) is resharded on
-load."""
+Each test runs at two layouts:
+
+* ``one_process``: one process, fp32, megatron-core's plain Adam (the shared session run,
+  ``tiny_run`` in tests/conftest.py, is the uninterrupted reference: its NaN gradient at step 3,
+  skipped, is replayed by the resumed run too);
+* ``shipped``: what examples/configs/mmbert_base.yaml and mmbert_small.yaml train with -- amp_bf16,
+  StableAdamW without gradient clipping, best-fit packing, special tokens maskable, a batch ramp
+  (4 -> 8 rows over the first 1024 tokens: steps 1-4) and the distributed optimizer, here over two
+  data-parallel ranks (torchrun, gloo), whose optimizer state (StableAdamW's moments and step count,
+  fp32 main parameters) is resharded on load.
+
+The killed run is one run directory launched four times (kill during the save of step 4, kill after
+step ``after_boundary``, kill after step ``mid_phase``, then to the end); the module fixture records
+what each launch left, the tests check it.
+"""
 
 import hashlib
 import os
 import signal
 
 import pytest
-from tests.helpers.training import check, compare_checkpoints, launch, tiny_run_config, train_records
 
-LAYOUTS = {
-    "one_process": {"nproc": 0, "sections": {}},
-    # As mmbert_base.yaml / mmbert_small.yaml train: bf16 and the distributed optimizer, here over DP2.
-    "bf16_distributed_optimizer_dp2": {
-        "nproc": 2, "sections": {"precision": "bf16", "parallel": {"use_distributed_optimizer": True}}},
+from tests.helpers.launch import check, launch
+from tests.helpers.training import compare_checkpoints, tiny_run_config, train_records
+
+pytestmark = pytest.mark.slow  # every test here launches pretrain_mmbert.py
+
+SHIPPED = {  # as mmbert_base.yaml (and mmbert_small.yaml, which inherits it) trains
+    "precision": "amp_bf16",
+    "optimizer": {"name": "stable_adamw", "clip_grad": 0.0},
+    "data": {"packing": "best_fit", "mask_special_tokens": True},
+    "parallel": {"use_distributed_optimizer": True},
+    "batch": {"rampup_tokens": 1024},  # 4 rows (256 tokens) for steps 1-4, then 8 rows
 }
-RUNS = ("full", "killed", "save_killed")
+LAYOUTS = {
+    # pretrain ends at step 7 (phase_end_pretrain); step 8 is mid's first; the last save before 13 is 12.
+    "one_process": {"nproc": 0, "sections": None, "after_boundary": 8, "mid_phase": 13, "last_save": 12,
+                    "ramp_steps": 2},
+    # best_fit packing, ramp over 4 steps: pretrain ends at step 8; step 9 is mid's first; the last
+    # save before decay's step 15 is 14.
+    "shipped": {"nproc": 2, "sections": SHIPPED, "after_boundary": 9, "mid_phase": 15, "last_save": 14,
+                "ramp_steps": 4},
+}
+SAVE_KILLED_AT = 4  # inside the ramp of both layouts (the one_process ramp ends with step 2's rows)
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
-def runs(request, demo_shards, tmp_path_factory):
+def runs(request, tiny_run, tmp_path_factory):
+    """The uninterrupted reference and the killed-and-relaunched run of one layout."""
     layout = LAYOUTS[request.param]
+    nproc = layout["nproc"]
+    out = {"layout": layout, "nproc": nproc}
     base = tmp_path_factory.mktemp(f"resume-{request.param}")
-    manifest = os.path.join(demo_shards, "manifest.json")
-    out = {"nproc": layout["nproc"], "cfg": {}}
-    for name in RUNS:
-        out[name] = str(base / name)
-        out["cfg"][name] = tiny_run_config(str(base / f"{name}.yaml"), manifest, out[name], **layout["sections"])
-    out["full_proc"] = check(launch(out["cfg"]["full"], nproc=out["nproc"]))
+    if layout["sections"] is None:  # the shared session run is this layout's reference
+        out["full"], out["full_cfg"], sections = tiny_run.run_dir, tiny_run.config, tiny_run.sections
+    else:
+        sections = layout["sections"]
+        out["full"] = str(base / "full")
+        out["full_cfg"] = tiny_run_config(str(base / "full.yaml"), tiny_run.manifest, out["full"], **sections)
+        check(launch(out["full_cfg"], nproc=nproc))
+    killed = out["killed"] = str(base / "killed")
+    cfg = tiny_run_config(str(base / "killed.yaml"), tiny_run.manifest, killed, **sections)
+    ckpts = os.path.join(killed, "checkpoints")
+    out["save_killed"] = launch(cfg, "--debug.sigkill_during_save_at_step", str(SAVE_KILLED_AT), nproc=nproc)
+    out["after_save_kill"] = {"latest": _read(os.path.join(ckpts, "latest")), "entries": sorted(os.listdir(ckpts))}
+    out["boundary_killed"] = launch(cfg, "--debug.sigkill_at_step", str(layout["after_boundary"]), nproc=nproc)
+    out["mid_killed"] = launch(cfg, "--debug.sigkill_at_step", str(layout["mid_phase"]), nproc=nproc)
+    out["finished"] = launch(cfg, nproc=nproc)
     return out
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read().strip()
 
 
 def _assert_sigkilled(p, nproc):
@@ -43,72 +86,77 @@ def _assert_sigkilled(p, nproc):
         assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-2000:])
 
 
-def _losses_by_step(run_dir):
+def _records_by_step(run_dir):
     by = {}
     for r in train_records(run_dir):
-        by.setdefault(r["step"], []).append(r["loss"])
+        by.setdefault(r["step"], []).append(r)
     return by
 
 
 def _snapshot(directory):
-    """(path, size, mtime, sha256) of every file below ``directory``."""
+    """(path, size, mtime, sha256) of every file below ``directory`` but the run's lock (which names
+    its latest holder); the resolved config (rewritten, the same, by every launch) without mtime."""
     out = []
     for root, _, files in os.walk(directory):
         for f in sorted(files):
             path = os.path.join(root, f)
+            rel = os.path.relpath(path, directory)
+            if rel == ".lock":
+                continue
             with open(path, "rb") as fh:
                 digest = hashlib.sha256(fh.read()).hexdigest()
             st = os.stat(path)
-            out.append((os.path.relpath(path, directory), st.st_size, st.st_mtime_ns, digest))
+            out.append((rel, st.st_size, None if rel == "config.yaml" else st.st_mtime_ns, digest))
     return sorted(out)
 
 
+def test_kill_during_checkpoint_write_inside_the_ramp(runs):
+    _assert_sigkilled(runs["save_killed"], runs["nproc"])
+    after = runs["after_save_kill"]
+    assert after["latest"] == "iter_0000002"
+    assert f"iter_{SAVE_KILLED_AT:07d}" not in after["entries"]
+    assert any(".tmp-" in e for e in after["entries"])  # the interrupted write was still there
+    p = runs["boundary_killed"]  # the next launch resumed from step 2 and removed the leftovers
+    assert "resumed from" in p.stdout and "iter_0000002" in p.stdout and "removed leftovers" in p.stdout, \
+        p.stdout[-3000:]
+    # the ramp: the steps replayed from step 3 ran with the ramp's rows, as the uninterrupted run did
+    full, resumed = _records_by_step(runs["full"]), _records_by_step(runs["killed"])
+    ramp = runs["layout"]["ramp_steps"]
+    assert [full[s][0]["global_batch_rows"] for s in (1, ramp, ramp + 1)] == [4, 4, 8]
+    assert len(resumed[3]) == 2 and all(r["global_batch_rows"] == full[3][0]["global_batch_rows"] for r in resumed[3])
+
+
 def test_sigkill_after_phase_boundary_and_mid_phase(runs):
-    full = _losses_by_step(runs["full"])
-    assert sorted(full) == list(range(1, 16)) and all(len(v) == 1 for v in full.values())
-    cfg, run, nproc = runs["cfg"]["killed"], runs["killed"], runs["nproc"]
-    # pretrain ends at step 7 (phase_end_pretrain saved); step 8 is mid's first step.
-    _assert_sigkilled(launch(cfg, "--debug.sigkill_at_step", "8", nproc=nproc), nproc)
-    p = launch(cfg, "--debug.sigkill_at_step", "13", nproc=nproc)
+    layout, nproc = runs["layout"], runs["nproc"]
+    _assert_sigkilled(runs["boundary_killed"], nproc)
+    p = runs["mid_killed"]
     _assert_sigkilled(p, nproc)
     assert "resumed from" in p.stdout and "phase_end_pretrain" in p.stdout and "optimizer restored" in p.stdout
-    p = check(launch(cfg, nproc=nproc))
-    assert "iter_0000012" in p.stdout  # the last periodic save before the kill at 13
-    resumed = _losses_by_step(run)
+    p = check(runs["finished"])
+    assert f"iter_{layout['last_save']:07d}" in p.stdout  # the last periodic save before the kill
+    full, resumed = _records_by_step(runs["full"]), _records_by_step(runs["killed"])
+    assert all(len(v) == 1 for v in full.values()) and sorted(full) == list(range(1, len(full) + 1))
     assert sorted(resumed) == sorted(full)
-    for step, losses in resumed.items():  # replayed steps repeat exactly, and match the full run
-        assert all(v == full[step][0] for v in losses), (step, losses, full[step])
-    assert len(resumed[8]) == 2 and len(resumed[13]) == 2
-    diff = compare_checkpoints(os.path.join(runs["full"], "checkpoints", "phase_end_decay"),
-                               [os.path.join(run, "checkpoints", "phase_end_decay")])
-    assert list(diff.values()) == [[]], diff
+    for step, records in resumed.items():  # replayed steps repeat exactly, and match the full run
+        assert all(r["loss"] == full[step][0]["loss"] for r in records), (step, records, full[step])
+        assert all(r["phase"] == full[step][0]["phase"] for r in records)
+    assert full[layout["after_boundary"]][0]["phase"] == "mid" != full[layout["after_boundary"] - 1][0]["phase"]
+    assert len(resumed[layout["after_boundary"]]) == 2 and len(resumed[layout["mid_phase"]]) == 2
 
 
-def test_kill_during_checkpoint_write(runs):
-    cfg, run, nproc = runs["cfg"]["save_killed"], runs["save_killed"], runs["nproc"]
-    _assert_sigkilled(launch(cfg, "--debug.sigkill_during_save_at_step", "4", nproc=nproc), nproc)
-    ckpts = os.path.join(run, "checkpoints")
-    assert open(os.path.join(ckpts, "latest")).read().strip() == "iter_0000002"
-    assert not os.path.exists(os.path.join(ckpts, "iter_0000004"))
-    assert any(".tmp-" in e for e in os.listdir(ckpts))  # the interrupted write is still there
-    p = check(launch(cfg, nproc=nproc))
-    assert "resumed from" in p.stdout and "iter_0000002" in p.stdout and "removed leftovers" in p.stdout
-    full = _losses_by_step(runs["full"])
-    for step, losses in _losses_by_step(run).items():
-        assert all(v == full[step][0] for v in losses), step
+def test_resumed_run_ends_bitwise_equal(runs):
     diff = compare_checkpoints(os.path.join(runs["full"], "checkpoints", "phase_end_decay"),
-                               [os.path.join(ckpts, "phase_end_decay")])
+                               [os.path.join(runs["killed"], "checkpoints", "phase_end_decay")])
     assert list(diff.values()) == [[]], diff
 
 
 def test_relaunching_a_finished_run_changes_nothing(runs):
-    ckpts = os.path.join(runs["full"], "checkpoints")
-    before = _snapshot(ckpts)
-    metrics = open(os.path.join(runs["full"], "metrics.jsonl")).read()
-    p = check(launch(runs["cfg"]["full"], nproc=runs["nproc"]))
+    """Not a checkpoint, a metrics line, a TensorBoard events file, nor the resolved config."""
+    before = _snapshot(runs["full"])
+    p = check(launch(runs["full_cfg"], nproc=runs["nproc"]))
     assert "run already complete" in p.stdout and "phase_end_decay" in p.stdout, p.stdout[-2000:]
-    assert _snapshot(ckpts) == before
-    assert open(os.path.join(runs["full"], "metrics.jsonl")).read() == metrics  # no step was taken
+    after = _snapshot(runs["full"])
+    assert after == before, (sorted(set(after) - set(before)), sorted(set(before) - set(after)))
 
 
 def test_retention_keeps_phase_ends(runs):

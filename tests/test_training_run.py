@@ -9,7 +9,10 @@ import re
 import shutil
 
 import pytest
-from tests.helpers.training import check, launch, tiny_run_config, train_records
+from tests.helpers.launch import check, launch
+from tests.helpers.training import tiny_run_config, train_records
+
+pytestmark = pytest.mark.slow  # every test here launches pretrain_mmbert.py
 
 NO_DROPOUT = {"preset": "tiny", "num_layers": 2, "attention_output_dropout": 0.0}  # layout-independent loss
 
@@ -74,13 +77,12 @@ def test_resharding_tp2_to_pp2_dp2_and_one_process(base, distributed_optimizer, 
             assert abs(other[lang]["loss"] - r["loss"]) < 1e-5, (name, lang, other[lang], r)
 
 
-def test_log_line_tensorboard_and_nan_skip(base):
-    root, manifest = base
-    run = os.path.join(root, "nan_skip")
-    cfg = tiny_run_config(os.path.join(root, "nan_skip.yaml"), manifest, run,
-                          train={"nan_policy": "skip"}, debug={"nan_grad_at_steps": [3]},
-                          logging={"eval_interval": 5})
-    p = check(launch(cfg))
+def test_log_line_tensorboard_and_nan_skip(tiny_run):
+    """The shared session run (an evaluation every 5 steps, a NaN gradient at step 3 under
+    nan_policy skip): its log lines, TensorBoard, evaluations and checkpoints."""
+    root, manifest, run, p = tiny_run.root, tiny_run.manifest, tiny_run.run_dir, tiny_run.proc
+    assert tiny_run.sections == {"logging": {"eval_interval": 5}, "train": {"nan_policy": "skip"},
+                                 "debug": {"nan_grad_at_steps": [3]}}
     assert "WARNING: non-finite gradient at step 3" in p.stdout and "update skipped" in p.stdout
     # logging configured at start-up: the attention backend and the layout, timestamped (rank 0, INFO)
     stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO megatron_mmbert\."

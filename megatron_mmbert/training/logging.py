@@ -179,6 +179,9 @@ class RunLogger:
         """``wandb``: a ``WandbSection`` (None or not enabled: no W&B); ``config``: the resolved
         run config W&B records."""
         self.enabled = enabled
+        # TensorBoard's writer opens at the first record, so that a relaunch of a finished run
+        # (nothing to record) leaves no new events file
+        self.tensorboard_dir = tensorboard_dir
         self.writer = None
         self.metrics = None
         self.wandb = None
@@ -186,10 +189,6 @@ class RunLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-        if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(tensorboard_dir)
         if wandb is not None and wandb.enabled:
             self.wandb = start_wandb(wandb, run_dir, config or {})
             self.info(f"W&B run {self.wandb.id} ({wandb.mode}, project {wandb.project}); "
@@ -198,12 +197,20 @@ class RunLogger:
     def scalars(self, values: Dict[str, Optional[float]], step: int) -> None:
         """Scalars (tag -> value, None skipped) to TensorBoard and W&B at ``step``."""
         values = {k: float(v) for k, v in values.items() if v is not None}
-        if self.writer is not None:
+        if self._tensorboard() is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
             self.writer.flush()
         if self.wandb is not None and values:
             self.wandb.log({"step": step, **values})
+
+    def _tensorboard(self):
+        """The TensorBoard writer, opened on first use (None without TensorBoard or off rank 0)."""
+        if self.writer is None and self.enabled and self.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.tensorboard_dir)
+        return self.writer
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -211,7 +218,7 @@ class RunLogger:
 
     def text(self, tag: str, message: str, step: int) -> None:
         self.info(message)
-        if self.writer is not None:
+        if self._tensorboard() is not None:
             self.writer.add_text(tag, message, step)
 
     def log_step(self, m: Dict[str, float]) -> None:

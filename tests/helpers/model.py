@@ -1,18 +1,19 @@
-"""Helpers for model tests: random tiny HF ModernBERT models, packed batches, HF reference logits."""
+"""Helpers for model tests: random tiny HF ModernBERT models, packed batches, HF reference logits
+(``torchrun``, re-exported here, is tests/helpers/launch.py's)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_mmbert.convert.verify import hf_logits_per_document
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The launcher lives in tests/helpers/launch.py; these names stay importable from here.
+from tests.helpers.launch import ROOT, free_port, torchrun  # noqa: F401
+
+_free_port = free_port  # the older name
 
 # Tiny configurations that exercise what parity depends on.
 HF_CONFIGS = {
@@ -114,30 +115,3 @@ def use_flash_reference(monkeypatch=None) -> None:
             monkeypatch.setattr(owner, name, value)
         else:  # a worker process: for its whole life
             setattr(owner, name, value)
-
-
-def torchrun(script: str, nproc: int, *args: str, timeout: int = 600, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """Run ``tests/workers/<script>`` under torchrun with ``nproc`` CPU processes (gloo); ``env``
-    adds variables for the workers."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(_free_port()), os.path.join(ROOT, "tests", "workers", script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        # The first traceback is the cause; the others are peers noticing the crash.
-        err = proc.stderr
-        first = err.find("Traceback")
-        raise AssertionError(
-            f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-            f"{err[max(first, 0):max(first, 0) + 6000]}"
-        )
-    return proc
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

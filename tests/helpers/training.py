@@ -1,15 +1,19 @@
-"""Helpers for the training tests: a tiny three-phase run config over the demo shards, launching
-``pretrain_mmbert.py`` (plain or under torchrun), reading metrics and comparing checkpoints."""
+"""Helpers for the training tests: a tiny three-phase run config over the demo shards, reading
+metrics and comparing checkpoints (``launch``/``check``, re-exported here, are tests/helpers/launch.py's)."""
 
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Dict, List
 
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The launcher lives in tests/helpers/launch.py; these names stay importable from here.
+from tests.helpers.launch import ROOT, check, launch, run_process, subprocess_env
+
+_env = subprocess_env  # the older name
 
 
 def tiny_run_config(path: str, manifest: str, run_dir: str, **sections) -> str:
@@ -43,48 +47,34 @@ def tiny_run_config(path: str, manifest: str, run_dir: str, **sections) -> str:
     return path
 
 
-def _env() -> Dict[str, str]:
-    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+# The shared session run (``tiny_run`` in tests/conftest.py): the tiny config plus an evaluation every
+# 5 steps and a NaN gradient at step 3 that nan_policy ``skip`` drops -- what its read-only checks
+# look at (tests/test_training_run.py) -- and nothing else changed.
+TINY_RUN_SECTIONS = {"logging": {"eval_interval": 5}, "train": {"nan_policy": "skip"},
+                     "debug": {"nan_grad_at_steps": [3]}}
 
 
-def launch(config: str, *overrides: str, nproc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run pretrain_mmbert.py (``nproc=0``: a plain single process; else torchrun with gloo)."""
-    from tests.helpers.model import _free_port
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished run: its folder, config file, manifest, the sections given to tiny_run_config,
+    and the launch that ran it (stdout, stderr)."""
 
-    script = os.path.join(ROOT, "pretrain_mmbert.py")
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), script]
-    else:
-        cmd = [sys.executable, script]
-    # Own session: after the run (killed or not) the whole group goes, including megatron-core's
-    # multiprocessing Manager that a SIGKILLed trainer leaves behind holding our stdout.
-    import signal
-    import tempfile
-
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd + ["--config", config, *overrides], env=_env(), stdout=out, stderr=err,
-                                text=True, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(proc.args, rc, out.read(), err.read())
+    root: str
+    run_dir: str
+    config: str
+    manifest: str
+    sections: dict
+    proc: subprocess.CompletedProcess
 
 
-def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    if proc.returncode != 0:
-        err = proc.stderr
-        first = err.find("Traceback")
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{err[max(first, 0):][:5000]}")
-    return proc
+def finished_tiny_run(root: str, manifest: str) -> FinishedRun:
+    """Train the shared tiny three-phase run to its end under ``root`` (one process)."""
+    import copy
+
+    sections = copy.deepcopy(TINY_RUN_SECTIONS)
+    run_dir = os.path.join(root, "run")
+    config = tiny_run_config(os.path.join(root, "run.yaml"), manifest, run_dir, **copy.deepcopy(sections))
+    return FinishedRun(root, run_dir, config, manifest, sections, check(launch(config)))
 
 
 def train_records(run_dir: str) -> List[dict]:
@@ -104,8 +94,7 @@ def compare_checkpoints(reference: str, others: List[str]) -> Dict[str, List[str
         "    out[d] = [k for k in ref if not torch.equal(ref[k], sd[k])]\n"
         "print('RESULT', json.dumps(out))\n"
     )
-    proc = check(subprocess.run([sys.executable, "-c", code, reference, *others], env=_env(),
-                                capture_output=True, text=True, timeout=300))
+    proc = check(run_process([sys.executable, "-c", code, reference, *others], timeout=300))
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
 
