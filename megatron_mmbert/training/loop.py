@@ -51,6 +51,7 @@ from megatron_mmbert.training.batch_plan import BatchPlan
 from megatron_mmbert.training.config import RunConfig, resolved_dict, write_resolved
 from megatron_mmbert.training.evaluation import Evaluator
 from megatron_mmbert.training.logging import RunLogger, StepMeter, memory_gib
+from megatron_mmbert.training.prefetch import BatchPrefetcher, prepare
 from megatron_mmbert.training.preflight import validate
 from megatron_mmbert.training.resume_check import check_resume
 from megatron_mmbert.training.state import TrainState
@@ -334,13 +335,27 @@ class Trainer:
             f"{[p.name for p in cfg.phases[st.first_phase_index:]]}"
         )
         meter, self.consecutive_skips = StepMeter(), 0
+        pin = self.rt.device.type == "cuda"
+        prefetcher = BatchPrefetcher(
+            lambda key: [prepare(b, pin) for b in self.micro_batches(cfg.phases[key[0]], key[1], key[2])]
+        )
+        try:
+            return self._run_phases(meter, prefetcher)
+        finally:
+            prefetcher.close()
+
+    def _run_phases(self, meter: StepMeter, prefetcher: BatchPrefetcher) -> int:
+        cfg, st = self.cfg, self.state
         for k in range(st.phase_index, len(cfg.phases)):
             phase, n = cfg.phases[k], self.stream.phase_num_samples(cfg.phases[k].name)
             scheduler = self._start_phase(k, phase)
             while st.consumed_samples < n:
                 meter.start()
                 rows = self.plan.step_rows(phase, st.consumed_samples, n)
-                batches = self.micro_batches(phase, st.consumed_samples, rows)
+                batches = prefetcher.get((k, st.consumed_samples, rows))
+                ahead = st.consumed_samples + rows
+                if ahead < n:  # the next step's batches, built while this one trains
+                    prefetcher.ahead((k, ahead, self.plan.step_rows(phase, ahead, n)))
                 meter.data_ready()
                 result = self._train_step(batches)
                 step_tokens = rows * phase.seq_len

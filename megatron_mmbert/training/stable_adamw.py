@@ -65,53 +65,109 @@ class StableAdamW(torch.optim.Optimizer):
         self.rms_reducer = rms_reducer
         self.last_clipped = 0
         """Tensors whose update was clipped (whole-tensor RMS > 1) in the last step."""
+        self._count_cache: Dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every group with ``torch._foreach_*`` kernels over its tensors (a few kernels
+        per group, not ~10 per tensor), and one host read per step: the clipping statistics.
+
+        Element counts are built on the CPU once per parameter set and moved to the device once
+        (:meth:`_counts`); the step count is the group's (one CPU read per group, no device sync).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        entries: List[Tuple[dict, torch.Tensor, dict]] = []
-        partial: List[torch.Tensor] = []
+        groups: List[Tuple[dict, List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]] = []
+        sums: List[torch.Tensor] = []
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             beta1, beta2 = group["betas"]
-            eps_sq = group["eps"] ** 2
-            group_step = group.get("step", 0)  # what a loaded TE-style state dict restored
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                state = self.state[p]
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if "step" not in state or state["step"].item() < group_step:
-                    # Fresh, or loaded where only the param group kept the step (megatron's TE/Apex
-                    # path; a placeholder state may say 0): the group's count is the step taken.
-                    state["step"] = torch.tensor(float(group_step), dtype=torch.float32)
-                state["step"] = state["step"] + 1  # not in place: a loaded state may share one step tensor
-                t = int(state["step"].item())  # a CPU tensor: no device sync
-                group["step"] = t  # mirrored where megatron looks for it with TE/Apex FusedAdam
-                b1, b2 = debias_beta(beta1, t), debias_beta(beta2, t)
-                state["exp_avg"].lerp_(grad, 1 - b1)
-                state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                ratio = grad.pow(2).div_(state["exp_avg_sq"].clamp(min=eps_sq))
-                partial.append(torch.stack([ratio.sum(dtype=torch.float64),
-                                            torch.tensor(float(p.numel()), dtype=torch.float64, device=p.device)]))
-                entries.append((group, p, state))
-        device = entries[0][1].device if entries else self._any_device()
-        stats = torch.stack(partial) if partial else torch.zeros((0, 2), dtype=torch.float64, device=device)
+            t = self._next_step(group, states)
+            b1, b2 = debias_beta(beta1, t), debias_beta(beta2, t)
+            grads = [p.grad for p in params]
+            exp_avgs = [s["exp_avg"] for s in states]
+            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+            torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
+            torch._foreach_mul_(exp_avg_sqs, b2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - b2)
+            sums.append(self._ratio_sums(grads, exp_avg_sqs, group["eps"] ** 2))
+            groups.append((group, params, grads, exp_avgs, exp_avg_sqs))
+        params_all = [p for _, params, *_ in groups for p in params]
+        if sums:
+            stats = torch.stack([torch.cat(sums), self._counts(params_all)], dim=1)
+        else:
+            stats = torch.zeros((0, 2), dtype=torch.float64, device=self._any_device())
         if self.rms_reducer is not None:  # collective: every rank calls it, with or without params
-            stats = self.rms_reducer([p for _, p, _ in entries], stats)
-        rms = (stats[:, 0] / stats[:, 1].clamp(min=1.0)).sqrt().tolist()  # one device sync per step
+            stats = self.rms_reducer(params_all, stats)
+        rms = (stats[:, 0] / stats[:, 1].clamp(min=1.0)).sqrt().tolist()  # the one host read per step
         self.last_clipped = sum(r > 1.0 for r in rms)
-        for (group, p, state), r in zip(entries, rms):
-            lr = group["lr"] / max(1.0, r)
+        k = 0
+        for group, params, _, exp_avgs, exp_avg_sqs in groups:
+            lrs = [group["lr"] / max(1.0, r) for r in rms[k:k + len(params)]]
+            k += len(params)
             if group["weight_decay"] != 0:
-                p.mul_(1 - lr * group["weight_decay"])
-            p.addcdiv_(state["exp_avg"], state["exp_avg_sq"].sqrt().add_(group["eps"]), value=-lr)
+                torch._foreach_mul_(params, [1 - lr * group["weight_decay"] for lr in lrs])
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr for lr in lrs])
+            del denom
         return loss
+
+    @staticmethod
+    def _next_step(group: dict, states: List[dict]) -> int:
+        """Advance the group's step and give every state of it the new count (torch Adam's per-state
+        ``step``, one CPU tensor shared by the group's states). The count is the larger of the
+        group's and its states' (a loaded state may carry either: megatron's TE/Apex path keeps only
+        the group's, and a fresh placeholder state may say 0); read with one CPU ``max``."""
+        t = int(group.get("step", 0))
+        steps = [s["step"] for s in states if "step" in s]
+        if steps:
+            t = max(t, int(torch.stack([x.reshape(()).float().cpu() for x in steps]).max()))
+        t += 1
+        step = torch.tensor(float(t), dtype=torch.float32)
+        for s in states:
+            s["step"] = step  # replaced, never in place: a loaded state may share one step tensor
+        group["step"] = t  # mirrored where megatron looks for it with TE/Apex FusedAdam
+        return t
+
+    @staticmethod
+    def _ratio_sums(grads: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor], eps_sq: float,
+                    budget: int = 1 << 26) -> torch.Tensor:
+        """``sum(g^2 / max(v, eps^2))`` per tensor (float64 ``[P]``), through foreach kernels on slices
+        of at most ``budget`` elements, so the temporaries never hold a copy of all the gradients."""
+        out: List[torch.Tensor] = []
+        start = 0
+        while start < len(grads):
+            end, size = start, 0
+            while end < len(grads) and (end == start or size + grads[end].numel() <= budget):
+                size += grads[end].numel()
+                end += 1
+            ratio = torch._foreach_mul(grads[start:end], grads[start:end])
+            torch._foreach_div_(ratio, torch._foreach_clamp_min(exp_avg_sqs[start:end], eps_sq))
+            # The ratio is >= 0, so its 1-norm is its sum (one fused reduction per slice).
+            out.extend(torch._foreach_norm(ratio, 1, dtype=torch.float64))
+            start = end
+        return torch.stack(out)
+
+    def _counts(self, params: List[torch.Tensor]) -> torch.Tensor:
+        """Elements per tensor, float64 on the parameters' device: built on the CPU once per set of
+        parameters and copied once (no per-step, per-parameter host-to-device copy)."""
+        key = tuple(id(p) for p in params)
+        cached = self._count_cache.get(key)
+        if cached is None:
+            device = params[0].device if params else torch.device("cpu")
+            cached = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64).to(device)
+            self._count_cache = {key: cached}  # the set only changes if grads appear or vanish
+        return cached
 
     def _any_device(self) -> torch.device:
         for group in self.param_groups:
@@ -143,6 +199,7 @@ class TensorRMSReducer:
         self.dp_group = None
         # id(optimizer param) -> (slot, elements of the real tensor it holds)
         self.where: Dict[int, Tuple[int, int]] = {}
+        self._cached: Optional[Tuple[tuple, Tuple[torch.Tensor, torch.Tensor]]] = None
         opt = megatron_optimizer
         if isinstance(opt, DistributedOptimizer):
             self.dp_group = opt.data_parallel_group
@@ -166,13 +223,10 @@ class TensorRMSReducer:
                 self.where[id(p)] = (index[id(p)], _unpadded_numel(p))
 
     def __call__(self, params: Sequence[torch.Tensor], stats: torch.Tensor) -> torch.Tensor:
+        slots, valid = self._layout(params, stats.device)
         vec = torch.zeros((self.slots, 2), dtype=torch.float64, device=stats.device)
-        rows = []
-        for k, p in enumerate(params):
-            slot, valid = self.where[id(p)]
-            vec[slot, 0] += stats[k, 0]
-            vec[slot, 1] += valid
-            rows.append(slot)
+        vec[:, 0].index_add_(0, slots, stats[:, 0])
+        vec[:, 1].index_add_(0, slots, valid)
         if self.dp_group is not None and torch.distributed.get_world_size(self.dp_group) > 1:
             torch.distributed.all_reduce(vec, group=self.dp_group)
         if self.tp_size > 1:
@@ -180,7 +234,18 @@ class TensorRMSReducer:
             summed = torch.where(split, vec, torch.zeros_like(vec))
             torch.distributed.all_reduce(summed, group=self.tp_group)
             vec = torch.where(split, summed, vec)
-        return vec[torch.tensor(rows, dtype=torch.long, device=vec.device)] if rows else vec[:0]
+        return vec.index_select(0, slots)
+
+    def _layout(self, params: Sequence[torch.Tensor], device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(slot of each param, its real element count) on ``device``: built on the CPU once per
+        parameter set, copied once."""
+        key = tuple(id(p) for p in params)
+        if self._cached is None or self._cached[0] != key:
+            where = [self.where[id(p)] for p in params]
+            slots = torch.tensor([w[0] for w in where], dtype=torch.long).to(device)
+            valid = torch.tensor([float(w[1]) for w in where], dtype=torch.float64).to(device)
+            self._cached = (key, (slots, valid))
+        return self._cached[1]
 
 
 def _unpadded_numel(param: torch.Tensor) -> int:

@@ -124,23 +124,25 @@ def build_optimizer(chunks: List[torch.nn.Module], section: OptimizerSection, pa
 
 def mlm_forward_step(device: torch.device):
     """The ``forward_step_func`` for megatron's schedules: MLM loss summed over labelled tokens,
-    with (loss sum, labelled count, correct count) reported for logging."""
-    def forward_step(data_iterator, model):
-        batch = to_device(next(data_iterator), device)
-        stats: Dict[str, torch.Tensor] = {}
-        per_token = model(
-            batch["tokens"], batch["positions"], batch["cu_seqlens"], batch["max_seqlen"],
-            labels=batch["labels"], mlm_stats=stats,
-        )
+    with (loss sum, labelled count, correct count) reported for logging. The labelled tokens are
+    found on the CPU batch (``training.prefetch.prepare``), never on the device."""
+    from megatron_mmbert.training.prefetch import prepare
 
-        def loss_func(losses: torch.Tensor):
-            count = torch.tensor(losses.numel(), dtype=torch.int, device=losses.device)
-            total = losses.sum()
-            correct = stats.get("correct", torch.zeros((), device=losses.device))
+    def forward_step(data_iterator, model):
+        batch = to_device(prepare(next(data_iterator)), device)
+        stats: Dict[str, torch.Tensor] = {}
+        total = model(
+            batch["tokens"], batch["positions"], batch["cu_seqlens"], batch["max_seqlen"],
+            labels=batch["labels"], mlm_stats=stats, label_index=batch["label_index"], loss_reduction="sum",
+        )
+        count = batch["label_count"]
+
+        def loss_func(total: torch.Tensor):
+            correct = stats.get("correct", torch.zeros((), device=total.device))
             report = torch.stack([total.detach().float(), count.float(), correct.float()])
             return total, count, {"mlm": report}
 
-        return per_token, loss_func
+        return total, loss_func
 
     return forward_step
 
