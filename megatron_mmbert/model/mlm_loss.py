@@ -73,40 +73,51 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """fp32 logits ``[rows, local vocab]``: GEMM in ``h``'s dtype, bias added in fp32, padding masked."""
-    logits = (h @ weight.t()).float() + bias.float()
+    if h.dtype == torch.float32:
+        logits = torch.addmm(bias.float(), h, weight.t())
+    else:
+        logits = (h @ weight.t()).float().add_(bias.float())
     if shard.valid < logits.shape[-1]:
         logits[:, shard.valid:] = torch.finfo(torch.float32).min
     return logits
 
 
-def _chunk_stats(logits: torch.Tensor, local_target: torch.Tensor, here: torch.Tensor,
-                 shard: VocabShard, want_argmax: bool):
-    """Global (log-sum-exp, target logit, argmax or None) per row of a chunk."""
+def _chunk_softmax(logits: torch.Tensor, local_target: torch.Tensor, here: torch.Tensor,
+                   shard: VocabShard, want_argmax: bool):
+    """Global (log-sum-exp, target logit, argmax or None) per row of a chunk; ``logits`` becomes
+    the softmax in place (one chunk-sized buffer, no temporaries of its size)."""
     from torch.distributed import ReduceOp
 
     local_max, local_arg = logits.max(dim=-1)
     global_max = _all_reduce(local_max.clone(), ReduceOp.MAX, shard.group)
-    sum_exp = torch.exp(logits - global_max.unsqueeze(1)).sum(dim=-1)
     target_logit = logits.gather(1, local_target.unsqueeze(1)).squeeze(1) * here
-    both = _all_reduce(torch.stack([sum_exp, target_logit]), ReduceOp.SUM, shard.group)
-    lse = torch.log(both[0]) + global_max
     argmax = None
     if want_argmax:
         argmax = local_arg + shard.start
         if shard.group is not None:
             argmax = torch.where(local_max == global_max, argmax, torch.full_like(argmax, 2**62))
             argmax = _all_reduce(argmax, ReduceOp.MIN, shard.group)
-    return lse, both[1], argmax
+    logits.sub_(global_max.unsqueeze(1)).exp_()
+    both = _all_reduce(torch.stack([logits.sum(dim=-1), target_logit]), ReduceOp.SUM, shard.group)
+    logits.div_(both[0].unsqueeze(1))
+    return torch.log(both[0]) + global_max, both[1], argmax
 
 
-def _chunk_grad_logits(logits, lse, local_target, here, scale: Optional[torch.Tensor], dtype):
-    """``(softmax - onehot) * scale`` in ``dtype``; ``logits`` is overwritten (it is not needed again)."""
-    probs = logits.sub_(lse.unsqueeze(1)).exp_()
+def _grad_logits(probs, local_target, here, scale: Optional[torch.Tensor], dtype):
+    """``(softmax - onehot) * scale`` in ``dtype``, from the softmax (overwritten)."""
     rows = torch.arange(probs.shape[0], device=probs.device)
     probs[rows, local_target] -= here
     if scale is not None:
         probs.mul_(scale.unsqueeze(1))
     return probs.to(dtype)
+
+
+def _accumulate(grad_w: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> None:
+    """``grad_w (fp32) += d.T @ h``: in place in fp32, else the compute-dtype GEMM added in fp32."""
+    if d.dtype == grad_w.dtype:
+        grad_w.addmm_(d.t(), h)
+    else:
+        grad_w.add_(d.t() @ h)
 
 
 class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
@@ -135,22 +146,24 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             for a in range(0, n, chunk_rows):
                 b = min(a + chunk_rows, n)
-                logits = _chunk_logits(h[a:b], w, bias, shard)
-                lse, target_logit, argmax = _chunk_stats(logits, local[a:b], here[a:b], shard, count_correct)
+                probs = _chunk_logits(h[a:b], w, bias, shard)
+                lse, target_logit, argmax = _chunk_softmax(probs, local[a:b], here[a:b], shard, count_correct)
                 losses[a:b] = lse - target_logit
                 lse_all[a:b] = lse
                 if count_correct:
                     correct += (argmax == target[a:b]).sum()
                 if eager_grads:
-                    d = _chunk_grad_logits(logits, lse, local[a:b], here[a:b], None, dtype)
+                    d = _grad_logits(probs, local[a:b], here[a:b], None, dtype)
                     grad_h[a:b] = d @ w
-                    grad_w.add_((d.t() @ h[a:b]).float())
+                    _accumulate(grad_w, d, h[a:b])
                     grad_b.add_(d.float().sum(0))
         ctx.mark_non_differentiable(correct)
         ctx.shard, ctx.chunk_rows, ctx.reduction, ctx.dtype = shard, chunk_rows, reduction, dtype
         ctx.eager = eager_grads
         if eager_grads:
-            ctx.save_for_backward(grad_h, grad_w, grad_b)
+            # Kept on ctx, not saved: backward hands them over and drops them, so autograd can take
+            # the weight gradient as it is instead of copying it (one weight-sized buffer, not two).
+            ctx.eager_grads = [grad_h, grad_w, grad_b]
             ctx.input_dtypes = (hidden.dtype, weight.dtype, bias.dtype)
         else:
             ctx.save_for_backward(hidden, weight, bias, local, here, lse_all)
@@ -159,11 +172,13 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
         if ctx.eager:
-            grad_h, grad_w, grad_b = ctx.saved_tensors
+            grad_h, grad_w, grad_b = ctx.eager_grads
+            ctx.eager_grads = None
             h_dtype, w_dtype, b_dtype = ctx.input_dtypes
             scale = grad_loss.float()
-            return ((grad_h.float() * scale).to(h_dtype), (grad_w * scale).to(w_dtype),
-                    (grad_b * scale).to(b_dtype), None, None, None, None, None)
+            # in place: the saved gradients are used once (no second weight-sized buffer)
+            return ((grad_h.float() * scale).to(h_dtype), grad_w.mul_(scale).to(w_dtype),
+                    grad_b.mul_(scale).to(b_dtype), None, None, None, None, None)
         hidden, weight, bias, local, here, lse_all = ctx.saved_tensors
         dtype, shard, n = ctx.dtype, ctx.shard, hidden.shape[0]
         h, w = hidden.to(dtype), weight.to(dtype)
@@ -176,10 +191,10 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         with torch.autocast(weight.device.type, enabled=False):
             for a in range(0, n, ctx.chunk_rows):
                 b = min(a + ctx.chunk_rows, n)
-                logits = _chunk_logits(h[a:b], w, bias, shard)
-                d = _chunk_grad_logits(logits, lse_all[a:b], local[a:b], here[a:b], scale[a:b], dtype)
+                probs = _chunk_logits(h[a:b], w, bias, shard).sub_(lse_all[a:b].unsqueeze(1)).exp_()
+                d = _grad_logits(probs, local[a:b], here[a:b], scale[a:b], dtype)
                 grad_h[a:b] = d @ w
-                grad_w.add_((d.t() @ h[a:b]).float())
+                _accumulate(grad_w, d, h[a:b])
                 grad_b.add_(d.float().sum(0))
         return (grad_h.to(hidden.dtype), grad_w.to(weight.dtype), grad_b.to(bias.dtype),
                 None, None, None, None, None)

@@ -69,18 +69,22 @@ class StableAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One step of every group with ``torch._foreach_*`` kernels over its tensors (a few kernels
-        per group, not ~10 per tensor), and one host read per step: the clipping statistics.
+        """One step of every group with ``torch._foreach_*`` kernels (a few kernels per slice of
+        tensors, not ~10 per tensor), and one device read per step: the clipping statistics.
 
-        Element counts are built on the CPU once per parameter set and moved to the device once
-        (:meth:`_counts`); the step count is the group's (one CPU read per group, no device sync).
+        The tensors go through in slices of at most :meth:`slice_elements` elements (large tensors
+        as flat views of their blocks): on a GPU that bounds the temporaries; on a CPU the slice
+        stays in cache through all the element-wise passes, which makes the step memory-bound once
+        instead of ten times. Element counts are built on the CPU once per parameter set; the step
+        count is the group's (a CPU read per group, no device sync).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups: List[Tuple[dict, List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]] = []
-        sums: List[torch.Tensor] = []
+        work = []  # (group, params, the group's slices)
+        params_all: List[torch.Tensor] = []
+        partial: List[torch.Tensor] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -93,34 +97,64 @@ class StableAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             t = self._next_step(group, states)
             b1, b2 = debias_beta(beta1, t), debias_beta(beta2, t)
-            grads = [p.grad for p in params]
-            exp_avgs = [s["exp_avg"] for s in states]
-            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-            torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
-            torch._foreach_mul_(exp_avg_sqs, b2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - b2)
-            sums.append(self._ratio_sums(grads, exp_avg_sqs, group["eps"] ** 2))
-            groups.append((group, params, grads, exp_avgs, exp_avg_sqs))
-        params_all = [p for _, params, *_ in groups for p in params]
-        if sums:
-            stats = torch.stack([torch.cat(sums), self._counts(params_all)], dim=1)
+            eps_sq = group["eps"] ** 2
+            tensors = [params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                       [s["exp_avg_sq"] for s in states]]
+            slices = list(_slices(tensors, self.slice_elements(params[0].device), len(params_all)))
+            for _, grads, exp_avgs, exp_avg_sqs, _ in slices:
+                torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
+                torch._foreach_mul_(exp_avg_sqs, b2)
+                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - b2)
+                ratio = torch._foreach_mul(grads, grads)
+                torch._foreach_div_(ratio, torch._foreach_clamp_min(exp_avg_sqs, eps_sq))
+                # sum(g^2 / max(v, eps^2)) of each piece: the ratio is >= 0, so its 1-norm
+                partial.extend(torch._foreach_norm(ratio, 1, dtype=torch.float64))
+                del ratio
+            work.append((group, params, slices))
+            params_all.extend(params)
+        if params_all:
+            owners, counts = self._layout(params_all, work)
+            sums = torch.zeros(len(params_all), dtype=torch.float64, device=counts.device)
+            sums.index_add_(0, owners, torch.stack(partial))
+            stats = torch.stack([sums, counts], dim=1)
         else:
             stats = torch.zeros((0, 2), dtype=torch.float64, device=self._any_device())
         if self.rms_reducer is not None:  # collective: every rank calls it, with or without params
             stats = self.rms_reducer(params_all, stats)
-        rms = (stats[:, 0] / stats[:, 1].clamp(min=1.0)).sqrt().tolist()  # the one host read per step
+        rms = (stats[:, 0] / stats[:, 1].clamp(min=1.0)).sqrt().tolist()  # the one device read per step
         self.last_clipped = sum(r > 1.0 for r in rms)
-        k = 0
-        for group, params, _, exp_avgs, exp_avg_sqs in groups:
-            lrs = [group["lr"] / max(1.0, r) for r in rms[k:k + len(params)]]
-            k += len(params)
-            if group["weight_decay"] != 0:
-                torch._foreach_mul_(params, [1 - lr * group["weight_decay"] for lr in lrs])
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_add_(denom, group["eps"])
-            torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr for lr in lrs])
-            del denom
+        lrs = []
+        for group, params, _ in work:
+            lrs += [group["lr"] / max(1.0, r) for r in rms[len(lrs):len(lrs) + len(params)]]
+        for group, _, slices in work:
+            for pieces, _, exp_avgs, exp_avg_sqs, owner in slices:
+                lr = [lrs[i] for i in owner]
+                if group["weight_decay"] != 0:
+                    torch._foreach_mul_(pieces, [1 - x * group["weight_decay"] for x in lr])
+                denom = torch._foreach_sqrt(exp_avg_sqs)
+                torch._foreach_add_(denom, group["eps"])
+                torch._foreach_addcdiv_(pieces, exp_avgs, denom, [-x for x in lr])
+                del denom
         return loss
+
+    @staticmethod
+    def slice_elements(device: torch.device) -> int:
+        """Elements per slice: about 1 Mi on a CPU (the slice's few arrays stay in cache), 64 Mi on
+        an accelerator (enough for few, large kernels; bounds the temporaries)."""
+        return 1 << 20 if device.type == "cpu" else 1 << 26
+
+    def _layout(self, params: List[torch.Tensor], work) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(owning tensor of each slice piece, elements per tensor) on the parameters' device,
+        built on the CPU once per parameter set and copied once."""
+        key = tuple(id(p) for p in params)
+        cached = self._count_cache.get(key)
+        if cached is None:
+            device = params[0].device
+            owners = [i for _, _, slices in work for s in slices for i in s[4]]
+            cached = (torch.tensor(owners, dtype=torch.long).to(device),
+                      torch.tensor([float(p.numel()) for p in params], dtype=torch.float64).to(device))
+            self._count_cache = {key: cached}  # the set only changes if grads appear or vanish
+        return cached
 
     @staticmethod
     def _next_step(group: dict, states: List[dict]) -> int:
@@ -139,41 +173,38 @@ class StableAdamW(torch.optim.Optimizer):
         group["step"] = t  # mirrored where megatron looks for it with TE/Apex FusedAdam
         return t
 
-    @staticmethod
-    def _ratio_sums(grads: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor], eps_sq: float,
-                    budget: int = 1 << 26) -> torch.Tensor:
-        """``sum(g^2 / max(v, eps^2))`` per tensor (float64 ``[P]``), through foreach kernels on slices
-        of at most ``budget`` elements, so the temporaries never hold a copy of all the gradients."""
-        out: List[torch.Tensor] = []
-        start = 0
-        while start < len(grads):
-            end, size = start, 0
-            while end < len(grads) and (end == start or size + grads[end].numel() <= budget):
-                size += grads[end].numel()
-                end += 1
-            ratio = torch._foreach_mul(grads[start:end], grads[start:end])
-            torch._foreach_div_(ratio, torch._foreach_clamp_min(exp_avg_sqs[start:end], eps_sq))
-            # The ratio is >= 0, so its 1-norm is its sum (one fused reduction per slice).
-            out.extend(torch._foreach_norm(ratio, 1, dtype=torch.float64))
-            start = end
-        return torch.stack(out)
-
-    def _counts(self, params: List[torch.Tensor]) -> torch.Tensor:
-        """Elements per tensor, float64 on the parameters' device: built on the CPU once per set of
-        parameters and copied once (no per-step, per-parameter host-to-device copy)."""
-        key = tuple(id(p) for p in params)
-        cached = self._count_cache.get(key)
-        if cached is None:
-            device = params[0].device if params else torch.device("cpu")
-            cached = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64).to(device)
-            self._count_cache = {key: cached}  # the set only changes if grads appear or vanish
-        return cached
-
     def _any_device(self) -> torch.device:
         for group in self.param_groups:
             for p in group["params"]:
                 return p.device
         return torch.device("cpu")
+
+
+def _slices(tensors: List[List[torch.Tensor]], budget: int, first: int):
+    """Parallel lists (params, grads, exp_avg, exp_avg_sq) cut into slices of about ``budget``
+    elements: ``(params, grads, exp_avgs, exp_avg_sqs, owners)`` per slice, a tensor larger than the
+    budget as flat views of its blocks (contiguous tensors only), ``owners`` the index (from
+    ``first``) of the tensor each piece belongs to."""
+    cur: List[List[torch.Tensor]] = [[], [], [], []]
+    owners: List[int] = []
+    size = 0
+    for i in range(len(tensors[0])):
+        group = [t[i] for t in tensors]
+        n = group[0].numel()
+        splittable = n > budget and all(t.is_contiguous() for t in group)
+        step = budget if splittable else max(n, 1)
+        flats = [t.view(-1) for t in group] if splittable else group
+        for start in range(0, max(n, 1), step):
+            pieces = [f[start:start + step] for f in flats] if splittable else flats
+            if size and size + pieces[0].numel() > budget:
+                yield (*cur, owners)
+                cur, owners, size = [[], [], [], []], [], 0
+            for lst, piece in zip(cur, pieces):
+                lst.append(piece)
+            owners.append(first + i)
+            size += pieces[0].numel()
+    if owners:
+        yield (*cur, owners)
 
 
 class TensorRMSReducer:
