@@ -19,7 +19,7 @@ per-layer list, read by TE as well), so every kernel agrees with ModernBERT's ``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -178,38 +178,54 @@ FLEX_BLOCK = 128
 """FlexAttention's block size (its default; the compiled CUDA kernels tile by it)."""
 
 
-def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optional[int], block: int = FLEX_BLOCK):
+def local_block_size(half_window: int, block: int = FLEX_BLOCK) -> Tuple[int, int]:
+    """(query, key) block sizes for a sliding-window layer: key blocks of half the query block
+    when the window is narrower than a block. With 128-token blocks a +-64 window touches three
+    128-key blocks (384 keys) per query block for the 256 it can need; with 64-key blocks, four
+    (256 keys)."""
+    return (block, block // 2) if half_window < block else (block, block)
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optional[int],
+                        block: Union[int, Tuple[int, int]] = FLEX_BLOCK):
     """FlexAttention ``BlockMask`` for ``total`` packed tokens: a query sees the keys of its own
     document (``cu_seqlens``) and, when ``half_window`` is given, only those with ``|q - k| <=
-    half_window`` (within a document, index distance is position distance).
+    half_window`` (within a document, index distance is position distance). ``block``: one size,
+    or (query block, key block) (:func:`local_block_size` for local layers).
 
     Built from block boundaries alone, without evaluating the mask over the ``[t, t]`` grid (what
     ``create_block_mask`` does uncompiled): documents are contiguous and their ids non-decreasing,
-    so blocks ``i`` and ``j`` share a document iff ``first[i] <= last[j] and first[j] <= last[i]``,
-    and are *full* (no per-token mask needed) iff both lie in one document and, on local layers,
-    their farthest tokens are within the window. Only ``[t / block]^2`` booleans and no host sync.
+    so query block ``i`` and key block ``j`` share a document iff ``first[i] <= last[j] and first[j]
+    <= last[i]``, and are *full* (no per-token mask needed) iff both lie in one document and, on
+    local layers, their farthest tokens are within the window. Only ``[t / block]^2`` booleans and
+    no host sync.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
+    q_block, kv_block = (block, block) if isinstance(block, int) else block
     device = cu_seqlens.device
-    blocks = -(-total // block)
-    tokens = torch.arange(blocks * block, device=device)
+    q_blocks, kv_blocks = -(-total // q_block), -(-total // kv_block)
+    tokens = torch.arange(max(q_blocks * q_block, kv_blocks * kv_block), device=device)
     # Document id per token; the padding after the last token gets -1 so that a compiled kernel
     # evaluating the tail of the last block indexes in bounds and matches nothing real.
     document = torch.searchsorted(cu_seqlens[1:].to(torch.int64), tokens, right=True)
     document = torch.where(tokens < total, document, torch.full_like(document, -1))
-    starts = torch.arange(blocks, device=device) * block
-    first = document[starts]
-    last = document[torch.clamp(starts + block, max=total) - 1]
-    shares = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
-    full = (first == last)[:, None] & (first == last)[None, :] & (first[:, None] == first[None, :])
-    if total % block:  # the last block holds padding: never full
-        full[-1, :] = False
-        full[:, -1] = False
+
+    def bounds(size, count):
+        starts = torch.arange(count, device=device) * size
+        ends = torch.clamp(starts + size, max=total) - 1  # last real token of the block
+        return starts, ends, document[starts], document[ends], starts + size > total
+
+    q_start, q_end, q_first, q_last, q_pad = bounds(q_block, q_blocks)
+    k_start, k_end, k_first, k_last, k_pad = bounds(kv_block, kv_blocks)
+    shares = (q_first[:, None] <= k_last[None, :]) & (k_first[None, :] <= q_last[:, None])
+    full = (q_first == q_last)[:, None] & (k_first == k_last)[None, :] & (q_first[:, None] == k_first[None, :])
+    full &= ~q_pad[:, None] & ~k_pad[None, :]  # a block holding padding is never full
     if half_window is not None:
-        gap = (starts[:, None] - starts[None, :]).abs()  # block distance in tokens
-        shares &= (gap - (block - 1)).clamp(min=0) <= half_window  # nearest tokens within the window
-        full &= gap + (block - 1) <= half_window  # farthest tokens within the window
+        nearest = torch.maximum(k_start[None, :] - q_end[:, None], q_start[:, None] - k_end[None, :]).clamp(min=0)
+        farthest = torch.maximum(k_end[None, :] - q_start[:, None], q_end[:, None] - k_start[None, :])
+        shares &= nearest <= half_window
+        full &= farthest <= half_window
 
     def mask_mod(b, h, q, k):
         same = document[q] == document[k]
@@ -225,7 +241,8 @@ def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optio
     partial_count, partial_index = indices(shares & ~full)
     full_count, full_index = indices(full)
     return BlockMask.from_kv_blocks(
-        partial_count, partial_index, full_count, full_index, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(total, total)
+        partial_count, partial_index, full_count, full_index, BLOCK_SIZE=(q_block, kv_block), mask_mod=mask_mod,
+        seq_lengths=(total, total),
     )
 
 

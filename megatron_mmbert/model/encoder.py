@@ -33,7 +33,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_mmbert.config import ModelConfig
 from megatron_mmbert.data.mlm import IGNORE_INDEX
-from megatron_mmbert.model.attention import AttentionInputs, document_block_mask, segment_masks
+from megatron_mmbert.model.attention import AttentionInputs, document_block_mask, local_block_size, segment_masks
 from megatron_mmbert.model.layers import BiasFreeLayerNorm, RotaryTable
 from megatron_mmbert.model.mlm_loss import VocabShard, chunked_cross_entropy
 from megatron_mmbert.model.specs import PACKED_BACKENDS, Backend, block_spec
@@ -201,10 +201,10 @@ class MMBertModel(LanguageModule):
             cu = cu_seqlens.to(device=positions.device, dtype=torch.int32)
             masks = (None, None)
             if self.backend == "flex":
-                total = positions.numel()
+                total, half_window = positions.numel(), self.model_config.local_attention // 2
                 masks = (
                     document_block_mask(cu, total, None),
-                    document_block_mask(cu, total, self.model_config.local_attention // 2),
+                    document_block_mask(cu, total, half_window, block=local_block_size(half_window)),
                 )
             inputs = AttentionInputs(
                 *masks, self.global_rotary(packed_positions), self.local_rotary(packed_positions)
