@@ -102,6 +102,26 @@ class MMBertSelfAttention(SelfAttention):
         finally:
             self._rope = None
 
+    def _checkpointed_attention_forward(self, query, key, value, attention_mask, rotary_pos_emb=None,
+                                        attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        """``model.recompute: selective``: megatron-core's own activation checkpoint
+        (``tensor_parallel.checkpoint``) around the core attention, as megatron's version of this
+        method, except that the mask travels in the closure (megatron's passes it as a checkpoint
+        argument, which must be a tensor, and FlexAttention's ``BlockMask`` is not one) and the
+        recompute runs under the forward's autocast. Dropout replays megatron's RNG tracker states."""
+
+        # The recompute runs in the backward, outside the forward's autocast (amp_bf16): replay it.
+        device_type = query.device.type
+        autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+        def core_attention(q, k, v):
+            with torch.autocast(device_type, dtype=autocast[1], enabled=autocast[0]):
+                return self.core_attention(q, k, v, attention_mask,
+                                           attn_mask_type=attn_mask_type or self.attn_mask_type,
+                                           attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+
+        return tensor_parallel.checkpoint(core_attention, False, query, key, value)
+
     def get_query_key_value_tensors(self, *args, **kwargs):
         query, key, value = super().get_query_key_value_tensors(*args, **kwargs)
         if self._rope is None:

@@ -55,6 +55,7 @@ from megatron_mmbert.training.prefetch import BatchPrefetcher, prepare
 from megatron_mmbert.training.preflight import validate
 from megatron_mmbert.training.resume_check import check_resume
 from megatron_mmbert.training.state import TrainState
+from megatron_mmbert.training.step import finish_param_sync
 from megatron_mmbert.training.stopping import StopFlag, any_rank
 
 
@@ -303,6 +304,7 @@ class Trainer:
             if kill_during_save:
                 os.kill(os.getpid(), signal.SIGKILL)
 
+        finish_param_sync(self.chunks)
         path = ckpt.save_training(
             cfg.checkpoint_dir, name, self.chunks, self.optimizer, cfg.model_for_phase(phase),
             self.train_state(phase, scheduler), before_publish=before_publish,
@@ -367,6 +369,7 @@ class Trainer:
                 if st.step % cfg.logging.interval == 0 or phase_done or skipped:
                     self._log_step(meter, result, phase, k, rows, batches, skipped)
                 if cfg.logging.eval_interval and st.step % cfg.logging.eval_interval == 0 and not phase_done:
+                    finish_param_sync(self.chunks)
                     self.log.log_eval(st.step, phase.name, self.evaluator.evaluate(phase))
                 if cfg.debug.sigkill_at_step == st.step:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -479,6 +482,7 @@ class Trainer:
     def _end_phase(self, phase: PhaseConfig, scheduler) -> None:
         """Phase end: evaluate, keep a checkpoint the decay variants can branch from."""
         cfg, st = self.cfg, self.state
+        finish_param_sync(self.chunks)
         self.log.log_eval(st.step, phase.name, self.evaluator.evaluate(phase))
         name = phase_end_name(phase.name) if cfg.checkpoint.keep_phase_ends else iter_name(st.step)
         self.save(name, phase, scheduler, cfg.debug.sigkill_during_save_at_step == st.step)

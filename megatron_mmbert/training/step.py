@@ -64,7 +64,8 @@ def wrap_ddp(chunks: List[torch.nn.Module], parallel: ParallelConfig, precision:
         chunks = [Float16Module(config, c) for c in chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather and parallel.use_distributed_optimizer,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
@@ -80,9 +81,23 @@ def wrap_ddp(chunks: List[torch.nn.Module], parallel: ParallelConfig, precision:
     ]
     for chunk in wrapped:
         chunk.broadcast_params()  # identical replicas across data-parallel ranks
-    config.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    one = lambda fns: fns if len(fns) > 1 else fns[0]  # noqa: E731 -- megatron takes one or a list
+    config.no_sync_func = one([c.no_sync for c in wrapped])
+    if ddp_config.overlap_grad_reduce:  # as Megatron-LM wires it: buckets start in the backward
+        config.grad_sync_func = one([c.start_grad_sync for c in wrapped])
+    if ddp_config.overlap_param_gather:  # the forward pre-hooks wait for each bucket's all-gather
+        config.param_sync_func = one([c.start_param_sync for c in wrapped])
     config.finalize_model_grads_func = finalize_model_grads
     return wrapped
+
+
+def finish_param_sync(chunks: List[torch.nn.Module]) -> None:
+    """Under ``overlap_param_gather`` the updated parameters arrive during the next forward: gather
+    them now (before a save, an evaluation or the end of the run). Otherwise nothing to do."""
+    for chunk in chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def build_optimizer(chunks: List[torch.nn.Module], section: OptimizerSection, parallel: ParallelConfig, *,
