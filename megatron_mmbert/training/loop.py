@@ -52,6 +52,7 @@ from megatron_mmbert.training.config import RunConfig, resolved_dict, write_reso
 from megatron_mmbert.training.evaluation import Evaluator
 from megatron_mmbert.training.logging import RunLogger, StepMeter, memory_gib
 from megatron_mmbert.training.prefetch import BatchPrefetcher, prepare
+from megatron_mmbert.training.profiling import StepProfiler
 from megatron_mmbert.training.preflight import validate
 from megatron_mmbert.training.resume_check import check_resume
 from megatron_mmbert.training.state import TrainState
@@ -337,6 +338,7 @@ class Trainer:
             f"{[p.name for p in cfg.phases[st.first_phase_index:]]}"
         )
         meter, self.consecutive_skips = StepMeter(), 0
+        self.profiler = StepProfiler(cfg.profiling, cfg.run_dir, self.rt.rank, self.rt.device, self.log.info)
         pin = self.rt.device.type == "cuda"
         prefetcher = BatchPrefetcher(
             lambda key: [prepare(b, pin) for b in self.micro_batches(cfg.phases[key[0]], key[1], key[2])]
@@ -416,7 +418,8 @@ class Trainer:
         reseed(self.cfg.seed, self.state.step)
         if self.state.step + 1 in self.cfg.debug.nan_grad_at_steps:
             self.optimizer.inject_nan = True
-        return train_step(self.chunks, self.optimizer, batches, self.rt.device)
+        with self.profiler.step(self.state.step + 1):
+            return train_step(self.chunks, self.optimizer, batches, self.rt.device)
 
     def _check_finite(self, result, phase: PhaseConfig) -> Optional[str]:
         """None for an applied step; for a skipped one, why (or raise under ``train.nan_policy: stop``)."""
