@@ -21,7 +21,7 @@ CASES = [
     ([128], 8, 32),
     ([1, 100, 27], 40, 16),
     ([300, 212], 64, 128),
-    # (query block, key block): local layers' narrower key blocks (model/attention.local_block_size)
+    # (query block, key block): narrower key blocks for sliding windows
     ([300, 212], 64, (128, 64)),
     ([37, 5, 1, 61, 16], 4, (16, 8)),
     ([1, 100, 27], 40, (32, 16)),
@@ -213,11 +213,9 @@ def test_block_mask_is_built_without_host_reads():
 
 def test_local_key_blocks_touch_the_window_not_three_blocks():
     """A +-64 window with 128 x 64 blocks reads 256 keys per interior query block, not 384."""
-    from megatron_mmbert.model.attention import local_block_size
-
     cu = torch.tensor([0, 1024], dtype=torch.int32)
     touched = {}
-    for block in (128, local_block_size(64)):
+    for block in (128, (128, 64)):
         mask = document_block_mask(cu, 1024, 64, block=block)
         kv_block = block if isinstance(block, int) else block[1]
         per_query_block = (mask.kv_num_blocks + mask.full_kv_num_blocks)[0, 0] * kv_block

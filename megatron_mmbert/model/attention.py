@@ -198,20 +198,13 @@ FLEX_BLOCK = 128
 """FlexAttention's block size (its default; the compiled CUDA kernels tile by it)."""
 
 
-def local_block_size(half_window: int, block: int = FLEX_BLOCK) -> Tuple[int, int]:
-    """(query, key) block sizes for a sliding-window layer: key blocks of half the query block
-    when the window is narrower than a block. With 128-token blocks a +-64 window touches three
-    128-key blocks (384 keys) per query block for the 256 it can need; with 64-key blocks, four
-    (256 keys)."""
-    return (block, block // 2) if half_window < block else (block, block)
-
-
 def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optional[int],
                         block: Union[int, Tuple[int, int]] = FLEX_BLOCK):
     """FlexAttention ``BlockMask`` for ``total`` packed tokens: a query sees the keys of its own
     document (``cu_seqlens``) and, when ``half_window`` is given, only those with ``|q - k| <=
     half_window`` (within a document, index distance is position distance). ``block``: one size,
-    or (query block, key block) (:func:`local_block_size` for local layers).
+    or (query block, key block): a +-64 window with 128 x 64 blocks reads 256 keys per query block
+    instead of 384 (the compiled kernel's tiles must divide the blocks: docs/training.md).
 
     Built from block boundaries alone, without evaluating the mask over the ``[t, t]`` grid (what
     ``create_block_mask`` does uncompiled): documents are contiguous and their ids non-decreasing,

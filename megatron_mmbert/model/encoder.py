@@ -33,7 +33,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_mmbert.config import ModelConfig
 from megatron_mmbert.data.mlm import IGNORE_INDEX
-from megatron_mmbert.model.attention import AttentionInputs, document_block_mask, local_block_size, segment_masks
+from megatron_mmbert.model.attention import AttentionInputs, document_block_mask, segment_masks
 from megatron_mmbert.model.layers import BiasFreeLayerNorm, RotaryTable
 from megatron_mmbert.model.mlm_loss import VocabShard, chunked_cross_entropy
 from megatron_mmbert.model.specs import PACKED_BACKENDS, Backend, block_spec
@@ -201,10 +201,14 @@ class MMBertModel(LanguageModule):
             cu = cu_seqlens.to(device=positions.device, dtype=torch.int32)
             masks = (None, None)
             if self.backend == "flex":
-                total, half_window = positions.numel(), self.model_config.local_attention // 2
+                total = positions.numel()
+                # Square 128-token blocks on local layers too: a 128 x 64 mask (the window's reads,
+                # 256 keys per query block instead of 384) needs compiled kernels tiled by 64 keys,
+                # and torch's default H100 tiles for head_dim 64 are 128 keys (forward) and
+                # (64, 128, 128, 64) (backward), which refuse a 64-key block. See docs/training.md.
                 masks = (
                     document_block_mask(cu, total, None),
-                    document_block_mask(cu, total, half_window, block=local_block_size(half_window)),
+                    document_block_mask(cu, total, self.model_config.local_attention // 2),
                 )
             inputs = AttentionInputs(
                 *masks, self.global_rotary(packed_positions), self.local_rotary(packed_positions)
