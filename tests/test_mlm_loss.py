@@ -20,12 +20,17 @@ def tp1():
     from tests.helpers.model import _free_port
 
     cpu_adapter.install()
-    if not torch.distributed.is_initialized():
+    own_group = not torch.distributed.is_initialized()  # tear down only what this fixture made
+    if own_group:
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
+    own_state = not parallel_state.model_parallel_is_initialized()
+    if own_state:
+        parallel_state.initialize_model_parallel()
     yield
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+    if own_state:
+        parallel_state.destroy_model_parallel()
+    if own_group:
+        torch.distributed.destroy_process_group()
 
 
 def _run(fn, h, w, b, target, valid, reduction, weights, chunk_rows=None, dtype=None):
