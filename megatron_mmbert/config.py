@@ -65,6 +65,13 @@ class ModelConfig:
     versions: docs/training.md), else flash-attn 2 varlen (CUDA, bf16), else FlexAttention on CUDA,
     else PyTorch SDPA with block-diagonal window masks, and logs why. A named backend that cannot run
     here is a start-up error naming what is missing and the fix."""
+    recompute: Literal["none", "selective"] = "none"
+    """Activation recompute (megatron-core's own checkpointing; Megatron-LM
+    ``--recompute-granularity selective``): ``selective`` keeps no core-attention activations and
+    recomputes the attention in the backward -- less memory for one more attention forward per
+    layer; same results. (megatron's ``full`` layer recompute is not offered: it checkpoints each
+    layer with its attention inputs as arguments, which here are not tensors -- FlexAttention's
+    ``BlockMask``, the per-kind masks and angles.)"""
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
     """FP8 format for the transformer layers' GEMMs (TransformerEngine only; None trains without FP8).
     A run asking for FP8 without TE stops at start-up instead of silently training in bf16."""
@@ -114,6 +121,15 @@ class ParallelConfig:
     """Megatron sequence parallelism for norms and dropout (needs tensor_parallel > 1)."""
     use_distributed_optimizer: bool = False
     """Shard fp32 master weights and optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Start each gradient bucket's data-parallel all-reduce (reduce-scatter under the distributed
+    optimizer) as soon as the backward has filled it, overlapping it with the rest of the backward
+    (megatron-core DDP's ``overlap_grad_reduce``; Megatron-LM ``--overlap-grad-reduce``). Same results."""
+    overlap_param_gather: bool = False
+    """Distributed optimizer only: all-gather the updated parameters bucket by bucket during the
+    next forward instead of at the end of the optimizer step (megatron-core's
+    ``overlap_param_gather``; Megatron-LM ``--overlap-param-gather``). Saves and evaluations gather
+    first. Same results."""
 
     def data_parallel(self, world_size: int) -> int:
         return world_size // (self.tensor_parallel * self.pipeline_parallel * self.context_parallel)

@@ -107,3 +107,69 @@ def test_te_switches_per_kernel_set_and_conflicts():
     set_te_environment("flash", environ)  # the same model built twice (eval, verify) is fine
     with pytest.raises(ConfigError, match=r"the process has \{'NVTE_FUSED_ATTN': '0'.*unset them"):
         set_te_environment("auto", environ)
+
+
+def _shipped_optimizer(layers: int):
+    """A ``layers``-layer tiny model as the shipped configs train it (amp_bf16, StableAdamW without
+    clipping, the distributed optimizer), guarded; its DDP chunks and parameter count."""
+    import dataclasses
+
+    from megatron_mmbert.config import PRESETS
+
+    model = dataclasses.replace(PRESETS["tiny"], num_layers=layers, vocab_size=1000)
+    parallel = ParallelConfig(use_distributed_optimizer=True)
+    runtime.initialize(model, parallel, seed=3)
+    wrapped = wrap_ddp(build_model(model, parallel, "amp_bf16"), parallel, "amp_bf16")
+    section = OptimizerSection(name="stable_adamw", clip_grad=0.0)
+    guarded = GuardedOptimizer(build_optimizer(wrapped, section, parallel, lr=1e-3, weight_decay=0.1,
+                                               precision="amp_bf16"), wrapped)
+    return wrapped, guarded, sum(1 for _ in wrapped[0].parameters())
+
+
+def _mlm_batches(count: int):
+    batch = packed_batch([[40, 24], [64]], 1000, seed=2)
+    labels = torch.full_like(batch["tokens"], -100)
+    labels[:, ::3] = batch["tokens"][:, ::3]
+    return [dict(batch, labels=labels)] * count
+
+
+def test_optimizer_step_host_reads_do_not_grow_with_parameters():
+    """StableAdamW's step and the logged grad norm: a constant number of host reads (before: one
+    per parameter for the element count, one per tensor in megatron's grad-norm fallback)."""
+    reads, sizes = [], []
+    for layers in (1, 3):
+        wrapped, guarded, n = _shipped_optimizer(layers)
+        for step in range(2):  # the first step creates the state; the second is a steady one
+            for p in wrapped[0].parameters():
+                p.main_grad.normal_()
+            HostReads.count = 0
+            with HostReads():
+                ok, _, _ = guarded.step()
+                norm = guarded.get_grad_norm()
+            assert ok and norm > 0
+        reads.append(HostReads.count)
+        sizes.append(n)
+        runtime.shutdown()
+    assert sizes[1] > sizes[0] + 10
+    # grads_finite, the clipping statistics, the norm: device reads; the step count: a CPU read per group
+    assert reads[0] == reads[1] <= 6, reads
+
+
+def test_training_step_host_reads_are_a_small_constant():
+    """A whole training step (forward/backward of every micro-batch, the optimizer, the report):
+    the same few host reads whatever the model depth and the number of micro-batches (the labelled
+    tokens are found on the CPU batch, not on the device)."""
+    from megatron_mmbert.training.step import train_step
+
+    reads = {}
+    for layers in (1, 3):
+        wrapped, guarded, _ = _shipped_optimizer(layers)
+        for micro in (1, 3):
+            train_step(wrapped, guarded, _mlm_batches(micro))
+            HostReads.count = 0
+            with HostReads():
+                result = train_step(wrapped, guarded, _mlm_batches(micro))
+            assert result.update_ok and result.tokens > 0
+            reads[(layers, micro)] = HostReads.count
+        runtime.shutdown()
+    assert len(set(reads.values())) == 1 and max(reads.values()) <= 8, reads

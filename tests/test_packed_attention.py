@@ -21,6 +21,11 @@ CASES = [
     ([128], 8, 32),
     ([1, 100, 27], 40, 16),
     ([300, 212], 64, 128),
+    # (query block, key block): narrower key blocks for sliding windows
+    ([300, 212], 64, (128, 64)),
+    ([37, 5, 1, 61, 16], 4, (16, 8)),
+    ([1, 100, 27], 40, (32, 16)),
+    ([128], 8, (32, 16)),
 ]
 
 
@@ -48,14 +53,15 @@ def test_block_mask_realises_documents_and_window_exactly(lengths, half_window, 
     total = sum(lengths)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     ours = document_block_mask(cu, total, half_window, block=block)
-    blocks = -(-total // block)
+    q_block, kv_block = (block, block) if isinstance(block, int) else block
+    blocks = -(-total // kv_block)
     partial = _blocks(ours.kv_num_blocks, ours.kv_indices, blocks)
     full = _blocks(ours.full_kv_num_blocks, ours.full_kv_indices, blocks)
     assert not (partial & full).any()
 
     # What a block-sparse kernel computes: full blocks entirely, partial blocks through mask_mod,
     # skipped blocks not at all.
-    expand = lambda m: m.repeat_interleave(block, 0).repeat_interleave(block, 1)[:total, :total]
+    expand = lambda m: m.repeat_interleave(q_block, 0).repeat_interleave(kv_block, 1)[:total, :total]
     index = torch.arange(total)
     mod = ours.mask_mod(0, 0, index[:, None], index[None, :])
     realised = expand(full) | (expand(partial) & mod)
@@ -237,3 +243,15 @@ def test_sdpa_attends_pieces_that_cross_rows_as_one_segment():
     for a, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         ref = F.scaled_dot_product_attention(*(x[a:e].transpose(0, 1) for x in flat))
         assert torch.allclose(got[a:e], ref.transpose(0, 1).reshape(e - a, heads * d), atol=1e-12)
+
+
+def test_local_key_blocks_touch_the_window_not_three_blocks():
+    """A +-64 window with 128 x 64 blocks reads 256 keys per interior query block, not 384."""
+    cu = torch.tensor([0, 1024], dtype=torch.int32)
+    touched = {}
+    for block in (128, (128, 64)):
+        mask = document_block_mask(cu, 1024, 64, block=block)
+        kv_block = block if isinstance(block, int) else block[1]
+        per_query_block = (mask.kv_num_blocks + mask.full_kv_num_blocks)[0, 0] * kv_block
+        touched[kv_block] = int(per_query_block[1:-1].max())
+    assert touched == {128: 384, 64: 256}

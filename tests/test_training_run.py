@@ -82,7 +82,13 @@ def test_log_line_tensorboard_and_nan_skip(tiny_run):
     nan_policy skip): its log lines, TensorBoard, evaluations and checkpoints."""
     root, manifest, run, p = tiny_run.root, tiny_run.manifest, tiny_run.run_dir, tiny_run.proc
     assert tiny_run.sections == {"logging": {"eval_interval": 5}, "train": {"nan_policy": "skip"},
-                                 "debug": {"nan_grad_at_steps": [3]}}
+                                 "debug": {"nan_grad_at_steps": [3]},
+                                 "profiling": {"steps": [2], "memory_snapshot": True}}
+    # profiling: a Chrome trace of step 2 (the optimizer's kernels in it); no GPU, so no snapshot
+    trace = json.load(open(os.path.join(run, "profile", "step_2-rank0.json")))
+    assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])
+    assert os.listdir(os.path.join(run, "profile")) == ["step_2-rank0.json"]
+    assert "memory_snapshot: a CUDA allocator snapshot needs a GPU" in p.stdout
     assert "WARNING: non-finite gradient at step 3" in p.stdout and "update skipped" in p.stdout
     # logging configured at start-up: the attention backend and the layout, timestamped (rank 0, INFO)
     stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO megatron_mmbert\."
@@ -95,6 +101,9 @@ def test_log_line_tensorboard_and_nan_skip(tiny_run):
         assert field in line, (field, line)
     recs = train_records(run)
     assert all(math.isfinite(r["loss"]) for r in recs if r["step"] != 3)
+    # batches are built ahead in a thread: the steps hardly wait for data
+    later = [r for r in recs if r["step"] > 2 and "time_data_s" in r]
+    assert later and all(r["time_data_s"] < 0.1 * r["time_forward_backward_s"] for r in later), later
     assert "phase_end_decay" in open(os.path.join(run, "checkpoints", "latest")).read()
     # the tokenizer preprocessing kept beside the manifest travels into every checkpoint
     for ckpt in glob.glob(os.path.join(run, "checkpoints", "*_*")):

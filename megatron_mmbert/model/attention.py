@@ -19,7 +19,7 @@ per-layer list, read by TE as well), so every kernel agrees with ModernBERT's ``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +107,26 @@ class MMBertSelfAttention(SelfAttention):
         finally:
             self._rope = None
 
+    def _checkpointed_attention_forward(self, query, key, value, attention_mask, rotary_pos_emb=None,
+                                        attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        """``model.recompute: selective``: megatron-core's own activation checkpoint
+        (``tensor_parallel.checkpoint``) around the core attention, as megatron's version of this
+        method, except that the mask travels in the closure (megatron's passes it as a checkpoint
+        argument, which must be a tensor, and FlexAttention's ``BlockMask`` is not one) and the
+        recompute runs under the forward's autocast. Dropout replays megatron's RNG tracker states."""
+
+        # The recompute runs in the backward, outside the forward's autocast (amp_bf16): replay it.
+        device_type = query.device.type
+        autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+        def core_attention(q, k, v):
+            with torch.autocast(device_type, dtype=autocast[1], enabled=autocast[0]):
+                return self.core_attention(q, k, v, attention_mask,
+                                           attn_mask_type=attn_mask_type or self.attn_mask_type,
+                                           attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+
+        return tensor_parallel.checkpoint(core_attention, False, query, key, value)
+
     def get_query_key_value_tensors(self, *args, **kwargs):
         query, key, value = super().get_query_key_value_tensors(*args, **kwargs)
         if self._rope is None:
@@ -192,11 +212,13 @@ FLEX_BLOCK = 128
 """FlexAttention's block size (its default; the compiled CUDA kernels tile by it)."""
 
 
-def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optional[int], block: int = FLEX_BLOCK,
-                        padded_total: Optional[int] = None):
+def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optional[int],
+                        block: Union[int, Tuple[int, int]] = FLEX_BLOCK, padded_total: Optional[int] = None):
     """FlexAttention ``BlockMask`` for ``total`` packed tokens: a query sees the keys of its own
     document (``cu_seqlens``) and, when ``half_window`` is given, only those with ``|q - k| <=
-    half_window`` (within a document, index distance is position distance).
+    half_window`` (within a document, index distance is position distance). ``block``: one size,
+    or (query block, key block): a +-64 window with 128 x 64 blocks reads 256 keys per query block
+    instead of 384 (the compiled kernel's tiles must divide the blocks: docs/training.md).
 
     ``padded_total`` (>= ``total``): the mask covers that many tokens, the ones after ``total``
     forming one more document of padding that no real token sees (:func:`flex_padded_tokens`:
@@ -205,35 +227,41 @@ def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optio
 
     Built from block boundaries alone, without evaluating the mask over the ``[t, t]`` grid (what
     ``create_block_mask`` does uncompiled): documents are contiguous and their ids non-decreasing,
-    so blocks ``i`` and ``j`` share a document iff ``first[i] <= last[j] and first[j] <= last[i]``,
-    and are *full* (no per-token mask needed) iff both lie in one document and, on local layers,
-    their farthest tokens are within the window. Only ``[t / block]^2`` booleans and no host sync.
+    so query block ``i`` and key block ``j`` share a document iff ``first[i] <= last[j] and first[j]
+    <= last[i]``, and are *full* (no per-token mask needed) iff both lie in one document and, on
+    local layers, their farthest tokens are within the window. Only ``[t / block]^2`` booleans and
+    no host sync.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
+    q_block, kv_block = (block, block) if isinstance(block, int) else block
     device = cu_seqlens.device
     padded = total if padded_total is None else padded_total
     if padded < total:
         raise ValueError(f"padded_total={padded_total} is less than the {total} tokens of the micro-batch")
-    blocks = -(-padded // block)
-    tokens = torch.arange(blocks * block, device=device)
+    q_blocks, kv_blocks = -(-padded // q_block), -(-padded // kv_block)
+    tokens = torch.arange(max(q_blocks * q_block, kv_blocks * kv_block), device=device)
     # Document id per token (tokens in [total, padded) get the id after the last document, so ids
     # stay non-decreasing); the tail after ``padded`` gets -1 so that a compiled kernel evaluating
     # the rest of the last block indexes in bounds and matches nothing real.
     document = torch.searchsorted(cu_seqlens[1:].to(torch.int64), tokens, right=True)
     document = torch.where(tokens < padded, document, torch.full_like(document, -1))
-    starts = torch.arange(blocks, device=device) * block
-    first = document[starts]
-    last = document[torch.clamp(starts + block, max=padded) - 1]
-    shares = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
-    full = (first == last)[:, None] & (first == last)[None, :] & (first[:, None] == first[None, :])
-    if padded % block:  # the last block holds padding: never full
-        full[-1, :] = False
-        full[:, -1] = False
+
+    def bounds(size, count):
+        starts = torch.arange(count, device=device) * size
+        ends = torch.clamp(starts + size, max=padded) - 1  # last token of the block
+        return starts, ends, document[starts], document[ends], starts + size > padded
+
+    q_start, q_end, q_first, q_last, q_pad = bounds(q_block, q_blocks)
+    k_start, k_end, k_first, k_last, k_pad = bounds(kv_block, kv_blocks)
+    shares = (q_first[:, None] <= k_last[None, :]) & (k_first[None, :] <= q_last[:, None])
+    full = (q_first == q_last)[:, None] & (k_first == k_last)[None, :] & (q_first[:, None] == k_first[None, :])
+    full &= ~q_pad[:, None] & ~k_pad[None, :]  # a block running past the tokens is never full
     if half_window is not None:
-        gap = (starts[:, None] - starts[None, :]).abs()  # block distance in tokens
-        shares &= (gap - (block - 1)).clamp(min=0) <= half_window  # nearest tokens within the window
-        full &= gap + (block - 1) <= half_window  # farthest tokens within the window
+        nearest = torch.maximum(k_start[None, :] - q_end[:, None], q_start[:, None] - k_end[None, :]).clamp(min=0)
+        farthest = torch.maximum(k_end[None, :] - q_start[:, None], q_end[:, None] - k_start[None, :])
+        shares &= nearest <= half_window
+        full &= farthest <= half_window
 
     def mask_mod(b, h, q, k):
         same = document[q] == document[k]
@@ -249,7 +277,8 @@ def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optio
     partial_count, partial_index = indices(shares & ~full)
     full_count, full_index = indices(full)
     return BlockMask.from_kv_blocks(
-        partial_count, partial_index, full_count, full_index, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(padded, padded)
+        partial_count, partial_index, full_count, full_index, BLOCK_SIZE=(q_block, kv_block), mask_mod=mask_mod,
+        seq_lengths=(padded, padded),
     )
 
 

@@ -135,6 +135,9 @@ def transformer_config(
         bias_dropout_fusion=on_gpu,
         persist_layer_norm=False,
         calculate_per_token_loss=True,
+        # model.recompute: megatron's selective recompute of the core attention (MMBertSelfAttention).
+        recompute_granularity="selective" if model.recompute == "selective" else None,
+        recompute_modules=["core_attn"] if model.recompute == "selective" else None,
         # Layer 0 has no attention pre-norm, so layers are not stackable: checkpoint each layer under
         # its own global index (encoder.layers.{i}.*), which is also the HF-style canonical key.
         hetereogenous_dist_checkpoint=True,

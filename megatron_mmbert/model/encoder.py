@@ -6,11 +6,13 @@ Read top to bottom, the forward pass is ModernBERT's (HF ``ModernBertForMaskedLM
     x = TransformerBlock(x)                          # this stage's layers, final norm on the last
     h = x[masked positions]                          # sparse prediction: only labelled tokens
     logits = LayerNorm(GELU(Dense(h))) @ Embedding^T + decoder_bias   # vocab-parallel
-    loss = vocab_parallel_cross_entropy(logits, labels)
+    loss = cross_entropy(logits, labels)             # fused with the decoder, chunked
 
 Activations are ``[s, b, h]`` as everywhere in megatron-core (``[s/tp, b, h]`` under sequence
 parallelism). The head never sees unlabelled tokens, so no ``[tokens x vocab]`` tensor exists: with a
-256k vocabulary that is the difference between fitting and not. The decoder weight is the
+256k vocabulary that is the difference between fitting and not. Nor does ``[labelled x vocab]``: the
+decoder and the (vocab-parallel) cross-entropy run a chunk of labelled tokens at a time
+(``model/mlm_loss.py``). The decoder weight is the
 embedding (tied through megatron's LanguageModule, which also keeps the copy on the last pipeline
 stage in sync). Padded vocabulary rows are masked out of the softmax, so the loss equals HF's.
 """
@@ -30,8 +32,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_mmbert.config import ModelConfig
+from megatron_mmbert.data.mlm import IGNORE_INDEX
 from megatron_mmbert.model.attention import AttentionInputs, document_block_mask, flex_padded_tokens, segment_masks
 from megatron_mmbert.model.layers import BiasFreeLayerNorm, RotaryTable
+from megatron_mmbert.model.mlm_loss import VocabShard, chunked_cross_entropy
 from megatron_mmbert.model.specs import PACKED_BACKENDS, Backend, block_spec
 
 
@@ -142,6 +146,9 @@ class MMBertModel(LanguageModule):
             )
             with torch.no_grad():
                 self.output_layer.bias.zero_()
+        self.loss_chunk_rows: Optional[int] = None
+        """Labelled tokens per chunk of the fused decoder + cross-entropy (None: about 32 Mi logits
+        per chunk, ``model/mlm_loss.py``)."""
         self.setup_embeddings_and_output_layer()
         self._mark_vocab_padding()
 
@@ -204,6 +211,10 @@ class MMBertModel(LanguageModule):
             if self.backend == "flex":
                 total = positions.numel()
                 padded = flex_padded_tokens(total, self.flex_tokens)
+                # Square 128-token blocks on local layers too: a 128 x 64 mask (the window's reads,
+                # 256 keys per query block instead of 384) needs compiled kernels tiled by 64 keys,
+                # and torch's default H100 tiles for head_dim 64 are 128 keys (forward) and
+                # (64, 128, 128, 64) (backward), which refuse a 64-key block. See docs/training.md.
                 masks = (
                     document_block_mask(cu, total, None, padded_total=padded),
                     document_block_mask(cu, total, self.model_config.local_attention // 2, padded_total=padded),
@@ -236,23 +247,31 @@ class MMBertModel(LanguageModule):
         labels: Optional[torch.Tensor] = None,
         return_logits: bool = False,
         mlm_stats: Optional[Dict[str, torch.Tensor]] = None,
+        label_index: Optional[torch.Tensor] = None,
+        loss_reduction: str = "none",
     ) -> torch.Tensor:
         """Run this chunk on a micro-batch (see docs/interfaces.md "Batch").
 
         Returns, on the last pipeline stage: the per-token cross-entropy of the labelled tokens
-        (``[n]``, in ``s``-major order) when ``labels`` is given; with ``return_logits`` the logits of
-        every token ``[b, s, vocab]`` (TP-gathered, padding removed; for parity checks and export
-        verification only). Other stages return their hidden states for the next stage.
-        ``mlm_stats``, if given, receives ``correct``: the number of labelled tokens whose argmax
-        prediction equals the label (no gradient).
+        (``[n]``, in ``s``-major order) when ``labels`` is given, or its sum with
+        ``loss_reduction="sum"`` (training: the head's gradient is then computed in the forward,
+        ``model/mlm_loss.py``); with ``return_logits`` the logits of every token ``[b, s, vocab]``
+        (TP-gathered, padding removed; for parity checks and export verification only). Other
+        stages return their hidden states for the next stage. ``label_index`` (:func:`labelled_token_index`
+        of the CPU labels, on the device) saves finding the labelled tokens on the device, a host
+        sync. ``mlm_stats``, if given, receives ``correct``: the number of labelled tokens whose
+        argmax prediction equals the label (no gradient).
         """
+        args = (tokens, positions, cu_seqlens, max_seqlen, labels, return_logits, mlm_stats, label_index,
+                loss_reduction)
         if self.autocast_dtype is None:
-            return self._forward(tokens, positions, cu_seqlens, max_seqlen, labels, return_logits, mlm_stats)
+            return self._forward(*args)
         device_type = self.global_rotary.inv_freq.device.type
         with torch.autocast(device_type=device_type, dtype=self.autocast_dtype):
-            return self._forward(tokens, positions, cu_seqlens, max_seqlen, labels, return_logits, mlm_stats)
+            return self._forward(*args)
 
-    def _forward(self, tokens, positions, cu_seqlens, max_seqlen, labels, return_logits, mlm_stats):
+    def _forward(self, tokens, positions, cu_seqlens, max_seqlen, labels, return_logits, mlm_stats,
+                 label_index, loss_reduction):
         inputs, packed = self.attention_inputs(positions, cu_seqlens, max_seqlen)
         hidden = None
         if self.pre_process:
@@ -270,28 +289,36 @@ class MMBertModel(LanguageModule):
             )
         b, s = tokens.shape
         hidden = hidden.reshape(s, b, -1) if packed is None else hidden.reshape(b, s, -1).transpose(0, 1)
+        hidden = hidden.reshape(s * b, -1)  # s-major token order
         if return_logits:
-            selected = hidden.reshape(s * b, -1)
-        else:
-            if labels is None:
-                raise ValueError("forward needs labels (training) or return_logits=True")
-            predicted = labels.t() != -100  # [s, b], same order as hidden
-            selected = hidden[predicted]  # [n, h]: the only tokens the head ever sees
-            target = labels.t()[predicted]
-
-        logits, _ = self.output_layer(
-            self.lm_head(selected), weight=self.shared_embedding_or_output_weight()
-        )
-        logits = self._mask_vocab_padding(logits)
-
-        if return_logits:
+            logits, _ = self.output_layer(
+                self.lm_head(hidden), weight=self.shared_embedding_or_output_weight()
+            )
+            logits = self._mask_vocab_padding(logits)
             full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
             return full[:, : self.vocab_size].reshape(s, b, -1).transpose(0, 1)
 
+        if labels is None:
+            raise ValueError("forward needs labels (training) or return_logits=True")
+        if label_index is None:
+            label_index = labelled_token_index(labels)  # on a device: a host sync
+        selected = hidden.index_select(0, label_index)  # [n, h]: the only tokens the head ever sees
+        target = labels.t().reshape(-1).index_select(0, label_index)
+        head_in = tensor_parallel.copy_to_tensor_model_parallel_region(self.lm_head(selected))
+        per_rank = self.padded_vocab_size // self.tp_size
+        start = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        shard = VocabShard(
+            start=start,
+            valid=max(0, min(per_rank, self.vocab_size - start)),
+            group=parallel_state.get_tensor_model_parallel_group() if self.tp_size > 1 else None,
+        )
+        loss, correct = chunked_cross_entropy(
+            head_in, self.shared_embedding_or_output_weight(), self.output_layer.bias, target, shard,
+            chunk_rows=self.loss_chunk_rows, reduction=loss_reduction, count_correct=mlm_stats is not None,
+        )
         if mlm_stats is not None:
-            with torch.no_grad():
-                mlm_stats["correct"] = (self._vocab_parallel_argmax(logits) == target).sum()
-        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target)
+            mlm_stats["correct"] = correct
+        return loss
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """Give the padded vocabulary rows (only on the last TP rank) no probability."""
@@ -302,18 +329,9 @@ class MMBertModel(LanguageModule):
         ids = torch.arange(start, start + per_rank, device=logits.device)
         return logits.masked_fill(ids >= self.vocab_size, torch.finfo(logits.dtype).min)
 
-    def _vocab_parallel_argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        """Global argmax over a vocab-split last dimension (ties to the lowest id)."""
-        per_rank = logits.shape[-1]
-        start = parallel_state.get_tensor_model_parallel_rank() * per_rank
-        local_max, local_arg = logits.float().max(dim=-1)
-        if self.tp_size == 1:
-            return local_arg
-        group = parallel_state.get_tensor_model_parallel_group()
-        global_max = local_max.clone()
-        torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=group)
-        candidate = torch.where(
-            local_max == global_max, local_arg + start, torch.full_like(local_arg, 2**62)
-        )
-        torch.distributed.all_reduce(candidate, op=torch.distributed.ReduceOp.MIN, group=group)
-        return candidate
+
+def labelled_token_index(labels: torch.Tensor) -> torch.Tensor:
+    """Indices of the labelled tokens of ``labels [b, s]`` in the model's ``s``-major token order
+    (what :meth:`MMBertModel.forward` takes as ``label_index``). Run it on the CPU batch: on a
+    device it is a host sync."""
+    return (labels.t().reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)

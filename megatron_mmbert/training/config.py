@@ -266,6 +266,21 @@ class TrainSection:
 
 
 @dataclass
+class ProfilingSection:
+    """The PyTorch profiler for chosen steps and a CUDA memory snapshot, written under
+    ``{run_dir}/profile/`` (``training/profiling.py``; docs/training.md "Profiling")."""
+
+    steps: List[int] = field(default_factory=list)
+    """Optimizer steps (1-based, as the log counts them) traced with ``torch.profiler`` (CPU and CUDA
+    activities, shapes, memory): one Chrome/Perfetto trace per step and rank,
+    ``profile/step_{N}-rank{R}.json``."""
+    memory_snapshot: bool = False
+    """CUDA only: record the allocator's history from the first of ``steps`` (the run's first step if
+    none) and dump it after the last, ``profile/memory_snapshot-rank{R}.pickle``, for
+    https://pytorch.org/memory_viz. Ignored, with a log line, without a GPU."""
+
+
+@dataclass
 class DebugSection:
     """Fault injection for the resilience tests (real signals and real non-finite gradients)."""
 
@@ -316,6 +331,8 @@ class RunConfig:
     """Log interval, TensorBoard, evaluation."""
     train: TrainSection = field(default_factory=TrainSection)
     """NaN handling."""
+    profiling: ProfilingSection = field(default_factory=ProfilingSection)
+    """Profiler traces and a CUDA memory snapshot of chosen steps."""
     debug: DebugSection = field(default_factory=DebugSection)
     """Fault injection (tests)."""
 
@@ -580,7 +597,8 @@ def describe_all() -> str:
         "model": ModelConfig, "parallel": ParallelConfig, "phases[]": PhaseConfig, "data": DataSection,
         "optimizer": OptimizerSection, "schedule.phases.<name>": LRSegment, "schedule": ScheduleSection,
         "batch": BatchSection, "checkpoint": CheckpointSection, "init": InitSection,
-        "logging": LoggingSection, "logging.wandb": WandbSection, "train": TrainSection, "debug": DebugSection,
+        "logging": LoggingSection, "logging.wandb": WandbSection, "train": TrainSection,
+        "profiling": ProfilingSection, "debug": DebugSection,
     }
     for name, cls in sections.items():
         out += ["", f"{name}:", describe(cls, "  ")]

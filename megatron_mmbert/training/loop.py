@@ -51,9 +51,12 @@ from megatron_mmbert.training.batch_plan import BatchPlan
 from megatron_mmbert.training.config import RunConfig, resolved_dict, write_resolved
 from megatron_mmbert.training.evaluation import Evaluator
 from megatron_mmbert.training.logging import RunLogger, StepMeter, memory_gib
+from megatron_mmbert.training.prefetch import BatchPrefetcher, prepare
+from megatron_mmbert.training.profiling import StepProfiler
 from megatron_mmbert.training.preflight import check_checkpoint_tokenizer, check_packed_row_backend, validate
 from megatron_mmbert.training.resume_check import check_resume
 from megatron_mmbert.training.state import TrainState
+from megatron_mmbert.training.step import finish_param_sync
 from megatron_mmbert.training.stopping import StopFlag, any_rank
 
 
@@ -320,6 +323,7 @@ class Trainer:
             if kill_during_save:
                 os.kill(os.getpid(), signal.SIGKILL)
 
+        finish_param_sync(self.chunks)
         path = ckpt.save_training(
             cfg.checkpoint_dir, name, self.chunks, self.optimizer, cfg.model_for_phase(phase),
             self.train_state(phase, scheduler), before_publish=before_publish,
@@ -352,13 +356,28 @@ class Trainer:
             f"{[p.name for p in cfg.phases[st.first_phase_index:]]}"
         )
         meter, self.consecutive_skips = StepMeter(), 0
+        self.profiler = StepProfiler(cfg.profiling, cfg.run_dir, self.rt.rank, self.rt.device, self.log.info)
+        pin = self.rt.device.type == "cuda"
+        prefetcher = BatchPrefetcher(
+            lambda key: [prepare(b, pin) for b in self.micro_batches(cfg.phases[key[0]], key[1], key[2])]
+        )
+        try:
+            return self._run_phases(meter, prefetcher)
+        finally:
+            prefetcher.close()
+
+    def _run_phases(self, meter: StepMeter, prefetcher: BatchPrefetcher) -> int:
+        cfg, st = self.cfg, self.state
         for k in range(st.phase_index, len(cfg.phases)):
             phase, n = cfg.phases[k], self.stream.phase_num_samples(cfg.phases[k].name)
             scheduler = self._start_phase(k, phase)
             while st.consumed_samples < n:
                 meter.start()
                 rows = self.plan.step_rows(phase, st.consumed_samples, n)
-                batches = self.micro_batches(phase, st.consumed_samples, rows)
+                batches = prefetcher.get((k, st.consumed_samples, rows))
+                ahead = st.consumed_samples + rows
+                if ahead < n:  # the next step's batches, built while this one trains
+                    prefetcher.ahead((k, ahead, self.plan.step_rows(phase, ahead, n)))
                 meter.data_ready()
                 result = self._train_step(batches)
                 step_tokens = rows * phase.seq_len
@@ -370,6 +389,7 @@ class Trainer:
                 if st.step % cfg.logging.interval == 0 or phase_done or skipped:
                     self._log_step(meter, result, phase, k, rows, batches, skipped)
                 if cfg.logging.eval_interval and st.step % cfg.logging.eval_interval == 0 and not phase_done:
+                    finish_param_sync(self.chunks)
                     self.log.log_eval(st.step, phase.name, self.evaluator.evaluate(phase))
                 if cfg.debug.sigkill_at_step == st.step:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -418,7 +438,8 @@ class Trainer:
         reseed(self.cfg.seed, self.state.step)
         if self.state.step + 1 in self.cfg.debug.nan_grad_at_steps:
             self.optimizer.inject_nan = True
-        return train_step(self.chunks, self.optimizer, batches, self.rt.device)
+        with self.profiler.step(self.state.step + 1):
+            return train_step(self.chunks, self.optimizer, batches, self.rt.device)
 
     def _check_finite(self, result, phase: PhaseConfig) -> Optional[str]:
         """None for an applied step; for a skipped one, why (or raise under ``train.nan_policy: stop``)."""
@@ -484,6 +505,7 @@ class Trainer:
     def _end_phase(self, phase: PhaseConfig, scheduler) -> None:
         """Phase end: evaluate, keep a checkpoint the decay variants can branch from."""
         cfg, st = self.cfg, self.state
+        finish_param_sync(self.chunks)
         self.log.log_eval(st.step, phase.name, self.evaluator.evaluate(phase))
         name = phase_end_name(phase.name) if cfg.checkpoint.keep_phase_ends else iter_name(st.step)
         self.save(name, phase, scheduler, cfg.debug.sigkill_during_save_at_step == st.step)

@@ -34,6 +34,31 @@ def megatron_weight_decay(cfg: RunConfig, phase: PhaseConfig) -> float:
     return wd / seg.lr
 
 
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for apex's ``amp_C.multi_tensor_l2norm`` (what megatron-core's grad norm calls):
+    ``torch._foreach_norm`` over the tensors and one norm of the norms, on their device.
+
+    megatron-core's own fallback without TE or apex (``local_multi_tensor_l2_norm``) builds
+    ``torch.tensor([torch.norm(g) for g in grads])``: one host read per gradient tensor, every step
+    (StableAdamW runs without clipping, so the logged norm is computed separately each step)."""
+    tensors = [t for tensors in tensor_lists for t in tensors]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32), None
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    total = torch.linalg.vector_norm(torch.stack(norms)).reshape(1)
+    return total, (torch.stack(norms) if per_tensor else None)
+
+
+def use_foreach_grad_norm() -> None:
+    """Make megatron-core's grad norm use :func:`foreach_l2_norm` where it would use its per-tensor
+    fallback (no TE, no apex); a real fused kernel, when installed, is left in place."""
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = foreach_l2_norm
+
+
 class GuardedOptimizer:
     """A megatron optimizer that never steps on non-finite gradients.
 
@@ -46,6 +71,7 @@ class GuardedOptimizer:
     def __init__(self, optimizer, chunks: List[torch.nn.Module]):
         self._optimizer = optimizer
         self._chunks = chunks
+        use_foreach_grad_norm()
         self.inject_nan = False
         """Test hook: put a NaN into one gradient before the next check."""
         self.last_skip_reason: Optional[str] = None

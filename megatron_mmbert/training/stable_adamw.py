@@ -65,59 +65,146 @@ class StableAdamW(torch.optim.Optimizer):
         self.rms_reducer = rms_reducer
         self.last_clipped = 0
         """Tensors whose update was clipped (whole-tensor RMS > 1) in the last step."""
+        self._count_cache: Dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every group with ``torch._foreach_*`` kernels (a few kernels per slice of
+        tensors, not ~10 per tensor), and one device read per step: the clipping statistics.
+
+        The tensors go through in slices of at most :meth:`slice_elements` elements (large tensors
+        as flat views of their blocks): on a GPU that bounds the temporaries; on a CPU the slice
+        stays in cache through all the element-wise passes, which makes the step memory-bound once
+        instead of ten times. Element counts are built on the CPU once per parameter set; the step
+        count is the group's (a CPU read per group, no device sync).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        entries: List[Tuple[dict, torch.Tensor, dict]] = []
+        work = []  # (group, params, the group's slices)
+        params_all: List[torch.Tensor] = []
         partial: List[torch.Tensor] = []
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             beta1, beta2 = group["betas"]
-            eps_sq = group["eps"] ** 2
-            group_step = group.get("step", 0)  # what a loaded TE-style state dict restored
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                state = self.state[p]
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if "step" not in state or state["step"].item() < group_step:
-                    # Fresh, or loaded where only the param group kept the step (megatron's TE/Apex
-                    # path; a placeholder state may say 0): the group's count is the step taken.
-                    state["step"] = torch.tensor(float(group_step), dtype=torch.float32)
-                state["step"] = state["step"] + 1  # not in place: a loaded state may share one step tensor
-                t = int(state["step"].item())  # a CPU tensor: no device sync
-                group["step"] = t  # mirrored where megatron looks for it with TE/Apex FusedAdam
-                b1, b2 = debias_beta(beta1, t), debias_beta(beta2, t)
-                state["exp_avg"].lerp_(grad, 1 - b1)
-                state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                ratio = grad.pow(2).div_(state["exp_avg_sq"].clamp(min=eps_sq))
-                partial.append(torch.stack([ratio.sum(dtype=torch.float64),
-                                            torch.tensor(float(p.numel()), dtype=torch.float64, device=p.device)]))
-                entries.append((group, p, state))
-        device = entries[0][1].device if entries else self._any_device()
-        stats = torch.stack(partial) if partial else torch.zeros((0, 2), dtype=torch.float64, device=device)
+            t = self._next_step(group, states)
+            b1, b2 = debias_beta(beta1, t), debias_beta(beta2, t)
+            eps_sq = group["eps"] ** 2
+            tensors = [params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                       [s["exp_avg_sq"] for s in states]]
+            slices = list(_slices(tensors, self.slice_elements(params[0].device), len(params_all)))
+            for _, grads, exp_avgs, exp_avg_sqs, _ in slices:
+                torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
+                torch._foreach_mul_(exp_avg_sqs, b2)
+                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - b2)
+                ratio = torch._foreach_mul(grads, grads)
+                torch._foreach_div_(ratio, torch._foreach_clamp_min(exp_avg_sqs, eps_sq))
+                # sum(g^2 / max(v, eps^2)) of each piece: the ratio is >= 0, so its 1-norm
+                partial.extend(torch._foreach_norm(ratio, 1, dtype=torch.float64))
+                del ratio
+            work.append((group, params, slices))
+            params_all.extend(params)
+        if params_all:
+            owners, counts = self._layout(params_all, work)
+            sums = torch.zeros(len(params_all), dtype=torch.float64, device=counts.device)
+            sums.index_add_(0, owners, torch.stack(partial))
+            stats = torch.stack([sums, counts], dim=1)
+        else:
+            stats = torch.zeros((0, 2), dtype=torch.float64, device=self._any_device())
         if self.rms_reducer is not None:  # collective: every rank calls it, with or without params
-            stats = self.rms_reducer([p for _, p, _ in entries], stats)
-        rms = (stats[:, 0] / stats[:, 1].clamp(min=1.0)).sqrt().tolist()  # one device sync per step
+            stats = self.rms_reducer(params_all, stats)
+        rms = (stats[:, 0] / stats[:, 1].clamp(min=1.0)).sqrt().tolist()  # the one device read per step
         self.last_clipped = sum(r > 1.0 for r in rms)
-        for (group, p, state), r in zip(entries, rms):
-            lr = group["lr"] / max(1.0, r)
-            if group["weight_decay"] != 0:
-                p.mul_(1 - lr * group["weight_decay"])
-            p.addcdiv_(state["exp_avg"], state["exp_avg_sq"].sqrt().add_(group["eps"]), value=-lr)
+        lrs = []
+        for group, params, _ in work:
+            lrs += [group["lr"] / max(1.0, r) for r in rms[len(lrs):len(lrs) + len(params)]]
+        for group, _, slices in work:
+            for pieces, _, exp_avgs, exp_avg_sqs, owner in slices:
+                lr = [lrs[i] for i in owner]
+                if group["weight_decay"] != 0:
+                    torch._foreach_mul_(pieces, [1 - x * group["weight_decay"] for x in lr])
+                denom = torch._foreach_sqrt(exp_avg_sqs)
+                torch._foreach_add_(denom, group["eps"])
+                torch._foreach_addcdiv_(pieces, exp_avgs, denom, [-x for x in lr])
+                del denom
         return loss
+
+    @staticmethod
+    def slice_elements(device: torch.device) -> int:
+        """Elements per slice: about 1 Mi on a CPU (the slice's few arrays stay in cache), 64 Mi on
+        an accelerator (enough for few, large kernels; bounds the temporaries)."""
+        return 1 << 20 if device.type == "cpu" else 1 << 26
+
+    def _layout(self, params: List[torch.Tensor], work) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(owning tensor of each slice piece, elements per tensor) on the parameters' device,
+        built on the CPU once per parameter set and copied once."""
+        key = tuple(id(p) for p in params)
+        cached = self._count_cache.get(key)
+        if cached is None:
+            device = params[0].device
+            owners = [i for _, _, slices in work for s in slices for i in s[4]]
+            cached = (torch.tensor(owners, dtype=torch.long).to(device),
+                      torch.tensor([float(p.numel()) for p in params], dtype=torch.float64).to(device))
+            self._count_cache = {key: cached}  # the set only changes if grads appear or vanish
+        return cached
+
+    @staticmethod
+    def _next_step(group: dict, states: List[dict]) -> int:
+        """Advance the group's step and give every state of it the new count (torch Adam's per-state
+        ``step``, one CPU tensor shared by the group's states). The count is the larger of the
+        group's and its states' (a loaded state may carry either: megatron's TE/Apex path keeps only
+        the group's, and a fresh placeholder state may say 0); read with one CPU ``max``."""
+        t = int(group.get("step", 0))
+        steps = [s["step"] for s in states if "step" in s]
+        if steps:
+            t = max(t, int(torch.stack([x.reshape(()).float().cpu() for x in steps]).max()))
+        t += 1
+        step = torch.tensor(float(t), dtype=torch.float32)
+        for s in states:
+            s["step"] = step  # replaced, never in place: a loaded state may share one step tensor
+        group["step"] = t  # mirrored where megatron looks for it with TE/Apex FusedAdam
+        return t
 
     def _any_device(self) -> torch.device:
         for group in self.param_groups:
             for p in group["params"]:
                 return p.device
         return torch.device("cpu")
+
+
+def _slices(tensors: List[List[torch.Tensor]], budget: int, first: int):
+    """Parallel lists (params, grads, exp_avg, exp_avg_sq) cut into slices of about ``budget``
+    elements: ``(params, grads, exp_avgs, exp_avg_sqs, owners)`` per slice, a tensor larger than the
+    budget as flat views of its blocks (contiguous tensors only), ``owners`` the index (from
+    ``first``) of the tensor each piece belongs to."""
+    cur: List[List[torch.Tensor]] = [[], [], [], []]
+    owners: List[int] = []
+    size = 0
+    for i in range(len(tensors[0])):
+        group = [t[i] for t in tensors]
+        n = group[0].numel()
+        splittable = n > budget and all(t.is_contiguous() for t in group)
+        step = budget if splittable else max(n, 1)
+        flats = [t.view(-1) for t in group] if splittable else group
+        for start in range(0, max(n, 1), step):
+            pieces = [f[start:start + step] for f in flats] if splittable else flats
+            if size and size + pieces[0].numel() > budget:
+                yield (*cur, owners)
+                cur, owners, size = [[], [], [], []], [], 0
+            for lst, piece in zip(cur, pieces):
+                lst.append(piece)
+            owners.append(first + i)
+            size += pieces[0].numel()
+    if owners:
+        yield (*cur, owners)
 
 
 class TensorRMSReducer:
@@ -143,6 +230,7 @@ class TensorRMSReducer:
         self.dp_group = None
         # id(optimizer param) -> (slot, elements of the real tensor it holds)
         self.where: Dict[int, Tuple[int, int]] = {}
+        self._cached: Optional[Tuple[tuple, Tuple[torch.Tensor, torch.Tensor]]] = None
         opt = megatron_optimizer
         if isinstance(opt, DistributedOptimizer):
             self.dp_group = opt.data_parallel_group
@@ -166,13 +254,10 @@ class TensorRMSReducer:
                 self.where[id(p)] = (index[id(p)], _unpadded_numel(p))
 
     def __call__(self, params: Sequence[torch.Tensor], stats: torch.Tensor) -> torch.Tensor:
+        slots, valid = self._layout(params, stats.device)
         vec = torch.zeros((self.slots, 2), dtype=torch.float64, device=stats.device)
-        rows = []
-        for k, p in enumerate(params):
-            slot, valid = self.where[id(p)]
-            vec[slot, 0] += stats[k, 0]
-            vec[slot, 1] += valid
-            rows.append(slot)
+        vec[:, 0].index_add_(0, slots, stats[:, 0])
+        vec[:, 1].index_add_(0, slots, valid)
         if self.dp_group is not None and torch.distributed.get_world_size(self.dp_group) > 1:
             torch.distributed.all_reduce(vec, group=self.dp_group)
         if self.tp_size > 1:
@@ -180,7 +265,18 @@ class TensorRMSReducer:
             summed = torch.where(split, vec, torch.zeros_like(vec))
             torch.distributed.all_reduce(summed, group=self.tp_group)
             vec = torch.where(split, summed, vec)
-        return vec[torch.tensor(rows, dtype=torch.long, device=vec.device)] if rows else vec[:0]
+        return vec.index_select(0, slots)
+
+    def _layout(self, params: Sequence[torch.Tensor], device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(slot of each param, its real element count) on ``device``: built on the CPU once per
+        parameter set, copied once."""
+        key = tuple(id(p) for p in params)
+        if self._cached is None or self._cached[0] != key:
+            where = [self.where[id(p)] for p in params]
+            slots = torch.tensor([w[0] for w in where], dtype=torch.long).to(device)
+            valid = torch.tensor([float(w[1]) for w in where], dtype=torch.float64).to(device)
+            self._cached = (key, (slots, valid))
+        return self._cached[1]
 
 
 def _unpadded_numel(param: torch.Tensor) -> int:

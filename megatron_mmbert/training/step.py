@@ -66,7 +66,8 @@ def wrap_ddp(chunks: List[torch.nn.Module], parallel: ParallelConfig, precision:
         chunks = [Float16Module(config, c) for c in chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather and parallel.use_distributed_optimizer,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
@@ -82,9 +83,23 @@ def wrap_ddp(chunks: List[torch.nn.Module], parallel: ParallelConfig, precision:
     ]
     for chunk in wrapped:
         chunk.broadcast_params()  # identical replicas across data-parallel ranks
-    config.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    one = lambda fns: fns if len(fns) > 1 else fns[0]  # noqa: E731 -- megatron takes one or a list
+    config.no_sync_func = one([c.no_sync for c in wrapped])
+    if ddp_config.overlap_grad_reduce:  # as Megatron-LM wires it: buckets start in the backward
+        config.grad_sync_func = one([c.start_grad_sync for c in wrapped])
+    if ddp_config.overlap_param_gather:  # the forward pre-hooks wait for each bucket's all-gather
+        config.param_sync_func = one([c.start_param_sync for c in wrapped])
     config.finalize_model_grads_func = finalize_model_grads
     return wrapped
+
+
+def finish_param_sync(chunks: List[torch.nn.Module]) -> None:
+    """Under ``overlap_param_gather`` the updated parameters arrive during the next forward: gather
+    them now (before a save, an evaluation or the end of the run). Otherwise nothing to do."""
+    for chunk in chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def build_optimizer(chunks: List[torch.nn.Module], section: OptimizerSection, parallel: ParallelConfig, *,
@@ -126,23 +141,25 @@ def build_optimizer(chunks: List[torch.nn.Module], section: OptimizerSection, pa
 
 def mlm_forward_step(device: torch.device):
     """The ``forward_step_func`` for megatron's schedules: MLM loss summed over labelled tokens,
-    with (loss sum, labelled count, correct count) reported for logging."""
-    def forward_step(data_iterator, model):
-        batch = to_device(next(data_iterator), device)
-        stats: Dict[str, torch.Tensor] = {}
-        per_token = model(
-            batch["tokens"], batch["positions"], batch["cu_seqlens"], batch["max_seqlen"],
-            labels=batch["labels"], mlm_stats=stats,
-        )
+    with (loss sum, labelled count, correct count) reported for logging. The labelled tokens are
+    found on the CPU batch (``training.prefetch.prepare``), never on the device."""
+    from megatron_mmbert.training.prefetch import prepare
 
-        def loss_func(losses: torch.Tensor):
-            count = torch.tensor(losses.numel(), dtype=torch.int, device=losses.device)
-            total = losses.sum()
-            correct = stats.get("correct", torch.zeros((), device=losses.device))
+    def forward_step(data_iterator, model):
+        batch = to_device(prepare(next(data_iterator)), device)
+        stats: Dict[str, torch.Tensor] = {}
+        total = model(
+            batch["tokens"], batch["positions"], batch["cu_seqlens"], batch["max_seqlen"],
+            labels=batch["labels"], mlm_stats=stats, label_index=batch["label_index"], loss_reduction="sum",
+        )
+        count = batch["label_count"]
+
+        def loss_func(total: torch.Tensor):
+            correct = stats.get("correct", torch.zeros((), device=total.device))
             report = torch.stack([total.detach().float(), count.float(), correct.float()])
             return total, count, {"mlm": report}
 
-        return per_token, loss_func
+        return total, loss_func
 
     return forward_step
 

@@ -51,7 +51,7 @@ def tiny_run_config(path: str, manifest: str, run_dir: str, **sections) -> str:
 # 5 steps and a NaN gradient at step 3 that nan_policy ``skip`` drops -- what its read-only checks
 # look at (tests/test_training_run.py) -- and nothing else changed.
 TINY_RUN_SECTIONS = {"logging": {"eval_interval": 5}, "train": {"nan_policy": "skip"},
-                     "debug": {"nan_grad_at_steps": [3]}}
+                     "debug": {"nan_grad_at_steps": [3]}, "profiling": {"steps": [2], "memory_snapshot": True}}
 
 
 @dataclass(frozen=True)

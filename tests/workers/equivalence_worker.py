@@ -24,8 +24,10 @@ LAYOUTS = {
     "pp2_vpp2_dp2": (1, 2, 2, False),
     "dp4_distopt": (1, 1, None, True),
     "tp2_dp2_distopt": (2, 1, None, True),
+    # megatron DDP's overlapped gradient reduce-scatter and parameter all-gather
+    "dp4_distopt_overlap": (1, 1, None, True, False, True),
 }
-DEFAULT = ["tp2_dp2", "tp2_sp_dp2", "pp2_dp2_distopt", "tp2_pp2", "pp2_vpp2_dp2", "dp4_distopt"]
+DEFAULT = ["tp2_dp2", "tp2_sp_dp2", "pp2_dp2_distopt", "tp2_pp2", "pp2_vpp2_dp2", "dp4_distopt", "dp4_distopt_overlap"]
 
 
 def main():
@@ -37,7 +39,7 @@ def main():
     from megatron_mmbert.model.build import build_model
     from megatron_mmbert.checkpoints import dist as ckpt
     from megatron_mmbert.training.config import OptimizerSection
-    from megatron_mmbert.training.step import build_optimizer, train_step, wrap_ddp
+    from megatron_mmbert.training.step import build_optimizer, finish_param_sync, train_step, wrap_ddp
 
     model = ckpt.read_model_config(ckpt_dir)
     data = torch.load(batches_path)  # global batches: one row per micro-batch
@@ -47,11 +49,13 @@ def main():
     wanted = sys.argv[5].split(",") if len(sys.argv) > 5 else (only.split(",") if only else DEFAULT)
     precision = os.environ.get("PRECISION", "fp32")
     for name in wanted:
-        tp, pp, vpp, distopt, *sp = LAYOUTS[name]
+        tp, pp, vpp, distopt, *rest = LAYOUTS[name]
+        sp, overlap = (list(rest) + [False, False])[:2]
         if only and name not in only.split(","):
             continue
         parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vpp,
-                                  use_distributed_optimizer=distopt, sequence_parallel=bool(sp and sp[0]))
+                                  use_distributed_optimizer=distopt, sequence_parallel=bool(sp),
+                                  overlap_grad_reduce=bool(overlap), overlap_param_gather=bool(overlap))
         rt = runtime.initialize(model, parallel, seed=7)
         chunks = build_model(model, parallel, precision)
         ckpt.load_model(ckpt_dir, chunks)
@@ -61,6 +65,7 @@ def main():
                                     lr=1e-3, weight_decay=0.1, precision=precision)
         for rows in steps:
             stats = train_step(chunks, optimizer, rows[rt.data_parallel_rank::rt.data_parallel_size])
+        finish_param_sync(chunks)  # overlap_param_gather: the last update arrives at the next forward
         ckpt.save_model(os.path.join(out_dir, name), chunks, model)
         if rt.rank == 0:
             with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
