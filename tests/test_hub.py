@@ -129,7 +129,7 @@ def test_model_card_names_architecture_phases_and_merge(tmp_path):
         "deu", "ell", "eng", "fra"]  # every phase's languages (top:2 of the manifest by tokens), once per code
     assert "| extra | 1K | 64 | 0.05 | 2 |" in card
     assert "# me/mmbert-tiny" in card and 'from_pretrained("me/mmbert-tiny")' in card
-    assert "| num_hidden_layers | 4 |" in card and "| hidden_size | 48 |" in card
+    assert "| num_hidden_layers | 4 |" in card and "| hidden_size | 64 |" in card
     assert f"| parameters | {n_params / 1e6:.1f}M |" in card
     assert "step 120 (phase `decay`, 3B tokens seen)" in card
     assert "| pretrain | 2.3T | 1024 | 0.3 | 2 |" in card and "| decay | 100B | 8192 | 0.05 | 3 |" in card
