@@ -96,7 +96,7 @@ if [ "$DRY_RUN" = 1 ]; then
     PARITY_SELECT="tp1_pp1 and packed and even or loss_matches or angles or real_flash"
     ATTENTION="--device cpu --shapes 2x128 --iters 1"
     MODEL="--device cpu --runs tiny:2x64:amp_bf16,tiny:2x64:bf16 --iters 1 --rounds 1"
-    TRAIN="--device cpu --nproc 1 --preset tiny --precision amp_bf16 --distributed-optimizer --steps 4 --rows 4 --micro-rows 2 --seq-len 64 --interval 2"
+    TRAIN="--device cpu --nproc 1 --preset tiny --precision amp_bf16 --distributed-optimizer --overlap --steps 4 --rows 4 --micro-rows 2 --seq-len 64 --interval 2"
     SYNCS="--device cpu --preset tiny --tokens 256 --rows 1 --seq-len 64 --micro-batches 1 --rounds 1"
 else
     DEVICE=cuda; BUDGET=${BUDGET:-540}; SCALE=1
@@ -108,8 +108,10 @@ else
     MICRO=${TRAIN_MICRO_ROWS:-48}
     # mmbert-base's real pre-training micro-batch (48 x 1024), as the shipped configs train
     # (amp_bf16, StableAdamW, best_fit, distributed optimizer, vocab 256000).
-    # Issue 25's knobs (overlap_grad_reduce, recompute, ...) go here, as train_throughput flags.
-    TRAIN="--device cuda --nproc $NPROC --preset mmbert-base --precision amp_bf16 --distributed-optimizer --steps 20 --rows $((MICRO * NPROC)) --micro-rows $MICRO --seq-len 1024 --interval 5"
+    # The step as a Megatron-LM user runs it: gradient reduce and parameter gather overlapped with
+    # compute (--overlap). Add --recompute selective only if memory is short (it costs an attention
+    # forward per layer).
+    TRAIN="--device cuda --nproc $NPROC --preset mmbert-base --precision amp_bf16 --distributed-optimizer --overlap --steps 20 --rows $((MICRO * NPROC)) --micro-rows $MICRO --seq-len 1024 --interval 5"
     SYNCS="--device cuda"
 fi
 

@@ -63,17 +63,27 @@ def make_models(model_cfg, device, precision):
 
 
 def make_batch(vocab, rows, seq_len, mask_rate, device):
+    from megatron_mmbert.model.encoder import labelled_token_index
+
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(5, vocab, (rows, seq_len), generator=g)
     labels = torch.where(torch.rand(rows, seq_len, generator=g) < mask_rate, tokens, torch.full_like(tokens, -100))
     positions = torch.arange(seq_len).repeat(rows, 1)
     cu = torch.arange(0, rows * seq_len + 1, seq_len, dtype=torch.int32)
-    return {k: v.to(device) for k, v in dict(tokens=tokens, labels=labels, positions=positions, cu_seqlens=cu).items()}
+    # The labelled tokens' indices and count come from the CPU batch, as the training step takes them
+    # (training/prefetch.py): no host sync inside the timed step.
+    label_index = labelled_token_index(labels)
+    batch = dict(tokens=tokens, labels=labels, positions=positions, cu_seqlens=cu, label_index=label_index)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["label_count"] = int(label_index.numel())
+    return batch
 
 
 def step_ours(model, batch, seq_len):
-    loss = model(batch["tokens"], batch["positions"], batch["cu_seqlens"], seq_len, labels=batch["labels"]).mean()
-    loss.backward()
+    """The training path: the summed loss (the head's gradient computed in the forward), averaged."""
+    loss = model(batch["tokens"], batch["positions"], batch["cu_seqlens"], seq_len, labels=batch["labels"],
+                 label_index=batch["label_index"], loss_reduction="sum")
+    (loss / max(batch["label_count"], 1)).backward()
 
 
 def step_hf(model, batch, seq_len, autocast=False):

@@ -152,6 +152,9 @@ def main(argv=None):
                    help="stop the run after this many seconds and report the windows finished by then")
     p.add_argument("--distributed-optimizer", action="store_true",
                    help="megatron's distributed optimizer, as the shipped mmBERT configs train")
+    p.add_argument("--overlap", action="store_true",
+                   help="parallel.overlap_grad_reduce (and overlap_param_gather with --distributed-optimizer)")
+    p.add_argument("--recompute", default="none", choices=["none", "selective"], help="model.recompute")
     p.add_argument("--log", help="write the training run's output here (default: in the work folder)")
     p.add_argument("--append", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -171,9 +174,11 @@ def main(argv=None):
     config = {
         "inherit": os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml"),
         "run_dir": f"{work}/run",
-        "model": {"preset": args.preset, "vocab_size": vocab},
+        "model": {"preset": args.preset, "vocab_size": vocab, "recompute": args.recompute},
         "precision": args.precision,
-        "parallel": {"tensor_parallel": 1, "pipeline_parallel": 1, "use_distributed_optimizer": args.distributed_optimizer},
+        "parallel": {"tensor_parallel": 1, "pipeline_parallel": 1, "use_distributed_optimizer": args.distributed_optimizer,
+                     "overlap_grad_reduce": args.overlap,
+                     "overlap_param_gather": args.overlap and args.distributed_optimizer},
         "data": {"manifest": manifest, "cache_dir": f"{work}/index", "packing": "best_fit"},
         "phases": [{"name": "pretrain", "tokens": phase_tokens, "seq_len": args.seq_len, "mask_rate": 0.3,
                     "languages": "all", "temperature": 0.7}],
@@ -217,7 +222,9 @@ def main(argv=None):
         f"- command: `python benchmarks/train_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- run: preset {args.preset}, vocab {vocab}, {args.rows} rows x {args.seq_len} tokens per step "
         f"({args.micro_rows} rows per micro-batch), 30% masking, best_fit packing, {corpus}; StableAdamW, "
-        f"{'distributed' if args.distributed_optimizer else 'plain'} optimizer; "
+        f"{'distributed' if args.distributed_optimizer else 'plain'} optimizer"
+        f"{', overlapped gradient reduce / parameter gather' if args.overlap else ''}"
+        f"{', selective recompute' if args.recompute == 'selective' else ''}; "
         f"{measured_steps} measured steps after the first log window ({why})",
         "",
         "| tokens/s | forward+backward | optimizer | data | other (logging, bookkeeping) | outside fwd/bwd | MFU | peak memory |",
