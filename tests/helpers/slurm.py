@@ -12,8 +12,8 @@ Settings that matter, and why:
 - ``ProctrackType=proctrack/linuxproc``, ``TaskPlugin=task/none``: no cgroups and no systemd here
   (containers, CI machines);
 - ``SelectType=select/cons_tres``: CPUs as consumable, so two jobs share the node as on a cluster;
-- ``JobRequeue=1``; ``AuthInfo=...,cred_expire=10``: a requeued job may start again only after the
-  job credential expires (Slurm's default 120 s); 10 s is the smallest Slurm accepts;
+- ``JobRequeue=1``; ``AuthInfo=...,cred_expire=5``: a requeued job may start again only after the
+  job credential expires (Slurm's default 120 s); 5 s is the smallest Slurm accepts;
 - ``KillWait=30`` (the default): a job cancelled with a signal gets SIGTERM, then SIGKILL 30 s on.
 """
 
@@ -105,7 +105,7 @@ class OneNodeSlurm:
             f"SlurmdLogFile={self.base}/slurmd.log",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket},cred_expire=10",
+            f"AuthInfo=socket={self.munge_socket},cred_expire=5",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
@@ -118,6 +118,7 @@ class OneNodeSlurm:
             "KillWait=30",
             "InactiveLimit=0",
             "MpiDefault=none",
+            "MailProg=/bin/true",
             "SwitchType=switch/none",
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
