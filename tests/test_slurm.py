@@ -18,7 +18,6 @@
   bitwise equal to the reference.
 """
 
-import json
 import math
 import os
 import re
@@ -34,15 +33,17 @@ import pytest
 
 from tests.helpers.model import _free_port
 from tests.helpers.slurm import OneNodeSlurm, install, why_no_slurm
-from tests.helpers.training import ROOT, _env, check, compare_checkpoints, tiny_run_config, train_records, write_manifest
+from tests.helpers.training import (
+    ROOT, _env, check, compare_checkpoints, tiny_run_config, train_records, write_manifest,
+)
 
 pytestmark = pytest.mark.slow
 
 PRETRAIN = os.path.join(ROOT, "examples", "slurm", "pretrain.sbatch")
 PREPROCESS = os.path.join(ROOT, "examples", "slurm", "preprocess_array.sbatch")
-# The tiny run: one phase of 33 steps (batch warmup 4 -> 8 rows of 64 tokens), a log line every 2 steps
+# The tiny run: one phase of 49 steps (batch warmup 4 -> 8 rows of 64 tokens), a log line every 2 steps
 # (the first after a resume may cover one), saves only when stopped and at the end.
-STEPS_TOKENS = 64 * 8 * 32
+STEPS_TOKENS, STEPS = 64 * 8 * 48, 49
 RUN = {
     "phases": [{"name": "pretrain", "tokens": STEPS_TOKENS, "seq_len": 64, "mask_rate": 0.3, "languages": "all",
                 "temperature": 0.7}],
@@ -127,7 +128,7 @@ def reference(request, tmp_path_factory):
 
 def test_pretrain_job_runs_to_the_end(slurm, reference):
     run_dir, log = reference
-    assert "training complete: 33 steps" in log, log[-3000:]
+    assert f"training complete: {STEPS} steps" in log, log[-3000:]
     assert "requeueing" not in log and os.path.isdir(os.path.join(run_dir, FINAL))
     # Slurm 22.05 has no SLURM_JOB_END_TIME: the script asked squeue, and the run stops itself a margin
     # (1 minute here) before the 10-minute limit.
@@ -139,15 +140,27 @@ def test_pretrain_job_runs_to_the_end(slurm, reference):
     assert 6 <= resolved["checkpoint"]["exit_after_minutes"] <= 9.0  # 10 - 1, less the start-up
 
 
+def _state(pid):
+    """(state letter, parent pid) from /proc/PID/stat; None once gone."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
 def _trainers(config):
-    """pids of the job's trainer processes (srun's tasks; not srun itself)."""
+    """pids of the job's trainer processes: srun's tasks, the children of slurmstepd (not srun, not
+    the processes a trainer forks)."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
+            parent = _state(pid)[1]
+            parent_name = open(f"/proc/{parent}/comm").read().strip()
+        except (OSError, TypeError):
             continue
-        if b"--slurm-task" in argv and config.encode() in argv and not argv[0].endswith(b"srun"):
+        if b"--slurm-task" in argv and config.encode() in argv and parent_name == "slurmstepd":
             pids.append(int(pid))
     return pids
 
@@ -163,13 +176,14 @@ def _pending(pid, signum) -> bool:
 
 
 def _hold_until_pending(pids, signum, trigger, timeout=90):
-    """SIGSTOP the trainers, ``trigger()`` the signal through Slurm, SIGCONT once it is pending in all."""
+    """SIGSTOP the trainers, ``trigger()`` the signal through Slurm, SIGCONT once it is pending in all
+    (or Slurm continued them itself: a requeue sends SIGCONT, then SIGTERM)."""
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
         trigger()
         deadline = time.time() + timeout
-        while not all(_pending(pid, signum) for pid in pids):
+        while not all(_pending(pid, signum) or (_state(pid) or ("T",))[0] != "T" for pid in pids):
             assert time.time() < deadline, f"signal {signum} never reached the trainers {pids}"
             time.sleep(0.2)
     finally:
@@ -195,18 +209,16 @@ def test_pretrain_job_survives_every_way_of_being_stopped(slurm, reference, tmp_
 
     stops = [
         ("scancel --signal=USR1", signal.SIGUSR1, lambda: slurm.run("scancel", "--signal=USR1", job)),
-        ("scancel --batch --signal=USR1", signal.SIGUSR1, lambda: slurm.run("scancel", "--batch", "--signal=USR1", job)),
+        ("scancel --batch --signal=USR1", signal.SIGUSR1,
+         lambda: slurm.run("scancel", "--batch", "--signal=USR1", job)),
         ("scancel --full --signal=USR1", signal.SIGUSR1, lambda: slurm.run("scancel", "--full", "--signal=USR1", job)),
         ("time limit", signal.SIGUSR1, lower_time_limit),
-        ("scontrol requeue", None, lambda: slurm.run("scontrol", "requeue", job)),
+        ("scontrol requeue", signal.SIGTERM, lambda: slurm.run("scontrol", "requeue", job)),
     ]
     resumed_at, saved = 0, []
     for restarts, (how, signum, trigger) in enumerate(stops):
         pids = _wait_training(slurm, job, cfg, run_dir, restarts, resumed_at, folder)
-        if signum is None:
-            trigger()
-        else:
-            _hold_until_pending(pids, signum, trigger)
+        _hold_until_pending(pids, signum, trigger)
         info = _wait_requeued(slurm, job, restarts + 1, folder, how)
         if how == "time limit":  # back to 10 minutes before the requeued job starts
             slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
@@ -224,6 +236,7 @@ def test_pretrain_job_survives_every_way_of_being_stopped(slurm, reference, tmp_
     log = _log(folder, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log[-4000:]}"
     assert "pretrain.sbatch: SIGUSR1 to the batch shell" in log  # --batch and --full reached the trap
+    assert re.search(r"loss \d+\.\d+ \(steps? \d+(-\d+)?\) \|", log)  # a short window says which steps
     assert saved == sorted(set(saved)), saved  # every stop saved further on, every resume continued
 
     # Each resume starts from the step the stop saved; its first log line says which steps it averages.
@@ -363,7 +376,8 @@ def test_two_nodes_on_one_machine(reference, tmp_path):
     # Second launch: resume to the end (the cache is found, nobody builds).
     outs = _two_agents(cfg)
     text = "\n".join(outs)
-    assert "cache miss" not in text and "resumed from" in text and "training complete: 33 steps" in text, text[-3000:]
+    assert "cache miss" not in text and "resumed from" in text, text[-3000:]
+    assert f"training complete: {STEPS} steps" in text, text[-3000:]
     ref_dir, _ = reference
     final = os.path.join(run_dir, FINAL)
     assert compare_checkpoints(os.path.join(ref_dir, FINAL), [final]) == {final: []}

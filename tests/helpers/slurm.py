@@ -48,7 +48,7 @@ def why_no_slurm() -> Optional[str]:
 def install() -> None:
     """apt-get install the Debian packages (an update first when the package lists lack them)."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *DEBIAN_PACKAGES]
+    cmd = ["apt-get", "install", "-y", "-q", *DEBIAN_PACKAGES]
     if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
         upd = subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True)
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
