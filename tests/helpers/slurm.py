@@ -26,6 +26,14 @@ from typing import Dict, List, Optional
 
 DEBIAN_PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
+SBIN = "/usr/sbin:/usr/bin:/sbin:/bin"  # the daemons live in /usr/sbin, off CI's PATH (/usr/bin:/bin)
+
+
+def _daemon(name: str) -> str:
+    path = shutil.which(name, path=SBIN)
+    if path is None:
+        raise RuntimeError(f"{name} not found in {SBIN} after installing {' '.join(DEBIAN_PACKAGES)}")
+    return path
 
 
 def _free_port() -> int:
@@ -38,7 +46,7 @@ def why_no_slurm() -> Optional[str]:
     """None when a one-node Slurm can be installed and started here, else the reason."""
     if os.name != "posix" or os.geteuid() != 0:
         return "a one-node Slurm needs root (slurmd starts jobs as their user; munged owns its socket)"
-    if all(shutil.which(d, path="/usr/sbin:/usr/bin:/sbin:/bin") for d in DAEMONS):
+    if all(shutil.which(d, path=SBIN) for d in DAEMONS):
         return None
     if not shutil.which("apt-get"):
         return f"Slurm is not installed and there is no apt-get to install {' '.join(DEBIAN_PACKAGES)}"
@@ -46,8 +54,12 @@ def why_no_slurm() -> Optional[str]:
 
 
 def install() -> None:
-    """apt-get install the Debian packages (an update first when the package lists lack them)."""
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    """apt-get install the Debian packages (an update first when the package lists lack them), unless
+    their daemons are there already."""
+    if all(shutil.which(d, path=SBIN) for d in DAEMONS):
+        return
+    # dpkg's scripts need the sbin folders (ldconfig, adduser), which CI's PATH leaves out.
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", PATH="/usr/local/sbin:/usr/local/bin:" + SBIN)
     cmd = ["apt-get", "install", "-y", "-q", *DEBIAN_PACKAGES]
     if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
         upd = subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True)
@@ -136,13 +148,13 @@ class OneNodeSlurm:
     def start(self, timeout: float = 60) -> "OneNodeSlurm":
         self._write_config()
         m = os.path.join(self.base, "munge")
-        self._spawn(["munged", "-F", f"--socket={self.munge_socket}", f"--pid-file={m}/munged.pid",
+        self._spawn([_daemon("munged"), "-F", f"--socket={self.munge_socket}", f"--pid-file={m}/munged.pid",
                      f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"], "munged.out",
                     user="munge", group="munge")
         self._wait(lambda: os.path.exists(self.munge_socket), timeout, "munged")
-        self._spawn(["slurmctld", "-D", "-c", "-f", self.conf], "slurmctld.out")
+        self._spawn([_daemon("slurmctld"), "-D", "-c", "-f", self.conf], "slurmctld.out")
         self._wait(lambda: self.run("scontrol", "ping", check=False).stdout.count("UP") > 0, timeout, "slurmctld")
-        self._spawn(["slurmd", "-D", "-f", self.conf], "slurmd.out")
+        self._spawn([_daemon("slurmd"), "-D", "-f", self.conf], "slurmd.out")
         self._wait(lambda: "idle" in self.run("sinfo", "-h", "-o", "%t", check=False).stdout, timeout, "slurmd")
         self.version = self.run("sinfo", "--version").stdout.strip()
         return self
