@@ -177,7 +177,15 @@ class OneNodeSlurm:
         raise RuntimeError(f"{what} did not come up within {timeout:.0f} s\n{logs}")
 
     def stop(self) -> None:
-        """End the daemons this object started (slurmd first), by pid; nothing else."""
+        """Cancel the jobs left in this cluster (a failed test's; their slurmstepd outlives slurmd),
+        then end the daemons this object started (slurmd first), by pid; nothing else."""
+        if self.procs and all(p.poll() is None for p in self.procs):
+            jobs = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+            if jobs:
+                self.run("scancel", "--full", *jobs, check=False)
+                deadline = time.time() + 60  # KillWait (30 s) after the SIGTERM, then SIGKILL
+                while time.time() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
+                    time.sleep(0.5)
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()
