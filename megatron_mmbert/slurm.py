@@ -2,7 +2,9 @@
 (:func:`torch_env_from_slurm`, one srun task per GPU) and its time limit.
 
 Slurm (23.02 and later) exports ``SLURM_JOB_END_TIME``, the Unix time at which the job's time limit
-ends it. A run that sets no ``checkpoint.exit_after_minutes`` of its own gets one derived from it at
+ends it; for older Slurm (22.05, tested) the sbatch scripts read it once per job from ``squeue -h -j
+$SLURM_JOB_ID -o %e`` (or ``scontrol show job``) and export it, so no task here asks the controller.
+A run that sets no ``checkpoint.exit_after_minutes`` of its own gets one derived from it at
 config resolution (:func:`megatron_mmbert.training.config.load_config`): stop cleanly, with a
 checkpoint, ``checkpoint.job_end_margin_minutes`` before the end. ``--signal=USR1@180`` in the
 sbatch scripts is the second line of defence (a time limit extended or shortened after the start).

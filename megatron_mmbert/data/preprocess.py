@@ -1066,8 +1066,9 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         # Biggest first: the tail of the run is not one large unit on one busy worker.
         pending.sort(key=lambda u: (-u.size, u.id))
         scope = f" ({len(mine)} in shard {cfg.shard_index} of {cfg.num_shards})" if sharded else ""
+        ours = len(mine) if mine is not None else len(units)  # a shard task counts its own units only
         print(
-            f"preprocess: {len(units)} units planned{scope}, {len(units) - len(pending)} already done, "
+            f"preprocess: {len(units)} units planned{scope}, {ours - len(pending)} already done, "
             f"{len(pending)} to run on {cfg.workers} worker(s); tokenizer {identity.name} "
             f"(vocab {identity.vocab_size}, {dtype})",
             file=sys.stderr,

@@ -5,6 +5,9 @@ The log line, every ``logging.interval`` steps::
     step 120/1000 | pretrain | tok 3.9M/32.8M (12.0%) | loss 6.1234 | acc 0.121 | lr 7.60e-04 |
     gnorm 1.23 | 15.2k tok/s | 0.01 TFLOP/s | MFU n/a | mem 0.9 GiB | eta 0:03:12
 
+Loss and accuracy average the steps since the previous line: ``logging.interval`` of them, or
+fewer where a line says which (``loss 6.1234 (steps 121-122)``: the first line after a resume, a
+phase's last line); ``metrics.jsonl`` records the count as ``window_steps``.
 Tokens are packed-row capacity (steps x rows x seq_len), the unit of the phase budgets; tok/s is
 the whole job's rate; TFLOP/s is model FLOPs per device from ``megatron_mmbert.flops`` (the A3
 convention: bidirectional attention over each document, sparse MLM head); MFU divides it by the
@@ -61,7 +64,7 @@ class StepMeter:
         self.reset()
 
     def reset(self) -> None:
-        self.window_t, self.window_tokens = time.time(), 0
+        self.window_t, self.window_tokens, self.window_steps = time.time(), 0, 0
         self.loss_sum = self.correct_sum = self.labelled = 0.0
         self.timings = dict.fromkeys(TIMINGS, 0.0)
         self._logged = True
@@ -82,6 +85,7 @@ class StepMeter:
         self.timings["forward_backward"] += result.time_forward_backward_s
         self.timings["optimizer"] += result.time_optimizer_s
         self.window_tokens += step_tokens
+        self.window_steps += 1
         if self.rate_t is None:
             self.rate_t = time.time()
         else:
@@ -105,6 +109,7 @@ class StepMeter:
             "loss": self.loss_sum / self.labelled if self.labelled else result.loss,
             "accuracy": self.correct_sum / self.labelled if self.labelled else result.accuracy,
             "tokens_per_s": tps,
+            "window_steps": self.window_steps,
             "rate": self.rate_tokens / max(now - self.rate_t, 1e-9) if self.rate_tokens else tps,
             **{f"time_{k}_s": v for k, v in self.timings.items()},
         }
@@ -175,13 +180,15 @@ class RunLogger:
     """Console, metrics file, TensorBoard and W&B; every method is a no-op off rank 0."""
 
     def __init__(self, run_dir: str, tensorboard_dir: Optional[str], enabled: bool, wandb=None,
-                 config: Optional[Dict] = None):
+                 config: Optional[Dict] = None, interval: int = 1):
         """``wandb``: a ``WandbSection`` (None or not enabled: no W&B); ``config``: the resolved
-        run config W&B records."""
+        run config W&B records; ``interval``: ``logging.interval``, the steps a log line averages
+        (a line over fewer, the first after a resume or a phase's last, says which steps)."""
         self.enabled = enabled
         # TensorBoard's writer opens at the first record, so that a relaunch of a finished run
         # (nothing to record) leaves no new events file
         self.tensorboard_dir = tensorboard_dir
+        self.interval = interval
         self.writer = None
         self.metrics = None
         self.wandb = None
@@ -226,9 +233,12 @@ class RunLogger:
         if not self.enabled:
             return
         mfu = "n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%"
+        n = m.get("window_steps", self.interval)
+        over = "" if n == self.interval else (f" (step {m['step']})" if n == 1 else
+                                              f" (steps {m['step'] - n + 1}-{m['step']})")
         line = (
             f"step {m['step']}/{m['total_steps']} | {m['phase']} | tok {_si(m['consumed_tokens'])}/"
-            f"{_si(m['total_tokens'])} ({m['consumed_pct']:.1f}%) | loss {m['loss']:.4f} | "
+            f"{_si(m['total_tokens'])} ({m['consumed_pct']:.1f}%) | loss {m['loss']:.4f}{over} | "
             f"acc {m['accuracy']:.3f} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
             f"{_si(m['tokens_per_s'])} tok/s | {m['tflops']:.3g} TFLOP/s | MFU {mfu} | "
             f"mem {m['memory_gib']:.2f} GiB | eta {format_eta(m['eta_s'])}"

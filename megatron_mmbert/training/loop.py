@@ -120,7 +120,7 @@ class Trainer:
         self.rt = runtime.initialize(cfg.effective_model, cfg.parallel, cfg.seed)
         self.locks = self._lock_run_folders()
         self.log = RunLogger(cfg.run_dir, cfg.tensorboard_dir if cfg.logging.tensorboard else None, self.rt.is_main,
-                             wandb=cfg.logging.wandb, config=resolved_dict(cfg))
+                             wandb=cfg.logging.wandb, config=resolved_dict(cfg), interval=cfg.logging.interval)
         check_resume(cfg, self.log.info, self.rt.device)  # against the stored config, so before it is rewritten
         if self.rt.is_main:
             write_resolved(cfg, resolved_config_path(cfg.run_dir))  # its own name: never over the user's file
