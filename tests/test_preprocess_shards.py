@@ -10,10 +10,7 @@
 
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pyarrow as pa
@@ -26,17 +23,9 @@ from megatron_mmbert.data.preprocess import (
     BadInputFractionError, PreprocessConfig, PreprocessError, run_preprocess, slurm_array_shard,
 )
 from megatron_mmbert.data.sources import ReadOptions, valid_lang
-from tests.helpers.preprocess import CHUNK_MB, cli_args as _args, framed as _framed, output_files as _files
+from tests.helpers.preprocess import cli_args as _args, framed as _framed, output_files as _files
+from tests.helpers.preprocess import reference_output as _reference
 from tests.helpers.preprocess import shard_documents as _documents, shard_task as _task
-
-
-def _reference(corpus, tok, out):
-    """One-process run into ``out``, moved aside: returns its bytes (the manifest names ``out``)."""
-    assert cli_main(_args(corpus, out, tok)) == 0
-    files = _files(out)
-    shutil.rmtree(out)
-    assert sum(f.endswith(".idx") for f in files) > 6
-    return files
 
 
 def test_slurm_array_position():

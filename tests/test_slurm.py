@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from tests.helpers.model import _free_port
+from tests.helpers.launch import free_port as _free_port
 from tests.helpers.slurm import OneNodeSlurm, install, why_no_slurm
 from tests.helpers.training import (
     ROOT, _env, check, compare_checkpoints, tiny_run_config, train_records, write_manifest,
@@ -296,7 +296,7 @@ def _wait_requeued(cluster, job, restarts, folder, how, timeout=180):
 # -- preprocessing --------------------------------------------------------------------------------
 
 def test_preprocess_array_with_a_cancelled_task(slurm, tmp_path, demo_corpus, demo_tokenizer):
-    from tests.test_preprocess_shards import CHUNK_MB, _reference, _files
+    from tests.helpers.preprocess import CHUNK_MB, output_files as _files, reference_output as _reference
 
     out = str(tmp_path / "out")
     expected = _reference(demo_corpus, demo_tokenizer, out)

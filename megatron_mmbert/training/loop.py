@@ -237,7 +237,7 @@ class Trainer:
         plan = self.stream.index.plan
         start = plan["phases"][cfg.start_phase_index]
         fix = ("declare the parent's phase list (inherit the parent's config, editing phases by name) and "
-               f"set init.start_phase to the phase after the checkpoint's; or set init.restart_data: true "
+               "set init.start_phase to the phase after the checkpoint's; or set init.restart_data: true "
                "to start from this run's own plan on purpose")
         record = (parent or {}).get("data_position")
         if cfg.init.restart_data:

@@ -41,6 +41,20 @@ def output_files(out):
     return files
 
 
+def reference_output(corpus, tok, out):
+    """One-process preprocessing run (the CLI, in this process) into ``out``, moved aside: returns its
+    bytes (:func:`output_files`; the manifest names ``out``), what sharded runs must reproduce."""
+    import shutil
+
+    from megatron_mmbert.cli.preprocess_data import main as cli_main
+
+    assert cli_main(cli_args(corpus, out, tok)) == 0
+    files = output_files(out)
+    shutil.rmtree(out)
+    assert sum(f.endswith(".idx") for f in files) > 6
+    return files
+
+
 def cli_args(corpus, out, tok, *extra):
     return ["--input", corpus, "--output", out, "--tokenizer", tok, "--chunk-mb", CHUNK_MB, *extra]
 
