@@ -58,6 +58,9 @@ class BuildIndexConfig:
     packing: Optional[Literal["concat", "best_fit"]] = None
     """Row packing (``data.packing`` of the run: ``best_fit`` as mmBERT, or ``concat``); from a run
     config it must equal the run's, else the run would not find this index. Phase lists: default concat."""
+    language_list: str = "mmbert-1833"
+    """Report which languages of this list the manifest lacks and which keys it has beyond it
+    (``data/languages.py``): ``mmbert-1833`` (mmBERT's released 1,833), a file of codes, or ``none``."""
     warn_epochs: float = 5.0
     """Flag languages repeated more than this many epochs."""
     rows: int = 15
@@ -134,6 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error("--config is required")
 
     from megatron_mmbert.data.index import build_data_index, format_index_plan
+    from megatron_mmbert.data.languages import LanguageListError, manifest_coverage
     from megatron_mmbert.data.shards import check_manifest_shards, load_manifest
 
     try:
@@ -143,6 +147,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if start is not None and start not in names:
             raise ConfigError(f"start_phase {start!r} is not a phase; phases are {names}", field="start_phase")
         manifest = load_manifest(cfg.manifest)
+        try:
+            coverage = manifest_coverage(manifest, cfg.language_list)
+        except LanguageListError as e:
+            raise ConfigError(str(e), field="language_list") from None
         # Damaged or foreign shards fail here, naming the file, not in the middle of training.
         check_manifest_shards(manifest, [lang for lang, e in manifest.languages.items() if e.shards],
                               vocab or manifest.tokenizer.vocab_size)
@@ -158,6 +166,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_index_plan(index.plan, warn_epochs=cfg.warn_epochs, head=cfg.rows))
+    if coverage is not None:
+        print()
+        print(coverage.format())
     print()
     print(f"index ready in {index.path} ({time.time() - t0:.1f}s); plan: {os.path.join(index.path, 'index_plan.json')}")
     return 0

@@ -53,6 +53,13 @@ class DataSection:
     ``best_fit``: mmBERT's packing (ModernBERT's ``GreedyBestFitSequencePacker``): ``<bos>``-led pieces
     of at most ``seq_len`` tokens best-fit packed whole into rows, padding (excluded from the loss)
     where none fits. Part of the index cache key; a branch must keep its parent's mode."""
+    language_list: str = "mmbert-1833"
+    """At start-up, report which languages of this list the manifest lacks and which keys it has beyond
+    it (``data/languages.py``): ``mmbert-1833`` (mmBERT's released 1,833), a file of codes, or ``none``."""
+    without_sources: List[str] = field(default_factory=list)
+    """Named sources (``dclm``, ``starcoder``, ...: ``data/mixture.py``) to train without, on purpose:
+    their ``fixed_shares`` are removed from every phase and the other languages share that mass by
+    temperature. Without this, a run whose manifest lacks a source a phase names stops at start-up."""
     index_timeout_s: float = 3600.0
     """How long non-building ranks wait for the index cache before giving up."""
     eval_manifest: Optional[str] = None
@@ -490,6 +497,10 @@ def from_mapping(data: Dict[str, Any]) -> RunConfig:
         )
     cfg = from_dict(RunConfig, data)
     _resolve_language_sets(cfg)
+    if cfg.data.without_sources:
+        from megatron_mmbert.data.mixture import drop_sources
+
+        drop_sources(cfg.phases, cfg.data.without_sources)
     return cfg
 
 

@@ -120,6 +120,12 @@ class Trainer:
             names = [p.name for p in cfg.phases[cfg.start_phase_index:]]
             self.log.info(f"data index {self.stream.index.path} (plan: index_plan.json there)\n"
                           + format_index_plan(self.stream.index.plan, head=10, tail=3, phases=names))
+            from megatron_mmbert.data.languages import manifest_coverage
+            from megatron_mmbert.data.shards import load_manifest
+
+            coverage = manifest_coverage(load_manifest(cfg.manifest_path), cfg.data.language_list)
+            if coverage is not None:
+                self.log.info(coverage.format())
         parallel = dataclasses.replace(cfg.parallel, use_distributed_optimizer=cfg.use_distributed_optimizer)
         chunks = build_model(cfg.effective_model, parallel, cfg.compute_precision, self.rt.device)
         self.chunks = wrap_ddp(chunks, parallel, cfg.compute_precision)

@@ -229,6 +229,14 @@ def validate_data(cfg: RunConfig) -> None:
             f"the manifest's tokenizer has {vocab} ids but model.vocab_size is {cfg.model.vocab_size}; "
             f"set model.vocab_size: {vocab}"
         )
+    from megatron_mmbert.data.languages import LanguageListError, load_language_list
+    from megatron_mmbert.data.mixture import check_sources
+
+    try:
+        load_language_list(cfg.data.language_list)
+    except LanguageListError as e:
+        raise ConfigError(str(e), field="data.language_list") from None
+    check_sources([p for p in cfg.phases if not p.manifest], have, path)
     for p in cfg.phases:
         if p.manifest:  # a phase's own manifest: it exists, its tokenizer and languages fit
             from megatron_mmbert.data.shards import phase_sources
