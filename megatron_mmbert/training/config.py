@@ -384,10 +384,11 @@ def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
     """``top`` over ``base``: mappings merge key by key, everything else (lists too) is replaced,
     except that a mapping over a list of named entries (``phases``) edits those entries by name:
     ``phases: {decay: {fixed_shares: ...}}`` changes the inherited ``decay`` phase and keeps the rest
-    of the schedule (and so the data position of every phase) as the base file declares it."""
+    of the schedule (and so the data position of every phase) as the base file declares it.
+    ``fixed_shares`` is one mixture and is replaced whole (a decay branch names its own sources)."""
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "fixed_shares":
             out[key] = _deep_merge(out[key], value)
         elif isinstance(value, dict) and _is_named_list(out.get(key)):
             names = [item["name"] for item in out[key]]
