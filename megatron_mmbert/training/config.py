@@ -192,6 +192,11 @@ class InitSection:
     restart_data: bool = False
     """Start the data streams from this run's own plan even where it does not continue
     ``checkpoint``'s (e.g. continued pre-training on new data). Off: such a run is refused."""
+    strided_from: Optional[str] = None
+    """A larger model's checkpoint (e.g. mmBERT-base's) to take this run's model from by strided
+    sampling of its weights (mmBERT-small's init; the rule, this project's own, is in
+    ``convert/strided.py`` and docs/training.md). Weights only: the optimizer and the data start
+    fresh. Written once to ``{run_dir}/strided_init``; not with ``checkpoint``."""
 
 
 @dataclass

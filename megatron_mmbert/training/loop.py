@@ -198,18 +198,36 @@ class Trainer:
         cfg = self.cfg
         names = [p.name for p in cfg.phases]
         start = cfg.start_phase_index
-        if cfg.init.checkpoint:
+        init = cfg.init.checkpoint or self._strided_init()
+        if init:
             if cfg.checkpoint.verify_on_load:
-                ckpt.verify_checkpoint(cfg.init.checkpoint)
-            self._check_branch_data(ckpt.read_config(cfg.init.checkpoint).get("train_state"))
-            meta = ckpt.load_training(cfg.init.checkpoint, self.chunks, self.optimizer if cfg.init.load_optimizer else None)
+                ckpt.verify_checkpoint(init)
+            self._check_branch_data(ckpt.read_config(init).get("train_state"))
+            meta = ckpt.load_training(init, self.chunks, self.optimizer if cfg.init.load_optimizer else None)
             self.log.info(
-                f"initialised from {cfg.init.checkpoint} (model{' + optimizer' if meta['loaded_optimizer'] else ''}), "
+                f"initialised from {init} (model{' + optimizer' if meta['loaded_optimizer'] else ''}), "
                 f"starting at phase {names[start]!r}"
             )
         elif start:
             self.log.info(f"starting at phase {names[start]!r} from a fresh model (no init.checkpoint)")
         return TrainState(phase_index=start)
+
+    def _strided_init(self) -> Optional[str]:
+        """With ``init.strided_from``: this run's model taken from that larger checkpoint by the
+        strided rule (``convert/strided.py``), written once to ``{run_dir}/strided_init``."""
+        cfg = self.cfg
+        if not cfg.init.strided_from:
+            return None
+        from megatron_mmbert.checkpoints.layout import config_path
+        from megatron_mmbert.convert.strided import strided_checkpoint
+
+        target = os.path.join(cfg.run_dir, "strided_init")
+        if not os.path.isfile(config_path(target)):
+            info = strided_checkpoint(cfg.init.strided_from, target, cfg.model, overwrite=True)
+            self.log.info(f"strided init: {cfg.model.hidden_size}-wide model from {cfg.init.strided_from} "
+                          f"({info['rule']}: layers {info['layers']}, strides hidden {info['hidden_stride']}, "
+                          f"heads {info['head_stride']}, FFN {info['ffn_stride']}) -> {target}")
+        return target
 
     def _check_branch_data(self, parent: Optional[Dict]) -> None:
         """Refuse a run from ``init.checkpoint`` whose data would not continue the checkpoint's.
