@@ -77,6 +77,8 @@ def test_decay_variants_branch_from_mid():
     small = _load("mmbert_small_decay_all.yaml")
     assert small.model.hidden_size == 384 and small.schedule.phases["decay"].lr == 4e-4
     assert small.phases[2].languages == "all" and small.checkpoint.keep_last >= 10
+    for name in ("decay_eng.yaml", "decay_cont.yaml", "decay_all.yaml"):  # the merge picks the best of 10
+        assert _load(name).checkpoint.keep_last == 10, name
 
 
 def test_decay_languages_are_the_mid_training_set():

@@ -289,8 +289,10 @@ def merge_checkpoints(
     max_shard_bytes: int = 5 * 2**30,
     log: Optional[TextIO] = sys.stderr,
     verify: bool = True,
+    report_extra: Optional[Dict[str, object]] = None,
 ) -> Dict[str, object]:
-    """Merge ``models`` (against ``base``) into the checkpoint directory ``out``; returns the report.
+    """Merge ``models`` (against ``base``) into the checkpoint directory ``out``; returns the report
+    (``report_extra``: more entries for it, e.g. how the models were chosen).
 
     ``base`` is required for ties and task_arithmetic; for linear and ema it is optional and, if
     given, only supplies the non-float tensors and the config (else the first model does).
@@ -338,6 +340,7 @@ def merge_checkpoints(
             "tied_not_merged_twice": sorted({n for s in sources for n in s.tied_skipped}),
             "chunk_bytes": chunk_bytes,
             **body,
+            **(report_extra or {}),
         }
         with open(os.path.join(tmp, MERGE_REPORT), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
