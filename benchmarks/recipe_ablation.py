@@ -26,7 +26,8 @@ on the held-out manifest at each scoring mask rate.
 
 ``--scale`` multiplies the phase token budgets (1.0: 300 / 100 / 100 steps of 16 rows); ``--model tiny``
 is the quickstart's 0.6M model, ``small`` (default) a ~3M one with ~5x the compute per token.
-``--seeds`` (>= 3) runs the whole training per seed.
+``--seeds`` (>= 3) runs the whole training per seed. Measured on 2 shared cores under ``nice -n 19``,
+3 seeds of the tiny model: ``--scale 0.1`` 8.6 min, ``--scale 0.5`` 14.1 min (benchmarks/RESULTS.md).
 
   python benchmarks/recipe_ablation.py --seeds 3                       # default scale, ~3M model
   nice -n 19 python benchmarks/recipe_ablation.py --seeds 3 --scale 0.1 --model tiny --append   # a busy machine
