@@ -170,7 +170,7 @@ class Coverage:
     def format(self, limit: int = 40) -> str:
         """The report: counts, then the missing codes (with the FineWeb2 folders that hold them)
         and the extra keys, cut to ``limit`` names each."""
-        lines = [f"language coverage against {self.list_name}: {len(self.covered)} of {self.listed} listed "
+        lines = [f"language-list coverage against {self.list_name}: {len(self.covered)} of {self.listed} listed "
                  f"languages present, {len(self.missing)} missing, {len(self.extra)} manifest key(s) beyond "
                  f"the list" + (f", {len(self.sources)} named source(s)" if self.sources else "")]
         if self.missing:
