@@ -45,6 +45,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_mmbert", "megatron_mmbert.*"]),
+    # The released language list and FineWeb2's folder table (data/languages.py names their sources).
+    package_data={"megatron_mmbert.data": ["languages/*.csv", "languages/*.md"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext, "build_py": build_py_with_configs},
     install_requires=[

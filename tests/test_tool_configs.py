@@ -64,6 +64,7 @@ def test_merge_recipe_example_is_valid_and_flags_override():
     parser, spec = ties_merge.build_parser()
     cfg, _ = parse_config(parser, spec, ["--config", recipe])
     assert cfg.spec.method == "ties" and cfg.spec.density == 0.2 and len(cfg.models) == 3 and cfg.base
+    assert cfg.select.enabled and cfg.select.manifest and cfg.select.metric == "macro_loss"
     cfg.spec.validate(len(cfg.models))
     parser, spec = ties_merge.build_parser()
     cfg, _ = parse_config(parser, spec, ["--config", recipe, "--density", "0.5", "--lambda", "0.8"])

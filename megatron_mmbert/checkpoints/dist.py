@@ -335,7 +335,10 @@ def load_training(directory: str, chunks: List[torch.nn.Module], optimizer) -> D
     with_optimizer = optimizer is not None and meta.get("has_optimizer", False)
     if with_optimizer:
         materialize_optimizer_state(optimizer)
-    state = load(directory, training_sharded_state_dict(chunks, optimizer if with_optimizer else None, is_loading=True))
+    sharded = training_sharded_state_dict(chunks, optimizer if with_optimizer else None, is_loading=True)
+    if "train_state" not in meta:  # a weights-only checkpoint (merge, strided init) has no _extra_state
+        sharded = _weights_only(sharded)
+    state = load(directory, sharded)
     _load_chunks(chunks, state)
     if with_optimizer:
         load_optimizer_state(optimizer, state["optimizer"])

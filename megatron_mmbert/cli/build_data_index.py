@@ -62,6 +62,9 @@ class BuildIndexConfig:
     bin_rows: Optional[List[int]] = None
     """best_fit: ``seq_len`` rows per packed row, one per phase (None: one row each). From a run config:
     its micro-batch sizes under ``data.packed_row: micro_batch`` (the reference's geometry)."""
+    language_list: str = "mmbert-1833"
+    """Report which languages of this list the manifest lacks and which keys it has beyond it
+    (``data/languages.py``): ``mmbert-1833`` (mmBERT's released 1,833), a file of codes, or ``none``."""
     warn_epochs: float = 5.0
     """Flag languages repeated more than this many epochs."""
     rows: int = 15
@@ -144,6 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error("--config is required")
 
     from megatron_mmbert.data.index import build_data_index, format_index_plan
+    from megatron_mmbert.data.languages import LanguageListError, manifest_coverage
     from megatron_mmbert.data.shards import check_manifest_shards, load_manifest
 
     cfg = None
@@ -154,6 +158,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if start is not None and start not in names:
             raise ConfigError(f"start_phase {start!r} is not a phase; phases are {names}", field="start_phase")
         manifest = load_manifest(cfg.manifest)
+        try:
+            coverage = manifest_coverage(manifest, cfg.language_list)
+        except LanguageListError as e:
+            raise ConfigError(str(e), field="language_list") from None
         # Damaged or foreign shards fail here, naming the file, not in the middle of training.
         check_manifest_shards(manifest, [lang for lang, e in manifest.languages.items() if e.shards],
                               vocab or manifest.tokenizer.vocab_size)
@@ -174,6 +182,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 1
     print(format_index_plan(index.plan, warn_epochs=cfg.warn_epochs, head=cfg.rows))
+    if coverage is not None:
+        print()
+        print(coverage.format())
     print()
     print(f"index ready in {index.path} ({time.time() - t0:.1f}s); plan: {os.path.join(index.path, 'index_plan.json')}")
     return 0

@@ -6,6 +6,9 @@
                                             dist checkpoint -> HF directory with its tokenizer
                                             (AutoModelForMaskedLM / AutoTokenizer load it)
             [--push-to-hub REPO [--private] [--revision BRANCH]]  then upload it with a model card
+  strided-init --load BIG --save SMALL [--model mmbert-small]
+                                            a smaller model's checkpoint from a larger one's by strided
+                                            sampling (mmBERT-small from mmBERT-base; rule: convert/strided.py)
   verify    --hf-dir DIR --load CKPT [--tp N --pp M] [--attention-backend B] [--precision P]
             both models on random packed rows longer than the window; prints the max |logit diff|
             and exits 1 above --tolerance. With --tp/--pp > 1 it relaunches itself under torchrun.
@@ -100,8 +103,24 @@ class VerifyConfig:
     """Check the checkpoint's file digests before loading."""
 
 
+@dataclasses.dataclass
+class StridedInitConfig:
+    """``strided-init``: a smaller model's checkpoint from a larger one's by strided sampling of the
+    weights (mmBERT-small from mmBERT-base; this project's rule: convert/strided.py)."""
+
+    load: str
+    """Checkpoint of the larger model (any layout)."""
+    save: str
+    """New output folder for the smaller model's checkpoint (loads at any layout)."""
+    model: str = "mmbert-small"
+    """The smaller model: a preset name (``mmbert-small``) or a YAML file of ModelConfig fields."""
+    overwrite: bool = False
+    """Replace ``save`` if it is a previous strided-init output."""
+
+
 COMMANDS = {
     "import-hf": (ImportHfConfig, {}),
+    "strided-init": (StridedInitConfig, {}),
     "export-hf": (ExportHfConfig, {"verify": "--no-verify"}),
     "verify": (VerifyConfig, {"verify": "--no-verify"}),
 }
@@ -215,6 +234,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
                 url = push_to_hub(cfg.out, cfg.push_to_hub, cfg.private, cfg.revision, source=cfg.load)
                 print(f"pushed {cfg.out} -> {url}")
+            return 0
+        if args.command == "strided-init":
+            from megatron_mmbert.config import load_model_config
+            from megatron_mmbert.convert.strided import strided_checkpoint
+
+            model = load_model_config(load_yaml(cfg.model) if cfg.model.endswith((".yaml", ".yml")) else cfg.model)
+            info = strided_checkpoint(cfg.load, cfg.save, model, overwrite=cfg.overwrite)
+            print(f"strided init {cfg.load} -> {cfg.save} ({model.num_parameters() / 1e6:.1f}M parameters; layers "
+                  f"{info['layers']}, strides hidden {info['hidden_stride']}, heads {info['head_stride']}, "
+                  f"FFN {info['ffn_stride']})")
             return 0
         if cfg.tp * cfg.pp > 1 and "WORLD_SIZE" not in os.environ:
             return _relaunch_under_torchrun(cfg, argv)

@@ -54,6 +54,12 @@ def check_config(cfg: PreprocessConfig) -> None:
     for name in ("workers", "chunk_bytes", "batch_docs"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}", field=name)
+    from megatron_mmbert.data.languages import LanguageListError, load_language_list
+
+    try:  # a bad list fails before hours of tokenizing, not after
+        load_language_list(cfg.language_list)
+    except LanguageListError as e:
+        raise ConfigError(str(e), field="language_list") from None
 
 
 def explain(spec: ConfigParser, err: Exception) -> str:
@@ -61,6 +67,19 @@ def explain(spec: ConfigParser, err: Exception) -> str:
     if not isinstance(err, ConfigError):
         err = ConfigError(str(err), field=getattr(err, "field", None))
     return spec.explain(err)
+
+
+def _report_coverage(manifest, language_list: str) -> None:
+    """Which languages of the list the manifest lacks and which keys it has beyond it (stderr)."""
+    from megatron_mmbert.data.languages import LanguageListError, manifest_coverage
+
+    try:
+        cov = manifest_coverage(manifest, language_list)
+    except LanguageListError as e:  # the shards are written; only the report is lost
+        print(f"preprocess_data: warning: no language coverage report: {e}", file=sys.stderr)
+        return
+    if cov is not None:
+        print("preprocess_data: " + cov.format(), file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -93,6 +112,7 @@ def main(argv=None) -> int:
         f"documents, {sum(e.tokens for e in m.languages.values())} tokens -> {cfg.output}/manifest.json",
         file=sys.stderr,
     )
+    _report_coverage(m, cfg.language_list)
     heldout = heldout_manifest_for(cfg.output)
     if heldout is not None:
         h = load_manifest(heldout)

@@ -10,6 +10,9 @@ Examples::
     # inputs of both formats (megatron checkpoints, HF directories), written as an HF model
     tools/ties_merge.py --base ckpt/mid --models ckpt/decay_eng hf/decay_all --out-format hf --out merged_hf
 
+    # mmBERT's way: the best kept checkpoint of each decay run, by held-out loss (in the report)
+    tools/ties_merge.py --base ckpt/mid --models runs/decay_eng runs/decay_cont runs/decay_all \
+        --select-best --select-manifest data/mmbert/heldout --density 0.2 --out ckpt/merged
     # the same recipe as YAML (mergekit-yaml style); flags given on top win
     tools/ties_merge.py --config examples/configs/merge_decay.yaml [--density 0.3]
 
@@ -27,6 +30,7 @@ from typing import List, Literal, Optional
 from megatron_mmbert.cli.options import ConfigParser, os_error_text, parse_config
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.checkpoints.layout import CheckpointError
+from megatron_mmbert.evaluation.select import SelectConfig
 from megatron_mmbert.merge.stream import DEFAULT_CHUNK_BYTES, merge_checkpoints
 from megatron_mmbert.merge.ties import MergeSpec
 
@@ -56,9 +60,14 @@ class MergeConfig:
     ``tokenizer.json``); off: stop naming two of them."""
     quiet: bool = False
     """No progress lines."""
+    select: SelectConfig = dataclasses.field(default_factory=SelectConfig)
+    """Merge each input run's best kept checkpoint by held-out loss (mmBERT merged the best checkpoint
+    of each decay mixture); ``models`` then names runs. The choice is in the merge report."""
 
 
-FLAGS = {"spec.lam": "--lambda", "verify": "--no-verify"}
+FLAGS = {"spec.lam": "--lambda", "verify": "--no-verify", "select.enabled": "--select-best",
+         **{f"select.{n}": "--select-" + n.replace("_", "-") for n in
+            ("manifest", "metric", "phase", "mask_rate", "seq_len", "tokens_per_language", "seed")}}
 """Flag spellings that differ from the field names (``lambda`` is a Python keyword)."""
 
 
@@ -89,10 +98,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"ties_merge: error: {options.explain(err)}", file=sys.stderr)
         return 2
     try:
+        models, extra = cfg.models, None
+        if cfg.select.enabled:
+            from megatron_mmbert.evaluation.select import select_best
+
+            selection = select_best(cfg.models, cfg.select, log=None if cfg.quiet else sys.stderr)
+            models = [s["chosen"] for s in selection]
+            extra = {"selection": {"config": dataclasses.asdict(cfg.select), "runs": selection}}
         report = merge_checkpoints(
-            cfg.base, cfg.models, cfg.spec, cfg.out, out_format=cfg.out_format,
+            cfg.base, models, cfg.spec, cfg.out, out_format=cfg.out_format,
             chunk_bytes=int(cfg.chunk_mb * 2**20), overwrite=cfg.overwrite,
-            log=None if cfg.quiet else sys.stderr, verify=cfg.verify,
+            log=None if cfg.quiet else sys.stderr, verify=cfg.verify, report_extra=extra,
             allow_other_tokenizer=cfg.allow_other_tokenizer,
         )
     except ConfigError as err:

@@ -179,6 +179,9 @@ class PreprocessConfig:
     holdout_fraction: float = 0.0
     """Instead of ``holdout_docs``: hold out each document whose text's sha256, as a number in [0, 1), is below
     this fraction (no extra pass over the input; about this fraction of every language). 0: none."""
+    language_list: str = "mmbert-1833"
+    """Report which languages of this list the finished manifest lacks and which keys it has beyond it
+    (``data/languages.py``): ``mmbert-1833`` (mmBERT's released 1,833), a file of codes, or ``none``."""
 
     @property
     def holdout(self) -> bool:

@@ -6,7 +6,8 @@ For every ``PhaseConfig`` this module decides
   when a global batch size is known (``PhaseConfig.tokens`` counts row capacity);
 * the **active languages**: ``all`` (every manifest language with tokens), ``top:N`` (the N
   largest by tokens, ties broken by name) or an explicit list; languages named in ``fixed_shares``
-  are active too;
+  are active too. Named sources (``data/mixture.py``: ``dclm``, ``starcoder``, ...) are not
+  languages of ``all``/``top:N``: they are active only where ``fixed_shares`` (or a list) names them;
 * the **weights**: fixed shares for named languages/sources, and the remaining mass spread by
   temperature, ``p_i proportional to n_i ** tau`` (n_i = manifest tokens, tau = 1 natural,
   tau = 0 uniform), optionally with a UniMax-style cap: no temperature language may be repeated
@@ -91,14 +92,20 @@ def active_languages(phase: PhaseConfig, languages: Sequence[str], tokens: np.nd
     index = {n: i for i, n in enumerate(names)}
     active = np.zeros(len(names), dtype=bool)
     spec = phase.languages
+    # Named sources (dclm, starcoder, ...: data/mixture.py) are never temperature languages of
+    # 'all' / 'top:N': they join a phase only through fixed_shares (or an explicit list).
+    from megatron_mmbert.data.mixture import SOURCES
+
+    language = tokens > 0
+    language &= np.array([n not in SOURCES for n in names], dtype=bool)
     if isinstance(spec, str) and spec == "all":
-        active = tokens > 0
+        active = language.copy()
     elif isinstance(spec, str) and spec.startswith("top:"):
         n = int(spec[4:])
         if n < 1:
             raise ConfigError(f"{where}: languages 'top:{n}' needs N >= 1")
         # Largest first, ties by name, so the set does not depend on dict order.
-        order = sorted((i for i in range(len(names)) if tokens[i] > 0), key=lambda i: (-tokens[i], names[i]))
+        order = sorted((i for i in range(len(names)) if language[i]), key=lambda i: (-tokens[i], names[i]))
         active[order[:n]] = True
     elif isinstance(spec, (list, tuple)):
         unknown = [n for n in spec if n not in index]

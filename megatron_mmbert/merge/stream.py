@@ -290,8 +290,10 @@ def merge_checkpoints(
     log: Optional[TextIO] = sys.stderr,
     verify: bool = True,
     allow_other_tokenizer: bool = False,
+    report_extra: Optional[Dict[str, object]] = None,
 ) -> Dict[str, object]:
-    """Merge ``models`` (against ``base``) into the checkpoint directory ``out``; returns the report.
+    """Merge ``models`` (against ``base``) into the checkpoint directory ``out``; returns the report
+    (``report_extra``: more entries for it, e.g. how the models were chosen).
 
     Inputs made with different tokenizers (recorded identities, or ``tokenizer.json`` files) are
     refused unless ``allow_other_tokenizer``: same-shaped embeddings of other vocabularies average into noise.
@@ -347,6 +349,7 @@ def merge_checkpoints(
             "tied_not_merged_twice": sorted({n for s in sources for n in s.tied_skipped}),
             "chunk_bytes": chunk_bytes,
             **body,
+            **(report_extra or {}),
         }
         with open(os.path.join(tmp, MERGE_REPORT), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)

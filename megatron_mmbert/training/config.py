@@ -62,6 +62,13 @@ class DataSection:
     ``micro_batch_size x seq_len``). ``seq_len``: rows of ``seq_len`` tokens, pieces never cross rows
     (padding a few %), for SDPA at scale. The micro-batch size becomes part of the data: changing it
     (or this) changes the rows. Ignored by concat."""
+    language_list: str = "mmbert-1833"
+    """At start-up, report which languages of this list the manifest lacks and which keys it has beyond
+    it (``data/languages.py``): ``mmbert-1833`` (mmBERT's released 1,833), a file of codes, or ``none``."""
+    without_sources: List[str] = field(default_factory=list)
+    """Named sources (``dclm``, ``starcoder``, ...: ``data/mixture.py``) to train without, on purpose:
+    their ``fixed_shares`` are removed from every phase and the other languages share that mass by
+    temperature. Without this, a run whose manifest lacks a source a phase names stops at start-up."""
     index_timeout_s: float = 3600.0
     """How long non-building ranks wait for the index cache before giving up."""
     eval_manifest: Optional[str] = None
@@ -199,6 +206,11 @@ class InitSection:
     restart_data: bool = False
     """Start the data streams from this run's own plan even where it does not continue
     ``checkpoint``'s (e.g. continued pre-training on new data). Off: such a run is refused."""
+    strided_from: Optional[str] = None
+    """A larger model's checkpoint (e.g. mmBERT-base's) to take this run's model from by strided
+    sampling of its weights (mmBERT-small's init; the rule, this project's own, is in
+    ``convert/strided.py`` and docs/training.md). Weights only: the optimizer and the data start
+    fresh. Written once to ``{run_dir}/strided_init``; not with ``checkpoint``."""
 
 
 @dataclass
@@ -415,10 +427,11 @@ def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
     """``top`` over ``base``: mappings merge key by key, everything else (lists too) is replaced,
     except that a mapping over a list of named entries (``phases``) edits those entries by name:
     ``phases: {decay: {fixed_shares: ...}}`` changes the inherited ``decay`` phase and keeps the rest
-    of the schedule (and so the data position of every phase) as the base file declares it."""
+    of the schedule (and so the data position of every phase) as the base file declares it.
+    ``fixed_shares`` is one mixture and is replaced whole (a decay branch names its own sources)."""
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "fixed_shares":
             out[key] = _deep_merge(out[key], value)
         elif isinstance(value, dict) and _is_named_list(out.get(key)):
             names = [item["name"] for item in out[key]]
@@ -530,6 +543,10 @@ def from_mapping(data: Dict[str, Any]) -> RunConfig:
         )
     cfg = from_dict(RunConfig, data)
     _resolve_language_sets(cfg)
+    if cfg.data.without_sources:
+        from megatron_mmbert.data.mixture import drop_sources
+
+        drop_sources(cfg.phases, cfg.data.without_sources)
     return cfg
 
 

@@ -142,6 +142,12 @@ class Trainer:
             names = [p.name for p in cfg.phases[cfg.start_phase_index:]]
             self.log.info(f"data index {self.stream.index.path} (plan: index_plan.json there)\n"
                           + format_index_plan(self.stream.index.plan, head=10, tail=3, phases=names))
+            from megatron_mmbert.data.languages import manifest_coverage
+            from megatron_mmbert.data.shards import load_manifest
+
+            coverage = manifest_coverage(load_manifest(cfg.manifest_path), cfg.data.language_list)
+            if coverage is not None:
+                self.log.info(coverage.format())
         parallel = dataclasses.replace(cfg.parallel, use_distributed_optimizer=cfg.use_distributed_optimizer)
         chunks = build_model(cfg.effective_model, parallel, cfg.compute_precision, self.rt.device)
         check_packed_row_backend(cfg, chunks[0].backend)
@@ -209,14 +215,15 @@ class Trainer:
         cfg = self.cfg
         names = [p.name for p in cfg.phases]
         start = cfg.start_phase_index
-        if cfg.init.checkpoint:
+        init = cfg.init.checkpoint or self._strided_init()
+        if init:
             if cfg.checkpoint.verify_on_load:
-                ckpt.verify_checkpoint(cfg.init.checkpoint)
-            self._check_tokenizer(cfg.init.checkpoint, "init.checkpoint")
-            self._check_branch_data(ckpt.read_config(cfg.init.checkpoint).get("train_state"))
-            meta = ckpt.load_training(cfg.init.checkpoint, self.chunks, self.optimizer if cfg.init.load_optimizer else None)
+                ckpt.verify_checkpoint(init)
+            self._check_tokenizer(init, "init.strided_from" if init != cfg.init.checkpoint else "init.checkpoint")
+            self._check_branch_data(ckpt.read_config(init).get("train_state"))
+            meta = ckpt.load_training(init, self.chunks, self.optimizer if cfg.init.load_optimizer else None)
             self.log.info(
-                f"initialised from {cfg.init.checkpoint} (model{' + optimizer' if meta['loaded_optimizer'] else ''}), "
+                f"initialised from {init} (model{' + optimizer' if meta['loaded_optimizer'] else ''}), "
                 f"starting at phase {names[start]!r}"
             )
         elif start:
@@ -225,6 +232,25 @@ class Trainer:
 
     def _check_tokenizer(self, checkpoint: str, what: str) -> None:
         check_checkpoint_tokenizer(self.cfg, checkpoint, what, self.stream.manifest.tokenizer.to_json(), self.log.info)
+
+    def _strided_init(self) -> Optional[str]:
+        """With ``init.strided_from``: this run's model taken from that larger checkpoint by the
+        strided rule (``convert/strided.py``), written once to ``{run_dir}/strided_init``."""
+        cfg = self.cfg
+        if not cfg.init.strided_from:
+            return None
+        from megatron_mmbert import runtime
+        from megatron_mmbert.checkpoints.layout import config_path
+        from megatron_mmbert.convert.strided import strided_checkpoint
+
+        target = os.path.join(cfg.run_dir, "strided_init")
+        if self.rt.is_main and not os.path.isfile(config_path(target)):  # one writer; the rest wait below
+            info = strided_checkpoint(cfg.init.strided_from, target, cfg.model, overwrite=True)
+            self.log.info(f"strided init: {cfg.model.hidden_size}-wide model from {cfg.init.strided_from} "
+                          f"({info['rule']}: layers {info['layers']}, strides hidden {info['hidden_stride']}, "
+                          f"heads {info['head_stride']}, FFN {info['ffn_stride']}) -> {target}")
+        runtime.barrier()
+        return target
 
     def _check_branch_data(self, parent: Optional[Dict]) -> None:
         """Refuse a run from ``init.checkpoint`` whose data would not continue the checkpoint's.

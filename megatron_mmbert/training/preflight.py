@@ -209,6 +209,17 @@ def _check_init_checkpoint(cfg: RunConfig) -> None:
     """``init.checkpoint`` is a finished checkpoint whose data a run from the first phase can continue."""
     from megatron_mmbert.checkpoints.layout import is_complete
 
+    if cfg.init.strided_from is not None:
+        if cfg.init.checkpoint is not None:
+            raise ConfigError("init.strided_from and init.checkpoint both set: give one (strided_from takes a "
+                              "larger model's weights; checkpoint continues a run)", field="init.strided_from")
+        if not is_complete(cfg.init.strided_from):
+            raise ConfigError(f"init.strided_from={cfg.init.strided_from!r} is not a finished checkpoint",
+                              field="init.strided_from")
+        from megatron_mmbert.checkpoints.dist import read_model_config
+        from megatron_mmbert.convert.strided import check_models
+
+        check_models(read_model_config(cfg.init.strided_from), cfg.model)
     if cfg.init.checkpoint is not None and not is_complete(cfg.init.checkpoint):
         raise ConfigError(
             f"init.checkpoint={cfg.init.checkpoint!r} is not a finished checkpoint; point it at one "
@@ -248,6 +259,14 @@ def validate_data(cfg: RunConfig) -> None:
             f"the manifest's tokenizer has {vocab} ids but model.vocab_size is {cfg.model.vocab_size}; "
             f"set model.vocab_size: {vocab}"
         )
+    from megatron_mmbert.data.languages import LanguageListError, load_language_list
+    from megatron_mmbert.data.mixture import check_sources
+
+    try:
+        load_language_list(cfg.data.language_list)
+    except LanguageListError as e:
+        raise ConfigError(str(e), field="data.language_list") from None
+    check_sources([p for p in cfg.phases if not p.manifest], have, path)
     for p in cfg.phases:
         if p.manifest:  # a phase's own manifest: it exists, its tokenizer and languages fit
             from megatron_mmbert.data.shards import phase_sources

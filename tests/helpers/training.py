@@ -99,8 +99,9 @@ def compare_checkpoints(reference: str, others: List[str]) -> Dict[str, List[str
     return json.loads(line[len("RESULT "):])
 
 
-def write_manifest(directory) -> str:
-    """A small real manifest: three languages of random tokens in megatron-core MMIDIDX shards."""
+def write_manifest(directory, languages=("fra_Latn", "deu_Latn", "rus_Cyrl")) -> str:
+    """A small real manifest: ``languages`` (three by default) of random tokens in megatron-core
+    MMIDIDX shards."""
     import numpy as np
 
     from megatron_mmbert.data.shards import LanguageEntry, Manifest, ShardWriter, TokenizerIdentity
@@ -109,7 +110,7 @@ def write_manifest(directory) -> str:
     directory = str(directory)
     rng = np.random.default_rng(0)
     langs = {}
-    for lang in ("fra_Latn", "deu_Latn", "rus_Cyrl"):
+    for lang in languages:
         prefix = os.path.join(directory, lang, "part-0")
         os.makedirs(os.path.dirname(prefix), exist_ok=True)
         docs = [rng.integers(5, 4096, size=int(n)).astype(np.uint16) for n in rng.integers(20, 300, size=40)]
