@@ -609,7 +609,7 @@ def test_build_data_index_cli_packing(tmp_path, capsys):
     phases = tmp_path / "phases.yaml"
     phases.write_text(yaml.safe_dump([{"name": "p", "tokens": 64 * 20, "seq_len": 64, "temperature": 0.5}]))
     args = ["--config", str(phases), "--manifest", path, "--cache-dir", str(tmp_path / "c"), "--seed", "1"]
-    assert main(args + ["--packing", "best_fit"]) == 0
+    assert main(args + ["--packing", "best_fit", "--threads", "2"]) == 0  # issue 29: a field, so a flag
     out = capsys.readouterr().out
     assert "packing best_fit: padding" in out and "(packed rows of 1 x 64 = 64 tokens)" in out
     folder = out.split("index ready in ", 1)[1].split(" (", 1)[0]

@@ -62,6 +62,8 @@ class BuildIndexConfig:
     bin_rows: Optional[List[int]] = None
     """best_fit: ``seq_len`` rows per packed row, one per phase (None: one row each). From a run config:
     its micro-batch sizes under ``data.packed_row: micro_batch`` (the reference's geometry)."""
+    threads: int = 0
+    """Languages packed at once (0: every CPU this process may use); the arrays do not depend on it."""
     warn_epochs: float = 5.0
     """Flag languages repeated more than this many epochs."""
     rows: int = 15
@@ -161,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         index = build_data_index(manifest, cfg.phases, cfg.seed, cfg.cache_dir, cfg.global_batch_size,
                                  cfg.anneal_segments, is_builder=True,
                                  start_phase=names.index(start) if start else 0,
-                                 packing=cfg.packing or "concat", bin_rows=cfg.bin_rows)
+                                 packing=cfg.packing or "concat", bin_rows=cfg.bin_rows, threads=cfg.threads)
     except ConfigError as e:
         print(f"error: {spec.explain(e)}", file=sys.stderr)
         return 2

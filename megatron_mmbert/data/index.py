@@ -62,9 +62,10 @@ builds (global rank 0 by default) into a temporary folder renamed into place whe
 others poll for it and give up after ``timeout`` seconds with a message naming the folder and the
 command that prebuilds it (``tools/build_data_index.py``).
 
-Memory: :func:`build_arrays` streams each array into its ``.npy`` file (blending phase by phase,
-packing language by language), so the build holds one phase's ``dataset_index`` or one language's
-arrays for one phase at a time; see docs/data.md "Cache".
+Memory: :func:`build_arrays` streams each array into its ``.npy`` file in blocks (the blending of a
+phase and the packing of a language's phase both resumable, ``_index_builder.PhaseBlender`` /
+``RowPacker`` / ``BestFitPacker``), languages on ``threads`` threads, so what the build holds does not
+grow with the schedule; see docs/data.md "Cache".
 """
 
 from __future__ import annotations
