@@ -650,12 +650,13 @@ class _SpillFiles:
             entry[0].close()
 
     def copy_into(self, files: _PhaseFiles) -> None:
+        # Read, not mapped: the pages of a mapping would count in the RSS until it is closed.
         for (k, name), (f, dtype, shape, rows) in sorted(self.files.items()):
-            if rows:
-                data = np.memmap(f.name, dtype=dtype, mode="r", shape=(rows,) + tuple(shape))
+            width = int(np.prod(shape, dtype=np.int64))
+            with open(f.name, "rb") as fh:
                 for a in range(0, rows, self.COPY_ROWS):
-                    files.append(k, name, data[a:a + self.COPY_ROWS])
-                del data
+                    n = min(self.COPY_ROWS, rows - a)
+                    files.append(k, name, np.fromfile(fh, dtype=dtype, count=n * width).reshape((n,) + tuple(shape)))
         shutil.rmtree(self.folder)
 
 
