@@ -187,14 +187,20 @@ few MB whatever the shard's size, beside the int32 / int8 per-document results."
 
 def _document_chunks(prefixes: Sequence[str]):
     """``(prefix, IndexedDataset, document_indices[a : b + 1] as int64)`` over every shard, at most
-    :data:`DOCUMENT_CHUNK` documents at a time (megatron-core reads the ``.idx``)."""
+    :data:`DOCUMENT_CHUNK` documents at a time (megatron-core reads the ``.idx``). Each chunk opens
+    the shard afresh: megatron-core maps the whole ``.idx`` and the pages a read touches count in the
+    RSS until the mapping closes (~20 bytes a document: 95 MB for eng_Latn at 1/100 of FineWeb2)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for prefix in prefixes:
         ds = IndexedDataset(prefix)
         n = len(ds.document_indices) - 1
+        del ds
         for a in range(0, max(n, 0), DOCUMENT_CHUNK):
-            yield prefix, ds, np.asarray(ds.document_indices[a:min(a + DOCUMENT_CHUNK, n) + 1], dtype=np.int64)
+            ds = IndexedDataset(prefix)
+            docs = np.asarray(ds.document_indices[a:min(a + DOCUMENT_CHUNK, n) + 1], dtype=np.int64)
+            yield prefix, ds, docs
+            del ds
 
 
 def _count_documents(prefixes: Sequence[str]) -> int:
