@@ -682,11 +682,12 @@ def test_streamed_build_matches_the_recorded_in_memory_build(tmp_path):
     assert seen == set(RECORDED_DIGESTS)
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp_path, monkeypatch, threads):
+def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp_path, monkeypatch):
     """Issue 29: blending a few samples at a time (segments cut mid-way), packers resumed every row
     (concat) or every window (best_fit), languages on worker threads through their spill files copied
-    a few rows at a time: the recorded digests, and nothing left behind in the cache folder."""
+    a few rows at a time: the recorded digests, and nothing left behind in the cache folder. (One
+    thread, which appends straight to the phase files, is the other digest test's path.)"""
+    threads = 3
     import megatron_mmbert.data.index as index_mod
 
     monkeypatch.setattr(index_mod, "BLEND_CHUNK", 5)
