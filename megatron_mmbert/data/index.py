@@ -180,7 +180,7 @@ FIRST_TOKEN_WINDOW = 64 << 20
 """Bytes of a ``.bin`` mapped at a time while reading documents' first tokens."""
 
 
-DOCUMENT_CHUNK = 1 << 18
+DOCUMENT_CHUNK = 1 << 16
 """Documents of a shard read at a time (their lengths and first tokens): the temporaries stay a
 few MB whatever the shard's size, beside the int32 / int8 per-document results."""
 
