@@ -693,6 +693,7 @@ def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp
     monkeypatch.setattr(index_mod, "BLEND_CHUNK", 5)
     monkeypatch.setattr(index_mod, "PACK_BLOCK_TOKENS", 1)
     monkeypatch.setattr(index_mod._SpillFiles, "COPY_ROWS", 3)
+    monkeypatch.setattr(index_mod, "THREAD_DOCUMENT_BUDGET", 80)  # the 70-document language runs alone
     path, _ = write_corpus(str(tmp_path / "corpus"), [70, 25, 9, 0], max_len=150, shards_per_lang=2)
     manifest = load_manifest(path)
     for name, packing, bin_rows in (("concat", "concat", None), ("best_fit", "best_fit", None),

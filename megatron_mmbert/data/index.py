@@ -553,6 +553,12 @@ PACK_BLOCK_TOKENS = 1 << 26
 block is written out as it is made, so a language's phase is never whole in memory."""
 
 
+THREAD_DOCUMENT_BUDGET = 1 << 30
+"""Documents of the languages packed (or waiting) on threads at once: each holds ~9 bytes a document
+(lengths, framing flags, an epoch's permutation), so at most ~9 GiB whatever the thread count; a
+language larger than this runs alone."""
+
+
 def default_threads() -> int:
     """The CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` elsewhere)."""
     try:
@@ -774,7 +780,8 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
 
     ``threads``: languages packed at once (the C++ packers release the GIL); the output does not
     depend on it. With more than one, each language's blocks wait in a spill folder of ``out_dir``
-    until the languages before it are written, at most ``2 x threads`` languages ahead.
+    until the languages before it are written, at most ``2 x threads`` languages and
+    :data:`THREAD_DOCUMENT_BUDGET` documents ahead.
 
     ``bin_rows`` (best_fit): ``seq_len`` rows per packed row, one per phase (default 1); the phase's
     samples are blended in groups of that many rows (:func:`check_bin_rows`)."""
@@ -818,6 +825,7 @@ def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, 
     files = _PhaseFiles(path, K)
     offsets = {name: np.zeros((K, L + 1), np.int64) for name in ("docs", "rows", "pieces")}
     stats = np.zeros((K, L, len(PACKING_STATS)), np.int64)
+    docs = [int(manifest.languages[lang].documents) for lang in languages]
 
     def task(i, sink):
         return _pack_language(ext, manifest, languages[i], plans, counts[:, i], positions[:, i], seed, start_phase,
@@ -841,9 +849,11 @@ def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, 
                     files.append(k, "ptr", _EMPTY["ptr"])
                 offsets["rows"][:, i + 1] = 1
                 continue
-            if pool is not None:  # keep up to 2 x threads languages in flight, written in order
+            if pool is not None:  # up to 2 x threads languages ahead, within the document budget
                 for j in need[done:done + 2 * threads]:
                     if j not in ahead:
+                        if ahead and sum(docs[a] for a in ahead) + docs[j] > THREAD_DOCUMENT_BUDGET:
+                            break
                         ahead[j] = pool.submit(spilled, j)
                 res, sink = ahead.pop(i).result()
                 sink.copy_into(files)
