@@ -835,6 +835,11 @@ def test_document_lengths_chunked_over_multi_sequence_documents(tmp_path, monkey
     monkeypatch.setattr(index_mod, "DOCUMENT_CHUNK", 5)
     np.testing.assert_array_equal(index_mod.document_lengths(prefixes), ref)
     np.testing.assert_array_equal(index_mod.document_first_tokens(prefixes), first)
+    # Framing reads first and last tokens in one pass (issue 29): the same as the two separate reads.
+    for prefix, ds, docs in index_mod._document_chunks(prefixes):
+        got_first, got_last = index_mod._first_and_last_tokens(prefix, ds, docs)
+        np.testing.assert_array_equal(got_first, index_mod._first_tokens(prefix, ds, docs[:-1]))
+        np.testing.assert_array_equal(got_last, index_mod._last_tokens(prefix, ds, docs))
 
 
 def test_index_at_scale_synthetic_manifest_is_readable(tmp_path):

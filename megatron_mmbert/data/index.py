@@ -448,12 +448,38 @@ def framing_flags(manifest, lang: str) -> np.ndarray:
     at = 0
     for prefix, ds, docs in _document_chunks(prefixes):
         n = len(docs) - 1
+        first, last = _first_and_last_tokens(prefix, ds, docs)
         if bos is not None:
-            flags[at:at + n] |= (_first_tokens(prefix, ds, docs[:-1]) == bos).astype(np.int8) * FRAMING_BOS
+            flags[at:at + n] |= (first == bos).astype(np.int8) * FRAMING_BOS
         if eos is not None:
-            flags[at:at + n] |= (_last_tokens(prefix, ds, docs) == eos).astype(np.int8) * FRAMING_EOS
+            flags[at:at + n] |= (last == eos).astype(np.int8) * FRAMING_EOS
         at += n
     return flags
+
+
+def _first_and_last_tokens(prefix: str, ds, docs: np.ndarray):
+    """:func:`_first_tokens` and :func:`_last_tokens` of the documents of ``docs`` in one pass over the
+    ``.bin`` (a document's first and last tokens mostly share a page: each page is touched once)."""
+    starts, last = docs[:-1], docs[1:] - 1
+    n = len(starts)
+    f_len = np.asarray(ds.sequence_lengths[starts], dtype=np.int64) if n else np.zeros(0, np.int64)
+    l_len = np.asarray(ds.sequence_lengths[last], dtype=np.int64) if n else np.zeros(0, np.int64)
+    f_ok = f_len > 0
+    l_ok = (l_len > 0) & (docs[1:] > docs[:-1])
+    itemsize = np.dtype(ds.index.dtype).itemsize
+    f_ptr = np.asarray(ds.index.sequence_pointers[starts[f_ok]], dtype=np.int64) if f_ok.any() else np.zeros(0, np.int64)
+    l_ptr = (np.asarray(ds.index.sequence_pointers[last[l_ok]], dtype=np.int64) + (l_len[l_ok] - 1) * itemsize
+             if l_ok.any() else np.zeros(0, np.int64))
+    pointers = np.concatenate([f_ptr, l_ptr])
+    order = np.argsort(pointers, kind="stable")  # _tokens_at reads increasing pointers
+    values = _tokens_at(prefix, ds, np.ones(len(pointers), bool), pointers[order] if len(pointers) else None)
+    merged = np.empty(len(pointers), np.int64)
+    merged[order] = values
+    first = np.full(n, -1, np.int64)
+    last_tokens = np.full(n, -1, np.int64)
+    first[f_ok] = merged[:len(f_ptr)]
+    last_tokens[l_ok] = merged[len(f_ptr):]
+    return first, last_tokens
 
 
 FRAMING_BOS, FRAMING_EOS = 1, 2
