@@ -759,8 +759,10 @@ def _pack_language(ext, manifest, lang: str, plans: List[PhasePlan], counts: np.
     ``stats`` [K, 8], stream ``positions`` [K + 1] (best_fit; concat's are ``concat_starts``) and per
     phase the entries written (``docs``, ``rows``, ``pieces``)."""
     K = len(plans)
-    lengths = document_lengths(manifest.languages[lang].shards)
+    # Framing first: its read maps up to FIRST_TOKEN_WINDOW bytes of the .bin, better without the lengths
+    # (4 bytes a document) already held beside it.
     framing = framing_flags(manifest, lang)
+    lengths = document_lengths(manifest.languages[lang].shards)
     res = {"stats": np.zeros((K, len(PACKING_STATS)), np.int64), "positions": np.zeros(K + 1, np.int64),
            "docs": [0] * K, "rows": [0] * K, "pieces": [0] * K}
     pos = 0
