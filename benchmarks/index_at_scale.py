@@ -122,15 +122,18 @@ from megatron_mmbert.data.shards import load_manifest
 phases = [PhaseConfig(**p) for p in json.loads({phases!r})]
 t = time.perf_counter()
 index = build_data_index(load_manifest({manifest!r}), phases, 21, {cache!r}, {batch}, is_builder=True,
-                         packing={packing!r}, bin_rows={bin_rows!r})
+                         packing={packing!r}, bin_rows={bin_rows!r}{threads_arg})
 print(json.dumps({{"seconds": time.perf_counter() - t, "path": index.path}}))
 """
 
 
-def measure(code_root: str, manifest: str, phases, packing: str, cache: str) -> dict:
-    """Run one build in a child of this (wrapper) process: seconds, peak RSS (MB), cache MB."""
+def measure(code_root: str, manifest: str, phases, packing: str, cache: str, threads=None) -> dict:
+    """Run one build in a child of this (wrapper) process: seconds, peak RSS (MB), cache MB, and the
+    1-minute load average when it ended (the machine's other work). ``threads`` None: the builder's
+    default (for code from before the ``threads`` argument)."""
     src = CHILD.format(root=code_root, phases=json.dumps(phases), manifest=manifest, cache=cache,
                        batch=GLOBAL_BATCH, packing=packing,
+                       threads_arg="" if threads is None else f", threads={int(threads)}",
                        bin_rows=mmbert_micro_batches([p["name"] for p in phases]) if packing == "best_fit" else None)
     env = dict(os.environ, PYTHONPATH=code_root, OPENBLAS_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", src], env=env, capture_output=True, text=True)
@@ -141,7 +144,56 @@ def measure(code_root: str, manifest: str, phases, packing: str, cache: str) -> 
     rss = usage.ru_maxrss / 1024  # KiB on Linux
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(res["path"]) for f in fs)
     return {"seconds": round(res["seconds"], 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_mb": round(rss), "cache_mb": round(size / 2**20)}
+            "peak_rss_mb": round(rss), "cache_mb": round(size / 2**20), "load_avg": round(os.getloadavg()[0], 2)}
+
+
+def _run_one(args, work, path, phases, packing, f, threads) -> dict:
+    """One build at scale ``f`` in a fresh wrapper process (its own RUSAGE_CHILDREN); its row."""
+    cache = os.path.join(work, f"cache-{f:g}-{packing}-{threads}-{args.label}")
+    shutil.rmtree(cache, ignore_errors=True)
+    job = dict(code_root=os.path.abspath(args.code_root), manifest=path, phases=phases, packing=packing,
+               cache=cache, threads=threads)
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", json.dumps(job)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(out.stderr[-3000:])
+    r = {"scale": f, "packing": packing, "threads": threads, **json.loads(out.stdout.strip().splitlines()[-1])}
+    shutil.rmtree(cache, ignore_errors=True)
+    print(json.dumps(r), flush=True)
+    return r
+
+
+KEYS = ("seconds", "cpu_seconds", "peak_rss_mb", "cache_mb")
+
+
+def extrapolate(rows, packings, thread_counts, node_threads: int):
+    """Linear extrapolation to the full run from the two largest scales, per packing and thread count;
+    with two thread counts also the full run's wall time on ``node_threads`` threads (Amdahl: the
+    wall time t(n) = serial + parallel / n fitted to the two counts at each of the two scales)."""
+    out = []
+    for packing in packings:
+        full = {}
+        for threads in thread_counts:
+            pts = sorted((r for r in rows if r["packing"] == packing and r.get("threads") == threads
+                          and not r.get("extrapolated")), key=lambda r: r["scale"])[-2:]
+            if len(pts) == 2:
+                (a, b) = pts
+                ext = {k: round(b[k] + (b[k] - a[k]) / (b["scale"] - a["scale"]) * (1 - b["scale"]), 1) for k in KEYS}
+                full[threads] = ext
+                out.append({"scale": 1.0, "packing": packing, "threads": threads, "extrapolated": True, **ext})
+        counts = sorted(t for t in full if t)
+        if len(counts) >= 2:
+            n1, n2 = counts[0], counts[-1]
+            t1, t2 = full[n1]["seconds"], full[n2]["seconds"]
+            parallel = max((t1 - t2) / (1 / n1 - 1 / n2), 0.0)
+            serial = max(t1 - parallel / n1, 0.0)
+            out.append({"scale": 1.0, "packing": packing, "threads": node_threads, "extrapolated": True,
+                        "amdahl_from": [n1, n2], "serial_seconds": round(serial, 1),
+                        "parallel_seconds": round(parallel, 1),
+                        "seconds": round(serial + parallel / node_threads, 1)})
+    for r in out:
+        print(json.dumps(r), flush=True)
+    return out
 
 
 def main():
@@ -152,6 +204,11 @@ def main():
     ap.add_argument("--manifest", default=None,
                     help="use this manifest (every phase over all its languages) instead of the synthetic one")
     ap.add_argument("--workdir", default=None, help="where manifests and caches go (default: a temp folder)")
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="languages packed at once, one build per count (default: the builder's own default)")
+    ap.add_argument("--node-threads", type=int, default=16,
+                    help="threads of the node the full-run time is extrapolated for (Amdahl's law from the "
+                    "wall times of the smallest and largest --threads at the largest scale)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one build, JSON in/out
@@ -175,27 +232,9 @@ def main():
             write_manifest(mroot, f)
             print(f"[index_at_scale] manifest 1/{1 / f:g} written in {time.perf_counter() - t:.1f}s", file=sys.stderr)
         for packing in args.packing:
-            cache = os.path.join(work, f"cache-{f:g}-{packing}-{args.label}")
-            shutil.rmtree(cache, ignore_errors=True)
-            job = dict(code_root=os.path.abspath(args.code_root), manifest=path, phases=phases, packing=packing,
-                       cache=cache)
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", json.dumps(job)],
-                                 capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(out.stderr[-3000:])
-            r = {"scale": f, "packing": packing, **json.loads(out.stdout.strip().splitlines()[-1])}
-            shutil.rmtree(cache, ignore_errors=True)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-    # Linear extrapolation to the full run from the two largest scales, per packing.
-    for packing in args.packing:
-        pts = sorted((r for r in rows if r["packing"] == packing), key=lambda r: r["scale"])[-2:]
-        if len(pts) == 2:
-            (a, b) = pts
-            ext = {k: round(b[k] + (b[k] - a[k]) / (b["scale"] - a["scale"]) * (1 - b["scale"]), 1)
-                   for k in ("seconds", "cpu_seconds", "peak_rss_mb", "cache_mb")}
-            print(json.dumps({"scale": 1.0, "packing": packing, "extrapolated": True, **ext}), flush=True)
-            rows.append({"scale": 1.0, "packing": packing, "extrapolated": True, **ext})
+            for threads in args.threads or [None]:
+                rows.append(_run_one(args, work, path, phases, packing, f, threads))
+    rows += extrapolate(rows, args.packing, args.threads or [None], args.node_threads)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -86,12 +86,14 @@ inline double deficit(double B, double w, double x, double c) {
 template <typename IdxT>
 void blend_segment_scan(const Segment &seg, int L, const double *B, int64_t *count_phase,
                         double *count_phase_d, int64_t *count_global, IdxT *out_idx,
-                        int64_t *out_sample, int64_t out_offset) {
+                        int64_t *out_sample, int64_t out_offset, int64_t begin = -1) {
+  // begin: the first step to run (default seg.start): a segment may be run in pieces [begin, end)
+  // of its steps, the targets still counted from seg.start (the same output, block by block).
   // Megatron's case (first segment: B = 0, every weight positive) runs megatron's very loop:
   // (0 + w * x) - c is w * x - c exactly, so only the extra load and add are saved.
   bool plain = true;
   for (int i = 0; i < L; ++i) plain = plain && seg.w[i] > 0.0 && B[i] == 0.0;
-  for (int64_t s = seg.start; s < seg.end; ++s) {
+  for (int64_t s = begin < 0 ? seg.start : begin; s < seg.end; ++s) {
     const double x = xval(s, seg.start);
     int best = -1;
     double best_e = 0.0;
@@ -649,8 +651,8 @@ class BlockBlender {
   // segment's local steps t (already offset to the phase).
   BlockBlender(const Segment &seg, const std::vector<int> &lengths, const std::vector<int> &active,
                const double *B, double *count_phase_d, int64_t *count_phase, int64_t *count_global,
-               IdxT *out_idx, int64_t *out_sample, double max_margin)
-      : seg_(seg), D_(static_cast<int>(lengths.size())), max_margin_(max_margin), count_phase_d_(count_phase_d),
+               IdxT *out_idx, int64_t *out_sample, double max_margin, int64_t begin = -1)
+      : seg_(seg), begin_(begin < 0 ? seg.start : begin), D_(static_cast<int>(lengths.size())), max_margin_(max_margin), count_phase_d_(count_phase_d),
         count_phase_(count_phase), count_global_(count_global), out_idx_(out_idx),
         out_sample_(out_sample), lv_(lengths.size() + 1) {
     if (D_ < 1 || D_ > 7) throw std::invalid_argument("between 1 and 7 block levels");
@@ -700,7 +702,7 @@ class BlockBlender {
     emit.out_sample = out_sample_;
     emit.base = base_.data();
     const int64_t start = seg_.start;
-    int64_t t = start;
+    int64_t t = begin_;  // targets count from start; steps run from begin_
     emit.mlast = Kernel::scan_max(lv_[0], xval(t, start));
     int valid = 0;  // levels 1..valid hold current selections
     while (t < seg_.end) {
@@ -762,6 +764,7 @@ class BlockBlender {
   }
 
   const Segment seg_;
+  const int64_t begin_;  // the first step run() takes (seg_.start unless resumed mid-segment)
   const int D_;
   // The margin's cap: a level blamed with its margin there keeps everything in its next selection
   // (so every step makes progress whatever the input). Deficits stay within about one of each other

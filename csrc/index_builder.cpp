@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -86,10 +87,12 @@ template <typename IdxT, bool HasB, template <bool> class K>
 void run_block(const blending::Segment &seg, const std::vector<int> &lengths,
                const std::vector<int> &active, const double *B, double *count_phase_d,
                int64_t *count_phase, int64_t *count_global, IdxT *out_idx, int64_t *out_sample,
-               int64_t out_offset, double max_margin, std::vector<LevelTotals> &totals) {
+               int64_t out_offset, double max_margin, std::vector<LevelTotals> &totals,
+               int64_t begin) {
   blending::BlockBlender<IdxT, HasB, K> blender(seg, lengths, active, B, count_phase_d,
                                                count_phase, count_global, out_idx + out_offset,
-                                               out_sample + out_offset, max_margin);
+                                               out_sample ? out_sample + out_offset : nullptr,
+                                               max_margin, begin);
   blender.run();
   const auto &lv = blender.levels();
   if (totals.size() < lv.size() - 1) totals.resize(lv.size() - 1);
@@ -99,6 +102,54 @@ void run_block(const blending::Segment &seg, const std::vector<int> &lengths,
     totals[q - 1].read += lv[q].read;
     totals[q - 1].full += lv[q].full;
   }
+}
+
+// Steps [begin, seg.end) of one segment (targets from seg.start), written to out_idx[out_offset +
+// step]: megatron's scan below a few active datasets (or with algorithm "scan"), the block blender
+// otherwise. Returns whether the block blender ran.
+template <typename IdxT>
+bool blend_steps(const blending::Segment &seg, int64_t begin, int L, double *B, int64_t *count_phase,
+                 double *count_phase_d, int64_t *count_global, IdxT *out_idx, int64_t *out_sample,
+                 int64_t out_offset, const std::string &algorithm, int fast_min_datasets,
+                 const std::vector<int> &lengths_given, const std::string &kernel, double max_margin,
+                 std::vector<LevelTotals> &totals, std::vector<int> &active) {
+  active.clear();
+  bool has_b = seg.start != 0;
+  for (int i = 0; i < L; ++i) {
+    if (seg.w[i] > 0.0) active.push_back(i);
+    has_b = has_b || B[i] != 0.0;
+  }
+  const int n = static_cast<int>(active.size());
+  // Below a few datasets megatron's plain loop is as fast as the block machinery: ~16
+  // with the AVX-512 kernels, more with the others (benchmarks: portable 0.9x at 60).
+  const int min_n = fast_min_datasets >= 0 ? fast_min_datasets
+                                           : (kernel == "avx512" ? 16 : kernel == "avx2" ? 32 : 128);
+  if (algorithm == "scan" || n < min_n) {
+    blending::blend_segment_scan<IdxT>(seg, L, B, count_phase, count_phase_d, count_global, out_idx,
+                                       out_sample, out_offset, begin);
+    return false;
+  }
+  const std::vector<int> lengths =
+      lengths_given.empty() ? blending::default_block_lengths(n) : lengths_given;
+  auto go = [&](auto run) {
+    run(seg, lengths, active, B, count_phase_d, count_phase, count_global, out_idx, out_sample,
+        out_offset, max_margin, totals, begin);
+  };
+#if MMBERT_HAVE_X86_KERNELS
+  if (kernel == "avx512") {
+    if (has_b) go(run_block<IdxT, true, blending::Avx512Kernel>);
+    else go(run_block<IdxT, false, blending::Avx512Kernel>);
+    return true;
+  }
+  if (kernel == "avx2") {
+    if (has_b) go(run_block<IdxT, true, blending::Avx2Kernel>);
+    else go(run_block<IdxT, false, blending::Avx2Kernel>);
+    return true;
+  }
+#endif
+  if (has_b) go(run_block<IdxT, true, blending::GenericKernel>);
+  else go(run_block<IdxT, false, blending::GenericKernel>);
+  return true;
 }
 
 // weights: [M, L] float64, one row per segment; seg_sizes: [M] int64 (samples per segment);
@@ -142,45 +193,11 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
       for (; m < M && seg_phase[m] == phase; ++m) {
         blending::Segment seg{W + static_cast<int64_t>(m) * L, local, local + seg_sizes[m]};
         if (seg.end > seg.start) {
-          active.clear();
-          bool has_b = seg.start != 0;
-          for (int i = 0; i < L; ++i) {
-            if (seg.w[i] > 0.0) active.push_back(i);
-            has_b = has_b || B[i] != 0.0;
-          }
-          const int n = static_cast<int>(active.size());
-          // Below a few datasets megatron's plain loop is as fast as the block machinery: ~16
-          // with the AVX-512 kernels, more with the others (benchmarks: portable 0.9x at 60).
-          const int min_n = fast_min_datasets >= 0
-                                ? fast_min_datasets
-                                : (kernel == "avx512" ? 16 : kernel == "avx2" ? 32 : 128);
-          if (algorithm == "scan" || n < min_n) {
-            blending::blend_segment_scan<IdxT>(seg, L, B.data(), count_phase.data(),
+          const bool block = blend_steps<IdxT>(seg, seg.start, L, B.data(), count_phase.data(),
                                                count_phase_d.data(), count_global.data(), out_idx,
-                                               out_sample, phase_offset);
-            scanned_steps += seg.end - seg.start;
-          } else {
-            const std::vector<int> lengths =
-                lengths_given.empty() ? blending::default_block_lengths(n) : lengths_given;
-            auto go = [&](auto run) {
-              run(seg, lengths, active, B.data(), count_phase_d.data(), count_phase.data(),
-                  count_global.data(), out_idx, out_sample, phase_offset, max_margin, totals);
-            };
-#if MMBERT_HAVE_X86_KERNELS
-            if (kernel == "avx512") {
-              if (has_b) go(run_block<IdxT, true, blending::Avx512Kernel>);
-              else go(run_block<IdxT, false, blending::Avx512Kernel>);
-            } else if (kernel == "avx2") {
-              if (has_b) go(run_block<IdxT, true, blending::Avx2Kernel>);
-              else go(run_block<IdxT, false, blending::Avx2Kernel>);
-            } else
-#endif
-            {
-              if (has_b) go(run_block<IdxT, true, blending::GenericKernel>);
-              else go(run_block<IdxT, false, blending::GenericKernel>);
-            }
-            block_steps += seg.end - seg.start;
-          }
+                                               out_sample, phase_offset, algorithm, fast_min_datasets,
+                                               lengths_given, kernel, max_margin, totals, active);
+          (block ? block_steps : scanned_steps) += seg.end - seg.start;
         }
         // Carry the target to the next segment: the same expression at this segment's end.
         const double x = static_cast<double>(seg.end) - static_cast<double>(seg.start);
@@ -210,6 +227,32 @@ py::tuple blend_impl(const double *W, const int64_t *seg_sizes, const int64_t *s
   info["level_full"] = full;          // selections that kept everything (the margin hit its cap)
   return py::make_tuple(dataset_index, dataset_sample_index, counts, info);
 }
+
+// Segment sizes >= 0, phases non-decreasing without gaps, weights finite and >= 0, a positive one in
+// every segment with samples (ValueError naming the segment otherwise).
+void check_segments(const double *W, const int64_t *S, const int64_t *P, py::ssize_t M, py::ssize_t L) {
+  for (py::ssize_t m = 0; m < M; ++m) {
+    if (S[m] < 0) throw py::value_error("segment_sizes must be >= 0");
+    if (P && m > 0 && P[m] < P[m - 1]) throw py::value_error("segment_phase must be non-decreasing");
+    if (P && m > 0 && P[m] > P[m - 1] + 1) throw py::value_error("segment_phase must not skip phases");
+    bool any = false;
+    for (py::ssize_t i = 0; i < L; ++i) {
+      const double w = W[m * L + i];
+      if (!std::isfinite(w) || w < 0.0) {
+        throw py::value_error("weights must be finite and >= 0 (segment " + std::to_string(m) +
+                              ", dataset " + std::to_string(i) + ")");
+      }
+      any = any || w > 0.0;
+    }
+    if (S[m] > 0 && !any) {
+      throw py::value_error("segment " + std::to_string(m) + " has samples but no dataset with a "
+                            "positive weight");
+    }
+  }
+}
+
+// The fastest kernel this CPU runs (what kernel="auto" picks).
+std::string auto_kernel() { return blending::available_kernels().front(); }
 
 py::tuple build_blending_indices(const py::object &weights_obj, const py::object &sizes_obj,
                                  const py::object &phase_obj, const std::string &algorithm,
@@ -255,24 +298,7 @@ py::tuple build_blending_indices(const py::object &weights_obj, const py::object
   const double *W = weights.data();
   const int64_t *S = sizes.data();
   const int64_t *P = phases.data();
-  for (py::ssize_t m = 0; m < M; ++m) {
-    if (S[m] < 0) throw py::value_error("segment_sizes must be >= 0");
-    if (m > 0 && P[m] < P[m - 1]) throw py::value_error("segment_phase must be non-decreasing");
-    if (m > 0 && P[m] > P[m - 1] + 1) throw py::value_error("segment_phase must not skip phases");
-    bool any = false;
-    for (py::ssize_t i = 0; i < L; ++i) {
-      const double w = W[m * L + i];
-      if (!std::isfinite(w) || w < 0.0) {
-        throw py::value_error("weights must be finite and >= 0 (segment " + std::to_string(m) +
-                              ", dataset " + std::to_string(i) + ")");
-      }
-      any = any || w > 0.0;
-    }
-    if (S[m] > 0 && !any) {
-      throw py::value_error("segment " + std::to_string(m) + " has samples but no dataset with a "
-                            "positive weight");
-    }
-  }
+  check_segments(W, S, P, M, L);
   if (L <= std::numeric_limits<int16_t>::max()) {
     return blend_impl<int16_t>(W, S, P, static_cast<int>(M), static_cast<int>(L), algorithm,
                                fast_min_datasets, block_lengths, use, max_margin, sample_index);
@@ -280,6 +306,88 @@ py::tuple build_blending_indices(const py::object &weights_obj, const py::object
   return blend_impl<int32_t>(W, S, P, static_cast<int>(M), static_cast<int>(L), algorithm,
                              fast_min_datasets, block_lengths, use, max_margin, sample_index);
 }
+
+
+// One phase's blending, block by block: next(n) returns the phase's next n dataset_index entries
+// (int16, int32 beyond 32767 datasets), the same values as build_blending_indices over the phase
+// (its segments, one phase), which it runs in pieces: a block may end inside a segment, whose steps
+// then resume with the same targets (counted from the segment's start). The state between blocks:
+// the segment and step reached, the carried targets B and the phase's counts. Memory: one block.
+class PhaseBlender {
+ public:
+  PhaseBlender(const py::object &weights_obj, const py::object &sizes_obj) {
+    auto weights = require<double>(weights_obj, "weights", 2);
+    auto sizes = require<int64_t>(sizes_obj, "segment_sizes", 1);
+    M_ = weights.shape(0);
+    L_ = weights.shape(1);
+    if (sizes.shape(0) != M_) throw py::value_error("segment_sizes must have one entry per weights row");
+    if (L_ < 1) throw py::value_error("weights must have at least one dataset column");
+    if (L_ > std::numeric_limits<int32_t>::max() - 64) throw py::value_error("too many datasets");
+    check_segments(weights.data(), sizes.data(), nullptr, M_, L_);
+    W_.assign(weights.data(), weights.data() + M_ * L_);
+    S_.assign(sizes.data(), sizes.data() + M_);
+    for (int64_t x : S_) total_ += x;
+    B_.assign(L_, 0.0);
+    count_phase_d_.assign(L_, 0.0);
+    count_phase_.assign(L_, 0);
+    count_global_.assign(L_, 0);
+    kernel_ = auto_kernel();
+  }
+
+  py::array next(int64_t n) {
+    if (n < 1) throw py::value_error("next(n) needs n >= 1");
+    n = std::min(n, total_ - done_);
+    if (L_ <= std::numeric_limits<int16_t>::max()) return run<int16_t>(n);
+    return run<int32_t>(n);
+  }
+  int64_t remaining() const { return total_ - done_; }
+  py::array_t<int64_t> counts() const {
+    py::array_t<int64_t> out(L_);
+    std::copy(count_phase_.begin(), count_phase_.end(), out.mutable_data());
+    return out;
+  }
+
+ private:
+  template <typename IdxT>
+  py::array run(int64_t n) {
+    py::array_t<IdxT> out(n);
+    IdxT *o = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      int64_t made = 0;
+      while (made < n || (m_ < M_ && t_ == seg_start_ + S_[m_])) {
+        const blending::Segment seg{W_.data() + m_ * L_, seg_start_, seg_start_ + S_[m_]};
+        const int64_t stop = std::min(seg.end, t_ + (n - made));
+        if (stop > t_) {
+          // Full segment: seg.end bounds the steps; a block ending inside it runs a shortened copy
+          // with the same start (the targets' origin), resumed at t_ next time.
+          const blending::Segment part{seg.w, seg.start, stop};
+          blend_steps<IdxT>(part, t_, static_cast<int>(L_), B_.data(), count_phase_.data(),
+                            count_phase_d_.data(), count_global_.data(), o, nullptr, made - t_,
+                            "fast", -1, {}, kernel_, 8.0, totals_, active_);
+          made += stop - t_;
+          t_ = stop;
+        }
+        if (t_ == seg.end) {  // carry the target to the next segment, as blend_impl does
+          const double x = static_cast<double>(seg.end) - static_cast<double>(seg.start);
+          for (int64_t i = 0; i < L_; ++i) B_[i] = B_[i] + seg.w[i] * x;
+          seg_start_ = seg.end;
+          ++m_;
+        }
+      }
+    }
+    done_ += n;
+    return out;
+  }
+
+  py::ssize_t M_ = 0, L_ = 0;
+  std::vector<double> W_, B_, count_phase_d_;
+  std::vector<int64_t> S_, count_phase_, count_global_;
+  int64_t total_ = 0, done_ = 0, m_ = 0, seg_start_ = 0, t_ = 0;
+  std::string kernel_;
+  std::vector<LevelTotals> totals_;
+  std::vector<int> active_;
+};
 
 // ------------------------------------------------------------------------------------------------
 // PCG64 (numpy's pcg64.h: 128-bit LCG, XSL-RR output, step then output) and numpy's
@@ -403,78 +511,121 @@ py::array_t<int64_t> permutation(int64_t n, uint64_t seed, uint64_t stream, uint
 
 // Rows [start_token, start_token + num_rows * seq_len) of the endless token stream of one language:
 // epoch e is the documents in the order permutation(D, seed, stream, e), epochs back to back.
-// Returns (doc_index int32 [epochs * D]: the concatenated permutations of the epochs touched,
-// sample_idx int64 [num_rows + 1, 2]: (position in doc_index, token offset) where each row starts;
-// row r spans sample_idx[r] .. sample_idx[r + 1], megatron GPT convention, first_epoch).
+// Output: doc_index int32 [epochs * D] (the concatenated permutations of the epochs touched) and
+// sample_idx int64 [num_rows + 1, 2] ((position in doc_index, token offset) where each row starts;
+// row r spans sample_idx[r] .. sample_idx[r + 1], megatron GPT convention).
+// Resumable in blocks: next(max_rows) returns the next rows' sample_idx entries (the first call
+// also entry 0) and the permutations of the epochs they entered (the first call the first epoch's);
+// between calls the state is the current epoch's permutation and the walk's (position, offset).
+class RowPacker {
+ public:
+  RowPacker(const py::object &sizes_obj, int64_t seq_len, int64_t num_rows, int64_t start_token,
+            uint64_t seed, uint64_t stream)
+      : sizes_arr_(require<int32_t>(sizes_obj, "sizes", 1)), seq_len_(seq_len), num_rows_(num_rows),
+        start_token_(start_token), seed_(seed), stream_(stream) {
+    D_ = sizes_arr_.shape(0);
+    sizes_ = sizes_arr_.data();
+    if (seq_len < 1) throw py::value_error("seq_len must be >= 1");
+    if (num_rows < 0 || start_token < 0) throw py::value_error("num_rows and start_token must be >= 0");
+    if (D_ > std::numeric_limits<int32_t>::max()) throw py::value_error("too many documents for int32");
+    for (int64_t d = 0; d < D_; ++d) {
+      if (sizes_[d] < 0) throw py::value_error("sizes must be >= 0");
+      tpe_ += sizes_[d];
+    }
+    if (num_rows > 0 && tpe_ <= 0) throw py::value_error("cannot pack rows from a dataset with no tokens");
+    first_epoch_ = tpe_ > 0 ? start_token / tpe_ : 0;
+  }
+
+  py::tuple next(int64_t max_rows) {
+    if (max_rows < 1) throw py::value_error("next(max_rows) needs max_rows >= 1");
+    const int64_t n = std::min(max_rows, num_rows_ - r_);
+    const bool first = r_ == 0 && !started_;
+    std::vector<int32_t> docs;  // the permutations of the epochs entered in this block
+    py::array_t<int64_t> sample_idx({static_cast<py::ssize_t>(n + (first ? 1 : 0)), static_cast<py::ssize_t>(2)});
+    int64_t *si = sample_idx.mutable_data();
+    {
+      py::gil_scoped_release release;
+      if (first) {
+        start(docs);
+        si[0] = pos_;
+        si[1] = off_;
+        si += 2;
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        walk_row(docs);
+        si[2 * r] = pos_;
+        si[2 * r + 1] = off_;
+      }
+    }
+    r_ += n;
+    py::array_t<int32_t> doc_index(static_cast<py::ssize_t>(docs.size()));
+    std::copy(docs.begin(), docs.end(), doc_index.mutable_data());
+    return py::make_tuple(doc_index, sample_idx);
+  }
+  bool done() const { return started_ && r_ == num_rows_; }
+  int64_t first_epoch() const { return first_epoch_; }
+
+ private:
+  void load(std::vector<int32_t> &docs) {  // the next epoch: kept, and emitted
+    Pcg64 g = seeded_pcg64(seed_, stream_, static_cast<uint64_t>(first_epoch_ + loaded_));
+    perm_.resize(D_);
+    permute_into(g, perm_.data(), D_);
+    base_ = loaded_ * D_;
+    ++loaded_;
+    docs.insert(docs.end(), perm_.begin(), perm_.end());
+  }
+  int32_t doc_at(int64_t pos, std::vector<int32_t> &docs) {
+    if (pos >= base_ + D_) load(docs);
+    return perm_[pos - base_];
+  }
+  void start(std::vector<int32_t> &docs) {  // skip whole documents of the first epoch before start_token
+    started_ = true;
+    if (num_rows_ == 0) return;
+    load(docs);
+    int64_t skip = start_token_ - first_epoch_ * tpe_;
+    while (skip > 0) {
+      const int64_t len = sizes_[perm_[pos_]];
+      if (skip < len) {
+        off_ = skip;
+        skip = 0;
+      } else {
+        skip -= len;
+        ++pos_;
+      }
+    }
+  }
+  // megatron-core build_sample_idx's walk with add_extra_token_to_sequence = 0: a row that ends
+  // exactly at a document's end is recorded as (that document, its length).
+  void walk_row(std::vector<int32_t> &docs) {
+    int64_t remaining = seq_len_;
+    while (remaining != 0) {
+      const int64_t len = sizes_[doc_at(pos_, docs)] - off_;
+      remaining -= len;
+      if (remaining <= 0) {
+        off_ += remaining + len;
+        remaining = 0;
+      } else {
+        ++pos_;
+        off_ = 0;
+      }
+    }
+  }
+
+  py::array_t<int32_t> sizes_arr_;  // held: read between calls
+  const int32_t *sizes_ = nullptr;
+  int64_t D_ = 0, tpe_ = 0, seq_len_, num_rows_, start_token_;
+  uint64_t seed_, stream_;
+  int64_t first_epoch_ = 0, loaded_ = 0, base_ = 0, pos_ = 0, off_ = 0, r_ = 0;
+  bool started_ = false;
+  std::vector<int32_t> perm_;
+};
+
+// All rows in one call: (doc_index int32 [epochs * D], sample_idx int64 [num_rows + 1, 2], first_epoch).
 py::tuple pack_rows(const py::object &sizes_obj, int64_t seq_len, int64_t num_rows,
                     int64_t start_token, uint64_t seed, uint64_t stream) {
-  auto sizes_arr = require<int32_t>(sizes_obj, "sizes", 1);
-  const int64_t D = sizes_arr.shape(0);
-  const int32_t *sizes = sizes_arr.data();
-  if (seq_len < 1) throw py::value_error("seq_len must be >= 1");
-  if (num_rows < 0 || start_token < 0) throw py::value_error("num_rows and start_token must be >= 0");
-  if (D > std::numeric_limits<int32_t>::max()) throw py::value_error("too many documents for int32");
-  int64_t tpe = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    if (sizes[d] < 0) throw py::value_error("sizes must be >= 0");
-    tpe += sizes[d];
-  }
-  if (num_rows > 0 && tpe <= 0) {
-    throw py::value_error("cannot pack rows from a dataset with no tokens");
-  }
-  const int64_t end_token = start_token + num_rows * seq_len;
-  const int64_t first_epoch = tpe > 0 ? start_token / tpe : 0;
-  const int64_t last_epoch = (num_rows > 0) ? (end_token - 1) / tpe : first_epoch;
-  const int64_t n_epochs = num_rows > 0 ? last_epoch - first_epoch + 1 : 0;
-  py::array_t<int32_t> doc_index(n_epochs * D);
-  py::array_t<int64_t> sample_idx({static_cast<py::ssize_t>(num_rows + 1), static_cast<py::ssize_t>(2)});
-  int32_t *di = doc_index.mutable_data();
-  int64_t *si = sample_idx.mutable_data();
-  {
-    py::gil_scoped_release release;
-    for (int64_t e = 0; e < n_epochs; ++e) {
-      Pcg64 g = seeded_pcg64(seed, stream, static_cast<uint64_t>(first_epoch + e));
-      permute_into(g, di + e * D, D);
-    }
-    // Find the start: skip whole documents of the first epoch before start_token.
-    int64_t pos = 0, off = 0;
-    if (num_rows > 0) {
-      int64_t skip = start_token - first_epoch * tpe;
-      while (skip > 0) {
-        const int64_t len = sizes[di[pos]];
-        if (skip < len) {
-          off = skip;
-          skip = 0;
-        } else {
-          skip -= len;
-          ++pos;
-        }
-      }
-    }
-    si[0] = pos;
-    si[1] = off;
-    const int64_t n_pos = n_epochs * D;
-    for (int64_t r = 1; r <= num_rows; ++r) {
-      // megatron-core build_sample_idx's walk with add_extra_token_to_sequence = 0: a row that ends
-      // exactly at a document's end is recorded as (that document, its length).
-      int64_t remaining = seq_len;
-      while (remaining != 0) {
-        const int64_t len = sizes[di[pos]] - off;
-        remaining -= len;
-        if (remaining <= 0) {
-          off += remaining + len;
-          remaining = 0;
-        } else {
-          ++pos;
-          off = 0;
-          if (pos >= n_pos) throw std::logic_error("pack_rows ran past its epochs (bug)");
-        }
-      }
-      si[2 * r] = pos;
-      si[2 * r + 1] = off;
-    }
-  }
-  return py::make_tuple(doc_index, sample_idx, first_epoch);
+  RowPacker packer(sizes_obj, seq_len, num_rows, start_token, seed, stream);
+  py::tuple t = packer.next(std::max<int64_t>(num_rows, 1));
+  return py::make_tuple(t[0], t[1], packer.first_epoch());
 }
 
 
@@ -586,135 +737,202 @@ void cut_document(int32_t d, const int32_t *sizes, const int8_t *framing, int64_
 // (ties: the lowest row), or is deferred to the next window. A window closes when all its rows are
 // full, `buffer` pieces wait deferred (the reference's buffer_size), or `lookahead` seq_len-rows'
 // worth of tokens plus half the room of the rows after the window do. The room left in a row is
-// padding. Pieces still deferred when the rows are
-// done are dropped, so the stream advances by whole documents and the next call (next phase, or a
-// branch starting there) starts with nothing pending.
-// Returns (pieces int32 [P, 3] (doc, offset, stored length), piece_flags int8 [P] (kAddBos | kAddEos),
-// row_ptr int64 [rows + 1] (packed row r = pieces row_ptr[r] .. row_ptr[r + 1]), end_token, stats).
+// padding. Pieces still deferred when the rows are done are dropped, so the stream advances by
+// whole documents and the next packer (next phase, or a branch starting there) starts with nothing
+// pending.
+// Resumable in blocks: next(max_rows) makes the next whole windows (at most max_rows packed rows,
+// at least one window) and returns them; between calls the state is the BestFitState (stream
+// position, pieces deferred or not yet tried), the rows made and the statistics, so the blocks
+// concatenated are the rows of one call for all of them.
+class BestFitPacker {
+ public:
+  BestFitPacker(const py::object &sizes_obj, const py::object &framing_obj, int64_t seq_len,
+                int64_t num_rows, int64_t start_token, uint64_t seed, uint64_t stream, int64_t bin_rows,
+                int64_t window, int64_t buffer, int64_t lookahead, int64_t min_piece)
+      : sizes_arr_(require<int32_t>(sizes_obj, "sizes", 1)),
+        framing_arr_(require<int8_t>(framing_obj, "framing", 1)), seq_len_(seq_len),
+        num_rows_(num_rows), bin_rows_(bin_rows), window_(window), buffer_(buffer),
+        lookahead_(lookahead), min_piece_(min_piece), end_token_(start_token) {
+    const int64_t D = sizes_arr_.shape(0);
+    if (framing_arr_.shape(0) != D) throw py::value_error("framing must have one entry per document");
+    if (seq_len < 3) throw py::value_error("seq_len must be >= 3 for best_fit (<bos>, a token, <eos>)");
+    if (bin_rows < 1) throw py::value_error("bin_rows must be >= 1");
+    if (num_rows < 0 || start_token < 0) throw py::value_error("num_rows and start_token must be >= 0");
+    if (window < 1 || buffer < 1) throw py::value_error("need window >= 1 and buffer >= 1");
+    if (lookahead < 0) throw py::value_error("lookahead must be >= 0");
+    if (min_piece < 0) throw py::value_error("min_piece must be >= 0");
+    sizes_ = sizes_arr_.data();
+    framing_ = framing_arr_.data();
+    int64_t tpe = 0;
+    bool has_content = false;
+    for (int64_t d = 0; d < D; ++d) {
+      if (sizes_[d] < 0) throw py::value_error("sizes must be >= 0");
+      tpe += sizes_[d];
+      has_content = has_content || sizes_[d] - ((framing_[d] & kStoredBos) ? 1 : 0) -
+                                           ((framing_[d] & kStoredEos) ? 1 : 0) > 0;
+    }
+    if (num_rows > 0 && tpe <= 0) throw py::value_error("cannot pack rows from a dataset with no tokens");
+    if (num_rows > 0 && !has_content) {
+      throw py::value_error("no document has a token besides its <bos> / <eos>");
+    }
+    capacity_ = bin_rows * seq_len;
+    if (num_rows > 0) {
+      py::gil_scoped_release release;  // the first epoch's permutation
+      st_.reset(new BestFitState{DocStream(sizes_, D, tpe, seed, stream, start_token), {}});
+    }
+  }
+
+  // (pieces int32 [P, 3], piece_flags int8 [P], row_ends int64 [R]: the pieces before the end of each
+  // packed row, counted from the phase's first piece of this language).
+  py::tuple next(int64_t max_rows) {
+    if (max_rows < 1) throw py::value_error("next(max_rows) needs max_rows >= 1");
+    std::vector<Piece> out;
+    std::vector<int64_t> ends;
+    {
+      py::gil_scoped_release release;
+      const int64_t windows = std::max<int64_t>(1, max_rows / window_);
+      for (int64_t w = 0; w < windows && r0_ < num_rows_; ++w) run_window(out, ends);
+      if (r0_ == num_rows_ && st_) finish();
+    }
+    return to_arrays(out, ends);
+  }
+  bool done() const { return r0_ == num_rows_; }
+  int64_t end_token() const { return end_token_; }
+  py::dict stats() const {
+    py::dict d;
+    d["row_tokens"] = num_rows_ * capacity_;
+    d["pad_tokens"] = pad_;
+    d["fragment_tokens"] = fragment_;
+    d["segments"] = segments_;
+    d["bos_segments"] = bos_segments_;
+    d["eos_segments"] = eos_segments_;
+    d["documents"] = documents_;
+    d["dropped_short_tokens"] = dropped_short_;
+    d["dropped_pending_tokens"] = dropped_left_;
+    return d;
+  }
+
+ private:
+  // One window of rows r0_ .. r0_ + W: fill it, append its rows to `out` / `ends`, keep the rest.
+  void run_window(std::vector<Piece> &out, std::vector<int64_t> &ends) {
+    std::vector<Piece> &pending = st_->pending;
+    const int64_t W = std::min(window_, num_rows_ - r0_);
+    rows_.assign(W, {});
+    room_.assign(W, capacity_);
+    deferred_.clear();
+    int64_t full = 0, deferred_tokens = 0;
+    // Read ahead at most `lookahead` rows' worth of tokens that did not fit, plus half the room of
+    // the rows still to come after this window: what is still pending when the rows are done is
+    // dropped, so a language with few rows in a phase must not pull many documents for them,
+    // while a window with many rows after it may read far ahead (its deferred pieces go first
+    // into those rows), as the reference's buffer does.
+    const int64_t max_deferred = lookahead_ * seq_len_ + (num_rows_ - r0_ - W) * capacity_ / 2;
+    size_t head = 0;  // first piece of `pending` not yet tried in this window
+    while (full < W && static_cast<int64_t>(deferred_.size()) < buffer_) {
+      if (head == pending.size()) {
+        if (deferred_tokens >= max_deferred) break;
+        pending.clear();
+        head = 0;
+        ++documents_;
+        cut_document(st_->docs.take(), sizes_, framing_, seq_len_, min_piece_, pending, dropped_short_);
+        continue;
+      }
+      const Piece p = pending[head++];
+      const int64_t t = p.total();
+      int64_t best = -1;
+      for (int64_t r = 0; r < W; ++r) {
+        if (room_[r] >= t && (best < 0 || room_[r] < room_[best])) best = r;
+      }
+      if (best < 0) {
+        deferred_.push_back(p);
+        deferred_tokens += t;
+      } else {
+        rows_[best].push_back(p);
+        room_[best] -= t;
+        if (room_[best] == 0) ++full;
+      }
+    }
+    // Deferred pieces go before the untried ones for the next window.
+    deferred_.insert(deferred_.end(), pending.begin() + static_cast<int64_t>(head), pending.end());
+    pending.swap(deferred_);
+    for (int64_t r = 0; r < W; ++r) {
+      for (const Piece &p : rows_[r]) {
+        out.push_back(p);
+        count(p);
+      }
+      pad_ += room_[r];
+      ends.push_back(pieces_before_ + static_cast<int64_t>(out.size()));
+    }
+    r0_ += W;
+  }
+
+  void count(const Piece &p) {
+    ++segments_;
+    const int32_t n = sizes_[p.doc];
+    bos_segments_ += ((p.flags & kAddBos) || (p.offset == 0 && (framing_[p.doc] & kStoredBos))) ? 1 : 0;
+    eos_segments_ += ((p.flags & kAddEos) || (p.offset + p.length == n && (framing_[p.doc] & kStoredEos))) ? 1 : 0;
+    if (!(p.offset == 0 && p.length == n)) fragment_ += p.total();
+  }
+
+  void finish() {  // what still waits is dropped; the stream stands after the documents taken
+    for (const Piece &p : st_->pending) dropped_left_ += p.length;
+    end_token_ = st_->docs.token;
+    st_.reset();
+  }
+
+  py::tuple to_arrays(const std::vector<Piece> &out, const std::vector<int64_t> &ends) {
+    const py::ssize_t P = static_cast<py::ssize_t>(out.size());
+    py::array_t<int32_t> pieces({P, static_cast<py::ssize_t>(3)});
+    py::array_t<int8_t> piece_flags(P);
+    py::array_t<int64_t> row_ends(static_cast<py::ssize_t>(ends.size()));
+    int32_t *pp = pieces.mutable_data();
+    int8_t *pf = piece_flags.mutable_data();
+    for (py::ssize_t i = 0; i < P; ++i) {
+      pp[3 * i] = out[i].doc;
+      pp[3 * i + 1] = out[i].offset;
+      pp[3 * i + 2] = out[i].length;
+      pf[i] = out[i].flags;
+    }
+    std::copy(ends.begin(), ends.end(), row_ends.mutable_data());
+    pieces_before_ += P;
+    return py::make_tuple(pieces, piece_flags, row_ends);
+  }
+
+  py::array_t<int32_t> sizes_arr_;  // held: the packer reads them between calls
+  py::array_t<int8_t> framing_arr_;
+  const int32_t *sizes_ = nullptr;
+  const int8_t *framing_ = nullptr;
+  int64_t seq_len_, num_rows_, bin_rows_, window_, buffer_, lookahead_, min_piece_, capacity_ = 0;
+  std::unique_ptr<BestFitState> st_;
+  int64_t r0_ = 0, pieces_before_ = 0, end_token_;
+  int64_t pad_ = 0, fragment_ = 0, segments_ = 0, bos_segments_ = 0, eos_segments_ = 0,
+          dropped_short_ = 0, dropped_left_ = 0, documents_ = 0;
+  std::vector<std::vector<Piece>> rows_;  // scratch of run_window
+  std::vector<int64_t> room_;
+  std::vector<Piece> deferred_;
+};
+
+// All rows in one call: (pieces int32 [P, 3] (doc, offset, stored length), piece_flags int8 [P]
+// (kAddBos | kAddEos), row_ptr int64 [rows + 1] (packed row r = pieces row_ptr[r] .. row_ptr[r + 1]),
+// end_token, stats).
 py::tuple pack_best_fit(const py::object &sizes_obj, const py::object &framing_obj, int64_t seq_len,
                         int64_t num_rows, int64_t start_token, uint64_t seed, uint64_t stream,
                         int64_t bin_rows, int64_t window, int64_t buffer, int64_t lookahead,
                         int64_t min_piece) {
-  auto sizes_arr = require<int32_t>(sizes_obj, "sizes", 1);
-  auto framing_arr = require<int8_t>(framing_obj, "framing", 1);
-  const int64_t D = sizes_arr.shape(0);
-  if (framing_arr.shape(0) != D) throw py::value_error("framing must have one entry per document");
-  if (seq_len < 3) throw py::value_error("seq_len must be >= 3 for best_fit (<bos>, a token, <eos>)");
-  if (bin_rows < 1) throw py::value_error("bin_rows must be >= 1");
-  if (num_rows < 0 || start_token < 0) throw py::value_error("num_rows and start_token must be >= 0");
-  if (window < 1 || buffer < 1) throw py::value_error("need window >= 1 and buffer >= 1");
-  if (lookahead < 0) throw py::value_error("lookahead must be >= 0");
-  if (min_piece < 0) throw py::value_error("min_piece must be >= 0");
-  const int32_t *sizes = sizes_arr.data();
-  const int8_t *framing = framing_arr.data();
-  int64_t tpe = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    if (sizes[d] < 0) throw py::value_error("sizes must be >= 0");
-    tpe += sizes[d];
-  }
-  if (num_rows > 0 && tpe <= 0) throw py::value_error("cannot pack rows from a dataset with no tokens");
-  const int64_t capacity = bin_rows * seq_len;
-  std::vector<Piece> out;
-  std::vector<int64_t> row_ptr(1, 0);
-  int64_t end_token = start_token;
-  int64_t pad = 0, fragment = 0, segments = 0, bos_segments = 0, eos_segments = 0, dropped_short = 0,
-          dropped_left = 0, documents = 0;
+  BestFitPacker packer(sizes_obj, framing_obj, seq_len, num_rows, start_token, seed, stream, bin_rows,
+                       window, buffer, lookahead, min_piece);
+  py::array_t<int32_t> pieces(std::vector<py::ssize_t>{0, 3});
+  py::array_t<int8_t> flags(0);
+  py::array_t<int64_t> ptr(static_cast<py::ssize_t>(num_rows + 1));
+  ptr.mutable_data()[0] = 0;
   if (num_rows > 0) {
-    py::gil_scoped_release release;
-    BestFitState st{DocStream(sizes, D, tpe, seed, stream, start_token), {}};
-    std::vector<Piece> &pending = st.pending;
-    size_t head = 0;  // first piece of `pending` not yet tried in this window
-    bool has_content = false;
-    for (int64_t d = 0; d < D && !has_content; ++d) {
-      const int32_t n = sizes[d];
-      has_content = n - ((framing[d] & kStoredBos) ? 1 : 0) - ((framing[d] & kStoredEos) ? 1 : 0) > 0;
-    }
-    if (!has_content) throw std::invalid_argument("no document has a token besides its <bos> / <eos>");
-    std::vector<std::vector<Piece>> rows;
-    std::vector<int64_t> room;
-    std::vector<Piece> deferred;
-    for (int64_t r0 = 0; r0 < num_rows; r0 += window) {
-      const int64_t W = std::min(window, num_rows - r0);
-      rows.assign(W, {});
-      room.assign(W, capacity);
-      deferred.clear();
-      int64_t full = 0, deferred_tokens = 0;
-      // Read ahead at most `lookahead` rows' worth of tokens that did not fit, plus half the room of
-      // the rows still to come after this window: what is still pending when the rows are done is
-      // dropped, so a language with few rows in a phase must not pull many documents for them,
-      // while a window with many rows after it may read far ahead (its deferred pieces go first
-      // into those rows), as the reference's buffer does.
-      const int64_t max_deferred = lookahead * seq_len + (num_rows - r0 - W) * capacity / 2;
-      head = 0;
-      while (full < W && static_cast<int64_t>(deferred.size()) < buffer) {
-        if (head == pending.size()) {
-          if (deferred_tokens >= max_deferred) break;
-          pending.clear();
-          head = 0;
-          ++documents;
-          cut_document(st.docs.take(), sizes, framing, seq_len, min_piece, pending, dropped_short);
-          continue;
-        }
-        const Piece p = pending[head++];
-        const int64_t t = p.total();
-        int64_t best = -1;
-        for (int64_t r = 0; r < W; ++r) {
-          if (room[r] >= t && (best < 0 || room[r] < room[best])) best = r;
-        }
-        if (best < 0) {
-          deferred.push_back(p);
-          deferred_tokens += t;
-        } else {
-          rows[best].push_back(p);
-          room[best] -= t;
-          if (room[best] == 0) ++full;
-        }
-      }
-      // Deferred pieces go before the untried ones for the next window.
-      deferred.insert(deferred.end(), pending.begin() + static_cast<int64_t>(head), pending.end());
-      pending.swap(deferred);
-      head = 0;
-      for (int64_t r = 0; r < W; ++r) {
-        for (const Piece &p : rows[r]) {
-          out.push_back(p);
-          ++segments;
-          const int32_t n = sizes[p.doc];
-          bos_segments += ((p.flags & kAddBos) || (p.offset == 0 && (framing[p.doc] & kStoredBos))) ? 1 : 0;
-          eos_segments +=
-              ((p.flags & kAddEos) || (p.offset + p.length == n && (framing[p.doc] & kStoredEos))) ? 1 : 0;
-          if (!(p.offset == 0 && p.length == n)) fragment += p.total();
-        }
-        pad += room[r];
-        row_ptr.push_back(static_cast<int64_t>(out.size()));
-      }
-    }
-    for (const Piece &p : pending) dropped_left += p.length;
-    end_token = st.docs.token;
+    py::tuple t = packer.next(num_rows + window);
+    pieces = t[0].cast<py::array_t<int32_t>>();
+    flags = t[1].cast<py::array_t<int8_t>>();
+    auto ends = t[2].cast<py::array_t<int64_t>>();
+    std::copy(ends.data(), ends.data() + num_rows, ptr.mutable_data() + 1);
   }
-  const py::ssize_t P = static_cast<py::ssize_t>(out.size());
-  py::array_t<int32_t> pieces({P, static_cast<py::ssize_t>(3)});
-  py::array_t<int8_t> piece_flags(P);
-  py::array_t<int64_t> ptr(static_cast<py::ssize_t>(row_ptr.size()));
-  int32_t *pp = pieces.mutable_data();
-  int8_t *pf = piece_flags.mutable_data();
-  for (py::ssize_t i = 0; i < P; ++i) {
-    pp[3 * i] = out[i].doc;
-    pp[3 * i + 1] = out[i].offset;
-    pp[3 * i + 2] = out[i].length;
-    pf[i] = out[i].flags;
-  }
-  std::copy(row_ptr.begin(), row_ptr.end(), ptr.mutable_data());
-  py::dict stats;
-  stats["row_tokens"] = num_rows * capacity;
-  stats["pad_tokens"] = pad;
-  stats["fragment_tokens"] = fragment;
-  stats["segments"] = segments;
-  stats["bos_segments"] = bos_segments;
-  stats["eos_segments"] = eos_segments;
-  stats["documents"] = documents;
-  stats["dropped_short_tokens"] = dropped_short;
-  stats["dropped_pending_tokens"] = dropped_left;
-  return py::make_tuple(pieces, piece_flags, ptr, end_token, stats);
+  return py::make_tuple(pieces, flags, ptr, packer.end_token(), packer.stats());
 }
 
 // The same statistics for concat rows (pack_rows' doc_index / sample_idx): segments are the
@@ -798,6 +1016,35 @@ PYBIND11_MODULE(_index_builder, m) {
         "Best-fit packed rows of bin_rows x seq_len tokens of one language: (pieces int32 [P, 3] (doc,\n"
         "offset, length), piece_flags int8 [P] (1: prepend <bos>, 2: append <eos>), row_ptr int64 [rows+1],\n"
         "end_token, stats dict). framing int8 [D]: 1 where a document starts with <bos>, 2 ends with <eos>.");
+  py::class_<PhaseBlender>(m, "PhaseBlender",
+                           "One phase's blending in blocks: PhaseBlender(weights float64 [M, L], segment_sizes\n"
+                           "int64 [M]); next(n) -> the next n dataset_index entries (as build_blending_indices\n"
+                           "over the phase's segments); counts() -> int64 [L] samples per dataset so far.")
+      .def(py::init<const py::object &, const py::object &>(), py::arg("weights"), py::arg("segment_sizes"))
+      .def("next", &PhaseBlender::next, py::arg("n"))
+      .def("counts", &PhaseBlender::counts)
+      .def_property_readonly("remaining", &PhaseBlender::remaining);
+  py::class_<RowPacker>(m, "RowPacker",
+                        "pack_rows in blocks: next(max_rows) -> (doc_index part int32, sample_idx part int64\n"
+                        "[n, 2]); the parts concatenated are pack_rows' arrays (the first call adds entry 0).")
+      .def(py::init<const py::object &, int64_t, int64_t, int64_t, uint64_t, uint64_t>(), py::arg("sizes"),
+           py::arg("seq_len"), py::arg("num_rows"), py::arg("start_token"), py::arg("seed"), py::arg("stream"))
+      .def("next", &RowPacker::next, py::arg("max_rows"))
+      .def_property_readonly("done", &RowPacker::done)
+      .def_property_readonly("first_epoch", &RowPacker::first_epoch);
+  py::class_<BestFitPacker>(m, "BestFitPacker",
+                            "pack_best_fit in blocks of whole windows: next(max_rows) -> (pieces int32 [P, 3],\n"
+                            "piece_flags int8 [P], row_ends int64 [R]: pieces before each packed row's end,\n"
+                            "from the phase's first); end_token and stats() once done.")
+      .def(py::init<const py::object &, const py::object &, int64_t, int64_t, int64_t, uint64_t, uint64_t,
+                    int64_t, int64_t, int64_t, int64_t, int64_t>(),
+           py::arg("sizes"), py::arg("framing"), py::arg("seq_len"), py::arg("num_rows"), py::arg("start_token"),
+           py::arg("seed"), py::arg("stream"), py::arg("bin_rows"), py::arg("window"), py::arg("buffer"),
+           py::arg("lookahead"), py::arg("min_piece"))
+      .def("next", &BestFitPacker::next, py::arg("max_rows"))
+      .def_property_readonly("done", &BestFitPacker::done)
+      .def_property_readonly("end_token", &BestFitPacker::end_token)
+      .def("stats", &BestFitPacker::stats);
   m.def("concat_stats", &concat_stats, py::arg("sizes"), py::arg("framing"), py::arg("doc_index"),
         py::arg("sample_idx"), "Segment / <bos> / fragment counts of pack_rows' rows.");
 }

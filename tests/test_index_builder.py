@@ -609,7 +609,7 @@ def test_build_data_index_cli_packing(tmp_path, capsys):
     phases = tmp_path / "phases.yaml"
     phases.write_text(yaml.safe_dump([{"name": "p", "tokens": 64 * 20, "seq_len": 64, "temperature": 0.5}]))
     args = ["--config", str(phases), "--manifest", path, "--cache-dir", str(tmp_path / "c"), "--seed", "1"]
-    assert main(args + ["--packing", "best_fit"]) == 0
+    assert main(args + ["--packing", "best_fit", "--threads", "2"]) == 0  # issue 29: a field, so a flag
     out = capsys.readouterr().out
     assert "packing best_fit: padding" in out and "(packed rows of 1 x 64 = 64 tokens)" in out
     folder = out.split("index ready in ", 1)[1].split(" (", 1)[0]
@@ -680,6 +680,70 @@ def test_streamed_build_matches_the_recorded_in_memory_build(tmp_path):
         assert _index_digest(index) == RECORDED_DIGESTS[name], (name, "cached" if cached else "in memory")
         seen.add(name)
     assert seen == set(RECORDED_DIGESTS)
+
+
+def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp_path, monkeypatch):
+    """Issue 29: blending a few samples at a time (segments cut mid-way), packers resumed every row
+    (concat) or every window (best_fit), languages on worker threads through their spill files copied
+    a few rows at a time: the recorded digests, and nothing left behind in the cache folder. (One
+    thread, which appends straight to the phase files, is the other digest test's path.)"""
+    threads = 3
+    import megatron_mmbert.data.index as index_mod
+
+    monkeypatch.setattr(index_mod, "BLEND_CHUNK", 5)
+    monkeypatch.setattr(index_mod, "PACK_BLOCK_TOKENS", 1)
+    monkeypatch.setattr(index_mod._SpillFiles, "COPY_ROWS", 3)
+    monkeypatch.setattr(index_mod, "THREAD_DOCUMENT_BUDGET", 80)  # the 70-document language runs alone
+    path, _ = write_corpus(str(tmp_path / "corpus"), [70, 25, 9, 0], max_len=150, shards_per_lang=2)
+    manifest = load_manifest(path)
+    for name, packing, bin_rows in (("concat", "concat", None), ("best_fit", "best_fit", None),
+                                    ("best_fit_micro_batch", "best_fit", DIGEST_BIN_ROWS)):
+        for start in (0, 2):
+            cache = str(tmp_path / f"cache-{name}-{start}")
+            index = build_data_index(manifest, DIGEST_PHASES, seed=7, cache_dir=cache, packing=packing,
+                                     start_phase=start, bin_rows=bin_rows, threads=threads)
+            assert _index_digest(index) == RECORDED_DIGESTS[f"{name}/start{start}"], (name, start, threads)
+            folder, = os.listdir(cache)
+            assert not [f for f in os.listdir(os.path.join(cache, folder)) if f.startswith(".spill")]
+
+
+def test_resumable_packers_and_blender_equal_one_call():
+    """PhaseBlender / RowPacker / BestFitPacker block by block (any block size) give the arrays of
+    build_blending_indices / pack_rows / pack_best_fit in one call, their counts, stats and end."""
+    rng = np.random.default_rng(0)
+    for L in (3, 40, 300):  # the scan (few datasets) and the block blender
+        W = rng.random((5, L))
+        W[W < 0.2] = 0
+        S = rng.integers(0, 3000, 5).astype(np.int64)
+        S[2] = 0
+        di, _, c, _ = ib.build_blending_indices(W, S, np.zeros(5, np.int64), "fast", sample_index=False)
+        for block in (1, 7, 333, 10**6):
+            b = ib.PhaseBlender(W, S)
+            got = np.concatenate([b.next(block) for _ in range(-(-int(S.sum()) // block))])
+            assert b.remaining == 0 and got.dtype == di.dtype
+            np.testing.assert_array_equal(got, di)
+            np.testing.assert_array_equal(b.counts(), c[0])
+    sizes = rng.integers(0, 300, 500).astype(np.int32)
+    framing = rng.integers(0, 4, 500).astype(np.int8)
+    for start, rows, block in [(s, r, b) for s in (0, 12345, 10**6) for r in (0, 1, 777) for b in (1, 3, 10**4)]:
+        d, si, _ = ib.pack_rows(sizes, 64, rows, start, 3, 5)
+        p = ib.RowPacker(sizes, 64, rows, start, 3, 5)
+        parts = [p.next(block)]
+        while not p.done:
+            parts.append(p.next(block))
+        np.testing.assert_array_equal(np.concatenate([a for a, _ in parts]), d)
+        np.testing.assert_array_equal(np.concatenate([b for _, b in parts]), si)
+    for g, rows, block in [(g, r, b) for g in (1, 4) for r in (0, 1, 33, 500) for b in (1, 16, 40, 10**5)]:
+        pieces, flags, ptr, end, st = ib.pack_best_fit(sizes, framing, 64, rows, 0, 3, 5, g, 16, 5120, 2, 8)
+        p = ib.BestFitPacker(sizes, framing, 64, rows, 0, 3, 5, g, 16, 5120, 2, 8)
+        parts = []
+        while not p.done:
+            parts.append(p.next(block))
+        if parts:
+            np.testing.assert_array_equal(np.concatenate([a for a, _, _ in parts]), pieces)
+            np.testing.assert_array_equal(np.concatenate([b for _, b, _ in parts]), flags)
+        np.testing.assert_array_equal(np.concatenate([[0]] + [e for _, _, e in parts]), ptr)
+        assert p.end_token == end and p.stats() == st
 
 
 def test_cached_index_uses_int32_where_the_values_fit(tmp_path):
@@ -771,6 +835,11 @@ def test_document_lengths_chunked_over_multi_sequence_documents(tmp_path, monkey
     monkeypatch.setattr(index_mod, "DOCUMENT_CHUNK", 5)
     np.testing.assert_array_equal(index_mod.document_lengths(prefixes), ref)
     np.testing.assert_array_equal(index_mod.document_first_tokens(prefixes), first)
+    # Framing reads first and last tokens in one pass (issue 29): the same as the two separate reads.
+    for prefix, ds, docs in index_mod._document_chunks(prefixes):
+        got_first, got_last = index_mod._first_and_last_tokens(prefix, ds, docs)
+        np.testing.assert_array_equal(got_first, index_mod._first_tokens(prefix, ds, docs[:-1]))
+        np.testing.assert_array_equal(got_last, index_mod._last_tokens(prefix, ds, docs))
 
 
 def test_index_at_scale_synthetic_manifest_is_readable(tmp_path):

@@ -65,6 +65,8 @@ class BuildIndexConfig:
     language_list: str = "mmbert-1833"
     """Report which languages of this list the manifest lacks and which keys it has beyond it
     (``data/languages.py``): ``mmbert-1833`` (mmBERT's released 1,833), a file of codes, or ``none``."""
+    threads: int = 0
+    """Languages packed at once (0: every CPU this process may use); the arrays do not depend on it."""
     warn_epochs: float = 5.0
     """Flag languages repeated more than this many epochs."""
     rows: int = 15
@@ -169,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         index = build_data_index(manifest, cfg.phases, cfg.seed, cfg.cache_dir, cfg.global_batch_size,
                                  cfg.anneal_segments, is_builder=True,
                                  start_phase=names.index(start) if start else 0,
-                                 packing=cfg.packing or "concat", bin_rows=cfg.bin_rows)
+                                 packing=cfg.packing or "concat", bin_rows=cfg.bin_rows, threads=cfg.threads)
     except ConfigError as e:
         print(f"error: {spec.explain(e)}", file=sys.stderr)
         return 2

@@ -62,9 +62,10 @@ builds (global rank 0 by default) into a temporary folder renamed into place whe
 others poll for it and give up after ``timeout`` seconds with a message naming the folder and the
 command that prebuilds it (``tools/build_data_index.py``).
 
-Memory: :func:`build_arrays` streams each array into its ``.npy`` file (blending phase by phase,
-packing language by language), so the build holds one phase's ``dataset_index`` or one language's
-arrays for one phase at a time; see docs/data.md "Cache".
+Memory: :func:`build_arrays` streams each array into its ``.npy`` file in blocks (the blending of a
+phase and the packing of a language's phase both resumable, ``_index_builder.PhaseBlender`` /
+``RowPacker`` / ``BestFitPacker``), languages on ``threads`` threads, so what the build holds does not
+grow with the schedule; see docs/data.md "Cache".
 """
 
 from __future__ import annotations
@@ -179,21 +180,27 @@ FIRST_TOKEN_WINDOW = 64 << 20
 """Bytes of a ``.bin`` mapped at a time while reading documents' first tokens."""
 
 
-DOCUMENT_CHUNK = 1 << 22
+DOCUMENT_CHUNK = 1 << 16
 """Documents of a shard read at a time (their lengths and first tokens): the temporaries stay a
-few tens of MB whatever the shard's size, beside the int32 / int8 per-document results."""
+few MB whatever the shard's size, beside the int32 / int8 per-document results."""
 
 
 def _document_chunks(prefixes: Sequence[str]):
     """``(prefix, IndexedDataset, document_indices[a : b + 1] as int64)`` over every shard, at most
-    :data:`DOCUMENT_CHUNK` documents at a time (megatron-core reads the ``.idx``)."""
+    :data:`DOCUMENT_CHUNK` documents at a time (megatron-core reads the ``.idx``). Each chunk opens
+    the shard afresh: megatron-core maps the whole ``.idx`` and the pages a read touches count in the
+    RSS until the mapping closes (~20 bytes a document: 95 MB for eng_Latn at 1/100 of FineWeb2)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for prefix in prefixes:
         ds = IndexedDataset(prefix)
         n = len(ds.document_indices) - 1
+        del ds
         for a in range(0, max(n, 0), DOCUMENT_CHUNK):
-            yield prefix, ds, np.asarray(ds.document_indices[a:min(a + DOCUMENT_CHUNK, n) + 1], dtype=np.int64)
+            ds = IndexedDataset(prefix)
+            docs = np.asarray(ds.document_indices[a:min(a + DOCUMENT_CHUNK, n) + 1], dtype=np.int64)
+            yield prefix, ds, docs
+            del ds
 
 
 def _count_documents(prefixes: Sequence[str]) -> int:
@@ -441,12 +448,38 @@ def framing_flags(manifest, lang: str) -> np.ndarray:
     at = 0
     for prefix, ds, docs in _document_chunks(prefixes):
         n = len(docs) - 1
+        first, last = _first_and_last_tokens(prefix, ds, docs)
         if bos is not None:
-            flags[at:at + n] |= (_first_tokens(prefix, ds, docs[:-1]) == bos).astype(np.int8) * FRAMING_BOS
+            flags[at:at + n] |= (first == bos).astype(np.int8) * FRAMING_BOS
         if eos is not None:
-            flags[at:at + n] |= (_last_tokens(prefix, ds, docs) == eos).astype(np.int8) * FRAMING_EOS
+            flags[at:at + n] |= (last == eos).astype(np.int8) * FRAMING_EOS
         at += n
     return flags
+
+
+def _first_and_last_tokens(prefix: str, ds, docs: np.ndarray):
+    """:func:`_first_tokens` and :func:`_last_tokens` of the documents of ``docs`` in one pass over the
+    ``.bin`` (a document's first and last tokens mostly share a page: each page is touched once)."""
+    starts, last = docs[:-1], docs[1:] - 1
+    n = len(starts)
+    f_len = np.asarray(ds.sequence_lengths[starts], dtype=np.int64) if n else np.zeros(0, np.int64)
+    l_len = np.asarray(ds.sequence_lengths[last], dtype=np.int64) if n else np.zeros(0, np.int64)
+    f_ok = f_len > 0
+    l_ok = (l_len > 0) & (docs[1:] > docs[:-1])
+    itemsize = np.dtype(ds.index.dtype).itemsize
+    f_ptr = np.asarray(ds.index.sequence_pointers[starts[f_ok]], dtype=np.int64) if f_ok.any() else np.zeros(0, np.int64)
+    l_ptr = (np.asarray(ds.index.sequence_pointers[last[l_ok]], dtype=np.int64) + (l_len[l_ok] - 1) * itemsize
+             if l_ok.any() else np.zeros(0, np.int64))
+    pointers = np.concatenate([f_ptr, l_ptr])
+    order = np.argsort(pointers, kind="stable")  # _tokens_at reads increasing pointers
+    values = _tokens_at(prefix, ds, np.ones(len(pointers), bool), pointers[order] if len(pointers) else None)
+    merged = np.empty(len(pointers), np.int64)
+    merged[order] = values
+    first = np.full(n, -1, np.int64)
+    last_tokens = np.full(n, -1, np.int64)
+    first[f_ok] = merged[:len(f_ptr)]
+    last_tokens[l_ok] = merged[len(f_ptr):]
+    return first, last_tokens
 
 
 FRAMING_BOS, FRAMING_EOS = 1, 2
@@ -541,143 +574,341 @@ def _int_dtype(max_value: int, narrow=np.int32, wide=np.int64) -> np.dtype:
     return np.dtype(narrow) if max_value <= np.iinfo(narrow).max else np.dtype(wide)
 
 
+PACK_BLOCK_TOKENS = 1 << 26
+"""Row tokens a packer makes per block (best_fit: whole windows of packed rows, at least one): each
+block is written out as it is made, so a language's phase is never whole in memory."""
+
+
+THREAD_DOCUMENT_BUDGET = 1 << 30
+"""Documents of the languages packed (or waiting) on threads at once: each holds ~9 bytes a document
+(lengths, framing flags, an epoch's permutation), so at most ~9 GiB whatever the thread count; a
+language larger than this runs alone."""
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` elsewhere)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+def _check_best_fit_tokenizer(manifest) -> None:
+    ids = manifest.tokenizer.special_ids
+    missing = [role for role in ("bos", "eos") if ids.get(role) is None]
+    if missing:
+        raise ValueError(f"data.packing: best_fit frames every sequence <bos> ... <eos>, but tokenizer "
+                         f"{manifest.tokenizer.name!r} has no {' or '.join(missing)}; use data.packing: concat")
+
+
+def _blend_phase(ext, plan: PhasePlan, k: int, g: int, keep: bool, path) -> np.ndarray:
+    """Blend phase ``k`` block by block (``_index_builder.PhaseBlender``: :data:`BLEND_CHUNK` samples at
+    a time, the same values as one call over the phase), writing ``dataset_index`` and
+    ``dataset_sample_index`` as they come when ``keep``; returns the counts per language (int64 [L])."""
+    t0 = time.time()
+    weights = np.ascontiguousarray(plan.segment_weights, dtype=np.float64)
+    sizes = np.asarray(plan.segment_sizes, dtype=np.int64)
+    if g > 1:  # blend packed rows of g rows: the segment boundaries in whole groups
+        ends = np.cumsum(sizes) // g
+        sizes = np.diff(np.concatenate([[0], ends])).astype(np.int64)
+    if not hasattr(ext, "PhaseBlender"):  # an extension built from older csrc/
+        raise ImportError(f"the C++ index builder {ext.__file__} is older than csrc/ (no PhaseBlender); rebuild "
+                          "it: `python setup.py build_ext --inplace` in the repository root")
+    total = int(sizes.sum()) * g
+    # Samples per language are known only at the end: dataset_sample_index starts int32 and widens
+    # (rewriting what was written) only if a language passes 2^31 rows in the phase.
+    d_out = s_out = None
+    blender = ext.PhaseBlender(weights, sizes)
+    seen = np.zeros(weights.shape[1], dtype=np.int64)  # samples of each language before the block
+    while blender.remaining:
+        di = blender.next(max(BLEND_CHUNK // g, 1))
+        if g > 1:  # every group is g consecutive rows of its language
+            di = np.repeat(di, g)
+        if d_out is None:
+            d_out = NpyAppender(path(f"phase{k}_dataset_index"), di.dtype)
+            s_out = NpyAppender(path(f"phase{k}_dataset_sample_index"), np.int32, wide=np.int64)
+        if keep:
+            d_out.append(di)
+            s_out.append(_occurrence_numbers(di, seen, np.int64))
+    if d_out is None:  # an empty phase
+        dtype = np.int16 if weights.shape[1] <= np.iinfo(np.int16).max else np.int32
+        d_out = NpyAppender(path(f"phase{k}_dataset_index"), dtype)
+        s_out = NpyAppender(path(f"phase{k}_dataset_sample_index"), np.int32, wide=np.int64)
+    d_out.close()
+    s_out.close()
+    counts = blender.counts() * g
+    _progress(f"phase {k}: blended {total:,} samples over {weights.shape[1]} languages in {time.time() - t0:.1f}s")
+    return counts
+
+
+class _PhaseFiles:
+    """The phase files of the packed rows (:class:`NpyAppender` each); one language's blocks go
+    straight in (``append``) or, built on another thread, through its :class:`_SpillFiles`."""
+
+    NAMES = ("doc", "rows", "pieces", "flags", "ptr")
+
+    def __init__(self, path, K: int):
+        self.out = [{"doc": NpyAppender(path(f"phase{k}_doc_index"), np.int32),
+                     "rows": NpyAppender(path(f"phase{k}_sample_idx"), np.int32, (2,), wide=np.int64),
+                     "pieces": NpyAppender(path(f"phase{k}_pieces"), np.int32, (3,)),
+                     "flags": NpyAppender(path(f"phase{k}_piece_flags"), np.int8),
+                     "ptr": NpyAppender(path(f"phase{k}_row_ptr"), np.int32, wide=np.int64)} for k in range(K)]
+
+    def append(self, k: int, name: str, chunk) -> None:
+        self.out[k][name].append(chunk)
+
+    def close(self) -> None:
+        for acc in self.out:
+            for f in acc.values():
+                f.close()
+
+
+class _SpillFiles:
+    """One language's blocks, built on a worker thread, kept in raw files of its own folder until the
+    main thread copies them into the phase files in language order (:meth:`copy_into`)."""
+
+    COPY_ROWS = 1 << 20
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        os.makedirs(folder)
+        self.files = {}  # (phase, name) -> [file, dtype, row shape, rows]
+
+    def append(self, k: int, name: str, chunk) -> None:
+        chunk = np.ascontiguousarray(chunk)
+        if (k, name) not in self.files:
+            self.files[(k, name)] = [open(os.path.join(self.folder, f"{k}_{name}"), "wb"), chunk.dtype,
+                                     chunk.shape[1:], 0]
+        entry = self.files[(k, name)]
+        chunk.astype(entry[1], copy=False).tofile(entry[0])
+        entry[3] += len(chunk)
+
+    def close(self) -> None:
+        for entry in self.files.values():
+            entry[0].close()
+
+    def copy_into(self, files: _PhaseFiles) -> None:
+        # Read, not mapped: the pages of a mapping would count in the RSS until it is closed.
+        for (k, name), (f, dtype, shape, rows) in sorted(self.files.items()):
+            width = int(np.prod(shape, dtype=np.int64))
+            with open(f.name, "rb") as fh:
+                for a in range(0, rows, self.COPY_ROWS):
+                    n = min(self.COPY_ROWS, rows - a)
+                    files.append(k, name, np.fromfile(fh, dtype=dtype, count=n * width).reshape((n,) + tuple(shape)))
+        shutil.rmtree(self.folder)
+
+
+def _pack_concat(ext, lengths, framing, plan: PhasePlan, rows: int, start: int, seed: int, lang: str, k: int,
+                 sink) -> "tuple[np.ndarray, int, int]":
+    """Phase ``k``'s concat rows of one language in blocks (``_index_builder.RowPacker``), written to
+    ``sink``; returns (stats [8], doc_index entries, sample_idx entries). ``concat_stats`` runs per
+    block on the epochs the block's rows touch (the walk never goes back an epoch)."""
+    D = len(lengths)
+    packer = ext.RowPacker(lengths, plan.phase.seq_len, rows, start, int(seed), language_stream(lang))
+    block = max(PACK_BLOCK_TOKENS // plan.phase.seq_len, 1)
+    stats, n_docs, n_rows = np.zeros(len(PACKING_STATS), np.int64), 0, 0
+    last_epoch, last_row, loaded = np.zeros(0, np.int32), None, 0  # the epoch the walk stands in
+    while not packer.done:
+        docs, sample_idx = packer.next(block)
+        sink.append(k, "doc", docs)
+        sink.append(k, "rows", sample_idx)
+        window = np.concatenate([last_epoch, docs])
+        base = max(loaded - 1, 0) * D  # doc_index position of window[0]
+        rows_here = sample_idx if last_row is None else np.concatenate([last_row, sample_idx])
+        st = ext.concat_stats(lengths, framing, window, rows_here - np.array([base, 0], np.int64))
+        stats += [st.get(c, 0) for c in PACKING_STATS]
+        loaded += len(docs) // max(D, 1)
+        last_epoch = window[-D:] if len(window) >= D and D else window
+        last_row = sample_idx[-1:]
+        n_docs += len(docs)
+        n_rows += len(sample_idx)
+    return stats, n_docs, n_rows
+
+
+def _pack_best_fit(ext, lengths, framing, plan: PhasePlan, packed_rows: int, g: int, start: int, seed: int,
+                   lang: str, k: int, sink) -> "tuple[np.ndarray, int, int, int]":
+    """Phase ``k``'s best_fit packed rows of one language in blocks of whole windows
+    (``_index_builder.BestFitPacker``), written to ``sink`` (None: counted, not stored); returns (stats
+    [8], end_token, pieces written, row_ptr entries written)."""
+    packer = ext.BestFitPacker(lengths, framing, plan.phase.seq_len, packed_rows, start, int(seed),
+                               language_stream(lang), g, BEST_FIT_WINDOW_ROWS, BEST_FIT_BUFFER,
+                               BEST_FIT_LOOKAHEAD_ROWS, BEST_FIT_MIN_PIECE)
+    block = max(PACK_BLOCK_TOKENS // (g * plan.phase.seq_len), 1)
+    n_pieces, n_ptr = 0, 1
+    if sink is not None:
+        sink.append(k, "ptr", np.zeros(1, np.int64))
+    while not packer.done:
+        pieces, flags, row_ends = packer.next(block)
+        if sink is not None:
+            sink.append(k, "pieces", pieces)
+            sink.append(k, "flags", flags)
+            sink.append(k, "ptr", row_ends)
+            n_pieces += len(pieces)
+            n_ptr += len(row_ends)
+    st = packer.stats()
+    return np.array([st[c] for c in PACKING_STATS], np.int64), packer.end_token, n_pieces, n_ptr
+
+
+_EMPTY = {"rows": np.zeros((1, 2), np.int64), "ptr": np.zeros(1, np.int64)}
+"""A language-phase without rows: one ``sample_idx`` entry and one ``row_ptr`` entry (both packings)."""
+
+
+def _pack_language(ext, manifest, lang: str, plans: List[PhasePlan], counts: np.ndarray, concat_starts: np.ndarray,
+                   seed: int, start_phase: int, packing: str, groups: Sequence[int], sink) -> Dict:
+    """Every phase of one language (``counts``: its rows per phase), written to ``sink``: returns its
+    ``stats`` [K, 8], stream ``positions`` [K + 1] (best_fit; concat's are ``concat_starts``) and per
+    phase the entries written (``docs``, ``rows``, ``pieces``)."""
+    K = len(plans)
+    # Framing first: its read maps up to FIRST_TOKEN_WINDOW bytes of the .bin, better without the lengths
+    # (4 bytes a document) already held beside it.
+    framing = framing_flags(manifest, lang)
+    lengths = document_lengths(manifest.languages[lang].shards)
+    res = {"stats": np.zeros((K, len(PACKING_STATS)), np.int64), "positions": np.zeros(K + 1, np.int64),
+           "docs": [0] * K, "rows": [0] * K, "pieces": [0] * K}
+    pos = 0
+    for k, plan in enumerate(plans):
+        rows, keep = int(counts[k]), k >= start_phase
+        # The other packing's array gets its empty entry (as every language of every phase does).
+        sink.append(k, "rows" if packing == "best_fit" else "ptr", _EMPTY["rows" if packing == "best_fit" else "ptr"])
+        if packing == "best_fit":
+            res["positions"][k] = pos
+            if rows:
+                res["stats"][k], pos, res["pieces"][k], res["rows"][k] = _pack_best_fit(
+                    ext, lengths, framing, plan, rows // groups[k], groups[k], pos, seed, lang, k,
+                    sink if keep else None)
+            if not (rows and keep):  # an empty phase of this language: row_ptr [0]
+                sink.append(k, "ptr", _EMPTY["ptr"])
+                res["rows"][k] = 1
+        elif rows and keep:
+            res["stats"][k], res["docs"][k], res["rows"][k] = _pack_concat(
+                ext, lengths, framing, plan, rows, int(concat_starts[k]), seed, lang, k, sink)
+        else:
+            sink.append(k, "rows", _EMPTY["rows"])
+            res["rows"][k] = 1
+    res["positions"][K] = pos
+    return res
+
+
 def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, start_phase: int = 0,
-                 packing: str = "concat", bin_rows: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
+                 packing: str = "concat", bin_rows: Optional[Sequence[int]] = None,
+                 threads: int = 1) -> Dict[str, np.ndarray]:
     """Build every array of the schedule into ``out_dir/{name}.npy`` (names as in the cache) and
     return the small ones (``phase{k}_counts``, ``phase{k}_packing_stats``, ``stream_positions``).
     Phases before ``start_phase`` only contribute their sample counts (and so the stream positions;
     best_fit packs them to know where their streams end, without storing the rows).
 
-    Memory: the blending runs phase by phase (``dataset_index`` only, 2 bytes a sample, with
-    ``dataset_sample_index`` derived from it chunk by chunk) and packing language by language, each
-    result appended to its file (:class:`NpyAppender`) and dropped, so the peak is one phase's
-    ``dataset_index`` or one language's arrays for one phase, not the schedule's. Arrays that can outgrow
+    Memory flat in the run's length: the blending runs phase by phase in blocks of
+    :data:`BLEND_CHUNK` samples (``_index_builder.PhaseBlender``), the packing language by language in
+    blocks of :data:`PACK_BLOCK_TOKENS` row tokens (``RowPacker`` / ``BestFitPacker``: resumable, the
+    same rows as one call), each block appended to its file (:class:`NpyAppender`) and dropped. What
+    remains is per language and independent of the schedule: its document lengths and framing flags
+    (5 bytes a document) and one epoch's permutation (4 bytes a document). Arrays that can outgrow
     int32 (``dataset_sample_index``, ``sample_idx``, ``row_ptr``) are int32 when their values fit
     (checked) and int64 otherwise; readers take either.
+
+    ``threads``: languages packed at once (the C++ packers release the GIL); the output does not
+    depend on it. With more than one, each language's blocks wait in a spill folder of ``out_dir``
+    until the languages before it are written, at most ``2 x threads`` languages and
+    :data:`THREAD_DOCUMENT_BUDGET` documents ahead.
 
     ``bin_rows`` (best_fit): ``seq_len`` rows per packed row, one per phase (default 1); the phase's
     samples are blended in groups of that many rows (:func:`check_bin_rows`)."""
     _check_packing(packing)
     if packing == "best_fit":
-        ids = manifest.tokenizer.special_ids
-        missing = [role for role in ("bos", "eos") if ids.get(role) is None]
-        if missing:
-            raise ValueError(f"data.packing: best_fit frames every sequence <bos> ... <eos>, but tokenizer "
-                             f"{manifest.tokenizer.name!r} has no {' or '.join(missing)}; use data.packing: concat")
+        _check_best_fit_tokenizer(manifest)
     ext = _ext()
     languages = plans[0].languages
-    L = len(languages)
     K = len(plans)
     groups = check_bin_rows(plans, bin_rows if packing == "best_fit" else None)
     path = lambda name: os.path.join(out_dir, name + ".npy")  # noqa: E731
-    counts = np.zeros((K, L), dtype=np.int64)
+    counts = np.zeros((K, len(languages)), dtype=np.int64)
     # Blending, phase by phase (deficits restart at each phase, and a phase's sample numbers count
     # from its own first row of each language: the same arrays as one schedule-wide call).
     for k, plan in enumerate(plans):
-        t0 = time.time()
-        weights = np.ascontiguousarray(plan.segment_weights, dtype=np.float64)
-        sizes = np.asarray(plan.segment_sizes, dtype=np.int64)
-        g = groups[k]
-        if g > 1:  # blend packed rows of g rows: the segment boundaries in whole groups
-            ends = np.cumsum(sizes) // g
-            sizes = np.diff(np.concatenate([[0], ends])).astype(np.int64)
-        try:
-            di, _, c, stats = ext.build_blending_indices(weights, sizes, np.zeros(len(sizes), np.int64), "fast",
-                                                         sample_index=False)
-        except TypeError as e:  # an extension built from older csrc/
-            raise ImportError(f"the C++ index builder {ext.__file__} is older than csrc/ (no sample_index "
-                              "argument); rebuild it: `python setup.py build_ext --inplace` in the repository "
-                              f"root ({e})") from e
-        if g > 1:  # every group is g consecutive rows of its language
-            di = np.repeat(di, g)
-        counts[k] = c[0] * g
-        n = int(sizes.sum()) * g
-        _progress(f"phase {k}: blended {n:,} samples over {L} languages in {time.time() - t0:.1f}s "
-                  f"({stats['kernel']} kernel)")
-        keep = k >= start_phase  # skipped phases: counts only, no arrays
-        d_out = NpyAppender(path(f"phase{k}_dataset_index"), di.dtype)
-        s_out = NpyAppender(path(f"phase{k}_dataset_sample_index"), _int_dtype(int(counts[k].max(initial=0))))
-        seen = np.zeros(L, dtype=np.int64)  # samples of each language before the chunk
-        for a in range(0, len(di) if keep else 0, BLEND_CHUNK):
-            chunk = di[a:a + BLEND_CHUNK]
-            d_out.append(chunk)
-            s_out.append(_occurrence_numbers(chunk, seen, s_out.dtype))
-        d_out.close()
-        s_out.close()
-        del di
+        counts[k] = _blend_phase(ext, plan, k, groups[k], k >= start_phase, path)
         np.save(path(f"phase{k}_counts"), counts[k])
     # concat: positions are rows x seq_len; best_fit: filled in below from what the packer took.
     positions = stream_positions(plans, counts)
-    # Packed rows, language by language, continuing each language's token stream across phases.
+    stats = _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, packing, groups, path,
+                            max(int(threads), 1), out_dir)
+    small = {"stream_positions": positions}
+    np.save(path("stream_positions"), positions)
+    for k in range(K):
+        np.save(path(f"phase{k}_packing_stats"), stats[k])
+        small[f"phase{k}_counts"] = counts[k]
+        small[f"phase{k}_packing_stats"] = stats[k]
+    return small
+
+
+def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, packing, groups, path,
+                    threads: int, out_dir: str) -> np.ndarray:
+    """Pack every language in order into the phase files (``threads`` at once), fill best_fit's
+    ``positions`` and write the offset arrays; returns the packing stats [K, L, 8]."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    languages = plans[0].languages
+    K, L = len(plans), len(languages)
     active = counts.sum(axis=0) > 0 if packing == "best_fit" else counts[start_phase:].sum(axis=0) > 0
-    need = [lang for i, lang in enumerate(languages) if active[i]]
-    out = [{"doc": NpyAppender(path(f"phase{k}_doc_index"), np.int32),
-            "rows": NpyAppender(path(f"phase{k}_sample_idx"), np.int32, (2,), wide=np.int64),
-            "pieces": NpyAppender(path(f"phase{k}_pieces"), np.int32, (3,)),
-            "flags": NpyAppender(path(f"phase{k}_piece_flags"), np.int8),
-            "ptr": NpyAppender(path(f"phase{k}_row_ptr"), np.int32, wide=np.int64),
-            "doc_off": [0], "row_off": [0], "piece_off": [0],
-            "stats": np.zeros((L, len(PACKING_STATS)), np.int64)} for k in range(K)]
-    t0 = time.time()
-    done = 0
-    for i, lang in enumerate(languages):
-        lengths = framing = None
-        if active[i]:
-            lengths = document_lengths(manifest.languages[lang].shards)
-            framing = framing_flags(manifest, lang)
-        pos = 0
-        for k, plan in enumerate(plans):
-            acc = out[k]
-            rows = int(counts[k, i])
-            keep = k >= start_phase
-            doc_index, sample_idx = np.zeros(0, np.int32), np.zeros((1, 2), np.int64)
-            pieces, flags, ptr = np.zeros((0, 3), np.int32), np.zeros(0, np.int8), np.zeros(1, np.int64)
-            if packing == "best_fit":
-                positions[k, i] = pos
-                if rows:
-                    pieces, flags, ptr, pos, st = ext.pack_best_fit(
-                        lengths, framing, plan.phase.seq_len, rows // groups[k], pos, int(seed),
-                        language_stream(lang), groups[k], BEST_FIT_WINDOW_ROWS, BEST_FIT_BUFFER,
-                        BEST_FIT_LOOKAHEAD_ROWS, BEST_FIT_MIN_PIECE)
-                    acc["stats"][i] = [st[c] for c in PACKING_STATS]
-                if not keep:
-                    pieces, flags, ptr = pieces[:0], flags[:0], ptr[:1]
-            elif rows and keep:
-                doc_index, sample_idx, _ = ext.pack_rows(
-                    lengths, plan.phase.seq_len, rows, int(positions[k, i]), int(seed), language_stream(lang)
-                )
-                st = ext.concat_stats(lengths, framing, doc_index, sample_idx)
-                acc["stats"][i] = [st.get(c, 0) for c in PACKING_STATS]
-            acc["doc"].append(doc_index)
-            acc["doc_off"].append(acc["doc_off"][-1] + len(doc_index))
-            acc["rows"].append(sample_idx)
-            acc["pieces"].append(pieces)
-            acc["flags"].append(flags)
-            acc["piece_off"].append(acc["piece_off"][-1] + len(pieces))
-            acc["ptr"].append(ptr)
-            acc["row_off"].append(acc["row_off"][-1] + (len(ptr) if packing == "best_fit" else len(sample_idx)))
-            del doc_index, sample_idx, pieces, flags, ptr
-        if packing == "best_fit":
-            positions[K, i] = pos
-        if lengths is not None:
+    need = [i for i in range(L) if active[i]]
+    files = _PhaseFiles(path, K)
+    offsets = {name: np.zeros((K, L + 1), np.int64) for name in ("docs", "rows", "pieces")}
+    stats = np.zeros((K, L, len(PACKING_STATS)), np.int64)
+    docs = [int(manifest.languages[lang].documents) for lang in languages]
+
+    def task(i, sink):
+        return _pack_language(ext, manifest, languages[i], plans, counts[:, i], positions[:, i], seed, start_phase,
+                              packing, groups, sink)
+
+    def spilled(i):
+        sink = _SpillFiles(os.path.join(out_dir, f".spill-{i}"))
+        try:
+            return task(i, sink), sink
+        finally:
+            sink.close()
+
+    t0, done = time.time(), 0
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        ahead = {}
+        for i in range(L):
+            if not active[i]:  # no rows anywhere: the empty entries, lengths not even read
+                for k in range(K):
+                    files.append(k, "rows", _EMPTY["rows"])
+                    files.append(k, "ptr", _EMPTY["ptr"])
+                offsets["rows"][:, i + 1] = 1
+                continue
+            if pool is not None:  # up to 2 x threads languages ahead, within the document budget
+                for j in need[done:done + 2 * threads]:
+                    if j not in ahead:
+                        if ahead and sum(docs[a] for a in ahead) + docs[j] > THREAD_DOCUMENT_BUDGET:
+                            break
+                        ahead[j] = pool.submit(spilled, j)
+                res, sink = ahead.pop(i).result()
+                sink.copy_into(files)
+            else:
+                res = task(i, files)
+            _record_language(i, res, positions, stats, offsets, packing)
             done += 1
             if done % 100 == 0 or done == len(need):
                 rate = done / max(time.time() - t0, 1e-9)
                 _progress(f"packed {done}/{len(need)} languages ({rate:.1f}/s, ETA {(len(need) - done) / rate:.0f}s)")
-    small = {"stream_positions": positions}
-    np.save(path("stream_positions"), positions)
-    for k, acc in enumerate(out):
-        for name in ("doc", "rows", "pieces", "flags", "ptr"):
-            acc[name].close()
-        for name, offsets in (("doc_offsets", acc["doc_off"]), ("row_offsets", acc["row_off"]),
-                              ("piece_offsets", acc["piece_off"])):
-            np.save(path(f"phase{k}_{name}"), np.asarray(offsets, dtype=np.int64))
-        np.save(path(f"phase{k}_packing_stats"), acc["stats"])
-        small[f"phase{k}_counts"] = counts[k]
-        small[f"phase{k}_packing_stats"] = acc["stats"]
-    return small
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    files.close()
+    for name, key in (("doc_offsets", "docs"), ("row_offsets", "rows"), ("piece_offsets", "pieces")):
+        for k in range(K):
+            np.save(path(f"phase{k}_{name}"), np.cumsum(offsets[key][k]))
+    return stats
 
 
+def _record_language(i, res, positions, stats, offsets, packing) -> None:
+    """Language ``i``'s results (:func:`_pack_language`) into the schedule's tables."""
+    stats[:, i] = res["stats"]
+    if packing == "best_fit":
+        positions[:, i] = res["positions"]
+    for key in ("docs", "rows", "pieces"):
+        offsets[key][:, i + 1] = res[key]
 def check_bin_rows(plans: List[PhasePlan], bin_rows: Optional[Sequence[int]]) -> List[int]:
     """``seq_len`` rows per best_fit packed row for each phase (``None``: 1 each), checked: a phase's
     samples must be whole packed rows (its global batch a multiple of its micro-batch size)."""
@@ -905,6 +1136,7 @@ def build_data_index(
     start_phase: int = 0,
     packing: str = "concat",
     bin_rows: Optional[Sequence[int]] = None,
+    threads: int = 0,
 ) -> DataIndex:
     """The schedule's index, from the cache when present; built (by ``is_builder``, default global
     rank 0) otherwise, while the other ranks wait up to ``timeout`` seconds.
@@ -915,10 +1147,13 @@ def build_data_index(
     (``data.shards.phase_sources``). ``packing``: ``concat`` or ``best_fit`` (module docstring).
     ``bin_rows``: best_fit's ``seq_len`` rows per packed row, one per phase (None: 1, rows of
     ``seq_len``; a run passes its micro-batch sizes under ``data.packed_row: micro_batch``).
+    ``threads``: languages packed at once by the builder (0: :func:`default_threads`); the arrays do
+    not depend on it.
     """
     from megatron_mmbert.data.shards import phase_sources
 
     _check_packing(packing)
+    threads = int(threads) if threads else default_threads()
     manifest, phases = phase_sources(manifest, phases)
     tokens = {lang: e.tokens for lang, e in manifest.languages.items()}
     plans = plan_schedule(list(phases), tokens, default_global_batch_size, anneal_segments)
@@ -937,7 +1172,7 @@ def build_data_index(
     names = ["stream_positions"] + [f"phase{k}_{a}" for k in range(len(plans)) for a in ARRAY_NAMES]
     if cache_dir is None:  # built through a temporary folder (the one build path), then read whole
         with tempfile.TemporaryDirectory(prefix="mmbert-index-") as tmp:
-            small = build_arrays(manifest, plans, seed, tmp, start_phase, packing, groups)
+            small = build_arrays(manifest, plans, seed, tmp, start_phase, packing, groups, threads)
             arrays = {name: np.load(os.path.join(tmp, name + ".npy")) for name in names}
         return _assemble(plans, arrays, "", describe(small), start_phase, packing, groups)
     final = os.path.join(os.path.abspath(cache_dir), f"mmbert-index-{key[:20]}")
@@ -949,7 +1184,7 @@ def build_data_index(
             _progress(f"cache miss: building {final}")
             tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=cache_dir)
             try:
-                small = build_arrays(manifest, plans, seed, tmp, start_phase, packing, groups)
+                small = build_arrays(manifest, plans, seed, tmp, start_phase, packing, groups, threads)
                 with open(os.path.join(tmp, "description.json"), "w") as f:
                     json.dump({"key": key, "languages": plans[0].languages, "start_phase": start_phase,
                                "packing": packing, "bin_rows": groups, "phases": [to_dict(p) for p in phases], "seed": seed}, f, indent=1)
