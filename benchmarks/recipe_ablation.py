@@ -131,8 +131,8 @@ def main(argv=None) -> int:
         os.replace(corpus + ".tmp", corpus)
     if not os.path.isfile(os.path.join(tok, "tokenizer.json")):
         run([py, "examples/demo_corpus/train_tokenizer.py", "--corpus", corpus, "--output", tok], log, env)
-    times["data"] = run([py, "tools/preprocess_data.py", "--input", corpus, "--output", shards, "--tokenizer", tok,
-                         "--workers", str(args.nproc), "--chunk-mb", "0.1", "--holdout-docs", str(args.holdout_docs)],
+    times["data"] = run([py, "tools/preprocess_data.py", "--inputs", corpus, "--output", shards, "--tokenizer", tok,
+                         "--workers", str(args.nproc), "--chunk_bytes", "104857", "--holdout_docs", str(args.holdout_docs)],
                         log, env)
     heldout = os.path.join(shards, "heldout", "manifest.json")
     config = os.path.join(w, "ablation.yaml")

@@ -5,6 +5,7 @@
 
 ``--config`` takes a YAML file or the name of a shipped config (``--list-configs``). Rerunning the
 same command resumes from the run's latest checkpoint. ``--help-config`` lists every field;
+``--print-config`` prints the effective config (after ``inherit:``, phase edits and overrides) as YAML;
 ``--validate`` checks the config and data for a given ``--world-size`` and exits. See
 docs/training.md.
 """
@@ -15,6 +16,7 @@ import argparse
 import os
 import sys
 
+from megatron_mmbert.cli.options import config_yaml, tool_main, tool_parser
 from megatron_mmbert.config_base import ConfigError
 
 PROG = "mmbert-pretrain"
@@ -52,11 +54,14 @@ def configure_logging(rank: int) -> None:
     logging.getLogger("megatron_mmbert").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+@tool_main
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = tool_parser(PROG, __doc__.split("\n\n")[0])
     parser.add_argument("--config", help="run YAML, or the name of a shipped config (see --list-configs)")
     parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     parser.add_argument("--help-config", action="store_true", help="print every config field and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective config (after inherit:, phase edits and overrides) as YAML and exit")
     parser.add_argument("--validate", action="store_true", help="validate config + data and exit")
     parser.add_argument("--world-size", type=int, help="world size for --validate (default: $WORLD_SIZE or 1)")
     parser.add_argument("--skip-data", action="store_true", help="--validate without the data/checkpoint checks")
@@ -87,6 +92,9 @@ def main(argv=None) -> int:
             os.environ.update(torch_env_from_slurm())
         configure_logging(int(os.environ.get("RANK", "0")))
         cfg = run_config.load_config(args.config, overrides)
+        if args.print_config:
+            print(config_yaml(cfg), end="")
+            return 0
         if args.print_checkpoint_dir:
             print(os.path.abspath(cfg.checkpoint_dir))
             return 0

@@ -242,7 +242,7 @@ def test_evaluate_with_another_tokenizer_is_refused(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["--load", ckpt, "--manifest", manifest, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "'tokA'" in err and "'random'" in err and "allow-other-tokenizer" in err
+    assert "'tokA'" in err and "'random'" in err and "[--allow_other_tokenizer]" in err
     assert not out.exists()
 
 
@@ -253,7 +253,7 @@ def test_merge_inputs_of_different_tokenizers_are_refused(tmp_path, capsys):
     b = _checkpoint_of_tokenizer(tmp_path / "b", name="tokB", digest="b" * 64)
     assert main(["--models", a, b, "--method", "linear", "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
-    assert "different tokenizers" in err and str(tmp_path / "a") in err and "allow-other-tokenizer" in err
+    assert "different tokenizers" in err and str(tmp_path / "a") in err and "[--allow_other_tokenizer]" in err
     assert not (tmp_path / "m").exists()
 
 

@@ -434,7 +434,7 @@ def load_manifest(path: str) -> Manifest:
         folder = os.path.dirname(path) if os.path.basename(path) == MANIFEST_NAME else path
         folder = os.path.abspath(folder or ".")
         if os.path.basename(folder) == HELDOUT_DIR:  # OUT/heldout is written by preprocessing OUT
-            how = (f"run tools/preprocess_data.py --output {os.path.dirname(folder)} --holdout-docs N "
+            how = (f"run tools/preprocess_data.py --output {os.path.dirname(folder)} --holdout_docs N "
                    f"(it writes {folder})")
         else:
             how = f"run tools/preprocess_data.py --output {folder}"

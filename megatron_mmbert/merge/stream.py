@@ -9,12 +9,12 @@ QKV tensor read in HF naming is held whole per input while its blocks are read (
 whole state dict at once).
 
 Trim thresholds. TIES keeps the top ``k`` magnitudes of each task vector, per tensor or over the
-whole model (``--trim global``). Both are found exactly by :class:`~.ties.KthLargest`, a two-pass
+whole model (``--spec.trim global``). Both are found exactly by :class:`~.ties.KthLargest`, a two-pass
 radix select on the float32 bit patterns (a 65536-bucket histogram of the high 16 bits, then of the
 low 16 bits inside the one bucket that holds the k-th value): fixed memory, no sort. So:
 
-* ``--trim global``: three passes over the checkpoints (histogram, refine, merge);
-* ``--trim per-tensor``: a tensor that fits in one block is read once and its threshold found in
+* ``--spec.trim global``: three passes over the checkpoints (histogram, refine, merge);
+* ``--spec.trim per-tensor``: a tensor that fits in one block is read once and its threshold found in
   memory; a larger one (the embedding) is read three times, block by block.
 
 Inputs may mix formats; :func:`~.naming.open_inputs` picks the one naming the merge runs in (HF's

@@ -67,7 +67,7 @@ class DataSection:
     eval_manifest: Optional[str] = None
     """Held-out data (a manifest of the same tokenizer) for the evaluation during training. None: the
     held-out manifest preprocessing wrote beside the training one (``heldout/manifest.json``,
-    ``--holdout-docs``) when there is one, else rows of the training manifest (not held out; logged
+    ``--holdout_docs``) when there is one, else rows of the training manifest (not held out; logged
     as such)."""
 
 
