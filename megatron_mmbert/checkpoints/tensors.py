@@ -38,7 +38,6 @@ from megatron_mmbert.checkpoints.layout import (
     HF_CONFIG,
     HF_INDEX,
     CheckpointError,
-    detect_format,
     read_config_if_any,
 )
 
@@ -79,12 +78,6 @@ class TensorInfo:
     @property
     def is_float(self) -> bool:
         return self.dtype.is_floating_point
-
-
-def open_source(path: str):
-    """The tensor source for ``path``, by its detected format."""
-    fmt = detect_format(path)
-    return HFSource(path) if fmt == "hf" else MegatronSource(path)
 
 
 # --------------------------------------------------------------------------------------------- HF
