@@ -32,9 +32,6 @@ MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "README.md"]
 """What is downloaded for a model: configs, safetensors weights, tokenizer files. Never
 ``*.bin`` / ``*.pt`` (pickles: loading them from a stranger's repo runs their code)."""
 
-TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "added_tokens.json"]
-"""What is downloaded for a tokenizer only (a tokenizer given as ``org/name``)."""
-
 
 class HubError(ConfigError):
     """A Hub id could not be resolved (offline and not cached, no access, no such repo/revision)."""
