@@ -23,19 +23,21 @@ PROG = "mmbert-pretrain"
 
 
 def run_is_complete(cfg) -> bool:
-    """True when the run's latest checkpoint ends its last phase (the phase-end save, or with
-    ``keep_phase_ends: false`` a save at or past the run's total token budget)."""
+    """True when the run's latest checkpoint ends its last phase, as the trainer decides it on resume
+    (:func:`megatron_mmbert.training.state.run_complete`). A checkpoint from before the record held
+    its phase's rows ends the run only as the last phase's phase-end save."""
     from megatron_mmbert.checkpoints import dist as ckpt
     from megatron_mmbert.checkpoints.layout import phase_end_name
+    from megatron_mmbert.training.state import run_complete
 
     latest = ckpt.read_latest(cfg.checkpoint_dir)
     if latest is None:
         return False
-    state = ckpt.read_config(latest).get("train_state") or {}
-    last = cfg.phases[-1]
-    if os.path.basename(os.path.normpath(latest)) == phase_end_name(last.name):
-        return True
-    return state.get("phase") == last.name and state.get("tokens", 0) >= sum(p.tokens for p in cfg.phases)
+    record = ckpt.read_config(latest).get("train_state") or {}
+    names = [p.name for p in cfg.phases]
+    if record.get("phase_samples") is not None:
+        return run_complete(record, names)
+    return os.path.basename(os.path.normpath(latest)) == phase_end_name(names[-1])
 
 
 def configure_logging(rank: int) -> None:

@@ -55,7 +55,7 @@ from megatron_mmbert.training.prefetch import BatchPrefetcher, prepare
 from megatron_mmbert.training.profiling import StepProfiler
 from megatron_mmbert.training.preflight import check_checkpoint_tokenizer, check_packed_row_backend, validate
 from megatron_mmbert.training.resume_check import check_resume
-from megatron_mmbert.training.state import TrainState
+from megatron_mmbert.training.state import TrainState, phase_complete, run_complete
 from megatron_mmbert.training.step import finish_param_sync
 from megatron_mmbert.training.stopping import StopFlag, any_rank
 
@@ -190,9 +190,9 @@ class Trainer:
             raise ConfigError(f"{latest} was saved in phase {record['phase']!r}, which this config lacks ({names})")
         state = TrainState.from_checkpoint(record, names)
         optimizer = "restored" if meta["loaded_optimizer"] else "fresh"
-        if state.consumed_samples >= self.stream.phase_num_samples(record["phase"]):
+        if phase_complete(record, self.stream.phase_num_samples(record["phase"])):
             # Only a phase-end checkpoint holds a finished phase (periodic saves skip the last step).
-            if state.phase_index == len(names) - 1:
+            if run_complete(record, names, self.stream.phase_num_samples(record["phase"])):
                 self.complete = latest
                 return state
             state.start_phase(state.phase_index + 1)
@@ -312,7 +312,8 @@ class Trainer:
         scheduler, seeds and data position)."""
         st = self.state
         return st.to_checkpoint(phase.name, scheduler.state_dict(), self.cfg.seed, self.cfg.data_seed,
-                                self.data_position(st.phase_index, st.consumed_samples))
+                                self.data_position(st.phase_index, st.consumed_samples),
+                                phase_samples=self.stream.phase_num_samples(phase.name))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, name: str, phase: PhaseConfig, scheduler, kill_during_save: bool = False) -> None:
