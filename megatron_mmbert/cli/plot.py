@@ -73,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif cfg.what == "loss":
             written = plots.plot_loss(cfg.path, cfg.out)
         else:
-            written = plots.plot_compare(cfg.path, cfg.out, cfg.max_languages)
+            written = plots.plot_compare(cfg.path, cfg.out, cfg.max_languages, cfg.baseline)
         print(f"wrote {written}")
         return 0
 
