@@ -17,6 +17,8 @@ import stat
 import time
 from typing import Any, Optional
 
+from megatron_mmbert.checkpoints.layout import is_run_folder
+
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` atomically (creating the parent folder)."""
@@ -141,8 +143,6 @@ def check_output_dir(out: str, kind: str, inputs=(), overwrite: bool = False) ->
                 found = record.get("kind")
             except (OSError, ValueError, AttributeError):
                 found, record = None, {}
-        from megatron_mmbert.checkpoints.layout import is_run_folder
-
         run_folder = is_run_folder(out)
         if found != kind or run_folder:
             what = "a run's checkpoint folder" if run_folder else (

@@ -181,17 +181,6 @@ def read_config_if_any(directory: str) -> Optional[Dict[str, Any]]:
         raise CheckpointError(f"{path}: unreadable ({exc})") from exc
 
 
-def write_config(directory: str, payload: Dict[str, Any]) -> None:
-    """Write ``payload`` as the checkpoint's config, with the size and SHA-256 of every file beside
-    it (``files``). Written last: its presence marks the checkpoint complete."""
-    from megatron_mmbert.checkpoints import dcp_io
-    from megatron_mmbert.fileio import atomic_write_json
-
-    payload = dict(payload)
-    payload["files"] = dcp_io.file_digests(directory, skip=(CONFIG_FILE,))
-    atomic_write_json(config_path(directory), payload, indent=2)
-
-
 # -- tokenizer -------------------------------------------------------------------------------------
 
 
