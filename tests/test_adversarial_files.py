@@ -514,3 +514,22 @@ def test_tokenizer_compared_by_vocabulary_when_no_identity_is_recorded(tmp_path,
     save_word_tokenizer(str(other))
     why = tokenizer_mismatch(str(other), identity, demo_tokenizer)
     assert why is not None and "'demo'" in why and str(other) in why
+
+
+def test_a_library_writer_publishes_atomically_or_leaves_nothing(tmp_path):
+    """fileio.atomic_write_with: the writers that take a file name (savefig, parquet, profiler traces)
+    publish the finished file under its name, and a writer that fails leaves neither it nor a partial."""
+    from megatron_mmbert.fileio import atomic_write_with
+
+    target = tmp_path / "out" / "a.png"
+    atomic_write_with(str(target), lambda tmp: open(tmp, "w").write("ok"), suffix=".png")
+    assert target.read_text() == "ok" and os.listdir(target.parent) == ["a.png"]
+
+    def fails(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write_with(str(target), fails)
+    assert target.read_text() == "ok" and os.listdir(target.parent) == ["a.png"]

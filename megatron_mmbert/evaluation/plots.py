@@ -17,6 +17,7 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.fileio import atomic_write_with
 
 
 def _pyplot():
@@ -47,9 +48,7 @@ def _read_json(path: str, name: str) -> Tuple[Dict, str]:
 
 def _save(fig, path: str) -> str:
     """Write the PNG atomically (a partial file never takes the final name)."""
-    tmp = f"{path}.partial-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"), suffix=".png")
     return path
 
 
