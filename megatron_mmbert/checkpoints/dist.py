@@ -323,7 +323,7 @@ def read_latest(root: str, warn: Optional[Callable[[str], None]] = None) -> Opti
     if not candidates:
         raise ConfigError(f"{problem}, and no complete checkpoint is left in {root}; remove {path} to start over")
     if warn is not None:
-        warn(f"WARNING: {problem}; resuming from the newest complete checkpoint, {candidates[0]}")
+        warn(f"{problem}; resuming from the newest complete checkpoint, {candidates[0]}")
     return candidates[0]
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import resource
 import sys
@@ -215,6 +216,16 @@ class RunLogger:
     def info(self, message: str) -> None:
         if self.enabled:
             print(message, file=sys.stdout, flush=True)
+
+    def warning(self, message: str) -> None:
+        """Something the user should act on, through :mod:`logging` (its level and handlers: the
+        trainer's print ``<time> WARNING megatron_mmbert.training: message`` in order with the log)."""
+        if self.enabled:
+            logging.getLogger("megatron_mmbert.training").warning(message)
+
+    def error(self, message: str) -> None:
+        """Why the run stops, through :mod:`logging` (every rank: the one that found it says so)."""
+        logging.getLogger("megatron_mmbert.training").error(message)
 
     def text(self, tag: str, message: str, step: int) -> None:
         self.info(message)

@@ -121,7 +121,7 @@ class Trainer:
         self.locks = self._lock_run_folders()
         self.log = RunLogger(cfg.run_dir, cfg.tensorboard_dir if cfg.logging.tensorboard else None, self.rt.is_main,
                              wandb=cfg.logging.wandb, config=resolved_dict(cfg))
-        check_resume(cfg, self.log.info, self.rt.device)  # against the stored config, so before it is rewritten
+        check_resume(cfg, self.log.warning, self.rt.device)  # against the stored config, so before it is rewritten
         if self.rt.is_main:
             write_resolved(cfg, resolved_config_path(cfg.run_dir))  # its own name: never over the user's file
             os.makedirs(cfg.checkpoint_dir, exist_ok=True)
@@ -172,7 +172,7 @@ class Trainer:
     def _restore(self) -> TrainState:
         """Resume from ``latest``, or start (from ``init.checkpoint`` or fresh) at the start phase."""
         cfg = self.cfg
-        latest = ckpt.read_latest(cfg.checkpoint_dir, warn=self.log.info) if cfg.checkpoint.resume else None
+        latest = ckpt.read_latest(cfg.checkpoint_dir, warn=self.log.warning) if cfg.checkpoint.resume else None
         state = self._resume(latest) if latest is not None else self._start()
         if state.first_phase_index is None:
             state.first_phase_index = state.phase_index
@@ -224,7 +224,7 @@ class Trainer:
         return TrainState(phase_index=start)
 
     def _check_tokenizer(self, checkpoint: str, what: str) -> None:
-        check_checkpoint_tokenizer(self.cfg, checkpoint, what, self.stream.manifest.tokenizer.to_json(), self.log.info)
+        check_checkpoint_tokenizer(self.cfg, checkpoint, what, self.stream.manifest.tokenizer.to_json(), self.log.warning)
 
     def _check_branch_data(self, parent: Optional[Dict]) -> None:
         """Refuse a run from ``init.checkpoint`` whose data would not continue the checkpoint's.
@@ -453,10 +453,10 @@ class Trainer:
         st.skipped_steps += 1
         self.consecutive_skips += 1
         if cfg.train.nan_policy == "stop" or self.consecutive_skips > cfg.train.max_consecutive_skips:
-            self.log.info(f"ERROR: {skipped}; the update was not applied. Stopping "
-                          f"(train.nan_policy={cfg.train.nan_policy}); resume from the last checkpoint.")
+            self.log.error(f"{skipped}; the update was not applied. Stopping "
+                           f"(train.nan_policy={cfg.train.nan_policy}); resume from the last checkpoint.")
             raise NonFiniteError(skipped)
-        self.log.info(f"WARNING: {skipped}; update skipped (train.nan_policy=skip)")
+        self.log.warning(f"{skipped}; update skipped (train.nan_policy=skip)")
         return skipped
 
     def _log_step(self, meter: StepMeter, result, phase: PhaseConfig, k: int, rows: int, batches,
