@@ -22,7 +22,6 @@ resolved config; its run id is kept in ``{run_dir}/wandb_run_id`` so a resumed r
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -32,6 +31,8 @@ import time
 from typing import Dict, Optional
 
 import torch
+
+from megatron_mmbert.progress import format_eta, human
 
 TB_FIELDS = (
     "loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "tflops", "consumed_tokens",
@@ -117,17 +118,7 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def format_eta(seconds: Optional[float]) -> str:
-    if seconds is None or seconds != seconds or seconds == float("inf"):
-        return "n/a"
-    return str(datetime.timedelta(seconds=int(seconds)))
 
-
-def _si(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.1f}{unit}"
-    return f"{x:.0f}"
 
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -238,10 +229,10 @@ class RunLogger:
             return
         mfu = "n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%"
         line = (
-            f"step {m['step']}/{m['total_steps']} | {m['phase']} | tok {_si(m['consumed_tokens'])}/"
-            f"{_si(m['total_tokens'])} ({m['consumed_pct']:.1f}%) | loss {m['loss']:.4f} | "
+            f"step {m['step']}/{m['total_steps']} | {m['phase']} | tok {human(m['consumed_tokens'])}/"
+            f"{human(m['total_tokens'])} ({m['consumed_pct']:.1f}%) | loss {m['loss']:.4f} | "
             f"acc {m['accuracy']:.3f} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
-            f"{_si(m['tokens_per_s'])} tok/s | {m['tflops']:.3g} TFLOP/s | MFU {mfu} | "
+            f"{human(m['tokens_per_s'])} tok/s | {m['tflops']:.3g} TFLOP/s | MFU {mfu} | "
             f"mem {m['memory_gib']:.2f} GiB | eta {format_eta(m['eta_s'])}"
         )
         if m.get("skipped"):
