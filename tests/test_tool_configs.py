@@ -336,3 +336,23 @@ def test_a_closed_pipe_ends_help_config_quietly():
         proc = run_process(["bash", "-c", f"set -o pipefail; {sys.executable} {cmd} | true"], cwd=ROOT, timeout=120)
         assert "Error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert proc.returncode == 141, (cmd, proc.returncode)
+
+
+def test_pretrain_print_config_is_the_resolved_run_config(capsys):
+    """After inherit:, phase edits and overrides: what the run would use, and what --config reads back."""
+    from megatron_mmbert import pretrain
+    from megatron_mmbert.training.config import from_mapping, load_config, resolved_dict
+
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("megatron_mmbert").level
+    try:  # main() sets up the run's log handlers; give pytest's back
+        assert pretrain.main(["--config", "tiny-cpu", "--phases.mid.mask_rate", "0.2", "--print-config"]) == 0
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("megatron_mmbert").setLevel(saved[2])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert [p["mask_rate"] for p in printed["phases"] if p["name"] == "mid"] == [0.2]
+    assert printed == resolved_dict(load_config("tiny-cpu", ["--phases.mid.mask_rate", "0.2"]))
+    assert resolved_dict(from_mapping(printed)) == printed
