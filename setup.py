@@ -7,6 +7,7 @@ installed: ``pip install torch==2.13.0`` on CPU machines, or use the NGC image o
 
 import glob
 import os
+import re
 import shutil
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
@@ -39,7 +40,7 @@ ext_modules = [
 
 setup(
     name="megatron-mmbert",
-    version="0.1.0",
+    version=re.search(r'__version__ = "([^"]+)"', open("megatron_mmbert/__init__.py", encoding="utf-8").read()).group(1),
     description="mmBERT / ModernBERT multilingual encoder pretraining on Megatron-core",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

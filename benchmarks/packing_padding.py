@@ -53,8 +53,8 @@ def build_quickstart(work: str) -> str:
     run("examples/demo_corpus/build_gettext_corpus.py", "--output", f"{work}/corpus", "--languages",
         *QUICKSTART_LANGUAGES, "--max-chars-per-language", "200000")
     run("examples/demo_corpus/train_tokenizer.py", "--corpus", f"{work}/corpus", "--output", f"{work}/tokenizer")
-    run("tools/preprocess_data.py", "--input", f"{work}/corpus", "--output", f"{work}/shards",
-        "--tokenizer", f"{work}/tokenizer", "--workers", "2", "--chunk-mb", "0.1")
+    run("tools/preprocess_data.py", "--inputs", f"{work}/corpus", "--output", f"{work}/shards",
+        "--tokenizer", f"{work}/tokenizer", "--workers", "2", "--chunk_bytes", "104857")
     return f"{work}/shards/manifest.json"
 
 

@@ -167,9 +167,9 @@ def main(argv=None) -> int:
         os.replace(corpus + ".tmp", corpus)
     if not os.path.isfile(os.path.join(tok, "tokenizer.json")):
         run([py, "examples/demo_corpus/train_tokenizer.py", "--corpus", corpus, "--output", tok], log, env)
-    times["data"] = run([py, "tools/preprocess_data.py", "--input", corpus, "--output", shards, "--tokenizer", tok,
-                         "--workers", str(args.nproc), "--chunk-mb", "0.1", "--holdout-docs", str(args.holdout_docs),
-                         "--language-list", "none"], log, env)
+    times["data"] = run([py, "tools/preprocess_data.py", "--inputs", corpus, "--output", shards, "--tokenizer", tok,
+                         "--workers", str(args.nproc), "--chunk_bytes", "104857", "--holdout_docs", str(args.holdout_docs),
+                         "--language_list", "none"], log, env)
     heldout = os.path.join(shards, "heldout", "manifest.json")
 
     from megatron_mmbert.data.shards import load_manifest

@@ -68,8 +68,8 @@ if [ ! -f "$OUT/tokenizer/tokenizer.json" ]; then
   "$PY" examples/demo_corpus/train_tokenizer.py --corpus "$OUT/corpus" --output "$OUT/tokenizer"
 fi
 say "3/7 preprocess to per-language Megatron shards, holding out 8 documents per language"
-"$PY" tools/preprocess_data.py --input "$OUT/corpus" --output "$OUT/shards" --tokenizer "$OUT/tokenizer" \
-    --workers "$NPROC" --chunk-mb 0.1 --holdout-docs 8
+"$PY" tools/preprocess_data.py --inputs "$OUT/corpus" --output "$OUT/shards" --tokenizer "$OUT/tokenizer" \
+    --workers "$NPROC" --chunk_bytes 104857 --holdout_docs 8
 say "4/7 blended + packed index of the three phases"
 "$PY" tools/build_data_index.py --config "$CONFIG" "${COMMON[@]}" --rows 6 | tee "$OUT/index_plan.txt"
 PLAN="$(sed -n 's/.*; plan: //p' "$OUT/index_plan.txt")"
@@ -99,7 +99,7 @@ say "7/7 TIES-merge the variants (base: $MID) and export to Hugging Face"
 if [ "$TRAINED" = 0 ] && [ -f "$OUT/merged/merge_report.json" ] && [ -f "$OUT/hf/config.json" ]; then
   echo "merge and export already done from these runs: $OUT/merged, $OUT/hf"
 else
-  "$PY" tools/ties_merge.py --method ties --base "$MID" --density 0.5 --overwrite --quiet \
+  "$PY" tools/ties_merge.py --spec.method ties --base "$MID" --spec.density 0.5 --overwrite --quiet \
       --models "$OUT"/decay_{anchor_heavy,cont,all}/checkpoints/phase_end_decay --out "$OUT/merged"
   "$PY" tools/convert_checkpoint.py export-hf --load "$OUT/merged" --out "$OUT/hf" --overwrite
 fi
@@ -113,8 +113,8 @@ mkdir -p "$OUT/models"
 ln -sfn ../train/checkpoints/phase_end_mid "$OUT/models/mid"
 for v in anchor_heavy cont all; do ln -sfn "../decay_$v/checkpoints/phase_end_decay" "$OUT/models/decay_$v"; done
 ln -sfn ../merged "$OUT/models/merged"
-"$PY" tools/evaluate.py --manifest "$OUT/shards/heldout" --size-manifest "$OUT/shards" --seq-len 256 \
-    --tokens-per-language 2048 --out "$OUT/eval_heldout" --quiet \
+"$PY" tools/evaluate.py --manifest "$OUT/shards/heldout" --size_manifest "$OUT/shards" --seq_len 256 \
+    --tokens_per_language 2048 --out "$OUT/eval_heldout" --quiet \
     --compare "$OUT"/models/{mid,decay_anchor_heavy,decay_cont,decay_all,merged}
 PLOTS=()
 if "$PY" -c "import matplotlib" 2>/dev/null; then

@@ -180,9 +180,10 @@ def from_dict(cls: type, data: Dict[str, Any], where: str = "") -> Any:
 
 
 def to_dict(obj: Any) -> Any:
-    """A plain, YAML-safe dict of a (nested) config dataclass."""
+    """A plain, YAML-safe dict of a (nested) config dataclass; derived fields (``init=False``) are
+    left out, so :func:`from_dict` reads the dict back."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

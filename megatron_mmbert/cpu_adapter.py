@@ -239,7 +239,3 @@ def install() -> bool:
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_DropForkWarning())
     _installed = True
     return True
-
-
-def is_installed() -> bool:
-    return _installed

@@ -1,8 +1,10 @@
 """Atomic file and directory publication: readers see the old version or the new one, never half.
 
 Every writer of a file another process may read (manifests, markers, configs, checkpoints, merge
-outputs) goes through here: write to a temporary name beside the target, flush and fsync, then
-``os.replace`` (atomic on POSIX within one filesystem).
+outputs, plots, profiler traces, shards) goes through here: write to a temporary name beside the
+target, flush and fsync, then ``os.replace`` (atomic on POSIX within one filesystem). A library
+writer that takes a file name goes through :func:`atomic_write_with`. (The index cache's folder
+publication in ``data/index.py`` is the one exception still to move here.)
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import shutil
 import socket
 import stat
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from megatron_mmbert.checkpoints.layout import is_run_folder
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -27,6 +31,29 @@ def atomic_write_text(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def replace_synced(tmp: str, final: str) -> None:
+    """Give the finished file ``tmp`` the name ``final``: its bytes reach the disk first (fsync), so
+    after a crash ``final`` is the old file or the whole new one."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def atomic_write_with(path: str, write: Callable[[str], Any], suffix: str = "") -> None:
+    """``write(tmp)`` -- a library's writer given a file name (``savefig``, ``pq.write_table``, a
+    profiler trace) -- then ``tmp`` published as ``path`` atomically; a failed write leaves no
+    partial file. ``suffix`` keeps the extension a writer reads its format from (``.png``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.partial-{os.getpid()}{suffix}"
+    try:
+        write(tmp)
+        replace_synced(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def atomic_write_json(path: str, obj: Any, **dump_kwargs) -> None:
@@ -141,8 +168,6 @@ def check_output_dir(out: str, kind: str, inputs=(), overwrite: bool = False) ->
                 found = record.get("kind")
             except (OSError, ValueError, AttributeError):
                 found, record = None, {}
-        from megatron_mmbert.checkpoints.layout import is_run_folder
-
         run_folder = is_run_folder(out)
         if found != kind or run_folder:
             what = "a run's checkpoint folder" if run_folder else (

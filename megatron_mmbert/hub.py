@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from megatron_mmbert.checkpoints.layout import HF_CONFIG, MERGE_REPORT
 from megatron_mmbert.config_base import ConfigError
-from megatron_mmbert.fileio import OUTPUT_MARKER, record_output_file
+from megatron_mmbert.fileio import OUTPUT_MARKER, atomic_write_text, record_output_file
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<revision>[A-Za-z0-9_./-]+))?$")
 """``org/name`` or ``org/name@revision`` (a branch, tag or commit sha), as the Hub spells repo ids."""
@@ -31,9 +31,6 @@ HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9
 MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "README.md"]
 """What is downloaded for a model: configs, safetensors weights, tokenizer files. Never
 ``*.bin`` / ``*.pt`` (pickles: loading them from a stranger's repo runs their code)."""
-
-TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "added_tokens.json"]
-"""What is downloaded for a tokenizer only (a tokenizer given as ``org/name``)."""
 
 
 class HubError(ConfigError):
@@ -266,10 +263,7 @@ def push_to_hub(folder: str, repo: str, private: bool = False, revision: Optiona
     hub = _hub()
     card = os.path.join(folder, "README.md")
     if not os.path.exists(card):
-        tmp = f"{card}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(model_card(folder, source, repo))
-        os.replace(tmp, card)
+        atomic_write_text(card, model_card(folder, source, repo))
         record_output_file(folder, "README.md")  # ours: a later overwrite may replace it
     api = hub.HfApi()
     try:

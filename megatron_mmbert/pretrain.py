@@ -5,6 +5,7 @@
 
 ``--config`` takes a YAML file or the name of a shipped config (``--list-configs``). Rerunning the
 same command resumes from the run's latest checkpoint. ``--help-config`` lists every field;
+``--print-config`` prints the effective config (after ``inherit:``, phase edits and overrides) as YAML;
 ``--validate`` checks the config and data for a given ``--world-size`` and exits. See
 docs/training.md.
 """
@@ -15,25 +16,28 @@ import argparse
 import os
 import sys
 
+from megatron_mmbert.cli.options import config_yaml, tool_main, tool_parser
 from megatron_mmbert.config_base import ConfigError
 
 PROG = "mmbert-pretrain"
 
 
 def run_is_complete(cfg) -> bool:
-    """True when the run's latest checkpoint ends its last phase (the phase-end save, or with
-    ``keep_phase_ends: false`` a save at or past the run's total token budget)."""
+    """True when the run's latest checkpoint ends its last phase, as the trainer decides it on resume
+    (:func:`megatron_mmbert.training.state.run_complete`). A checkpoint from before the record held
+    its phase's rows ends the run only as the last phase's phase-end save."""
     from megatron_mmbert.checkpoints import dist as ckpt
     from megatron_mmbert.checkpoints.layout import phase_end_name
+    from megatron_mmbert.training.state import run_complete
 
     latest = ckpt.read_latest(cfg.checkpoint_dir)
     if latest is None:
         return False
-    state = ckpt.read_config(latest).get("train_state") or {}
-    last = cfg.phases[-1]
-    if os.path.basename(os.path.normpath(latest)) == phase_end_name(last.name):
-        return True
-    return state.get("phase") == last.name and state.get("tokens", 0) >= sum(p.tokens for p in cfg.phases)
+    record = ckpt.read_config(latest).get("train_state") or {}
+    names = [p.name for p in cfg.phases]
+    if record.get("phase_samples") is not None:
+        return run_complete(record, names)
+    return os.path.basename(os.path.normpath(latest)) == phase_end_name(names[-1])
 
 
 def configure_logging(rank: int) -> None:
@@ -52,11 +56,14 @@ def configure_logging(rank: int) -> None:
     logging.getLogger("megatron_mmbert").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+@tool_main
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = tool_parser(PROG, __doc__.split("\n\n")[0])
     parser.add_argument("--config", help="run YAML, or the name of a shipped config (see --list-configs)")
     parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     parser.add_argument("--help-config", action="store_true", help="print every config field and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective config (after inherit:, phase edits and overrides) as YAML and exit")
     parser.add_argument("--validate", action="store_true", help="validate config + data and exit")
     parser.add_argument("--world-size", type=int, help="world size for --validate (default: $WORLD_SIZE or 1)")
     parser.add_argument("--skip-data", action="store_true", help="--validate without the data/checkpoint checks")
@@ -87,6 +94,9 @@ def main(argv=None) -> int:
             os.environ.update(torch_env_from_slurm())
         configure_logging(int(os.environ.get("RANK", "0")))
         cfg = run_config.load_config(args.config, overrides)
+        if args.print_config:
+            print(config_yaml(cfg), end="")
+            return 0
         if args.print_checkpoint_dir:
             print(os.path.abspath(cfg.checkpoint_dir))
             return 0

@@ -157,9 +157,4 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def log_rank0(message: str, *args, level: int = logging.INFO) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        logger.log(level, message, *args)
-
-
-__all__ = ["Runtime", "initialize", "shutdown", "set_seed", "barrier", "log_rank0", "Optional"]
+__all__ = ["Runtime", "initialize", "shutdown", "set_seed", "barrier", "Optional"]

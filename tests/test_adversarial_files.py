@@ -242,7 +242,7 @@ def test_evaluate_with_another_tokenizer_is_refused(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["--load", ckpt, "--manifest", manifest, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "'tokA'" in err and "'random'" in err and "allow-other-tokenizer" in err
+    assert "'tokA'" in err and "'random'" in err and "[--allow_other_tokenizer]" in err
     assert not out.exists()
 
 
@@ -253,7 +253,7 @@ def test_merge_inputs_of_different_tokenizers_are_refused(tmp_path, capsys):
     b = _checkpoint_of_tokenizer(tmp_path / "b", name="tokB", digest="b" * 64)
     assert main(["--models", a, b, "--method", "linear", "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
-    assert "different tokenizers" in err and str(tmp_path / "a") in err and "allow-other-tokenizer" in err
+    assert "different tokenizers" in err and str(tmp_path / "a") in err and "[--allow_other_tokenizer]" in err
     assert not (tmp_path / "m").exists()
 
 
@@ -514,3 +514,22 @@ def test_tokenizer_compared_by_vocabulary_when_no_identity_is_recorded(tmp_path,
     save_word_tokenizer(str(other))
     why = tokenizer_mismatch(str(other), identity, demo_tokenizer)
     assert why is not None and "'demo'" in why and str(other) in why
+
+
+def test_a_library_writer_publishes_atomically_or_leaves_nothing(tmp_path):
+    """fileio.atomic_write_with: the writers that take a file name (savefig, parquet, profiler traces)
+    publish the finished file under its name, and a writer that fails leaves neither it nor a partial."""
+    from megatron_mmbert.fileio import atomic_write_with
+
+    target = tmp_path / "out" / "a.png"
+    atomic_write_with(str(target), lambda tmp: open(tmp, "w").write("ok"), suffix=".png")
+    assert target.read_text() == "ok" and os.listdir(target.parent) == ["a.png"]
+
+    def fails(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write_with(str(target), fails)
+    assert target.read_text() == "ok" and os.listdir(target.parent) == ["a.png"]

@@ -39,4 +39,4 @@ def test_run_config_form_matches_what_training_uses(tmp_path, capsys):
 def test_phase_list_needs_manifest_cache_and_seed(tmp_path, capsys):
     (tmp_path / "phases.yaml").write_text(yaml.safe_dump([{"name": "p", "tokens": 1024}]))
     assert main(["--config", str(tmp_path / "phases.yaml")]) == 2
-    assert "is a phase list: give --manifest, --cache-dir, --seed" in capsys.readouterr().err
+    assert "is a phase list: give --manifest, --cache_dir, --seed" in capsys.readouterr().err

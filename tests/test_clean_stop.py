@@ -156,3 +156,20 @@ def test_slurm_task_variables():
         torch_env_from_slurm({k: v for k, v in env.items() if k != "SLURM_PROCID"})
     with pytest.raises(ConfigError, match="export MASTER_ADDR"):
         torch_env_from_slurm({k: v for k, v in env.items() if k != "MASTER_ADDR"})
+
+
+def test_run_complete_is_one_definition():
+    """The trainer's resume and ``--is-complete`` ask the same question of a checkpoint's record."""
+    from megatron_mmbert.training.state import TrainState, phase_complete, run_complete
+
+    names = ["pre", "mid", "decay"]
+    st = TrainState(phase_index=2, consumed_samples=40)
+    record = st.to_checkpoint("decay", {}, 1, 2, {}, phase_samples=40)
+    assert phase_complete(record) and run_complete(record, names)
+    assert not run_complete(record, names[:2] + ["other"])  # not this config's last phase
+    short = TrainState(phase_index=2, consumed_samples=39).to_checkpoint("decay", {}, 1, 2, {}, phase_samples=40)
+    assert not run_complete(short, names) and not phase_complete(short)
+    # the trainer passes the stream's row count, which wins over the record's
+    assert run_complete(short, names, phase_samples=39)
+    mid = TrainState(phase_index=1, consumed_samples=10).to_checkpoint("mid", {}, 1, 2, {}, phase_samples=10)
+    assert phase_complete(mid) and not run_complete(mid, names)

@@ -188,7 +188,7 @@ def test_bad_inputs_are_named(setup, tmp_path, capsys):
     root, manifest = setup
     assert evaluate_main(["--hf-dir", str(root / "ckpt"), "--manifest", manifest, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err  # the library names the field, the command line adds its flag
-    assert "is a megatron-mmbert checkpoint: pass it as load [--hf-dir]" in err
+    assert "is a megatron-mmbert checkpoint: pass it as load [--hf_dir]" in err
     assert evaluate_main(["--load", str(root / "ckpt"), "--manifest", manifest, "--out", str(tmp_path / "y"),
                           "--languages", "zzz_Latn"]) == 2
     err = capsys.readouterr().err
@@ -211,7 +211,7 @@ def test_option_errors_name_fields_all_at_once():
     assert sorted(x.field for x in e.value.errors) == ["load", "mask_rate", "seq_len", "tp"]
     assert "--" not in str(e.value)  # the library names fields; the command line adds the flags:
     _, spec = build_parser()
-    assert "seq_len must be >= 2, got 1 [--seq-len]" in spec.explain(e.value)
+    assert "seq_len must be >= 2, got 1 [--seq_len]" in spec.explain(e.value)
 
 
 def test_resource_groups_are_terciles_by_manifest_tokens():

@@ -88,3 +88,32 @@ def test_missing_matplotlib_and_bad_input_are_named(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match=r"megatron-mmbert\[plots\]"):
         plots.plot_loss(str(tmp_path))
+
+
+def test_compare_plot_stays_readable_at_1833_languages(tmp_path):
+    """The picture's size does not grow with the languages: differences to the baseline per resource
+    group, the worst and best named; a baseline that is not a compared model is refused."""
+    import random
+
+    from matplotlib.image import imread
+
+    from megatron_mmbert.fileio import atomic_write_json
+
+    rng = random.Random(0)
+    models = ["mid", "decay", "merged"]
+    langs = [f"l{i:04d}_Latn" for i in range(1833)]
+    table = {"models": models, "languages": {}, "summary": {}, "wins": {},
+             "groups": {"high": langs[:611], "mid": langs[611:1222], "low": langs[1222:]}}
+    for lang in langs:
+        base = rng.uniform(3, 7)
+        loss = {"mid": base, "decay": base + rng.gauss(-0.1, 0.2), "merged": base + rng.gauss(-0.2, 0.2)}
+        table["languages"][lang] = {"loss": loss, "accuracy": {m: 0.3 for m in models},
+                                    "winner": min(loss, key=loss.get)}
+    table["languages"]["l1500_Latn"]["loss"]["merged"] = 99.0  # an outlier far above the rest
+    atomic_write_json(str(tmp_path / "compare.json"), table)
+    path = plots.plot_compare(str(tmp_path), baseline="mid")
+    _not_blank(path)
+    height, width = imread(path).shape[:2]
+    assert width < 2000 and height < 800, (width, height)
+    with pytest.raises(ConfigError, match="baseline 'nope' is not a compared model"):
+        plots.plot_compare(str(tmp_path), baseline="nope")

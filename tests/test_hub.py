@@ -191,3 +191,23 @@ def test_merge_inputs_take_hub_ids_offline(hf_home, tmp_path):
 
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("by_id", "by_path"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_a_hub_tokenizers_files_are_fetched_and_copied_by_one_list(tmp_path):
+    """What a Hub tokenizer download fetches is what checkpoints copy: a BPE tokenizer's merges.txt and
+    a SentencePiece model under its own name reach the checkpoint's tokenizer/ folder."""
+    import fnmatch
+
+    from megatron_mmbert.checkpoints.layout import TOKENIZER_FILES, copy_tokenizer_files, has_tokenizer_files
+
+    src = tmp_path / "snapshot"
+    src.mkdir()
+    names = ["tokenizer_config.json", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "config.json",
+             "model.safetensors"]
+    for name in names:
+        (src / name).write_text("x")
+    assert has_tokenizer_files(str(src))
+    copied = copy_tokenizer_files(str(src), str(tmp_path / "ckpt" / "tokenizer"))
+    assert copied == ["merges.txt", "sentencepiece.bpe.model", "tokenizer_config.json", "vocab.json"]
+    fetched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in TOKENIZER_FILES)]
+    assert sorted(fetched) == copied  # the download's allow-list is the same list

@@ -1,4 +1,4 @@
-"""ties_merge --select-best: each input run's best kept checkpoint by held-out loss, reported."""
+"""ties_merge --select.enabled: each input run's best kept checkpoint by held-out loss, reported."""
 
 import dataclasses
 import json
@@ -56,8 +56,8 @@ def test_merge_of_the_best_checkpoint_of_each_run(runs, capsys):
     tmp, heldout = runs
     out = tmp / "merged"
     rc = merge_main(["--method", "linear", "--models", str(tmp / "a"), str(tmp / "b"), "--out", str(out),
-                     "--select-best", "--select-manifest", heldout, "--select-tokens-per-language", "1024",
-                     "--select-seq-len", "128", "--quiet"])
+                     "--select.enabled", "--select.manifest", heldout, "--select.tokens_per_language", "1024",
+                     "--select.seq_len", "128", "--quiet"])
     assert rc == 0, capsys.readouterr().err
     report = json.load(open(out / "merge_report.json"))
     sel = report["selection"]["runs"]
@@ -70,5 +70,5 @@ def test_merge_of_the_best_checkpoint_of_each_run(runs, capsys):
     assert len(sel[0]["candidates"]) == 3 and report["selection"]["config"]["manifest"] == heldout
     # Without a held-out manifest the selection is refused, naming the flag.
     assert merge_main(["--method", "linear", "--models", str(tmp / "a"), str(tmp / "b"), "--out",
-                       str(tmp / "m2"), "--select-best", "--quiet"]) == 2
-    assert "--select-manifest" in capsys.readouterr().err
+                       str(tmp / "m2"), "--select.enabled", "--quiet"]) == 2
+    assert "--select.manifest" in capsys.readouterr().err

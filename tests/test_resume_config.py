@@ -108,13 +108,13 @@ def test_resume_warns_on_changed_keys_and_refuses_critical_ones(tiny_run, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(os.path.join(tiny_run.run_dir, "checkpoints", "iter_0000002"), run / "checkpoints" / "iter_0000002")
     (run / "checkpoints" / "latest").write_text("iter_0000002\n")
-    shutil.copyfile(os.path.join(tiny_run.run_dir, "config.yaml"), run / "config.yaml")
+    shutil.copyfile(os.path.join(tiny_run.run_dir, "resolved_config.yaml"), run / "resolved_config.yaml")
     cfg = tiny_run_config(str(tmp_path / "run.yaml"), tiny_run.manifest, str(run), **tiny_run.sections)
 
     # Harmless change + another derived time limit: a warning naming exactly the changed key.
     second = launch(cfg, "--checkpoint.exit_after_minutes", "0.0001", "--logging.interval", "2")
     assert second.returncode == 0, second.stderr[-2000:]
-    warning = [line for line in second.stdout.splitlines() if line.startswith("WARNING: the config differs")]
+    warning = [line for line in second.stdout.splitlines() if "WARNING megatron_mmbert.training: the config differs" in line]
     assert len(warning) == 1 and "in 1 key(s): logging.interval: 1 -> 2" in warning[0], second.stdout[-2000:]
     assert "resumed from" in second.stdout and "stopping cleanly at step 3" in second.stdout
 

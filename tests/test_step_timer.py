@@ -32,3 +32,20 @@ def test_timing_off_records_nothing():
     for _ in range(3):
         timer.mark()
     assert timer.marks == [] and timer.split() == (0.0, 0.0)
+
+
+def test_one_progress_format_for_every_stage():
+    import io
+
+    from megatron_mmbert.progress import Progress, format_eta, human
+
+    assert format_eta(3725.9) == "1:02:05" and format_eta(None) == "n/a" and format_eta(float("nan")) == "n/a"
+    assert human(1_234_567) == "1.2M" and human(999) == "999"
+    out = io.StringIO()
+    p = Progress("evaluate", 4, "languages", out, every_s=3600)
+    p.start -= 10.0  # ten seconds in
+    p.advance(1, "eng_Latn")  # not yet due: silent
+    assert out.getvalue() == ""
+    p.advance(3, "fra_Latn")  # the end: always printed
+    line = out.getvalue().strip()
+    assert line.startswith("[evaluate] fra_Latn: 100.0% (4/4 languages), 0.4 languages/s") and line.endswith("ETA 0:00:00")

@@ -305,7 +305,7 @@ def test_cli_end_to_end_modernbert(tmp_path, capsys):
                    "--out", out, "--chunk-mb", "0.01"])
     assert rc == 0
     err = capsys.readouterr().err
-    assert "M params/s" in err and "ETA" in err
+    assert "params/s" in err and "ETA" in err
     merged = AutoModelForMaskedLM.from_pretrained(out)
     # tied decoder still tied, and every weight is the reference TIES of the three
     assert merged.decoder.weight.data_ptr() == merged.model.embeddings.tok_embeddings.weight.data_ptr()

@@ -89,7 +89,7 @@ def test_log_line_tensorboard_and_nan_skip(tiny_run):
     assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])
     assert os.listdir(os.path.join(run, "profile")) == ["step_2-rank0.json"]
     assert "memory_snapshot: a CUDA allocator snapshot needs a GPU" in p.stdout
-    assert "WARNING: non-finite gradient at step 3" in p.stdout and "update skipped" in p.stdout
+    assert "WARNING megatron_mmbert.training: non-finite gradient at step 3" in p.stdout and "update skipped" in p.stdout
     # logging configured at start-up: the attention backend and the layout, timestamped (rank 0, INFO)
     stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO megatron_mmbert\."
     backend_line = stamp + r"model\.build: model: 2 layers, hidden \d+, \w+ backend \(.*fp32"
@@ -151,5 +151,5 @@ def test_nan_stop_names_the_step(base):
     cfg = tiny_run_config(os.path.join(root, "nan_stop.yaml"), manifest, run, debug={"nan_grad_at_steps": [3]})
     p = launch(cfg)
     assert p.returncode != 0
-    assert "ERROR: non-finite gradient at step 3" in p.stdout and "was not applied" in p.stdout
+    assert "ERROR megatron_mmbert.training: non-finite gradient at step 3" in p.stdout and "was not applied" in p.stdout
     assert open(os.path.join(run, "checkpoints", "latest")).read().strip() == "iter_0000002"

@@ -41,7 +41,9 @@ from typing import Any, Dict, Iterable, Optional
 
 import torch
 
+from megatron_mmbert.checkpoints.layout import CONFIG_FILE, config_path
 from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.fileio import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -272,3 +274,11 @@ def verify_digests(directory: str, recorded: Dict[str, Dict[str, Any]], hashes: 
                 f"{path}: SHA-256 differs from the one recorded at save time (the file was modified or damaged); "
                 "restore it, or load another checkpoint"
             )
+
+
+def write_config(directory: str, payload: Dict[str, Any]) -> None:
+    """Write ``payload`` as the checkpoint's config (``layout.CONFIG_FILE``), with the size and SHA-256
+    of every file beside it (``files``). Written last: its presence marks the checkpoint complete."""
+    payload = dict(payload)
+    payload["files"] = file_digests(directory, skip=(CONFIG_FILE,))
+    atomic_write_json(config_path(directory), payload, indent=2)

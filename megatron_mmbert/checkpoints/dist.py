@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from megatron_mmbert.checkpoints import dcp_io
-from megatron_mmbert.checkpoints.dcp_io import UntrustedCheckpointError
+from megatron_mmbert.checkpoints.dcp_io import UntrustedCheckpointError, write_config
 from megatron_mmbert.checkpoints.layout import (
     CONFIG_FILE,
     DCP_METADATA,
@@ -49,7 +49,6 @@ from megatron_mmbert.checkpoints.layout import (
     read_config,
     tokenizer_dir,
     tokenizer_record,
-    write_config,
 )
 from megatron_mmbert.config import ConfigError, ModelConfig
 from megatron_mmbert.config_base import from_dict, to_dict
@@ -324,7 +323,7 @@ def read_latest(root: str, warn: Optional[Callable[[str], None]] = None) -> Opti
     if not candidates:
         raise ConfigError(f"{problem}, and no complete checkpoint is left in {root}; remove {path} to start over")
     if warn is not None:
-        warn(f"WARNING: {problem}; resuming from the newest complete checkpoint, {candidates[0]}")
+        warn(f"{problem}; resuming from the newest complete checkpoint, {candidates[0]}")
     return candidates[0]
 
 

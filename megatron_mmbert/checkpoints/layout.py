@@ -15,6 +15,7 @@ so a training run can put it into every checkpoint it saves.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -38,11 +39,23 @@ TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "tokenizer.model",
+    "added_tokens.json",
+    "*.model",
     "vocab.txt",
+    "vocab.json",
+    "merges.txt",
 )
-"""The only names copied as tokenizer files: a foreign ``tokenizer/`` cannot replace an output's
-``config.json`` or weights."""
+"""The files of a tokenizer (``fnmatch`` patterns over plain file names): the only ones copied as
+tokenizer files -- a foreign ``tokenizer/`` cannot replace an output's ``config.json`` or weights
+-- and the only ones fetched for a tokenizer given as a Hub id (:mod:`megatron_mmbert.hub`), so a
+Hub tokenizer's ``merges.txt`` or SentencePiece ``*.model`` reaches the checkpoints too."""
+
+
+def tokenizer_file_names(directory: str) -> List[str]:
+    """The names in ``directory`` that :data:`TOKENIZER_FILES` matches, sorted."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory) if any(fnmatch.fnmatchcase(n, p) for p in TOKENIZER_FILES))
 FORMATS = ("megatron", "hf")
 ITER_PREFIX = "iter_"
 """Periodic saves of a run: ``iter_NNNNNNN`` (:func:`iter_name`), the newest few kept."""
@@ -168,17 +181,6 @@ def read_config_if_any(directory: str) -> Optional[Dict[str, Any]]:
         raise CheckpointError(f"{path}: unreadable ({exc})") from exc
 
 
-def write_config(directory: str, payload: Dict[str, Any]) -> None:
-    """Write ``payload`` as the checkpoint's config, with the size and SHA-256 of every file beside
-    it (``files``). Written last: its presence marks the checkpoint complete."""
-    from megatron_mmbert.checkpoints import dcp_io
-    from megatron_mmbert.fileio import atomic_write_json
-
-    payload = dict(payload)
-    payload["files"] = dcp_io.file_digests(directory, skip=(CONFIG_FILE,))
-    atomic_write_json(config_path(directory), payload, indent=2)
-
-
 # -- tokenizer -------------------------------------------------------------------------------------
 
 
@@ -194,8 +196,8 @@ def data_tokenizer_dir(manifest_path: str) -> str:
 
 def has_tokenizer_files(directory: Optional[str]) -> bool:
     return bool(directory) and any(
-        os.path.isfile(os.path.join(directory, n)) for n in ("tokenizer.json", "tokenizer.model")
-    )
+        n == "tokenizer.json" or n.endswith(".model") for n in tokenizer_file_names(directory)
+        if os.path.isfile(os.path.join(directory, n)))
 
 
 def copy_tokenizer_files(src_dir: str, dst_dir: str, follow_symlinks: bool = False) -> List[str]:
@@ -204,9 +206,7 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str, follow_symlinks: bool = Fal
     ``follow_symlinks`` (a folder the user named, e.g. an HF cache snapshot, made of links): one in
     a downloaded checkpoint could otherwise copy any local file into an export."""
     copied = []
-    if not os.path.isdir(src_dir):
-        return copied
-    for name in TOKENIZER_FILES:
+    for name in tokenizer_file_names(src_dir):
         src = os.path.join(src_dir, name)
         if os.path.isfile(src) and (follow_symlinks or not os.path.islink(src)):
             os.makedirs(dst_dir, exist_ok=True)

@@ -13,7 +13,7 @@ Two checkpoint formats:
   (their keys and global shapes do not depend on the layout); a block of rows of one full tensor is
   read by loading a single ``ShardedTensor`` that covers just that region -- torch DCP assembles it
   from whatever shards overlap it. Written at the TP1/PP1 layout (whole tensors, loadable at any
-  layout); the merge adds the model config (:func:`.layout.write_config`). megatron-core's ``save`` takes the whole
+  layout); the merge adds the model config (:func:`.dcp_io.write_config`). megatron-core's ``save`` takes the whole
   state dict at once, so the megatron sink holds the output model in memory (1x model size).
 
 One subject, tensor-at-a-time reads and writes of both formats (the merge and the converter share
@@ -38,7 +38,6 @@ from megatron_mmbert.checkpoints.layout import (
     HF_CONFIG,
     HF_INDEX,
     CheckpointError,
-    detect_format,
     read_config_if_any,
 )
 
@@ -79,12 +78,6 @@ class TensorInfo:
     @property
     def is_float(self) -> bool:
         return self.dtype.is_floating_point
-
-
-def open_source(path: str):
-    """The tensor source for ``path``, by its detected format."""
-    fmt = detect_format(path)
-    return HFSource(path) if fmt == "hf" else MegatronSource(path)
 
 
 # --------------------------------------------------------------------------------------------- HF
@@ -380,7 +373,7 @@ class MegatronSource:
 
 class MegatronSink:
     """Writes a dist checkpoint at the TP1/PP1 layout (whole tensors); the config is written by the
-    caller (:func:`.layout.write_config`).
+    caller (:func:`.dcp_io.write_config`).
 
     ``convert(name, tensor) -> (key, tensor)`` maps each finished tensor to the checkpoint's naming
     and layout (the merge runs in HF naming when inputs are ModernBERT models); ``None`` keeps it.

@@ -1,8 +1,8 @@
 """Build the blended and packed index arrays of a schedule ahead of launch, and print its tables.
 
-    python tools/build_data_index.py --config RUN.yaml [--data.manifest ...]   # a training run config
-    python tools/build_data_index.py --config phases.yaml --manifest data/manifest.json \
-        --cache-dir data/index-cache --seed 21 [--global-batch-size 4608] [--packing best_fit]
+    mmbert-build-index --config RUN.yaml [--data.manifest ...]   # a training run config
+    mmbert-build-index --config phases.yaml --manifest data/manifest.json \
+        --cache_dir data/index-cache --seed 21 [--global_batch_size 4608] [--packing best_fit]
 
 With a training run config (the YAML given to pretrain_mmbert.py, plus the same ``--a.b value``
 overrides), the manifest, data seed, cache folder, global batch size, annealing resolution, row
@@ -11,7 +11,8 @@ sizes) and start phase (``init.start_phase``) are the run's own, so the run find
 (all of them are part of the cache key). Otherwise ``--config`` holds a list of phases (fields of
 ``megatron_mmbert.config.PhaseConfig``), or a mapping of ``BuildIndexConfig`` fields (``phases:``,
 ``manifest:``, ``cache_dir:``, ``seed:`` ...), and the other values come from the flags. Flags given
-explicitly win over either YAML; ``--help-config`` lists every field with its flag.
+explicitly win over either YAML; ``--help-config`` lists every field with its flag, ``--print-config``
+prints the effective config as YAML.
 
 It writes ``index_plan.json`` into the index folder and prints it: per phase and language the rows,
 tokens, share, ``first_token`` (where the language's stream stands when the phase starts) and the
@@ -28,7 +29,7 @@ import sys
 import time
 from typing import List, Literal, Optional
 
-from megatron_mmbert.cli.options import ConfigParser, os_error_text
+from megatron_mmbert.cli.options import ConfigParser, config_yaml, os_error_text, tool_main, tool_parser
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
 
@@ -73,6 +74,9 @@ class BuildIndexConfig:
     """Top rows per table (plus 5 bottom rows)."""
 
 
+PROG = "mmbert-build-index"
+
+
 def _read_yaml(path: str):
     from megatron_mmbert.config_base import YAMLTooLarge, safe_load_yaml
 
@@ -91,8 +95,7 @@ def _is_run_config(data) -> bool:
 
 def build_parser() -> "tuple[argparse.ArgumentParser, ConfigParser]":
     """The command line generated from :class:`BuildIndexConfig`, plus ``--config``."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = tool_parser(PROG, __doc__.split("\n\n")[0], raw=True)
     ap.add_argument("--config", help="a training run YAML (plus its --a.b value overrides), a YAML list of "
                     "phases, or a YAML mapping of BuildIndexConfig fields (phases: [...], manifest: ..., ...)")
     spec = ConfigParser(BuildIndexConfig)
@@ -100,7 +103,7 @@ def build_parser() -> "tuple[argparse.ArgumentParser, ConfigParser]":
     return ap, spec
 
 
-def load_config(args: argparse.Namespace, spec: ConfigParser, overrides: List[str]):
+def load_config(args: argparse.Namespace, spec: ConfigParser, overrides: List[str], argv: Optional[List[str]] = None):
     """``(BuildIndexConfig, vocab_size or None)`` from ``--config`` and the flags (flags win)."""
     data = _read_yaml(args.config)
     if _is_run_config(data):
@@ -111,7 +114,7 @@ def load_config(args: argparse.Namespace, spec: ConfigParser, overrides: List[st
                 "seed": run.data_seed, "global_batch_size": run.batch.global_batch_size,
                 "anneal_segments": run.data.anneal_segments, "start_phase": run.init.start_phase,
                 "packing": run.data.packing, "bin_rows": run.packing_bin_rows()}
-        cfg, vocab = spec.build(args, base), run.model.vocab_size
+        cfg, vocab = spec.build(args, base, argv), run.model.vocab_size
         if cfg.bin_rows != run.packing_bin_rows():
             raise ConfigError(f"bin_rows {cfg.bin_rows} differs from {args.config}'s packed rows {run.packing_bin_rows()} "
                               "(data.packed_row, batch.micro_batch_size); the run would not find this index (override "
@@ -127,7 +130,7 @@ def load_config(args: argparse.Namespace, spec: ConfigParser, overrides: List[st
             data = {"phases": data}
         if not isinstance(data, dict):
             raise ConfigError(f"{args.config}: expected a list of phases or a mapping with 'phases:'")
-        cfg, vocab = spec.build(args, data), None
+        cfg, vocab = spec.build(args, data, argv), None
         missing = [f for f in ("manifest", "cache_dir", "seed") if getattr(cfg, f) is None]
         if missing:
             raise ConfigError(f"{args.config} is a phase list: give {', '.join(spec.flag_for(m) for m in missing)} "
@@ -139,8 +142,10 @@ def load_config(args: argparse.Namespace, spec: ConfigParser, overrides: List[st
     return cfg, vocab
 
 
+@tool_main
 def main(argv: Optional[List[str]] = None) -> int:
     ap, spec = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = ap.parse_known_args(argv)
     if args.help_config:
         print(spec.describe())
@@ -154,7 +159,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     cfg = None
     try:
-        cfg, vocab = load_config(args, spec, overrides)
+        cfg, vocab = load_config(args, spec, overrides, argv)
+        if args.print_config:
+            print(config_yaml(cfg), end="")
+            return 0
         names = [p.name for p in cfg.phases]
         start = cfg.start_phase
         if start is not None and start not in names:
@@ -173,14 +181,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  start_phase=names.index(start) if start else 0,
                                  packing=cfg.packing or "concat", bin_rows=cfg.bin_rows, threads=cfg.threads)
     except ConfigError as e:
-        print(f"error: {spec.explain(e)}", file=sys.stderr)
+        print(f"{PROG}: error: {spec.explain(e)}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # full disk, read-only cache folder: say which, no traceback
         where = "" if e.filename or cfg is None else f" (writing the index cache {os.path.abspath(cfg.cache_dir)})"
-        print(f"error: {os_error_text(e)}{where}; nothing half-built is used: rerun once there is room",
+        print(f"{PROG}: error: {os_error_text(e)}{where}; nothing half-built is used: rerun once there is room",
               file=sys.stderr)
         return 1
     print(format_index_plan(index.plan, warn_epochs=cfg.warn_epochs, head=cfg.rows))

@@ -1,18 +1,18 @@
-"""tools/convert_checkpoint.py: Hugging Face ModernBERT <-> megatron-mmbert checkpoints.
+"""``mmbert-convert`` (tools/convert_checkpoint.py): Hugging Face ModernBERT <-> megatron-mmbert checkpoints.
 
-  import-hf --hf-dir DIR --save CKPT        HF ModernBertForMaskedLM -> dist checkpoint (any layout);
+  import-hf --hf_dir DIR --save CKPT        HF ModernBertForMaskedLM -> dist checkpoint (any layout);
                                             DIR may be a Hub id org/name[@revision]
   export-hf --load CKPT --out DIR [--tokenizer PATH]
                                             dist checkpoint -> HF directory with its tokenizer
                                             (AutoModelForMaskedLM / AutoTokenizer load it)
-            [--push-to-hub REPO [--private] [--revision BRANCH]]  then upload it with a model card
+            [--push_to_hub REPO [--private] [--revision BRANCH]]  then upload it with a model card
   strided-init --load BIG --save SMALL [--model mmbert-small]
                                             a smaller model's checkpoint from a larger one's by strided
                                             sampling (mmBERT-small from mmBERT-base; rule: convert/strided.py)
-  verify    --hf-dir DIR --load CKPT [--tp N --pp M] [--attention-backend B] [--precision P]
+  verify    --hf_dir DIR --load CKPT [--tp N --pp M] [--attention_backend B] [--precision P]
             both models on random packed rows longer than the window; prints the max |logit diff|
             and exits 1 above --tolerance. With --tp/--pp > 1 it relaunches itself under torchrun.
-            --attention-backend (auto | te | flash | flex | sdpa) and --precision (fp32 | bf16 |
+            --attention_backend (auto | te | flash | flex | sdpa) and --precision (fp32 | bf16 |
             amp_bf16) check any kernel at any precision against HF (fp32) in one command; bf16 runs
             through megatron-core's Float16Module and amp_bf16 under autocast, as training does, and
             their default tolerance is wider.
@@ -30,7 +30,7 @@ from typing import Dict, List, Literal, Optional
 
 import torch
 
-from megatron_mmbert.cli.options import ConfigParser, load_yaml, run_reporting
+from megatron_mmbert.cli.options import ConfigParser, config_yaml, load_yaml, run_reporting, tool_main, tool_parser
 from megatron_mmbert.config import ConfigError
 
 
@@ -124,13 +124,15 @@ COMMANDS = {
     "export-hf": (ExportHfConfig, {"verify": "--no-verify"}),
     "verify": (VerifyConfig, {"verify": "--no-verify"}),
 }
-"""Each subcommand's typed config and the flag spellings that differ from its field names."""
+"""Each subcommand's typed config and the first release's spellings that were not its field names
+(deprecated aliases, kept for one release)."""
+
+PROG = "mmbert-convert"
 
 
 def _parser() -> "tuple[argparse.ArgumentParser, Dict[str, ConfigParser]]":
     """The command line generated from each subcommand's config dataclass."""
-    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser(PROG, __doc__, raw=True)
     p.add_argument("--help-config", action="store_true", help="print every subcommand's options and exit")
     sub = p.add_subparsers(dest="command")
     specs = {}
@@ -195,6 +197,7 @@ def _relaunch_under_torchrun(args, argv: List[str]) -> int:
     return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
 
 
+@tool_main
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -210,10 +213,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(spec.describe())
         return 0
     try:
-        cfg = spec.build(args, load_yaml(args.config) if args.config else {})
+        cfg = spec.build(args, load_yaml(args.config) if args.config else {}, argv)
     except ConfigError as exc:
-        print(f"error: {spec.explain(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {spec.explain(exc)}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
     from megatron_mmbert.convert import checkpoints
 
     def run() -> int:
@@ -249,7 +255,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _relaunch_under_torchrun(cfg, argv)
         return verify(cfg)
 
-    return run_reporting(run, spec=spec)  # read-only output, full disk, missing file: say which, no traceback
+    return run_reporting(run, prefix=f"{PROG}: ", spec=spec)  # read-only output, full disk, missing file: say which, no traceback
 
 
 if __name__ == "__main__":

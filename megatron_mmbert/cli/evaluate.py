@@ -1,8 +1,8 @@
-"""tools/evaluate.py (``mmbert-evaluate``): per-language MLM evaluation of a checkpoint on a manifest.
+"""``mmbert-evaluate`` (tools/evaluate.py): per-language MLM evaluation of a checkpoint on a manifest.
 
   --load CKPT [--tp N --pp M]   a megatron-mmbert checkpoint (any, merged ones included); with
                                 --tp/--pp > 1 it relaunches itself under torchrun
-  --hf-dir DIR                  a Hugging Face ModernBertForMaskedLM directory
+  --hf_dir DIR                  a Hugging Face ModernBertForMaskedLM directory
   --compare A B C ...           several (megatron or HF) on the same masks, side by side
 
 Writes OUT/eval.json and OUT/eval.csv (compare: OUT/compare.json, OUT/compare.csv and each model's
@@ -18,19 +18,20 @@ import subprocess
 import sys
 from typing import List, Optional
 
-from megatron_mmbert.cli.options import ConfigParser, parse_config, run_reporting
+from megatron_mmbert.cli.options import ConfigParser, parse_config, run_reporting, tool_main, tool_parser
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.evaluation.config import EvaluateConfig
 
 
+PROG = "mmbert-evaluate"
+
 FLAGS = {"verify": "--no-verify"}
-"""Flag spellings that differ from the field names."""
+"""The first release's spellings that were not the field names: deprecated aliases, kept for one release."""
 
 
 def build_parser() -> "tuple[argparse.ArgumentParser, ConfigParser]":
     """The command line generated from :class:`EvaluateConfig` (every field is a flag)."""
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser(PROG, __doc__, raw=True)
     spec = ConfigParser(EvaluateConfig, FLAGS)
     spec.add_to(p)
     return p, spec
@@ -42,6 +43,7 @@ def _relaunch_under_torchrun(cfg: EvaluateConfig, argv: List[str]) -> int:
     return subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
 
 
+@tool_main
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -52,9 +54,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg, _ = parse_config(parser, spec, argv)
     except ConfigError as exc:
-        print(f"evaluate: error: {spec.explain(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {spec.explain(exc)}", file=sys.stderr)
         return 2
-    if cfg is None:  # --help-config
+    if cfg is None:  # --help-config, --print-config
         return 0
     from megatron_mmbert.evaluation.run import evaluate
 
@@ -67,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"wrote {os.path.join(cfg.out, 'compare.json' if cfg.compare else 'eval.json')} and .csv")
         return 0
 
-    return run_reporting(run, spec=spec)
+    return run_reporting(run, prefix=f"{PROG}: ", spec=spec)
 
 
 if __name__ == "__main__":

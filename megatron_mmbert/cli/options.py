@@ -1,55 +1,81 @@
-"""Command lines generated from typed config dataclasses: one config system for every tool.
+"""Command lines generated from typed config dataclasses: one config system, one grammar, every tool.
 
 A tool declares its options once, as a dataclass whose fields carry docstrings (see
-:mod:`megatron_mmbert.config_base`). This module turns it into an ``argparse`` parser:
+:mod:`megatron_mmbert.config_base`). This module -- the one place that spells flags -- turns it
+into an ``argparse`` parser:
 
-* one flag per scalar or list field, spelled ``--field-name`` (nested sections: the leaf name,
-  ``read.text_key`` -> ``--text-key``, or the whole path, ``--read.split``, when the leaf name is
-  taken), unless the tool gives a spelling (``inputs`` -> ``--input``);
-  booleans get ``--name`` and ``--no-name``; the help is the field's docstring and default;
-* ``--config FILE.yaml``: the same options as YAML, keyed by field name (flags given win);
-* ``--help-config``: every field with its type, default, docstring and flag.
+* one flag per scalar or list field, spelled exactly as its YAML key: ``--`` and the field's dotted
+  path (``workers`` -> ``--workers``, ``read.text_key`` -> ``--read.text_key``), in the field's
+  own units -- the grammar of ``mmbert-pretrain --section.key value``. A flag copied into YAML is
+  the key, and the other way round. Booleans take an optional value: ``--verify`` (true),
+  ``--verify false``; the help is the field's docstring and default;
+* the first release's spellings (``--text-key``, ``--no-verify``, ``--chunk-mb`` in MiB) still
+  work for one release as deprecated aliases: ``--help`` marks them and using one prints the
+  flag that replaces it;
+* ``--config FILE.yaml``: the same options as YAML (flags given win); ``--help-config``: every
+  field with its type, default, docstring and flag; ``--print-config``: the effective config as
+  YAML (YAML, then flags), and exit; ``--version``.
 
 New fields of the dataclass appear on the command line, in YAML and in ``--help-config`` with no
 change here. Library code raises :class:`ConfigError` naming the *field*; :func:`explain` adds the
-flag that sets it, so only this layer knows flag spellings.
+flag that sets it. :func:`tool_main` gives each tool's ``main`` the same ending: a closed pipe
+(``--help-config | head``) ends it quietly.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import os
 import sys
 import types
 import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from megatron_mmbert.config_base import ConfigError, YAMLTooLarge, describe_tree, field_docs, from_dict, safe_load_yaml
+from megatron_mmbert import __version__
+from megatron_mmbert.config_base import (ConfigError, YAMLTooLarge, describe_tree, field_docs, from_dict,
+                                         safe_load_yaml, to_dict)
 from megatron_mmbert.fileio import OutputRefused
 
 
 @dataclasses.dataclass
 class Flag:
-    """How one field is spelled on the command line when its name is not the flag."""
+    """A deprecated spelling of one field (the first release's command line), kept for one release."""
 
     flag: str
-    """The flag, e.g. ``--chunk-mb``."""
+    """The old flag, e.g. ``--chunk-mb``."""
     type: Optional[Callable[[str], Any]] = None
     """Parser of the flag's text when it differs from the field's type (e.g. MiB for bytes)."""
     to_field: Optional[Callable[[Any], Any]] = None
     """Turns the parsed flag value into the field's value (e.g. MiB -> bytes)."""
     help: Optional[str] = None
-    """Help text when the field's docstring does not describe the flag's unit."""
+    """Help text when the old flag's unit differs from the field's."""
 
 
 @dataclasses.dataclass
 class Option:
-    """One generated flag and the field it sets."""
+    """One flag and the field it sets (``deprecated``: an old spelling of the field's flag)."""
 
     path: str
     flag: str
     dest: str
     to_field: Optional[Callable[[Any], Any]] = None
+    deprecated: bool = False
+
+
+def flag_of(path: str) -> str:
+    """The flag of a field: ``--`` and its dotted path, the same string as its YAML key."""
+    return "--" + path
+
+
+def parse_bool(text: str) -> bool:
+    """A boolean flag's value, as YAML spells it (true/false, yes/no, on/off, 1/0)."""
+    value = {"true": True, "yes": True, "on": True, "1": True,
+             "false": False, "no": False, "off": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 def _strip_optional(tp: Any) -> Tuple[Any, bool]:
@@ -77,26 +103,44 @@ def _default_text(f: dataclasses.Field) -> str:
     return " (required: give it here or in --config)"
 
 
-class ConfigParser:
-    """The ``argparse`` parser of one config dataclass (or of several, one per subcommand)."""
+def _legacy_spelling(path: str, taken: set) -> str:
+    """The first release's flag of a field: its leaf name with hyphens, or the whole path when the
+    leaf was taken by another section."""
+    leaf = "--" + path.rsplit(".", 1)[-1].replace("_", "-")
+    return "--" + path.replace("_", "-") if leaf in taken else leaf
 
-    def __init__(self, cls: type, flags: Optional[Dict[str, Union[str, Flag]]] = None,
-                 config_help: str = "YAML file of these options, keyed by field name (flags given win)"):
+
+class ConfigParser:
+    """The ``argparse`` parser of one config dataclass (or of several, one per subcommand).
+
+    ``aliases`` maps a field's dotted path to its deprecated spelling when the first release's
+    flag was not the generated one (``inputs`` -> ``--input``; a :class:`Flag` when its unit
+    differed). Hyphenated leaf spellings (``--text-key``) are kept as aliases by themselves.
+    """
+
+    def __init__(self, cls: type, aliases: Optional[Dict[str, Union[str, Flag]]] = None,
+                 config_help: str = "YAML file of these options, keyed by field name (flags given win)",
+                 prog: Optional[str] = None):
         self.cls = cls
-        self.flags = {k: (Flag(v) if isinstance(v, str) else v) for k, v in (flags or {}).items()}
+        self.aliases = {k: (Flag(v) if isinstance(v, str) else v) for k, v in (aliases or {}).items()}
         self.config_help = config_help
+        self.prog = prog
         self.options: List[Option] = []
+        self._legacy_taken: set = set()
 
     # -- building ----------------------------------------------------------------------------
 
     def add_to(self, parser: argparse.ArgumentParser, config_flag: bool = True) -> argparse.ArgumentParser:
-        """Add ``--config``, ``--help-config`` and one flag per field of the dataclass."""
+        """Add ``--config``, ``--help-config``, ``--print-config`` and one flag per field."""
+        self.prog = self.prog or parser.prog
         if config_flag:
             parser.add_argument("--config", metavar="FILE.yaml", help=self.config_help)
         parser.add_argument("--help-config", action="store_true",
                             help="print every option with its type, default, description and flag, and exit")
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the effective config (YAML, then flags) as YAML and exit")
         self._add_fields(parser, self.cls, "")
-        unknown = set(self.flags) - {o.path for o in self.options}
+        unknown = set(self.aliases) - {o.path for o in self.options}
         if unknown:  # a spelling for a field that does not exist: a bug of the tool, say so early
             raise ConfigError(f"flag spellings for unknown fields {sorted(unknown)} of {self.cls.__name__}")
         return parser
@@ -112,48 +156,69 @@ class ConfigParser:
             if dataclasses.is_dataclass(tp):
                 self._add_fields(parser, tp, path + ".")
                 continue
-            spelling = self.flags.get(path) or Flag("--" + f.name.replace("_", "-"))
-            taken = {spelling.flag, "--no-" + spelling.flag[2:]} & set(parser._option_string_actions)
-            if taken and path not in self.flags:  # two sections share a leaf name: spell the whole path
-                spelling = Flag("--" + path.replace("_", "-"))
+            kwargs = self._value_kwargs(tp)
+            if kwargs is None:
+                continue  # mappings, lists of sections: YAML only
             doc = (docs.get(f.name, "").split("\n\n")[0].replace("\n", " ")).replace("%", "%%")
-            help_text = (spelling.help or doc) + ("" if spelling.help else _default_text(f).replace("%", "%%"))
-            dest = "cfg__" + path.replace(".", "__")
-            kwargs: Dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
-            if tp is not bool and typing.get_origin(tp) is not typing.Literal:
-                kwargs["metavar"] = spelling.flag.lstrip("-").replace("-", "_").upper()
-            if tp is bool and spelling.type is None:
-                flag = spelling.flag
-                positive = flag[5:] if flag.startswith("--no-") else flag[2:]
-                parser.add_argument(f"--{positive}", action="store_true", **kwargs)
-                parser.add_argument(f"--no-{positive}", action="store_false", dest=dest, default=argparse.SUPPRESS,
-                                    help=f"opposite of --{positive}")
-                self.options.append(Option(path, flag, dest))
-                continue
-            if spelling.type is not None:
-                kwargs["type"] = spelling.type
-            else:
-                origin = typing.get_origin(tp)
-                if origin in (list, List, tuple, typing.Tuple):
-                    item = typing.get_args(tp)[0] if typing.get_args(tp) else str
-                    item_kwargs = _scalar_kwargs(_strip_optional(item)[0])
-                    if item_kwargs is None:
-                        continue  # lists of sections: YAML only
-                    kwargs.update(item_kwargs, nargs="+")
-                else:
-                    scalar = _scalar_kwargs(tp)
-                    if scalar is None:
-                        continue  # mappings and the like: YAML only
-                    kwargs.update(scalar)
-            parser.add_argument(spelling.flag, **kwargs)
-            self.options.append(Option(path, spelling.flag, dest, spelling.to_field))
+            self._add_field(parser, path, tp, kwargs, doc + _default_text(f).replace("%", "%%"))
+
+    @staticmethod
+    def _value_kwargs(tp: Any) -> Optional[Dict[str, Any]]:
+        """argparse keyword arguments for a field's values (None: the field has no flag form)."""
+        if tp is bool:
+            return {"nargs": "?", "const": True, "type": parse_bool, "metavar": "BOOL"}
+        if typing.get_origin(tp) in (list, List, tuple, typing.Tuple):
+            item = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            item_kwargs = _scalar_kwargs(_strip_optional(item)[0])
+            return None if item_kwargs is None else dict(item_kwargs, nargs="+")
+        return _scalar_kwargs(tp)
+
+    def _add_field(self, parser: argparse.ArgumentParser, path: str, tp: Any, kwargs: Dict[str, Any], doc: str) -> None:
+        flag, dest = flag_of(path), "cfg__" + path.replace(".", "__")
+        legacy = self.aliases.get(path) or Flag(_legacy_spelling(path, self._legacy_taken))
+        self._legacy_taken.add(legacy.flag)
+        if tp is bool:
+            positive = legacy.flag[5:] if legacy.flag.startswith("--no-") else legacy.flag[2:]
+            self._legacy_taken.add("--no-" + positive)
+            old = [s for s in (f"--{positive}", f"--no-{positive}") if s != flag]
+            note = f" [deprecated: {', '.join(old)}]" if old else ""
+            parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=doc + note, **kwargs)
+            self.options.append(Option(path, flag, dest))
+            for spelling, value in ((f"--{positive}", True), (f"--no-{positive}", False)):
+                if spelling != flag:
+                    alias_dest = f"{dest}__{len(self.options)}"
+                    parser.add_argument(spelling, dest=alias_dest, action="store_const", const=value,
+                                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                    self.options.append(Option(path, spelling, alias_dest, deprecated=True))
+            return
+        if legacy.type is None and legacy.help is None:  # same unit: one action, both spellings
+            strings = [flag] + ([legacy.flag] if legacy.flag != flag else [])
+            note = f" [deprecated: {legacy.flag}]" if legacy.flag != flag else ""
+            metavar = None if "choices" in kwargs else path.rsplit(".", 1)[-1].upper()
+            parser.add_argument(*strings, dest=dest, default=argparse.SUPPRESS, metavar=metavar,
+                                help=doc + note, **kwargs)
+            self.options.append(Option(path, flag, dest))
+            if legacy.flag != flag:
+                self.options.append(Option(path, legacy.flag, dest, deprecated=True))
+            return
+        # an old spelling in another unit: its own action, converted to the field's unit
+        metavar = None if "choices" in kwargs else path.rsplit(".", 1)[-1].upper()
+        parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=metavar, help=doc, **kwargs)
+        self.options.append(Option(path, flag, dest))
+        alias_dest = f"{dest}__{len(self.options)}"
+        parser.add_argument(legacy.flag, dest=alias_dest, type=legacy.type, default=argparse.SUPPRESS,
+                            metavar=legacy.flag.lstrip("-").replace("-", "_").upper(),
+                            help=f"deprecated: {legacy.help or 'use ' + flag}".replace("%", "%%"))
+        self.options.append(Option(path, legacy.flag, alias_dest, legacy.to_field, deprecated=True))
 
     # -- parsing -----------------------------------------------------------------------------
 
-    def given(self, args: argparse.Namespace) -> Dict[str, Any]:
-        """The options given as flags, as a nested dict keyed by field name."""
+    def given(self, args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """The options given as flags, as a nested dict keyed by field name (a field's own flag
+        wins over its deprecated spelling). With ``argv``, a deprecated spelling used is named on
+        stderr with the flag that replaces it."""
         data: Dict[str, Any] = {}
-        for opt in self.options:
+        for opt in sorted(self.options, key=lambda o: not o.deprecated):
             if hasattr(args, opt.dest):
                 value = getattr(args, opt.dest)
                 if opt.to_field is not None:
@@ -163,11 +228,17 @@ class ConfigParser:
                 for part in parents:
                     node = node.setdefault(part, {})
                 node[last] = value
+        for opt in self.options:
+            if opt.deprecated and argv is not None and any(a == opt.flag or a.startswith(opt.flag + "=")
+                                                            for a in argv):
+                print(f"{self.prog or 'warning'}: {opt.flag} is deprecated and goes in the next release; "
+                      f"use {flag_of(opt.path)}", file=sys.stderr)
         return data
 
-    def build(self, args: argparse.Namespace, base: Optional[Dict[str, Any]] = None) -> Any:
+    def build(self, args: argparse.Namespace, base: Optional[Dict[str, Any]] = None,
+              argv: Optional[Sequence[str]] = None) -> Any:
         """The config: ``base`` (e.g. from ``--config``), then the flags given on top."""
-        data = merge_dicts(dict(base or {}), self.given(args))
+        data = merge_dicts(dict(base or {}), self.given(args, argv))
         return from_dict(self.cls, data)
 
     # -- messages ----------------------------------------------------------------------------
@@ -176,14 +247,15 @@ class ConfigParser:
         """The flag that sets ``field`` (a dotted path, or a path inside a nested section)."""
         if not field:
             return None
-        for opt in self.options:
+        current = [o for o in self.options if not o.deprecated]
+        for opt in current:
             if opt.path == field:
                 return opt.flag
-        matches = [o.flag for o in self.options if o.path.endswith("." + field)]
+        matches = [o.flag for o in current if o.path.endswith("." + field)]
         return matches[0] if len(matches) == 1 else None
 
     def explain(self, err: ConfigError) -> str:
-        """``err`` with the flag that sets each named field: ``density: ... (flag --density)``."""
+        """``err`` with the flag that sets each named field: ``density: ... [--spec.density]``."""
         errors = err.errors or [err]
         lines = []
         for e in errors:
@@ -261,18 +333,57 @@ def run_reporting(body: Callable[[], int], prefix: str = "", spec: Optional["Con
         return 1
 
 
+def tool_parser(prog: str, description: str, raw: bool = False) -> argparse.ArgumentParser:
+    """A tool's ``argparse`` parser: ``prog`` is its console-script name, ``--version`` included."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s (megatron-mmbert) {__version__}")
+    return parser
+
+
+def config_yaml(cfg: Any) -> str:
+    """A config as YAML, keyed as ``--config`` reads it (``--print-config``)."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def parse_config(parser: argparse.ArgumentParser, spec: ConfigParser, argv: Optional[Sequence[str]]) -> Tuple[Any, argparse.Namespace]:
     """Parse ``argv`` into ``spec``'s config (``--config`` YAML first, flags on top).
 
-    Returns ``(None, args)`` after printing ``--help-config``.
+    Returns ``(None, args)`` after printing ``--help-config`` or ``--print-config``.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.help_config:
         print(spec.describe())
         return None, args
     base = load_yaml(args.config) if getattr(args, "config", None) else {}
-    return spec.build(args, base), args
+    cfg = spec.build(args, base, argv)
+    if getattr(args, "print_config", False):
+        print(config_yaml(cfg), end="")
+        return None, args
+    return cfg, args
 
 
-__all__ = ["Flag", "Option", "ConfigParser", "merge_dicts", "load_yaml", "os_error_text", "parse_config",
-           "run_reporting"]
+def tool_main(main: Callable[..., int]) -> Callable[..., int]:
+    """A tool's ``main``, ending quietly when its reader goes away (``--help-config | head``): the
+    rest of the output is dropped and the exit status is 141, as for a process killed by SIGPIPE."""
+    @functools.wraps(main)
+    def wrapped(*args: Any, **kwargs: Any) -> int:
+        try:
+            code = main(*args, **kwargs)
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            # Python's advice: point stdout at devnull so the interpreter's final flush is silent.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141
+
+    return wrapped
+
+
+__all__ = ["Flag", "Option", "ConfigParser", "config_yaml", "flag_of", "merge_dicts", "load_yaml", "os_error_text",
+           "parse_bool", "parse_config", "run_reporting", "tool_main", "tool_parser"]

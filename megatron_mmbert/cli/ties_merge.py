@@ -1,20 +1,20 @@
-"""``tools/ties_merge.py``: merge checkpoints with TIES, task arithmetic, linear averaging or EMA.
+"""``mmbert-ties-merge`` / ``tools/ties_merge.py``: merge checkpoints with TIES, task arithmetic, linear averaging or EMA.
 
 Examples::
 
     # mmBERT-base: TIES over the three decay runs, against the mid-training checkpoint
-    tools/ties_merge.py --base ckpt/mid --models ckpt/decay_eng ckpt/decay_cont ckpt/decay_all \\
-        --density 0.2 --lambda 1.0 --out ckpt/merged
+    mmbert-ties-merge --base ckpt/mid --models ckpt/decay_eng ckpt/decay_cont ckpt/decay_all \\
+        --spec.density 0.2 --spec.lam 1.0 --out ckpt/merged
     # mmBERT-small: exponentially weighted checkpoints along one decay run (oldest first)
-    tools/ties_merge.py --method ema --ema-decay 0.9 --models ckpt/d/iter_1 ckpt/d/iter_2 ... --out ckpt/ema
+    mmbert-ties-merge --spec.method ema --spec.ema_decay 0.9 --models ckpt/d/iter_1 ckpt/d/iter_2 ... --out ckpt/ema
     # inputs of both formats (megatron checkpoints, HF directories), written as an HF model
-    tools/ties_merge.py --base ckpt/mid --models ckpt/decay_eng hf/decay_all --out-format hf --out merged_hf
+    mmbert-ties-merge --base ckpt/mid --models ckpt/decay_eng hf/decay_all --out_format hf --out merged_hf
 
     # mmBERT's way: the best kept checkpoint of each decay run, by held-out loss (in the report)
-    tools/ties_merge.py --base ckpt/mid --models runs/decay_eng runs/decay_cont runs/decay_all \
-        --select-best --select-manifest data/mmbert/heldout --density 0.2 --out ckpt/merged
+    mmbert-ties-merge --base ckpt/mid --models runs/decay_eng runs/decay_cont runs/decay_all \
+        --select.enabled --select.manifest data/mmbert/heldout --spec.density 0.2 --out ckpt/merged
     # the same recipe as YAML (mergekit-yaml style); flags given on top win
-    tools/ties_merge.py --config examples/configs/merge_decay.yaml [--density 0.3]
+    mmbert-ties-merge --config examples/merge/merge_decay.yaml [--spec.density 0.3]
 
 See docs/merging.md for the algorithm, the memory bound and the report.
 """
@@ -27,7 +27,7 @@ import math
 import sys
 from typing import List, Literal, Optional
 
-from megatron_mmbert.cli.options import ConfigParser, os_error_text, parse_config
+from megatron_mmbert.cli.options import ConfigParser, os_error_text, parse_config, tool_main, tool_parser
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.checkpoints.layout import CheckpointError
 from megatron_mmbert.evaluation.select import SelectConfig
@@ -65,37 +65,36 @@ class MergeConfig:
     of each decay mixture); ``models`` then names runs. The choice is in the merge report."""
 
 
-FLAGS = {"spec.lam": "--lambda", "verify": "--no-verify", "select.enabled": "--select-best",
-         **{f"select.{n}": "--select-" + n.replace("_", "-") for n in
-            ("manifest", "metric", "phase", "mask_rate", "seq_len", "tokens_per_language", "seed")}}
-"""Flag spellings that differ from the field names (``lambda`` is a Python keyword)."""
+PROG = "mmbert-ties-merge"
+
+FLAGS = {"spec.lam": "--lambda", "verify": "--no-verify"}
+"""The first release's spellings that were not the field names: deprecated aliases, kept for one release."""
 
 
 def build_parser() -> "tuple[argparse.ArgumentParser, ConfigParser]":
     """The command line generated from :class:`MergeConfig` (and the :class:`MergeSpec` in it)."""
-    p = argparse.ArgumentParser(
-        prog="ties_merge",
-        description="Merge model checkpoints (Megatron dist checkpoints at any TP/PP layout, or "
-        "Hugging Face ModernBERT directories) one tensor at a time. Every option is a field of "
-        "MergeConfig (--help-config); --config RECIPE.yaml gives them as YAML (examples/configs/merge_*.yaml).",
-    )
+    p = tool_parser(PROG, "Merge model checkpoints (Megatron dist checkpoints at any TP/PP layout, or "
+                    "Hugging Face ModernBERT directories) one tensor at a time. Every option is a field of "
+                    "MergeConfig, spelled as its YAML key (--help-config); --config RECIPE.yaml gives them as "
+                    "YAML (examples/merge/merge_decay.yaml).")
     spec = ConfigParser(MergeConfig, FLAGS, config_help="merge recipe YAML (keys: models, base, out, spec: {method, "
                         "density, ...}); flags given win")
     spec.add_to(p)
     return p, spec
 
 
+@tool_main
 def main(argv: Optional[List[str]] = None) -> int:
     parser, options = build_parser()
     try:
         cfg, _ = parse_config(parser, options, argv)
-        if cfg is None:  # --help-config
+        if cfg is None:  # --help-config, --print-config
             return 0
         if not (math.isfinite(cfg.chunk_mb) and cfg.chunk_mb > 0):
             raise ConfigError(f"chunk_mb must be a positive number, got {cfg.chunk_mb}", field="chunk_mb")
         cfg.spec.validate(len(cfg.models))
     except ConfigError as err:
-        print(f"ties_merge: error: {options.explain(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {options.explain(err)}", file=sys.stderr)
         return 2
     try:
         models, extra = cfg.models, None
@@ -112,17 +111,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             allow_other_tokenizer=cfg.allow_other_tokenizer,
         )
     except ConfigError as err:
-        print(f"ties_merge: error: {options.explain(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {options.explain(err)}", file=sys.stderr)
         return 2
     except (CheckpointError, ValueError, FileExistsError) as err:
-        print(f"ties_merge: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # read-only output, full disk, missing file: say which, no traceback
-        print(f"ties_merge: error: {os_error_text(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {os_error_text(err)}", file=sys.stderr)
         return 1
     s = report["summary"]
     kept = ", ".join(f"{k:.3f}" for k in s["fraction_kept"])
-    print(f"ties_merge: wrote {cfg.out} ({s['merged_params']} merged parameters; fraction kept per "
+    print(f"{PROG}: wrote {cfg.out} ({s['merged_params']} merged parameters; fraction kept per "
           f"model [{kept}]; sign-conflict rate {s['sign_conflict_rate']:.4f})", file=sys.stderr)
     return 0
 

@@ -16,7 +16,7 @@ embedding in both (HF usually does not store ``decoder.weight``).
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -307,16 +307,6 @@ def megatron_to_hf(state: Mapping[str, torch.Tensor], model: ModelConfig) -> Dic
     return out
 
 
-def iter_hf_to_megatron(
-    tensors: Iterator[Tuple[str, torch.Tensor]], model: ModelConfig, padded_vocab: int
-) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Streaming form of :func:`hf_to_megatron` for tools that hold one tensor at a time."""
-    for key, tensor in tensors:
-        if key == _HF_TIED:
-            continue
-        yield tensor_to_megatron(key, tensor, model, padded_vocab)
-
-
 __all__ = [
     "model_config_from_hf",
     "hf_config_from_model_config",
@@ -326,7 +316,6 @@ __all__ = [
     "tensor_to_hf",
     "hf_to_megatron",
     "megatron_to_hf",
-    "iter_hf_to_megatron",
     "expected_hf_keys",
     "Callable",
 ]

@@ -24,6 +24,8 @@ import struct
 import sys
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from megatron_mmbert.fileio import atomic_write_json, atomic_write_with
+
 LOCALE_DIR = "/usr/share/locale"
 ISO_639_3_JSON = "/usr/share/iso-codes/json/iso_639-3.json"
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # mmBERT's order: ids 0..4
@@ -262,10 +264,8 @@ def build_gettext_corpus(out_dir: str, opts: Optional[DemoCorpusOptions] = None)
             "language": [code] * len(docs),
             "language_script": [script] * len(docs),
         })
-        final = os.path.join(folder, "000.parquet")
-        tmp = final + ".partial"
-        pq.write_table(table, tmp, row_group_size=opts.row_group_docs)
-        os.replace(tmp, final)
+        atomic_write_with(os.path.join(folder, "000.parquet"),
+                          lambda tmp: pq.write_table(table, tmp, row_group_size=opts.row_group_docs))
         stats[key] = LanguageStats(len(docs), chars, sorted({loc for loc, _ in paths}))
     return stats
 
@@ -328,7 +328,5 @@ def train_tokenizer(
     special_map = {f"{r}_token": t for r, t in zip(("pad", "eos", "bos", "unk", "mask"), SPECIAL_TOKENS)}
     path = os.path.join(out_dir, "special_tokens_map.json")
     if not os.path.isfile(path):  # transformers 5 no longer writes it; readers still look for it
-        with open(path + ".partial", "w", encoding="utf-8") as f:
-            json.dump(special_map, f, indent=2)
-        os.replace(path + ".partial", path)
+        atomic_write_json(path, special_map, indent=2, sort_keys=False)
     return out_dir

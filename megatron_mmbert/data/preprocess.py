@@ -76,6 +76,7 @@ from typing import Dict, List, Optional, Tuple
 
 from megatron_mmbert.checkpoints.layout import store_tokenizer
 from megatron_mmbert.fileio import LockFileRefused, atomic_write_json, open_lock_file
+from megatron_mmbert.progress import format_eta
 from megatron_mmbert.data.shards import (
     HELDOUT_DIR,
     MANIFEST_NAME,
@@ -686,7 +687,7 @@ class _Progress:
         dt = max(now - self.start, 1e-9)
         frac = min(c["disk_bytes"] / self.total, 1.0)
         eta = (dt / frac - dt) if frac > 0 else float("nan")
-        eta_s = f"{int(eta) // 60}m{int(eta) % 60:02d}s" if eta == eta else "?"
+        eta_s = format_eta(eta)
         print(
             f"preprocess: {self.units_done}/{self.units_total} units, {frac:6.1%}, "
             f"{_human(c['docs'])} docs ({_human(c['docs'] / dt)}/s), "

@@ -33,6 +33,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from megatron_mmbert.fileio import atomic_write_text, replace_synced
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 # File format dtype codes (megatron-core ``DType``): code <-> numpy dtype.
@@ -75,12 +77,6 @@ def idx_path(prefix: str) -> str:
 def shard_finished(prefix: str) -> bool:
     """True when the shard was completely written (its ``.idx`` is renamed last)."""
     return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
-
-
-def _fsync_and_replace(tmp: str, final: str) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 class _GrowingArray:
@@ -188,8 +184,8 @@ class ShardWriter:
             f.write(lengths.tobytes(order="C"))
             f.write(pointers.tobytes(order="C"))
             f.write(doc_indices.tobytes(order="C"))
-        _fsync_and_replace(self._bin_tmp, bin_path(self.prefix))
-        _fsync_and_replace(self._idx_tmp, idx_path(self.prefix))
+        replace_synced(self._bin_tmp, bin_path(self.prefix))
+        replace_synced(self._idx_tmp, idx_path(self.prefix))
         self._finalized = True
 
     def abort(self) -> None:
@@ -415,10 +411,7 @@ def write_manifest(manifest: Manifest, path: str) -> None:
     """Write ``manifest`` to ``path`` atomically; shard prefixes are stored relative to its folder."""
     root = os.path.dirname(os.path.abspath(path))
     text = json.dumps(dataclasses.replace(manifest, root=root).to_json(), indent=1, ensure_ascii=False)
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    _fsync_and_replace(tmp, path)
+    atomic_write_text(path, text + "\n")
 
 
 def load_manifest(path: str) -> Manifest:
@@ -434,7 +427,7 @@ def load_manifest(path: str) -> Manifest:
         folder = os.path.dirname(path) if os.path.basename(path) == MANIFEST_NAME else path
         folder = os.path.abspath(folder or ".")
         if os.path.basename(folder) == HELDOUT_DIR:  # OUT/heldout is written by preprocessing OUT
-            how = (f"run tools/preprocess_data.py --output {os.path.dirname(folder)} --holdout-docs N "
+            how = (f"run tools/preprocess_data.py --output {os.path.dirname(folder)} --holdout_docs N "
                    f"(it writes {folder})")
         else:
             how = f"run tools/preprocess_data.py --output {folder}"

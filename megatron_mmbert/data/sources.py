@@ -3,7 +3,7 @@ account for bad input.
 
 Inputs (``discover``):
 * JSONL: ``.jsonl``/``.json``/``.ndjson``, optionally ``.gz`` or ``.zst``; one JSON object per line,
-  text under ``--text-key`` (default ``text``). Blank lines are skipped silently.
+  text under ``--read.text_key`` (default ``text``). Blank lines are skipped silently.
 * Parquet (``.parquet``), read a batch at a time with pyarrow; Arrow IPC files (``.arrow``, what
   Hugging Face ``datasets`` writes).
 * Plain text (``.txt``, optionally ``.gz``/``.zst``): by default documents are separated by one or
@@ -16,7 +16,7 @@ Inputs (``discover``):
   ``DatasetDict`` uses ``split``).
 * Any other folder: the supported files under it, recursively, in sorted order.
 
-Language of a document: the FineWeb2 folder, else the ``--lang-key`` field, else ``--lang``.
+Language of a document: the FineWeb2 folder, else the ``--read.lang_key`` field, else ``--read.lang``.
 
 Work segments (``plan_segments``): plain JSONL is split into byte ranges (a line belongs to the range
 its first byte lies in), Parquet into runs of row groups and ``save_to_disk`` datasets into row

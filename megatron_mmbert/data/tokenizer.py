@@ -158,9 +158,10 @@ class SentencePieceTokenizer(TextTokenizer):
 def resolve_tokenizer_path(path: str) -> str:
     """``path`` as it is, or for a Hub id (``org/name[@revision]``) its cached snapshot folder."""
     from megatron_mmbert import hub
+    from megatron_mmbert.checkpoints.layout import TOKENIZER_FILES  # what checkpoints copy: fetch those
 
     try:
-        return hub.resolve(path, hub.TOKENIZER_FILES, what="tokenizer")
+        return hub.resolve(path, list(TOKENIZER_FILES), what="tokenizer")
     except hub.HubError as exc:
         raise TokenizerError(str(exc)) from None
 

@@ -69,4 +69,7 @@ class PlotConfig:
     out: Optional[str] = None
     """PNG to write (None: ``{what}.png`` beside the data)."""
     max_languages: int = 60
-    """Languages shown at most (schedule, compare); beyond it every k-th language is shown."""
+    """schedule: languages shown at most (beyond it every k-th language is shown); compare: a
+    resource group of at most this many languages is labelled language by language."""
+    baseline: Optional[str] = None
+    """compare: the model the others are measured against (None: the first model compared)."""

@@ -104,7 +104,8 @@ def summarize(sums: Mapping[str, torch.Tensor], rows: Mapping[str, int], seq_len
 
 def compare(results: Mapping[str, Dict]) -> Dict:
     """Side by side: per language each model's loss / accuracy and the ``winner`` (lowest loss;
-    the first listed on a tie), and the same for the means and groups."""
+    the first listed on a tie), and the same for the means and groups; ``groups``: each resource
+    group's languages."""
     names = list(results)
     first = results[names[0]]
     table = {}
@@ -122,7 +123,8 @@ def compare(results: Mapping[str, Dict]) -> Dict:
     for g in first["groups"]:
         means[f"group_{g}"] = row({n: results[n]["groups"][g] for n in names})
     wins = {n: sum(1 for r in table.values() if r["winner"] == n) for n in names}
-    return {"models": names, "languages": table, "summary": means, "wins": wins}
+    groups = {g: list(first["groups"][g].get("members", [])) for g in first["groups"]}
+    return {"models": names, "languages": table, "summary": means, "wins": wins, "groups": groups}
 
 
 def format_table(result: Dict) -> str:

@@ -6,8 +6,8 @@ to the data it shows:
   cumulative by its end, ``data.index.phase_epochs``);
 * :func:`plot_loss` -- a run's ``metrics.jsonl`` (``training.logging``): training loss per step,
   evaluation losses where logged, phase boundaries marked;
-* :func:`plot_compare` -- ``compare.json`` of ``tools/evaluate.py --compare``: per-language loss
-  of each model, winners marked.
+* :func:`plot_compare` -- ``compare.json`` of ``tools/evaluate.py --compare``: each model's
+  per-language loss minus a baseline's, sorted, one panel per resource group, worst and best named.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.fileio import atomic_write_with
 
 
 def _pyplot():
@@ -47,9 +48,7 @@ def _read_json(path: str, name: str) -> Tuple[Dict, str]:
 
 def _save(fig, path: str) -> str:
     """Write the PNG atomically (a partial file never takes the final name)."""
-    tmp = f"{path}.partial-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"), suffix=".png")
     return path
 
 
@@ -157,31 +156,81 @@ def plot_loss(metrics_path: str, out: Optional[str] = None) -> str:
     return path
 
 
-def plot_compare(compare_path: str, out: Optional[str] = None, max_languages: int = 60) -> str:
-    """Per-language loss of each compared model (grouped bars), the winner's bar outlined."""
+def _compare_tiers(table: Dict, languages: List[str]) -> List[Tuple[str, List[str]]]:
+    """The resource groups of a comparison (``high``, ``mid``, ``low``: terciles by training tokens),
+    each with its languages; one group of all languages when the table has none."""
+    groups = table.get("groups")
+    if not groups:  # compare.json of an earlier release: the groups are in each model's results
+        first = next(iter(table.get("results", {}).values()), {})
+        groups = {g: r.get("members", []) for g, r in first.get("groups", {}).items()}
+    tiers = [(g, [lang for lang in members if lang in table["languages"]]) for g, members in (groups or {}).items()]
+    rank = {"high": 0, "mid": 1, "low": 2}  # most resourced first
+    tiers = sorted([(g, langs) for g, langs in tiers if langs], key=lambda t: rank.get(t[0], len(rank)))
+    seen = {lang for _, langs in tiers for lang in langs}
+    rest = [lang for lang in languages if lang not in seen]
+    if rest:
+        tiers.append(("all languages" if not tiers else "other", rest))
+    return tiers
+
+
+def plot_compare(compare_path: str, out: Optional[str] = None, max_languages: int = 60,
+                 baseline: Optional[str] = None) -> str:
+    """Each model's per-language loss minus the baseline's (default: the first model compared), one
+    panel per resource group (below zero: better than the baseline). A group of at most
+    ``max_languages`` languages is drawn language by language, named, sorted by the models' mean
+    difference; a larger one as each model's sorted differences. Every panel gives each model's mean
+    and names its worst and best language. Readable at 20 languages and
+    at 1833: the figure's size does not grow with the number of languages."""
     plt = _pyplot()
     table, compare_path = _read_json(compare_path, "compare.json")
     if "models" not in table or "languages" not in table:
         raise ConfigError(f"{compare_path} is not the compare.json of a comparison by tools/evaluate.py")
-    names = table["models"]
-    rows = list(table["languages"].items())[:max_languages] + [
-        (k, v) for k, v in table.get("summary", {}).items() if k in ("mean", "macro")]
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(rows) * len(names) + 2), 4.5))
-    for j, name in enumerate(names):
-        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(rows))]
-        ys = [r["loss"][name] for _, r in rows]
-        edges = ["black" if r["winner"] == name else "none" for _, r in rows]
-        ax.bar(xs, ys, width, label=name, edgecolor=edges, linewidth=1.2)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([k for k, _ in rows], rotation=90, fontsize=7 if len(rows) > 20 else 9)
-    ax.set_ylabel("MLM loss (lower is better; winner outlined)")
-    lows = [min(r["loss"].values()) for _, r in rows]
-    highs = [max(r["loss"].values()) for _, r in rows]
-    pad = 0.1 * max(max(highs) - min(lows), 1e-3)
-    ax.set_ylim(max(0.0, min(lows) - pad), max(highs) + pad)
-    ax.legend(fontsize=8)
-    ax.set_title("per-language evaluation")
+    names = list(table["models"])
+    baseline = names[0] if baseline is None else baseline
+    if baseline not in names:
+        raise ConfigError(f"baseline {baseline!r} is not a compared model; models are {names}", field="baseline")
+    others = [n for n in names if n != baseline]
+    if not others:
+        raise ConfigError(f"{compare_path} compares one model; a comparison plot needs two", field="path")
+    langs = table["languages"]
+    diff = {lang: {n: r["loss"][n] - r["loss"][baseline] for n in others} for lang, r in langs.items()}
+    tiers = _compare_tiers(table, list(langs))
+    fig, axes = plt.subplots(1, len(tiers), figsize=(5.2 * len(tiers) + 1, 5.6), sharey=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (tier, members) in zip(axes[0], tiers):
+        order = sorted(members, key=lambda lang: sum(diff[lang].values()) / len(others))
+        xs = range(len(order))
+        few = len(order) <= max_languages
+        notes = []
+        for j, name in enumerate(others):
+            ys = [diff[lang][name] for lang in order]
+            if not few:  # too many to name: each model's differences as a sorted curve (a quantile plot)
+                ys = sorted(ys)
+            ax.plot(xs, ys, marker="o" if few else None, markersize=4, linewidth=0.8 if few else 0.9,
+                    alpha=1.0, color=colors[j % len(colors)], label=name)
+            worst = max(order, key=lambda lang: diff[lang][name])
+            best = min(order, key=lambda lang: diff[lang][name])
+            mean = sum(ys) / len(ys)
+            notes.append(f"{name}: mean {mean:+.3f}; worst {worst} {diff[worst][name]:+.3f}, "
+                         f"best {best} {diff[best][name]:+.3f}")
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_title(f"{tier} resource: {len(order)} languages", fontsize=10)
+        if few:
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels(order, rotation=90, fontsize=7 if len(order) > 20 else 8)
+        else:
+            ax.set_xlabel(f"languages, each model's sorted by its difference ({len(order)})")
+            ax.set_xticks([])
+        ax.text(0.02, 0.98, "\n".join(notes), transform=ax.transAxes, va="top", ha="left", fontsize=7,
+                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"})
+        ax.grid(axis="y", alpha=0.3)
+    values = [v for row in diff.values() for v in row.values()] + [0.0]
+    low, high = min(values), max(values)
+    span = max(high - low, 1e-3)  # the panels share it; the top leaves room for the notes
+    axes[0][0].set_ylim(low - 0.05 * span, high + (0.1 + 0.075 * len(others)) * span)
+    axes[0][0].set_ylabel(f"MLM loss minus {baseline}'s (below 0: better)")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"per-language loss against {baseline}, by resource group", fontsize=11)
     fig.tight_layout()
     path = _save(fig, _out_path(compare_path, out, "compare.png"))
     plt.close(fig)

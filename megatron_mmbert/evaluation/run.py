@@ -7,7 +7,6 @@ import io
 import os
 import re
 import sys
-import time
 from typing import Dict, List, Tuple
 
 import torch
@@ -18,6 +17,7 @@ from megatron_mmbert.evaluation import metrics
 from megatron_mmbert.evaluation.config import EvaluateConfig
 from megatron_mmbert.evaluation.models import all_reduce, checkpoint_kind, open_scorer
 from megatron_mmbert.fileio import OUTPUT_MARKER, OutputRefused, atomic_write_json, atomic_write_text
+from megatron_mmbert.progress import Progress
 
 OUTPUT_KIND = "evaluate"
 
@@ -89,16 +89,14 @@ def model_names(paths: List[str]) -> List[str]:
 def score_model(scorer, rows: List[eval_data.LanguageRows], quiet: bool, label: str) -> Dict[str, torch.Tensor]:
     """Per language float64 [loss sum, masked, correct] over all rows, the same on every rank."""
     sums = torch.zeros(len(rows), 3, dtype=torch.float64)
-    t0 = time.time()
+    progress = Progress(label, len(rows), "languages", None if quiet or not _is_rank0() else sys.stderr, every_s=0)
     for i, lang_rows in enumerate(rows):
         mine, _ = eval_data.split_rows(lang_rows.batches, scorer.dp_rank, scorer.dp_size)
         for batch in mine:
             logits = scorer.logits(batch)
             if logits is not None:
                 sums[i] += metrics.mlm_sums(logits, batch["labels"], scorer.vocab_size)
-        if not quiet and _is_rank0():
-            print(f"[{label}] {i + 1}/{len(rows)} {lang_rows.language} ({time.time() - t0:.0f}s)",
-                  file=sys.stderr, flush=True)
+        progress.advance(1, lang_rows.language)
     sums = all_reduce(sums, scorer.device)
     return {r.language: sums[i] for i, r in enumerate(rows)}
 

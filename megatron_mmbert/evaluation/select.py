@@ -6,7 +6,7 @@ keeps its periodic checkpoints (``checkpoint.keep_last``: the shipped decay conf
 of each run on the same held-out rows and masks (``evaluate``'s ``compare``) and chooses the lowest
 loss. The metric is the language-macro loss by default (every language counts the same, so
 Decay-All's low-resource languages are not drowned by the large ones); ``loss`` is the
-token-weighted one. ``tools/ties_merge.py --select-best`` uses it and writes the choice and every
+token-weighted one. ``tools/ties_merge.py --select.enabled`` uses it and writes the choice and every
 candidate's loss into the merge report.
 """
 

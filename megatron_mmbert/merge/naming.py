@@ -39,8 +39,8 @@ from megatron_mmbert.checkpoints.layout import (
     copy_tokenizer_files,
     detect_format,
     tokenizer_dir,
-    write_config,
 )
+from megatron_mmbert.checkpoints.dcp_io import write_config
 from megatron_mmbert.checkpoints.tensors import DistSession, HFSource, MegatronSource, TensorInfo, copy_hf_side_files
 from megatron_mmbert.config import ConfigError, ModelConfig
 from megatron_mmbert.config_base import to_dict

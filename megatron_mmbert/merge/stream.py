@@ -9,12 +9,12 @@ QKV tensor read in HF naming is held whole per input while its blocks are read (
 whole state dict at once).
 
 Trim thresholds. TIES keeps the top ``k`` magnitudes of each task vector, per tensor or over the
-whole model (``--trim global``). Both are found exactly by :class:`~.ties.KthLargest`, a two-pass
+whole model (``--spec.trim global``). Both are found exactly by :class:`~.ties.KthLargest`, a two-pass
 radix select on the float32 bit patterns (a 65536-bucket histogram of the high 16 bits, then of the
 low 16 bits inside the one bucket that holds the k-th value): fixed memory, no sort. So:
 
-* ``--trim global``: three passes over the checkpoints (histogram, refine, merge);
-* ``--trim per-tensor``: a tensor that fits in one block is read once and its threshold found in
+* ``--spec.trim global``: three passes over the checkpoints (histogram, refine, merge);
+* ``--spec.trim per-tensor``: a tensor that fits in one block is read once and its threshold found in
   memory; a larger one (the embedding) is read three times, block by block.
 
 Inputs may mix formats; :func:`~.naming.open_inputs` picks the one naming the merge runs in (HF's
@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from dataclasses import asdict
 from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
@@ -40,6 +39,7 @@ from megatron_mmbert.fileio import check_output_dir, publish_directory, raise_di
 from megatron_mmbert.checkpoints.layout import MERGE_REPORT, CheckpointError, same_tokenizer
 from megatron_mmbert.checkpoints.tensors import MegatronSink, SafetensorsSink, TensorInfo
 from megatron_mmbert.merge.naming import megatron_converter, open_inputs, write_output_metadata
+from megatron_mmbert.progress import Progress
 from megatron_mmbert.merge.ties import (
     ChunkStats, KthLargest, MergeSpec, keep_count, magnitude, merge_chunk, report_entry,
 )
@@ -50,32 +50,6 @@ from megatron_mmbert.merge.ties import (
 UNRELATED_RATIO = 0.5
 OUTLIER_RATIO = 4.0
 DEFAULT_CHUNK_BYTES = 64 * 2**20
-
-
-class Progress:
-    """Parameters processed (over all passes), with rate and ETA, on stderr every few seconds."""
-
-    def __init__(self, total: int, stream: Optional[TextIO] = sys.stderr, every_s: float = 2.0):
-        self.total = max(total, 1)
-        self.done = 0
-        self.stream = stream
-        self.every_s = every_s
-        self.start = time.monotonic()
-        self._last = self.start
-
-    def advance(self, n: int, phase: str) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.stream is not None and (now - self._last >= self.every_s or self.done >= self.total):
-            self._last = now
-            elapsed = max(now - self.start, 1e-9)
-            rate = self.done / elapsed
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.stream.write(
-                f"[ties_merge] {phase}: {100.0 * self.done / self.total:5.1f}% "
-                f"{rate / 1e6:8.1f} M params/s  elapsed {elapsed:6.1f}s  ETA {eta:6.1f}s\n"
-            )
-            self.stream.flush()
 
 
 def row_blocks(info: TensorInfo, chunk_bytes: int) -> List[Tuple[Optional[int], Optional[int]]]:
@@ -333,7 +307,7 @@ def merge_checkpoints(
             work = sum(i.numel * (1 if len(row_blocks(i, chunk_bytes)) == 1 else 3) for i in plan if i.is_float)
         else:
             work = float_elems
-        progress = Progress(work + int_elems, log)
+        progress = Progress("ties_merge", work + int_elems, "params", log)
         merger = _Merger(spec, base_src, model_srcs, chunk_bytes, progress)
         body = merger.run(plan, sink, template)
         for warning in body["summary"]["warnings"]:

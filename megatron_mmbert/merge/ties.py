@@ -200,15 +200,6 @@ class KthLargest:
         return float(bits.view(torch.float32)[0])
 
 
-def kth_largest(values: torch.Tensor, k: int) -> float:
-    """In-memory convenience: the exact k-th largest of non-negative float32 ``values``."""
-    sel = KthLargest(k)
-    sel.add_first(values)
-    sel.finish_first()
-    sel.add_second(values)
-    return sel.result()
-
-
 @dataclass
 class ChunkStats:
     """Running statistics of one tensor, summed over its chunks (see :func:`report_entry`)."""

@@ -323,7 +323,7 @@ def _fix(name: str, precision: str, machine: Machine, head_dim: Optional[int] = 
         if not machine.flex_attention:
             return "upgrade torch to >= 2.5"
         if not machine.cuda:
-            return "train with model.attention_backend: sdpa on CPU (flex evaluates there: verify --attention-backend flex)"
+            return "train with model.attention_backend: sdpa on CPU (flex evaluates there: verify --attention_backend flex)"
         if head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM:
             return (f"use model.attention_backend: sdpa (or flash), or fewer, wider heads "
                     f"(hidden_size / num_attention_heads >= {FLEX_MIN_HEAD_DIM})")

@@ -74,7 +74,7 @@ class DataSection:
     eval_manifest: Optional[str] = None
     """Held-out data (a manifest of the same tokenizer) for the evaluation during training. None: the
     held-out manifest preprocessing wrote beside the training one (``heldout/manifest.json``,
-    ``--holdout-docs``) when there is one, else rows of the training manifest (not held out; logged
+    ``--holdout_docs``) when there is one, else rows of the training manifest (not held out; logged
     as such)."""
 
 
@@ -589,11 +589,9 @@ def write_resolved(cfg: RunConfig, path: str) -> None:
     """Write the resolved config atomically as YAML (loadable again with ``load_config``)."""
     import yaml
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(resolved_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    from megatron_mmbert.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
 
 
 __all__ = [

@@ -2,7 +2,7 @@
 at the current phase's row length and mask rate.
 
 Which data: ``data.eval_manifest``; else the held-out manifest preprocessing wrote beside the
-training manifest (``OUT/heldout/``, ``--holdout-docs``); else rows of the training manifest (not
+training manifest (``OUT/heldout/``, ``--holdout_docs``); else rows of the training manifest (not
 held out, and logged as such).
 
 Which languages: the phase's languages, in high / mid / low resource terciles by training-manifest

@@ -25,8 +25,8 @@ resolved config; its run id is kept in ``{run_dir}/wandb_run_id`` so a resumed r
 
 from __future__ import annotations
 
-import datetime
 import json
+import logging
 import os
 import resource
 import sys
@@ -34,6 +34,8 @@ import time
 from typing import Dict, Optional
 
 import torch
+
+from megatron_mmbert.progress import format_eta, human
 
 TB_FIELDS = (
     "loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "tflops", "consumed_tokens",
@@ -121,17 +123,7 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def format_eta(seconds: Optional[float]) -> str:
-    if seconds is None or seconds != seconds or seconds == float("inf"):
-        return "n/a"
-    return str(datetime.timedelta(seconds=int(seconds)))
 
-
-def _si(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.1f}{unit}"
-    return f"{x:.0f}"
 
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -223,6 +215,16 @@ class RunLogger:
         if self.enabled:
             print(message, file=sys.stdout, flush=True)
 
+    def warning(self, message: str) -> None:
+        """Something the user should act on, through :mod:`logging` (its level and handlers: the
+        trainer's print ``<time> WARNING megatron_mmbert.training: message`` in order with the log)."""
+        if self.enabled:
+            logging.getLogger("megatron_mmbert.training").warning(message)
+
+    def error(self, message: str) -> None:
+        """Why the run stops, through :mod:`logging` (every rank: the one that found it says so)."""
+        logging.getLogger("megatron_mmbert.training").error(message)
+
     def text(self, tag: str, message: str, step: int) -> None:
         self.info(message)
         if self._tensorboard() is not None:
@@ -237,10 +239,10 @@ class RunLogger:
         over = "" if n == self.interval else (f" (step {m['step']})" if n == 1 else
                                               f" (steps {m['step'] - n + 1}-{m['step']})")
         line = (
-            f"step {m['step']}/{m['total_steps']} | {m['phase']} | tok {_si(m['consumed_tokens'])}/"
-            f"{_si(m['total_tokens'])} ({m['consumed_pct']:.1f}%) | loss {m['loss']:.4f}{over} | "
+            f"step {m['step']}/{m['total_steps']} | {m['phase']} | tok {human(m['consumed_tokens'])}/"
+            f"{human(m['total_tokens'])} ({m['consumed_pct']:.1f}%) | loss {m['loss']:.4f}{over} | "
             f"acc {m['accuracy']:.3f} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
-            f"{_si(m['tokens_per_s'])} tok/s | {m['tflops']:.3g} TFLOP/s | MFU {mfu} | "
+            f"{human(m['tokens_per_s'])} tok/s | {m['tflops']:.3g} TFLOP/s | MFU {mfu} | "
             f"mem {m['memory_gib']:.2f} GiB | eta {format_eta(m['eta_s'])}"
         )
         if m.get("skipped"):

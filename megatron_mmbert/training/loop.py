@@ -55,7 +55,7 @@ from megatron_mmbert.training.prefetch import BatchPrefetcher, prepare
 from megatron_mmbert.training.profiling import StepProfiler
 from megatron_mmbert.training.preflight import check_checkpoint_tokenizer, check_packed_row_backend, validate
 from megatron_mmbert.training.resume_check import check_resume
-from megatron_mmbert.training.state import TrainState
+from megatron_mmbert.training.state import TrainState, phase_complete, run_complete
 from megatron_mmbert.training.step import finish_param_sync
 from megatron_mmbert.training.stopping import StopFlag, any_rank
 
@@ -121,7 +121,7 @@ class Trainer:
         self.locks = self._lock_run_folders()
         self.log = RunLogger(cfg.run_dir, cfg.tensorboard_dir if cfg.logging.tensorboard else None, self.rt.is_main,
                              wandb=cfg.logging.wandb, config=resolved_dict(cfg), interval=cfg.logging.interval)
-        check_resume(cfg, self.log.info, self.rt.device)  # against the stored config, so before it is rewritten
+        check_resume(cfg, self.log.warning, self.rt.device)  # against the stored config, so before it is rewritten
         if self.rt.is_main:
             write_resolved(cfg, resolved_config_path(cfg.run_dir))  # its own name: never over the user's file
             os.makedirs(cfg.checkpoint_dir, exist_ok=True)
@@ -178,7 +178,7 @@ class Trainer:
     def _restore(self) -> TrainState:
         """Resume from ``latest``, or start (from ``init.checkpoint`` or fresh) at the start phase."""
         cfg = self.cfg
-        latest = ckpt.read_latest(cfg.checkpoint_dir, warn=self.log.info) if cfg.checkpoint.resume else None
+        latest = ckpt.read_latest(cfg.checkpoint_dir, warn=self.log.warning) if cfg.checkpoint.resume else None
         state = self._resume(latest) if latest is not None else self._start()
         if state.first_phase_index is None:
             state.first_phase_index = state.phase_index
@@ -196,9 +196,9 @@ class Trainer:
             raise ConfigError(f"{latest} was saved in phase {record['phase']!r}, which this config lacks ({names})")
         state = TrainState.from_checkpoint(record, names)
         optimizer = "restored" if meta["loaded_optimizer"] else "fresh"
-        if state.consumed_samples >= self.stream.phase_num_samples(record["phase"]):
+        if phase_complete(record, self.stream.phase_num_samples(record["phase"])):
             # Only a phase-end checkpoint holds a finished phase (periodic saves skip the last step).
-            if state.phase_index == len(names) - 1:
+            if run_complete(record, names, self.stream.phase_num_samples(record["phase"])):
                 self.complete = latest
                 return state
             state.start_phase(state.phase_index + 1)
@@ -231,7 +231,7 @@ class Trainer:
         return TrainState(phase_index=start)
 
     def _check_tokenizer(self, checkpoint: str, what: str) -> None:
-        check_checkpoint_tokenizer(self.cfg, checkpoint, what, self.stream.manifest.tokenizer.to_json(), self.log.info)
+        check_checkpoint_tokenizer(self.cfg, checkpoint, what, self.stream.manifest.tokenizer.to_json(), self.log.warning)
 
     def _strided_init(self) -> Optional[str]:
         """With ``init.strided_from``: this run's model taken from that larger checkpoint by the
@@ -338,7 +338,8 @@ class Trainer:
         scheduler, seeds and data position)."""
         st = self.state
         return st.to_checkpoint(phase.name, scheduler.state_dict(), self.cfg.seed, self.cfg.data_seed,
-                                self.data_position(st.phase_index, st.consumed_samples))
+                                self.data_position(st.phase_index, st.consumed_samples),
+                                phase_samples=self.stream.phase_num_samples(phase.name))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, name: str, phase: PhaseConfig, scheduler, kill_during_save: bool = False) -> None:
@@ -478,10 +479,10 @@ class Trainer:
         st.skipped_steps += 1
         self.consecutive_skips += 1
         if cfg.train.nan_policy == "stop" or self.consecutive_skips > cfg.train.max_consecutive_skips:
-            self.log.info(f"ERROR: {skipped}; the update was not applied. Stopping "
-                          f"(train.nan_policy={cfg.train.nan_policy}); resume from the last checkpoint.")
+            self.log.error(f"{skipped}; the update was not applied. Stopping "
+                           f"(train.nan_policy={cfg.train.nan_policy}); resume from the last checkpoint.")
             raise NonFiniteError(skipped)
-        self.log.info(f"WARNING: {skipped}; update skipped (train.nan_policy=skip)")
+        self.log.warning(f"{skipped}; update skipped (train.nan_policy=skip)")
         return skipped
 
     def _log_step(self, meter: StepMeter, result, phase: PhaseConfig, k: int, rows: int, batches,

@@ -308,7 +308,7 @@ def check_checkpoint_tokenizer(cfg: RunConfig, checkpoint: str, what: str, ident
         return
     if cfg.checkpoint.allow_other_tokenizer:
         if warn is not None:
-            warn(f"WARNING: checkpoint.allow_other_tokenizer: {why}")
+            warn(f"checkpoint.allow_other_tokenizer: {why}")
         return
     raise ConfigError(field="checkpoint.allow_other_tokenizer", message=(
         f"{what}: {why}. Use data made with the checkpoint's tokenizer (data.manifest), or set "

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from megatron_mmbert.fileio import atomic_write_with
 from megatron_mmbert.training.config import ProfilingSection
 
 PROFILE_DIR = "profile"
@@ -55,9 +56,7 @@ class StepProfiler:
         finally:
             if self.snapshot and number == self.last:
                 path = os.path.join(self.dir, f"memory_snapshot-rank{self.rank}.pickle")
-                os.makedirs(self.dir, exist_ok=True)
-                torch.cuda.memory._dump_snapshot(path + ".tmp")
-                os.replace(path + ".tmp", path)
+                atomic_write_with(path, torch.cuda.memory._dump_snapshot)
                 torch.cuda.memory._record_memory_history(enabled=None)
                 self._wrote(path)
 
@@ -68,10 +67,8 @@ class StepProfiler:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=activities, record_shapes=True, profile_memory=True, with_stack=False) as prof:
             yield
-        os.makedirs(self.dir, exist_ok=True)
         path = os.path.join(self.dir, f"step_{number}-rank{self.rank}.json")
-        prof.export_chrome_trace(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_write_with(path, prof.export_chrome_trace)
         self._wrote(path)
 
     def _wrote(self, path: str) -> None:

@@ -212,7 +212,7 @@ def check_resume(cfg, log, device=None) -> None:
         error, changes, latest = exc, [], None
     if not error and changes:
         stored_path = resolved_config_path(cfg.run_dir, existing=True) or resolved_config_path(cfg.run_dir)
-        log(f"WARNING: the config differs from the one this run was started with ({stored_path}) in "
+        log(f"the config differs from the one this run was started with ({stored_path}) in "
             f"{len(changes)} key(s): " + "; ".join(c.describe() for c in changes))
         critical = [c for c in changes if c.reason]
         if critical:

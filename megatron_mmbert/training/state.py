@@ -53,11 +53,12 @@ class TrainState:
             self.phase_index, self.consumed_samples = index, 0
 
     def to_checkpoint(self, phase: str, scheduler: Dict[str, Any], seed: int, data_seed: int,
-                      data_position: Dict[str, Any]) -> Dict[str, Any]:
-        """The ``train_state`` a checkpoint records (JSON-able; :meth:`from_checkpoint` reads it)."""
+                      data_position: Dict[str, Any], phase_samples: Optional[int] = None) -> Dict[str, Any]:
+        """The ``train_state`` a checkpoint records (JSON-able; :meth:`from_checkpoint` reads it).
+        ``phase_samples``: the rows of ``phase``, so the record alone says whether it ends the phase."""
         return {
             "phase_index": self.phase_index, "first_phase_index": self.first_phase_index, "step": self.step,
-            "tokens": self.tokens, "consumed_samples": self.consumed_samples,
+            "tokens": self.tokens, "consumed_samples": self.consumed_samples, "phase_samples": phase_samples,
             "consumed_samples_per_phase": dict(self.consumed_samples_per_phase),
             "skipped_steps": self.skipped_steps, "phase": phase, "scheduler": scheduler, "seed": seed,
             "data_seed": data_seed, "rng": RngRecipe.RESEED_PER_STEP.value, "data_position": data_position,
@@ -79,3 +80,16 @@ class TrainState:
 
 
 __all__ = ["TrainState", "RngRecipe"]
+
+
+def phase_complete(record: Dict[str, Any], phase_samples: Optional[int] = None) -> bool:
+    """Whether a checkpoint's ``train_state`` ends its phase: every row of the phase consumed.
+    ``phase_samples`` (the rows of the phase, from the data stream) defaults to the record's own."""
+    total = record.get("phase_samples") if phase_samples is None else phase_samples
+    return total is not None and int(record["consumed_samples"]) >= int(total)
+
+
+def run_complete(record: Dict[str, Any], phase_names: List[str], phase_samples: Optional[int] = None) -> bool:
+    """Whether a checkpoint's ``train_state`` ends the run: it ends the last of ``phase_names``. The one
+    definition of a finished run: the trainer's resume and ``mmbert-pretrain --is-complete`` ask it."""
+    return record.get("phase") == phase_names[-1] and phase_complete(record, phase_samples)
