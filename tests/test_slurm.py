@@ -136,7 +136,7 @@ def test_pretrain_job_runs_to_the_end(slurm, reference):
         assert "the job ends at" in log
     import yaml
 
-    resolved = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
+    resolved = yaml.safe_load(open(os.path.join(run_dir, "resolved_config.yaml")))
     assert 6 <= resolved["checkpoint"]["exit_after_minutes"] <= 9.0  # 10 - 1, less the start-up
 
 
@@ -302,7 +302,7 @@ def test_preprocess_array_with_a_cancelled_task(slurm, tmp_path, demo_corpus, de
     expected = _reference(demo_corpus, demo_tokenizer, out)
     env = slurm.env(PYTHON=sys.executable)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    opts = ["--chunk-mb", CHUNK_MB]
+    opts = ["--chunk_bytes", str(int(float(CHUNK_MB) * 2**20))]
     # No CPU setting: the launcher lowers its default (32) to this node's CPUs.
     res = slurm.run("bash", PREPROCESS, "--shards=2", demo_corpus, out, demo_tokenizer, *opts, cwd=str(tmp_path),
                     env=env)
@@ -321,7 +321,7 @@ def test_preprocess_array_with_a_cancelled_task(slurm, tmp_path, demo_corpus, de
 
     rerun = re.search(r"shard task 1 of 2: (sbatch .*)", log).group(1)
     again = re.search(r"finalize: (sbatch .*)", log).group(1)
-    assert f"--cpus-per-task={cpus}" in rerun and rerun.endswith("--num-shards 2 --shard-index 1")
+    assert f"--cpus-per-task={cpus}" in rerun and rerun.endswith("--num_shards 2 --shard_index 1")
     job = slurm.run(*shlex.split(rerun.replace("sbatch ", "sbatch --parsable ", 1)), cwd=str(tmp_path),
                     env=env).stdout.strip()
     assert slurm.wait_state(job, ("COMPLETED", "FAILED"), 300)["JobState"] == "COMPLETED"

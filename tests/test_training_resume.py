@@ -94,19 +94,20 @@ def _records_by_step(run_dir):
 
 
 def _snapshot(directory):
-    """(path, size, mtime, sha256) of every file below ``directory`` but the run's lock (which names
-    its latest holder); the resolved config (rewritten, the same, by every launch) without mtime."""
+    """(path, size, mtime, sha256) of every file below ``directory`` but the locks of the run and
+    checkpoint folders (which name their latest holder); the resolved config (rewritten, the same, by
+    every launch) without mtime."""
     out = []
     for root, _, files in os.walk(directory):
         for f in sorted(files):
             path = os.path.join(root, f)
             rel = os.path.relpath(path, directory)
-            if rel == ".lock":
+            if f == ".lock":
                 continue
             with open(path, "rb") as fh:
                 digest = hashlib.sha256(fh.read()).hexdigest()
             st = os.stat(path)
-            out.append((rel, st.st_size, None if rel == "config.yaml" else st.st_mtime_ns, digest))
+            out.append((rel, st.st_size, None if rel == "resolved_config.yaml" else st.st_mtime_ns, digest))
     return sorted(out)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
@@ -58,10 +59,14 @@ def segment_masks(cu_seqlens: torch.Tensor, positions: torch.Tensor, window: int
     micro-batch as one sequence, as the packed (THD) kernels do.
     """
     b, s = positions.shape
-    starts = torch.arange(0, b * s + 1, s, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    if b > 1 and not torch.isin(starts[1:-1], cu_seqlens).all():
+    # Which case this is, decided on the host copy of the boundaries (the batch keeps cu_seqlens on
+    # the CPU; a device copy is read back once): no device read per micro-batch.
+    cu = cu_seqlens.detach().cpu().numpy()
+    starts = np.arange(0, b * s + 1, s)
+    if b > 1 and not np.isin(starts[1:-1], cu).all():
         return segment_masks(cu_seqlens, positions.reshape(1, b * s), window)
-    if cu_seqlens.numel() == b + 1 and torch.equal(cu_seqlens, starts):
+    cu_seqlens = cu_seqlens.to(positions.device)
+    if cu.size == b + 1 and np.array_equal(cu, starts):
         # One segment per row (long documents): global layers need no mask at all, and local
         # layers share one band for the whole batch, so SDPA can take its unmasked kernel.
         pos = torch.arange(s, device=positions.device)

@@ -230,9 +230,7 @@ class MMBertModel(LanguageModule):
                 max_seqlen_kv=int(max_seqlen),
             )
             return inputs, packed
-        global_mask, local_mask = segment_masks(
-            cu_seqlens.to(positions.device), positions, self.model_config.local_attention
-        )
+        global_mask, local_mask = segment_masks(cu_seqlens, positions, self.model_config.local_attention)
         inputs = AttentionInputs(
             global_mask, local_mask, self.global_rotary(positions), self.local_rotary(positions)
         )
