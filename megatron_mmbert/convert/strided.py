@@ -130,7 +130,8 @@ def strided_checkpoint(src: str, save_dir: str, small: ModelConfig, overwrite: b
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from megatron_mmbert.checkpoints import dcp_io
-    from megatron_mmbert.checkpoints.layout import copy_tokenizer_files, tokenizer_dir, write_config
+    from megatron_mmbert.checkpoints.dcp_io import write_config
+    from megatron_mmbert.checkpoints.layout import copy_tokenizer_files, tokenizer_dir
     from megatron_mmbert.checkpoints.tensors import DistSession, MegatronSource
     from megatron_mmbert.config_base import from_dict, to_dict
     from megatron_mmbert.fileio import check_output_dir, publish_directory, write_output_marker
