@@ -16,7 +16,7 @@ import torch
 from megatron_mmbert import runtime
 from megatron_mmbert.cli.convert_checkpoint import main as convert_main
 from megatron_mmbert.cli.ties_merge import main as merge_main
-from tests.helpers.model import make_hf_model
+from tests.helpers.model import hf_model_and_checkpoint, make_hf_model
 
 
 class _Payload:
@@ -38,12 +38,8 @@ def _shutdown():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny HF ModernBERT model and its megatron checkpoint (with recorded digests)."""
-    from megatron_mmbert.convert.checkpoints import import_hf
-
     root = tmp_path_factory.mktemp("adversarial")
-    make_hf_model("even", str(root / "hf"))
-    import_hf(str(root / "hf"), str(root / "ckpt"))
-    runtime.shutdown()
+    hf_model_and_checkpoint(root)
     return root
 
 

@@ -311,14 +311,10 @@ def test_a_run_keeps_the_users_config_and_copies(tmp_path):
 @pytest.fixture(scope="module")
 def hf_and_checkpoint(tmp_path_factory):
     """A tiny HF ModernBERT model and its imported checkpoint."""
-    from megatron_mmbert import runtime
-    from megatron_mmbert.convert.checkpoints import import_hf
-    from tests.helpers.model import make_hf_model
+    from tests.helpers.model import hf_model_and_checkpoint
 
     root = tmp_path_factory.mktemp("weak")
-    make_hf_model("even", str(root / "hf"))
-    import_hf(str(root / "hf"), str(root / "ckpt"))
-    runtime.shutdown()
+    hf_model_and_checkpoint(root)
     return root
 
 

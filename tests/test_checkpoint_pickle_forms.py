@@ -21,7 +21,7 @@ import torch
 from megatron_mmbert import runtime
 from megatron_mmbert.checkpoints import dcp_io
 from megatron_mmbert.checkpoints.dcp_io import UntrustedCheckpointError, load_metadata
-from tests.helpers.model import make_hf_model
+from tests.helpers.model import hf_model_and_checkpoint
 
 PROTOCOLS = (2, pickle.DEFAULT_PROTOCOL)
 
@@ -144,12 +144,8 @@ def test_getattr_on_anything_but_an_allow_listed_enum_is_refused(protocol, tmp_p
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A real dist checkpoint written by this interpreter (HF model imported at TP1)."""
-    from megatron_mmbert.convert.checkpoints import import_hf
-
     root = tmp_path_factory.mktemp("pickle_forms")
-    make_hf_model("even", str(root / "hf"))
-    import_hf(str(root / "hf"), str(root / "ckpt"))
-    runtime.shutdown()
+    hf_model_and_checkpoint(root)
     return root / "ckpt"
 
 

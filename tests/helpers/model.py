@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Sequence
 
 import torch
@@ -48,6 +49,17 @@ def make_hf_model(name, directory: str, seed: int = 0):
                 p.mul_(15.0)
     model.save_pretrained(directory)
     return model
+
+
+def hf_model_and_checkpoint(root) -> None:
+    """``root/hf``: a tiny HF ModernBERT model (the "even" config); ``root/ckpt``: its megatron
+    checkpoint as ``convert_checkpoint import-hf`` writes it (with recorded digests)."""
+    from megatron_mmbert import runtime
+    from megatron_mmbert.convert.checkpoints import import_hf
+
+    make_hf_model("even", os.path.join(str(root), "hf"))
+    import_hf(os.path.join(str(root), "hf"), os.path.join(str(root), "ckpt"))
+    runtime.shutdown()
 
 
 def save_word_tokenizer(directory: str) -> None:
