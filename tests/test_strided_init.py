@@ -99,25 +99,24 @@ def test_strided_checkpoint_loads_and_trains(tmp_path):
     manifest = write_manifest(tmp_path / "shards")
     small_model = {f.name: getattr(SMALL, f.name) for f in dataclasses.fields(SMALL)
                    if f.name in ("hidden_size", "num_attention_heads", "intermediate_size", "num_layers")}
-    cfg = tiny_run_config(str(tmp_path / "run.yaml"), manifest, str(tmp_path / "run"),
-                          model={"preset": "tiny", **small_model},
-                          init={"checkpoint": str(tmp_path / "small"), "load_optimizer": False},
-                          phases=[{"name": "pretrain", "tokens": 2048, "seq_len": 64, "mask_rate": 0.3,
-                                   "languages": "all", "temperature": 0.7}],
-                          schedule={"total_tokens": 2048, "phases": {"pretrain": {"lr": 3.0e-3}}},
-                          checkpoint={"every_steps": 0, "keep_last": 1})
+
+    def small_run(name, tokens, init):
+        """A one-phase run of the small model, ``tokens`` long, from ``init``."""
+        return tiny_run_config(str(tmp_path / f"{name}.yaml"), manifest, str(tmp_path / name),
+                               model={"preset": "tiny", **small_model}, init=init,
+                               phases=[{"name": "pretrain", "tokens": tokens, "seq_len": 64, "mask_rate": 0.3,
+                                        "languages": "all", "temperature": 0.7}],
+                               schedule={"total_tokens": tokens, "phases": {"pretrain": {"lr": 3.0e-3}}},
+                               checkpoint={"every_steps": 0, "keep_last": 1})
+
+    cfg = small_run("run", 2048, {"checkpoint": str(tmp_path / "small"), "load_optimizer": False})
     proc = check(launch(cfg))
     assert "initialised from" in proc.stdout + proc.stderr
     losses = [r["loss"] for r in train_records(str(tmp_path / "run")) if "loss" in r]
     assert len(losses) >= 3 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-2:]) < sum(losses[:2])  # it learns from the strided start
     # init.strided_from: the run writes the strided checkpoint itself and starts from it.
-    cfg2 = tiny_run_config(str(tmp_path / "run2.yaml"), manifest, str(tmp_path / "run2"),
-                           model={"preset": "tiny", **small_model}, init={"strided_from": str(tmp_path / "big")},
-                           phases=[{"name": "pretrain", "tokens": 1024, "seq_len": 64, "mask_rate": 0.3,
-                                    "languages": "all", "temperature": 0.7}],
-                           schedule={"total_tokens": 1024, "phases": {"pretrain": {"lr": 3.0e-3}}},
-                           checkpoint={"every_steps": 0, "keep_last": 1})
+    cfg2 = small_run("run2", 1024, {"strided_from": str(tmp_path / "big")})
     proc = check(launch(cfg2))
     assert "strided init: 32-wide model from" in proc.stdout + proc.stderr
     runtime.shutdown()
