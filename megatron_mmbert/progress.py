@@ -4,7 +4,9 @@ still (an ETA as ``H:MM:SS``), at most one line every few seconds.
 
 Every tool's progress goes through here (:class:`Progress` for a line on stderr; the trainer's log
 line uses :func:`format_eta` and :func:`human`), so a user reads the same numbers the same way in
-every stage. Imports nothing of the package.
+every stage. Work measured in one unit while other things are counted beside it (preprocessing: input
+bytes, with documents, text bytes and tokens) gives those as ``counts`` (each shown with its rate).
+Imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import datetime
 import sys
 import time
-from typing import Optional, TextIO
+from typing import Dict, Optional, TextIO
 
 
 def format_eta(seconds: Optional[float]) -> str:
@@ -33,7 +35,7 @@ def human(x: float) -> str:
 
 class Progress:
     """``[label] what: 41.7% (5/12 languages), 0.8 languages/s, elapsed 0:00:06, ETA 0:00:08`` on
-    ``stream`` (None: silent), at most every ``every_s`` seconds and always at the end."""
+    ``stream`` (None: silent), at most every ``every_s`` seconds and always once at the end."""
 
     def __init__(self, label: str, total: int, unit: str, stream: Optional[TextIO] = sys.stderr,
                  every_s: float = 2.0):
@@ -42,32 +44,47 @@ class Progress:
         self.done = 0
         self.start = time.monotonic()
         self._last = self.start
+        self._ended = False
 
     def eta_s(self, now: Optional[float] = None) -> Optional[float]:
         """Seconds left at the rate so far (None before any progress)."""
         elapsed = (time.monotonic() if now is None else now) - self.start
         if self.done <= 0 or elapsed <= 0:
             return None
-        return (self.total - self.done) * elapsed / self.done
+        return max(self.total - self.done, 0) * elapsed / self.done
 
-    def line(self, what: str = "", now: Optional[float] = None) -> str:
+    def line(self, what: str = "", now: Optional[float] = None, counts: Optional[Dict[str, float]] = None) -> str:
+        """The progress line; ``counts`` (name -> running total) adds ``1.2k docs (300/s)`` for each."""
         now = time.monotonic() if now is None else now
         elapsed = max(now - self.start, 1e-9)
         head = f"[{self.label}] {what + ': ' if what else ''}"
-        return (f"{head}{100.0 * self.done / self.total:5.1f}% ({human(self.done)}/{human(self.total)} {self.unit}), "
-                f"{human(self.done / elapsed)} {self.unit}/s, elapsed {format_eta(elapsed)}, "
+        extra = "".join(f"{human(n)} {name} ({human(n / elapsed)}/s), " for name, n in (counts or {}).items())
+        return (f"{head}{100.0 * min(self.done / self.total, 1.0):5.1f}% ({human(self.done)}/{human(self.total)} "
+                f"{self.unit}), {human(self.done / elapsed)} {self.unit}/s, {extra}elapsed {format_eta(elapsed)}, "
                 f"ETA {format_eta(self.eta_s(now))}")
 
-    def advance(self, n: int, what: str = "", force: bool = False) -> None:
-        """Count ``n`` more done; print a line when ``every_s`` has passed, at the end, or ``force``."""
-        self.done += n
+    def due(self, now: Optional[float] = None) -> bool:
+        """Whether :meth:`update` would print now: ``every_s`` has passed since the last line."""
+        return (time.monotonic() if now is None else now) - self._last >= self.every_s
+
+    def update(self, done: float, what: str = "", force: bool = False,
+               counts: Optional[Dict[str, float]] = None) -> None:
+        """Set the amount done to ``done`` (a running total, e.g. read from counters that workers share);
+        print a line when ``every_s`` has passed, the first time ``total`` is reached, or ``force``."""
+        self.done = done
         now = time.monotonic()
         if self.stream is None:
             return
-        if force or now - self._last >= self.every_s or self.done >= self.total:
+        end = self.done >= self.total and not self._ended
+        if force or end or self.due(now):
+            self._ended = self._ended or end
             self._last = now
-            self.stream.write(self.line(what, now) + "\n")
+            self.stream.write(self.line(what, now, counts) + "\n")
             self.stream.flush()
+
+    def advance(self, n: int, what: str = "", force: bool = False) -> None:
+        """Count ``n`` more done; print a line when ``every_s`` has passed, at the end, or ``force``."""
+        self.update(self.done + n, what, force)
 
 
 __all__ = ["Progress", "format_eta", "human"]

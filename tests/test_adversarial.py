@@ -310,7 +310,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused(data_run, capsys):
 def test_preprocessing_records_the_largest_token_id(tmp_path):
     import numpy as np
 
-    from megatron_mmbert.data.preprocess import _build_manifest
+    from megatron_mmbert.data.preprocess.finalize import build_manifest
     from megatron_mmbert.data.shards import ShardWriter, TokenizerIdentity
 
     with ShardWriter(str(tmp_path / "x" / "part-0"), np.uint16) as w:
@@ -320,11 +320,11 @@ def test_preprocessing_records_the_largest_token_id(tmp_path):
     assert w.max_token_id == 4001
     shard = {"prefix": "x/part-0", "documents": 2, "tokens": 7, "bytes": 0, "sources": [], "max_token_id": 4001}
     tok = TokenizerIdentity(name="t", vocab_size=4096, hash="0", special_ids={}, all_special_ids=[])
-    m = _build_manifest(str(tmp_path), tok, "uint16", [{"shards": {"x": shard}}])
+    m = build_manifest(str(tmp_path), tok, "uint16", [{"shards": {"x": shard}}])
     assert m.languages["x"].max_token_id == 4001
     older = dict(shard)
     del older["max_token_id"]  # a unit from before ids were recorded: unknown, not a guess
-    m = _build_manifest(str(tmp_path), tok, "uint16", [{"shards": {"x": shard}}, {"shards": {"x": older}}])
+    m = build_manifest(str(tmp_path), tok, "uint16", [{"shards": {"x": shard}}, {"shards": {"x": older}}])
     assert m.languages["x"].max_token_id is None
 
 
@@ -355,9 +355,10 @@ def test_merge_refuses_non_finite_values(checkpoint, tmp_path, capsys, args, fla
 
 @pytest.mark.parametrize("prefix", ["../x", "/tmp/abs", "a/b", ".hidden", ""])
 def test_preprocess_prefix_is_a_plain_file_name(tmp_path, prefix):
-    from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
+    from megatron_mmbert.config_base import ConfigError
+    from megatron_mmbert.data.preprocess import PreprocessConfig, run_preprocess
 
-    with pytest.raises(PreprocessError, match=r"^prefix .*: give a plain file-name prefix") as info:
+    with pytest.raises(ConfigError, match=r"^prefix .*: give a plain file-name prefix") as info:
         run_preprocess(PreprocessConfig(inputs=[str(tmp_path)], output=str(tmp_path / "out"),
                                         tokenizer=str(tmp_path / "tok"), prefix=prefix))
     assert info.value.field == "prefix"  # the CLI adds the flag that sets it
@@ -375,10 +376,11 @@ def test_language_tags_cannot_name_the_outputs_own_files():
 def test_rerun_redoes_a_unit_whose_shard_was_deleted(tmp_path):
     import numpy as np
 
-    from megatron_mmbert.data.preprocess import STATE_DIR, _forget_units_with_missing_shards
+    from megatron_mmbert.data.preprocess.layout import UNITS_DIR
+    from megatron_mmbert.data.preprocess.markers import forget_units_with_missing_shards
     from megatron_mmbert.data.shards import ShardWriter
 
-    units = tmp_path / STATE_DIR / "units"
+    units = tmp_path / UNITS_DIR
     units.mkdir(parents=True)
     markers = []
     for uid in ("u1", "u2"):
@@ -388,7 +390,7 @@ def test_rerun_redoes_a_unit_whose_shard_was_deleted(tmp_path):
         markers.append({"id": uid, "shards": {"fra": {"prefix": f"fra/part-{uid}"}}})
         (units / f"{uid}.json").write_text("{}")
     os.remove(tmp_path / "fra" / "part-u2.bin")
-    kept = _forget_units_with_missing_shards(str(tmp_path), markers)
+    kept = forget_units_with_missing_shards(str(tmp_path), markers)
     assert [m["id"] for m in kept] == ["u1"] and sorted(os.listdir(units)) == ["u1.json"]
 
 

@@ -19,6 +19,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from megatron_mmbert.cli.preprocess_data import main as cli_main
+from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
 from megatron_mmbert.data.shards import HELDOUT_DIR, heldout_manifest_for, load_manifest
 from megatron_mmbert.data.sources import ReadOptions, valid_lang
@@ -103,7 +104,7 @@ def test_heldout_are_the_smallest_hashes_and_never_trained_on(tmp_path, demo_cor
     # No preprocessing without held-out data writes a held-out folder; "heldout" is no language name.
     assert heldout_manifest_for(str(tmp_path)) is None
     assert not valid_lang("heldout") and not valid_lang("HeldOut")
-    with pytest.raises(PreprocessError, match="give one of them"):
+    with pytest.raises(ConfigError, match="give one of them"):  # PreprocessConfig.validate: before any work
         run_preprocess(PreprocessConfig(inputs=[demo_corpus], output=str(tmp_path / "both"), tokenizer=demo_tokenizer,
                                         holdout_docs=2, holdout_fraction=0.1))
 

@@ -312,3 +312,43 @@ def test_tokenizer_mismatch_refused(tmp_path, demo_corpus, demo_tokenizer, capsy
     res = _run(tmp_path, demo_tokenizer, [tmp_path / "b.jsonl"])
     assert res.manifest.languages["xxx_Latn"].documents == 2
     assert len(read_index(res.manifest.languages["xxx_Latn"].shards[0]).sequence_lengths) == 1
+
+
+# (6) one home per check: the options check themselves, every problem at once, before any work.
+def test_config_validates_itself_naming_each_field(tmp_path):
+    from megatron_mmbert.config_base import ConfigError
+    from megatron_mmbert.data.tokenizer import TokenizerError
+
+    good = PreprocessConfig(inputs=[str(tmp_path)], output=str(tmp_path / "out"), tokenizer="tok")
+    good.validate()
+    good.validate()  # idempotent: from_dict and run_preprocess may both call it
+    bad = PreprocessConfig(inputs=[str(tmp_path)], output=str(tmp_path / "out"), tokenizer="tok", workers=0,
+                           prefix="a/b", num_shards=2, holdout_docs=-1, language_list=str(tmp_path / "nope.txt"))
+    with pytest.raises(ConfigError) as info:
+        bad.validate()
+    assert [e.field for e in info.value.errors] == ["prefix", "workers", "shard_index", "holdout_docs",
+                                                    "language_list"]
+    with pytest.raises(ConfigError, match="5 problems"):  # the library entry runs the same checks first
+        run_preprocess(bad)
+    assert not (tmp_path / "out").exists()
+    # One error type for "your config or input is wrong": refusals found while running are ConfigErrors too.
+    assert issubclass(PreprocessError, ConfigError) and issubclass(TokenizerError, ConfigError)
+
+
+def test_progress_line_is_the_one_format(tmp_path):
+    import io
+
+    from megatron_mmbert.data.preprocess.counters import InlineCounters, RunProgress
+
+    out = io.StringIO()
+    progress = RunProgress(total_disk_bytes=4000, total_units=4, interval=3600, stream=out)
+    progress._line.start -= 10.0  # ten seconds in
+    counters = InlineCounters(progress)
+    counters.add(docs=300, text_bytes=2_000_000, tokens=50_000, disk_bytes=1000)  # not yet due: silent
+    assert out.getvalue() == ""
+    progress.units_done = 1
+    progress.maybe_print(counters, force=True)
+    line = out.getvalue().strip()
+    assert line.startswith("[preprocess] 1/4 units:  25.0% (1.0k/4.0k input bytes), 100 input bytes/s, "
+                           "300 docs (30/s), 2.0M text bytes (200.0k/s), 50.0k tokens (5.0k/s), elapsed 0:00:10")
+    assert line.endswith("ETA 0:00:30")  # the rest of the input bytes at the rate so far

@@ -49,21 +49,10 @@ def build_parser() -> "tuple[argparse.ArgumentParser, ConfigParser]":
     return p, spec
 
 
-def check_config(cfg: PreprocessConfig) -> None:
-    """Refuse counts that cannot work, naming the field."""
-    for name in ("workers", "chunk_bytes", "batch_docs"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}", field=name)
-    from megatron_mmbert.data.languages import LanguageListError, load_language_list
-
-    try:  # a bad list fails before hours of tokenizing, not after
-        load_language_list(cfg.language_list)
-    except LanguageListError as e:
-        raise ConfigError(str(e), field="language_list") from None
-
-
 def explain(spec: ConfigParser, err: Exception) -> str:
-    """``err``'s message, plus the flag that sets the field it blames (the library names fields only)."""
+    """``err``'s message, plus the flag that sets the field it blames (the library names fields only).
+    The readers' ``InputError`` / ``BadInputError`` are not ``ConfigError``s yet: their ``field`` is read
+    the same way."""
     if not isinstance(err, ConfigError):
         err = ConfigError(str(err), field=getattr(err, "field", None))
     return spec.explain(err)
@@ -89,17 +78,19 @@ def main(argv=None) -> int:
         cfg, _ = parse_config(parser, spec, argv)
         if cfg is None:  # --help-config, --print-config
             return 0
-        check_config(cfg)
         if cfg.num_shards == 1 and cfg.shard_index is None and not cfg.finalize:
             cfg.num_shards, cfg.shard_index = slurm_array_shard() or (1, None)
-    except (ConfigError, PreprocessError) as e:  # PreprocessError: SLURM_ARRAY_TASK_* that name no shard
+    except ConfigError as e:  # also SLURM_ARRAY_TASK_* that name no shard (a PreprocessError)
         print(f"{PROG}: error: {explain(spec, e)}", file=sys.stderr)
         return 2
     try:
-        result = run_preprocess(cfg)
-    except (PreprocessError, InputError, BadInputError, TokenizerError) as e:
+        result = run_preprocess(cfg)  # checks the options first (PreprocessConfig.validate)
+    except (PreprocessError, TokenizerError, InputError, BadInputError) as e:  # refused while running
         print(f"{PROG}: error: {explain(spec, e)}", file=sys.stderr)
         return 1
+    except ConfigError as e:  # options that fail their own checks: a usage error, as from the parser
+        print(f"{PROG}: error: {explain(spec, e)}", file=sys.stderr)
+        return 2
     except OSError as e:  # read-only output, full disk: say which file, no traceback
         print(f"{PROG}: error: {os_error_text(e)}", file=sys.stderr)
         return 1
