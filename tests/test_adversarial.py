@@ -366,7 +366,7 @@ def test_preprocess_prefix_is_a_plain_file_name(tmp_path, prefix):
 
 
 def test_language_tags_cannot_name_the_outputs_own_files():
-    from megatron_mmbert.data.sources import valid_lang
+    from megatron_mmbert.data.shards import valid_lang
 
     assert valid_lang("eng_Latn") and valid_lang("zh-Hans")
     for bad in ("manifest.json", "MANIFEST.JSON", "../x", ".preprocess", "a/b", "", None, 3):
