@@ -75,8 +75,9 @@ class DataPosition:
         where = f"{config_path(checkpoint)}: train_state.data_position"
 
         def bad(what: str) -> CheckpointError:
-            return CheckpointError(f"{where} {what}; the checkpoint is damaged or was edited: branch from "
-                                   "another checkpoint, or set init.restart_data: true to skip the data check")
+            return CheckpointError(f"{where} {what}; the checkpoint is damaged or was edited: restore the file "
+                                   "from a copy or use another checkpoint (a branch may also set "
+                                   "init.restart_data: true, which does not read the record)")
 
         if not isinstance(record, dict):
             raise bad(f"is a {type(record).__name__}, not a mapping")
