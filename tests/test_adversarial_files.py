@@ -7,6 +7,7 @@ In-process wherever the code path allows it (no launch): the run-folder locks ar
 """
 
 import json
+import logging
 import os
 
 import pytest
@@ -234,7 +235,7 @@ def test_init_checkpoint_of_another_tokenizer_is_refused(tmp_path, capsys):
     assert main(["--config", cfg, "--validate", "--checkpoint.allow_other_tokenizer", "true"]) == 0
 
 
-def test_evaluate_with_another_tokenizer_is_refused(tmp_path, capsys):
+def test_evaluate_with_another_tokenizer_is_refused(tmp_path, capsys, caplog):
     from megatron_mmbert.cli.evaluate import main
 
     ckpt = _checkpoint_of_tokenizer(tmp_path / "ckpt")
@@ -244,6 +245,16 @@ def test_evaluate_with_another_tokenizer_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'tokA'" in err and "'random'" in err and "[--allow_other_tokenizer]" in err
     assert not out.exists()
+    # allow_other_tokenizer: evaluated anyway, with a warning through logging (the CLI's stderr)
+    from megatron_mmbert.evaluation import data as eval_data
+    from megatron_mmbert.evaluation.config import EvaluateConfig
+    from megatron_mmbert.evaluation.run import check_tokenizers
+
+    cfg = EvaluateConfig(load=ckpt, manifest=manifest, out=str(out), allow_other_tokenizer=True)
+    with caplog.at_level(logging.WARNING, logger="megatron_mmbert.evaluation"):
+        check_tokenizers(cfg, [ckpt], eval_data.load(manifest), manifest)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith("allow_other_tokenizer: ") and "'tokA'" in warned[0]
 
 
 def test_merge_inputs_of_different_tokenizers_are_refused(tmp_path, capsys):

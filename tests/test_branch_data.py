@@ -19,6 +19,7 @@ from megatron_mmbert.cli.build_data_index import main as build_index
 from megatron_mmbert.data.index import phase_end_positions
 from megatron_mmbert.data.mlm import MLMStream
 from megatron_mmbert.training.config import load_config
+from megatron_mmbert.training.data_position import DataPosition
 from tests.helpers.training import check, launch, tiny_run_config, write_manifest
 
 
@@ -123,6 +124,7 @@ def test_run_checks_the_branch_against_the_parent_checkpoint(tmp_path, packing):
     meta = json.load(open(os.path.join(mid, "mmbert_config.json")))
     record = meta["train_state"]["data_position"]
     assert record["phase"] == "mid" and record["at_phase_end"]
+    assert DataPosition.from_dict(record, mid).to_dict() == record  # the typed reader reads what the run wrote
     moved = sum(record["stream_positions"].values())
     assert moved == 3072 + 2048 if packing == "concat" else moved > 0  # best_fit: the documents taken
 
@@ -172,3 +174,82 @@ def test_branch_continues_per_source_streams(tmp_path, capsys):
     ba, bb = a.batch("decay", range(n)), b.batch("decay", range(n))
     for key in ("tokens", "labels", "positions", "cu_seqlens"):
         assert np.array_equal(ba[key].numpy(), bb[key].numpy()), key
+
+
+# -- the typed data position and the branch check (training/data_position.py) --------------------------
+
+# A checkpoint's train_state.data_position exactly as the trainer wrote it before it was typed
+# (a phase_end_mid of the tiny parent, per-source streams included): the JSON must stay byte for byte.
+RECORDED = ('{"phase": "mid", "consumed_samples": 2, "phase_samples": 2, "at_phase_end": true, "data_seed": 1234, '
+            '"manifest_sha256": "9f2c", "sources_sha256": {"hq~3e1f": "77ab"}, '
+            '"stream_positions": {"deu_Latn": 1024, "fra_Latn": 3072, "hq~3e1f/eng_Latn": 1024}}')
+
+
+def test_data_position_record_round_trips_byte_for_byte():
+    position = DataPosition.from_dict(json.loads(RECORDED), "ckpt")
+    assert position.stream_positions["fra_Latn"] == 3072 and position.at_phase_end
+    assert json.dumps(position.to_dict()) == RECORDED
+    old = json.loads(RECORDED)
+    del old["sources_sha256"]  # records written before phases had their own manifests
+    assert DataPosition.from_dict(old, "ckpt").sources_sha256 == {}
+    assert DataPosition.of_train_state({"data_position": {}}, "ckpt") is None  # no record: None
+    assert DataPosition.of_train_state(None, "ckpt") is None
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda r: r.pop("stream_positions"), "lacks 'stream_positions'"),
+    (lambda r: r.update(consumed_samples="2"), "field 'consumed_samples' is '2', not an integer"),
+    (lambda r: r.update(data_seed=True), "field 'data_seed' is True, not an integer"),
+    (lambda r: r.update(at_phase_end=1), "field 'at_phase_end' is 1, not true or false"),
+    (lambda r: r["stream_positions"].update(fra_Latn=-5), "field 'stream_positions'"),
+    (lambda r: r.update(sources_sha256=["77ab"]), "not a mapping of source ids to digests"),
+])
+def test_a_malformed_data_position_names_the_checkpoint(tmp_path, edit, says):
+    from megatron_mmbert.checkpoints.layout import CheckpointError
+
+    record = json.loads(RECORDED)
+    edit(record)
+    with pytest.raises(CheckpointError, match="damaged or was edited") as e:
+        DataPosition.of_train_state({"data_position": record}, str(tmp_path / "phase_end_mid"))
+    assert str(tmp_path / "phase_end_mid" / "mmbert_config.json") in str(e.value) and says in str(e.value)
+    with pytest.raises(CheckpointError, match="is a list, not a mapping"):
+        DataPosition.from_dict([record], "ckpt")
+
+
+def test_branch_check_against_the_parents_recorded_position(tmp_path, capsys):
+    """The position a parent's checkpoints record, from its real index plan, against a branch
+    declared as the shipped decay_*.yaml (its own real plan): continues from phase_end_mid; refused
+    from phase_end_pretrain, from the middle of mid, without a record, with another data seed."""
+    import dataclasses
+
+    from megatron_mmbert.config_base import ConfigError
+    from megatron_mmbert.training.data_position import check_branch, position_in_plan
+
+    parent = _parent(tmp_path)
+    cont = _branch(tmp_path, "decay_cont", {"languages": "all"}, str(tmp_path / "parent/checkpoints/phase_end_mid"))
+    plans = {c: json.load(open(os.path.join(_index_folder(c, capsys), "index_plan.json"))) for c in (parent, cont)}
+    mid = plans[parent]["phases"][1]
+    end_mid = position_in_plan(plans[parent], 1, mid["samples"])
+    # the record the trainer always wrote, key for key
+    assert list(end_mid.to_dict()) == ["phase", "consumed_samples", "phase_samples", "at_phase_end", "data_seed",
+                                       "manifest_sha256", "sources_sha256", "stream_positions"]
+    assert end_mid.to_dict() == {
+        "phase": "mid", "consumed_samples": mid["samples"], "phase_samples": mid["samples"], "at_phase_end": True,
+        "data_seed": plans[parent]["seed"], "manifest_sha256": plans[parent]["manifest_sha256"], "sources_sha256": {},
+        "stream_positions": {k: t for k, t in phase_end_positions(plans[parent], "mid").items() if t}}
+    assert sum(end_mid.stream_positions.values()) == 3072 + 2048
+
+    run = load_config(cont)
+    said = check_branch(end_mid, run, plans[cont])
+    assert said.startswith("branch check: phase 'decay' continues") and "3 language streams" in said
+    end_pretrain = position_in_plan(plans[parent], 0, plans[parent]["phases"][0]["samples"])
+    with pytest.raises(ConfigError, match="does not continue the data of init.checkpoint.*language stream"):
+        check_branch(end_pretrain, run, plans[cont])
+    with pytest.raises(ConfigError, match=f"1 of {mid['samples']} samples into phase 'mid'"):
+        check_branch(position_in_plan(plans[parent], 1, 1), run, plans[cont])
+    with pytest.raises(ConfigError, match="records no data position"):
+        check_branch(None, run, plans[cont])
+    with pytest.raises(ConfigError, match="data seed"):
+        check_branch(dataclasses.replace(end_mid, data_seed=end_mid.data_seed + 1), run, plans[cont])
+    restart = dataclasses.replace(run, init=dataclasses.replace(run.init, restart_data=True))
+    assert check_branch(end_pretrain, restart, plans[cont]).startswith("init.restart_data")

@@ -21,8 +21,8 @@ from transformers import AutoTokenizer
 from megatron_mmbert.cli.preprocess_data import main as cli_main
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
-from megatron_mmbert.data.shards import HELDOUT_DIR, heldout_manifest_for, load_manifest
-from megatron_mmbert.data.sources import ReadOptions, valid_lang
+from megatron_mmbert.data.shards import HELDOUT_DIR, heldout_manifest_for, load_manifest, valid_lang
+from megatron_mmbert.data.sources import ReadOptions
 from tests.helpers.preprocess import cli_args as _args, framed as _framed, output_files as _files
 from tests.helpers.preprocess import shard_documents as _documents, shard_task as _task
 

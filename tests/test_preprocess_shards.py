@@ -22,7 +22,8 @@ from megatron_mmbert.cli.preprocess_data import main as cli_main
 from megatron_mmbert.data.preprocess import (
     BadInputFractionError, PreprocessConfig, PreprocessError, run_preprocess, slurm_array_shard,
 )
-from megatron_mmbert.data.sources import ReadOptions, valid_lang
+from megatron_mmbert.data.shards import valid_lang
+from megatron_mmbert.data.sources import ReadOptions
 from tests.helpers.preprocess import cli_args as _args, framed as _framed, output_files as _files
 from tests.helpers.preprocess import reference_output as _reference
 from tests.helpers.preprocess import shard_documents as _documents, shard_task as _task

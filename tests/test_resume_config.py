@@ -101,6 +101,44 @@ def test_reordering_begun_phases_is_critical():
     assert got["phases"] is None and all(r is None for r in got.values())
 
 
+def test_resume_checks_the_manifest_against_the_recorded_data_position(tmp_path, capsys):
+    """The data position a checkpoint records (training/data_position.py, from the run's real index
+    plan) against the manifest on resume: unchanged, nothing; other token counts under the same path,
+    a critical change; a malformed record, an error naming the checkpoint."""
+    import json
+
+    from megatron_mmbert.checkpoints.layout import CONFIG_FILE, DCP_METADATA
+    from megatron_mmbert.cli.build_data_index import main as build_index
+    from megatron_mmbert.config_base import ConfigError
+    from megatron_mmbert.training.data_position import position_in_plan
+    from megatron_mmbert.training.resume_check import resume_changes
+    from tests.helpers.training import write_manifest
+
+    manifest = write_manifest(tmp_path / "shards")
+    cfg = rc.load_config(tiny_run_config(str(tmp_path / "run.yaml"), manifest, str(tmp_path / "run")))
+    assert build_index(["--config", str(tmp_path / "run.yaml"), "--rows", "0"]) == 0
+    folder = [l for l in capsys.readouterr().out.splitlines() if l.startswith("index ready in ")][0]
+    plan = json.load(open(os.path.join(folder.split("index ready in ", 1)[1].split(" (", 1)[0], "index_plan.json")))
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_0000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / DCP_METADATA).write_bytes(b"")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("iter_0000002\n")
+
+    def record(position):
+        state = {"step": 2, "phase": "pretrain", "seed": cfg.seed, "data_seed": cfg.data_seed,
+                 "consumed_samples": 8, "data_position": position}
+        (ckpt / CONFIG_FILE).write_text(json.dumps({"model": {}, "train_state": state}))
+
+    record(position_in_plan(plan, 0, 8).to_dict())
+    assert resume_changes(cfg) == ([], str(ckpt))
+    write_manifest(tmp_path / "shards", languages=("fra_Latn", "deu_Latn"))  # same path, other content
+    changes, _ = resume_changes(cfg)
+    assert [c.key for c in changes] == ["data.manifest (content)"] and "other shards" in changes[0].reason
+    record({**position_in_plan(plan, 0, 8).to_dict(), "stream_positions": [0]})
+    with pytest.raises(ConfigError, match=f"{ckpt / CONFIG_FILE}: train_state.data_position field 'stream_positions'"):
+        resume_changes(cfg)
+
+
 @pytest.mark.slow  # two short launches
 def test_resume_warns_on_changed_keys_and_refuses_critical_ones(tiny_run, tmp_path):
     # A run stopped after step 2: the shared session run's step-2 checkpoint and resolved config in

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import sys
 from typing import List, Literal, Optional
@@ -85,6 +86,8 @@ def build_parser() -> "tuple[argparse.ArgumentParser, ConfigParser]":
 
 @tool_main
 def main(argv: Optional[List[str]] = None) -> int:
+    # The merge's warnings (a model that did not branch from the base) go to stderr through logging.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser, options = build_parser()
     try:
         cfg, _ = parse_config(parser, options, argv)

@@ -28,11 +28,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import struct
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from megatron_mmbert.checkpoints.layout import TOKENIZER_DIR
 from megatron_mmbert.fileio import atomic_write_text, replace_synced
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -49,7 +51,7 @@ MANIFEST_NAME = "manifest.json"
 HELDOUT_DIR = "heldout"
 """Folder of a preprocessing output that holds its held-out documents (``holdout_docs``/``holdout_fraction``):
 ``OUT/heldout/{lang}/*.bin/.idx`` and ``OUT/heldout/manifest.json``, in the training manifest's format and never in
-the training shards. No language may be named like it (``sources.RESERVED_LANGS``)."""
+the training shards. No language may be named like it (``RESERVED_LANGS``)."""
 
 
 def heldout_manifest_for(manifest_path: str) -> Optional[str]:
@@ -58,6 +60,19 @@ def heldout_manifest_for(manifest_path: str) -> Optional[str]:
     root = manifest_path if os.path.isdir(manifest_path) else os.path.dirname(os.path.abspath(manifest_path))
     candidate = os.path.join(os.path.abspath(root), HELDOUT_DIR, MANIFEST_NAME)
     return candidate if os.path.isfile(candidate) else None
+
+
+VALID_LANG = re.compile(r"[A-Za-z0-9_@+-][A-Za-z0-9_@+.-]{0,63}\Z")
+"""A language tag is a single safe path component (it names the output folder): letters, digits and
+``_ - @ . +`` (BCP 47 ``zh-Hans``, gettext/glibc ``sr@latin``, ``ca@valencia``), not hidden (no leading
+dot), at most 64 characters; no separator or ``..`` can form."""
+# Names the output folder uses for itself: a language of that name would collide with them.
+RESERVED_LANGS = frozenset({MANIFEST_NAME, TOKENIZER_DIR, HELDOUT_DIR})
+
+
+def valid_lang(lang) -> bool:
+    """A language tag usable as a folder name of the output (and not one of its own files)."""
+    return isinstance(lang, str) and bool(VALID_LANG.match(lang)) and lang.lower() not in RESERVED_LANGS
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

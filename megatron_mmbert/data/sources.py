@@ -43,24 +43,12 @@ import os
 import re
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from megatron_mmbert.checkpoints.layout import TOKENIZER_DIR
-from megatron_mmbert.data.shards import HELDOUT_DIR, MANIFEST_NAME
+from megatron_mmbert.data.shards import RESERVED_LANGS, valid_lang
 
 JSONL_EXTS = (".jsonl", ".json", ".ndjson")
 TEXT_EXTS = (".txt",)
 COMPRESSED = (".gz", ".zst")
 LANG_FOLDER = re.compile(r"^[a-z]{2,3}_[A-Z][a-z]{3}$")  # FineWeb2 subset names, e.g. fra_Latn
-VALID_LANG = re.compile(r"[A-Za-z0-9_@+-][A-Za-z0-9_@+.-]{0,63}\Z")
-"""A language tag is a single safe path component (it names the output folder): letters, digits and
-``_ - @ . +`` (BCP 47 ``zh-Hans``, gettext/glibc ``sr@latin``, ``ca@valencia``), not hidden (no leading
-dot), at most 64 characters; no separator or ``..`` can form."""
-# Names the output folder uses for itself: a language of that name would collide with them.
-RESERVED_LANGS = frozenset({MANIFEST_NAME, TOKENIZER_DIR, HELDOUT_DIR})
-
-
-def valid_lang(lang) -> bool:
-    """A language tag usable as a folder name of the output (and not one of its own files)."""
-    return isinstance(lang, str) and bool(VALID_LANG.match(lang)) and lang.lower() not in RESERVED_LANGS
 
 
 def source_keys(path: str, kind: str, split: str = "train") -> Optional[List[str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import re
 import sys
@@ -18,6 +19,8 @@ from megatron_mmbert.evaluation.config import EvaluateConfig
 from megatron_mmbert.evaluation.models import all_reduce, checkpoint_kind, open_scorer
 from megatron_mmbert.fileio import OUTPUT_MARKER, OutputRefused, atomic_write_json, atomic_write_text
 from megatron_mmbert.progress import Progress
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_KIND = "evaluate"
 
@@ -186,7 +189,7 @@ def check_tokenizers(cfg: EvaluateConfig, paths: List[str], manifest, manifest_p
         if why is None:
             continue
         if cfg.allow_other_tokenizer:
-            print(f"WARNING: allow_other_tokenizer: {why}", file=sys.stderr, flush=True)
+            logger.warning(f"allow_other_tokenizer: {why}")
             continue
         raise ConfigError(f"{why}; its loss on this manifest would be meaningless. Evaluate on data made with the "
                           "model's tokenizer, or set allow_other_tokenizer to do it anyway",

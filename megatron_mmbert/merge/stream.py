@@ -26,6 +26,7 @@ tensor names, shapes and dtypes in every checkpoint. Output is written into
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -50,6 +51,8 @@ from megatron_mmbert.merge.ties import (
 UNRELATED_RATIO = 0.5
 OUTLIER_RATIO = 4.0
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+logger = logging.getLogger(__name__)
 
 
 def row_blocks(info: TensorInfo, chunk_bytes: int) -> List[Tuple[Optional[int], Optional[int]]]:
@@ -275,60 +278,17 @@ def merge_checkpoints(
     ``base`` is required for ties and task_arithmetic; for linear and ema it is optional and, if
     given, only supplies the non-float tensors and the config (else the first model does).
     """
-    spec.validate(len(models))
-    if not chunk_bytes >= 1:
-        raise ValueError(f"chunk_bytes must be positive (a block of at least one byte), got {chunk_bytes} bytes")
-    if spec.needs_base and base is None:
-        raise ConfigError(f"method {spec.method} needs base (the checkpoint the models branched from)", field="base")
+    _check_request(spec, base, models, chunk_bytes)
     paths = ([base] if base is not None else []) + list(models)
     out = check_output_dir(out, "ties_merge", inputs=paths, overwrite=overwrite)
-    why = same_tokenizer(paths)
-    if why is not None and not allow_other_tokenizer:
-        raise ConfigError(f"merge inputs of different tokenizers: {why}; their embedding rows mean different "
-                          "tokens. Merge checkpoints of one tokenizer, or set allow_other_tokenizer on purpose",
-                          field="allow_other_tokenizer")
+    _check_tokenizers(paths, allow_other_tokenizer)
     inputs = open_inputs(paths, out_format, verify=verify)
-    sources = inputs.sources
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
-        plan = check_compatible(sources)
-        base_src = sources[0] if base is not None else None
-        model_srcs = sources[1:] if base is not None else sources
-        template = inputs.template
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        sink = (SafetensorsSink(tmp, plan, max_shard_bytes) if inputs.out_format == "hf"
-                else MegatronSink(tmp, megatron_converter(inputs)))
-        float_elems = sum(i.numel for i in plan if i.is_float)
-        int_elems = sum(i.numel for i in plan if not i.is_float)
-        if spec.trims and spec.trim == "global":
-            work = 3 * float_elems
-        elif spec.trims:
-            work = sum(i.numel * (1 if len(row_blocks(i, chunk_bytes)) == 1 else 3) for i in plan if i.is_float)
-        else:
-            work = float_elems
-        progress = Progress("ties_merge", work + int_elems, "params", log)
-        merger = _Merger(spec, base_src, model_srcs, chunk_bytes, progress)
-        body = merger.run(plan, sink, template)
-        for warning in body["summary"]["warnings"]:
-            print(f"[ties_merge] WARNING: {warning}", file=sys.stderr)
-        sink.finish()
-        write_output_metadata(inputs, tmp)
-        report = {
-            "format": "megatron-mmbert-merge-report", "version": 1,
-            "spec": {k: v for k, v in asdict(spec).items() if k != "needs_base"},
-            "weights": spec.model_weights(len(models)),
-            "base": base, "models": list(models), "input_formats": inputs.formats,
-            "checkpoint_format": inputs.out_format, "merge_naming": inputs.naming,
-            "tied_not_merged_twice": sorted({n for s in sources for n in s.tied_skipped}),
-            "chunk_bytes": chunk_bytes,
-            **body,
-            **(report_extra or {}),
-        }
-        with open(os.path.join(tmp, MERGE_REPORT), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-        write_output_marker(tmp, "ties_merge")
-        publish_directory(tmp, out)
+        plan = check_compatible(inputs.sources)
+        body = _merge_into(tmp, inputs, plan, spec, base is not None, chunk_bytes, max_shard_bytes, log)
+        report = {**_report_head(spec, base, models, inputs, chunk_bytes), **body, **(report_extra or {})}
+        _publish(tmp, out, report)
         return report
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -336,3 +296,75 @@ def merge_checkpoints(
         raise
     finally:
         inputs.close()
+
+
+def _check_request(spec: MergeSpec, base: Optional[str], models: Sequence[str], chunk_bytes: int) -> None:
+    """The spec against the number of models, the block size, a base where the method needs one."""
+    spec.validate(len(models))
+    if not chunk_bytes >= 1:
+        raise ValueError(f"chunk_bytes must be positive (a block of at least one byte), got {chunk_bytes} bytes")
+    if spec.needs_base and base is None:
+        raise ConfigError(f"method {spec.method} needs base (the checkpoint the models branched from)", field="base")
+
+
+def _check_tokenizers(paths: Sequence[str], allow_other_tokenizer: bool) -> None:
+    """Every input made with one tokenizer, unless ``allow_other_tokenizer``."""
+    why = same_tokenizer(paths)
+    if why is not None and not allow_other_tokenizer:
+        raise ConfigError(f"merge inputs of different tokenizers: {why}; their embedding rows mean different "
+                          "tokens. Merge checkpoints of one tokenizer, or set allow_other_tokenizer on purpose",
+                          field="allow_other_tokenizer")
+
+
+def _work(plan: Sequence[TensorInfo], spec: MergeSpec, chunk_bytes: int) -> int:
+    """Elements the merge reads, for its progress: each float tensor once per pass over it (three with a
+    trim threshold found block by block, one otherwise), each copied integer buffer once."""
+    float_elems = sum(i.numel for i in plan if i.is_float)
+    int_elems = sum(i.numel for i in plan if not i.is_float)
+    if spec.trims and spec.trim == "global":
+        return 3 * float_elems + int_elems
+    if spec.trims:
+        return int_elems + sum(i.numel * (1 if len(row_blocks(i, chunk_bytes)) == 1 else 3)
+                               for i in plan if i.is_float)
+    return float_elems + int_elems
+
+
+def _merge_into(tmp: str, inputs, plan: Sequence[TensorInfo], spec: MergeSpec, has_base: bool, chunk_bytes: int,
+                max_shard_bytes: int, log: Optional[TextIO]) -> Dict[str, object]:
+    """Merge into the folder ``tmp`` (made afresh): the tensors and the output's metadata files.
+    Returns the report's body (summary, tensors); its warnings are logged."""
+    sources = inputs.sources
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    sink = (SafetensorsSink(tmp, plan, max_shard_bytes) if inputs.out_format == "hf"
+            else MegatronSink(tmp, megatron_converter(inputs)))
+    progress = Progress("ties_merge", _work(plan, spec, chunk_bytes), "params", log)
+    base, models = (sources[0], sources[1:]) if has_base else (None, sources)
+    body = _Merger(spec, base, models, chunk_bytes, progress).run(plan, sink, inputs.template)
+    for warning in body["summary"]["warnings"]:
+        logger.warning(warning)
+    sink.finish()
+    write_output_metadata(inputs, tmp)
+    return body
+
+
+def _report_head(spec: MergeSpec, base: Optional[str], models: Sequence[str], inputs,
+                 chunk_bytes: int) -> Dict[str, object]:
+    """The report's first entries: what was merged, how, from which formats."""
+    return {
+        "format": "megatron-mmbert-merge-report", "version": 1,
+        "spec": {k: v for k, v in asdict(spec).items() if k != "needs_base"},
+        "weights": spec.model_weights(len(models)),
+        "base": base, "models": list(models), "input_formats": inputs.formats,
+        "checkpoint_format": inputs.out_format, "merge_naming": inputs.naming,
+        "tied_not_merged_twice": sorted({n for s in inputs.sources for n in s.tied_skipped}),
+        "chunk_bytes": chunk_bytes,
+    }
+
+
+def _publish(tmp: str, out: str, report: Dict[str, object]) -> None:
+    """The report and the output marker into ``tmp``, then ``tmp`` renamed to ``out``."""
+    with open(os.path.join(tmp, MERGE_REPORT), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    write_output_marker(tmp, "ties_merge")
+    publish_directory(tmp, out)

@@ -6,9 +6,10 @@ the loop of a training run. The parts it drives, one job each: ``preflight`` (st
 ``TrainState`` a checkpoint records), ``step`` (one optimizer step, a ``StepResult``), ``optim``
 (optimizer and token-counted LR schedule), ``evaluation`` (loss per language and resource group at
 the phase's row length and mask rate), ``logging`` (log line, metric windows and timings: ``StepMeter``;
-TensorBoard and W&B: ``RunLogger``), ``stopping`` (signals, time limit) and
-``checkpoint``. This module holds one subject, the :class:`Trainer` (start-up, restore or branch,
-the loop), which is why it is longer than the parts.
+TensorBoard and W&B: ``RunLogger``), ``stopping`` (signals, time limit), ``data_position`` (the
+data position a checkpoint records, the branch check) and ``checkpoint``. This module holds one
+subject, the :class:`Trainer` (start-up, restore or branch, the loop), which is why it is longer
+than the parts.
 
 1. validate the config against the world size (before any process group), initialise the runtime,
    write the resolved config into the run directory;
@@ -49,6 +50,7 @@ from megatron_mmbert.model.pipeline import _unwrap
 from megatron_mmbert.training import optim
 from megatron_mmbert.training.batch_plan import BatchPlan
 from megatron_mmbert.training.config import RunConfig, resolved_dict, write_resolved
+from megatron_mmbert.training.data_position import DataPosition, check_branch, position_in_plan
 from megatron_mmbert.training.evaluation import Evaluator
 from megatron_mmbert.training.logging import RunLogger, StepMeter, memory_gib
 from megatron_mmbert.training.prefetch import BatchPrefetcher, prepare
@@ -220,7 +222,11 @@ class Trainer:
             if cfg.checkpoint.verify_on_load:
                 ckpt.verify_checkpoint(init)
             self._check_tokenizer(init, "init.strided_from" if init != cfg.init.checkpoint else "init.checkpoint")
-            self._check_branch_data(ckpt.read_config(init).get("train_state"))
+            # init.restart_data accepts any data position: the parent's record is not even read.
+            parent = None if cfg.init.restart_data else DataPosition.of_checkpoint(init)
+            said = check_branch(parent, cfg, self.stream.index.plan)
+            if said:
+                self.log.info(said)
             meta = ckpt.load_training(init, self.chunks, self.optimizer if cfg.init.load_optimizer else None)
             self.log.info(
                 f"initialised from {init} (model{' + optimizer' if meta['loaded_optimizer'] else ''}), "
@@ -252,77 +258,6 @@ class Trainer:
         runtime.barrier()
         return target
 
-    def _check_branch_data(self, parent: Optional[Dict]) -> None:
-        """Refuse a run from ``init.checkpoint`` whose data would not continue the checkpoint's.
-
-        The checkpoint records each language's stream position at the end of its phase
-        (``data_position``); this run's start phase must begin exactly there, with the same data
-        seed and manifest. A checkpoint without the record (imported, or not at a phase end) can only
-        start this run's first phase. ``init.restart_data`` accepts the mismatch on purpose."""
-        cfg = self.cfg
-        plan = self.stream.index.plan
-        start = plan["phases"][cfg.start_phase_index]
-        fix = ("declare the parent's phase list (inherit the parent's config, editing phases by name) and "
-               "set init.start_phase to the phase after the checkpoint's; or set init.restart_data: true "
-               "to start from this run's own plan on purpose")
-        record = (parent or {}).get("data_position")
-        if cfg.init.restart_data:
-            self.log.info("init.restart_data: the data starts from this run's own plan, not checked against "
-                          f"{cfg.init.checkpoint}")
-            return
-        if record is None:
-            if cfg.start_phase_index > 0:
-                raise ConfigError(
-                    f"init.checkpoint={cfg.init.checkpoint!r} records no data position (imported, or saved by an "
-                    f"older version), so starting at phase {start['name']!r} cannot be checked to continue its "
-                    f"data; branch from a phase_end_* checkpoint of a training run, or {fix}"
-                )
-            return
-        if not record.get("at_phase_end"):
-            raise ConfigError(
-                f"init.checkpoint={cfg.init.checkpoint!r} was saved {record['consumed_samples']} of "
-                f"{record['phase_samples']} samples into phase {record['phase']!r}; branch from a phase end "
-                f"(RUN/checkpoints/phase_end_{record['phase']}), or resume that run instead"
-            )
-        problems = []
-        if record["data_seed"] != plan["seed"]:
-            problems.append(f"data seed {plan['seed']} vs the checkpoint's {record['data_seed']}")
-        if record["manifest_sha256"] != plan["manifest_sha256"]:
-            problems.append("the manifest differs from the checkpoint's (other shards or token counts)")
-        # Phase manifests the parent's streams used: their content is part of the stream names too.
-        for sid, digest in (record.get("sources_sha256") or {}).items():
-            if plan.get("sources_sha256", {}).get(sid) not in (None, digest):
-                problems.append(f"phase manifest source {sid!r} differs from the checkpoint's")
-        mine = {lang: r["first_token"] for lang, r in start["languages"].items()}
-        theirs = record["stream_positions"]
-        differ = sorted(lang for lang in set(mine) | set(theirs) if mine.get(lang, 0) != theirs.get(lang, 0))
-        if differ:
-            shown = ", ".join(f"{lang} {mine.get(lang, 0):,} vs {theirs.get(lang, 0):,}" for lang in differ[:3])
-            problems.append(f"{len(differ)} language stream(s) would start elsewhere than the checkpoint's "
-                            f"phase {record['phase']!r} ended (this run vs checkpoint, tokens: {shown})")
-        if problems:
-            raise ConfigError(
-                f"this run's phase {start['name']!r} does not continue the data of init.checkpoint="
-                f"{cfg.init.checkpoint!r}: " + "; ".join(problems) + f". To branch, {fix}"
-            )
-        self.log.info(f"branch check: phase {start['name']!r} continues {cfg.init.checkpoint}'s data "
-                      f"(phase {record['phase']!r} end, {len(mine)} language streams)")
-
-    def data_position(self, phase_index: int, consumed: int) -> Dict:
-        """What a checkpoint records of the data (see :meth:`_check_branch_data`)."""
-        from megatron_mmbert.data.index import phase_end_positions
-
-        plan = self.stream.index.plan
-        phase = plan["phases"][phase_index]
-        ends = phase_end_positions(plan, phase["name"])
-        return {
-            "phase": phase["name"], "consumed_samples": int(consumed), "phase_samples": phase["samples"],
-            "at_phase_end": consumed >= phase["samples"], "data_seed": plan["seed"],
-            "manifest_sha256": plan["manifest_sha256"],
-            "sources_sha256": plan.get("sources_sha256", {}),  # phase manifests (per-source streams)
-            "stream_positions": {lang: t for lang, t in ends.items() if t},  # at the end of the phase
-        }
-
     # -- accounting ----------------------------------------------------------------------------
     def _totals(self):
         """(total steps, total tokens) of the run from its first phase, for progress and ETA."""
@@ -337,8 +272,9 @@ class Trainer:
         """The ``train_state`` a checkpoint of this moment records (:class:`TrainState` plus the
         scheduler, seeds and data position)."""
         st = self.state
+        position = position_in_plan(self.stream.index.plan, st.phase_index, st.consumed_samples)
         return st.to_checkpoint(phase.name, scheduler.state_dict(), self.cfg.seed, self.cfg.data_seed,
-                                self.data_position(st.phase_index, st.consumed_samples),
+                                position.to_dict(),
                                 phase_samples=self.stream.phase_num_samples(phase.name))
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from megatron_mmbert.checkpoints.layout import resolved_config_path
 from megatron_mmbert.config_base import ConfigError, YAMLTooLarge, safe_load_yaml
+from megatron_mmbert.training.data_position import DataPosition
 
 IGNORED_KEYS = ("run_dir", "checkpoint.dir", "checkpoint.exit_after_minutes", "logging.tensorboard_dir",
                 "data.cache_dir")
@@ -239,25 +240,25 @@ def resume_changes(cfg) -> Tuple[List[Change], Optional[str]]:
     if latest is None:
         return [], None
     record = read_config(latest).get("train_state") or {}
-    position = record.get("data_position") or {}
+    position = DataPosition.of_train_state(record, latest)
     stored_path = resolved_config_path(cfg.run_dir, existing=True)
     stored = _read_stored(stored_path) if stored_path else None
     changes: List[Change] = []
     if stored is not None:
         new = yaml.safe_load(yaml.safe_dump(resolved_dict(cfg), sort_keys=False))  # as resolved_config.yaml holds it
-        changes = compare(stored, new, record.get("phase", ""), bool(position.get("at_phase_end")))
+        changes = compare(stored, new, record.get("phase", ""), position is not None and position.at_phase_end)
     # The checkpoint's own record: also when the stored config is missing, or a manifest changed in place.
     flagged = {c.key for c in changes if c.reason}
     for key, recorded, now in (("seed", record.get("seed"), cfg.seed),
                                ("data.seed", record.get("data_seed"), cfg.data_seed)):
         if recorded is not None and recorded != now and key not in flagged:
             changes.append(Change(key, recorded, now, CRITICAL_KEYS[key] + " (recorded in the checkpoint)"))
-    if position.get("manifest_sha256"):
+    if position is not None and position.manifest_sha256:
         changes += _manifest_changes(cfg, position)
     return changes, latest
 
 
-def _manifest_changes(cfg, position: Dict[str, Any]) -> List[Change]:
+def _manifest_changes(cfg, position: DataPosition) -> List[Change]:
     """The manifests against the digests the checkpoint records: other shards or token counts under
     the same path change the language streams. The run's manifest is compared by content digest; a
     phase manifest by its source id (folder name and content hash), for the phases begun."""
@@ -267,12 +268,12 @@ def _manifest_changes(cfg, position: Dict[str, Any]) -> List[Change]:
     reason = "other shards or token counts than the checkpoint read; " + _DATA
     changes = []
     now = source_digests(phase_sources(load_manifest(cfg.manifest_path), cfg.phases)[0]).get("")
-    if now != position["manifest_sha256"]:
-        changes.append(Change("data.manifest (content)", f"sha256 {position['manifest_sha256'][:12]}",
+    if now != position.manifest_sha256:
+        changes.append(Change("data.manifest (content)", f"sha256 {position.manifest_sha256[:12]}",
                               f"sha256 {str(now)[:12]}", reason))
     names = [p.name for p in cfg.phases]
-    begun = cfg.phases[: names.index(position["phase"]) + 1] if position.get("phase") in names else []
-    recorded = position.get("sources_sha256") or {}
+    begun = cfg.phases[: names.index(position.phase) + 1] if position.phase in names else []
+    recorded = position.sources_sha256
     for p in begun:
         if p.manifest:
             path = os.path.abspath(p.manifest)
