@@ -688,12 +688,12 @@ def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp
     a few rows at a time: the recorded digests, and nothing left behind in the cache folder. (One
     thread, which appends straight to the phase files, is the other digest test's path.)"""
     threads = 3
-    import megatron_mmbert.data.index as index_mod
+    from megatron_mmbert.data.index import blend, build, pack
 
-    monkeypatch.setattr(index_mod, "BLEND_CHUNK", 5)
-    monkeypatch.setattr(index_mod, "PACK_BLOCK_TOKENS", 1)
-    monkeypatch.setattr(index_mod._SpillFiles, "COPY_ROWS", 3)
-    monkeypatch.setattr(index_mod, "THREAD_DOCUMENT_BUDGET", 80)  # the 70-document language runs alone
+    monkeypatch.setattr(blend, "BLEND_CHUNK", 5)
+    monkeypatch.setattr(pack, "PACK_BLOCK_TOKENS", 1)
+    monkeypatch.setattr(pack.SpillFiles, "COPY_ROWS", 3)
+    monkeypatch.setattr(build, "THREAD_DOCUMENT_BUDGET", 80)  # the 70-document language runs alone
     path, _ = write_corpus(str(tmp_path / "corpus"), [70, 25, 9, 0], max_len=150, shards_per_lang=2)
     manifest = load_manifest(path)
     for name, packing, bin_rows in (("concat", "concat", None), ("best_fit", "best_fit", None),
@@ -777,7 +777,7 @@ def test_document_first_tokens_through_small_windows(tmp_path, monkeypatch):
     """Read window by window (a few pages each here), the first tokens are megatron-core's."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    import megatron_mmbert.data.index as index_mod
+    from megatron_mmbert.data.index import documents as index_mod
 
     path, _ = write_corpus(str(tmp_path / "corpus"), [400], max_len=300, shards_per_lang=2)
     prefixes = load_manifest(path).languages["l0"].shards
@@ -793,7 +793,7 @@ def test_document_first_tokens_through_small_windows(tmp_path, monkeypatch):
 def test_sample_index_derived_chunk_by_chunk_equals_the_builders(monkeypatch):
     """build_blending_indices(sample_index=False) gives the same dataset_index and no sample index;
     the streamed build's chunked derivation of it equals the builder's own int64 one."""
-    from megatron_mmbert.data.index import _occurrence_numbers
+    from megatron_mmbert.data.index.blend import _occurrence_numbers
 
     rng = np.random.default_rng(4)
     w = skewed(rng, 40)[None]
@@ -813,7 +813,7 @@ def test_document_lengths_chunked_over_multi_sequence_documents(tmp_path, monkey
     """Documents made of several sequences, read a few documents at a time: megatron-core's sums."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-    import megatron_mmbert.data.index as index_mod
+    from megatron_mmbert.data.index import documents as index_mod
 
     rng = np.random.default_rng(2)
     prefixes = []
