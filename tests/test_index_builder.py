@@ -340,6 +340,40 @@ def test_waiting_rank_times_out_with_clear_message(tmp_path):
         build_data_index(manifest, PHASES[:1], seed=1, cache_dir=str(tmp_path / "c"), is_builder=False,
                          timeout=0.3, poll_interval=0.05)
     assert str(tmp_path / "c") in str(e.value) and time.time() - t0 < 5
+    # Every flag it names is one of the tool's (the one grammar: the YAML key), none deprecated.
+    import re
+
+    from megatron_mmbert.cli.build_data_index import build_parser
+
+    ap, spec = build_parser()
+    flags = set(re.findall(r"(?<![\w-])--[a-z][\w.]*", str(e.value))) - {"--a.b"}
+    assert {"--config", "--manifest", "--cache_dir", "--seed", "--packing"} <= flags
+    current = {o.flag for o in spec.options if not o.deprecated} | {"--config"}
+    assert flags <= current, flags - current
+
+
+def test_cache_folder_published_once(tmp_path, capsys):
+    """The builder publishes its folder whole (fileio.publish_new_directory); one that lost the race to
+    an identical folder removes its own and leaves the winner's untouched. The build reports its
+    progress (rate, ETA) through progress.Progress."""
+    from megatron_mmbert.fileio import publish_new_directory
+
+    path, _ = write_corpus(str(tmp_path / "corpus"), [8, 4])
+    index = build_data_index(load_manifest(path), PHASES[:1], seed=1, cache_dir=str(tmp_path / "c"))
+    err = capsys.readouterr().err
+    assert "samples/s" in err and "languages/s" in err and "ETA" in err
+    before = {f: os.path.getmtime(os.path.join(index.path, f)) for f in os.listdir(index.path)}
+    late = tmp_path / "c" / ".late-builder"
+    late.mkdir()
+    (late / "index_plan.json").write_text("{}")
+    assert publish_new_directory(str(late), index.path) is False
+    assert not late.exists()
+    assert {f: os.path.getmtime(os.path.join(index.path, f)) for f in os.listdir(index.path)} == before
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "a").write_text("x")
+    assert publish_new_directory(str(fresh), str(tmp_path / "published")) is True
+    assert (tmp_path / "published" / "a").read_text() == "x" and not fresh.exists()
 
 
 @pytest.mark.slow
