@@ -61,22 +61,17 @@ its parent's ``phase_end_mid``) plans and blends every phase but packs and store
 (``first_token``), and sample numbers (the masking RNG counters) keep their offsets, so a branch
 that keeps its parent's phase list reads its parent's rows for the phases they share.
 
-The plan. :func:`index_plan` (:mod:`.plan`) describes the index as JSON (``index_plan.json`` in the cache folder):
-per phase its samples, ``packing`` (mode and, over the built rows, ``pad_fraction``,
-``fragment_token_fraction``: tokens in pieces that are not a whole document, and
-``bos_start_fraction``: segments starting with ``<bos>``) and, per language, ``rows``, ``tokens``
-(stream tokens the phase consumed: ``rows x seq_len`` for concat, the documents taken for
-best_fit), ``first_token`` (the language's stream position where the phase starts) and ``epochs`` (passes over the language's tokens by the
-end of the phase, cumulative over the schedule); :func:`format_index_plan` prints it and
-:class:`IndexPlan` reads it typed. Training checkpoints carry a phase's end positions so a branch can
-be checked against its parent.
+The plan. :func:`index_plan` describes the index as JSON (``index_plan.json`` in the cache folder:
+per phase and language its rows, tokens, first token and epochs; :mod:`.plan` lists the fields);
+:func:`format_index_plan` prints it and :class:`IndexPlan` reads it typed. Training checkpoints carry
+a phase's end positions so a branch can be checked against its parent.
 
 Caching: the arrays are ``.npy`` files in ``{cache_dir}/mmbert-index-{key}/`` where ``key`` hashes
 everything they depend on (manifest content including the tokenizer hash and each shard's index
-size, phases, seed, default global batch size, annealing resolution, builder version). One rank
-builds (global rank 0 by default) into a temporary folder renamed into place when complete; the
-others poll for it and give up after ``timeout`` seconds with a message naming the folder and the
-command that prebuilds it (``tools/build_data_index.py``).
+size, phases, seed, default global batch size, annealing resolution, packing, builder version). One
+rank builds (global rank 0 by default) into a temporary folder published whole when complete
+(``fileio.publish_new_directory``); the others poll for it and give up after ``timeout`` seconds with
+a message naming the folder and the command that prebuilds it (``tools/build_data_index.py``).
 
 Memory: :func:`build_arrays` streams each array into its ``.npy`` file in blocks (the blending of a
 phase and the packing of a language's phase both resumable, ``_index_builder.PhaseBlender`` /
