@@ -10,7 +10,7 @@ The package, one subject a module (imported from here: the public names below):
 * :mod:`.npy` -- ``.npy`` files written block by block (:class:`NpyAppender`);
 * :mod:`.blend` -- a phase's blending, streamed; :mod:`.pack` -- a language's packed rows, streamed;
 * :mod:`.build` -- the build of every array (:func:`build_arrays`), languages on threads;
-* :mod:`.cache_key` -- the cache key and the manifests' digests;
+* :mod:`.digests` -- the cache key and the manifests' digests;
 * :mod:`.cache` -- :func:`build_data_index`: the cache folder read, or built by one rank and published;
 * :mod:`.arrays` -- the reader's view (:class:`DataIndex`, :class:`PhaseIndex`);
 * :mod:`.plan` -- ``index_plan.json``: its writer and its typed reader (:class:`IndexPlan`);
@@ -82,7 +82,7 @@ grow with the schedule; see docs/data.md "Cache".
 from megatron_mmbert.data.index.arrays import ARRAY_NAMES, DataIndex, PhaseIndex
 from megatron_mmbert.data.index.build import THREAD_DOCUMENT_BUDGET, build_arrays, default_threads
 from megatron_mmbert.data.index.cache import build_data_index, default_rank
-from megatron_mmbert.data.index.cache_key import INDEX_VERSION, cache_key, manifest_digest, source_digests
+from megatron_mmbert.data.index.digests import INDEX_VERSION, cache_key, manifest_digest, source_digests
 from megatron_mmbert.data.index.documents import document_first_tokens, document_lengths, framing_flags
 from megatron_mmbert.data.index.extension import build_blending_indices, language_stream, pack_best_fit, pack_rows
 from megatron_mmbert.data.index.npy import NpyAppender

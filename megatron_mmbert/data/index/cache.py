@@ -22,7 +22,7 @@ from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import to_dict
 from megatron_mmbert.data.index.arrays import DataIndex, assemble, load_arrays
 from megatron_mmbert.data.index.build import build_arrays, default_threads
-from megatron_mmbert.data.index.cache_key import cache_folder_name, cache_key
+from megatron_mmbert.data.index.digests import cache_folder_name, cache_key
 from megatron_mmbert.data.index.packing import check_bin_rows, check_packing
 from megatron_mmbert.data.index.plan import PLAN_FILE, index_plan, write_index_plan
 from megatron_mmbert.data.schedule import PhasePlan, plan_schedule

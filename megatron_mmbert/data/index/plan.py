@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from megatron_mmbert.data.index.cache_key import INDEX_VERSION, source_digests
+from megatron_mmbert.data.index.digests import INDEX_VERSION, source_digests
 from megatron_mmbert.data.index.packing import PACKING_MODES, PACKING_STATS
 from megatron_mmbert.data.schedule import PhasePlan
 from megatron_mmbert.fileio import atomic_write_json
