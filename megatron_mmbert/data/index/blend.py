@@ -68,7 +68,7 @@ def blend_phase(ext, plan: PhasePlan, k: int, g: int, keep: bool, path,
     d_out.close()
     s_out.close()
     counts = blender.counts() * g
-    if progress is not None:
+    if progress is not None and progress.done < progress.total:  # (the last block's line says 100%)
         progress.advance(0, f"blended phase {k} over {weights.shape[1]} languages", force=True)
     return counts
 
