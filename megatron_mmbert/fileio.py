@@ -3,8 +3,9 @@
 Every writer of a file another process may read (manifests, markers, configs, checkpoints, merge
 outputs, plots, profiler traces, shards) goes through here: write to a temporary name beside the
 target, flush and fsync, then ``os.replace`` (atomic on POSIX within one filesystem). A library
-writer that takes a file name goes through :func:`atomic_write_with`. (The index cache's folder
-publication in ``data/index.py`` is the one exception still to move here.)
+writer that takes a file name goes through :func:`atomic_write_with`; a folder built whole in a
+temporary folder beside its final name is published by :func:`publish_directory` (replacing a previous
+version) or :func:`publish_new_directory` (content-keyed: the first complete one stays).
 """
 
 from __future__ import annotations
@@ -76,6 +77,44 @@ def publish_directory(tmp: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def _sync_tree(folder: str) -> None:
+    """fsync every file under ``folder``, then the folders themselves (their entries)."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    for root, dirs, _ in os.walk(folder, topdown=False):
+        for d in dirs + [""]:
+            fd = os.open(os.path.join(root, d), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def publish_new_directory(tmp: str, final: str) -> bool:
+    """Give the finished directory ``tmp`` (beside ``final``, same filesystem) the name ``final``,
+    unless another writer published it first: then ``tmp`` is removed and False returned.
+
+    For folders named by a digest of their content (the data index cache): two builders of the same
+    name build the same files, so the first complete one stays and nothing is replaced under a
+    reader. The files reach the disk first (fsync), so after a crash ``final`` is whole or absent."""
+    _sync_tree(tmp)
+    try:
+        os.rename(tmp, final)  # atomic; fails (not replaces) when ``final`` is a non-empty folder
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+        shutil.rmtree(tmp)
+        return False
+    fd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the new name itself
+    finally:
+        os.close(fd)
+    return True
 
 
 # -- disk errors as one line ----------------------------------------------------------------------

@@ -24,6 +24,13 @@ def _not_blank(path):
     assert image.shape[0] > 100 and image.shape[1] > 100 and float(image[..., :3].std()) > 0.01
 
 
+def test_schedule_plot_refuses_a_file_that_is_not_an_index_plan(tmp_path):
+    """The typed plan reader (data/index/plan.py) names the first field missing or wrong."""
+    (tmp_path / "index_plan.json").write_text('{"phases": [], "language_tokens": {}}')
+    with pytest.raises(ConfigError, match=r"index_plan.json: version is missing"):
+        plots.plot_schedule(str(tmp_path))
+
+
 @pytest.mark.slow
 def test_schedule_plot_from_an_index_plan(tmp_path):
     from megatron_mmbert.data.index import build_data_index, write_index_plan

@@ -340,6 +340,40 @@ def test_waiting_rank_times_out_with_clear_message(tmp_path):
         build_data_index(manifest, PHASES[:1], seed=1, cache_dir=str(tmp_path / "c"), is_builder=False,
                          timeout=0.3, poll_interval=0.05)
     assert str(tmp_path / "c") in str(e.value) and time.time() - t0 < 5
+    # Every flag it names is one of the tool's (the one grammar: the YAML key), none deprecated.
+    import re
+
+    from megatron_mmbert.cli.build_data_index import build_parser
+
+    ap, spec = build_parser()
+    flags = set(re.findall(r"(?<![\w-])--[a-z][\w.]*", str(e.value))) - {"--a.b"}
+    assert {"--config", "--manifest", "--cache_dir", "--seed", "--packing"} <= flags
+    current = {o.flag for o in spec.options if not o.deprecated} | {"--config"}
+    assert flags <= current, flags - current
+
+
+def test_cache_folder_published_once(tmp_path, capsys):
+    """The builder publishes its folder whole (fileio.publish_new_directory); one that lost the race to
+    an identical folder removes its own and leaves the winner's untouched. The build reports its
+    progress (rate, ETA) through progress.Progress."""
+    from megatron_mmbert.fileio import publish_new_directory
+
+    path, _ = write_corpus(str(tmp_path / "corpus"), [8, 4])
+    index = build_data_index(load_manifest(path), PHASES[:1], seed=1, cache_dir=str(tmp_path / "c"))
+    err = capsys.readouterr().err
+    assert "samples/s" in err and "languages/s" in err and "ETA" in err
+    before = {f: os.path.getmtime(os.path.join(index.path, f)) for f in os.listdir(index.path)}
+    late = tmp_path / "c" / ".late-builder"
+    late.mkdir()
+    (late / "index_plan.json").write_text("{}")
+    assert publish_new_directory(str(late), index.path) is False
+    assert not late.exists()
+    assert {f: os.path.getmtime(os.path.join(index.path, f)) for f in os.listdir(index.path)} == before
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "a").write_text("x")
+    assert publish_new_directory(str(fresh), str(tmp_path / "published")) is True
+    assert (tmp_path / "published" / "a").read_text() == "x" and not fresh.exists()
 
 
 @pytest.mark.slow
@@ -688,12 +722,12 @@ def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp
     a few rows at a time: the recorded digests, and nothing left behind in the cache folder. (One
     thread, which appends straight to the phase files, is the other digest test's path.)"""
     threads = 3
-    import megatron_mmbert.data.index as index_mod
+    from megatron_mmbert.data.index import blend, build, pack
 
-    monkeypatch.setattr(index_mod, "BLEND_CHUNK", 5)
-    monkeypatch.setattr(index_mod, "PACK_BLOCK_TOKENS", 1)
-    monkeypatch.setattr(index_mod._SpillFiles, "COPY_ROWS", 3)
-    monkeypatch.setattr(index_mod, "THREAD_DOCUMENT_BUDGET", 80)  # the 70-document language runs alone
+    monkeypatch.setattr(blend, "BLEND_CHUNK", 5)
+    monkeypatch.setattr(pack, "PACK_BLOCK_TOKENS", 1)
+    monkeypatch.setattr(pack.SpillFiles, "COPY_ROWS", 3)
+    monkeypatch.setattr(build, "THREAD_DOCUMENT_BUDGET", 80)  # the 70-document language runs alone
     path, _ = write_corpus(str(tmp_path / "corpus"), [70, 25, 9, 0], max_len=150, shards_per_lang=2)
     manifest = load_manifest(path)
     for name, packing, bin_rows in (("concat", "concat", None), ("best_fit", "best_fit", None),
@@ -777,7 +811,7 @@ def test_document_first_tokens_through_small_windows(tmp_path, monkeypatch):
     """Read window by window (a few pages each here), the first tokens are megatron-core's."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    import megatron_mmbert.data.index as index_mod
+    from megatron_mmbert.data.index import documents as index_mod
 
     path, _ = write_corpus(str(tmp_path / "corpus"), [400], max_len=300, shards_per_lang=2)
     prefixes = load_manifest(path).languages["l0"].shards
@@ -793,7 +827,7 @@ def test_document_first_tokens_through_small_windows(tmp_path, monkeypatch):
 def test_sample_index_derived_chunk_by_chunk_equals_the_builders(monkeypatch):
     """build_blending_indices(sample_index=False) gives the same dataset_index and no sample index;
     the streamed build's chunked derivation of it equals the builder's own int64 one."""
-    from megatron_mmbert.data.index import _occurrence_numbers
+    from megatron_mmbert.data.index.blend import _occurrence_numbers
 
     rng = np.random.default_rng(4)
     w = skewed(rng, 40)[None]
@@ -813,7 +847,7 @@ def test_document_lengths_chunked_over_multi_sequence_documents(tmp_path, monkey
     """Documents made of several sequences, read a few documents at a time: megatron-core's sums."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-    import megatron_mmbert.data.index as index_mod
+    from megatron_mmbert.data.index import documents as index_mod
 
     rng = np.random.default_rng(2)
     prefixes = []

@@ -59,12 +59,14 @@ def _out_path(data_path: str, out: Optional[str], default: str) -> str:
 def plot_schedule(plan_path: str, out: Optional[str] = None, max_languages: int = 60) -> str:
     """Share (log) and epochs per language for every phase of an index plan; returns the PNG path.
     Languages are ordered by manifest size; beyond ``max_languages`` every k-th is shown."""
-    from megatron_mmbert.data.index import phase_epochs
+    from megatron_mmbert.data.index import IndexPlan, IndexPlanError, phase_epochs
 
     plt = _pyplot()
     plan, plan_path = _read_json(plan_path, "index_plan.json")
-    if "phases" not in plan or "language_tokens" not in plan:
-        raise ConfigError(f"{plan_path} is not an index_plan.json (no phases / language_tokens)")
+    try:
+        IndexPlan.from_json(plan, plan_path)  # a file that is not a plan: an error naming the field
+    except IndexPlanError as e:
+        raise ConfigError(str(e)) from None
     sizes = plan["language_tokens"]
     order = sorted(sizes, key=lambda lang: (-sizes[lang], lang))
     if len(order) > max_languages:

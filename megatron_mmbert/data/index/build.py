@@ -1,0 +1,164 @@
+"""The index build: every array of a schedule into a folder (:func:`build_arrays`), blending phase by
+phase (:mod:`~megatron_mmbert.data.index.blend`) then packing language by language
+(:mod:`~megatron_mmbert.data.index.pack`), languages on ``threads`` worker threads
+(:func:`_pack_languages`: which language runs when, within a document budget, and the copy of their
+spilled blocks into the phase files in language order), with progress (rate, ETA) on stderr.
+
+Memory flat in the run's length: see :func:`build_arrays` and docs/data.md "Cache"."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from megatron_mmbert.data.index.blend import blend_phase
+from megatron_mmbert.data.index.extension import load_extension
+from megatron_mmbert.data.index.pack import EMPTY, PhaseFiles, SpillFiles, pack_language
+from megatron_mmbert.data.index.packing import PACKING_STATS, check_best_fit_tokenizer, check_bin_rows, check_packing
+from megatron_mmbert.data.index.plan import stream_positions
+from megatron_mmbert.data.schedule import PhasePlan
+from megatron_mmbert.progress import Progress
+
+THREAD_DOCUMENT_BUDGET = 1 << 30
+"""Documents of the languages packed (or waiting) on threads at once: each holds ~9 bytes a document
+(lengths, framing flags, an epoch's permutation), so at most ~9 GiB whatever the thread count; a
+language larger than this runs alone."""
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` elsewhere)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, start_phase: int = 0,
+                 packing: str = "concat", bin_rows: Optional[Sequence[int]] = None,
+                 threads: int = 1) -> Dict[str, np.ndarray]:
+    """Build every array of the schedule into ``out_dir/{name}.npy`` (names as in the cache) and
+    return the small ones (``phase{k}_counts``, ``phase{k}_packing_stats``, ``stream_positions``).
+    Phases before ``start_phase`` only contribute their sample counts (and so the stream positions;
+    best_fit packs them to know where their streams end, without storing the rows).
+
+    Memory flat in the run's length: the blending runs phase by phase in blocks of
+    :data:`~megatron_mmbert.data.index.blend.BLEND_CHUNK` samples (``_index_builder.PhaseBlender``), the
+    packing language by language in blocks of :data:`~megatron_mmbert.data.index.pack.PACK_BLOCK_TOKENS`
+    row tokens (``RowPacker`` / ``BestFitPacker``: resumable, the same rows as one call), each block
+    appended to its file (:class:`~megatron_mmbert.data.index.npy.NpyAppender`) and dropped. What
+    remains is per language and independent of the schedule: its document lengths and framing flags
+    (5 bytes a document) and one epoch's permutation (4 bytes a document). Arrays that can outgrow
+    int32 (``dataset_sample_index``, ``sample_idx``, ``row_ptr``) are int32 when their values fit
+    (checked) and int64 otherwise; readers take either.
+
+    ``threads``: languages packed at once (the C++ packers release the GIL); the output does not
+    depend on it. With more than one, each language's blocks wait in a spill folder of ``out_dir``
+    until the languages before it are written, at most ``2 x threads`` languages and
+    :data:`THREAD_DOCUMENT_BUDGET` documents ahead.
+
+    ``bin_rows`` (best_fit): ``seq_len`` rows per packed row, one per phase (default 1); the phase's
+    samples are blended in groups of that many rows (:func:`~megatron_mmbert.data.index.packing.check_bin_rows`).
+    Progress (samples blended, then languages packed: rate, ETA) goes to stderr."""
+    check_packing(packing)
+    if packing == "best_fit":
+        check_best_fit_tokenizer(manifest)
+    ext = load_extension()
+    languages = plans[0].languages
+    K = len(plans)
+    groups = check_bin_rows(plans, bin_rows if packing == "best_fit" else None)
+    path = lambda name: os.path.join(out_dir, name + ".npy")  # noqa: E731
+    counts = np.zeros((K, len(languages)), dtype=np.int64)
+    progress = Progress("build_data_index", sum(p.num_samples for p in plans), "samples", sys.stderr)
+    # Blending, phase by phase (deficits restart at each phase, and a phase's sample numbers count
+    # from its own first row of each language: the same arrays as one schedule-wide call).
+    for k, plan in enumerate(plans):
+        counts[k] = blend_phase(ext, plan, k, groups[k], k >= start_phase, path, progress)
+        np.save(path(f"phase{k}_counts"), counts[k])
+    # concat: positions are rows x seq_len; best_fit: filled in below from what the packer took.
+    positions = stream_positions(plans, counts)
+    stats = _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, packing, groups, path,
+                            max(int(threads), 1), out_dir)
+    small = {"stream_positions": positions}
+    np.save(path("stream_positions"), positions)
+    for k in range(K):
+        np.save(path(f"phase{k}_packing_stats"), stats[k])
+        small[f"phase{k}_counts"] = counts[k]
+        small[f"phase{k}_packing_stats"] = stats[k]
+    return small
+
+
+def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, packing, groups, path,
+                    threads: int, out_dir: str) -> np.ndarray:
+    """Pack every language in order into the phase files (``threads`` at once), fill best_fit's
+    ``positions`` and write the offset arrays; returns the packing stats [K, L, 8]."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    languages = plans[0].languages
+    K, L = len(plans), len(languages)
+    active = counts.sum(axis=0) > 0 if packing == "best_fit" else counts[start_phase:].sum(axis=0) > 0
+    need = [i for i in range(L) if active[i]]
+    files = PhaseFiles(path, K)
+    offsets = {name: np.zeros((K, L + 1), np.int64) for name in ("docs", "rows", "pieces")}
+    stats = np.zeros((K, L, len(PACKING_STATS)), np.int64)
+    docs = [int(manifest.languages[lang].documents) for lang in languages]
+
+    def task(i, sink):
+        return pack_language(ext, manifest, languages[i], plans, counts[:, i], positions[:, i], seed, start_phase,
+                             packing, groups, sink)
+
+    def spilled(i):
+        sink = SpillFiles(os.path.join(out_dir, f".spill-{i}"))
+        try:
+            return task(i, sink), sink
+        finally:
+            sink.close()
+
+    done = 0
+    progress = Progress("build_data_index", len(need), "languages", sys.stderr)
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        ahead = {}
+        for i in range(L):
+            if not active[i]:  # no rows anywhere: the empty entries, lengths not even read
+                for k in range(K):
+                    files.append(k, "rows", EMPTY["rows"])
+                    files.append(k, "ptr", EMPTY["ptr"])
+                offsets["rows"][:, i + 1] = 1
+                continue
+            if pool is not None:  # up to 2 x threads languages ahead, within the document budget
+                for j in need[done:done + 2 * threads]:
+                    if j not in ahead:
+                        if ahead and sum(docs[a] for a in ahead) + docs[j] > THREAD_DOCUMENT_BUDGET:
+                            break
+                        ahead[j] = pool.submit(spilled, j)
+                res, sink = ahead.pop(i).result()
+                sink.copy_into(files)
+            else:
+                res = task(i, files)
+            _record_language(i, res, positions, stats, offsets, packing)
+            done += 1
+            progress.advance(1, f"packed {languages[i]}")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    files.close()
+    for name, key in (("doc_offsets", "docs"), ("row_offsets", "rows"), ("piece_offsets", "pieces")):
+        for k in range(K):
+            np.save(path(f"phase{k}_{name}"), np.cumsum(offsets[key][k]))
+    return stats
+
+
+def _record_language(i, res, positions, stats, offsets, packing) -> None:
+    """Language ``i``'s results (:func:`~megatron_mmbert.data.index.pack.pack_language`) into the
+    schedule's tables."""
+    stats[:, i] = res["stats"]
+    if packing == "best_fit":
+        positions[:, i] = res["positions"]
+    for key in ("docs", "rows", "pieces"):
+        offsets[key][:, i + 1] = res[key]
+
+
+__all__ = ["THREAD_DOCUMENT_BUDGET", "default_threads", "build_arrays"]

@@ -1,0 +1,164 @@
+"""What the index reads of a language's shards, per document, without loading them: lengths
+(:func:`document_lengths`), first stored tokens (:func:`document_first_tokens`) and the framing flags
+best_fit needs (:func:`framing_flags`: does a stored document start with ``<bos>`` / end with
+``<eos>``). Shards are read through megatron-core's ``IndexedDataset`` (the ``.idx``) a chunk of
+documents at a time, and tokens straight from the ``.bin`` through bounded windows, so the memory
+stays a few MB whatever a shard's size."""
+
+from __future__ import annotations
+
+import mmap
+from typing import Sequence
+
+import numpy as np
+
+from megatron_mmbert.data.index.packing import FRAMING_BOS, FRAMING_EOS
+
+FIRST_TOKEN_WINDOW = 64 << 20
+"""Bytes of a ``.bin`` mapped at a time while reading documents' first tokens."""
+
+DOCUMENT_CHUNK = 1 << 16
+"""Documents of a shard read at a time (their lengths and first tokens): the temporaries stay a
+few MB whatever the shard's size, beside the int32 / int8 per-document results."""
+
+
+def _document_chunks(prefixes: Sequence[str]):
+    """``(prefix, IndexedDataset, document_indices[a : b + 1] as int64)`` over every shard, at most
+    :data:`DOCUMENT_CHUNK` documents at a time (megatron-core reads the ``.idx``). Each chunk opens
+    the shard afresh: megatron-core maps the whole ``.idx`` and the pages a read touches count in the
+    RSS until the mapping closes (~20 bytes a document: 95 MB for eng_Latn at 1/100 of FineWeb2)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for prefix in prefixes:
+        ds = IndexedDataset(prefix)
+        n = len(ds.document_indices) - 1
+        del ds
+        for a in range(0, max(n, 0), DOCUMENT_CHUNK):
+            ds = IndexedDataset(prefix)
+            docs = np.asarray(ds.document_indices[a:min(a + DOCUMENT_CHUNK, n) + 1], dtype=np.int64)
+            yield prefix, ds, docs
+            del ds
+
+
+def _count_documents(prefixes: Sequence[str]) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return sum(max(len(IndexedDataset(p).document_indices) - 1, 0) for p in prefixes)
+
+
+def _first_tokens(prefix: str, ds, docs: np.ndarray) -> np.ndarray:
+    """int64: the first stored token of documents starting at sequences ``docs`` (-1: empty)."""
+    nonempty = np.asarray(ds.sequence_lengths[docs]) > 0 if len(docs) else np.zeros(0, bool)
+    pointers = np.asarray(ds.index.sequence_pointers[docs[nonempty]], dtype=np.int64) if nonempty.any() else None
+    return _tokens_at(prefix, ds, nonempty, pointers)
+
+
+def _last_tokens(prefix: str, ds, docs: np.ndarray) -> np.ndarray:
+    """int64: the last stored token of the documents of ``docs`` (``document_indices[a : b + 1]``; -1
+    where a document's last sequence is empty). The build reads last tokens through
+    :func:`_first_and_last_tokens`; this separate read is its oracle in the tests."""
+    last = docs[1:] - 1
+    lengths = np.asarray(ds.sequence_lengths[last], dtype=np.int64) if len(last) else np.zeros(0, np.int64)
+    nonempty = (lengths > 0) & (docs[1:] > docs[:-1])
+    pointers = None
+    if nonempty.any():
+        itemsize = np.dtype(ds.index.dtype).itemsize
+        pointers = (np.asarray(ds.index.sequence_pointers[last[nonempty]], dtype=np.int64)
+                    + (lengths[nonempty] - 1) * itemsize)
+    return _tokens_at(prefix, ds, nonempty, pointers)
+
+
+def _tokens_at(prefix: str, ds, nonempty: np.ndarray, pointers) -> np.ndarray:
+    """int64 [len(nonempty)]: the token at byte ``pointers`` (increasing) of the ``.bin`` where
+    ``nonempty``, -1 elsewhere."""
+    first = np.full(len(nonempty), -1, dtype=np.int64)
+    if pointers is not None and len(pointers):
+        dtype = np.dtype(ds.index.dtype)
+        values = np.empty(len(pointers), dtype=np.int64)
+        # One mapping per FIRST_TOKEN_WINDOW bytes of the .bin: the pages a read touches count
+        # in the process's RSS while mapped, so a whole large shard mapped at once would.
+        window = np.searchsorted(pointers, pointers[0] + FIRST_TOKEN_WINDOW * np.arange(
+            1, (pointers[-1] - pointers[0]) // FIRST_TOKEN_WINDOW + 2))
+        a = 0
+        for b in np.unique(window):
+            if b <= a:
+                continue
+            lo = int(pointers[a]) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+            tokens = np.memmap(prefix + ".bin", dtype=np.uint8, mode="r", offset=lo,
+                               shape=(int(pointers[b - 1]) + dtype.itemsize - lo,))
+            at = (pointers[a:b] - lo)[:, None] + np.arange(dtype.itemsize)
+            values[a:b] = np.ascontiguousarray(tokens[at]).view(dtype)[:, 0]
+            del tokens
+            a = int(b)
+        first[nonempty] = values
+    return first
+
+
+def document_first_tokens(prefixes: Sequence[str]) -> np.ndarray:
+    """int64 [D]: the first stored token of every document over a language's shards (-1 for an
+    empty document), read straight from the ``.bin`` at each document's first sequence pointer."""
+    parts = [_first_tokens(prefix, ds, docs[:-1]) for prefix, ds, docs in _document_chunks(prefixes)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def document_lengths(prefixes: Sequence[str]) -> np.ndarray:
+    """int32 [D]: tokens per document over a language's shards, in shard order (megatron-core's
+    ``IndexedDataset`` reads the ``.idx``; a document is its consecutive sequences)."""
+    lengths = np.empty(_count_documents(prefixes), dtype=np.int32)
+    at = 0
+    for _, ds, docs in _document_chunks(prefixes):
+        seq = np.asarray(ds.sequence_lengths[docs[0]:docs[-1]], dtype=np.int64)
+        ends = np.concatenate([[0], np.cumsum(seq)])
+        part = ends[docs[1:] - docs[0]] - ends[docs[:-1] - docs[0]]
+        if part.size and part.max() > np.iinfo(np.int32).max:
+            raise ValueError(f"a document in {prefixes} is longer than 2^31 tokens")
+        lengths[at:at + len(part)] = part
+        at += len(part)
+    return lengths
+
+
+def framing_flags(manifest, lang: str) -> np.ndarray:
+    """int8 [D]: per document of ``lang``, 1 when it starts with the tokenizer's ``<bos>`` in the shards,
+    plus 2 when it ends with its ``<eos>`` (``FRAMING_BOS`` / ``FRAMING_EOS``)."""
+    ids = manifest.tokenizer.special_ids
+    bos, eos = ids.get("bos"), ids.get("eos")
+    prefixes = manifest.languages[lang].shards
+    flags = np.zeros(_count_documents(prefixes), dtype=np.int8)
+    at = 0
+    for prefix, ds, docs in _document_chunks(prefixes):
+        n = len(docs) - 1
+        first, last = _first_and_last_tokens(prefix, ds, docs)
+        if bos is not None:
+            flags[at:at + n] |= (first == bos).astype(np.int8) * FRAMING_BOS
+        if eos is not None:
+            flags[at:at + n] |= (last == eos).astype(np.int8) * FRAMING_EOS
+        at += n
+    return flags
+
+
+def _first_and_last_tokens(prefix: str, ds, docs: np.ndarray):
+    """:func:`_first_tokens` and :func:`_last_tokens` of the documents of ``docs`` in one pass over the
+    ``.bin`` (a document's first and last tokens mostly share a page: each page is touched once)."""
+    starts, last = docs[:-1], docs[1:] - 1
+    n = len(starts)
+    f_len = np.asarray(ds.sequence_lengths[starts], dtype=np.int64) if n else np.zeros(0, np.int64)
+    l_len = np.asarray(ds.sequence_lengths[last], dtype=np.int64) if n else np.zeros(0, np.int64)
+    f_ok = f_len > 0
+    l_ok = (l_len > 0) & (docs[1:] > docs[:-1])
+    itemsize = np.dtype(ds.index.dtype).itemsize
+    f_ptr = np.asarray(ds.index.sequence_pointers[starts[f_ok]], dtype=np.int64) if f_ok.any() else np.zeros(0, np.int64)
+    l_ptr = (np.asarray(ds.index.sequence_pointers[last[l_ok]], dtype=np.int64) + (l_len[l_ok] - 1) * itemsize
+             if l_ok.any() else np.zeros(0, np.int64))
+    pointers = np.concatenate([f_ptr, l_ptr])
+    order = np.argsort(pointers, kind="stable")  # _tokens_at reads increasing pointers
+    values = _tokens_at(prefix, ds, np.ones(len(pointers), bool), pointers[order] if len(pointers) else None)
+    merged = np.empty(len(pointers), np.int64)
+    merged[order] = values
+    first = np.full(n, -1, np.int64)
+    last_tokens = np.full(n, -1, np.int64)
+    first[f_ok] = merged[:len(f_ptr)]
+    last_tokens[l_ok] = merged[len(f_ptr):]
+    return first, last_tokens
+
+
+__all__ = ["FIRST_TOKEN_WINDOW", "DOCUMENT_CHUNK", "document_first_tokens", "document_lengths", "framing_flags"]
