@@ -223,29 +223,30 @@ def test_branch_check_against_the_parents_recorded_position(tmp_path, capsys):
     import dataclasses
 
     from megatron_mmbert.config_base import ConfigError
+    from megatron_mmbert.data.index import IndexPlan
     from megatron_mmbert.training.data_position import check_branch, position_in_plan
 
     parent = _parent(tmp_path)
     cont = _branch(tmp_path, "decay_cont", {"languages": "all"}, str(tmp_path / "parent/checkpoints/phase_end_mid"))
-    plans = {c: json.load(open(os.path.join(_index_folder(c, capsys), "index_plan.json"))) for c in (parent, cont)}
-    mid = plans[parent]["phases"][1]
-    end_mid = position_in_plan(plans[parent], 1, mid["samples"])
+    plans = {c: IndexPlan.read(_index_folder(c, capsys)) for c in (parent, cont)}
+    mid = plans[parent].phases[1]
+    end_mid = position_in_plan(plans[parent], 1, mid.samples)
     # the record the trainer always wrote, key for key
     assert list(end_mid.to_dict()) == ["phase", "consumed_samples", "phase_samples", "at_phase_end", "data_seed",
                                        "manifest_sha256", "sources_sha256", "stream_positions"]
     assert end_mid.to_dict() == {
-        "phase": "mid", "consumed_samples": mid["samples"], "phase_samples": mid["samples"], "at_phase_end": True,
-        "data_seed": plans[parent]["seed"], "manifest_sha256": plans[parent]["manifest_sha256"], "sources_sha256": {},
+        "phase": "mid", "consumed_samples": mid.samples, "phase_samples": mid.samples, "at_phase_end": True,
+        "data_seed": plans[parent].seed, "manifest_sha256": plans[parent].manifest_sha256, "sources_sha256": {},
         "stream_positions": {k: t for k, t in phase_end_positions(plans[parent], "mid").items() if t}}
     assert sum(end_mid.stream_positions.values()) == 3072 + 2048
 
     run = load_config(cont)
     said = check_branch(end_mid, run, plans[cont])
     assert said.startswith("branch check: phase 'decay' continues") and "3 language streams" in said
-    end_pretrain = position_in_plan(plans[parent], 0, plans[parent]["phases"][0]["samples"])
+    end_pretrain = position_in_plan(plans[parent], 0, plans[parent].phases[0].samples)
     with pytest.raises(ConfigError, match="does not continue the data of init.checkpoint.*language stream"):
         check_branch(end_pretrain, run, plans[cont])
-    with pytest.raises(ConfigError, match=f"1 of {mid['samples']} samples into phase 'mid'"):
+    with pytest.raises(ConfigError, match=f"1 of {mid.samples} samples into phase 'mid'"):
         check_branch(position_in_plan(plans[parent], 1, 1), run, plans[cont])
     with pytest.raises(ConfigError, match="records no data position"):
         check_branch(None, run, plans[cont])

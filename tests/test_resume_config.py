@@ -110,6 +110,7 @@ def test_resume_checks_the_manifest_against_the_recorded_data_position(tmp_path,
     from megatron_mmbert.checkpoints.layout import CONFIG_FILE, DCP_METADATA
     from megatron_mmbert.cli.build_data_index import main as build_index
     from megatron_mmbert.config_base import ConfigError
+    from megatron_mmbert.data.index import IndexPlan
     from megatron_mmbert.training.data_position import position_in_plan
     from megatron_mmbert.training.resume_check import resume_changes
     from tests.helpers.training import write_manifest
@@ -118,7 +119,7 @@ def test_resume_checks_the_manifest_against_the_recorded_data_position(tmp_path,
     cfg = rc.load_config(tiny_run_config(str(tmp_path / "run.yaml"), manifest, str(tmp_path / "run")))
     assert build_index(["--config", str(tmp_path / "run.yaml"), "--rows", "0"]) == 0
     folder = [l for l in capsys.readouterr().out.splitlines() if l.startswith("index ready in ")][0]
-    plan = json.load(open(os.path.join(folder.split("index ready in ", 1)[1].split(" (", 1)[0], "index_plan.json")))
+    plan = IndexPlan.read(folder.split("index ready in ", 1)[1].split(" (", 1)[0])
     ckpt = tmp_path / "run" / "checkpoints" / "iter_0000002"
     ckpt.mkdir(parents=True)
     (ckpt / DCP_METADATA).write_bytes(b"")

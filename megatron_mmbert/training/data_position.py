@@ -16,17 +16,20 @@ the end of that phase. Two readers:
 
 The record is JSON, written by :meth:`DataPosition.to_dict` with the keys, order and values of every
 earlier version, and read by :meth:`DataPosition.from_dict`, which names the checkpoint when a record
-is malformed. The index plan (``index_plan.json``, ``data.index.index_plan``) is read in one place,
+is malformed. The index plan (``index_plan.json``, read typed as ``data.index.IndexPlan``) is read in one place,
 :func:`_plan_phase`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from megatron_mmbert.checkpoints.layout import CheckpointError, config_path, read_config
 from megatron_mmbert.config_base import ConfigError
+
+if TYPE_CHECKING:
+    from megatron_mmbert.data.index import IndexPlan
 
 BRANCH_FIX = ("declare the parent's phase list (inherit the parent's config, editing phases by name) and "
               "set init.start_phase to the phase after the checkpoint's; or set init.restart_data: true "
@@ -151,21 +154,18 @@ class PlannedPhase:
     sources_sha256: Dict[str, str]
 
 
-def _plan_phase(plan: Dict, index: int) -> PlannedPhase:
-    """Phase ``index`` of an index plan (the dict ``data.index.index_plan`` makes, ``index_plan.json``):
-    the one place this module reads the plan."""
-    from megatron_mmbert.data.index import phase_end_positions
-
-    phase = plan["phases"][index]
+def _plan_phase(plan: "IndexPlan", index: int) -> PlannedPhase:
+    """Phase ``index`` of the run's typed index plan (``data.index.IndexPlan``, read from
+    ``index_plan.json``): the one place this module reads the plan."""
+    phase = plan.phases[index]
     return PlannedPhase(
-        name=phase["name"], samples=phase["samples"],
-        first_tokens={lang: r["first_token"] for lang, r in phase["languages"].items()},
-        end_tokens=phase_end_positions(plan, phase["name"]), data_seed=plan["seed"],
-        manifest_sha256=plan["manifest_sha256"], sources_sha256=plan.get("sources_sha256", {}),
+        name=phase.name, samples=phase.samples, first_tokens=phase.first_tokens(),
+        end_tokens=plan.phase_end_positions(phase.name), data_seed=plan.seed,
+        manifest_sha256=plan.manifest_sha256, sources_sha256=dict(plan.sources_sha256 or {}),
     )
 
 
-def position_in_plan(plan: Dict, phase_index: int, consumed_samples: int) -> DataPosition:
+def position_in_plan(plan: "IndexPlan", phase_index: int, consumed_samples: int) -> DataPosition:
     """The position after ``consumed_samples`` samples of phase ``phase_index`` of the run's index plan:
     what a checkpoint saved there records."""
     p = _plan_phase(plan, phase_index)
@@ -178,7 +178,7 @@ def position_in_plan(plan: Dict, phase_index: int, consumed_samples: int) -> Dat
 
 # -- the branch check -------------------------------------------------------------------------------
 
-def check_branch(parent: Optional[DataPosition], cfg, plan: Dict) -> Optional[str]:
+def check_branch(parent: Optional[DataPosition], cfg, plan: "IndexPlan") -> Optional[str]:
     """Refuse (``ConfigError``) a run from ``init.checkpoint`` whose data would not continue the
     checkpoint's: its start phase (``cfg.start_phase_index`` of the run's index ``plan``) must begin
     where ``parent``'s phase ended every stream, with the same data seed and manifests. A checkpoint

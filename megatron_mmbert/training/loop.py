@@ -224,7 +224,7 @@ class Trainer:
             self._check_tokenizer(init, "init.strided_from" if init != cfg.init.checkpoint else "init.checkpoint")
             # init.restart_data accepts any data position: the parent's record is not even read.
             parent = None if cfg.init.restart_data else DataPosition.of_checkpoint(init)
-            said = check_branch(parent, cfg, self.stream.index.plan)
+            said = check_branch(parent, cfg, self.stream.index.typed_plan)
             if said:
                 self.log.info(said)
             meta = ckpt.load_training(init, self.chunks, self.optimizer if cfg.init.load_optimizer else None)
@@ -272,7 +272,7 @@ class Trainer:
         """The ``train_state`` a checkpoint of this moment records (:class:`TrainState` plus the
         scheduler, seeds and data position)."""
         st = self.state
-        position = position_in_plan(self.stream.index.plan, st.phase_index, st.consumed_samples)
+        position = position_in_plan(self.stream.index.typed_plan, st.phase_index, st.consumed_samples)
         return st.to_checkpoint(phase.name, scheduler.state_dict(), self.cfg.seed, self.cfg.data_seed,
                                 position.to_dict(),
                                 phase_samples=self.stream.phase_num_samples(phase.name))
