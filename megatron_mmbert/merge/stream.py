@@ -34,7 +34,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
-from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.config_base import ConfigError, check
 from megatron_mmbert.fileio import check_output_dir, publish_directory, raise_disk_error, write_output_marker
 from megatron_mmbert.checkpoints.layout import MERGE_REPORT, CheckpointError, same_tokenizer
 from megatron_mmbert.checkpoints.tensors import MegatronSink, SafetensorsSink, TensorInfo
@@ -275,9 +275,11 @@ def merge_checkpoints(
     ``base`` is required for ties and task_arithmetic; for linear and ema it is optional and, if
     given, only supplies the non-float tensors and the config (else the first model does).
     """
-    spec.validate(len(models))
+    check(spec, "spec")  # MergeSpec.validate: also for a spec built in Python
+    spec.check_models(len(models))
     if not chunk_bytes >= 1:
-        raise ValueError(f"chunk_bytes must be positive (a block of at least one byte), got {chunk_bytes} bytes")
+        raise ConfigError(f"chunk_bytes must be positive (a block of at least one byte), got {chunk_bytes} bytes",
+                          field="chunk_bytes")
     if spec.needs_base and base is None:
         raise ConfigError(f"method {spec.method} needs base (the checkpoint the models branched from)", field="base")
     paths = ([base] if base is not None else []) + list(models)
