@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.data.shards import TokenizerIdentity
 
 SPECIAL_ROLES = ("pad", "eos", "bos", "unk", "mask")
@@ -37,15 +38,11 @@ _ROLE_CANDIDATES = {
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ConfigError):
     """A tokenizer path or framing that cannot be used; the message says what to set instead.
 
     ``field`` is the config field to blame (``framing.bos``) when one is, so a command line can name
     the option that sets it."""
-
-    def __init__(self, message: str, field: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 def _sha256_files(paths: Sequence[str]) -> str:
