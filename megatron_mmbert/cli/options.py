@@ -34,7 +34,7 @@ import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from megatron_mmbert import __version__
-from megatron_mmbert.config_base import (ConfigError, YAMLTooLarge, describe_tree, field_docs, from_dict,
+from megatron_mmbert.config_base import (ConfigError, describe_tree, field_docs, from_dict,
                                          safe_load_yaml, to_dict)
 
 
@@ -292,8 +292,6 @@ def load_yaml(path: str, what: str = "options") -> Dict[str, Any]:
             data = safe_load_yaml(f, f"--config {path}")
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
-    except YAMLTooLarge as e:
-        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     if data is None:

@@ -30,7 +30,7 @@ from megatron_mmbert.config import (
     PhaseConfig,
     load_model_config,
 )
-from megatron_mmbert.config_base import ConfigError, YAMLTooLarge, apply_overrides, from_dict, safe_load_yaml, to_dict
+from megatron_mmbert.config_base import ConfigError, apply_overrides, from_dict, safe_load_yaml, to_dict
 
 
 @dataclass
@@ -635,8 +635,6 @@ def read_yaml(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
             data = safe_load_yaml(f, path) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        except YAMLTooLarge as e:
-            raise ConfigError(str(e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config is a mapping of sections, got {type(data).__name__}")
     parent = data.pop("inherit", None)
