@@ -180,6 +180,9 @@ def test_merge_checkpoints_checks_a_spec_built_in_python(tmp_path):
         merge_checkpoints("c", ["a", "b"], MergeSpec(density=0.0), str(tmp_path / "o"), log=None)
     assert e.value.field == "spec.density"
     with pytest.raises(ConfigError) as e:
+        merge_checkpoints("c", ["a", "b"], MergeSpec(weights=[1.0]), str(tmp_path / "o"), log=None)
+    assert e.value.field == "spec.weights" and str(e.value).startswith("spec.weights has 1 values for 2 models")
+    with pytest.raises(ConfigError) as e:
         merge_checkpoints("c", ["a", "b"], MergeSpec(), str(tmp_path / "o"), chunk_bytes=0, log=None)
     assert e.value.field == "chunk_bytes"
 

@@ -49,10 +49,7 @@ class MergeRecipe:
         :meth:`MergeSpec.validate`, run as a nested section)."""
         if not (math.isfinite(self.chunk_mb) and self.chunk_mb > 0 and self.chunk_bytes >= 1):
             raise ConfigError(f"chunk_mb must be a positive number, got {self.chunk_mb}", field="chunk_mb")
-        try:
-            self.spec.check_models(len(self.models))
-        except ConfigError as e:
-            raise ConfigError(str(e), field=e.field if e.field == "models" else f"spec.{e.field}") from None
+        self.spec.check_models(len(self.models), where="spec")
         if self.spec.needs_base and self.base is None:
             raise ConfigError(f"method {self.spec.method} needs base (the checkpoint the models branched from)",
                               field="base")

@@ -276,7 +276,7 @@ def merge_checkpoints(
     given, only supplies the non-float tensors and the config (else the first model does).
     """
     check(spec, "spec")  # MergeSpec.validate: also for a spec built in Python
-    spec.check_models(len(models))
+    spec.check_models(len(models), where="spec")
     if not chunk_bytes >= 1:
         raise ConfigError(f"chunk_bytes must be positive (a block of at least one byte), got {chunk_bytes} bytes",
                           field="chunk_bytes")

@@ -108,16 +108,16 @@ class MergeSpec:
         if self.lam != 1.0 and not self.needs_base:
             raise ConfigError(f"lam (lambda) applies to ties and task_arithmetic, not {self.method}", field="lam")
 
-    def check_models(self, n_models: int) -> None:
+    def check_models(self, n_models: int, where: str = "") -> None:
         """The spec against the ``n_models`` models it merges (the merge entry points call it):
-        at least one, and one weight per model. ``field`` names the spec's field, or ``models``."""
+        at least one, and one weight per model. ``field`` names ``models``, or the spec's field
+        under ``where`` (the spec's path in the config: ``spec``)."""
         if n_models < 1:
             raise ConfigError("models: give at least one model to merge", field="models")
         if self.weights is not None and len(self.weights) != n_models:
-            raise ConfigError(
-                f"weights has {len(self.weights)} values for {n_models} models; give one per model",
-                field="weights",
-            )
+            name = f"{where}.weights" if where else "weights"
+            raise ConfigError(f"{name} has {len(self.weights)} values for {n_models} models; give one per model",
+                              field=name)
 
     def model_weights(self, n_models: int) -> List[float]:
         """The weight of each model, in order (EMA weights from the decay)."""
