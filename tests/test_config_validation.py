@@ -91,10 +91,12 @@ def test_init_section_rule_from_yaml_and_from_python():
 def test_every_section_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as e:
         rc.load_config("tiny-cpu", ["--optimizer.adam_eps", "0", "--checkpoint.keep_last", "0",
-                                    "--phases.decay.mask_rate", "2", "--parallel.tensor_parallel", "0"])
+                                    "--phases.decay.mask_rate", "2", "--parallel.tensor_parallel", "0",
+                                    "--model.local_attention", "15"])
     fields = {x.field for x in e.value.errors}
-    assert fields == {"optimizer.adam_eps", "checkpoint.keep_last", "phases.2.mask_rate", "parallel.tensor_parallel"}
-    assert str(e.value).startswith("4 problems:")
+    assert fields == {"optimizer.adam_eps", "checkpoint.keep_last", "phases.2.mask_rate", "parallel.tensor_parallel",
+                      "model.local_attention"}
+    assert str(e.value).startswith("5 problems:")
     cfg = rc.load_config("tiny-cpu")  # config_base.check: the same for a config built in Python
     cfg.optimizer.adam_eps, cfg.phases[2].mask_rate = 0.0, 2.0
     with pytest.raises(ConfigError) as e:

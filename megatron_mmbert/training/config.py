@@ -658,14 +658,24 @@ def from_mapping(data: Dict[str, Any]) -> RunConfig:
     model = data.pop("model")
     if not isinstance(model, (str, dict)):
         raise ConfigError(f"model: expected a preset name or a mapping, got {model!r}")
-    data["model"] = load_model_config(model)
     if "phases" in data and not isinstance(data["phases"], list):
         raise ConfigError(
             f"phases: expected a list of phases (a mapping by phase name only edits inherited "
             f"phases), got {data['phases']!r}"
         )
     _resolve_language_sets(data)
-    cfg = from_dict(RunConfig, data)
+    errors = []
+    try:
+        data["model"] = load_model_config(model)
+    except ConfigError as e:  # reported with the other sections' problems, all in one error
+        errors.append(e)
+        data["model"] = ModelConfig()
+    try:
+        cfg = from_dict(RunConfig, data)
+    except ConfigError as e:
+        errors.append(e)
+    if errors:
+        raise ConfigError.combine(errors)
     if cfg.data.without_sources:
         from megatron_mmbert.data.mixture import drop_sources
 
