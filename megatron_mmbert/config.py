@@ -1,8 +1,9 @@
 """The typed configuration of a model, its parallel layout and the training phases.
 
-One dataclass per concern, a docstring on every field. ``validate_layout`` checks a model against a
-parallel layout and a world size *before* any process group exists, and every error names the
-values involved and the fix. Named presets cover the published models and a tiny CPU model.
+One dataclass per concern, a docstring on every field. Each section checks its own fields in its
+``validate()`` (``config_base.from_dict`` and ``config_base.check`` call it); ``validate_layout``
+checks a model against a parallel layout and a world size *before* any process group exists. Every
+error names the values involved and the fix. Named presets cover the published models and a tiny CPU model.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Union
 
-from megatron_mmbert.config_base import ConfigError, from_dict
+from megatron_mmbert.config_base import ConfigError, check, check_safe_name, from_dict
 
 
 @dataclass
@@ -103,6 +104,39 @@ class ModelConfig:
             total += v * h
         return total
 
+    def validate(self) -> None:
+        """Checks of the architecture on its own (the layout's are :func:`validate_layout`'s)."""
+        if self.num_attention_heads < 1:
+            raise ConfigError(f"model.num_attention_heads={self.num_attention_heads} must be >= 1",
+                              field="num_attention_heads")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}; pick heads dividing the width",
+                field="hidden_size",
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings", field="hidden_size")
+        if self.local_attention <= 0 or self.local_attention % 2:
+            raise ConfigError(
+                f"model.local_attention={self.local_attention} must be a positive even total window "
+                "(keys within +-local_attention/2)", field="local_attention"
+            )
+        if self.global_attn_every_n_layers < 1:
+            raise ConfigError("model.global_attn_every_n_layers must be >= 1", field="global_attn_every_n_layers")
+        if self.vocab_size < 1 or self.make_vocab_size_divisible_by < 1:
+            raise ConfigError("model.vocab_size and model.make_vocab_size_divisible_by must be positive",
+                              field="vocab_size" if self.vocab_size < 1 else "make_vocab_size_divisible_by")
+        if self.num_layers < 1 or self.intermediate_size < 1:
+            raise ConfigError("model.num_layers and model.intermediate_size must be positive",
+                              field="num_layers" if self.num_layers < 1 else "intermediate_size")
+        if self.fp8 is not None and self.attention_backend not in ("auto", "te"):
+            raise ConfigError(
+                f"model.fp8={self.fp8!r} needs TransformerEngine layers, but "
+                f"model.attention_backend={self.attention_backend!r}; set attention_backend to auto or te",
+                field="fp8",
+            )
+
 
 @dataclass
 class ParallelConfig:
@@ -133,6 +167,37 @@ class ParallelConfig:
 
     def data_parallel(self, world_size: int) -> int:
         return world_size // (self.tensor_parallel * self.pipeline_parallel * self.context_parallel)
+
+    def validate(self) -> None:
+        """Checks of the layout on its own (against a model and a world size: :func:`validate_layout`)."""
+        tp, pp, cp = self.tensor_parallel, self.pipeline_parallel, self.context_parallel
+        for name, value in (("tensor_parallel", tp), ("pipeline_parallel", pp), ("context_parallel", cp)):
+            if value < 1:
+                raise ConfigError(f"parallel.{name}={value} must be >= 1", field=name)
+        if self.virtual_pipeline is not None:
+            if pp < 2:
+                raise ConfigError(
+                    f"parallel.virtual_pipeline={self.virtual_pipeline} needs "
+                    f"parallel.pipeline_parallel > 1 (got {pp}); unset virtual_pipeline", field="virtual_pipeline"
+                )
+            if self.virtual_pipeline < 1:
+                raise ConfigError(f"parallel.virtual_pipeline={self.virtual_pipeline} must be >= 1",
+                                  field="virtual_pipeline")
+        if self.sequence_parallel and tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1",
+                              field="sequence_parallel")
+        if cp > 1:
+            # megatron-core would accept it, but the data path feeds every CP rank whole rows and
+            # whole-row cu_seqlens: attention and loss would be silently wrong.
+            raise ConfigError(
+                f"parallel.context_parallel={cp} is not supported: nothing splits batches or cu_seqlens "
+                "per context-parallel rank; set parallel.context_parallel: 1 (use tensor/pipeline "
+                "parallelism for long rows)", field="context_parallel"
+            )
+
+
+MAX_PHASE_TOKENS = 10**15
+"""A phase budget above this (300x mmBERT's three trillion tokens) is a typo, not a plan."""
 
 
 @dataclass
@@ -174,30 +239,46 @@ class PhaseConfig:
     (``{folder}~{content hash}/{language}``), continued by every phase that names the same manifest."""
 
     def validate(self) -> None:
+        """Checks of the phase on its own (against the run's batch, schedule and data: preflight)."""
+        check_safe_name(self.name, "name")  # names checkpoint folders (phase_end_{name}) and cache keys
         where = f"phase {self.name!r}"
         if self.tokens <= 0:
-            raise ConfigError(f"{where}: tokens must be positive, got {self.tokens}")
+            raise ConfigError(f"{where}: tokens must be positive, got {self.tokens}", field="tokens")
+        if self.tokens > MAX_PHASE_TOKENS:
+            raise ConfigError(field="tokens", message=(
+                f"tokens={self.tokens:,} is more than {MAX_PHASE_TOKENS:.0e} tokens (mmBERT's whole recipe "
+                "is about 3e12); a typo? Give the phase's budget in tokens"))
         if self.seq_len <= 0:
-            raise ConfigError(f"{where}: seq_len must be positive, got {self.seq_len}")
+            raise ConfigError(f"{where}: seq_len must be positive, got {self.seq_len}", field="seq_len")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"{where}: global_batch_size must be >= 1 (or null: the run's), got "
+                              f"{self.global_batch_size}", field="global_batch_size")
+        for name in ("global_rope_theta", "local_rope_theta", "max_epochs_per_language"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{where}: {name} must be a positive number (or null), got {value}", field=name)
         for name in ("mask_rate", "mask_rate_end"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:
-                raise ConfigError(f"{where}: {name} must be in (0, 1), got {value}")
+                raise ConfigError(f"{where}: {name} must be in (0, 1), got {value}", field=name)
         for name in ("temperature", "temperature_end"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{where}: {name} must be in [0, 1], got {value}")
+                raise ConfigError(f"{where}: {name} must be in [0, 1], got {value}", field=name)
         if isinstance(self.languages, str) and not (
             self.languages == "all" or (self.languages.startswith("top:") and self.languages[4:].isdigit())
         ):
             raise ConfigError(
                 f"{where}: languages must be 'all', 'top:N' or a list of language names, "
-                f"got {self.languages!r}"
+                f"got {self.languages!r}", field="languages"
             )
+        if isinstance(self.languages, str) and self.languages.startswith("top:") and int(self.languages[4:]) < 1:
+            raise ConfigError(f"languages={self.languages!r}: top:N needs N >= 1", field="languages")
         total_fixed = sum(self.fixed_shares.values())
         if any(v < 0 for v in self.fixed_shares.values()) or total_fixed >= 1.0 + 1e-9:
             raise ConfigError(
-                f"{where}: fixed_shares must be non-negative and sum below 1, got {self.fixed_shares}"
+                f"{where}: fixed_shares must be non-negative and sum below 1, got {self.fixed_shares}",
+                field="fixed_shares",
             )
 
 
@@ -254,60 +335,35 @@ def load_model_config(data: Union[str, Dict]) -> ModelConfig:
     return from_dict(ModelConfig, base, "model")
 
 
-def validate_model(model: ModelConfig) -> None:
-    """Checks of the architecture on its own."""
-    if model.hidden_size % model.num_attention_heads:
-        raise ConfigError(
-            f"model.hidden_size={model.hidden_size} is not divisible by "
-            f"model.num_attention_heads={model.num_attention_heads}; pick heads dividing the width"
-        )
-    if model.head_dim % 2:
-        raise ConfigError(f"head dim {model.head_dim} must be even for rotary embeddings")
-    if model.local_attention <= 0 or model.local_attention % 2:
-        raise ConfigError(
-            f"model.local_attention={model.local_attention} must be a positive even total window "
-            "(keys within +-local_attention/2)"
-        )
-    if model.global_attn_every_n_layers < 1:
-        raise ConfigError("model.global_attn_every_n_layers must be >= 1")
-    if model.vocab_size < 1 or model.make_vocab_size_divisible_by < 1:
-        raise ConfigError("model.vocab_size and model.make_vocab_size_divisible_by must be positive")
-    if model.fp8 is not None and model.attention_backend not in ("auto", "te"):
-        raise ConfigError(
-            f"model.fp8={model.fp8!r} needs TransformerEngine layers, but "
-            f"model.attention_backend={model.attention_backend!r}; set attention_backend to auto or te"
-        )
-
-
 def validate_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> None:
-    """Check that ``model`` can be laid out as ``parallel`` over ``world_size`` processes.
+    """Check that ``model`` can be laid out as ``parallel`` over ``world_size`` processes: each
+    section's own rules (:meth:`ModelConfig.validate`, :meth:`ParallelConfig.validate`), then the
+    rules of the two together and the world size.
 
     Runs before any process group is created; every error names the values and the fix.
     """
-    validate_model(model)
+    errors = []
+    for where, section in (("model", model), ("parallel", parallel)):
+        try:
+            check(section, where)
+        except ConfigError as e:
+            errors.append(e)
+    if errors:
+        raise ConfigError.combine(errors)
     tp, pp, cp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel
-    for name, value in (("tensor_parallel", tp), ("pipeline_parallel", pp), ("context_parallel", cp)):
-        if value < 1:
-            raise ConfigError(f"parallel.{name}={value} must be >= 1")
     if model.num_attention_heads % tp:
         raise ConfigError(
             f"model.num_attention_heads={model.num_attention_heads} is not divisible by "
-            f"parallel.tensor_parallel={tp}; use a tensor-parallel size that divides the head count"
+            f"parallel.tensor_parallel={tp}; use a tensor-parallel size that divides the head count",
+            field="parallel.tensor_parallel",
         )
     if model.intermediate_size % tp:
         raise ConfigError(
             f"model.intermediate_size={model.intermediate_size} is not divisible by "
-            f"parallel.tensor_parallel={tp}; use a tensor-parallel size that divides it"
+            f"parallel.tensor_parallel={tp}; use a tensor-parallel size that divides it",
+            field="parallel.tensor_parallel",
         )
     stages = pp * (parallel.virtual_pipeline or 1)
-    if parallel.virtual_pipeline is not None:
-        if pp < 2:
-            raise ConfigError(
-                f"parallel.virtual_pipeline={parallel.virtual_pipeline} needs "
-                f"parallel.pipeline_parallel > 1 (got {pp}); unset virtual_pipeline"
-            )
-        if parallel.virtual_pipeline < 1:
-            raise ConfigError(f"parallel.virtual_pipeline={parallel.virtual_pipeline} must be >= 1")
     if model.num_layers % stages:
         what = (
             f"parallel.pipeline_parallel={pp} x parallel.virtual_pipeline={parallel.virtual_pipeline} "
@@ -317,17 +373,7 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig, world_size: in
         )
         raise ConfigError(
             f"model.num_layers={model.num_layers} is not divisible by {what}; "
-            "choose a stage count that divides the layer count"
-        )
-    if parallel.sequence_parallel and tp == 1:
-        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
-    if cp > 1:
-        # megatron-core would accept it, but the data path feeds every CP rank whole rows and
-        # whole-row cu_seqlens: attention and loss would be silently wrong.
-        raise ConfigError(
-            f"parallel.context_parallel={cp} is not supported: nothing splits batches or cu_seqlens "
-            "per context-parallel rank; set parallel.context_parallel: 1 (use tensor/pipeline "
-            "parallelism for long rows)"
+            "choose a stage count that divides the layer count", field="parallel.pipeline_parallel"
         )
     model_parallel = tp * pp * cp
     if world_size % model_parallel:

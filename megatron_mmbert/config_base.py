@@ -4,11 +4,20 @@ Every config in the project is a dataclass whose fields carry a docstring (the s
 the line after the field, as litgpt does). This module turns a nested dict (from YAML) into those
 dataclasses, refusing unknown keys and wrong types with a message that names the key, and applies
 ``--section.key value`` command-line overrides on top.
+
+Validation has one convention. A config section with rules of its own defines ``validate(self)``
+(no arguments), raising :class:`ConfigError` with ``field`` set to the offending field's path *inside
+the section*. :func:`from_dict` calls it on every section it builds, nested ones included, and
+:func:`check` calls it on every section of a config built in Python (the library entry points do:
+a library caller gets the checks a command-line user gets); both report each field as its full
+dotted path (``phases.0.tokens``, ``spec.density``). Rules that need two sections, the world size
+or the disk are not a section's: ``training/preflight.py`` and the entry points hold those.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import re
 import dataclasses
 import inspect
@@ -91,15 +100,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}", field=where)
         (item_tp,) = args or (Any,)
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{where}.{i}") for i, v in enumerate(value)]
     if origin in (tuple, Tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}", field=where)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+            return tuple(_coerce(v, args[0], f"{where}.{i}") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}", field=where)
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, a, f"{where}.{i}") for i, (v, a) in enumerate(zip(value, args)))
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}", field=where)
@@ -139,10 +148,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type, data: Dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError.
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and values its ``validate``
+    refuses raise ConfigError.
 
-    Every problem of every field (unknown, missing, wrong type, also in nested sections) is
+    Every problem of every field (unknown, missing, wrong type, refused, also in nested sections) is
     collected and reported in one error, so a config is fixed in one pass, not one key per run.
+    ``where`` is the dotted path of ``cls`` inside the whole config (the prefix of every field named).
     """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -176,7 +187,70 @@ def from_dict(cls: type, data: Dict[str, Any], where: str = "") -> Any:
                                   field=prefix + name))
     if errors:
         raise ConfigError.combine(errors)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    errors = _own_problems(obj, where)  # nested sections were validated as they were built
+    if errors:
+        raise ConfigError.combine(errors)
+    return obj
+
+
+def _at(err: ConfigError, where: str) -> ConfigError:
+    """``err`` of a section found at ``where``: its field as the full dotted path, and a message that
+    begins with the section-relative field name begins with the full path (``tokens must be ...`` ->
+    ``phases.0.tokens must be ...``)."""
+    if not where:
+        return err
+    field = f"{where}.{err.field}" if err.field else where
+    message = str(err)
+    if err.field and message.startswith(err.field):
+        message = f"{where}.{message}"
+    out = copy.copy(err)
+    out.args = (message,)
+    out.field = field
+    return out
+
+
+def _own_problems(obj: Any, where: str) -> List[ConfigError]:
+    """The problems ``obj.validate()`` finds in ``obj``'s own fields (not its nested sections')."""
+    validate = getattr(obj, "validate", None)
+    if validate is None:
+        return []
+    try:
+        validate()
+    except ConfigError as e:
+        return [_at(x, where) for x in (e.errors or [e])]
+    return []
+
+
+def _sections(value: Any, where: str) -> List[Tuple[str, Any]]:
+    """(dotted path, section) of the config sections directly inside a field's ``value``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(where, value)]
+    if isinstance(value, (list, tuple)):
+        return [s for i, v in enumerate(value) for s in _sections(v, f"{where}.{i}")]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in _sections(v, f"{where}.{k}")]
+    return []
+
+
+def check(config: Any, where: str = "") -> None:
+    """Run ``validate()`` of ``config`` and of every section nested in it (in lists and mappings too);
+    every problem in one :class:`ConfigError`, each field as its full dotted path.
+
+    :func:`from_dict` does this as it builds; the library entry points call it on what they are given,
+    so a config built (or changed) in Python meets the same rules as one read from YAML or flags."""
+    errors = _problems(config, where)
+    if errors:
+        raise ConfigError.combine(errors)
+
+
+def _problems(config: Any, where: str) -> List[ConfigError]:
+    errors = _own_problems(config, where)
+    for f in dataclasses.fields(config):
+        path = f"{where}.{f.name}" if where else f.name
+        for sub_where, sub in _sections(getattr(config, f.name), path):
+            errors += _problems(sub, sub_where)
+    return errors
 
 
 def to_dict(obj: Any) -> Any:
@@ -196,8 +270,8 @@ MAX_YAML_VALUES = 1_000_000
 a few thousand, an alias bomb (``a: &a [x, x]``, ``b: &b [*a, *a]``, ...) billions."""
 
 
-class YAMLTooLarge(ValueError):
-    """A YAML document whose aliases expand past :data:`MAX_YAML_VALUES`."""
+class YAMLTooLarge(ConfigError):
+    """A YAML document whose aliases expand past :data:`MAX_YAML_VALUES` (a config refused)."""
 
 
 def safe_load_yaml(stream: Any, where: str = "YAML") -> Any:
@@ -304,7 +378,17 @@ def _list_index(node: list, part: str, key: str) -> int:
 
 
 def field_docs(cls: type) -> Dict[str, str]:
-    """The docstring under each field of dataclass ``cls`` (used by --help and the docs test)."""
+    """The docstring under each field of dataclass ``cls`` (used by --help and the docs test); the
+    fields a dataclass inherits keep their base class's docstrings."""
+    docs: Dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if base is not cls and dataclasses.is_dataclass(base):
+            docs.update(_own_field_docs(base))
+    docs.update(_own_field_docs(cls))
+    return docs
+
+
+def _own_field_docs(cls: type) -> Dict[str, str]:
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
@@ -378,6 +462,7 @@ def describe_tree(cls: type, annotate: Optional[Callable[[str], str]] = None) ->
 
 __all__ = [
     "ConfigError",
+    "check",
     "from_dict",
     "to_dict",
     "apply_overrides",

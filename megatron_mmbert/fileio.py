@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Optional
 
 from megatron_mmbert.checkpoints.layout import is_run_folder
+from megatron_mmbert.config_base import ConfigError
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -167,9 +168,9 @@ OUTPUT_MARKER = "mmbert_output.json"
 replaces only a folder holding this marker with the same kind."""
 
 
-class OutputRefused(ValueError):
+class OutputRefused(ConfigError):
     """Writing the requested output would destroy something that is not a previous output of the
-    same tool; the message names the folder and what to do."""
+    same tool; the message names the folder and what to do (an output option refused)."""
 
 
 def _is_within(path: str, folder: str) -> bool:

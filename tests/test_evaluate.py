@@ -204,10 +204,9 @@ def test_option_errors_name_fields_all_at_once():
     from megatron_mmbert.cli.evaluate import build_parser
     from megatron_mmbert.config_base import ConfigError
     from megatron_mmbert.evaluation.config import EvaluateConfig
-    from megatron_mmbert.evaluation.run import validate
 
     with pytest.raises(ConfigError) as e:
-        validate(EvaluateConfig(manifest="m", out="o", seq_len=1, tp=0, mask_rate=1.5))
+        EvaluateConfig(manifest="m", out="o", seq_len=1, tp=0, mask_rate=1.5).validate()
     assert sorted(x.field for x in e.value.errors) == ["load", "mask_rate", "seq_len", "tp"]
     assert "--" not in str(e.value)  # the library names fields; the command line adds the flags:
     _, spec = build_parser()

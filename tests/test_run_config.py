@@ -155,12 +155,22 @@ def test_batch_not_divisible_by_data_parallel():
     assert "not a multiple of micro batch 4 x data-parallel size 3" in _err(_tiny(), world=3)
 
 
-def test_negative_time_limits():
-    msg = _err(_tiny("--checkpoint.job_end_margin_minutes", "-5"))
-    assert "checkpoint.job_end_margin_minutes must be a finite number >= 0" in msg and "-5" in msg
-    assert "checkpoint.exit_after_minutes must be" in _err(_tiny("--checkpoint.exit_after_minutes", "-1"))
+def _load_err(*overrides):
+    """The error loading the tiny config with ``overrides`` (a section's own rule refuses it as it is built)."""
     with pytest.raises(ConfigError) as e:
-        validate(_tiny("--checkpoint.job_end_margin_minutes", "-5"), 2, check_data=False)
+        _tiny(*overrides)
+    return e.value
+
+
+def test_negative_time_limits():
+    err = _load_err("--checkpoint.job_end_margin_minutes", "-5")
+    assert "checkpoint.job_end_margin_minutes must be a finite number >= 0" in str(err) and "-5" in str(err)
+    assert err.field == "checkpoint.job_end_margin_minutes"
+    assert "checkpoint.exit_after_minutes must be" in str(_load_err("--checkpoint.exit_after_minutes", "-1"))
+    cfg = _tiny()  # the same rule for a config changed in Python and handed to the library
+    cfg.checkpoint.job_end_margin_minutes = -5.0
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, 2, check_data=False)
     assert e.value.field == "checkpoint.job_end_margin_minutes"
 
 

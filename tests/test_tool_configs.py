@@ -10,7 +10,7 @@ import yaml
 
 from megatron_mmbert.cli import build_data_index, convert_checkpoint, evaluate, plot, preprocess_data, ties_merge
 from megatron_mmbert.cli.options import ConfigParser, parse_config
-from megatron_mmbert.config_base import ConfigError, from_dict
+from megatron_mmbert.config_base import ConfigError, check, from_dict
 from megatron_mmbert.data.preprocess import PreprocessConfig
 
 from tests.helpers.launch import ROOT
@@ -65,7 +65,7 @@ def test_merge_recipe_example_is_valid_and_flags_override():
     cfg, _ = parse_config(parser, spec, ["--config", recipe])
     assert cfg.spec.method == "ties" and cfg.spec.density == 0.2 and len(cfg.models) == 3 and cfg.base
     assert cfg.select.enabled and cfg.select.manifest and cfg.select.metric == "macro_loss"
-    cfg.spec.validate(len(cfg.models))
+    check(cfg)  # every section's validate(), the spec against its models too
     parser, spec = ties_merge.build_parser()
     cfg, _ = parse_config(parser, spec, ["--config", recipe, "--spec.density", "0.5", "--spec.lam", "0.8"])
     assert (cfg.spec.density, cfg.spec.lam, cfg.out) == (0.5, 0.8, "runs/mmbert_base_merged")
@@ -81,7 +81,7 @@ def test_merge_error_names_field_and_flag(tmp_path, capsys):
     from megatron_mmbert.merge.ties import MergeSpec
 
     with pytest.raises(ConfigError, match="weights has 1 values for 2 models") as info:
-        MergeSpec(weights=[1.0]).validate(2)
+        MergeSpec(weights=[1.0]).check_models(2)
     assert info.value.field == "weights" and "--" not in str(info.value)
 
 

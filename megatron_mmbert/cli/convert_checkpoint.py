@@ -21,101 +21,15 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import subprocess
 import sys
-from typing import Dict, List, Literal, Optional
-
-import torch
+from typing import Dict, List, Optional
 
 from megatron_mmbert.cli.options import ConfigParser, config_yaml, load_yaml, run_reporting, tool_main, tool_parser
 from megatron_mmbert.config import ConfigError
-
-
-VERIFY_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "amp_bf16": 0.25}
-"""Default max |logit diff| against HF fp32. bf16 (amp_bf16's GEMMs and attention too) keeps 8
-significant bits (relative rounding 2^-9 per operation); logits of a few units through a dozen or
-more layers then differ by a few tenths at worst, while a wrong window, theta or weight differs by
-whole units."""
-
-
-@dataclasses.dataclass
-class ImportHfConfig:
-    """``import-hf``: an HF ModernBertForMaskedLM directory -> a megatron dist checkpoint."""
-
-    hf_dir: str
-    """HF model directory (config.json and safetensors weights)."""
-    save: str
-    """New output folder for the dist checkpoint (written atomically)."""
-    overwrite: bool = False
-    """Replace ``save`` if it is a previous import-hf output."""
-
-
-@dataclasses.dataclass
-class ExportHfConfig:
-    """``export-hf``: a megatron dist checkpoint -> an HF directory that ``from_pretrained`` loads."""
-
-    load: str
-    """Dist checkpoint folder to export."""
-    out: str
-    """New output folder for the HF model (written atomically)."""
-    overwrite: bool = False
-    """Replace ``out`` if it is a previous export-hf output."""
-    tokenizer: Optional[str] = None
-    """Tokenizer to write with the model (folder, tokenizer.json or .model; default: the checkpoint's own)."""
-    push_to_hub: Optional[str] = None
-    """After the export, upload ``out`` with a generated model card to this Hub repo (``org/name``)."""
-    private: bool = False
-    """Create the ``push_to_hub`` repo private."""
-    revision: Optional[str] = None
-    """Branch of the ``push_to_hub`` repo to upload to (created if missing)."""
-    verify: bool = True
-    """Check the checkpoint's file sizes and SHA-256 against those recorded at save time."""
-
-
-@dataclasses.dataclass
-class VerifyConfig:
-    """``verify``: compare HF and megatron logits on random packed rows longer than the window."""
-
-    hf_dir: str
-    """HF model directory (the reference, always run in fp32)."""
-    load: str
-    """Dist checkpoint folder of our model."""
-    tp: int = 1
-    """Tensor-parallel size (with tp * pp > 1 the tool relaunches itself under torchrun)."""
-    pp: int = 1
-    """Pipeline-parallel size."""
-    rows: int = 2
-    """Packed rows per batch."""
-    seq_len: int = 0
-    """Row length (0: 4 x the sliding window, at least 64)."""
-    attention_backend: Optional[Literal["auto", "te", "flash", "flex", "sdpa"]] = None
-    """Attention kernel (default: the checkpoint's model.attention_backend)."""
-    precision: Literal["fp32", "bf16", "amp_bf16"] = "fp32"
-    """Compute precision of our model (HF always runs fp32)."""
-    tolerance: Optional[float] = None
-    """Max |logit diff| allowed (default 1e-3 for fp32, 0.25 for bf16 and amp_bf16)."""
-    seed: int = 0
-    """Seed of the random rows and of model initialisation."""
-    verify: bool = True
-    """Check the checkpoint's file digests before loading."""
-
-
-@dataclasses.dataclass
-class StridedInitConfig:
-    """``strided-init``: a smaller model's checkpoint from a larger one's by strided sampling of the
-    weights (mmBERT-small from mmBERT-base; this project's rule: convert/strided.py)."""
-
-    load: str
-    """Checkpoint of the larger model (any layout)."""
-    save: str
-    """New output folder for the smaller model's checkpoint (loads at any layout)."""
-    model: str = "mmbert-small"
-    """The smaller model: a preset name (``mmbert-small``) or a YAML file of ModelConfig fields."""
-    overwrite: bool = False
-    """Replace ``save`` if it is a previous strided-init output."""
+from megatron_mmbert.convert.config import ExportHfConfig, ImportHfConfig, StridedInitConfig, VerifyConfig
 
 
 COMMANDS = {
@@ -140,54 +54,6 @@ def _parser() -> "tuple[argparse.ArgumentParser, Dict[str, ConfigParser]]":
         specs[name] = ConfigParser(cls, flags)
         specs[name].add_to(sub.add_parser(name, help=(cls.__doc__ or "").split(": ", 1)[-1]))
     return p, specs
-
-
-def verify(args: VerifyConfig) -> int:
-    from transformers import AutoModelForMaskedLM
-
-    from megatron_mmbert import runtime
-    from megatron_mmbert.config import ParallelConfig
-    from megatron_mmbert.hub import resolve  # --hf-dir may be a Hub id
-    from megatron_mmbert.model.build import build_model
-    from megatron_mmbert.convert.verify import hf_logits_per_document, random_packed_batch
-    from megatron_mmbert.model.pipeline import forward_logits
-    from megatron_mmbert.checkpoints import dist as ckpt
-
-    model = ckpt.read_model_config(args.load)
-    if args.attention_backend:
-        model = dataclasses.replace(model, attention_backend=args.attention_backend)
-    tolerance = VERIFY_TOLERANCE[args.precision] if args.tolerance is None else args.tolerance
-    parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
-    rt = runtime.initialize(model, parallel, seed=args.seed)
-    chunks = build_model(model, parallel, args.precision, training=False)
-    ckpt.load_model(args.load, chunks, verify=args.verify)
-    backend = chunks[0].backend
-    if args.precision == "bf16":  # as training runs it: bf16 weights, fp32 RoPE, fp32 logits
-        from megatron.core.transformer.module import Float16Module
-
-        chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
-    seq_len = args.seq_len or max(64, 4 * model.local_attention)
-    batch = random_packed_batch(model.vocab_size, args.rows, seq_len, args.seed)
-    ours = forward_logits(chunks, [batch])
-    verdict = torch.zeros(2, dtype=torch.float64)  # [max diff, compared?]
-    if ours is not None and rt.tensor_parallel_rank == 0 and rt.data_parallel_rank == 0:
-        hf_model = AutoModelForMaskedLM.from_pretrained(resolve(args.hf_dir), attn_implementation="eager").float().eval()
-        reference = hf_logits_per_document(hf_model, batch)
-        if reference.shape != ours[0].shape:
-            raise ConfigError(f"logit shapes differ: HF {tuple(reference.shape)} vs ours {tuple(ours[0].shape)}")
-        verdict[0] = (ours[0].float() - reference).abs().max().item()
-        verdict[1] = 1
-    torch.distributed.all_reduce(verdict)
-    runtime.shutdown()
-    diff = verdict[0].item()
-    ok = diff <= tolerance
-    if rt.rank == 0:
-        print(
-            f"verify: max |logit diff| = {diff:.3e} over {args.rows} rows x {seq_len} tokens "
-            f"(window {model.local_attention}) at TP{args.tp}/PP{args.pp}, {backend} "
-            f"attention, {args.precision}: {'OK' if ok else 'FAIL'} (tolerance {tolerance:g})"
-        )
-    return 0 if ok else 1
 
 
 def _relaunch_under_torchrun(args, argv: List[str]) -> int:
@@ -227,11 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             model = checkpoints.import_hf(cfg.hf_dir, cfg.save, overwrite=cfg.overwrite)
             print(f"imported {cfg.hf_dir} -> {cfg.save} ({model.num_parameters() / 1e6:.1f}M parameters)")
             return 0
-        if args.command == "export-hf":
-            if cfg.push_to_hub:  # a repo id the Hub would refuse: say so before exporting
-                from megatron_mmbert.hub import check_repo_id
-
-                check_repo_id(cfg.push_to_hub)
+        if args.command == "export-hf":  # a push_to_hub the Hub would refuse was refused with the options
             checkpoints.export_hf(cfg.load, cfg.out, verify=cfg.verify, overwrite=cfg.overwrite,
                                   tokenizer=cfg.tokenizer)
             print(f"exported {cfg.load} -> {cfg.out}")
@@ -253,6 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if cfg.tp * cfg.pp > 1 and "WORLD_SIZE" not in os.environ:
             return _relaunch_under_torchrun(cfg, argv)
+        from megatron_mmbert.convert.verify import verify
+
         return verify(cfg)
 
     return run_reporting(run, prefix=f"{PROG}: ", spec=spec)  # read-only output, full disk, missing file: say which, no traceback

@@ -34,9 +34,8 @@ import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from megatron_mmbert import __version__
-from megatron_mmbert.config_base import (ConfigError, YAMLTooLarge, describe_tree, field_docs, from_dict,
+from megatron_mmbert.config_base import (ConfigError, describe_tree, field_docs, from_dict,
                                          safe_load_yaml, to_dict)
-from megatron_mmbert.fileio import OutputRefused
 
 
 @dataclasses.dataclass
@@ -293,8 +292,6 @@ def load_yaml(path: str, what: str = "options") -> Dict[str, Any]:
             data = safe_load_yaml(f, f"--config {path}")
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
-    except YAMLTooLarge as e:
-        raise ConfigError(str(e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     if data is None:
@@ -312,12 +309,13 @@ def os_error_text(exc: OSError) -> str:
 
 def run_reporting(body: Callable[[], int], prefix: str = "", spec: Optional["ConfigParser"] = None) -> int:
     """``body()``'s exit status; a tool's expected failures printed as one line instead of a
-    traceback: bad input or options (``ConfigError``, ``OutputRefused``) exit 2, an ``OSError``
-    exits 1. With ``spec``, a ``ConfigError`` naming a field also names its flag."""
+    traceback: bad input or options (``ConfigError`` and its kinds: ``OutputRefused``,
+    ``CheckpointError``, ...) exit 2, an ``OSError`` exits 1. With ``spec``, a ``ConfigError``
+    naming a field also names its flag."""
     try:
         return body()
-    except (ConfigError, OutputRefused) as exc:
-        text = spec.explain(exc) if spec is not None and isinstance(exc, ConfigError) else exc
+    except ConfigError as exc:
+        text = spec.explain(exc) if spec is not None else exc
         print(f"{prefix}error: {text}", file=sys.stderr)
         return 2
     except OSError as exc:

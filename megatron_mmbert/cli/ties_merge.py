@@ -24,43 +24,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import sys
-from typing import List, Literal, Optional
+from typing import List, Optional
 
 from megatron_mmbert.cli.options import ConfigParser, os_error_text, parse_config, tool_main, tool_parser
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.checkpoints.layout import CheckpointError
 from megatron_mmbert.evaluation.select import SelectConfig
-from megatron_mmbert.merge.stream import DEFAULT_CHUNK_BYTES, merge_checkpoints
-from megatron_mmbert.merge.ties import MergeSpec
+from megatron_mmbert.merge.config import MergeRecipe, run_merge
 
 
 @dataclasses.dataclass
-class MergeConfig:
-    """A merge recipe: the checkpoints, the method and where the result goes (YAML or flags)."""
+class MergeConfig(MergeRecipe):
+    """A merge recipe (:class:`megatron_mmbert.merge.config.MergeRecipe`) and how its models are
+    chosen: the options of ``mmbert-ties-merge``."""
 
-    models: List[str]
-    """Checkpoints to merge (Megatron dist checkpoints or HF directories; ema: oldest first)."""
-    out: str
-    """Output checkpoint directory (written atomically)."""
-    base: Optional[str] = None
-    """Checkpoint the models branched from (required for ties and task_arithmetic)."""
-    spec: MergeSpec = dataclasses.field(default_factory=MergeSpec)
-    """What to compute: method, weights, density, lambda, trim, normalize, EMA decay."""
-    out_format: Optional[Literal["megatron", "hf"]] = None
-    """Output checkpoint format (default: the base's, else the first model's); inputs may mix formats."""
-    chunk_mb: float = DEFAULT_CHUNK_BYTES / 2**20
-    """Largest block of a tensor processed at once, in MiB of float64 (the compute dtype; bounds memory)."""
-    overwrite: bool = False
-    """Replace ``out`` if it is a previous ties_merge output."""
-    verify: bool = True
-    """Check megatron inputs' file sizes and SHA-256 against those recorded at save time."""
-    allow_other_tokenizer: bool = False
-    """Merge inputs made with different tokenizers (recorded in their checkpoints, or their
-    ``tokenizer.json``); off: stop naming two of them."""
-    quiet: bool = False
-    """No progress lines."""
     select: SelectConfig = dataclasses.field(default_factory=SelectConfig)
     """Merge each input run's best kept checkpoint by held-out loss (mmBERT merged the best checkpoint
     of each decay mixture); ``models`` then names runs. The choice is in the merge report."""
@@ -73,7 +51,7 @@ FLAGS = {"spec.lam": "--lambda", "verify": "--no-verify"}
 
 
 def build_parser() -> "tuple[argparse.ArgumentParser, ConfigParser]":
-    """The command line generated from :class:`MergeConfig` (and the :class:`MergeSpec` in it)."""
+    """The command line generated from :class:`MergeConfig` (and the sections in it)."""
     p = tool_parser(PROG, "Merge model checkpoints (Megatron dist checkpoints at any TP/PP layout, or "
                     "Hugging Face ModernBERT directories) one tensor at a time. Every option is a field of "
                     "MergeConfig, spelled as its YAML key (--help-config); --config RECIPE.yaml gives them as "
@@ -93,9 +71,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg, _ = parse_config(parser, options, argv)
         if cfg is None:  # --help-config, --print-config
             return 0
-        if not (math.isfinite(cfg.chunk_mb) and cfg.chunk_mb > 0):
-            raise ConfigError(f"chunk_mb must be a positive number, got {cfg.chunk_mb}", field="chunk_mb")
-        cfg.spec.validate(len(cfg.models))
     except ConfigError as err:
         print(f"{PROG}: error: {options.explain(err)}", file=sys.stderr)
         return 2
@@ -107,12 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             selection = select_best(cfg.models, cfg.select, log=None if cfg.quiet else sys.stderr)
             models = [s["chosen"] for s in selection]
             extra = {"selection": {"config": dataclasses.asdict(cfg.select), "runs": selection}}
-        report = merge_checkpoints(
-            cfg.base, models, cfg.spec, cfg.out, out_format=cfg.out_format,
-            chunk_bytes=int(cfg.chunk_mb * 2**20), overwrite=cfg.overwrite,
-            log=None if cfg.quiet else sys.stderr, verify=cfg.verify, report_extra=extra,
-            allow_other_tokenizer=cfg.allow_other_tokenizer,
-        )
+        report = run_merge(cfg, models, report_extra=extra)
     except ConfigError as err:
         print(f"{PROG}: error: {options.explain(err)}", file=sys.stderr)
         return 2

@@ -32,6 +32,8 @@ import re
 from functools import lru_cache
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from megatron_mmbert.config_base import ConfigError
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "languages")
 RELEASED_COUNTS = os.path.join(DATA_DIR, "mmbert_language_counts.csv")
 """mmBERT's released ``statistics/language_counts.csv`` (JHU-CLSP/mmBERT, commit 23bec66), unchanged."""
@@ -46,8 +48,8 @@ _FOLDER = re.compile(r"^([a-z]{2,3})_([A-Z][a-z]{3})(?:_removed)?$")
 _BARE = re.compile(r"^[a-z]{2,3}$")
 
 
-class LanguageListError(ValueError):
-    """A language list that cannot be read (names the file and what is wrong)."""
+class LanguageListError(ConfigError):
+    """A language list that cannot be read (names the file and what is wrong): a config value refused."""
 
 
 @lru_cache(maxsize=1)

@@ -41,8 +41,8 @@ _HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json
 class TokenizerError(ConfigError):
     """A tokenizer path or framing that cannot be used; the message says what to set instead.
 
-    A :class:`ConfigError`: ``field`` is the config field to blame (``framing.bos``) when one is, so a
-    command line can name the option that sets it."""
+    ``field`` is the config field to blame (``framing.bos``) when one is, so a command line can name
+    the option that sets it."""
 
 
 def _sha256_files(paths: Sequence[str]) -> str:

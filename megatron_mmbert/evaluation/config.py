@@ -1,10 +1,13 @@
 """Options of ``tools/evaluate.py`` and ``tools/plot.py`` as typed dataclasses (field docstrings are
-the help text)."""
+the help text), each with its own rules (``validate()``: ``config_base.from_dict`` and the library
+entry points call it)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import List, Literal, Optional
+
+from megatron_mmbert.config_base import ConfigError
 
 
 @dataclasses.dataclass
@@ -55,6 +58,27 @@ class EvaluateConfig:
     quiet: bool = False
     """No per-language progress lines."""
 
+    def validate(self) -> None:
+        """Every problem of the options at once (the CLI adds the flag of each field)."""
+        errors = []
+        sources = sum(bool(x) for x in (self.load, self.hf_dir, self.compare))
+        if sources != 1:
+            errors.append(ConfigError("give exactly one of load (a checkpoint), hf_dir (a Hugging Face folder) or "
+                                      "compare (two or more of either)", field="load"))
+        if self.compare and len(self.compare) < 2:
+            errors.append(ConfigError("compare needs at least two checkpoints", field="compare"))
+        if self.seq_len < 2:
+            errors.append(ConfigError(f"seq_len must be >= 2, got {self.seq_len}", field="seq_len"))
+        if not 0.0 < self.mask_rate < 1.0:
+            errors.append(ConfigError(f"mask_rate must be in (0, 1), got {self.mask_rate}", field="mask_rate"))
+        for name in ("tokens_per_language", "micro_batch_rows", "tp", "pp"):
+            if getattr(self, name) < 1:
+                errors.append(ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=name))
+        if self.seed < 0:
+            errors.append(ConfigError(f"seed must be >= 0, got {self.seed}", field="seed"))
+        if errors:
+            raise ConfigError.combine(errors)
+
 
 @dataclasses.dataclass
 class PlotConfig:
@@ -73,3 +97,7 @@ class PlotConfig:
     resource group of at most this many languages is labelled language by language."""
     baseline: Optional[str] = None
     """compare: the model the others are measured against (None: the first model compared)."""
+
+    def validate(self) -> None:
+        if self.max_languages < 1:
+            raise ConfigError(f"max_languages must be >= 1, got {self.max_languages}", field="max_languages")

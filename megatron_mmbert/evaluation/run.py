@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from megatron_mmbert.config_base import ConfigError, to_dict
+from megatron_mmbert.config_base import ConfigError, check, to_dict
 from megatron_mmbert.evaluation import data as eval_data
 from megatron_mmbert.evaluation import metrics
 from megatron_mmbert.evaluation.config import EvaluateConfig
@@ -23,28 +23,6 @@ from megatron_mmbert.progress import Progress
 logger = logging.getLogger(__name__)
 
 OUTPUT_KIND = "evaluate"
-
-
-def validate(cfg: EvaluateConfig) -> None:
-    """Every problem of the options at once (the CLI adds the flag of each field)."""
-    errors = []
-    sources = sum(bool(x) for x in (cfg.load, cfg.hf_dir, cfg.compare))
-    if sources != 1:
-        errors.append(ConfigError("give exactly one of load (a checkpoint), hf_dir (a Hugging Face folder) or "
-                                  "compare (two or more of either)", field="load"))
-    if cfg.compare and len(cfg.compare) < 2:
-        errors.append(ConfigError("compare needs at least two checkpoints", field="compare"))
-    if cfg.seq_len < 2:
-        errors.append(ConfigError(f"seq_len must be >= 2, got {cfg.seq_len}", field="seq_len"))
-    if not 0.0 < cfg.mask_rate < 1.0:
-        errors.append(ConfigError(f"mask_rate must be in (0, 1), got {cfg.mask_rate}", field="mask_rate"))
-    for name in ("tokens_per_language", "micro_batch_rows", "tp", "pp"):
-        if getattr(cfg, name) < 1:
-            errors.append(ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}", field=name))
-    if cfg.seed < 0:
-        errors.append(ConfigError(f"seed must be >= 0, got {cfg.seed}", field="seed"))
-    if errors:
-        raise ConfigError.combine(errors)
 
 
 def prepare_output(out: str) -> str:
@@ -200,7 +178,7 @@ def evaluate(cfg: EvaluateConfig) -> Tuple[Dict, str]:
     """Evaluate (or compare); on rank 0 write the files and return ``(result, text table)``."""
     from megatron_mmbert import runtime
 
-    validate(cfg)
+    check(cfg)  # EvaluateConfig.validate: also for a config built in Python
     manifest = eval_data.load(cfg.manifest)
     sizes = eval_data.load(cfg.size_manifest, "size_manifest") if cfg.size_manifest else manifest
     manifest_path = os.path.abspath(cfg.manifest)

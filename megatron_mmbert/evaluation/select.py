@@ -18,7 +18,7 @@ import sys
 import tempfile
 from typing import Dict, List, Literal, Optional, TextIO
 
-from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.config_base import ConfigError, check
 
 
 @dataclasses.dataclass
@@ -43,6 +43,19 @@ class SelectConfig:
     """Row capacity evaluated per language."""
     seed: int = 0
     """Seed of the evaluation rows and masks (the same for every candidate)."""
+
+    def validate(self) -> None:
+        if self.enabled and not self.manifest:
+            raise ConfigError("select: give the held-out manifest to score the candidates on", field="manifest")
+        if not 0.0 < self.mask_rate < 1.0:
+            raise ConfigError(f"mask_rate must be in (0, 1), got {self.mask_rate}", field="mask_rate")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}", field="seq_len")
+        if self.tokens_per_language < 1:
+            raise ConfigError(f"tokens_per_language must be >= 1, got {self.tokens_per_language}",
+                              field="tokens_per_language")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}", field="seed")
 
 
 def run_checkpoints(path: str, phase: Optional[str] = None) -> List[Dict]:
@@ -78,8 +91,7 @@ def select_best(runs: List[str], cfg: SelectConfig, log: Optional[TextIO] = sys.
     from megatron_mmbert.evaluation.config import EvaluateConfig
     from megatron_mmbert.evaluation.run import evaluate
 
-    if not cfg.manifest:
-        raise ConfigError("select: give the held-out manifest to score the candidates on", field="select.manifest")
+    check(dataclasses.replace(cfg, enabled=True), "select")  # SelectConfig.validate, as merging names it
     out = []
     for run in runs:
         candidates = run_checkpoints(run, cfg.phase)

@@ -35,7 +35,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
-from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.config_base import ConfigError, check
 from megatron_mmbert.fileio import check_output_dir, publish_directory, raise_disk_error, write_output_marker
 from megatron_mmbert.checkpoints.layout import MERGE_REPORT, CheckpointError, same_tokenizer
 from megatron_mmbert.checkpoints.tensors import MegatronSink, SafetensorsSink, TensorInfo
@@ -299,10 +299,13 @@ def merge_checkpoints(
 
 
 def _check_request(spec: MergeSpec, base: Optional[str], models: Sequence[str], chunk_bytes: int) -> None:
-    """The spec against the number of models, the block size, a base where the method needs one."""
-    spec.validate(len(models))
+    """The spec (its own rules, also for a spec built in Python) against the number of models, the
+    block size, a base where the method needs one."""
+    check(spec, "spec")  # MergeSpec.validate
+    spec.check_models(len(models), where="spec")
     if not chunk_bytes >= 1:
-        raise ValueError(f"chunk_bytes must be positive (a block of at least one byte), got {chunk_bytes} bytes")
+        raise ConfigError(f"chunk_bytes must be positive (a block of at least one byte), got {chunk_bytes} bytes",
+                          field="chunk_bytes")
     if spec.needs_base and base is None:
         raise ConfigError(f"method {spec.method} needs base (the checkpoint the models branched from)", field="base")
 

@@ -50,7 +50,8 @@ TRIM_MODES = ("per-tensor", "global")
 
 @dataclass
 class MergeSpec:
-    """What to compute. Validated by :meth:`validate` against the number of models."""
+    """What to compute. Its own rules are :meth:`validate`; against the models merged,
+    :meth:`check_models`."""
 
     method: str = "ties"
     """One of ``ties``, ``task_arithmetic``, ``linear``, ``ema``."""
@@ -69,9 +70,12 @@ class MergeSpec:
     ema_decay: Optional[float] = None
     """EMA: decay factor ``D`` in (0, 1); models are the checkpoints of one run, oldest first."""
 
-    needs_base: bool = field(init=False, default=True)
+    @property
+    def needs_base(self) -> bool:
+        """Whether the method adds task vectors to a base (ties, task_arithmetic)."""
+        return self.method in ("ties", "task_arithmetic")
 
-    def validate(self, n_models: int) -> None:
+    def validate(self) -> None:
         """Raise :class:`ConfigError` (a ``ValueError``) naming the offending field."""
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r}: choose one of {', '.join(METHODS)}", field="method")
@@ -81,9 +85,6 @@ class MergeSpec:
                 raise ConfigError(f"{name} must be a finite number, got {value}", field=name)
         if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
             raise ConfigError(f"weights must be finite numbers, got {self.weights}", field="weights")
-        if n_models < 1:
-            raise ConfigError("models: give at least one model to merge", field="models")
-        self.needs_base = self.method in ("ties", "task_arithmetic")
         if self.method == "ema":
             if self.weights is not None:
                 raise ConfigError("weights cannot be combined with method ema (the decay sets them)", field="weights")
@@ -92,11 +93,6 @@ class MergeSpec:
         elif self.ema_decay is not None:
             raise ConfigError("ema_decay only applies to method ema", field="ema_decay")
         if self.weights is not None:
-            if len(self.weights) != n_models:
-                raise ConfigError(
-                    f"weights has {len(self.weights)} values for {n_models} models; give one per model",
-                    field="weights",
-                )
             if self.method == "ties" and any(w <= 0 for w in self.weights):
                 raise ConfigError(f"method ties needs positive weights, got {self.weights}", field="weights")
             if self.method == "linear" and sum(self.weights) == 0:
@@ -111,6 +107,17 @@ class MergeSpec:
             raise ConfigError(f"normalize applies to ties and task_arithmetic, not {self.method}", field="normalize")
         if self.lam != 1.0 and not self.needs_base:
             raise ConfigError(f"lam (lambda) applies to ties and task_arithmetic, not {self.method}", field="lam")
+
+    def check_models(self, n_models: int, where: str = "") -> None:
+        """The spec against the ``n_models`` models it merges (the merge entry points call it):
+        at least one, and one weight per model. ``field`` names ``models``, or the spec's field
+        under ``where`` (the spec's path in the config: ``spec``)."""
+        if n_models < 1:
+            raise ConfigError("models: give at least one model to merge", field="models")
+        if self.weights is not None and len(self.weights) != n_models:
+            name = f"{where}.weights" if where else "weights"
+            raise ConfigError(f"{name} has {len(self.weights)} values for {n_models} models; give one per model",
+                              field=name)
 
     def model_weights(self, n_models: int) -> List[float]:
         """The weight of each model, in order (EMA weights from the decay)."""

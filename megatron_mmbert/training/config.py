@@ -3,10 +3,11 @@
 A run YAML has the sections below (every field has a docstring; ``pretrain_mmbert.py --help-config``
 prints them). Loading goes YAML -> (optional ``inherit:`` base file, deep-merged) -> command-line
 overrides -> typed dataclasses (unknown keys and wrong types refused by ``config_base``). This
-module is the schema and its loading only; the start-up checks (layout against the world size,
-precision, phase budgets, LR segments, batch arithmetic, the manifest and shards) are
-:func:`megatron_mmbert.training.preflight.validate`, each failure one ``ConfigError`` naming the
-key, the values and the fix.
+module is the schema, each section's own rules (its ``validate()``, called as the section is built
+by ``config_base.from_dict``) and the loading. The start-up checks across sections and against the
+world size and the disk (layout, precision, phase budgets against LR segments and batches, the
+manifest and shards) are :func:`megatron_mmbert.training.preflight.validate`. Each failure is one
+``ConfigError`` naming the key, the values and the fix.
 
 Units. Token budgets count packed row capacity (steps x rows x seq_len), as ``PhaseConfig.tokens``
 does. Batch sizes count rows of the phase's ``seq_len``.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
@@ -28,7 +30,7 @@ from megatron_mmbert.config import (
     PhaseConfig,
     load_model_config,
 )
-from megatron_mmbert.config_base import ConfigError, YAMLTooLarge, apply_overrides, from_dict, safe_load_yaml, to_dict
+from megatron_mmbert.config_base import ConfigError, apply_overrides, from_dict, safe_load_yaml, to_dict
 
 
 @dataclass
@@ -77,6 +79,15 @@ class DataSection:
     ``--holdout_docs``) when there is one, else rows of the training manifest (not held out; logged
     as such)."""
 
+    def validate(self) -> None:
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2^32), got {self.seed}", field="seed")
+        if self.anneal_segments < 1:
+            raise ConfigError(f"anneal_segments must be >= 1, got {self.anneal_segments}", field="anneal_segments")
+        if not (math.isfinite(self.index_timeout_s) and self.index_timeout_s > 0):
+            raise ConfigError(f"index_timeout_s must be a positive number of seconds, got {self.index_timeout_s}",
+                              field="index_timeout_s")
+
 
 @dataclass
 class OptimizerSection:
@@ -103,6 +114,19 @@ class OptimizerSection:
     use_distributed_optimizer: Optional[bool] = None
     """Shard optimizer state over data-parallel ranks (ZeRO-1); None: ``parallel.use_distributed_optimizer``."""
 
+    def validate(self) -> None:
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:  # NaN fails too
+                raise ConfigError(f"optimizer.{name} must be in [0, 1), got {value}", field=name)
+        if not (self.adam_eps > 0 and math.isfinite(self.adam_eps)):
+            raise ConfigError(f"optimizer.adam_eps must be a positive finite number, got {self.adam_eps}",
+                              field="adam_eps")
+        for name in ("clip_grad", "decoupled_weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"optimizer.{name} must be a finite number >= 0, got {value}", field=name)
+
 
 @dataclass
 class LRSegment:
@@ -121,6 +145,19 @@ class LRSegment:
     decoupled_weight_decay: Optional[float] = None
     """Override of ``optimizer.decoupled_weight_decay`` in this phase (mmBERT-small ext/decay: 4e-5)."""
 
+    def validate(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):  # NaN and inf compare false: test the good case
+            raise ConfigError(f"lr must be a positive finite number, got {self.lr}", field="lr")
+        if self.warmup_tokens < 0 or self.decay_tokens < 0:
+            raise ConfigError("warmup_tokens and decay_tokens must be >= 0",
+                              field="warmup_tokens" if self.warmup_tokens < 0 else "decay_tokens")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ConfigError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}", field="final_lr_ratio")
+        wd = self.decoupled_weight_decay
+        if wd is not None and not (math.isfinite(wd) and wd >= 0):
+            raise ConfigError(f"decoupled_weight_decay: weight decay must be a finite number >= 0, got {wd}",
+                              field="decoupled_weight_decay")
+
 
 @dataclass
 class ScheduleSection:
@@ -130,6 +167,10 @@ class ScheduleSection:
     """LR segment per phase name; every phase of the run needs one."""
     total_tokens: Optional[int] = None
     """If set, the phases' token budgets must add up to exactly this (guards edits of one phase)."""
+
+    def validate(self) -> None:
+        if self.total_tokens is not None and self.total_tokens < 1:
+            raise ConfigError(f"total_tokens must be positive (or null), got {self.total_tokens}", field="total_tokens")
 
 
 @dataclass
@@ -151,6 +192,21 @@ class BatchSection:
     size for the same number of steps (mmBERT's scheduler; ``batch_plan.rampup_token_thresholds``)."""
     rampup_phase: Optional[str] = None
     """Phase whose start is ramped (None: the first phase)."""
+
+    def validate(self) -> None:
+        for name in ("global_batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
+        bad = {k: v for k, v in self.micro_batch_size_per_phase.items() if v < 1}
+        if bad:
+            raise ConfigError(f"micro_batch_size_per_phase: rows must be >= 1, got {bad}",
+                              field="micro_batch_size_per_phase")
+        for name in ("rampup_start_rows", "rampup_increment_rows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 (or null), got {value}", field=name)
+        if self.rampup_tokens < 0:
+            raise ConfigError(f"rampup_tokens must be >= 0, got {self.rampup_tokens}", field="rampup_tokens")
 
 
 @dataclass
@@ -189,6 +245,26 @@ class CheckpointSection:
     vocabulary size fit the same embedding but mean different things). On purpose only, e.g. a
     vocabulary transplant."""
 
+    def validate(self) -> None:
+        if self.every_steps < 0 or self.every_tokens < 0 or self.keep_last < 1:
+            raise ConfigError(
+                f"checkpoint.every_steps and every_tokens must be >= 0 and keep_last >= 1, got "
+                f"{self.every_steps}, {self.every_tokens}, {self.keep_last}",
+                field="every_steps" if self.every_steps < 0 else "every_tokens" if self.every_tokens < 0 else "keep_last",
+            )
+        if not (math.isfinite(self.job_end_margin_minutes) and self.job_end_margin_minutes >= 0):
+            raise ConfigError(
+                f"checkpoint.job_end_margin_minutes must be a finite number >= 0 (minutes before the Slurm "
+                f"time limit at which the run saves and stops), got {self.job_end_margin_minutes}",
+                field="job_end_margin_minutes",
+            )
+        m = self.exit_after_minutes
+        if m is not None and not (math.isfinite(m) and m >= 0):
+            raise ConfigError(
+                f"checkpoint.exit_after_minutes must be a finite number >= 0 or null (no time limit), got {m}",
+                field="exit_after_minutes",
+            )
+
 
 @dataclass
 class InitSection:
@@ -211,6 +287,11 @@ class InitSection:
     sampling of its weights (mmBERT-small's init; the rule, this project's own, is in
     ``convert/strided.py`` and docs/training.md). Weights only: the optimizer and the data start
     fresh. Written once to ``{run_dir}/strided_init``; not with ``checkpoint``."""
+
+    def validate(self) -> None:
+        if self.strided_from is not None and self.checkpoint is not None:
+            raise ConfigError("init.strided_from and init.checkpoint both set: give one (strided_from takes a "
+                              "larger model's weights; checkpoint continues a run)", field="strided_from")
 
 
 @dataclass
@@ -265,6 +346,22 @@ class LoggingSection:
     """Mask rate of the evaluation rows (None: the current phase's ``mask_rate``, its starting rate
     when it has ``mask_rate_end``, so the evaluations within a phase compare)."""
 
+    def validate(self) -> None:
+        if self.interval < 1 or self.eval_interval < 0:
+            raise ConfigError("logging.interval must be >= 1 and logging.eval_interval >= 0",
+                              field="interval" if self.interval < 1 else "eval_interval")
+        if self.eval_rows_per_language < 1 or self.eval_languages_per_group < 0:
+            raise ConfigError(
+                "logging.eval_rows_per_language must be >= 1 and logging.eval_languages_per_group >= 0 "
+                f"(0: all), got {self.eval_rows_per_language}, {self.eval_languages_per_group}",
+                field="eval_rows_per_language" if self.eval_rows_per_language < 1 else "eval_languages_per_group")
+        if self.eval_seq_len is not None and self.eval_seq_len < 2:
+            raise ConfigError(f"logging.eval_seq_len must be >= 2 or null (the phase's), got {self.eval_seq_len}",
+                              field="eval_seq_len")
+        if self.eval_mask_rate is not None and not 0.0 < self.eval_mask_rate < 1.0:
+            raise ConfigError(f"logging.eval_mask_rate must be in (0, 1) or null (the phase's), got "
+                              f"{self.eval_mask_rate}", field="eval_mask_rate")
+
 
 @dataclass
 class TrainSection:
@@ -275,6 +372,11 @@ class TrainSection:
     (drop the update, keep the weights, go on). The optimizer never steps on non-finite gradients."""
     max_consecutive_skips: int = 10
     """With ``skip``: stop after this many non-finite steps in a row."""
+
+    def validate(self) -> None:
+        if self.max_consecutive_skips < 1:
+            raise ConfigError(f"max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}",
+                              field="max_consecutive_skips")
 
 
 @dataclass
@@ -290,6 +392,10 @@ class ProfilingSection:
     """CUDA only: record the allocator's history from the first of ``steps`` (the run's first step if
     none) and dump it after the last, ``profile/memory_snapshot-rank{R}.pickle``, for
     https://pytorch.org/memory_viz. Ignored, with a log line, without a GPU."""
+
+    def validate(self) -> None:
+        if any(step < 1 for step in self.steps):
+            raise ConfigError(f"steps are 1-based optimizer steps (>= 1), got {self.steps}", field="steps")
 
 
 @dataclass
@@ -347,6 +453,25 @@ class RunConfig:
     """Profiler traces and a CUDA memory snapshot of chosen steps."""
     debug: DebugSection = field(default_factory=DebugSection)
     """Fault injection (tests)."""
+
+    def validate(self) -> None:
+        """The run's own fields; its sections validate themselves (``config_base.check``), and the
+        rules across sections, the world size and the disk are ``training/preflight.py``'s."""
+        if not self.run_dir:
+            raise ConfigError("run_dir must be set (output folder of the run)", field="run_dir")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2^32), got {self.seed}", field="seed")
+        if not self.phases:
+            raise ConfigError("phases: the run needs at least one phase", field="phases")
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"phases: names must be unique, got {names}", field="phases")
+        for name, langs in self.language_sets.items():
+            if name == "all" or name.startswith("top:"):
+                raise ConfigError(f"language_sets.{name}: 'all' and 'top:N' are reserved; choose another name",
+                                  field=f"language_sets.{name}")
+            if len(set(langs)) != len(langs):
+                raise ConfigError(f"language_sets.{name} lists a language twice", field=f"language_sets.{name}")
 
     # -- derived ------------------------------------------------------------------------------
     @property
@@ -510,8 +635,6 @@ def read_yaml(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
             data = safe_load_yaml(f, path) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        except YAMLTooLarge as e:
-            raise ConfigError(str(e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config is a mapping of sections, got {type(data).__name__}")
     parent = data.pop("inherit", None)
@@ -535,14 +658,24 @@ def from_mapping(data: Dict[str, Any]) -> RunConfig:
     model = data.pop("model")
     if not isinstance(model, (str, dict)):
         raise ConfigError(f"model: expected a preset name or a mapping, got {model!r}")
-    data["model"] = load_model_config(model)
     if "phases" in data and not isinstance(data["phases"], list):
         raise ConfigError(
             f"phases: expected a list of phases (a mapping by phase name only edits inherited "
             f"phases), got {data['phases']!r}"
         )
-    cfg = from_dict(RunConfig, data)
-    _resolve_language_sets(cfg)
+    _resolve_language_sets(data)
+    errors = []
+    try:
+        data["model"] = load_model_config(model)
+    except ConfigError as e:  # reported with the other sections' problems, all in one error
+        errors.append(e)
+        data["model"] = ModelConfig()
+    try:
+        cfg = from_dict(RunConfig, data)
+    except ConfigError as e:
+        errors.append(e)
+    if errors:
+        raise ConfigError.combine(errors)
     if cfg.data.without_sources:
         from megatron_mmbert.data.mixture import drop_sources
 
@@ -550,26 +683,29 @@ def from_mapping(data: Dict[str, Any]) -> RunConfig:
     return cfg
 
 
-def _resolve_language_sets(cfg: RunConfig) -> None:
-    """Replace each phase's ``languages: NAME`` by the list ``language_sets.NAME`` (a copy)."""
-    for name, langs in cfg.language_sets.items():
-        if name == "all" or name.startswith("top:"):
-            raise ConfigError(f"language_sets.{name}: 'all' and 'top:N' are reserved; choose another name")
-        if len(set(langs)) != len(langs):
-            raise ConfigError(f"language_sets.{name} lists a language twice")
-    for p in cfg.phases:
-        spec = p.languages
+def _resolve_language_sets(data: Dict[str, Any]) -> None:
+    """Replace each phase's ``languages: NAME`` by the list ``language_sets.NAME`` (a copy), in the
+    dict, before it is typed: the phases are validated as the run will use them. Values of the wrong
+    type are left for :func:`from_dict` to name."""
+    sets, phases = data.get("language_sets") or {}, data.get("phases") or []
+    if not isinstance(sets, dict) or not isinstance(phases, list):
+        return
+    for p in phases:
+        spec = p.get("languages") if isinstance(p, dict) else None
         if isinstance(spec, str) and spec != "all" and not spec.startswith("top:"):
-            if spec not in cfg.language_sets:
+            if spec not in sets:
                 raise ConfigError(
-                    f"phase {p.name!r}: languages {spec!r} is not 'all', 'top:N' or a name in "
-                    f"language_sets ({sorted(cfg.language_sets) or 'none defined'})"
+                    f"phase {p.get('name')!r}: languages {spec!r} is not 'all', 'top:N' or a name in "
+                    f"language_sets ({sorted(sets) or 'none defined'})", field="language_sets"
                 )
-            p.languages = list(cfg.language_sets[spec])
+            if isinstance(sets[spec], list):
+                p["languages"] = list(sets[spec])
 
 
 def load_config(path: str, overrides: Optional[List[str]] = None) -> RunConfig:
-    """YAML file (or shipped config name) + ``--a.b value`` overrides -> RunConfig (not yet validated)."""
+    """YAML file (or shipped config name) + ``--a.b value`` overrides -> RunConfig, every section
+    validated (its ``validate()``); the checks across sections, the world size and the disk are
+    :func:`megatron_mmbert.training.preflight.validate`'s."""
     data = read_yaml(config_path(path))
     apply_overrides(data, list(overrides or []))
     cfg = from_mapping(data)

@@ -1,22 +1,24 @@
-"""Start-up checks of a run ("preflight"): everything that can be refused before a process group
-exists, each failure one ``ConfigError`` naming the key, the values and the fix.
+"""Start-up checks of a run ("preflight"): the rules no single config section can check alone, each
+failure one ``ConfigError`` naming the key, the values and the fix.
 
-:func:`validate` checks the parallel layout against the world size, precision and the attention
-backend this machine can run, phase budgets and LR segments, batch arithmetic (with the warmup
-sizes of :mod:`training.batch_plan`) and, unless ``check_data=False``, the data on disk
-(:func:`validate_data`: the manifest, that every phase language has whole shards of the right
-dtype and vocabulary, and the ``init.checkpoint``). The schema and YAML loading are
-:mod:`training.config`; these checks reach into ``model/``, ``data/`` and checkpoints.
+Scope. Every section checks its own fields in its ``validate()`` (``config.py``, ``training/config.py``),
+run when the config is built (``config_base.from_dict``) and again here (``config_base.check``) for a
+config built or changed in Python. This module holds only what needs more than one section, the world
+size, this machine or the disk: the layout against the world size (``config.validate_layout``),
+precision against the model and the attention backend this machine can run, phase budgets against LR
+segments and batches, batch arithmetic against the data-parallel size (with the warmup sizes of
+:mod:`training.batch_plan`), phase names against the checkpoint folder names and, unless
+``check_data=False``, the data on disk (:func:`validate_data`: the manifest, that every phase language
+has whole shards of the right dtype and vocabulary, and the ``init.checkpoint``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 from megatron_mmbert.checkpoints.layout import RESERVED_INFIXES
 from megatron_mmbert.config import validate_layout
-from megatron_mmbert.config_base import ConfigError, check_safe_name
+from megatron_mmbert.config_base import ConfigError, check
 from megatron_mmbert.training.batch_plan import rampup_rows
 from megatron_mmbert.training.config import RunConfig
 
@@ -25,11 +27,12 @@ def validate(cfg: RunConfig, world_size: int, check_data: bool = True) -> None:
     """Every start-up check (no process group needed); raises one ConfigError with the fix.
 
     ``check_data=False`` skips what needs files on disk (manifest, shards, init checkpoint)."""
+    check(cfg)  # each section's own rules, also for a config built in Python
     validate_layout(cfg.effective_model, cfg.parallel, world_size)
     _validate_precision(cfg)
     _validate_phases(cfg)
     _validate_batches(cfg, world_size)
-    _validate_run(cfg)
+    _validate_environment(cfg)
     if check_data:
         validate_data(cfg)
 
@@ -39,69 +42,47 @@ def _validate_precision(cfg: RunConfig) -> None:
 
     if cfg.model.fp8 is not None and cfg.precision in ("fp32", "amp_bf16"):
         raise ConfigError(
-            f"model.fp8 is set but precision is {cfg.precision}; use precision: fp8 (bf16 + FP8 GEMMs)"
+            f"model.fp8 is set but precision is {cfg.precision}; use precision: fp8 (bf16 + FP8 GEMMs)",
+            field="precision",
         )
     # An attention backend (or FP8, or context parallelism) this machine's TE / cuDNN / flash-attn
     # cannot run is a ConfigError naming the versions, before anything starts.
     select_backend(cfg.effective_model, cfg.compute_precision, cfg.parallel.context_parallel)
 
 
-MAX_PHASE_TOKENS = 10**15
-"""A phase budget above this (300x mmBERT's three trillion tokens) is a typo, not a plan."""
-
-
 def _validate_phases(cfg: RunConfig) -> None:
-    if not cfg.phases:
-        raise ConfigError("phases: the run needs at least one phase")
     names = [p.name for p in cfg.phases]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"phases: names must be unique, got {names}")
     for i, p in enumerate(cfg.phases):
-        check_safe_name(p.name, f"phases.{i}.name")  # names checkpoint folders (phase_end_{name})
         reserved = [x for x in RESERVED_INFIXES if x in p.name]
         if reserved:  # phase_end_{name} would look like the leftover of an interrupted save and be deleted
             raise ConfigError(field=f"phases.{i}.name", message=(
                 f"phases.{i}.name={p.name!r} contains {reserved[0]!r}, which marks temporary checkpoint "
                 "folders; rename the phase (e.g. without the dot)"))
-        p.validate()
-        if isinstance(p.languages, str) and p.languages.startswith("top:") and int(p.languages[4:]) < 1:
-            raise ConfigError(f"phases.{i}.languages={p.languages!r}: top:N needs N >= 1")
-        if p.tokens > MAX_PHASE_TOKENS:
-            raise ConfigError(field=f"phases.{i}.tokens", message=(
-                f"phases.{i}.tokens={p.tokens:,} is more than {MAX_PHASE_TOKENS:.0e} tokens (mmBERT's whole recipe "
-                "is about 3e12); a typo? Give the phase's budget in tokens"))
     total = sum(p.tokens for p in cfg.phases)
     if cfg.schedule.total_tokens is not None and total != cfg.schedule.total_tokens:
         parts = " + ".join(f"{p.name} {p.tokens:,}" for p in cfg.phases)
         raise ConfigError(
             f"phase budgets do not add up: {parts} = {total:,} tokens, but schedule.total_tokens = "
-            f"{cfg.schedule.total_tokens:,}; fix a phase's tokens or schedule.total_tokens"
+            f"{cfg.schedule.total_tokens:,}; fix a phase's tokens or schedule.total_tokens",
+            field="schedule.total_tokens",
         )
     missing = [n for n in names if n not in cfg.schedule.phases]
     if missing:
         raise ConfigError(
             f"schedule.phases has no LR segment for phase(s) {missing}; add e.g. "
-            f"schedule.phases.{missing[0]}: {{lr: 8.0e-4}}"
+            f"schedule.phases.{missing[0]}: {{lr: 8.0e-4}}", field="schedule.phases"
         )
     # Segments of phases this run does not have are ignored: a decay variant inherits the full
     # recipe's schedule and runs only its last phase.
     for p in cfg.phases:
         seg = cfg.schedule.phases[p.name]
         where = f"schedule.phases.{p.name}"
-        if not (math.isfinite(seg.lr) and seg.lr > 0):  # NaN and inf compare false: test the good case
-            raise ConfigError(field=f"{where}.lr", message=f"{where}.lr must be a positive finite number, got {seg.lr}")
-        if seg.warmup_tokens < 0 or seg.decay_tokens < 0:
-            raise ConfigError(f"{where}: warmup_tokens and decay_tokens must be >= 0")
         if seg.warmup_tokens + seg.decay_tokens > p.tokens:
             raise ConfigError(
                 f"{where}: warmup_tokens {seg.warmup_tokens:,} + decay_tokens {seg.decay_tokens:,} exceed "
-                f"the phase's budget phases[{p.name}].tokens = {p.tokens:,}; shorten them or grow the phase"
+                f"the phase's budget phases[{p.name}].tokens = {p.tokens:,}; shorten them or grow the phase",
+                field=f"{where}.warmup_tokens",
             )
-        if not 0.0 <= seg.final_lr_ratio <= 1.0:
-            raise ConfigError(f"{where}.final_lr_ratio must be in [0, 1], got {seg.final_lr_ratio}")
-        wd = seg.decoupled_weight_decay if seg.decoupled_weight_decay is not None else cfg.optimizer.decoupled_weight_decay
-        if not (math.isfinite(wd) and wd >= 0):
-            raise ConfigError(f"{where}: weight decay must be a finite number >= 0, got {wd}")
         seq_tokens = cfg.phase_global_batch(p) * p.seq_len
         if p.tokens < seq_tokens:
             raise ConfigError(
@@ -115,7 +96,8 @@ def _validate_phases(cfg: RunConfig) -> None:
                 f"{cfg.model.max_position_embeddings}"
             )
     if cfg.init.start_phase is not None and cfg.init.start_phase not in names:
-        raise ConfigError(f"init.start_phase={cfg.init.start_phase!r} is not a phase; phases are {names}")
+        raise ConfigError(f"init.start_phase={cfg.init.start_phase!r} is not a phase; phases are {names}",
+                          field="init.start_phase")
 
 
 def _validate_batches(cfg: RunConfig, world_size: int) -> None:
@@ -123,8 +105,6 @@ def _validate_batches(cfg: RunConfig, world_size: int) -> None:
     dp = cfg.parallel.data_parallel(world_size)
     for p in cfg.phases:
         gbs, mbs = cfg.phase_global_batch(p), cfg.phase_micro_batch(p)
-        if gbs < 1 or mbs < 1:
-            raise ConfigError(f"phase {p.name!r}: global batch {gbs} and micro batch {mbs} must be positive")
         if gbs % (mbs * dp):
             raise ConfigError(
                 f"phase {p.name!r}: global batch {gbs} rows is not a multiple of micro batch {mbs} x "
@@ -155,51 +135,9 @@ def _validate_batches(cfg: RunConfig, world_size: int) -> None:
         cfg.phase(b.rampup_phase)
 
 
-def _validate_run(cfg: RunConfig) -> None:
-    if not cfg.run_dir:
-        raise ConfigError("run_dir must be set (output folder of the run)")
-    for field, value in (("seed", cfg.seed), ("data.seed", cfg.data.seed)):
-        if value is not None and not 0 <= value < 2**32:
-            raise ConfigError(f"{field} must be in [0, 2^32), got {value}")
-    o = cfg.optimizer
-    for field in ("adam_beta1", "adam_beta2"):
-        value = getattr(o, field)
-        if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-            raise ConfigError(f"optimizer.{field} must be in [0, 1), got {value}")
-    if not (isinstance(o.adam_eps, (int, float)) and o.adam_eps > 0 and math.isfinite(o.adam_eps)):
-        raise ConfigError(f"optimizer.adam_eps must be a positive finite number, got {o.adam_eps}")
-    for field in ("clip_grad", "decoupled_weight_decay"):
-        value = getattr(o, field)
-        if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(field=f"optimizer.{field}",
-                              message=f"optimizer.{field} must be a finite number >= 0, got {value}")
-    c = cfg.checkpoint
-    if c.every_steps < 0 or c.every_tokens < 0 or c.keep_last < 1:
-        raise ConfigError(
-            f"checkpoint.every_steps and every_tokens must be >= 0 and keep_last >= 1, got "
-            f"{c.every_steps}, {c.every_tokens}, {c.keep_last}"
-        )
-    if not (math.isfinite(c.job_end_margin_minutes) and c.job_end_margin_minutes >= 0):
-        raise ConfigError(
-            f"checkpoint.job_end_margin_minutes must be a finite number >= 0 (minutes before the Slurm "
-            f"time limit at which the run saves and stops), got {c.job_end_margin_minutes}",
-            field="checkpoint.job_end_margin_minutes",
-        )
-    if c.exit_after_minutes is not None and not (math.isfinite(c.exit_after_minutes) and c.exit_after_minutes >= 0):
-        raise ConfigError(
-            f"checkpoint.exit_after_minutes must be a finite number >= 0 or null (no time limit), got "
-            f"{c.exit_after_minutes}",
-            field="checkpoint.exit_after_minutes",
-        )
-    if cfg.logging.interval < 1 or cfg.logging.eval_interval < 0:
-        raise ConfigError("logging.interval must be >= 1 and logging.eval_interval >= 0")
-    lc = cfg.logging
-    if lc.eval_rows_per_language < 1 or lc.eval_languages_per_group < 0:
-        raise ConfigError("logging.eval_rows_per_language must be >= 1 and logging.eval_languages_per_group >= 0 "
-                          f"(0: all), got {lc.eval_rows_per_language}, {lc.eval_languages_per_group}")
-    if lc.eval_mask_rate is not None and not 0.0 < lc.eval_mask_rate < 1.0:
-        raise ConfigError(f"logging.eval_mask_rate must be in (0, 1) or null (the phase's), got {lc.eval_mask_rate}")
-    if lc.wandb.enabled:
+def _validate_environment(cfg: RunConfig) -> None:
+    """What the config asks of this machine's Python environment (before the run starts)."""
+    if cfg.logging.wandb.enabled:
         from megatron_mmbert.training.logging import require_wandb
 
         require_wandb()
@@ -210,9 +148,6 @@ def _check_init_checkpoint(cfg: RunConfig) -> None:
     from megatron_mmbert.checkpoints.layout import is_complete
 
     if cfg.init.strided_from is not None:
-        if cfg.init.checkpoint is not None:
-            raise ConfigError("init.strided_from and init.checkpoint both set: give one (strided_from takes a "
-                              "larger model's weights; checkpoint continues a run)", field="init.strided_from")
         if not is_complete(cfg.init.strided_from):
             raise ConfigError(f"init.strided_from={cfg.init.strided_from!r} is not a finished checkpoint",
                               field="init.strided_from")
