@@ -30,6 +30,8 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from megatron_mmbert.model.recompute import replaying_autocast
+
 
 @dataclass
 class AttentionInputs:
@@ -120,17 +122,12 @@ class MMBertSelfAttention(SelfAttention):
         argument, which must be a tensor, and FlexAttention's ``BlockMask`` is not one) and the
         recompute runs under the forward's autocast. Dropout replays megatron's RNG tracker states."""
 
-        # The recompute runs in the backward, outside the forward's autocast (amp_bf16): replay it.
-        device_type = query.device.type
-        autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-
         def core_attention(q, k, v):
-            with torch.autocast(device_type, dtype=autocast[1], enabled=autocast[0]):
-                return self.core_attention(q, k, v, attention_mask,
-                                           attn_mask_type=attn_mask_type or self.attn_mask_type,
-                                           attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+            return self.core_attention(q, k, v, attention_mask, attn_mask_type=attn_mask_type or self.attn_mask_type,
+                                       attention_bias=attention_bias, packed_seq_params=packed_seq_params)
 
-        return tensor_parallel.checkpoint(core_attention, False, query, key, value)
+        # The recompute runs in the backward, outside the forward's autocast (amp_bf16): replay it.
+        return tensor_parallel.checkpoint(replaying_autocast(core_attention, query.device.type), False, query, key, value)
 
     def get_query_key_value_tensors(self, *args, **kwargs):
         query, key, value = super().get_query_key_value_tensors(*args, **kwargs)

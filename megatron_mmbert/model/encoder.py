@@ -29,13 +29,13 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_mmbert.config import ModelConfig
 from megatron_mmbert.data.mlm import IGNORE_INDEX
 from megatron_mmbert.model.attention import AttentionInputs, document_block_mask, flex_padded_tokens, segment_masks
 from megatron_mmbert.model.layers import BiasFreeLayerNorm, RotaryTable
 from megatron_mmbert.model.mlm_loss import VocabShard, chunked_cross_entropy
+from megatron_mmbert.model.recompute import MMBertTransformerBlock
 from megatron_mmbert.model.specs import PACKED_BACKENDS, Backend, block_spec
 
 
@@ -122,7 +122,7 @@ class MMBertModel(LanguageModule):
             )
         self.global_rotary = RotaryTable(model_config.head_dim, model_config.global_rope_theta)
         self.local_rotary = RotaryTable(model_config.head_dim, model_config.local_rope_theta)
-        self.encoder = TransformerBlock(
+        self.encoder = MMBertTransformerBlock(  # megatron-core's, with full recompute around our masks
             config=config,
             spec=block_spec(config, backend, model_config.mlp_dropout, vp_stage),
             post_layer_norm=True,
