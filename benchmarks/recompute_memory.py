@@ -142,6 +142,8 @@ def main(argv=None):
     for r in rows:
         lines.append(f"| {r['name']} | {r['saved'] / 2**20:.1f} | {r['saved'] / anchor['saved']:.2f}x "
                      f"| {r['peak'] / 2**20:.0f} | {r['seconds']:.2f} | {r['loss']:.4f} |")
+    lines.append("\nEvery loss is the same (recompute replays the forward bit for bit). Full recompute costs one more "
+                 "forward of the recomputed layers" + (" (on a shared CPU the step times are noise)." if device.type != "cuda" else "."))
     report(lines, args.append)
 
 
