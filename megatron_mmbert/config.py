@@ -86,7 +86,7 @@ class ModelConfig:
     +-64 window reads 256 keys per 128 queries instead of 384 (``attention.document_block_mask``).
     None: 64 where verified -- the CPU -- and 128 on CUDA, where torch's default Triton tiles refuse
     64-key blocks in the backward and 64 compiles the local layers' kernel with Inductor's
-    autotuning (docs/training.md "Attention backends"). A power of two from 16 to 128."""
+    autotuning (docs/training.md "Step performance"). A power of two from 16 to 128."""
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
     """FP8 format for the transformer layers' GEMMs (TransformerEngine only; None trains without FP8).
     A run asking for FP8 without TE stops at start-up instead of silently training in bf16."""

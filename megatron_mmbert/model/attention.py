@@ -225,8 +225,8 @@ def local_kv_block(configured: Optional[int], device: torch.device) -> int:
     """The key-block size of local layers' ``BlockMask``: ``model.local_attention_block``, or when
     unset :data:`LOCAL_KV_BLOCK` on the CPU and :data:`FLEX_BLOCK` on CUDA, where 64-key blocks need
     :func:`flex_kernel`'s narrow-block kernel (its Inductor autotuning pass; docs/training.md
-    "Attention backends") and stay opt-in until the GPU check has timed them
-    (``benchmarks/model_throughput.py``, ``:kv64`` runs)."""
+    "Step performance") and stay opt-in until the GPU check has timed them
+    (``benchmarks/model_throughput.py --local-blocks 128,64``)."""
     if configured is not None:
         return configured
     return FLEX_BLOCK if device.type == "cuda" else LOCAL_KV_BLOCK
