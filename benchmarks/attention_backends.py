@@ -33,7 +33,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import append_results, machine as describe_machine  # noqa: E402
+from benchmarks.common import PeakRSS, append_results, machine as describe_machine  # noqa: E402
 
 
 def packed_rows(rows: int, seq_len: int, seed: int = 0):
@@ -48,36 +48,6 @@ def packed_rows(rows: int, seq_len: int, seed: int = 0):
             bounds.append(bounds[-1] + n)
             left -= n
     return torch.cat(positions).view(rows, seq_len), torch.tensor(bounds, dtype=torch.int32)
-
-
-class PeakRSS:
-    """On CPU, where no allocator reports a peak: the process's resident memory sampled every
-    millisecond from /proc/self/statm while the block runs, as bytes above its value at the start
-    (large CPU tensors are mmap'ed and returned on free, so this follows the live tensors)."""
-
-    def __enter__(self):
-        import threading
-
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.start = self.peak = self._rss()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def _sample(self):
-        while not self.done.wait(0.001):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-        self.peak = max(self.peak, self._rss())
-        self.bytes = self.peak - self.start
 
 
 def build_layers(backend: str, precision: str, device: torch.device):

@@ -1,4 +1,5 @@
-"""What every benchmark script shares: the machine line and appending a section to RESULTS.md."""
+"""What every benchmark script shares: the machine line, appending a section to RESULTS.md, the
+CPU's peak memory (``PeakRSS``)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,33 @@ def report(lines, append: bool) -> None:
     print(text)
     if append:
         append_results(text)
+
+
+class PeakRSS:
+    """On CPU, where no allocator reports a peak: the process's resident memory sampled every
+    millisecond from /proc/self/statm while the block runs, as bytes above its value at the start
+    (large CPU tensors are mmap'ed and returned on free, so this follows the live tensors)."""
+
+    def __enter__(self):
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.start = self.peak = self._rss()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _sample(self):
+        while not self.done.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.bytes = self.peak - self.start

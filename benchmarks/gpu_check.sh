@@ -30,7 +30,10 @@
 #               ModernBertForMaskedLM: mmbert-base at 48 x 1024 in amp_bf16 (the shipped
 #               precision) and bf16, at 6 x 8192 and mmbert-small at 48 x 1024 in amp_bf16 (goal
 #               at 1024: >= 1.5x HF and 35% MFU). 48 x 1024 and 6 x 8192 are the same packed token
-#               count, the train step's: one flex compilation (Inductor's on-disk cache) serves all;
+#               count, the train step's: one flex compilation (Inductor's on-disk cache) serves all.
+#               Local attention blocks (--local-blocks 128,64): the first run also times our model
+#               with 128 x 64 FlexAttention blocks on the local layers (model.local_attention_block:
+#               64), which decides whether CUDA's default moves from 128 x 128 (docs/training.md);
 #   train       benchmarks/train_throughput.py: the training loop as shipped (mmbert-base, vocab
 #               256000, amp_bf16, StableAdamW, best_fit packing, distributed optimizer, 48 x 1024
 #               micro-batches, one process per GPU) on a synthetic corpus made on the spot: tokens/s,
@@ -95,7 +98,7 @@ if [ "$DRY_RUN" = 1 ]; then
     DEVICE=cpu; NPROC=1; BUDGET=${BUDGET:-1400}; SCALE=3
     PARITY_SELECT="tp1_pp1 and packed and even or loss_matches or angles or real_flash"
     ATTENTION="--device cpu --shapes 2x128 --iters 1"
-    MODEL="--device cpu --runs tiny:2x64:amp_bf16,tiny:2x64:bf16 --iters 1 --rounds 1"
+    MODEL="--device cpu --runs tiny:2x64:amp_bf16,tiny:2x64:bf16 --iters 1 --rounds 1 --local-blocks 128,64"
     TRAIN="--device cpu --nproc 1 --preset tiny --precision amp_bf16 --distributed-optimizer --overlap --steps 4 --rows 4 --micro-rows 2 --seq-len 64 --interval 2"
     SYNCS="--device cpu --preset tiny --tokens 256 --rows 1 --seq-len 64 --micro-batches 1 --rounds 1"
 else
@@ -105,6 +108,7 @@ else
     PARITY_SELECT="tp1_pp1 or bf16_parity or loss_matches or rope or real_flash"
     ATTENTION="--device cuda --shapes 6x8192 --iters 5"
     MODEL="--device cuda --runs mmbert-base:48x1024:amp_bf16,mmbert-base:48x1024:bf16,mmbert-base:6x8192:amp_bf16,mmbert-small:48x1024:amp_bf16 --iters 5 --rounds 2"
+    MODEL="$MODEL --local-blocks 128,64"   # local attention at 128 x 128 and 128 x 64 blocks, first run
     MICRO=${TRAIN_MICRO_ROWS:-48}
     # mmbert-base's real pre-training micro-batch (48 x 1024), as the shipped configs train
     # (amp_bf16, StableAdamW, best_fit, distributed optimizer, vocab 256000).

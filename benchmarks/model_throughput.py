@@ -18,11 +18,17 @@ GPU compiles each once, ~40-55 s).
   python benchmarks/model_throughput.py --device cuda --precision bf16 --preset mmbert-base
   python benchmarks/model_throughput.py --device cuda --precisions amp_bf16,bf16 \
       --runs mmbert-base:16x1024,mmbert-base:2x8192,mmbert-small:16x1024
+
+``--local-blocks 128,64`` times our model in the first run once per key-block size of the sliding-window
+layers' FlexAttention ``BlockMask`` (``model.local_attention_block``; query blocks 128), same weights
+and batch, interleaved with the rest: whether 128 x 64 blocks (256 keys read per query block for a
++-64 window instead of 384) pay on this GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import sys
@@ -83,7 +89,9 @@ def step_ours(model, batch, seq_len):
     """The training path: the summed loss (the head's gradient computed in the forward), averaged."""
     loss = model(batch["tokens"], batch["positions"], batch["cu_seqlens"], seq_len, labels=batch["labels"],
                  label_index=batch["label_index"], loss_reduction="sum")
-    (loss / max(batch["label_count"], 1)).backward()
+    loss = loss / max(batch["label_count"], 1)
+    loss.backward()
+    return loss.detach()
 
 
 def step_hf(model, batch, seq_len, autocast=False):
@@ -118,10 +126,23 @@ def parse_runs(text: str):
     return runs
 
 
-def measure(preset, rows, seq_len, precision, args, argv):
-    """One configuration: both models built, timed in interleaved rounds, the section reported."""
-    from megatron_mmbert.config import model_preset
+def local_keys_read(model_cfg, kv_block: int) -> int:
+    """Keys a 128-token query block of a local layer reads inside a long document at ``kv_block``."""
+    from megatron_mmbert.model.attention import FLEX_BLOCK, document_block_mask
+
+    cu = torch.tensor([0, 8 * FLEX_BLOCK], dtype=torch.int32)
+    mask = document_block_mask(cu, 8 * FLEX_BLOCK, model_cfg.local_attention // 2, block=(FLEX_BLOCK, kv_block))
+    return int((mask.kv_num_blocks + mask.full_kv_num_blocks)[0, 0, 1:-1].max()) * kv_block
+
+
+def measure(preset, rows, seq_len, precision, args, argv, local_blocks=()):
+    """One configuration: both models built, timed in interleaved rounds, the section reported.
+    ``local_blocks``: key-block sizes of the local layers to time our model at (a copy each, same
+    weights; empty: the model's own)."""
+    from megatron_mmbert.config import ParallelConfig, model_preset
     from megatron_mmbert.flops import flops_per_token, peak_tflops
+    from megatron_mmbert.model.attention import FLEX_BLOCK, local_kv_block
+    from megatron_mmbert.model.build import build_model
 
     if preset != "cpu-small":
         model_cfg = model_preset(preset, attention_output_dropout=0.0, attention_backend=args.attention_backend)
@@ -129,19 +150,33 @@ def measure(preset, rows, seq_len, precision, args, argv):
         model_cfg = model_preset("mmbert-small", num_layers=6, vocab_size=32768, attention_output_dropout=0.0,
                                  attention_backend=args.attention_backend)
     device = torch.device(args.device)
+    if local_blocks:
+        model_cfg = dataclasses.replace(model_cfg, local_attention_block=local_blocks[0])
     hf, ours = make_models(model_cfg, device, precision)
     hf.train()
     ours.train()
+    variants = {"ours": ours}  # our model at each local key-block size, the first is "ours"
+    for kv in local_blocks[1:]:
+        (variants[f"ours kv{kv}"],) = build_model(dataclasses.replace(model_cfg, local_attention_block=kv),
+                                                   ParallelConfig(), precision=precision, device=device)
+        variants[f"ours kv{kv}"].load_state_dict(ours.state_dict())
+        variants[f"ours kv{kv}"].train()
+    kv_blocks = {name: local_kv_block(m.model_config.local_attention_block, device) for name, m in variants.items()}
     amp = precision == "amp_bf16"
     batch = make_batch(model_cfg.vocab_size, rows, seq_len, args.mask_rate, device)
     tokens = rows * seq_len
     run_hf = lambda model, batch, seq_len: step_hf(model, batch, seq_len, autocast=amp)  # noqa: E731
-    for fn, model in ((step_ours, ours), (run_hf, hf)):  # warm-up (compiles flex on CUDA)
+    sides = [(name, step_ours, m) for name, m in variants.items()] + [("hf", run_hf, hf)]
+    for _, fn, model in sides:  # warm-up (compiles flex on CUDA)
         timed(fn, model, batch, seq_len, iters=1, device=device)
-    best = {"ours": float("inf"), "hf": float("inf")}
+    # Each variant's loss and gradient norm on the warm-up step (one step from the same weights).
+    first = {name: (step_ours(m, batch, seq_len).float().item(),
+                    torch.stack([p.grad.float().norm() for p in m.parameters() if p.grad is not None]).norm().item())
+             for name, m in variants.items() if len(variants) > 1}
+    best = {name: float("inf") for name, _, _ in sides}
     for _ in range(args.rounds):
-        best["ours"] = min(best["ours"], timed(step_ours, ours, batch, seq_len, iters=args.iters, device=device))
-        best["hf"] = min(best["hf"], timed(run_hf, hf, batch, seq_len, iters=args.iters, device=device))
+        for name, fn, model in sides:
+            best[name] = min(best[name], timed(fn, model, batch, seq_len, iters=args.iters, device=device))
     ours_tps, hf_tps = tokens / best["ours"], tokens / best["hf"]
     flops = flops_per_token(model_cfg, seq_len, args.mask_rate)
     peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
@@ -161,13 +196,25 @@ def measure(preset, rows, seq_len, precision, args, argv):
         "",
         "| side | tokens/s | TFLOP/s | MFU |",
         "|---|---|---|---|",
-        f"| megatron-mmbert | {ours_tps:,.0f} | {ours_tps * flops / 1e12:.3f} | {mfu(ours_tps)} |",
+    ]
+    for name in variants:
+        tps = tokens / best[name]
+        label = "megatron-mmbert" + (f", local blocks {FLEX_BLOCK} x {kv_blocks[name]} ({local_keys_read(model_cfg, kv_blocks[name])} "
+                                     "keys read per query block)" if len(variants) > 1 else "")
+        lines.append(f"| {label} | {tps:,.0f} | {tps * flops / 1e12:.3f} | {mfu(tps)} |")
+    lines += [
         f"| HF ModernBertForMaskedLM | {hf_tps:,.0f} | {hf_tps * flops / 1e12:.3f} | {mfu(hf_tps)} |",
         "",
         f"Ratio ours / HF: **{ours_tps / hf_tps:.2f}x** (goal: >= 1.0x on CPU, >= 1.5x and 35% MFU on a GPU).",
     ]
+    for name in list(variants)[1:]:
+        lines.append(f"Local blocks {FLEX_BLOCK} x {kv_blocks[name]} / {FLEX_BLOCK} x {kv_blocks['ours']}: "
+                     f"**{best['ours'] / best[name]:.2f}x** the step rate"
+                     + ("" if ours.backend == "flex" else f" (our attention is {ours.backend}: no blocks, the same kernel)")
+                     + f"; loss {first[name][0]:.6f} vs {first['ours'][0]:.6f}, gradient norm (two passes accumulated) "
+                     f"{first[name][1]:.6g} vs {first['ours'][1]:.6g} (equal up to the kernels' rounding).")
     report(lines, args.append)
-    del hf, ours
+    del hf, ours, variants, sides
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -186,6 +233,9 @@ def main(argv=None):
                    help="comma-separated precisions, each run at each (overrides --precision)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "te", "flash", "flex", "sdpa"],
                    help="our model's attention kernel (auto: what training would pick here)")
+    p.add_argument("--local-blocks", default=None,
+                   help="comma-separated key-block sizes of the local layers' FlexAttention masks (e.g. 128,64): "
+                        "the first run times our model at each (model.local_attention_block)")
     p.add_argument("--rows", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--mask-rate", type=float, default=0.3)
@@ -202,6 +252,7 @@ def main(argv=None):
     for precision in precisions:
         if precision not in PRECISIONS:
             raise SystemExit(f"--precisions: {precision!r} is not one of {PRECISIONS}")
+    local_blocks = [int(x) for x in args.local_blocks.split(",")] if args.local_blocks else []
     start, longest = time.monotonic(), 0.0
     for preset, rows, seq_len, own in runs:  # results appear one section at a time: a cut-off run keeps them
         for precision in [own] if own else precisions:
@@ -211,7 +262,8 @@ def main(argv=None):
                       f"the longest run so far took {longest:.0f}s)", flush=True)
                 continue
             began = time.monotonic()
-            measure(preset, rows, seq_len, precision, args, argv)
+            measure(preset, rows, seq_len, precision, args, argv, local_blocks)
+            local_blocks = []  # the first run only
             longest = max(longest, time.monotonic() - began)
     from megatron_mmbert import runtime
 

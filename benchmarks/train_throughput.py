@@ -154,7 +154,8 @@ def main(argv=None):
                    help="megatron's distributed optimizer, as the shipped mmBERT configs train")
     p.add_argument("--overlap", action="store_true",
                    help="parallel.overlap_grad_reduce (and overlap_param_gather with --distributed-optimizer)")
-    p.add_argument("--recompute", default="none", choices=["none", "selective"], help="model.recompute")
+    p.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
+                   help="model.recompute (full: one layer per checkpoint, megatron's uniform method)")
     p.add_argument("--log", help="write the training run's output here (default: in the work folder)")
     p.add_argument("--append", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -224,7 +225,7 @@ def main(argv=None):
         f"({args.micro_rows} rows per micro-batch), 30% masking, best_fit packing, {corpus}; StableAdamW, "
         f"{'distributed' if args.distributed_optimizer else 'plain'} optimizer"
         f"{', overlapped gradient reduce / parameter gather' if args.overlap else ''}"
-        f"{', selective recompute' if args.recompute == 'selective' else ''}; "
+        f"{f', {args.recompute} recompute' if args.recompute != 'none' else ''}; "
         f"{measured_steps} measured steps after the first log window ({why})",
         "",
         "| tokens/s | forward+backward | optimizer | data | other (logging, bookkeeping) | outside fwd/bwd | MFU | peak memory |",

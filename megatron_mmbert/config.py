@@ -66,13 +66,28 @@ class ModelConfig:
     versions: docs/training.md), else flash-attn 2 varlen (CUDA, bf16), else FlexAttention on CUDA,
     else PyTorch SDPA with block-diagonal window masks, and logs why. A named backend that cannot run
     here is a start-up error naming what is missing and the fix."""
-    recompute: Literal["none", "selective"] = "none"
-    """Activation recompute (megatron-core's own checkpointing; Megatron-LM
-    ``--recompute-granularity selective``): ``selective`` keeps no core-attention activations and
-    recomputes the attention in the backward -- less memory for one more attention forward per
-    layer; same results. (megatron's ``full`` layer recompute is not offered: it checkpoints each
-    layer with its attention inputs as arguments, which here are not tensors -- FlexAttention's
-    ``BlockMask``, the per-kind masks and angles.)"""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute, megatron-core's own checkpointing (``TransformerConfig.recompute_granularity``;
+    Megatron-LM ``--recompute-granularity``): ``selective`` keeps no core-attention activations and
+    runs the attention again in the backward (one more attention forward per layer); ``full`` keeps
+    only the input of each checkpointed chunk of layers (``recompute_method``,
+    ``recompute_num_layers``) and runs the whole chunk again in the backward (one more forward of
+    those layers). Less activation memory, same results (``model/recompute.py``)."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """With ``recompute: full``, which layers (megatron-core's ``recompute_method``; Megatron-LM
+    ``--recompute-method``): ``uniform`` splits each pipeline stage's layers into chunks of
+    ``recompute_num_layers`` and keeps only each chunk's input; ``block`` recomputes the first
+    ``recompute_num_layers`` layers of each stage and keeps the other layers' activations."""
+    recompute_num_layers: int = 1
+    """With ``recompute: full``: layers per checkpointed chunk (``uniform``; 1 keeps one hidden
+    state per layer) or layers recomputed per pipeline stage (``block``) (megatron-core's
+    ``recompute_num_layers``; Megatron-LM ``--recompute-num-layers``)."""
+    local_attention_block: Optional[int] = None
+    """FlexAttention's key-block size on sliding-window layers (query blocks are 128): with 64, a
+    +-64 window reads 256 keys per 128 queries instead of 384 (``attention.document_block_mask``).
+    None: 64 where verified -- the CPU -- and 128 on CUDA, where torch's default Triton tiles refuse
+    64-key blocks in the backward and 64 compiles the local layers' kernel with Inductor's
+    autotuning (docs/training.md "Step performance"). A power of two from 16 to 128."""
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
     """FP8 format for the transformer layers' GEMMs (TransformerEngine only; None trains without FP8).
     A run asking for FP8 without TE stops at start-up instead of silently training in bf16."""
@@ -124,6 +139,12 @@ class ModelConfig:
             )
         if self.global_attn_every_n_layers < 1:
             raise ConfigError("model.global_attn_every_n_layers must be >= 1", field="global_attn_every_n_layers")
+        if self.recompute_num_layers < 1:
+            raise ConfigError(f"model.recompute_num_layers={self.recompute_num_layers} must be >= 1",
+                              field="recompute_num_layers")
+        if self.local_attention_block is not None and self.local_attention_block not in (16, 32, 64, 128):
+            raise ConfigError(f"model.local_attention_block={self.local_attention_block} must be 16, 32, 64 "
+                              "or 128 (or unset: the machine's default)", field="local_attention_block")
         if self.vocab_size < 1 or self.make_vocab_size_divisible_by < 1:
             raise ConfigError("model.vocab_size and model.make_vocab_size_divisible_by must be positive",
                               field="vocab_size" if self.vocab_size < 1 else "make_vocab_size_divisible_by")

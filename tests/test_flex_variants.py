@@ -89,7 +89,7 @@ def _run_three_phases(model, monkeypatch, pad: bool):
     torch._dynamo.reset()
     counter = CompileCounter()
     compiled = attention.limit_recompiles(torch.compile(flex_module.flex_attention, backend=counter, dynamic=False))
-    monkeypatch.setattr(attention, "flex_kernel", lambda device: compiled)
+    monkeypatch.setattr(attention, "flex_kernel", lambda device, block=None: compiled)
     monkeypatch.setattr(flex_module, "_validate_device", lambda *args, **kwargs: None)  # CPU backward: see above
 
     cfg = load_config(f"{ROOT}/examples/configs/tiny_cpu.yaml")

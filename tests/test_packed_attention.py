@@ -172,7 +172,8 @@ def test_flash_dropout_runs_under_the_tensor_parallel_rng_tracker(monkeypatch):
 def test_compiled_flex_attention_skips_blocks_correctly_and_does_not_recompile():
     """The compiled kernel (what CUDA runs) actually skips the blocks the BlockMask leaves out and
     takes full blocks without the mask (eager FlexAttention evaluates mask_mod everywhere, so only a
-    compiled run tests the block structure). On CPU: forward only, ~40 s of compiling. A second
+    compiled run tests the block structure), at 128 x 128 and at local layers' 128 x 64 blocks.
+    On CPU: forward only, ~40 s of compiling. A second
     micro-batch with other documents reuses the compiled kernel (the mask is data, not code)."""
     import torch._dynamo
     import torch.nn.functional as F
@@ -184,10 +185,10 @@ def test_compiled_flex_attention_skips_blocks_correctly_and_does_not_recompile()
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, total, 16, generator=g) for _ in range(3))
     compiled = torch.compile(flex_attention, dynamic=False)
-    for half_window in (None, 8):
-        out = compiled(q, k, v, block_mask=document_block_mask(cu, total, half_window))
+    for half_window, block in ((None, 128), (8, 128), (8, (128, 64))):  # local layers' 128 x 64 blocks too
+        out = compiled(q, k, v, block_mask=document_block_mask(cu, total, half_window, block=block))
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_reference(lengths, half_window))
-        assert (out - expected).abs().max().item() < 1e-5, half_window
+        assert (out - expected).abs().max().item() < 1e-5, (half_window, block)
     other = torch.tensor([0, 100, 200, 300], dtype=torch.int32)
     with torch._dynamo.config.patch(error_on_recompile=True):
         out = compiled(q, k, v, block_mask=document_block_mask(other, total, 8))
@@ -255,3 +256,68 @@ def test_local_key_blocks_touch_the_window_not_three_blocks():
         per_query_block = (mask.kv_num_blocks + mask.full_kv_num_blocks)[0, 0] * kv_block
         touched[kv_block] = int(per_query_block[1:-1].max())
     assert touched == {128: 384, 64: 256}
+
+
+def test_local_layers_take_64_key_blocks_where_verified():
+    """The model's local layers build 128 x 64 masks on the CPU (FlexAttention's CPU path: the
+    compiled test above) and 128 x 128 on CUDA unless ``model.local_attention_block`` says 64 (the
+    GPU check times both); results equal 128 x 128 and SDPA."""
+    import dataclasses
+
+    from megatron_mmbert import runtime
+    from megatron_mmbert.config import PRESETS, ParallelConfig
+    from megatron_mmbert.model.attention import local_kv_block
+    from megatron_mmbert.model.build import build_model
+    from tests.helpers.model import packed_batch
+
+    assert local_kv_block(None, torch.device("cpu")) == 64 and local_kv_block(None, torch.device("cuda")) == 128
+    assert local_kv_block(64, torch.device("cuda")) == 64 and local_kv_block(128, torch.device("cpu")) == 128
+    model = dataclasses.replace(PRESETS["tiny"], num_layers=3, vocab_size=1000, local_attention=64)
+    batch = packed_batch([[37, 5, 150, 64], [256]], 1000, seed=1)  # documents beside and past the blocks
+    runtime.initialize(model, ParallelConfig(), seed=3)
+    try:
+        logits, weights = {}, None
+        for backend, block in (("flex", None), ("flex", 128), ("sdpa", None)):
+            (m,) = build_model(dataclasses.replace(model, attention_backend=backend, local_attention_block=block),
+                               ParallelConfig(), training=False)
+            weights = weights or m.state_dict()
+            m.load_state_dict(weights)
+            m.eval()
+            if backend == "flex":
+                inputs, _ = m.attention_inputs(batch["positions"], batch["cu_seqlens"], batch["max_seqlen"])
+                assert inputs.global_mask.BLOCK_SIZE == (128, 128)
+                assert inputs.local_mask.BLOCK_SIZE == (128, block or 64)
+            with torch.no_grad():
+                logits[backend, block] = m(batch["tokens"], batch["positions"], batch["cu_seqlens"],
+                                           batch["max_seqlen"], return_logits=True)
+    finally:
+        runtime.shutdown()
+    torch.testing.assert_close(logits["flex", None], logits["flex", 128], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits["flex", None], logits["sdpa", None], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_block", [16, 32, 64])
+def test_narrow_block_kernel_options_fit_inductors_tile_rules(kv_block, monkeypatch):
+    """The CUDA kernel of 128 x ``kv_block`` masks: Triton tiles that divide the mask's blocks (what
+    Inductor's FlexAttention lowering checks, torch/_inductor/kernel/flex/flex_attention.py) and obey
+    the backward template's asserts, compiled apart from the 128 x 128 kernel with Inductor's
+    autotuning on (without it the backward has no candidate tile dividing 64 on H100). The compile
+    itself is CUDA-only: ``torch.compile`` is replaced here by a TEST DOUBLE that records its call."""
+    from megatron_mmbert.model import attention
+
+    o = {k.split("_", 1)[1]: v for k, v in attention.narrow_block_kernel_options(128, kv_block).items()}
+    assert 128 % o["BLOCK_M"] == 0 and kv_block % o["BLOCK_N"] == 0
+    assert kv_block % o["BLOCK_N1"] == 0 and 128 % o["BLOCK_M1"] == 0 and o["BLOCK_N1"] % o["BLOCK_M1"] == 0
+    assert kv_block % o["BLOCK_N2"] == 0 and 128 % o["BLOCK_M2"] == 0 and o["BLOCK_M2"] % o["BLOCK_N2"] == 0
+    with pytest.raises(ValueError, match="narrow FlexAttention blocks"):
+        attention.narrow_block_kernel_options(64, 64)
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append((fn, kw)) or fn)
+    monkeypatch.setattr(attention, "_COMPILED_FLEX", None)
+    monkeypatch.setattr(attention, "_COMPILED_FLEX_NARROW", None)
+    narrow = attention.flex_kernel(torch.device("cuda"), (128, kv_block))
+    square = attention.flex_kernel(torch.device("cuda"), (128, 128))
+    assert narrow.keywords == {"kernel_options": attention.narrow_block_kernel_options(128, kv_block)}
+    assert calls[0] == (attention._narrow_block_flex, {"dynamic": False, "options": {"max_autotune": True}})
+    assert calls[1][1] == {"dynamic": False} and square.compiled is calls[1][0]

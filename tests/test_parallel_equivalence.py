@@ -2,7 +2,8 @@
 
 The same weights and global batch at TP1/PP1 (one process) and, in one 4-process torchrun world,
 TP2xDP2, TP2 with sequence parallelism xDP2, PP2xDP2 with the distributed optimizer, TP2xPP2, PP2 with 2 virtual stages xDP2, and DP4
-with the distributed optimizer (also with overlapped grad reduce-scatter and param all-gather): same loss (1e-5) and, after one AdamW step, the same weights.
+with the distributed optimizer (also with overlapped grad reduce-scatter and param all-gather), and TP2xPP2
+with full activation recompute: same loss (1e-5) and, after one AdamW step, the same weights.
 StableAdamW: three steps at TP2xDP2 with the distributed optimizer (tensors split over TP and DP
 ranks, whole-tensor clipping statistics) equal three steps of one process.
 bf16 (bf16 weights, fp32 main params): the first step tracks fp32's, and TP2xPP2 and PP2xDP2 with the
@@ -25,7 +26,8 @@ from megatron_mmbert.training.config import OptimizerSection
 from megatron_mmbert.training.step import build_optimizer, train_step, wrap_ddp
 from tests.helpers.model import make_hf_model, packed_batch, torchrun
 
-LAYOUTS = ["tp2_dp2", "tp2_sp_dp2", "pp2_dp2_distopt", "tp2_pp2", "pp2_vpp2_dp2", "dp4_distopt", "dp4_distopt_overlap"]
+LAYOUTS = ["tp2_dp2", "tp2_sp_dp2", "pp2_dp2_distopt", "tp2_pp2", "pp2_vpp2_dp2", "dp4_distopt", "dp4_distopt_overlap",
+           "tp2_pp2_full_recompute"]
 SETTINGS = dict(lr=1e-3, weight_decay=0.1)  # as in the worker (clip_grad 1.0: OptimizerSection's default)
 
 

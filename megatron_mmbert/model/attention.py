@@ -18,6 +18,7 @@ per-layer list, read by TE as well), so every kernel agrees with ModernBERT's ``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -29,6 +30,8 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
+
+from megatron_mmbert.model.recompute import replaying_autocast
 
 
 @dataclass
@@ -120,17 +123,12 @@ class MMBertSelfAttention(SelfAttention):
         argument, which must be a tensor, and FlexAttention's ``BlockMask`` is not one) and the
         recompute runs under the forward's autocast. Dropout replays megatron's RNG tracker states."""
 
-        # The recompute runs in the backward, outside the forward's autocast (amp_bf16): replay it.
-        device_type = query.device.type
-        autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-
         def core_attention(q, k, v):
-            with torch.autocast(device_type, dtype=autocast[1], enabled=autocast[0]):
-                return self.core_attention(q, k, v, attention_mask,
-                                           attn_mask_type=attn_mask_type or self.attn_mask_type,
-                                           attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+            return self.core_attention(q, k, v, attention_mask, attn_mask_type=attn_mask_type or self.attn_mask_type,
+                                       attention_bias=attention_bias, packed_seq_params=packed_seq_params)
 
-        return tensor_parallel.checkpoint(core_attention, False, query, key, value)
+        # The recompute runs in the backward, outside the forward's autocast (amp_bf16): replay it.
+        return tensor_parallel.checkpoint(replaying_autocast(core_attention, query.device.type), False, query, key, value)
 
     def get_query_key_value_tensors(self, *args, **kwargs):
         query, key, value = super().get_query_key_value_tensors(*args, **kwargs)
@@ -214,7 +212,24 @@ class SDPAAttention(CoreAttention):
 
 
 FLEX_BLOCK = 128
-"""FlexAttention's block size (its default; the compiled CUDA kernels tile by it)."""
+"""FlexAttention's block size (its default; the compiled CUDA kernels tile by it). Query blocks are
+always this size; global layers' key blocks too."""
+
+LOCAL_KV_BLOCK = 64
+"""Key-block size of sliding-window layers where it is verified (the CPU; ``model.local_attention_block``
+unset). With 128-query blocks, a +-64 window reads 256 keys per query block at 64-key blocks and 384
+at 128: the window's 129 keys plus what the block edges add."""
+
+
+def local_kv_block(configured: Optional[int], device: torch.device) -> int:
+    """The key-block size of local layers' ``BlockMask``: ``model.local_attention_block``, or when
+    unset :data:`LOCAL_KV_BLOCK` on the CPU and :data:`FLEX_BLOCK` on CUDA, where 64-key blocks need
+    :func:`flex_kernel`'s narrow-block kernel (its Inductor autotuning pass; docs/training.md
+    "Step performance") and stay opt-in until the GPU check has timed them
+    (``benchmarks/model_throughput.py --local-blocks 128,64``)."""
+    if configured is not None:
+        return configured
+    return FLEX_BLOCK if device.type == "cuda" else LOCAL_KV_BLOCK
 
 
 def document_block_mask(cu_seqlens: torch.Tensor, total: int, half_window: Optional[int],
@@ -319,18 +334,60 @@ def _eager_flex(*args, **kwargs):
         return flex_attention(*args, **kwargs)
 
 
-def flex_kernel(device: torch.device):
-    """FlexAttention compiled once per process on CUDA (inductor's block-sparse Triton kernels,
-    forward and backward). On CPU it runs eager: torch has no FlexAttention backward there, and
-    compiling the CPU forward takes about a minute per shape -- too slow for evaluation and CI."""
-    global _COMPILED_FLEX
+def flex_kernel(device: torch.device, block: Tuple[int, int] = (FLEX_BLOCK, FLEX_BLOCK)):
+    """FlexAttention for a ``BlockMask`` of ``block`` (query block, key block): compiled once per
+    process on CUDA (inductor's block-sparse Triton kernels, forward and backward). On CPU it runs
+    eager: torch has no FlexAttention backward there, and compiling the CPU forward takes about a
+    minute per shape -- too slow for evaluation and CI.
+
+    Key blocks narrower than 128 (local layers, ``model.local_attention_block``) get their own
+    compiled kernel (:func:`narrow_block_kernel_options`)."""
+    global _COMPILED_FLEX, _COMPILED_FLEX_NARROW
     from torch.nn.attention.flex_attention import flex_attention
 
     if device.type != "cuda":
         return _eager_flex
-    if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = limit_recompiles(torch.compile(flex_attention, dynamic=False))
-    return _COMPILED_FLEX
+    if tuple(block) == (FLEX_BLOCK, FLEX_BLOCK):
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = limit_recompiles(torch.compile(flex_attention, dynamic=False))
+        return _COMPILED_FLEX
+    options = narrow_block_kernel_options(*block)
+    if _COMPILED_FLEX_NARROW is None:
+        # Inductor's autotuning pass: its backward keeps only candidate tiles that divide the mask's
+        # blocks, and the one default candidate (H100, head_dim 64: 128-key tiles) does not divide 64;
+        # the autotuning candidates do, and take the tiles of ``kernel_options`` (one kernel each pass).
+        _COMPILED_FLEX_NARROW = limit_recompiles(
+            torch.compile(_narrow_block_flex, dynamic=False, options={"max_autotune": True}))
+    return functools.partial(_COMPILED_FLEX_NARROW, kernel_options=options)
+
+
+_COMPILED_FLEX_NARROW = None
+
+
+def _narrow_block_flex(*args, **kwargs):
+    """FlexAttention under its own name, so the narrow-block kernel has its own compiled variants
+    (Dynamo keeps them per function) beside the 128 x 128 kernel."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(*args, **kwargs)
+
+
+def narrow_block_kernel_options(q_block: int, kv_block: int) -> dict:
+    """FlexAttention ``kernel_options`` for a ``BlockMask`` of ``q_block`` x ``kv_block``
+    (``kv_block`` < 128): the Triton tiles torch picks by default on H100 for head_dim 64 (torch
+    2.11-2.13, ``torch/_inductor/template_heuristics/triton.py``: forward ``BLOCK_M, BLOCK_N`` = 128,
+    128, 4 warps, 3 stages; backward ``BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2`` = 64, 128, 128, 64,
+    8 warps, 3 stages) with every key tile cut to the key block, as Inductor requires (the kernel's
+    tiles must divide the mask's blocks; ``BLOCK_N1 % BLOCK_M1 == 0`` and ``BLOCK_M2 % BLOCK_N2 ==
+    0`` in the backward template)."""
+    if q_block != FLEX_BLOCK or kv_block not in (16, 32, 64):
+        raise ValueError(f"narrow FlexAttention blocks are {FLEX_BLOCK} x 16/32/64, not {q_block} x {kv_block}")
+    key_tile = min(64, kv_block)
+    return {
+        "fwd_BLOCK_M": q_block, "fwd_BLOCK_N": kv_block, "fwd_num_warps": 4, "fwd_num_stages": 3,
+        "bwd_BLOCK_M1": key_tile, "bwd_BLOCK_N1": kv_block, "bwd_BLOCK_M2": q_block, "bwd_BLOCK_N2": key_tile,
+        "bwd_num_warps": 8, "bwd_num_stages": 3,
+    }
 
 
 def limit_recompiles(compiled, limit: int = FLEX_RECOMPILE_LIMIT):
@@ -387,7 +444,8 @@ class FlexAttention(_PackedAttention):
         if padded != t:  # evaluation / a short micro-batch at the training shape (flex_padded_tokens)
             query, key, value = (_pad_tokens(x, padded) for x in (query, key, value))
         q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))  # [1, heads, t, d]
-        out = flex_kernel(query.device)(q, k, v, block_mask=attention_mask, scale=self.softmax_scale)
+        kernel = flex_kernel(query.device, attention_mask.BLOCK_SIZE)
+        out = kernel(q, k, v, block_mask=attention_mask, scale=self.softmax_scale)
         return out[0, :, :t].transpose(0, 1).reshape(t, -1)
 
 

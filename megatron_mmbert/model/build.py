@@ -135,9 +135,12 @@ def transformer_config(
         bias_dropout_fusion=on_gpu,
         persist_layer_norm=False,
         calculate_per_token_loss=True,
-        # model.recompute: megatron's selective recompute of the core attention (MMBertSelfAttention).
-        recompute_granularity="selective" if model.recompute == "selective" else None,
+        # model.recompute: megatron's selective recompute of the core attention (MMBertSelfAttention),
+        # or full recompute of layers (model/recompute.py) chosen by megatron's method and count.
+        recompute_granularity=None if model.recompute == "none" else model.recompute,
         recompute_modules=["core_attn"] if model.recompute == "selective" else None,
+        recompute_method=model.recompute_method if model.recompute == "full" else None,
+        recompute_num_layers=model.recompute_num_layers if model.recompute == "full" else None,
         # Layer 0 has no attention pre-norm, so layers are not stackable: checkpoint each layer under
         # its own global index (encoder.layers.{i}.*), which is also the HF-style canonical key.
         hetereogenous_dist_checkpoint=True,

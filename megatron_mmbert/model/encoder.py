@@ -29,13 +29,20 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_mmbert.config import ModelConfig
 from megatron_mmbert.data.mlm import IGNORE_INDEX
-from megatron_mmbert.model.attention import AttentionInputs, document_block_mask, flex_padded_tokens, segment_masks
+from megatron_mmbert.model.attention import (
+    FLEX_BLOCK,
+    AttentionInputs,
+    document_block_mask,
+    flex_padded_tokens,
+    local_kv_block,
+    segment_masks,
+)
 from megatron_mmbert.model.layers import BiasFreeLayerNorm, RotaryTable
 from megatron_mmbert.model.mlm_loss import VocabShard, chunked_cross_entropy
+from megatron_mmbert.model.recompute import MMBertTransformerBlock
 from megatron_mmbert.model.specs import PACKED_BACKENDS, Backend, block_spec
 
 
@@ -122,7 +129,7 @@ class MMBertModel(LanguageModule):
             )
         self.global_rotary = RotaryTable(model_config.head_dim, model_config.global_rope_theta)
         self.local_rotary = RotaryTable(model_config.head_dim, model_config.local_rope_theta)
-        self.encoder = TransformerBlock(
+        self.encoder = MMBertTransformerBlock(  # megatron-core's, with full recompute around our masks
             config=config,
             spec=block_spec(config, backend, model_config.mlp_dropout, vp_stage),
             post_layer_norm=True,
@@ -211,13 +218,13 @@ class MMBertModel(LanguageModule):
             if self.backend == "flex":
                 total = positions.numel()
                 padded = flex_padded_tokens(total, self.flex_tokens)
-                # Square 128-token blocks on local layers too: a 128 x 64 mask (the window's reads,
-                # 256 keys per query block instead of 384) needs compiled kernels tiled by 64 keys,
-                # and torch's default H100 tiles for head_dim 64 are 128 keys (forward) and
-                # (64, 128, 128, 64) (backward), which refuse a 64-key block. See docs/training.md.
+                # Local layers: 128-query x 64-key blocks where verified (256 keys read per query
+                # block for a +-64 window instead of 384); model.local_attention_block chooses.
+                local_block = (FLEX_BLOCK, local_kv_block(self.model_config.local_attention_block, positions.device))
                 masks = (
                     document_block_mask(cu, total, None, padded_total=padded),
-                    document_block_mask(cu, total, self.model_config.local_attention // 2, padded_total=padded),
+                    document_block_mask(cu, total, self.model_config.local_attention // 2, block=local_block,
+                                        padded_total=padded),
                 )
             inputs = AttentionInputs(
                 *masks, self.global_rotary(packed_positions), self.local_rotary(packed_positions)

@@ -16,7 +16,8 @@ import sys
 import torch
 
 LAYOUTS = {
-    # name: (TP, PP, VPP, distributed optimizer[, sequence parallel]); DP = 4 / (TP * PP)
+    # name: (TP, PP, VPP, distributed optimizer[, sequence parallel[, overlap[, model.recompute]]]);
+    # DP = 4 / (TP * PP)
     "tp2_dp2": (2, 1, None, False),
     "tp2_sp_dp2": (2, 1, None, False, True),
     "pp2_dp2_distopt": (1, 2, None, True),
@@ -26,8 +27,11 @@ LAYOUTS = {
     "tp2_dp2_distopt": (2, 1, None, True),
     # megatron DDP's overlapped gradient reduce-scatter and parameter all-gather
     "dp4_distopt_overlap": (1, 1, None, True, False, True),
+    # full activation recompute (one layer per checkpoint) under TP and PP
+    "tp2_pp2_full_recompute": (2, 2, None, False, False, False, "full"),
 }
-DEFAULT = ["tp2_dp2", "tp2_sp_dp2", "pp2_dp2_distopt", "tp2_pp2", "pp2_vpp2_dp2", "dp4_distopt", "dp4_distopt_overlap"]
+DEFAULT = ["tp2_dp2", "tp2_sp_dp2", "pp2_dp2_distopt", "tp2_pp2", "pp2_vpp2_dp2", "dp4_distopt", "dp4_distopt_overlap",
+           "tp2_pp2_full_recompute"]
 
 
 def main():
@@ -50,14 +54,15 @@ def main():
     precision = os.environ.get("PRECISION", "fp32")
     for name in wanted:
         tp, pp, vpp, distopt, *rest = LAYOUTS[name]
-        sp, overlap = (list(rest) + [False, False])[:2]
+        sp, overlap, recompute = list(rest) + [False, False, "none"][len(rest):]
         if only and name not in only.split(","):
             continue
         parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vpp,
                                   use_distributed_optimizer=distopt, sequence_parallel=bool(sp),
                                   overlap_grad_reduce=bool(overlap), overlap_param_gather=bool(overlap))
-        rt = runtime.initialize(model, parallel, seed=7)
-        chunks = build_model(model, parallel, precision)
+        layout_model = dataclasses.replace(model, recompute=recompute)
+        rt = runtime.initialize(layout_model, parallel, seed=7)
+        chunks = build_model(layout_model, parallel, precision)
         ckpt.load_model(ckpt_dir, chunks)
         chunks = wrap_ddp(chunks, parallel, precision)
         clip = 1.0 if optimizer_name == "adamw" else 0.0
