@@ -12,6 +12,11 @@ forward+backward (GPU time between CUDA events on a GPU), optimizer, other (logg
 bookkeeping). The first window (start-up, index building, kernel compilation) is left out. Goal:
 under 10% of the step time outside forward/backward.
 
+``--async-save``: one asynchronous checkpoint (``checkpoint.async_save``) of the full training
+state at the last measured step (after its window, so the measured windows hold no save), and the
+run goes on until it is published: the seconds the step waited (planning and the copy to host
+memory), the background write's, and the steps it overlapped.
+
 Data: a synthetic corpus made on the spot (default; random token shards with realistic document
 lengths and skewed language sizes, written by the project's own shard writer: needs no text, no
 tokenizer and no gettext catalogs), or ``--corpus gettext`` (the demo corpus from /usr/share/locale),
@@ -92,8 +97,9 @@ def build_demo_data(work: str) -> str:
     return f"{work}/shards/manifest.json"
 
 
-def read_windows(path: str):
-    """The ``train`` windows of ``metrics.jsonl`` written so far (a line being written is skipped)."""
+def read_windows(path: str, kind: str = "train"):
+    """The ``train`` windows (records of ``kind``) of ``metrics.jsonl`` written so far (a line being
+    written is skipped)."""
     windows = []
     if os.path.exists(path):
         with open(path) as f:
@@ -102,14 +108,20 @@ def read_windows(path: str):
                     record = json.loads(line)
                 except ValueError:
                     break
-                if record.get("kind") == "train":
+                if record.get("kind") == kind:
                     windows.append(record)
     return windows
 
 
-def run_training(cmd, env, metrics: str, steps: int, time_limit: float, log_path: str):
-    """Run ``cmd`` (torchrun) until its metrics hold a window at step >= ``steps`` or ``time_limit``
-    seconds pass, then kill its process group; returns ``(windows, why it ended)``."""
+def read_checkpoints(path: str):
+    """The ``checkpoint`` records (published saves) of ``metrics.jsonl`` written so far."""
+    return read_windows(path, kind="checkpoint")
+
+
+def run_training(cmd, env, metrics: str, steps: int, time_limit: float, log_path: str, wait_for_save: bool = False):
+    """Run ``cmd`` (torchrun) until its metrics hold a window at step >= ``steps`` (and, with
+    ``wait_for_save``, a published checkpoint) or ``time_limit`` seconds pass, then kill its process
+    group; returns ``(windows, why it ended)``."""
     start = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -118,8 +130,8 @@ def run_training(cmd, env, metrics: str, steps: int, time_limit: float, log_path
             while why is None:
                 time.sleep(1.0)
                 windows = read_windows(metrics)
-                if windows and windows[-1]["step"] >= steps:
-                    why = f"{windows[-1]['step']} steps done"
+                if windows and windows[-1]["step"] >= steps and (not wait_for_save or read_checkpoints(metrics)):
+                    why = f"{windows[-1]['step']} steps done" + (", checkpoint published" if wait_for_save else "")
                 elif proc.poll() is not None:
                     why = f"the run exited with code {proc.returncode}"
                 elif time.monotonic() - start > time_limit:
@@ -155,6 +167,8 @@ def main(argv=None):
     p.add_argument("--overlap", action="store_true",
                    help="parallel.overlap_grad_reduce (and overlap_param_gather with --distributed-optimizer)")
     p.add_argument("--recompute", default="none", choices=["none", "selective"], help="model.recompute")
+    p.add_argument("--async-save", action="store_true",
+                   help="one checkpoint.async_save save at the last measured step; report what it cost the step")
     p.add_argument("--log", help="write the training run's output here (default: in the work folder)")
     p.add_argument("--append", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -186,7 +200,8 @@ def main(argv=None):
         "schedule": {"total_tokens": phase_tokens, "phases": {"pretrain": {"lr": 1.0e-3, "warmup_tokens": 0}}},
         "batch": {"global_batch_size": args.rows, "micro_batch_size": args.micro_rows,
                   "rampup_start_rows": None, "rampup_increment_rows": None, "rampup_tokens": 0},
-        "checkpoint": {"every_steps": 0, "keep_phase_ends": False},
+        "checkpoint": {"every_steps": args.steps if args.async_save else 0, "keep_phase_ends": False,
+                       "keep_last": 1, "async_save": args.async_save},
         "logging": {"interval": args.interval, "eval_interval": 0, "tensorboard": False},
     }
     import yaml
@@ -200,9 +215,9 @@ def main(argv=None):
     log_path = args.log or f"{work}/train.log"
     print(f"training run: {' '.join(cmd)} (output: {log_path})", flush=True)
     windows, why = run_training(cmd, env, f"{work}/run/metrics.jsonl", args.steps,
-                                args.time_limit - (time.monotonic() - start), log_path)
+                                args.time_limit - (time.monotonic() - start), log_path, wait_for_save=args.async_save)
     print(f"run stopped: {why}", flush=True)
-    measured = windows[1:]  # skip start-up
+    measured = [w for w in windows[1:] if w["step"] <= args.steps]  # skip start-up (and the steps after the save)
     if not measured:
         with open(log_path, errors="replace") as f:
             tail = f.read()[-6000:]
@@ -224,7 +239,8 @@ def main(argv=None):
         f"({args.micro_rows} rows per micro-batch), 30% masking, best_fit packing, {corpus}; StableAdamW, "
         f"{'distributed' if args.distributed_optimizer else 'plain'} optimizer"
         f"{', overlapped gradient reduce / parameter gather' if args.overlap else ''}"
-        f"{', selective recompute' if args.recompute == 'selective' else ''}; "
+        f"{', selective recompute' if args.recompute == 'selective' else ''}"
+        f"{', one asynchronous checkpoint' if args.async_save else ''}; "
         f"{measured_steps} measured steps after the first log window ({why})",
         "",
         "| tokens/s | forward+backward | optimizer | data | other (logging, bookkeeping) | outside fwd/bwd | MFU | peak memory |",
@@ -237,7 +253,35 @@ def main(argv=None):
         "CUDA events on a GPU (host time on CPU); optimizer: the rest of the step. Peak memory: CUDA max "
         "allocated, or peak RSS on CPU (rank 0).",
     ]
+    if args.async_save:
+        lines += async_save_lines(f"{work}/run/metrics.jsonl", log_path, windows, args.steps)
     report(lines, args.append)
+
+
+def async_save_lines(metrics: str, log_path: str, windows, steps: int):
+    """What the asynchronous save at step ``steps`` cost (``--async-save``): the published record, or
+    what the log says of a save still being written when the run was stopped."""
+    import re
+
+    records = read_checkpoints(metrics)
+    if records:
+        r = records[0]
+        # the windows of the steps the write overlapped: from the save's step to its publication
+        after = [w for w in windows if w["step"] > steps and w["step"] - w["window_steps"] < r["published_at_step"]]
+        overlapped = (f"; the {sum(w['window_steps'] for w in after)} step(s) logged after it ran at "
+                      f"{sum(w['tokens_per_s'] for w in after) / len(after):,.0f} tokens/s (the first holds "
+                      "the wait)") if after else ""
+        text = (f"the step waited **{r['blocked_s']:.2f} s** (planning and the copy of {r['bytes'] / 2**30:.2f} GiB "
+                f"to host memory, rank 0), the background write took **{r['write_s']:.2f} s** (files, fsync, "
+                f"SHA-256), published at step {r['published_at_step']} in {r['finalize_s']:.2f} s"
+                + (f" after a forced wait of {r['waited_s']:.2f} s" if r["waited_s"] else "") + overlapped)
+    else:
+        with open(log_path, errors="replace") as f:
+            started = re.findall(r"in the background \(the step waited ([0-9.]+)s for the copy of ([0-9.]+) MiB", f.read())
+        text = (f"the step waited {float(started[0][0]):.2f} s (copy of {float(started[0][1]) / 1024:.2f} GiB to host "
+                "memory); not published before the run was stopped (background write time unknown)") if started \
+            else "no save started before the run was stopped"
+    return ["", f"Asynchronous checkpoint (`checkpoint.async_save`) at step {steps}: {text}."]
 
 
 if __name__ == "__main__":

@@ -8,16 +8,16 @@ tests/test_training_resume.py (layout ``shipped``); a stop signal with a save in
 tests/test_preemption.py."""
 
 import errno
-import json
 import os
 import threading
 
 import pytest
 import torch
 
-from megatron_mmbert.checkpoints import async_save, dcp_io
+from megatron_mmbert.checkpoints import async_save
 from megatron_mmbert.checkpoints import dist as ckpt
 from megatron_mmbert.config import model_preset
+from tests.helpers.training import checkpoint_file_differences
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,13 +58,6 @@ class Chunk(torch.nn.Module):
 
 def _save_args(root, name, chunk, step=3):
     return (str(root), name, [chunk], None, model_preset("tiny"), {"step": step})
-
-
-def _metadata(path):
-    with open(path, "rb") as f:
-        meta = dcp_io.load_metadata(f, path)
-    meta.storage_meta = None  # the save's own id and folder: drawn anew by every save
-    return meta
 
 
 class Gate:
@@ -108,17 +101,7 @@ def test_the_background_write_is_the_synchronous_save_of_the_scheduled_state(tmp
     assert (async_root / "latest").read_text().strip() == "iter_0000003"
 
     a, s = async_root / "iter_0000003", sync_root / "iter_0000003"
-    assert sorted(os.listdir(a)) == sorted(os.listdir(s))
-    for name in os.listdir(s):
-        if name == ".metadata":
-            assert _metadata(str(a / name)) == _metadata(str(s / name))
-        elif name == "mmbert_config.json":
-            ja, js = (json.loads((d / name).read_text()) for d in (a, s))
-            for j in (ja, js):
-                j.pop("saved_at"), j["files"].pop(".metadata")
-            assert ja == js
-        elif (s / name).is_file():
-            assert (a / name).read_bytes() == (s / name).read_bytes(), name
+    assert checkpoint_file_differences(str(s), str(a)) == []
     ckpt.verify_checkpoint(str(a))  # the digests the writer took in the background are the files'
 
 
@@ -166,3 +149,15 @@ def test_an_unknown_request_is_refused_by_name():
         async_save._unpack_request(AsyncRequest(print, (1, 2, 3), []))
     assert info.value.field == "checkpoint.async_save"
     assert async_save._unpack_request(AsyncRequest(None, (), [])) == ([], [], None)
+
+
+def test_start_up_refuses_what_the_writer_cannot_do(monkeypatch):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_mmbert.config import ConfigError
+
+    async_save.require_support()  # megatron-core 0.16.1 as pinned, psutil installed
+    monkeypatch.setattr(filesystem_async, "HAVE_PSUTIL", False)
+    with pytest.raises(ConfigError, match="needs psutil.*checkpoint.async_save: false"):
+        async_save.AsyncSaver(torch.device("cpu"))
+    async_save.AsyncSaver(torch.device("cpu"), enabled=False)  # off: nothing is checked

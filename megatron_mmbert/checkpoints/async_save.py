@@ -123,11 +123,45 @@ def _unpack_request(request) -> tuple:
     return transform_list, buckets, results_queue
 
 
+def require_support() -> None:
+    """Refuse ``checkpoint.async_save`` at start-up, naming what is missing, where this module cannot
+    write: a default save strategy that is not megatron-core's asynchronous torch_dist one, a
+    megatron-core without ``FileSystemWriterAsync``'s per-file writer, the multi-storage client
+    (object stores: this writer opens local files), or no psutil (megatron-core's writer needs it)."""
+    def refuse(why: str):
+        raise ConfigError(field="checkpoint.async_save",
+                          message=f"checkpoint.async_save: {why}; set checkpoint.async_save: false")
+
+    try:
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+        from megatron.core.dist_checkpointing.strategies.base import AsyncSaveShardedStrategy
+    except ImportError as exc:
+        refuse(f"this megatron-core has no asynchronous dist_checkpointing save ({exc})")
+    writer = filesystem_async.FileSystemWriterAsync
+    if not all(hasattr(writer, n) for n in ("write_preloaded_data", "write_preloaded_data_multiproc")):
+        refuse("this megatron-core's FileSystemWriterAsync lacks write_preloaded_data (0.16's per-file writer)")
+    strategy = get_default_save_sharded_strategy()
+    if not isinstance(strategy, AsyncSaveShardedStrategy):
+        refuse(f"megatron-core's default save strategy {type(strategy).__name__} cannot save asynchronously")
+    try:
+        from megatron.core.msc_utils import MultiStorageClientFeature
+
+        if MultiStorageClientFeature.is_enabled():
+            refuse("megatron-core's multi-storage client is enabled; the background writer writes local files only")
+    except ImportError:
+        pass
+    if not getattr(filesystem_async, "HAVE_PSUTIL", True):
+        refuse("megatron-core's checkpoint writer needs psutil (pip install psutil)")
+
+
 class AsyncSaver:
     """At most one asynchronous training checkpoint in flight; every method is collective (every
-    rank calls it at the same step boundary)."""
+    rank calls it at the same step boundary). ``enabled``: :func:`require_support` at once."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, enabled: bool = True):
+        if enabled:
+            require_support()
         self.device = device
         self.pending: Optional[PendingSave] = None
         self.thread: Optional[threading.Thread] = None
@@ -277,4 +311,4 @@ class AsyncSaver:
         return job
 
 
-__all__ = ["AsyncSaver", "PendingSave"]
+__all__ = ["AsyncSaver", "PendingSave", "require_support"]

@@ -156,7 +156,7 @@ class Trainer:
         self.optimizer = optim.build(cfg, self.chunks, cfg.phases[0])
         self.n_params = sum(p.numel() for c in self.chunks for p in c.parameters())
         self.stop = StopFlag(cfg.checkpoint.save_on_signal)
-        self.async_saver = AsyncSaver(self.rt.device)  # used with checkpoint.async_save
+        self.async_saver = AsyncSaver(self.rt.device, enabled=cfg.checkpoint.async_save)
         self.plan = BatchPlan(cfg)
         self.evaluator = Evaluator(cfg, self.chunks, self.rt)
         self.complete: Optional[str] = None  # the checkpoint that already ends the last phase
