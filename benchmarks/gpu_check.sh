@@ -35,7 +35,7 @@
 #               256000, amp_bf16, StableAdamW, best_fit packing, distributed optimizer, 48 x 1024
 #               micro-batches, one process per GPU) on a synthetic corpus made on the spot: tokens/s,
 #               MFU and the step split (forward/backward timed with CUDA events). No evaluation; one
-#               asynchronous checkpoint after the last measured step (--async-save: the seconds the
+#               asynchronous checkpoint after the last measured step (--save async: the seconds the
 #               step waited for it, the background write's); metrics read as they come, so a
 #               cut-off run still reports;
 #   parity      HF parity of the model on the device for every backend (sdpa, flex compiled, flash
@@ -118,7 +118,7 @@ else
 fi
 # The train step also saves one asynchronous checkpoint (checkpoint.async_save) at its last measured
 # step and reports the seconds the step waited for it and the background write's (issue 25).
-TRAIN="$TRAIN --async-save"
+TRAIN="$TRAIN --save async"
 
 printf '| step | status | seconds |\n|---|---|---|\n' > "$SUMMARY"
 FAILED=0

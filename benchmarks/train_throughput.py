@@ -12,10 +12,11 @@ forward+backward (GPU time between CUDA events on a GPU), optimizer, other (logg
 bookkeeping). The first window (start-up, index building, kernel compilation) is left out. Goal:
 under 10% of the step time outside forward/backward.
 
-``--async-save``: one asynchronous checkpoint (``checkpoint.async_save``) of the full training
+``--save async``: one asynchronous checkpoint (``checkpoint.async_save``) of the full training
 state at the last measured step (after its window, so the measured windows hold no save), and the
 run goes on until it is published: the seconds the step waited (planning and the copy to host
-memory), the background write's, and the steps it overlapped.
+memory), the background write's, and the steps it overlapped. ``--save sync``: the same save
+written synchronously (the step waits for all of it), the anchor.
 
 Data: a synthetic corpus made on the spot (default; random token shards with realistic document
 lengths and skewed language sizes, written by the project's own shard writer: needs no text, no
@@ -167,8 +168,9 @@ def main(argv=None):
     p.add_argument("--overlap", action="store_true",
                    help="parallel.overlap_grad_reduce (and overlap_param_gather with --distributed-optimizer)")
     p.add_argument("--recompute", default="none", choices=["none", "selective"], help="model.recompute")
-    p.add_argument("--async-save", action="store_true",
-                   help="one checkpoint.async_save save at the last measured step; report what it cost the step")
+    p.add_argument("--save", default="none", choices=["none", "sync", "async"],
+                   help="one checkpoint at the last measured step, written synchronously or with "
+                        "checkpoint.async_save; report what it cost the step")
     p.add_argument("--log", help="write the training run's output here (default: in the work folder)")
     p.add_argument("--append", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -200,8 +202,8 @@ def main(argv=None):
         "schedule": {"total_tokens": phase_tokens, "phases": {"pretrain": {"lr": 1.0e-3, "warmup_tokens": 0}}},
         "batch": {"global_batch_size": args.rows, "micro_batch_size": args.micro_rows,
                   "rampup_start_rows": None, "rampup_increment_rows": None, "rampup_tokens": 0},
-        "checkpoint": {"every_steps": args.steps if args.async_save else 0, "keep_phase_ends": False,
-                       "keep_last": 1, "async_save": args.async_save},
+        "checkpoint": {"every_steps": 0 if args.save == "none" else args.steps, "keep_phase_ends": False,
+                       "keep_last": 1, "async_save": args.save == "async"},
         "logging": {"interval": args.interval, "eval_interval": 0, "tensorboard": False},
     }
     import yaml
@@ -215,7 +217,7 @@ def main(argv=None):
     log_path = args.log or f"{work}/train.log"
     print(f"training run: {' '.join(cmd)} (output: {log_path})", flush=True)
     windows, why = run_training(cmd, env, f"{work}/run/metrics.jsonl", args.steps,
-                                args.time_limit - (time.monotonic() - start), log_path, wait_for_save=args.async_save)
+                                args.time_limit - (time.monotonic() - start), log_path, wait_for_save=args.save != "none")
     print(f"run stopped: {why}", flush=True)
     measured = [w for w in windows[1:] if w["step"] <= args.steps]  # skip start-up (and the steps after the save)
     if not measured:
@@ -240,7 +242,7 @@ def main(argv=None):
         f"{'distributed' if args.distributed_optimizer else 'plain'} optimizer"
         f"{', overlapped gradient reduce / parameter gather' if args.overlap else ''}"
         f"{', selective recompute' if args.recompute == 'selective' else ''}"
-        f"{', one asynchronous checkpoint' if args.async_save else ''}; "
+        f"{'' if args.save == 'none' else ', one ' + ('asynchronous' if args.save == 'async' else 'synchronous') + ' checkpoint'}; "
         f"{measured_steps} measured steps after the first log window ({why})",
         "",
         "| tokens/s | forward+backward | optimizer | data | other (logging, bookkeeping) | outside fwd/bwd | MFU | peak memory |",
@@ -253,17 +255,20 @@ def main(argv=None):
         "CUDA events on a GPU (host time on CPU); optimizer: the rest of the step. Peak memory: CUDA max "
         "allocated, or peak RSS on CPU (rank 0).",
     ]
-    if args.async_save:
-        lines += async_save_lines(f"{work}/run/metrics.jsonl", log_path, windows, args.steps)
+    if args.save != "none":
+        lines += save_lines(f"{work}/run/metrics.jsonl", log_path, windows, args.steps)
     report(lines, args.append)
 
 
-def async_save_lines(metrics: str, log_path: str, windows, steps: int):
-    """What the asynchronous save at step ``steps`` cost (``--async-save``): the published record, or
-    what the log says of a save still being written when the run was stopped."""
+def save_lines(metrics: str, log_path: str, windows, steps: int):
+    """What the save at step ``steps`` cost (``--save``): its published record, or what the log says of
+    an asynchronous save still being written when the run was stopped."""
     import re
 
     records = read_checkpoints(metrics)
+    if records and not records[0]["async"]:
+        return ["", f"Synchronous checkpoint at step {steps}: the step waited **{records[0]['blocked_s']:.2f} s** "
+                    "(planning, files, fsync, SHA-256, publication)."]
     if records:
         r = records[0]
         # the windows of the steps the write overlapped: from the save's step to its publication
