@@ -188,12 +188,15 @@ class AsyncSaver:
                 ckpt.training_sharded_state_dict(chunks, optimizer, is_loading=False), tmp, async_sharded_save=True
             )
             transform_list, buckets, results_queue = _unpack_request(request)
-            staged, nbytes = [], 0
-            for path, storage_key, (bytes_data, tensor_data) in buckets:
+            nbytes, on_device = 0, False
+            for i, (path, storage_key, (bytes_data, tensor_data)) in enumerate(buckets):
+                on_device = on_device or any(t.device.type != "cpu" for _, t in tensor_data)
                 tensors = [(item, _stage(t)) for item, t in tensor_data]
                 nbytes += sum(t.numel() * t.element_size() for _, t in tensors)
-                staged.append((path, storage_key, (bytes_data, tensors)))
-            if any(t.is_pinned() for _, _, (_, ts) in staged for _, t in ts):
+                # in place: megatron-core's writer object shares this list, which then holds no
+                # device tensor (nor a view of a live one) until the finalization
+                buckets[i] = (path, storage_key, (bytes_data, tensors))
+            if on_device:
                 torch.cuda.synchronize()
         except BaseException as exc:
             ckpt.abandon_save(tmp, exc, directory)
@@ -202,7 +205,7 @@ class AsyncSaver:
                           ckpt.training_extra(optimizer, train_state, tokenizer_identity), tokenizer,
                           list(request.finalize_fns), bytes=nbytes)
         self.pending = job
-        self.thread = threading.Thread(target=self._write, args=(job, transform_list, staged, results_queue, during_write),
+        self.thread = threading.Thread(target=self._write, args=(job, transform_list, buckets, results_queue, during_write),
                                        name=f"checkpoint-writer-{name}", daemon=True)
         self.thread.start()
         job.blocked_s = time.perf_counter() - t0
