@@ -276,13 +276,14 @@ def save_lines(metrics: str, log_path: str, windows, steps: int):
         overlapped = (f"; the {sum(w['window_steps'] for w in after)} step(s) logged after it ran at "
                       f"{sum(w['tokens_per_s'] for w in after) / len(after):,.0f} tokens/s (the first holds "
                       "the wait)") if after else ""
-        text = (f"the step waited **{r['blocked_s']:.2f} s** (planning and the copy of {r['bytes'] / 2**30:.2f} GiB "
-                f"to host memory, rank 0), the background write took **{r['write_s']:.2f} s** (files, fsync, "
+        text = (f"the step waited **{r['blocked_s']:.2f} s** (rank 0: sharded state {r['state_s']:.2f} s, "
+                f"megatron-core's planning {r['plan_s']:.2f} s, the copy of {r['bytes'] / 2**30:.2f} GiB to host memory "
+                f"{r['copy_s']:.2f} s), the background write took **{r['write_s']:.2f} s** (files, fsync, "
                 f"SHA-256), published at step {r['published_at_step']} in {r['finalize_s']:.2f} s"
                 + (f" after a forced wait of {r['waited_s']:.2f} s" if r["waited_s"] else "") + overlapped)
     else:
         with open(log_path, errors="replace") as f:
-            started = re.findall(r"in the background \(the step waited ([0-9.]+)s for the copy of ([0-9.]+) MiB", f.read())
+            started = re.findall(r"in the background \(the step waited ([0-9.]+)s: .* copy of ([0-9.]+) MiB", f.read())
         text = (f"the step waited {float(started[0][0]):.2f} s (copy of {float(started[0][1]) / 1024:.2f} GiB to host "
                 "memory); not published before the run was stopped (background write time unknown)") if started \
             else "no save started before the run was stopped"

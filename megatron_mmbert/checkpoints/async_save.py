@@ -71,6 +71,12 @@ class PendingSave:
     """Seconds the caller waited to schedule the save (planning, ``common.pt``, the host copy)."""
     bytes: int = 0
     """Bytes of tensor data this rank copied to host memory and writes."""
+    state_s: float = 0.0
+    """Of ``blocked_s``: building the sharded state dict (model and optimizer)."""
+    plan_s: float = 0.0
+    """Of ``blocked_s``: megatron-core's planning (collective; ``common.pt`` written)."""
+    copy_s: float = 0.0
+    """Of ``blocked_s``: the copy to host memory."""
     write_s: float = 0.0
     """Seconds this rank's background write took (files written, fsynced and hashed)."""
     waited_s: float = 0.0
@@ -184,9 +190,11 @@ class AsyncSaver:
         directory = os.path.join(root, name)
         tmp = ckpt.begin_save(directory)
         try:
-            request = dist_checkpointing.save(
-                ckpt.training_sharded_state_dict(chunks, optimizer, is_loading=False), tmp, async_sharded_save=True
-            )
+            t1 = time.perf_counter()
+            sharded = ckpt.training_sharded_state_dict(chunks, optimizer, is_loading=False)
+            t2 = time.perf_counter()
+            request = dist_checkpointing.save(sharded, tmp, async_sharded_save=True)
+            t3 = time.perf_counter()
             transform_list, buckets, results_queue = _unpack_request(request)
             nbytes, on_device = 0, False
             for i, (path, storage_key, (bytes_data, tensor_data)) in enumerate(buckets):
@@ -203,7 +211,8 @@ class AsyncSaver:
             raise
         job = PendingSave(root, name, tmp, model_config,
                           ckpt.training_extra(optimizer, train_state, tokenizer_identity), tokenizer,
-                          list(request.finalize_fns), bytes=nbytes)
+                          list(request.finalize_fns), bytes=nbytes, state_s=t2 - t1, plan_s=t3 - t2,
+                          copy_s=time.perf_counter() - t3)
         self.pending = job
         self.thread = threading.Thread(target=self._write, args=(job, transform_list, buckets, results_queue, during_write),
                                        name=f"checkpoint-writer-{name}", daemon=True)

@@ -363,8 +363,9 @@ class Trainer:
                          tokenizer_identity=self.stream.manifest.tokenizer.to_json())
         if cfg.checkpoint.async_save:
             job = self.async_saver.save_training(*args, during_write=before_publish, started=t0, **tokenizer)
-            self.log.info(f"saving {job.directory} in the background (the step waited {job.blocked_s:.2f}s "
-                          f"for the copy of {job.bytes / 2**20:.1f} MiB to host memory)")
+            self.log.info(f"saving {job.directory} in the background (the step waited {job.blocked_s:.2f}s: state "
+                          f"{job.state_s:.2f}s, planning {job.plan_s:.2f}s, copy of {job.bytes / 2**20:.1f} MiB to "
+                          f"host memory {job.copy_s:.2f}s)")
             return
         path = ckpt.save_training(*args, before_publish=before_publish, **tokenizer)
         self._saved(path, self.state.step, {"async": False, "blocked_s": time.perf_counter() - t0})
@@ -377,7 +378,8 @@ class Trainer:
         job = self.async_saver.wait() if wait else self.async_saver.poll()
         if job is not None:
             self._saved(job.directory, job.extra["train_state"]["step"], {"async": True, "blocked_s": job.blocked_s, "write_s": job.write_s,
-                                        "waited_s": job.waited_s, "finalize_s": job.finalize_s,
+                                        "waited_s": job.waited_s, "finalize_s": job.finalize_s, "state_s": job.state_s,
+                                        "plan_s": job.plan_s, "copy_s": job.copy_s,
                                         "published_at_step": self.state.step, "bytes": job.bytes})
 
     def _saved(self, path: str, step: int, timing: Dict) -> None:
