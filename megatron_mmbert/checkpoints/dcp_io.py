@@ -20,8 +20,9 @@ Writing: megatron-core's ``FileSystemWriterAsync`` collects its writer results t
 ``multiprocessing`` Manager it spawns on the first save. That helper process is in the trainer's
 process group, so SIGTERM to the group (Slurm at the time limit, ``kill -- -PGID``) killed it
 before the trainer could save (``BrokenPipeError``), and SIGKILL of the trainer orphaned it. Our
-saves are synchronous (the writer runs in the calling process), so :func:`install` gives it an
-in-process ``queue.Queue`` instead: no helper process exists.
+saves collect those results in the trainer itself (synchronous saves in the calling process, and
+``checkpoint.async_save``'s writer thread, :mod:`.async_save`), so :func:`install` gives it an
+in-process ``queue.Queue`` instead: no such helper process exists.
 
 Integrity: :func:`file_digests` records every file's size and SHA-256 at save time and
 :func:`verify_digests` checks them on load (see docs/training.md "Safety").
