@@ -12,6 +12,12 @@ forward+backward (GPU time between CUDA events on a GPU), optimizer, other (logg
 bookkeeping). The first window (start-up, index building, kernel compilation) is left out. Goal:
 under 10% of the step time outside forward/backward.
 
+``--save async``: one asynchronous checkpoint (``checkpoint.async_save``) of the full training
+state at the last measured step (after its window, so the measured windows hold no save), and the
+run goes on until it is published: the seconds the step waited (planning and the copy to host
+memory), the background write's, and the steps it overlapped. ``--save sync``: the same save
+written synchronously (the step waits for all of it), the anchor.
+
 Data: a synthetic corpus made on the spot (default; random token shards with realistic document
 lengths and skewed language sizes, written by the project's own shard writer: needs no text, no
 tokenizer and no gettext catalogs), or ``--corpus gettext`` (the demo corpus from /usr/share/locale),
@@ -92,8 +98,9 @@ def build_demo_data(work: str) -> str:
     return f"{work}/shards/manifest.json"
 
 
-def read_windows(path: str):
-    """The ``train`` windows of ``metrics.jsonl`` written so far (a line being written is skipped)."""
+def read_windows(path: str, kind: str = "train"):
+    """The ``train`` windows (records of ``kind``) of ``metrics.jsonl`` written so far (a line being
+    written is skipped)."""
     windows = []
     if os.path.exists(path):
         with open(path) as f:
@@ -102,14 +109,20 @@ def read_windows(path: str):
                     record = json.loads(line)
                 except ValueError:
                     break
-                if record.get("kind") == "train":
+                if record.get("kind") == kind:
                     windows.append(record)
     return windows
 
 
-def run_training(cmd, env, metrics: str, steps: int, time_limit: float, log_path: str):
-    """Run ``cmd`` (torchrun) until its metrics hold a window at step >= ``steps`` or ``time_limit``
-    seconds pass, then kill its process group; returns ``(windows, why it ended)``."""
+def read_checkpoints(path: str):
+    """The ``checkpoint`` records (published saves) of ``metrics.jsonl`` written so far."""
+    return read_windows(path, kind="checkpoint")
+
+
+def run_training(cmd, env, metrics: str, steps: int, time_limit: float, log_path: str, wait_for_save: bool = False):
+    """Run ``cmd`` (torchrun) until its metrics hold a window at step >= ``steps`` (and, with
+    ``wait_for_save``, a published checkpoint) or ``time_limit`` seconds pass, then kill its process
+    group; returns ``(windows, why it ended)``."""
     start = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -118,8 +131,8 @@ def run_training(cmd, env, metrics: str, steps: int, time_limit: float, log_path
             while why is None:
                 time.sleep(1.0)
                 windows = read_windows(metrics)
-                if windows and windows[-1]["step"] >= steps:
-                    why = f"{windows[-1]['step']} steps done"
+                if windows and windows[-1]["step"] >= steps and (not wait_for_save or read_checkpoints(metrics)):
+                    why = f"{windows[-1]['step']} steps done" + (", checkpoint published" if wait_for_save else "")
                 elif proc.poll() is not None:
                     why = f"the run exited with code {proc.returncode}"
                 elif time.monotonic() - start > time_limit:
@@ -156,6 +169,9 @@ def main(argv=None):
                    help="parallel.overlap_grad_reduce (and overlap_param_gather with --distributed-optimizer)")
     p.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
                    help="model.recompute (full: one layer per checkpoint, megatron's uniform method)")
+    p.add_argument("--save", default="none", choices=["none", "sync", "async"],
+                   help="one checkpoint at the last measured step, written synchronously or with "
+                        "checkpoint.async_save; report what it cost the step")
     p.add_argument("--log", help="write the training run's output here (default: in the work folder)")
     p.add_argument("--append", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -187,7 +203,8 @@ def main(argv=None):
         "schedule": {"total_tokens": phase_tokens, "phases": {"pretrain": {"lr": 1.0e-3, "warmup_tokens": 0}}},
         "batch": {"global_batch_size": args.rows, "micro_batch_size": args.micro_rows,
                   "rampup_start_rows": None, "rampup_increment_rows": None, "rampup_tokens": 0},
-        "checkpoint": {"every_steps": 0, "keep_phase_ends": False},
+        "checkpoint": {"every_steps": 0 if args.save == "none" else args.steps, "keep_phase_ends": False,
+                       "keep_last": 1, "async_save": args.save == "async"},
         "logging": {"interval": args.interval, "eval_interval": 0, "tensorboard": False},
     }
     import yaml
@@ -201,9 +218,9 @@ def main(argv=None):
     log_path = args.log or f"{work}/train.log"
     print(f"training run: {' '.join(cmd)} (output: {log_path})", flush=True)
     windows, why = run_training(cmd, env, f"{work}/run/metrics.jsonl", args.steps,
-                                args.time_limit - (time.monotonic() - start), log_path)
+                                args.time_limit - (time.monotonic() - start), log_path, wait_for_save=args.save != "none")
     print(f"run stopped: {why}", flush=True)
-    measured = windows[1:]  # skip start-up
+    measured = [w for w in windows[1:] if w["step"] <= args.steps]  # skip start-up (and the steps after the save)
     if not measured:
         with open(log_path, errors="replace") as f:
             tail = f.read()[-6000:]
@@ -225,7 +242,8 @@ def main(argv=None):
         f"({args.micro_rows} rows per micro-batch), 30% masking, best_fit packing, {corpus}; StableAdamW, "
         f"{'distributed' if args.distributed_optimizer else 'plain'} optimizer"
         f"{', overlapped gradient reduce / parameter gather' if args.overlap else ''}"
-        f"{f', {args.recompute} recompute' if args.recompute != 'none' else ''}; "
+        f"{f', {args.recompute} recompute' if args.recompute != 'none' else ''}"
+        f"{'' if args.save == 'none' else ', one ' + ('asynchronous' if args.save == 'async' else 'synchronous') + ' checkpoint'}; "
         f"{measured_steps} measured steps after the first log window ({why})",
         "",
         "| tokens/s | forward+backward | optimizer | data | other (logging, bookkeeping) | outside fwd/bwd | MFU | peak memory |",
@@ -238,7 +256,39 @@ def main(argv=None):
         "CUDA events on a GPU (host time on CPU); optimizer: the rest of the step. Peak memory: CUDA max "
         "allocated, or peak RSS on CPU (rank 0).",
     ]
+    if args.save != "none":
+        lines += save_lines(f"{work}/run/metrics.jsonl", log_path, windows, args.steps)
     report(lines, args.append)
+
+
+def save_lines(metrics: str, log_path: str, windows, steps: int):
+    """What the save at step ``steps`` cost (``--save``): its published record, or what the log says of
+    an asynchronous save still being written when the run was stopped."""
+    import re
+
+    records = read_checkpoints(metrics)
+    if records and not records[0]["async"]:
+        return ["", f"Synchronous checkpoint at step {steps}: the step waited **{records[0]['blocked_s']:.2f} s** "
+                    "(planning, files, fsync, SHA-256, publication)."]
+    if records:
+        r = records[0]
+        # the windows of the steps the write overlapped: from the save's step to its publication
+        after = [w for w in windows if w["step"] > steps and w["step"] - w["window_steps"] < r["published_at_step"]]
+        overlapped = (f"; the {sum(w['window_steps'] for w in after)} step(s) logged after it ran at "
+                      f"{sum(w['tokens_per_s'] for w in after) / len(after):,.0f} tokens/s (the first holds "
+                      "the wait)") if after else ""
+        text = (f"the step waited **{r['blocked_s']:.2f} s** (rank 0: sharded state {r['state_s']:.2f} s, "
+                f"megatron-core's planning {r['plan_s']:.2f} s, the copy of {r['bytes'] / 2**30:.2f} GiB to host memory "
+                f"{r['copy_s']:.2f} s), the background write took **{r['write_s']:.2f} s** (files, fsync, "
+                f"SHA-256), published at step {r['published_at_step']} in {r['finalize_s']:.2f} s"
+                + (f" after a forced wait of {r['waited_s']:.2f} s" if r["waited_s"] else "") + overlapped)
+    else:
+        with open(log_path, errors="replace") as f:
+            started = re.findall(r"in the background \(the step waited ([0-9.]+)s: .* copy of ([0-9.]+) MiB", f.read())
+        text = (f"the step waited {float(started[0][0]):.2f} s (copy of {float(started[0][1]) / 1024:.2f} GiB to host "
+                "memory); not published before the run was stopped (background write time unknown)") if started \
+            else "no save started before the run was stopped"
+    return ["", f"Asynchronous checkpoint (`checkpoint.async_save`) at step {steps}: {text}."]
 
 
 if __name__ == "__main__":

@@ -91,4 +91,6 @@ def test_gpu_check_rehearsed_as_the_device_runs_it(tmp_path):
     assert "## Attention backends: one global + one local layer" in sections
     assert "## Training throughput" in sections and "## Host syncs on the step path" in sections
     assert "amp_bf16" in sections and "StableAdamW" in sections and "best_fit" in sections
+    # the train step's asynchronous checkpoint: published, with the step's wait and the background write
+    assert re.search(r"Asynchronous checkpoint .* the step waited \*\*[0-9.]+ s\*\*.* background write took \*\*[0-9.]+ s", sections), sections
     assert open(results, encoding="utf-8").read() == before  # results go to $OUT, not the repo

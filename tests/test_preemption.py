@@ -2,7 +2,8 @@
 arrives: SIGTERM to the torchrun agent, SIGTERM to the launcher's process group (``kill -- -PGID``;
 torchrun starts each worker in a session of its own and signals that whole group), SIGUSR1 through the shipped launcher (Slurm's ``--signal``; the sbatch
 scripts themselves start one srun task per GPU, which Slurm signals directly), and SIGKILL of the agent. Each must end with a complete, verified checkpoint that
-``latest`` points at and no process left behind.
+``latest`` points at and no process left behind -- also when the trainers save asynchronously
+(``checkpoint.async_save``, the process-group case).
 
 Before the fix, torchrun's SIGTERM to each worker's process group also killed the
 ``multiprocessing`` Manager that megatron-core's ``FileSystemWriterAsync`` had spawned (in that
@@ -32,9 +33,10 @@ LONG_PHASE = {
 }
 
 
-def _start(tmp_path, how):
+def _start(tmp_path, how, async_save=False):
+    sections = {**LONG_PHASE, "checkpoint": {**LONG_PHASE["checkpoint"], "async_save": async_save}}
     cfg = tiny_run_config(str(tmp_path / "run.yaml"), write_manifest(tmp_path / "data"), str(tmp_path / "run"),
-                          **LONG_PHASE)
+                          **sections)
     port = ["--nproc_per_node", "2", "--master_port", str(free_port())]
     env = subprocess_env()
     if how == "launcher":
@@ -96,7 +98,9 @@ def _check_saved(tmp_path):
 
 @pytest.mark.parametrize("how", ["agent", "group", "launcher"])
 def test_signal_ends_in_a_complete_checkpoint(tmp_path, how):
-    proc, _ = _start(tmp_path, how)
+    """``group``: the trainers save asynchronously (``checkpoint.async_save``; with a save every step,
+    one is being written in the background when the signal comes): the stop still ends published."""
+    proc, _ = _start(tmp_path, how, async_save=how == "group")
     tree = _descendants(proc.pid)
     if how == "agent":
         os.kill(proc.pid, signal.SIGTERM)
@@ -107,6 +111,8 @@ def test_signal_ends_in_a_complete_checkpoint(tmp_path, how):
     rc = proc.wait(timeout=240)
     assert _all_gone(tree, 60), "processes left behind"
     _check_saved(tmp_path)
+    if how == "group":
+        assert "asynchronously: the step waited" in open(tmp_path / "out.txt").read()
     # torchrun itself exits 1 after forwarding a signal; the launcher turns a saved stop into 0
     assert rc == (0 if how == "launcher" else 1)
 

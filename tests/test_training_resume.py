@@ -12,13 +12,18 @@ Each test runs at two layouts:
   StableAdamW without gradient clipping, best-fit packing, special tokens maskable, a batch ramp
   (4 -> 8 rows over the first 1024 tokens: steps 1-4) and the distributed optimizer, here over two
   data-parallel ranks (torchrun, gloo), whose optimizer state (StableAdamW's moments and step count,
-  fp32 main parameters) is resharded on load.
+  fp32 main parameters) is resharded on load. Its killed run saves asynchronously
+  (``checkpoint.async_save``; its reference synchronously): killed while a background write is in
+  flight, then after saves were published (the one of the step before the kill is still in flight:
+  the relaunch resumes from the save before it), it still repeats every loss and ends bitwise equal,
+  and every checkpoint it wrote is file for file the reference's.
 
 The killed run is one run directory launched four times (kill during the save of step 4, kill after
 step ``after_boundary``, kill after step ``mid_phase``, then to the end); the module fixture records
 what each launch left, the tests check it.
 """
 
+import copy
 import hashlib
 import os
 import signal
@@ -26,7 +31,7 @@ import signal
 import pytest
 
 from tests.helpers.launch import check, launch
-from tests.helpers.training import compare_checkpoints, tiny_run_config, train_records
+from tests.helpers.training import checkpoint_file_differences, compare_checkpoints, tiny_run_config, train_records
 
 pytestmark = pytest.mark.slow  # every test here launches pretrain_mmbert.py
 
@@ -39,12 +44,13 @@ SHIPPED = {  # as mmbert_base.yaml (and mmbert_small.yaml, which inherits it) tr
 }
 LAYOUTS = {
     # pretrain ends at step 7 (phase_end_pretrain); step 8 is mid's first; the last save before 13 is 12.
-    "one_process": {"nproc": 0, "sections": None, "after_boundary": 8, "mid_phase": 13, "last_save": 12,
-                    "ramp_steps": 2},
-    # best_fit packing, ramp over 4 steps: pretrain ends at step 8; step 9 is mid's first; the last
-    # save before decay's step 15 is 14.
-    "shipped": {"nproc": 2, "sections": SHIPPED, "after_boundary": 9, "mid_phase": 15, "last_save": 14,
-                "ramp_steps": 4},
+    "one_process": {"nproc": 0, "sections": None, "after_boundary": 8, "mid_phase": 13,
+                    "resumes_from": "iter_0000012: step 12,", "ramp_steps": 2},
+    # best_fit packing, ramp over 4 steps: pretrain ends at step 8; step 9 is mid's first, 12 its last.
+    # The killed run saves asynchronously: step 14's save is still in flight at the kill after step 15
+    # (published at a step boundary, after the kill's), so the relaunch resumes from mid's end.
+    "shipped": {"nproc": 2, "sections": SHIPPED, "killed_sections": {"checkpoint": {"async_save": True}},
+                "after_boundary": 9, "mid_phase": 15, "resumes_from": "phase_end_mid: step 12,", "ramp_steps": 4},
 }
 SAVE_KILLED_AT = 4  # inside the ramp of both layouts (the one_process ramp ends with step 2's rows)
 
@@ -64,7 +70,10 @@ def runs(request, tiny_run, tmp_path_factory):
         out["full_cfg"] = tiny_run_config(str(base / "full.yaml"), tiny_run.manifest, out["full"], **sections)
         check(launch(out["full_cfg"], nproc=nproc))
     killed = out["killed"] = str(base / "killed")
-    cfg = tiny_run_config(str(base / "killed.yaml"), tiny_run.manifest, killed, **sections)
+    killed_sections = copy.deepcopy(sections)
+    for key, value in layout.get("killed_sections", {}).items():
+        killed_sections.setdefault(key, {}).update(value)
+    cfg = tiny_run_config(str(base / "killed.yaml"), tiny_run.manifest, killed, **killed_sections)
     ckpts = os.path.join(killed, "checkpoints")
     out["save_killed"] = launch(cfg, "--debug.sigkill_during_save_at_step", str(SAVE_KILLED_AT), nproc=nproc)
     out["after_save_kill"] = {"latest": _read(os.path.join(ckpts, "latest")), "entries": sorted(os.listdir(ckpts))}
@@ -134,7 +143,7 @@ def test_sigkill_after_phase_boundary_and_mid_phase(runs):
     _assert_sigkilled(p, nproc)
     assert "resumed from" in p.stdout and "phase_end_pretrain" in p.stdout and "optimizer restored" in p.stdout
     p = check(runs["finished"])
-    assert f"iter_{layout['last_save']:07d}" in p.stdout  # the last periodic save before the kill
+    assert layout["resumes_from"] in p.stdout, p.stdout[-3000:]  # the last save published before the kill
     full, resumed = _records_by_step(runs["full"]), _records_by_step(runs["killed"])
     assert all(len(v) == 1 for v in full.values()) and sorted(full) == list(range(1, len(full) + 1))
     assert sorted(resumed) == sorted(full)
@@ -149,6 +158,20 @@ def test_resumed_run_ends_bitwise_equal(runs):
     diff = compare_checkpoints(os.path.join(runs["full"], "checkpoints", "phase_end_decay"),
                                [os.path.join(runs["killed"], "checkpoints", "phase_end_decay")])
     assert list(diff.values()) == [[]], diff
+
+
+def test_async_saves_write_the_files_of_synchronous_saves(runs):
+    """The killed run's checkpoints (``shipped``: written in the background, across four launches)
+    are file for file the uninterrupted run's (written synchronously), optimizer state included."""
+    if not runs["layout"].get("killed_sections", {}).get("checkpoint", {}).get("async_save"):
+        pytest.skip("this layout's killed run saves synchronously")
+    full, killed = (os.path.join(runs[k], "checkpoints") for k in ("full", "killed"))
+    out = open(os.path.join(runs["killed"], "metrics.jsonl")).read()
+    assert '"kind": "checkpoint"' in out and '"async": true' in out
+    names = sorted(n for n in set(os.listdir(full)) & set(os.listdir(killed)) if os.path.isdir(os.path.join(full, n)))
+    assert {"iter_0000002", "phase_end_pretrain", "iter_0000014", "phase_end_decay"} <= set(names), names
+    assert {n: checkpoint_file_differences(os.path.join(full, n), os.path.join(killed, n)) for n in names} == \
+        {n: [] for n in names}
 
 
 def test_relaunching_a_finished_run_changes_nothing(runs):

@@ -20,8 +20,9 @@ Writing: megatron-core's ``FileSystemWriterAsync`` collects its writer results t
 ``multiprocessing`` Manager it spawns on the first save. That helper process is in the trainer's
 process group, so SIGTERM to the group (Slurm at the time limit, ``kill -- -PGID``) killed it
 before the trainer could save (``BrokenPipeError``), and SIGKILL of the trainer orphaned it. Our
-saves are synchronous (the writer runs in the calling process), so :func:`install` gives it an
-in-process ``queue.Queue`` instead: no helper process exists.
+saves collect those results in the trainer itself (synchronous saves in the calling process, and
+``checkpoint.async_save``'s writer thread, :mod:`.async_save`), so :func:`install` gives it an
+in-process ``queue.Queue`` instead: no such helper process exists.
 
 Integrity: :func:`file_digests` records every file's size and SHA-256 at save time and
 :func:`verify_digests` checks them on load (see docs/training.md "Safety").
@@ -232,14 +233,19 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def file_digests(directory: str, skip: Iterable[str] = ()) -> Dict[str, Dict[str, Any]]:
+def file_digests(directory: str, skip: Iterable[str] = (),
+                 known: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Dict[str, Any]]:
     """``{file name: {"size", "sha256"}}`` of every regular file directly in ``directory`` (the
-    checkpoint's own files; a ``tokenizer/`` beside them may be replaced freely)."""
-    skip = set(skip)
+    checkpoint's own files; a ``tokenizer/`` beside them may be replaced freely). ``known``: digests
+    the writers took of files they wrote (an asynchronous save hashes in the background); taken
+    as they are where the size still agrees, every other file is hashed here."""
+    skip, known = set(skip), known or {}
     names = [n for n in sorted(os.listdir(directory)) if n not in skip
              and not os.path.islink(os.path.join(directory, n)) and os.path.isfile(os.path.join(directory, n))]
-    digests = _hash_all([os.path.join(directory, n) for n in names])
-    return {n: {"size": os.path.getsize(os.path.join(directory, n)), "sha256": d} for n, d in zip(names, digests)}
+    sizes = {n: os.path.getsize(os.path.join(directory, n)) for n in names}
+    todo = [n for n in names if not (n in known and known[n].get("size") == sizes[n])]
+    digests = dict(zip(todo, _hash_all([os.path.join(directory, n) for n in todo])))
+    return {n: {"size": sizes[n], "sha256": digests[n] if n in digests else known[n]["sha256"]} for n in names}
 
 
 def _hash_all(paths):
@@ -276,9 +282,11 @@ def verify_digests(directory: str, recorded: Dict[str, Dict[str, Any]], hashes: 
             )
 
 
-def write_config(directory: str, payload: Dict[str, Any]) -> None:
+def write_config(directory: str, payload: Dict[str, Any],
+                 known_digests: Optional[Dict[str, Dict[str, Any]]] = None) -> None:
     """Write ``payload`` as the checkpoint's config (``layout.CONFIG_FILE``), with the size and SHA-256
-    of every file beside it (``files``). Written last: its presence marks the checkpoint complete."""
+    of every file beside it (``files``; ``known_digests`` as :func:`file_digests`' ``known``). Written
+    last: its presence marks the checkpoint complete."""
     payload = dict(payload)
-    payload["files"] = file_digests(directory, skip=(CONFIG_FILE,))
+    payload["files"] = file_digests(directory, skip=(CONFIG_FILE,), known=known_digests)
     atomic_write_json(config_path(directory), payload, indent=2)

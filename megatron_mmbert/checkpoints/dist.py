@@ -80,6 +80,43 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, Any]:
 
 
 
+def begin_save(directory: str) -> str:
+    """The temporary folder a save of ``directory`` writes into, emptied and created by rank 0
+    (collective: every rank returns after it exists)."""
+    dcp_io.install()
+    stamp = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    tmp = f"{os.path.abspath(directory)}.tmp-{stamp}"
+    if _rank() == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    _barrier()
+    return tmp
+
+
+def publish(
+    tmp: str, directory: str, model_config: ModelConfig, extra: Optional[Dict[str, Any]] = None,
+    tokenizer: Optional[str] = None, known_digests: Optional[Dict[str, Dict[str, Any]]] = None,
+) -> None:
+    """Rank 0, once every rank's shards are in ``tmp``: copy the tokenizer, write the config (with
+    every file's digest; ``known_digests``: ones the writers already took) and rename ``tmp`` to
+    ``directory``."""
+    if tokenizer is not None:
+        copy_tokenizer_files(tokenizer, tokenizer_dir(tmp))
+    payload = {"model": to_dict(model_config), "saved_at": time.time()}
+    payload.update(extra or {})
+    write_config(tmp, payload, known_digests=known_digests)
+    publish_directory(tmp, os.path.abspath(directory))
+
+
+def abandon_save(tmp: str, exc: BaseException, directory: str) -> None:
+    """A save into ``tmp`` failed with ``exc``: alone, remove ``tmp`` (with other ranks, a run's
+    start-up cleans it up); a full disk or a quota becomes one clear error."""
+    if _world_size() == 1:  # alone, nobody else is writing into it
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise_disk_error(exc, directory, "the checkpoint")
+
+
 def save(
     directory: str,
     sharded_state_dict: Dict[str, Any],
@@ -92,35 +129,22 @@ def save(
 
     ``tokenizer``: a folder of tokenizer files copied into the checkpoint (see :mod:`.layout`).
     ``before_publish`` runs on every rank after the shards are on disk and before the rename that
-    makes the checkpoint visible (fault-injection tests kill the process there).
+    makes the checkpoint visible (fault-injection tests kill the process there). The asynchronous
+    variant, the same steps with the write in the background, is :mod:`.async_save`.
     """
     from megatron.core import dist_checkpointing
 
-    dcp_io.install()
     directory = os.path.abspath(directory)
-    stamp = os.environ.get("TORCHELASTIC_RUN_ID", "run")
-    tmp = f"{directory}.tmp-{stamp}"
-    if _rank() == 0:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-    _barrier()
+    tmp = begin_save(directory)
     try:
         dist_checkpointing.save(sharded_state_dict, tmp)
         _barrier()
         if before_publish is not None:
             before_publish()
         if _rank() == 0:
-            if tokenizer is not None:
-                copy_tokenizer_files(tokenizer, tokenizer_dir(tmp))
-            payload = {"model": to_dict(model_config), "saved_at": time.time()}
-            payload.update(extra or {})
-            write_config(tmp, payload)
-            publish_directory(tmp, directory)
+            publish(tmp, directory, model_config, extra, tokenizer)
     except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
-        if _world_size() == 1:  # alone, nobody else is writing into it (a run's start-up cleans up otherwise)
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise_disk_error(exc, directory, "the checkpoint")
+        abandon_save(tmp, exc, directory)
         raise
     _barrier()
 
@@ -237,6 +261,22 @@ def training_sharded_state_dict(chunks: List[torch.nn.Module], optimizer, is_loa
     return state
 
 
+def training_extra(optimizer, train_state: Dict[str, Any],
+                   tokenizer_identity: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What a training checkpoint's config records beside the model config: the trainer's position,
+    whether the optimizer is in it, the data's tokenizer (:data:`~.layout.TOKENIZER_RECORD`)."""
+    extra = {"train_state": train_state, "has_optimizer": optimizer is not None}
+    if tokenizer_identity is not None:
+        extra[TOKENIZER_RECORD] = tokenizer_record(tokenizer_identity)
+    return extra
+
+
+def point_latest(root: str, name: str) -> None:
+    """Rank 0: rewrite ``root/latest`` (atomically) to name the complete checkpoint ``root/name``."""
+    if _rank() == 0:
+        atomic_write_text(os.path.join(root, LATEST_FILE), name + "\n")
+
+
 def save_training(
     root: str,
     name: str,
@@ -252,19 +292,15 @@ def save_training(
     given; ``tokenizer_identity``, the data's, recorded as :data:`~.layout.TOKENIZER_RECORD`) and then
     point ``root/latest`` at it."""
     directory = os.path.join(root, name)
-    extra = {"train_state": train_state, "has_optimizer": optimizer is not None}
-    if tokenizer_identity is not None:
-        extra[TOKENIZER_RECORD] = tokenizer_record(tokenizer_identity)
     save(
         directory,
         training_sharded_state_dict(chunks, optimizer, is_loading=False),
         model_config,
-        extra=extra,
+        extra=training_extra(optimizer, train_state, tokenizer_identity),
         before_publish=before_publish,
         tokenizer=tokenizer,
     )
-    if _rank() == 0:
-        atomic_write_text(os.path.join(root, LATEST_FILE), name + "\n")
+    point_latest(root, name)
     _barrier()
     return directory
 

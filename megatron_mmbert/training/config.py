@@ -234,6 +234,15 @@ class CheckpointSection:
     """Inside a Slurm job: stop this long before its time limit (the last step and the save must fit)."""
     save_on_signal: bool = True
     """On SIGTERM/SIGUSR1 (Slurm preemption, ``--signal``): save at the end of the step and exit 0."""
+    async_save: bool = False
+    """Write checkpoints in the background, as Megatron-LM's ``--async-save`` (megatron-core's
+    asynchronous ``dist_checkpointing.save``, https://docs.nvidia.com/megatron-core/developer-guide/latest/
+    apidocs/core/core.dist_checkpointing.strategies.async_utils.html): the step waits only while the
+    state is copied to host memory, a thread of the trainer writes the files while training goes on,
+    and the checkpoint is published (renamed into place, ``latest``) at the first step boundary after
+    every rank finished. Waited for before the next save, at a phase end, on a stop signal or time
+    limit and at the end of the run. Needs host memory for one copy of this rank's checkpoint shard.
+    docs/training.md "Asynchronous checkpoint saves"."""
     resume: bool = True
     """Resume from ``latest`` when the checkpoint folder has one."""
     verify_on_load: bool = True

@@ -289,6 +289,15 @@ class RunLogger:
         self.metrics.write(json.dumps({"kind": "phase_data", "step": step, "phase": phase, "epochs": epochs}) + "\n")
         self.scalars({f"data/{phase}/epochs_in_phase/{lang}": e["in_phase"] for lang, e in epochs.items()}, step)
 
+    def log_checkpoint(self, record: Dict) -> None:
+        """A published checkpoint (``Trainer.save``): ``metrics.jsonl`` (kind ``checkpoint``) and the
+        seconds the step loop waited for it and the background write took, to TensorBoard and W&B."""
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps({"kind": "checkpoint", **record}) + "\n")
+        self.scalars({f"checkpoint/{k}": record.get(k) for k in ("blocked_s", "write_s", "waited_s", "finalize_s")},
+                     record["step"])
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

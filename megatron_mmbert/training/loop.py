@@ -42,6 +42,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_mmbert.checkpoints import dist as ckpt
+from megatron_mmbert.checkpoints.async_save import AsyncSaver
 from megatron_mmbert.checkpoints.layout import data_tokenizer_dir, iter_name, phase_end_name, resolved_config_path
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
@@ -157,6 +158,7 @@ class Trainer:
         self.optimizer = optim.build(cfg, self.chunks, cfg.phases[0])
         self.n_params = sum(p.numel() for c in self.chunks for p in c.parameters())
         self.stop = StopFlag(cfg.checkpoint.save_on_signal)
+        self.async_saver = AsyncSaver(self.rt.device, enabled=cfg.checkpoint.async_save)
         self.plan = BatchPlan(cfg)
         self.evaluator = Evaluator(cfg, self.chunks, self.rt)
         self.complete: Optional[str] = None  # the checkpoint that already ends the last phase
@@ -279,22 +281,57 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, name: str, phase: PhaseConfig, scheduler, kill_during_save: bool = False) -> None:
+        """Save ``name`` (with ``checkpoint.async_save``: start saving it; published by a later
+        :meth:`finish_saves`)."""
         cfg = self.cfg
-        t0 = time.time()
+        t0 = time.perf_counter()
 
         def before_publish():
             if kill_during_save:
                 os.kill(os.getpid(), signal.SIGKILL)
 
+        if cfg.checkpoint.async_save:
+            self.finish_saves(wait=True)  # one save in flight
         finish_param_sync(self.chunks)
-        path = ckpt.save_training(
-            cfg.checkpoint_dir, name, self.chunks, self.optimizer, cfg.model_for_phase(phase),
-            self.train_state(phase, scheduler), before_publish=before_publish,
-            tokenizer=data_tokenizer_dir(cfg.manifest_path), tokenizer_identity=self.stream.manifest.tokenizer.to_json(),
-        )
-        if self.rt.is_main:
-            deleted = ckpt.apply_retention(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
-            self.log.info(f"saved {path} in {time.time() - t0:.1f}s" + (f" (deleted {deleted})" if deleted else ""))
+        args = (cfg.checkpoint_dir, name, self.chunks, self.optimizer, cfg.model_for_phase(phase),
+                self.train_state(phase, scheduler))
+        tokenizer = dict(tokenizer=data_tokenizer_dir(cfg.manifest_path),
+                         tokenizer_identity=self.stream.manifest.tokenizer.to_json())
+        if cfg.checkpoint.async_save:
+            job = self.async_saver.save_training(*args, during_write=before_publish, started=t0, **tokenizer)
+            self.log.info(f"saving {job.directory} in the background (the step waited {job.blocked_s:.2f}s: state "
+                          f"{job.state_s:.2f}s, planning {job.plan_s:.2f}s, copy of {job.bytes / 2**20:.1f} MiB to "
+                          f"host memory {job.copy_s:.2f}s)")
+            return
+        path = ckpt.save_training(*args, before_publish=before_publish, **tokenizer)
+        self._saved(path, self.state.step, {"async": False, "blocked_s": time.perf_counter() - t0})
+
+    def finish_saves(self, wait: bool) -> None:
+        """With ``checkpoint.async_save``: publish the save in flight once every rank wrote it (at
+        every step boundary; ``wait``: block until then -- before a save, at a phase end, on a stop)."""
+        if not self.cfg.checkpoint.async_save:
+            return
+        job = self.async_saver.wait() if wait else self.async_saver.poll()
+        if job is not None:
+            self._saved(job.directory, job.extra["train_state"]["step"], {"async": True, "blocked_s": job.blocked_s, "write_s": job.write_s,
+                                        "waited_s": job.waited_s, "finalize_s": job.finalize_s, "state_s": job.state_s,
+                                        "plan_s": job.plan_s, "copy_s": job.copy_s,
+                                        "published_at_step": self.state.step, "bytes": job.bytes})
+
+    def _saved(self, path: str, step: int, timing: Dict) -> None:
+        """A published checkpoint: retention, its log line and metrics record (rank 0)."""
+        if not self.rt.is_main:
+            return
+        deleted = ckpt.apply_retention(self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last)
+        if timing["async"]:
+            how = (f"asynchronously: the step waited {timing['blocked_s']:.2f}s, written in the background in "
+                   f"{timing['write_s']:.2f}s, published at step {timing['published_at_step']}"
+                   + (f" after waiting {timing['waited_s']:.2f}s for the write" if timing["waited_s"] else "")
+                   + f" ({timing['finalize_s']:.2f}s)")
+        else:
+            how = f"in {timing['blocked_s']:.1f}s"
+        self.log.info(f"saved {path} {how}" + (f" (deleted {deleted})" if deleted else ""))
+        self.log.log_checkpoint({"step": step, "name": os.path.basename(path), **timing})
 
     # -- the loop --------------------------------------------------------------------------------
     def micro_batches(self, phase: PhaseConfig, consumed: int, rows: int) -> List[Dict]:
@@ -328,6 +365,7 @@ class Trainer:
             return self._run_phases(meter, prefetcher)
         finally:
             prefetcher.close()
+            self.async_saver.abandon()  # only after an error is a save still in flight (no collective then)
 
     def _run_phases(self, meter: StepMeter, prefetcher: BatchPrefetcher) -> int:
         cfg, st = self.cfg, self.state
@@ -450,6 +488,7 @@ class Trainer:
     def _save_or_stop(self, phase: PhaseConfig, scheduler, step_tokens: int) -> bool:
         """Save when due; on a stop signal or the time limit (any rank) save and say stop (True)."""
         cfg, st = self.cfg, self.state
+        self.finish_saves(wait=False)
         kill_in_save = cfg.debug.sigkill_during_save_at_step == st.step
         saved_now = save_due(cfg, st.step, st.tokens, step_tokens)
         if saved_now:
@@ -461,6 +500,7 @@ class Trainer:
             return False
         if not saved_now:  # this step's periodic save is already complete
             self.save(iter_name(st.step), phase, scheduler)
+        self.finish_saves(wait=True)  # the run ends with its checkpoint published
         why = f"signal {self.stop.signal}" if stop_signal else f"time limit {cfg.checkpoint.exit_after_minutes} min"
         self.log.info(f"stopping cleanly at step {st.step} ({why}); rerun the same command to resume")
         return True
@@ -472,6 +512,7 @@ class Trainer:
         self.log.log_eval(st.step, phase.name, self.evaluator.evaluate(phase))
         name = phase_end_name(phase.name) if cfg.checkpoint.keep_phase_ends else iter_name(st.step)
         self.save(name, phase, scheduler, cfg.debug.sigkill_during_save_at_step == st.step)
+        self.finish_saves(wait=True)  # branches start from phase ends: published before the next phase
         self.log.text("phase", f"== phase {phase.name!r} done at step {st.step} "
                       f"({st.tokens:,} tokens so far)", st.step)
 

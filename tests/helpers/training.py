@@ -99,6 +99,44 @@ def compare_checkpoints(reference: str, others: List[str]) -> Dict[str, List[str
     return json.loads(line[len("RESULT "):])
 
 
+def checkpoint_file_differences(reference: str, other: str) -> List[str]:
+    """Files of checkpoint ``other`` that differ from ``reference``'s (missing or extra ones too).
+    Byte for byte, but for what every save draws anew: ``.metadata``'s ``storage_meta`` (the save's
+    uuid and temporary folder) and ``mmbert_config.json``'s ``saved_at`` and ``.metadata`` digest."""
+    from megatron_mmbert.checkpoints import dcp_io
+
+    def metadata(path):
+        with open(path, "rb") as f:
+            meta = dcp_io.load_metadata(f, path)
+        meta.storage_meta = None
+        return meta
+
+    def config(path):
+        with open(path) as f:
+            record = json.load(f)
+        record.pop("saved_at", None)
+        record.get("files", {}).pop(".metadata", None)
+        return record
+
+    names = sorted(set(os.listdir(reference)) | set(os.listdir(other)))
+    differ = []
+    for name in names:
+        a, b = os.path.join(reference, name), os.path.join(other, name)
+        if not (os.path.isfile(a) and os.path.isfile(b)):
+            if os.path.isdir(a) and os.path.isdir(b):
+                differ += [f"{name}/{d}" for d in checkpoint_file_differences(a, b)]
+            else:
+                differ.append(name)
+        elif name == ".metadata":
+            differ += [] if metadata(a) == metadata(b) else [name]
+        elif name == "mmbert_config.json":
+            differ += [] if config(a) == config(b) else [name]
+        else:
+            with open(a, "rb") as fa, open(b, "rb") as fb:
+                differ += [] if fa.read() == fb.read() else [name]
+    return differ
+
+
 def write_manifest(directory, languages=("fra_Latn", "deu_Latn", "rus_Cyrl")) -> str:
     """A small real manifest: ``languages`` (three by default) of random tokens in megatron-core
     MMIDIDX shards."""
