@@ -256,9 +256,6 @@ def test_config_and_input_refusals_are_config_errors():
 CLI_DIR = os.path.join(ROOT, "megatron_mmbert", "cli")
 NOT_A_TOOL = {"options.py", "__init__.py"}
 """The flag machinery every tool shares (it refuses an unreadable ``--config`` file where it reads it)."""
-IN_FLIGHT = {"build_data_index.py"}
-"""Tools whose remaining checks their own issue-32 change moves into the library (the index build,
-preprocessing's config); each must pass this test once that lands -- then drop it from here."""
 
 
 def _own_checks(source: str):
@@ -280,8 +277,6 @@ def _own_checks(source: str):
 @pytest.mark.parametrize("module", sorted(f for f in os.listdir(CLI_DIR) if f.endswith(".py") and f not in NOT_A_TOOL)
                          + ["../pretrain.py"])
 def test_command_lines_add_no_check_of_their_own(module):
-    if module in IN_FLIGHT:
-        pytest.skip(f"{module}: its checks move with its own issue-32 change")
     with open(os.path.join(CLI_DIR, module), encoding="utf-8") as f:
         source = f.read()
     assert _own_checks(source) == [], (
