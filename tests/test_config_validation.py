@@ -143,6 +143,14 @@ def test_evaluate_config_from_dict_and_library_entry(tmp_path):
     assert e.value.field == "mask_rate" and not (tmp_path / "o").exists()
 
 
+def test_preprocess_read_options_check_themselves():
+    from megatron_mmbert.data.preprocess import PreprocessConfig
+
+    with pytest.raises(ConfigError) as e:
+        from_dict(PreprocessConfig, {"inputs": ["i"], "output": "o", "tokenizer": "t", "read": {"text_mode": "para"}})
+    assert e.value.field == "read.text_mode" and str(e.value).startswith("read.text_mode must be 'blank' or 'line'")
+
+
 def test_plot_config_from_dict():
     from megatron_mmbert.evaluation.config import PlotConfig
 
@@ -238,12 +246,14 @@ def test_config_and_input_refusals_are_config_errors():
     from megatron_mmbert.checkpoints.layout import CheckpointError
     from megatron_mmbert.config_base import YAMLTooLarge
     from megatron_mmbert.data.languages import LanguageListError, load_language_list
+    from megatron_mmbert.data.preprocess import PreprocessError
+    from megatron_mmbert.data.sources import BadInputError, InputError
     from megatron_mmbert.data.tokenizer import TokenizerError, load_tokenizer
     from megatron_mmbert.fileio import OutputRefused
     from megatron_mmbert.hub import HubError
 
     for cls in (YAMLTooLarge, CheckpointError, UntrustedCheckpointError, HubError, TokenizerError,
-                LanguageListError, OutputRefused):
+                LanguageListError, OutputRefused, PreprocessError, InputError, BadInputError):
         assert issubclass(cls, ConfigError), cls
     with pytest.raises(ConfigError, match="does not exist"):
         load_tokenizer(os.path.join(ROOT, "no-such-tokenizer.json"))
@@ -256,9 +266,6 @@ def test_config_and_input_refusals_are_config_errors():
 CLI_DIR = os.path.join(ROOT, "megatron_mmbert", "cli")
 NOT_A_TOOL = {"options.py", "__init__.py"}
 """The flag machinery every tool shares (it refuses an unreadable ``--config`` file where it reads it)."""
-IN_FLIGHT = {"build_data_index.py", "preprocess_data.py"}
-"""Tools whose remaining checks their own issue-32 change moves into the library (the index build,
-preprocessing's config); each must pass this test once that lands -- then drop it from here."""
 
 
 def _own_checks(source: str):
@@ -280,8 +287,6 @@ def _own_checks(source: str):
 @pytest.mark.parametrize("module", sorted(f for f in os.listdir(CLI_DIR) if f.endswith(".py") and f not in NOT_A_TOOL)
                          + ["../pretrain.py"])
 def test_command_lines_add_no_check_of_their_own(module):
-    if module in IN_FLIGHT:
-        pytest.skip(f"{module}: its checks move with its own issue-32 change")
     with open(os.path.join(CLI_DIR, module), encoding="utf-8") as f:
         source = f.read()
     assert _own_checks(source) == [], (

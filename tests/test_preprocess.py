@@ -325,11 +325,12 @@ def test_config_validates_itself_naming_each_field(tmp_path):
     bad = PreprocessConfig(inputs=[str(tmp_path)], output=str(tmp_path / "out"), tokenizer="tok", workers=0,
                            prefix="a/b", num_shards=2, holdout_docs=-1, language_list=str(tmp_path / "nope.txt"))
     with pytest.raises(ConfigError) as info:
-        bad.validate()
+        bad.validate()  # the options alone: it reads no file
+    assert [e.field for e in info.value.errors] == ["prefix", "workers", "shard_index", "holdout_docs"]
+    with pytest.raises(ConfigError, match="5 problems") as info:  # the library entry: the same, the list read
+        run_preprocess(bad)
     assert [e.field for e in info.value.errors] == ["prefix", "workers", "shard_index", "holdout_docs",
                                                     "language_list"]
-    with pytest.raises(ConfigError, match="5 problems"):  # the library entry runs the same checks first
-        run_preprocess(bad)
     assert not (tmp_path / "out").exists()
     # One error type for "your config or input is wrong": refusals found while running are ConfigErrors too.
     assert issubclass(PreprocessError, ConfigError) and issubclass(TokenizerError, ConfigError)

@@ -8,11 +8,14 @@ With a training run config (the YAML given to pretrain_mmbert.py, plus the same 
 overrides), the manifest, data seed, cache folder, global batch size, annealing resolution, row
 packing (``data.packing``, and best_fit's packed rows: ``data.packed_row`` with the phases' micro-batch
 sizes) and start phase (``init.start_phase``) are the run's own, so the run finds exactly these arrays
-(all of them are part of the cache key). Otherwise ``--config`` holds a list of phases (fields of
-``megatron_mmbert.config.PhaseConfig``), or a mapping of ``BuildIndexConfig`` fields (``phases:``,
-``manifest:``, ``cache_dir:``, ``seed:`` ...), and the other values come from the flags. Flags given
-explicitly win over either YAML; ``--help-config`` lists every field with its flag, ``--print-config``
-prints the effective config as YAML.
+(all of them are part of the cache key), and so is the language list of the coverage report
+(``data.language_list``): ``RunConfig.index_config``. Otherwise ``--config`` holds a list of phases
+(fields of ``megatron_mmbert.config.PhaseConfig``), or a mapping of ``BuildIndexConfig`` fields
+(``phases:``, ``manifest:``, ``cache_dir:``, ``seed:`` ...), and the other values come from the flags.
+Flags given explicitly win over either YAML; ``--help-config`` lists every field with its flag,
+``--print-config`` prints the effective config as YAML. Every check is the library's
+(``BuildIndexConfig.validate``, ``data.index.prebuild.prebuild_index``); this adds the flags to its
+messages.
 
 It writes ``index_plan.json`` into the index folder and prints it: per phase and language the rows,
 tokens, share, ``first_token`` (where the language's stream stands when the phase starts) and the
@@ -27,66 +30,18 @@ import dataclasses
 import os
 import sys
 import time
-from typing import List, Literal, Optional
+from typing import List, Optional
 
-from megatron_mmbert.cli.options import ConfigParser, config_yaml, os_error_text, tool_main, tool_parser
-from megatron_mmbert.config import PhaseConfig
+from megatron_mmbert.cli.options import ConfigParser, config_yaml, load_yaml, os_error_text, tool_main, tool_parser
 from megatron_mmbert.config_base import ConfigError
-
-
-@dataclasses.dataclass
-class BuildIndexConfig:
-    """What to build: the phases, the data and the run values that key the index cache.
-
-    From a training run config all but the last two fields are the run's own; from a phase list
-    (``--config phases.yaml``: a YAML list of phases, or a mapping with ``phases:`` and these
-    fields) ``manifest``, ``cache_dir`` and ``seed`` must be given.
-    """
-
-    phases: List[PhaseConfig] = dataclasses.field(default_factory=list)
-    """The training phases (fields of ``PhaseConfig``), in order."""
-    manifest: Optional[str] = None
-    """manifest.json written by tools/preprocess_data.py (or its folder)."""
-    cache_dir: Optional[str] = None
-    """Folder for the index arrays (shared by all ranks)."""
-    seed: Optional[int] = None
-    """Data seed of the run (shuffles and masks)."""
-    global_batch_size: Optional[int] = None
-    """Rows per step for phases that do not set global_batch_size (rounds sample counts)."""
-    anneal_segments: int = 64
-    """Segments per temperature-annealed phase."""
-    start_phase: Optional[str] = None
-    """First phase to build (earlier ones are planned for the stream positions only)."""
-    packing: Optional[Literal["concat", "best_fit"]] = None
-    """Row packing (``data.packing`` of the run: ``best_fit`` as mmBERT, or ``concat``); from a run
-    config it must equal the run's, else the run would not find this index. Phase lists: default concat."""
-    bin_rows: Optional[List[int]] = None
-    """best_fit: ``seq_len`` rows per packed row, one per phase (None: one row each). From a run config:
-    its micro-batch sizes under ``data.packed_row: micro_batch`` (the reference's geometry)."""
-    language_list: str = "mmbert-1833"
-    """Report which languages of this list the manifest lacks and which keys it has beyond it
-    (``data/languages.py``): ``mmbert-1833`` (mmBERT's released 1,833), a file of codes, or ``none``."""
-    threads: int = 0
-    """Languages packed at once (0: every CPU this process may use); the arrays do not depend on it."""
-    warn_epochs: float = 5.0
-    """Flag languages repeated more than this many epochs."""
-    rows: int = 15
-    """Top rows per table (plus 5 bottom rows)."""
-
+from megatron_mmbert.data.index.prebuild import BuildIndexConfig
 
 PROG = "mmbert-build-index"
 
 
-def _read_yaml(path: str):
-    from megatron_mmbert.config_base import YAMLTooLarge, safe_load_yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            return safe_load_yaml(f, f"--config {path}")
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
-    except YAMLTooLarge as e:
-        raise ConfigError(str(e)) from None
+def _read_config(path: str) -> dict:
+    """``--config``: a run config's mapping, a mapping of BuildIndexConfig fields, or ``{"phases": [...]}``."""
+    return load_yaml(path, "BuildIndexConfig fields", list_key="phases")
 
 
 def _is_run_config(data) -> bool:
@@ -104,42 +59,16 @@ def build_parser() -> "tuple[argparse.ArgumentParser, ConfigParser]":
 
 
 def load_config(args: argparse.Namespace, spec: ConfigParser, overrides: List[str], argv: Optional[List[str]] = None):
-    """``(BuildIndexConfig, vocab_size or None)`` from ``--config`` and the flags (flags win)."""
-    data = _read_yaml(args.config)
-    if _is_run_config(data):
-        from megatron_mmbert.training.config import load_config as load_run_config
+    """``(BuildIndexConfig, the training run config or None)`` from ``--config`` and the flags (flags win);
+    ``overrides`` (``--a.b value``) apply to a training run config."""
+    data = _read_config(args.config)
+    if not _is_run_config(data):
+        return spec.build(args, data, argv), None
+    from megatron_mmbert.training.config import load_config as load_run_config
 
-        run = load_run_config(args.config, overrides)
-        base = {"phases": list(run.phases), "manifest": run.manifest_path, "cache_dir": run.index_cache_dir,
-                "seed": run.data_seed, "global_batch_size": run.batch.global_batch_size,
-                "anneal_segments": run.data.anneal_segments, "start_phase": run.init.start_phase,
-                "packing": run.data.packing, "bin_rows": run.packing_bin_rows()}
-        cfg, vocab = spec.build(args, base, argv), run.model.vocab_size
-        if cfg.bin_rows != run.packing_bin_rows():
-            raise ConfigError(f"bin_rows {cfg.bin_rows} differs from {args.config}'s packed rows {run.packing_bin_rows()} "
-                              "(data.packed_row, batch.micro_batch_size); the run would not find this index (override "
-                              "the run's settings instead)", field="bin_rows")
-        if cfg.packing != run.data.packing:
-            raise ConfigError(f"packing {cfg.packing} differs from {args.config}'s data.packing {run.data.packing}; "
-                              "the run would not find this index (override the run's data.packing instead)",
-                              field="packing")
-    else:
-        if overrides:
-            raise ConfigError(f"unknown arguments {overrides} (overrides need a training run config)")
-        if isinstance(data, list):
-            data = {"phases": data}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{args.config}: expected a list of phases or a mapping with 'phases:'")
-        cfg, vocab = spec.build(args, data, argv), None
-        missing = [f for f in ("manifest", "cache_dir", "seed") if getattr(cfg, f) is None]
-        if missing:
-            raise ConfigError(f"{args.config} is a phase list: give {', '.join(spec.flag_for(m) for m in missing)} "
-                              f"(or the keys {', '.join(missing)} next to phases: in the YAML)", field=missing[0])
-    if not cfg.phases:
-        raise ConfigError(f"{args.config}: no phases (a non-empty list of phases is needed)", field="phases")
-    for p in cfg.phases:
-        p.validate()
-    return cfg, vocab
+    run = load_run_config(args.config, overrides)
+    own = run.index_config()  # the run's values; flags given explicitly win
+    return spec.build(args, {f.name: getattr(own, f.name) for f in dataclasses.fields(own)}, argv), run
 
 
 @tool_main
@@ -153,33 +82,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.config:
         ap.error("--config is required")
 
-    from megatron_mmbert.data.index import build_data_index, format_index_plan
-    from megatron_mmbert.data.languages import LanguageListError, manifest_coverage
-    from megatron_mmbert.data.shards import check_manifest_shards, load_manifest
+    from megatron_mmbert.data.index import format_index_plan
+    from megatron_mmbert.data.index.prebuild import prebuild_index
 
     cfg = None
     try:
-        cfg, vocab = load_config(args, spec, overrides, argv)
+        if overrides and not _is_run_config(_read_config(args.config)):
+            ap.error(f"unrecognized arguments: {' '.join(overrides)} (--a.b value overrides need a training run config)")
+        cfg, run = load_config(args, spec, overrides, argv)
         if args.print_config:
             print(config_yaml(cfg), end="")
             return 0
-        names = [p.name for p in cfg.phases]
-        start = cfg.start_phase
-        if start is not None and start not in names:
-            raise ConfigError(f"start_phase {start!r} is not a phase; phases are {names}", field="start_phase")
-        manifest = load_manifest(cfg.manifest)
-        try:
-            coverage = manifest_coverage(manifest, cfg.language_list)
-        except LanguageListError as e:
-            raise ConfigError(str(e), field="language_list") from None
-        # Damaged or foreign shards fail here, naming the file, not in the middle of training.
-        check_manifest_shards(manifest, [lang for lang, e in manifest.languages.items() if e.shards],
-                              vocab or manifest.tokenizer.vocab_size)
         t0 = time.time()
-        index = build_data_index(manifest, cfg.phases, cfg.seed, cfg.cache_dir, cfg.global_batch_size,
-                                 cfg.anneal_segments, is_builder=True,
-                                 start_phase=names.index(start) if start else 0,
-                                 packing=cfg.packing or "concat", bin_rows=cfg.bin_rows, threads=cfg.threads)
+        built = prebuild_index(cfg, vocab_size=run.model.vocab_size if run else None,
+                               run=run.index_config() if run else None, run_name=args.config)
     except ConfigError as e:
         print(f"{PROG}: error: {spec.explain(e)}", file=sys.stderr)
         return 2
@@ -191,12 +107,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{PROG}: error: {os_error_text(e)}{where}; nothing half-built is used: rerun once there is room",
               file=sys.stderr)
         return 1
-    print(format_index_plan(index.plan, warn_epochs=cfg.warn_epochs, head=cfg.rows))
-    if coverage is not None:
+    print(format_index_plan(built.index.plan, warn_epochs=cfg.warn_epochs, head=cfg.rows))
+    if built.coverage is not None:
         print()
-        print(coverage.format())
+        print(built.coverage.format())
     print()
-    print(f"index ready in {index.path} ({time.time() - t0:.1f}s); plan: {os.path.join(index.path, 'index_plan.json')}")
+    path = built.index.path
+    print(f"index ready in {path} ({time.time() - t0:.1f}s); plan: {os.path.join(path, 'index_plan.json')}")
     return 0
 
 

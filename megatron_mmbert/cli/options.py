@@ -283,8 +283,9 @@ def merge_dicts(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
     return base
 
 
-def load_yaml(path: str, what: str = "options") -> Dict[str, Any]:
-    """A YAML mapping of options; a clear error if the file is missing or not a mapping."""
+def load_yaml(path: str, what: str = "options", list_key: Optional[str] = None) -> Dict[str, Any]:
+    """A YAML mapping of options; a clear error if the file is missing or not a mapping. With
+    ``list_key``, a YAML list is read as ``{list_key: [...]}`` (``build_data_index``'s list of phases)."""
     import yaml
 
     try:
@@ -296,8 +297,12 @@ def load_yaml(path: str, what: str = "options") -> Dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     if data is None:
         return {}
+    if list_key is not None and isinstance(data, list):
+        return {list_key: data}
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of {what} (field: value), got {type(data).__name__}")
+        also = f" or a list of {list_key}" if list_key else ""
+        raise ConfigError(f"--config {path}: expected a mapping of {what} (field: value){also}, "
+                          f"got {type(data).__name__}")
     return data
 
 

@@ -21,7 +21,7 @@ import sys
 from megatron_mmbert.cli.options import ConfigParser, Flag, os_error_text, parse_config, tool_main, tool_parser
 from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess, slurm_array_shard
-from megatron_mmbert.data.sources import BadInputError, InputError
+from megatron_mmbert.data.sources import InputError
 from megatron_mmbert.data.tokenizer import TokenizerError
 from megatron_mmbert.data.shards import heldout_manifest_for, load_manifest
 
@@ -49,15 +49,6 @@ def build_parser() -> "tuple[argparse.ArgumentParser, ConfigParser]":
     return p, spec
 
 
-def explain(spec: ConfigParser, err: Exception) -> str:
-    """``err``'s message, plus the flag that sets the field it blames (the library names fields only).
-    The readers' ``InputError`` / ``BadInputError`` are not ``ConfigError``s yet: their ``field`` is read
-    the same way."""
-    if not isinstance(err, ConfigError):
-        err = ConfigError(str(err), field=getattr(err, "field", None))
-    return spec.explain(err)
-
-
 def _report_coverage(manifest, language_list: str) -> None:
     """Which languages of the list the manifest lacks and which keys it has beyond it (stderr)."""
     from megatron_mmbert.data.languages import LanguageListError, manifest_coverage
@@ -81,15 +72,15 @@ def main(argv=None) -> int:
         if cfg.num_shards == 1 and cfg.shard_index is None and not cfg.finalize:
             cfg.num_shards, cfg.shard_index = slurm_array_shard() or (1, None)
     except ConfigError as e:  # also SLURM_ARRAY_TASK_* that name no shard (a PreprocessError)
-        print(f"{PROG}: error: {explain(spec, e)}", file=sys.stderr)
+        print(f"{PROG}: error: {spec.explain(e)}", file=sys.stderr)
         return 2
     try:
-        result = run_preprocess(cfg)  # checks the options first (PreprocessConfig.validate)
-    except (PreprocessError, TokenizerError, InputError, BadInputError) as e:  # refused while running
-        print(f"{PROG}: error: {explain(spec, e)}", file=sys.stderr)
+        result = run_preprocess(cfg)  # checks the options first (each section's validate, the language list)
+    except (PreprocessError, TokenizerError, InputError) as e:  # refused while running (InputError: BadInputError too)
+        print(f"{PROG}: error: {spec.explain(e)}", file=sys.stderr)
         return 1
     except ConfigError as e:  # options that fail their own checks: a usage error, as from the parser
-        print(f"{PROG}: error: {explain(spec, e)}", file=sys.stderr)
+        print(f"{PROG}: error: {spec.explain(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # read-only output, full disk: say which file, no traceback
         print(f"{PROG}: error: {os_error_text(e)}", file=sys.stderr)

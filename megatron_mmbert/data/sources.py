@@ -43,6 +43,7 @@ import os
 import re
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+from megatron_mmbert.config_base import ConfigError
 from megatron_mmbert.data.shards import RESERVED_LANGS, valid_lang
 
 JSONL_EXTS = (".jsonl", ".json", ".ndjson")
@@ -91,19 +92,15 @@ BAD_KINDS = {
 }
 
 
-class BadInputError(ValueError):
-    """Bad input under ``strict`` (or input that cannot be used at all)."""
+class InputError(ConfigError):
+    """An input that cannot be used (missing, unsupported, of no known language); the message says what
+    to set. A :class:`ConfigError` (the project's one error type for "your config or input is wrong"):
+    ``field`` is the config field to blame (``read.lang``) when one is, so a command line can name the
+    option that sets it."""
 
 
-class InputError(ValueError):
-    """An input path that cannot be used (missing, unsupported); the message says what to set.
-
-    ``field`` is the config field to blame (``read.lang``) when one is, so a command line can name
-    the option that sets it."""
-
-    def __init__(self, message: str, field: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.field = field
+class BadInputError(InputError):
+    """Bad input under ``strict``: the first bad record, named by file and line."""
 
 
 @dataclasses.dataclass
@@ -166,6 +163,11 @@ class ReadOptions:
     """Plain text: ``blank`` (documents separated by blank lines) or ``line`` (one per line)."""
     split: str = "train"
     """FineWeb2 split folder / ``DatasetDict`` split to read."""
+
+    def validate(self) -> None:
+        """Its own rules (``config_base.from_dict`` and ``check`` run it; the text reader too)."""
+        if self.text_mode not in ("blank", "line"):
+            raise ConfigError(f"text_mode must be 'blank' or 'line', not {self.text_mode!r}", field="text_mode")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -382,7 +384,7 @@ def read_segment(seg: Segment, opts: ReadOptions, log: BadInputLog, progress: Pr
             yield from _read_text(seg, opts, log, progress)
         else:
             yield from _read_columnar(seg, opts, log, progress)
-    except BadInputError:
+    except ConfigError:  # a refusal (bad input under strict, options that cannot work): not a damaged stream
         raise
     except (OSError, EOFError, ValueError, UnicodeError) as e:
         # A corrupt stream (truncated gzip, bad zstd frame, broken parquet page): keep what was read.
@@ -491,8 +493,7 @@ def _read_jsonl(seg: Segment, opts: ReadOptions, log: BadInputLog, progress: Pro
 
 
 def _read_text(seg: Segment, opts: ReadOptions, log: BadInputLog, progress: ProgressFn) -> Iterator[Record]:
-    if opts.text_mode not in ("blank", "line"):
-        raise InputError(f"text_mode must be 'blank' or 'line', not {opts.text_mode!r}")
+    opts.validate()  # text_mode, for a caller that built ReadOptions in Python
     block: List[str] = []
     block_bad = False  # a block with an undecodable line is dropped whole
     for i, raw in _lines(seg, progress):

@@ -529,6 +529,17 @@ class RunConfig:
             return None
         return [self.phase_micro_batch(p) for p in self.phases]
 
+    def index_config(self):
+        """This run's data index as ``mmbert-build-index`` builds it ahead (a
+        ``data.index.prebuild.BuildIndexConfig``): every value that keys the index cache is the run's."""
+        from megatron_mmbert.data.index.prebuild import BuildIndexConfig
+
+        return BuildIndexConfig(
+            phases=list(self.phases), manifest=self.manifest_path, cache_dir=self.index_cache_dir, seed=self.data_seed,
+            global_batch_size=self.batch.global_batch_size, anneal_segments=self.data.anneal_segments,
+            start_phase=self.init.start_phase, packing=self.data.packing, bin_rows=self.packing_bin_rows(),
+            language_list=self.data.language_list)
+
     def model_for_phase(self, phase: PhaseConfig) -> ModelConfig:
         """The model config with the phase's RoPE thetas (what a checkpoint of this phase records)."""
         return dataclasses.replace(

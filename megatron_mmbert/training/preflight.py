@@ -163,15 +163,16 @@ def _check_init_checkpoint(cfg: RunConfig) -> None:
     if cfg.init.checkpoint is not None and not cfg.init.restart_data and cfg.start_phase_index == 0:
         # The cheap half of the branch check (the run compares every stream position at start-up):
         # a checkpoint whose data streams have moved cannot be continued by a run reading from token 0.
-        from megatron_mmbert.checkpoints.layout import read_config
+        from megatron_mmbert.training.data_position import DataPosition
 
-        record = (read_config(cfg.init.checkpoint).get("train_state") or {}).get("data_position")
-        if record and any(record["stream_positions"].values()):
+        position = DataPosition.of_checkpoint(cfg.init.checkpoint)  # typed; a malformed record is named
+        if position is not None and any(position.stream_positions.values()):
             raise ConfigError(
-                f"init.checkpoint={cfg.init.checkpoint!r} ended phase {record['phase']!r} with its language "
+                f"init.checkpoint={cfg.init.checkpoint!r} ended phase {position.phase!r} with its language "
                 f"streams under way, but this run starts at its first phase {cfg.phases[0].name!r}, so it would "
                 "re-read the data from its start. Declare the parent's phase list (inherit its config) and set "
-                "init.start_phase to the next phase (e.g. decay), or set init.restart_data: true on purpose"
+                "init.start_phase to the next phase (e.g. decay), or set init.restart_data: true on purpose",
+                field="init.checkpoint",
             )
 
 

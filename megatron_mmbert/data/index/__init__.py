@@ -14,7 +14,9 @@ The package, one subject a module (imported from here: the public names below):
 * :mod:`.cache` -- :func:`build_data_index`: the cache folder read, or built by one rank and published;
 * :mod:`.arrays` -- the reader's view (:class:`DataIndex`, :class:`PhaseIndex`);
 * :mod:`.plan` -- ``index_plan.json``: its writer and its typed reader (:class:`IndexPlan`);
-  :mod:`.plan_format` -- the plan as text.
+  :mod:`.plan_format` -- the plan as text;
+* :mod:`.prebuild` -- the index built ahead of launch (``mmbert-build-index``): ``BuildIndexConfig``
+  and ``prebuild_index``, the library entry with every check the command line makes.
 
 What gets built for a manifest and a list of phases (``build_data_index``):
 

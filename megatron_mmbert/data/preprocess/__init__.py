@@ -26,10 +26,10 @@ per module:
 
 Flow (``run_preprocess``):
 
-1. Check the options (``PreprocessConfig.validate``). Load the tokenizer; refuse an output folder that
-   already holds shards of another tokenizer or framing (``OUT/.preprocess/state.json`` and
-   ``OUT/manifest.json`` record them). Its files are copied into the output
-   (:func:`megatron_mmbert.checkpoints.layout.store_tokenizer`).
+1. Check the options (each section's ``validate``; the language list read). Load the tokenizer; refuse
+   an output folder that already holds shards of another tokenizer or framing
+   (``OUT/.preprocess/state.json`` and ``OUT/manifest.json`` record them). Its files are copied into
+   the output (:func:`megatron_mmbert.checkpoints.layout.store_tokenizer`).
 2. Discover the inputs and plan *work units*: segments of about ``chunk_bytes`` (byte ranges of JSONL,
    row-group runs of Parquet); consecutive small segments of one language are packed into one unit. A
    unit's id hashes its segments (path, range, size, mtime) and every option that changes its tokens, so

@@ -1,6 +1,7 @@
 """``PreprocessConfig``: every option of a preprocessing run (each field a flag and a YAML key of
 ``mmbert-preprocess``), and its own checks (:meth:`PreprocessConfig.validate`) -- the one home of every
-check on the options alone; what needs the inputs or the output folder is checked while running.
+check on the options alone; what needs a file (the language list, the inputs, the output folder) is
+checked by ``run_preprocess``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import dataclasses
 from typing import List, Optional
 
 from megatron_mmbert.config_base import SAFE_NAME, ConfigError
-from megatron_mmbert.data.languages import LanguageListError, load_language_list
 from megatron_mmbert.data.sources import ReadOptions
 from megatron_mmbert.data.tokenizer import Framing
 
@@ -82,8 +82,9 @@ class PreprocessConfig:
 
     def validate(self) -> None:
         """Refuse options that cannot work, every problem at once, each naming its field (a
-        :class:`ConfigError`; a command line adds the flag). Reads nothing but the language list;
-        ``run_preprocess`` calls it, so a library caller gets the same checks as the command line."""
+        :class:`ConfigError`; a command line adds the flag). Reads no file (``language_list`` is read by
+        ``run_preprocess``, before any work); ``config_base.from_dict`` runs it as the config is built and
+        ``run_preprocess`` again, so a library caller gets the same checks as the command line."""
         errors = [ConfigError(message, field=field) for field, message in self._problems()]
         if errors:
             raise ConfigError.combine(errors)
@@ -113,7 +114,3 @@ class PreprocessConfig:
         if self.sharded and self.finalize:
             yield "finalize", ("finalize runs after all shard tasks: give it the same options without "
                                "num_shards/shard_index")
-        try:  # a bad list fails before hours of tokenizing, not after
-            load_language_list(self.language_list)
-        except LanguageListError as e:
-            yield "language_list", str(e)

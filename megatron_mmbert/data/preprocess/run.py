@@ -1,4 +1,4 @@
-"""``run_preprocess``: one run, step by step -- check the options, hold the output, plan, run the pending
+"""``run_preprocess``: one run, step by step -- check the options (and read the language list), hold the output, plan, run the pending
 units, write the manifests, report. Each step's subject lives in its own module of this package (see
 ``__init__``'s docstring for the whole flow and its invariants).
 """
@@ -11,6 +11,8 @@ import sys
 from typing import List, Optional, Tuple
 
 from megatron_mmbert.checkpoints.layout import store_tokenizer
+from megatron_mmbert.config_base import ConfigError, check
+from megatron_mmbert.data.languages import LanguageListError, load_language_list
 from megatron_mmbert.data.preprocess import layout
 from megatron_mmbert.data.preprocess.config import PreprocessConfig
 from megatron_mmbert.data.preprocess.counters import RunProgress
@@ -64,7 +66,7 @@ class _Plan:
 
 def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     """Preprocess ``cfg.inputs`` into ``cfg.output``; see the package docstring."""
-    cfg.validate()
+    _check_options(cfg)
     cfg, identity, dtype, framing = _prepare(cfg)
     with hold_output(cfg.output, cfg.num_shards, cfg.shard_index):
         check_output(cfg, identity, dtype)
@@ -82,6 +84,22 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     if errors:
         raise BadInputFractionError("\n".join(errors), result)
     return result
+
+
+def _check_options(cfg: PreprocessConfig) -> None:
+    """Every section's own checks (``validate``, as ``from_dict`` runs them) and the language list read,
+    every problem in one :class:`ConfigError`: a bad option or list fails before hours of tokenizing."""
+    errors = []
+    try:
+        check(cfg)
+    except ConfigError as e:
+        errors.append(e)
+    try:
+        load_language_list(cfg.language_list)
+    except LanguageListError as e:
+        errors.append(LanguageListError(str(e), field="language_list"))
+    if errors:
+        raise ConfigError.combine(errors)
 
 
 def _prepare(cfg: PreprocessConfig) -> Tuple[PreprocessConfig, TokenizerIdentity, str, Tuple[tuple, tuple]]:
