@@ -3,7 +3,7 @@
 Every training checkpoint records, beside the :class:`~megatron_mmbert.training.state.TrainState`,
 the position of the data it was saved at: ``train_state.data_position`` in its ``mmbert_config.json``,
 a :class:`DataPosition`. A language's documents are one stream across the phases (a phase takes the
-next tokens of it, data/index.py), so the record names the phase and the samples consumed in it, the
+next tokens of it, data/index/), so the record names the phase and the samples consumed in it, the
 data seed and manifest digests that make the streams, and where every language's stream stands at
 the end of that phase. Two readers:
 
