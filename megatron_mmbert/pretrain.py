@@ -12,7 +12,6 @@ docs/training.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 

@@ -16,15 +16,17 @@ locale's ``@modifier``. Codes the tables do not know keep a deterministic fallba
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import json
 import os
 import re
 import struct
-import sys
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_mmbert.fileio import atomic_write_json, atomic_write_with
+
+logger = logging.getLogger(__name__)
 
 LOCALE_DIR = "/usr/share/locale"
 ISO_639_3_JSON = "/usr/share/iso-codes/json/iso_639-3.json"
@@ -214,12 +216,11 @@ def _missing_message(locale_dir: str) -> str:
 def iter_language_documents(paths: List[Tuple[str, str]], opts: DemoCorpusOptions) -> Iterator[str]:
     """Documents of one language: unique translated messages of one catalog, one per line."""
     seen = set()
-    budget = opts.max_chars_per_language
     for _, path in paths:
         try:
             pairs = read_mo(path)
         except (OSError, ValueError, struct.error) as e:
-            print(f"demo corpus: skipping unreadable catalog {path}: {e}", file=sys.stderr)
+            logger.warning(f"demo corpus: skipping unreadable catalog {path}: {e}")
             continue
         lines, size = [], 0
         for msgid, msgstr in pairs:

@@ -5,16 +5,18 @@ parallel layout sees the same inputs."""
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import hashlib
 import os
-import sys
 from typing import Dict, List, Tuple
 
 import numpy as np
 
 from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.config_base import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def load(manifest: str, field: str = "manifest"):
@@ -82,8 +84,8 @@ def language_rows(manifest, language: str, seq_len: int, mask_rate: float, token
     entry = manifest.languages[language]
     rows = max(1, min(tokens_per_language // seq_len, entry.tokens // seq_len))
     if entry.tokens < seq_len:
-        print(f"warning: {language} has {entry.tokens} tokens, fewer than one row of {seq_len}; its row "
-              "repeats documents", file=sys.stderr)
+        logger.warning(f"{language} has {entry.tokens} tokens, fewer than one row of {seq_len}; its row "
+                       "repeats documents")
     # One language, one phase: row r's masks use the Philox counter r under the language's key.
     only = dataclasses.replace(manifest, languages={language: entry})
     phase = PhaseConfig(name="evaluate", tokens=rows * seq_len, seq_len=seq_len, mask_rate=mask_rate,
