@@ -17,28 +17,14 @@ import torch
 from megatron_mmbert.checkpoints import async_save
 from megatron_mmbert.checkpoints import dist as ckpt
 from megatron_mmbert.config import model_preset
+from tests.helpers.model import world_of_one
 from tests.helpers.training import checkpoint_file_differences
 
 
 @pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    from megatron.core import parallel_state
-
-    from megatron_mmbert import cpu_adapter
-    from tests.helpers.model import _free_port
-
-    cpu_adapter.install()
-    own_group = not torch.distributed.is_initialized()
-    if own_group:
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    own_state = not parallel_state.model_parallel_is_initialized()
-    if own_state:
-        parallel_state.initialize_model_parallel()
-    yield
-    if own_state:
-        parallel_state.destroy_model_parallel()
-    if own_group:
-        torch.distributed.destroy_process_group()
+def one_process_world():
+    with world_of_one():
+        yield
 
 
 class Chunk(torch.nn.Module):

@@ -8,29 +8,14 @@ import torch
 
 from megatron_mmbert.model.mlm_loss import VocabShard, chunked_cross_entropy, default_chunk_rows
 from tests.helpers.mlm_loss_reference import head_inputs, reference_loss
-from tests.helpers.model import torchrun
+from tests.helpers.model import torchrun, world_of_one
 
 
 @pytest.fixture(scope="module")
 def tp1():
     """megatron's TP state for one process (what ``vocab_parallel_cross_entropy`` reads)."""
-    from megatron.core import parallel_state
-
-    from megatron_mmbert import cpu_adapter
-    from tests.helpers.model import _free_port
-
-    cpu_adapter.install()
-    own_group = not torch.distributed.is_initialized()  # tear down only what this fixture made
-    if own_group:
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    own_state = not parallel_state.model_parallel_is_initialized()
-    if own_state:
-        parallel_state.initialize_model_parallel()
-    yield
-    if own_state:
-        parallel_state.destroy_model_parallel()
-    if own_group:
-        torch.distributed.destroy_process_group()
+    with world_of_one():
+        yield
 
 
 def _run(fn, h, w, b, target, valid, reduction, weights, chunk_rows=None, dtype=None):

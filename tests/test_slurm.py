@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from tests.helpers.launch import free_port as _free_port
+from tests.helpers.launch import free_port
 from tests.helpers.slurm import OneNodeSlurm, install, why_no_slurm
 from tests.helpers.training import (
     ROOT, _env, check, compare_checkpoints, tiny_run_config, train_records, write_manifest,
@@ -113,7 +113,7 @@ def reference(request, tmp_path_factory):
         cluster = None
     if cluster is None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), os.path.join(ROOT, "pretrain_mmbert.py"), "--config", cfg]
+               str(free_port()), os.path.join(ROOT, "pretrain_mmbert.py"), "--config", cfg]
         check(subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600))
         return run_dir, None
     os.makedirs(folder / "logs", exist_ok=True)
@@ -339,7 +339,7 @@ def test_preprocess_array_with_a_cancelled_task(slurm, tmp_path, demo_corpus, de
 
 def _two_agents(cfg, *overrides, timeout=300):
     """Two torchrun agents, one process each, meeting at a c10d rendezvous on localhost."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",

@@ -12,6 +12,7 @@ from megatron_mmbert import runtime
 from megatron_mmbert.config import PRESETS, ParallelConfig
 from megatron_mmbert.model.build import build_model
 from tests.helpers.model import packed_batch
+from benchmarks.recompute_memory import saved_activation_bytes  # the benchmark's own measure
 
 
 @pytest.fixture(autouse=True)
@@ -48,22 +49,6 @@ def test_selective_recompute_reruns_attention_and_equals_no_recompute():
         torch.testing.assert_close(grads_b[name], g, rtol=0, atol=0, msg=name)
 
 
-def _saved_activation_bytes(run):
-    """``run()`` under a hook on every tensor autograd keeps for the backward: the bytes of the
-    distinct storages kept, parameters left out (the activation memory a recompute saves)."""
-    kept = {}
-
-    def pack(tensor):
-        if not isinstance(tensor, torch.nn.Parameter):
-            storage = tensor.untyped_storage()
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = run()
-    return out, sum(kept.values())
-
-
 @pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
 def test_full_recompute_keeps_only_layer_inputs_and_equals_no_recompute(precision):
     """``model.recompute: full`` (megatron-core's checkpoint around whole layers, our masks in its
@@ -91,7 +76,7 @@ def test_full_recompute_keeps_only_layer_inputs_and_equals_no_recompute(precisio
         for layer in m.encoder.layers:
             layer.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
         torch.manual_seed(0)  # the same dropout masks in every variant
-        loss, kept = _saved_activation_bytes(lambda: m(batch["tokens"], batch["positions"], batch["cu_seqlens"],
+        loss, kept = saved_activation_bytes(lambda: m(batch["tokens"], batch["positions"], batch["cu_seqlens"],
                                                        batch["max_seqlen"], labels=labels, loss_reduction="sum"))
         loss.backward()
         results[name] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}, calls[0], kept)

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Dict, Sequence
+from typing import Dict, Iterator, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -14,7 +15,31 @@ from megatron_mmbert.convert.verify import hf_logits_per_document
 # The launcher lives in tests/helpers/launch.py; these names stay importable from here.
 from tests.helpers.launch import ROOT, free_port, torchrun  # noqa: F401
 
-_free_port = free_port  # the older name
+
+
+@contextlib.contextmanager
+def world_of_one() -> Iterator[None]:
+    """A gloo process group and megatron-core's parallel state for this one process (TP=PP=DP=1, on
+    CPU through ``cpu_adapter``), for in-process tests of code that reads them; tears down only what it
+    made, so it nests inside a test that has them already."""
+    from megatron.core import parallel_state
+
+    from megatron_mmbert import cpu_adapter
+
+    cpu_adapter.install()
+    own_group = not torch.distributed.is_initialized()
+    if own_group:
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    own_state = not parallel_state.model_parallel_is_initialized()
+    if own_state:
+        parallel_state.initialize_model_parallel()
+    try:
+        yield
+    finally:
+        if own_state:
+            parallel_state.destroy_model_parallel()
+        if own_group:
+            torch.distributed.destroy_process_group()
 
 # Tiny configurations that exercise what parity depends on.
 HF_CONFIGS = {

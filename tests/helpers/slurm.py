@@ -24,6 +24,8 @@ import subprocess
 import time
 from typing import Dict, List, Optional
 
+from tests.helpers.launch import free_port
+
 DEBIAN_PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 SBIN = "/usr/sbin:/usr/bin:/sbin:/bin"  # the daemons live in /usr/sbin, off CI's PATH (/usr/bin:/bin)
@@ -34,12 +36,6 @@ def _daemon(name: str) -> str:
     if path is None:
         raise RuntimeError(f"{name} not found in {SBIN} after installing {' '.join(DEBIAN_PACKAGES)}")
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def why_no_slurm() -> Optional[str]:
@@ -107,8 +103,8 @@ class OneNodeSlurm:
             f"SlurmctldHost={host}",
             "SlurmUser=root",
             "SlurmdUser=root",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             f"StateSaveLocation={self.base}/state",
             f"SlurmdSpoolDir={self.base}/spool",
             f"SlurmctldPidFile={self.base}/slurmctld.pid",
