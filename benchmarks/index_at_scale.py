@@ -1,15 +1,17 @@
 """The data index at mmBERT's scale: time, peak RSS and cache size of ``build_data_index`` on a
 synthetic FineWeb2-shaped manifest and the shipped mmBERT schedule scaled by a factor.
 
-The manifest: 1833 languages (the 110 of examples/configs/mmbert_base.yaml, ``code``, and made-up
-``xNNNN_Synt`` names for the rest), documents per language heavy-tailed (log-normal, sigma 2.8,
-largest first to eng_Latn and the pre-training languages), document lengths log-normal (median ~330,
-mean ~600 tokens). Only the megatron-core ``.idx`` files are written (``IndexedDataset`` reads
-document lengths from them); each ``.bin`` is a sparse file of the right size (all zeros: no
-document starts with ``<bos>``, which best_fit handles as for any shard without one). The corpus
-is ``FULL_DOCUMENTS x factor`` documents (FineWeb2 has about 5 billion), the schedule
-``mmbert_base.yaml``'s phases with tokens x factor and the decay phase over all languages
-(Decay-All), global batch 4608, best_fit in the shipped packed rows (micro_batch x seq_len: 48, 6, 6 rows).
+The manifest: 1833 streams, as the shipped mixture names them: the named sources of the
+configs' ``fixed_shares`` (``dclm``, ``starcoder``, ...; docs/data.md "Named sources"), the 108
+languages of ``mmbert_mid`` and made-up ``xNNNN_Synt`` names for the rest; documents per stream
+heavy-tailed (log-normal, sigma 2.8, largest first: ``dclm`` (English), then the mid-training
+languages, then the other sources), document lengths log-normal (median ~330, mean ~600 tokens).
+Only the megatron-core ``.idx`` files are written (``IndexedDataset`` reads document lengths from
+them); each ``.bin`` is a sparse file of the right size (all zeros: no document starts with
+``<bos>``, which best_fit handles as for any shard without one). The corpus is ``FULL_DOCUMENTS x
+factor`` documents (FineWeb2 has about 5 billion), the schedule ``mmbert_base.yaml``'s phases with
+tokens x factor and the decay phase of ``decay_all.yaml`` (all languages, its fixed shares),
+global batch 4608, best_fit in the shipped packed rows (micro_batch x seq_len: 48, 6, 6 rows).
 
 Each build runs in a fresh subprocess; its peak RSS is ``resource.getrusage(RUSAGE_CHILDREN)
 .ru_maxrss`` read by a wrapper process that ran only it, its CPU time (user + system, which other
@@ -44,20 +46,35 @@ NUM_LANGUAGES = 1833
 GLOBAL_BATCH = 4608
 
 
-def _mmbert_phases(factor: float, languages=None):
+def _config(name: str) -> dict:
     import yaml
 
-    cfg = yaml.safe_load(open(os.path.join(ROOT, "examples", "configs", "mmbert_base.yaml")))
+    return yaml.safe_load(open(os.path.join(ROOT, "examples", "configs", name)))
+
+
+def named_sources() -> list:
+    """The named sources of the shipped mixture (every ``fixed_shares`` key of mmbert_base.yaml's
+    phases and decay_all.yaml's decay), in order of first appearance: ``dclm`` first."""
+    cfg = _config("mmbert_base.yaml")
+    shares = [p["fixed_shares"] for p in cfg["phases"]] + [_config("decay_all.yaml")["phases"]["decay"]["fixed_shares"]]
+    return list(dict.fromkeys(k for s in shares for k in s))
+
+
+def _mmbert_phases(factor: float, languages=None):
+    cfg = _config("mmbert_base.yaml")
     sets = cfg["language_sets"]
+    decay_all = _config("decay_all.yaml")["phases"]["decay"]
     phases = []
     for p in cfg["phases"]:
         p = dict(p)
         p["tokens"] = int(p["tokens"] * factor)
-        p["languages"] = "all" if p["name"] == "decay" or languages else sets[p["languages"]]
+        if p["name"] == "decay":  # Decay-All: every language, its shares
+            p.update(decay_all)
         if languages:  # another manifest: every phase over all its languages, fixed shares kept where present
+            p["languages"] = "all"
             p["fixed_shares"] = {k: v for k, v in p["fixed_shares"].items() if k in languages}
-        elif p["name"] == "decay":
-            p["fixed_shares"] = {"eng_Latn": 0.102, "code": 0.055}  # decay_all.yaml
+        elif p["languages"] != "all":
+            p["languages"] = sets[p["languages"]]
         phases.append(p)
     return phases, sets["mmbert_mid"]
 
@@ -76,8 +93,8 @@ def write_manifest(root: str, factor: float, seed: int = 0) -> str:
     from megatron.core.datasets.indexed_dataset import DType, _INDEX_HEADER
 
     _, named = _mmbert_phases(1.0)
-    names = [n for n in named if n != "code"]
-    names = ["eng_Latn"] + [n for n in names if n != "eng_Latn"] + ["code"]
+    sources = named_sources()
+    names = sources[:1] + [n for n in named if n not in sources] + sources[1:]
     names += [f"x{i:04d}_Synt" for i in range(NUM_LANGUAGES - len(names))]
     rng = np.random.default_rng(seed)
     share = np.sort(rng.lognormal(0.0, 2.8, NUM_LANGUAGES))[::-1]

@@ -852,10 +852,10 @@ def test_index_at_scale_synthetic_manifest_is_readable(tmp_path):
 
     path = write_manifest(str(tmp_path / "m"), 2e-7)
     m = json.load(open(path))
-    assert len(m["languages"]) == NUM_LANGUAGES and "eng_Latn" in m["languages"] and "code" in m["languages"]
+    assert len(m["languages"]) == NUM_LANGUAGES and "dclm" in m["languages"] and "starcoder" in m["languages"]
     docs = sorted(e["documents"] for e in m["languages"].values())
     assert docs[-1] > 20 * docs[len(docs) // 2]  # heavy-tailed
-    for lang in ("eng_Latn", "code", "x0100_Synt"):
+    for lang in ("dclm", "starcoder", "x0100_Synt"):
         e = m["languages"][lang]
         ds = IndexedDataset(os.path.join(os.path.dirname(path), e["shards"][0]))
         assert len(ds) == e["documents"] and int(ds.sequence_lengths.sum()) == e["tokens"]
