@@ -682,14 +682,20 @@ def test_streamed_build_matches_the_recorded_in_memory_build(tmp_path):
     assert seen == set(RECORDED_DIGESTS)
 
 
-def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", ["longest_first", "reversed"])
+def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp_path, monkeypatch, schedule):
     """Issue 29: blending a few samples at a time (segments cut mid-way), packers resumed every row
     (concat) or every window (best_fit), languages on worker threads through their spill files copied
     a few rows at a time: the recorded digests, and nothing left behind in the cache folder. (One
-    thread, which appends straight to the phase files, is the other digest test's path.)"""
+    thread, which appends straight to the phase files, is the other digest test's path.) The order
+    languages start in changes nothing: longest first (the builder's) or its reverse (the later
+    languages wait in their spill folders for the first)."""
     threads = 3
     import megatron_mmbert.data.index as index_mod
 
+    if schedule == "reversed":
+        longest_first = index_mod.language_schedule
+        monkeypatch.setattr(index_mod, "language_schedule", lambda *a: longest_first(*a)[::-1])
     monkeypatch.setattr(index_mod, "BLEND_CHUNK", 5)
     monkeypatch.setattr(index_mod, "PACK_BLOCK_TOKENS", 1)
     monkeypatch.setattr(index_mod._SpillFiles, "COPY_ROWS", 3)
@@ -705,6 +711,24 @@ def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp
             assert _index_digest(index) == RECORDED_DIGESTS[f"{name}/start{start}"], (name, start, threads)
             folder, = os.listdir(cache)
             assert not [f for f in os.listdir(os.path.join(cache, folder)) if f.startswith(".spill")]
+
+
+def test_language_schedule_starts_the_longest_language_first():
+    """Issue 29: languages start on threads by their work (row tokens of every phase, plus a cost per
+    document), most first, ties in language order; languages without rows do not start."""
+    from types import SimpleNamespace
+
+    from megatron_mmbert.data.index import LANGUAGE_DOCUMENT_COST, language_schedule
+
+    plans = [SimpleNamespace(phase=SimpleNamespace(seq_len=s)) for s in (16, 64)]
+    counts = np.array([[10, 0, 40, 5, 0], [0, 3, 0, 5, 0]])  # row tokens 160, 192, 640, 400, 0
+    docs = [0, 0, 0, 0, 0]
+    assert language_schedule(plans, counts, docs, [True] * 5) == [2, 3, 1, 0, 4]
+    assert language_schedule(plans, counts, docs, [True, True, False, True, False]) == [3, 1, 0]
+    docs = [1, 0, 0, 0, 0]  # language 0's documents are work too
+    assert language_schedule(plans, counts, docs, [True] * 5)[:3] == (
+        [2, 0, 3] if 160 + LANGUAGE_DOCUMENT_COST > 400 else [2, 3, 0])
+    assert language_schedule(plans, np.zeros((2, 3), np.int64), [0] * 3, [True] * 3) == [0, 1, 2]
 
 
 def test_resumable_packers_and_blender_equal_one_call():

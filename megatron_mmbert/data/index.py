@@ -809,9 +809,10 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
     (checked) and int64 otherwise; readers take either.
 
     ``threads``: languages packed at once (the C++ packers release the GIL); the output does not
-    depend on it. With more than one, each language's blocks wait in a spill folder of ``out_dir``
-    until the languages before it are written, at most ``2 x threads`` languages and
-    :data:`THREAD_DOCUMENT_BUDGET` documents ahead.
+    depend on it. With more than one, languages start longest first (:func:`language_schedule`), at
+    most ``2 x threads`` and :data:`THREAD_DOCUMENT_BUDGET` documents submitted at once, and each
+    language's blocks wait in a spill folder of ``out_dir`` until the languages before it are written
+    (on disk: at worst the rest of the index once more, while the longest language packs).
 
     ``bin_rows`` (best_fit): ``seq_len`` rows per packed row, one per phase (default 1); the phase's
     samples are blended in groups of that many rows (:func:`check_bin_rows`)."""
@@ -842,11 +843,27 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
     return small
 
 
+LANGUAGE_DOCUMENT_COST = 256
+"""Row tokens a document's own work is worth when :func:`language_schedule` ranks languages (its
+lengths, framing and permutation entries, measured beside best_fit's per-token work)."""
+
+
+def language_schedule(plans: List[PhasePlan], counts: np.ndarray, documents: Sequence[int], active) -> List[int]:
+    """The order the languages start on threads: longest first (LPT), so that the largest language,
+    whose phases are one sequential chain and the build's critical path, starts at once and not
+    when the languages before it in the index are written. A language's work: the row tokens of its
+    phases (``counts`` x ``seq_len``, every phase: best_fit packs the ones before the start phase
+    too) plus :data:`LANGUAGE_DOCUMENT_COST` per document. Ties in language order."""
+    seq = np.array([p.phase.seq_len for p in plans], np.int64)[:, None]
+    work = (counts * seq).sum(axis=0) + LANGUAGE_DOCUMENT_COST * np.asarray(documents, np.int64)
+    return sorted((i for i in range(len(work)) if active[i]), key=lambda i: (-int(work[i]), i))
+
+
 def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, packing, groups, path,
                     threads: int, out_dir: str) -> np.ndarray:
     """Pack every language in order into the phase files (``threads`` at once), fill best_fit's
     ``positions`` and write the offset arrays; returns the packing stats [K, L, 8]."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     languages = plans[0].languages
     K, L = len(plans), len(languages)
@@ -871,7 +888,8 @@ def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, 
     t0, done = time.time(), 0
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     try:
-        ahead = {}
+        order, at = language_schedule(plans, counts, docs, active), 0  # threads: the order languages start in
+        futures, running = {}, {}  # language -> future; submitted and not finished -> its documents
         for i in range(L):
             if not active[i]:  # no rows anywhere: the empty entries, lengths not even read
                 for k in range(K):
@@ -879,13 +897,20 @@ def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, 
                     files.append(k, "ptr", _EMPTY["ptr"])
                 offsets["rows"][:, i + 1] = 1
                 continue
-            if pool is not None:  # up to 2 x threads languages ahead, within the document budget
-                for j in need[done:done + 2 * threads]:
-                    if j not in ahead:
-                        if ahead and sum(docs[a] for a in ahead) + docs[j] > THREAD_DOCUMENT_BUDGET:
-                            break
-                        ahead[j] = pool.submit(spilled, j)
-                res, sink = ahead.pop(i).result()
+            if pool is not None:  # start languages longest first, written in language order
+                while not (i in futures and futures[i].done()):
+                    while at < len(order) and len(running) < 2 * threads and (
+                            not running or sum(running.values()) + docs[order[at]] <= THREAD_DOCUMENT_BUDGET):
+                        futures[order[at]] = pool.submit(spilled, order[at])
+                        running[order[at]] = docs[order[at]]
+                        at += 1
+                    wait([futures[j] for j in running], return_when=FIRST_COMPLETED)
+                    for j in [j for j in running if futures[j].done()]:
+                        del running[j]
+                        if futures[j].exception() is not None:  # fail now, not when its turn comes
+                            futures[j].result()
+                running.pop(i, None)
+                res, sink = futures.pop(i).result()
                 sink.copy_into(files)
             else:
                 res = task(i, files)
