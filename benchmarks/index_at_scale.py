@@ -131,16 +131,61 @@ def write_manifest(root: str, factor: float, seed: int = 0) -> str:
 
 
 CHILD = """
-import json, sys, time
+import json, os, sys, time
 sys.path.insert(0, {root!r})
 from megatron_mmbert.config import PhaseConfig
+from megatron_mmbert.data import index as index_pkg
 from megatron_mmbert.data.index import build_data_index
 from megatron_mmbert.data.shards import load_manifest
+timings = {{"tasks": {{}}, "blend_cpu": 0.0, "copy": [0, 0.0], "order": None}}
+{instrument}
 phases = [PhaseConfig(**p) for p in json.loads({phases!r})]
+manifest = load_manifest({manifest!r})
 t = time.perf_counter()
-index = build_data_index(load_manifest({manifest!r}), phases, 21, {cache!r}, {batch}, is_builder=True,
+index = build_data_index(manifest, phases, 21, {cache!r}, {batch}, is_builder=True,
                          packing={packing!r}, bin_rows={bin_rows!r}{threads_arg})
-print(json.dumps({{"seconds": time.perf_counter() - t, "path": index.path}}))
+timings["documents"] = {{lang: e.documents for lang, e in manifest.languages.items()}}
+print(json.dumps({{"seconds": time.perf_counter() - t, "path": index.path, "timings": timings}}))
+"""
+
+INSTRUMENT = """
+# Per-language task times of the packing (thread CPU: what the language costs whatever else runs),
+# the blending's and the spill copy's, recorded by wrapping the builder's own functions in the
+# module that defines them (the code under test is otherwise untouched; older code lacks some).
+mod = next((m for name, m in sorted(sys.modules.items()) if name.startswith("megatron_mmbert.data.index")
+            and hasattr(m, "_pack_languages") and hasattr(m, "_pack_language")), None)
+def _bytes(sink):
+    if hasattr(sink, "out"):  # the phase files themselves (one thread)
+        return sum(a._f.tell() for acc in sink.out for a in acc.values())
+    return sum(e[0].tell() for e in sink.files.values())
+if mod is not None and hasattr(mod, "_pack_language"):
+    pack, blend = mod._pack_language, mod._blend_phase
+    def timed_pack(ext, manifest, lang, *a):
+        c, w, b = time.thread_time(), time.perf_counter(), _bytes(a[-1])
+        res = pack(ext, manifest, lang, *a)
+        timings["tasks"][lang] = [time.thread_time() - c, time.perf_counter() - w, _bytes(a[-1]) - b]
+        return res
+    def timed_blend(*a):
+        c = time.thread_time()
+        out = blend(*a)
+        timings["blend_cpu"] += time.thread_time() - c
+        return out
+    mod._pack_language, mod._blend_phase = timed_pack, timed_blend
+    if hasattr(mod, "language_schedule"):
+        schedule = mod.language_schedule
+        def recorded(plans, *a):
+            order = schedule(plans, *a)
+            timings["order"] = [plans[0].languages[i] for i in order]
+            return order
+        mod.language_schedule = recorded
+    if hasattr(mod, "_SpillFiles"):
+        copy = mod._SpillFiles.copy_into
+        def timed_copy(self, files):
+            c, b = time.thread_time(), sum(os.path.getsize(e[0].name) for e in self.files.values())
+            copy(self, files)
+            timings["copy"][0] += b
+            timings["copy"][1] += time.thread_time() - c
+        mod._SpillFiles.copy_into = timed_copy
 """
 
 
@@ -149,7 +194,7 @@ def measure(code_root: str, manifest: str, phases, packing: str, cache: str, thr
     1-minute load average when it ended (the machine's other work). ``threads`` None: the builder's
     default (for code from before the ``threads`` argument)."""
     src = CHILD.format(root=code_root, phases=json.dumps(phases), manifest=manifest, cache=cache,
-                       batch=GLOBAL_BATCH, packing=packing,
+                       batch=GLOBAL_BATCH, packing=packing, instrument=INSTRUMENT,
                        threads_arg="" if threads is None else f", threads={int(threads)}",
                        bin_rows=mmbert_micro_batches([p["name"] for p in phases]) if packing == "best_fit" else None)
     env = dict(os.environ, PYTHONPATH=code_root, OPENBLAS_NUM_THREADS="1")
@@ -161,7 +206,8 @@ def measure(code_root: str, manifest: str, phases, packing: str, cache: str, thr
     rss = usage.ru_maxrss / 1024  # KiB on Linux
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(res["path"]) for f in fs)
     return {"seconds": round(res["seconds"], 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_mb": round(rss), "cache_mb": round(size / 2**20), "load_avg": round(os.getloadavg()[0], 2)}
+            "peak_rss_mb": round(rss), "cache_mb": round(size / 2**20), "load_avg": round(os.getloadavg()[0], 2),
+            "timings": res["timings"]}
 
 
 def _run_one(args, work, path, phases, packing, f, threads) -> dict:
@@ -176,8 +222,131 @@ def _run_one(args, work, path, phases, packing, f, threads) -> dict:
         sys.exit(out.stderr[-3000:])
     r = {"scale": f, "packing": packing, "threads": threads, **json.loads(out.stdout.strip().splitlines()[-1])}
     shutil.rmtree(cache, ignore_errors=True)
-    print(json.dumps(r), flush=True)
+    print(json.dumps({k: v for k, v in r.items() if k != "timings"}), flush=True)
     return r
+
+
+def _linear(a: float, b: float, sa: float, sb: float, floor: bool = True) -> float:
+    """The value at scale 1 of the line through (sa, a) and (sb, b); at least b when ``floor``."""
+    v = b + (b - a) / (sb - sa) * (1 - sb)
+    return max(v, b) if floor else v
+
+
+def simulate(order, names, task_s, copy_s, documents, threads: int, budget: int, before_s: float = 0.0,
+             after_s: float = 0.0) -> dict:
+    """The build's packing on ``threads`` workers as ``_pack_languages`` runs it: languages submitted
+    in ``order`` (the builder's ``language_schedule``), at most 2 x threads and ``budget`` documents
+    submitted and unfinished at once (a language over the budget alone), run first come first served;
+    the main thread writes them in ``names`` order, each when it and all before it are done, taking
+    ``copy_s`` (its spill copy; 0 on one thread, which writes in place). ``before_s`` / ``after_s``:
+    serial work around the packing (blending, offsets). Returns the wall seconds, the longest task
+    and the most documents running at once (their per-document state is the memory that grows)."""
+    import heapq
+
+    events, queue, free, now = [], [], threads, before_s
+    submitted, finished, at, peak_docs, running_docs = {}, set(), 0, 0, 0
+
+    def start(j, t):
+        nonlocal running_docs, peak_docs
+        heapq.heappush(events, (t + task_s[j], j))
+        running_docs += documents[j]
+        peak_docs = max(peak_docs, running_docs)
+
+    def pop():
+        nonlocal free, running_docs, now
+        t, j = heapq.heappop(events)
+        now = max(now, t)
+        finished.add(j)
+        running_docs -= documents[j]
+        del submitted[j]
+        if queue:
+            start(queue.pop(0), t)
+        else:
+            free += 1
+
+    for i in names:
+        while i not in finished:
+            while events and events[0][0] <= now:
+                pop()
+            if i in finished:
+                break
+            while at < len(order) and len(submitted) < 2 * threads and (
+                    not submitted or sum(submitted.values()) + documents[order[at]] <= budget):
+                j = order[at]
+                submitted[j] = documents[j]
+                at += 1
+                if free:
+                    free -= 1
+                    start(j, now)
+                else:
+                    queue.append(j)
+            if i not in finished:
+                pop()
+        now += copy_s.get(i, 0.0)
+    return {"seconds": round(now + after_s, 1), "longest_task_seconds": round(max(task_s.values()), 1),
+            "longest_task": max(task_s, key=task_s.get), "peak_running_documents": int(peak_docs)}
+
+
+def schedule_model(rows, packing: str, node_threads: int, budget: int) -> list:
+    """The full run's wall time on ``node_threads`` threads, modelled, not guessed: every language's
+    packing task time (its thread CPU seconds at the two largest one-thread scales, extrapolated to
+    the full run linearly, as the corpus and the schedule both grow), run through :func:`simulate`
+    with the builder's start order and document budget, plus the serial blending and the rest of the
+    build (extrapolated the same way) and the main thread's spill copy (each language's bytes at the
+    copy rate measured with 2+ threads). Also checked against the measurement: the same simulation
+    on the measured (not extrapolated) task times at the largest scale, beside its measured wall
+    time with 2+ threads. Peak RSS: the smallest scale's one-thread RSS, plus the per-document bytes
+    that RSS grew by (fitted on the largest language's documents) for the most documents running
+    at once, plus each extra thread's fixed cost (measured between one and two threads)."""
+    one = sorted((r for r in rows if r["packing"] == packing and r.get("threads") in (1, None)
+                  and r.get("timings", {}).get("tasks")), key=lambda r: r["scale"])
+    if len(one) < 2:
+        return []
+    a, b = one[-2], one[-1]
+    sa, sb = a["scale"], b["scale"]
+    ta, tb = a["timings"], b["timings"]
+    names = sorted(tb["tasks"])
+    task_full = {n: _linear(ta["tasks"].get(n, [0.0])[0], tb["tasks"][n][0], sa, sb) for n in names}
+    docs_full = {n: round(tb["documents"][n] / sb) for n in names}
+    blend = _linear(ta["blend_cpu"], tb["blend_cpu"], sa, sb)
+    rest = _linear(a["cpu_seconds"] - sum(v[0] for v in ta["tasks"].values()) - ta["blend_cpu"],
+                   b["cpu_seconds"] - sum(v[0] for v in tb["tasks"].values()) - tb["blend_cpu"], sa, sb)
+    order_b = tb.get("order") or names
+    multi = sorted((r for r in rows if r["packing"] == packing and (r.get("threads") or 1) > 1
+                    and r.get("timings", {}).get("copy", [0])[0]), key=lambda r: r["scale"])
+    rate = multi[-1]["timings"]["copy"][0] / max(multi[-1]["timings"]["copy"][1], 1e-9) if multi else None
+    out = []
+    if multi:  # the model on what was measured: the largest multi-thread scale, its own task times
+        m = multi[-1]
+        same = [r for r in one if r["scale"] == m["scale"]]
+        if same:
+            t1 = same[0]["timings"]
+            check = simulate(t1.get("order") or sorted(t1["tasks"]), sorted(t1["tasks"]),
+                             {n: v[0] for n, v in t1["tasks"].items()},
+                             {n: v[2] / rate for n, v in t1["tasks"].items()}, t1["documents"], m["threads"],
+                             budget, t1["blend_cpu"],
+                             same[0]["cpu_seconds"] - sum(v[0] for v in t1["tasks"].values()) - t1["blend_cpu"])
+            out.append({"scale": m["scale"], "packing": packing, "threads": m["threads"], "model": "check",
+                        "modelled_seconds": check["seconds"], "measured_seconds": m["seconds"],
+                        "measured_cpu_seconds": m["cpu_seconds"], "load_avg": m["load_avg"]})
+    small = one[0]
+    d_small = max(small["timings"]["documents"].values())
+    d_b = max(tb["documents"].values())
+    per_doc = max((b["peak_rss_mb"] - small["peak_rss_mb"]) / max(d_b - d_small, 1), 0.0)  # MB a document
+    two = [r for r in rows if r["packing"] == packing and r.get("threads") == 2 and r["scale"] == small["scale"]]
+    per_thread = max(two[0]["peak_rss_mb"] - small["peak_rss_mb"], 0) if two else 0
+    for n in sorted({1, 2, node_threads}):
+        copy = {name: _linear(ta["tasks"].get(name, [0, 0, 0])[2], tb["tasks"][name][2], sa, sb) / rate
+                for name in names} if (rate and n > 1) else {}
+        sim = simulate(order_b if n > 1 else names, names, task_full, copy, docs_full, n, budget, blend, rest)
+        rss = small["peak_rss_mb"] - per_doc * d_small + per_doc * sim["peak_running_documents"] + per_thread * (n - 1)
+        out.append({"scale": 1.0, "packing": packing, "threads": n, "model": "simulated", **sim,
+                    "serial_seconds": round(blend + rest, 1), "copy_seconds": round(sum(copy.values()), 1),
+                    "task_cpu_seconds": round(sum(task_full.values()), 1),
+                    "bytes_per_document": round(per_doc * 2**20, 1), "peak_rss_mb": round(rss)})
+    for r in out:
+        print(json.dumps(r), flush=True)
+    return out
 
 
 KEYS = ("seconds", "cpu_seconds", "peak_rss_mb", "cache_mb")
@@ -211,6 +380,14 @@ def extrapolate(rows, packings, thread_counts, node_threads: int):
     for r in out:
         print(json.dumps(r), flush=True)
     return out
+
+
+def _thread_document_budget(code_root: str) -> int:
+    """The builder's ``THREAD_DOCUMENT_BUDGET`` (2^30 where the code has none)."""
+    out = subprocess.run([sys.executable, "-c", "import megatron_mmbert.data.index as m; "
+                          "print(getattr(m, 'THREAD_DOCUMENT_BUDGET', 1 << 30))"],
+                         env=dict(os.environ, PYTHONPATH=code_root), capture_output=True, text=True)
+    return int(out.stdout.strip() or (1 << 30))
 
 
 def main():
@@ -252,6 +429,9 @@ def main():
             for threads in args.threads or [None]:
                 rows.append(_run_one(args, work, path, phases, packing, f, threads))
     rows += extrapolate(rows, args.packing, args.threads or [None], args.node_threads)
+    budget = _thread_document_budget(args.code_root)
+    for packing in args.packing:
+        rows += schedule_model(rows, packing, args.node_threads, budget)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -470,8 +470,22 @@ Pcg64 seeded_pcg64(uint64_t seed, uint64_t stream, uint64_t epoch) {
 template <typename T>
 void permute_into(Pcg64 &g, T *out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(i);
+  // Fisher-Yates from the top (numpy's shuffle). Each swap's partner j is random: the draws are
+  // made kAhead swaps early (the same draws in the same order) and their entries prefetched, so the
+  // cache misses of a large permutation overlap instead of following one another.
+  constexpr int64_t kAhead = 16;
+  int64_t js[kAhead];
+  int64_t next = n - 1;  // the next i to draw j for
+  auto draw = [&]() {
+    const int64_t j = static_cast<int64_t>(g.interval(static_cast<uint64_t>(next)));
+    __builtin_prefetch(out + j);
+    js[next % kAhead] = j;
+    --next;
+  };
+  for (int64_t k = 0; k < kAhead && next >= 1; ++k) draw();
   for (int64_t i = n - 1; i >= 1; --i) {
-    const int64_t j = static_cast<int64_t>(g.interval(static_cast<uint64_t>(i)));
+    const int64_t j = js[i % kAhead];
+    if (next >= 1) draw();  // for i - kAhead: the slot just read
     std::swap(out[i], out[j]);
   }
 }
@@ -644,6 +658,7 @@ constexpr int8_t kAddEos = 2;  // append <eos>
 // The document stream of one language from stream token `start_token` (which must fall on a
 // document boundary of the epoch stream): epoch e = permutation(D, seed, stream, e).
 struct DocStream {
+  static constexpr int64_t kPrefetch = 16;
   const int32_t *sizes;
   int64_t D, tpe;
   uint64_t seed, stream;
@@ -677,7 +692,14 @@ struct DocStream {
     ++epoch;
     load();
   }
+  const int8_t *framing = nullptr;  // prefetched with the sizes (the packer reads both per document)
   int32_t take() {  // the next document (any size, zero included)
+    // The documents come in a random order: ask for a later one's size (and framing) now, so its
+    // cache miss overlaps this one's work (a large language's arrays are far bigger than the cache).
+    if (pos + kPrefetch < D) {
+      __builtin_prefetch(sizes + perm[pos + kPrefetch]);
+      if (framing) __builtin_prefetch(framing + perm[pos + kPrefetch]);
+    }
     const int32_t d = perm[pos++];
     token += sizes[d];
     if (pos == D) next_epoch();
@@ -779,6 +801,7 @@ class BestFitPacker {
     if (num_rows > 0) {
       py::gil_scoped_release release;  // the first epoch's permutation
       st_.reset(new BestFitState{DocStream(sizes_, D, tpe, seed, stream, start_token), {}});
+      st_->docs.framing = framing_;
     }
   }
 
@@ -828,6 +851,9 @@ class BestFitPacker {
     // into those rows), as the reference's buffer does.
     const int64_t max_deferred = lookahead_ * seq_len_ + (num_rows_ - r0_ - W) * capacity_ / 2;
     size_t head = 0;  // first piece of `pending` not yet tried in this window
+    // The most room of any row: a piece longer than it is deferred without a search (most deferred
+    // pieces, retried every window while the rows fill, are); recomputed when that row takes a piece.
+    int64_t most_room = capacity_;
     while (full < W && static_cast<int64_t>(deferred_.size()) < buffer_) {
       if (head == pending.size()) {
         if (deferred_tokens >= max_deferred) break;
@@ -840,16 +866,20 @@ class BestFitPacker {
       const Piece p = pending[head++];
       const int64_t t = p.total();
       int64_t best = -1;
-      for (int64_t r = 0; r < W; ++r) {
-        if (room_[r] >= t && (best < 0 || room_[r] < room_[best])) best = r;
+      if (t <= most_room) {
+        for (int64_t r = 0; r < W; ++r) {
+          if (room_[r] >= t && (best < 0 || room_[r] < room_[best])) best = r;
+        }
       }
       if (best < 0) {
         deferred_.push_back(p);
         deferred_tokens += t;
       } else {
+        const bool was_most = room_[best] == most_room;
         rows_[best].push_back(p);
         room_[best] -= t;
         if (room_[best] == 0) ++full;
+        if (was_most) most_room = *std::max_element(room_.begin(), room_.begin() + W);
       }
     }
     // Deferred pieces go before the untried ones for the next window.
