@@ -17,9 +17,16 @@ Each build runs in a fresh subprocess; its peak RSS is ``resource.getrusage(RUSA
 .ru_maxrss`` read by a wrapper process that ran only it, its CPU time (user + system, which other
 jobs on a shared machine disturb less than the wall time) from the same call. The full run is extrapolated linearly
 from the two scales (time, RSS and cache all grow with the schedule's samples and the corpus).
+Its wall time on a node's threads (``--node-threads``, 16) is modelled from what was measured, not
+guessed (:func:`schedule_model`): each language's packing task time (thread CPU seconds, recorded by
+wrapping the builder's own functions) at the two largest one-thread scales, extrapolated to the full
+run and run through the builder's scheduling (:func:`simulate`: its start order, thread count and
+document budget, the main thread writing languages in order); the same simulation on the measured
+task times is shown beside the measured multi-thread wall time as a check.
 
     PYTHONPATH=. python benchmarks/index_at_scale.py [--scales 0.001 0.01] [--packing best_fit concat]
-        [--code-root DIR] [--label after] [--manifest MANIFEST] [--json OUT]
+        [--threads 1 2] [--node-threads 16] [--corpus-scale F] [--code-root DIR] [--label after]
+        [--manifest MANIFEST] [--json OUT]
 
 ``--code-root``: the repository whose ``megatron_mmbert`` builds (e.g. an export of an older
 commit, to measure a baseline on the same manifest).
@@ -137,7 +144,7 @@ from megatron_mmbert.config import PhaseConfig
 from megatron_mmbert.data import index as index_pkg
 from megatron_mmbert.data.index import build_data_index
 from megatron_mmbert.data.shards import load_manifest
-timings = {{"tasks": {{}}, "blend_cpu": 0.0, "copy": [0, 0.0], "order": None}}
+timings = {{"tasks": {{}}, "framing": {{}}, "blend_cpu": 0.0, "copy": [0, 0.0], "order": None}}
 {instrument}
 phases = [PhaseConfig(**p) for p in json.loads({phases!r})]
 manifest = load_manifest({manifest!r})
@@ -171,6 +178,14 @@ if mod is not None and hasattr(mod, "_pack_language"):
         timings["blend_cpu"] += time.thread_time() - c
         return out
     mod._pack_language, mod._blend_phase = timed_pack, timed_blend
+    if hasattr(mod, "framing_flags"):  # part of a task: the read of every document's first / last token
+        framing = mod.framing_flags
+        def timed_framing(manifest, lang):
+            c = time.thread_time()
+            out = framing(manifest, lang)
+            timings["framing"][lang] = time.thread_time() - c
+            return out
+        mod.framing_flags = timed_framing
     if hasattr(mod, "language_schedule"):
         schedule = mod.language_schedule
         def recorded(plans, *a):
@@ -335,15 +350,24 @@ def schedule_model(rows, packing: str, node_threads: int, budget: int) -> list:
     per_doc = max((b["peak_rss_mb"] - small["peak_rss_mb"]) / max(d_b - d_small, 1), 0.0)  # MB a document
     two = [r for r in rows if r["packing"] == packing and r.get("threads") == 2 and r["scale"] == small["scale"]]
     per_thread = max(two[0]["peak_rss_mb"] - small["peak_rss_mb"], 0) if two else 0
+    # The framing scan (every document's first and last token read from the .bin) on its own: what a
+    # task would cost if preprocessing recorded the framing (on real shards it is a read of the corpus).
+    fr_full = {n: _linear(ta.get("framing", {}).get(n, 0.0), tb.get("framing", {}).get(n, 0.0), sa, sb)
+               for n in names}
     for n in sorted({1, 2, node_threads}):
         copy = {name: _linear(ta["tasks"].get(name, [0, 0, 0])[2], tb["tasks"][name][2], sa, sb) / rate
                 for name in names} if (rate and n > 1) else {}
-        sim = simulate(order_b if n > 1 else names, names, task_full, copy, docs_full, n, budget, blend, rest)
-        rss = small["peak_rss_mb"] - per_doc * d_small + per_doc * sim["peak_running_documents"] + per_thread * (n - 1)
-        out.append({"scale": 1.0, "packing": packing, "threads": n, "model": "simulated", **sim,
-                    "serial_seconds": round(blend + rest, 1), "copy_seconds": round(sum(copy.values()), 1),
-                    "task_cpu_seconds": round(sum(task_full.values()), 1),
-                    "bytes_per_document": round(per_doc * 2**20, 1), "peak_rss_mb": round(rss)})
+        for variant, tasks in (("simulated", task_full),
+                               ("simulated, no framing scan", {k: max(v - fr_full[k], 0.0) for k, v in task_full.items()})):
+            if variant != "simulated" and not any(fr_full.values()):
+                continue
+            sim = simulate(order_b if n > 1 else names, names, tasks, copy, docs_full, n, budget, blend, rest)
+            rss = small["peak_rss_mb"] - per_doc * d_small + per_doc * sim["peak_running_documents"] + per_thread * (n - 1)
+            out.append({"scale": 1.0, "packing": packing, "threads": n, "model": variant, **sim,
+                        "serial_seconds": round(blend + rest, 1), "copy_seconds": round(sum(copy.values()), 1),
+                        "task_cpu_seconds": round(sum(tasks.values()), 1),
+                        "framing_cpu_seconds": round(sum(fr_full.values()), 1) if variant == "simulated" else 0.0,
+                        "bytes_per_document": round(per_doc * 2**20, 1), "peak_rss_mb": round(rss)})
     for r in out:
         print(json.dumps(r), flush=True)
     return out
@@ -397,6 +421,9 @@ def main():
     ap.add_argument("--code-root", default=ROOT)
     ap.add_argument("--manifest", default=None,
                     help="use this manifest (every phase over all its languages) instead of the synthetic one")
+    ap.add_argument("--corpus-scale", type=float, default=None,
+                    help="the synthetic corpus at this scale whatever the schedule's (default: each --scales "
+                    "value): memory against the run's length alone, the per-document state held fixed")
     ap.add_argument("--workdir", default=None, help="where manifests and caches go (default: a temp folder)")
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="languages packed at once, one build per count (default: the builder's own default)")
@@ -419,12 +446,14 @@ def main():
             phases, _ = _mmbert_phases(f, set(json.load(open(path))["languages"]))
         else:
             phases, _ = _mmbert_phases(f)
-            mroot = os.path.join(work, f"manifest-{f:g}")
+            corpus = args.corpus_scale or f
+            mroot = os.path.join(work, f"manifest-{corpus:g}")
             path = os.path.join(mroot, "manifest.json")
-        if not os.path.exists(path):
-            t = time.perf_counter()
-            write_manifest(mroot, f)
-            print(f"[index_at_scale] manifest 1/{1 / f:g} written in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+            if not os.path.exists(path):
+                t = time.perf_counter()
+                write_manifest(mroot, corpus)
+                print(f"[index_at_scale] manifest 1/{1 / corpus:g} written in {time.perf_counter() - t:.1f}s",
+                      file=sys.stderr)
         for packing in args.packing:
             for threads in args.threads or [None]:
                 rows.append(_run_one(args, work, path, phases, packing, f, threads))

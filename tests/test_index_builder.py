@@ -780,6 +780,30 @@ def test_cached_index_uses_int32_where_the_values_fit(tmp_path):
             assert p.sample_idx.dtype == np.int32 and p.row_ptr.dtype == np.int32 and p.doc_index.dtype == np.int32
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_npy_appender_appends_a_raw_file(tmp_path, monkeypatch, kernel_copy):
+    """Issue 29: a spill file in the appender's dtype goes in as bytes (os.copy_file_range, or a
+    buffered copy where that fails), between chunks appended as arrays; a file of the wrong size is
+    refused."""
+    import megatron_mmbert.data.index as index_mod
+
+    if not kernel_copy:
+        def refuse(*a):
+            raise OSError("copy_file_range: not here")
+        monkeypatch.setattr(index_mod.os, "copy_file_range", refuse, raising=False)
+    out = index_mod.NpyAppender(str(tmp_path / "a.npy"), np.int32, (3,))
+    a = np.arange(12, dtype=np.int64).reshape(4, 3)
+    raw = np.arange(100, 100 + 3 * 5000, dtype=np.int32).reshape(5000, 3)
+    raw.tofile(tmp_path / "raw")
+    out.append(a)
+    out.append_file(str(tmp_path / "raw"), 5000)
+    out.append(a[:1])
+    with pytest.raises(ValueError, match="are not 4999 rows"):
+        out.append_file(str(tmp_path / "raw"), 4999)
+    out.close()
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.concatenate([a, raw, a[:1]]).astype(np.int32))
+
+
 def test_npy_appender_widens_when_a_value_does_not_fit(tmp_path):
     from megatron_mmbert.data.index import NpyAppender
 
