@@ -24,9 +24,15 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <stdexcept>
@@ -1011,6 +1017,81 @@ py::dict concat_stats(const py::object &sizes_obj, const py::object &framing_obj
   return stats;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Tokens of a .bin
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+int64_t token_at(const char *base) {
+  T v;
+  std::memcpy(&v, base, sizeof(T));
+  return static_cast<int64_t>(v);
+}
+
+// The token at each byte offset `pointers` (increasing) of the token file `path` (a megatron-core
+// .bin), as int64; dtype: numpy's dtype.str of an integer token type ('<u2', '<i4', '|u1', ...).
+// The file is mapped `window` bytes at a time and unmapped after each (the pages a read touches
+// count in the RSS while mapped), with the GIL released: threads read their languages at once
+// (the numpy gather this replaces held it, so framing scans ran one at a time whatever the threads).
+py::array_t<int64_t> tokens_at(const std::string &path, const py::object &pointers_obj, const std::string &dtype,
+                               int64_t window) {
+  auto ptr_arr = require<int64_t>(pointers_obj, "pointers", 1);
+  if (dtype.size() != 3 || (dtype[0] != '<' && dtype[0] != '|' && dtype[0] != '=') ||
+      (dtype[1] != 'i' && dtype[1] != 'u') || (dtype[2] != '1' && dtype[2] != '2' && dtype[2] != '4' && dtype[2] != '8')) {
+    throw py::value_error("tokens_at: dtype must be a little-endian integer dtype.str such as '<i4', got '" + dtype + "'");
+  }
+  const int64_t size = dtype[2] - '0';
+  const bool is_signed = dtype[1] == 'i';
+  const int64_t n = ptr_arr.shape(0);
+  const int64_t *p = ptr_arr.data();
+  py::array_t<int64_t> out(n);
+  int64_t *o = out.mutable_data();
+  std::string err;
+  {
+    py::gil_scoped_release release;
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || ::fstat(fd, &st) != 0) {
+      err = "cannot open " + path + ": " + std::strerror(errno);
+    } else {
+      const int64_t page = ::sysconf(_SC_PAGESIZE);
+      const int64_t file_size = st.st_size;
+      int64_t a = 0;
+      while (a < n && err.empty()) {
+        if (p[a] < 0 || p[a] + size > file_size || (a > 0 && p[a] < p[a - 1])) {
+          err = path + ": token offset " + std::to_string(p[a]) + " is outside the file (" +
+                std::to_string(file_size) + " bytes) or out of order; is the .idx the one of this .bin?";
+          break;
+        }
+        const int64_t lo = p[a] / page * page;
+        int64_t b = a + 1;
+        while (b < n && p[b] >= p[b - 1] && p[b] + size <= file_size && p[b] + size - lo <= window) ++b;
+        const int64_t len = p[b - 1] + size - lo;
+        void *m = ::mmap(nullptr, static_cast<size_t>(len), PROT_READ, MAP_SHARED, fd, static_cast<off_t>(lo));
+        if (m == MAP_FAILED) {
+          err = "cannot map " + path + ": " + std::strerror(errno);
+          break;
+        }
+        const char *base = static_cast<const char *>(m) - lo;
+        for (int64_t i = a; i < b; ++i) {
+          const char *at = base + p[i];
+          switch (size) {
+            case 1: o[i] = is_signed ? token_at<int8_t>(at) : token_at<uint8_t>(at); break;
+            case 2: o[i] = is_signed ? token_at<int16_t>(at) : token_at<uint16_t>(at); break;
+            case 4: o[i] = is_signed ? token_at<int32_t>(at) : token_at<uint32_t>(at); break;
+            default: o[i] = token_at<int64_t>(at); break;  // uint64 ids above 2^63 do not occur
+          }
+        }
+        ::munmap(m, static_cast<size_t>(len));
+        a = b;
+      }
+    }
+    if (fd >= 0) ::close(fd);
+  }
+  if (!err.empty()) throw py::value_error(err);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_index_builder, m) {
@@ -1075,6 +1156,9 @@ PYBIND11_MODULE(_index_builder, m) {
       .def_property_readonly("done", &BestFitPacker::done)
       .def_property_readonly("end_token", &BestFitPacker::end_token)
       .def("stats", &BestFitPacker::stats);
+  m.def("tokens_at", &tokens_at, py::arg("path"), py::arg("pointers"), py::arg("dtype"), py::arg("window"),
+        "int64 [N]: the token at each (increasing) byte offset of a .bin, mapped `window` bytes at a time "
+        "(GIL released)");
   m.def("concat_stats", &concat_stats, py::arg("sizes"), py::arg("framing"), py::arg("doc_index"),
         py::arg("sample_idx"), "Segment / <bos> / fragment counts of pack_rows' rows.");
 }

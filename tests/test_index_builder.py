@@ -890,6 +890,28 @@ def test_document_lengths_chunked_over_multi_sequence_documents(tmp_path, monkey
         np.testing.assert_array_equal(got_last, index_mod._last_tokens(prefix, ds, docs))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.uint32, np.int64])
+def test_tokens_at_reads_the_bin_as_numpy_does(tmp_path, dtype):
+    """Issue 29: the C++ read of tokens at byte offsets of a .bin (windows of a few bytes here, so
+    many maps) equals numpy's; offsets outside the file or out of order are refused."""
+    info = np.iinfo(dtype)
+    tokens = np.random.default_rng(0).integers(info.min, info.max, 3000, dtype=dtype, endpoint=True)
+    path = str(tmp_path / "t.bin")
+    tokens.tofile(path)
+    at = np.unique(np.random.default_rng(1).integers(0, len(tokens), 700)).astype(np.int64)
+    pointers = at * np.dtype(dtype).itemsize
+    for window in (1, 100, 5000, 1 << 20):
+        got = ib.tokens_at(path, pointers, np.dtype(dtype).str, window)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, tokens[at].astype(np.int64))
+    with pytest.raises(ValueError, match="outside the file"):
+        ib.tokens_at(path, np.array([0, len(tokens) * np.dtype(dtype).itemsize], np.int64), np.dtype(dtype).str, 64)
+    with pytest.raises(ValueError, match="out of order"):
+        ib.tokens_at(path, pointers[::-1].copy(), np.dtype(dtype).str, 64)
+    with pytest.raises(ValueError, match="integer dtype"):
+        ib.tokens_at(path, pointers, "<f4", 64)
+
+
 def test_index_at_scale_synthetic_manifest_is_readable(tmp_path):
     """The benchmark's synthetic shards (.idx written directly, sparse .bin) are what megatron-core reads."""
     import json
