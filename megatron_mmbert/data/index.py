@@ -876,8 +876,8 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
 
 
 LANGUAGE_DOCUMENT_COST = 256
-"""Row tokens a document's own work is worth when :func:`language_schedule` ranks languages (its
-lengths, framing and permutation entries, measured beside best_fit's per-token work)."""
+"""Row tokens a document's own work (its length, framing read and permutation entry) counts for when
+:func:`language_schedule` ranks languages: an estimate; the order needs only the largest first."""
 
 
 def language_schedule(plans: List[PhasePlan], counts: np.ndarray, documents: Sequence[int], active) -> List[int]:
