@@ -445,22 +445,35 @@ def _check_packing(packing: str) -> None:
         raise ValueError(f"data.packing must be one of {PACKING_MODES}, got {packing!r}")
 
 
-def framing_flags(manifest, lang: str) -> np.ndarray:
+def framing_flags(manifest, lang: str, pool=None) -> np.ndarray:
     """int8 [D]: per document of ``lang``, 1 when it starts with the tokenizer's ``<bos>`` in the shards,
-    plus 2 when it ends with its ``<eos>`` (``FRAMING_BOS`` / ``FRAMING_EOS``)."""
+    plus 2 when it ends with its ``<eos>`` (``FRAMING_BOS`` / ``FRAMING_EOS``). ``pool`` (an executor):
+    its chunks of :data:`DOCUMENT_CHUNK` documents are read there, a few at a time (the read releases
+    the GIL), so one large language's scan is spread over the threads."""
     ids = manifest.tokenizer.special_ids
     bos, eos = ids.get("bos"), ids.get("eos")
     prefixes = manifest.languages[lang].shards
     flags = np.zeros(_count_documents(prefixes), dtype=np.int8)
-    at = 0
-    for prefix, ds, docs in _document_chunks(prefixes):
+
+    def chunk(at, prefix, ds, docs):
         n = len(docs) - 1
         first, last = _first_and_last_tokens(prefix, ds, docs)
         if bos is not None:
             flags[at:at + n] |= (first == bos).astype(np.int8) * FRAMING_BOS
         if eos is not None:
             flags[at:at + n] |= (last == eos).astype(np.int8) * FRAMING_EOS
-        at += n
+
+    at, jobs = 0, []
+    for prefix, ds, docs in _document_chunks(prefixes):
+        if pool is None:
+            chunk(at, prefix, ds, docs)
+        else:  # at most 2 x the pool's threads chunks queued: their document indices are held
+            while len(jobs) >= 2 * pool._max_workers:
+                jobs.pop(0).result()
+            jobs.append(pool.submit(chunk, at, prefix, ds, docs))
+        at += len(docs) - 1
+    for job in jobs:
+        job.result()
     return flags
 
 
@@ -788,14 +801,14 @@ _EMPTY = {"rows": np.zeros((1, 2), np.int64), "ptr": np.zeros(1, np.int64)}
 
 
 def _pack_language(ext, manifest, lang: str, plans: List[PhasePlan], counts: np.ndarray, concat_starts: np.ndarray,
-                   seed: int, start_phase: int, packing: str, groups: Sequence[int], sink) -> Dict:
+                   seed: int, start_phase: int, packing: str, groups: Sequence[int], sink, framing_pool=None) -> Dict:
     """Every phase of one language (``counts``: its rows per phase), written to ``sink``: returns its
     ``stats`` [K, 8], stream ``positions`` [K + 1] (best_fit; concat's are ``concat_starts``) and per
     phase the entries written (``docs``, ``rows``, ``pieces``)."""
     K = len(plans)
     # Framing first: its read maps up to FIRST_TOKEN_WINDOW bytes of the .bin, better without the lengths
     # (4 bytes a document) already held beside it.
-    framing = framing_flags(manifest, lang)
+    framing = framing_flags(manifest, lang, framing_pool)
     lengths = document_lengths(manifest.languages[lang].shards)
     res = {"stats": np.zeros((K, len(PACKING_STATS)), np.int64), "positions": np.zeros(K + 1, np.int64),
            "docs": [0] * K, "rows": [0] * K, "pieces": [0] * K}
@@ -908,7 +921,7 @@ def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, 
 
     def task(i, sink):
         return _pack_language(ext, manifest, languages[i], plans, counts[:, i], positions[:, i], seed, start_phase,
-                              packing, groups, sink)
+                              packing, groups, sink, framing_pool)
 
     def spilled(i):
         sink = _SpillFiles(os.path.join(out_dir, f".spill-{i}"))
@@ -919,6 +932,9 @@ def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, 
 
     t0, done = time.time(), 0
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    # The framing scans' chunks, of every language, on threads of their own: the largest language's
+    # scan (the critical path's longest part) is spread over them; its packer thread waits meanwhile.
+    framing_pool = ThreadPoolExecutor(threads) if threads > 1 else None
     try:
         order, at = language_schedule(plans, counts, docs, active), 0  # threads: the order languages start in
         futures, running = {}, {}  # language -> future; submitted and not finished -> its documents
@@ -954,6 +970,7 @@ def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, 
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+            framing_pool.shutdown(cancel_futures=True)
     files.close()
     for name, key in (("doc_offsets", "docs"), ("row_offsets", "rows"), ("piece_offsets", "pieces")):
         for k in range(K):
