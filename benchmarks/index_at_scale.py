@@ -180,9 +180,13 @@ if mod is not None and hasattr(mod, "_pack_language"):
     mod._pack_language, mod._blend_phase = timed_pack, timed_blend
     if hasattr(mod, "framing_flags"):  # part of a task: the read of every document's first / last token
         framing = mod.framing_flags
-        def timed_framing(manifest, lang):
+        import inspect
+        timings["framing_pool"] = "pool" in inspect.signature(framing).parameters
+        def timed_framing(manifest, lang, *a):
+            # The caller's thread CPU: the whole scan on one thread (the runs the model reads); with a
+            # framing pool only the caller's share.
             c = time.thread_time()
-            out = framing(manifest, lang)
+            out = framing(manifest, lang, *a)
             timings["framing"][lang] = time.thread_time() - c
             return out
         mod.framing_flags = timed_framing
@@ -248,22 +252,36 @@ def _linear(a: float, b: float, sa: float, sb: float, floor: bool = True) -> flo
 
 
 def simulate(order, names, task_s, copy_s, documents, threads: int, budget: int, before_s: float = 0.0,
-             after_s: float = 0.0) -> dict:
+             after_s: float = 0.0, framing_s=None, chunk: int = 1 << 16) -> dict:
     """The build's packing on ``threads`` workers as ``_pack_languages`` runs it: languages submitted
     in ``order`` (the builder's ``language_schedule``), at most 2 x threads and ``budget`` documents
     submitted and unfinished at once (a language over the budget alone), run first come first served;
     the main thread writes them in ``names`` order, each when it and all before it are done, taking
     ``copy_s`` (its spill copy; 0 on one thread, which writes in place). ``before_s`` / ``after_s``:
-    serial work around the packing (blending, offsets). Returns the wall seconds, the longest task
-    and the most documents running at once (their per-document state is the memory that grows)."""
+    serial work around the packing (blending, offsets). ``framing_s`` (the part of each task that is
+    its framing scan; threads > 1): read in chunks of ``chunk`` documents on a second pool of
+    ``threads`` workers, first come first served, the task's thread waiting for its last chunk, then
+    packing for the rest of its time. Returns the wall seconds, the longest task and the most
+    documents running at once (their per-document state is the memory that grows)."""
     import heapq
 
     events, queue, free, now = [], [], threads, before_s
     submitted, finished, at, peak_docs, running_docs = {}, set(), 0, 0, 0
+    framing_free = [before_s] * threads  # when each framing worker is next free
+    split = bool(framing_s) and threads > 1
 
     def start(j, t):
         nonlocal running_docs, peak_docs
-        heapq.heappush(events, (t + task_s[j], j))
+        if split:
+            pieces = max(-(-documents[j] // chunk), 1)
+            end = t
+            for _ in range(pieces):
+                begin = max(heapq.heappop(framing_free), t)
+                heapq.heappush(framing_free, begin + framing_s[j] / pieces)
+                end = max(end, begin + framing_s[j] / pieces)
+            heapq.heappush(events, (end + task_s[j] - framing_s[j], j))
+        else:
+            heapq.heappush(events, (t + task_s[j], j))
         running_docs += documents[j]
         peak_docs = max(peak_docs, running_docs)
 
@@ -340,7 +358,9 @@ def schedule_model(rows, packing: str, node_threads: int, budget: int) -> list:
                              {n: v[0] for n, v in t1["tasks"].items()},
                              {n: v[2] / rate for n, v in t1["tasks"].items()}, t1["documents"], m["threads"],
                              budget, t1["blend_cpu"],
-                             same[0]["cpu_seconds"] - sum(v[0] for v in t1["tasks"].values()) - t1["blend_cpu"])
+                             same[0]["cpu_seconds"] - sum(v[0] for v in t1["tasks"].values()) - t1["blend_cpu"],
+                             {n: min(t1["framing"].get(n, 0.0), v[0]) for n, v in t1["tasks"].items()}
+                             if t1.get("framing_pool") else None)
             out.append({"scale": m["scale"], "packing": packing, "threads": m["threads"], "model": "check",
                         "modelled_seconds": check["seconds"], "measured_seconds": m["seconds"],
                         "measured_cpu_seconds": m["cpu_seconds"], "load_avg": m["load_avg"]})
@@ -352,8 +372,9 @@ def schedule_model(rows, packing: str, node_threads: int, budget: int) -> list:
     per_thread = max(two[0]["peak_rss_mb"] - small["peak_rss_mb"], 0) if two else 0
     # The framing scan (every document's first and last token read from the .bin) on its own: what a
     # task would cost if preprocessing recorded the framing (on real shards it is a read of the corpus).
-    fr_full = {n: _linear(ta.get("framing", {}).get(n, 0.0), tb.get("framing", {}).get(n, 0.0), sa, sb)
-               for n in names}
+    fr_full = {n: min(_linear(ta.get("framing", {}).get(n, 0.0), tb.get("framing", {}).get(n, 0.0), sa, sb),
+                      task_full[n]) for n in names}
+    split_framing = bool(tb.get("framing_pool"))  # the builder reads framing chunks on a pool of their own
     for n in sorted({1, 2, node_threads}):
         copy = {name: _linear(ta["tasks"].get(name, [0, 0, 0])[2], tb["tasks"][name][2], sa, sb) / rate
                 for name in names} if (rate and n > 1) else {}
@@ -361,7 +382,8 @@ def schedule_model(rows, packing: str, node_threads: int, budget: int) -> list:
                                ("simulated, no framing scan", {k: max(v - fr_full[k], 0.0) for k, v in task_full.items()})):
             if variant != "simulated" and not any(fr_full.values()):
                 continue
-            sim = simulate(order_b if n > 1 else names, names, tasks, copy, docs_full, n, budget, blend, rest)
+            sim = simulate(order_b if n > 1 else names, names, tasks, copy, docs_full, n, budget, blend, rest,
+                           fr_full if (variant == "simulated" and split_framing) else None)
             rss = small["peak_rss_mb"] - per_doc * d_small + per_doc * sim["peak_running_documents"] + per_thread * (n - 1)
             out.append({"scale": 1.0, "packing": packing, "threads": n, "model": variant, **sim,
                         "serial_seconds": round(blend + rest, 1), "copy_seconds": round(sum(copy.values()), 1),
@@ -460,7 +482,8 @@ def main():
     rows += extrapolate(rows, args.packing, args.threads or [None], args.node_threads)
     budget = _thread_document_budget(args.code_root)
     for packing in args.packing:
-        rows += schedule_model(rows, packing, args.node_threads, budget)
+        if not args.corpus_scale:  # the model scales the corpus with the schedule
+            rows += schedule_model(rows, packing, args.node_threads, budget)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
