@@ -168,9 +168,10 @@ def _bytes(sink):
 if mod is not None and hasattr(mod, "_pack_language"):
     pack, blend = mod._pack_language, mod._blend_phase
     def timed_pack(ext, manifest, lang, *a):
-        c, w, b = time.thread_time(), time.perf_counter(), _bytes(a[-1])
+        sink = next(x for x in reversed(a) if hasattr(x, "append"))  # the phase files or a spill folder
+        c, w, b = time.thread_time(), time.perf_counter(), _bytes(sink)
         res = pack(ext, manifest, lang, *a)
-        timings["tasks"][lang] = [time.thread_time() - c, time.perf_counter() - w, _bytes(a[-1]) - b]
+        timings["tasks"][lang] = [time.thread_time() - c, time.perf_counter() - w, _bytes(sink) - b]
         return res
     def timed_blend(*a):
         c = time.thread_time()
