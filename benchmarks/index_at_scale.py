@@ -399,31 +399,18 @@ def schedule_model(rows, packing: str, node_threads: int, budget: int) -> list:
 KEYS = ("seconds", "cpu_seconds", "peak_rss_mb", "cache_mb")
 
 
-def extrapolate(rows, packings, thread_counts, node_threads: int):
-    """Linear extrapolation to the full run from the two largest scales, per packing and thread count;
-    with two thread counts also the full run's wall time on ``node_threads`` threads (Amdahl: the
-    wall time t(n) = serial + parallel / n fitted to the two counts at each of the two scales)."""
+def extrapolate(rows, packings, thread_counts):
+    """Linear extrapolation to the full run from the two largest scales, per packing and thread count
+    (the wall time of a node's threads is :func:`schedule_model`'s)."""
     out = []
     for packing in packings:
-        full = {}
         for threads in thread_counts:
             pts = sorted((r for r in rows if r["packing"] == packing and r.get("threads") == threads
-                          and not r.get("extrapolated")), key=lambda r: r["scale"])[-2:]
+                          and not r.get("extrapolated") and not r.get("model")), key=lambda r: r["scale"])[-2:]
             if len(pts) == 2:
                 (a, b) = pts
                 ext = {k: round(b[k] + (b[k] - a[k]) / (b["scale"] - a["scale"]) * (1 - b["scale"]), 1) for k in KEYS}
-                full[threads] = ext
                 out.append({"scale": 1.0, "packing": packing, "threads": threads, "extrapolated": True, **ext})
-        counts = sorted(t for t in full if t)
-        if len(counts) >= 2:
-            n1, n2 = counts[0], counts[-1]
-            t1, t2 = full[n1]["seconds"], full[n2]["seconds"]
-            parallel = max((t1 - t2) / (1 / n1 - 1 / n2), 0.0)
-            serial = max(t1 - parallel / n1, 0.0)
-            out.append({"scale": 1.0, "packing": packing, "threads": node_threads, "extrapolated": True,
-                        "amdahl_from": [n1, n2], "serial_seconds": round(serial, 1),
-                        "parallel_seconds": round(parallel, 1),
-                        "seconds": round(serial + parallel / node_threads, 1)})
     for r in out:
         print(json.dumps(r), flush=True)
     return out
@@ -451,8 +438,8 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="languages packed at once, one build per count (default: the builder's own default)")
     ap.add_argument("--node-threads", type=int, default=16,
-                    help="threads of the node the full-run time is extrapolated for (Amdahl's law from the "
-                    "wall times of the smallest and largest --threads at the largest scale)")
+                    help="threads of the node the full run's wall time is modelled for (schedule_model: the "
+                    "builder's scheduling simulated on the one-thread runs' per-language task times)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one build, JSON in/out
@@ -480,7 +467,7 @@ def main():
         for packing in args.packing:
             for threads in args.threads or [None]:
                 rows.append(_run_one(args, work, path, phases, packing, f, threads))
-    rows += extrapolate(rows, args.packing, args.threads or [None], args.node_threads)
+    rows += extrapolate(rows, args.packing, args.threads or [None])
     budget = _thread_document_budget(args.code_root)
     for packing in args.packing:
         if not args.corpus_scale:  # the model scales the corpus with the schedule

@@ -912,6 +912,25 @@ def test_tokens_at_reads_the_bin_as_numpy_does(tmp_path, dtype):
         ib.tokens_at(path, pointers, "<f4", 64)
 
 
+def test_index_at_scale_schedule_simulation():
+    """Issue 29: the benchmark's model of the threaded build (benchmarks/index_at_scale.simulate) on
+    cases worked by hand: workers, in-order writes with their copy time, the document budget, and
+    framing chunks queued first come first served on their own pool."""
+    from benchmarks.index_at_scale import simulate
+
+    names, order = ["a", "b", "c", "d"], ["a", "d", "b", "c"]
+    task, one = {"a": 4, "b": 1, "c": 1, "d": 2}, {n: 1 for n in names}
+    assert simulate(order, names, task, {}, one, 1, 10)["seconds"] == 8
+    assert simulate(order, names, task, {}, one, 2, 10)["seconds"] == 4  # a | d, b, c
+    # a ends at 4 and is written (0.5 each) before b, c, d, which waited in their spill folders
+    assert simulate(order, names, task, {n: 0.5 for n in names}, one, 2, 10)["seconds"] == 6
+    assert simulate(order, names, task, {}, {n: 5 for n in names}, 2, 6)["seconds"] == 8  # one at a time
+    # a's scan (4 s in 2 chunks) spread over 2 framing workers; d's chunks queue behind them
+    r = simulate(order, names, task, {}, {n: 1 << 17 for n in names}, 2, 1 << 30,
+                 framing_s={"a": 4, "b": 0, "c": 0, "d": 0})
+    assert r["seconds"] == 4 and r["longest_task"] == "a"
+
+
 def test_index_at_scale_synthetic_manifest_is_readable(tmp_path):
     """The benchmark's synthetic shards (.idx written directly, sparse .bin) are what megatron-core reads."""
     import json
