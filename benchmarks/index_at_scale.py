@@ -159,14 +159,19 @@ INSTRUMENT = """
 # Per-language task times of the packing (thread CPU: what the language costs whatever else runs),
 # the blending's and the spill copy's, recorded by wrapping the builder's own functions in the
 # module that defines them (the code under test is otherwise untouched; older code lacks some).
+# The module that schedules the languages (data/index.py, or the package's build module) and the names
+# its functions go by there (older code: "_pack_language"; the package: "pack_language", ...).
 mod = next((m for name, m in sorted(sys.modules.items()) if name.startswith("megatron_mmbert.data.index")
-            and hasattr(m, "_pack_languages") and hasattr(m, "_pack_language")), None)
+            and hasattr(m, "_pack_languages")), None)
+def _name(m, *names):
+    return next((n for n in names if hasattr(m, n)), None)
 def _bytes(sink):
     if hasattr(sink, "out"):  # the phase files themselves (one thread)
         return sum(a._f.tell() for acc in sink.out for a in acc.values())
     return sum(e[0].tell() for e in sink.files.values())
-if mod is not None and hasattr(mod, "_pack_language"):
-    pack, blend = mod._pack_language, mod._blend_phase
+if mod is not None and _name(mod, "_pack_language", "pack_language"):
+    pack_name, blend_name = _name(mod, "_pack_language", "pack_language"), _name(mod, "_blend_phase", "blend_phase")
+    pack, blend = getattr(mod, pack_name), getattr(mod, blend_name)
     def timed_pack(ext, manifest, lang, *a):
         sink = next(x for x in reversed(a) if hasattr(x, "append"))  # the phase files or a spill folder
         c, w, b = time.thread_time(), time.perf_counter(), _bytes(sink)
@@ -178,7 +183,25 @@ if mod is not None and hasattr(mod, "_pack_language"):
         out = blend(*a)
         timings["blend_cpu"] += time.thread_time() - c
         return out
-    mod._pack_language, mod._blend_phase = timed_pack, timed_blend
+    setattr(mod, pack_name, timed_pack)
+    setattr(mod, blend_name, timed_blend)
+    if hasattr(mod, "language_schedule"):
+        schedule = mod.language_schedule
+        def recorded(plans, *a):
+            order = schedule(plans, *a)
+            timings["order"] = [plans[0].languages[i] for i in order]
+            return order
+        mod.language_schedule = recorded
+    spill = getattr(mod, _name(mod, "_SpillFiles", "SpillFiles") or "", None)
+    if spill is not None:
+        copy = spill.copy_into
+        def timed_copy(self, files):
+            c, b = time.thread_time(), sum(os.path.getsize(e[0].name) for e in self.files.values())
+            copy(self, files)
+            timings["copy"][0] += b
+            timings["copy"][1] += time.thread_time() - c
+        spill.copy_into = timed_copy
+    mod = sys.modules[pack.__module__]  # where the language's framing is read
     if hasattr(mod, "framing_flags"):  # part of a task: the read of every document's first / last token
         framing = mod.framing_flags
         import inspect
@@ -191,21 +214,6 @@ if mod is not None and hasattr(mod, "_pack_language"):
             timings["framing"][lang] = time.thread_time() - c
             return out
         mod.framing_flags = timed_framing
-    if hasattr(mod, "language_schedule"):
-        schedule = mod.language_schedule
-        def recorded(plans, *a):
-            order = schedule(plans, *a)
-            timings["order"] = [plans[0].languages[i] for i in order]
-            return order
-        mod.language_schedule = recorded
-    if hasattr(mod, "_SpillFiles"):
-        copy = mod._SpillFiles.copy_into
-        def timed_copy(self, files):
-            c, b = time.thread_time(), sum(os.path.getsize(e[0].name) for e in self.files.values())
-            copy(self, files)
-            timings["copy"][0] += b
-            timings["copy"][1] += time.thread_time() - c
-        mod._SpillFiles.copy_into = timed_copy
 """
 
 
