@@ -79,6 +79,10 @@ class SpillFiles:
     def copy_into(self, files: PhaseFiles) -> None:
         # Read, not mapped: the pages of a mapping would count in the RSS until it is closed.
         for (k, name), (f, dtype, shape, rows) in sorted(self.files.items()):
+            out = files.out[k][name]
+            if out.dtype == dtype and out.row_shape == tuple(shape):  # the same bytes: a kernel copy
+                out.append_file(f.name, rows)
+                continue
             width = int(np.prod(shape, dtype=np.int64))
             with open(f.name, "rb") as fh:
                 for a in range(0, rows, self.COPY_ROWS):
@@ -143,14 +147,16 @@ EMPTY = {"rows": np.zeros((1, 2), np.int64), "ptr": np.zeros(1, np.int64)}
 
 
 def pack_language(ext, manifest, lang: str, plans: List[PhasePlan], counts: np.ndarray, concat_starts: np.ndarray,
-                   seed: int, start_phase: int, packing: str, groups: Sequence[int], sink) -> Dict:
+                   seed: int, start_phase: int, packing: str, groups: Sequence[int], sink, framing_pool=None,
+                  framing_workers: int = 1) -> Dict:
     """Every phase of one language (``counts``: its rows per phase), written to ``sink``: returns its
     ``stats`` [K, 8], stream ``positions`` [K + 1] (best_fit; concat's are ``concat_starts``) and per
-    phase the entries written (``docs``, ``rows``, ``pieces``)."""
+    phase the entries written (``docs``, ``rows``, ``pieces``). ``framing_pool`` (an executor of
+    ``framing_workers`` threads) reads the framing scan's chunks (:func:`framing_flags`)."""
     K = len(plans)
     # Framing first: its read maps up to FIRST_TOKEN_WINDOW bytes of the .bin, better without the lengths
     # (4 bytes a document) already held beside it.
-    framing = framing_flags(manifest, lang)
+    framing = framing_flags(manifest, lang, framing_pool, framing_workers)
     lengths = document_lengths(manifest.languages[lang].shards)
     res = {"stats": np.zeros((K, len(PACKING_STATS)), np.int64), "positions": np.zeros(K + 1, np.int64),
            "docs": [0] * K, "rows": [0] * K, "pieces": [0] * K}
