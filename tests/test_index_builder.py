@@ -804,6 +804,59 @@ def test_resumable_packers_and_blender_equal_one_call():
         assert p.end_token == end and p.stats() == st
 
 
+def test_best_fit_packer_reads_the_compact_document_table():
+    """Issue 29: BestFitPacker on the build's compact table (uint16 lengths with the framing folded in,
+    long documents in rows of their own: 2 bytes a document) packs exactly what it packs from int32
+    lengths and int8 framing; document_table is that encoding; a table that does not match its long
+    rows is refused."""
+    from megatron_mmbert.data.index.documents import COMPACT_LONG
+
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(0, 400, 3000).astype(np.int32)
+    long_docs = rng.choice(3000, 40, replace=False)
+    sizes[long_docs] = rng.integers(COMPACT_LONG - 1, 70000, 40)
+    sizes[long_docs[0]] = COMPACT_LONG  # exactly the mark: a long row too
+    framing = rng.integers(0, 4, 3000).astype(np.int8)
+    long = np.sort(np.flatnonzero(sizes >= COMPACT_LONG))
+    packed = (np.minimum(sizes, COMPACT_LONG).astype(np.uint16) | (framing.astype(np.uint16) << 14))
+    rows = np.stack([long, sizes[long]], axis=1).astype(np.int64)
+    args = (512, 300, 1000, 3, 5, 2, 16, 5120, 2, 8)
+    start = 0
+    for _ in range(2):  # from the start, then from where the first stream stopped (a later epoch)
+        a = (512, 300, start) + args[3:]
+        ref, got = ib.BestFitPacker(sizes, framing, *a), ib.BestFitPacker(packed, None, *a, long_documents=rows)
+        while not ref.done:
+            for x, y in zip(ref.next(64), got.next(64)):
+                np.testing.assert_array_equal(x, y)
+        assert got.done and ref.end_token == got.end_token and ref.stats() == got.stats()
+        start = ref.end_token
+    bad = rows.copy()
+    bad[3, 1] = 5
+    for kw, match in ((dict(long_documents=rows[1:]), "long_documents"), (dict(long_documents=bad), "long_documents"),
+                      (dict(), "need long_documents")):
+        with pytest.raises(ValueError, match=match):
+            ib.BestFitPacker(packed, None, *args, **kw)
+    with pytest.raises(ValueError, match="framing=None"):
+        ib.BestFitPacker(packed, framing, *args, long_documents=rows)
+
+
+def test_document_table_is_lengths_and_framing(tmp_path):
+    from megatron_mmbert.data.index.documents import COMPACT_LONG, document_lengths, document_table
+
+    path, _ = write_corpus(str(tmp_path / "corpus"), [70, 25], max_len=150, shards_per_lang=2)
+    manifest = load_manifest(path)
+    for lang in manifest.languages:
+        prefixes = manifest.languages[lang].shards
+        lengths = document_lengths(prefixes)
+        framing = (np.arange(len(lengths)) % 4).astype(np.int8)
+        packed, long = document_table(prefixes, framing)
+        assert packed.dtype == np.uint16 and long.shape == (0, 2)
+        np.testing.assert_array_equal(packed & COMPACT_LONG, lengths)
+        np.testing.assert_array_equal(packed >> 14, framing)
+        with pytest.raises(ValueError, match="framing flags for"):
+            document_table(prefixes, framing[1:])
+
+
 def test_cached_index_uses_int32_where_the_values_fit(tmp_path):
     path, _ = write_corpus(str(tmp_path / "corpus"), [30, 10, 3])
     manifest = load_manifest(path)

@@ -23,9 +23,9 @@ from megatron_mmbert.data.schedule import PhasePlan
 from megatron_mmbert.progress import Progress
 
 THREAD_DOCUMENT_BUDGET = 1 << 30
-"""Documents of the languages packed (or waiting) on threads at once: each holds ~9 bytes a document
-(lengths, framing flags, an epoch's permutation), so at most ~9 GiB whatever the thread count; a
-language larger than this runs alone."""
+"""Documents of the languages packed (or waiting) on threads at once: each holds 6 bytes a document
+with best_fit (its compact length / framing table, an epoch's permutation; concat: 9), so at most
+~6 GiB (9) whatever the thread count; a language larger than this runs alone."""
 
 
 def default_threads() -> int:
@@ -49,8 +49,10 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
     packing language by language in blocks of :data:`~megatron_mmbert.data.index.pack.PACK_BLOCK_TOKENS`
     row tokens (``RowPacker`` / ``BestFitPacker``: resumable, the same rows as one call), each block
     appended to its file (:class:`~megatron_mmbert.data.index.npy.NpyAppender`) and dropped. What
-    remains is per language and independent of the schedule: its document lengths and framing flags
-    (5 bytes a document) and one epoch's permutation (4 bytes a document). Arrays that can outgrow
+    remains is per language and independent of the schedule: one epoch's permutation (4 bytes a
+    document) and its document lengths and framing flags (best_fit: one uint16 a document, the flags
+    folded in, long documents apart, :func:`~megatron_mmbert.data.index.documents.document_table`;
+    concat: 5 bytes a document). Arrays that can outgrow
     int32 (``dataset_sample_index``, ``sample_idx``, ``row_ptr``) are int32 when their values fit
     (checked) and int64 otherwise; readers take either.
 
