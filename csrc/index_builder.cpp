@@ -24,9 +24,15 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <stdexcept>
@@ -470,8 +476,22 @@ Pcg64 seeded_pcg64(uint64_t seed, uint64_t stream, uint64_t epoch) {
 template <typename T>
 void permute_into(Pcg64 &g, T *out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(i);
+  // Fisher-Yates from the top (numpy's shuffle). Each swap's partner j is random: the draws are
+  // made kAhead swaps early (the same draws in the same order) and their entries prefetched, so the
+  // cache misses of a large permutation overlap instead of following one another.
+  constexpr int64_t kAhead = 16;
+  int64_t js[kAhead];
+  int64_t next = n - 1;  // the next i to draw j for
+  auto draw = [&]() {
+    const int64_t j = static_cast<int64_t>(g.interval(static_cast<uint64_t>(next)));
+    __builtin_prefetch(out + j);
+    js[next % kAhead] = j;
+    --next;
+  };
+  for (int64_t k = 0; k < kAhead && next >= 1; ++k) draw();
   for (int64_t i = n - 1; i >= 1; --i) {
-    const int64_t j = static_cast<int64_t>(g.interval(static_cast<uint64_t>(i)));
+    const int64_t j = js[i % kAhead];
+    if (next >= 1) draw();  // for i - kAhead: the slot just read
     std::swap(out[i], out[j]);
   }
 }
@@ -641,23 +661,62 @@ constexpr int8_t kStoredEos = 2;  // ... and ends with <eos>
 constexpr int8_t kAddBos = 1;  // prepend <bos>
 constexpr int8_t kAddEos = 2;  // append <eos>
 
+// A language's documents as the best-fit packer reads them: stored tokens and framing flags
+// (kStoredBos | kStoredEos) per document. Either two arrays (sizes int32 [D], framing int8 [D]: 5 bytes
+// a document) or one compact array (uint16 [D]: the framing in bits 14-15, the stored length in bits
+// 0-13, kLongSize where the length is kLongSize or more and stands in `long_rows`, int64 [n, 2]
+// (document, length) rows in increasing document order: 2 bytes a document, the table the build
+// holds for each language being packed, beside one epoch's permutation).
+struct DocTable {
+  static constexpr uint16_t kLongSize = 0x3FFF;
+  const int32_t *sizes = nullptr;
+  const int8_t *framing = nullptr;
+  const uint16_t *packed = nullptr;
+  const int64_t *long_rows = nullptr;
+  int64_t n_long = 0;
+
+  int32_t size(int64_t d) const {
+    if (!packed) return sizes[d];
+    const int32_t s = packed[d] & kLongSize;
+    return s != kLongSize ? s : long_size(d);
+  }
+  int8_t frame(int64_t d) const { return packed ? static_cast<int8_t>(packed[d] >> 14) : framing[d]; }
+  void prefetch(int64_t d) const {
+    if (packed) {
+      __builtin_prefetch(packed + d);
+    } else {
+      __builtin_prefetch(sizes + d);
+      __builtin_prefetch(framing + d);
+    }
+  }
+  int32_t long_size(int64_t d) const {  // binary search of the (rare) long documents' rows
+    int64_t lo = 0, hi = n_long;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (long_rows[2 * mid] < d) lo = mid + 1; else hi = mid;
+    }
+    return static_cast<int32_t>(long_rows[2 * lo + 1]);  // present: checked by the packer's constructor
+  }
+};
+
 // The document stream of one language from stream token `start_token` (which must fall on a
 // document boundary of the epoch stream): epoch e = permutation(D, seed, stream, e).
 struct DocStream {
-  const int32_t *sizes;
+  static constexpr int64_t kPrefetch = 16;
+  DocTable table;
   int64_t D, tpe;
   uint64_t seed, stream;
   int64_t epoch = 0, pos = 0;  // next document: perm[pos] of `epoch`
   int64_t token = 0;           // stream tokens of the documents taken so far
   std::vector<int32_t> perm;
 
-  DocStream(const int32_t *s, int64_t d, int64_t t, uint64_t sd, uint64_t st, int64_t start_token)
-      : sizes(s), D(d), tpe(t), seed(sd), stream(st), perm(d) {
+  DocStream(const DocTable &tb, int64_t d, int64_t t, uint64_t sd, uint64_t st, int64_t start_token)
+      : table(tb), D(d), tpe(t), seed(sd), stream(st), perm(d) {
     epoch = start_token / tpe;
     load();
     int64_t skip = start_token - epoch * tpe;
     while (skip > 0) {
-      skip -= sizes[perm[pos]];
+      skip -= table.size(perm[pos]);
       ++pos;
     }
     if (skip < 0) {
@@ -678,8 +737,11 @@ struct DocStream {
     load();
   }
   int32_t take() {  // the next document (any size, zero included)
+    // The documents come in a random order: ask for a later one's size (and framing) now, so its
+    // cache miss overlaps this one's work (a large language's arrays are far bigger than the cache).
+    if (pos + kPrefetch < D) table.prefetch(perm[pos + kPrefetch]);
     const int32_t d = perm[pos++];
-    token += sizes[d];
+    token += table.size(d);
     if (pos == D) next_epoch();
     return d;
   }
@@ -703,10 +765,10 @@ struct BestFitState {
 // tokens; a piece reuses the stored <bos> / <eos> where it has them and gets one added otherwise.
 // Non-first pieces with fewer than min_piece content tokens are dropped (mmBERT); a document with no
 // content gives no piece (the reference skips empty sequences).
-void cut_document(int32_t d, const int32_t *sizes, const int8_t *framing, int64_t seq_len, int64_t min_piece,
+void cut_document(int32_t d, const DocTable &table, int64_t seq_len, int64_t min_piece,
                   std::vector<Piece> &out, int64_t &dropped_short) {
-  const int32_t n = sizes[d];
-  const int8_t fr = framing[d];
+  const int32_t n = table.size(d);
+  const int8_t fr = table.frame(d);
   const int32_t c0 = (fr & kStoredBos) && n > 0 ? 1 : 0;
   const int32_t c1 = (fr & kStoredEos) && n > c0 ? n - 1 : n;
   if (c1 <= c0) {
@@ -748,28 +810,25 @@ class BestFitPacker {
  public:
   BestFitPacker(const py::object &sizes_obj, const py::object &framing_obj, int64_t seq_len,
                 int64_t num_rows, int64_t start_token, uint64_t seed, uint64_t stream, int64_t bin_rows,
-                int64_t window, int64_t buffer, int64_t lookahead, int64_t min_piece)
-      : sizes_arr_(require<int32_t>(sizes_obj, "sizes", 1)),
-        framing_arr_(require<int8_t>(framing_obj, "framing", 1)), seq_len_(seq_len),
-        num_rows_(num_rows), bin_rows_(bin_rows), window_(window), buffer_(buffer),
+                int64_t window, int64_t buffer, int64_t lookahead, int64_t min_piece,
+                const py::object &long_obj = py::none())
+      : seq_len_(seq_len), num_rows_(num_rows), bin_rows_(bin_rows), window_(window), buffer_(buffer),
         lookahead_(lookahead), min_piece_(min_piece), end_token_(start_token) {
-    const int64_t D = sizes_arr_.shape(0);
-    if (framing_arr_.shape(0) != D) throw py::value_error("framing must have one entry per document");
+    const int64_t D = hold_table(sizes_obj, framing_obj, long_obj);
     if (seq_len < 3) throw py::value_error("seq_len must be >= 3 for best_fit (<bos>, a token, <eos>)");
     if (bin_rows < 1) throw py::value_error("bin_rows must be >= 1");
     if (num_rows < 0 || start_token < 0) throw py::value_error("num_rows and start_token must be >= 0");
     if (window < 1 || buffer < 1) throw py::value_error("need window >= 1 and buffer >= 1");
     if (lookahead < 0) throw py::value_error("lookahead must be >= 0");
     if (min_piece < 0) throw py::value_error("min_piece must be >= 0");
-    sizes_ = sizes_arr_.data();
-    framing_ = framing_arr_.data();
     int64_t tpe = 0;
     bool has_content = false;
     for (int64_t d = 0; d < D; ++d) {
-      if (sizes_[d] < 0) throw py::value_error("sizes must be >= 0");
-      tpe += sizes_[d];
-      has_content = has_content || sizes_[d] - ((framing_[d] & kStoredBos) ? 1 : 0) -
-                                           ((framing_[d] & kStoredEos) ? 1 : 0) > 0;
+      const int32_t n = table_.size(d);
+      if (n < 0) throw py::value_error("sizes must be >= 0");
+      tpe += n;
+      has_content = has_content || n - ((table_.frame(d) & kStoredBos) ? 1 : 0) -
+                                       ((table_.frame(d) & kStoredEos) ? 1 : 0) > 0;
     }
     if (num_rows > 0 && tpe <= 0) throw py::value_error("cannot pack rows from a dataset with no tokens");
     if (num_rows > 0 && !has_content) {
@@ -778,7 +837,7 @@ class BestFitPacker {
     capacity_ = bin_rows * seq_len;
     if (num_rows > 0) {
       py::gil_scoped_release release;  // the first epoch's permutation
-      st_.reset(new BestFitState{DocStream(sizes_, D, tpe, seed, stream, start_token), {}});
+      st_.reset(new BestFitState{DocStream(table_, D, tpe, seed, stream, start_token), {}});
     }
   }
 
@@ -828,28 +887,35 @@ class BestFitPacker {
     // into those rows), as the reference's buffer does.
     const int64_t max_deferred = lookahead_ * seq_len_ + (num_rows_ - r0_ - W) * capacity_ / 2;
     size_t head = 0;  // first piece of `pending` not yet tried in this window
+    // The most room of any row: a piece longer than it is deferred without a search (most deferred
+    // pieces, retried every window while the rows fill, are); recomputed when that row takes a piece.
+    int64_t most_room = capacity_;
     while (full < W && static_cast<int64_t>(deferred_.size()) < buffer_) {
       if (head == pending.size()) {
         if (deferred_tokens >= max_deferred) break;
         pending.clear();
         head = 0;
         ++documents_;
-        cut_document(st_->docs.take(), sizes_, framing_, seq_len_, min_piece_, pending, dropped_short_);
+        cut_document(st_->docs.take(), table_, seq_len_, min_piece_, pending, dropped_short_);
         continue;
       }
       const Piece p = pending[head++];
       const int64_t t = p.total();
       int64_t best = -1;
-      for (int64_t r = 0; r < W; ++r) {
-        if (room_[r] >= t && (best < 0 || room_[r] < room_[best])) best = r;
+      if (t <= most_room) {
+        for (int64_t r = 0; r < W; ++r) {
+          if (room_[r] >= t && (best < 0 || room_[r] < room_[best])) best = r;
+        }
       }
       if (best < 0) {
         deferred_.push_back(p);
         deferred_tokens += t;
       } else {
+        const bool was_most = room_[best] == most_room;
         rows_[best].push_back(p);
         room_[best] -= t;
         if (room_[best] == 0) ++full;
+        if (was_most) most_room = *std::max_element(room_.begin(), room_.begin() + W);
       }
     }
     // Deferred pieces go before the untried ones for the next window.
@@ -868,9 +934,10 @@ class BestFitPacker {
 
   void count(const Piece &p) {
     ++segments_;
-    const int32_t n = sizes_[p.doc];
-    bos_segments_ += ((p.flags & kAddBos) || (p.offset == 0 && (framing_[p.doc] & kStoredBos))) ? 1 : 0;
-    eos_segments_ += ((p.flags & kAddEos) || (p.offset + p.length == n && (framing_[p.doc] & kStoredEos))) ? 1 : 0;
+    const int32_t n = table_.size(p.doc);
+    const int8_t fr = table_.frame(p.doc);
+    bos_segments_ += ((p.flags & kAddBos) || (p.offset == 0 && (fr & kStoredBos))) ? 1 : 0;
+    eos_segments_ += ((p.flags & kAddEos) || (p.offset + p.length == n && (fr & kStoredEos))) ? 1 : 0;
     if (!(p.offset == 0 && p.length == n)) fragment_ += p.total();
   }
 
@@ -898,10 +965,47 @@ class BestFitPacker {
     return py::make_tuple(pieces, piece_flags, row_ends);
   }
 
-  py::array_t<int32_t> sizes_arr_;  // held: the packer reads them between calls
-  py::array_t<int8_t> framing_arr_;
-  const int32_t *sizes_ = nullptr;
-  const int8_t *framing_ = nullptr;
+  // The documents' arrays, checked, held (the packer reads them between calls) and viewed by table_;
+  // returns D. sizes int32 with framing int8, or sizes uint16 (DocTable's compact form) with framing
+  // None and long_documents int64 [n, 2].
+  int64_t hold_table(const py::object &sizes_obj, const py::object &framing_obj, const py::object &long_obj) {
+    if (py::isinstance<py::array>(sizes_obj) &&
+        py::reinterpret_borrow<py::array>(sizes_obj).dtype().is(py::dtype::of<uint16_t>())) {
+      auto packed = require<uint16_t>(sizes_obj, "sizes", 1);
+      if (!framing_obj.is_none()) throw py::value_error("compact uint16 sizes carry the framing: pass framing=None");
+      if (long_obj.is_none()) throw py::value_error("compact uint16 sizes need long_documents (int64 [n, 2])");
+      auto rows = require<int64_t>(long_obj, "long_documents", 2);
+      if (rows.shape(1) != 2) throw py::value_error("long_documents must be int64 [n, 2] (document, length)");
+      held_ = {packed, rows};
+      table_.packed = packed.data();
+      table_.long_rows = rows.data();
+      table_.n_long = rows.shape(0);
+      const int64_t D = packed.shape(0);
+      int64_t j = 0;  // every long document has its row, in increasing order, and no other has one
+      for (int64_t d = 0; d < D; ++d) {
+        if ((table_.packed[d] & DocTable::kLongSize) != DocTable::kLongSize) continue;
+        if (j == table_.n_long || table_.long_rows[2 * j] != d || table_.long_rows[2 * j + 1] < DocTable::kLongSize ||
+            table_.long_rows[2 * j + 1] > std::numeric_limits<int32_t>::max()) {
+          throw py::value_error("long_documents must hold (document, length >= 16383) for each document "
+                                "marked long in sizes, in increasing document order, and nothing else");
+        }
+        ++j;
+      }
+      if (j != table_.n_long) throw py::value_error("long_documents has rows for documents not marked long");
+      return D;
+    }
+    auto sizes = require<int32_t>(sizes_obj, "sizes", 1);
+    auto framing = require<int8_t>(framing_obj, "framing", 1);
+    if (framing.shape(0) != sizes.shape(0)) throw py::value_error("framing must have one entry per document");
+    if (!long_obj.is_none()) throw py::value_error("long_documents goes with compact uint16 sizes only");
+    held_ = {sizes, framing};
+    table_.sizes = sizes.data();
+    table_.framing = framing.data();
+    return sizes.shape(0);
+  }
+
+  std::vector<py::object> held_;
+  DocTable table_;
   int64_t seq_len_, num_rows_, bin_rows_, window_, buffer_, lookahead_, min_piece_, capacity_ = 0;
   std::unique_ptr<BestFitState> st_;
   int64_t r0_ = 0, pieces_before_ = 0, end_token_;
@@ -981,6 +1085,82 @@ py::dict concat_stats(const py::object &sizes_obj, const py::object &framing_obj
   return stats;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Tokens of a .bin
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+int64_t token_at(const char *base) {
+  T v;
+  std::memcpy(&v, base, sizeof(T));
+  return static_cast<int64_t>(v);
+}
+
+// The token at each byte offset `pointers` (increasing) of the token file `path` (a megatron-core
+// .bin), as int64; dtype: numpy's dtype.str of an integer token type ('<u2', '<i4', '|u1', ...).
+// The file is mapped `window` bytes at a time and unmapped after each (the pages a read touches
+// count in the RSS while mapped), with the GIL released for the whole read, offsets checked against
+// the file (numpy's gather on a memmap, which this replaces, frees the GIL only around the gather:
+// one language's chunks on two threads 0.87 s here vs 0.97 s, benchmarks/RESULTS.md).
+py::array_t<int64_t> tokens_at(const std::string &path, const py::object &pointers_obj, const std::string &dtype,
+                               int64_t window) {
+  auto ptr_arr = require<int64_t>(pointers_obj, "pointers", 1);
+  if (dtype.size() != 3 || (dtype[0] != '<' && dtype[0] != '|' && dtype[0] != '=') ||
+      (dtype[1] != 'i' && dtype[1] != 'u') || (dtype[2] != '1' && dtype[2] != '2' && dtype[2] != '4' && dtype[2] != '8')) {
+    throw py::value_error("tokens_at: dtype must be a little-endian integer dtype.str such as '<i4', got '" + dtype + "'");
+  }
+  const int64_t size = dtype[2] - '0';
+  const bool is_signed = dtype[1] == 'i';
+  const int64_t n = ptr_arr.shape(0);
+  const int64_t *p = ptr_arr.data();
+  py::array_t<int64_t> out(n);
+  int64_t *o = out.mutable_data();
+  std::string err;
+  {
+    py::gil_scoped_release release;
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || ::fstat(fd, &st) != 0) {
+      err = "cannot open " + path + ": " + std::strerror(errno);
+    } else {
+      const int64_t page = ::sysconf(_SC_PAGESIZE);
+      const int64_t file_size = st.st_size;
+      int64_t a = 0;
+      while (a < n && err.empty()) {
+        if (p[a] < 0 || p[a] + size > file_size || (a > 0 && p[a] < p[a - 1])) {
+          err = path + ": token offset " + std::to_string(p[a]) + " is outside the file (" +
+                std::to_string(file_size) + " bytes) or out of order; is the .idx the one of this .bin?";
+          break;
+        }
+        const int64_t lo = p[a] / page * page;
+        int64_t b = a + 1;
+        while (b < n && p[b] >= p[b - 1] && p[b] + size <= file_size && p[b] + size - lo <= window) ++b;
+        const int64_t len = p[b - 1] + size - lo;
+        void *m = ::mmap(nullptr, static_cast<size_t>(len), PROT_READ, MAP_SHARED, fd, static_cast<off_t>(lo));
+        if (m == MAP_FAILED) {
+          err = "cannot map " + path + ": " + std::strerror(errno);
+          break;
+        }
+        const char *base = static_cast<const char *>(m) - lo;
+        for (int64_t i = a; i < b; ++i) {
+          const char *at = base + p[i];
+          switch (size) {
+            case 1: o[i] = is_signed ? token_at<int8_t>(at) : token_at<uint8_t>(at); break;
+            case 2: o[i] = is_signed ? token_at<int16_t>(at) : token_at<uint16_t>(at); break;
+            case 4: o[i] = is_signed ? token_at<int32_t>(at) : token_at<uint32_t>(at); break;
+            default: o[i] = token_at<int64_t>(at); break;  // uint64 ids above 2^63 do not occur
+          }
+        }
+        ::munmap(m, static_cast<size_t>(len));
+        a = b;
+      }
+    }
+    if (fd >= 0) ::close(fd);
+  }
+  if (!err.empty()) throw py::value_error(err);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_index_builder, m) {
@@ -1035,16 +1215,21 @@ PYBIND11_MODULE(_index_builder, m) {
   py::class_<BestFitPacker>(m, "BestFitPacker",
                             "pack_best_fit in blocks of whole windows: next(max_rows) -> (pieces int32 [P, 3],\n"
                             "piece_flags int8 [P], row_ends int64 [R]: pieces before each packed row's end,\n"
-                            "from the phase's first); end_token and stats() once done.")
+                            "from the phase's first); end_token and stats() once done. sizes: int32 [D] with\n"
+                            "framing int8 [D], or compact uint16 [D] (bits 0-13 the length, 16383: see\n"
+                            "long_documents int64 [n, 2] (document, length); bits 14-15 the framing) with framing=None.")
       .def(py::init<const py::object &, const py::object &, int64_t, int64_t, int64_t, uint64_t, uint64_t,
-                    int64_t, int64_t, int64_t, int64_t, int64_t>(),
+                    int64_t, int64_t, int64_t, int64_t, int64_t, const py::object &>(),
            py::arg("sizes"), py::arg("framing"), py::arg("seq_len"), py::arg("num_rows"), py::arg("start_token"),
            py::arg("seed"), py::arg("stream"), py::arg("bin_rows"), py::arg("window"), py::arg("buffer"),
-           py::arg("lookahead"), py::arg("min_piece"))
+           py::arg("lookahead"), py::arg("min_piece"), py::arg("long_documents") = py::none())
       .def("next", &BestFitPacker::next, py::arg("max_rows"))
       .def_property_readonly("done", &BestFitPacker::done)
       .def_property_readonly("end_token", &BestFitPacker::end_token)
       .def("stats", &BestFitPacker::stats);
+  m.def("tokens_at", &tokens_at, py::arg("path"), py::arg("pointers"), py::arg("dtype"), py::arg("window"),
+        "int64 [N]: the token at each (increasing) byte offset of a .bin, mapped `window` bytes at a time "
+        "(GIL released)");
   m.def("concat_stats", &concat_stats, py::arg("sizes"), py::arg("framing"), py::arg("doc_index"),
         py::arg("sample_idx"), "Segment / <bos> / fragment counts of pack_rows' rows.");
 }

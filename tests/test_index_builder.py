@@ -716,14 +716,20 @@ def test_streamed_build_matches_the_recorded_in_memory_build(tmp_path):
     assert seen == set(RECORDED_DIGESTS)
 
 
-def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", ["longest_first", "reversed"])
+def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp_path, monkeypatch, schedule):
     """Issue 29: blending a few samples at a time (segments cut mid-way), packers resumed every row
     (concat) or every window (best_fit), languages on worker threads through their spill files copied
     a few rows at a time: the recorded digests, and nothing left behind in the cache folder. (One
-    thread, which appends straight to the phase files, is the other digest test's path.)"""
+    thread, which appends straight to the phase files, is the other digest test's path.) The order
+    languages start in changes nothing: longest first (the builder's) or its reverse (the later
+    languages wait in their spill folders for the first)."""
     threads = 3
     from megatron_mmbert.data.index import blend, build, pack
 
+    if schedule == "reversed":
+        longest_first = build.language_schedule
+        monkeypatch.setattr(build, "language_schedule", lambda *a: longest_first(*a)[::-1])
     monkeypatch.setattr(blend, "BLEND_CHUNK", 5)
     monkeypatch.setattr(pack, "PACK_BLOCK_TOKENS", 1)
     monkeypatch.setattr(pack.SpillFiles, "COPY_ROWS", 3)
@@ -739,6 +745,24 @@ def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp
             assert _index_digest(index) == RECORDED_DIGESTS[f"{name}/start{start}"], (name, start, threads)
             folder, = os.listdir(cache)
             assert not [f for f in os.listdir(os.path.join(cache, folder)) if f.startswith(".spill")]
+
+
+def test_language_schedule_starts_the_longest_language_first():
+    """Issue 29: languages start on threads by their work (row tokens of every phase, plus a cost per
+    document), most first, ties in language order; languages without rows do not start."""
+    from types import SimpleNamespace
+
+    from megatron_mmbert.data.index import LANGUAGE_DOCUMENT_COST, language_schedule
+
+    plans = [SimpleNamespace(phase=SimpleNamespace(seq_len=s)) for s in (16, 64)]
+    counts = np.array([[10, 0, 40, 5, 0], [0, 3, 0, 5, 0]])  # row tokens 160, 192, 640, 400, 0
+    docs = [0, 0, 0, 0, 0]
+    assert language_schedule(plans, counts, docs, [True] * 5) == [2, 3, 1, 0, 4]
+    assert language_schedule(plans, counts, docs, [True, True, False, True, False]) == [3, 1, 0]
+    docs = [1, 0, 0, 0, 0]  # language 0's documents are work too
+    assert language_schedule(plans, counts, docs, [True] * 5)[:3] == (
+        [2, 0, 3] if 160 + LANGUAGE_DOCUMENT_COST > 400 else [2, 3, 0])
+    assert language_schedule(plans, np.zeros((2, 3), np.int64), [0] * 3, [True] * 3) == [0, 1, 2]
 
 
 def test_resumable_packers_and_blender_equal_one_call():
@@ -780,6 +804,59 @@ def test_resumable_packers_and_blender_equal_one_call():
         assert p.end_token == end and p.stats() == st
 
 
+def test_best_fit_packer_reads_the_compact_document_table():
+    """Issue 29: BestFitPacker on the build's compact table (uint16 lengths with the framing folded in,
+    long documents in rows of their own: 2 bytes a document) packs exactly what it packs from int32
+    lengths and int8 framing; document_table is that encoding; a table that does not match its long
+    rows is refused."""
+    from megatron_mmbert.data.index.documents import COMPACT_LONG
+
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(0, 400, 3000).astype(np.int32)
+    long_docs = rng.choice(3000, 40, replace=False)
+    sizes[long_docs] = rng.integers(COMPACT_LONG - 1, 70000, 40)
+    sizes[long_docs[0]] = COMPACT_LONG  # exactly the mark: a long row too
+    framing = rng.integers(0, 4, 3000).astype(np.int8)
+    long = np.sort(np.flatnonzero(sizes >= COMPACT_LONG))
+    packed = (np.minimum(sizes, COMPACT_LONG).astype(np.uint16) | (framing.astype(np.uint16) << 14))
+    rows = np.stack([long, sizes[long]], axis=1).astype(np.int64)
+    args = (512, 300, 1000, 3, 5, 2, 16, 5120, 2, 8)
+    start = 0
+    for _ in range(2):  # from the start, then from where the first stream stopped (a later epoch)
+        a = (512, 300, start) + args[3:]
+        ref, got = ib.BestFitPacker(sizes, framing, *a), ib.BestFitPacker(packed, None, *a, long_documents=rows)
+        while not ref.done:
+            for x, y in zip(ref.next(64), got.next(64)):
+                np.testing.assert_array_equal(x, y)
+        assert got.done and ref.end_token == got.end_token and ref.stats() == got.stats()
+        start = ref.end_token
+    bad = rows.copy()
+    bad[3, 1] = 5
+    for kw, match in ((dict(long_documents=rows[1:]), "long_documents"), (dict(long_documents=bad), "long_documents"),
+                      (dict(), "need long_documents")):
+        with pytest.raises(ValueError, match=match):
+            ib.BestFitPacker(packed, None, *args, **kw)
+    with pytest.raises(ValueError, match="framing=None"):
+        ib.BestFitPacker(packed, framing, *args, long_documents=rows)
+
+
+def test_document_table_is_lengths_and_framing(tmp_path):
+    from megatron_mmbert.data.index.documents import COMPACT_LONG, document_lengths, document_table
+
+    path, _ = write_corpus(str(tmp_path / "corpus"), [70, 25], max_len=150, shards_per_lang=2)
+    manifest = load_manifest(path)
+    for lang in manifest.languages:
+        prefixes = manifest.languages[lang].shards
+        lengths = document_lengths(prefixes)
+        framing = (np.arange(len(lengths)) % 4).astype(np.int8)
+        packed, long = document_table(prefixes, framing)
+        assert packed.dtype == np.uint16 and long.shape == (0, 2)
+        np.testing.assert_array_equal(packed & COMPACT_LONG, lengths)
+        np.testing.assert_array_equal(packed >> 14, framing)
+        with pytest.raises(ValueError, match="framing flags for"):
+            document_table(prefixes, framing[1:])
+
+
 def test_cached_index_uses_int32_where_the_values_fit(tmp_path):
     path, _ = write_corpus(str(tmp_path / "corpus"), [30, 10, 3])
     manifest = load_manifest(path)
@@ -788,6 +865,30 @@ def test_cached_index_uses_int32_where_the_values_fit(tmp_path):
         for p in index.phases:
             assert p.dataset_sample_index.dtype == np.int32 and p.dataset_index.dtype == np.int16
             assert p.sample_idx.dtype == np.int32 and p.row_ptr.dtype == np.int32 and p.doc_index.dtype == np.int32
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_npy_appender_appends_a_raw_file(tmp_path, monkeypatch, kernel_copy):
+    """Issue 29: a spill file in the appender's dtype goes in as bytes (os.copy_file_range, or a
+    buffered copy where that fails), between chunks appended as arrays; a file of the wrong size is
+    refused."""
+    from megatron_mmbert.data.index import npy
+
+    if not kernel_copy:
+        def refuse(*a):
+            raise OSError("copy_file_range: not here")
+        monkeypatch.setattr(npy.os, "copy_file_range", refuse, raising=False)
+    out = npy.NpyAppender(str(tmp_path / "a.npy"), np.int32, (3,))
+    a = np.arange(12, dtype=np.int64).reshape(4, 3)
+    raw = np.arange(100, 100 + 3 * 5000, dtype=np.int32).reshape(5000, 3)
+    raw.tofile(tmp_path / "raw")
+    out.append(a)
+    out.append_file(str(tmp_path / "raw"), 5000)
+    out.append(a[:1])
+    with pytest.raises(ValueError, match="are not 4999 rows"):
+        out.append_file(str(tmp_path / "raw"), 4999)
+    out.close()
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.concatenate([a, raw, a[:1]]).astype(np.int32))
 
 
 def test_npy_appender_widens_when_a_value_does_not_fit(tmp_path):
@@ -876,6 +977,47 @@ def test_document_lengths_chunked_over_multi_sequence_documents(tmp_path, monkey
         np.testing.assert_array_equal(got_last, index_mod._last_tokens(prefix, ds, docs))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.uint32, np.int64])
+def test_tokens_at_reads_the_bin_as_numpy_does(tmp_path, dtype):
+    """Issue 29: the C++ read of tokens at byte offsets of a .bin (windows of a few bytes here, so
+    many maps) equals numpy's; offsets outside the file or out of order are refused."""
+    info = np.iinfo(dtype)
+    tokens = np.random.default_rng(0).integers(info.min, info.max, 3000, dtype=dtype, endpoint=True)
+    path = str(tmp_path / "t.bin")
+    tokens.tofile(path)
+    at = np.unique(np.random.default_rng(1).integers(0, len(tokens), 700)).astype(np.int64)
+    pointers = at * np.dtype(dtype).itemsize
+    for window in (1, 100, 5000, 1 << 20):
+        got = ib.tokens_at(path, pointers, np.dtype(dtype).str, window)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, tokens[at].astype(np.int64))
+    with pytest.raises(ValueError, match="outside the file"):
+        ib.tokens_at(path, np.array([0, len(tokens) * np.dtype(dtype).itemsize], np.int64), np.dtype(dtype).str, 64)
+    with pytest.raises(ValueError, match="out of order"):
+        ib.tokens_at(path, pointers[::-1].copy(), np.dtype(dtype).str, 64)
+    with pytest.raises(ValueError, match="integer dtype"):
+        ib.tokens_at(path, pointers, "<f4", 64)
+
+
+def test_index_at_scale_schedule_simulation():
+    """Issue 29: the benchmark's model of the threaded build (benchmarks/index_at_scale.simulate) on
+    cases worked by hand: workers, in-order writes with their copy time, the document budget, and
+    framing chunks queued first come first served on their own pool."""
+    from benchmarks.index_at_scale import simulate
+
+    names, order = ["a", "b", "c", "d"], ["a", "d", "b", "c"]
+    task, one = {"a": 4, "b": 1, "c": 1, "d": 2}, {n: 1 for n in names}
+    assert simulate(order, names, task, {}, one, 1, 10)["seconds"] == 8
+    assert simulate(order, names, task, {}, one, 2, 10)["seconds"] == 4  # a | d, b, c
+    # a ends at 4 and is written (0.5 each) before b, c, d, which waited in their spill folders
+    assert simulate(order, names, task, {n: 0.5 for n in names}, one, 2, 10)["seconds"] == 6
+    assert simulate(order, names, task, {}, {n: 5 for n in names}, 2, 6)["seconds"] == 8  # one at a time
+    # a's scan (4 s in 2 chunks) spread over 2 framing workers; d's chunks queue behind them
+    r = simulate(order, names, task, {}, {n: 1 << 17 for n in names}, 2, 1 << 30,
+                 framing_s={"a": 4, "b": 0, "c": 0, "d": 0})
+    assert r["seconds"] == 4 and r["longest_task"] == "a"
+
+
 def test_index_at_scale_synthetic_manifest_is_readable(tmp_path):
     """The benchmark's synthetic shards (.idx written directly, sparse .bin) are what megatron-core reads."""
     import json
@@ -886,10 +1028,10 @@ def test_index_at_scale_synthetic_manifest_is_readable(tmp_path):
 
     path = write_manifest(str(tmp_path / "m"), 2e-7)
     m = json.load(open(path))
-    assert len(m["languages"]) == NUM_LANGUAGES and "eng_Latn" in m["languages"] and "code" in m["languages"]
+    assert len(m["languages"]) == NUM_LANGUAGES and "dclm" in m["languages"] and "starcoder" in m["languages"]
     docs = sorted(e["documents"] for e in m["languages"].values())
     assert docs[-1] > 20 * docs[len(docs) // 2]  # heavy-tailed
-    for lang in ("eng_Latn", "code", "x0100_Synt"):
+    for lang in ("dclm", "starcoder", "x0100_Synt"):
         e = m["languages"][lang]
         ds = IndexedDataset(os.path.join(os.path.dirname(path), e["shards"][0]))
         assert len(ds) == e["documents"] and int(ds.sequence_lengths.sum()) == e["tokens"]

@@ -82,7 +82,13 @@ grow with the schedule; see docs/data.md "Cache".
 """
 
 from megatron_mmbert.data.index.arrays import ARRAY_NAMES, DataIndex, PhaseIndex
-from megatron_mmbert.data.index.build import THREAD_DOCUMENT_BUDGET, build_arrays, default_threads
+from megatron_mmbert.data.index.build import (
+    LANGUAGE_DOCUMENT_COST,
+    THREAD_DOCUMENT_BUDGET,
+    build_arrays,
+    default_threads,
+    language_schedule,
+)
 from megatron_mmbert.data.index.cache import build_data_index, default_rank
 from megatron_mmbert.data.index.digests import INDEX_VERSION, cache_key, manifest_digest, source_digests
 from megatron_mmbert.data.index.documents import document_first_tokens, document_lengths, framing_flags
@@ -131,6 +137,8 @@ __all__ = [
     "FRAMING_EOS",
     "ARRAY_NAMES",
     "THREAD_DOCUMENT_BUDGET",
+    "LANGUAGE_DOCUMENT_COST",
+    "language_schedule",
     "check_bin_rows",
     "framing_flags",
     "document_first_tokens",

@@ -23,9 +23,9 @@ from megatron_mmbert.data.schedule import PhasePlan
 from megatron_mmbert.progress import Progress
 
 THREAD_DOCUMENT_BUDGET = 1 << 30
-"""Documents of the languages packed (or waiting) on threads at once: each holds ~9 bytes a document
-(lengths, framing flags, an epoch's permutation), so at most ~9 GiB whatever the thread count; a
-language larger than this runs alone."""
+"""Documents of the languages packed (or waiting) on threads at once: each holds 6 bytes a document
+with best_fit (its compact length / framing table, an epoch's permutation; concat: 9), so at most
+~6 GiB (9) whatever the thread count; a language larger than this runs alone."""
 
 
 def default_threads() -> int:
@@ -49,15 +49,19 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
     packing language by language in blocks of :data:`~megatron_mmbert.data.index.pack.PACK_BLOCK_TOKENS`
     row tokens (``RowPacker`` / ``BestFitPacker``: resumable, the same rows as one call), each block
     appended to its file (:class:`~megatron_mmbert.data.index.npy.NpyAppender`) and dropped. What
-    remains is per language and independent of the schedule: its document lengths and framing flags
-    (5 bytes a document) and one epoch's permutation (4 bytes a document). Arrays that can outgrow
+    remains is per language and independent of the schedule: one epoch's permutation (4 bytes a
+    document) and its document lengths and framing flags (best_fit: one uint16 a document, the flags
+    folded in, long documents apart, :func:`~megatron_mmbert.data.index.documents.document_table`;
+    concat: 5 bytes a document). Arrays that can outgrow
     int32 (``dataset_sample_index``, ``sample_idx``, ``row_ptr``) are int32 when their values fit
     (checked) and int64 otherwise; readers take either.
 
     ``threads``: languages packed at once (the C++ packers release the GIL); the output does not
-    depend on it. With more than one, each language's blocks wait in a spill folder of ``out_dir``
-    until the languages before it are written, at most ``2 x threads`` languages and
-    :data:`THREAD_DOCUMENT_BUDGET` documents ahead.
+    depend on it. With more than one, languages start longest first (:func:`language_schedule`), at
+    most ``2 x threads`` and :data:`THREAD_DOCUMENT_BUDGET` documents submitted at once, and each
+    language's blocks wait in a spill folder of ``out_dir`` until the languages before it are written
+    (on disk: at worst the rest of the index once more, while the longest language packs); the
+    framing scans' chunks run on a pool of ``threads`` threads of their own.
 
     ``bin_rows`` (best_fit): ``seq_len`` rows per packed row, one per phase (default 1); the phase's
     samples are blended in groups of that many rows (:func:`~megatron_mmbert.data.index.packing.check_bin_rows`).
@@ -90,6 +94,57 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
     return small
 
 
+LANGUAGE_DOCUMENT_COST = 256
+"""Row tokens a document's own work (its length, framing read and permutation entry) counts for when
+:func:`language_schedule` ranks languages: an estimate; the order needs only the largest first."""
+
+
+def language_schedule(plans: List[PhasePlan], counts: np.ndarray, documents: Sequence[int], active) -> List[int]:
+    """The order the languages start on threads: longest first (LPT), so that the largest language,
+    whose phases are one sequential chain and the build's critical path, starts at once and not
+    when the languages before it in the index are written. A language's work: the row tokens of its
+    phases (``counts`` x ``seq_len``, every phase: best_fit packs the ones before the start phase
+    too) plus :data:`LANGUAGE_DOCUMENT_COST` per document. Ties in language order."""
+    seq = np.array([p.phase.seq_len for p in plans], np.int64)[:, None]
+    work = (counts * seq).sum(axis=0) + LANGUAGE_DOCUMENT_COST * np.asarray(documents, np.int64)
+    return sorted((i for i in range(len(work)) if active[i]), key=lambda i: (-int(work[i]), i))
+
+
+class _LanguagesOnThreads:
+    """Languages packed on a pool's threads: started in ``order`` (:func:`language_schedule`) while
+    fewer than ``2 x threads`` run and their documents stay within :data:`THREAD_DOCUMENT_BUDGET` (a
+    larger language runs alone), taken back in language order (:meth:`result`)."""
+
+    def __init__(self, pool, spilled, order: List[int], docs: Sequence[int], threads: int):
+        self.pool, self.spilled, self.order, self.docs, self.threads = pool, spilled, order, docs, threads
+        self.at = 0
+        self.futures, self.running = {}, {}  # language -> future; submitted and not finished -> its documents
+
+    def _start(self) -> None:
+        while self.at < len(self.order) and len(self.running) < 2 * self.threads:
+            j = self.order[self.at]
+            if self.running and sum(self.running.values()) + self.docs[j] > THREAD_DOCUMENT_BUDGET:
+                return
+            self.futures[j] = self.pool.submit(self.spilled, j)
+            self.running[j] = self.docs[j]
+            self.at += 1
+
+    def result(self, i: int):
+        """Language ``i``'s (result, spill files), once it is done; another language's failure is
+        raised as soon as it happens, not when its turn comes."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        while not (i in self.futures and self.futures[i].done()):
+            self._start()
+            wait([self.futures[j] for j in self.running], return_when=FIRST_COMPLETED)
+            for j in [j for j in self.running if self.futures[j].done()]:
+                del self.running[j]
+                if self.futures[j].exception() is not None:
+                    self.futures[j].result()
+        self.running.pop(i, None)
+        return self.futures.pop(i).result()
+
+
 def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, packing, groups, path,
                     threads: int, out_dir: str) -> np.ndarray:
     """Pack every language in order into the phase files (``threads`` at once), fill best_fit's
@@ -104,10 +159,14 @@ def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, 
     offsets = {name: np.zeros((K, L + 1), np.int64) for name in ("docs", "rows", "pieces")}
     stats = np.zeros((K, L, len(PACKING_STATS)), np.int64)
     docs = [int(manifest.languages[lang].documents) for lang in languages]
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    # The framing scans' chunks, of every language, on threads of their own: the largest language's
+    # scan (the critical path's longest part) is spread over them; its packer thread waits meanwhile.
+    framing_pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
     def task(i, sink):
         return pack_language(ext, manifest, languages[i], plans, counts[:, i], positions[:, i], seed, start_phase,
-                             packing, groups, sink)
+                             packing, groups, sink, framing_pool, threads)
 
     def spilled(i):
         sink = SpillFiles(os.path.join(out_dir, f".spill-{i}"))
@@ -116,11 +175,10 @@ def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, 
         finally:
             sink.close()
 
-    done = 0
     progress = Progress("build_data_index", len(need), "languages", sys.stderr)
-    pool = ThreadPoolExecutor(threads) if threads > 1 else None
     try:
-        ahead = {}
+        ahead = None if pool is None else _LanguagesOnThreads(
+            pool, spilled, language_schedule(plans, counts, docs, active), docs, threads)
         for i in range(L):
             if not active[i]:  # no rows anywhere: the empty entries, lengths not even read
                 for k in range(K):
@@ -128,22 +186,17 @@ def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, 
                     files.append(k, "ptr", EMPTY["ptr"])
                 offsets["rows"][:, i + 1] = 1
                 continue
-            if pool is not None:  # up to 2 x threads languages ahead, within the document budget
-                for j in need[done:done + 2 * threads]:
-                    if j not in ahead:
-                        if ahead and sum(docs[a] for a in ahead) + docs[j] > THREAD_DOCUMENT_BUDGET:
-                            break
-                        ahead[j] = pool.submit(spilled, j)
-                res, sink = ahead.pop(i).result()
+            if ahead is not None:  # started longest first, written in language order
+                res, sink = ahead.result(i)
                 sink.copy_into(files)
             else:
                 res = task(i, files)
             _record_language(i, res, positions, stats, offsets, packing)
-            done += 1
             progress.advance(1, f"packed {languages[i]}")
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+            framing_pool.shutdown(cancel_futures=True)
     files.close()
     for name, key in (("doc_offsets", "docs"), ("row_offsets", "rows"), ("piece_offsets", "pieces")):
         for k in range(K):
@@ -161,4 +214,4 @@ def _record_language(i, res, positions, stats, offsets, packing) -> None:
         offsets[key][:, i + 1] = res[key]
 
 
-__all__ = ["THREAD_DOCUMENT_BUDGET", "default_threads", "build_arrays"]
+__all__ = ["THREAD_DOCUMENT_BUDGET", "LANGUAGE_DOCUMENT_COST", "default_threads", "build_arrays", "language_schedule"]

@@ -1,5 +1,5 @@
 """What the index reads of a language's shards, per document, without loading them: lengths
-(:func:`document_lengths`), first stored tokens (:func:`document_first_tokens`) and the framing flags
+(:func:`document_lengths`; best_fit's compact :func:`document_table`), first stored tokens (:func:`document_first_tokens`) and the framing flags
 best_fit needs (:func:`framing_flags`: does a stored document start with ``<bos>`` / end with
 ``<eos>``). Shards are read through megatron-core's ``IndexedDataset`` (the ``.idx``) a chunk of
 documents at a time, and tokens straight from the ``.bin`` through bounded windows, so the memory
@@ -12,10 +12,13 @@ from typing import Sequence
 
 import numpy as np
 
+from megatron_mmbert.data.index.extension import load_extension
 from megatron_mmbert.data.index.packing import FRAMING_BOS, FRAMING_EOS
 
-FIRST_TOKEN_WINDOW = 64 << 20
-"""Bytes of a ``.bin`` mapped at a time while reading documents' first tokens."""
+FIRST_TOKEN_WINDOW = 8 << 20
+"""Bytes of a ``.bin`` mapped at a time while reading documents' first / last tokens: the pages a read
+touches count in the RSS while mapped, one window per language on a thread (16 threads: 128 MB; 64 MB
+windows made two threads' peak grow 1.2x with the corpus, and cost no less time)."""
 
 DOCUMENT_CHUNK = 1 << 16
 """Documents of a shard read at a time (their lengths and first tokens): the temporaries stay a
@@ -74,6 +77,11 @@ def _tokens_at(prefix: str, ds, nonempty: np.ndarray, pointers) -> np.ndarray:
     first = np.full(len(nonempty), -1, dtype=np.int64)
     if pointers is not None and len(pointers):
         dtype = np.dtype(ds.index.dtype)
+        ext = load_extension()
+        if dtype.kind in "iu" and hasattr(ext, "tokens_at"):  # C++, the GIL released: threads read at once
+            first[nonempty] = ext.tokens_at(prefix + ".bin", np.ascontiguousarray(pointers, dtype=np.int64),
+                                            dtype.str, FIRST_TOKEN_WINDOW)
+            return first
         values = np.empty(len(pointers), dtype=np.int64)
         # One mapping per FIRST_TOKEN_WINDOW bytes of the .bin: the pages a read touches count
         # in the process's RSS while mapped, so a whole large shard mapped at once would.
@@ -101,10 +109,9 @@ def document_first_tokens(prefixes: Sequence[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def document_lengths(prefixes: Sequence[str]) -> np.ndarray:
-    """int32 [D]: tokens per document over a language's shards, in shard order (megatron-core's
-    ``IndexedDataset`` reads the ``.idx``; a document is its consecutive sequences)."""
-    lengths = np.empty(_count_documents(prefixes), dtype=np.int32)
+def _length_chunks(prefixes: Sequence[str]):
+    """``(at, lengths int64)``: tokens per document over a language's shards, in shard order, a chunk
+    of at most :data:`DOCUMENT_CHUNK` documents at a time (``at``: the chunk's first document)."""
     at = 0
     for _, ds, docs in _document_chunks(prefixes):
         seq = np.asarray(ds.sequence_lengths[docs[0]:docs[-1]], dtype=np.int64)
@@ -112,27 +119,73 @@ def document_lengths(prefixes: Sequence[str]) -> np.ndarray:
         part = ends[docs[1:] - docs[0]] - ends[docs[:-1] - docs[0]]
         if part.size and part.max() > np.iinfo(np.int32).max:
             raise ValueError(f"a document in {prefixes} is longer than 2^31 tokens")
-        lengths[at:at + len(part)] = part
+        yield at, part
         at += len(part)
+
+
+def document_lengths(prefixes: Sequence[str]) -> np.ndarray:
+    """int32 [D]: tokens per document over a language's shards, in shard order (megatron-core's
+    ``IndexedDataset`` reads the ``.idx``; a document is its consecutive sequences)."""
+    lengths = np.empty(_count_documents(prefixes), dtype=np.int32)
+    for at, part in _length_chunks(prefixes):
+        lengths[at:at + len(part)] = part
     return lengths
 
 
-def framing_flags(manifest, lang: str) -> np.ndarray:
+COMPACT_LONG = 0x3FFF
+"""The largest length a compact document table (:func:`document_table`) stores in place: a document
+of this many tokens or more is marked with it and its length kept in the table's long rows."""
+
+
+def document_table(prefixes: Sequence[str], framing: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":
+    """A language's documents as ``_index_builder.BestFitPacker`` reads them in 2 bytes a document
+    (:func:`document_lengths` and ``framing`` take 5): ``packed`` uint16 [D], the length in bits 0-13
+    (:data:`COMPACT_LONG` for a document of that many tokens or more) and the framing flags in bits
+    14-15; ``long`` int64 [n, 2], (document, length) of the long documents in increasing order (few:
+    FineWeb2's documents average ~600 tokens). Built chunk by chunk: no int32 [D] is ever held."""
+    if len(framing) != _count_documents(prefixes):
+        raise ValueError(f"{len(framing)} framing flags for {_count_documents(prefixes)} documents in {prefixes}")
+    packed = np.empty(len(framing), dtype=np.uint16)
+    longs = []
+    for at, part in _length_chunks(prefixes):
+        n = len(part)
+        long = part >= COMPACT_LONG
+        packed[at:at + n] = np.minimum(part, COMPACT_LONG).astype(np.uint16) | (
+            framing[at:at + n].astype(np.uint16) << 14)
+        if long.any():
+            longs.append(np.stack([np.flatnonzero(long) + at, part[long]], axis=1))
+    return packed, (np.concatenate(longs).astype(np.int64) if longs else np.zeros((0, 2), np.int64))
+
+
+def framing_flags(manifest, lang: str, pool=None, workers: int = 1) -> np.ndarray:
     """int8 [D]: per document of ``lang``, 1 when it starts with the tokenizer's ``<bos>`` in the shards,
-    plus 2 when it ends with its ``<eos>`` (``FRAMING_BOS`` / ``FRAMING_EOS``)."""
+    plus 2 when it ends with its ``<eos>`` (``FRAMING_BOS`` / ``FRAMING_EOS``). ``pool`` (an executor of
+    ``workers`` threads): its chunks of :data:`DOCUMENT_CHUNK` documents are read there, a few at a time
+    (the read releases the GIL), so one large language's scan is spread over the threads."""
     ids = manifest.tokenizer.special_ids
     bos, eos = ids.get("bos"), ids.get("eos")
     prefixes = manifest.languages[lang].shards
     flags = np.zeros(_count_documents(prefixes), dtype=np.int8)
-    at = 0
-    for prefix, ds, docs in _document_chunks(prefixes):
+
+    def chunk(at, prefix, ds, docs):
         n = len(docs) - 1
         first, last = _first_and_last_tokens(prefix, ds, docs)
         if bos is not None:
             flags[at:at + n] |= (first == bos).astype(np.int8) * FRAMING_BOS
         if eos is not None:
             flags[at:at + n] |= (last == eos).astype(np.int8) * FRAMING_EOS
-        at += n
+
+    at, jobs = 0, []
+    for prefix, ds, docs in _document_chunks(prefixes):
+        if pool is None:
+            chunk(at, prefix, ds, docs)
+        else:  # at most 2 x the pool's threads chunks queued: their document indices are held
+            while len(jobs) >= 2 * max(1, workers):
+                jobs.pop(0).result()
+            jobs.append(pool.submit(chunk, at, prefix, ds, docs))
+        at += len(docs) - 1
+    for job in jobs:
+        job.result()
     return flags
 
 
@@ -161,4 +214,5 @@ def _first_and_last_tokens(prefix: str, ds, docs: np.ndarray):
     return first, last_tokens
 
 
-__all__ = ["FIRST_TOKEN_WINDOW", "DOCUMENT_CHUNK", "document_first_tokens", "document_lengths", "framing_flags"]
+__all__ = ["FIRST_TOKEN_WINDOW", "DOCUMENT_CHUNK", "COMPACT_LONG", "document_first_tokens", "document_lengths",
+           "document_table", "framing_flags"]

@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from megatron_mmbert.data.index.documents import document_lengths, framing_flags
+from megatron_mmbert.data.index.documents import document_lengths, document_table, framing_flags
 from megatron_mmbert.data.index.extension import language_stream
 from megatron_mmbert.data.index.npy import NpyAppender
 from megatron_mmbert.data.index.packing import (
@@ -79,6 +79,10 @@ class SpillFiles:
     def copy_into(self, files: PhaseFiles) -> None:
         # Read, not mapped: the pages of a mapping would count in the RSS until it is closed.
         for (k, name), (f, dtype, shape, rows) in sorted(self.files.items()):
+            out = files.out[k][name]
+            if out.dtype == dtype and out.row_shape == tuple(shape):  # the same bytes: a kernel copy
+                out.append_file(f.name, rows)
+                continue
             width = int(np.prod(shape, dtype=np.int64))
             with open(f.name, "rb") as fh:
                 for a in range(0, rows, self.COPY_ROWS):
@@ -114,14 +118,16 @@ def _pack_concat(ext, lengths, framing, plan: PhasePlan, rows: int, start: int, 
     return stats, n_docs, n_rows
 
 
-def _pack_best_fit(ext, lengths, framing, plan: PhasePlan, packed_rows: int, g: int, start: int, seed: int,
+def _pack_best_fit(ext, table, plan: PhasePlan, packed_rows: int, g: int, start: int, seed: int,
                    lang: str, k: int, sink) -> "tuple[np.ndarray, int, int, int]":
     """Phase ``k``'s best_fit packed rows of one language in blocks of whole windows
-    (``_index_builder.BestFitPacker``), written to ``sink`` (None: counted, not stored); returns (stats
-    [8], end_token, pieces written, row_ptr entries written)."""
-    packer = ext.BestFitPacker(lengths, framing, plan.phase.seq_len, packed_rows, start, int(seed),
+    (``_index_builder.BestFitPacker``) of the language's compact ``table`` (:func:`document_table`),
+    written to ``sink`` (None: counted, not stored); returns (stats [8], end_token, pieces written,
+    row_ptr entries written)."""
+    packed, long = table
+    packer = ext.BestFitPacker(packed, None, plan.phase.seq_len, packed_rows, start, int(seed),
                                language_stream(lang), g, BEST_FIT_WINDOW_ROWS, BEST_FIT_BUFFER,
-                               BEST_FIT_LOOKAHEAD_ROWS, BEST_FIT_MIN_PIECE)
+                               BEST_FIT_LOOKAHEAD_ROWS, BEST_FIT_MIN_PIECE, long_documents=long)
     block = max(PACK_BLOCK_TOKENS // (g * plan.phase.seq_len), 1)
     n_pieces, n_ptr = 0, 1
     if sink is not None:
@@ -143,15 +149,24 @@ EMPTY = {"rows": np.zeros((1, 2), np.int64), "ptr": np.zeros(1, np.int64)}
 
 
 def pack_language(ext, manifest, lang: str, plans: List[PhasePlan], counts: np.ndarray, concat_starts: np.ndarray,
-                   seed: int, start_phase: int, packing: str, groups: Sequence[int], sink) -> Dict:
+                   seed: int, start_phase: int, packing: str, groups: Sequence[int], sink, framing_pool=None,
+                  framing_workers: int = 1) -> Dict:
     """Every phase of one language (``counts``: its rows per phase), written to ``sink``: returns its
     ``stats`` [K, 8], stream ``positions`` [K + 1] (best_fit; concat's are ``concat_starts``) and per
-    phase the entries written (``docs``, ``rows``, ``pieces``)."""
+    phase the entries written (``docs``, ``rows``, ``pieces``). ``framing_pool`` (an executor of
+    ``framing_workers`` threads) reads the framing scan's chunks (:func:`framing_flags`)."""
     K = len(plans)
     # Framing first: its read maps up to FIRST_TOKEN_WINDOW bytes of the .bin, better without the lengths
-    # (4 bytes a document) already held beside it.
-    framing = framing_flags(manifest, lang)
-    lengths = document_lengths(manifest.languages[lang].shards)
+    # already held beside it. What stays per document while the language packs (beside one epoch's
+    # permutation, 4 bytes): best_fit's compact table (2 bytes; the flags folded in), concat's lengths
+    # and framing (5 bytes: its RowPacker and concat_stats read int32 lengths).
+    framing = framing_flags(manifest, lang, framing_pool, framing_workers)
+    shards = manifest.languages[lang].shards
+    if packing == "best_fit":
+        table = document_table(shards, framing)
+        del framing
+    else:
+        lengths = document_lengths(shards)
     res = {"stats": np.zeros((K, len(PACKING_STATS)), np.int64), "positions": np.zeros(K + 1, np.int64),
            "docs": [0] * K, "rows": [0] * K, "pieces": [0] * K}
     pos = 0
@@ -163,7 +178,7 @@ def pack_language(ext, manifest, lang: str, plans: List[PhasePlan], counts: np.n
             res["positions"][k] = pos
             if rows:
                 res["stats"][k], pos, res["pieces"][k], res["rows"][k] = _pack_best_fit(
-                    ext, lengths, framing, plan, rows // groups[k], groups[k], pos, seed, lang, k,
+                    ext, table, plan, rows // groups[k], groups[k], pos, seed, lang, k,
                     sink if keep else None)
             if not (rows and keep):  # an empty phase of this language: row_ptr [0]
                 sink.append(k, "ptr", EMPTY["ptr"])
