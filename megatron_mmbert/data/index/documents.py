@@ -119,7 +119,13 @@ def document_lengths(prefixes: Sequence[str]) -> np.ndarray:
 
 def framing_flags(manifest, lang: str) -> np.ndarray:
     """int8 [D]: per document of ``lang``, 1 when it starts with the tokenizer's ``<bos>`` in the shards,
-    plus 2 when it ends with its ``<eos>`` (``FRAMING_BOS`` / ``FRAMING_EOS``)."""
+    plus 2 when it ends with its ``<eos>`` (``FRAMING_BOS`` / ``FRAMING_EOS``). From the manifest's
+    framing record, checked on a sample, where preprocessing wrote one (``framing_record.py``)."""
+    from megatron_mmbert.data.index.framing_record import recorded_framing_flags
+
+    recorded = recorded_framing_flags(manifest, lang)
+    if recorded is not None:
+        return recorded
     ids = manifest.tokenizer.special_ids
     bos, eos = ids.get("bos"), ids.get("eos")
     prefixes = manifest.languages[lang].shards
