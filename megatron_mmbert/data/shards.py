@@ -34,6 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_mmbert.data.document_framing import DocumentFraming, count_framed
+
 from megatron_mmbert.checkpoints.layout import TOKENIZER_DIR
 from megatron_mmbert.fileio import atomic_write_text, replace_synced
 
@@ -186,23 +188,12 @@ class ShardWriter:
         self.tokens += len(tokens)
 
     def _count_framing(self, tokens: np.ndarray, lengths: np.ndarray, per_doc: np.ndarray) -> None:
-        """Count the documents whose first stored token is ``<bos>`` / last is ``<eos>``, exactly as the
-        index reads them (``data/index/documents.py``: a document's first token is its first sequence's,
-        its last token its last sequence's; an empty sequence has none). A document of no sequences
-        (never written by preprocessing) makes the counts unknown."""
-        if (per_doc < 1).any():
+        counted = count_framed(tokens, lengths, per_doc, *self.framing_ids)
+        if counted is None:
             self._framing_known = False
-            return
-        seq_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        last_seq = np.cumsum(per_doc) - 1
-        first_seq = last_seq - per_doc + 1
-        bos, eos = self.framing_ids
-        if bos is not None:
-            ok = lengths[first_seq] > 0
-            self.starts_bos += int((tokens[seq_start[first_seq[ok]]] == bos).sum())
-        if eos is not None:
-            ok = lengths[last_seq] > 0
-            self.ends_eos += int((tokens[seq_start[last_seq[ok]] + lengths[last_seq[ok]] - 1] == eos).sum())
+        else:
+            self.starts_bos += counted[0]
+            self.ends_eos += counted[1]
 
     @property
     def framing(self) -> Optional["DocumentFraming"]:
@@ -393,31 +384,6 @@ class TokenizerIdentity:
             special_ids={k: (None if v is None else int(v)) for k, v in obj["special_ids"].items()},
             all_special_ids=[int(i) for i in obj["all_special_ids"]],
         )
-
-
-@dataclasses.dataclass
-class DocumentFraming:
-    """How many of a language's stored documents start with ``<bos>`` and end with ``<eos>``, counted by
-    preprocessing as it wrote them (``ShardWriter.framing``), so the index build need not read every
-    document's first and last token from the ``.bin`` (``data/index/documents.py: framing_flags``)."""
-
-    bos: Optional[int]
-    """The ``<bos>`` id counted (the tokenizer's; None: it has none, and ``starts_bos`` is 0)."""
-    eos: Optional[int]
-    """The ``<eos>`` id counted (the tokenizer's; None: it has none, and ``ends_eos`` is 0)."""
-    starts_bos: int
-    """Documents whose first stored token is ``bos``."""
-    ends_eos: int
-    """Documents whose last stored token is ``eos``."""
-
-    def to_json(self) -> dict:
-        return {"bos": self.bos, "eos": self.eos, "starts_bos": int(self.starts_bos), "ends_eos": int(self.ends_eos)}
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "DocumentFraming":
-        return cls(bos=None if obj["bos"] is None else int(obj["bos"]),
-                   eos=None if obj["eos"] is None else int(obj["eos"]),
-                   starts_bos=int(obj["starts_bos"]), ends_eos=int(obj["ends_eos"]))
 
 
 @dataclasses.dataclass
