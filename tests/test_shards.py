@@ -165,3 +165,23 @@ def test_manifest_framing_record_roundtrip_and_older_manifests(tmp_path):
     old = load_manifest(str(tmp_path))
     assert old.languages["eng_Latn"].framing is None
     assert "framing" not in old.to_json()["languages"]["eng_Latn"]
+
+
+def test_manifest_framing_sums_its_units_and_is_unknown_with_an_older_unit(tmp_path):
+    """finalize's manifest: a language's framing record is its units' counts summed; a unit written
+    before framing was counted (no ``framing`` in its marker), or counting other ids, leaves it unknown."""
+    from megatron_mmbert.data.preprocess.finalize import build_manifest
+
+    tok = TokenizerIdentity("t", 4096, "0", {"bos": 2, "eos": 1}, [1, 2])
+
+    def unit(name, framing):
+        sh = {"prefix": f"x/{name}", "documents": 3, "tokens": 9, "bytes": 0, "sources": [], "max_token_id": 9}
+        return {"shards": {"x": dict(sh, **({"framing": framing} if framing else {}))}}
+
+    a = {"bos": 2, "eos": 1, "starts_bos": 3, "ends_eos": 3}
+    b = {"bos": 2, "eos": 1, "starts_bos": 3, "ends_eos": 1}
+    m = build_manifest(str(tmp_path), tok, "uint16", [unit("p0", a), unit("p1", b)])
+    assert m.languages["x"].framing == DocumentFraming(2, 1, 6, 4)
+    assert build_manifest(str(tmp_path), tok, "uint16", [unit("p0", a), unit("p1", None)]).languages["x"].framing is None
+    other = dict(a, bos=None)
+    assert build_manifest(str(tmp_path), tok, "uint16", [unit("p0", a), unit("p1", other)]).languages["x"].framing is None
