@@ -526,18 +526,23 @@ def test_best_fit_framing_uses_the_shards_own_bos_and_eos(tmp_path):
 
 
 def _count_framing_reads(monkeypatch):
-    """Documents whose first/last token the index reads from the .bin (through a wrapper of
-    documents._first_and_last_tokens, which both the scan and the record's sample call)."""
-    from megatron_mmbert.data.index import documents
+    """Documents whose first and last token the index reads from the .bin: by the scan (a wrapper of
+    documents._first_and_last_tokens) and by the framing record's sample (of framing_record._read_framing)."""
+    from megatron_mmbert.data.index import documents, framing_record
 
-    read = {"documents": 0}
-    real = documents._first_and_last_tokens
+    read = {"scan": 0, "sample": 0}
+    scan, sample = documents._first_and_last_tokens, framing_record._read_framing
 
-    def counting(prefix, ds, docs):
-        read["documents"] += len(docs) - 1
-        return real(prefix, ds, docs)
+    def scanning(prefix, ds, docs):
+        read["scan"] += len(docs) - 1
+        return scan(prefix, ds, docs)
 
-    monkeypatch.setattr(documents, "_first_and_last_tokens", counting)
+    def sampling(prefix, ds, local):
+        read["sample"] += len(local)
+        return sample(prefix, ds, local)
+
+    monkeypatch.setattr(documents, "_first_and_last_tokens", scanning)
+    monkeypatch.setattr(framing_record, "_read_framing", sampling)
     return read
 
 
@@ -557,22 +562,43 @@ def test_index_from_the_framing_record_equals_the_scan_and_skips_it(tmp_path, mo
     for lang, entry in recorded.languages.items():
         if not entry.documents:  # megatron-core cannot open an empty shard; the build never asks
             continue
-        read["documents"] = 0
+        read.update(scan=0, sample=0)
         expected = framing_flags(scanned, lang)
-        assert read["documents"] == entry.documents  # the scan reads every document
-        read["documents"] = 0
+        assert read == {"scan": entry.documents, "sample": 0}  # the scan reads every document
+        read.update(scan=0, sample=0)
         np.testing.assert_array_equal(framing_flags(recorded, lang), expected)
-        assert read["documents"] <= min(entry.documents, 5 + 2 * len(entry.shards)), lang
+        assert read["scan"] == 0 and 0 < read["sample"] <= min(entry.documents, 5 + 2 * len(entry.shards)), lang
     assert (expected == 3).all() and len(framing_flags(recorded, "l0")) == 70
-    read["documents"] = 0
+    read.update(scan=0, sample=0)
     for name, bin_rows in (("best_fit", None), ("best_fit_micro_batch", DIGEST_BIN_ROWS)):
         for start in (0, 2):
             index = build_data_index(recorded, DIGEST_PHASES, seed=7, cache_dir=None, packing="best_fit",
                                      start_phase=start, bin_rows=bin_rows)
             assert _index_digest(index) == RECORDED_DIGESTS[f"{name}/start{start}"], (name, start)
-    builds = 4
-    assert 0 < read["documents"] <= builds * sum(5 + 2 * len(e.shards) for e in recorded.languages.values())
-    assert read["documents"] < builds * sum(e.documents for e in recorded.languages.values()) / 2
+    assert read["scan"] == 0 and read["sample"] > 0
+
+
+def test_the_samples_reader_reads_as_the_scan(tmp_path):
+    """framing_record._read_framing (pread, scattered documents) gives the scan's first and last tokens
+    (documents._first_and_last_tokens) on documents of several sequences, empty ones included."""
+    from megatron_mmbert.data.index import documents, framing_record
+    from megatron_mmbert.data.shards import ShardWriter
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    rng = np.random.default_rng(3)
+    prefix = str(tmp_path / "s" / "part-0")
+    with ShardWriter(prefix, np.int32) as w:
+        for _ in range(200):
+            seqs = [rng.integers(0, 9, size=int(rng.integers(0, 4))) for _ in range(int(rng.integers(1, 4)))]
+            w.add_document(np.concatenate(seqs), [len(q) for q in seqs])
+        w.finalize()
+    ds = IndexedDataset(prefix)
+    first, last = documents._first_and_last_tokens(prefix, ds, np.asarray(ds.document_indices, np.int64))
+    assert (first == -1).any() and (last == -1).any()
+    local = np.unique(rng.integers(0, 200, 60))
+    f, l_ = framing_record._read_framing(prefix, ds, local)
+    np.testing.assert_array_equal(f, first[local])
+    np.testing.assert_array_equal(l_, last[local])
 
 
 def test_a_framing_record_that_disagrees_with_the_shards_is_refused(tmp_path):
