@@ -8,7 +8,10 @@ heavy-tailed (log-normal, sigma 2.8, largest first: ``dclm`` (English), then the
 languages, then the other sources), document lengths log-normal (median ~330, mean ~600 tokens).
 Only the megatron-core ``.idx`` files are written (``IndexedDataset`` reads document lengths from
 them); each ``.bin`` is a sparse file of the right size (all zeros: no document starts with
-``<bos>``, which best_fit handles as for any shard without one). The corpus is ``FULL_DOCUMENTS x
+``<bos>``, which best_fit handles as for any shard without one); the manifest records that framing as
+preprocessing would (``framing``: no document starts with ``<bos>`` or ends with ``<eos>``), so the build
+reads a sample of documents, not every one (``--no-framing-record``: without the record, every document's
+first and last token read as for other tools' shards). The corpus is ``FULL_DOCUMENTS x
 factor`` documents (FineWeb2 has about 5 billion), the schedule ``mmbert_base.yaml``'s phases with
 tokens x factor and the decay phase of ``decay_all.yaml`` (all languages, its fixed shares),
 global batch 4608, best_fit in the shipped packed rows (micro_batch x seq_len: 48, 6, 6 rows).
@@ -95,8 +98,10 @@ def mmbert_micro_batches(names):
     return [batch.get("micro_batch_size_per_phase", {}).get(n, batch["micro_batch_size"]) for n in names]
 
 
-def write_manifest(root: str, factor: float, seed: int = 0) -> str:
-    """The synthetic manifest (``.idx`` + sparse ``.bin`` per language) for ``factor``; returns its path."""
+def write_manifest(root: str, factor: float, seed: int = 0, framing_record: bool = True) -> str:
+    """The synthetic manifest (``.idx`` + sparse ``.bin`` per language) for ``factor``; returns its path.
+    ``framing_record``: record the shards' framing as preprocessing does (``data/shards.py``
+    ``DocumentFraming``: the all-zero documents neither start with ``<bos>`` nor end with ``<eos>``)."""
     from megatron.core.datasets.indexed_dataset import DType, _INDEX_HEADER
 
     _, named = _mmbert_phases(1.0)
@@ -127,6 +132,9 @@ def write_manifest(root: str, factor: float, seed: int = 0) -> str:
         langs[name] = {"shards": [os.path.relpath(prefix, root)], "documents": int(n),
                        "tokens": int(lengths.sum()), "bytes": 0, "sources": []}
     special = {"pad": 0, "bos": 1, "eos": 2, "mask": 3, "unk": 4}
+    if framing_record:
+        for entry in langs.values():
+            entry["framing"] = {"bos": special["bos"], "eos": special["eos"], "starts_bos": 0, "ends_eos": 0}
     manifest = {"format": "megatron-mmbert-manifest", "version": 1,
                 "tokenizer": {"name": "synthetic", "vocab_size": 256000, "hash": "0" * 64, "special_ids": special,
                               "all_special_ids": sorted(special.values())},
@@ -442,6 +450,8 @@ def main():
     ap.add_argument("--node-threads", type=int, default=16,
                     help="threads of the node the full run's wall time is modelled for (schedule_model: the "
                     "builder's scheduling simulated on the one-thread runs' per-language task times)")
+    ap.add_argument("--no-framing-record", action="store_true",
+                    help="the synthetic manifest without the framing record (the index reads every document's framing)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one build, JSON in/out
@@ -459,11 +469,11 @@ def main():
         else:
             phases, _ = _mmbert_phases(f)
             corpus = args.corpus_scale or f
-            mroot = os.path.join(work, f"manifest-{corpus:g}")
+            mroot = os.path.join(work, f"manifest-{corpus:g}" + ("-unrecorded" if args.no_framing_record else ""))
             path = os.path.join(mroot, "manifest.json")
             if not os.path.exists(path):
                 t = time.perf_counter()
-                write_manifest(mroot, corpus)
+                write_manifest(mroot, corpus, framing_record=not args.no_framing_record)
                 print(f"[index_at_scale] manifest 1/{1 / corpus:g} written in {time.perf_counter() - t:.1f}s",
                       file=sys.stderr)
         for packing in args.packing:

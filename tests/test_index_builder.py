@@ -525,6 +525,118 @@ def test_best_fit_framing_uses_the_shards_own_bos_and_eos(tmp_path):
         assert content.min() >= 1
 
 
+def _count_framing_reads(monkeypatch):
+    """Documents whose first and last token the index reads from the .bin: by the scan (a wrapper of
+    documents._first_and_last_tokens) and by the framing record's sample (of framing_record._read_framing)."""
+    from megatron_mmbert.data.index import documents, framing_record
+
+    read = {"scan": 0, "sample": 0}
+    scan, sample = documents._first_and_last_tokens, framing_record._read_framing
+
+    def scanning(prefix, ds, docs):
+        read["scan"] += len(docs) - 1
+        return scan(prefix, ds, docs)
+
+    def sampling(prefix, ds, local):
+        read["sample"] += len(local)
+        return sample(prefix, ds, local)
+
+    monkeypatch.setattr(documents, "_first_and_last_tokens", scanning)
+    monkeypatch.setattr(framing_record, "_read_framing", sampling)
+    return read
+
+
+def test_index_from_the_framing_record_equals_the_scan_and_skips_it(tmp_path, monkeypatch):
+    """A manifest recording its languages' framing (as preprocessing writes it): the flags and the
+    best_fit index equal the scan's (the recorded digests), reading only the sample's documents."""
+    from megatron_mmbert.data.index import framing_flags, framing_record
+
+    monkeypatch.setattr(framing_record, "SAMPLE_DOCUMENTS", 5)
+    read = _count_framing_reads(monkeypatch)
+    path, _ = write_corpus(str(tmp_path / "corpus"), [70, 25, 9, 0], max_len=150, shards_per_lang=2,
+                           record_framing=True)
+    recorded = load_manifest(path)
+    scanned = load_manifest(path)
+    for entry in scanned.languages.values():
+        entry.framing = None
+    for lang, entry in recorded.languages.items():
+        if not entry.documents:  # megatron-core cannot open an empty shard; the build never asks
+            continue
+        read.update(scan=0, sample=0)
+        expected = framing_flags(scanned, lang)
+        assert read == {"scan": entry.documents, "sample": 0}  # the scan reads every document
+        read.update(scan=0, sample=0)
+        np.testing.assert_array_equal(framing_flags(recorded, lang), expected)
+        assert read["scan"] == 0 and 0 < read["sample"] <= min(entry.documents, 5 + 2 * len(entry.shards)), lang
+    assert (expected == 3).all() and len(framing_flags(recorded, "l0")) == 70
+    read.update(scan=0, sample=0)
+    for name, bin_rows in (("best_fit", None), ("best_fit_micro_batch", DIGEST_BIN_ROWS)):
+        for start in (0, 2):
+            index = build_data_index(recorded, DIGEST_PHASES, seed=7, cache_dir=None, packing="best_fit",
+                                     start_phase=start, bin_rows=bin_rows)
+            assert _index_digest(index) == RECORDED_DIGESTS[f"{name}/start{start}"], (name, start)
+    assert read["scan"] == 0 and read["sample"] > 0
+
+
+def test_the_samples_reader_reads_as_the_scan(tmp_path):
+    """framing_record._read_framing (pread, scattered documents) gives the scan's first and last tokens
+    (documents._first_and_last_tokens) on documents of several sequences, empty ones included."""
+    from megatron_mmbert.data.index import documents, framing_record
+    from megatron_mmbert.data.shards import ShardWriter
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    rng = np.random.default_rng(3)
+    prefix = str(tmp_path / "s" / "part-0")
+    with ShardWriter(prefix, np.int32) as w:
+        for _ in range(200):
+            seqs = [rng.integers(0, 9, size=int(rng.integers(0, 4))) for _ in range(int(rng.integers(1, 4)))]
+            w.add_document(np.concatenate(seqs), [len(q) for q in seqs])
+        w.finalize()
+    ds = IndexedDataset(prefix)
+    first, last = documents._first_and_last_tokens(prefix, ds, np.asarray(ds.document_indices, np.int64))
+    assert (first == -1).any() and (last == -1).any()
+    local = np.unique(rng.integers(0, 200, 60))
+    f, l_ = framing_record._read_framing(prefix, ds, local)
+    np.testing.assert_array_equal(f, first[local])
+    np.testing.assert_array_equal(l_, last[local])
+
+
+def test_a_framing_record_that_disagrees_with_the_shards_is_refused(tmp_path):
+    """A record the shards contradict (a lie, or a shard replaced in place) is refused naming the
+    language, the shard and the fix; a record of mixed framing, or of other ids, falls back to the scan."""
+    from megatron_mmbert.config_base import ConfigError
+    from megatron_mmbert.data.index import framing_flags
+
+    path, _ = write_corpus(str(tmp_path / "corpus"), [30, 4], shards_per_lang=2, record_framing=True)
+    m = load_manifest(path)
+    m.languages["l0"].framing.ends_eos = 0  # says no document ends with <eos>
+    with pytest.raises(ConfigError, match=r"language l0: shard .*l0/part-00000 document 0 .*delete the "
+                                          r"\"framing\" record of l0"):
+        framing_flags(m, "l0")
+    m = load_manifest(path)
+    m.languages["l1"].documents = 5  # the shards hold 4: one was replaced
+    m.languages["l1"].framing.starts_bos = m.languages["l1"].framing.ends_eos = 5
+    with pytest.raises(ConfigError, match="language l1: the manifest records 5 documents .* shards hold 4"):
+        framing_flags(m, "l1")
+    # A shard rewritten in place without <bos>: the sample reads its first document.
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    m = load_manifest(path)
+    prefix = m.languages["l1"].shards[1]
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for _ in range(2):
+        b.add_document(np.array([7, 8, SPECIAL["eos"]], np.int32), [3])
+    b.finalize(prefix + ".idx")
+    with pytest.raises(ConfigError, match=f"language l1: shard {prefix} document 0 starts with token 7"):
+        framing_flags(m, "l1")
+    m.languages["l1"].framing.starts_bos = 2  # mixed: only the scan knows which documents
+    flags = framing_flags(m, "l1")
+    assert flags.tolist() == [3, 3, 2, 2]
+    m.languages["l1"].framing.starts_bos = 4
+    m.languages["l1"].framing.bos = 9  # counted another id than the tokenizer's <bos>: not used
+    assert framing_flags(m, "l1").tolist() == [3, 3, 2, 2]
+
+
 def test_best_fit_frames_pieces_as_the_reference():
     """The oracle's framing (tests/helpers/reference_packer.py): every document becomes the reference's
     sequences, <bos> content <eos> with content cut every seq_len - 2 tokens and non-first pieces

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from megatron_mmbert.cli.preprocess_data import main as cli_main
 from megatron_mmbert.data.demo_corpus import train_tokenizer
 from megatron_mmbert.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
-from megatron_mmbert.data.shards import load_manifest, read_index
+from megatron_mmbert.data.shards import DocumentFraming, load_manifest, read_index
 from megatron_mmbert.data.sources import BadInputError, ReadOptions
 
 from tests.helpers.launch import ROOT
@@ -60,6 +60,8 @@ def test_shards_equal_tokenizer_output_every_language(demo_corpus, demo_tokenize
         assert entry.sources == [src]
         for prefix in entry.shards:
             assert prefix.startswith(demo_shards) and IndexedDataset.exists(prefix)
+        # every document framed <bos> ... <eos>, recorded so the index need not read them back
+        assert entry.framing == DocumentFraming(bos=2, eos=1, starts_bos=len(texts), ends_eos=len(texts))
 
 
 def test_output_keeps_the_tokenizer(demo_tokenizer, demo_shards):
@@ -281,6 +283,8 @@ def test_sentencepiece_model_and_framing_options(tmp_path):
     res = _run(tmp_path, str(tmp_path / "sp.model"), [tmp_path / "in.jsonl"], name="eos",
                framing=Framing(bos=False, eos=True))
     assert _documents(res.manifest.languages["xxx_Latn"].shards) == [sp.encode(t) + [1] for t in texts]
+    assert res.manifest.languages["xxx_Latn"].framing == DocumentFraming(bos=2, eos=1, starts_bos=0, ends_eos=2)
+    assert load_manifest(res.manifest.root).languages["xxx_Latn"].framing == res.manifest.languages["xxx_Latn"].framing
 
 
 def test_split_sentences_needs_nltk(tmp_path, demo_tokenizer):

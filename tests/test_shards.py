@@ -10,6 +10,7 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, Indexe
 
 from megatron_mmbert.data.shards import (
     DTYPE_CODES,
+    DocumentFraming,
     LanguageEntry,
     Manifest,
     ShardWriter,
@@ -114,3 +115,73 @@ def test_manifest_roundtrip(tmp_path):
     assert back.languages["eng_Latn"].tokens == 40
     with pytest.raises(FileNotFoundError, match="preprocess_data"):
         load_manifest(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("bos, eos", [(2, 1), (None, 1), (2, None)])
+def test_writer_counts_the_framing_the_index_reads(tmp_path, bos, eos):
+    """ShardWriter.framing counts, as it writes, the documents the index's scan finds starting with
+    <bos> / ending with <eos> (data/index/documents.py, the oracle here): empty documents, documents of
+    several sequences with empty first or last ones, bos/eos inside the text, batches of several."""
+    from megatron_mmbert.data.index import documents
+
+    rng = np.random.default_rng(5)
+    prefix = str(tmp_path / "x" / "part-0")
+    w = ShardWriter(prefix, np.uint16, framing_ids=(bos, eos))
+    for _ in range(7):
+        toks, lengths, per_doc = [], [], []
+        for _ in range(int(rng.integers(1, 30))):
+            k = int(rng.integers(1, 4))
+            seqs = [list(rng.integers(0, 6, size=int(rng.integers(0, 4)))) for _ in range(k)]
+            toks += [t for s in seqs for t in s]
+            lengths += [len(s) for s in seqs]
+            per_doc.append(k)
+        w.add_documents(np.array(toks, np.int64), np.array(lengths), np.array(per_doc))
+    w.finalize()
+    ds = IndexedDataset(prefix)
+    first, last = documents._first_and_last_tokens(prefix, ds, np.asarray(ds.document_indices, np.int64))
+    assert w.framing == DocumentFraming(bos, eos, int((first == bos).sum()) if bos is not None else 0,
+                                        int((last == eos).sum()) if eos is not None else 0)
+    assert 0 < w.framing.starts_bos + w.framing.ends_eos < 2 * w.documents  # neither none nor all: a real test
+    unknown = ShardWriter(str(tmp_path / "x" / "part-1"), np.uint16, framing_ids=(bos, eos))
+    unknown.add_documents(np.array([2, 5, 1]), np.array([3]), np.array([1, 0]))  # a document of no sequences
+    assert unknown.framing is None and ShardWriter(str(tmp_path / "p2"), np.uint16).framing is None
+    unknown.abort()
+
+
+def test_manifest_framing_record_roundtrip_and_older_manifests(tmp_path):
+    """The framing record round-trips; a manifest without it loads (framing None) and writes the same
+    bytes as before it existed, so its digest (and the index cache key) is unchanged."""
+    tok = TokenizerIdentity("tiny", 4096, "ab" * 32, {"pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4},
+                            [0, 1, 2, 3, 4])
+    shard = str(tmp_path / "eng_Latn" / "part-0")
+    framed = DocumentFraming(bos=2, eos=1, starts_bos=3, ends_eos=3)
+    m = Manifest(tok, "uint16", {"eng_Latn": LanguageEntry([shard], 3, 40, 120, [], 9, framed)})
+    write_manifest(m, str(tmp_path / "manifest.json"))
+    raw = json.load(open(tmp_path / "manifest.json"))
+    assert raw["languages"]["eng_Latn"]["framing"] == {"bos": 2, "eos": 1, "starts_bos": 3, "ends_eos": 3}
+    assert load_manifest(str(tmp_path)).languages["eng_Latn"].framing == framed
+    del raw["languages"]["eng_Latn"]["framing"]
+    json.dump(raw, open(tmp_path / "manifest.json", "w"))
+    old = load_manifest(str(tmp_path))
+    assert old.languages["eng_Latn"].framing is None
+    assert "framing" not in old.to_json()["languages"]["eng_Latn"]
+
+
+def test_manifest_framing_sums_its_units_and_is_unknown_with_an_older_unit(tmp_path):
+    """finalize's manifest: a language's framing record is its units' counts summed; a unit written
+    before framing was counted (no ``framing`` in its marker), or counting other ids, leaves it unknown."""
+    from megatron_mmbert.data.preprocess.finalize import build_manifest
+
+    tok = TokenizerIdentity("t", 4096, "0", {"bos": 2, "eos": 1}, [1, 2])
+
+    def unit(name, framing):
+        sh = {"prefix": f"x/{name}", "documents": 3, "tokens": 9, "bytes": 0, "sources": [], "max_token_id": 9}
+        return {"shards": {"x": dict(sh, **({"framing": framing} if framing else {}))}}
+
+    a = {"bos": 2, "eos": 1, "starts_bos": 3, "ends_eos": 3}
+    b = {"bos": 2, "eos": 1, "starts_bos": 3, "ends_eos": 1}
+    m = build_manifest(str(tmp_path), tok, "uint16", [unit("p0", a), unit("p1", b)])
+    assert m.languages["x"].framing == DocumentFraming(2, 1, 6, 4)
+    assert build_manifest(str(tmp_path), tok, "uint16", [unit("p0", a), unit("p1", None)]).languages["x"].framing is None
+    other = dict(a, bos=None)
+    assert build_manifest(str(tmp_path), tok, "uint16", [unit("p0", a), unit("p1", other)]).languages["x"].framing is None

@@ -30,9 +30,11 @@ import json
 import os
 import re
 import struct
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from megatron_mmbert.data.document_framing import DocumentFraming, count_framed
 
 from megatron_mmbert.checkpoints.layout import TOKENIZER_DIR
 from megatron_mmbert.fileio import atomic_write_text, replace_synced
@@ -127,7 +129,7 @@ class ShardWriter:
     unsplit case). ``finalize()`` publishes the shard atomically.
     """
 
-    def __init__(self, prefix: str, dtype) -> None:
+    def __init__(self, prefix: str, dtype, framing_ids: Optional[Tuple[Optional[int], Optional[int]]] = None) -> None:
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
         if self.dtype.name not in DTYPE_CODES:
@@ -142,6 +144,12 @@ class ShardWriter:
         self.tokens = 0
         self.max_token_id = -1
         """Largest token id written (recorded in the manifest; checked against the model's vocabulary)."""
+        self.framing_ids = framing_ids
+        """``(bos, eos)`` ids (either None: the tokenizer has none) whose documents :attr:`framing` counts;
+        None: not counted."""
+        self.starts_bos = 0
+        self.ends_eos = 0
+        self._framing_known = framing_ids is not None
         self._finalized = False
 
     def add_documents(
@@ -170,12 +178,30 @@ class ShardWriter:
             raise ValueError("sequences_per_document does not sum to the number of sequences")
         if len(tokens):
             self.max_token_id = max(self.max_token_id, int(tokens.max()))
+        if self._framing_known and len(per_doc):
+            self._count_framing(tokens, lengths, per_doc)
         self._bin.write(tokens.tobytes(order="C"))
         start = self._doc_ends.array()[-1] if len(self._doc_ends) else 0
         self._lengths.extend(lengths.astype(np.int32))
         self._doc_ends.extend(start + np.cumsum(per_doc))
         self.documents += len(per_doc)
         self.tokens += len(tokens)
+
+    def _count_framing(self, tokens: np.ndarray, lengths: np.ndarray, per_doc: np.ndarray) -> None:
+        counted = count_framed(tokens, lengths, per_doc, *self.framing_ids)
+        if counted is None:
+            self._framing_known = False
+        else:
+            self.starts_bos += counted[0]
+            self.ends_eos += counted[1]
+
+    @property
+    def framing(self) -> Optional["DocumentFraming"]:
+        """What holds of the documents written so far (:class:`DocumentFraming`); None when not counted."""
+        if not self._framing_known:
+            return None
+        bos, eos = self.framing_ids
+        return DocumentFraming(bos=bos, eos=eos, starts_bos=self.starts_bos, ends_eos=self.ends_eos)
 
     def add_document(self, tokens: Sequence[int], sequence_lengths: Optional[Sequence[int]] = None) -> None:
         """One document; ``sequence_lengths`` defaults to a single sequence."""
@@ -377,6 +403,9 @@ class LanguageEntry:
     max_token_id: Optional[int] = None
     """Largest token id in its shards, recorded at preprocessing (None: an older manifest); must be
     below the model's vocabulary."""
+    framing: Optional[DocumentFraming] = None
+    """Documents starting with ``<bos>`` / ending with ``<eos>``, counted at preprocessing (None: an older
+    manifest, or shards another tool wrote); lets the index build skip reading them from the shards."""
 
 
 @dataclasses.dataclass
@@ -409,6 +438,8 @@ class Manifest:
             }
             if e.max_token_id is not None:
                 langs[lang]["max_token_id"] = int(e.max_token_id)
+            if e.framing is not None:  # absent when unknown: an older manifest's digest is unchanged
+                langs[lang]["framing"] = e.framing.to_json()
         return {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
@@ -461,6 +492,7 @@ def load_manifest(path: str) -> Manifest:
             bytes=int(e.get("bytes", 0)),
             sources=list(e.get("sources", [])),
             max_token_id=None if e.get("max_token_id") is None else int(e["max_token_id"]),
+            framing=None if e.get("framing") is None else DocumentFraming.from_json(e["framing"]),
         )
         for lang, e in obj["languages"].items()
     }

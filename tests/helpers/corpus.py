@@ -10,8 +10,9 @@ SPECIAL = {"pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4}
 VOCAB = 500
 
 
-def write_corpus(root, docs_per_lang, seed=0, max_len=60, shards_per_lang=1):
-    """Languages ``l0, l1, ...`` with the given document counts; documents framed ``<bos> ... <eos>``.
+def write_corpus(root, docs_per_lang, seed=0, max_len=60, shards_per_lang=1, record_framing=False):
+    """Languages ``l0, l1, ...`` with the given document counts; documents framed ``<bos> ... <eos>``;
+    ``record_framing``: the manifest records that framing as preprocessing does (``framing``).
 
     Returns ``(manifest_path, {lang: [document token arrays in global document order]})``.
     """
@@ -38,6 +39,9 @@ def write_corpus(root, docs_per_lang, seed=0, max_len=60, shards_per_lang=1):
             prefixes.append(os.path.relpath(prefix, root))
         langs[lang] = {"shards": prefixes, "documents": n_docs, "tokens": int(sum(len(d) for d in docs)),
                        "bytes": 0, "sources": []}
+        if record_framing:
+            langs[lang]["framing"] = {"bos": SPECIAL["bos"], "eos": SPECIAL["eos"], "starts_bos": n_docs,
+                                      "ends_eos": n_docs}
         texts[lang] = docs
     manifest = {
         "format": "megatron-mmbert-manifest", "version": 1,

@@ -161,7 +161,13 @@ def framing_flags(manifest, lang: str, pool=None, workers: int = 1) -> np.ndarra
     """int8 [D]: per document of ``lang``, 1 when it starts with the tokenizer's ``<bos>`` in the shards,
     plus 2 when it ends with its ``<eos>`` (``FRAMING_BOS`` / ``FRAMING_EOS``). ``pool`` (an executor of
     ``workers`` threads): its chunks of :data:`DOCUMENT_CHUNK` documents are read there, a few at a time
-    (the read releases the GIL), so one large language's scan is spread over the threads."""
+    (the read releases the GIL), so one large language's scan is spread over the threads. From the manifest's
+    framing record, checked on a sample, where preprocessing wrote one (``framing_record.py``)."""
+    from megatron_mmbert.data.index.framing_record import recorded_framing_flags
+
+    recorded = recorded_framing_flags(manifest, lang)
+    if recorded is not None:
+        return recorded
     ids = manifest.tokenizer.special_ids
     bos, eos = ids.get("bos"), ids.get("eos")
     prefixes = manifest.languages[lang].shards

@@ -12,7 +12,7 @@ the report are written (``BadInputFractionError``), so nothing done is lost.
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from megatron_mmbert.data.preprocess import layout
 from megatron_mmbert.data.preprocess.config import PreprocessConfig
@@ -20,7 +20,7 @@ from megatron_mmbert.data.preprocess.errors import PreprocessError
 from megatron_mmbert.data.preprocess.sharding import assign_shards
 from megatron_mmbert.data.preprocess.units import WorkUnit
 from megatron_mmbert.data.shards import (
-    HELDOUT_DIR, MANIFEST_NAME, LanguageEntry, Manifest, TokenizerIdentity, write_manifest,
+    HELDOUT_DIR, MANIFEST_NAME, DocumentFraming, LanguageEntry, Manifest, TokenizerIdentity, write_manifest,
 )
 from megatron_mmbert.data.sources import BAD_KINDS, BadInputLog, source_keys
 
@@ -58,6 +58,7 @@ def build_manifest(output: str, identity: TokenizerIdentity, dtype: str, markers
     """The manifest of the units' training shards (``part="shards"``, ``output`` the output folder) or of
     their held-out shards (``part="heldout"``, ``output`` the held-out folder)."""
     languages: Dict[str, LanguageEntry] = {}
+    framings: Dict[str, list] = {}
     for m in markers:
         for lang, sh in m.get(part, {}).items():
             e = languages.setdefault(lang, LanguageEntry([], 0, 0, 0, []))
@@ -70,7 +71,21 @@ def build_manifest(output: str, identity: TokenizerIdentity, dtype: str, markers
                 e.max_token_id = max(e.max_token_id or 0, sh["max_token_id"])
             else:  # a unit written before ids were recorded: the language's maximum is unknown
                 e.max_token_id = None
+            framings.setdefault(lang, []).append(sh.get("framing"))
+    for lang, counted in framings.items():
+        languages[lang].framing = _language_framing(counted)
     return Manifest(identity, dtype, languages, root=os.path.abspath(output))
+
+
+def _language_framing(shards: List[Optional[dict]]) -> Optional[DocumentFraming]:
+    """The language's ``framing`` record: its shards' counts summed, when every shard counted the same
+    ``<bos>`` / ``<eos>`` ids (None when a unit was written before they were counted)."""
+    if not shards or any(sh is None for sh in shards):
+        return None
+    each = [DocumentFraming.from_json(sh) for sh in shards]
+    if len({(f.bos, f.eos) for f in each}) != 1:
+        return None
+    return DocumentFraming(each[0].bos, each[0].eos, sum(f.starts_bos for f in each), sum(f.ends_eos for f in each))
 
 
 def write_manifests(output: str, identity: TokenizerIdentity, dtype: str, markers: List[dict], holdout: bool

@@ -74,7 +74,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         plan = _plan(cfg, identity)
         _announce(cfg, plan, identity, dtype)
         if plan.pending:
-            _run_pending(cfg, plan, dtype, framing)
+            _run_pending(cfg, plan, identity, dtype, framing)
         markers, manifest = _write_outputs(cfg, plan, identity, dtype)
     report = bad_input_report(cfg, plan.plan_log, markers)
     print(report.report(), file=sys.stderr, flush=True)
@@ -153,10 +153,12 @@ def _announce(cfg: PreprocessConfig, plan: _Plan, identity: TokenizerIdentity, d
     )
 
 
-def _run_pending(cfg: PreprocessConfig, plan: _Plan, dtype: str, framing: Tuple[tuple, tuple]) -> None:
+def _run_pending(cfg: PreprocessConfig, plan: _Plan, identity: TokenizerIdentity, dtype: str,
+                 framing: Tuple[tuple, tuple]) -> None:
     """The held-out selection (a first pass with ``holdout_docs``), then the pending units in the workers."""
     rule = holdout_rule(cfg, plan.units, plan.markers) if cfg.holdout else HoldoutRule()
-    job = Job(cfg, dtype, framing[0], framing[1], rule)
+    ids = identity.special_ids
+    job = Job(cfg, dtype, framing[0], framing[1], rule, framing_ids=(ids.get("bos"), ids.get("eos")))
     progress = RunProgress(sum(u.size for u in plan.pending), len(plan.pending), cfg.log_interval_s)
     run_units(plan.pending, job, progress)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from megatron_mmbert.data.preprocess.config import PreprocessConfig
 from megatron_mmbert.data.preprocess.counters import Counters, InlineCounters, RunProgress
@@ -37,6 +37,9 @@ class Job:
     prefix_ids: tuple
     suffix_ids: tuple
     holdout: HoldoutRule = HoldoutRule()
+    framing_ids: Optional[tuple] = None
+    """The tokenizer's ``(bos, eos)`` ids (either None), whose documents each shard counts for the
+    manifest's ``framing`` record (``ShardWriter.framing``)."""
 
 
 def _init_worker(job: Job, counters: Counters) -> None:
@@ -82,7 +85,7 @@ class UnitShards:
             if key not in self.writers:
                 cfg = self.job.cfg
                 self.writers[key] = ShardWriter(os.path.join(cfg.output, key, f"{cfg.prefix}-{self.unit.id}"),
-                                                self.job.dtype)
+                                                self.job.dtype, framing_ids=self.job.framing_ids)
                 self.stats[key] = {"documents": 0, "tokens": 0, "bytes": 0, "sources": set()}
             flat, lengths, per_doc = frame_documents([encoded[i] for i in rows], self.job.prefix_ids,
                                                      self.job.suffix_ids)
@@ -115,6 +118,7 @@ class UnitShards:
                 "bytes": st["bytes"],
                 "sources": sorted(st["sources"]),
                 "max_token_id": self.writers[key].max_token_id,
+                **({"framing": self.writers[key].framing.to_json()} if self.writers[key].framing else {}),
             }
             for key, st in sorted(self.stats.items())
             if key.startswith(HELDOUT_DIR + "/") == held

@@ -1,0 +1,141 @@
+"""The framing flags from the manifest's record instead of the shards: preprocessing counts, per
+language, the documents that start with ``<bos>`` and end with ``<eos>`` as it writes them
+(``data/shards.py``: ``DocumentFraming``). When every document of a language does (or none does),
+:func:`recorded_framing_flags` gives :func:`~megatron_mmbert.data.index.documents.framing_flags`'s
+array without reading each document's first and last token -- on a real corpus that read touches
+nearly every page of every ``.bin`` (terabytes), and was most of the index build's time.
+
+The record is checked, never just trusted: the shards' ``.idx`` must hold the manifest's documents,
+and a deterministic sample of documents (the first and last of every shard, and up to
+:data:`SAMPLE_DOCUMENTS` spread over the language) is read from the ``.bin`` as the scan reads them;
+any disagreement is an error naming the language, the shard and the fix, so a manifest that lies or
+a shard replaced in place is refused (a sample, not a proof: a shard rewritten with mixed framing
+may pass it, and is caught by no cheaper check). Manifests without the record keep the scan."""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.data.index.packing import FRAMING_BOS, FRAMING_EOS
+
+SAMPLE_DOCUMENTS = 64
+"""Documents spread evenly over a language whose framing is read from the shards to check its record
+(besides the first and last document of every shard)."""
+
+
+class FramingRecordMismatch(ConfigError):
+    """The manifest's framing record disagrees with the shards (an input error: ``data.manifest``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="data.manifest")
+
+
+def recorded_framing_flags(manifest, lang: str) -> Optional[np.ndarray]:
+    """int8 [D]: ``framing_flags(manifest, lang)`` from the manifest's ``framing`` record, checked on a
+    sample of the shards; None when the record is absent, counted other ids than the tokenizer's, or
+    says the documents differ (some start with ``<bos>``, some do not: only the scan knows which)."""
+    entry = manifest.languages[lang]
+    record = entry.framing
+    ids = manifest.tokenizer.special_ids
+    bos, eos = ids.get("bos"), ids.get("eos")
+    if record is None or (record.bos, record.eos) != (bos, eos):
+        return None
+    n = int(entry.documents)
+    if record.starts_bos not in (0, n) or record.ends_eos not in (0, n):
+        return None
+    value = (FRAMING_BOS if bos is not None and record.starts_bos == n > 0 else 0) | (
+        FRAMING_EOS if eos is not None and record.ends_eos == n > 0 else 0)
+    _check_sample(manifest, lang, value)
+    return np.full(n, value, dtype=np.int8)
+
+
+def _fix(lang: str) -> str:
+    return (f"re-run tools/preprocess_data.py for {lang} (or restore its shards), or delete the \"framing\" "
+            f"record of {lang} from the manifest to have the index read every document's framing instead")
+
+
+def _check_sample(manifest, lang: str, value: int) -> None:
+    """Refuse the record unless the shards hold the manifest's documents and every sampled document's
+    first / last stored token gives ``value``."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    entry = manifest.languages[lang]
+    prefixes = entry.shards
+    counts = [max(len(IndexedDataset(p).document_indices) - 1, 0) for p in prefixes]
+    if sum(counts) != entry.documents:
+        raise FramingRecordMismatch(
+            f"language {lang}: the manifest records {entry.documents} documents and their framing, but its "
+            f"shards hold {sum(counts)} ({', '.join(f'{p}: {c}' for p, c in zip(prefixes, counts))}); "
+            + _fix(lang))
+    ids = manifest.tokenizer.special_ids
+    bos, eos = ids.get("bos"), ids.get("eos")
+    for prefix, local in _sample(counts, prefixes):
+        ds = IndexedDataset(prefix)
+        firsts, lasts = _read_framing(prefix, ds, np.asarray(local, dtype=np.int64))
+        for d, first, last in zip(local, firsts.tolist(), lasts.tolist()):
+            got = (FRAMING_BOS if bos is not None and first == bos else 0) | (
+                FRAMING_EOS if eos is not None and last == eos else 0)
+            if got != value:
+                raise FramingRecordMismatch(
+                    f"language {lang}: shard {prefix} document {d} starts with token {first} and ends with "
+                    f"{last}, but the manifest's framing record says every document "
+                    f"{_says(value, bos, eos)}; the shard was replaced or the record is wrong: " + _fix(lang))
+        del ds
+
+
+def _read_framing(prefix: str, ds, local: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """int64: the first and last stored tokens (-1: none) of documents ``local`` of a shard, by the scan's
+    rule (``documents._first_and_last_tokens``: a document's first token is its first sequence's, its last
+    token its last sequence's, an empty sequence has none), each read with one ``pread``: a few scattered
+    tokens cost ~40x less so than through a mapping, whose page faults read ahead."""
+    dtype = np.dtype(ds.index.dtype)
+    index = np.asarray(ds.document_indices, dtype=np.int64)
+    lengths, pointers = ds.sequence_lengths, ds.index.sequence_pointers
+    first = np.full(len(local), -1, dtype=np.int64)
+    last = np.full(len(local), -1, dtype=np.int64)
+    fd = os.open(prefix + ".bin", os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for i, (a, b) in enumerate(zip(index[local].tolist(), index[local + 1].tolist())):
+            if a < len(lengths) and lengths[a] > 0:
+                first[i] = _token(fd, prefix, int(pointers[a]), dtype)
+            if b > a and lengths[b - 1] > 0:
+                last[i] = _token(fd, prefix, int(pointers[b - 1]) + (int(lengths[b - 1]) - 1) * dtype.itemsize, dtype)
+    finally:
+        os.close(fd)
+    return first, last
+
+
+def _token(fd: int, prefix: str, offset: int, dtype: np.dtype) -> int:
+    data = os.pread(fd, dtype.itemsize, offset)
+    if len(data) != dtype.itemsize:
+        raise FramingRecordMismatch(f"shard {prefix}: its .bin ends before byte {offset + dtype.itemsize}, which its "
+                                    ".idx points at; the shard is truncated or damaged: re-run tools/preprocess_data.py")
+    return int(np.frombuffer(data, dtype=dtype)[0])
+
+
+def _says(value: int, bos, eos) -> str:
+    return (("starts with <bos> " + str(bos) if value & FRAMING_BOS else "does not start with <bos>")
+            + " and " + ("ends with <eos> " + str(eos) if value & FRAMING_EOS else "does not end with <eos>"))
+
+
+def _sample(counts: List[int], prefixes: List[str]):
+    """``(prefix, sorted local document indices)`` of the sample: every shard's first and last document,
+    and up to :data:`SAMPLE_DOCUMENTS` spread evenly over the language's documents."""
+    total = sum(counts)
+    spread = np.unique(np.linspace(0, total - 1, min(SAMPLE_DOCUMENTS, total)).round().astype(np.int64)) \
+        if total else np.zeros(0, np.int64)
+    start = 0
+    for prefix, c in zip(prefixes, counts):
+        if c:
+            mine = spread[(spread >= start) & (spread < start + c)] - start
+            yield prefix, sorted({0, c - 1, *mine.tolist()})
+        start += c
+
+
+__all__ = ["SAMPLE_DOCUMENTS", "FramingRecordMismatch", "recorded_framing_flags"]
