@@ -537,9 +537,9 @@ def _count_framing_reads(monkeypatch):
         read["scan"] += len(docs) - 1
         return scan(prefix, ds, docs)
 
-    def sampling(prefix, ds, local):
+    def sampling(prefix, local):
         read["sample"] += len(local)
-        return sample(prefix, ds, local)
+        return sample(prefix, local)
 
     monkeypatch.setattr(documents, "_first_and_last_tokens", scanning)
     monkeypatch.setattr(framing_record, "_read_framing", sampling)
@@ -596,7 +596,7 @@ def test_the_samples_reader_reads_as_the_scan(tmp_path):
     first, last = documents._first_and_last_tokens(prefix, ds, np.asarray(ds.document_indices, np.int64))
     assert (first == -1).any() and (last == -1).any()
     local = np.unique(rng.integers(0, 200, 60))
-    f, l_ = framing_record._read_framing(prefix, ds, local)
+    f, l_ = framing_record._read_framing(prefix, local)
     np.testing.assert_array_equal(f, first[local])
     np.testing.assert_array_equal(l_, last[local])
 

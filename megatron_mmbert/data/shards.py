@@ -292,6 +292,24 @@ def read_index(prefix: str) -> ShardIndex:
     return ShardIndex(np.dtype(_CODE_TO_DTYPE[code]), lengths, pointers, docs)
 
 
+INDEX_HEADER_BYTES = 34
+"""Bytes of an ``.idx`` header; the int32 sequence lengths start there (then int64 pointers, int64
+document indices)."""
+
+
+def index_header(head: bytes, path: str) -> Tuple[np.dtype, int, int]:
+    """``(token dtype, sequence count, document-index count)`` of an ``.idx`` header (its first
+    :data:`INDEX_HEADER_BYTES` bytes), refused naming ``path`` unless it is MMIDIDX version 1."""
+    if len(head) < INDEX_HEADER_BYTES or head[:9] != INDEX_HEADER:
+        raise ValueError(f"{path}: not an MMIDIDX index (bad magic {head[:9]!r}); the shard is damaged")
+    (version,) = struct.unpack_from("<Q", head, 9)
+    (code,) = struct.unpack_from("<B", head, 17)
+    seq_count, doc_count = struct.unpack_from("<QQ", head, 18)
+    if version != INDEX_VERSION or code not in _CODE_TO_DTYPE:
+        raise ValueError(f"{path}: index version {version} / dtype code {code} unknown; the shard is damaged")
+    return np.dtype(_CODE_TO_DTYPE[code]), seq_count, doc_count
+
+
 def check_shard(prefix: str, dtype) -> None:
     """Cheap structural check of one shard before hours are spent on it: both files exist, the
     ``.idx`` has the MMIDIDX magic, version and a size matching its counts, its dtype is ``dtype``
@@ -303,15 +321,7 @@ def check_shard(prefix: str, dtype) -> None:
         if not os.path.isfile(path):
             raise ValueError(f"{path}: missing (the manifest lists shard {prefix}); rerun preprocessing")
     with open(ipath, "rb") as f:
-        head = f.read(34)
-        if len(head) < 34 or head[:9] != INDEX_HEADER:
-            raise ValueError(f"{ipath}: not an MMIDIDX index (bad magic {head[:9]!r}); the shard is damaged")
-        (version,) = struct.unpack_from("<Q", head, 9)
-        (code,) = struct.unpack_from("<B", head, 17)
-        seq_count, doc_count = struct.unpack_from("<QQ", head, 18)
-        if version != INDEX_VERSION or code not in _CODE_TO_DTYPE:
-            raise ValueError(f"{ipath}: index version {version} / dtype code {code} unknown; the shard is damaged")
-        stored = np.dtype(_CODE_TO_DTYPE[code])
+        stored, seq_count, doc_count = index_header(f.read(INDEX_HEADER_BYTES), ipath)
         if stored != dtype:
             raise ValueError(
                 f"{ipath}: tokens stored as {stored.name}, but the manifest says {dtype.name}; reading it "
