@@ -16,7 +16,7 @@ import numpy as np
 
 from megatron_mmbert.data.index.blend import blend_phase
 from megatron_mmbert.data.index.extension import load_extension
-from megatron_mmbert.data.index.pack import EMPTY, PhaseFiles, SpillFiles, pack_language
+from megatron_mmbert.data.index.pack import EMPTY, SPILL_MEMORY_BYTES, PhaseFiles, SpillFiles, SpillMemory, pack_language
 from megatron_mmbert.data.index.packing import PACKING_STATS, check_best_fit_tokenizer, check_bin_rows, check_packing
 from megatron_mmbert.data.index.plan import stream_positions
 from megatron_mmbert.data.schedule import PhasePlan
@@ -168,8 +168,10 @@ def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, 
         return pack_language(ext, manifest, languages[i], plans, counts[:, i], positions[:, i], seed, start_phase,
                              packing, groups, sink, framing_pool, threads)
 
+    memory = SpillMemory(SPILL_MEMORY_BYTES)
+
     def spilled(i):
-        sink = SpillFiles(os.path.join(out_dir, f".spill-{i}"))
+        sink = SpillFiles(os.path.join(out_dir, f".spill-{i}"), memory)
         try:
             return task(i, sink), sink
         finally:
