@@ -20,6 +20,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.data.index.documents import FIRST_TOKEN_WINDOW
+from megatron_mmbert.data.index.extension import load_extension
 from megatron_mmbert.data.index.packing import FRAMING_BOS, FRAMING_EOS
 from megatron_mmbert.data.shards import INDEX_HEADER_BYTES, bin_path, idx_path, index_header
 
@@ -151,23 +153,47 @@ class _Entries:
     def token(self, offset: int) -> int:
         return self._read(self.bin, offset, self.dtype, ".bin")
 
+    def tokens(self, offsets: List[int]) -> List[int]:
+        """The tokens at byte ``offsets`` of the ``.bin``: from its bytes where it is small, else in one
+        ``_index_builder.tokens_at`` call (offsets checked here first, for the error :meth:`token` gives)."""
+        ext = load_extension()
+        if self.bin in self.whole or not offsets or self.dtype.kind not in "iu" or not hasattr(ext, "tokens_at"):
+            return [self.token(o) for o in offsets]
+        size = os.fstat(self.bin).st_size
+        for o in offsets:
+            if o < 0 or o + self.dtype.itemsize > size:
+                self.token(o)  # raises the shard's error (or os.pread's, for a negative offset)
+        order = np.argsort(np.asarray(offsets, np.int64), kind="stable")
+        values = np.empty(len(offsets), np.int64)
+        values[order] = ext.tokens_at(bin_path(self.prefix), np.asarray(offsets, np.int64)[order],
+                                      self.dtype.str, FIRST_TOKEN_WINDOW)
+        return values.tolist()
+
 
 def _read_framing(prefix: str, local: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """int64: the first and last stored tokens (-1: none) of documents ``local`` of a shard, by the scan's
     rule (``documents._first_and_last_tokens``: a document's first token is its first sequence's, its last
-    token its last sequence's, an empty sequence has none), every entry and token read with one ``pread``
-    (:class:`_Entries`): a few scattered reads cost ~40x less so than through a mapping."""
+    token its last sequence's, an empty sequence has none), every entry read with one ``pread``
+    (:class:`_Entries`; a small ``.idx`` read whole): a few scattered reads cost ~40x less so than through a
+    mapping. The tokens are read together in one call that releases the GIL once
+    (``_index_builder.tokens_at``, its windows unmapped as it goes), not a ``pread`` each: on two threads
+    each release is a hand-off to the other thread and back."""
     first = np.full(len(local), -1, dtype=np.int64)
     last = np.full(len(local), -1, dtype=np.int64)
     shard = _Entries(prefix)
     try:
         size = shard.dtype.itemsize
+        at, where = [], []  # token byte offsets in the .bin, and (array, i) each fills
         for i, d in enumerate(local.tolist()):
             a, b = shard.document_index(d), shard.document_index(d + 1)
             if a < shard.sequences and shard.length(a) > 0:
-                first[i] = shard.token(shard.pointer(a))
+                at.append(shard.pointer(a))
+                where.append((first, i))
             if b > a and shard.length(b - 1) > 0:
-                last[i] = shard.token(shard.pointer(b - 1) + (shard.length(b - 1) - 1) * size)
+                at.append(shard.pointer(b - 1) + (shard.length(b - 1) - 1) * size)
+                where.append((last, i))
+        for (out, i), value in zip(where, shard.tokens(at)):
+            out[i] = value
     finally:
         shard.close()
     return first, last
