@@ -828,14 +828,17 @@ def test_streamed_build_matches_the_recorded_in_memory_build(tmp_path):
     assert seen == set(RECORDED_DIGESTS)
 
 
-@pytest.mark.parametrize("schedule", ["longest_first", "reversed"])
-def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp_path, monkeypatch, schedule):
+@pytest.mark.parametrize("schedule,spill_memory", [("longest_first", 0), ("reversed", 0), ("reversed", 700)])
+def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp_path, monkeypatch, schedule,
+                                                                            spill_memory):
     """Issue 29: blending a few samples at a time (segments cut mid-way), packers resumed every row
     (concat) or every window (best_fit), languages on worker threads through their spill files copied
     a few rows at a time: the recorded digests, and nothing left behind in the cache folder. (One
     thread, which appends straight to the phase files, is the other digest test's path.) The order
     languages start in changes nothing: longest first (the builder's) or its reverse (the later
-    languages wait in their spill folders for the first)."""
+    languages wait in their spill folders for the first). ``spill_memory``: the bytes finished blocks may
+    wait in memory (pack.SPILL_MEMORY_BYTES): none (every language through its folder), or a few blocks'
+    worth (languages held in memory, some moved to their folder mid-way when it runs out)."""
     threads = 3
     from megatron_mmbert.data.index import blend, build, pack
 
@@ -845,6 +848,7 @@ def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp
     monkeypatch.setattr(blend, "BLEND_CHUNK", 5)
     monkeypatch.setattr(pack, "PACK_BLOCK_TOKENS", 1)
     monkeypatch.setattr(pack.SpillFiles, "COPY_ROWS", 3)
+    monkeypatch.setattr(pack, "SPILL_MEMORY_BYTES", spill_memory)
     monkeypatch.setattr(build, "THREAD_DOCUMENT_BUDGET", 80)  # the 70-document language runs alone
     path, _ = write_corpus(str(tmp_path / "corpus"), [70, 25, 9, 0], max_len=150, shards_per_lang=2)
     manifest = load_manifest(path)

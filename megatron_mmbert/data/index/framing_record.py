@@ -26,7 +26,7 @@ from megatron_mmbert.data.index.packing import FRAMING_BOS, FRAMING_EOS
 from megatron_mmbert.data.shards import INDEX_HEADER_BYTES, bin_path, idx_path, index_header
 
 SMALL_FILE_BYTES = 1 << 20
-"""A shard's ``.idx`` or ``.bin`` of at most this size is read whole, once, by the sample (:class:`_Entries`):
+"""A shard's ``.idx`` of at most this size is read whole, once, by the sample (:class:`_Entries`):
 most of the 1833 languages are a few KB, and a ``pread`` per entry releases and retakes the GIL each time
 (on two threads, a hand-off to the other thread and back: 200k context switches at 1/100, RESULTS "part 6")."""
 
@@ -114,10 +114,10 @@ class _Entries:
         self.prefix = prefix
         self.idx = os.open(idx_path(prefix), os.O_RDONLY)
         self.bin = os.open(bin_path(prefix), os.O_RDONLY)
-        self.whole = {}  # fd -> the file's bytes, where it is small (SMALL_FILE_BYTES)
+        self.whole = {}  # fd -> the .idx's bytes, where it is small (SMALL_FILE_BYTES); tokens: tokens()
         for fd in (self.idx, self.bin):
             size = os.fstat(fd).st_size
-            if size <= SMALL_FILE_BYTES:
+            if fd == self.idx and size <= SMALL_FILE_BYTES:
                 self.whole[fd] = os.pread(fd, size, 0)
             elif hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -154,10 +154,10 @@ class _Entries:
         return self._read(self.bin, offset, self.dtype, ".bin")
 
     def tokens(self, offsets: List[int]) -> List[int]:
-        """The tokens at byte ``offsets`` of the ``.bin``: from its bytes where it is small, else in one
-        ``_index_builder.tokens_at`` call (offsets checked here first, for the error :meth:`token` gives)."""
+        """The tokens at byte ``offsets`` of the ``.bin``, in one ``_index_builder.tokens_at`` call (offsets
+        checked here first, for the error :meth:`token` gives)."""
         ext = load_extension()
-        if self.bin in self.whole or not offsets or self.dtype.kind not in "iu" or not hasattr(ext, "tokens_at"):
+        if not offsets or self.dtype.kind not in "iu" or not hasattr(ext, "tokens_at"):
             return [self.token(o) for o in offsets]
         size = os.fstat(self.bin).st_size
         for o in offsets:

@@ -68,10 +68,11 @@ class SpillMemory:
     no files created, written, copied and removed (on two threads those file operations, beside the
     GIL hand-offs around each, took most of the build's system time: RESULTS "part 6")."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: "int | None" = None):
         import threading
 
-        self.limit, self.used, self._lock = int(limit), 0, threading.Lock()
+        self.limit = int(SPILL_MEMORY_BYTES if limit is None else limit)
+        self.used, self._lock = 0, threading.Lock()
 
     def take(self, n: int) -> bool:
         with self._lock:
