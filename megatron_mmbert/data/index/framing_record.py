@@ -20,8 +20,6 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from megatron_mmbert.config_base import ConfigError
-from megatron_mmbert.data.index.documents import FIRST_TOKEN_WINDOW
-from megatron_mmbert.data.index.extension import load_extension
 from megatron_mmbert.data.index.packing import FRAMING_BOS, FRAMING_EOS
 from megatron_mmbert.data.shards import INDEX_HEADER_BYTES, bin_path, idx_path, index_header
 
@@ -154,20 +152,9 @@ class _Entries:
         return self._read(self.bin, offset, self.dtype, ".bin")
 
     def tokens(self, offsets: List[int]) -> List[int]:
-        """The tokens at byte ``offsets`` of the ``.bin``, in one ``_index_builder.tokens_at`` call (offsets
-        checked here first, for the error :meth:`token` gives)."""
-        ext = load_extension()
-        if not offsets or self.dtype.kind not in "iu" or not hasattr(ext, "tokens_at"):
-            return [self.token(o) for o in offsets]
-        size = os.fstat(self.bin).st_size
-        for o in offsets:
-            if o < 0 or o + self.dtype.itemsize > size:
-                self.token(o)  # raises the shard's error (or os.pread's, for a negative offset)
-        order = np.argsort(np.asarray(offsets, np.int64), kind="stable")
-        values = np.empty(len(offsets), np.int64)
-        values[order] = ext.tokens_at(bin_path(self.prefix), np.asarray(offsets, np.int64)[order],
-                                      self.dtype.str, FIRST_TOKEN_WINDOW)
-        return values.tolist()
+        """The tokens at byte ``offsets`` of the ``.bin``, a ``pread`` each. (Through ``tokens_at``'s
+        mappings, one GIL release for all, cost more: each token faults in a whole folio; RESULTS "part 6".)"""
+        return [self.token(o) for o in offsets]
 
 
 def _read_framing(prefix: str, local: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -175,9 +162,7 @@ def _read_framing(prefix: str, local: np.ndarray) -> Tuple[np.ndarray, np.ndarra
     rule (``documents._first_and_last_tokens``: a document's first token is its first sequence's, its last
     token its last sequence's, an empty sequence has none), every entry read with one ``pread``
     (:class:`_Entries`; a small ``.idx`` read whole): a few scattered reads cost ~40x less so than through a
-    mapping. The tokens are read together in one call that releases the GIL once
-    (``_index_builder.tokens_at``, its windows unmapped as it goes), not a ``pread`` each: on two threads
-    each release is a hand-off to the other thread and back."""
+    mapping."""
     first = np.full(len(local), -1, dtype=np.int64)
     last = np.full(len(local), -1, dtype=np.int64)
     shard = _Entries(prefix)
