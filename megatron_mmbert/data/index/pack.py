@@ -52,7 +52,7 @@ class PhaseFiles:
                 f.close()
 
 
-SPILL_MEMORY_BYTES = 64 << 20
+SPILL_MEMORY_BYTES = 16 << 20
 """Bytes of finished blocks the languages built on worker threads may hold in memory together while they
 wait for their turn in language order (:class:`SpillMemory`); the rest waits in spill folders on disk."""
 
