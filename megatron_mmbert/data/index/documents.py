@@ -1,8 +1,8 @@
 """What the index reads of a language's shards, per document, without loading them: lengths
 (:func:`document_lengths`; best_fit's compact :func:`document_table`), first stored tokens (:func:`document_first_tokens`) and the framing flags
 best_fit needs (:func:`framing_flags`: does a stored document start with ``<bos>`` / end with
-``<eos>``). Shards are read through megatron-core's ``IndexedDataset`` (the ``.idx``) a chunk of
-documents at a time, and tokens straight from the ``.bin`` through bounded windows, so the memory
+``<eos>``). Shards are read through megatron-core's ``IndexedDataset`` (the ``.idx``; a small one read
+whole, :data:`SMALL_INDEX_BYTES`) a chunk of documents at a time, and tokens straight from the ``.bin`` through bounded windows, so the memory
 stays a few MB whatever a shard's size."""
 
 from __future__ import annotations
@@ -253,5 +253,5 @@ def _first_and_last_tokens(prefix: str, ds, docs: np.ndarray):
     return first, last_tokens
 
 
-__all__ = ["FIRST_TOKEN_WINDOW", "DOCUMENT_CHUNK", "COMPACT_LONG", "document_first_tokens", "document_lengths",
-           "document_table", "framing_flags"]
+__all__ = ["FIRST_TOKEN_WINDOW", "DOCUMENT_CHUNK", "SMALL_INDEX_BYTES", "COMPACT_LONG", "document_first_tokens",
+           "document_lengths", "document_table", "framing_flags"]
