@@ -1115,6 +1115,24 @@ def test_tokens_at_reads_the_bin_as_numpy_does(tmp_path, dtype):
         ib.tokens_at(path, pointers, "<f4", 64)
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64])
+def test_pread_tokens_reads_the_bin_as_numpy_does(tmp_path, dtype):
+    """Issue 29: the framing sample's C++ read of tokens at byte offsets (any order, a pread each, the GIL
+    released once) equals numpy's; a negative offset or one past the end is reported by its index."""
+    tokens = np.random.default_rng(0).integers(np.iinfo(dtype).min, np.iinfo(dtype).max, 500, dtype=dtype)
+    path = str(tmp_path / "t.bin")
+    tokens.tofile(path)
+    at = np.random.default_rng(1).integers(0, len(tokens), 90).astype(np.int64)  # unsorted, repeats
+    size = np.dtype(dtype).itemsize
+    got, bad = ib.pread_tokens(path, at * size, np.dtype(dtype).str)
+    assert bad == -1 and got.dtype == np.int64
+    np.testing.assert_array_equal(got, tokens[at].astype(np.int64))
+    for wrong in (-size, len(tokens) * size, len(tokens) * size - 1):
+        got, bad = ib.pread_tokens(path, np.array([0, size, wrong, 0], np.int64), np.dtype(dtype).str)
+        assert bad == 2
+        np.testing.assert_array_equal(got[:2], tokens[:2].astype(np.int64))
+
+
 def test_index_at_scale_schedule_simulation():
     """Issue 29: the benchmark's model of the threaded build (benchmarks/index_at_scale.simulate) on
     cases worked by hand: workers, in-order writes with their copy time, the document budget, and
