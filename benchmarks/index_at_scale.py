@@ -155,6 +155,8 @@ timings = {{"tasks": {{}}, "framing": {{}}, "blend_cpu": 0.0, "copy": [0, 0.0], 
 {instrument}
 phases = [PhaseConfig(**p) for p in json.loads({phases!r})]
 manifest = load_manifest({manifest!r})
+# The trainer's process has megatron-core loaded; the build itself imports it only for a large .idx.
+import megatron.core.datasets.indexed_dataset
 t = time.perf_counter()
 index = build_data_index(manifest, phases, 21, {cache!r}, {batch}, is_builder=True,
                          packing={packing!r}, bin_rows={bin_rows!r}{threads_arg})
@@ -172,7 +174,9 @@ mod = sys.modules.get("megatron_mmbert.data.index.build")
 def _bytes(sink):
     if hasattr(sink, "out"):  # the phase files themselves (one thread)
         return sum(a._f.tell() for acc in sink.out for a in acc.values())
-    return sum(e[0].tell() for e in sink.files.values())
+    return sum(e[0].tell() for e in sink.files.values()) + _held(sink)
+def _held(sink):  # blocks a spill holds in memory (none in older code)
+    return sum(c.nbytes for chunks in getattr(sink, "held", {}).values() for c in chunks)
 if mod is not None and hasattr(mod, "pack_language"):
     pack, blend = mod.pack_language, mod.blend_phase
     def timed_pack(ext, manifest, lang, *a):
@@ -198,7 +202,7 @@ if mod is not None and hasattr(mod, "pack_language"):
     if spill is not None:
         copy = spill.copy_into
         def timed_copy(self, files):
-            c, b = time.thread_time(), sum(os.path.getsize(e[0].name) for e in self.files.values())
+            c, b = time.thread_time(), sum(os.path.getsize(e[0].name) for e in self.files.values()) + _held(self)
             copy(self, files)
             timings["copy"][0] += b
             timings["copy"][1] += time.thread_time() - c

@@ -1161,6 +1161,50 @@ py::array_t<int64_t> tokens_at(const std::string &path, const py::object &pointe
   return out;
 }
 
+
+// The tokens at byte `offsets` (any order) of a .bin, one pread each, the GIL released once for all
+// (a pread per Python call hands the GIL to another thread and back each time). Returns (values,
+// -1) or, where a read fails or falls short (a negative offset, past the end), (values so far, its index).
+py::tuple pread_tokens(const std::string &path, const py::object &offsets_obj, const std::string &dtype) {
+  auto off_arr = require<int64_t>(offsets_obj, "offsets", 1);
+  if (dtype.size() != 3 || (dtype[0] != '<' && dtype[0] != '|' && dtype[0] != '=') ||
+      (dtype[1] != 'i' && dtype[1] != 'u') || (dtype[2] != '1' && dtype[2] != '2' && dtype[2] != '4' && dtype[2] != '8')) {
+    throw py::value_error("pread_tokens: dtype must be a little-endian integer dtype.str such as '<i4', got '" + dtype + "'");
+  }
+  const int64_t size = dtype[2] - '0';
+  const bool is_signed = dtype[1] == 'i';
+  const int64_t n = off_arr.shape(0);
+  const int64_t *p = off_arr.data();
+  py::array_t<int64_t> out(n);
+  int64_t *o = out.mutable_data();
+  int64_t bad = -1;
+  std::string err;
+  {
+    py::gil_scoped_release release;
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      err = "cannot open " + path + ": " + std::strerror(errno);
+    } else {
+      char buf[8];
+      for (int64_t i = 0; i < n; ++i) {
+        if (p[i] < 0 || ::pread(fd, buf, static_cast<size_t>(size), static_cast<off_t>(p[i])) != size) {
+          bad = i;
+          break;
+        }
+        switch (size) {
+          case 1: o[i] = is_signed ? token_at<int8_t>(buf) : token_at<uint8_t>(buf); break;
+          case 2: o[i] = is_signed ? token_at<int16_t>(buf) : token_at<uint16_t>(buf); break;
+          case 4: o[i] = is_signed ? token_at<int32_t>(buf) : token_at<uint32_t>(buf); break;
+          default: o[i] = token_at<int64_t>(buf); break;
+        }
+      }
+      ::close(fd);
+    }
+  }
+  if (!err.empty()) throw py::value_error(err);
+  return py::make_tuple(out, bad);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_index_builder, m) {
@@ -1230,6 +1274,9 @@ PYBIND11_MODULE(_index_builder, m) {
   m.def("tokens_at", &tokens_at, py::arg("path"), py::arg("pointers"), py::arg("dtype"), py::arg("window"),
         "int64 [N]: the token at each (increasing) byte offset of a .bin, mapped `window` bytes at a time "
         "(GIL released)");
+  m.def("pread_tokens", &pread_tokens, py::arg("path"), py::arg("offsets"), py::arg("dtype"),
+        "(int64 [N], first failed index or -1): the token at each byte offset of a .bin, a pread each "
+        "(GIL released once)");
   m.def("concat_stats", &concat_stats, py::arg("sizes"), py::arg("framing"), py::arg("doc_index"),
         py::arg("sample_idx"), "Segment / <bos> / fragment counts of pack_rows' rows.");
 }

@@ -828,14 +828,17 @@ def test_streamed_build_matches_the_recorded_in_memory_build(tmp_path):
     assert seen == set(RECORDED_DIGESTS)
 
 
-@pytest.mark.parametrize("schedule", ["longest_first", "reversed"])
-def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp_path, monkeypatch, schedule):
+@pytest.mark.parametrize("schedule,spill_memory", [("longest_first", 0), ("reversed", 0), ("reversed", 700)])
+def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp_path, monkeypatch, schedule,
+                                                                            spill_memory):
     """Issue 29: blending a few samples at a time (segments cut mid-way), packers resumed every row
     (concat) or every window (best_fit), languages on worker threads through their spill files copied
     a few rows at a time: the recorded digests, and nothing left behind in the cache folder. (One
     thread, which appends straight to the phase files, is the other digest test's path.) The order
     languages start in changes nothing: longest first (the builder's) or its reverse (the later
-    languages wait in their spill folders for the first)."""
+    languages wait in their spill folders for the first). ``spill_memory``: the bytes finished blocks may
+    wait in memory (pack.SPILL_MEMORY_BYTES): none (every language through its folder), or a few blocks'
+    worth (languages held in memory, some moved to their folder mid-way when it runs out)."""
     threads = 3
     from megatron_mmbert.data.index import blend, build, pack
 
@@ -845,6 +848,7 @@ def test_index_built_in_small_blocks_on_threads_matches_the_recorded_digests(tmp
     monkeypatch.setattr(blend, "BLEND_CHUNK", 5)
     monkeypatch.setattr(pack, "PACK_BLOCK_TOKENS", 1)
     monkeypatch.setattr(pack.SpillFiles, "COPY_ROWS", 3)
+    monkeypatch.setattr(pack, "SPILL_MEMORY_BYTES", spill_memory)
     monkeypatch.setattr(build, "THREAD_DOCUMENT_BUDGET", 80)  # the 70-document language runs alone
     path, _ = write_corpus(str(tmp_path / "corpus"), [70, 25, 9, 0], max_len=150, shards_per_lang=2)
     manifest = load_manifest(path)
@@ -1109,6 +1113,24 @@ def test_tokens_at_reads_the_bin_as_numpy_does(tmp_path, dtype):
         ib.tokens_at(path, pointers[::-1].copy(), np.dtype(dtype).str, 64)
     with pytest.raises(ValueError, match="integer dtype"):
         ib.tokens_at(path, pointers, "<f4", 64)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64])
+def test_pread_tokens_reads_the_bin_as_numpy_does(tmp_path, dtype):
+    """Issue 29: the framing sample's C++ read of tokens at byte offsets (any order, a pread each, the GIL
+    released once) equals numpy's; a negative offset or one past the end is reported by its index."""
+    tokens = np.random.default_rng(0).integers(np.iinfo(dtype).min, np.iinfo(dtype).max, 500, dtype=dtype)
+    path = str(tmp_path / "t.bin")
+    tokens.tofile(path)
+    at = np.random.default_rng(1).integers(0, len(tokens), 90).astype(np.int64)  # unsorted, repeats
+    size = np.dtype(dtype).itemsize
+    got, bad = ib.pread_tokens(path, at * size, np.dtype(dtype).str)
+    assert bad == -1 and got.dtype == np.int64
+    np.testing.assert_array_equal(got, tokens[at].astype(np.int64))
+    for wrong in (-size, len(tokens) * size, len(tokens) * size - 1):
+        got, bad = ib.pread_tokens(path, np.array([0, size, wrong, 0], np.int64), np.dtype(dtype).str)
+        assert bad == 2
+        np.testing.assert_array_equal(got[:2], tokens[:2].astype(np.int64))
 
 
 def test_index_at_scale_schedule_simulation():

@@ -16,7 +16,7 @@ import numpy as np
 
 from megatron_mmbert.data.index.blend import blend_phase
 from megatron_mmbert.data.index.extension import load_extension
-from megatron_mmbert.data.index.pack import EMPTY, PhaseFiles, SpillFiles, pack_language
+from megatron_mmbert.data.index.pack import EMPTY, PhaseFiles, SpillFiles, SpillMemory, pack_language
 from megatron_mmbert.data.index.packing import PACKING_STATS, check_best_fit_tokenizer, check_bin_rows, check_packing
 from megatron_mmbert.data.index.plan import stream_positions
 from megatron_mmbert.data.schedule import PhasePlan
@@ -59,8 +59,9 @@ def build_arrays(manifest, plans: List[PhasePlan], seed: int, out_dir: str, star
     ``threads``: languages packed at once (the C++ packers release the GIL); the output does not
     depend on it. With more than one, languages start longest first (:func:`language_schedule`), at
     most ``2 x threads`` and :data:`THREAD_DOCUMENT_BUDGET` documents submitted at once, and each
-    language's blocks wait in a spill folder of ``out_dir`` until the languages before it are written
-    (on disk: at worst the rest of the index once more, while the longest language packs); the
+    language's blocks wait until the languages before it are written: in memory while they fit
+    (:data:`~megatron_mmbert.data.index.pack.SPILL_MEMORY_BYTES` for all), else in a spill folder of
+    ``out_dir`` (on disk: at worst the rest of the index once more, while the longest language packs); the
     framing scans' chunks run on a pool of ``threads`` threads of their own.
 
     ``bin_rows`` (best_fit): ``seq_len`` rows per packed row, one per phase (default 1); the phase's
@@ -168,8 +169,10 @@ def _pack_languages(ext, manifest, plans, counts, positions, seed, start_phase, 
         return pack_language(ext, manifest, languages[i], plans, counts[:, i], positions[:, i], seed, start_phase,
                              packing, groups, sink, framing_pool, threads)
 
+    memory = SpillMemory()  # SPILL_MEMORY_BYTES
+
     def spilled(i):
-        sink = SpillFiles(os.path.join(out_dir, f".spill-{i}"))
+        sink = SpillFiles(os.path.join(out_dir, f".spill-{i}"), memory)
         try:
             return task(i, sink), sink
         finally:

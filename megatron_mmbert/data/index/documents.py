@@ -1,8 +1,8 @@
 """What the index reads of a language's shards, per document, without loading them: lengths
 (:func:`document_lengths`; best_fit's compact :func:`document_table`), first stored tokens (:func:`document_first_tokens`) and the framing flags
 best_fit needs (:func:`framing_flags`: does a stored document start with ``<bos>`` / end with
-``<eos>``). Shards are read through megatron-core's ``IndexedDataset`` (the ``.idx``) a chunk of
-documents at a time, and tokens straight from the ``.bin`` through bounded windows, so the memory
+``<eos>``). Shards are read through megatron-core's ``IndexedDataset`` (the ``.idx``; a small one read
+whole, :data:`SMALL_INDEX_BYTES`) a chunk of documents at a time, and tokens straight from the ``.bin`` through bounded windows, so the memory
 stays a few MB whatever a shard's size."""
 
 from __future__ import annotations
@@ -25,28 +25,61 @@ DOCUMENT_CHUNK = 1 << 16
 few MB whatever the shard's size, beside the int32 / int8 per-document results."""
 
 
-def _document_chunks(prefixes: Sequence[str]):
-    """``(prefix, IndexedDataset, document_indices[a : b + 1] as int64)`` over every shard, at most
-    :data:`DOCUMENT_CHUNK` documents at a time (megatron-core reads the ``.idx``). Each chunk opens
-    the shard afresh: megatron-core maps the whole ``.idx`` and the pages a read touches count in the
-    RSS until the mapping closes (~20 bytes a document: 95 MB for eng_Latn at 1/100 of FineWeb2)."""
+SMALL_INDEX_BYTES = 1 << 20
+"""An ``.idx`` of at most this size is read whole, once (:class:`_SmallIndex`), instead of opened through
+``IndexedDataset`` (a mapping of the ``.idx`` and of the ``.bin``, ~20 system calls each time, each
+releasing the GIL: on two threads a hand-off to the other thread and back, for each of the 1833 mostly
+small languages; RESULTS "part 6"). The same bytes, the same values."""
+
+
+class _SmallIndex:
+    """A small shard's ``.idx`` (:func:`~megatron_mmbert.data.shards.read_index`, megatron-core's checks)
+    with the attributes of ``IndexedDataset`` this module reads."""
+
+    def __init__(self, prefix: str):
+        from megatron_mmbert.data.shards import read_index
+
+        self.index = read_index(prefix)
+        self.document_indices = self.index.document_indices
+        self.sequence_lengths = self.index.sequence_lengths
+
+
+def _open_index(prefix: str):
+    import os
+
+    from megatron_mmbert.data.shards import idx_path
+
+    if os.path.getsize(idx_path(prefix)) <= SMALL_INDEX_BYTES:
+        return _SmallIndex(prefix)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    return IndexedDataset(prefix)
+
+
+def _document_chunks(prefixes: Sequence[str]):
+    """``(prefix, IndexedDataset, document_indices[a : b + 1] as int64)`` over every shard, at most
+    :data:`DOCUMENT_CHUNK` documents at a time (megatron-core reads the ``.idx``; a small one is read
+    whole, :data:`SMALL_INDEX_BYTES`). Each chunk opens
+    the shard afresh: megatron-core maps the whole ``.idx`` and the pages a read touches count in the
+    RSS until the mapping closes (~20 bytes a document: 95 MB for eng_Latn at 1/100 of FineWeb2)."""
     for prefix in prefixes:
-        ds = IndexedDataset(prefix)
+        ds = _open_index(prefix)
         n = len(ds.document_indices) - 1
+        if isinstance(ds, _SmallIndex):  # held whole already: no mapping to close
+            for a in range(0, max(n, 0), DOCUMENT_CHUNK):
+                yield prefix, ds, np.asarray(ds.document_indices[a:min(a + DOCUMENT_CHUNK, n) + 1], dtype=np.int64)
+            del ds
+            continue
         del ds
         for a in range(0, max(n, 0), DOCUMENT_CHUNK):
-            ds = IndexedDataset(prefix)
+            ds = _open_index(prefix)
             docs = np.asarray(ds.document_indices[a:min(a + DOCUMENT_CHUNK, n) + 1], dtype=np.int64)
             yield prefix, ds, docs
             del ds
 
 
 def _count_documents(prefixes: Sequence[str]) -> int:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    return sum(max(len(IndexedDataset(p).document_indices) - 1, 0) for p in prefixes)
+    return sum(max(len(_open_index(p).document_indices) - 1, 0) for p in prefixes)
 
 
 def _first_tokens(prefix: str, ds, docs: np.ndarray) -> np.ndarray:
@@ -220,5 +253,5 @@ def _first_and_last_tokens(prefix: str, ds, docs: np.ndarray):
     return first, last_tokens
 
 
-__all__ = ["FIRST_TOKEN_WINDOW", "DOCUMENT_CHUNK", "COMPACT_LONG", "document_first_tokens", "document_lengths",
-           "document_table", "framing_flags"]
+__all__ = ["FIRST_TOKEN_WINDOW", "DOCUMENT_CHUNK", "SMALL_INDEX_BYTES", "COMPACT_LONG", "document_first_tokens",
+           "document_lengths", "document_table", "framing_flags"]

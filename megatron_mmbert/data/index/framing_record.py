@@ -20,8 +20,14 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from megatron_mmbert.config_base import ConfigError
+from megatron_mmbert.data.index.extension import load_extension
 from megatron_mmbert.data.index.packing import FRAMING_BOS, FRAMING_EOS
 from megatron_mmbert.data.shards import INDEX_HEADER_BYTES, bin_path, idx_path, index_header
+
+SMALL_FILE_BYTES = 1 << 20
+"""A shard's ``.idx`` of at most this size is read whole, once, by the sample (:class:`_Entries`):
+most of the 1833 languages are a few KB, and a ``pread`` per entry releases and retakes the GIL each time
+(on two threads, a hand-off to the other thread and back: 200k context switches at 1/100, RESULTS "part 6")."""
 
 SAMPLE_DOCUMENTS = 64
 """Documents spread evenly over a language whose framing is read from the shards to check its record
@@ -107,18 +113,27 @@ class _Entries:
         self.prefix = prefix
         self.idx = os.open(idx_path(prefix), os.O_RDONLY)
         self.bin = os.open(bin_path(prefix), os.O_RDONLY)
+        self.whole = {}  # fd -> the .idx's bytes, where it is small (SMALL_FILE_BYTES); tokens: tokens()
         for fd in (self.idx, self.bin):
-            if hasattr(os, "posix_fadvise"):
+            size = os.fstat(fd).st_size
+            if fd == self.idx and size <= SMALL_FILE_BYTES:
+                self.whole[fd] = os.pread(fd, size, 0)
+            elif hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        self.dtype, self.sequences, self.document_entries = _header(os.pread(self.idx, INDEX_HEADER_BYTES, 0), prefix)
+        self.dtype, self.sequences, self.document_entries = _header(self._bytes(self.idx, INDEX_HEADER_BYTES, 0),
+                                                                    prefix)
 
     def close(self) -> None:
         os.close(self.idx)
         os.close(self.bin)
 
+    def _bytes(self, fd: int, n: int, offset: int) -> bytes:
+        whole = self.whole.get(fd)
+        return os.pread(fd, n, offset) if whole is None else whole[offset:offset + n]
+
     def _read(self, fd: int, offset: int, dtype, what: str) -> int:
         dtype = np.dtype(dtype)
-        data = os.pread(fd, dtype.itemsize, offset)
+        data = self._bytes(fd, dtype.itemsize, offset)
         if len(data) != dtype.itemsize:
             raise FramingRecordMismatch(f"shard {self.prefix}: its {what} ends before byte {offset + dtype.itemsize}, "
                                         "which its .idx points at; the shard is truncated or damaged: re-run "
@@ -137,23 +152,42 @@ class _Entries:
     def token(self, offset: int) -> int:
         return self._read(self.bin, offset, self.dtype, ".bin")
 
+    def tokens(self, offsets: List[int]) -> List[int]:
+        """The tokens at byte ``offsets`` of the ``.bin``, a ``pread`` each, in one call that releases the GIL
+        once (``_index_builder.pread_tokens``): on two threads each release is a hand-off to the other
+        thread and back. (Through ``tokens_at``'s mappings they cost more: each token faults in a whole
+        folio; RESULTS "part 6".) A short read raises :meth:`token`'s error."""
+        ext = load_extension()
+        if not offsets or self.dtype.kind not in "iu" or not hasattr(ext, "pread_tokens"):
+            return [self.token(o) for o in offsets]
+        values, bad = ext.pread_tokens(bin_path(self.prefix), np.asarray(offsets, np.int64), self.dtype.str)
+        if bad >= 0:
+            return values[:bad].tolist() + [self.token(o) for o in offsets[bad:]]
+        return values.tolist()
+
 
 def _read_framing(prefix: str, local: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """int64: the first and last stored tokens (-1: none) of documents ``local`` of a shard, by the scan's
     rule (``documents._first_and_last_tokens``: a document's first token is its first sequence's, its last
-    token its last sequence's, an empty sequence has none), every entry and token read with one ``pread``
-    (:class:`_Entries`): a few scattered reads cost ~40x less so than through a mapping."""
+    token its last sequence's, an empty sequence has none), every entry read with one ``pread``
+    (:class:`_Entries`; a small ``.idx`` read whole): a few scattered reads cost ~40x less so than through a
+    mapping."""
     first = np.full(len(local), -1, dtype=np.int64)
     last = np.full(len(local), -1, dtype=np.int64)
     shard = _Entries(prefix)
     try:
         size = shard.dtype.itemsize
+        at, where = [], []  # token byte offsets in the .bin, and (array, i) each fills
         for i, d in enumerate(local.tolist()):
             a, b = shard.document_index(d), shard.document_index(d + 1)
             if a < shard.sequences and shard.length(a) > 0:
-                first[i] = shard.token(shard.pointer(a))
+                at.append(shard.pointer(a))
+                where.append((first, i))
             if b > a and shard.length(b - 1) > 0:
-                last[i] = shard.token(shard.pointer(b - 1) + (shard.length(b - 1) - 1) * size)
+                at.append(shard.pointer(b - 1) + (shard.length(b - 1) - 1) * size)
+                where.append((last, i))
+        for (out, i), value in zip(where, shard.tokens(at)):
+            out[i] = value
     finally:
         shard.close()
     return first, last

@@ -52,20 +52,79 @@ class PhaseFiles:
                 f.close()
 
 
+SPILL_MEMORY_BYTES = 16 << 20
+"""Bytes of finished blocks the languages built on worker threads may hold in memory together while they
+wait for their turn in language order (:class:`SpillMemory`); the rest waits in spill folders on disk."""
+
+SPILL_CHUNK_OVERHEAD = 128
+"""Bytes a held block counts for beside its data (the array object): thousands of tiny blocks still
+count against :data:`SPILL_MEMORY_BYTES`."""
+
+
+class SpillMemory:
+    """The bytes every language's :class:`SpillFiles` may hold in memory together (``limit``), shared
+    by the worker threads: a language's blocks wait in memory while they fit and go to its spill
+    folder otherwise. Most of the 1833 languages are a few KB: held in memory, they cost no folder,
+    no files created, written, copied and removed (on two threads those file operations, beside the
+    GIL hand-offs around each, took most of the build's system time: RESULTS "part 6")."""
+
+    def __init__(self, limit: "int | None" = None):
+        import threading
+
+        self.limit = int(SPILL_MEMORY_BYTES if limit is None else limit)
+        self.used, self._lock = 0, threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
 class SpillFiles:
-    """One language's blocks, built on a worker thread, kept in raw files of its own folder until the
-    main thread copies them into the phase files in language order (:meth:`copy_into`)."""
+    """One language's blocks, built on a worker thread, kept until the main thread copies them into the
+    phase files in language order (:meth:`copy_into`): in memory while ``memory``
+    (:class:`SpillMemory`) has room, else in raw files of its own ``folder`` (made when first needed)."""
 
     COPY_ROWS = 1 << 20
 
-    def __init__(self, folder: str):
-        self.folder = folder
-        os.makedirs(folder)
+    def __init__(self, folder: str, memory: "SpillMemory | None" = None):
+        self.folder, self.memory = folder, memory
         self.files = {}  # (phase, name) -> [file, dtype, row shape, rows]
+        self.held = {}  # (phase, name) -> chunks held in memory, in order
+        self.held_bytes = 0
+        self.on_disk = memory is None
 
     def append(self, k: int, name: str, chunk) -> None:
         chunk = np.ascontiguousarray(chunk)
+        if not self.on_disk:
+            n = chunk.nbytes + SPILL_CHUNK_OVERHEAD
+            if self.memory.take(n):
+                self.held.setdefault((k, name), []).append(chunk)
+                self.held_bytes += n
+                return
+            self._to_disk()
+        self._write(k, name, chunk)
+
+    def _to_disk(self) -> None:
+        """Out of memory budget: what is held goes to the folder's files (in order), as will what follows."""
+        self.on_disk = True
+        for (k, name), chunks in self.held.items():
+            for chunk in chunks:
+                self._write(k, name, chunk)
+        self.held = {}
+        self.memory.give(self.held_bytes)
+        self.held_bytes = 0
+
+    def _write(self, k: int, name: str, chunk) -> None:
         if (k, name) not in self.files:
+            if not self.files:
+                os.makedirs(self.folder)
             self.files[(k, name)] = [open(os.path.join(self.folder, f"{k}_{name}"), "wb"), chunk.dtype,
                                      chunk.shape[1:], 0]
         entry = self.files[(k, name)]
@@ -76,7 +135,21 @@ class SpillFiles:
         for entry in self.files.values():
             entry[0].close()
 
+    def release(self) -> None:
+        """Give back the memory held (copied, or the build failed) and remove the folder, if any."""
+        self.held = {}
+        if self.memory is not None:
+            self.memory.give(self.held_bytes)
+        self.held_bytes = 0
+        if self.files:
+            self.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.files = {}
+
     def copy_into(self, files: PhaseFiles) -> None:
+        for (k, name), chunks in sorted(self.held.items()):
+            for chunk in chunks:
+                files.append(k, name, chunk)
         # Read, not mapped: the pages of a mapping would count in the RSS until it is closed.
         for (k, name), (f, dtype, shape, rows) in sorted(self.files.items()):
             out = files.out[k][name]
@@ -88,7 +161,7 @@ class SpillFiles:
                 for a in range(0, rows, self.COPY_ROWS):
                     n = min(self.COPY_ROWS, rows - a)
                     files.append(k, name, np.fromfile(fh, dtype=dtype, count=n * width).reshape((n,) + tuple(shape)))
-        shutil.rmtree(self.folder)
+        self.release()
 
 
 def _pack_concat(ext, lengths, framing, plan: PhasePlan, rows: int, start: int, seed: int, lang: str, k: int,
@@ -193,4 +266,4 @@ def pack_language(ext, manifest, lang: str, plans: List[PhasePlan], counts: np.n
     return res
 
 
-__all__ = ["PACK_BLOCK_TOKENS", "EMPTY", "PhaseFiles", "SpillFiles", "pack_language"]
+__all__ = ["PACK_BLOCK_TOKENS", "SPILL_MEMORY_BYTES", "EMPTY", "PhaseFiles", "SpillMemory", "SpillFiles", "pack_language"]
