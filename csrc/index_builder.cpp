@@ -1096,6 +1096,22 @@ int64_t token_at(const char *base) {
   return static_cast<int64_t>(v);
 }
 
+// A token type from numpy's dtype.str of a little-endian integer ('<u2', '<i4', '|u1', ...): its size in
+// bytes and signedness; anything else refused naming the caller.
+struct TokenType {
+  int64_t size;
+  bool is_signed;
+};
+
+static TokenType token_type(const std::string &dtype, const char *caller) {
+  if (dtype.size() != 3 || (dtype[0] != '<' && dtype[0] != '|' && dtype[0] != '=') ||
+      (dtype[1] != 'i' && dtype[1] != 'u') || (dtype[2] != '1' && dtype[2] != '2' && dtype[2] != '4' && dtype[2] != '8')) {
+    throw py::value_error(std::string(caller) + ": dtype must be a little-endian integer dtype.str such as '<i4', got '" +
+                          dtype + "'");
+  }
+  return TokenType{dtype[2] - '0', dtype[1] == 'i'};
+}
+
 // The token at each byte offset `pointers` (increasing) of the token file `path` (a megatron-core
 // .bin), as int64; dtype: numpy's dtype.str of an integer token type ('<u2', '<i4', '|u1', ...).
 // The file is mapped `window` bytes at a time and unmapped after each (the pages a read touches
@@ -1105,12 +1121,9 @@ int64_t token_at(const char *base) {
 py::array_t<int64_t> tokens_at(const std::string &path, const py::object &pointers_obj, const std::string &dtype,
                                int64_t window) {
   auto ptr_arr = require<int64_t>(pointers_obj, "pointers", 1);
-  if (dtype.size() != 3 || (dtype[0] != '<' && dtype[0] != '|' && dtype[0] != '=') ||
-      (dtype[1] != 'i' && dtype[1] != 'u') || (dtype[2] != '1' && dtype[2] != '2' && dtype[2] != '4' && dtype[2] != '8')) {
-    throw py::value_error("tokens_at: dtype must be a little-endian integer dtype.str such as '<i4', got '" + dtype + "'");
-  }
-  const int64_t size = dtype[2] - '0';
-  const bool is_signed = dtype[1] == 'i';
+  const TokenType token = token_type(dtype, "tokens_at");
+  const int64_t size = token.size;
+  const bool is_signed = token.is_signed;
   const int64_t n = ptr_arr.shape(0);
   const int64_t *p = ptr_arr.data();
   py::array_t<int64_t> out(n);
@@ -1167,12 +1180,9 @@ py::array_t<int64_t> tokens_at(const std::string &path, const py::object &pointe
 // -1) or, where a read fails or falls short (a negative offset, past the end), (values so far, its index).
 py::tuple pread_tokens(const std::string &path, const py::object &offsets_obj, const std::string &dtype) {
   auto off_arr = require<int64_t>(offsets_obj, "offsets", 1);
-  if (dtype.size() != 3 || (dtype[0] != '<' && dtype[0] != '|' && dtype[0] != '=') ||
-      (dtype[1] != 'i' && dtype[1] != 'u') || (dtype[2] != '1' && dtype[2] != '2' && dtype[2] != '4' && dtype[2] != '8')) {
-    throw py::value_error("pread_tokens: dtype must be a little-endian integer dtype.str such as '<i4', got '" + dtype + "'");
-  }
-  const int64_t size = dtype[2] - '0';
-  const bool is_signed = dtype[1] == 'i';
+  const TokenType token = token_type(dtype, "pread_tokens");
+  const int64_t size = token.size;
+  const bool is_signed = token.is_signed;
   const int64_t n = off_arr.shape(0);
   const int64_t *p = off_arr.data();
   py::array_t<int64_t> out(n);
